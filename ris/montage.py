@@ -1,0 +1,70 @@
+"""A results montage a person can look at: the query first, then hits captioned rank / distance."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from ris.errors import BadImage
+
+TILE = 200
+CAPTION = 34
+
+
+def _tile(img_rgb: np.ndarray | None, lines: Sequence[str], border: tuple[int, int, int]) -> np.ndarray:
+    tile = np.full((TILE + CAPTION, TILE, 3), 255, np.uint8)
+    if img_rgb is not None:
+        h, w = img_rgb.shape[:2]
+        s = TILE / max(h, w)
+        small = cv2.resize(img_rgb, (max(1, int(w * s)), max(1, int(h * s))), interpolation=cv2.INTER_AREA)
+        y, x = (TILE - small.shape[0]) // 2, (TILE - small.shape[1]) // 2
+        tile[y : y + small.shape[0], x : x + small.shape[1]] = small
+    else:
+        cv2.putText(tile, "missing", (60, TILE // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (160, 0, 0), 1, cv2.LINE_AA)
+    cv2.rectangle(tile, (0, 0), (TILE - 1, TILE - 1), border, 4)
+    for i, line in enumerate(lines[:2]):
+        cv2.putText(tile, line[:30], (4, TILE + 14 + 15 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    return tile
+
+
+def _read(path: str | Path) -> np.ndarray | None:
+    from ris.images import decode_image
+
+    try:
+        return decode_image(path, target=TILE)
+    except BadImage:
+        return None
+
+
+def make_montage(query_path: str | Path, hits, columns: int = 5, query_label: str = "") -> np.ndarray:
+    """RGB montage; ``hits`` are ``ris.search.Hit`` objects. Same-label hits get a green frame."""
+    tiles = [_tile(_read(query_path), ["query", Path(query_path).name], (30, 30, 200))]
+    for h in hits:
+        good = bool(query_label) and h.label == query_label
+        tiles.append(_tile(_read(h.path), [f"#{h.rank}  d={h.distance:.3f}", Path(h.image_id).name],
+                           (40, 170, 40) if good else (190, 190, 190)))
+    rows = math.ceil(len(tiles) / columns)
+    pad = 6
+    canvas = np.full((rows * (TILE + CAPTION + pad) + pad, columns * (TILE + pad) + pad, 3), 245, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, columns)
+        y, x = pad + r * (TILE + CAPTION + pad), pad + c * (TILE + pad)
+        canvas[y : y + t.shape[0], x : x + t.shape[1]] = t
+    return canvas
+
+
+def write_png(path: str | Path, rgb: np.ndarray) -> Path:
+    """Atomic PNG write (no half-written picture under the final name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(buf.tobytes())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,118 @@
+"""Querying: any image -> the same features as the database -> (head) -> ranked neighbours."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ris.errors import DatabaseError, RisError
+
+
+@dataclass
+class Hit:
+    rank: int
+    distance: float
+    image_id: str
+    path: str
+    label: str
+
+
+class SearchEngine:
+    """Holds the extractor, optional head and the (embedded) database for repeated queries."""
+
+    def __init__(self, features_db: str | Path, model: str | Path | None = None, index: str = "auto",
+                 dataset_root: str | Path | None = None):
+        from ris.extract import FeatureExtractor
+        from ris.featuredb import FeatureDB
+
+        self.db = FeatureDB(features_db)
+        self.root = Path(dataset_root or self.db.dataset_root or ".")
+        self.head = None
+        self.metric = "euclidean"
+        if model is not None:
+            from ris.train import check_compatible, load_model
+
+            self.head, meta = load_model(model)
+            check_compatible(meta, self.db.fingerprint(), str(features_db))
+            self.metric = meta.get("distance", "euclidean")
+        self.extractor = FeatureExtractor.from_attrs(self.db.attrs)
+        self.vectors = self._database_vectors(model)
+        from ris.index import open_search_index
+
+        index_target = self.vectors if not isinstance(self.vectors, str) else None
+        self.index = open_search_index(str(self._vectors_path or features_db), index_target, self.metric, kind=index)
+        self.image_ids = self.db.image_ids
+        names = self.db.label_names
+        self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
+
+    _vectors_path: str | None = None
+
+    def _database_vectors(self, model):
+        """Raw (pooled) database features, or their embeddings cached beside the database."""
+        from ris.train import embed_features, raw_descriptors
+
+        feats = self.db.features
+        if self.head is None:
+            if feats.ndim == 4:
+                return raw_descriptors(np.asarray(feats), self.db.attrs.get("pooling_for_maps", "gap"))
+            return feats
+        cache = self._embedding_cache_path(model)
+        if cache.exists():
+            import h5py
+
+            f = h5py.File(cache, "r")
+            if f["embeddings"].shape[0] == len(self.db):
+                self._vectors_path = str(cache)
+                return f["embeddings"]
+            f.close()
+        emb = embed_features(self.head, feats)
+        _write_h5_atomic(cache, emb)
+        import h5py
+
+        self._vectors_path = str(cache)
+        return h5py.File(cache, "r")["embeddings"]
+
+    def _embedding_cache_path(self, model) -> Path:
+        h = hashlib.sha1(Path(model).read_bytes()).hexdigest()[:12]
+        return Path(f"{self.db.path}.emb-{h}.h5")
+
+    def embed_query(self, image_path: str | Path) -> np.ndarray:
+        from ris.images import load_image
+        from ris.train import embed_features
+
+        img = load_image(image_path, self.extractor.max_size)
+        vec = self.extractor.embed(img[None])
+        if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
+            from ris.train import raw_descriptors
+
+            vec = raw_descriptors(vec)
+        if self.head is not None:
+            vec = embed_features(self.head, vec)
+        return vec
+
+    def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
+        vec = self.embed_query(image_path)
+        dist, idx = self.index.search(vec, k)
+        hits = []
+        for r, (d, i) in enumerate(zip(dist[0], idx[0]), 1):
+            if i < 0:
+                continue
+            image_id = self.image_ids[int(i)]
+            hits.append(Hit(r, float(d), image_id, str(self.root / image_id), self.labels[int(i)]))
+        return hits
+
+
+def _write_h5_atomic(path: Path, data: np.ndarray) -> None:
+    import h5py
+
+    tmp = Path(str(path) + ".partial")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("embeddings", data=data, chunks=True)
+    os.replace(tmp, path)
+
+
+def hits_to_dicts(hits: list[Hit]) -> list[dict]:
+    return [asdict(h) for h in hits]

@@ -1,0 +1,393 @@
+"""Training the embedding head on stored features, with an honest split by object.
+
+Objects (labels) are split, never images: ``test`` objects are held out from every decision
+(no training, no checkpoint choice); ``val`` objects, carved from the training side, choose the
+best epoch and stop early. Off-the-shelf features are scored on the same test objects.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ris.errors import DatabaseError, RisError
+
+META_NAME = "ris.json"  # stored inside the .keras zip next to Keras' own files
+
+
+@dataclass
+class TrainConfig:
+    hidden: tuple[int, ...] = (512, 512)
+    out_dim: int = 256
+    l2_normalize: bool = True
+    dropout: float = 0.1
+    pooling: str = "gap"  # when the database holds conv maps
+    distance: str = "euclidean"
+    margin: float = 0.2
+    mining: str = "batch-hard"  # 'random' = the blog's random triplets
+    epochs: int = 60
+    batch_size: int = 128  # random mining: triplets per batch
+    p: int = 32  # P x K batches: objects per batch
+    k: int = 4  # P x K batches: views per object
+    learning_rate: float = 1e-3
+    patience: int = 10
+    test_fraction: float = 0.2
+    val_fraction: float = 0.1
+    seed: int = 0
+    fold: int | None = None  # k-fold mode: which fold is the test set
+    folds: int = 5
+
+
+# --- splits ----------------------------------------------------------------------------------
+
+def split_objects(labels: np.ndarray, test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
+                  fold: int | None = None, folds: int = 5) -> dict[str, np.ndarray]:
+    """Label ids of train / val / test objects, seeded; ``fold`` picks the k-fold test part."""
+    objects = np.unique(labels[labels >= 0])
+    if len(objects) < 3:
+        raise RisError(f"need at least 3 labelled objects to split, found {len(objects)}")
+    perm = np.random.default_rng(seed).permutation(objects)
+    if fold is not None:
+        parts = np.array_split(perm, folds)
+        test = parts[fold]
+        rest = np.concatenate([p for i, p in enumerate(parts) if i != fold])
+    else:
+        n_test = max(1, int(round(len(perm) * test_fraction))) if test_fraction > 0 else 0
+        test, rest = perm[:n_test], perm[n_test:]
+    n_val = max(1, int(round(len(objects) * val_fraction))) if val_fraction > 0 else 0
+    val, train = rest[:n_val], rest[n_val:]
+    if len(train) < 2:
+        raise RisError("too few training objects after the split; lower --test-fraction/--val-fraction")
+    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def rows_of(labels: np.ndarray, objects: np.ndarray) -> np.ndarray:
+    return np.nonzero(np.isin(labels, objects))[0]
+
+
+# --- batch samplers --------------------------------------------------------------------------
+
+def _groups(labels: np.ndarray) -> dict[int, np.ndarray]:
+    order = np.argsort(labels, kind="stable")
+    uniq, starts = np.unique(labels[order], return_index=True)
+    return {int(u): order[s:e] for u, s, e in zip(uniq, starts, list(starts[1:]) + [len(order)])}
+
+
+def random_triplets(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(anchor, positive, negative) row triplets: every image is an anchor once per epoch,
+    its positive drawn at random from the other members of its group (not always the first and
+    last member, as the blog's sampler did), its negative from any other group."""
+    groups = {g: rows for g, rows in _groups(labels).items() if len(rows) >= 2}
+    anchors = np.concatenate(list(groups.values()))
+    rng.shuffle(anchors)
+    out = np.empty((len(anchors), 3), dtype=np.int64)
+    n = len(labels)
+    for i, a in enumerate(anchors):
+        members = groups[int(labels[a])]
+        pos = members[rng.integers(len(members) - 1)]
+        if pos == a:
+            pos = members[-1]
+        neg = rng.integers(n)
+        while labels[neg] == labels[a]:
+            neg = rng.integers(n)
+        out[i] = (a, pos, neg)
+    return out
+
+
+def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """P objects x K views per batch; every object appears once per epoch."""
+    groups = {g: rows for g, rows in _groups(labels).items() if len(rows) >= 2}
+    objects = np.array(list(groups))
+    rng.shuffle(objects)
+    batches = []
+    for s in range(0, len(objects), p):
+        chunk = objects[s : s + p]
+        if len(chunk) < 2:
+            continue
+        rows = [rng.choice(groups[int(o)], size=k, replace=len(groups[int(o)]) < k) for o in chunk]
+        batches.append(np.concatenate(rows))
+    return batches
+
+
+def _dataset(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int, fixed: bool = False):
+    import keras
+
+    class Batches(keras.utils.PyDataset):
+        """Fresh triplets / P x K batches every epoch (fixed ones for validation)."""
+
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng(seed)
+            self._make()
+
+        def _make(self):
+            if cfg.mining == "random":
+                t = random_triplets(labels, self.rng)
+                self.batches = [t[s : s + cfg.batch_size] for s in range(0, len(t), cfg.batch_size)]
+            else:
+                self.batches = pk_batches(labels, cfg.p, cfg.k, self.rng)
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __getitem__(self, i):
+            b = self.batches[i]
+            if cfg.mining == "random":
+                x = (features[b[:, 0]], features[b[:, 1]], features[b[:, 2]])
+                return x, np.zeros((len(b), 1), np.float32)
+            return features[b], labels[b].astype(np.float32)
+
+        def on_epoch_end(self):
+            if not fixed:
+                self._make()
+
+    return Batches()
+
+
+# --- embedding and scoring -------------------------------------------------------------------
+
+def embed_features(model, features, batch: int = 4096) -> np.ndarray:
+    """Run the head over stored features in batches (an h5py dataset or an array)."""
+    import keras
+
+    outs = []
+    for s in range(0, int(features.shape[0]), batch):
+        x = np.asarray(features[s : s + batch], dtype=np.float32)
+        outs.append(keras.ops.convert_to_numpy(model(x, training=False)))
+    if not outs:
+        return np.zeros((0, int(model.output_shape[-1])), np.float32)
+    return np.concatenate(outs).astype(np.float32)
+
+
+def raw_descriptors(features: np.ndarray, pooling: str = "gap") -> np.ndarray:
+    """Off-the-shelf descriptor of stored features: pooled if maps, L2-normalised."""
+    from ris.pooling import pool_numpy
+    from ris.topk import l2_normalize
+
+    return l2_normalize(pool_numpy(features, pooling) if features.ndim == 4 else features)
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+def save_model(model, path: str | Path, meta: dict[str, Any]) -> Path:
+    """Keras ``.keras`` file with our metadata inside; written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial.keras")
+    model.save(tmp)
+    with zipfile.ZipFile(tmp, "a") as zf:
+        zf.writestr(META_NAME, json.dumps(meta, indent=1, default=_json_default))
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(path: str | Path):
+    """(keras model, metadata); a clear error for a missing or foreign file."""
+    import keras
+
+    import ris.pooling  # noqa: F401  (registers custom layers)
+
+    path = Path(path)
+    if not path.is_file():
+        raise RisError(f"{path}: model file not found")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            meta = json.loads(zf.read(META_NAME)) if META_NAME in zf.namelist() else None
+    except zipfile.BadZipFile:
+        raise RisError(f"{path}: not a .keras model file") from None
+    if meta is None:
+        raise RisError(f"{path}: not a ris model (no {META_NAME} metadata); train it with ris-train")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise RisError(f"{path}: cannot load model ({str(exc).splitlines()[0][:160]})") from None
+    return model, meta
+
+
+def check_compatible(meta: dict[str, Any], db_fingerprint: dict[str, Any], db_path: str) -> None:
+    """Refuse a head trained on features made differently from this database's."""
+    trained = meta.get("feature_fingerprint", {})
+    diff = {k: (trained.get(k), db_fingerprint.get(k)) for k in db_fingerprint if trained.get(k) != db_fingerprint.get(k)}
+    if diff:
+        pretty = ", ".join(f"{k}: model={a!r} db={b!r}" for k, (a, b) in diff.items())
+        raise DatabaseError(f"{db_path}: features were made differently from the model's training features ({pretty})")
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    return str(o)
+
+
+# --- the training run ------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    model_path: str
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    seconds_per_epoch: float
+    split: dict[str, int]
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # test split: raw vs head
+    history_path: str = ""
+    plot_path: str = ""
+
+
+def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, progress: bool = True,
+               log=lambda s: print(s, file=sys.stderr)) -> TrainResult:
+    import keras
+
+    from ris.featuredb import FeatureDB
+    from ris.head import build_embedding_head, build_triplet_network, mined_triplet_loss, triplet_loss
+    from ris.metrics import evaluate_retrieval
+
+    keras.utils.set_random_seed(cfg.seed)
+    with FeatureDB(features_db) as db:
+        labels_all = db.labels
+        if (labels_all >= 0).sum() == 0:
+            raise DatabaseError(f"{features_db}: no labels; extract with --labels ukbench|folders|FILE.tsv")
+        split = split_objects(labels_all, cfg.test_fraction, cfg.val_fraction, cfg.seed, cfg.fold, cfg.folds)
+        rows = {name: rows_of(labels_all, objs) for name, objs in split.items()}
+        feats = {name: db.read_rows(r) for name, r in rows.items()}
+        labs = {name: labels_all[r] for name, r in rows.items()}
+        fp = db.fingerprint()
+        label_names = db.label_names
+        feature_shape = tuple(db.features.shape[1:])
+    log(f"split by object (seed {cfg.seed}{'' if cfg.fold is None else f', fold {cfg.fold + 1}/{cfg.folds}'}): "
+        f"{len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test objects "
+        f"({len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images)")
+
+    base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize, cfg.dropout)
+    if cfg.mining == "random":
+        model = build_triplet_network(base)
+        loss = triplet_loss(cfg.margin, cfg.distance)
+    else:
+        model = base
+        loss = mined_triplet_loss(cfg.margin, cfg.distance, cfg.mining)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
+
+    train_ds = _dataset(feats["train"], labs["train"], cfg, cfg.seed)
+    val_ds = _dataset(feats["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if len(rows["val"]) else None
+
+    def score(name: str, emb=None) -> float:
+        if len(rows[name]) < 2:
+            return float("nan")
+        x = emb if emb is not None else embed_features(base, feats[name])
+        return evaluate_retrieval(x, labs[name], cfg.distance, recall_ks=(), precision_ks=()).ns_score
+
+    raw_val = score("val", raw_descriptors(feats["val"], cfg.pooling)) if len(rows["val"]) else float("nan")
+    history: list[dict[str, Any]] = []
+    best = {"ns": -1.0, "epoch": 0, "weights": None}
+    wait = 0
+    t0 = time.perf_counter()
+    epoch_times = []
+    for epoch in range(1, cfg.epochs + 1):
+        te = time.perf_counter()
+        h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
+        epoch_times.append(time.perf_counter() - te)
+        row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
+               "val_loss": float(h.history.get("val_loss", [math.nan])[-1]),
+               "val_ns": score("val") if len(rows["val"]) else math.nan,
+               "test_ns": score("test"), "seconds": round(epoch_times[-1], 3)}
+        history.append(row)
+        monitor = row["val_ns"] if not math.isnan(row["val_ns"]) else -row["loss"]
+        improved = monitor > best["ns"] + 1e-6
+        if improved:
+            best = {"ns": monitor, "epoch": epoch, "weights": base.get_weights()}
+            wait = 0
+        else:
+            wait += 1
+        if progress:
+            log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+                f"val N-S {row['val_ns']:.3f} (raw {raw_val:.3f})  {row['seconds']:.1f}s" + ("  *" if improved else ""))
+        if wait >= cfg.patience:
+            log(f"early stop: val N-S has not improved for {cfg.patience} epochs")
+            break
+    seconds = time.perf_counter() - t0
+    base.set_weights(best["weights"])
+
+    test_scores = {}
+    if len(rows["test"]) >= 2:
+        test_scores["raw"] = evaluate_retrieval(raw_descriptors(feats["test"], cfg.pooling), labs["test"], cfg.distance).to_dict()
+        test_scores["head"] = evaluate_retrieval(embed_features(base, feats["test"]), labs["test"], cfg.distance).to_dict()
+
+    def names(objs):
+        return [label_names[int(o)] if int(o) < len(label_names) else str(int(o)) for o in objs]
+
+    meta = {
+        "format": "ris-head/1",
+        "feature_fingerprint": fp,
+        "feature_shape": list(feature_shape),
+        "features_db": str(Path(features_db).resolve()),
+        "config": asdict(cfg),
+        "distance": cfg.distance,
+        "split": {k: names(v) for k, v in split.items()},
+        "split_label_ids": {k: v.tolist() for k, v in split.items()},
+        "best_epoch": best["epoch"],
+        "raw_val_ns": raw_val,
+        "test_scores": test_scores,
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_model(base, output, meta)
+    hist_path, plot_path = write_history(history, output, raw_val)
+    return TrainResult(str(output), best["epoch"], len(history), round(seconds, 2),
+                       round(float(np.mean(epoch_times)) if epoch_times else 0.0, 3),
+                       {k: int(len(v)) for k, v in split.items()}, test_scores, str(hist_path), str(plot_path))
+
+
+def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float) -> tuple[Path, Path]:
+    """History as CSV next to the model, and a loss / N-S curve PNG a person can look at."""
+    stem = model_path.with_suffix("")
+    csv_path = Path(f"{stem}.history.csv")
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(history[0]) if history else ["epoch"])
+        w.writeheader()
+        w.writerows(history)
+    png = Path(f"{stem}.history.png")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.plot(ep, [h["loss"] for h in history], label="train loss")
+    a1.plot(ep, [h["val_loss"] for h in history], label="val loss")
+    a1.set_xlabel("epoch"), a1.set_ylabel("triplet loss"), a1.legend()
+    a2.plot(ep, [h["val_ns"] for h in history], label="val N-S (head)")
+    a2.plot(ep, [h["test_ns"] for h in history], label="test N-S (head)", alpha=0.6)
+    if not math.isnan(raw_val):
+        a2.axhline(raw_val, color="gray", ls="--", label="val N-S (raw features)")
+    a2.set_xlabel("epoch"), a2.set_ylabel("N-S score"), a2.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return csv_path, png
+
+
+def summarize_folds(results: list[TrainResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and std over folds of the held-out scores, for raw features and the head."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key in ("raw", "head"):
+        rows = [r.scores[key] for r in results if key in r.scores]
+        if not rows:
+            continue
+        metrics = {"ns_score": [r["ns_score"] for r in rows], "map": [r["map"] for r in rows],
+                   "top4_accuracy": [r["top4_accuracy"] for r in rows],
+                   "recall_at_1": [r["recall_at"]["1"] for r in rows]}
+        out[key] = {m: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for m, v in metrics.items()}
+    return out
