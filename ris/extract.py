@@ -153,7 +153,8 @@ def _compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         return lambda x: fn(tf.convert_to_tensor(x)).numpy()
     if backend == "torch":
         import torch
@@ -304,8 +305,9 @@ def extract_features(
         flush()
     except KeyboardInterrupt:
         bar.close()
+        rows = writer.rows
         writer.close()
-        raise RisError(f"interrupted after {writer.rows} images; run the same command again to resume "
+        raise RisError(f"interrupted after {rows} images; run the same command again to resume "
                        f"(partial data kept in {partial_path(features_db)})") from None
     finally:
         signal.signal(signal.SIGTERM, previous)

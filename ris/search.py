@@ -42,8 +42,7 @@ class SearchEngine:
         self.vectors = self._database_vectors(model)
         from ris.index import open_search_index
 
-        index_target = self.vectors if not isinstance(self.vectors, str) else None
-        self.index = open_search_index(str(self._vectors_path or features_db), index_target, self.metric, kind=index)
+        self.index = open_search_index(str(self._vectors_path or features_db), self.vectors, self.metric, kind=index)
         self.image_ids = self.db.image_ids
         names = self.db.label_names
         self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]

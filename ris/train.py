@@ -109,8 +109,11 @@ def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> 
     objects = np.array(list(groups))
     rng.shuffle(objects)
     batches = []
-    for s in range(0, len(objects), p):
-        chunk = objects[s : s + p]
+    starts = list(range(0, len(objects), p))
+    if len(starts) > 1 and len(objects) - starts[-1] < 2:
+        starts.pop()  # a lone last object joins the previous batch
+    for i, s in enumerate(starts):
+        chunk = objects[s : starts[i + 1] if i + 1 < len(starts) else len(objects)]
         if len(chunk) < 2:
             continue
         rows = [rng.choice(groups[int(o)], size=k, replace=len(groups[int(o)]) < k) for o in chunk]
@@ -280,7 +283,11 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
 
     train_ds = _dataset(feats["train"], labs["train"], cfg, cfg.seed)
-    val_ds = _dataset(feats["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if len(rows["val"]) else None
+    use_val = len(split["val"]) >= 2
+    if not use_val:
+        log("warning: fewer than 2 validation objects; the best epoch is chosen by training loss")
+        rows["val"] = rows["val"][:0]
+    val_ds = _dataset(feats["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if use_val else None
 
     def score(name: str, emb=None) -> float:
         if len(rows[name]) < 2:

@@ -1,0 +1,102 @@
+"""Extraction throughput: the blog's loop vs ``ris-extract``, same images, same backbone, one run.
+
+The blog's loop: serial ``cv2.imread`` + resize, then ``model.predict`` per batch of 32.
+``ris-extract``: threaded decoding (reduced-size JPEG decoding where the input size allows)
+overlapped with a compiled forward pass, features streamed into HDF5.
+
+    python bench/extract_throughput.py --dataset ../shared/data/ukbench1000 --limit 480 --json out.json
+
+Prints img/s for both and the ratio per backbone. Ratios are what to compare across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def blog_loop(paths: list[Path], model, backbone, size: int, batch: int = 32) -> float:
+    """Seconds for the blog's serial loop (decode, resize, predict per batch)."""
+    import cv2
+
+    feats = []
+    t0 = time.perf_counter()
+    for s in range(0, len(paths), batch):
+        imgs = []
+        for p in paths[s : s + batch]:
+            img = cv2.imread(str(p))
+            imgs.append(cv2.cvtColor(cv2.resize(img, (size, size)), cv2.COLOR_BGR2RGB))
+        x = backbone.preprocess(np.stack(imgs))
+        feats.append(model.predict(x, verbose=0))
+    np.concatenate(feats)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/ukbench1000"),
+                   help="folder of JPEGs")
+    p.add_argument("--models", default="mobilenet_v2,efficientnet_lite0", help="comma-separated backbones")
+    p.add_argument("--limit", type=int, default=480, help="images per measurement")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for both pipelines")
+    p.add_argument("--weights", default="imagenet", help="weights for the backbones ('none' = random, same speed)")
+    p.add_argument("--json", default=None, help="write results as JSON to this file")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    from ris.backbones import get_backbone
+    from ris.extract import ExtractConfig, FeatureExtractor, extract_features
+    from ris.images import find_images
+    from ris.pooling import GlobalPool
+
+    root = Path(args.dataset)
+    files = find_images(root)[: args.limit]
+    if not files:
+        sys.exit(f"{root}: no images")
+    rows = []
+    for name in args.models.split(","):
+        bb = get_backbone(name)
+        size = bb.input_size
+        trunk = bb.build(args.weights)
+        inp = keras.Input((size, size, 3))
+        model = keras.Model(inp, GlobalPool("gap")(trunk(inp)))
+        blog_loop([root / f for f in files[:64]], model, bb, size, args.batch_size)  # warm-up
+        t_blog = blog_loop([root / f for f in files], model, bb, size, args.batch_size)
+
+        tmp = Path(tempfile.mkdtemp())
+        try:
+            sub = tmp / "images"
+            sub.mkdir()
+            for f in files:  # same images, linked so both read identical bytes from the page cache
+                os.symlink((root / f).resolve(), sub / Path(f).name)
+            cfg = ExtractConfig(model=name, weights=args.weights, pooling="gap")
+            extract_features(sub, tmp / "warm.h5", cfg, labels="none", batch_size=args.batch_size, progress=False)
+            s = extract_features(sub, tmp / "f.h5", cfg, labels="none", batch_size=args.batch_size, progress=False)
+            t_ris = s.seconds
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        row = {"model": name, "input_size": size, "images": len(files),
+               "blog_img_s": round(len(files) / t_blog, 2), "ris_img_s": round(len(files) / t_ris, 2),
+               "ratio": round(t_blog / t_ris, 2)}
+        rows.append(row)
+        print(f"{name:<20} {size:>4}px  blog loop {row['blog_img_s']:>7.1f} img/s   ris-extract "
+              f"{row['ris_img_s']:>7.1f} img/s   ratio {row['ratio']:.2f}x", flush=True)
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs", "keras_backend": keras.backend.backend(),
+            "batch_size": args.batch_size, "dataset": str(root)}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

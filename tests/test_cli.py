@@ -1,0 +1,246 @@
+"""Each command end to end on a tiny generated dataset (random-init VGG16 at 64 px: no network)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ris.cli import demo as demo_cli
+from ris.cli import eval as eval_cli
+from ris.cli import extract as extract_cli
+from ris.cli import search as search_cli
+from ris.cli import train as train_cli
+from ris.cli.common import run
+from ris.testing import make_bad_images, make_tiny_dataset
+
+FAST = ["--model", "vgg16", "--weights", "none", "--resize", "64", "--no-progress"]
+
+
+def cli(capsys, module, prog, *args):
+    code = run(prog, module.main, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_tiny_dataset(root / "images", n_objects=6, views=4, size=96)
+    query = make_tiny_dataset(root / "queries", n_objects=1, views=1, size=96, seed=7) / "ukbench00000.jpg"
+    return root, data, query
+
+
+@pytest.fixture(scope="module")
+def db(tiny):
+    root, data, _ = tiny
+    path = root / "feats.h5"
+    assert run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(path), *FAST]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny, db):
+    root, _, _ = tiny
+    out = root / "head.keras"
+    code = run("ris-train", train_cli.main, ["--features-db", str(db), "--output", str(out), "--epochs", "3",
+                                             "--hidden", "32", "--out-dim", "16", "--p", "4", "--quiet",
+                                             "--test-fraction", "0.34", "--val-fraction", "0.34"])
+    assert code == 0
+    return out
+
+
+def test_help_explains_every_flag():
+    for module in (extract_cli, train_cli, search_cli, eval_cli, demo_cli):
+        parser = module.build_parser()
+        assert parser.description
+        for action in parser._actions:
+            assert action.help, f"{parser.prog} {action.option_strings} has no help"
+
+
+def test_extract_writes_labelled_database(db):
+    with h5py.File(db) as f:
+        assert f["features"].shape == (24, 512)
+        assert f["labels"][:].tolist() == [i // 4 for i in range(24)]
+        assert f.attrs["model"] == "vgg16" and f.attrs["input_size"] == 64 and f.attrs["pooling"] == "gap"
+        assert "keras_version" in f.attrs and "preprocessing" in f.attrs
+        norms = np.linalg.norm(f["features"][:], axis=1)
+        np.testing.assert_allclose(norms, 1.0, rtol=1e-4)
+
+
+def test_extract_json_and_refuses_to_clobber(tiny, db, capsys):
+    _, data, _ = tiny
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+
+
+def test_extract_skips_bad_images_and_lists_them(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=80)
+    bad = make_bad_images(tmp_path / "d" / "odd")
+    out_db = tmp_path / "f.h5"
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", out_db, "--json",
+                         "--labels", "none", *FAST)
+    assert code == 0, err
+    summary = json.loads(out)
+    skipped = {Path(s["image"]).name for s in summary["skipped"]}
+    assert skipped == {"truncated.jpg", "corrupt.jpg", "zero_byte.jpg", "text_as_jpg.jpg", bad["huge"].name}
+    assert summary["extracted"] == 8 + len(bad) - len(skipped)
+    with h5py.File(out_db) as f:
+        assert {Path(s.decode()).name for s in f["failed_ids"][:]} == skipped
+        ids = [s.decode() for s in f["image_ids"][:]]
+        assert any("日本" in i for i in ids)
+
+
+@pytest.mark.parametrize("setup,needle", [("missing", "does not exist"), ("empty", "no images found")])
+def test_extract_missing_or_empty_dataset(tmp_path, capsys, setup, needle):
+    d = tmp_path / "data"
+    if setup == "empty":
+        d.mkdir()
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", d, "--features-db", tmp_path / "x.h5", *FAST)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_extract_interrupted_then_resumed(tmp_path, monkeypatch):
+    from ris.errors import RisError
+    from ris.extract import ExtractConfig, extract_features
+    from ris.featuredb import FeatureWriter, partial_path
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
+    out_db = tmp_path / "f.h5"
+    cfg = ExtractConfig(model="vgg16", weights="none", input_size=64)
+    real_add = FeatureWriter.add
+    calls = {"n": 0}
+
+    def flaky_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(FeatureWriter, "add", flaky_add)
+    with pytest.raises(RisError, match="interrupted"):
+        extract_features(data, out_db, cfg, batch_size=4, progress=False)
+    assert not out_db.exists() and partial_path(out_db).exists()
+    monkeypatch.setattr(FeatureWriter, "add", real_add)
+    s = extract_features(data, out_db, cfg, batch_size=4, progress=False)
+    assert s.resumed == 4 and s.extracted == 8
+    with h5py.File(out_db) as f:
+        assert sorted(x.decode() for x in f["image_ids"][:]) == sorted(p.name for p in data.glob("*.jpg"))
+
+
+def test_extract_survives_kill_9(tmp_path):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=40, views=4, size=200)
+    out_db = tmp_path / "f.h5"
+    cmd = [sys.executable, "-c", "from ris.cli.extract import entry; entry()", "--dataset", str(data),
+           "--features-db", str(out_db), "--model", "vgg16", "--weights", "none", "--resize", "96",
+           "--batch-size", "4", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = Path(str(out_db) + ".partial")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if partial.exists() and partial.stat().st_size > 200_000:
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("extraction finished before it could be killed")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out_db.exists() and partial.exists()
+    done = subprocess.run(cmd + ["--json", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["resumed"] + summary["extracted"] == 160
+    assert summary["resumed"] > 0 or "starting over" in done.stderr
+    with h5py.File(out_db) as f:
+        assert len(set(x.decode() for x in f["image_ids"][:])) == 160 and f.attrs["complete"]
+
+
+def test_append_adds_only_new_images(tiny, db, tmp_path, capsys):
+    _, data, _ = tiny
+    work = tmp_path / "data"
+    shutil.copytree(data, work)
+    copy = tmp_path / "feats.h5"
+    shutil.copy(db, copy)
+    extra = make_tiny_dataset(tmp_path / "extra", n_objects=1, views=2, size=96, seed=3)
+    shutil.copy(extra / "ukbench00000.jpg", work / "new_0.jpg")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", work, "--features-db", copy,
+                         "--append", "--json", "--labels", "none", *FAST)
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["resumed"] == 24 and s["extracted"] == 1
+    with h5py.File(copy) as f:
+        assert f["features"].shape[0] == 25
+
+
+def test_train_writes_model_history_and_scores(model):
+    stem = str(model)[: -len(".keras")]
+    assert model.exists() and Path(stem + ".history.csv").exists() and Path(stem + ".history.png").exists()
+    from ris.train import load_model
+
+    head, meta = load_model(model)
+    assert set(meta["split"]) == {"train", "val", "test"}
+    assert not set(meta["split"]["train"]) & set(meta["split"]["test"])
+    assert "raw" in meta["test_scores"] and "head" in meta["test_scores"]
+    assert head.output_shape[-1] == 16
+
+
+def test_eval_reports_raw_and_head_on_held_out(db, model, capsys):
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--model", model, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["split"] == "test" and r["objects"] == 2 and r["images"] == 8
+    for key in ("raw", "head"):
+        assert 1.0 <= r[key]["ns_score"] <= 4.0
+        assert r[key]["top4_accuracy"] == pytest.approx(r[key]["ns_score"] * 25, abs=0.01)
+        assert set(r[key]["recall_at"]) == {"1", "4", "10"}
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "4.01")
+    assert code == 1 and "below" in err
+    assert "off-the-shelf" in out
+
+
+def test_search_any_image_with_montage(tiny, db, model, tmp_path, capsys):
+    _, _, query = tiny
+    png = tmp_path / "r.png"
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "--model", model,
+                         "-k", "5", "--output", png, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert len(r["results"]) == 5 and [h["rank"] for h in r["results"]] == [1, 2, 3, 4, 5]
+    d = [h["distance"] for h in r["results"]]
+    assert d == sorted(d)
+    assert png.exists() and png.stat().st_size > 1000
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "3")
+    assert code == 0 and "rank" in out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 3
+
+
+def test_search_refuses_features_from_another_backbone(tiny, model, tmp_path, capsys):
+    _, data, query = tiny
+    other = tmp_path / "other.h5"
+    assert run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(other), "--model",
+                                                 "vgg16", "--weights", "none", "--resize", "96", "--no-progress"]) == 0
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", other, "--model", model)
+    assert code == 2 and "made differently" in err and "input_size" in err
+
+
+def test_search_bad_query_image(tiny, db, tmp_path, capsys):
+    bad = make_bad_images(tmp_path)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad["truncated"], "--features-db", db)
+    assert code == 1 and "truncated" in err and str(bad["truncated"]) in err
+
+
+def test_installed_entry_points_exist():
+    bindir = Path(sys.executable).parent
+    for name in ("ris-extract", "ris-train", "ris-search", "ris-eval", "ris-demo"):
+        exe = shutil.which(name, path=str(bindir)) or shutil.which(name)
+        if exe is None:
+            pytest.skip("package not installed (pip install .)")
+        r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "--" in r.stdout

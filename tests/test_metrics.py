@@ -1,0 +1,59 @@
+"""N-S, mAP and recall@k on data whose answers are known."""
+import h5py
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from ris.metrics import evaluate_retrieval
+from ris.topk import blockwise_topk, pairwise_distances
+
+
+def test_perfect_separation_scores_4():
+    labels = np.repeat(np.arange(25), 4)
+    feats = np.eye(25, dtype=np.float32)[labels] + np.random.default_rng(0).normal(0, 0.01, (100, 25)).astype(np.float32)
+    s = evaluate_retrieval(feats, labels)
+    assert s.ns_score == 4.0 and s.top4_accuracy == 100.0 and s.map == 1.0
+    assert s.recall_at[1] == 1.0
+
+
+def test_random_features_score_low_and_query_is_counted():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(50), 4)
+    s = evaluate_retrieval(rng.normal(size=(200, 32)).astype(np.float32), labels)
+    assert 1.0 <= s.ns_score < 1.5  # the query itself always counts 1
+
+
+@pytest.mark.parametrize("block", [7, 256])
+def test_map_matches_sklearn_for_small_and_large_groups(block):
+    rng = np.random.default_rng(1)
+    for labels in (np.repeat(np.arange(30), 4), np.repeat(np.arange(3), 80)):
+        feats = rng.normal(size=(len(labels), 8)).astype(np.float32) + labels[:, None] * 0.1
+        s = evaluate_retrieval(feats, labels, block=block)
+        d = pairwise_distances(feats, feats, "euclidean")
+        aps = []
+        for q in range(len(labels)):
+            m = np.arange(len(labels)) != q
+            aps.append(average_precision_score(labels[m] == labels[q], -d[q, m]))
+        assert s.map == pytest.approx(np.mean(aps), abs=2e-4)
+
+
+def test_unlabelled_rows_are_ignored():
+    labels = np.array([0, 0, 1, 1, -1])
+    feats = np.array([[0, 0], [0, 0.1], [5, 5], [5, 5.1], [0, 0.05]], np.float32)
+    s = evaluate_retrieval(feats, labels)
+    assert s.queries == 4 and s.recall_at[1] == 1.0
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_blockwise_topk_equals_brute_force_from_hdf5(tmp_path, metric):
+    rng = np.random.default_rng(2)
+    db = rng.normal(size=(1000, 16)).astype(np.float32)
+    q = rng.normal(size=(13, 16)).astype(np.float32)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["x"] = db
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        dist, idx = blockwise_topk(q, f["x"], 10, metric, block_rows=97, query_block=5)
+    full = pairwise_distances(q, db, metric)
+    ref = np.argsort(full, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(idx, ref)
+    np.testing.assert_allclose(dist, np.take_along_axis(full, ref, 1), rtol=1e-5, atol=1e-5)
