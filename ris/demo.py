@@ -75,7 +75,7 @@ def run_demo(workdir: str | Path = "data/demo", backbone: str | None = None, epo
     log(f"[5/5] searching with {query} (a new view, not in the database)")
     engine = SearchEngine(db, model)
     hits = engine.query(query, 9)
-    montage = write_png(work / "results.png", make_montage(query, hits))
+    montage = write_png(work / "results.png", make_montage(query, hits, query_label="0"))  # the query shows object 0
     times["search"] = time.perf_counter() - t
     return DemoResult(str(images), str(db), str(model), backbone, evaluation, str(query), str(montage),
                       {k: round(v, 2) for k, v in times.items()})

@@ -17,6 +17,9 @@ DISTANCES = ("euclidean", "cosine")
 MININGS = ("random", "batch-hard", "semi-hard", "batch-all")
 
 
+ARCHS = ("residual", "mlp")
+
+
 def build_embedding_head(
     input_shape: Sequence[int],
     hidden: Sequence[int] = (512, 512),
@@ -24,18 +27,32 @@ def build_embedding_head(
     pooling: str = "gap",
     l2_normalize: bool = True,
     dropout: float = 0.1,
+    arch: str = "residual",
     name: str = "embedding",
 ) -> keras.Model:
-    """Stored feature (vector or conv map) -> embedding. Maps are pooled first."""
+    """Stored feature (vector or conv map) -> embedding. Maps are pooled first.
+
+    ``mlp`` is the blog's base network: Dense 512 -> 512 -> ``out_dim``. ``residual`` adds the
+    same MLP's output (projected back to the input size, zero-initialised) to the pooled input,
+    so training starts from the off-the-shelf ranking and only learns a correction: with a few
+    hundred objects a fresh MLP forgets more ImageNet knowledge than it learns.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}")
     inp = keras.Input(tuple(input_shape), name="features")
     x = inp
     if len(input_shape) == 3:
         x = GlobalPool(pooling, name="pool")(x)
+    skip = x
     for i, units in enumerate(hidden):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}")(x)
         if dropout:
             x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
-    x = keras.layers.Dense(out_dim, name="projection")(x)
+    if arch == "residual":
+        delta = keras.layers.Dense(int(skip.shape[-1]), kernel_initializer="zeros", name="correction")(x)
+        x = keras.layers.Add(name="residual")([L2Normalize(name="input_l2")(skip), delta])
+    else:
+        x = keras.layers.Dense(out_dim, name="projection")(x)
     if l2_normalize:
         x = L2Normalize(name="l2norm")(x)
     return keras.Model(inp, x, name=name)

@@ -97,15 +97,20 @@ def make_labels(image_ids: list[str], mode: str, dataset: str | Path | None = No
 
 # --- decoding ----------------------------------------------------------------------------
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
+def _header_size(data: bytes, path: Path) -> tuple[int, int] | None:
     """(width, height) from the header alone, so huge images are refused before decoding."""
-    try:
-        from PIL import Image
-        import io
+    import io
+    import warnings
 
-        Image.MAX_IMAGE_PIXELS = None
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"{path}: image too large ({str(exc).split(',')[0].strip()[:100]})") from None
     except Exception:
         return None
 
@@ -131,7 +136,7 @@ def decode_image(path: str | Path, target: int | None = None) -> np.ndarray:
     is_jpeg = data[:3] == b"\xff\xd8\xff"
     if is_jpeg and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
         raise BadImage(f"{path}: truncated JPEG (no end-of-image marker)")
-    size = _header_size(data)
+    size = _header_size(data, path)
     if size is None and not is_jpeg:
         raise BadImage(f"{path}: not a readable image (unknown or damaged format)")
     flag, factor = cv2.IMREAD_COLOR, 1

@@ -2,6 +2,14 @@
 
 The database may be a NumPy array or an h5py dataset: it is read ``block_rows`` rows at a
 time, so memory stays at O(block_rows x dim + queries x k) and no N x N matrix is ever built.
+
+Speed notes (measured on a 2-core sandbox, 1M x 256 float32, see bench/README.md):
+* ranking uses a *score* that is monotone in the distance (``|d|^2 - 2 q.d`` for euclidean,
+  ``-q.d/|d|`` for cosine); the square root / query norm is applied to the k winners only;
+* one or two queries go through ``np.einsum`` (a single memory-bound pass, ~2x faster than
+  OpenBLAS gemv on this machine); larger batches use GEMM;
+* once k candidates are known, a block is first filtered by the current k-th best score, so the
+  O(block) ``argpartition`` runs on the first block only (it was the biggest cost for batches).
 """
 from __future__ import annotations
 
@@ -30,11 +38,39 @@ def pairwise_distances(q: np.ndarray, d: np.ndarray, metric: Metric) -> np.ndarr
     raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
 
 
+def row_norms(block: np.ndarray, metric: Metric) -> np.ndarray:
+    """Per-row term the score needs: squared norm (euclidean) or norm (cosine)."""
+    sq = np.einsum("ij,ij->i", block, block)
+    return sq if metric == "euclidean" else np.maximum(np.sqrt(sq), np.float32(1e-12))
+
+
+def _dots(q: np.ndarray, block: np.ndarray) -> np.ndarray:
+    # einsum is one streaming pass with no BLAS threading overhead: best for 1-2 queries.
+    return np.einsum("ij,kj->ki", block, q) if q.shape[0] <= 2 else q @ block.T
+
+
 def _merge_topk(best_d, best_i, new_d, new_i, k):
     cat_d = np.concatenate([best_d, new_d], axis=1)
     cat_i = np.concatenate([best_i, new_i], axis=1)
     sel = np.argpartition(cat_d, min(k, cat_d.shape[1]) - 1, axis=1)[:, :k]
     return np.take_along_axis(cat_d, sel, 1), np.take_along_axis(cat_i, sel, 1)
+
+
+def _candidates(score: np.ndarray, kth: np.ndarray, k: int, start: int):
+    """Entries of ``score`` that can still enter the top k, padded per row; None if too many."""
+    mask = score <= kth[:, None]
+    if int(np.count_nonzero(mask)) > 4 * k * score.shape[0]:
+        return None
+    flat = np.flatnonzero(mask)  # ~5x faster than 2-D nonzero
+    rows, cols = np.divmod(flat, score.shape[1])
+    counts = np.bincount(rows, minlength=score.shape[0])
+    width = max(int(counts.max(initial=0)), 1)
+    pos = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    cand_s = np.full((score.shape[0], width), np.inf, dtype=np.float32)
+    cand_i = np.full((score.shape[0], width), -1, dtype=np.int64)
+    cand_s[rows, pos] = score[rows, cols]
+    cand_i[rows, pos] = cols + start
+    return cand_s, cand_i
 
 
 def blockwise_topk(
@@ -44,33 +80,46 @@ def blockwise_topk(
     metric: Metric = "euclidean",
     block_rows: int = 65536,
     query_block: int = 1024,
+    *,
+    norms: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (distances, indices) of the ``k`` nearest database rows for every query, sorted.
 
-    Ties are broken by the lower database index, so results are deterministic.
+    Results are sorted by (distance, index). ``norms`` = ``row_norms(database, metric)`` computed
+    once by a caller that searches the same in-memory database many times (saves one pass/query).
     """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
     queries = np.asarray(queries, dtype=np.float32)
     if queries.ndim == 1:
         queries = queries[None]
     n = int(database.shape[0])
     k = int(min(k, n))
     nq = queries.shape[0]
-    out_d = np.full((nq, k), np.inf, dtype=np.float32)
+    out_s = np.full((nq, k), np.inf, dtype=np.float32)
     out_i = np.full((nq, k), -1, dtype=np.int64)
-    if k == 0:
-        return out_d, out_i
+    if k == 0 or nq == 0:
+        return out_s, out_i
+    q = l2_normalize(queries) if metric == "cosine" else queries
     for start in range(0, n, block_rows):
         block = np.asarray(database[start : start + block_rows], dtype=np.float32)
+        bn = row_norms(block, metric) if norms is None else norms[start : start + block.shape[0]]
         for qs in range(0, nq, query_block):
             qe = min(qs + query_block, nq)
-            dist = pairwise_distances(queries[qs:qe], block, metric)
-            kk = min(k, dist.shape[1])
-            part = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
-            bd = np.take_along_axis(dist, part, 1)
-            out_d[qs:qe], out_i[qs:qe] = _merge_topk(out_d[qs:qe], out_i[qs:qe], bd, part + start, k)
+            dots = _dots(q[qs:qe], block)
+            score = bn[None, :] - 2.0 * dots if metric == "euclidean" else -(dots / bn[None, :])
+            cand = None
+            if start > 0:
+                cand = _candidates(score, out_s[qs:qe].max(axis=1), k, start)
+            if cand is None:
+                kk = min(k, score.shape[1])
+                part = np.argpartition(score, kk - 1, axis=1)[:, :kk]
+                cand = np.take_along_axis(score, part, 1), part + start
+            out_s[qs:qe], out_i[qs:qe] = _merge_topk(out_s[qs:qe], out_i[qs:qe], *cand, k)
+    if metric == "euclidean":
+        out_d = np.sqrt(np.maximum(out_s + np.einsum("ij,ij->i", queries, queries)[:, None], 0.0))
+    else:
+        out_d = 1.0 + out_s
     # final sort by (distance, index) for deterministic order
-    rows = np.arange(nq)[:, None]
-    order = np.argsort(out_i, axis=1, kind="stable")
-    out_d, out_i = out_d[rows, order], out_i[rows, order]
-    order = np.argsort(out_d, axis=1, kind="stable")
-    return out_d[rows, order], out_i[rows, order]
+    order = np.lexsort((out_i, out_d), axis=1)
+    return np.take_along_axis(out_d, order, 1), np.take_along_axis(out_i, order, 1)

@@ -26,8 +26,9 @@ META_NAME = "ris.json"  # stored inside the .keras zip next to Keras' own files
 
 @dataclass
 class TrainConfig:
+    arch: str = "residual"  # 'mlp' = the blog's base network
     hidden: tuple[int, ...] = (512, 512)
-    out_dim: int = 256
+    out_dim: int = 256  # mlp only; residual keeps the input size
     l2_normalize: bool = True
     dropout: float = 0.1
     pooling: str = "gap"  # when the database holds conv maps
@@ -273,7 +274,8 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         f"{len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test objects "
         f"({len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images)")
 
-    base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize, cfg.dropout)
+    base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize, cfg.dropout,
+                                cfg.arch)
     if cfg.mining == "random":
         model = build_triplet_network(base)
         loss = triplet_loss(cfg.margin, cfg.distance)
@@ -297,7 +299,9 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
 
     raw_val = score("val", raw_descriptors(feats["val"], cfg.pooling)) if len(rows["val"]) else float("nan")
     history: list[dict[str, Any]] = []
-    best = {"ns": -1.0, "epoch": 0, "weights": None}
+    best = {"ns": -1.0, "epoch": 0, "weights": base.get_weights()}
+    if cfg.arch == "residual" and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
+        best["ns"] = score("val")
     wait = 0
     t0 = time.perf_counter()
     epoch_times = []

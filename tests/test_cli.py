@@ -188,7 +188,7 @@ def test_train_writes_model_history_and_scores(model):
     assert set(meta["split"]) == {"train", "val", "test"}
     assert not set(meta["split"]["train"]) & set(meta["split"]["test"])
     assert "raw" in meta["test_scores"] and "head" in meta["test_scores"]
-    assert head.output_shape[-1] == 16
+    assert head.output_shape[-1] == 512  # residual head keeps the feature size
 
 
 def test_eval_reports_raw_and_head_on_held_out(db, model, capsys):

@@ -20,8 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-db", default="feats.h5", help="labelled HDF5 feature database from ris-extract")
     p.add_argument("--output", default="model.keras", help="where to save the best head (.keras); history "
                    "CSV and a loss-curve PNG are written beside it")
+    p.add_argument("--arch", default="residual", choices=["residual", "mlp"],
+                   help="mlp = the blog's Dense 512-512-256 base network; residual = the same MLP adds a "
+                        "zero-initialised correction to the input feature, so training starts from the "
+                        "off-the-shelf ranking")
     p.add_argument("--hidden", default="512,512", help="hidden Dense layer sizes, comma-separated ('' = none)")
-    p.add_argument("--out-dim", type=int, default=256, help="embedding size")
+    p.add_argument("--out-dim", type=int, default=256, help="embedding size (mlp; residual keeps the input size)")
     p.add_argument("--no-l2", action="store_true", help="do not L2-normalise the embedding")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout after each hidden layer")
     p.add_argument("--distance", default="euclidean", choices=DISTANCES, help="D in the loss and for ranking")
@@ -49,7 +53,7 @@ def config_from_args(args) -> "TrainConfig":
     from ris.train import TrainConfig
 
     hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-    return TrainConfig(hidden=hidden, out_dim=args.out_dim, l2_normalize=not args.no_l2, dropout=args.dropout,
+    return TrainConfig(arch=args.arch, hidden=hidden, out_dim=args.out_dim, l2_normalize=not args.no_l2, dropout=args.dropout,
                        distance=args.distance, margin=args.margin, mining=args.mining, epochs=args.epochs,
                        batch_size=args.batch_size, p=args.p, k=args.k, learning_rate=args.lr,
                        patience=args.patience, test_fraction=args.test_fraction, val_fraction=args.val_fraction,

@@ -1,0 +1,169 @@
+"""Test fixtures that write files: awkward image inputs and tiny UKBench-style datasets.
+
+Why: the image loader and the CLI must be tested against real files on disk (broken, odd formats,
+odd names) and on datasets small enough to index in a second; building them in code keeps the
+repository free of binary fixtures. Everything here is deterministic and needs no network.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = ["make_bad_images", "make_tiny_dataset", "make_tiny_folders_dataset", "VALID_BAD_IMAGES"]
+
+# Keys of make_bad_images() whose files are valid images (a loader should decode them).
+VALID_BAD_IMAGES = frozenset(
+    {"gray_png", "rgba_png", "png16", "huge", "non_ascii", "webp", "bmp", "tif", "upper_ext"}
+)
+HUGE_SIDE = 20000
+
+
+def _pattern(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A BGR uint8 test picture with gradients and shapes, so JPEG has real content to encode."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([255 * xx / max(w - 1, 1), 255 * yy / max(h - 1, 1),
+                    127 + 127 * np.sin((xx + yy) / 7.0 + seed)], axis=2)
+    img = img.astype(np.uint8)
+    cv2.circle(img, (w // 3, h // 2), min(h, w) // 4, (0, 0, 255), -1)
+    cv2.rectangle(img, (w // 2, h // 4), (w - 5, h - 5), (255, 255, 0), 3)
+    return img
+
+
+def _encode(ext: str, img: np.ndarray, params: list[int] | None = None) -> bytes:
+    ok, buf = cv2.imencode(ext, img, params or [])
+    if not ok:
+        raise RuntimeError(f"OpenCV cannot encode {ext}")
+    return buf.tobytes()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _huge_png(side: int) -> bytes:
+    """A valid 1-bit grayscale PNG of side x side black pixels: ~50 KB on disk for 20000x20000.
+
+    Built chunk by chunk because encoding it from an array would need the memory it is meant to
+    test. Decoded to 8-bit BGR it is side*side*3 bytes (1.2 GB for 20000).
+    """
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, grayscale
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+            + _png_chunk(b"IEND", b""))
+
+
+def make_bad_images(directory: str | Path) -> dict[str, Path]:
+    """Write awkward inputs an image loader must survive; return ``{short name: path}``.
+
+    Broken (a loader must skip/report them): ``truncated`` (valid JPEG cut in half), ``corrupt``
+    (JPEG header then random bytes), ``zero_byte``, ``text_as_jpg``. Valid (a loader should decode
+    them; names listed in ``VALID_BAD_IMAGES``): ``gray_png``, ``rgba_png``, ``png16`` (16-bit RGB),
+    ``huge`` (20000x20000 1-bit PNG, ~50 KB: refuse or downscale without decoding 1.2 GB),
+    ``non_ascii`` (``café_日本.jpg``), ``webp``, ``bmp``, ``tif``, ``upper_ext`` (``IMG.JPEG``).
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    img = _pattern(120, 160)
+    jpg = _encode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    rng = np.random.default_rng(0)
+    rgba = np.dstack([img, np.tile(np.linspace(0, 255, 160, dtype=np.uint8), (120, 1))])
+    files: dict[str, tuple[str, bytes]] = {
+        "truncated": ("truncated.jpg", jpg[: len(jpg) // 2]),
+        "corrupt": ("corrupt.jpg", jpg[:20] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes()),
+        "zero_byte": ("zero_byte.jpg", b""),
+        "text_as_jpg": ("text_as_jpg.jpg", b"This is a text file, not a JPEG.\n"),
+        "gray_png": ("gray.png", _encode(".png", cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))),
+        "rgba_png": ("rgba.png", _encode(".png", rgba)),
+        "png16": ("rgb16.png", _encode(".png", img.astype(np.uint16) * 257)),
+        "huge": ("huge.png", _huge_png(HUGE_SIDE)),
+        "non_ascii": ("café_日本.jpg", jpg),
+        "webp": ("image.webp", _encode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 90])),
+        "bmp": ("image.bmp", _encode(".bmp", img)),
+        "tif": ("image.tif", _encode(".tif", img)),
+        "upper_ext": ("IMG.JPEG", jpg),
+    }
+    out = {}
+    for key, (name, data) in files.items():
+        (d / name).write_bytes(data)
+        out[key] = d / name
+    return out
+
+
+def _object_image(obj: int, size: int, seed: int) -> np.ndarray:
+    """A distinct synthetic BGR 'object': its own background hue, texture and coloured shapes."""
+    rng = np.random.default_rng([seed, obj])
+    hue = int(180 * ((obj * 0.618034) % 1.0))  # golden-ratio spacing keeps hues apart
+    hsv = np.full((size, size, 3), (hue, 120, 200), np.uint8)
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    noise = cv2.GaussianBlur(rng.normal(0, 25, (size, size)).astype(np.float32), (0, 0), 2)
+    img = np.clip(img + noise[:, :, None], 0, 255).astype(np.uint8)
+    for _ in range(4):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        x, y = (int(v) for v in rng.integers(size // 8, size - size // 8, 2))
+        r = int(rng.integers(size // 10, size // 4))
+        if rng.random() < 0.5:
+            cv2.circle(img, (x, y), r, colour, -1)
+        else:
+            cv2.rectangle(img, (x - r, y - r), (x + r, y + r), colour, -1)
+    return img
+
+
+def _jitter(img: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+    """View k of an object: view 0 unchanged, others shifted a few pixels with colour jitter."""
+    if k == 0:
+        return img
+    dx, dy = (int(v) for v in rng.integers(-4, 5, 2))
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    out = cv2.warpAffine(img, m, img.shape[1::-1], borderMode=cv2.BORDER_REFLECT_101)
+    gain = rng.uniform(0.9, 1.1, 3)
+    return np.clip(out * gain + rng.uniform(-10, 10), 0, 255).astype(np.uint8)
+
+
+def make_tiny_dataset(
+    directory: str | Path, n_objects: int = 3, views: int = 4, size: int = 96, seed: int = 0
+) -> Path:
+    """Write ``n_objects * views`` square JPEGs ``ukbench00000.jpg`` ... plus ``groundtruth.tsv``.
+
+    Views of one object are consecutive (object_id = index // views), as in UKBench, so CLI tests
+    can index and score a set in well under a second.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    lines = ["file\tobject_id"]
+    for obj in range(n_objects):
+        base = _object_image(obj, size, seed)
+        rng = np.random.default_rng([seed, obj, 1])
+        for k in range(views):
+            name = f"ukbench{obj * views + k:05d}.jpg"
+            (d / name).write_bytes(_encode(".jpg", _jitter(base, rng, k),
+                                           [cv2.IMWRITE_JPEG_QUALITY, 95]))
+            lines.append(f"{name}\t{obj}")
+    (d / "groundtruth.tsv").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def make_tiny_folders_dataset(
+    directory: str | Path,
+    classes: tuple[str, ...] = ("a", "b"),
+    per_class: int = 4,
+    size: int = 96,
+    seed: int = 0,
+) -> Path:
+    """Write ``directory/<class>/<class>_NN.jpg`` (class = label from the folder name)."""
+    d = Path(directory)
+    for obj, cls in enumerate(classes):
+        sub = d / cls
+        sub.mkdir(parents=True, exist_ok=True)
+        base = _object_image(obj, size, seed)
+        rng = np.random.default_rng([seed, obj, 1])
+        for k in range(per_class):
+            (sub / f"{cls}_{k:02d}.jpg").write_bytes(_encode(".jpg", _jitter(base, rng, k),
+                                                             [cv2.IMWRITE_JPEG_QUALITY, 95]))
+    return d

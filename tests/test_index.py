@@ -1,0 +1,141 @@
+"""Exact and HNSW indexes: same answers as brute force, persistence, incremental update."""
+import os
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from ris.errors import RisError
+from ris.index import (ExactIndex, HnswIndex, build_hnsw_from_db, index_path_for, open_search_index,
+                       update_hnsw)
+from ris.topk import pairwise_distances
+
+METRICS = ["euclidean", "cosine"]
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Gaussian mixture: nearer to real features than uniform noise, and HNSW-friendly like them."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(50, dim)).astype(np.float32)
+    return centers[rng.integers(0, 50, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+
+
+def brute(q, db, k, metric):
+    full = pairwise_distances(q, db, metric)
+    idx = np.argsort(full, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(full, idx, 1), idx
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found, truth)]))
+
+
+@pytest.fixture
+def h5db(tmp_path):
+    db = clustered(2000, 24, 0)
+    path = tmp_path / "feats.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=db, chunks=(128, 24), maxshape=(None, 24))
+    return str(path), db
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["streamed", "in_memory"])
+def test_exact_index_equals_brute_force_from_hdf5(h5db, metric, cache_bytes):
+    path, db = h5db
+    q = clustered(9, 24, 1)
+    with h5py.File(path, "r") as f:
+        index = ExactIndex(f["features"], metric, block_rows=300, cache_bytes=cache_bytes)  # 7 blocks
+        assert index.in_memory == bool(cache_bytes) and len(index) == 2000
+        for nq in (1, 2, 9):  # 1-2 queries take the einsum path, more take GEMM
+            dist, idx = index.search(q[:nq], 10)
+            ref_d, ref_i = brute(q[:nq], db, 10, metric)
+            np.testing.assert_array_equal(idx, ref_i)
+            np.testing.assert_allclose(dist, ref_d, rtol=1e-4, atol=1e-4)
+
+
+def test_exact_index_on_array_clips_k():
+    db = clustered(5, 8, 0)
+    dist, idx = ExactIndex(db).search(db[2], 10)
+    assert idx.shape == (1, 5) and idx[0, 0] == 2 and np.all(np.diff(dist[0]) >= 0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_hnsw_recall_and_units_match_exact(metric):
+    db, q = clustered(5000, 64, 2), clustered(50, 64, 3)
+    hnsw = HnswIndex(64, metric)  # the defaults must reach the target
+    hnsw.add(db, 0)
+    assert len(hnsw) == 5000
+    d, i = hnsw.search(q, 10)
+    ref_d, ref_i = ExactIndex(db, metric).search(q, 10)
+    assert recall(i, ref_i) >= 0.95
+    hit = i == ref_i  # same neighbour -> same distance: true L2 (not squared) or 1 - cos
+    np.testing.assert_allclose(d[hit], ref_d[hit], rtol=1e-3, atol=1e-3)
+    assert np.all(np.diff(d, axis=1) >= 0)
+
+
+def test_save_load_round_trip_is_atomic(tmp_path):
+    db, q = clustered(1000, 16, 4), clustered(20, 16, 5)
+    hnsw = build_hnsw_from_db(db, "cosine", chunk_rows=300, progress=False, M=8, ef_search=32)
+    path = str(tmp_path / "f.h5.hnsw")
+    hnsw.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["f.h5.hnsw", "f.h5.hnsw.json"]  # no .partial left
+    loaded = HnswIndex.load(path)
+    assert (len(loaded), loaded.dim, loaded.metric, loaded.params) == (1000, 16, "cosine", hnsw.params)
+    for a, b in zip(hnsw.search(q, 5), loaded.search(q, 5)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_update_adds_new_rows_and_finds_them():
+    db = clustered(1200, 16, 6)
+    hnsw = build_hnsw_from_db(db[:1000], "euclidean", chunk_rows=400, progress=False, M=8)
+    assert update_hnsw(hnsw, db) == 200 and len(hnsw) == 1200
+    assert update_hnsw(hnsw, db) == 0
+    dist, idx = hnsw.search(db[1000:], 1)
+    assert np.mean(idx[:, 0] == np.arange(1000, 1200)) >= 0.99 and np.all(dist[:, 0] < 1e-3)
+    with pytest.raises(ValueError, match="in order"):
+        hnsw.add(db[:5], 0)
+
+
+def test_open_search_index_picks_and_refreshes(h5db):
+    path, db = h5db
+    with h5py.File(path, "r") as f:
+        assert isinstance(open_search_index(path, f["features"], "euclidean"), ExactIndex)  # below threshold
+        assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10), ExactIndex)  # no index
+        built = open_search_index(path, f["features"], "euclidean", kind="hnsw")
+        assert isinstance(built, HnswIndex) and os.path.isfile(index_path_for(path))
+    extra = clustered(100, 24, 7)
+    with h5py.File(path, "a") as f:  # the database grows: the saved index is updated, not rebuilt
+        f["features"].resize(2100, axis=0)
+        f["features"][2000:] = extra
+    with h5py.File(path, "r") as f:
+        index = open_search_index(path, f["features"], "euclidean", threshold=10)
+        assert isinstance(index, HnswIndex) and len(index) == 2100
+        assert HnswIndex.load(index_path_for(path)).__len__() == 2100
+        assert index.search(extra[:1], 1)[1][0, 0] == 2000
+        with pytest.warns(UserWarning, match="metric"):  # index built for another metric
+            assert isinstance(open_search_index(path, f["features"], "cosine", threshold=10), ExactIndex)
+    with h5py.File(path, "w") as f:  # a rebuilt database of the same size is detected
+        f["features"] = clustered(2100, 24, 8)
+    with h5py.File(path, "r") as f, pytest.warns(UserWarning, match="changed"):
+        assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10), ExactIndex)
+
+
+def test_missing_hnswlib_is_a_clear_error(monkeypatch, h5db):
+    monkeypatch.setitem(sys.modules, "hnswlib", None)  # makes `import hnswlib` raise ImportError
+    with pytest.raises(RisError, match=r"pip install 'ris\[ann\]'"):
+        HnswIndex(8)
+    path, _ = h5db
+    with h5py.File(path, "r") as f:  # auto quietly falls back to exact search
+        assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10), ExactIndex)
+
+
+def test_streamed_exact_index_keeps_its_row_count(h5db):
+    path, db = h5db
+    with h5py.File(path, "a") as f:
+        index = ExactIndex(f["features"], cache_bytes=0)
+        f["features"].resize(2100, axis=0)
+        f["features"][2000:] = db[:100]  # duplicates would tie with rows 0..99
+        _, idx = index.search(db[:5], 3)
+        assert len(index) == 2000 and idx.max() < 2000
