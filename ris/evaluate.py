@@ -32,12 +32,14 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
                 described += " (includes the head's training objects: not a held-out score)"
         elif split == "test":
             if meta is not None:
-                test_objects = _objects_by_name(meta["split"]["test"], db.label_names)
-                described = f"held-out test objects of the model's split (seed {meta['config']['seed']})"
+                rows = _rows_by_id(meta["split"]["test_images"], db.image_ids)
+                by = meta["split"].get("by", "object")
+                described = (f"held-out test {'objects' if by == 'object' else 'images of every class'} "
+                             f"of the model's split (seed {meta['config']['seed']})")
             else:
                 test_objects = split_objects(labels, test_fraction, val_fraction, seed)["test"]
                 described = f"held-out test objects (seed {seed}, {test_fraction:.0%} of objects)"
-            rows = rows_of(labels, test_objects)
+                rows = rows_of(labels, test_objects)
         else:
             raise RisError(f"--split must be test or all, not {split!r}")
         feats = db.read_rows(rows)
@@ -61,12 +63,12 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
         return result
 
 
-def _objects_by_name(names: list[str], label_names: list[str]) -> np.ndarray:
-    index = {n: i for i, n in enumerate(label_names)}
-    missing = [n for n in names if n not in index]
+def _rows_by_id(image_ids: list[str], db_ids: list[str]) -> np.ndarray:
+    index = {i: r for r, i in enumerate(db_ids)}
+    missing = [i for i in image_ids if i not in index]
     if missing:
-        raise DatabaseError(f"the model's test objects are not in this database (e.g. {missing[0]!r})")
-    return np.array([index[n] for n in names], dtype=np.int64)
+        raise DatabaseError(f"the model's test images are not in this database (e.g. {missing[0]!r})")
+    return np.sort(np.array([index[i] for i in image_ids], dtype=np.int64))
 
 
 def format_table(result: dict[str, Any]) -> str:

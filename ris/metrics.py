@@ -41,25 +41,33 @@ def evaluate_retrieval(
     precision_ks: tuple[int, ...] = (10,),
     block: int = 256,
     ns_k: int = 4,
+    query_rows: np.ndarray | None = None,
 ) -> RetrievalScores:
-    """Every row is a query against all rows (closed set). Rows with label -1 are ignored."""
+    """Every row (or only ``query_rows``) queries all rows (closed set). Label -1 rows are ignored."""
+    labels = np.asarray(labels)
     keep = labels >= 0
-    features, labels = np.asarray(features, np.float32)[keep], np.asarray(labels)[keep]
+    qmask = np.zeros(len(labels), bool)
+    qmask[np.arange(len(labels)) if query_rows is None else np.asarray(query_rows, np.int64)] = True
+    qmask = qmask[keep]
+    features, labels = np.asarray(features, np.float32)[keep], labels[keep]
     n = len(labels)
     if n < 2:
         raise ValueError("need at least two labelled images to evaluate")
+    qidx = np.nonzero(qmask)[0]
+    nq = len(qidx)
     max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
     ns_total = 0.0
     ap_total = 0.0
     ap_count = 0
     recall_hits = {k: 0 for k in recall_ks}
     precision_sum = {k: 0.0 for k in precision_ks}
-    for s in range(0, n, block):
-        e = min(s + block, n)
-        dist = pairwise_distances(features[s:e], features, metric)
+    for s in range(0, nq, block):
+        e = min(s + block, nq)
+        qs = qidx[s:e]
+        dist = pairwise_distances(features[qs], features, metric)
         rows = np.arange(e - s)
-        dist[rows, np.arange(s, e)] = -np.inf  # the query ranks first (counted for N-S only)
-        rel = labels[s:e, None] == labels[None, :]
+        dist[rows, qs] = -np.inf  # the query ranks first (counted for N-S only)
+        rel = labels[qs, None] == labels[None, :]
         kk = min(max_k + 1, n)
         part = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
         pd = np.take_along_axis(dist, part, 1)
@@ -73,13 +81,15 @@ def evaluate_retrieval(
             recall_hits[k] += int(tail[:, :k].any(axis=1).sum())
         for k in precision_ks:
             precision_sum[k] += float(tail[:, :k].sum(axis=1).sum() / k)
-        ap, valid = _average_precision(dist, rel, np.arange(s, e))
+        ap, valid = _average_precision(dist, rel, qs)
         ap_total += float(ap[valid].sum())
         ap_count += int(valid.sum())
-    ns = ns_total / n
+    ns = ns_total / nq
+    n_out = n
+    n = nq
     return RetrievalScores(
-        queries=n,
-        database=n,
+        queries=nq,
+        database=n_out,
         ns_score=round(float(ns), 4),
         top4_accuracy=round(float(ns) / ns_k * 100.0, 2),
         map=round(ap_total / max(ap_count, 1), 4),

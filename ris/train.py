@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     fold: int | None = None  # k-fold mode: which fold is the test set
     folds: int = 5
+    split_by: str = "object"  # 'image' = split inside each class (Corel-style category retrieval)
+    unseen_classes: int = 0  # split_by image: classes kept out of training entirely
 
 
 # --- splits ----------------------------------------------------------------------------------
@@ -73,6 +75,43 @@ def split_objects(labels: np.ndarray, test_fraction: float = 0.2, val_fraction: 
 
 def rows_of(labels: np.ndarray, objects: np.ndarray) -> np.ndarray:
     return np.nonzero(np.isin(labels, objects))[0]
+
+
+def split_images(labels: np.ndarray, test_fraction: float = 0.5, val_fraction: float = 0.1, seed: int = 0,
+                 unseen_classes: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Row ids of train / val / test images, split inside every class (Corel's 50/50 protocol).
+
+    ``unseen_classes`` classes (seeded) give no image to train or val: their test images measure
+    how the head does on classes it never saw. Returns (rows per part, unseen class ids).
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels[labels >= 0])
+    if len(classes) < 2 + unseen_classes:
+        raise RisError(f"need at least {2 + unseen_classes} labelled classes, found {len(classes)}")
+    unseen = np.sort(rng.choice(classes, size=unseen_classes, replace=False)) if unseen_classes else classes[:0]
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for c in classes:
+        rows = rng.permutation(np.nonzero(labels == c)[0])
+        n_test = int(round(len(rows) * test_fraction))
+        n_val = int(round(len(rows) * val_fraction))
+        parts["test"].append(rows[:n_test])
+        if c not in unseen:
+            parts["val"].append(rows[n_test : n_test + n_val])
+            parts["train"].append(rows[n_test + n_val :])
+    out = {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in parts.items()}
+    return out, unseen
+
+
+def make_split(labels: np.ndarray, cfg: "TrainConfig") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Rows of train / val / test, and a description stored with the model."""
+    if cfg.split_by == "object":
+        objs = split_objects(labels, cfg.test_fraction, cfg.val_fraction, cfg.seed, cfg.fold, cfg.folds)
+        rows = {k: rows_of(labels, v) for k, v in objs.items()}
+        return rows, {"by": "object", "objects": {k: v.tolist() for k, v in objs.items()}}
+    if cfg.split_by == "image":
+        rows, unseen = split_images(labels, cfg.test_fraction, cfg.val_fraction, cfg.seed, cfg.unseen_classes)
+        return rows, {"by": "image", "unseen_classes": unseen.tolist()}
+    raise RisError(f"--split-by must be object or image, not {cfg.split_by!r}")
 
 
 # --- batch samplers --------------------------------------------------------------------------
@@ -263,16 +302,18 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         labels_all = db.labels
         if (labels_all >= 0).sum() == 0:
             raise DatabaseError(f"{features_db}: no labels; extract with --labels ukbench|folders|FILE.tsv")
-        split = split_objects(labels_all, cfg.test_fraction, cfg.val_fraction, cfg.seed, cfg.fold, cfg.folds)
-        rows = {name: rows_of(labels_all, objs) for name, objs in split.items()}
+        rows, split_meta = make_split(labels_all, cfg)
         feats = {name: db.read_rows(r) for name, r in rows.items()}
         labs = {name: labels_all[r] for name, r in rows.items()}
         fp = db.fingerprint()
         label_names = db.label_names
+        image_ids = db.image_ids
         feature_shape = tuple(db.features.shape[1:])
-    log(f"split by object (seed {cfg.seed}{'' if cfg.fold is None else f', fold {cfg.fold + 1}/{cfg.folds}'}): "
-        f"{len(split['train'])} train / {len(split['val'])} val / {len(split['test'])} test objects "
-        f"({len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images)")
+    n_obj = {k: len(np.unique(v)) for k, v in labs.items()}
+    where = f"seed {cfg.seed}" + ("" if cfg.fold is None else f", fold {cfg.fold + 1}/{cfg.folds}")
+    log(f"split by {cfg.split_by} ({where}): {n_obj['train']}/{n_obj['val']}/{n_obj['test']} train/val/test "
+        f"{'objects' if cfg.split_by == 'object' else 'classes'}, "
+        f"{len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images")
 
     base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize, cfg.dropout,
                                 cfg.arch)
@@ -285,17 +326,25 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
 
     train_ds = _dataset(feats["train"], labs["train"], cfg, cfg.seed)
-    use_val = len(split["val"]) >= 2
+    def usable_groups(lab: np.ndarray) -> int:  # triplets need groups with a positive pair
+        return int((np.unique(lab, return_counts=True)[1] >= 2).sum()) if len(lab) else 0
+
+    if usable_groups(labs["train"]) < 2:
+        raise RisError("fewer than 2 training groups with 2+ images: nothing to learn triplets from")
+    use_val = usable_groups(labs["val"]) >= 2
     if not use_val:
-        log("warning: fewer than 2 validation objects; the best epoch is chosen by training loss")
+        log("warning: fewer than 2 validation groups with 2+ images; the best epoch is chosen by training loss")
         rows["val"] = rows["val"][:0]
     val_ds = _dataset(feats["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if use_val else None
+
+    monitor_name = "N-S" if cfg.split_by == "object" else "mAP"  # classes of 100: N-S@4 says little
 
     def score(name: str, emb=None) -> float:
         if len(rows[name]) < 2:
             return float("nan")
         x = emb if emb is not None else embed_features(base, feats[name])
-        return evaluate_retrieval(x, labs[name], cfg.distance, recall_ks=(), precision_ks=()).ns_score
+        scores = evaluate_retrieval(x, labs[name], cfg.distance, recall_ks=(), precision_ks=())
+        return scores.ns_score if monitor_name == "N-S" else scores.map
 
     raw_val = score("val", raw_descriptors(feats["val"], cfg.pooling)) if len(rows["val"]) else float("nan")
     history: list[dict[str, Any]] = []
@@ -311,10 +360,10 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         epoch_times.append(time.perf_counter() - te)
         row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
                "val_loss": float(h.history.get("val_loss", [math.nan])[-1]),
-               "val_ns": score("val") if len(rows["val"]) else math.nan,
-               "test_ns": score("test"), "seconds": round(epoch_times[-1], 3)}
+               "val_score": score("val") if len(rows["val"]) else math.nan,
+               "test_score": score("test"), "seconds": round(epoch_times[-1], 3)}
         history.append(row)
-        monitor = row["val_ns"] if not math.isnan(row["val_ns"]) else -row["loss"]
+        monitor = row["val_score"] if not math.isnan(row["val_score"]) else -row["loss"]
         improved = monitor > best["ns"] + 1e-6
         if improved:
             best = {"ns": monitor, "epoch": epoch, "weights": base.get_weights()}
@@ -323,9 +372,9 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
             wait += 1
         if progress:
             log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-                f"val N-S {row['val_ns']:.3f} (raw {raw_val:.3f})  {row['seconds']:.1f}s" + ("  *" if improved else ""))
+                f"val {monitor_name} {row['val_score']:.3f} (raw {raw_val:.3f})  {row['seconds']:.1f}s" + ("  *" if improved else ""))
         if wait >= cfg.patience:
-            log(f"early stop: val N-S has not improved for {cfg.patience} epochs")
+            log(f"early stop: val {monitor_name} has not improved for {cfg.patience} epochs")
             break
     seconds = time.perf_counter() - t0
     base.set_weights(best["weights"])
@@ -335,9 +384,22 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         test_scores["raw"] = evaluate_retrieval(raw_descriptors(feats["test"], cfg.pooling), labs["test"], cfg.distance).to_dict()
         test_scores["head"] = evaluate_retrieval(embed_features(base, feats["test"]), labs["test"], cfg.distance).to_dict()
 
+    if split_meta.get("unseen_classes") and len(rows["test"]) >= 2:
+        unseen_q = np.nonzero(np.isin(labs["test"], split_meta["unseen_classes"]))[0]
+        test_scores["unseen_classes"] = {
+            "raw": evaluate_retrieval(raw_descriptors(feats["test"], cfg.pooling), labs["test"], cfg.distance,
+                                      query_rows=unseen_q).to_dict(),
+            "head": evaluate_retrieval(embed_features(base, feats["test"]), labs["test"], cfg.distance,
+                                       query_rows=unseen_q).to_dict()}
+
     def names(objs):
         return [label_names[int(o)] if int(o) < len(label_names) else str(int(o)) for o in objs]
 
+    split_store = {"by": split_meta["by"], "test_images": [image_ids[i] for i in rows["test"]]}
+    if split_meta["by"] == "object":
+        split_store.update({k: names(v) for k, v in split_meta["objects"].items()})
+    else:
+        split_store["unseen_classes"] = names(split_meta["unseen_classes"])
     meta = {
         "format": "ris-head/1",
         "feature_fingerprint": fp,
@@ -345,8 +407,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         "features_db": str(Path(features_db).resolve()),
         "config": asdict(cfg),
         "distance": cfg.distance,
-        "split": {k: names(v) for k, v in split.items()},
-        "split_label_ids": {k: v.tolist() for k, v in split.items()},
+        "split": split_store,
         "best_epoch": best["epoch"],
         "raw_val_ns": raw_val,
         "test_scores": test_scores,
@@ -354,13 +415,14 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_model(base, output, meta)
-    hist_path, plot_path = write_history(history, output, raw_val)
+    hist_path, plot_path = write_history(history, output, raw_val, monitor_name)
     return TrainResult(str(output), best["epoch"], len(history), round(seconds, 2),
                        round(float(np.mean(epoch_times)) if epoch_times else 0.0, 3),
-                       {k: int(len(v)) for k, v in split.items()}, test_scores, str(hist_path), str(plot_path))
+                       {k: int(n_obj[k]) for k in rows}, test_scores, str(hist_path), str(plot_path))
 
 
-def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float) -> tuple[Path, Path]:
+def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float,
+                  metric: str = "N-S") -> tuple[Path, Path]:
     """History as CSV next to the model, and a loss / N-S curve PNG a person can look at."""
     stem = model_path.with_suffix("")
     csv_path = Path(f"{stem}.history.csv")
@@ -379,11 +441,11 @@ def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: floa
     a1.plot(ep, [h["loss"] for h in history], label="train loss")
     a1.plot(ep, [h["val_loss"] for h in history], label="val loss")
     a1.set_xlabel("epoch"), a1.set_ylabel("triplet loss"), a1.legend()
-    a2.plot(ep, [h["val_ns"] for h in history], label="val N-S (head)")
-    a2.plot(ep, [h["test_ns"] for h in history], label="test N-S (head)", alpha=0.6)
+    a2.plot(ep, [h["val_score"] for h in history], label=f"val {metric} (head)")
+    a2.plot(ep, [h["test_score"] for h in history], label=f"test {metric} (head)", alpha=0.6)
     if not math.isnan(raw_val):
-        a2.axhline(raw_val, color="gray", ls="--", label="val N-S (raw features)")
-    a2.set_xlabel("epoch"), a2.set_ylabel("N-S score"), a2.legend()
+        a2.axhline(raw_val, color="gray", ls="--", label=f"val {metric} (raw features)")
+    a2.set_xlabel("epoch"), a2.set_ylabel(metric), a2.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -185,7 +185,8 @@ def test_train_writes_model_history_and_scores(model):
     from ris.train import load_model
 
     head, meta = load_model(model)
-    assert set(meta["split"]) == {"train", "val", "test"}
+    assert {"train", "val", "test", "test_images", "by"} <= set(meta["split"])
+    assert len(meta["split"]["test_images"]) == 4 * len(meta["split"]["test"])
     assert not set(meta["split"]["train"]) & set(meta["split"]["test"])
     assert "raw" in meta["test_scores"] and "head" in meta["test_scores"]
     assert head.output_shape[-1] == 512  # residual head keeps the feature size
@@ -244,3 +245,24 @@ def test_installed_entry_points_exist():
             pytest.skip("package not installed (pip install .)")
         r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "--" in r.stdout
+
+
+def test_train_image_split_with_unseen_classes(tmp_path, capsys):
+    from ris.testing import make_tiny_folders_dataset
+
+    data = make_tiny_folders_dataset(tmp_path / "d", classes=("a", "b", "c", "d", "e"), per_class=12, size=64)
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    code, out, err = cli(capsys, train_cli, "ris-train", "--features-db", db, "--output", tmp_path / "m.keras",
+                         "--split-by", "image", "--test-fraction", "0.5", "--val-fraction", "0.2", "--unseen-classes", "1",
+                         "--epochs", "2",
+                         "--hidden", "16", "--quiet", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert "unseen_classes" in r["scores"] and r["scores"]["unseen_classes"]["head"]["queries"] == 6
+    from ris.train import load_model
+
+    _, meta = load_model(tmp_path / "m.keras")
+    assert meta["split"]["by"] == "image" and len(meta["split"]["test_images"]) == 30
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--model", tmp_path / "m.keras", "--json")
+    assert code == 0 and json.loads(out)["images"] == 30

@@ -57,3 +57,14 @@ def test_blockwise_topk_equals_brute_force_from_hdf5(tmp_path, metric):
     ref = np.argsort(full, axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(idx, ref)
     np.testing.assert_allclose(dist, np.take_along_axis(full, ref, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_query_subset_scores_only_those_queries():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    feats = np.array([[0, 0], [0, 0.1], [5, 5], [15, 15], [20, 0], [20, 0.1]], np.float32)
+    full = evaluate_retrieval(feats, labels)
+    sub = evaluate_retrieval(feats, labels, query_rows=np.array([2, 3]))
+    assert sub.queries == 2 and sub.database == 6
+    assert sub.recall_at[1] == 0.5 and full.recall_at[1] == pytest.approx(5 / 6, abs=1e-3)  # class 1 is the hard one
+    easy = evaluate_retrieval(feats, labels, query_rows=np.array([0, 1, 4, 5]))
+    assert easy.map == 1.0 and easy.ns_score == 2.0

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of objects held out for testing")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of objects for choosing the epoch")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, sampling and initialisation")
+    p.add_argument("--split-by", default="object", choices=["object", "image"],
+                   help="object = hold out whole objects (UKBench); image = split the images of every class "
+                        "(Corel's 50/50 category protocol; use --test-fraction 0.5)")
+    p.add_argument("--unseen-classes", type=int, default=0,
+                   help="with --split-by image: keep this many classes out of training entirely and report "
+                        "their test queries separately")
     p.add_argument("--folds", type=int, default=0, help="k-fold over objects: train one head per fold "
                    "(output gets a .foldN suffix) and report mean and std of held-out scores")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -57,7 +63,7 @@ def config_from_args(args) -> "TrainConfig":
                        distance=args.distance, margin=args.margin, mining=args.mining, epochs=args.epochs,
                        batch_size=args.batch_size, p=args.p, k=args.k, learning_rate=args.lr,
                        patience=args.patience, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
-                       seed=args.seed)
+                       seed=args.seed, split_by=args.split_by, unseen_classes=args.unseen_classes)
 
 
 def main(argv: list[str] | None = None) -> int:
