@@ -11,7 +11,7 @@ from ris.errors import DatabaseError, RisError
 
 def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str = "test",
                 seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                block: int = 256) -> dict[str, Any]:
+                rerank: str = "none") -> dict[str, Any]:
     """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all'."""
     from ris.featuredb import FeatureDB
     from ris.metrics import evaluate_retrieval
@@ -54,12 +54,13 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             "split_description": described,
             "objects": int(len(np.unique(lab))),
             "images": int(len(rows)),
-            "raw": evaluate_retrieval(raw_descriptors(feats, pooling), lab, "euclidean", block=block).to_dict(),
+            "rerank": rerank,
+            "raw": _score(raw_descriptors(feats, pooling), lab, rerank),
         }
         if head is not None:
             result["model"] = str(model)
             result["distance"] = meta.get("distance", "euclidean")
-            result["head"] = evaluate_retrieval(embed_features(head, feats), lab, result["distance"], block=block).to_dict()
+            result["head"] = _score(embed_features(head, feats), lab, rerank, result["distance"])
         return result
 
 
@@ -74,7 +75,9 @@ def _rows_by_id(image_ids: list[str], db_ids: list[str]) -> np.ndarray:
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text results table for the terminal."""
     cols = ["N-S", "top-4 %", "mAP", "R@1", "R@4", "R@10", "P@10"]
-    lines = [f"{result['features_db']}: {result['backbone']} @ {result['input_size']} px, pooling {result['pooling']}",
+    rr = result.get("rerank", "none")
+    lines = [f"{result['features_db']}: {result['backbone']} @ {result['input_size']} px, pooling {result['pooling']}"
+             + (f", re-ranking {rr}" if rr != "none" else ""),
              f"split: {result['split_description']} - {result['objects']} objects, {result['images']} images",
              "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it.", "",
              f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
@@ -85,3 +88,39 @@ def format_table(result: dict[str, Any]) -> str:
                     s["recall_at"].get("10"), s["precision_at"].get("10")]
             lines.append(f"{name:<22}" + "".join(f"{v:>9.3f}" if v is not None else f"{'-':>9}" for v in vals))
     return "\n".join(lines)
+
+
+def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, rerank: str = "none",
+                   split_by: str = "object") -> dict[str, Any]:
+    """Off-the-shelf scores on each k-fold test part (the same parts ``ris-train --folds`` holds
+    out), with mean and std, so raw features and trained heads are compared on equal ground."""
+    from ris.featuredb import FeatureDB
+    from ris.metrics import evaluate_retrieval
+    from ris.train import TrainConfig, make_split, raw_descriptors
+
+    per_fold = []
+    with FeatureDB(features_db) as db:
+        labels = db.labels
+        for fold in range(folds):
+            rows, _ = make_split(labels, TrainConfig(seed=seed, fold=fold, folds=folds, split_by=split_by))
+            feats = raw_descriptors(db.read_rows(rows["test"]))
+            per_fold.append(_score(feats, labels[rows["test"]], rerank))
+        attrs = db.attrs
+    keys = {"ns_score": lambda s: s["ns_score"], "top4_accuracy": lambda s: s["top4_accuracy"],
+            "map": lambda s: s["map"], "precision_at_10": lambda s: s["precision_at"]["10"],
+            "recall_at_1": lambda s: s["recall_at"]["1"]}
+    summary = {k: {"mean": round(float(np.mean([f(s) for s in per_fold])), 4),
+                   "std": round(float(np.std([f(s) for s in per_fold])), 4)} for k, f in keys.items()}
+    return {"features_db": str(features_db), "backbone": attrs.get("model"), "input_size": attrs.get("input_size"),
+            "pooling": attrs.get("pooling"), "folds": folds, "seed": seed, "rerank": rerank,
+            "per_fold": per_fold, "summary": summary}
+
+
+def _score(feats: np.ndarray, labels: np.ndarray, rerank: str = "none", metric: str = "euclidean") -> dict[str, Any]:
+    from ris.metrics import evaluate_retrieval
+
+    if rerank == "none":
+        return evaluate_retrieval(feats, labels, metric).to_dict()
+    from ris.rerank import evaluate_reranked
+
+    return evaluate_reranked(feats, labels, rerank, metric=metric).to_dict()

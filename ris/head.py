@@ -17,7 +17,7 @@ DISTANCES = ("euclidean", "cosine")
 MININGS = ("random", "batch-hard", "semi-hard", "batch-all")
 
 
-ARCHS = ("residual", "mlp")
+ARCHS = ("residual", "mlp", "whiten")
 
 
 def build_embedding_head(
@@ -37,8 +37,8 @@ def build_embedding_head(
     so training starts from the off-the-shelf ranking and only learns a correction: with a few
     hundred objects a fresh MLP forgets more ImageNet knowledge than it learns.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}")
+    if arch not in ARCHS[:2]:
+        raise ValueError(f"arch must be one of {ARCHS[:2]} (whiten is fitted, see build_whitening_head)")
     inp = keras.Input(tuple(input_shape), name="features")
     x = inp
     if len(input_shape) == 3:
@@ -131,3 +131,47 @@ def mined_triplet_loss(margin: float = 0.2, distance: str = "euclidean", mining:
 
     loss.__name__ = f"{mining}_{distance}"
     return loss
+
+
+def learned_whitening(features, labels, out_dim: int, shrinkage: float = 0.1):
+    """Radenovic et al.'s learned whitening (Lw): whiten the within-object scatter of matching
+    pairs, then rotate to the principal axes of the whitened training set and keep ``out_dim``.
+
+    Fitted in closed form on training objects only; ``shrinkage`` regularises the within-object
+    covariance (a few hundred objects cannot estimate a 1280 x 1280 matrix). Returns (mean, P).
+    """
+    import numpy as np
+
+    x = np.asarray(features, np.float64)
+    labels = np.asarray(labels)
+    mean = x.mean(0)
+    diffs = []
+    for g in np.unique(labels):
+        idx = np.nonzero(labels == g)[0]
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                diffs.append(x[idx[a]] - x[idx[b]])
+    if not diffs:
+        raise ValueError("learned whitening needs groups with at least two images")
+    d = np.asarray(diffs)
+    cov = d.T @ d / len(d)
+    cov += shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
+    w, v = np.linalg.eigh(cov)
+    pw = v / np.sqrt(np.maximum(w, 1e-12))
+    xw = (x - mean) @ pw
+    w2, v2 = np.linalg.eigh(np.cov(xw.T))
+    order = np.argsort(w2)[::-1][: min(out_dim, x.shape[1])]
+    return mean.astype(np.float32), (pw @ v2[:, order]).astype(np.float32)
+
+
+def build_whitening_head(mean, projection, l2_normalize: bool = True, name: str = "embedding") -> keras.Model:
+    """A fixed linear head: (x - mean) @ P, then L2. Saved and used like a trained head."""
+    import numpy as np
+
+    inp = keras.Input((projection.shape[0],), name="features")
+    dense = keras.layers.Dense(projection.shape[1], name="whitening", trainable=False)
+    x = dense(L2Normalize(name="input_l2")(inp))
+    dense.set_weights([projection, -(np.asarray(mean) @ projection)])
+    if l2_normalize:
+        x = L2Normalize(name="l2norm")(x)
+    return keras.Model(inp, x, name=name)

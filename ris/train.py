@@ -26,7 +26,8 @@ META_NAME = "ris.json"  # stored inside the .keras zip next to Keras' own files
 
 @dataclass
 class TrainConfig:
-    arch: str = "residual"  # 'mlp' = the blog's base network
+    arch: str = "residual"  # 'mlp' = the blog's base network; 'whiten' = learned whitening, no SGD
+    whiten_shrinkage: float = 0.1
     hidden: tuple[int, ...] = (512, 512)
     out_dim: int = 256  # mlp only; residual keeps the input size
     l2_normalize: bool = True
@@ -294,7 +295,8 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     import keras
 
     from ris.featuredb import FeatureDB
-    from ris.head import build_embedding_head, build_triplet_network, mined_triplet_loss, triplet_loss
+    from ris.head import (build_embedding_head, build_triplet_network, build_whitening_head, learned_whitening,
+                          mined_triplet_loss, triplet_loss)
     from ris.metrics import evaluate_retrieval
 
     keras.utils.set_random_seed(cfg.seed)
@@ -315,8 +317,16 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         f"{'objects' if cfg.split_by == 'object' else 'classes'}, "
         f"{len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images")
 
-    base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize, cfg.dropout,
-                                cfg.arch)
+    if cfg.arch == "whiten":
+        if len(feature_shape) != 1:
+            raise RisError("--arch whiten needs pooled features (extract with --pool gap|mac|gem|rmac)")
+        fit_rows = np.concatenate([feats["train"], feats["val"]])  # no epochs to choose: val data is free
+        fit_labels = np.concatenate([labs["train"], labs["val"]])
+        mean, proj = learned_whitening(raw_descriptors(fit_rows), fit_labels, cfg.out_dim, cfg.whiten_shrinkage)
+        base = build_whitening_head(mean, proj, cfg.l2_normalize)
+    else:
+        base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize,
+                                    cfg.dropout, cfg.arch)
     if cfg.mining == "random":
         model = build_triplet_network(base)
         loss = triplet_loss(cfg.margin, cfg.distance)
@@ -354,7 +364,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     wait = 0
     t0 = time.perf_counter()
     epoch_times = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, (0 if cfg.arch == "whiten" else cfg.epochs) + 1):
         te = time.perf_counter()
         h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
         epoch_times.append(time.perf_counter() - te)

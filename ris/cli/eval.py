@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: test with --model, all without)")
     p.add_argument("--seed", type=int, default=0, help="split seed when no --model gives the split")
     p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of objects when no --model")
+    p.add_argument("--folds", type=int, default=0,
+                   help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
+                        "(the folds of ris-train --folds, same seed) and report mean and std")
+    p.add_argument("--rerank", default="none", choices=["none", "qe", "dba+qe", "diffusion", "kreciprocal"],
+                   help="re-rank results: qe = alpha query expansion, dba+qe = database-side augmentation "
+                        "plus qe, diffusion = kNN-graph diffusion, kreciprocal = k-reciprocal re-ranking")
     p.add_argument("--min-ns", type=float, default=None,
                    help="exit with status 1 if the best N-S score is below this (for CI)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
@@ -32,8 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ris.evaluate import evaluate_db, format_table
 
+    if args.folds and args.folds > 1:
+        from ris.evaluate import evaluate_folds
+
+        r = evaluate_folds(args.features_db, args.folds, args.seed, args.rerank)
+        if args.json:
+            print_json(r)
+        else:
+            s = r["summary"]
+            print(f"{args.features_db}: {r['backbone']} @ {r['input_size']} px, pooling {r['pooling']}, "
+                  f"rerank {r['rerank']}; {args.folds} folds of held-out objects (seed {args.seed})")
+            print("  ".join(f"{k} {v['mean']:.4f} +- {v['std']:.4f}" for k, v in s.items()))
+        best = r["summary"]["ns_score"]["mean"]
+        if args.min_ns is not None and best < args.min_ns:
+            print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
+            return 1
+        return 0
     split = args.split or ("test" if args.model else "all")
-    result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction)
+    result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction,
+                         rerank=args.rerank)
     if args.json:
         print_json(result)
     else:

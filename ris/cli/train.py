@@ -20,10 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-db", default="feats.h5", help="labelled HDF5 feature database from ris-extract")
     p.add_argument("--output", default="model.keras", help="where to save the best head (.keras); history "
                    "CSV and a loss-curve PNG are written beside it")
-    p.add_argument("--arch", default="residual", choices=["residual", "mlp"],
+    p.add_argument("--arch", default="residual", choices=["residual", "mlp", "whiten"],
                    help="mlp = the blog's Dense 512-512-256 base network; residual = the same MLP adds a "
                         "zero-initialised correction to the input feature, so training starts from the "
-                        "off-the-shelf ranking")
+                        "off-the-shelf ranking; whiten = learned whitening (Radenovic et al.) fitted in "
+                        "closed form on the training objects, reduced to --out-dim")
     p.add_argument("--hidden", default="512,512", help="hidden Dense layer sizes, comma-separated ('' = none)")
     p.add_argument("--out-dim", type=int, default=256, help="embedding size (mlp; residual keeps the input size)")
     p.add_argument("--no-l2", action="store_true", help="do not L2-normalise the embedding")
