@@ -60,7 +60,10 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
         if head is not None:
             result["model"] = str(model)
             result["distance"] = meta.get("distance", "euclidean")
-            result["head"] = _score(embed_features(head, feats), lab, rerank, result["distance"])
+            from ris.train import head_inputs
+
+            emb = embed_features(head, head_inputs(meta, db, rows, feats))
+            result["head"] = _score(emb, lab, rerank, result["distance"])
         return result
 
 

@@ -28,6 +28,7 @@ def build_embedding_head(
     l2_normalize: bool = True,
     dropout: float = 0.1,
     arch: str = "residual",
+    shallow: int = 0,
     name: str = "embedding",
 ) -> keras.Model:
     """Stored feature (vector or conv map) -> embedding. Maps are pooled first.
@@ -39,8 +40,17 @@ def build_embedding_head(
     """
     if arch not in ARCHS[:2]:
         raise ValueError(f"arch must be one of {ARCHS[:2]} (whiten is fitted, see build_whitening_head)")
-    inp = keras.Input(tuple(input_shape), name="features")
-    x = inp
+    if shallow:
+        if len(input_shape) != 1:
+            raise ValueError("the shallow branch needs pooled features, not conv maps")
+        deep_dim = int(input_shape[0])
+        inp = keras.Input((deep_dim + shallow * shallow * 3,), name="features_and_thumbnail")
+        x = Columns(0, deep_dim, name="deep")(inp)
+        thumb = keras.layers.Reshape((shallow, shallow, 3), name="thumbnail")(
+            Columns(deep_dim, deep_dim + shallow * shallow * 3, name="thumb_flat")(inp))
+    else:
+        inp = keras.Input(tuple(input_shape), name="features")
+        x = inp
     if len(input_shape) == 3:
         x = GlobalPool(pooling, name="pool")(x)
     skip = x
@@ -53,9 +63,44 @@ def build_embedding_head(
         x = keras.layers.Add(name="residual")([L2Normalize(name="input_l2")(skip), delta])
     else:
         x = keras.layers.Dense(out_dim, name="projection")(x)
+    if shallow:
+        x = keras.layers.Concatenate(name="deep_and_shallow")([L2Normalize(name="deep_l2")(x), shallow_branch(thumb)])
     if l2_normalize:
         x = L2Normalize(name="l2norm")(x)
     return keras.Model(inp, x, name=name)
+
+
+def shallow_branch(thumb, width: int = 32, out_dim: int = 64):
+    """Flipkart-style shallow CNN on a small thumbnail: colour and texture the deep net discards.
+
+    Its last layer starts near zero (not at zero: with every thumbnail mapped to the same point the
+    triplet gradient of the branch would vanish), so the joint embedding starts as the deep one and
+    the branch only contributes what the triplets teach it.
+    """
+    y = thumb
+    for i, filters in enumerate((width, width * 2)):
+        y = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"shallow_conv{i}")(y)
+    y = keras.layers.GlobalAveragePooling2D(name="shallow_pool")(y)
+    init = keras.initializers.RandomNormal(stddev=1e-3)
+    return keras.layers.Dense(out_dim, kernel_initializer=init, name="shallow_out")(y)
+
+
+@keras.saving.register_keras_serializable(package="ris")
+class Columns(keras.layers.Layer):
+    """Columns [start, stop) of a 2-D input: one stored row carries deep feature and thumbnail."""
+
+    def __init__(self, start: int, stop: int, **kwargs):
+        super().__init__(**kwargs)
+        self.start, self.stop = int(start), int(stop)
+
+    def call(self, x):
+        return x[:, self.start : self.stop]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.stop - self.start)
+
+    def get_config(self):
+        return {**super().get_config(), "start": self.start, "stop": self.stop}
 
 
 def build_triplet_network(base: keras.Model) -> keras.Model:

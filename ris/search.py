@@ -24,18 +24,20 @@ class SearchEngine:
     """Holds the extractor, optional head and the (embedded) database for repeated queries."""
 
     def __init__(self, features_db: str | Path, model: str | Path | None = None, index: str = "auto",
-                 dataset_root: str | Path | None = None):
+                 dataset_root: str | Path | None = None, rerank: str = "none"):
         from ris.extract import FeatureExtractor
         from ris.featuredb import FeatureDB
 
         self.db = FeatureDB(features_db)
         self.root = Path(dataset_root or self.db.dataset_root or ".")
         self.head = None
+        self.meta: dict = {}
         self.metric = "euclidean"
         if model is not None:
             from ris.train import check_compatible, load_model
 
             self.head, meta = load_model(model)
+            self.meta = meta
             check_compatible(meta, self.db.fingerprint(), str(features_db))
             self.metric = meta.get("distance", "euclidean")
         self.extractor = FeatureExtractor.from_attrs(self.db.attrs)
@@ -43,6 +45,11 @@ class SearchEngine:
         from ris.index import open_search_index
 
         self.index = open_search_index(str(self._vectors_path or features_db), self.vectors, self.metric, kind=index)
+        self.reranker = None
+        if rerank != "none":  # graph/DBA methods prepare the whole database once, in memory
+            from ris.rerank import Reranker
+
+            self.reranker = Reranker(np.asarray(self.vectors[:], np.float32), rerank, self.metric)
         self.image_ids = self.db.image_ids
         names = self.db.label_names
         self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
@@ -67,7 +74,15 @@ class SearchEngine:
                 self._vectors_path = str(cache)
                 return f["embeddings"]
             f.close()
-        emb = embed_features(self.head, feats)
+        shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
+        if shallow:
+            from ris.thumbs import database_thumbnails, with_thumbnails
+
+            thumbs = database_thumbnails(self.db, shallow, self.root)
+            emb = np.concatenate([embed_features(self.head, with_thumbnails(feats[s : s + 4096], thumbs[s : s + 4096]))
+                                  for s in range(0, len(self.db), 4096)])
+        else:
+            emb = embed_features(self.head, feats)
         _write_h5_atomic(cache, emb)
         import h5py
 
@@ -89,12 +104,20 @@ class SearchEngine:
 
             vec = raw_descriptors(vec)
         if self.head is not None:
+            shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
+            if shallow:
+                from ris.thumbs import with_thumbnails
+
+                vec = with_thumbnails(vec, load_image(image_path, shallow)[None])
             vec = embed_features(self.head, vec)
         return vec
 
     def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
         vec = self.embed_query(image_path)
-        dist, idx = self.index.search(vec, k)
+        if self.reranker is not None:
+            dist, idx = self.reranker.search(vec, k)
+        else:
+            dist, idx = self.index.search(vec, k)
         hits = []
         for r, (d, i) in enumerate(zip(dist[0], idx[0]), 1):
             if i < 0:

@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     fold: int | None = None  # k-fold mode: which fold is the test set
     folds: int = 5
+    shallow: int = 0  # thumbnail size of the shallow colour/texture branch (0 = none)
     split_by: str = "object"  # 'image' = split inside each class (Corel-style category retrieval)
     unseen_classes: int = 0  # split_by image: classes kept out of training entirely
 
@@ -237,7 +238,8 @@ def load_model(path: str | Path):
     """(keras model, metadata); a clear error for a missing or foreign file."""
     import keras
 
-    import ris.pooling  # noqa: F401  (registers custom layers)
+    import ris.head  # noqa: F401  (registers custom layers)
+    import ris.pooling  # noqa: F401
 
     path = Path(path)
     if not path.is_file():
@@ -306,6 +308,12 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
             raise DatabaseError(f"{features_db}: no labels; extract with --labels ukbench|folders|FILE.tsv")
         rows, split_meta = make_split(labels_all, cfg)
         feats = {name: db.read_rows(r) for name, r in rows.items()}
+        inputs = feats
+        if cfg.shallow:
+            from ris.thumbs import database_thumbnails, with_thumbnails
+
+            thumbs = database_thumbnails(db, cfg.shallow)
+            inputs = {name: with_thumbnails(feats[name], thumbs[r]) for name, r in rows.items()}
         labs = {name: labels_all[r] for name, r in rows.items()}
         fp = db.fingerprint()
         label_names = db.label_names
@@ -326,7 +334,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         base = build_whitening_head(mean, proj, cfg.l2_normalize)
     else:
         base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize,
-                                    cfg.dropout, cfg.arch)
+                                    cfg.dropout, cfg.arch, cfg.shallow)
     if cfg.mining == "random":
         model = build_triplet_network(base)
         loss = triplet_loss(cfg.margin, cfg.distance)
@@ -335,7 +343,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         loss = mined_triplet_loss(cfg.margin, cfg.distance, cfg.mining)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
 
-    train_ds = _dataset(feats["train"], labs["train"], cfg, cfg.seed)
+    train_ds = _dataset(inputs["train"], labs["train"], cfg, cfg.seed)
     def usable_groups(lab: np.ndarray) -> int:  # triplets need groups with a positive pair
         return int((np.unique(lab, return_counts=True)[1] >= 2).sum()) if len(lab) else 0
 
@@ -345,14 +353,14 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     if not use_val:
         log("warning: fewer than 2 validation groups with 2+ images; the best epoch is chosen by training loss")
         rows["val"] = rows["val"][:0]
-    val_ds = _dataset(feats["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if use_val else None
+    val_ds = _dataset(inputs["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if use_val else None
 
     monitor_name = "N-S" if cfg.split_by == "object" else "mAP"  # classes of 100: N-S@4 says little
 
     def score(name: str, emb=None) -> float:
         if len(rows[name]) < 2:
             return float("nan")
-        x = emb if emb is not None else embed_features(base, feats[name])
+        x = emb if emb is not None else embed_features(base, inputs[name])
         scores = evaluate_retrieval(x, labs[name], cfg.distance, recall_ks=(), precision_ks=())
         return scores.ns_score if monitor_name == "N-S" else scores.map
 
@@ -392,14 +400,14 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     test_scores = {}
     if len(rows["test"]) >= 2:
         test_scores["raw"] = evaluate_retrieval(raw_descriptors(feats["test"], cfg.pooling), labs["test"], cfg.distance).to_dict()
-        test_scores["head"] = evaluate_retrieval(embed_features(base, feats["test"]), labs["test"], cfg.distance).to_dict()
+        test_scores["head"] = evaluate_retrieval(embed_features(base, inputs["test"]), labs["test"], cfg.distance).to_dict()
 
     if split_meta.get("unseen_classes") and len(rows["test"]) >= 2:
         unseen_q = np.nonzero(np.isin(labs["test"], split_meta["unseen_classes"]))[0]
         test_scores["unseen_classes"] = {
             "raw": evaluate_retrieval(raw_descriptors(feats["test"], cfg.pooling), labs["test"], cfg.distance,
                                       query_rows=unseen_q).to_dict(),
-            "head": evaluate_retrieval(embed_features(base, feats["test"]), labs["test"], cfg.distance,
+            "head": evaluate_retrieval(embed_features(base, inputs["test"]), labs["test"], cfg.distance,
                                        query_rows=unseen_q).to_dict()}
 
     def names(objs):
@@ -474,3 +482,14 @@ def summarize_folds(results: list[TrainResult]) -> dict[str, dict[str, dict[str,
                    "recall_at_1": [r["recall_at"]["1"] for r in rows]}
         out[key] = {m: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for m, v in metrics.items()}
     return out
+
+
+def head_inputs(meta: dict[str, Any], db, rows: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """What a saved head eats for these database rows: features, plus thumbnails if it has a
+    shallow branch."""
+    size = int(meta.get("config", {}).get("shallow", 0) or 0)
+    if not size:
+        return feats
+    from ris.thumbs import database_thumbnails, with_thumbnails
+
+    return with_thumbnails(feats, database_thumbnails(db, size)[rows])

@@ -266,3 +266,42 @@ def test_train_image_split_with_unseen_classes(tmp_path, capsys):
     assert meta["split"]["by"] == "image" and len(meta["split"]["test_images"]) == 30
     code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--model", tmp_path / "m.keras", "--json")
     assert code == 0 and json.loads(out)["images"] == 30
+
+
+@pytest.mark.parametrize("method", ["qe", "dba+qe"])
+def test_search_with_reranking(tiny, db, capsys, method):
+    _, _, query = tiny
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "4",
+                         "--rerank", method, "--json")
+    assert code == 0, err
+    r = json.loads(out)["results"]
+    assert len(r) == 4 and [h["distance"] for h in r] == sorted(h["distance"] for h in r)
+
+
+def test_eval_folds_and_rerank(db, capsys):
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "3", "--rerank", "qe", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert len(r["per_fold"]) == 3 and r["rerank"] == "qe"
+    assert 1.0 <= r["summary"]["ns_score"]["mean"] <= 4.0
+
+
+def test_shallow_branch_trains_evaluates_and_searches(tiny, db, tmp_path, capsys):
+    _, _, query = tiny
+    out = tmp_path / "shallow.keras"
+    code, o, err = cli(capsys, train_cli, "ris-train", "--features-db", db, "--output", out, "--shallow", "16",
+                       "--epochs", "2", "--hidden", "32", "--p", "4", "--quiet", "--test-fraction", "0.34",
+                       "--val-fraction", "0.34", "--json")
+    assert code == 0, err
+    assert Path(str(db) + ".thumbs16.h5").exists()
+    from ris.train import load_model
+
+    head, meta = load_model(out)
+    assert head.input_shape[-1] == 512 + 16 * 16 * 3 and meta["config"]["shallow"] == 16
+    code, o, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--model", out, "--json")
+    assert code == 0, err
+    assert 1.0 <= json.loads(o)["head"]["ns_score"] <= 4.0
+    code, o, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "--model", out,
+                       "-k", "3", "--json")
+    assert code == 0, err
+    assert len(json.loads(o)["results"]) == 3

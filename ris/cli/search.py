@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
                    help="exact = blockwise BLAS search; hnsw = approximate index (pip install 'ris[ann]'), "
                         "saved beside the database; auto = hnsw for large databases when available")
+    p.add_argument("--rerank", default="none", choices=["none", "qe", "dba+qe", "diffusion", "kreciprocal"],
+                   help="re-rank with alpha query expansion (qe), database-side augmentation + qe, kNN-graph "
+                        "diffusion or k-reciprocal neighbours; these hold the database in memory and report "
+                        "re-ranking scores (smaller = better) instead of distances")
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved")
     p.add_argument("--show", action="store_true", help="open the montage in a window (needs a display)")
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
@@ -37,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine, hits_to_dicts
 
-    engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root)
+    engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root,
+                          rerank=args.rerank)
     out_json = []
     failed = 0
     for n, image in enumerate(args.image, 1):

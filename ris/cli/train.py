@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "zero-initialised correction to the input feature, so training starts from the "
                         "off-the-shelf ranking; whiten = learned whitening (Radenovic et al.) fitted in "
                         "closed form on the training objects, reduced to --out-dim")
+    p.add_argument("--shallow", type=int, default=0, metavar="PX",
+                   help="add a shallow CNN branch on PX x PX thumbnails (e.g. 32) for colour and texture, "
+                        "beside the deep features (thumbnails are read from the database's image folder)")
     p.add_argument("--hidden", default="512,512", help="hidden Dense layer sizes, comma-separated ('' = none)")
     p.add_argument("--out-dim", type=int, default=256, help="embedding size (mlp; residual keeps the input size)")
     p.add_argument("--no-l2", action="store_true", help="do not L2-normalise the embedding")
@@ -60,7 +63,7 @@ def config_from_args(args) -> "TrainConfig":
     from ris.train import TrainConfig
 
     hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-    return TrainConfig(arch=args.arch, hidden=hidden, out_dim=args.out_dim, l2_normalize=not args.no_l2, dropout=args.dropout,
+    return TrainConfig(arch=args.arch, shallow=args.shallow, hidden=hidden, out_dim=args.out_dim, l2_normalize=not args.no_l2, dropout=args.dropout,
                        distance=args.distance, margin=args.margin, mining=args.mining, epochs=args.epochs,
                        batch_size=args.batch_size, p=args.p, k=args.k, learning_rate=args.lr,
                        patience=args.patience, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
