@@ -1,9 +1,12 @@
 """Feature extraction: images -> CNN trunk -> pooled descriptors -> HDF5.
 
-Decoding runs in a thread pool (OpenCV releases the GIL) a few batches ahead of the model,
-so the CPU decodes while the network computes. The same ``FeatureExtractor``, rebuilt from a
-database's attributes, embeds query images in ``ris-search``: queries and database are always
-made the same way.
+Decoding runs in a thread pool (OpenCV releases the GIL) or, with ``decode="processes"``, in a
+pool of worker processes, a few batches ahead of the model, so the CPU decodes while the network
+computes. The uint8 pixels go to the model as they are: the backbone's input scaling runs inside
+the compiled forward pass (on the accelerator, a quarter of the bytes of float32 to transfer).
+On JAX the next batch is dispatched before the previous one is collected and written, so host
+work overlaps device work. The same ``FeatureExtractor``, rebuilt from a database's attributes,
+embeds query images in ``ris-search``: queries and database are always made the same way.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -58,21 +61,45 @@ class FeatureExtractor:
             raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if config.pooling == "none" and len(config.scales) > 1:
             raise RisError("--pool none stores conv maps and cannot combine several --scales")
-        if config.dtype == "bfloat16":
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        if config.dtype not in ("float32", "bfloat16"):
+            raise RisError(f"unknown dtype {config.dtype!r}; choose float32 or bfloat16")
         self.config = config
         self.backbone = get_backbone(config.model)
-        self.trunk = self.backbone.build(config.weights, config.layer)
-        self.layer = config.layer or self.trunk.layers[-1].name
-        self.sizes = config.scale_sizes()
-        self._forward: list[Callable[[np.ndarray], np.ndarray]] = []
-        for size in self.sizes:
-            inp = keras.Input((size, size, 3))
-            out = self.trunk(inp)
-            if config.pooling != "none":
-                out = GlobalPool(config.pooling)(keras.ops.cast(out, "float32"))
-            self._forward.append(_compile_forward(keras.Model(inp, out)))
-        self.output_shape = tuple(int(d) for d in self._probe_shape())
+        # The precision policy applies to the layers made here only; the global policy is restored
+        # so that a float32 extractor made after a bfloat16 one in the same process is float32.
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.dtype == "bfloat16" else "float32")
+        try:
+            self.trunk = self.backbone.build(config.weights, config.layer)
+            self.layer = config.layer or self.trunk.layers[-1].name
+            self.sizes = config.scale_sizes()
+            # input scaling inside the model when it is a per-channel affine map (all backbones here)
+            self._affine = _affine_preprocess(self.backbone.preprocess)
+            self._forward: list[Callable[[np.ndarray], Any]] = []
+            for size in self.sizes:
+                if self._affine is not None:
+                    perm, scale, offset = self._affine
+                    inp = keras.Input((size, size, 3), dtype="uint8")
+                    x = keras.ops.cast(inp, "float32")
+                    if perm != [0, 1, 2]:
+                        x = keras.ops.take(x, perm, axis=-1)
+                    x = x * scale + offset
+                else:
+                    inp = x = keras.Input((size, size, 3))
+                out = self.trunk(x)
+                if config.pooling != "none":
+                    out = GlobalPool(config.pooling)(keras.ops.cast(out, "float32"))
+                if not self._forward:
+                    static_shape = tuple(out.shape[1:])  # known without running the model
+                self._forward.append(_compile_forward(keras.Model(inp, out)))
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        self._pad_batches = keras.backend.backend() == "jax"  # jit compiles once per batch shape
+        if not self._pad_batches or any(d is None for d in static_shape):
+            # one call with one image: also traces the forward pass (TF: one trace serves every batch
+            # size). Skipped on JAX, where it would compile a batch-1 program that extraction never uses.
+            static_shape = self._probe_shape()
+        self.output_shape = tuple(int(d) for d in static_shape)
 
     def _probe_shape(self) -> tuple[int, ...]:
         probe = np.zeros((1, self.sizes[0], self.sizes[0], 3), np.uint8)
@@ -84,18 +111,43 @@ class FeatureExtractor:
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, S, S, 3) at ``max_size`` -> float32 descriptors, L2-normalised per scale and summed."""
-        from ris.images import resize_square
-        from ris.topk import l2_normalize
+        return self.embed_async(images)()
 
-        total = None
+    def embed_async(self, images: np.ndarray, pad_to: int | None = None) -> Callable[[], np.ndarray]:
+        """Start ``embed``; the returned function waits for the result and returns it.
+
+        On JAX the forward pass runs asynchronously, so the caller can prepare (and dispatch) the
+        next batch before collecting this one. ``pad_to``: pad a short batch with zero images to
+        this many rows (JAX compiles once per batch shape; the padding rows are dropped).
+        """
+        from ris.images import resize_square
+
+        images = np.asarray(images)
+        n = len(images)
+        if self._affine is not None and images.dtype != np.uint8:
+            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        if pad_to and self._pad_batches and 0 < n < pad_to:
+            images = np.concatenate([images, np.zeros((pad_to - n, *images.shape[1:]), images.dtype)])
+        pending = []
         for size, fwd in zip(self.sizes, self._forward):
             batch = images if images.shape[1] == size else np.stack([resize_square(im, size) for im in images])
-            out = np.asarray(fwd(self.backbone.preprocess(batch)), dtype=np.float32)
+            pending.append(fwd(batch if self._affine is not None else self.backbone.preprocess(batch)))
             if self.config.pooling == "none":
-                return out
-            out = l2_normalize(out)
-            total = out if total is None else total + out
-        return l2_normalize(total)
+                break
+
+        def result() -> np.ndarray:
+            from ris.topk import l2_normalize
+
+            total = None
+            for handle in pending:
+                out = np.asarray(handle, dtype=np.float32)[:n]
+                if self.config.pooling == "none":
+                    return out
+                out = l2_normalize(out)
+                total = out if total is None else total + out
+            return l2_normalize(total)
+
+        return result
 
     def attrs(self) -> dict[str, Any]:
         import cv2
@@ -134,8 +186,47 @@ class FeatureExtractor:
         ))
 
 
-def _compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
-    """A fast inference call per backend: ``predict()`` costs per-batch host overhead."""
+def _affine_preprocess(preprocess: Callable[[np.ndarray], np.ndarray]
+                       ) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+    """(perm, scale, offset) such that ``preprocess(x)[..., c] == x[..., perm[c]] * scale[c] + offset[c]``.
+
+    Found by probing ``preprocess`` with black, one-channel-white and random images and checked on
+    them; None when it is not such a map (then preprocessing stays on the host, as before).
+    """
+    rng = np.random.default_rng(0)
+    probe = np.zeros((7, 4, 4, 3), np.uint8)
+    for c in range(3):
+        probe[1 + c, ..., c] = 255
+    probe[4:] = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    try:
+        out = np.asarray(preprocess(probe.copy()), dtype=np.float64)
+    except Exception:
+        return None
+    if out.shape != probe.shape or not np.all(np.isfinite(out)):
+        return None
+    offset = out[0, 0, 0]
+    delta = out[1:4, 0, 0] - offset  # [input channel, output channel]
+    perm: list[int] = []
+    scale = np.zeros(3)
+    for c in range(3):
+        col = np.abs(delta[:, c])
+        src = int(np.argmax(col))
+        if col[src] == 0 or np.sort(col)[-2] > 1e-6 * col[src]:
+            return None
+        perm.append(src)
+        scale[c] = delta[src, c] / 255.0
+    predicted = probe[..., perm].astype(np.float64) * scale + offset
+    tol = 1e-5 * max(1.0, float(np.abs(out).max()))
+    if np.abs(predicted - out).max() > tol:
+        return None
+    return perm, scale.astype(np.float32), offset.astype(np.float32)
+
+
+def _compile_forward(model) -> Callable[[np.ndarray], Any]:
+    """A fast inference call per backend: ``predict()`` costs per-batch host overhead.
+
+    Returns an array-like (``np.asarray`` gives the values); on JAX it is computed asynchronously.
+    """
     import keras
 
     backend = keras.backend.backend()
@@ -149,13 +240,14 @@ def _compile_forward(model) -> Callable[[np.ndarray], np.ndarray]:
             out, _ = model.stateless_call(tv, ntv, x, training=False)
             return out
 
-        return lambda x: np.asarray(run(state[0], state[1], x))
+        return lambda x: run(state[0], state[1], x)
     if backend == "tensorflow":
         import tensorflow as tf
 
-        spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)
+        dtype = tf.as_dtype(keras.backend.standardize_dtype(model.inputs[0].dtype))
+        spec = tf.TensorSpec([None, *model.input_shape[1:]], dtype)
         fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-        return lambda x: fn(tf.convert_to_tensor(x)).numpy()
+        return lambda x: fn(tf.convert_to_tensor(x, dtype)).numpy()
     if backend == "torch":
         import torch
 
@@ -206,13 +298,22 @@ def _load_batch_item(root: Path, rel: str, size: int) -> np.ndarray:
 
 
 def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
-                 prefetch: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-    """(path, image or None, error) in input order; decoding runs ``prefetch`` images ahead."""
+                 prefetch: int, processes: bool = False,
+                 chunk: int | None = None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    """(path, image or None, error) in input order; decoding runs ``prefetch`` images ahead.
+
+    ``processes``: decode in ``workers`` worker processes, ``chunk`` images per task, instead of
+    threads (on many cores the threads' Python work holds the GIL; processes scale further).
+    """
+    if processes:
+        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk)
+        return
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the pool, not inside each decode
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        window: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    window: deque = deque()
+    try:
         it = iter(rel_paths)
         for rel in it:
             window.append((rel, pool.submit(_load_batch_item, root, rel, size)))
@@ -227,6 +328,91 @@ def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
                 yield rel, fut.result(), None
             except BadImage as exc:
                 yield rel, None, str(exc)
+    finally:  # also when the consumer stops early (interrupt): don't decode the rest of the window
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# Worker processes are started once per worker count and kept for later extractions in the same
+# process (starting 16 Python processes costs about a second); they are spawned, not forked,
+# because the parent may hold an initialised JAX/TF runtime with its threads.
+_PROCESS_POOLS: dict[int, Any] = {}
+
+
+def _decode_pool(workers: int):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = _PROCESS_POOLS.get(workers)
+    if pool is None or getattr(pool, "_broken", False):
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_decode_worker)
+        # Start every worker now (the pool would otherwise spawn them one by one as work queues up).
+        # A spawned worker re-imports the parent's __main__ from its file; when that is no file
+        # (python - < script, python -c), hide it so the workers don't fail looking for it.
+        main = sys.modules.get("__main__")
+        main_file = getattr(main, "__file__", None)
+        hide = main_file is not None and getattr(main, "__spec__", None) is None and not os.path.isfile(main_file)
+        if hide:
+            del main.__file__
+        try:
+            for fut in [pool.submit(_init_decode_worker) for _ in range(workers)]:
+                fut.result()
+        finally:
+            if hide:
+                main.__file__ = main_file
+        _PROCESS_POOLS[workers] = pool
+    return pool
+
+
+def _init_decode_worker() -> None:
+    import cv2
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the work
+    cv2.setNumThreads(1)
+
+
+def _decode_chunk(root: str, rel_paths: list[str], size: int) -> tuple[np.ndarray, list[str | None]]:
+    """Decode a chunk in a worker: (stacked images that decoded, error or None per path)."""
+    images, errors = [], []
+    for rel in rel_paths:
+        try:
+            images.append(_load_batch_item(Path(root), rel, size))
+            errors.append(None)
+        except BadImage as exc:
+            errors.append(str(exc))
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return stacked, errors  # one array per chunk: one copy through the pipe, no per-image pickling
+
+
+def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, workers: int, prefetch: int,
+                            chunk: int | None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    workers = max(1, workers)
+    chunk = max(1, chunk or min(32, max(4, prefetch // (2 * workers))))
+    depth = max(2 * workers, -(-prefetch // chunk))  # chunks in flight
+    pool = _decode_pool(workers)
+    chunks = (list(rel_paths[i : i + chunk]) for i in range(0, len(rel_paths), chunk))
+    window: deque[tuple[list[str], Future]] = deque()
+    try:
+        for c in chunks:
+            window.append((c, pool.submit(_decode_chunk, str(root), c, size)))
+            if len(window) >= depth:
+                break
+        while window:
+            c, fut = window.popleft()
+            nxt = next(chunks, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(_decode_chunk, str(root), nxt, size)))
+            stacked, errors = fut.result()
+            k = 0
+            for rel, err in zip(c, errors):
+                if err is None:
+                    yield rel, stacked[k], None
+                    k += 1
+                else:
+                    yield rel, None, err
+    finally:
+        for _, fut in window:
+            fut.cancel()
 
 
 def extract_features(
@@ -239,8 +425,17 @@ def extract_features(
     append: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    decode: str = "threads",
+    prefetch: int | None = None,
+    extractor: FeatureExtractor | None = None,
 ) -> ExtractSummary:
-    """Extract every image under ``dataset`` into ``features_db``; resumable and atomic."""
+    """Extract every image under ``dataset`` into ``features_db``; resumable and atomic.
+
+    ``decode``: 'threads' (default) or 'processes' (``workers`` worker processes; worth it on many
+    cores feeding a GPU). ``prefetch``: images decoded ahead of the model (default 4 batches).
+    ``extractor``: an already built (and warmed-up) extractor to use instead of one built from
+    ``config``; its own config is what is used and recorded.
+    """
     from ris.featuredb import FeatureWriter, partial_path
     from ris.images import find_images, make_labels
 
@@ -254,7 +449,9 @@ def extract_features(
     label_ids, label_names, label_mode = make_labels(files, labels, root)
     label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
 
-    extractor = FeatureExtractor(config)
+    if decode not in ("threads", "processes"):
+        raise RisError(f"decode must be 'threads' or 'processes', not {decode!r}")
+    extractor = extractor or FeatureExtractor(config)
     attrs = extractor.attrs()
     attrs.update(dataset_root=str(root.resolve()), labels_mode=label_mode)
     resuming = partial_path(features_db).exists()
@@ -267,21 +464,29 @@ def extract_features(
     if writer.resumed_rows:
         log(f"resuming: {writer.resumed_rows} images already in {features_db.name}, {len(todo)} to go")
 
-    workers = workers or min(8, (os.cpu_count() or 2))
+    if decode == "processes":
+        workers = workers or (os.cpu_count() or 2)
+    else:
+        workers = workers or min(8, (os.cpu_count() or 2))
     summary = ExtractSummary(str(features_db), len(files), 0, writer.resumed_rows, feature_shape=extractor.output_shape)
     bar = _progress(len(todo), progress)
     t0 = time.perf_counter()
     ids: list[str] = []
     imgs: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
+    # one batch in flight: the next batch is dispatched before this one is collected and written
+    in_flight: list[tuple[list[str], Callable[[], np.ndarray]]] = []
 
-    def flush() -> None:
+    def flush(last: bool = False) -> None:
         if ids:
-            writer.add(list(ids), extractor.embed(np.stack(imgs)), [label_of[i] for i in ids])
-            summary.extracted += len(ids)
-            bar.update(len(ids))
+            in_flight.append((list(ids), extractor.embed_async(np.stack(imgs), pad_to=batch_size)))
             ids.clear()
             imgs.clear()
+        while len(in_flight) > (0 if last else 1):
+            done_ids, result = in_flight.pop(0)
+            writer.add(done_ids, result(), [label_of[i] for i in done_ids])
+            summary.extracted += len(done_ids)
+            bar.update(len(done_ids))
         if failures:
             writer.add_failures(failures)
             summary.skipped.extend(failures)
@@ -293,7 +498,8 @@ def extract_features(
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        for rel, img, err in iter_decoded(root, todo, extractor.max_size, workers, prefetch=4 * batch_size):
+        for rel, img, err in iter_decoded(root, todo, extractor.max_size, workers, prefetch=prefetch or 4 * batch_size,
+                                          processes=decode == "processes"):
             if err is not None:
                 failures.append((rel, err))
                 bar.write(f"skipped: {err}", file=sys.stderr)
@@ -302,7 +508,7 @@ def extract_features(
                 imgs.append(img)
             if len(ids) >= batch_size:
                 flush()
-        flush()
+        flush(last=True)
     except KeyboardInterrupt:
         bar.close()
         rows = writer.rows

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ris.topk import pairwise_distances
+from ris.topk import l2_normalize, pairwise_distances
 
 
 @dataclass
@@ -49,7 +49,9 @@ def evaluate_retrieval(
     qmask = np.zeros(len(labels), bool)
     qmask[np.arange(len(labels)) if query_rows is None else np.asarray(query_rows, np.int64)] = True
     qmask = qmask[keep]
-    features, labels = np.asarray(features, np.float32)[keep], labels[keep]
+    features = np.asarray(features, np.float32)
+    if not keep.all():  # (boolean indexing copies: skip it when every row is kept)
+        features, labels = features[keep], labels[keep]
     n = len(labels)
     if n < 2:
         raise ValueError("need at least two labelled images to evaluate")
@@ -61,15 +63,17 @@ def evaluate_retrieval(
     ap_count = 0
     recall_hits = {k: 0 for k in recall_ks}
     precision_sum = {k: 0.0 for k in precision_ks}
+    # database-side terms of the distance, computed once instead of once per query block
+    db_terms = _database_terms(features, metric)
     for s in range(0, nq, block):
         e = min(s + block, nq)
         qs = qidx[s:e]
-        dist = pairwise_distances(features[qs], features, metric)
+        dist = _block_distances(features[qs], features, metric, db_terms)
         rows = np.arange(e - s)
         dist[rows, qs] = -np.inf  # the query ranks first (counted for N-S only)
         rel = labels[qs, None] == labels[None, :]
         kk = min(max_k + 1, n)
-        part = np.argpartition(dist, kk - 1, axis=1)[:, :kk]
+        part = _smallest_unordered(dist, kk)
         pd = np.take_along_axis(dist, part, 1)
         # sort by (distance, index) for deterministic tie-breaking
         order = _lexsort_rows(pd, part)
@@ -84,6 +88,7 @@ def evaluate_retrieval(
         ap, valid = _average_precision(dist, rel, qs)
         ap_total += float(ap[valid].sum())
         ap_count += int(valid.sum())
+        del dist, rel  # free the (block, N) arrays before the next block allocates its own
     ns = ns_total / nq
     n_out = n
     n = nq
@@ -96,6 +101,39 @@ def evaluate_retrieval(
         recall_at={k: round(recall_hits[k] / n, 4) for k in recall_ks},
         precision_at={k: round(precision_sum[k] / n, 4) for k in precision_ks},
     )
+
+
+def _database_terms(features: np.ndarray, metric: str) -> np.ndarray | None:
+    if metric == "euclidean":
+        return (features * features).sum(1)
+    if metric == "cosine":
+        return l2_normalize(features)
+    return None
+
+
+def _block_distances(q: np.ndarray, d: np.ndarray, metric: str, db_terms: np.ndarray | None) -> np.ndarray:
+    """``pairwise_distances(q, d, metric)``, value for value, with the database terms precomputed and
+    the euclidean arithmetic done in place (no (b, N) temporaries besides the result)."""
+    if db_terms is None:
+        return pairwise_distances(q, d, metric)
+    q = np.asarray(q, dtype=np.float32)
+    if metric == "cosine":
+        return 1.0 - l2_normalize(q) @ db_terms.T
+    out = q @ d.T  # same operations, in the same order, as pairwise_distances
+    out *= 2.0
+    np.subtract((q * q).sum(1)[:, None], out, out=out)
+    out += db_terms[None, :]
+    np.maximum(out, 0.0, out=out)
+    return np.sqrt(out, out=out)
+
+
+def _smallest_unordered(dist: np.ndarray, k: int, rows: int = 32) -> np.ndarray:
+    """``np.argpartition(dist, k - 1, axis=1)[:, :k]``, a few rows at a time: the same indices (each row
+    is partitioned on its own) without a (b, N) int64 index array alive at once."""
+    out = np.empty((dist.shape[0], k), dtype=np.intp)
+    for r in range(0, dist.shape[0], rows):
+        out[r : r + rows] = np.argpartition(dist[r : r + rows], k - 1, axis=1)[:, :k]
+    return out
 
 
 def _lexsort_rows(primary: np.ndarray, secondary: np.ndarray) -> np.ndarray:
@@ -112,11 +150,21 @@ def _average_precision(dist: np.ndarray, rel: np.ndarray, query_cols: np.ndarray
     sorting every row; large groups sort.
     """
     b, n = dist.shape
-    rel = rel.copy()
-    rel[np.arange(b), query_cols] = False
+    # the query leaves the ranking: set in place (no copies of the (b, N) arrays), restored on return
+    qrows = np.arange(b)
+    saved_rel, saved_dist = rel[qrows, query_cols].copy(), dist[qrows, query_cols].copy()
+    rel[qrows, query_cols] = False
+    dist[qrows, query_cols] = np.inf
+    try:
+        return _average_precision_ranked(dist, rel)
+    finally:
+        rel[qrows, query_cols] = saved_rel
+        dist[qrows, query_cols] = saved_dist
+
+
+def _average_precision_ranked(d: np.ndarray, rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    b, n = d.shape
     npos = rel.sum(axis=1)
-    d = dist.copy()
-    d[np.arange(b), query_cols] = np.inf  # out of the ranking
     g = int(npos.max()) if b else 0
     ap = np.zeros(b, dtype=np.float64)
     if g == 0:
@@ -132,16 +180,21 @@ def _average_precision(dist: np.ndarray, rel: np.ndarray, query_cols: np.ndarray
     r, c = np.nonzero(rel)
     slot = np.arange(len(r)) - np.repeat(np.cumsum(npos) - npos, npos)
     cols[r, slot] = c
-    colidx = np.arange(n)
     step = max(1, int(32_000_000 // max(g * n, 1)))
     for s in range(0, b, step):
         e = min(s + step, b)
         dd = d[s:e]
         pc = cols[s:e]
-        dp = np.take_along_axis(np.concatenate([dd, np.full((e - s, 1), np.inf)], 1), pc, 1)
-        before = (dd[:, None, :] < dp[:, :, None]) | ((dd[:, None, :] == dp[:, :, None]) & (colidx < pc[:, :, None]))
-        rank = before.sum(axis=2) + 1.0  # 1-based rank among non-query items
-        rank = np.where(pc < n, rank, np.inf)
+        real = pc < n
+        dp = np.take_along_axis(dd, np.where(real, pc, 0), 1)
+        dp[~real] = np.inf
+        # items before a positive: closer, or equally close with a lower column (ties by index)
+        closer = np.count_nonzero(dd[:, None, :] < dp[:, :, None], axis=2)
+        tied = np.count_nonzero(dd[:, None, :] == dp[:, :, None], axis=2)  # >= 1: the positive itself
+        for i, j in zip(*np.nonzero((tied > 1) & real)):  # rare: exact ties with other items
+            closer[i, j] += np.count_nonzero((dd[i, : pc[i, j]] == dp[i, j]))
+        rank = closer + 1.0  # 1-based rank among non-query items
+        rank = np.where(real, rank, np.inf)
         rank.sort(axis=1)
         i = np.arange(1, g + 1, dtype=np.float64)
         ap[s:e] = np.where(np.isfinite(rank), i / rank, 0.0).sum(axis=1) / np.maximum(npos[s:e], 1)
