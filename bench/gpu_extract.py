@@ -163,6 +163,24 @@ def bf16_conv_pool_check() -> dict:
             "max_abs_diff": float(np.nanmax(np.abs(eager - jitted)))}
 
 
+def bf16_conv_pool_check_isolated(timeout: float = 180) -> dict:
+    """``bf16_conv_pool_check`` in a child process: on the CPU the bug reads stray memory, and a crash
+    there must not end the benchmark. The child allocates GPU memory on demand (the parent holds
+    JAX's preallocation)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from gpu_extract import bf16_conv_pool_check; "
+            "print('RESULT ' + json.dumps(bf16_conv_pool_check()))")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    try:
+        p = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent)], capture_output=True,
+                           text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": f"exit code {p.returncode}", "stderr_tail": p.stderr[-400:]}
+
+
 def machine_info(backend: str) -> dict:
     import cv2
     import h5py
@@ -307,7 +325,7 @@ def main(argv=None) -> int:
         save()
 
         if backend == "jax" and stage("sanity"):
-            res["bf16_conv_pool_jit_check"] = bf16_conv_pool_check()
+            res["bf16_conv_pool_jit_check"] = bf16_conv_pool_check_isolated()
             log(f"bf16 conv+pool jit check: {res['bf16_conv_pool_jit_check']}")
 
         # 2. decode only

@@ -523,7 +523,9 @@ def extract_features(
         writer.close()
         partial_path(features_db).unlink(missing_ok=True)
         raise RisError(f"{root}: none of the {len(files)} images could be decoded; nothing written")
-    writer.finish({"num_images": writer.rows, "num_failed": len(writer.done_ids()) - writer.rows})
+    writer.finish({"num_images": writer.rows, "num_failed": len(writer.done_ids()) - writer.rows,
+                   "extract_seconds": round(summary.seconds, 3),
+                   "images_per_second": round(summary.images_per_second, 2)})
     return summary
 
 

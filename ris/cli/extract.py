@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
     p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
     p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, max 8)")
+    p.add_argument("--decode", default="threads", choices=["threads", "processes"],
+                   help="decode images in threads, or in --workers processes (worth it with many cores and a "
+                        "GPU waiting for input)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute precision; bfloat16 = mixed precision for GPUs")
     g = p.add_mutually_exclusive_group()
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
                         scales=scales, pooling=args.pool, dtype=args.dtype)
     s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
-                         workers=args.workers, append=args.append, progress=not args.no_progress)
+                         workers=args.workers, append=args.append, progress=not args.no_progress,
+                         decode=args.decode)
     if args.json:
         print_json(s.to_dict())
     else:
