@@ -13,11 +13,9 @@ from keras import ops
 
 from ris.pooling import GlobalPool, L2Normalize
 
-DISTANCES = ("euclidean", "cosine")
-MININGS = ("random", "batch-hard", "semi-hard", "batch-all")
+from ris.options import ARCHS, DISTANCES, MININGS  # noqa: F401  (re-exported)
 
 
-ARCHS = ("residual", "mlp", "whiten")
 
 
 def build_embedding_head(

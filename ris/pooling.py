@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-POOLINGS: tuple[str, ...] = ("gap", "mac", "gem", "rmac", "none")
+from ris.options import POOLINGS  # noqa: E402
 
 
 def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:

@@ -33,7 +33,7 @@ from scipy import sparse
 from ris.metrics import RetrievalScores
 from ris.topk import METRICS, blockwise_topk, l2_normalize, pairwise_distances
 
-METHODS: tuple[str, ...] = ("none", "qe", "dba+qe", "diffusion", "kreciprocal")
+from ris.options import RERANK_METHODS as METHODS  # noqa: E402
 
 # Literature defaults: alpha-QE / alpha-DBA (Radenovic et al. TPAMI 2018, alpha=3) with a small n
 # that suits small relevant sets; diffusion (Iscen et al. CVPR 2017: k=50, kq=10, gamma=3, CG 20

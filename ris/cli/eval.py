@@ -8,6 +8,8 @@ from ris.cli.common import print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ris.options import RERANK_METHODS
+
     p = argparse.ArgumentParser(
         prog="ris-eval",
         description="Score retrieval on a labelled feature database: every image of the split queries all "
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=0,
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
                         "(the folds of ris-train --folds, same seed) and report mean and std")
-    p.add_argument("--rerank", default="none", choices=["none", "qe", "dba+qe", "diffusion", "kreciprocal"],
+    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
                    help="re-rank results: qe = alpha query expansion, dba+qe = database-side augmentation "
                         "plus qe, diffusion = kNN-graph diffusion, kreciprocal = k-reciprocal re-ranking")
     p.add_argument("--min-ns", type=float, default=None,

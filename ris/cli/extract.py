@@ -9,7 +9,7 @@ from ris.cli.common import print_json, run
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.backbones import BACKBONES, DEFAULT_BACKBONE
-    from ris.pooling import POOLINGS
+    from ris.options import POOLINGS
 
     p = argparse.ArgumentParser(
         prog="ris-extract",

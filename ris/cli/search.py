@@ -8,6 +8,8 @@ from ris.cli.common import print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ris.options import RERANK_METHODS
+
     p = argparse.ArgumentParser(
         prog="ris-search",
         description="Rank a feature database by similarity to a query image (any image file, in the "
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
                    help="exact = blockwise BLAS search; hnsw = approximate index (pip install 'ris[ann]'), "
                         "saved beside the database; auto = hnsw for large databases when available")
-    p.add_argument("--rerank", default="none", choices=["none", "qe", "dba+qe", "diffusion", "kreciprocal"],
+    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
                    help="re-rank with alpha query expansion (qe), database-side augmentation + qe, kNN-graph "
                         "diffusion or k-reciprocal neighbours; these hold the database in memory and report "
                         "re-ranking scores (smaller = better) instead of distances")

@@ -8,7 +8,7 @@ from ris.cli.common import print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.head import DISTANCES, MININGS
+    from ris.options import ARCHS, DISTANCES, MININGS
 
     p = argparse.ArgumentParser(
         prog="ris-train",
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-db", default="feats.h5", help="labelled HDF5 feature database from ris-extract")
     p.add_argument("--output", default="model.keras", help="where to save the best head (.keras); history "
                    "CSV and a loss-curve PNG are written beside it")
-    p.add_argument("--arch", default="residual", choices=["residual", "mlp", "whiten"],
+    p.add_argument("--arch", default="residual", choices=ARCHS,
                    help="mlp = the blog's Dense 512-512-256 base network; residual = the same MLP adds a "
                         "zero-initialised correction to the input feature, so training starts from the "
                         "off-the-shelf ranking; whiten = learned whitening (Radenovic et al.) fitted in "
