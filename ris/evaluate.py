@@ -14,7 +14,6 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
                 rerank: str = "none") -> dict[str, Any]:
     """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all'."""
     from ris.featuredb import FeatureDB
-    from ris.metrics import evaluate_retrieval
     from ris.train import check_compatible, embed_features, load_model, raw_descriptors, rows_of, split_objects
 
     with FeatureDB(features_db) as db:
@@ -98,7 +97,6 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
     """Off-the-shelf scores on each k-fold test part (the same parts ``ris-train --folds`` holds
     out), with mean and std, so raw features and trained heads are compared on equal ground."""
     from ris.featuredb import FeatureDB
-    from ris.metrics import evaluate_retrieval
     from ris.train import TrainConfig, make_split, raw_descriptors
 
     per_fold = []

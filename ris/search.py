@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ris.errors import DatabaseError, RisError
 
 
 @dataclass

@@ -1,6 +1,5 @@
 """Each command end to end on a tiny generated dataset (random-init VGG16 at 64 px: no network)."""
 import json
-import os
 import shutil
 import signal
 import subprocess

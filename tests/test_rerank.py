@@ -1,8 +1,6 @@
 """Re-ranking (QE, DBA, diffusion, k-reciprocal) on data whose answers are known."""
-import os
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ from ris.rerank import (METHODS, Reranker, alpha_dba, alpha_qe, diffuse, diffusi
                         evaluate_reranked, neighbours_without_self, rerank)
 from ris.topk import l2_normalize, pairwise_distances
 
-UKBENCH_DB = Path(os.environ.get("RIS_UKBENCH_DB", Path(__file__).resolve().parents[2] / "runs" / "uk-mnv2-gap.h5"))
 
 
 def chains(classes=30, m=12, dim=32, step=0.35, seed=0):
@@ -56,16 +53,6 @@ def test_none_reproduces_evaluate_retrieval(metric):
             == evaluate_retrieval(x, y, metric, query_rows=subset))
     xl, yl = blobs(classes=3, m=80, spread=1.5)  # large groups: evaluate_retrieval's sorting AP path
     assert evaluate_reranked(xl, yl, "none", metric, block=50) == evaluate_retrieval(xl, yl, metric)
-
-
-def test_none_reproduces_evaluate_retrieval_on_ukbench_db():
-    h5py = pytest.importorskip("h5py")
-    if not UKBENCH_DB.is_file():
-        pytest.skip(f"{UKBENCH_DB} not found (set RIS_UKBENCH_DB)")
-    with h5py.File(UKBENCH_DB, "r") as f:
-        x, y = f["features"][:], f["labels"][:]
-    for metric in ("euclidean", "cosine"):
-        assert evaluate_reranked(x, y, "none", metric) == evaluate_retrieval(x, y, metric)
 
 
 # --- the methods fix what plain kNN gets wrong ----------------------------------------------------
