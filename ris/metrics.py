@@ -33,6 +33,56 @@ class RetrievalScores:
         return d
 
 
+class _Tally:
+    """Running sums of per-query scores, shared by plain and re-ranked evaluation."""
+
+    def __init__(self, recall_ks: tuple[int, ...], precision_ks: tuple[int, ...], ns_k: int):
+        self.recall_ks, self.precision_ks, self.ns_k = recall_ks, precision_ks, ns_k
+        self.ns_total = 0.0
+        self.ap_total = 0.0
+        self.ap_count = 0
+        self.recall_hits = {k: 0 for k in recall_ks}
+        self.precision_sum = {k: 0.0 for k in precision_ks}
+
+    def add(self, top_rel: np.ndarray, ap: np.ndarray, valid: np.ndarray) -> None:
+        """``top_rel``: relevance of each query's ranked list, the query itself in column 0."""
+        self.ns_total += top_rel[:, : self.ns_k].sum()
+        tail = top_rel[:, 1:]  # query excluded
+        for k in self.recall_ks:
+            self.recall_hits[k] += int(tail[:, :k].any(axis=1).sum())
+        for k in self.precision_ks:
+            self.precision_sum[k] += float(tail[:, :k].sum(axis=1).sum() / k)
+        self.ap_total += float(ap[valid].sum())
+        self.ap_count += int(valid.sum())
+
+    def scores(self, nq: int, n: int) -> RetrievalScores:
+        q = max(nq, 1)
+        ns = self.ns_total / q
+        return RetrievalScores(
+            queries=nq,
+            database=n,
+            ns_score=round(float(ns), 4),
+            top4_accuracy=round(float(ns) / self.ns_k * 100.0, 2),
+            map=round(self.ap_total / max(self.ap_count, 1), 4),
+            recall_at={k: round(self.recall_hits[k] / q, 4) for k in self.recall_ks},
+            precision_at={k: round(self.precision_sum[k] / q, 4) for k in self.precision_ks},
+        )
+
+
+def labelled_queries(features: np.ndarray, labels: np.ndarray, query_rows: np.ndarray | None):
+    """(features, labels, query indices) with unlabelled (-1) rows dropped from both sides."""
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    qmask = np.zeros(len(labels), bool)
+    qmask[np.arange(len(labels)) if query_rows is None else np.asarray(query_rows, np.int64)] = True
+    features = np.asarray(features, np.float32)
+    if not keep.all():  # (boolean indexing copies: skip it when every row is kept)
+        features, labels = features[keep], labels[keep]
+    if len(labels) < 2:
+        raise ValueError("need at least two labelled images to evaluate")
+    return features, labels, np.nonzero(qmask[keep])[0]
+
+
 def evaluate_retrieval(
     features: np.ndarray,
     labels: np.ndarray,
@@ -44,25 +94,10 @@ def evaluate_retrieval(
     query_rows: np.ndarray | None = None,
 ) -> RetrievalScores:
     """Every row (or only ``query_rows``) queries all rows (closed set). Label -1 rows are ignored."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    qmask = np.zeros(len(labels), bool)
-    qmask[np.arange(len(labels)) if query_rows is None else np.asarray(query_rows, np.int64)] = True
-    qmask = qmask[keep]
-    features = np.asarray(features, np.float32)
-    if not keep.all():  # (boolean indexing copies: skip it when every row is kept)
-        features, labels = features[keep], labels[keep]
-    n = len(labels)
-    if n < 2:
-        raise ValueError("need at least two labelled images to evaluate")
-    qidx = np.nonzero(qmask)[0]
-    nq = len(qidx)
+    features, labels, qidx = labelled_queries(features, labels, query_rows)
+    n, nq = len(labels), len(qidx)
     max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
-    ns_total = 0.0
-    ap_total = 0.0
-    ap_count = 0
-    recall_hits = {k: 0 for k in recall_ks}
-    precision_sum = {k: 0.0 for k in precision_ks}
+    tally = _Tally(recall_ks, precision_ks, ns_k)
     # database-side terms of the distance, computed once instead of once per query block
     db_terms = _database_terms(features, metric)
     for s in range(0, nq, block):
@@ -79,28 +114,10 @@ def evaluate_retrieval(
         order = _lexsort_rows(pd, part)
         top = np.take_along_axis(part, order, 1)
         top_rel = np.take_along_axis(rel, top, 1)
-        ns_total += top_rel[:, :ns_k].sum()
-        tail = top_rel[:, 1:]  # query excluded
-        for k in recall_ks:
-            recall_hits[k] += int(tail[:, :k].any(axis=1).sum())
-        for k in precision_ks:
-            precision_sum[k] += float(tail[:, :k].sum(axis=1).sum() / k)
         ap, valid = _average_precision(dist, rel, qs)
-        ap_total += float(ap[valid].sum())
-        ap_count += int(valid.sum())
+        tally.add(top_rel, ap, valid)
         del dist, rel  # free the (block, N) arrays before the next block allocates its own
-    ns = ns_total / nq
-    n_out = n
-    n = nq
-    return RetrievalScores(
-        queries=nq,
-        database=n_out,
-        ns_score=round(float(ns), 4),
-        top4_accuracy=round(float(ns) / ns_k * 100.0, 2),
-        map=round(ap_total / max(ap_count, 1), 4),
-        recall_at={k: round(recall_hits[k] / n, 4) for k in recall_ks},
-        precision_at={k: round(precision_sum[k] / n, 4) for k in precision_ks},
-    )
+    return tally.scores(nq, n)
 
 
 def _database_terms(features: np.ndarray, metric: str) -> np.ndarray | None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from ris.metrics import RetrievalScores
+from ris.metrics import RetrievalScores, _Tally, labelled_queries  # noqa: F401
 from ris.topk import METRICS, blockwise_topk, l2_normalize, pairwise_distances
 
 from ris.options import RERANK_METHODS as METHODS  # noqa: E402
@@ -416,15 +416,8 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
     ``depth = N - 1`` (the default when N <= 5000; 1000 otherwise, then a lower bound).
     ``method="none"`` reproduces ``evaluate_retrieval`` exactly.
     """
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    qmask = np.zeros(len(labels), bool)
-    qmask[np.arange(len(labels)) if query_rows is None else np.asarray(query_rows, np.int64)] = True
-    qidx = np.nonzero(qmask[keep])[0]
-    features, labels = np.asarray(features, np.float32)[keep], labels[keep]
+    features, labels, qidx = labelled_queries(features, labels, query_rows)
     n, nq = len(labels), len(qidx)
-    if n < 2:
-        raise ValueError("need at least two labelled images to evaluate")
     depth = (n - 1 if n <= 5000 else 1000) if depth is None else int(min(depth, n - 1))
     max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
     if depth < min(max_k, n - 1):  # fewer than k candidates in all: truncate, as evaluate_retrieval does
@@ -432,33 +425,14 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     npos_all = counts[inverse] - 1
     reranker = Reranker(features, method, metric, **params)
-    ns_total = ap_total = 0.0
-    ap_count = 0
-    recall_hits = {k: 0 for k in recall_ks}
-    precision_sum = {k: 0.0 for k in precision_ks}
+    tally = _Tally(recall_ks, precision_ks, ns_k)
     ranks = np.arange(1, depth + 1, dtype=np.float64)
     for s in range(0, nq, block):
         rows = qidx[s : s + block]
         _, idx = reranker.search(features[rows], depth, query_rows=rows, block=block)
         top_rel = labels[np.concatenate([rows[:, None], idx], 1)] == labels[rows, None]
-        ns_total += top_rel[:, :ns_k].sum()
         tail = top_rel[:, 1:]
-        for k in recall_ks:
-            recall_hits[k] += int(tail[:, :k].any(axis=1).sum())
-        for k in precision_ks:
-            precision_sum[k] += float(tail[:, :k].sum(axis=1).sum() / k)
         npos = npos_all[rows]
         prec = np.where(tail, np.cumsum(tail, axis=1) / ranks, 0.0)
-        ap = prec.sum(axis=1) / np.maximum(npos, 1)
-        ap_total += float(ap[npos > 0].sum())
-        ap_count += int((npos > 0).sum())
-    ns = ns_total / max(nq, 1)
-    return RetrievalScores(
-        queries=nq,
-        database=n,
-        ns_score=round(float(ns), 4),
-        top4_accuracy=round(float(ns) / ns_k * 100.0, 2),
-        map=round(ap_total / max(ap_count, 1), 4),
-        recall_at={k: round(recall_hits[k] / max(nq, 1), 4) for k in recall_ks},
-        precision_at={k: round(precision_sum[k] / max(nq, 1), 4) for k in precision_ks},
-    )
+        tally.add(top_rel, prec.sum(axis=1) / np.maximum(npos, 1), npos > 0)
+    return tally.scores(nq, n)
