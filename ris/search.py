@@ -40,10 +40,10 @@ class SearchEngine:
             check_compatible(meta, self.db.fingerprint(), str(features_db))
             self.metric = meta.get("distance", "euclidean")
         self.extractor = FeatureExtractor.from_attrs(self.db.attrs)
-        self.vectors = self._database_vectors(model)
+        self.vectors, vectors_path = self._database_vectors(model)
         from ris.index import open_search_index
 
-        self.index = open_search_index(str(self._vectors_path or features_db), self.vectors, self.metric, kind=index)
+        self.index = open_search_index(vectors_path, self.vectors, self.metric, kind=index)
         self.reranker = None
         if rerank != "none":  # graph/DBA methods prepare the whole database once, in memory
             from ris.rerank import Reranker
@@ -53,25 +53,22 @@ class SearchEngine:
         names = self.db.label_names
         self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
 
-    _vectors_path: str | None = None
-
     def _database_vectors(self, model):
-        """Raw (pooled) database features, or their embeddings cached beside the database."""
+        """(vectors, path their index is saved beside): raw (pooled) database features, or their
+        head embeddings, cached beside the database."""
+        import h5py
+
         from ris.train import embed_features, raw_descriptors
 
         feats = self.db.features
         if self.head is None:
-            if feats.ndim == 4:
-                return raw_descriptors(np.asarray(feats), self.db.attrs.get("pooling_for_maps", "gap"))
-            return feats
+            # stored conv maps are GAP-pooled in memory: store pooled features for large collections
+            return (raw_descriptors(np.asarray(feats)) if feats.ndim == 4 else feats), str(self.db.path)
         cache = self._embedding_cache_path(model)
         if cache.exists():
-            import h5py
-
             f = h5py.File(cache, "r")
             if f["embeddings"].shape[0] == len(self.db):
-                self._vectors_path = str(cache)
-                return f["embeddings"]
+                return f["embeddings"], str(cache)
             f.close()
         shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
         if shallow:
@@ -83,10 +80,7 @@ class SearchEngine:
         else:
             emb = embed_features(self.head, feats)
         _write_h5_atomic(cache, emb)
-        import h5py
-
-        self._vectors_path = str(cache)
-        return h5py.File(cache, "r")["embeddings"]
+        return h5py.File(cache, "r")["embeddings"], str(cache)
 
     def _embedding_cache_path(self, model) -> Path:
         h = hashlib.sha1(Path(model).read_bytes()).hexdigest()[:12]
