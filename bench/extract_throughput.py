@@ -2,7 +2,9 @@
 
 The blog's loop: serial ``cv2.imread`` + resize, then ``model.predict`` per batch of 32.
 ``ris-extract``: threaded decoding (reduced-size JPEG decoding where the input size allows)
-overlapped with a compiled forward pass, features streamed into HDF5.
+overlapped with a compiled forward pass whose BatchNorms are folded into the convolutions, features
+streamed into HDF5. It is also timed with BN folding off, to show what each part buys. The three
+run interleaved ``--repeats`` times, so load from other tenants hits all of them alike.
 
     python bench/extract_throughput.py --dataset ../shared/data/ukbench1000 --limit 480 --json out.json
 
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=480, help="images per measurement")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for both pipelines")
     p.add_argument("--weights", default="imagenet", help="weights for the backbones ('none' = random, same speed)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved repetitions of the three pipelines; medians are reported")
     p.add_argument("--json", default=None, help="write results as JSON to this file")
     args = p.parse_args(argv)
 
@@ -64,34 +68,62 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         sys.exit(f"{root}: no images")
     rows = []
-    for name in args.models.split(","):
-        bb = get_backbone(name)
-        size = bb.input_size
-        trunk = bb.build(args.weights)
-        inp = keras.Input((size, size, 3))
-        model = keras.Model(inp, GlobalPool("gap")(trunk(inp)))
-        blog_loop([root / f for f in files[:64]], model, bb, size, args.batch_size)  # warm-up
-        t_blog = blog_loop([root / f for f in files], model, bb, size, args.batch_size)
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        sub = tmp / "images"
+        sub.mkdir()
+        for f in files:  # same images, linked so both read identical bytes from the page cache
+            os.symlink((root / f).resolve(), sub / Path(f).name)
+        for name in args.models.split(","):
+            bb = get_backbone(name)
+            size = bb.input_size
+            trunk = bb.build(args.weights)
+            inp = keras.Input((size, size, 3))
+            model = keras.Model(inp, GlobalPool("gap")(trunk(inp)))
+            extractors = {
+                "ris": FeatureExtractor(ExtractConfig(model=name, weights=args.weights, pooling="gap")),
+                "ris_unfolded": FeatureExtractor(ExtractConfig(model=name, weights=args.weights, pooling="gap",
+                                                               fold_batchnorm=False)),
+            }
 
-        tmp = Path(tempfile.mkdtemp())
-        try:
-            sub = tmp / "images"
-            sub.mkdir()
-            for f in files:  # same images, linked so both read identical bytes from the page cache
-                os.symlink((root / f).resolve(), sub / Path(f).name)
-            cfg = ExtractConfig(model=name, weights=args.weights, pooling="gap")
-            extract_features(sub, tmp / "warm.h5", cfg, labels="none", batch_size=args.batch_size, progress=False)
-            s = extract_features(sub, tmp / "f.h5", cfg, labels="none", batch_size=args.batch_size, progress=False)
-            t_ris = s.seconds
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        row = {"model": name, "input_size": size, "images": len(files),
-               "blog_img_s": round(len(files) / t_blog, 2), "ris_img_s": round(len(files) / t_ris, 2),
-               "ratio": round(t_blog / t_ris, 2)}
-        rows.append(row)
-        print(f"{name:<20} {size:>4}px  blog loop {row['blog_img_s']:>7.1f} img/s   ris-extract "
-              f"{row['ris_img_s']:>7.1f} img/s   ratio {row['ratio']:.2f}x", flush=True)
+            def run_ris(key: str) -> float:
+                out = tmp / f"{key}.h5"
+                out.unlink(missing_ok=True)
+                s = extract_features(sub, out, extractors[key].config, labels="none", batch_size=args.batch_size,
+                                     progress=False, extractor=extractors[key])
+                return s.seconds
+
+            blog_loop([root / f for f in files[:64]], model, bb, size, args.batch_size)  # warm-up
+            for key in extractors:
+                run_ris(key)
+            times: dict[str, list[float]] = {"blog": [], "ris": [], "ris_unfolded": []}
+            for rep in range(args.repeats):  # interleaved, so a noisy neighbour hits all three alike
+                times["blog"].append(blog_loop([root / f for f in files], model, bb, size, args.batch_size))
+                times["ris"].append(run_ris("ris"))
+                times["ris_unfolded"].append(run_ris("ris_unfolded"))
+                print(f"  {name} repeat {rep + 1}: blog {len(files) / times['blog'][-1]:.1f} img/s, ris "
+                      f"{len(files) / times['ris'][-1]:.1f}, ris without BN folding "
+                      f"{len(files) / times['ris_unfolded'][-1]:.1f}; ratio "
+                      f"{times['blog'][-1] / times['ris'][-1]:.2f}x", flush=True)
+            med = {k: float(np.median(v)) for k, v in times.items()}
+            ratios = [b / r for b, r in zip(times["blog"], times["ris"])]
+            ratios_unfolded = [b / r for b, r in zip(times["blog"], times["ris_unfolded"])]
+            row = {"model": name, "input_size": size, "images": len(files), "repeats": args.repeats,
+                   "batchnorm_folded": extractors["ris"].batchnorm_folded,
+                   "blog_img_s": round(len(files) / med["blog"], 2), "ris_img_s": round(len(files) / med["ris"], 2),
+                   "ris_unfolded_img_s": round(len(files) / med["ris_unfolded"], 2),
+                   "ratio": round(float(np.median(ratios)), 2),  # median of the per-repeat ratios
+                   "ratio_unfolded": round(float(np.median(ratios_unfolded)), 2),
+                   "ratio_per_repeat": [round(r, 2) for r in ratios], "seconds": times}
+            rows.append(row)
+            print(f"{name:<20} {size:>4}px  blog loop {row['blog_img_s']:>7.1f} img/s   ris-extract "
+                  f"{row['ris_img_s']:>7.1f} img/s   ratio {row['ratio']:.2f}x (median of {args.repeats}; "
+                  f"min {min(ratios):.2f}x)   without BN folding {row['ris_unfolded_img_s']:.1f} img/s, "
+                  f"{row['ratio_unfolded']:.2f}x", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs", "keras_backend": keras.backend.backend(),
+            "loadavg_end": [round(v, 2) for v in os.getloadavg()],
             "batch_size": args.batch_size, "dataset": str(root)}
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

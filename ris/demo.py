@@ -61,7 +61,7 @@ def run_demo(workdir: str | Path = "data/demo", backbone: str | None = None, epo
 
     model = work / f"head-{backbone}.keras"
     t = time.perf_counter()
-    log(f"[3/5] training the triplet head -> {model}")
+    log(f"[3/5] training the embedding head (learned whitening, chosen on training objects) -> {model}")
     train_head(db, model, TrainConfig(epochs=epochs, patience=max(5, epochs // 3), p=16), progress=False, log=log)
     times["train"] = time.perf_counter() - t
 

@@ -37,6 +37,7 @@ class ExtractConfig:
     scales: tuple[float, ...] = (1.0,)
     pooling: str = "gap"
     dtype: str = "float32"  # 'bfloat16' = mixed precision on accelerators
+    fold_batchnorm: bool = True  # merge inference BatchNorm into the conv before it (same features, faster)
 
     def resolved_size(self) -> int:
         from ris.backbones import get_backbone
@@ -72,6 +73,11 @@ class FeatureExtractor:
         try:
             self.trunk = self.backbone.build(config.weights, config.layer)
             self.layer = config.layer or self.trunk.layers[-1].name
+            self.batchnorm_folded = 0
+            if config.fold_batchnorm:
+                from ris.backbones.fold import fold_batchnorm
+
+                self.trunk, self.batchnorm_folded = fold_batchnorm(self.trunk)
             self.sizes = config.scale_sizes()
             # input scaling inside the model when it is a per-channel affine map (all backbones here)
             self._affine = _affine_preprocess(self.backbone.preprocess)
@@ -167,6 +173,7 @@ class FeatureExtractor:
             "normalized": cfg.pooling != "none",
             "preprocessing": f"decode RGB, squash-resize to SxS (INTER_AREA), {self.backbone.preprocessing}",
             "dtype": cfg.dtype,
+            "batchnorm_folded": int(self.batchnorm_folded),
             "keras_version": keras.__version__,
             "keras_backend": keras.backend.backend(),
             "numpy_version": np.__version__,

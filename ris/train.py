@@ -26,8 +26,10 @@ META_NAME = "ris.json"  # stored inside the .keras zip next to Keras' own files
 
 @dataclass
 class TrainConfig:
-    arch: str = "residual"  # 'mlp' = the blog's base network; 'whiten' = learned whitening, no SGD
-    whiten_shrinkage: float = 0.1
+    arch: str = "whiten"  # learned whitening, closed form; 'mlp' = the blog's base network; 'residual'
+    whiten_shrinkage: float | None = None  # whiten: None = chosen by cross-validation on training objects
+    whiten_power: float | None = None  # whiten: 0.5 = full whitening, less = partial; None = chosen
+    whiten_dim: int | None = None  # whiten: output size; None = chosen
     hidden: tuple[int, ...] = (512, 512)
     out_dim: int = 256  # mlp only; residual keeps the input size
     l2_normalize: bool = True
@@ -297,8 +299,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     import keras
 
     from ris.featuredb import FeatureDB
-    from ris.head import (build_embedding_head, build_triplet_network, build_whitening_head, learned_whitening,
-                          mined_triplet_loss, triplet_loss)
+    from ris.head import build_embedding_head, build_triplet_network, build_whitening_head, mined_triplet_loss, triplet_loss
     from ris.metrics import evaluate_retrieval
 
     keras.utils.set_random_seed(cfg.seed)
@@ -326,12 +327,14 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         f"{len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images")
 
     if cfg.arch == "whiten":
+        if cfg.shallow:
+            raise RisError("--shallow trains a CNN branch; use it with --arch residual or --arch mlp")
         if len(feature_shape) != 1:
             raise RisError("--arch whiten needs pooled features (extract with --pool gap|mac|gem|rmac)")
         fit_rows = np.concatenate([feats["train"], feats["val"]])  # no epochs to choose: val data is free
         fit_labels = np.concatenate([labs["train"], labs["val"]])
-        mean, proj = learned_whitening(raw_descriptors(fit_rows), fit_labels, cfg.out_dim, cfg.whiten_shrinkage)
-        base = build_whitening_head(mean, proj, cfg.l2_normalize)
+        whitening = fit_whitening(raw_descriptors(fit_rows), fit_labels, cfg, log)
+        base = build_whitening_head(whitening.pop("mean"), whitening.pop("projection"), cfg.l2_normalize)
     else:
         base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize,
                                     cfg.dropout, cfg.arch, cfg.shallow)
@@ -427,16 +430,101 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         "distance": cfg.distance,
         "split": split_store,
         "best_epoch": best["epoch"],
+        **({"whitening": whitening} if cfg.arch == "whiten" else {}),
         "raw_val_ns": raw_val,
         "test_scores": test_scores,
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_model(base, output, meta)
-    hist_path, plot_path = write_history(history, output, raw_val, monitor_name)
+    if cfg.arch == "whiten":
+        hist_path, plot_path = write_whitening_report(whitening, output)
+    else:
+        hist_path, plot_path = write_history(history, output, raw_val, monitor_name)
     return TrainResult(str(output), best["epoch"], len(history), round(seconds, 2),
                        round(float(np.mean(epoch_times)) if epoch_times else 0.0, 3),
                        {k: int(n_obj[k]) for k in rows}, test_scores, str(hist_path), str(plot_path))
+
+
+def fit_whitening(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Learned whitening with the settings the config fixes and the rest chosen by inner cross-validation.
+
+    Returns mean, projection and what was chosen (kept in the model's metadata). When no candidate
+    beats the raw descriptor inside the training set, the projection is the identity: the head then
+    ranks exactly like the off-the-shelf features.
+    """
+    from ris.head import WHITEN_GRID, choose_whitening, learned_whitening
+    from ris.metrics import evaluate_retrieval
+
+    fixed = {"shrinkage": cfg.whiten_shrinkage, "power": cfg.whiten_power, "dim": cfg.whiten_dim}
+    chosen: dict[str, Any] = {k: v for k, v in fixed.items() if v is not None}
+    chosen["selected_by"] = "command-line flags"
+    by_objects = cfg.split_by == "object"
+    metric = "N-S" if by_objects else "mAP"
+
+    def score(x, lab):
+        r = evaluate_retrieval(x, lab, "euclidean", recall_ks=(), precision_ks=())
+        return r.ns_score if by_objects else r.map
+
+    if any(v is None for v in fixed.values()):
+        grid = {k: (v,) if v is not None else WHITEN_GRID[k] for k, v in fixed.items()}
+        try:
+            # whole groups are held out in the inner folds even for Corel-style splits: the setting
+            # must serve objects and classes the head has not seen, not only new images of known ones
+            choice = choose_whitening(features, labels, score, folds=3, seed=cfg.seed, inner_split="object",
+                                      grid=grid)
+            chosen = {k: choice.get(k) for k in ("shrinkage", "power", "dim")}
+            chosen.update(inner_gain=round(choice["inner_gain"], 5), inner_raw=round(choice["inner_raw"], 5),
+                          off=choice["off"], selected_by="3-fold cross-validation over the training groups",
+                          metric=metric, table=choice["table"])
+            if choice["off"]:
+                log(f"whitening: no setting beat the raw descriptor inside the training set (inner {metric} "
+                    f"{choice['inner_raw']:.4f}); the head keeps the raw ranking")
+            else:
+                log(f"whitening: shrinkage {chosen['shrinkage']}, power {chosen['power']}, {chosen['dim']} dims "
+                    f"(inner {metric} {choice['inner_raw']:.4f} -> +{choice['inner_gain']:.4f})")
+        except ValueError:  # too few groups to hold some out
+            chosen = {"shrinkage": 1.0, "power": 0.5, "dim": 512,
+                      **{k: v for k, v in fixed.items() if v is not None},
+                      "selected_by": "defaults (too few training groups to cross-validate)"}
+            log(f"whitening: too few training groups to choose by cross-validation; using shrinkage "
+                f"{chosen['shrinkage']}, power {chosen['power']}, {chosen['dim']} dims")
+    if chosen.get("off"):
+        dim = features.shape[1]
+        return {"mean": np.zeros(dim, np.float32), "projection": np.eye(dim, dtype=np.float32), **chosen}
+    mean, proj = learned_whitening(features, labels, int(chosen["dim"]), float(chosen["shrinkage"]),
+                                   float(chosen["power"]))
+    return {"mean": mean, "projection": proj, **chosen}
+
+
+def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple[Path, Path]:
+    """The inner cross-validation table as CSV and a bar chart: what each whitening setting gained."""
+    stem = model_path.with_suffix("")
+    csv_path, png = Path(f"{stem}.history.csv"), Path(f"{stem}.history.png")
+    table = whitening.get("table") or []
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["shrinkage", "power", "dim", "inner_gain"])
+        w.writeheader()
+        w.writerows(table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(table) + 2), 3.6))
+    labels = [f"s{r['shrinkage']:g} p{r['power']:g} d{r['dim']}" for r in table]
+    chosen = [r["shrinkage"] == whitening.get("shrinkage") and r["power"] == whitening.get("power")
+              and r["dim"] == whitening.get("dim") and not whitening.get("off") for r in table]
+    ax.bar(range(len(table)), [r["inner_gain"] for r in table], color=["C1" if c else "C0" for c in chosen])
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"inner {whitening.get('metric', 'score')} gain over raw")
+    ax.set_title(f"learned whitening: {whitening.get('selected_by', '')}" + (" (none chosen)" if whitening.get("off") else ""),
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return csv_path, png
 
 
 def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float,

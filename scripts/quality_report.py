@@ -46,12 +46,12 @@ HEADS = [  # (label, ris-train flags)
     ("blog: MLP 512-512-256, random triplets", ["--arch", "mlp", "--mining", "random"]),
     ("MLP 512-512-256, batch-hard", ["--arch", "mlp", "--mining", "batch-hard"]),
     ("residual, random triplets", ["--arch", "residual", "--mining", "random"]),
-    ("residual, batch-hard (default)", ["--arch", "residual", "--mining", "batch-hard"]),
+    ("residual, batch-hard", ["--arch", "residual", "--mining", "batch-hard"]),
     ("residual, semi-hard", ["--arch", "residual", "--mining", "semi-hard"]),
     ("residual, batch-all", ["--arch", "residual", "--mining", "batch-all"]),
     ("residual, batch-hard, cosine, margin 0.1", ["--arch", "residual", "--distance", "cosine", "--margin", "0.1"]),
-    ("learned whitening, 512-d", ["--arch", "whiten", "--out-dim", "512"]),
-    ("residual, batch-hard + shallow CNN on 32 px thumbnails", ["--shallow", "32"]),
+    ("learned whitening, settings by inner cross-validation (default)", ["--arch", "whiten"]),
+    ("residual, batch-hard + shallow CNN on 32 px thumbnails", ["--arch", "residual", "--shallow", "32"]),
 ]
 RERANKS = ["qe", "dba+qe", "diffusion", "kreciprocal"]
 FINDINGS = open(Path(__file__).with_name("quality_findings.md")).read().strip() \

@@ -188,7 +188,9 @@ def test_train_writes_model_history_and_scores(model):
     assert len(meta["split"]["test_images"]) == 4 * len(meta["split"]["test"])
     assert not set(meta["split"]["train"]) & set(meta["split"]["test"])
     assert "raw" in meta["test_scores"] and "head" in meta["test_scores"]
-    assert head.output_shape[-1] == 512  # residual head keeps the feature size
+    assert meta["config"]["arch"] == "whiten"  # the default head
+    w = meta["whitening"]
+    assert head.output_shape[-1] == (512 if w.get("off") else min(int(w["dim"]), 512))
 
 
 def test_eval_reports_raw_and_head_on_held_out(db, model, capsys):
@@ -288,7 +290,7 @@ def test_eval_folds_and_rerank(db, capsys):
 def test_shallow_branch_trains_evaluates_and_searches(tiny, db, tmp_path, capsys):
     _, _, query = tiny
     out = tmp_path / "shallow.keras"
-    code, o, err = cli(capsys, train_cli, "ris-train", "--features-db", db, "--output", out, "--shallow", "16",
+    code, o, err = cli(capsys, train_cli, "ris-train", "--features-db", db, "--output", out, "--arch", "residual", "--shallow", "16",
                        "--epochs", "2", "--hidden", "32", "--p", "4", "--quiet", "--test-fraction", "0.34",
                        "--val-fraction", "0.34", "--json")
     assert code == 0, err

