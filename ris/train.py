@@ -569,6 +569,13 @@ def summarize_folds(results: list[TrainResult]) -> dict[str, dict[str, dict[str,
                    "top4_accuracy": [r["top4_accuracy"] for r in rows],
                    "recall_at_1": [r["recall_at"]["1"] for r in rows]}
         out[key] = {m: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for m, v in metrics.items()}
+    paired = [r for r in results if "raw" in r.scores and "head" in r.scores]
+    if paired:  # head - raw on the same fold: the comparison that fold-to-fold spread does not blur
+        out["delta"] = {}
+        for m in ("ns_score", "map"):
+            d = np.array([r.scores["head"][m] - r.scores["raw"][m] for r in paired])
+            out["delta"][m] = {"mean": round(float(d.mean()), 4), "std": round(float(d.std()), 4),
+                               "folds_better": int((d > 0).sum()), "folds_worse": int((d < 0).sum())}
     return out
 
 

@@ -80,3 +80,24 @@ def test_default_head_is_whitening_and_keeps_its_choice(tmp_path):
     assert meta["config"]["arch"] == "whiten"
     assert meta["whitening"]["selected_by"].startswith("3-fold") and "inner_gain" in meta["whitening"]
     assert r.scores["head"]["ns_score"] > r.scores["raw"]["ns_score"]
+
+
+def test_train_folds_report_paired_deltas(tmp_path, capsys):
+    pytest.importorskip("keras")
+    import json
+
+    from ris.cli import train as train_cli
+    from ris.featuredb import FeatureWriter
+
+    x, lab = _objects(30, 4, 32, 5)
+    db = tmp_path / "f.h5"
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (32,), [f"o{i}" for i in range(30)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], _l2(x), [f"o{g}" for g in lab])
+    w.finish({})
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--folds", "3",
+                           "--quiet", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    d = summary["delta"]["ns_score"]
+    assert d["folds_better"] + d["folds_worse"] <= 3
+    assert d["mean"] == pytest.approx(summary["head"]["ns_score"]["mean"] - summary["raw"]["ns_score"]["mean"], abs=2e-4)
+    assert d["folds_better"] == 3  # the nuisance directions are learnable: every fold gains

@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                 s = summary[key]
                 print(f"{key:>4}: N-S {s['ns_score']['mean']:.4f} +- {s['ns_score']['std']:.4f}  "
                       f"mAP {s['map']['mean']:.4f} +- {s['map']['std']:.4f}  over {args.folds} folds of held-out objects")
+            if "delta" in summary:
+                d = summary["delta"]
+                print("head - raw, paired per fold: " + ";  ".join(
+                    f"{name} {d[m]['mean']:+.4f} +- {d[m]['std']:.4f} (better in {d[m]['folds_better']}, worse in "
+                    f"{d[m]['folds_worse']} of {args.folds})" for m, name in (("ns_score", "N-S"), ("map", "mAP"))))
         return 0
     r = train_head(args.features_db, args.output, cfg, progress=not args.quiet)
     if args.json:
