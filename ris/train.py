@@ -443,7 +443,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         hist_path, plot_path = write_history(history, output, raw_val, monitor_name)
     return TrainResult(str(output), best["epoch"], len(history), round(seconds, 2),
                        round(float(np.mean(epoch_times)) if epoch_times else 0.0, 3),
-                       {k: int(n_obj[k]) for k in rows}, test_scores, str(hist_path), str(plot_path))
+                       {k: int(n_obj[k]) for k in rows}, test_scores, str(hist_path), str(plot_path) if plot_path else "")
 
 
 def fit_whitening(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, log=print) -> dict[str, Any]:
@@ -497,7 +497,7 @@ def fit_whitening(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, lo
     return {"mean": mean, "projection": proj, **chosen}
 
 
-def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple[Path, Path]:
+def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple[Path, Path | None]:
     """The inner cross-validation table as CSV and a bar chart: what each whitening setting gained."""
     stem = model_path.with_suffix("")
     csv_path, png = Path(f"{stem}.history.csv"), Path(f"{stem}.history.png")
@@ -506,8 +506,10 @@ def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple
         w = csv.DictWriter(fh, fieldnames=["shrinkage", "power", "dim", "inner_gain"])
         w.writeheader()
         w.writerows(table)
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a bare accelerator host: the CSV is still written
+        return csv_path, None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -528,7 +530,7 @@ def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple
 
 
 def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float,
-                  metric: str = "N-S") -> tuple[Path, Path]:
+                  metric: str = "N-S") -> tuple[Path, Path | None]:
     """History as CSV next to the model, and a loss / N-S curve PNG a person can look at."""
     stem = model_path.with_suffix("")
     csv_path = Path(f"{stem}.history.csv")
@@ -537,8 +539,10 @@ def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: floa
         w.writeheader()
         w.writerows(history)
     png = Path(f"{stem}.history.png")
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a bare accelerator host: the CSV is still written
+        return csv_path, None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -130,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if r.epochs_run:
         print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
-              f"history {r.history_path}, plot {r.plot_path}")
+              f"history {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
     else:
         print(f"saved {r.model_path} (learned whitening, closed form); inner cross-validation table "
-              f"{r.history_path}, plot {r.plot_path}")
+              f"{r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
     if r.scores:
         raw, head = r.scores["raw"], r.scores["head"]
         print(f"held-out test objects ({r.split['test']}): N-S raw {raw['ns_score']:.4f} -> head "
