@@ -3,8 +3,10 @@
 Protocol (stated in the report):
 - UKBench-1000: 5 folds over the 250 objects (seed 0). Each fold's 50 objects are held out from
   training and from every choice; its 200 images query each other (closed set). N-S counts the
-  query (perfect 4.0). Heads choose their epoch on 10% validation objects taken from the
-  training side. Mean +- std over folds, plus the paired difference head - raw per fold.
+  query (perfect 4.0). Triplet heads choose their epoch on 10% validation objects taken from the
+  training side; learned whitening has no epochs: it is fitted on the training and validation
+  objects, its settings chosen by 3-fold cross-validation over them. Mean +- std over folds, plus
+  the paired difference head - raw per fold.
 - Corel-1k: images split 50/50 inside every class (seed 0); the 500 test images query each other;
   mAP and precision@10 exclude the query. With --unseen-classes 2, two classes give no training
   image and their queries are also scored alone.
@@ -99,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corel", default=str(SHARED / "corel1k"), help="Corel-1k folder")
     p.add_argument("--out", default=str(ROOT / "bench" / "quality.md"), help="markdown report to write")
     p.add_argument("--quick", action="store_true", help="2 descriptors, 3 heads (a smoke run)")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite --out from the JSON beside it (e.g. after editing quality_findings.md)")
     args = p.parse_args(argv)
+    if args.render_only:
+        report = json.loads(Path(args.out).with_suffix(".json").read_text())
+        Path(args.out).write_text(render(report))
+        return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     from ris.evaluate import evaluate_folds
