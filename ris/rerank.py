@@ -93,6 +93,14 @@ def neighbours_without_self(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return i[keep].reshape(-1, k), (1.0 - d[keep]).reshape(-1, k)
 
 
+def dba_database(database: np.ndarray, n: int = 2, alpha: float = 3.0) -> np.ndarray:
+    """The whole database after alpha-DBA (L2-normalised input): one kNN pass over it, O(N^2 D)
+    time in bounded memory, which is why ``ris-search`` caches the result beside the database."""
+    unit = l2_normalize(np.asarray(database, np.float32))
+    idx, sim = neighbours_without_self(unit, n)
+    return alpha_dba(unit, idx, sim, n, alpha)
+
+
 def diffusion_graph(unit: np.ndarray, k: int = 50, gamma: float = 3.0) -> sparse.csr_matrix:
     """``S = D^-1/2 W D^-1/2`` of the mutual kNN graph, ``W_ij = max(<x_i, x_j>, 0)^gamma``.
 
@@ -322,7 +330,10 @@ def _rows_to_csr(rows: list[tuple[np.ndarray, np.ndarray]], n: int) -> sparse.cs
 class Reranker:
     """A database prepared once for one re-ranking method (offline graphs, DBA), then searched."""
 
-    def __init__(self, database: np.ndarray, method: str = "none", metric: str = "euclidean", **params):
+    def __init__(self, database: np.ndarray, method: str = "none", metric: str = "euclidean",
+                 augmented: np.ndarray | None = None, **params):
+        """``augmented``: for dba+qe, the database after alpha-DBA made earlier with the same
+        parameters (``dba_database``), e.g. loaded from a cache file; skips its kNN pass."""
         if method not in METHODS:
             raise ValueError(f"unknown re-ranking method {method!r}; choose one of {METHODS}")
         if metric not in METRICS:
@@ -339,8 +350,10 @@ class Reranker:
         if method in ("qe", "dba+qe", "diffusion"):
             self.unit = l2_normalize(self.db)
         if method == "dba+qe":
-            idx, sim = neighbours_without_self(self.unit, int(self.p["dba_n"]))
-            self.unit = alpha_dba(self.unit, idx, sim, int(self.p["dba_n"]), self.p["dba_alpha"])
+            if augmented is not None and np.shape(augmented) == self.unit.shape:
+                self.unit = np.ascontiguousarray(augmented, dtype=np.float32)
+            else:
+                self.unit = dba_database(self.unit, int(self.p["dba_n"]), self.p["dba_alpha"])
         elif method == "diffusion":
             self.graph = diffusion_graph(self.unit, int(self.p["graph_k"]), self.p["gamma"])
         elif method == "kreciprocal":

@@ -48,7 +48,9 @@ class SearchEngine:
         if rerank != "none":  # graph/DBA methods prepare the whole database once, in memory
             from ris.rerank import Reranker
 
-            self.reranker = Reranker(np.asarray(self.vectors[:], np.float32), rerank, self.metric)
+            vectors = np.asarray(self.vectors[:], np.float32)
+            augmented = _cached_dba(vectors_path, vectors) if rerank == "dba+qe" else None
+            self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
         self.image_ids = self.db.image_ids
         names = self.db.label_names
         self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
@@ -120,13 +122,42 @@ class SearchEngine:
         return hits
 
 
-def _write_h5_atomic(path: Path, data: np.ndarray) -> None:
+def _write_h5_atomic(path: Path, data: np.ndarray, attrs: dict | None = None) -> None:
     import h5py
 
     tmp = Path(str(path) + ".partial")
     with h5py.File(tmp, "w") as f:
         f.create_dataset("embeddings", data=data, chunks=True)
+        f.attrs.update(attrs or {})
     os.replace(tmp, path)
+
+
+def _cached_dba(vectors_path: str, vectors: np.ndarray) -> np.ndarray:
+    """The alpha-DBA database for ``--rerank dba+qe``, made once and kept beside the vectors' file.
+
+    Why: DBA needs every row's nearest neighbours, an O(N^2) pass that would otherwise run on every
+    search. The cache is keyed by the DBA parameters and stamped with the source file's size and
+    modification time and the row count, so ``ris-extract --append`` (or a new head) rebuilds it.
+    """
+    import h5py
+
+    from ris.rerank import DEFAULTS, dba_database
+
+    p = DEFAULTS["dba+qe"]
+    n, alpha = int(p["dba_n"]), float(p["dba_alpha"])
+    st = os.stat(vectors_path)
+    stamp = f"{vectors.shape[0]}x{vectors.shape[1]}:{st.st_size}:{st.st_mtime_ns}"
+    cache = Path(f"{vectors_path}.dba-n{n}-a{alpha:g}.h5")
+    if cache.exists():
+        try:
+            with h5py.File(cache, "r") as f:
+                if f.attrs.get("source_stamp") == stamp:
+                    return f["embeddings"][:]
+        except OSError:  # damaged cache: rebuild it
+            pass
+    augmented = dba_database(vectors, n, alpha)
+    _write_h5_atomic(cache, augmented, {"source_stamp": stamp, "dba_n": n, "dba_alpha": alpha})
+    return augmented
 
 
 def hits_to_dicts(hits: list[Hit]) -> list[dict]:

@@ -1,5 +1,6 @@
 """Each command end to end on a tiny generated dataset (random-init VGG16 at 64 px: no network)."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -277,6 +278,30 @@ def test_search_with_reranking(tiny, db, capsys, method):
     assert code == 0, err
     r = json.loads(out)["results"]
     assert len(r) == 4 and [h["distance"] for h in r] == sorted(h["distance"] for h in r)
+
+
+def test_dba_database_is_cached_beside_the_database_and_rebuilt_when_it_changes(db, tmp_path, monkeypatch):
+    import shutil
+
+    import ris.rerank
+    from ris.search import SearchEngine
+
+    copy = tmp_path / "feats.h5"
+    shutil.copy(db, copy)
+    with h5py.File(copy, "r") as f:  # a fixed query vector: the test features come from random weights
+        query = f["features"][3:4]
+    first = SearchEngine(copy, rerank="dba+qe").reranker.search(query, 5)[1].tolist()
+    caches = list(tmp_path.glob("feats.h5.dba-*.h5"))
+    assert len(caches) == 1
+
+    def no_knn(*a, **k):
+        raise AssertionError("the cached DBA database should have been used")
+
+    monkeypatch.setattr(ris.rerank, "neighbours_without_self", no_knn)
+    assert SearchEngine(copy, rerank="dba+qe").reranker.search(query, 5)[1].tolist() == first
+    os.utime(copy, ns=(os.stat(copy).st_atime_ns, os.stat(copy).st_mtime_ns + 10**9))  # as --append would
+    with pytest.raises(AssertionError, match="cached DBA"):
+        SearchEngine(copy, rerank="dba+qe")
 
 
 def test_eval_folds_and_rerank(db, capsys):
