@@ -331,3 +331,13 @@ def test_shallow_branch_trains_evaluates_and_searches(tiny, db, tmp_path, capsys
                        "-k", "3", "--json")
     assert code == 0, err
     assert len(json.loads(o)["results"]) == 3
+
+
+def test_list_layers_names_what_layer_accepts(capsys):
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--model", "mobilenet_v2", "--list-layers", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    layers = {row["layer"]: row["channels"] for row in r["layers"]}
+    assert r["default"] == "head_relu6" and layers["head_relu6"] == 1280 and layers["block16_add"] == 160
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--model", "mobilenet_v2")
+    assert code == 2 and "--dataset is required" in err and len(err.strip().splitlines()) == 1

