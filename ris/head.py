@@ -231,7 +231,7 @@ def _apply_whitening(x, mean, proj):
 
 
 def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: int = 0,
-                     inner_split: str = "object", grid: dict | None = None) -> dict:
+                     inner_split: str = "object", grid: dict | None = None, max_eval: int = 4000) -> dict:
     """Pick shrinkage, power and size of learned whitening by cross-validation inside the training set.
 
     Why: the best regularisation depends on the backbone and on how many objects there are, and the
@@ -239,6 +239,8 @@ def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: in
     (new objects, as UKBench tests); "image" holds out images inside every group (Corel's protocol).
     ``score(descriptors, labels)`` is higher-better (N-S or mAP). Returns the choice, its mean inner
     gain over the raw descriptor and the whole table; ``{"off": True}`` when nothing beat raw.
+    Each held-out part is scored on at most ``max_eval`` images (whole groups, seeded), so the
+    choice costs about the same on 100k training images as on 1k.
     """
     import numpy as np
 
@@ -262,6 +264,11 @@ def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: in
     raw = []
     for te in held:
         tr = ~te
+        if te.sum() > max_eval:  # score a seeded subset of the held-out groups
+            groups, sizes = np.unique(labels[te], return_counts=True)
+            order = rng.permutation(len(groups))
+            keep = groups[order][: max(2, int(np.searchsorted(np.cumsum(sizes[order]), max_eval)))]
+            te = te & np.isin(labels, keep)
         if len(np.unique(labels[te])) < 2 or len(np.unique(labels[tr])) < 2:
             continue
         raw.append(score(x[te], labels[te]))

