@@ -224,6 +224,16 @@ def test_search_any_image_with_montage(tiny, db, model, tmp_path, capsys):
     assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 3
 
 
+def test_search_with_a_database_image_finds_it_first(tiny, db, capsys):
+    """The query is described exactly as the database was (here even with --weights none)."""
+    _, data, _ = tiny
+    image = sorted(Path(data).glob("*.jpg"))[5]
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", image, "--features-db", db, "-k", "2", "--json")
+    assert code == 0, err
+    top = json.loads(out)["results"][0]
+    assert top["image_id"] == image.name and top["distance"] < 1e-3
+
+
 def test_search_refuses_features_from_another_backbone(tiny, model, tmp_path, capsys):
     _, data, query = tiny
     other = tmp_path / "other.h5"

