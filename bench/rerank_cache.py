@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=256, help="dimensions")
     p.add_argument("--queries", type=int, default=50, help="single queries timed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hnsw", action="store_true",
+                   help="also build the DBA database from an HNSW index's neighbours and compare it with the exact one")
+    p.add_argument("--M", type=int, default=32, help="HNSW graph degree (with --hnsw)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
@@ -64,6 +67,22 @@ def main(argv: list[str] | None = None) -> int:
                 r.search(q[None], 10)
                 times.append(time.perf_counter() - t)
             res[f"query_ms_p50_{method}"] = round(1e3 * float(np.median(times)), 2)
+        if args.hnsw:
+            from ris.index import HnswIndex
+            from ris.rerank import dba_database
+
+            t = time.perf_counter()
+            index = HnswIndex(args.dim, "euclidean", M=args.M)
+            index.add(db, 0)
+            res["hnsw_build_s"] = round(time.perf_counter() - t, 2)
+            t = time.perf_counter()
+            approx = dba_database(db, 2, 3.0, index=index)
+            res["dba_from_hnsw_s"] = round(time.perf_counter() - t, 2)
+            res["dba_rows_equal_to_exact"] = round(float(np.isclose(again, approx, atol=1e-5).all(1).mean()), 4)
+            a = Reranker(db, "dba+qe", "euclidean", augmented=again).search(queries, 10)[1]
+            b = Reranker(db, "dba+qe", "euclidean", augmented=approx).search(queries, 10)[1]
+            res["dba_qe_top10_overlap_exact_vs_hnsw"] = round(
+                float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)])), 4)
     res["speedup_per_search_run"] = round(res["dba_build_s"] / max(res["dba_cache_load_s"], 1e-6), 1)
     res["loadavg_end"] = os.getloadavg()
     print(json.dumps(res, indent=1))

@@ -93,12 +93,38 @@ def neighbours_without_self(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return i[keep].reshape(-1, k), (1.0 - d[keep]).reshape(-1, k)
 
 
-def dba_database(database: np.ndarray, n: int = 2, alpha: float = 3.0) -> np.ndarray:
-    """The whole database after alpha-DBA (L2-normalised input): one kNN pass over it, O(N^2 D)
-    time in bounded memory, which is why ``ris-search`` caches the result beside the database."""
-    unit = l2_normalize(np.asarray(database, np.float32))
-    idx, sim = neighbours_without_self(unit, n)
+def dba_database(database: np.ndarray, n: int = 2, alpha: float = 3.0, index=None,
+                 chunk: int = 65536) -> np.ndarray:
+    """The whole database after alpha-DBA: one kNN pass over it, which is why ``ris-search`` caches
+    the result beside the database.
+
+    Exact by default (O(N^2 D) time in bounded memory). ``index`` (an ``HnswIndex`` over the same
+    rows, e.g. the one ``ris-search`` already keeps for large collections) finds the neighbours
+    approximately in near-linear time; their similarities are then computed exactly. It must rank
+    like cosine similarity: a cosine index, or a euclidean one over L2-normalised rows."""
+    vectors = np.asarray(database, np.float32)
+    unit = l2_normalize(vectors)
+    if index is None:
+        idx, sim = neighbours_without_self(unit, n)
+    else:
+        idx = _index_neighbours(vectors, index, n, chunk)
+        sim = np.einsum("nd,nkd->nk", unit, unit[idx]) if len(idx) else np.zeros((0, n), np.float32)
     return alpha_dba(unit, idx, sim, n, alpha)
+
+
+def _index_neighbours(vectors: np.ndarray, index, n: int, chunk: int) -> np.ndarray:
+    """The ``n`` nearest other rows of every row, from an approximate index (self dropped; when the
+    index misses the row itself, its last neighbour is dropped instead)."""
+    rows = len(vectors)
+    n = min(n, rows - 1)
+    out = np.empty((rows, n), np.int64)
+    for s in range(0, rows, chunk):
+        e = min(s + chunk, rows)
+        _, i = index.search(vectors[s:e], n + 1)
+        keep = i != np.arange(s, e)[:, None]
+        keep[keep.all(1), -1] = False
+        out[s:e] = i[keep].reshape(-1, n)
+    return out
 
 
 def diffusion_graph(unit: np.ndarray, k: int = 50, gamma: float = 3.0) -> sparse.csr_matrix:

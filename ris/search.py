@@ -49,7 +49,7 @@ class SearchEngine:
             from ris.rerank import Reranker
 
             vectors = np.asarray(self.vectors[:], np.float32)
-            augmented = _cached_dba(vectors_path, vectors) if rerank == "dba+qe" else None
+            augmented = _cached_dba(vectors_path, vectors, self.index) if rerank == "dba+qe" else None
             self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
         self.image_ids = self.db.image_ids
         names = self.db.label_names
@@ -132,21 +132,29 @@ def _write_h5_atomic(path: Path, data: np.ndarray, attrs: dict | None = None) ->
     os.replace(tmp, path)
 
 
-def _cached_dba(vectors_path: str, vectors: np.ndarray) -> np.ndarray:
+def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None) -> np.ndarray:
     """The alpha-DBA database for ``--rerank dba+qe``, made once and kept beside the vectors' file.
 
     Why: DBA needs every row's nearest neighbours, an O(N^2) pass that would otherwise run on every
     search. The cache is keyed by the DBA parameters and stamped with the source file's size and
     modification time and the row count, so ``ris-extract --append`` (or a new head) rebuilds it.
+    With an HNSW index (large collections) the neighbours come from it instead of an exact pass.
     """
     import h5py
 
+    from ris.index import HnswIndex
     from ris.rerank import DEFAULTS, dba_database
 
     p = DEFAULTS["dba+qe"]
     n, alpha = int(p["dba_n"]), float(p["dba_alpha"])
+    sample = vectors[:: max(1, len(vectors) // 1000)]
+    ranks_like_cosine = getattr(index, "metric", "") == "cosine" or np.allclose(
+        np.linalg.norm(sample, axis=1), 1.0, atol=1e-3)
+    if not (isinstance(index, HnswIndex) and len(index) == len(vectors) and ranks_like_cosine):
+        index = None
     st = os.stat(vectors_path)
-    stamp = f"{vectors.shape[0]}x{vectors.shape[1]}:{st.st_size}:{st.st_mtime_ns}"
+    stamp = (f"{vectors.shape[0]}x{vectors.shape[1]}:{st.st_size}:{st.st_mtime_ns}:"
+             f"{'hnsw' if index is not None else 'exact'}")
     cache = Path(f"{vectors_path}.dba-n{n}-a{alpha:g}.h5")
     if cache.exists():
         try:
@@ -155,8 +163,9 @@ def _cached_dba(vectors_path: str, vectors: np.ndarray) -> np.ndarray:
                     return f["embeddings"][:]
         except OSError:  # damaged cache: rebuild it
             pass
-    augmented = dba_database(vectors, n, alpha)
-    _write_h5_atomic(cache, augmented, {"source_stamp": stamp, "dba_n": n, "dba_alpha": alpha})
+    augmented = dba_database(vectors, n, alpha, index=index)
+    _write_h5_atomic(cache, augmented, {"source_stamp": stamp, "dba_n": n, "dba_alpha": alpha,
+                                        "neighbours": "hnsw" if index is not None else "exact"})
     return augmented
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from ris.errors import RisError
 from ris.index import (ExactIndex, HnswIndex, build_hnsw_from_db, index_path_for, open_search_index,
-                       update_hnsw)
+                       hnsw_available, update_hnsw)
 from ris.topk import pairwise_distances
 
 METRICS = ["euclidean", "cosine"]
@@ -139,3 +139,19 @@ def test_streamed_exact_index_keeps_its_row_count(h5db):
         f["features"][2000:] = db[:100]  # duplicates would tie with rows 0..99
         _, idx = index.search(db[:5], 3)
         assert len(index) == 2000 and idx.max() < 2000
+
+
+def test_dba_from_the_hnsw_index_matches_the_exact_pass():
+    if not hnsw_available():
+        pytest.skip("hnswlib not installed (pip install 'ris[ann]')")
+    from ris.rerank import dba_database
+
+    db = clustered(3000, 32, 11)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)  # as features are: then euclidean ranks like cosine
+    index = HnswIndex(32, "euclidean")
+    index.add(db, 0)
+    exact = dba_database(db, 2, 3.0)
+    approx = dba_database(db, 2, 3.0, index=index, chunk=700)  # several chunks
+    same_rows = np.isclose(exact, approx, atol=1e-5).all(axis=1).mean()
+    assert same_rows > 0.98, same_rows
+    assert np.allclose(np.linalg.norm(approx, axis=1), 1.0, atol=1e-5)
