@@ -67,3 +67,15 @@ def test_extractor_features_unchanged_by_folding() -> None:
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
     ext = FeatureExtractor(ExtractConfig(model="mobilenet_v2", weights="none", input_size=64))
     assert ext.batchnorm_folded == 52 and ext.attrs()["batchnorm_folded"] == 52
+
+
+def test_a_fold_that_changes_the_output_is_refused(monkeypatch) -> None:
+    import ris.backbones.fold as fold
+
+    model = _toy()
+    _randomise_bn(model)
+    real = fold._folded_weights
+    monkeypatch.setattr(fold, "_folded_weights", lambda conv, bn: (real(conv, bn)[0] * 2, real(conv, bn)[1]))
+    with pytest.warns(UserWarning, match="unfolded"):
+        same, n = fold.fold_batchnorm(model)
+    assert same is model and n == 0
