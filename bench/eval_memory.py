@@ -20,7 +20,6 @@ existing one, so that ``/usr/bin/time -v`` sees the evaluation's peak alone.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -36,25 +35,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-
-def vm_hwm_mb() -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_hwm() -> bool:
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from peak_memory import reset_hwm, vm_hwm_mb  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def ru_maxrss_mb() -> float:

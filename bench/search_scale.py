@@ -12,7 +12,6 @@ Per phase it reports wall time and peak RSS: VmHWM after resetting it through
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -28,6 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ris.index import ExactIndex, HnswIndex, build_hnsw_from_db  # noqa: E402
 from ris.topk import l2_normalize  # noqa: E402
+
+from peak_memory import reset_hwm, vm_hwm_mb  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 K = 10
 
@@ -56,34 +57,18 @@ class Phase:
         self.name = name
 
     def __enter__(self) -> dict:
-        gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.reset = True
-        except OSError:
-            self.reset = False
+        self.reset = reset_hwm()
         self.rec = {}
         self.t0 = time.perf_counter()
         return self.rec
 
     def __exit__(self, *exc) -> None:
         self.rec["seconds"] = time.perf_counter() - self.t0
-        self.rec["peak_rss_mb"] = _vm_hwm_mb() if self.reset else None
+        self.rec["peak_rss_mb"] = vm_hwm_mb() if self.reset else None
         self.rec["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Phase.results[self.name] = self.rec
         print(f"[{self.name}] {self.rec['seconds']:.1f} s, peak RSS {self.rec['peak_rss_mb'] or 0:.0f} MB",
               file=sys.stderr, flush=True)
-
-
-def _vm_hwm_mb() -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def latencies(fn, queries: np.ndarray, warmup: int = 3) -> tuple[np.ndarray, list]:
