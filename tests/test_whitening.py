@@ -29,6 +29,17 @@ def _l2(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _write_db(path, x, lab):
+    """A labelled feature database as ris-extract writes it, from synthetic vectors."""
+    from ris.featuredb import FeatureWriter
+
+    n_obj = int(lab.max()) + 1
+    w = FeatureWriter(path, {"model": "synthetic", "pooling": "gap"}, (x.shape[1],), [f"o{i}" for i in range(n_obj)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], _l2(x), [f"o{g}" for g in lab])
+    w.finish({})
+    return path
+
+
 def test_scatter_equals_the_pair_list_formula():
     x, lab = _objects(6, 5, 12, 0)
     mean, proj = learned_whitening(x, lab, 12, shrinkage=0.0)
@@ -67,14 +78,9 @@ def test_too_few_groups_is_an_error_for_the_caller():
 
 def test_default_head_is_whitening_and_keeps_its_choice(tmp_path):
     pytest.importorskip("keras")
-    from ris.featuredb import FeatureWriter
     from ris.train import TrainConfig, load_model, train_head
 
-    x, lab = _objects(40, 4, 64, 4)
-    db = tmp_path / "f.h5"
-    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (64,), [f"o{i}" for i in range(40)])
-    w.add([f"{i:04d}.jpg" for i in range(len(x))], _l2(x), [f"o{g}" for g in lab])
-    w.finish({})
+    db = _write_db(tmp_path / "f.h5", *_objects(40, 4, 64, 4))
     r = train_head(db, tmp_path / "h.keras", TrainConfig(seed=0), progress=False, log=lambda s: None)
     _, meta = load_model(r.model_path)
     assert meta["config"]["arch"] == "whiten"
@@ -87,13 +93,8 @@ def test_train_folds_report_paired_deltas(tmp_path, capsys):
     import json
 
     from ris.cli import train as train_cli
-    from ris.featuredb import FeatureWriter
 
-    x, lab = _objects(30, 4, 32, 5)
-    db = tmp_path / "f.h5"
-    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (32,), [f"o{i}" for i in range(30)])
-    w.add([f"{i:04d}.jpg" for i in range(len(x))], _l2(x), [f"o{g}" for g in lab])
-    w.finish({})
+    db = _write_db(tmp_path / "f.h5", *_objects(30, 4, 32, 5))
     assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--folds", "3",
                            "--quiet", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
