@@ -231,13 +231,12 @@ def _apply_whitening(x, mean, proj):
 
 
 def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: int = 0,
-                     inner_split: str = "object", grid: dict | None = None, max_eval: int = 4000) -> dict:
+                     grid: dict | None = None, max_eval: int = 4000) -> dict:
     """Pick shrinkage, power and size of learned whitening by cross-validation inside the training set.
 
     Why: the best regularisation depends on the backbone and on how many objects there are, and the
-    held-out objects may not be used to choose it. ``inner_split`` "object" holds out whole groups
-    (new objects, as UKBench tests); "image" holds out images inside every group (Corel's protocol).
-    ``score(descriptors, labels)`` is higher-better (N-S or mAP). Returns the choice, its mean inner
+    held-out objects may not be used to choose it. The inner folds hold out whole groups, so the
+    choice is made for objects (or classes) the head has not seen. ``score(descriptors, labels)`` is higher-better (N-S or mAP). Returns the choice, its mean inner
     gain over the raw descriptor and the whole table; ``{"off": True}`` when nothing beat raw.
     Each held-out part is scored on at most ``max_eval`` images (whole groups, seeded), so the
     choice costs about the same on 100k training images as on 1k.
@@ -250,15 +249,8 @@ def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: in
     x = l2_normalize(np.asarray(features, np.float32))
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
-    if inner_split == "object":
-        parts = np.array_split(rng.permutation(np.unique(labels)), folds)
-        held = [np.isin(labels, p) for p in parts]
-    else:
-        fold_of = np.zeros(len(labels), int)
-        for g in np.unique(labels):
-            idx = rng.permutation(np.nonzero(labels == g)[0])
-            fold_of[idx] = np.arange(len(idx)) % folds
-        held = [fold_of == f for f in range(folds)]
+    parts = np.array_split(rng.permutation(np.unique(labels)), folds)
+    held = [np.isin(labels, p) for p in parts]
     dims = sorted(d for d in grid["dim"] if d <= x.shape[1]) or [x.shape[1]]
     table: dict[tuple, list[float]] = {}
     raw = []

@@ -471,8 +471,7 @@ def fit_whitening(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, lo
         try:
             # whole groups are held out in the inner folds even for Corel-style splits: the setting
             # must serve objects and classes the head has not seen, not only new images of known ones
-            choice = choose_whitening(features, labels, score, folds=3, seed=cfg.seed, inner_split="object",
-                                      grid=grid)
+            choice = choose_whitening(features, labels, score, folds=3, seed=cfg.seed, grid=grid)
             chosen = {k: choice.get(k) for k in ("shrinkage", "power", "dim")}
             chosen.update(inner_gain=round(choice["inner_gain"], 5), inner_raw=round(choice["inner_raw"], 5),
                           off=choice["off"], selected_by="3-fold cross-validation over the training groups",
