@@ -243,11 +243,11 @@ def _compile_forward(model) -> Callable[[np.ndarray], Any]:
         state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
 
         @jax.jit
-        def run(tv, ntv, x):
+        def jitted(tv, ntv, x):
             out, _ = model.stateless_call(tv, ntv, x, training=False)
             return out
 
-        return lambda x: run(state[0], state[1], x)
+        return lambda x: jitted(state[0], state[1], x)
     if backend == "tensorflow":
         import tensorflow as tf
 

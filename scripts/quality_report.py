@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     from ris.evaluate import evaluate_folds
-    from ris.train import TrainConfig, summarize_folds, train_head
+    from ris.train import summarize_folds, train_head
 
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)

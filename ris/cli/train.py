@@ -1,10 +1,15 @@
-"""ris-train: train the triplet embedding head on stored features, split by object."""
+"""ris-train: fit the embedding head (learned whitening or a triplet-loss head) on stored features,
+split by object."""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from ris.cli.common import print_json, run
+from ris.cli.common import HelpFormatter, print_json, run
+
+if TYPE_CHECKING:
+    from ris.train import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "fitted in closed form with its settings chosen by cross-validation over the training "
                     "objects; --arch mlp|residual train Dense heads (shared weights) with triplet loss "
                     "max(0, m + D(q,p) - D(q,n)), the best epoch chosen on the val objects.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--features-db", default="feats.h5", help="labelled HDF5 feature database from ris-extract")
     p.add_argument("--output", default="model.keras", help="where to save the best head (.keras); history "
                    "CSV and a loss-curve PNG are written beside it")
