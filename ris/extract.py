@@ -18,8 +18,10 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
+from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -319,24 +321,36 @@ def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
 
     cv2.setNumThreads(1)  # parallelism comes from the pool, not inside each decode
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
-    window: deque = deque()
+    tasks = _in_flight(pool, partial(_load_batch_item, root, size=size), rel_paths, prefetch)
     try:
-        it = iter(rel_paths)
-        for rel in it:
-            window.append((rel, pool.submit(_load_batch_item, root, rel, size)))
-            if len(window) >= prefetch:
-                break
-        while window:
-            rel, fut = window.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                window.append((nxt, pool.submit(_load_batch_item, root, nxt, size)))
+        for rel, fut in tasks:
             try:
                 yield rel, fut.result(), None
             except BadImage as exc:
                 yield rel, None, str(exc)
     finally:  # also when the consumer stops early (interrupt): don't decode the rest of the window
+        tasks.close()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+Item = TypeVar("Item")
+
+
+def _in_flight(pool: Any, fn: Callable[[Item], Any], items: Iterable[Item],
+               depth: int) -> Iterator[tuple[Item, Future]]:
+    """(item, future of fn(item)) in input order, keeping ``depth`` tasks submitted ahead of the
+    consumer so the workers never wait for it; closing it early cancels the tasks not started."""
+    it = iter(items)
+    window: deque[tuple[Item, Future]] = deque((item, pool.submit(fn, item)) for item in islice(it, max(1, depth)))
+    try:
+        while window:
+            item, fut = window.popleft()
+            for nxt in islice(it, 1):
+                window.append((nxt, pool.submit(fn, nxt)))
+            yield item, fut
+    finally:
+        for _, fut in window:
+            fut.cancel()
 
 
 # Worker processes are started once per worker count and kept for later extractions in the same
@@ -398,17 +412,9 @@ def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, wor
     depth = max(2 * workers, -(-prefetch // chunk))  # chunks in flight
     pool = _decode_pool(workers)
     chunks = (list(rel_paths[i : i + chunk]) for i in range(0, len(rel_paths), chunk))
-    window: deque[tuple[list[str], Future]] = deque()
+    tasks = _in_flight(pool, partial(_decode_chunk, str(root), size=size), chunks, depth)
     try:
-        for c in chunks:
-            window.append((c, pool.submit(_decode_chunk, str(root), c, size)))
-            if len(window) >= depth:
-                break
-        while window:
-            c, fut = window.popleft()
-            nxt = next(chunks, None)
-            if nxt is not None:
-                window.append((nxt, pool.submit(_decode_chunk, str(root), nxt, size)))
+        for c, fut in tasks:
             stacked, errors = fut.result()
             k = 0
             for rel, err in zip(c, errors):
@@ -418,8 +424,7 @@ def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, wor
                 else:
                     yield rel, None, err
     finally:
-        for _, fut in window:
-            fut.cancel()
+        tasks.close()
 
 
 def extract_features(

@@ -1,6 +1,7 @@
 """Discovery, labels and robust decoding of awkward files."""
 import re
 
+import cv2
 import numpy as np
 import pytest
 
@@ -70,3 +71,20 @@ def test_label_file_errors(tmp_path):
     (tmp_path / "one.tsv").write_text("onlyonecolumn\n")
     with pytest.raises(RisError, match="column"):
         read_label_tsv(tmp_path / "one.tsv")
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_iter_decoded_keeps_order_reports_bad_files_and_stops_early(tmp_path, processes):
+    from ris.extract import iter_decoded
+
+    for i in range(11):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((30, 40, 3), 20 * i, np.uint8))
+    (tmp_path / "05b.jpg").write_text("not an image")
+    rels = sorted(p.name for p in tmp_path.iterdir())
+    out = list(iter_decoded(tmp_path, rels, 16, workers=2, prefetch=3, processes=processes, chunk=2))
+    assert [rel for rel, _, _ in out] == rels
+    assert [rel for rel, _, err in out if err] == ["05b.jpg"]
+    assert [int(img[0, 0, 0]) for _, img, _ in out if img is not None] == [20 * i for i in range(11)]
+    early = iter_decoded(tmp_path, rels, 16, workers=2, prefetch=3, processes=processes, chunk=2)
+    assert next(early)[0] == "00.png"
+    early.close()  # the consumer stopping early must not hang or raise
