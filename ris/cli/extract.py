@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "AMX (VGG16 2x faster on this project's CPU; features agree to ~1e-5 in cosine)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--append", action="store_true", help="add images not yet in an existing database")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing database; the old one stays usable "
+                   "until the new one is complete, then the caches kept beside it are deleted")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     return p
@@ -55,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
 
     from ris.errors import RisError
     from ris.extract import ExtractConfig, extract_features
@@ -68,14 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         scales = tuple(float(s) for s in args.scales.split(","))
     except ValueError:
         raise RisError(f"--scales must be numbers separated by commas, got {args.scales!r}") from None
-    if args.overwrite:
-        Path(args.features_db).unlink(missing_ok=True)
-        Path(args.features_db + ".partial").unlink(missing_ok=True)
     cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
                         scales=scales, pooling=args.pool, dtype=args.dtype)
     s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
-                         workers=args.workers, append=args.append, progress=not args.no_progress,
-                         decode=args.decode)
+                         workers=args.workers, append=args.append, overwrite=args.overwrite,
+                         progress=not args.no_progress, decode=args.decode)
     if args.json:
         print_json(s.to_dict())
     else:
