@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 import time
 import zipfile
@@ -227,12 +226,13 @@ def raw_descriptors(features: np.ndarray, pooling: str = "gap") -> np.ndarray:
 
 def save_model(model, path: str | Path, meta: dict[str, Any]) -> Path:
     """Keras ``.keras`` file with our metadata inside; written atomically."""
+    from ris.sidecars import atomic_write
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial.keras")
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as zf:
-        zf.writestr(META_NAME, json.dumps(meta, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    with atomic_write(path, suffix=".keras") as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:
+            zf.writestr(META_NAME, json.dumps(meta, indent=1, default=_json_default))
     return path
 
 

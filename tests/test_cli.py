@@ -315,7 +315,13 @@ def test_dba_database_is_cached_beside_the_database_and_rebuilt_when_it_changes(
 
     monkeypatch.setattr(ris.rerank, "neighbours_without_self", no_knn)
     assert SearchEngine(copy, rerank="dba+qe").reranker.search(query, 5)[1].tolist() == first
-    os.utime(copy, ns=(os.stat(copy).st_atime_ns, os.stat(copy).st_mtime_ns + 10**9))  # as --append would
+    from ris.featuredb import FeatureWriter
+
+    with h5py.File(copy, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    w = FeatureWriter(copy, attrs, tuple(attrs["feature_shape"]), [], append=True)  # as --append does
+    w.add(["new.jpg"], query, [""])
+    w.finish()
     with pytest.raises(AssertionError, match="cached DBA"):
         SearchEngine(copy, rerank="dba+qe")
 
