@@ -8,6 +8,7 @@ from ris.cli.common import HelpFormatter, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ris.index import index_arg, index_help, index_metavar
     from ris.options import RERANK_METHODS
 
     p = argparse.ArgumentParser(
@@ -22,9 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top-k", type=int, default=12, help="number of results")
     p.add_argument("--output", default=None, help="montage PNG path (query first, then the results); with "
                    "several queries, a -N suffix is added")
-    p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
-                   help="exact = blockwise BLAS search; hnsw = approximate index (pip install 'ris[ann]'), "
-                        "saved beside the database; auto = hnsw for large databases when available")
+    p.add_argument("--index", default="auto", type=index_arg, metavar=index_metavar(), help=index_help())
     p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
                    help="re-rank with alpha query expansion (qe), database-side augmentation + qe, kNN-graph "
                         "diffusion or k-reciprocal neighbours; these hold the database in memory and report "
