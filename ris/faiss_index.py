@@ -72,9 +72,12 @@ class IvfPqParams:
     nprobe: int = 32  # cells visited per query
     rerank: int = 100  # shortlist re-ranked exactly from the stored vectors; 0 = approximate distances
     train_rows: int = 100_000
+    codec: str = "pq"  # "sq8" (1 byte per dimension) below ~10,000 rows, too few to train PQ codebooks
 
     def factory(self, dim: int) -> str:
         coarse = f"IVF{self.nlist}_HNSW32" if self.nlist >= 1024 else f"IVF{self.nlist}"
+        if self.codec == "sq8":
+            return f"{coarse},SQ8"
         opq = f"OPQ{self.m}_{dim}," if self.opq else ""
         return f"{opq}{coarse},PQ{self.m}x{self.nbits}"
 
@@ -82,15 +85,16 @@ class IvfPqParams:
 def choose_params(n: int, dim: int, **override) -> IvfPqParams:
     """nlist ~ 4 sqrt(N) (a power of two, at most 4096, >= 39 training rows per cell); m = 64
     bytes (fewer for small dimensions: it must divide the dimension); 8-bit codes once there
-    are enough rows to train 256 centroids per sub-quantizer; OPQ from 100,000 rows (below,
-    its training costs more than the index is worth)."""
+    are enough rows to train 256 centroids per sub-quantizer (below that, 8-bit scalar codes:
+    a small database does not need compressing); OPQ from 100,000 rows (below, its training
+    costs more than the index is worth)."""
     nlist = 2 ** int(round(math.log2(max(1.0, 4 * math.sqrt(n)))))
     nlist = int(max(1, min(nlist, 4096, n // 39)))
     train = int(min(n, max(100_000, 64 * nlist)))
     m = max(d for d in range(1, min(64, max(1, dim // 2)) + 1) if dim % d == 0)
-    nbits = int(min(8, max(1, math.floor(math.log2(max(2.0, train / 39))))))
-    p = IvfPqParams(nlist=nlist, m=m, nbits=nbits, opq=n >= 100_000 and m >= 2,
-                    nprobe=int(min(nlist, 32 if nlist >= 256 else max(1, nlist // 4))), train_rows=train)
+    codec = "pq" if train >= 39 * 256 else "sq8"
+    p = IvfPqParams(nlist=nlist, m=m if codec == "pq" else dim, nbits=8, opq=codec == "pq" and n >= 100_000 and m >= 2,
+                    nprobe=int(min(nlist, 32)), train_rows=train, codec=codec)
     for k, v in override.items():
         setattr(p, k, v)
     return p

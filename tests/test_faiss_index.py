@@ -37,11 +37,13 @@ def open_ivfpq(path, **kw):
         return open_search_index(str(path), db.features, "euclidean", kind="ivfpq", source=source_of(db), **kw)
 
 
-@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_recall_and_distances_against_exact(metric):
-    x = clustered_vectors(4000, 32, seed=1)
-    q = clustered_vectors(60, 32, seed=2)
+@pytest.mark.parametrize("metric,n,codec", [("euclidean", 10000, "pq"), ("cosine", 10000, "pq"),
+                                            ("euclidean", 3000, "sq8")])
+def test_recall_and_distances_against_exact(metric, n, codec):
+    x = clustered_vectors(n, 16, seed=1)
+    q = clustered_vectors(60, 16, seed=2)
     index = build_ivfpq(x, metric, progress=False)
+    assert index.params.codec == codec
     ref_d, ref_i = ExactIndex(x, metric).search(q, 10)
     _, approx = index.search(q, 10)  # PQ distances only
     assert recall(approx, ref_i) >= 0.6
@@ -58,8 +60,9 @@ def test_params_for_ten_million_rows_fit_in_a_gigabyte():
     assert (p.nlist, p.m, p.nbits, p.opq) == (4096, 64, 8, True)
     assert p.factory(256) == "OPQ64_256,IVF4096_HNSW32,PQ64x8"
     assert 10_000_000 * (p.m + 8) < 1 << 30  # codes + ids
-    small = choose_params(500, 12)  # tiny databases still train (fewer cells, shorter codes, no OPQ)
-    assert 12 % small.m == 0 and small.nlist * 39 <= 500 and small.nbits < 8 and not small.opq
+    assert choose_params(20_000, 100).factory(100) == "IVF512,PQ50x8"  # m divides the dimension, no OPQ yet
+    small = choose_params(500, 12)  # too few rows to train PQ codebooks: 8-bit scalar codes
+    assert small.nlist * 39 <= 500 and small.factory(12) == f"IVF{small.nlist},SQ8"
 
 
 def test_saved_index_is_memory_mapped_and_reused(tmp_path, monkeypatch):
