@@ -218,11 +218,24 @@ class IvfPqIndex:
         if k <= 0 or not len(q):
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         depth = max(k, int(self.params.rerank)) if self.stored is not None and self.params.rerank else k
-        d2, labels = self.index.search(q, min(depth, len(self)))
+        d2, labels = self._search(q, min(depth, len(self)))
         if depth == k or self.stored is None:
             dist = np.sqrt(np.maximum(d2, 0)) if self.metric == "euclidean" else d2 / 2  # unit vectors: 1-cos = d2/2
             return to_rows(np.where(labels < 0, np.inf, dist), labels, self.rowmap, k)
         return self._rerank(q, labels, k)
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss search; a few queries run on one thread: faiss splits work by query, and waking
+        a second OpenMP thread for one query cost milliseconds on a loaded 2-core machine."""
+        if len(q) >= 16:
+            return self.index.search(q, k)
+        faiss = _faiss()
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self.index.search(q, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
 
     def _rerank(self, q: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         rows = labels if self.rowmap is None else self.rowmap.rows(labels)

@@ -207,7 +207,9 @@ class FeatureDB:
     @property
     def removed_ids(self) -> np.ndarray:
         """Every id removed so far, in removal order (indexes replay the part they have not seen)."""
-        return self.f["removed_ids"][:].astype(np.int64, copy=False) if "removed_ids" in self.f else np.zeros(0, np.int64)
+        if "removed_ids" not in self.f:
+            return np.zeros(0, np.int64)
+        return self.f["removed_ids"][:].astype(np.int64, copy=False)
 
     @property
     def added_at(self) -> np.ndarray:

@@ -160,7 +160,8 @@ class HnswIndex:
             self.removed_seen, self.deleted = int(meta.get("removed_seen", 0)), int(meta.get("deleted", 0))
             space, count = _SPACES[self.metric], max(1, int(meta["count"]) + self.deleted)
         except (KeyError, TypeError, ValueError) as exc:
-            raise DatabaseError(f"HNSW index {path}: its sidecar {path}.json is damaged (bad or missing {exc})") from None
+            raise DatabaseError(f"HNSW index {path}: its sidecar {path}.json is damaged "
+                                f"(bad or missing {exc})") from None
         self.rowmap = None
         self._index = _hnswlib().Index(space=space, dim=self.dim)
         self._index.load_index(path, max_elements=count)

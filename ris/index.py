@@ -191,6 +191,13 @@ class IndexKind:
     help: str
     takes_arg: bool = False
     metavar: str = ""
+    check: Callable[[str], object] | None = None  # validates the argument (RisError), before any slow work
+
+
+def _check_milvus(arg: str) -> None:
+    from ris.milvus_index import parse_target
+
+    parse_target(arg)
 
 
 INDEX_KINDS: dict[str, IndexKind] = {k.name: k for k in (
@@ -203,7 +210,7 @@ INDEX_KINDS: dict[str, IndexKind] = {k.name: k for k in (
                                     "memory-mapped, built on first use and saved beside the database"),
     IndexKind("milvus", _open_milvus, "a Milvus collection (pip install 'ris[milvus]'): milvus:PATH.db = Milvus "
                                       "Lite, embedded; milvus://HOST:PORT = a Milvus server", takes_arg=True,
-              metavar="milvus:PATH.db|milvus://HOST:PORT"),
+              metavar="milvus:PATH.db|milvus://HOST:PORT", check=_check_milvus),
 )}
 
 
@@ -213,6 +220,8 @@ def parse_index(text: str) -> tuple[str, str | None]:
     kind = INDEX_KINDS.get(name)
     if kind is None or (kind.takes_arg and not arg) or (not kind.takes_arg and sep):
         raise RisError(f"unknown index {text!r}; choose {index_metavar()}")
+    if kind.check is not None:
+        kind.check(arg)
     return name, (arg or None)
 
 

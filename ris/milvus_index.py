@@ -37,7 +37,8 @@ def _pymilvus():
     try:
         import pymilvus
     except ImportError as exc:
-        raise RisError("the milvus index needs pymilvus: pip install 'ris[milvus]' (or use --index exact|hnsw)") from exc
+        raise RisError("the milvus index needs pymilvus: pip install 'ris[milvus]' "
+                       "(or use --index exact|hnsw|ivfpq)") from exc
     return pymilvus
 
 

@@ -4,9 +4,10 @@ Beside ``feats.h5`` live caches derived from it (head embeddings ``.emb-<model>.
 database ``.dba-n<n>-a<alpha>.h5``, thumbnails ``.thumbs<size>.h5``, the HNSW index ``.hnsw`` +
 ``.hnsw.json``, the faiss IVF-PQ index ``.ivfpq`` (its metadata, the commit point) + the data file
 it names ``.ivfpq.<token>.faiss``, and the same kinds beside an embedding cache), the writer's
-``.partial``, the remover's ``.rewrite`` and its ``.lock``. Why one module: a cache is only safe if it is (a) written atomically, (b) keyed on the
-database's *content* plus its own parameters, so a re-extracted database of the same size never
-serves stale vectors, and (c) cleared, and only it, when the database is replaced.
+``.partial``, the remover's ``.rewrite`` and its ``.lock``. Why one module: a cache is only safe
+if it is (a) written atomically, (b) keyed on the database's *content* plus its own parameters,
+so a re-extracted database of the same size never serves stale vectors, and (c) cleared, and
+only it, when the database is replaced.
 """
 from __future__ import annotations
 
