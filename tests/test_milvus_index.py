@@ -96,3 +96,14 @@ def test_bad_targets_are_one_clear_line():
     with pytest.raises(RisError, match="HOST:PORT"):
         parse_target("//localhost")
     assert parse_target("//db.example.org:19530") == ("http://db.example.org:19530", False)
+
+
+def test_ris_index_build_rebuild_drops_the_collection(tmp_path, labelled_db, capsys):
+    from ris.cli.index import main
+
+    db, _ = labelled_db
+    target = f"milvus:{tmp_path / 'm.db'}"
+    assert main(["build", "--features-db", str(db), "--index", target]) == 0
+    assert main(["build", "--features-db", str(db), "--index", target, "--rebuild"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("building Milvus index") == 2  # built, then dropped and built again

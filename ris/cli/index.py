@@ -66,10 +66,10 @@ def _build(args) -> int:
             engine = SearchEngine(args.features_db, args.model, index=args.index)
             index, vectors_path = engine.index, None
         else:
-            vectors_path = str(db.path)
+            vectors_path, source = str(db.path), source_of(db)
             if args.rebuild:
-                _delete_saved(vectors_path, args.index)
-            index = open_search_index(vectors_path, db.features, "euclidean", kind=args.index, source=source_of(db))
+                _delete_saved(vectors_path, args.index, source)
+            index = open_search_index(vectors_path, db.features, "euclidean", kind=args.index, source=source)
         if getattr(index, "kind", "") == "ivfpq" and (args.nprobe is not None or args.rerank is not None):
             index = _retune(index, vectors_path or "", args.nprobe, args.rerank)
         summary = {"features_db": args.features_db, "index": args.index, "type": type(index).__name__,
@@ -106,7 +106,7 @@ def _retune(index, vectors_path: str, nprobe: int | None, rerank: int | None):
     return index
 
 
-def _delete_saved(vectors_path: str, kind: str) -> None:
+def _delete_saved(vectors_path: str, kind: str, source: dict) -> None:
     from ris.sidecars import hnsw_path, ivfpq_path
 
     if kind == "hnsw":
@@ -116,7 +116,12 @@ def _delete_saved(vectors_path: str, kind: str) -> None:
     elif kind == "ivfpq" and os.path.isfile(ivfpq_path(vectors_path)):
         os.unlink(ivfpq_path(vectors_path))  # its data file is dropped by the next save
     elif kind.startswith("milvus:"):
-        pass  # the collection is rebuilt when its state does not match; see ris.milvus_index
+        from ris.milvus_index import collection_name, connect
+
+        client = connect(kind.partition(":")[2])
+        name = collection_name(source, vectors_path)
+        if client.has_collection(name):
+            client.drop_collection(name)
 
 
 def _remove(args) -> int:
