@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,6 +122,120 @@ class SearchEngine:
             hits.append(Hit(r, float(d), image_id, str(self.root / image_id), self.labels[int(i)]))
         return hits
 
+    # --- serving (ris-serve): queries by decoded image or database row; a grown database -------
+    def embed_array(self, rgb: np.ndarray) -> np.ndarray:
+        """The query vector of an already decoded RGB uint8 image (H, W, 3), made as ``embed_query``
+        makes it from a file. Why: the HTTP service decodes uploads itself, after its own checks,
+        and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match."""
+        from ris.images import resize_square
+        from ris.train import embed_features, raw_descriptors
+
+        rgb = np.asarray(rgb, dtype=np.uint8)
+        vec = self.extractor.embed(resize_square(rgb, self.extractor.max_size)[None])
+        if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
+            vec = raw_descriptors(vec)
+        if self.head is not None:
+            shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
+            if shallow:
+                from ris.thumbs import with_thumbnails
+
+                vec = with_thumbnails(vec, resize_square(rgb, shallow)[None])
+            vec = embed_features(self.head, vec)
+        return vec
+
+    @property
+    def query_size(self) -> int:
+        """Side (px) a query image is decoded at (reduced JPEG decoding stops at it)."""
+        return int(self.extractor.max_size)
+
+    def row_vector(self, row: int) -> np.ndarray:
+        """(1, D) search vector of database row ``row`` (its head embedding with a model)."""
+        row = int(row)
+        if not 0 <= row < len(self.image_ids):
+            raise IndexError(f"row {row} is not in the database (0..{len(self.image_ids) - 1})")
+        return np.asarray(self.vectors[row : row + 1], dtype=np.float32)
+
+    def reranker_for(self, method: str):
+        """The database prepared for re-ranking method ``method`` (None for 'none'): made on first
+        use and kept, so one engine can serve every method a request asks for."""
+        if method == "none":
+            return None
+        if self.reranker is not None and self.reranker.method == method:
+            return self.reranker
+        with _SERVE_LOCK:
+            cache = self.__dict__.setdefault("_rerankers", {})
+            if method not in cache:
+                import h5py
+
+                from ris.rerank import Reranker
+
+                vectors = np.asarray(self.vectors[:], np.float32)
+                path = self.vectors.file.filename if isinstance(self.vectors, h5py.Dataset) else str(self.db.path)
+                augmented = _cached_dba(path, vectors, self.index) if method == "dba+qe" else None
+                cache[method] = Reranker(vectors, method, self.metric, augmented=augmented)
+            return cache[method]
+
+    def neighbours(self, vec: np.ndarray, k: int, rerank: str = "none",
+                   exclude_row: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, rows), best first, of one query vector; ``exclude_row`` (the query's own
+        row in a search by row) is left out of the results."""
+        n = len(self.image_ids)
+        k = max(0, min(int(k), n - (exclude_row is not None)))
+        if k == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        reranker = self.reranker_for(rerank)
+        if reranker is not None:
+            rows = None if exclude_row is None else np.array([exclude_row])
+            dist, idx = reranker.search(vec, k, query_rows=rows)
+        else:
+            dist, idx = self.index.search(vec, k + (exclude_row is not None))
+        dist, idx = np.asarray(dist[0], np.float32), np.asarray(idx[0], np.int64)
+        keep = idx >= 0 if exclude_row is None else (idx >= 0) & (idx != exclude_row)
+        return dist[keep][:k], idx[keep][:k]
+
+    def hits(self, dist: np.ndarray, rows: np.ndarray) -> list["RowHit"]:
+        return [RowHit(r, float(d), self.image_ids[int(i)], str(self.root / self.image_ids[int(i)]),
+                       self.labels[int(i)], int(i)) for r, (d, i) in enumerate(zip(dist, rows), 1)]
+
+    def search(self, image, k: int = 12, rerank: str = "none") -> list["RowHit"]:
+        """Top ``k`` for an image file path or a decoded RGB array (in-process ``ris-serve``)."""
+        if isinstance(image, np.ndarray):
+            vec = self.embed_array(image)
+        else:
+            vec = self.embed_query(image)
+        return self.hits(*self.neighbours(vec, k, rerank))
+
+    def search_row(self, row: int, k: int = 12, rerank: str = "none") -> list["RowHit"]:
+        """Top ``k`` other rows for database row ``row`` ("more like this"; no image decoding)."""
+        return self.hits(*self.neighbours(self.row_vector(row), k, rerank, exclude_row=int(row)))
+
+    def refreshed(self, model: str | Path | None = None, index: str = "auto",
+                  dataset_root: str | Path | None = None) -> "SearchEngine":
+        """A new engine over the database file as it is now (after ``ris-extract --append``),
+        sharing this one's backbone and head, the slow parts to load; a saved HNSW index follows
+        as in ``__init__``. ``model``, ``index``, ``dataset_root``: as this engine was made with."""
+        from ris.errors import DatabaseError
+        from ris.featuredb import FeatureDB
+        from ris.index import open_search_index
+
+        db = FeatureDB(self.db.path)
+        if db.fingerprint() != self.db.fingerprint():
+            db.close()
+            raise DatabaseError(f"{self.db.path}: the database was rebuilt with different features; restart")
+        new = object.__new__(type(self))
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_rerankers"})
+        new.db = db
+        new.root = Path(dataset_root or db.dataset_root or ".")
+        new.vectors, vectors_path = new._database_vectors(model)
+        new.index = open_search_index(vectors_path, new.vectors, new.metric, kind=index)
+        new.reranker = None
+        if self.reranker is not None:
+            new.reranker = new.reranker_for(self.reranker.method)
+        new.image_ids = db.image_ids
+        names = db.label_names
+        new.labels = [names[l] if 0 <= l < len(names) else "" for l in db.labels]
+        return new
+
 
 def _write_h5_atomic(path: Path, data: np.ndarray, attrs: dict | None = None) -> None:
     import h5py
@@ -171,3 +286,13 @@ def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None) -> np.ndarra
 
 def hits_to_dicts(hits: list[Hit]) -> list[dict]:
     return [asdict(h) for h in hits]
+
+
+_SERVE_LOCK = threading.Lock()  # lazily prepared re-rankers of every engine
+
+
+@dataclass
+class RowHit(Hit):
+    """A hit with its database row (what ``ris-serve`` links thumbnails and "more like this" by)."""
+
+    row: int = -1
