@@ -10,10 +10,7 @@ import copy
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -36,6 +33,7 @@ from ris.extract import ExtractConfig, extract_features  # noqa: E402
 from ris.search import SearchEngine  # noqa: E402
 from ris.serve import SearchService, ServeConfig, create_app  # noqa: E402
 from ris.serve.limits import Guard, Limiter, Overloaded  # noqa: E402
+from ris.serve.process import ServerProcess  # noqa: E402
 from ris.testing import _huge_png, make_bad_images, make_tiny_dataset  # noqa: E402
 
 FAST = ExtractConfig(model="vgg16", weights="none", input_size=64)
@@ -487,34 +485,12 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):
         assert err.startswith("ris-serve: error:") and words in err and len(err.splitlines()) == 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str], env: dict | None = None, timeout: float = 180):
-    """``ris-serve`` in a subprocess; returns (process, base URL) once it printed its ready line."""
-    proc = subprocess.Popen([sys.executable, "-m", "ris.cli.serve", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        ready = [ln for ln in lines if " ready: " in ln]
-        if ready:
-            return proc, ready[0].rsplit(" at ", 1)[1].strip().rstrip("/")
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"ris-serve did not get ready: {proc.stderr.read()[-2000:]}")
-
-
 @pytest.mark.slow
 def test_the_real_server_streams_the_cap_and_stops_cleanly(tiny):
     import httpx
 
-    proc, url = start_server(["--features-db", str(tiny[2]), "--port", "0", "--max-upload-mb", "0.05"])
+    server = ServerProcess(["--features-db", str(tiny[2]), "--port", "0", "--max-upload-mb", "0.05"])
+    url = server.url
     try:
         assert url.startswith("http://127.0.0.1:")
         host, port = url[len("http://"):].split(":")
@@ -535,5 +511,5 @@ def test_the_real_server_streams_the_cap_and_stops_cleanly(tiny):
         assert r.status_code == 200 and r.json()["results"][0]["id"] == 2
         assert httpx.get(url + "/api/images/..%2F..%2Fetc%2Fpasswd").status_code == 404
     finally:
-        proc.send_signal(signal.SIGTERM)  # how a service manager stops it: graceful, exit 0
-        assert proc.wait(60) == 0
+        assert server.stop() == 0  # SIGTERM, as a service manager stops it: graceful, exit 0
+    assert any("ris-serve: loading" in line for line in server.stderr)

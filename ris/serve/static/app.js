@@ -60,7 +60,7 @@
       } else if (e.status === 401) {
         status.className = "status wait";
         status.textContent = "API key needed";
-        showError(e.message.replace(/^./, (c) => c.toUpperCase()) + " (enter it in the API key field).");
+        showError(keyMessage(e));
       } else {
         status.className = "status";
         status.textContent = "not ready";
@@ -68,6 +68,11 @@
       }
       return false;
     }
+  }
+
+  function keyMessage(e) {
+    return /wrong/i.test(e.message) ? "Wrong API key: check the API key field."
+      : "This server needs an API key: enter it in the API key field.";
   }
 
   function clearErrorIf401() {
@@ -150,7 +155,7 @@
       if (seq === state.seq) render(data, q);
     } catch (e) {
       if (seq !== state.seq) return;
-      showError(e.message);
+      showError(e.status === 401 ? keyMessage(e) : e.message);
       $("summary").textContent = "";
       if (e.status === 401) $("key").focus();
     } finally {
@@ -269,12 +274,16 @@
     state.key = $("key").value.trim();
     if (state.key) sessionStorage.setItem("ris-api-key", state.key);
     else sessionStorage.removeItem("ris-api-key");
-    if (await refreshHealth()) run();
+    if (await refreshHealth()) (state.query ? run() : startFromUrl());
   });
+
+  function startFromUrl() {  // #id=N (the address of a "more like this" search) searches at once
+    const m = /^#id=(\d+)$/.exec(location.hash);
+    if (m) searchId(Number(m[1]));
+  }
 
   refreshHealth().then((ok) => {
     if (state.health) $("k").value = state.health.default_k;
-    const m = /^#id=(\d+)$/.exec(location.hash);
-    if (ok && m) searchId(Number(m[1]));
+    if (ok) startFromUrl();
   });
 })();
