@@ -57,6 +57,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    "at once")
     g.add_argument("--queue-timeout", type=float, default=30, help="seconds a search may wait for a slot before "
                    "HTTP 503")
+    g.add_argument("--max-connections", type=int, default=256, help="concurrent connections; more get HTTP 503 "
+                   "(bounds the uploads being received at once)")
     g.add_argument("--reload-interval", type=float, default=2, help="seconds between checks of the database file "
                    "for new rows (0 = never reload)")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -76,7 +78,8 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
         if unknown:
             raise RisError(f"--rerank: unknown method(s) {', '.join(unknown)}; choose from {', '.join(RERANK_METHODS)}")
     for name, value, low in (("--port", args.port, 0), ("--top-k", args.top_k, 1), ("--max-k", args.max_k, 1),
-                             ("--slots", args.slots, 1), ("--queue", args.queue, 0)):
+                             ("--slots", args.slots, 1), ("--queue", args.queue, 0),
+                             ("--max-connections", args.max_connections, 1)):
         if value < low:
             raise RisError(f"{name} must be >= {low}, not {value}")
     if args.top_k > args.max_k:
@@ -88,7 +91,8 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
                        api_key=args.api_key or os.environ.get("RIS_API_KEY") or None,
                        max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
                        default_k=args.top_k, max_k=args.max_k, slots=args.slots, queue=args.queue,
-                       queue_timeout=args.queue_timeout, reload_interval=args.reload_interval)
+                       queue_timeout=args.queue_timeout, reload_interval=args.reload_interval,
+                       max_connections=args.max_connections)
 
 
 def require_serve_extra() -> None:
@@ -142,7 +146,8 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
           file=sys.stderr, flush=True)
     app = create_app(cfg, on_ready=on_ready, on_fatal=on_fatal)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                           timeout_keep_alive=5, server_header=False))
+                                           timeout_keep_alive=5, server_header=False,
+                                           limit_concurrency=cfg.max_connections))
     _run_until_stopped(server)
     if outcome["code"] == 0 and not server.started:
         from ris.errors import RisError

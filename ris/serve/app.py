@@ -120,10 +120,14 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
                             k: int = Form(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
                             rerank: str = Form("none", description="none, qe, dba+qe, diffusion, kreciprocal")):
         svc.generation()  # 503 while loading, before reading the upload
-        data = await image.read(cfg.max_upload_bytes + 1)
-        if len(data) > cfg.max_upload_bytes:
-            raise ServeError(413, f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.")
-        out, waited = await in_slot(searches, svc.search_upload, data, image.filename, k, rerank)
+
+        def work() -> dict:  # in a slot: at most `slots` uploads are in memory at once
+            data = image.file.read(cfg.max_upload_bytes + 1)  # the parser spooled it to disk over 1 MB
+            if len(data) > cfg.max_upload_bytes:
+                raise ServeError(413, f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.")
+            return svc.search_upload(data, image.filename, k, rerank)
+
+        out, waited = await in_slot(searches, work)
         out["timing_ms"]["queue"] = round(waited * 1000, 2)
         return JSONResponse(out)  # plain JSON types already: skips FastAPI's slower generic encoder
 

@@ -31,7 +31,7 @@ class ServeConfig:
     dataset_root: str | None = None
     rerank: tuple[str, ...] | None = None  # None: every method up to RERANK_SMALL_DB rows, else qe
     api_key: str | None = None
-    max_upload_bytes: int = 20 << 20
+    max_upload_bytes: int = 20_000_000
     max_pixels: int = 50_000_000
     default_k: int = 12
     max_k: int = 100
@@ -41,6 +41,7 @@ class ServeConfig:
     reload_interval: float = 2.0  # seconds between looks at the database file; 0 = never
     thumb_size: int = 256
     thumb_cache: int = 2048  # thumbnails kept in memory (about 15 kB each)
+    max_connections: int = 256  # open connections; uvicorn answers 503 beyond (bounds spooled uploads)
 
 
 def file_stamp(path: str | Path) -> tuple[int, int, int, int]:
