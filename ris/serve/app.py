@@ -169,8 +169,3 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
 
     return Guard(app, cfg.max_upload_bytes + MULTIPART_SLACK, cfg.api_key,
                  f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.")
-
-
-def fastapi_app(asgi):
-    """The FastAPI app inside the guard (for tests and OpenAPI)."""
-    return asgi.app

@@ -142,9 +142,9 @@ def open_regular(path: Path, rel: str, row: int) -> tuple[int, int]:
 
 
 def read_regular(path: Path, rel: str, row: int) -> bytes:
-    fd, size = open_regular(path, rel, row)
+    fd, _ = open_regular(path, rel, row)
     with os.fdopen(fd, "rb") as fh:
-        return fh.read(size + 1)[: MAX_FILE_BYTES]
+        return fh.read(MAX_FILE_BYTES)
 
 
 def thumbnail_jpeg(data: bytes, size: int, rel: str, row: int) -> bytes:

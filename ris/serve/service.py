@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ris.serve.files import (ServeError, decode_upload, media_type, open_regular, read_regular, row_file,
-                             thumbnail_jpeg)
+from ris.serve.files import (ServeError, decode_upload, display_name, media_type, open_regular, read_regular,
+                             row_file, thumbnail_jpeg)
 
 RERANK_SMALL_DB = 20_000  # above this many rows, only qe is offered by default (the others hold an
                           # N x N kNN pass or graph)
@@ -190,8 +190,6 @@ class SearchService:
         t2 = time.perf_counter()
         dist, rows = e.neighbours(vec, k, rerank)
         t3 = time.perf_counter()
-        from ris.serve.files import display_name
-
         query = {"kind": "upload", "filename": display_name(filename, "upload"), **facts}
         return self._answer(gen, dist, rows, query, k, rerank,
                             {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})

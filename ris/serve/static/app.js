@@ -57,6 +57,10 @@
         status.className = "status wait";
         status.textContent = "loading the model and the database…";
         setTimeout(refreshHealth, 1000);
+      } else if (e.status === 503 && e.body && e.body.status === "failed") {
+        status.className = "status";
+        status.textContent = "not ready";
+        showError(`The search engine failed to load: ${e.body.error}`);
       } else if (e.status === 401) {
         status.className = "status wait";
         status.textContent = "API key needed";
