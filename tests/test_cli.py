@@ -357,3 +357,21 @@ def test_list_layers_names_what_layer_accepts(capsys):
     assert r["default"] == "head_relu6" and layers["head_relu6"] == 1280 and layers["block16_add"] == 160
     code, out, err = cli(capsys, extract_cli, "ris-extract", "--model", "mobilenet_v2")
     assert code == 2 and "--dataset is required" in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_warns_once_about_rows_that_are_not_finite_and_never_returns_them(tiny, db, tmp_path, capsys):
+    _, data, _ = tiny
+    copy = tmp_path / "feats.h5"
+    shutil.copy(db, copy)
+    with h5py.File(copy, "r+") as f:
+        f["features"][2] = np.nan
+        bad_id = f["image_ids"][2].decode()
+    images = sorted(Path(data).glob("*.jpg"))[:2]
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", *images, "--features-db", copy, "-k", "30",
+                         "--json")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "not finite" in line]
+    assert len(warnings) == 1 and bad_id in warnings[0] and "1 row" in warnings[0]
+    for q in json.loads(out):
+        assert len(q["results"]) == 23 and bad_id not in [h["image_id"] for h in q["results"]]
+        assert all(np.isfinite(h["distance"]) for h in q["results"])
