@@ -375,3 +375,15 @@ def test_search_warns_once_about_rows_that_are_not_finite_and_never_returns_them
     for q in json.loads(out):
         assert len(q["results"]) == 23 and bad_id not in [h["image_id"] for h in q["results"]]
         assert all(np.isfinite(h["distance"]) for h in q["results"])
+
+
+@pytest.mark.parametrize("model", ["mobilenet_v2", "vgg16"])
+def test_a_text_file_as_weights_is_one_line_naming_the_file(tiny, tmp_path, capsys, model):
+    _, data, _ = tiny
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are not weights\n")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", tmp_path / "x.h5",
+                         "--model", model, "--weights", notes, "--resize", "64", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(notes) in err and "cannot load weights" in err and "Traceback" not in err
+    assert not (tmp_path / "x.h5").exists()
