@@ -387,3 +387,60 @@ def test_a_text_file_as_weights_is_one_line_naming_the_file(tiny, tmp_path, caps
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert str(notes) in err and "cannot load weights" in err and "Traceback" not in err
     assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("module,args,flag", [
+    (extract_cli, ["--batch-size", "0"], "--batch-size"),
+    (extract_cli, ["--batch-size", "-1"], "--batch-size"),
+    (extract_cli, ["--workers", "0"], "--workers"),
+    (extract_cli, ["--resize", "0"], "--resize"),
+    (extract_cli, ["--scales", "0"], "--scales"),
+    (extract_cli, ["--scales", "1,-0.5"], "--scales"),
+    (extract_cli, ["--scales", "nan"], "--scales"),
+    (extract_cli, ["--scales", "1,,0.5"], "--scales"),
+    (extract_cli, ["--scales", "inf"], "--scales"),
+    (search_cli, ["--image", "q.jpg", "-k", "-1"], "-k"),
+    (search_cli, ["--image", "q.jpg", "-k", "0"], "-k"),
+    (train_cli, ["--folds", "1"], "--folds"),
+    (train_cli, ["--folds", "-2"], "--folds"),
+    (train_cli, ["--test-fraction", "1.5"], "--test-fraction"),
+    (train_cli, ["--test-fraction", "1"], "--test-fraction"),
+    (train_cli, ["--val-fraction", "-0.1"], "--val-fraction"),
+    (train_cli, ["--epochs", "0"], "--epochs"),
+    (train_cli, ["--patience", "0"], "--patience"),
+    (train_cli, ["--batch-size", "0"], "--batch-size"),
+    (train_cli, ["--p", "1"], "--p"),
+    (train_cli, ["--k", "1"], "--k"),
+    (train_cli, ["--lr", "0"], "--lr"),
+    (train_cli, ["--margin", "nan"], "--margin"),
+    (train_cli, ["--dropout", "1"], "--dropout"),
+    (train_cli, ["--out-dim", "0"], "--out-dim"),
+    (train_cli, ["--hidden", "512,0"], "--hidden"),
+    (train_cli, ["--shallow", "-1"], "--shallow"),
+    (train_cli, ["--unseen-classes", "-1"], "--unseen-classes"),
+    (train_cli, ["--whiten-shrinkage", "-1"], "--whiten-shrinkage"),
+    (train_cli, ["--whiten-power", "0"], "--whiten-power"),
+    (train_cli, ["--whiten-dim", "0"], "--whiten-dim"),
+    (train_cli, ["--whiten-dim", "big"], "--whiten-dim"),
+    (eval_cli, ["--folds", "1"], "--folds"),
+    (eval_cli, ["--test-fraction", "1.5"], "--test-fraction"),
+    (eval_cli, ["--min-ns", "nan"], "--min-ns"),
+])
+def test_nonsense_arguments_are_refused_by_argparse_with_exit_2(module, args, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        module.build_parser().parse_args(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{module.build_parser().prog}: error: argument {flag}") and "Traceback" not in err
+
+
+def test_sensible_arguments_still_parse():
+    a = extract_cli.build_parser().parse_args(["--scales", "0.707, 1", "--batch-size", "1", "--workers", "2"])
+    assert a.scales == (0.707, 1.0) and a.batch_size == 1 and a.workers == 2
+    a = train_cli.build_parser().parse_args(["--folds", "0", "--test-fraction", "0", "--whiten-dim", "auto",
+                                             "--whiten-shrinkage", "0.3", "--hidden", ""])
+    assert a.folds == 0 and a.test_fraction == 0.0 and a.whiten_dim is None and a.whiten_shrinkage == 0.3
+    assert a.hidden == ()
+    assert train_cli.build_parser().parse_args(["--folds", "5"]).folds == 5
+    assert search_cli.build_parser().parse_args(["--image", "q.jpg", "-k", "1"]).top_k == 1

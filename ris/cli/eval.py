@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import HelpFormatter, finite_float, folds, fraction, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,14 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="objects to score: 'test' = held-out objects, 'all' = every labelled image "
                         "(default: test with --model, all without)")
     p.add_argument("--seed", type=int, default=0, help="split seed when no --model gives the split")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of objects when no --model")
-    p.add_argument("--folds", type=int, default=0,
+    p.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out share of objects when no --model")
+    p.add_argument("--folds", type=folds, default=0,
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
                         "(the folds of ris-train --folds, same seed) and report mean and std")
     p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
                    help="re-rank results: qe = alpha query expansion, dba+qe = database-side augmentation "
                         "plus qe, diffusion = kNN-graph diffusion, kreciprocal = k-reciprocal re-ranking")
-    p.add_argument("--min-ns", type=float, default=None,
+    p.add_argument("--min-ns", type=finite_float, default=None,
                    help="exit with status 1 if the best N-S score is below this (for CI)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
     return p

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import HelpFormatter, number_list, positive_float, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,17 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "see --list-layers)")
     p.add_argument("--list-layers", action="store_true",
                    help="print the --model's layers that output feature maps (name, channels) and exit")
-    p.add_argument("--resize", type=int, default=None, metavar="PX",
+    p.add_argument("--resize", type=positive_int, default=None, metavar="PX",
                    help="square input size in pixels (default: the backbone's native size)")
-    p.add_argument("--scales", default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
-                   "of each scale are L2-normalised and summed")
+    p.add_argument("--scales", type=number_list(positive_float), default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
+                   "of each scale are L2-normalised and summed; each scale > 0 multiplies the input size")
     p.add_argument("--pool", default="gap", choices=POOLINGS,
                    help="pooling of the conv maps: gap=average, mac=max, gem=generalised mean (p=3), "
                         "rmac=regional max; none stores the full maps (large)")
     p.add_argument("--labels", default="auto", help="ukbench (file number // 4), folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
-    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, max 8)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
+    p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: CPU count, max 8)")
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
                         "GPU waiting for input)")
@@ -64,15 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return _list_layers(args.model, args.json)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
-    try:
-        scales = tuple(float(s) for s in args.scales.split(","))
-    except ValueError:
-        raise RisError(f"--scales must be numbers separated by commas, got {args.scales!r}") from None
     if args.overwrite:
         Path(args.features_db).unlink(missing_ok=True)
         Path(args.features_db + ".partial").unlink(missing_ok=True)
     cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
-                        scales=scales, pooling=args.pool, dtype=args.dtype)
+                        scales=args.scales, pooling=args.pool, dtype=args.dtype)
     s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
                          workers=args.workers, append=args.append, progress=not args.no_progress,
                          decode=args.decode)

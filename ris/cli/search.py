@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import HelpFormatter, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, nargs="+", help="query image file(s)")
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train)")
-    p.add_argument("-k", "--top-k", type=int, default=12, help="number of results")
+    p.add_argument("-k", "--top-k", type=positive_int, default=12, help="number of results")
     p.add_argument("--output", default=None, help="montage PNG path (query first, then the results); with "
                    "several queries, a -N suffix is added")
     p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
