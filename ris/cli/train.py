@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
               f"history {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
     else:
-        print(f"saved {r.model_path} (learned whitening, closed form); inner cross-validation table "
-              f"{r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
+        print(f"saved {r.model_path} (learned whitening, closed form, fitted in {r.seconds:.1f} s); inner "
+              f"cross-validation table {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
     if r.scores:
         raw, head = r.scores["raw"], r.scores["head"]
         print(f"held-out test objects ({r.split['test']}): N-S raw {raw['ns_score']:.4f} -> head "
