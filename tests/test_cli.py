@@ -252,7 +252,7 @@ def test_search_refuses_features_from_another_backbone(tiny, model, tmp_path, ca
 def test_search_bad_query_image(tiny, db, tmp_path, capsys):
     bad = make_bad_images(tmp_path)
     code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad["truncated"], "--features-db", db)
-    assert code == 1 and "truncated" in err and str(bad["truncated"]) in err
+    assert code == 2 and "truncated" in err and str(bad["truncated"]) in err  # nothing done: an error
 
 
 def test_installed_entry_points_exist():
@@ -444,3 +444,59 @@ def test_sensible_arguments_still_parse():
     assert a.hidden == ()
     assert train_cli.build_parser().parse_args(["--folds", "5"]).folds == 5
     assert search_cli.build_parser().parse_args(["--image", "q.jpg", "-k", "1"]).top_k == 1
+
+
+def test_exit_codes_of_search_follow_the_rule(tiny, db, tmp_path, capsys):
+    from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+
+    _, _, query = tiny
+    bad = make_bad_images(tmp_path)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, bad["corrupt"], "--features-db", db,
+                         "-k", "2", "--json")
+    assert code == EXIT_PARTIAL == 1 and str(bad["corrupt"]) in err
+    results = json.loads(out)
+    assert [r["query"] for r in results] == [str(query)] and len(results[0]["results"]) == 2
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad["corrupt"], bad["zero_byte"],
+                         "--features-db", db)
+    assert code == EXIT_ERROR == 2
+    assert cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db)[0] == EXIT_OK == 0
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", tmp_path / "none.h5")
+    assert code == EXIT_ERROR and "not found" in err
+
+
+def test_exit_codes_of_eval_when_the_required_score_is_not_met(db, capsys):
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "3", "--min-ns", "4.01")
+    assert code == 1 and "below" in err
+    assert cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "0")[0] == 0
+
+
+@pytest.mark.parametrize("raised,code", [(None, 0), ("partial", 1), ("error", 2), ("oserror", 2), ("interrupt", 130),
+                                         ("interrupted", 130)])
+def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys):
+    from ris.cli import common
+    from ris.errors import RisError
+
+    def main(argv):
+        if raised == "partial":
+            return common.EXIT_PARTIAL
+        if raised == "error":
+            raise RisError("x.h5: broken")
+        if raised == "oserror":
+            raise FileNotFoundError(2, "No such file or directory", "x.h5")
+        if raised == "interrupt":
+            raise KeyboardInterrupt
+        if raised == "interrupted":
+            raise RisError("interrupted after 3 images; run the same command again to resume")
+        return common.EXIT_OK
+
+    assert run("ris-x", main, ["--json"]) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 1
+
+
+def test_readme_documents_the_exit_codes():
+    from ris.cli import common
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for value in (common.EXIT_OK, common.EXIT_PARTIAL, common.EXIT_ERROR, common.EXIT_INTERRUPTED):
+        assert f"| {value} |" in readme

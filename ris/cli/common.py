@@ -142,7 +142,8 @@ def quiet_backend() -> None:
 
 
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a RisError or OSError becomes 'prog: error: message' and a non-zero exit."""
+    """Run ``main``; a RisError or OSError becomes 'prog: error: message' and EXIT_ERROR, an
+    interruption EXIT_INTERRUPTED. ``main`` returns EXIT_OK or EXIT_PARTIAL."""
     args = sys.argv[1:] if argv is None else argv
     if not ({"-h", "--help"} & set(args)):
         quiet_backend()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, finite_float, folds, fraction, print_json, run
+from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, finite_float, folds, fraction, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-rank results: qe = alpha query expansion, dba+qe = database-side augmentation "
                         "plus qe, diffusion = kNN-graph diffusion, kreciprocal = k-reciprocal re-ranking")
     p.add_argument("--min-ns", type=finite_float, default=None,
-                   help="exit with status 1 if the best N-S score is below this (for CI)")
+                   help="exit with status 1 (a requested check failed) if the best N-S score is below this "
+                        "(for CI); errors exit 2")
     p.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
     return p
 
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         best = r["summary"]["ns_score"]["mean"]
         if args.min_ns is not None and best < args.min_ns:
             print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
-            return 1
-        return 0
+            return EXIT_PARTIAL
+        return EXIT_OK
     split = args.split or ("test" if args.model else "all")
     result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction,
                          rerank=args.rerank)
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         best = max(result[k]["ns_score"] for k in ("raw", "head") if k in result)
         if best < args.min_ns:
             print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
-            return 1
-    return 0
+            return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def entry() -> None:

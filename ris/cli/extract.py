@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, number_list, positive_float, positive_int, print_json, run
+from ris.cli.common import EXIT_OK, HelpFormatter, number_list, positive_float, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               f"features {'x'.join(map(str, s.feature_shape))}")
         for image, reason in s.skipped:
             print(f"  skipped: {reason}")
-    return 0
+    return EXIT_OK  # skipped images are listed, not an error
 
 
 def _list_layers(model: str, as_json: bool) -> int:
@@ -100,7 +100,7 @@ def _list_layers(model: str, as_json: bool) -> int:
         for r in rows:
             print(f"{r['layer']:<40} {r['channels']:>6}  {r['type']}")
         print(f"default (last): {trunk.layers[-1].name}")
-    return 0
+    return EXIT_OK
 
 
 def entry() -> None:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ris.cli.common import (HelpFormatter, auto_or, folds, fraction, int_at_least, nonnegative_float, nonnegative_int,
-                            number_list, positive_float, positive_int, print_json, run)
+from ris.cli.common import (EXIT_OK, HelpFormatter, auto_or, folds, fraction, int_at_least, nonnegative_float,
+                            nonnegative_int, number_list, positive_float, positive_int, print_json, run)
 
 if TYPE_CHECKING:
     from ris.train import TrainConfig
@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("head - raw, paired per fold: " + ";  ".join(
                     f"{name} {d[m]['mean']:+.4f} +- {d[m]['std']:.4f} (better in {d[m]['folds_better']}, worse in "
                     f"{d[m]['folds_worse']} of {args.folds})" for m, name in (("ns_score", "N-S"), ("map", "mAP"))))
-        return 0
+        return EXIT_OK
     r = train_head(args.features_db, args.output, cfg, progress=not args.quiet)
     if args.json:
         print_json(asdict(r))
-        return 0
+        return EXIT_OK
     if r.epochs_run:
         print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
               f"history {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         raw, head = r.scores["raw"], r.scores["head"]
         print(f"held-out test objects ({r.split['test']}): N-S raw {raw['ns_score']:.4f} -> head "
               f"{head['ns_score']:.4f};  mAP {raw['map']:.4f} -> {head['map']:.4f}")
-    return 0
+    return EXIT_OK
 
 
 def entry() -> None:
