@@ -500,3 +500,20 @@ def test_readme_documents_the_exit_codes():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for value in (common.EXIT_OK, common.EXIT_PARTIAL, common.EXIT_ERROR, common.EXIT_INTERRUPTED):
         assert f"| {value} |" in readme
+
+
+def test_eval_reports_queries_without_relevant_and_scores_them_nowhere(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
+    (data / "groundtruth.tsv").unlink()
+    (data / "labels.tsv").write_text("ukbench00000.jpg\ta\nukbench00001.jpg\ta\nukbench00002.jpg\tb\n")
+    (data / "ukbench00003.jpg").unlink()
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, "--labels",
+               data / "labels.tsv", *FAST)[0] == 0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["queries_without_relevant"] == 1 and r["raw"]["queries"] == 2
+    assert r["raw"]["map"] == 1.0 and r["raw"]["recall_at"]["1"] == 1.0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db)
+    assert "1 query without another image of its group" in out

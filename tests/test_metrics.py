@@ -98,3 +98,40 @@ def test_nonfinite_rows_are_counted_blockwise(tmp_path):
     with h5py.File(tmp_path / "x.h5", "r") as f:
         assert nonfinite_rows(f["x"], block_rows=6).tolist() == [7, 31]
     assert nonfinite_rows(np.ones((3, 2, 2, 1), np.float32)).tolist() == []
+
+
+def _with_a_lonely_query():
+    labels = np.array([0, 0, 1])  # image 2 has no other image of its group
+    feats = np.array([[0, 0], [0, 0.1], [5, 5]], np.float32)
+    return feats, labels
+
+
+def test_queries_without_another_relevant_image_are_scored_by_no_metric():
+    feats, labels = _with_a_lonely_query()
+    s = evaluate_retrieval(feats, labels, recall_ks=(1, 4), precision_ks=(1,))
+    assert s.queries == 2 and s.queries_without_relevant == 1 and s.database == 3
+    assert s.map == 1.0 and s.recall_at[1] == 1.0 and s.precision_at[1] == 1.0
+    assert s.ns_score == 2.0  # both scored queries find themselves and their one partner
+    assert s.to_dict()["queries_without_relevant"] == 1
+
+
+@pytest.mark.parametrize("method", ["none", "qe"])
+def test_reranked_evaluation_follows_the_same_rule(method):
+    from ris.rerank import evaluate_reranked
+
+    feats, labels = _with_a_lonely_query()
+    s = evaluate_reranked(feats, labels, method, recall_ks=(1,), precision_ks=(1,))
+    assert s.queries == 2 and s.queries_without_relevant == 1
+    if method == "none":
+        assert s.map == 1.0 and s.recall_at[1] == 1.0
+
+
+def test_the_results_table_says_how_many_queries_were_not_scored():
+    from ris.evaluate import format_table
+
+    feats, labels = _with_a_lonely_query()
+    scores = evaluate_retrieval(feats, labels).to_dict()
+    result = {"features_db": "f.h5", "backbone": "m", "input_size": 224, "pooling": "gap", "split": "all",
+              "split_description": "all labelled images", "objects": 2, "images": 3, "raw": scores}
+    text = format_table(result)
+    assert "1 query without another image of its group" in text

@@ -14,8 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ris-eval",
         description="Score retrieval on a labelled feature database: every image of the split queries all "
                     "images of the split. N-S counts the query itself (perfect 4.0 on UKBench); mAP, recall@k "
-                    "and precision@10 exclude it. With --model, the trained head is scored on the same "
-                    "held-out objects as the off-the-shelf features.",
+                    "and precision@10 exclude it. A query with no other image of its group in the split has "
+                    "nothing to find: no metric scores it (N-S, top-4, mAP, R@k, P@k alike), and their number "
+                    "is reported (queries_without_relevant). With --model, the trained head is scored on the "
+                    "same held-out objects as the off-the-shelf features.",
         formatter_class=HelpFormatter)
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train); its stored split is used")
