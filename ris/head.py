@@ -181,7 +181,8 @@ def one_blas_thread():
 
     Why: the whitening fit is many small decompositions (eigh of 1280 x 1280 and less). With
     OpenBLAS's default threads they spin-wait for cores that other work holds: on a busy 2-core
-    machine one 1280 x 1280 eigh took 12.6 s instead of 0.31 s on one thread (bench/README.md).
+    machine one 1280 x 1280 eigh took 12.8-45.8 s instead of 1.2-1.7 s on one thread, and ris-demo
+    750 s instead of 199 s (bench/README.md). One thread also makes the fit the same on any machine.
     """
     from threadpoolctl import threadpool_limits
 
