@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import islice
@@ -306,22 +306,43 @@ def _load_batch_item(root: Path, rel: str, size: int) -> np.ndarray:
     return load_image(root / rel, size)
 
 
+DEFAULT_DECODE_BUDGET = 1 << 30
+
+
+def decode_budget() -> int:
+    """Bytes the images being decoded at once may hold: RIS_DECODE_BUDGET (e.g. 512M, 2G), default 1 GiB.
+
+    Why: decoding holds each image at full size; six 169-MP PNGs took 6.7 GB with 6 workers. The
+    budget bounds that whatever the worker count (an image bigger than it is decoded alone).
+    """
+    from ris.imagefile import parse_bytes
+
+    text = os.environ.get("RIS_DECODE_BUDGET")
+    return parse_bytes(text, "RIS_DECODE_BUDGET") if text else DEFAULT_DECODE_BUDGET
+
+
 def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
-                 prefetch: int, processes: bool = False,
-                 chunk: int | None = None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+                 prefetch: int, processes: bool = False, chunk: int | None = None,
+                 budget: int | None = None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """(path, image or None, error) in input order; decoding runs ``prefetch`` images ahead.
 
     ``processes``: decode in ``workers`` worker processes, ``chunk`` images per task, instead of
     threads (on many cores the threads' Python work holds the GIL; processes scale further).
+    ``budget``: bytes the decodes in flight may hold (default ``decode_budget()``); each image's
+    share comes from its header before it is submitted (``ris.images.decode_cost``).
     """
+    from ris.images import decode_cost
+
+    budget = decode_budget() if budget is None else budget
     if processes:
-        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk)
+        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk, budget)
         return
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the pool, not inside each decode
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
-    tasks = _in_flight(pool, partial(_load_batch_item, root, size=size), rel_paths, prefetch)
+    tasks = _in_flight(pool, partial(_load_batch_item, root, size=size), rel_paths, prefetch,
+                       lambda rel: decode_cost(root / rel, size), budget)
     try:
         for rel, fut in tasks:
             try:
@@ -334,22 +355,52 @@ def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
 
 
 Item = TypeVar("Item")
+_END = object()
 
 
-def _in_flight(pool: Any, fn: Callable[[Item], Any], items: Iterable[Item],
-               depth: int) -> Iterator[tuple[Item, Future]]:
+def _in_flight(pool: Any, fn: Callable[[Item], Any], items: Iterable[Item], depth: int,
+               cost: Callable[[Item], int] | None = None,
+               budget: int | None = None) -> Iterator[tuple[Item, Future]]:
     """(item, future of fn(item)) in input order, keeping ``depth`` tasks submitted ahead of the
-    consumer so the workers never wait for it; closing it early cancels the tasks not started."""
+    consumer so the workers never wait for it; closing it early cancels the tasks not started.
+
+    With ``cost`` and ``budget``, submission also holds while the costs of the unfinished tasks
+    plus the next item's would pass the budget (a task that is alone always runs); a finished
+    task no longer counts (its result is the small, resized image).
+    """
     it = iter(items)
-    window: deque[tuple[Item, Future]] = deque((item, pool.submit(fn, item)) for item in islice(it, max(1, depth)))
+    window: deque[tuple[Item, Future, int]] = deque()
+    held: list[tuple[Item, int]] = []  # the next item and its cost, while the budget holds it back
+
+    def fill() -> bool:
+        """Submit what depth and budget allow; True when the budget holds the next item back."""
+        while len(window) < max(1, depth):
+            if not held:
+                nxt = next(it, _END)
+                if nxt is _END:
+                    return False
+                held.append((nxt, cost(nxt) if cost is not None and budget is not None else 0))
+            nxt, c = held[0]
+            if c:
+                busy = sum(ci for _, f, ci in window if not f.done())
+                if busy and busy + c > budget:
+                    return True
+            held.clear()
+            window.append((nxt, pool.submit(fn, nxt), c))
+        return False
+
     try:
+        blocked = fill()
         while window:
-            item, fut = window.popleft()
-            for nxt in islice(it, 1):
-                window.append((nxt, pool.submit(fn, nxt)))
+            head = window[0][1]
+            while blocked and not head.done():  # refill as soon as any running task finishes
+                wait([f for _, f, _ in window if not f.done()], return_when=FIRST_COMPLETED)
+                blocked = fill()
+            item, fut, _ = window.popleft()
+            blocked = fill()
             yield item, fut
     finally:
-        for _, fut in window:
+        for _, fut, _ in window:
             fut.cancel()
 
 
@@ -406,13 +457,17 @@ def _decode_chunk(root: str, rel_paths: list[str], size: int) -> tuple[np.ndarra
 
 
 def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, workers: int, prefetch: int,
-                            chunk: int | None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+                            chunk: int | None, budget: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    from ris.images import decode_cost
+
     workers = max(1, workers)
     chunk = max(1, chunk or min(32, max(4, prefetch // (2 * workers))))
     depth = max(2 * workers, -(-prefetch // chunk))  # chunks in flight
     pool = _decode_pool(workers)
     chunks = (list(rel_paths[i : i + chunk]) for i in range(0, len(rel_paths), chunk))
-    tasks = _in_flight(pool, partial(_decode_chunk, str(root), size=size), chunks, depth)
+    # a worker decodes its chunk one image at a time: a chunk holds at most its largest image
+    tasks = _in_flight(pool, partial(_decode_chunk, str(root), size=size), chunks, depth,
+                       lambda c: max(decode_cost(root / rel, size) for rel in c), budget)
     try:
         for c, fut in tasks:
             stacked, errors = fut.result()

@@ -10,13 +10,15 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 
-__all__ = ["make_bad_images", "make_odd_files", "make_exif_jpeg", "make_large_png", "make_tiny_dataset",
+__all__ = ["make_bad_images", "make_odd_files", "call_with_fifo_guard", "make_exif_jpeg", "make_large_png", "make_tiny_dataset",
            "make_tiny_folders_dataset", "VALID_BAD_IMAGES", "ODD_REASONS"]
 
 # Keys of make_bad_images() whose files are valid images (a loader should decode them).
@@ -144,6 +146,32 @@ def make_large_png(path: str | Path, width: int, height: int) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts))
                      + _png_chunk(b"IEND", b""))
     return path
+
+
+def call_with_fifo_guard(fn: Callable[[], Any], fifo: str | Path | None, timeout: float = 60) -> Any:
+    """``fn()`` in this thread (signal handlers need the main one), watched: if it is still running
+    after ``timeout`` seconds (blocked opening ``fifo``), a watchdog opens the FIFO's write end so
+    that the open returns, and AssertionError is raised once ``fn`` is back."""
+    fired = threading.Event()
+
+    def unblock() -> None:
+        fired.set()
+        if fifo is not None:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO when nobody reads it
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, unblock)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        value = fn()
+    finally:
+        watchdog.cancel()
+    if fired.is_set():
+        raise AssertionError(f"still running after {timeout} s: blocked opening a FIFO?")
+    return value
 
 
 def make_odd_files(directory: str | Path) -> dict[str, Path]:

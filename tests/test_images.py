@@ -9,8 +9,8 @@ import pytest
 from ris.errors import BadImage, RisError
 from ris.imagefile import read_file
 from ris.images import decode_image, find_images, load_image, make_labels, read_label_tsv, resize_square
-from ris.testing import (ODD_REASONS, VALID_BAD_IMAGES, make_bad_images, make_exif_jpeg, make_odd_files,
-                         make_tiny_folders_dataset)
+from ris.testing import (ODD_REASONS, VALID_BAD_IMAGES, call_with_fifo_guard, make_bad_images, make_exif_jpeg,
+                         make_odd_files, make_tiny_folders_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +76,6 @@ def test_label_file_errors(tmp_path):
         read_label_tsv(tmp_path / "one.tsv")
 
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_iter_decoded_keeps_order_reports_bad_files_and_stops_early(tmp_path, processes):
-    from ris.extract import iter_decoded
-
-    for i in range(11):
-        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((30, 40, 3), 20 * i, np.uint8))
-    (tmp_path / "05b.jpg").write_text("not an image")
-    rels = sorted(p.name for p in tmp_path.iterdir())
-    out = list(iter_decoded(tmp_path, rels, 16, workers=2, prefetch=3, processes=processes, chunk=2))
-    assert [rel for rel, _, _ in out] == rels
-    assert [rel for rel, _, err in out if err] == ["05b.jpg"]
-    assert [int(img[0, 0, 0]) for _, img, _ in out if img is not None] == [20 * i for i in range(11)]
-    early = iter_decoded(tmp_path, rels, 16, workers=2, prefetch=3, processes=processes, chunk=2)
-    assert next(early)[0] == "00.png"
-    early.close()  # the consumer stopping early must not hang or raise
-
-
 # --- odd files: special files, size caps, formats (ris.testing.make_odd_files) -------------------
 
 @pytest.fixture(scope="module")
@@ -101,29 +84,7 @@ def odd(tmp_path_factory):
 
 
 def call_guarded(fn, odd_files, timeout=60):
-    """Run ``fn()``; if it blocks (on a FIFO), unblock it by opening the FIFO's write end and fail."""
-    import os
-    import threading
-
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            box["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        if "fifo" in odd_files:
-            os.close(os.open(odd_files["fifo"], os.O_WRONLY | os.O_NONBLOCK))
-        t.join(10)
-        pytest.fail(f"{fn} blocked for {timeout} s (a FIFO was opened?)")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return call_with_fifo_guard(fn, odd_files.get("fifo"), timeout)
 
 
 @pytest.mark.parametrize("name", ["fifo", "urandom", "folder_jpg", "sparse"])
