@@ -288,6 +288,8 @@ class ExtractSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     feature_shape: tuple[int, ...] = ()
+    other_files: list[str] = field(default_factory=list)  # not read: extensions that are not images'
+    hidden_files: list[str] = field(default_factory=list)  # not read: hidden files, hidden folders ('x/')
 
     @property
     def images_per_second(self) -> float:
@@ -504,17 +506,21 @@ def extract_features(
     ``config``; its own config is what is used and recorded.
     """
     from ris.featuredb import FeatureWriter, partial_path
-    from ris.images import find_images, make_labels
+    from ris.images import make_labels, scan_folder
 
     root = Path(dataset)
-    files = find_images(root)
+    scan = scan_folder(root)
+    files = scan.images
     if not files:
-        raise RisError(f"{root}: no images found (looked for .jpg .jpeg .png .bmp .webp .tif, any case, recursively)")
+        raise RisError(f"{root}: no images found (looked for {_extension_list()}, any case, recursively"
+                       f"{_not_read_note(scan.other, scan.hidden)})")
     features_db = Path(features_db)
     if features_db.exists() and not append:
         raise RisError(f"{features_db}: already exists; use --append to add new images or --overwrite to replace it")
     label_ids, label_names, label_mode = make_labels(files, labels, root)
     label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
+    label_file = Path(label_mode).resolve() if label_mode not in ("ukbench", "folders", "none") else None
+    not_read = [f for f in scan.other if (root / f).resolve() != label_file]  # the label file is read
 
     if decode not in ("threads", "processes"):
         raise RisError(f"decode must be 'threads' or 'processes', not {decode!r}")
@@ -536,6 +542,7 @@ def extract_features(
     else:
         workers = workers or min(8, (os.cpu_count() or 2))
     summary = ExtractSummary(str(features_db), len(files), 0, writer.resumed_rows, feature_shape=extractor.output_shape)
+    summary.other_files, summary.hidden_files = not_read, scan.hidden
     bar = _progress(len(todo), progress)
     t0 = time.perf_counter()
     ids: list[str] = []
@@ -594,6 +601,33 @@ def extract_features(
                    "extract_seconds": round(summary.seconds, 3),
                    "images_per_second": round(summary.images_per_second, 2)})
     return summary
+
+
+def _extension_list() -> str:
+    from ris.images import IMAGE_EXTENSIONS
+
+    order = [".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"]
+    return " ".join(sorted(IMAGE_EXTENSIONS, key=lambda e: (order.index(e) if e in order else len(order), e)))
+
+
+def count_phrase(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def not_read_counts(other: Sequence[str], hidden: Sequence[str]) -> list[str]:
+    """['3 files with other extensions', '1 hidden file', '1 hidden folder'] (empty counts left out)."""
+    folders = sum(1 for h in hidden if h.endswith("/"))
+    parts = [count_phrase(len(other), "file with another extension", "files with other extensions"),
+             count_phrase(len(hidden) - folders, "hidden file", "hidden files"),
+             count_phrase(folders, "hidden folder", "hidden folders")]
+    return [p for p in parts if not p.startswith("0 ")]
+
+
+def _not_read_note(other: Sequence[str], hidden: Sequence[str]) -> str:
+    parts = not_read_counts(other, hidden)
+    if other:
+        parts[0] += f" ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''})"
+    return f"; not read: {', '.join(parts)}" if parts else ""
 
 
 def _raise_interrupt(signum, frame):

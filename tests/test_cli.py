@@ -18,7 +18,7 @@ from ris.cli import extract as extract_cli
 from ris.cli import search as search_cli
 from ris.cli import train as train_cli
 from ris.cli.common import run
-from ris.testing import make_bad_images, make_tiny_dataset
+from ris.testing import ODD_REASONS, call_with_fifo_guard, make_bad_images, make_odd_files, make_tiny_dataset
 
 FAST = ["--model", "vgg16", "--weights", "none", "--resize", "64", "--no-progress"]
 
@@ -357,3 +357,63 @@ def test_list_layers_names_what_layer_accepts(capsys):
     assert r["default"] == "head_relu6" and layers["head_relu6"] == 1280 and layers["block16_add"] == 160
     code, out, err = cli(capsys, extract_cli, "ris-extract", "--model", "mobilenet_v2")
     assert code == 2 and "--dataset is required" in err and len(err.strip().splitlines()) == 1
+
+
+def test_extract_counts_files_not_read_and_verbose_lists_them(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=64)
+    odd = make_odd_files(data / "odd")
+    out_db = tmp_path / "f.h5"
+    args = ["--dataset", data, "--features-db", out_db, *FAST]
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args), odd.get("fifo"))
+    assert code == 0, err
+    # groundtruth.tsv is read, as the labels: not counted
+    assert "not read: 3 files with other extensions, 1 hidden file, 1 hidden folder (--verbose lists them)" in out
+    assert "photo.heic" not in out and "groundtruth.tsv" not in out
+    assert "skipped: " in out and "not a regular file (FIFO)" in out and "file too large" in out
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args, "--overwrite",
+                                                      "--verbose"), odd.get("fifo"))
+    assert code == 0, err
+    for line in ("  not read (extension): odd/photo.heic", "  not read (extension): odd/vector.svg",
+                 "  not read (hidden): odd/.hidden.jpg", "  not read (hidden): odd/.cache/"):
+        assert line in out.splitlines()
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args, "--overwrite",
+                                                      "--json"), odd.get("fifo"))
+    s = json.loads(out)
+    assert s["other_files"] == ["odd/notes.txt", "odd/photo.heic", "odd/vector.svg"]
+    assert s["hidden_files"] == ["odd/.cache/", "odd/.hidden.jpg"]
+    skipped = {Path(k["image"]).name: k["reason"] for k in s["skipped"]}
+    assert "anim.gif" not in skipped and "trailing.jpg" not in skipped and s["extracted"] == 8 + 2
+    if "fifo" in odd:
+        assert "not a regular file (FIFO)" in skipped["fifo.jpg"]
+
+
+def test_extract_of_a_folder_without_images_names_what_it_holds(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.heic").write_bytes(b"x")
+    (tmp_path / "d" / ".b.jpg").write_bytes(b"x")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", tmp_path / "d", "--features-db",
+                         tmp_path / "x.h5", *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no images found" in err and ".gif" in err and "1 file with another extension (a.heic)" in err
+    assert "1 hidden file" in err
+
+
+def test_search_refuses_special_query_files(tiny, db, tmp_path, capsys):
+    odd = make_odd_files(tmp_path / "odd")
+    for name in ("fifo", "urandom", "sparse", "folder_jpg"):
+        if name not in odd:
+            continue
+        code, out, err = call_with_fifo_guard(
+            lambda: cli(capsys, search_cli, "ris-search", "--image", odd[name], "--features-db", db), odd.get("fifo"))
+        assert code == 1 and ODD_REASONS[name] in err and str(odd[name]) in err, (name, err)
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_extract_ukbench_labels_on_other_names_is_one_error(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=64)
+    (data / "groundtruth.tsv").unlink()
+    (data / "ukbench00001.jpg").rename(data / "IMG_1000.jpg")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", tmp_path / "u.h5",
+                         "--labels", "ukbench", *FAST)
+    assert code == 2 and "IMG_1000.jpg" in err and "ukbench" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "u.h5").exists() and not (tmp_path / "u.h5.partial").exists()
