@@ -25,7 +25,9 @@ __all__ = ["make_bad_images", "make_odd_files", "call_with_fifo_guard", "make_ex
 VALID_BAD_IMAGES = frozenset(
     {"gray_png", "rgba_png", "png16", "huge", "non_ascii", "webp", "bmp", "tif", "upper_ext"}
 )
-HUGE_SIDE = 20000
+# 419 MP: over twice ris.images.MAX_PIXELS, so Pillow refuses it too, whether or not ris.images has
+# raised Pillow's limit to MAX_PIXELS in this process (Pillow refuses above 2 x MAX_IMAGE_PIXELS).
+HUGE_SIDE = 20480
 
 
 def _pattern(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -70,7 +72,7 @@ def make_bad_images(directory: str | Path) -> dict[str, Path]:
     Broken (a loader must skip/report them): ``truncated`` (valid JPEG cut in half), ``corrupt``
     (JPEG header then random bytes), ``zero_byte``, ``text_as_jpg``. Valid (a loader should decode
     them; names listed in ``VALID_BAD_IMAGES``): ``gray_png``, ``rgba_png``, ``png16`` (16-bit RGB),
-    ``huge`` (20000x20000 1-bit PNG, ~50 KB: refuse or downscale without decoding 1.2 GB),
+    ``huge`` (20480x20480 1-bit PNG, ~50 KB: refuse or downscale without decoding 1.26 GB),
     ``non_ascii`` (``café_日本.jpg``), ``webp``, ``bmp``, ``tif``, ``upper_ext`` (``IMG.JPEG``).
     """
     d = Path(directory)
