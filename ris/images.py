@@ -149,7 +149,7 @@ def make_labels(image_ids: list[str], mode: str, dataset: str | Path | None = No
 def _header(data: bytes, path: Path) -> tuple[str | None, int, int] | None:
     """(format, width, height) from the header alone, so huge images are refused before decoding."""
     fmt = sniff_format(data)
-    size = quick_size(data[:1 << 16], fmt)
+    size = quick_size(data, fmt)
     if size is None:
         size = _pillow_size(io.BytesIO(data), path)
     return None if size is None else (fmt, *size)
