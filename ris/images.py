@@ -229,7 +229,8 @@ def _decode_native(path: Path, target: int | None, max_bytes: int | None) -> tup
     try:
         if fmt in ("PNG", "GIF"):
             return _pillow_decode(data, fmt, path)
-        return _opencv_decode(data, path, _reduced_flag(w, h, target)[0] if fmt == "JPEG" and target and w else cv2.IMREAD_COLOR)
+        reduced = fmt == "JPEG" and target and w
+        return _opencv_decode(data, path, _reduced_flag(w, h, target)[0] if reduced else cv2.IMREAD_COLOR)
     except MemoryError:
         raise BadImage(f"{path}: not enough memory to decode ({w}x{h} pixels)") from None
 

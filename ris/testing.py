@@ -18,8 +18,8 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-__all__ = ["make_bad_images", "make_odd_files", "call_with_fifo_guard", "make_exif_jpeg", "make_large_png", "make_tiny_dataset",
-           "make_tiny_folders_dataset", "VALID_BAD_IMAGES", "ODD_REASONS"]
+__all__ = ["make_bad_images", "make_odd_files", "call_with_fifo_guard", "make_exif_jpeg", "make_large_png",
+           "make_tiny_dataset", "make_tiny_folders_dataset", "VALID_BAD_IMAGES", "ODD_REASONS"]
 
 # Keys of make_bad_images() whose files are valid images (a loader should decode them).
 VALID_BAD_IMAGES = frozenset(

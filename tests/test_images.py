@@ -92,7 +92,10 @@ def call_guarded(fn, odd_files, timeout=60):
 def test_only_regular_files_are_read_and_sizes_are_capped(odd, name, loader):
     if name not in odd:
         pytest.skip(f"this system cannot make a {name}")
-    fn = (lambda: decode_image(odd[name], target=64)) if loader == "decode_image" else (lambda: load_image(odd[name], 64))
+    if loader == "decode_image":
+        fn = lambda: decode_image(odd[name], target=64)  # noqa: E731
+    else:
+        fn = lambda: load_image(odd[name], 64)  # noqa: E731
     with pytest.raises(BadImage) as exc:
         call_guarded(fn, odd)
     msg = str(exc.value)
@@ -169,7 +172,8 @@ def _png_variants():
         "palette": pil(pal),
         "palette_trns": pil(pal, transparency=3),
         "1bit": pil(Image.fromarray(rgb[..., 0] > 128)),
-        "16bit_rgb": cv2.imencode(".png", rgb.astype(np.uint16) * 257 + rng.integers(0, 257, rgb.shape).astype(np.uint16))[1].tobytes(),
+        "16bit_rgb": cv2.imencode(".png", rgb.astype(np.uint16) * 257
+                                  + rng.integers(0, 257, rgb.shape).astype(np.uint16))[1].tobytes(),
         "16bit_gray": cv2.imencode(".png", rgb[..., 0].astype(np.uint16) * 257 + 100)[1].tobytes(),
         "16bit_rgba": cv2.imencode(".png", np.dstack([rgb, rgb[..., :1]]).astype(np.uint16) * 250)[1].tobytes(),
         **{f"exif_orientation_{o}": pil(Image.fromarray(rgb), exif=_exif(o)) for o in range(1, 9)},

@@ -36,11 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="gap", choices=POOLINGS,
                    help="pooling of the conv maps: gap=average, mac=max, gem=generalised mean (p=3), "
                         "rmac=regional max; none stores the full maps (large)")
-    p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), folders (class sub-folder), "
+    p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), "
+                   "folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
     p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
-    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, max 8); whatever "
-                   "the count, the images being decoded hold at most RIS_DECODE_BUDGET bytes (default 1G)")
+    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, "
+                   "max 8); whatever the count, the images being decoded hold at most RIS_DECODE_BUDGET "
+                   "bytes (default 1G)")
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
                         "GPU waiting for input)")
