@@ -366,11 +366,13 @@ def _in_flight(pool: Any, fn: Callable[[Item], Any], items: Iterable[Item], dept
     consumer so the workers never wait for it; closing it early cancels the tasks not started.
 
     With ``cost`` and ``budget``, submission also holds while the costs of the unfinished tasks
-    plus the next item's would pass the budget (a task that is alone always runs); a finished
-    task no longer counts (its result is the small, resized image).
+    plus the next item's would pass the budget (a task that is alone always runs). A task counts
+    until it finishes, also after the consumer took it off the window; then its result is the
+    small, resized image.
     """
     it = iter(items)
-    window: deque[tuple[Item, Future, int]] = deque()
+    window: deque[tuple[Item, Future]] = deque()
+    live: list[tuple[Future, int]] = []  # submitted with a cost and not known to be finished
     held: list[tuple[Item, int]] = []  # the next item and its cost, while the budget holds it back
 
     def fill() -> bool:
@@ -383,25 +385,30 @@ def _in_flight(pool: Any, fn: Callable[[Item], Any], items: Iterable[Item], dept
                 held.append((nxt, cost(nxt) if cost is not None and budget is not None else 0))
             nxt, c = held[0]
             if c:
-                busy = sum(ci for _, f, ci in window if not f.done())
+                live[:] = [(f, ci) for f, ci in live if not f.done()]
+                busy = sum(ci for _, ci in live)
                 if busy and busy + c > budget:
                     return True
             held.clear()
-            window.append((nxt, pool.submit(fn, nxt), c))
+            fut = pool.submit(fn, nxt)
+            window.append((nxt, fut))
+            if c:
+                live.append((fut, c))
         return False
 
     try:
         blocked = fill()
-        while window:
-            head = window[0][1]
-            while blocked and not head.done():  # refill as soon as any running task finishes
-                wait([f for _, f, _ in window if not f.done()], return_when=FIRST_COMPLETED)
+        while window or held:
+            while blocked and (not window or not window[0][1].done()):  # refill as soon as a task finishes
+                running = [f for f, _ in live if not f.done()]
+                if running:
+                    wait(running, return_when=FIRST_COMPLETED)
                 blocked = fill()
-            item, fut, _ = window.popleft()
+            item, fut = window.popleft()
             blocked = fill()
             yield item, fut
     finally:
-        for _, fut, _ in window:
+        for _, fut in window:
             fut.cancel()
 
 
