@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import keras
 from keras import ops
 
-from ris.pooling import GlobalPool, L2Normalize
+from ris.layers import Columns, GlobalPool, L2Normalize
 
 from ris.options import ARCHS, DISTANCES, MININGS  # noqa: F401  (re-exported)
 
@@ -81,24 +81,6 @@ def shallow_branch(thumb, width: int = 32, out_dim: int = 64):
     y = keras.layers.GlobalAveragePooling2D(name="shallow_pool")(y)
     init = keras.initializers.RandomNormal(stddev=1e-3)
     return keras.layers.Dense(out_dim, kernel_initializer=init, name="shallow_out")(y)
-
-
-@keras.saving.register_keras_serializable(package="ris")
-class Columns(keras.layers.Layer):
-    """Columns [start, stop) of a 2-D input: one stored row carries deep feature and thumbnail."""
-
-    def __init__(self, start: int, stop: int, **kwargs):
-        super().__init__(**kwargs)
-        self.start, self.stop = int(start), int(stop)
-
-    def call(self, x):
-        return x[:, self.start : self.stop]
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.stop - self.start)
-
-    def get_config(self):
-        return {**super().get_config(), "start": self.start, "stop": self.stop}
 
 
 def build_triplet_network(base: keras.Model) -> keras.Model:

@@ -240,8 +240,7 @@ def load_model(path: str | Path):
     """(keras model, metadata); a clear error for a missing or foreign file."""
     import keras
 
-    import ris.head  # noqa: F401  (registers custom layers)
-    import ris.pooling  # noqa: F401
+    import ris.layers  # noqa: F401  (registers custom layers)
 
     path = Path(path)
     if not path.is_file():
