@@ -4,4 +4,3 @@ from __future__ import annotations
 DISTANCES: tuple[str, ...] = ("euclidean", "cosine")
 MININGS: tuple[str, ...] = ("random", "batch-hard", "semi-hard", "batch-all")
 ARCHS: tuple[str, ...] = ("residual", "mlp", "whiten")
-RERANK_METHODS: tuple[str, ...] = ("none", "qe", "dba+qe", "diffusion", "kreciprocal")

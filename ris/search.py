@@ -143,9 +143,9 @@ def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None) -> np.ndarra
     import h5py
 
     from ris.index import HnswIndex
-    from ris.rerank import DEFAULTS, dba_database
+    from ris.rerank import RERANKERS, dba_database
 
-    p = DEFAULTS["dba+qe"]
+    p = RERANKERS["dba+qe"].defaults
     n, alpha = int(p["dba_n"]), float(p["dba_alpha"])
     sample = vectors[:: max(1, len(vectors) // 1000)]
     ranks_like_cosine = getattr(index, "metric", "") == "cosine" or np.allclose(
