@@ -58,10 +58,11 @@ class FeatureExtractor:
         import keras
 
         from ris.backbones import get_backbone
-        from ris.pooling import POOLINGS, GlobalPool
+        from ris.layers import GlobalPool
+        from ris.pooling import NO_POOLING, POOLING
 
-        if config.pooling not in POOLINGS:
-            raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if config.pooling not in POOLING and config.pooling != NO_POOLING:
+            raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join([*POOLING, NO_POOLING])}")
         if config.pooling == "none" and len(config.scales) > 1:
             raise RisError("--pool none stores conv maps and cannot combine several --scales")
         if config.dtype not in ("float32", "bfloat16"):

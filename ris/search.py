@@ -167,10 +167,10 @@ def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None, key: str | N
     collections) the neighbours come from it instead of an exact pass.
     """
     from ris.index import HnswIndex
-    from ris.rerank import DEFAULTS, dba_database
+    from ris.rerank import RERANKERS, dba_database
     from ris.sidecars import dba_path, read_h5_cache, stat_key, write_h5_cache
 
-    p = DEFAULTS["dba+qe"]
+    p = RERANKERS["dba+qe"].defaults
     n, alpha = int(p["dba_n"]), float(p["dba_alpha"])
     sample = vectors[:: max(1, len(vectors) // 1000)]
     ranks_like_cosine = getattr(index, "metric", "") == "cosine" or np.allclose(

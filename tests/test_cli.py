@@ -265,6 +265,18 @@ def test_installed_entry_points_exist():
         assert r.returncode == 0 and "--" in r.stdout
 
 
+@pytest.mark.parametrize("command", ["extract", "train", "search", "eval", "demo"])
+def test_help_does_not_load_keras_or_tensorflow(command):
+    """--help lists the registries' choices (backbones, poolings, heads, miners, re-rankers) without
+    importing Keras: the registry modules import it only inside functions."""
+    code = (f"import sys; from ris.cli.{command} import build_parser; build_parser().format_help(); "
+            "loaded = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_train_image_split_with_unseen_classes(tmp_path, capsys):
     from ris.testing import make_tiny_folders_dataset
 

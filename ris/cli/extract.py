@@ -9,7 +9,7 @@ from ris.cli.common import HelpFormatter, print_json, run
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.backbones import BACKBONES, DEFAULT_BACKBONE
-    from ris.options import POOLINGS
+    from ris.pooling import NO_POOLING, POOLING
 
     p = argparse.ArgumentParser(
         prog="ris-extract",
@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square input size in pixels (default: the backbone's native size)")
     p.add_argument("--scales", default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
                    "of each scale are L2-normalised and summed")
-    p.add_argument("--pool", default="gap", choices=POOLINGS,
-                   help="pooling of the conv maps: gap=average, mac=max, gem=generalised mean (p=3), "
-                        "rmac=regional max; none stores the full maps (large)")
+    p.add_argument("--pool", default="gap", choices=[*POOLING, NO_POOLING],
+                   help="pooling of the conv maps: " + ", ".join(f"{k}={v.help}" for k, v in POOLING.items())
+                        + f"; {NO_POOLING} stores the full maps (large)")
     p.add_argument("--labels", default="auto", help="ukbench (file number // 4), folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
     p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
