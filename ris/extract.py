@@ -57,10 +57,11 @@ class FeatureExtractor:
         import keras
 
         from ris.backbones import get_backbone
-        from ris.pooling import POOLINGS, GlobalPool
+        from ris.layers import GlobalPool
+        from ris.pooling import NO_POOLING, POOLING
 
-        if config.pooling not in POOLINGS:
-            raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if config.pooling not in POOLING and config.pooling != NO_POOLING:
+            raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join([*POOLING, NO_POOLING])}")
         if config.pooling == "none" and len(config.scales) > 1:
             raise RisError("--pool none stores conv maps and cannot combine several --scales")
         if config.dtype not in ("float32", "bfloat16"):
@@ -498,6 +499,7 @@ def extract_features(
     batch_size: int = DEFAULT_BATCH,
     workers: int | None = None,
     append: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     decode: str = "threads",
@@ -509,10 +511,13 @@ def extract_features(
     ``decode``: 'threads' (default) or 'processes' (``workers`` worker processes; worth it on many
     cores feeding a GPU). ``prefetch``: images decoded ahead of the model (default 4 batches).
     ``extractor``: an already built (and warmed-up) extractor to use instead of one built from
-    ``config``; its own config is what is used and recorded.
+    ``config``; its own config is what is used and recorded. ``overwrite``: replace an existing
+    database (it stays usable until the new one is complete). The run holds ``<features_db>.lock``
+    throughout: a second writer of the same database is refused, naming this one.
     """
-    from ris.featuredb import FeatureWriter, partial_path
+    from ris.featuredb import FeatureWriter, check_target, partial_path
     from ris.images import make_labels, scan_folder
+    from ris.sidecars import WriterLock
 
     root = Path(dataset)
     scan = scan_folder(root)
@@ -521,8 +526,7 @@ def extract_features(
         raise RisError(f"{root}: no images found (looked for {_extension_list()}, any case, recursively"
                        f"{_not_read_note(scan.other, scan.hidden)})")
     features_db = Path(features_db)
-    if features_db.exists() and not append:
-        raise RisError(f"{features_db}: already exists; use --append to add new images or --overwrite to replace it")
+    check_target(features_db, append=append, overwrite=overwrite)
     label_ids, label_names, label_mode = make_labels(files, labels, root)
     label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
     label_file = Path(label_mode).resolve() if label_mode not in ("ukbench", "folders", "none") else None
@@ -530,14 +534,18 @@ def extract_features(
 
     if decode not in ("threads", "processes"):
         raise RisError(f"decode must be 'threads' or 'processes', not {decode!r}")
-    extractor = extractor or FeatureExtractor(config)
-    attrs = extractor.attrs()
-    attrs.update(dataset_root=str(root.resolve()), labels_mode=label_mode)
-    resuming = partial_path(features_db).exists()
-    writer = FeatureWriter(features_db, attrs, extractor.output_shape, label_names,
-                           base=features_db if append and features_db.exists() and not resuming else None)
-    if getattr(writer, "damaged_partial", None):
-        log(f"warning: {partial_path(features_db)} was damaged ({writer.damaged_partial}); starting over")
+    lock = WriterLock(features_db).acquire()  # before the slow model build; the writer takes it over
+    try:
+        extractor = extractor or FeatureExtractor(config)
+        attrs = extractor.attrs()
+        attrs.update(dataset_root=str(root.resolve()), labels_mode=label_mode)
+        writer = FeatureWriter(features_db, attrs, extractor.output_shape, label_names, append=append,
+                               overwrite=overwrite, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+    if writer.discarded_partial:
+        log(f"warning: {writer.discarded_partial}; starting over")
     done = writer.done_ids()
     todo = [f for f in files if f not in done]
     if writer.resumed_rows:
@@ -600,8 +608,7 @@ def extract_features(
     bar.close()
     summary.seconds = time.perf_counter() - t0
     if writer.rows == 0:
-        writer.close()
-        partial_path(features_db).unlink(missing_ok=True)
+        writer.discard()
         raise RisError(f"{root}: none of the {len(files)} images could be decoded; nothing written")
     writer.finish({"num_images": writer.rows, "num_failed": len(writer.done_ids()) - writer.rows,
                    "extract_seconds": round(summary.seconds, 3),

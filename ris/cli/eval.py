@@ -8,7 +8,7 @@ from ris.cli.common import HelpFormatter, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.options import RERANK_METHODS
+    from ris.rerank import RERANKERS
 
     p = argparse.ArgumentParser(
         prog="ris-eval",
@@ -27,9 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=0,
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
                         "(the folds of ris-train --folds, same seed) and report mean and std")
-    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
-                   help="re-rank results: qe = alpha query expansion, dba+qe = database-side augmentation "
-                        "plus qe, diffusion = kNN-graph diffusion, kreciprocal = k-reciprocal re-ranking")
+    p.add_argument("--rerank", default="none", choices=list(RERANKERS),
+                   help="re-rank results: " + "; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items()))
     p.add_argument("--min-ns", type=float, default=None,
                    help="exit with status 1 if the best N-S score is below this (for CI)")
     p.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")

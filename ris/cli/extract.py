@@ -9,7 +9,7 @@ from ris.cli.common import HelpFormatter, print_json, run
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.backbones import BACKBONES, DEFAULT_BACKBONE
-    from ris.options import POOLINGS
+    from ris.pooling import NO_POOLING, POOLING
 
     p = argparse.ArgumentParser(
         prog="ris-extract",
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square input size in pixels (default: the backbone's native size)")
     p.add_argument("--scales", default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
                    "of each scale are L2-normalised and summed")
-    p.add_argument("--pool", default="gap", choices=POOLINGS,
-                   help="pooling of the conv maps: gap=average, mac=max, gem=generalised mean (p=3), "
-                        "rmac=regional max; none stores the full maps (large)")
+    p.add_argument("--pool", default="gap", choices=[*POOLING, NO_POOLING],
+                   help="pooling of the conv maps: " + ", ".join(f"{k}={v.help}" for k, v in POOLING.items())
+                        + f"; {NO_POOLING} stores the full maps (large)")
     p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), "
                    "folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "AMX (VGG16 2x faster on this project's CPU; features agree to ~1e-5 in cosine)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--append", action="store_true", help="add images not yet in an existing database")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing database; the old one stays usable "
+                   "until the new one is complete, then the caches kept beside it are deleted")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout (with the "
                    "skipped images and the files not read)")
@@ -62,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
 
     from ris.errors import RisError
     from ris.extract import ExtractConfig, extract_features
@@ -75,14 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         scales = tuple(float(s) for s in args.scales.split(","))
     except ValueError:
         raise RisError(f"--scales must be numbers separated by commas, got {args.scales!r}") from None
-    if args.overwrite:
-        Path(args.features_db).unlink(missing_ok=True)
-        Path(args.features_db + ".partial").unlink(missing_ok=True)
     cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
                         scales=scales, pooling=args.pool, dtype=args.dtype)
     s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
-                         workers=args.workers, append=args.append, progress=not args.no_progress,
-                         decode=args.decode)
+                         workers=args.workers, append=args.append, overwrite=args.overwrite,
+                         progress=not args.no_progress, decode=args.decode)
     if args.json:
         print_json(s.to_dict())
     else:
