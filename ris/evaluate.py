@@ -56,6 +56,7 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             "rerank": rerank,
             "raw": _score(raw_descriptors(feats, pooling), lab, rerank),
         }
+        result["queries_without_relevant"] = result["raw"]["queries_without_relevant"]  # scored by no metric
         if head is not None:
             result["model"] = str(model)
             result["distance"] = meta.get("distance", "euclidean")
@@ -81,8 +82,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['features_db']}: {result['backbone']} @ {result['input_size']} px, pooling {result['pooling']}"
              + (f", re-ranking {rr}" if rr != "none" else ""),
              f"split: {result['split_description']} - {result['objects']} objects, {result['images']} images",
-             "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it.", "",
-             f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
+             "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it."]
+    lonely = max(int(result[k].get("queries_without_relevant", 0)) for k in ("raw", "head") if k in result)
+    if lonely:
+        lines.append(f"{lonely} {'query' if lonely == 1 else 'queries'} without another image of its group in the "
+                     f"split: not scored by any metric.")
+    lines += ["", f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
     for key, name in (("raw", "off-the-shelf"), ("head", "trained head")):
         if key in result:
             s = result[key]

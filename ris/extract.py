@@ -17,7 +17,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -46,8 +46,67 @@ class ExtractConfig:
         return int(self.input_size or get_backbone(self.model).input_size)
 
     def scale_sizes(self) -> list[int]:
-        base = self.resolved_size()
-        return [max(32, int(round(base * s))) for s in self.scales]
+        return _scale_sizes(self.resolved_size(), self.scales)
+
+    def resolved(self) -> "ExtractConfig":
+        """This config with the input size filled in (the backbone's native size when None)."""
+        return replace(self, input_size=self.resolved_size())
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The recipe as database attributes; ``from_attrs`` rebuilds this config from them.
+
+        ``input_size`` is the base size that every scale multiplies (not the first scale's size),
+        so a query made from a database's attributes has the database's sizes.
+        """
+        return {
+            "model": self.model,
+            "weights_arg": self.weights,
+            "layer": self.layer,
+            "input_size": self.resolved_size(),
+            "scales": [float(s) for s in self.scales],
+            "scale_sizes": self.scale_sizes(),
+            "pooling": self.pooling,
+            "dtype": self.dtype,
+            "fold_batchnorm": bool(self.fold_batchnorm),
+            "recipe_version": RECIPE_VERSION,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> "ExtractConfig":
+        """The config a database's attributes record (also those written before ``recipe_version`` 2)."""
+        scales = tuple(float(s) for s in (attrs.get("scales") or [1.0]))
+        layer = attrs.get("layer")
+        return cls(model=str(attrs["model"]), weights=str(attrs.get("weights_arg", "imagenet")),
+                   layer=None if layer in (None, "", "none") else str(layer),
+                   input_size=_base_size(attrs, scales), scales=scales, pooling=str(attrs["pooling"]),
+                   dtype=str(attrs.get("dtype", "float32")),
+                   fold_batchnorm=bool(attrs.get("fold_batchnorm", True)))
+
+
+# 2: ``input_size`` holds the base size. 1 (unmarked): it held the first scale's size, which made
+# queries of a multi-scale database whose first scale is not 1 at the wrong sizes.
+RECIPE_VERSION = 2
+
+
+def _scale_sizes(base: int, scales: Sequence[float]) -> list[int]:
+    return [max(32, int(round(base * s))) for s in scales]
+
+
+def _base_size(attrs: dict[str, Any], scales: tuple[float, ...]) -> int:
+    """The base input size of a database, recovered from ``scale_sizes`` for version-1 databases."""
+    size = int(attrs["input_size"])
+    stored = [int(s) for s in (attrs.get("scale_sizes") or [])]
+    if int(attrs.get("recipe_version", 1)) >= 2 or len(stored) != len(scales) or _scale_sizes(size, scales) == stored:
+        return size
+    # version 1 stored scale_sizes[0]: the base is the size at scale 1, or the ratio of size to scale
+    guesses = [stored[i] for i, s in enumerate(scales) if s == 1.0]
+    guesses += [int(round(n / s)) for n, s in zip(stored, scales) if n > 32]
+    for guess in guesses:
+        for base in (guess, guess - 1, guess + 1, guess - 2, guess + 2):
+            if _scale_sizes(base, scales) == stored:
+                return base
+    raise RisError(f"cannot tell the input size from the database's attributes (input_size {size}, "
+                   f"scales {list(scales)}, scale_sizes {stored})")
 
 
 class FeatureExtractor:
@@ -164,17 +223,10 @@ class FeatureExtractor:
 
         cfg = self.config
         return {
-            "model": cfg.model,
+            **self.recipe.to_attrs(),
             "weights": self.backbone.weights_source(cfg.weights),
-            "weights_arg": cfg.weights,
-            "layer": self.layer,
-            "input_size": self.sizes[0],
-            "scales": list(cfg.scales),
-            "scale_sizes": self.sizes,
-            "pooling": cfg.pooling,
             "normalized": cfg.pooling != "none",
             "preprocessing": f"decode RGB, squash-resize to SxS (INTER_AREA), {self.backbone.preprocessing}",
-            "dtype": cfg.dtype,
             "batchnorm_folded": int(self.batchnorm_folded),
             "keras_version": keras.__version__,
             "keras_backend": keras.backend.backend(),
@@ -185,14 +237,14 @@ class FeatureExtractor:
             "python": platform.python_version(),
         }
 
+    @property
+    def recipe(self) -> ExtractConfig:
+        """The config with everything resolved (size, layer): what the database records."""
+        return replace(self.config.resolved(), layer=self.layer)
+
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "FeatureExtractor":
-        scales = attrs.get("scales") or [1.0]
-        return cls(ExtractConfig(
-            model=attrs["model"], weights=attrs.get("weights_arg", "imagenet"), layer=attrs.get("layer"),
-            input_size=int(attrs["input_size"]), scales=tuple(float(s) for s in scales),
-            pooling=attrs["pooling"], dtype=attrs.get("dtype", "float32"),
-        ))
+        return cls(ExtractConfig.from_attrs(attrs))
 
 
 def _affine_preprocess(preprocess: Callable[[np.ndarray], np.ndarray]
@@ -572,7 +624,8 @@ def extract_features(
             imgs.clear()
         while len(in_flight) > (0 if last else 1):
             done_ids, result = in_flight.pop(0)
-            writer.add(done_ids, result(), [label_of[i] for i in done_ids])
+            done_ids, feats = _finite_rows(done_ids, result(), failures)
+            writer.add(done_ids, feats, [label_of[i] for i in done_ids])
             summary.extracted += len(done_ids)
             bar.update(len(done_ids))
         if failures:
@@ -641,6 +694,16 @@ def _not_read_note(other: Sequence[str], hidden: Sequence[str]) -> str:
     if other:
         parts[0] += f" ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''})"
     return f"; not read: {', '.join(parts)}" if parts else ""
+
+
+def _finite_rows(ids: list[str], feats: np.ndarray,
+                 failures: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
+    """The rows whose features are all finite; the others join ``failures`` (they would rank nowhere)."""
+    ok = np.isfinite(feats.reshape(len(ids), -1)).all(axis=1)
+    if ok.all():
+        return ids, feats
+    failures.extend((i, f"{i}: features are not finite (NaN/inf)") for i, good in zip(ids, ok) if not good)
+    return [i for i, good in zip(ids, ok) if good], feats[ok]
 
 
 def _raise_interrupt(signum, frame):

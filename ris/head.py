@@ -261,6 +261,18 @@ MININGS: dict[str, Mining] = {
 }
 
 
+def one_blas_thread():
+    """A context in which BLAS/LAPACK runs on one thread.
+
+    Why: the whitening fit is many small decompositions (eigh of 1280 x 1280 and less). With
+    OpenBLAS's default threads they spin-wait for cores that other work holds: on a busy 2-core
+    machine one 1280 x 1280 eigh took 12.6 s instead of 0.31 s on one thread (bench/README.md).
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def _within_scatter(x, labels):
     """Mean over all matching pairs of (x_a - x_b)(x_a - x_b)^T, from per-group scatter (no pair list)."""
     import numpy as np
@@ -292,15 +304,16 @@ def learned_whitening(features, labels, out_dim: int, shrinkage: float = 1.0, po
 
     x = np.asarray(features, np.float64)
     labels = np.asarray(labels)
-    mean = x.mean(0)
-    cov = _within_scatter(x, labels)
-    cov += shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
-    w, v = np.linalg.eigh(cov)
-    pw = v / np.maximum(w, 1e-12) ** power
-    xw = (x - mean) @ pw
-    w2, v2 = np.linalg.eigh(np.cov(xw.T))
-    order = np.argsort(w2)[::-1][: min(out_dim, x.shape[1])]
-    return mean.astype(np.float32), (pw @ v2[:, order]).astype(np.float32)
+    with one_blas_thread():
+        mean = x.mean(0)
+        cov = _within_scatter(x, labels)
+        cov += shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
+        w, v = np.linalg.eigh(cov)
+        pw = v / np.maximum(w, 1e-12) ** power
+        xw = (x - mean) @ pw
+        w2, v2 = np.linalg.eigh(np.cov(xw.T))
+        order = np.argsort(w2)[::-1][: min(out_dim, x.shape[1])]
+        return mean.astype(np.float32), (pw @ v2[:, order]).astype(np.float32)
 
 
 # Searched by choose_whitening; "off" (the raw descriptor) is always a candidate.
@@ -326,6 +339,12 @@ def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: in
     Each held-out part is scored on at most ``max_eval`` images (whole groups, seeded), so the
     choice costs about the same on 100k training images as on 1k.
     """
+    with one_blas_thread():  # many small fits and scorings: threads only spin on a busy machine
+        return _choose_whitening(features, labels, score, folds, seed, grid, max_eval)
+
+
+def _choose_whitening(features, labels, score: Callable, folds: int, seed: int, grid: dict | None,
+                      max_eval: int) -> dict:
     import numpy as np
 
     from ris.topk import l2_normalize

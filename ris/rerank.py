@@ -354,7 +354,7 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
     ``depth = N - 1`` (the default when N <= 5000; 1000 otherwise, then a lower bound).
     ``method="none"`` reproduces ``evaluate_retrieval`` exactly.
     """
-    features, labels, qidx = labelled_queries(features, labels, query_rows)
+    features, labels, qidx, without_relevant = labelled_queries(features, labels, query_rows)
     n, nq = len(labels), len(qidx)
     depth = (n - 1 if n <= 5000 else 1000) if depth is None else int(min(depth, n - 1))
     max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
@@ -373,4 +373,4 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
         npos = npos_all[rows]
         prec = np.where(tail, np.cumsum(tail, axis=1) / ranks, 0.0)
         tally.add(top_rel, prec.sum(axis=1) / np.maximum(npos, 1), npos > 0)
-    return tally.scores(nq, n)
+    return tally.scores(nq, n, without_relevant)

@@ -1,8 +1,10 @@
 """Querying: any image -> the same features as the database -> (head) -> ranked neighbours."""
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,18 +26,19 @@ class SearchEngine:
     """
 
     def __init__(self, features_db: str | Path, model: str | Path | None = None, index: str = "auto",
-                 dataset_root: str | Path | None = None, rerank: str = "none"):
+                 dataset_root: str | Path | None = None, rerank: str = "none",
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
         from ris.featuredb import FeatureDB
 
         self._files: list = []  # cache files opened for streamed reads
         self.db = FeatureDB(features_db)
         try:
-            self._setup(features_db, model, index, dataset_root, rerank)
+            self._setup(features_db, model, index, dataset_root, rerank, log)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, features_db, model, index, dataset_root, rerank) -> None:
+    def _setup(self, features_db, model, index, dataset_root, rerank, log) -> None:
         from ris.extract import FeatureExtractor
 
         self.root = Path(dataset_root or self.db.dataset_root or ".")
@@ -63,6 +66,7 @@ class SearchEngine:
                          if rerank == "dba+qe" else None)
             self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
         self.image_ids = self.db.image_ids
+        self.unrankable = _warn_nonfinite(self.vectors, self.image_ids, str(features_db), log)
         names = self.db.label_names
         self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
 
@@ -143,18 +147,41 @@ class SearchEngine:
         return vec
 
     def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
+        """The ``k`` nearest database images; rows without finite features are never among them."""
         vec = self.embed_query(image_path)
+        if not np.isfinite(vec).all():
+            from ris.errors import BadImage
+
+            raise BadImage(f"{image_path}: its features are not finite (NaN/inf); it cannot be ranked")
         if self.reranker is not None:
             dist, idx = self.reranker.search(vec, k)
         else:
             dist, idx = self.index.search(vec, k)
         hits = []
         for r, (d, i) in enumerate(zip(dist[0], idx[0]), 1):
-            if i < 0:
+            if i < 0 or not np.isfinite(d):
                 continue
             image_id = self.image_ids[int(i)]
             hits.append(Hit(r, float(d), image_id, str(self.root / image_id), self.labels[int(i)]))
         return hits
+
+
+def _warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[str], None]) -> np.ndarray:
+    """Rows whose (embedded) features hold NaN/inf: no distance to them means anything, so they are
+    never returned; said once, with their ids, when the database is opened. Vectors larger than the
+    exact index's in-memory limit are not scanned (a full read per search); their bad rows are still
+    never returned."""
+    from ris.index import DEFAULT_CACHE_BYTES
+    from ris.topk import nonfinite_rows
+
+    if not isinstance(vectors, np.ndarray) and int(np.prod(vectors.shape)) * 4 > DEFAULT_CACHE_BYTES:
+        return np.zeros(0, np.int64)
+    bad = nonfinite_rows(vectors)
+    if len(bad):
+        shown = ", ".join(image_ids[int(i)] for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        log(f"warning: {db_path}: {len(bad)} row{'s' if len(bad) != 1 else ''} of features are not finite "
+            f"(NaN/inf) and can never be found: {shown}")
+    return bad
 
 
 def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None, key: str | None = None) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ris.errors import DatabaseError, RisError
+from ris.whiten import fit_whitening, write_whitening_report  # noqa: F401  (the default head; re-exported)
 
 META_NAME = "ris.json"  # stored inside the .keras zip next to Keras' own files
 
@@ -81,11 +82,14 @@ def rows_of(labels: np.ndarray, objects: np.ndarray) -> np.ndarray:
 
 
 def split_images(labels: np.ndarray, test_fraction: float = 0.5, val_fraction: float = 0.1, seed: int = 0,
-                 unseen_classes: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                 unseen_classes: int = 0, fold: int | None = None,
+                 folds: int = 5) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Row ids of train / val / test images, split inside every class (Corel's 50/50 protocol).
 
     ``unseen_classes`` classes (seeded) give no image to train or val: their test images measure
-    how the head does on classes it never saw. Returns (rows per part, unseen class ids).
+    how the head does on classes it never saw. ``fold``: k-fold inside every class instead of
+    ``test_fraction``: the test images of fold k are part k of each class's seeded permutation, so the
+    ``folds`` test sets partition the labelled images. Returns (rows per part, unseen class ids).
     """
     rng = np.random.default_rng(seed)
     classes = np.unique(labels[labels >= 0])
@@ -95,12 +99,17 @@ def split_images(labels: np.ndarray, test_fraction: float = 0.5, val_fraction: f
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for c in classes:
         rows = rng.permutation(np.nonzero(labels == c)[0])
-        n_test = int(round(len(rows) * test_fraction))
+        if fold is not None:
+            chunks = np.array_split(rows, folds)
+            test, rest = chunks[fold], np.concatenate([ch for i, ch in enumerate(chunks) if i != fold])
+        else:
+            n_test = int(round(len(rows) * test_fraction))
+            test, rest = rows[:n_test], rows[n_test:]
         n_val = int(round(len(rows) * val_fraction))
-        parts["test"].append(rows[:n_test])
+        parts["test"].append(test)
         if c not in unseen:
-            parts["val"].append(rows[n_test : n_test + n_val])
-            parts["train"].append(rows[n_test + n_val :])
+            parts["val"].append(rest[:n_val])
+            parts["train"].append(rest[n_val:])
     out = {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in parts.items()}
     return out, unseen
 
@@ -112,7 +121,8 @@ def make_split(labels: np.ndarray, cfg: "TrainConfig") -> tuple[dict[str, np.nda
         rows = {k: rows_of(labels, v) for k, v in objs.items()}
         return rows, {"by": "object", "objects": {k: v.tolist() for k, v in objs.items()}}
     if cfg.split_by == "image":
-        rows, unseen = split_images(labels, cfg.test_fraction, cfg.val_fraction, cfg.seed, cfg.unseen_classes)
+        rows, unseen = split_images(labels, cfg.test_fraction, cfg.val_fraction, cfg.seed, cfg.unseen_classes,
+                                    cfg.fold, cfg.folds)
         return rows, {"by": "image", "unseen_classes": unseen.tolist()}
     raise RisError(f"--split-by must be object or image, not {cfg.split_by!r}")
 
@@ -285,10 +295,10 @@ def _json_default(o):
 @dataclass
 class TrainResult:
     model_path: str
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-    seconds_per_epoch: float
+    best_epoch: int | None  # triplet heads; None for learned whitening (no epochs)
+    epochs_run: int | None
+    seconds: float  # fitting time: the epochs of a triplet head, the whole fit of learned whitening
+    seconds_per_epoch: float | None
     split: dict[str, int]
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # test split: raw vs head
     history_path: str = ""
@@ -300,7 +310,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     import keras
 
     from ris.featuredb import FeatureDB
-    from ris.head import HEADS, MININGS, build_embedding_head, build_triplet_network, build_whitening_head, training_loss
+    from ris.head import HEADS, MININGS, build_whitening_head
     from ris.metrics import evaluate_retrieval
 
     if cfg.arch not in HEADS or cfg.mining not in MININGS:
@@ -327,79 +337,28 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         feature_shape = tuple(db.features.shape[1:])
     n_obj = {k: len(np.unique(v)) for k, v in labs.items()}
     where = f"seed {cfg.seed}" + ("" if cfg.fold is None else f", fold {cfg.fold + 1}/{cfg.folds}")
-    log(f"split by {cfg.split_by} ({where}): {n_obj['train']}/{n_obj['val']}/{n_obj['test']} train/val/test "
-        f"{'objects' if cfg.split_by == 'object' else 'classes'}, "
-        f"{len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images")
+    kind = "objects" if cfg.split_by == "object" else "classes"
+    if cfg.arch == "whiten":  # no epochs to choose: the val part is fitted on too
+        log(f"split by {cfg.split_by} ({where}): {n_obj['train'] + n_obj['val']}/{n_obj['test']} fit/test {kind}, "
+            f"{len(rows['train']) + len(rows['val'])}/{len(rows['test'])} images")
+    else:
+        log(f"split by {cfg.split_by} ({where}): {n_obj['train']}/{n_obj['val']}/{n_obj['test']} train/val/test "
+            f"{kind}, {len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images")
 
+    t0 = time.perf_counter()
     if cfg.arch == "whiten":
         if cfg.shallow:
             raise RisError("--shallow trains a CNN branch; use it with --arch residual or --arch mlp")
         if len(feature_shape) != 1:
             raise RisError("--arch whiten needs pooled features (extract with --pool gap|mac|gem|rmac)")
-        fit_rows = np.concatenate([feats["train"], feats["val"]])  # no epochs to choose: val data is free
+        fit_rows = np.concatenate([feats["train"], feats["val"]])
         fit_labels = np.concatenate([labs["train"], labs["val"]])
         whitening = fit_whitening(raw_descriptors(fit_rows), fit_labels, cfg, log)
         base = build_whitening_head(whitening.pop("mean"), whitening.pop("projection"), cfg.l2_normalize)
+        run = None
     else:
-        base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize,
-                                    cfg.dropout, cfg.arch, cfg.shallow)
-    model = build_triplet_network(base) if MININGS[cfg.mining].triplet_inputs else base
-    loss = training_loss(cfg.mining, cfg.margin, cfg.distance)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
-
-    train_ds = _dataset(inputs["train"], labs["train"], cfg, cfg.seed)
-    def usable_groups(lab: np.ndarray) -> int:  # triplets need groups with a positive pair
-        return int((np.unique(lab, return_counts=True)[1] >= 2).sum()) if len(lab) else 0
-
-    if usable_groups(labs["train"]) < 2:
-        raise RisError("fewer than 2 training groups with 2+ images: nothing to learn triplets from")
-    use_val = usable_groups(labs["val"]) >= 2
-    if not use_val:
-        log("warning: fewer than 2 validation groups with 2+ images; the best epoch is chosen by training loss")
-        rows["val"] = rows["val"][:0]
-    val_ds = _dataset(inputs["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if use_val else None
-
-    monitor_name = "N-S" if cfg.split_by == "object" else "mAP"  # classes of 100: N-S@4 says little
-
-    def score(name: str, emb=None) -> float:
-        if len(rows[name]) < 2:
-            return float("nan")
-        x = emb if emb is not None else embed_features(base, inputs[name])
-        scores = evaluate_retrieval(x, labs[name], cfg.distance, recall_ks=(), precision_ks=())
-        return scores.ns_score if monitor_name == "N-S" else scores.map
-
-    raw_val = score("val", raw_descriptors(feats["val"], cfg.pooling)) if len(rows["val"]) else float("nan")
-    history: list[dict[str, Any]] = []
-    best = {"ns": -1.0, "epoch": 0, "weights": base.get_weights()}
-    if HEADS[cfg.arch].starts_raw and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
-        best["ns"] = score("val")
-    wait = 0
-    t0 = time.perf_counter()
-    epoch_times = []
-    for epoch in range(1, (0 if cfg.arch == "whiten" else cfg.epochs) + 1):
-        te = time.perf_counter()
-        h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
-        epoch_times.append(time.perf_counter() - te)
-        row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
-               "val_loss": float(h.history.get("val_loss", [math.nan])[-1]),
-               "val_score": score("val") if len(rows["val"]) else math.nan,
-               "test_score": score("test"), "seconds": round(epoch_times[-1], 3)}
-        history.append(row)
-        monitor = row["val_score"] if not math.isnan(row["val_score"]) else -row["loss"]
-        improved = monitor > best["ns"] + 1e-6
-        if improved:
-            best = {"ns": monitor, "epoch": epoch, "weights": base.get_weights()}
-            wait = 0
-        else:
-            wait += 1
-        if progress:
-            log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-                f"val {monitor_name} {row['val_score']:.3f} (raw {raw_val:.3f})  {row['seconds']:.1f}s" + ("  *" if improved else ""))
-        if wait >= cfg.patience:
-            log(f"early stop: val {monitor_name} has not improved for {cfg.patience} epochs")
-            break
+        base, run = _train_triplet_head(feature_shape, inputs, feats, labs, rows, cfg, progress, log)
     seconds = time.perf_counter() - t0
-    base.set_weights(best["weights"])
 
     test_scores = {}
     if len(rows["test"]) >= 2:
@@ -430,103 +389,101 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         "config": asdict(cfg),
         "distance": cfg.distance,
         "split": split_store,
-        "best_epoch": best["epoch"],
-        **({"whitening": whitening} if cfg.arch == "whiten" else {}),
-        "raw_val_ns": raw_val,
+        **({"whitening": whitening} if run is None else {"best_epoch": run.best_epoch, "raw_val_ns": run.raw_val}),
+        "fit_seconds": round(seconds, 3),
         "test_scores": test_scores,
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_model(base, output, meta)
-    if cfg.arch == "whiten":
+    if run is None:
         hist_path, plot_path = write_whitening_report(whitening, output)
+        epochs = (None, None, None)
     else:
-        hist_path, plot_path = write_history(history, output, raw_val, monitor_name)
-    return TrainResult(str(output), best["epoch"], len(history), round(seconds, 2),
-                       round(float(np.mean(epoch_times)) if epoch_times else 0.0, 3),
+        hist_path, plot_path = write_history(run.history, output, run.raw_val, run.monitor_name)
+        epochs = (run.best_epoch, len(run.history),
+                  round(float(np.mean(run.epoch_times)) if run.epoch_times else 0.0, 3))
+    return TrainResult(str(output), epochs[0], epochs[1], round(seconds, 2), epochs[2],
                        {k: int(n_obj[k]) for k in rows}, test_scores, str(hist_path), str(plot_path) if plot_path else "")
 
 
-def fit_whitening(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, log=print) -> dict[str, Any]:
-    """Learned whitening with the settings the config fixes and the rest chosen by inner cross-validation.
+@dataclass
+class _TripletRun:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    epoch_times: list[float]
+    raw_val: float
+    monitor_name: str
 
-    Returns mean, projection and what was chosen (kept in the model's metadata). When no candidate
-    beats the raw descriptor inside the training set, the projection is the identity: the head then
-    ranks exactly like the off-the-shelf features.
-    """
-    from ris.head import WHITEN_GRID, choose_whitening, learned_whitening
+
+def _train_triplet_head(feature_shape: tuple[int, ...], inputs: dict[str, np.ndarray], feats: dict[str, np.ndarray],
+                        labs: dict[str, np.ndarray], rows: dict[str, np.ndarray], cfg: TrainConfig,
+                        progress: bool, log) -> tuple[Any, _TripletRun]:
+    """Epochs of triplet training; the best epoch is chosen on the val objects (by training loss
+    when they cannot score). Returns the head with the best epoch's weights."""
+    import keras
+
+    from ris.head import HEADS, MININGS, build_embedding_head, build_triplet_network, training_loss
     from ris.metrics import evaluate_retrieval
 
-    fixed = {"shrinkage": cfg.whiten_shrinkage, "power": cfg.whiten_power, "dim": cfg.whiten_dim}
-    chosen: dict[str, Any] = {k: v for k, v in fixed.items() if v is not None}
-    chosen["selected_by"] = "command-line flags"
-    by_objects = cfg.split_by == "object"
-    metric = "N-S" if by_objects else "mAP"
+    base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize,
+                                cfg.dropout, cfg.arch, cfg.shallow)
+    model = build_triplet_network(base) if MININGS[cfg.mining].triplet_inputs else base
+    loss = training_loss(cfg.mining, cfg.margin, cfg.distance)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
 
-    def score(x, lab):
-        r = evaluate_retrieval(x, lab, "euclidean", recall_ks=(), precision_ks=())
-        return r.ns_score if by_objects else r.map
+    def usable_groups(lab: np.ndarray) -> int:  # triplets need groups with a positive pair
+        return int((np.unique(lab, return_counts=True)[1] >= 2).sum()) if len(lab) else 0
 
-    if any(v is None for v in fixed.values()):
-        grid = {k: (v,) if v is not None else WHITEN_GRID[k] for k, v in fixed.items()}
-        try:
-            # whole groups are held out in the inner folds even for Corel-style splits: the setting
-            # must serve objects and classes the head has not seen, not only new images of known ones
-            choice = choose_whitening(features, labels, score, folds=3, seed=cfg.seed, grid=grid)
-            chosen = {k: choice.get(k) for k in ("shrinkage", "power", "dim")}
-            chosen.update(inner_gain=round(choice["inner_gain"], 5), inner_raw=round(choice["inner_raw"], 5),
-                          off=choice["off"], selected_by="3-fold cross-validation over the training groups",
-                          metric=metric, table=choice["table"])
-            if choice["off"]:
-                log(f"whitening: no setting beat the raw descriptor inside the training set (inner {metric} "
-                    f"{choice['inner_raw']:.4f}); the head keeps the raw ranking")
-            else:
-                log(f"whitening: shrinkage {chosen['shrinkage']}, power {chosen['power']}, {chosen['dim']} dims "
-                    f"(inner {metric} {choice['inner_raw']:.4f} -> +{choice['inner_gain']:.4f})")
-        except ValueError:  # too few groups to hold some out
-            chosen = {"shrinkage": 1.0, "power": 0.5, "dim": 512,
-                      **{k: v for k, v in fixed.items() if v is not None},
-                      "selected_by": "defaults (too few training groups to cross-validate)"}
-            log(f"whitening: too few training groups to choose by cross-validation; using shrinkage "
-                f"{chosen['shrinkage']}, power {chosen['power']}, {chosen['dim']} dims")
-    if chosen.get("off"):
-        dim = features.shape[1]
-        return {"mean": np.zeros(dim, np.float32), "projection": np.eye(dim, dtype=np.float32), **chosen}
-    mean, proj = learned_whitening(features, labels, int(chosen["dim"]), float(chosen["shrinkage"]),
-                                   float(chosen["power"]))
-    return {"mean": mean, "projection": proj, **chosen}
+    if usable_groups(labs["train"]) < 2:
+        raise RisError("fewer than 2 training groups with 2+ images: nothing to learn triplets from")
+    train_ds = _dataset(inputs["train"], labs["train"], cfg, cfg.seed)
+    use_val = usable_groups(labs["val"]) >= 2
+    if not use_val:
+        log("warning: fewer than 2 validation groups with 2+ images; the best epoch is chosen by training loss")
+        rows["val"] = rows["val"][:0]
+    val_ds = _dataset(inputs["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if use_val else None
 
+    monitor_name = "N-S" if cfg.split_by == "object" else "mAP"  # classes of 100: N-S@4 says little
 
-def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple[Path, Path | None]:
-    """The inner cross-validation table as CSV and a bar chart: what each whitening setting gained."""
-    stem = model_path.with_suffix("")
-    csv_path, png = Path(f"{stem}.history.csv"), Path(f"{stem}.history.png")
-    table = whitening.get("table") or []
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["shrinkage", "power", "dim", "inner_gain"])
-        w.writeheader()
-        w.writerows(table)
-    try:
-        import matplotlib
-    except ImportError:  # a bare accelerator host: the CSV is still written
-        return csv_path, None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def score(name: str, emb=None) -> float:
+        if len(rows[name]) < 2:
+            return float("nan")
+        x = emb if emb is not None else embed_features(base, inputs[name])
+        scores = evaluate_retrieval(x, labs[name], cfg.distance, recall_ks=(), precision_ks=())
+        return scores.ns_score if monitor_name == "N-S" else scores.map
 
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(table) + 2), 3.6))
-    labels = [f"s{r['shrinkage']:g} p{r['power']:g} d{r['dim']}" for r in table]
-    chosen = [r["shrinkage"] == whitening.get("shrinkage") and r["power"] == whitening.get("power")
-              and r["dim"] == whitening.get("dim") and not whitening.get("off") for r in table]
-    ax.bar(range(len(table)), [r["inner_gain"] for r in table], color=["C1" if c else "C0" for c in chosen])
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"inner {whitening.get('metric', 'score')} gain over raw")
-    ax.set_title(f"learned whitening: {whitening.get('selected_by', '')}" + (" (none chosen)" if whitening.get("off") else ""),
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return csv_path, png
+    raw_val = score("val", raw_descriptors(feats["val"], cfg.pooling)) if len(rows["val"]) else float("nan")
+    history: list[dict[str, Any]] = []
+    best = {"ns": -1.0, "epoch": 0, "weights": base.get_weights()}
+    if HEADS[cfg.arch].starts_raw and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
+        best["ns"] = score("val")
+    wait = 0
+    epoch_times = []
+    for epoch in range(1, cfg.epochs + 1):
+        te = time.perf_counter()
+        h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
+        epoch_times.append(time.perf_counter() - te)
+        row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
+               "val_loss": float(h.history.get("val_loss", [math.nan])[-1]),
+               "val_score": score("val") if len(rows["val"]) else math.nan,
+               "test_score": score("test"), "seconds": round(epoch_times[-1], 3)}
+        history.append(row)
+        monitor = row["val_score"] if not math.isnan(row["val_score"]) else -row["loss"]
+        improved = monitor > best["ns"] + 1e-6
+        if improved:
+            best = {"ns": monitor, "epoch": epoch, "weights": base.get_weights()}
+            wait = 0
+        else:
+            wait += 1
+        if progress:
+            log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+                f"val {monitor_name} {row['val_score']:.3f} (raw {raw_val:.3f})  {row['seconds']:.1f}s" + ("  *" if improved else ""))
+        if wait >= cfg.patience:
+            log(f"early stop: val {monitor_name} has not improved for {cfg.patience} epochs")
+            break
+    base.set_weights(best["weights"])
+    return base, _TripletRun(history, best["epoch"], epoch_times, raw_val, monitor_name)
 
 
 def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float,

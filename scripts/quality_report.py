@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 "delta_ns": {"mean": round(float(np.mean(delta)), 4), "std": round(float(np.std(delta)), 4)},
                 "delta_map": {"mean": round(float(np.mean(delta_map)), 4), "std": round(float(np.std(delta_map)), 4),
                               "folds_better": int(sum(d > 0 for d in delta_map))},
-                "seconds_per_epoch": round(float(np.mean([r.seconds_per_epoch for r in results])), 3),
+                "seconds_per_epoch": (round(float(np.mean(per_epoch)), 3) if (per_epoch := [
+                    r.seconds_per_epoch for r in results if r.seconds_per_epoch is not None]) else None),
                 "seconds": round(time.perf_counter() - t, 1),
                 "command": f"ris-train --features-db {ukdb.name} --folds 5 " + " ".join(flags)})
             log(f"  head {label}: {ms(summary['head']['ns_score'])} (raw {ms(summary['raw']['ns_score'])}), "

@@ -252,7 +252,7 @@ def test_search_refuses_features_from_another_backbone(tiny, model, tmp_path, ca
 def test_search_bad_query_image(tiny, db, tmp_path, capsys):
     bad = make_bad_images(tmp_path)
     code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad["truncated"], "--features-db", db)
-    assert code == 1 and "truncated" in err and str(bad["truncated"]) in err
+    assert code == 2 and "truncated" in err and str(bad["truncated"]) in err  # nothing done: an error
 
 
 def test_installed_entry_points_exist():
@@ -600,3 +600,163 @@ def test_extract_ukbench_labels_on_other_names_is_one_error(tmp_path, capsys):
                          "--labels", "ukbench", *FAST)
     assert code == 2 and "IMG_1000.jpg" in err and "ukbench" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "u.h5").exists() and not (tmp_path / "u.h5.partial").exists()
+
+
+def test_search_warns_once_about_rows_that_are_not_finite_and_never_returns_them(tiny, db, tmp_path, capsys):
+    _, data, _ = tiny
+    copy = tmp_path / "feats.h5"
+    shutil.copy(db, copy)
+    with h5py.File(copy, "r+") as f:
+        f["features"][2] = np.nan
+        bad_id = f["image_ids"][2].decode()
+    images = sorted(Path(data).glob("*.jpg"))[:2]
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", *images, "--features-db", copy, "-k", "30",
+                         "--json")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "not finite" in line]
+    assert len(warnings) == 1 and bad_id in warnings[0] and "1 row" in warnings[0]
+    for q in json.loads(out):
+        assert len(q["results"]) == 23 and bad_id not in [h["image_id"] for h in q["results"]]
+        assert all(np.isfinite(h["distance"]) for h in q["results"])
+
+
+@pytest.mark.parametrize("model", ["mobilenet_v2", "vgg16"])
+def test_a_text_file_as_weights_is_one_line_naming_the_file(tiny, tmp_path, capsys, model):
+    _, data, _ = tiny
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are not weights\n")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", tmp_path / "x.h5",
+                         "--model", model, "--weights", notes, "--resize", "64", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(notes) in err and "cannot load weights" in err and "Traceback" not in err
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("module,args,flag", [
+    (extract_cli, ["--batch-size", "0"], "--batch-size"),
+    (extract_cli, ["--batch-size", "-1"], "--batch-size"),
+    (extract_cli, ["--workers", "0"], "--workers"),
+    (extract_cli, ["--resize", "0"], "--resize"),
+    (extract_cli, ["--scales", "0"], "--scales"),
+    (extract_cli, ["--scales", "1,-0.5"], "--scales"),
+    (extract_cli, ["--scales", "nan"], "--scales"),
+    (extract_cli, ["--scales", "1,,0.5"], "--scales"),
+    (extract_cli, ["--scales", "inf"], "--scales"),
+    (search_cli, ["--image", "q.jpg", "-k", "-1"], "-k"),
+    (search_cli, ["--image", "q.jpg", "-k", "0"], "-k"),
+    (train_cli, ["--folds", "1"], "--folds"),
+    (train_cli, ["--folds", "-2"], "--folds"),
+    (train_cli, ["--test-fraction", "1.5"], "--test-fraction"),
+    (train_cli, ["--test-fraction", "1"], "--test-fraction"),
+    (train_cli, ["--val-fraction", "-0.1"], "--val-fraction"),
+    (train_cli, ["--epochs", "0"], "--epochs"),
+    (train_cli, ["--patience", "0"], "--patience"),
+    (train_cli, ["--batch-size", "0"], "--batch-size"),
+    (train_cli, ["--p", "1"], "--p"),
+    (train_cli, ["--k", "1"], "--k"),
+    (train_cli, ["--lr", "0"], "--lr"),
+    (train_cli, ["--margin", "nan"], "--margin"),
+    (train_cli, ["--dropout", "1"], "--dropout"),
+    (train_cli, ["--out-dim", "0"], "--out-dim"),
+    (train_cli, ["--hidden", "512,0"], "--hidden"),
+    (train_cli, ["--shallow", "-1"], "--shallow"),
+    (train_cli, ["--unseen-classes", "-1"], "--unseen-classes"),
+    (train_cli, ["--whiten-shrinkage", "-1"], "--whiten-shrinkage"),
+    (train_cli, ["--whiten-power", "0"], "--whiten-power"),
+    (train_cli, ["--whiten-dim", "0"], "--whiten-dim"),
+    (train_cli, ["--whiten-dim", "big"], "--whiten-dim"),
+    (eval_cli, ["--folds", "1"], "--folds"),
+    (eval_cli, ["--test-fraction", "1.5"], "--test-fraction"),
+    (eval_cli, ["--min-ns", "nan"], "--min-ns"),
+])
+def test_nonsense_arguments_are_refused_by_argparse_with_exit_2(module, args, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        module.build_parser().parse_args(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{module.build_parser().prog}: error: argument {flag}") and "Traceback" not in err
+
+
+def test_sensible_arguments_still_parse():
+    a = extract_cli.build_parser().parse_args(["--scales", "0.707, 1", "--batch-size", "1", "--workers", "2"])
+    assert a.scales == (0.707, 1.0) and a.batch_size == 1 and a.workers == 2
+    a = train_cli.build_parser().parse_args(["--folds", "0", "--test-fraction", "0", "--whiten-dim", "auto",
+                                             "--whiten-shrinkage", "0.3", "--hidden", ""])
+    assert a.folds == 0 and a.test_fraction == 0.0 and a.whiten_dim is None and a.whiten_shrinkage == 0.3
+    assert a.hidden == ()
+    assert train_cli.build_parser().parse_args(["--folds", "5"]).folds == 5
+    assert search_cli.build_parser().parse_args(["--image", "q.jpg", "-k", "1"]).top_k == 1
+
+
+def test_exit_codes_of_search_follow_the_rule(tiny, db, tmp_path, capsys):
+    from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+
+    _, _, query = tiny
+    bad = make_bad_images(tmp_path)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, bad["corrupt"], "--features-db", db,
+                         "-k", "2", "--json")
+    assert code == EXIT_PARTIAL == 1 and str(bad["corrupt"]) in err
+    results = json.loads(out)
+    assert [r["query"] for r in results] == [str(query)] and len(results[0]["results"]) == 2
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad["corrupt"], bad["zero_byte"],
+                         "--features-db", db)
+    assert code == EXIT_ERROR == 2
+    assert cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db)[0] == EXIT_OK == 0
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", tmp_path / "none.h5")
+    assert code == EXIT_ERROR and "not found" in err
+
+
+def test_exit_codes_of_eval_when_the_required_score_is_not_met(db, capsys):
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "3", "--min-ns", "4.01")
+    assert code == 1 and "below" in err
+    assert cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "0")[0] == 0
+
+
+@pytest.mark.parametrize("raised,code", [(None, 0), ("partial", 1), ("error", 2), ("oserror", 2), ("interrupt", 130),
+                                         ("interrupted", 130)])
+def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys):
+    from ris.cli import common
+    from ris.errors import RisError
+
+    def main(argv):
+        if raised == "partial":
+            return common.EXIT_PARTIAL
+        if raised == "error":
+            raise RisError("x.h5: broken")
+        if raised == "oserror":
+            raise FileNotFoundError(2, "No such file or directory", "x.h5")
+        if raised == "interrupt":
+            raise KeyboardInterrupt
+        if raised == "interrupted":
+            raise RisError("interrupted after 3 images; run the same command again to resume")
+        return common.EXIT_OK
+
+    assert run("ris-x", main, ["--json"]) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 1
+
+
+def test_readme_documents_the_exit_codes():
+    from ris.cli import common
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for value in (common.EXIT_OK, common.EXIT_PARTIAL, common.EXIT_ERROR, common.EXIT_INTERRUPTED):
+        assert f"| {value} |" in readme
+
+
+def test_eval_reports_queries_without_relevant_and_scores_them_nowhere(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
+    (data / "groundtruth.tsv").unlink()
+    (data / "labels.tsv").write_text("ukbench00000.jpg\ta\nukbench00001.jpg\ta\nukbench00002.jpg\tb\n")
+    (data / "ukbench00003.jpg").unlink()
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, "--labels",
+               data / "labels.tsv", *FAST)[0] == 0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["queries_without_relevant"] == 1 and r["raw"]["queries"] == 2
+    assert r["raw"]["map"] == 1.0 and r["raw"]["recall_at"]["1"] == 1.0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db)
+    assert "1 query without another image of its group" in out

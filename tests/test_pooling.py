@@ -2,7 +2,6 @@
 and the registry: a pooling added to ``POOLING`` is all it takes to extract with it."""
 from __future__ import annotations
 
-import io
 import json
 import zipfile
 

@@ -114,3 +114,25 @@ def test_large_held_out_parts_are_scored_on_a_capped_subset():
 
     choice = choose_whitening(_l2(x), lab, score, folds=3, max_eval=40)
     assert max(seen) <= 40 and not choice["off"]
+
+
+def test_whitening_decompositions_run_on_one_blas_thread(monkeypatch):
+    """Small eigh calls on many OpenBLAS threads crawl when the cores are busy (50 calls took 58 s)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+    seen = []
+    real_eigh = np.linalg.eigh
+
+    def spy_eigh(a, *args, **kwargs):
+        seen.append(blas_threads())
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "eigh", spy_eigh)
+    x, lab = _objects(12, 4, 16, 7)
+    learned_whitening(x, lab, 8)
+    choose_whitening(_l2(x), lab, lambda f, l: seen.append(blas_threads()) or _ns(f, l), folds=3,
+                     grid={"shrinkage": (1.0,), "power": (0.5,), "dim": (8,)})
+    assert seen and all(s <= {1} for s in seen), seen

@@ -3,12 +3,104 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
 
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+# Exit status of every ris command (README "Commands"):
+EXIT_OK = 0  # done
+EXIT_PARTIAL = 1  # done in part (some of several queries unreadable), or a requested check failed (--min-ns)
+EXIT_ERROR = 2  # error, nothing done: bad arguments, unreadable or incompatible input, refused database
+EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C, SIGTERM): run the same command again to resume
+
+
+# --- argument types: nonsense is refused by argparse (one "error: argument --x: ..." line, exit 2) ---
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An integer >= ``low``."""
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float)
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {value:g}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in [0, 1)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {value:g}")
+    return value
+
+
+def folds(text: str) -> int:
+    """0 (no k-fold) or K >= 2."""
+    value = _number(text, int)
+    if value != 0 and value < 2:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or at least 2 folds, not {value}")
+    return value
+
+
+def number_list(item: Callable[[str], Any], allow_empty: bool = False) -> Callable[[str], tuple]:
+    """Comma-separated values, each checked by ``item`` ('' = empty tuple when ``allow_empty``)."""
+    def parse(text: str) -> tuple:
+        parts = [p.strip() for p in text.split(",")]
+        if parts == [""] and allow_empty:
+            return ()
+        if any(p == "" for p in parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas")
+        try:
+            return tuple(item(p) for p in parts)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    parse.__name__ = "list"
+    return parse
+
+
+def auto_or(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """'auto' (None: chosen by the program) or a value checked by ``kind``."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "auto" else kind(text)
+
+    parse.__name__ = "auto_or_number"
+    return parse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -60,7 +152,8 @@ def _escape_unprintable_output() -> None:
 
 
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a RisError or OSError becomes 'prog: error: message' and a non-zero exit."""
+    """Run ``main``; a RisError or OSError becomes 'prog: error: message' and EXIT_ERROR, an
+    interruption EXIT_INTERRUPTED. ``main`` returns EXIT_OK or EXIT_PARTIAL."""
     args = sys.argv[1:] if argv is None else argv
     _escape_unprintable_output()
     if not ({"-h", "--help"} & set(args)):

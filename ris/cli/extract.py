@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import EXIT_OK, HelpFormatter, number_list, positive_float, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,18 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "see --list-layers)")
     p.add_argument("--list-layers", action="store_true",
                    help="print the --model's layers that output feature maps (name, channels) and exit")
-    p.add_argument("--resize", type=int, default=None, metavar="PX",
+    p.add_argument("--resize", type=positive_int, default=None, metavar="PX",
                    help="square input size in pixels (default: the backbone's native size)")
-    p.add_argument("--scales", default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
-                   "of each scale are L2-normalised and summed")
+    p.add_argument("--scales", type=number_list(positive_float), default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
+                   "of each scale are L2-normalised and summed; each scale > 0 multiplies the input size")
     p.add_argument("--pool", default="gap", choices=[*POOLING, NO_POOLING],
                    help="pooling of the conv maps: " + ", ".join(f"{k}={v.help}" for k, v in POOLING.items())
                         + f"; {NO_POOLING} stores the full maps (large)")
     p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), "
                    "folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
-    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, "
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
+    p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: CPU count, "
                    "max 8); whatever the count, the images being decoded hold at most RIS_DECODE_BUDGET "
                    "bytes (default 1G)")
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
@@ -71,12 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return _list_layers(args.model, args.json)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
-    try:
-        scales = tuple(float(s) for s in args.scales.split(","))
-    except ValueError:
-        raise RisError(f"--scales must be numbers separated by commas, got {args.scales!r}") from None
     cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
-                        scales=scales, pooling=args.pool, dtype=args.dtype)
+                        scales=args.scales, pooling=args.pool, dtype=args.dtype)
     s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
                          workers=args.workers, append=args.append, overwrite=args.overwrite,
                          progress=not args.no_progress, decode=args.decode)
@@ -89,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         for image, reason in s.skipped:
             print(f"  skipped: {reason}")
         _print_not_read(s, args.verbose)
-    return 0
+    return EXIT_OK  # skipped images are listed, not an error
 
 
 def _print_not_read(s, verbose: bool) -> None:
@@ -124,7 +120,7 @@ def _list_layers(model: str, as_json: bool) -> int:
         for r in rows:
             print(f"{r['layer']:<40} {r['channels']:>6}  {r['type']}")
         print(f"default (last): {trunk.layers[-1].name}")
-    return 0
+    return EXIT_OK
 
 
 def entry() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,12 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ris-search",
         description="Rank a feature database by similarity to a query image (any image file, in the "
                     "database or not). The query's features are made exactly as the database's attributes "
-                    "say; with --model they go through the trained head and are ranked by its distance.",
+                    "say; with --model they go through the trained head and are ranked by its distance. "
+                    "Exit status: 0 = every query answered, 1 = some of several queries unreadable, "
+                    "2 = error (no query answered, bad arguments, unusable database), 130 = interrupted.",
         formatter_class=HelpFormatter)
     p.add_argument("--image", required=True, nargs="+", help="query image file(s)")
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train)")
-    p.add_argument("-k", "--top-k", type=int, default=12, help="number of results")
+    p.add_argument("-k", "--top-k", type=positive_int, default=12, help="number of results")
     p.add_argument("--output", default=None, help="montage PNG path (query first, then the results); with "
                    "several queries, a -N suffix is added")
     p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"montage: {montage_path}")
     if args.json:
         print_json(out_json if len(args.image) > 1 else (out_json[0] if out_json else []))
-    return 1 if failed else 0
+    if failed == len(args.image):
+        return EXIT_ERROR  # nothing done
+    return EXIT_PARTIAL if failed else EXIT_OK
 
 
 def _show(rgb) -> None:

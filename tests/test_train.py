@@ -1,0 +1,109 @@
+"""Splits and the training run: k-fold image splits, and what each head reports about itself."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ris.train import TrainConfig, make_split
+
+
+def _labels() -> np.ndarray:
+    labels = np.repeat(np.arange(5), [10, 9, 12, 10, 8])
+    labels[[4, 20]] = -1  # unlabelled rows belong to no part
+    return labels
+
+
+@pytest.mark.parametrize("unseen", [0, 1])
+def test_image_split_folds_differ_and_partition_every_class(unseen):
+    labels = _labels()
+    cfg = TrainConfig(split_by="image", val_fraction=0.2, unseen_classes=unseen, folds=3)
+    splits = [make_split(labels, replace(cfg, fold=k))[0] for k in range(3)]
+    tests = [s["test"] for s in splits]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(tests) for b in tests[i + 1:])
+    everything = np.sort(np.concatenate(tests))
+    assert everything.tolist() == np.nonzero(labels >= 0)[0].tolist()  # each labelled image tested once
+    for s, meta in ((s, make_split(labels, replace(cfg, fold=k))[1]) for k, s in enumerate(splits)):
+        assert not set(s["test"]) & (set(s["train"]) | set(s["val"])) and not set(s["train"]) & set(s["val"])
+        for c in range(5):  # k-fold inside every class: about a third of its images each time
+            n = int((labels == c).sum())
+            assert abs(int((labels[s["test"]] == c).sum()) - n / 3) < 1
+        for c in meta["unseen_classes"]:
+            assert not (labels[np.concatenate([s["train"], s["val"]])] == c).any()
+
+
+def test_image_split_without_folds_is_unchanged_by_the_fold_option():
+    labels = _labels()
+    a, _ = make_split(labels, TrainConfig(split_by="image", test_fraction=0.5))
+    b, _ = make_split(labels, TrainConfig(split_by="image", test_fraction=0.5, folds=7))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _objects(n_obj: int, views: int, dim: int, seed: int):
+    rng = np.random.default_rng(seed)
+    nuisance = np.linalg.qr(rng.normal(size=(dim, 8)))[0]
+    x = np.repeat(rng.normal(size=(n_obj, dim)), views, 0) + 6.0 * rng.normal(size=(n_obj * views, 8)) @ nuisance.T \
+        + 0.3 * rng.normal(size=(n_obj * views, dim))
+    return x.astype(np.float32), np.repeat(np.arange(n_obj), views)
+
+
+def _write_db(path, n_obj=12, views=6, dim=16, seed=0):
+    from ris.featuredb import FeatureWriter
+
+    x, lab = _objects(n_obj, views, dim, seed)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    w = FeatureWriter(path, {"model": "synthetic", "pooling": "gap"}, (dim,), [f"o{i}" for i in range(n_obj)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in lab])
+    w.finish({})
+    return path
+
+
+def test_train_cli_folds_by_image_hold_out_different_images(tmp_path, capsys):
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+    from ris.train import load_model
+
+    db = _write_db(tmp_path / "f.h5")
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--folds", "3",
+                           "--split-by", "image", "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    held = [set(load_model(tmp_path / f"h.fold{k}.keras")[1]["split"]["test_images"]) for k in (1, 2, 3)]
+    assert not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
+    assert len(held[0] | held[1] | held[2]) == 72
+
+
+def test_whitening_speaks_of_no_epochs_nor_validation_and_reports_its_fit_time(tmp_path, monkeypatch):
+    pytest.importorskip("keras")
+    import ris.train
+    from ris.train import train_head
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(ris.train.time, "perf_counter", lambda: clock["t"])
+    real_fit = ris.train.fit_whitening
+
+    def slow_fit(*a, **k):  # the fit "takes" 100 s on the patched clock
+        clock["t"] += 100.0
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(ris.train, "fit_whitening", slow_fit)
+    db = _write_db(tmp_path / "f.h5")
+    lines: list[str] = []
+    # val_fraction 0.05 of 12 objects = 1 object: a triplet head would warn about its validation groups
+    r = train_head(db, tmp_path / "h.keras", TrainConfig(val_fraction=0.05), progress=True, log=lines.append)
+    text = "\n".join(lines).lower()
+    assert lines and "epoch" not in text and "validation" not in text and " val" not in text, lines
+    assert r.seconds >= 100.0
+    assert r.best_epoch is None and r.epochs_run is None and r.seconds_per_epoch is None
+
+
+def test_triplet_heads_still_report_epochs_and_fit_time(tmp_path, capsys):
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5")
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--arch", "mlp",
+                           "--hidden", "8", "--out-dim", "8", "--epochs", "2", "--p", "4", "--quiet", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["epochs_run"] == 2 and r["best_epoch"] in (1, 2) and r["seconds"] > 0 and r["seconds_per_epoch"] > 0
