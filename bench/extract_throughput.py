@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from ris.backbones import get_backbone
     from ris.extract import ExtractConfig, FeatureExtractor, extract_features
     from ris.images import find_images
-    from ris.pooling import GlobalPool
+    from ris.layers import GlobalPool
 
     root = Path(args.dataset)
     files = find_images(root)[: args.limit]

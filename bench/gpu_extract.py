@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     from ris.featuredb import FeatureDB, FeatureWriter
     from ris.images import find_images
     from ris.metrics import evaluate_retrieval
-    from ris.pooling import GlobalPool
+    from ris.layers import GlobalPool
 
     backend = keras.backend.backend()
     if backend != "jax" and not args.cpu_smoke:

@@ -16,10 +16,9 @@ import signal
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -117,10 +116,11 @@ class FeatureExtractor:
         import keras
 
         from ris.backbones import get_backbone
-        from ris.pooling import POOLINGS, GlobalPool
+        from ris.layers import GlobalPool
+        from ris.pooling import NO_POOLING, POOLING
 
-        if config.pooling not in POOLINGS:
-            raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if config.pooling not in POOLING and config.pooling != NO_POOLING:
+            raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join([*POOLING, NO_POOLING])}")
         if config.pooling == "none" and len(config.scales) > 1:
             raise RisError("--pool none stores conv maps and cannot combine several --scales")
         if config.dtype not in ("float32", "bfloat16"):
@@ -340,6 +340,8 @@ class ExtractSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     feature_shape: tuple[int, ...] = ()
+    other_files: list[str] = field(default_factory=list)  # not read: extensions that are not images'
+    hidden_files: list[str] = field(default_factory=list)  # not read: hidden files, hidden folders ('x/')
 
     @property
     def images_per_second(self) -> float:
@@ -358,22 +360,43 @@ def _load_batch_item(root: Path, rel: str, size: int) -> np.ndarray:
     return load_image(root / rel, size)
 
 
+DEFAULT_DECODE_BUDGET = 1 << 30
+
+
+def decode_budget() -> int:
+    """Bytes the images being decoded at once may hold: RIS_DECODE_BUDGET (e.g. 512M, 2G), default 1 GiB.
+
+    Why: decoding holds each image at full size; six 169-MP PNGs took 6.7 GB with 6 workers. The
+    budget bounds that whatever the worker count (an image bigger than it is decoded alone).
+    """
+    from ris.imagefile import parse_bytes
+
+    text = os.environ.get("RIS_DECODE_BUDGET")
+    return parse_bytes(text, "RIS_DECODE_BUDGET") if text else DEFAULT_DECODE_BUDGET
+
+
 def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
-                 prefetch: int, processes: bool = False,
-                 chunk: int | None = None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+                 prefetch: int, processes: bool = False, chunk: int | None = None,
+                 budget: int | None = None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """(path, image or None, error) in input order; decoding runs ``prefetch`` images ahead.
 
     ``processes``: decode in ``workers`` worker processes, ``chunk`` images per task, instead of
     threads (on many cores the threads' Python work holds the GIL; processes scale further).
+    ``budget``: bytes the decodes in flight may hold (default ``decode_budget()``); each image's
+    share comes from its header before it is submitted (``ris.images.decode_cost``).
     """
+    from ris.images import decode_cost
+
+    budget = decode_budget() if budget is None else budget
     if processes:
-        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk)
+        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk, budget)
         return
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the pool, not inside each decode
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
-    tasks = _in_flight(pool, partial(_load_batch_item, root, size=size), rel_paths, prefetch)
+    tasks = _in_flight(pool, partial(_load_batch_item, root, size=size), rel_paths, prefetch,
+                       lambda rel: decode_cost(root / rel, size), budget)
     try:
         for rel, fut in tasks:
             try:
@@ -386,19 +409,56 @@ def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
 
 
 Item = TypeVar("Item")
+_END = object()
 
 
-def _in_flight(pool: Any, fn: Callable[[Item], Any], items: Iterable[Item],
-               depth: int) -> Iterator[tuple[Item, Future]]:
+def _in_flight(pool: Any, fn: Callable[[Item], Any], items: Iterable[Item], depth: int,
+               cost: Callable[[Item], int] | None = None,
+               budget: int | None = None) -> Iterator[tuple[Item, Future]]:
     """(item, future of fn(item)) in input order, keeping ``depth`` tasks submitted ahead of the
-    consumer so the workers never wait for it; closing it early cancels the tasks not started."""
+    consumer so the workers never wait for it; closing it early cancels the tasks not started.
+
+    With ``cost`` and ``budget``, submission also holds while the costs of the unfinished tasks
+    plus the next item's would pass the budget (a task that is alone always runs). A task counts
+    until it finishes, also after the consumer took it off the window; then its result is the
+    small, resized image.
+    """
     it = iter(items)
-    window: deque[tuple[Item, Future]] = deque((item, pool.submit(fn, item)) for item in islice(it, max(1, depth)))
+    window: deque[tuple[Item, Future]] = deque()
+    live: list[tuple[Future, int]] = []  # submitted with a cost and not known to be finished
+    held: list[tuple[Item, int]] = []  # the next item and its cost, while the budget holds it back
+
+    def fill() -> bool:
+        """Submit what depth and budget allow; True when the budget holds the next item back."""
+        while len(window) < max(1, depth):
+            if not held:
+                nxt = next(it, _END)
+                if nxt is _END:
+                    return False
+                held.append((nxt, cost(nxt) if cost is not None and budget is not None else 0))
+            nxt, c = held[0]
+            if c:
+                live[:] = [(f, ci) for f, ci in live if not f.done()]
+                busy = sum(ci for _, ci in live)
+                if busy and busy + c > budget:
+                    return True
+            held.clear()
+            fut = pool.submit(fn, nxt)
+            window.append((nxt, fut))
+            if c:
+                live.append((fut, c))
+        return False
+
     try:
-        while window:
+        blocked = fill()
+        while window or held:
+            while blocked and (not window or not window[0][1].done()):  # refill as soon as a task finishes
+                running = [f for f, _ in live if not f.done()]
+                if running:
+                    wait(running, return_when=FIRST_COMPLETED)
+                blocked = fill()
             item, fut = window.popleft()
-            for nxt in islice(it, 1):
-                window.append((nxt, pool.submit(fn, nxt)))
+            blocked = fill()
             yield item, fut
     finally:
         for _, fut in window:
@@ -458,13 +518,17 @@ def _decode_chunk(root: str, rel_paths: list[str], size: int) -> tuple[np.ndarra
 
 
 def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, workers: int, prefetch: int,
-                            chunk: int | None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+                            chunk: int | None, budget: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+    from ris.images import decode_cost
+
     workers = max(1, workers)
     chunk = max(1, chunk or min(32, max(4, prefetch // (2 * workers))))
     depth = max(2 * workers, -(-prefetch // chunk))  # chunks in flight
     pool = _decode_pool(workers)
     chunks = (list(rel_paths[i : i + chunk]) for i in range(0, len(rel_paths), chunk))
-    tasks = _in_flight(pool, partial(_decode_chunk, str(root), size=size), chunks, depth)
+    # a worker decodes its chunk one image at a time: a chunk holds at most its largest image
+    tasks = _in_flight(pool, partial(_decode_chunk, str(root), size=size), chunks, depth,
+                       lambda c: max(decode_cost(root / rel, size) for rel in c), budget)
     try:
         for c, fut in tasks:
             stacked, errors = fut.result()
@@ -487,6 +551,7 @@ def extract_features(
     batch_size: int = DEFAULT_BATCH,
     workers: int | None = None,
     append: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     decode: str = "threads",
@@ -498,31 +563,41 @@ def extract_features(
     ``decode``: 'threads' (default) or 'processes' (``workers`` worker processes; worth it on many
     cores feeding a GPU). ``prefetch``: images decoded ahead of the model (default 4 batches).
     ``extractor``: an already built (and warmed-up) extractor to use instead of one built from
-    ``config``; its own config is what is used and recorded.
+    ``config``; its own config is what is used and recorded. ``overwrite``: replace an existing
+    database (it stays usable until the new one is complete). The run holds ``<features_db>.lock``
+    throughout: a second writer of the same database is refused, naming this one.
     """
-    from ris.featuredb import FeatureWriter, partial_path
-    from ris.images import find_images, make_labels
+    from ris.featuredb import FeatureWriter, check_target, partial_path
+    from ris.images import make_labels, scan_folder
+    from ris.sidecars import WriterLock
 
     root = Path(dataset)
-    files = find_images(root)
+    scan = scan_folder(root)
+    files = scan.images
     if not files:
-        raise RisError(f"{root}: no images found (looked for .jpg .jpeg .png .bmp .webp .tif, any case, recursively)")
+        raise RisError(f"{root}: no images found (looked for {_extension_list()}, any case, recursively"
+                       f"{_not_read_note(scan.other, scan.hidden)})")
     features_db = Path(features_db)
-    if features_db.exists() and not append:
-        raise RisError(f"{features_db}: already exists; use --append to add new images or --overwrite to replace it")
+    check_target(features_db, append=append, overwrite=overwrite)
     label_ids, label_names, label_mode = make_labels(files, labels, root)
     label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
+    label_file = Path(label_mode).resolve() if label_mode not in ("ukbench", "folders", "none") else None
+    not_read = [f for f in scan.other if (root / f).resolve() != label_file]  # the label file is read
 
     if decode not in ("threads", "processes"):
         raise RisError(f"decode must be 'threads' or 'processes', not {decode!r}")
-    extractor = extractor or FeatureExtractor(config)
-    attrs = extractor.attrs()
-    attrs.update(dataset_root=str(root.resolve()), labels_mode=label_mode)
-    resuming = partial_path(features_db).exists()
-    writer = FeatureWriter(features_db, attrs, extractor.output_shape, label_names,
-                           base=features_db if append and features_db.exists() and not resuming else None)
-    if getattr(writer, "damaged_partial", None):
-        log(f"warning: {partial_path(features_db)} was damaged ({writer.damaged_partial}); starting over")
+    lock = WriterLock(features_db).acquire()  # before the slow model build; the writer takes it over
+    try:
+        extractor = extractor or FeatureExtractor(config)
+        attrs = extractor.attrs()
+        attrs.update(dataset_root=str(root.resolve()), labels_mode=label_mode)
+        writer = FeatureWriter(features_db, attrs, extractor.output_shape, label_names, append=append,
+                               overwrite=overwrite, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+    if writer.discarded_partial:
+        log(f"warning: {writer.discarded_partial}; starting over")
     done = writer.done_ids()
     todo = [f for f in files if f not in done]
     if writer.resumed_rows:
@@ -533,6 +608,7 @@ def extract_features(
     else:
         workers = workers or min(8, (os.cpu_count() or 2))
     summary = ExtractSummary(str(features_db), len(files), 0, writer.resumed_rows, feature_shape=extractor.output_shape)
+    summary.other_files, summary.hidden_files = not_read, scan.hidden
     bar = _progress(len(todo), progress)
     t0 = time.perf_counter()
     ids: list[str] = []
@@ -585,13 +661,39 @@ def extract_features(
     bar.close()
     summary.seconds = time.perf_counter() - t0
     if writer.rows == 0:
-        writer.close()
-        partial_path(features_db).unlink(missing_ok=True)
+        writer.discard()
         raise RisError(f"{root}: none of the {len(files)} images could be decoded; nothing written")
     writer.finish({"num_images": writer.rows, "num_failed": len(writer.done_ids()) - writer.rows,
                    "extract_seconds": round(summary.seconds, 3),
                    "images_per_second": round(summary.images_per_second, 2)})
     return summary
+
+
+def _extension_list() -> str:
+    from ris.images import IMAGE_EXTENSIONS
+
+    order = [".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"]
+    return " ".join(sorted(IMAGE_EXTENSIONS, key=lambda e: (order.index(e) if e in order else len(order), e)))
+
+
+def count_phrase(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def not_read_counts(other: Sequence[str], hidden: Sequence[str]) -> list[str]:
+    """['3 files with other extensions', '1 hidden file', '1 hidden folder'] (empty counts left out)."""
+    folders = sum(1 for h in hidden if h.endswith("/"))
+    parts = [count_phrase(len(other), "file with another extension", "files with other extensions"),
+             count_phrase(len(hidden) - folders, "hidden file", "hidden files"),
+             count_phrase(folders, "hidden folder", "hidden folders")]
+    return [p for p in parts if not p.startswith("0 ")]
+
+
+def _not_read_note(other: Sequence[str], hidden: Sequence[str]) -> str:
+    parts = not_read_counts(other, hidden)
+    if other:
+        parts[0] += f" ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''})"
+    return f"; not read: {', '.join(parts)}" if parts else ""
 
 
 def _finite_rows(ids: list[str], feats: np.ndarray,

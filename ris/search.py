@@ -1,8 +1,6 @@
 """Querying: any image -> the same features as the database -> (head) -> ranked neighbours."""
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,15 +20,27 @@ class Hit:
 
 
 class SearchEngine:
-    """Holds the extractor, optional head and the (embedded) database for repeated queries."""
+    """Holds the extractor, optional head and the (embedded) database for repeated queries.
+
+    Keeps HDF5 files open for streamed reads: ``close()`` them, or use it as a context manager.
+    """
 
     def __init__(self, features_db: str | Path, model: str | Path | None = None, index: str = "auto",
                  dataset_root: str | Path | None = None, rerank: str = "none",
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
-        from ris.extract import FeatureExtractor
         from ris.featuredb import FeatureDB
 
+        self._files: list = []  # cache files opened for streamed reads
         self.db = FeatureDB(features_db)
+        try:
+            self._setup(features_db, model, index, dataset_root, rerank, log)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, features_db, model, index, dataset_root, rerank, log) -> None:
+        from ris.extract import FeatureExtractor
+
         self.root = Path(dataset_root or self.db.dataset_root or ".")
         self.head = None
         self.meta: dict = {}
@@ -43,39 +53,63 @@ class SearchEngine:
             check_compatible(meta, self.db.fingerprint(), str(features_db))
             self.metric = meta.get("distance", "euclidean")
         self.extractor = FeatureExtractor.from_attrs(self.db.attrs)
-        self.vectors, vectors_path = self._database_vectors(model)
+        self.vectors, vectors_path, source = self._database_vectors(model)
         from ris.index import open_search_index
 
-        self.index = open_search_index(vectors_path, self.vectors, self.metric, kind=index)
+        self.index = open_search_index(vectors_path, self.vectors, self.metric, kind=index, source=source)
         self.reranker = None
         if rerank != "none":  # graph/DBA methods prepare the whole database once, in memory
             from ris.rerank import Reranker
 
             vectors = np.asarray(self.vectors[:], np.float32)
-            augmented = _cached_dba(vectors_path, vectors, self.index) if rerank == "dba+qe" else None
+            augmented = (_cached_dba(vectors_path, vectors, self.index, key=source["key"])
+                         if rerank == "dba+qe" else None)
             self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
         self.image_ids = self.db.image_ids
         self.unrankable = _warn_nonfinite(self.vectors, self.image_ids, str(features_db), log)
         names = self.db.label_names
         self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
 
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        self.db.close()
+
+    def __enter__(self) -> "SearchEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _database_vectors(self, model):
-        """(vectors, path their index is saved beside): raw (pooled) database features, or their
-        head embeddings, cached beside the database."""
+        """(vectors, path their index is saved beside, their content key): raw (pooled) database
+        features, or their head embeddings, cached beside the database under the database's
+        content key and the model file's hash (a re-extracted database never reuses them)."""
         import h5py
 
+        from ris.sidecars import embeddings_path, file_hash, write_h5_cache
         from ris.train import embed_features, raw_descriptors
 
         feats = self.db.features
+        source = {"content_id": self.db.content_id, "history": self.db.content_history, "vectors": "raw",
+                  "key": self.db.content_key}
         if self.head is None:
             # stored conv maps are GAP-pooled in memory: store pooled features for large collections
-            return (raw_descriptors(np.asarray(feats)) if feats.ndim == 4 else feats), str(self.db.path)
-        cache = self._embedding_cache_path(model)
-        if cache.exists():
-            f = h5py.File(cache, "r")
-            if f["embeddings"].shape[0] == len(self.db):
-                return f["embeddings"], str(cache)
-            f.close()
+            return (raw_descriptors(np.asarray(feats)) if feats.ndim == 4 else feats), str(self.db.path), source
+        model_hash = file_hash(model)
+        cache = embeddings_path(self.db.path, model_hash)
+        source.update(vectors=f"emb-{model_hash}", key=f"{self.db.content_key}|model={model_hash}")
+        if cache.is_file():
+            try:
+                f = h5py.File(cache, "r")
+            except OSError:  # damaged: rebuilt below
+                f = None
+            if f is not None and f.attrs.get("cache_key") == source["key"] and "embeddings" in f:
+                self._files.append(f)
+                return f["embeddings"], str(cache), source
+            if f is not None:
+                f.close()
         shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
         if shallow:
             from ris.thumbs import database_thumbnails, with_thumbnails
@@ -85,12 +119,13 @@ class SearchEngine:
                                   for s in range(0, len(self.db), 4096)])
         else:
             emb = embed_features(self.head, feats)
-        _write_h5_atomic(cache, emb)
-        return h5py.File(cache, "r")["embeddings"], str(cache)
-
-    def _embedding_cache_path(self, model) -> Path:
-        h = hashlib.sha1(Path(model).read_bytes()).hexdigest()[:12]
-        return Path(f"{self.db.path}.emb-{h}.h5")
+        try:
+            write_h5_cache(cache, source["key"], embeddings=emb)
+        except OSError:  # read-only next to the database: use them uncached
+            return emb, str(cache), source
+        f = h5py.File(cache, "r")
+        self._files.append(f)
+        return f["embeddings"], str(cache), source
 
     def embed_query(self, image_path: str | Path) -> np.ndarray:
         from ris.images import load_image
@@ -149,50 +184,39 @@ def _warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[
     return bad
 
 
-def _write_h5_atomic(path: Path, data: np.ndarray, attrs: dict | None = None) -> None:
-    import h5py
-
-    tmp = Path(str(path) + ".partial")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("embeddings", data=data, chunks=True)
-        f.attrs.update(attrs or {})
-    os.replace(tmp, path)
-
-
-def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None) -> np.ndarray:
+def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None, key: str | None = None) -> np.ndarray:
     """The alpha-DBA database for ``--rerank dba+qe``, made once and kept beside the vectors' file.
 
     Why: DBA needs every row's nearest neighbours, an O(N^2) pass that would otherwise run on every
-    search. The cache is keyed by the DBA parameters and stamped with the source file's size and
-    modification time and the row count, so ``ris-extract --append`` (or a new head) rebuilds it.
-    With an HNSW index (large collections) the neighbours come from it instead of an exact pass.
+    search. The cache is keyed on ``key`` (the content key of the vectors: any change of the
+    database or head makes a new one; default: the file's size, mtime and inode) plus the DBA
+    parameters, so it is rebuilt, never reused, when either changes. With an HNSW index (large
+    collections) the neighbours come from it instead of an exact pass.
     """
-    import h5py
-
     from ris.index import HnswIndex
-    from ris.rerank import DEFAULTS, dba_database
+    from ris.rerank import RERANKERS, dba_database
+    from ris.sidecars import dba_path, read_h5_cache, stat_key, write_h5_cache
 
-    p = DEFAULTS["dba+qe"]
+    p = RERANKERS["dba+qe"].defaults
     n, alpha = int(p["dba_n"]), float(p["dba_alpha"])
     sample = vectors[:: max(1, len(vectors) // 1000)]
     ranks_like_cosine = getattr(index, "metric", "") == "cosine" or np.allclose(
         np.linalg.norm(sample, axis=1), 1.0, atol=1e-3)
     if not (isinstance(index, HnswIndex) and len(index) == len(vectors) and ranks_like_cosine):
         index = None
-    st = os.stat(vectors_path)
-    stamp = (f"{vectors.shape[0]}x{vectors.shape[1]}:{st.st_size}:{st.st_mtime_ns}:"
-             f"{'hnsw' if index is not None else 'exact'}")
-    cache = Path(f"{vectors_path}.dba-n{n}-a{alpha:g}.h5")
-    if cache.exists():
-        try:
-            with h5py.File(cache, "r") as f:
-                if f.attrs.get("source_stamp") == stamp:
-                    return f["embeddings"][:]
-        except OSError:  # damaged cache: rebuild it
-            pass
+    neighbours = "hnsw" if index is not None else "exact"
+    full_key = (f"{key or stat_key(vectors_path)}|{vectors.shape[0]}x{vectors.shape[1]}"
+                f"|dba n={n} alpha={alpha:g}|{neighbours}")
+    cache = dba_path(vectors_path, n, alpha)
+    cached = read_h5_cache(cache, full_key)
+    if cached is not None and "embeddings" in cached:
+        return cached["embeddings"]
     augmented = dba_database(vectors, n, alpha, index=index)
-    _write_h5_atomic(cache, augmented, {"source_stamp": stamp, "dba_n": n, "dba_alpha": alpha,
-                                        "neighbours": "hnsw" if index is not None else "exact"})
+    try:
+        write_h5_cache(cache, full_key, {"dba_n": n, "dba_alpha": alpha, "neighbours": neighbours},
+                       embeddings=augmented)
+    except OSError:  # read-only next to the database: it still serves this run
+        pass
     return augmented
 
 

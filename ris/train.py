@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 import time
 import zipfile
@@ -178,6 +177,8 @@ def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> 
 def _dataset(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int, fixed: bool = False):
     import keras
 
+    from ris.head import MININGS
+
     class Batches(keras.utils.PyDataset):
         """Fresh triplets / P x K batches every epoch (fixed ones for validation)."""
 
@@ -187,7 +188,7 @@ def _dataset(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: i
             self._make()
 
         def _make(self):
-            if cfg.mining == "random":
+            if MININGS[cfg.mining].triplet_inputs:
                 t = random_triplets(labels, self.rng)
                 self.batches = [t[s : s + cfg.batch_size] for s in range(0, len(t), cfg.batch_size)]
             else:
@@ -198,7 +199,7 @@ def _dataset(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: i
 
         def __getitem__(self, i):
             b = self.batches[i]
-            if cfg.mining == "random":
+            if MININGS[cfg.mining].triplet_inputs:
                 x = (features[b[:, 0]], features[b[:, 1]], features[b[:, 2]])
                 return x, np.zeros((len(b), 1), np.float32)
             return features[b], labels[b].astype(np.float32)
@@ -237,12 +238,13 @@ def raw_descriptors(features: np.ndarray, pooling: str = "gap") -> np.ndarray:
 
 def save_model(model, path: str | Path, meta: dict[str, Any]) -> Path:
     """Keras ``.keras`` file with our metadata inside; written atomically."""
+    from ris.sidecars import atomic_write
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial.keras")
-    model.save(tmp)
-    with zipfile.ZipFile(tmp, "a") as zf:
-        zf.writestr(META_NAME, json.dumps(meta, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    with atomic_write(path, suffix=".keras") as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as zf:
+            zf.writestr(META_NAME, json.dumps(meta, indent=1, default=_json_default))
     return path
 
 
@@ -250,8 +252,7 @@ def load_model(path: str | Path):
     """(keras model, metadata); a clear error for a missing or foreign file."""
     import keras
 
-    import ris.head  # noqa: F401  (registers custom layers)
-    import ris.pooling  # noqa: F401
+    import ris.layers  # noqa: F401  (registers custom layers)
 
     path = Path(path)
     if not path.is_file():
@@ -309,8 +310,12 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     import keras
 
     from ris.featuredb import FeatureDB
-    from ris.head import build_whitening_head
+    from ris.head import HEADS, MININGS, build_whitening_head
     from ris.metrics import evaluate_retrieval
+
+    if cfg.arch not in HEADS or cfg.mining not in MININGS:
+        raise RisError(f"unknown head {cfg.arch!r} or mining {cfg.mining!r}; heads: {', '.join(HEADS)}; "
+                       f"minings: {', '.join(MININGS)}")
 
     keras.utils.set_random_seed(cfg.seed)
     with FeatureDB(features_db) as db:
@@ -418,17 +423,13 @@ def _train_triplet_head(feature_shape: tuple[int, ...], inputs: dict[str, np.nda
     when they cannot score). Returns the head with the best epoch's weights."""
     import keras
 
-    from ris.head import build_embedding_head, build_triplet_network, mined_triplet_loss, triplet_loss
+    from ris.head import HEADS, MININGS, build_embedding_head, build_triplet_network, training_loss
     from ris.metrics import evaluate_retrieval
 
     base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize,
                                 cfg.dropout, cfg.arch, cfg.shallow)
-    if cfg.mining == "random":
-        model = build_triplet_network(base)
-        loss = triplet_loss(cfg.margin, cfg.distance)
-    else:
-        model = base
-        loss = mined_triplet_loss(cfg.margin, cfg.distance, cfg.mining)
+    model = build_triplet_network(base) if MININGS[cfg.mining].triplet_inputs else base
+    loss = training_loss(cfg.mining, cfg.margin, cfg.distance)
     model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
 
     def usable_groups(lab: np.ndarray) -> int:  # triplets need groups with a positive pair
@@ -455,7 +456,7 @@ def _train_triplet_head(feature_shape: tuple[int, ...], inputs: dict[str, np.nda
     raw_val = score("val", raw_descriptors(feats["val"], cfg.pooling)) if len(rows["val"]) else float("nan")
     history: list[dict[str, Any]] = []
     best = {"ns": -1.0, "epoch": 0, "weights": base.get_weights()}
-    if cfg.arch == "residual" and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
+    if HEADS[cfg.arch].starts_raw and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
         best["ns"] = score("val")
     wait = 0
     epoch_times = []

@@ -18,7 +18,7 @@ from ris.cli import extract as extract_cli
 from ris.cli import search as search_cli
 from ris.cli import train as train_cli
 from ris.cli.common import run
-from ris.testing import make_bad_images, make_tiny_dataset
+from ris.testing import ODD_REASONS, call_with_fifo_guard, make_bad_images, make_odd_files, make_tiny_dataset
 
 FAST = ["--model", "vgg16", "--weights", "none", "--resize", "64", "--no-progress"]
 
@@ -265,6 +265,18 @@ def test_installed_entry_points_exist():
         assert r.returncode == 0 and "--" in r.stdout
 
 
+@pytest.mark.parametrize("command", ["extract", "train", "search", "eval", "demo"])
+def test_help_does_not_load_keras_or_tensorflow(command):
+    """--help lists the registries' choices (backbones, poolings, heads, miners, re-rankers) without
+    importing Keras: the registry modules import it only inside functions."""
+    code = (f"import sys; from ris.cli.{command} import build_parser; build_parser().format_help(); "
+            "loaded = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_train_image_split_with_unseen_classes(tmp_path, capsys):
     from ris.testing import make_tiny_folders_dataset
 
@@ -315,7 +327,13 @@ def test_dba_database_is_cached_beside_the_database_and_rebuilt_when_it_changes(
 
     monkeypatch.setattr(ris.rerank, "neighbours_without_self", no_knn)
     assert SearchEngine(copy, rerank="dba+qe").reranker.search(query, 5)[1].tolist() == first
-    os.utime(copy, ns=(os.stat(copy).st_atime_ns, os.stat(copy).st_mtime_ns + 10**9))  # as --append would
+    from ris.featuredb import FeatureWriter
+
+    with h5py.File(copy, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    w = FeatureWriter(copy, attrs, tuple(attrs["feature_shape"]), [], append=True)  # as --append does
+    w.add(["new.jpg"], query, [""])
+    w.finish()
     with pytest.raises(AssertionError, match="cached DBA"):
         SearchEngine(copy, rerank="dba+qe")
 
@@ -357,6 +375,231 @@ def test_list_layers_names_what_layer_accepts(capsys):
     assert r["default"] == "head_relu6" and layers["head_relu6"] == 1280 and layers["block16_add"] == 160
     code, out, err = cli(capsys, extract_cli, "ris-extract", "--model", "mobilenet_v2")
     assert code == 2 and "--dataset is required" in err and len(err.strip().splitlines()) == 1
+
+
+# --- the database and the files beside it ---------------------------------------------------------
+
+MOBILE = ["--model", "mobilenet_v2", "--weights", "none", "--resize", "32", "--no-progress"]
+
+
+def _extract_cmd(data, out_db, *extra):
+    return [sys.executable, "-c", "from ris.cli.extract import entry; entry()", "--dataset", str(data),
+            "--features-db", str(out_db), *MOBILE, "--batch-size", "2", "--workers", "1", "--json", *extra]
+
+
+def _holder_pid(lock: Path, procs, timeout=120) -> int:
+    """The pid written in the lock file once some process holds it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            text = lock.read_text()
+        except FileNotFoundError:
+            text = ""
+        if "pid " in text:
+            return int(text.split("pid ")[1].split()[0])
+        if all(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.02)
+    pytest.fail(f"no process took {lock}: " + " | ".join(p.communicate()[1] for p in procs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gap", [0.5, "running"])
+def test_two_writers_on_one_database(tmp_path, gap):
+    """A second ris-extract on the same --features-db is refused, naming the holder, and touches none of
+    its files; the holder finishes with every image. gap: the second starts 0.5 s after the first, or
+    once the first is writing its .partial (seconds later). The holder is paused (SIGSTOP) while the
+    other runs so that it is certainly still writing."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=10, views=4, size=64)
+    out_db = tmp_path / "f.h5"
+    lock, partial = Path(f"{out_db}.lock"), Path(f"{out_db}.partial")
+    first = subprocess.Popen(_extract_cmd(data, out_db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [first]
+    if gap == "running":
+        deadline = time.time() + 120
+        while not partial.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert first.poll() is None, first.communicate()
+    else:
+        time.sleep(gap)
+    second = subprocess.Popen(_extract_cmd(data, out_db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.append(second)
+    pid = _holder_pid(lock, procs)
+    holder = next(p for p in procs if p.pid == pid)
+    other = next(p for p in procs if p.pid != pid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        before = partial.stat() if partial.exists() else None
+        out, err = other.communicate(timeout=300)
+        assert other.returncode == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and f"pid {pid}" in lines[0] and str(out_db) in lines[0], err
+        after = partial.stat() if partial.exists() else None
+        if before is not None:  # not deleted, not rewritten
+            assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    out, err = holder.communicate(timeout=300)
+    assert holder.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["extracted"] + summary["resumed"] == 40
+    with h5py.File(out_db) as f:
+        assert f.attrs["complete"] and f["features"].shape[0] == f.attrs["rows_done"] == 40
+    assert not lock.exists() and not partial.exists()
+
+
+def test_readers_refuse_an_incomplete_database(tiny, db, model, tmp_path, capsys):
+    _, _, query = tiny
+    broken = tmp_path / "f.h5"
+    shutil.copy(db, broken)
+    with h5py.File(broken, "a") as f:
+        f.attrs["complete"] = False
+    for args in ((eval_cli, "ris-eval", "--features-db", broken),
+                 (search_cli, "ris-search", "--image", query, "--features-db", broken),
+                 (train_cli, "ris-train", "--features-db", broken, "--output", tmp_path / "m.keras")):
+        code, out, err = cli(capsys, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "incomplete: an extraction was interrupted or is still running" in err and str(broken) in err
+    bare = tmp_path / "bare.h5"
+    with h5py.File(bare, "w") as f:  # the datasets, no attributes
+        for name in ("features", "image_ids", "labels"):
+            f[name] = h5py.File(db)[name][:]
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", bare)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(bare) in err and "missing attribute(s) model" in err
+
+
+def test_extract_names_a_directory_and_a_damaged_database(tiny, db, tmp_path, capsys):
+    _, data, _ = tiny
+    (tmp_path / "dir.h5").mkdir()
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", tmp_path / "dir.h5",
+                         *FAST)
+    assert code == 2 and "is a directory" in err and "already exists" not in err
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(db.read_bytes()[:5000])
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", damaged, "--append",
+                         *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(damaged) in err and "damaged" in err
+    assert not Path(f"{damaged}.partial").exists() and not Path(f"{damaged}.lock").exists()
+
+
+def test_overwrite_clears_caches_and_a_same_size_database_never_gets_stale_vectors(tiny, db, model, tmp_path, capsys):
+    from ris.search import SearchEngine
+    from ris.train import embed_features, load_model
+
+    _, data, query = tiny
+    copy = tmp_path / "feats.h5"
+    shutil.copy(db, copy)
+    with SearchEngine(copy, model, rerank="dba+qe") as engine:
+        old_vectors = np.asarray(engine.vectors[:])
+    caches = sorted(p.name for p in tmp_path.glob("feats.h5.*"))
+    assert any(".emb-" in c for c in caches) and any(".dba-" in c for c in caches), caches
+    saved = {p.name: p.read_bytes() for p in tmp_path.glob("feats.h5.*")}
+    (tmp_path / "feats.h5.notes").write_text("mine")  # not a cache: never deleted
+    other = make_tiny_dataset(tmp_path / "other", n_objects=6, views=4, size=96, seed=11)  # same count, new images
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", other, "--features-db", copy, "--overwrite",
+                         *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("feats.h5*")) == ["feats.h5", "feats.h5.notes"]
+    for name, data_bytes in saved.items():  # even caches put back by hand are not reused
+        (tmp_path / name).write_bytes(data_bytes)
+    head, _ = load_model(model)
+    with h5py.File(copy) as f:
+        expected = embed_features(head, f["features"][:])
+    with SearchEngine(copy, model, rerank="dba+qe") as engine:
+        np.testing.assert_allclose(np.asarray(engine.vectors[:]), expected, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(np.asarray(engine.vectors[:]), old_vectors)
+        assert engine.db.f.id.valid
+    assert not engine.db.f.id.valid  # closed on exit
+
+
+NON_UTF8 = os.fsdecode(b"caf\xe9.jpg")
+
+
+def test_non_utf8_file_names_are_extracted_and_searched(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=80)
+    (data / "ukbench00005.jpg").rename(data / NON_UTF8)
+    (data / "sub\udcff").mkdir()
+    shutil.copy(data / "ukbench00006.jpg", data / "sub\udcff" / "x.jpg")
+    (data / "bad\udcfe.jpg").write_bytes(b"")
+    out_db = tmp_path / "f.h5"
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", out_db,
+                         "--labels", "none", *FAST)
+    assert code == 0, err
+    assert "bad\\udcfe.jpg" in out or "bad\\xfe.jpg" in out  # printed, escaped, not a crash
+    from ris.featuredb import FeatureDB
+
+    with FeatureDB(out_db) as fdb:
+        ids = fdb.image_ids
+        assert NON_UTF8 in ids and "sub\udcff/x.jpg" in ids
+        assert [i for i, _ in fdb.failures] == ["bad\udcfe.jpg"]
+    for fmt in ([], ["--output", tmp_path / "r.png", "--json"]):  # the montage captions the names too
+        code, out, err = cli(capsys, search_cli, "ris-search", "--image", data / NON_UTF8, "--features-db", out_db,
+                             "-k", "2", *fmt)
+        assert code == 0, err
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert json.loads(out)["results"][0]["image_id"] == NON_UTF8
+    assert ids.index(NON_UTF8) >= 0
+
+
+def test_extract_counts_files_not_read_and_verbose_lists_them(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=64)
+    odd = make_odd_files(data / "odd")
+    out_db = tmp_path / "f.h5"
+    args = ["--dataset", data, "--features-db", out_db, *FAST]
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args), odd.get("fifo"))
+    assert code == 0, err
+    # groundtruth.tsv is read, as the labels: not counted
+    assert "not read: 3 files with other extensions, 1 hidden file, 1 hidden folder (--verbose lists them)" in out
+    assert "photo.heic" not in out and "groundtruth.tsv" not in out
+    assert "skipped: " in out and "not a regular file (FIFO)" in out and "file too large" in out
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args, "--overwrite",
+                                                      "--verbose"), odd.get("fifo"))
+    assert code == 0, err
+    for line in ("  not read (extension): odd/photo.heic", "  not read (extension): odd/vector.svg",
+                 "  not read (hidden): odd/.hidden.jpg", "  not read (hidden): odd/.cache/"):
+        assert line in out.splitlines()
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args, "--overwrite",
+                                                      "--json"), odd.get("fifo"))
+    s = json.loads(out)
+    assert s["other_files"] == ["odd/notes.txt", "odd/photo.heic", "odd/vector.svg"]
+    assert s["hidden_files"] == ["odd/.cache/", "odd/.hidden.jpg"]
+    skipped = {Path(k["image"]).name: k["reason"] for k in s["skipped"]}
+    assert "anim.gif" not in skipped and "trailing.jpg" not in skipped and s["extracted"] == 8 + 2
+    if "fifo" in odd:
+        assert "not a regular file (FIFO)" in skipped["fifo.jpg"]
+
+
+def test_extract_of_a_folder_without_images_names_what_it_holds(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.heic").write_bytes(b"x")
+    (tmp_path / "d" / ".b.jpg").write_bytes(b"x")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", tmp_path / "d", "--features-db",
+                         tmp_path / "x.h5", *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no images found" in err and ".gif" in err and "1 file with another extension (a.heic)" in err
+    assert "1 hidden file" in err
+
+
+def test_search_refuses_special_query_files(tiny, db, tmp_path, capsys):
+    odd = make_odd_files(tmp_path / "odd")
+    for name in ("fifo", "urandom", "sparse", "folder_jpg"):
+        if name not in odd:
+            continue
+        code, out, err = call_with_fifo_guard(
+            lambda: cli(capsys, search_cli, "ris-search", "--image", odd[name], "--features-db", db), odd.get("fifo"))
+        assert code == 1 and ODD_REASONS[name] in err and str(odd[name]) in err, (name, err)
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_extract_ukbench_labels_on_other_names_is_one_error(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=64)
+    (data / "groundtruth.tsv").unlink()
+    (data / "ukbench00001.jpg").rename(data / "IMG_1000.jpg")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", tmp_path / "u.h5",
+                         "--labels", "ukbench", *FAST)
+    assert code == 2 and "IMG_1000.jpg" in err and "ukbench" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "u.h5").exists() and not (tmp_path / "u.h5.partial").exists()
 
 
 def test_search_warns_once_about_rows_that_are_not_finite_and_never_returns_them(tiny, db, tmp_path, capsys):

@@ -141,10 +141,21 @@ def quiet_backend() -> None:
             os.close(saved)
 
 
+def _escape_unprintable_output() -> None:
+    """File names that are not valid UTF-8 (old archives) or not in the terminal's encoding are
+    printed escaped (``caf\\udce9.jpg``) instead of ending the command with an encoding error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a text stream we can change
+            pass
+
+
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run ``main``; a RisError or OSError becomes 'prog: error: message' and EXIT_ERROR, an
     interruption EXIT_INTERRUPTED. ``main`` returns EXIT_OK or EXIT_PARTIAL."""
     args = sys.argv[1:] if argv is None else argv
+    _escape_unprintable_output()
     if not ({"-h", "--help"} & set(args)):
         quiet_backend()
     from ris.errors import RisError

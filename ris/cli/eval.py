@@ -8,7 +8,7 @@ from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, finite_float, f
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.options import RERANK_METHODS
+    from ris.rerank import RERANKERS
 
     p = argparse.ArgumentParser(
         prog="ris-eval",
@@ -29,9 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=folds, default=0,
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
                         "(the folds of ris-train --folds, same seed) and report mean and std")
-    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
-                   help="re-rank results: qe = alpha query expansion, dba+qe = database-side augmentation "
-                        "plus qe, diffusion = kNN-graph diffusion, kreciprocal = k-reciprocal re-ranking")
+    p.add_argument("--rerank", default="none", choices=list(RERANKERS),
+                   help="re-rank results: " + "; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items()))
     p.add_argument("--min-ns", type=finite_float, default=None,
                    help="exit with status 1 (a requested check failed) if the best N-S score is below this "
                         "(for CI); errors exit 2")

@@ -9,7 +9,7 @@ from ris.cli.common import EXIT_OK, HelpFormatter, number_list, positive_float, 
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.backbones import BACKBONES, DEFAULT_BACKBONE
-    from ris.options import POOLINGS
+    from ris.pooling import NO_POOLING, POOLING
 
     p = argparse.ArgumentParser(
         prog="ris-extract",
@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "only when complete; damaged images are reported and skipped.",
         formatter_class=HelpFormatter)
     p.add_argument("--dataset", default=None, help="folder of images, searched recursively "
-                   "(.jpg .jpeg .png .bmp .webp .tif, any case); required unless --list-layers")
+                   "(.jpg .jpeg .png .bmp .webp .tif .gif, any case; hidden files and folders are not read); "
+                   "required unless --list-layers")
     p.add_argument("--features-db", default="feats.h5", help="output HDF5 file")
     p.add_argument("--model", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
                    help="backbone CNN; mobilenet_v2 and efficientnet_lite0/1/2 have offline ImageNet weights "
@@ -32,13 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square input size in pixels (default: the backbone's native size)")
     p.add_argument("--scales", type=number_list(positive_float), default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
                    "of each scale are L2-normalised and summed; each scale > 0 multiplies the input size")
-    p.add_argument("--pool", default="gap", choices=POOLINGS,
-                   help="pooling of the conv maps: gap=average, mac=max, gem=generalised mean (p=3), "
-                        "rmac=regional max; none stores the full maps (large)")
-    p.add_argument("--labels", default="auto", help="ukbench (file number // 4), folders (class sub-folder), "
+    p.add_argument("--pool", default="gap", choices=[*POOLING, NO_POOLING],
+                   help="pooling of the conv maps: " + ", ".join(f"{k}={v.help}" for k, v in POOLING.items())
+                        + f"; {NO_POOLING} stores the full maps (large)")
+    p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), "
+                   "folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
-    p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: CPU count, max 8)")
+    p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: CPU count, "
+                   "max 8); whatever the count, the images being decoded hold at most RIS_DECODE_BUDGET "
+                   "bytes (default 1G)")
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
                         "GPU waiting for input)")
@@ -47,15 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "AMX (VGG16 2x faster on this project's CPU; features agree to ~1e-5 in cosine)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--append", action="store_true", help="add images not yet in an existing database")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing database")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing database; the old one stays usable "
+                   "until the new one is complete, then the caches kept beside it are deleted")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout (with the "
+                   "skipped images and the files not read)")
+    p.add_argument("--verbose", action="store_true", help="list the files not read (other extensions, hidden) in "
+                   "the closing summary, not only their counts")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
 
     from ris.errors import RisError
     from ris.extract import ExtractConfig, extract_features
@@ -64,14 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return _list_layers(args.model, args.json)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
-    if args.overwrite:
-        Path(args.features_db).unlink(missing_ok=True)
-        Path(args.features_db + ".partial").unlink(missing_ok=True)
     cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
                         scales=args.scales, pooling=args.pool, dtype=args.dtype)
     s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
-                         workers=args.workers, append=args.append, progress=not args.no_progress,
-                         decode=args.decode)
+                         workers=args.workers, append=args.append, overwrite=args.overwrite,
+                         progress=not args.no_progress, decode=args.decode)
     if args.json:
         print_json(s.to_dict())
     else:
@@ -80,7 +84,23 @@ def main(argv: list[str] | None = None) -> int:
               f"features {'x'.join(map(str, s.feature_shape))}")
         for image, reason in s.skipped:
             print(f"  skipped: {reason}")
+        _print_not_read(s, args.verbose)
     return EXIT_OK  # skipped images are listed, not an error
+
+
+def _print_not_read(s, verbose: bool) -> None:
+    """Files the folder holds that were not read: counted always, listed with --verbose."""
+    from ris.extract import not_read_counts
+
+    counts = not_read_counts(s.other_files, s.hidden_files)
+    if not counts:
+        return
+    print(f"not read: {', '.join(counts)}{'' if verbose else ' (--verbose lists them)'}")
+    if verbose:
+        for f in s.other_files:
+            print(f"  not read (extension): {f}")
+        for f in s.hidden_files:
+            print(f"  not read (hidden): {f}")
 
 
 def _list_layers(model: str, as_json: bool) -> int:

@@ -8,7 +8,7 @@ from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, pos
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.options import RERANK_METHODS
+    from ris.rerank import RERANKERS
 
     p = argparse.ArgumentParser(
         prog="ris-search",
@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
                    help="exact = blockwise BLAS search; hnsw = approximate index (pip install 'ris[ann]'), "
                         "saved beside the database; auto = hnsw for large databases when available")
-    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
-                   help="re-rank with alpha query expansion (qe), database-side augmentation + qe, kNN-graph "
-                        "diffusion or k-reciprocal neighbours; these hold the database in memory and report "
+    p.add_argument("--rerank", default="none", choices=list(RERANKERS),
+                   help="; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items())
+                        + ". Re-rankers hold the database in memory and report "
                         "re-ranking scores (smaller = better) instead of distances; dba+qe builds its augmented "
                         "database on the first run and caches it beside the vectors (rebuilt when they change)")
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved")

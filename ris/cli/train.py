@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.options import ARCHS, DISTANCES, MININGS
+    from ris.head import DISTANCES, HEADS, MININGS
 
     p = argparse.ArgumentParser(
         prog="ris-train",
@@ -28,12 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-db", default="feats.h5", help="labelled HDF5 feature database from ris-extract")
     p.add_argument("--output", default="model.keras", help="where to save the best head (.keras); history "
                    "CSV and a loss-curve PNG are written beside it")
-    p.add_argument("--arch", default="whiten", choices=ARCHS,
-                   help="mlp = the blog's Dense 512-512-256 base network; residual = the same MLP adds a "
-                        "zero-initialised correction to the input feature, so training starts from the "
-                        "off-the-shelf ranking; whiten = learned whitening (Radenovic et al.) fitted in "
-                        "closed form on the training objects, its settings chosen by cross-validation "
-                        "inside them (see --whiten-*)")
+    p.add_argument("--arch", default="whiten", choices=list(HEADS),
+                   help="; ".join(f"{name} = {head.help}" for name, head in HEADS.items()))
     p.add_argument("--whiten-shrinkage", type=auto_or(nonnegative_float), default="auto",
                    help="whiten: multiple of the mean eigenvalue added to the within-object covariance "
                         "(e.g. 0.1 to 3); auto = chosen by 3-fold cross-validation inside the training set")
@@ -49,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=fraction, default=0.1, help="dropout after each hidden layer")
     p.add_argument("--distance", default="euclidean", choices=DISTANCES, help="D in the loss and for ranking")
     p.add_argument("--margin", type=positive_float, default=0.2, help="triplet margin m")
-    p.add_argument("--mining", default="batch-hard", choices=MININGS,
-                   help="random = the blog's random (q,p,n) triplets; batch-hard / semi-hard / batch-all mine "
-                        "triplets inside P x K batches")
+    p.add_argument("--mining", default="batch-hard", choices=list(MININGS),
+                   help="; ".join(f"{name} = {m.help}" for name, m in MININGS.items()))
     p.add_argument("--epochs", type=positive_int, default=60, help="maximum epochs (triplet heads)")
     p.add_argument("--patience", type=positive_int, default=10,
                    help="stop after this many epochs without val N-S gain (triplet heads)")
