@@ -141,6 +141,17 @@ def test_extract_interrupted_then_resumed(tmp_path, monkeypatch):
         assert sorted(x.decode() for x in f["image_ids"][:]) == sorted(p.name for p in data.glob("*.jpg"))
 
 
+def _committed_rows(partial: Path) -> int:
+    """rows_done of a .partial that a writer holds open (a peek for timing only; 0 if unreadable)."""
+    if not partial.exists():
+        return 0
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs.get("rows_done", 0))
+    except Exception:
+        return 0
+
+
 def test_extract_survives_kill_9(tmp_path):
     data = make_tiny_dataset(tmp_path / "d", n_objects=40, views=4, size=200)
     out_db = tmp_path / "f.h5"
@@ -151,7 +162,7 @@ def test_extract_survives_kill_9(tmp_path):
     partial = Path(str(out_db) + ".partial")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if partial.exists() and partial.stat().st_size > 200_000:
+        if _committed_rows(partial) >= 8:  # kill once batches are committed, however slow the machine
             break
         time.sleep(0.05)
     if proc.poll() is not None:
@@ -163,7 +174,7 @@ def test_extract_survives_kill_9(tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["resumed"] + summary["extracted"] == 160
-    assert summary["resumed"] > 0 or "starting over" in done.stderr
+    assert summary["resumed"] >= 8
     with h5py.File(out_db) as f:
         assert len(set(x.decode() for x in f["image_ids"][:])) == 160 and f.attrs["complete"]
 
@@ -588,7 +599,7 @@ def test_search_refuses_special_query_files(tiny, db, tmp_path, capsys):
             continue
         code, out, err = call_with_fifo_guard(
             lambda: cli(capsys, search_cli, "ris-search", "--image", odd[name], "--features-db", db), odd.get("fifo"))
-        assert code == 1 and ODD_REASONS[name] in err and str(odd[name]) in err, (name, err)
+        assert code == 2 and ODD_REASONS[name] in err and str(odd[name]) in err, (name, err)
         assert len(err.strip().splitlines()) == 1
 
 
