@@ -199,7 +199,7 @@ def test_append_adds_only_new_images(tiny, db, tmp_path, capsys):
 def test_train_writes_model_history_and_scores(model):
     stem = str(model)[: -len(".keras")]
     assert model.exists() and Path(stem + ".history.csv").exists() and Path(stem + ".history.png").exists()
-    from ris.train import load_model
+    from ris.modelio import load_model
 
     head, meta = load_model(model)
     assert {"train", "val", "test", "test_images", "by"} <= set(meta["split"])
@@ -208,7 +208,7 @@ def test_train_writes_model_history_and_scores(model):
     assert "raw" in meta["test_scores"] and "head" in meta["test_scores"]
     assert meta["config"]["arch"] == "whiten"  # the default head
     w = meta["whitening"]
-    assert head.output_shape[-1] == (512 if w.get("off") else min(int(w["dim"]), 512))
+    assert head.output_dim == (512 if w.get("off") else min(int(w["dim"]), 512))  # a NumPy WhiteningHead
 
 
 def test_eval_reports_raw_and_head_on_held_out(db, model, capsys):
@@ -301,7 +301,7 @@ def test_train_image_split_with_unseen_classes(tmp_path, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert "unseen_classes" in r["scores"] and r["scores"]["unseen_classes"]["head"]["queries"] == 6
-    from ris.train import load_model
+    from ris.modelio import load_model
 
     _, meta = load_model(tmp_path / "m.keras")
     assert meta["split"]["by"] == "image" and len(meta["split"]["test_images"]) == 30
@@ -365,7 +365,7 @@ def test_shallow_branch_trains_evaluates_and_searches(tiny, db, tmp_path, capsys
                        "--val-fraction", "0.34", "--json")
     assert code == 0, err
     assert Path(str(db) + ".thumbs16.h5").exists()
-    from ris.train import load_model
+    from ris.modelio import load_model
 
     head, meta = load_model(out)
     assert head.input_shape[-1] == 512 + 16 * 16 * 3 and meta["config"]["shallow"] == 16
@@ -496,7 +496,8 @@ def test_extract_names_a_directory_and_a_damaged_database(tiny, db, tmp_path, ca
 
 def test_overwrite_clears_caches_and_a_same_size_database_never_gets_stale_vectors(tiny, db, model, tmp_path, capsys):
     from ris.search import SearchEngine
-    from ris.train import embed_features, load_model
+    from ris.embed import embed_features
+    from ris.modelio import load_model
 
     _, data, query = tiny
     copy = tmp_path / "feats.h5"
