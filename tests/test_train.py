@@ -75,3 +75,48 @@ def test_triplet_heads_still_report_epochs_and_fit_time(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["epochs_run"] == 2 and r["best_epoch"] in (1, 2) and r["seconds"] > 0 and r["seconds_per_epoch"] > 0
 
+
+def _maps_db(path, n_obj=6, views=4):
+    from ris.featuredb import FeatureWriter
+
+    x = np.random.default_rng(1).random((n_obj * views, 2, 2, 8)).astype(np.float32)
+    w = FeatureWriter(path, {"model": "synthetic", "pooling": "none"}, (2, 2, 8), [f"o{i}" for i in range(n_obj)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in np.repeat(np.arange(n_obj), views)])
+    w.finish({})
+    return path
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    (TrainConfig(), "--arch whiten needs pooled features"),
+    (TrainConfig(shallow=8), "--shallow trains a CNN branch"),
+    (TrainConfig(arch="residual", shallow=8), "--shallow needs pooled features, not conv maps"),
+    (TrainConfig(arch="mlp", distance="manhattan"), "unknown distance 'manhattan'"),
+    (TrainConfig(fold=3, folds=3), "fold 3 is not one of the 3 folds"),
+    (TrainConfig(split_by="pixel"), "--split-by must be one of object, image"),
+])
+def test_configs_that_cannot_train_are_refused_before_any_work(tmp_path, cfg, needle):
+    pytest.importorskip("keras")
+    from ris.errors import RisError
+    from ris.train import train_head
+
+    db = _maps_db(tmp_path / "f.h5")
+    with pytest.raises(RisError, match=needle):
+        train_head(db, tmp_path / "h.keras", cfg, progress=False, log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # no model, no thumbnails read
+
+
+@pytest.mark.parametrize("cfg", [TrainConfig(), TrainConfig(arch="mlp", epochs=1)], ids=["whiten", "mlp"])
+def test_groups_of_one_image_are_too_few_to_train_on(tmp_path, cfg):
+    """Every object has one view: there is no positive pair to whiten or to draw triplets from."""
+    pytest.importorskip("keras")
+    from ris.errors import TooFewGroups
+    from ris.featuredb import FeatureWriter
+    from ris.train import train_head
+
+    x = np.random.default_rng(2).normal(size=(20, 8)).astype(np.float32)
+    w = FeatureWriter(tmp_path / "f.h5", {"model": "synthetic", "pooling": "gap"}, (8,), [f"o{i}" for i in range(20)])
+    w.add([f"{i:04d}.jpg" for i in range(20)], x / np.linalg.norm(x, axis=1, keepdims=True), [f"o{i}" for i in range(20)])
+    w.finish({})
+    with pytest.raises(TooFewGroups, match="two or more"):
+        train_head(tmp_path / "f.h5", tmp_path / "h.keras", cfg, progress=False, log=lambda s: None)
+    assert not (tmp_path / "h.keras").exists()
