@@ -3,7 +3,8 @@
 The blog's design: one shared base network applied to query, positive and negative, outputs
 concatenated, loss ``max(0, m + D(q, p) - D(q, n))``. For P x K batches the same base network is
 trained with in-batch mining (batch-hard, semi-hard, batch-all) on the embeddings directly.
-Learned whitening is the head fitted in closed form instead.
+Learned whitening is the head fitted in closed form instead (``ris.whiten``); it has an entry here
+so that ``--arch`` lists it.
 
 Layers and losses are written with ``keras.ops`` (any Keras backend); Keras is imported inside
 the functions, so the registries load without it (``ris-train --help`` lists their names).
@@ -24,8 +25,8 @@ DISTANCES: tuple[str, ...] = ("euclidean", "cosine")
 class Head:
     """One head architecture. ``trained``: "triplet" (built by ``build_embedding_head``, trained
     with a miner's loss, best epoch on val) or "fitted" (closed form on the training objects:
-    ``ris.train``). ``top(x, skip, out_dim)`` puts a triplet head's last layers on the hidden
-    layers' output ``x``; ``skip`` is the pooled input. ``starts_raw``: the untrained head ranks
+    ``ris.whiten``, called by ``ris.train``). ``top(x, skip, out_dim)`` puts a triplet head's last
+    layers on the hidden layers' output ``x``; ``skip`` is the pooled input. ``starts_raw``: the untrained head ranks
     like its input, so epoch 0 (the off-the-shelf ranking) competes for the best epoch."""
 
     help: str
@@ -72,7 +73,7 @@ def build_embedding_head(
     head = HEADS.get(arch)
     if head is None or head.trained != "triplet":
         triplet = [n for n, h in HEADS.items() if h.trained == "triplet"]
-        raise ValueError(f"arch must be one of {triplet}, not {arch!r} (fitted heads: see build_whitening_head)")
+        raise ValueError(f"arch must be one of {triplet}, not {arch!r} (fitted heads: see ris.whiten)")
     if shallow:
         if len(input_shape) != 1:
             raise ValueError("the shallow branch needs pooled features, not conv maps")
@@ -259,144 +260,3 @@ MININGS: dict[str, Mining] = {
                         _semi_hard),
     "batch-all": Mining("every triplet of a P x K batch, averaged over those with a loss", _batch_all),
 }
-
-
-def one_blas_thread():
-    """A context in which BLAS/LAPACK runs on one thread.
-
-    Why: the whitening fit is many small decompositions (eigh of 1280 x 1280 and less). With
-    OpenBLAS's default threads they spin-wait for cores that other work holds: on a busy 2-core
-    machine one 1280 x 1280 eigh took 12.8-45.8 s instead of 1.2-1.7 s on one thread, and ris-demo
-    750 s instead of 199 s (bench/README.md). One thread also makes the fit the same on any machine.
-    """
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1, user_api="blas")
-
-
-def _within_scatter(x, labels):
-    """Mean over all matching pairs of (x_a - x_b)(x_a - x_b)^T, from per-group scatter (no pair list)."""
-    import numpy as np
-
-    cov = np.zeros((x.shape[1], x.shape[1]))
-    pairs = 0
-    for g in np.unique(labels):
-        xg = x[labels == g]
-        k = len(xg)
-        if k < 2:
-            continue
-        c = xg - xg.mean(0)
-        cov += k * (c.T @ c)  # sum over a < b of the pair differences' outer products
-        pairs += k * (k - 1) // 2
-    if not pairs:
-        raise ValueError("learned whitening needs groups with at least two images")
-    return cov / pairs
-
-
-def learned_whitening(features, labels, out_dim: int, shrinkage: float = 1.0, power: float = 0.5):
-    """Radenovic et al.'s learned whitening (Lw): whiten the within-object scatter of matching
-    pairs, then rotate to the principal axes of the whitened training set and keep ``out_dim``.
-
-    Fitted in closed form on training objects only. ``shrinkage`` adds that multiple of the mean
-    eigenvalue to the within-object covariance (a few hundred objects cannot estimate a 1280 x 1280
-    matrix); ``power`` 0.5 whitens fully, smaller values partially. Returns (mean, P).
-    """
-    import numpy as np
-
-    x = np.asarray(features, np.float64)
-    labels = np.asarray(labels)
-    with one_blas_thread():
-        mean = x.mean(0)
-        cov = _within_scatter(x, labels)
-        cov += shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
-        w, v = np.linalg.eigh(cov)
-        pw = v / np.maximum(w, 1e-12) ** power
-        xw = (x - mean) @ pw
-        w2, v2 = np.linalg.eigh(np.cov(xw.T))
-        order = np.argsort(w2)[::-1][: min(out_dim, x.shape[1])]
-        return mean.astype(np.float32), (pw @ v2[:, order]).astype(np.float32)
-
-
-# Searched by choose_whitening; "off" (the raw descriptor) is always a candidate.
-WHITEN_GRID = {"shrinkage": (0.1, 0.3, 1.0, 3.0), "power": (0.5, 0.25), "dim": (256, 512)}
-
-
-def _apply_whitening(x, mean, proj):
-    import numpy as np
-
-    from ris.topk import l2_normalize
-
-    return l2_normalize((l2_normalize(np.asarray(x, np.float32)) - mean) @ proj)
-
-
-def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: int = 0,
-                     grid: dict | None = None, max_eval: int = 4000) -> dict:
-    """Pick shrinkage, power and size of learned whitening by cross-validation inside the training set.
-
-    Why: the best regularisation depends on the backbone and on how many objects there are, and the
-    held-out objects may not be used to choose it. The inner folds hold out whole groups, so the
-    choice is made for objects (or classes) the head has not seen. ``score(descriptors, labels)`` is higher-better (N-S or mAP). Returns the choice, its mean inner
-    gain over the raw descriptor and the whole table; ``{"off": True}`` when nothing beat raw.
-    Each held-out part is scored on at most ``max_eval`` images (whole groups, seeded), so the
-    choice costs about the same on 100k training images as on 1k.
-    """
-    with one_blas_thread():  # many small fits and scorings: threads only spin on a busy machine
-        return _choose_whitening(features, labels, score, folds, seed, grid, max_eval)
-
-
-def _choose_whitening(features, labels, score: Callable, folds: int, seed: int, grid: dict | None,
-                      max_eval: int) -> dict:
-    import numpy as np
-
-    from ris.topk import l2_normalize
-
-    grid = grid or WHITEN_GRID
-    x = l2_normalize(np.asarray(features, np.float32))
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    parts = np.array_split(rng.permutation(np.unique(labels)), folds)
-    held = [np.isin(labels, p) for p in parts]
-    dims = sorted(d for d in grid["dim"] if d <= x.shape[1]) or [x.shape[1]]
-    table: dict[tuple, list[float]] = {}
-    raw = []
-    for te in held:
-        tr = ~te
-        if te.sum() > max_eval:  # score a seeded subset of the held-out groups
-            groups, sizes = np.unique(labels[te], return_counts=True)
-            order = rng.permutation(len(groups))
-            keep = groups[order][: max(2, int(np.searchsorted(np.cumsum(sizes[order]), max_eval)))]
-            te = te & np.isin(labels, keep)
-        if len(np.unique(labels[te])) < 2 or len(np.unique(labels[tr])) < 2:
-            continue
-        raw.append(score(x[te], labels[te]))
-        for shrink in grid["shrinkage"]:
-            for power in grid["power"]:
-                mean, proj = learned_whitening(x[tr], labels[tr], max(dims), shrink, power)
-                for d in dims:
-                    table.setdefault((shrink, power, d), []).append(
-                        score(_apply_whitening(x[te], mean, proj[:, :d]), labels[te]))
-    if not raw:
-        raise ValueError("too few groups to choose the whitening by cross-validation")
-    gains = {k: float(np.mean(v) - np.mean(raw)) for k, v in table.items()}
-    best = max(gains, key=gains.get)
-    rows = [{"shrinkage": k[0], "power": k[1], "dim": k[2], "inner_gain": g} for k, g in sorted(gains.items())]
-    if gains[best] <= 0:
-        return {"off": True, "inner_gain": 0.0, "inner_raw": float(np.mean(raw)), "table": rows}
-    return {"off": False, "shrinkage": best[0], "power": best[1], "dim": best[2], "inner_gain": gains[best],
-            "inner_raw": float(np.mean(raw)), "table": rows}
-
-
-def build_whitening_head(mean, projection, l2_normalize: bool = True, name: str = "embedding") -> keras.Model:
-    """A fixed linear head: (x - mean) @ P, then L2. Saved and used like a trained head."""
-    import keras
-    import numpy as np
-
-    from ris.layers import L2Normalize
-
-    inp = keras.Input((projection.shape[0],), name="features")
-    dense = keras.layers.Dense(projection.shape[1], name="whitening", trainable=False)
-    x = dense(L2Normalize(name="input_l2")(inp))
-    dense.set_weights([projection, -(np.asarray(mean) @ projection)])
-    if l2_normalize:
-        x = L2Normalize(name="l2norm")(x)
-    return keras.Model(inp, x, name=name)

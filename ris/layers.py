@@ -4,7 +4,7 @@ Kept apart from ``ris.pooling`` and ``ris.head`` so that their registries (and e
 ``--help``) load without Keras. ``GlobalPool`` has no pooling code of its own: it dispatches through
 ``ris.pooling.POOLING`` with ``keras.ops``. Its config keys (method, p, trainable_p, eps) and its
 registered names (``ris>GlobalPool``...) are unchanged since the layers lived in ``ris.pooling``
-and ``ris.head``, so models saved then still load once this module is imported (``ris.train.load_model``
+and ``ris.head``, so models saved then still load once this module is imported (``ris.modelio.load_model``
 does).
 """
 from __future__ import annotations

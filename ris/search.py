@@ -46,7 +46,7 @@ class SearchEngine:
         self.meta: dict = {}
         self.metric = "euclidean"
         if model is not None:
-            from ris.train import check_compatible, load_model
+            from ris.modelio import check_compatible, load_model
 
             self.head, meta = load_model(model)
             self.meta = meta
@@ -89,7 +89,7 @@ class SearchEngine:
         import h5py
 
         from ris.sidecars import embeddings_path, file_hash, write_h5_cache
-        from ris.train import embed_features, raw_descriptors
+        from ris.embed import embed_features, raw_descriptors
 
         feats = self.db.features
         source = {"content_id": self.db.content_id, "history": self.db.content_history, "vectors": "raw",
@@ -129,12 +129,12 @@ class SearchEngine:
 
     def embed_query(self, image_path: str | Path) -> np.ndarray:
         from ris.images import load_image
-        from ris.train import embed_features
+        from ris.embed import embed_features
 
         img = load_image(image_path, self.extractor.max_size)
         vec = self.extractor.embed(img[None])
         if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
-            from ris.train import raw_descriptors
+            from ris.embed import raw_descriptors
 
             vec = raw_descriptors(vec)
         if self.head is not None:

@@ -91,7 +91,9 @@ def test_ris_train_mlp_head_learns_what_a_random_head_does_not(tmp_path, capsys,
     from ris.cli import train as train_cli
     from ris.head import build_embedding_head
     from ris.metrics import evaluate_retrieval
-    from ris.train import TrainConfig, embed_features, load_model, make_split
+    from ris.embed import embed_features
+    from ris.modelio import load_model
+    from ris.splits import make_split
 
     x, lab = _objects(100, 4, 32, 7)
     db = _write_db(tmp_path / "f.h5", x, lab)
@@ -103,7 +105,7 @@ def test_ris_train_mlp_head_learns_what_a_random_head_does_not(tmp_path, capsys,
     _, meta = load_model(out)
     assert (meta["config"]["arch"], meta["config"]["mining"]) == ("mlp", mining)
 
-    rows, _ = make_split(lab, TrainConfig())  # ris-train's default split: the same test objects
+    rows, _ = make_split(lab)  # ris-train's default split: the same test objects
     test = x[rows["test"]] / np.linalg.norm(x[rows["test"]], axis=1, keepdims=True)
     keras.utils.set_random_seed(0)
     untrained = build_embedding_head((32,), (64,), 32, arch="mlp")

@@ -1,44 +1,11 @@
-"""Splits and the training run: k-fold image splits, and what each head reports about itself."""
+"""The training run: what each head reports about itself, and the configs it refuses before any work."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
-from ris.train import TrainConfig, make_split
-
-
-def _labels() -> np.ndarray:
-    labels = np.repeat(np.arange(5), [10, 9, 12, 10, 8])
-    labels[[4, 20]] = -1  # unlabelled rows belong to no part
-    return labels
-
-
-@pytest.mark.parametrize("unseen", [0, 1])
-def test_image_split_folds_differ_and_partition_every_class(unseen):
-    labels = _labels()
-    cfg = TrainConfig(split_by="image", val_fraction=0.2, unseen_classes=unseen, folds=3)
-    splits = [make_split(labels, replace(cfg, fold=k))[0] for k in range(3)]
-    tests = [s["test"] for s in splits]
-    assert all(not np.array_equal(a, b) for i, a in enumerate(tests) for b in tests[i + 1:])
-    everything = np.sort(np.concatenate(tests))
-    assert everything.tolist() == np.nonzero(labels >= 0)[0].tolist()  # each labelled image tested once
-    for s, meta in ((s, make_split(labels, replace(cfg, fold=k))[1]) for k, s in enumerate(splits)):
-        assert not set(s["test"]) & (set(s["train"]) | set(s["val"])) and not set(s["train"]) & set(s["val"])
-        for c in range(5):  # k-fold inside every class: about a third of its images each time
-            n = int((labels == c).sum())
-            assert abs(int((labels[s["test"]] == c).sum()) - n / 3) < 1
-        for c in meta["unseen_classes"]:
-            assert not (labels[np.concatenate([s["train"], s["val"]])] == c).any()
-
-
-def test_image_split_without_folds_is_unchanged_by_the_fold_option():
-    labels = _labels()
-    a, _ = make_split(labels, TrainConfig(split_by="image", test_fraction=0.5))
-    b, _ = make_split(labels, TrainConfig(split_by="image", test_fraction=0.5, folds=7))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+from ris.train import TrainConfig
 
 
 def _objects(n_obj: int, views: int, dim: int, seed: int):
@@ -63,7 +30,7 @@ def _write_db(path, n_obj=12, views=6, dim=16, seed=0):
 def test_train_cli_folds_by_image_hold_out_different_images(tmp_path, capsys):
     pytest.importorskip("keras")
     from ris.cli import train as train_cli
-    from ris.train import load_model
+    from ris.modelio import load_model
 
     db = _write_db(tmp_path / "f.h5")
     assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--folds", "3",
@@ -107,3 +74,49 @@ def test_triplet_heads_still_report_epochs_and_fit_time(tmp_path, capsys):
                            "--hidden", "8", "--out-dim", "8", "--epochs", "2", "--p", "4", "--quiet", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["epochs_run"] == 2 and r["best_epoch"] in (1, 2) and r["seconds"] > 0 and r["seconds_per_epoch"] > 0
+
+
+def _maps_db(path, n_obj=6, views=4):
+    from ris.featuredb import FeatureWriter
+
+    x = np.random.default_rng(1).random((n_obj * views, 2, 2, 8)).astype(np.float32)
+    w = FeatureWriter(path, {"model": "synthetic", "pooling": "none"}, (2, 2, 8), [f"o{i}" for i in range(n_obj)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in np.repeat(np.arange(n_obj), views)])
+    w.finish({})
+    return path
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    (TrainConfig(), "--arch whiten needs pooled features"),
+    (TrainConfig(shallow=8), "--shallow trains a CNN branch"),
+    (TrainConfig(arch="residual", shallow=8), "--shallow needs pooled features, not conv maps"),
+    (TrainConfig(arch="mlp", distance="manhattan"), "unknown distance 'manhattan'"),
+    (TrainConfig(fold=3, folds=3), "fold 3 is not one of the 3 folds"),
+    (TrainConfig(split_by="pixel"), "--split-by must be one of object, image"),
+])
+def test_configs_that_cannot_train_are_refused_before_any_work(tmp_path, cfg, needle):
+    pytest.importorskip("keras")
+    from ris.errors import RisError
+    from ris.train import train_head
+
+    db = _maps_db(tmp_path / "f.h5")
+    with pytest.raises(RisError, match=needle):
+        train_head(db, tmp_path / "h.keras", cfg, progress=False, log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # no model, no thumbnails read
+
+
+@pytest.mark.parametrize("cfg", [TrainConfig(), TrainConfig(arch="mlp", epochs=1)], ids=["whiten", "mlp"])
+def test_groups_of_one_image_are_too_few_to_train_on(tmp_path, cfg):
+    """Every object has one view: there is no positive pair to whiten or to draw triplets from."""
+    pytest.importorskip("keras")
+    from ris.errors import TooFewGroups
+    from ris.featuredb import FeatureWriter
+    from ris.train import train_head
+
+    x = np.random.default_rng(2).normal(size=(20, 8)).astype(np.float32)
+    w = FeatureWriter(tmp_path / "f.h5", {"model": "synthetic", "pooling": "gap"}, (8,), [f"o{i}" for i in range(20)])
+    w.add([f"{i:04d}.jpg" for i in range(20)], x / np.linalg.norm(x, axis=1, keepdims=True), [f"o{i}" for i in range(20)])
+    w.finish({})
+    with pytest.raises(TooFewGroups, match="two or more"):
+        train_head(tmp_path / "f.h5", tmp_path / "h.keras", cfg, progress=False, log=lambda s: None)
+    assert not (tmp_path / "h.keras").exists()

@@ -87,33 +87,20 @@ def config_from_args(args) -> "TrainConfig":
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dataclasses import asdict, replace
-    from pathlib import Path
+    from dataclasses import asdict
 
-    from ris.train import summarize_folds, train_head
+    from ris.train import train_head
 
     cfg = config_from_args(args)
     if args.folds and args.folds > 1:
-        results = []
-        out = Path(args.output)
-        for fold in range(args.folds):
-            print(f"== fold {fold + 1}/{args.folds}", file=sys.stderr)
-            path = out.with_name(f"{out.stem}.fold{fold + 1}{out.suffix}")
-            results.append(train_head(args.features_db, path, replace(cfg, fold=fold, folds=args.folds),
-                                      progress=not args.quiet))
+        from ris.kfold import format_summary, summarize_folds, train_folds
+
+        results = train_folds(args.features_db, args.output, cfg, args.folds, progress=not args.quiet)
         summary = summarize_folds(results)
         if args.json:
             print_json({"folds": [asdict(r) for r in results], "summary": summary})
         else:
-            for key in ("raw", "head"):
-                s = summary[key]
-                print(f"{key:>4}: N-S {s['ns_score']['mean']:.4f} +- {s['ns_score']['std']:.4f}  "
-                      f"mAP {s['map']['mean']:.4f} +- {s['map']['std']:.4f}  over {args.folds} folds of held-out objects")
-            if "delta" in summary:
-                d = summary["delta"]
-                print("head - raw, paired per fold: " + ";  ".join(
-                    f"{name} {d[m]['mean']:+.4f} +- {d[m]['std']:.4f} (better in {d[m]['folds_better']}, worse in "
-                    f"{d[m]['folds_worse']} of {args.folds})" for m, name in (("ns_score", "N-S"), ("map", "mAP"))))
+            print(format_summary(summary, args.folds))
         return EXIT_OK
     r = train_head(args.features_db, args.output, cfg, progress=not args.quiet)
     if args.json:
