@@ -6,6 +6,10 @@ class RisError(Exception):
     """Base class: the message is shown to the user as is."""
 
 
+class Interrupted(RisError):
+    """The run was stopped (Ctrl-C, SIGTERM) with its work kept; running it again resumes it."""
+
+
 class WeightsUnavailable(RisError):
     """Pretrained weights cannot be found or fetched; the message says how to get them."""
 

@@ -113,34 +113,6 @@ def test_extract_missing_or_empty_dataset(tmp_path, capsys, setup, needle):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_extract_interrupted_then_resumed(tmp_path, monkeypatch):
-    from ris.errors import RisError
-    from ris.extract import ExtractConfig, extract_features
-    from ris.featuredb import FeatureWriter, partial_path
-
-    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
-    out_db = tmp_path / "f.h5"
-    cfg = ExtractConfig(model="vgg16", weights="none", input_size=64)
-    real_add = FeatureWriter.add
-    calls = {"n": 0}
-
-    def flaky_add(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_add(self, *a, **k)
-
-    monkeypatch.setattr(FeatureWriter, "add", flaky_add)
-    with pytest.raises(RisError, match="interrupted"):
-        extract_features(data, out_db, cfg, batch_size=4, progress=False)
-    assert not out_db.exists() and partial_path(out_db).exists()
-    monkeypatch.setattr(FeatureWriter, "add", real_add)
-    s = extract_features(data, out_db, cfg, batch_size=4, progress=False)
-    assert s.resumed == 4 and s.extracted == 8
-    with h5py.File(out_db) as f:
-        assert sorted(x.decode() for x in f["image_ids"][:]) == sorted(p.name for p in data.glob("*.jpg"))
-
-
 def _committed_rows(partial: Path) -> int:
     """rows_done of a .partial that a writer holds open (a peek for timing only; 0 if unreadable)."""
     if not partial.exists():

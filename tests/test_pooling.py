@@ -140,7 +140,7 @@ def test_a_new_pooling_is_one_entry_in_the_registry(monkeypatch, tmp_path):
 
     assert extract_cli.build_parser().parse_args(["--pool", "min"]).pool == "min"
     pytest.importorskip("keras")
-    from ris.extract import ExtractConfig, FeatureExtractor
+    from ris.extractor import ExtractConfig, FeatureExtractor
 
     cfg = dict(model="vgg16", weights="none", input_size=64)
     images = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
