@@ -1,4 +1,8 @@
-"""Errors a user can act on. The CLIs print them as one line and exit non-zero, no traceback."""
+"""Errors a user can act on. The CLIs print them as one line and exit non-zero, no traceback.
+
+Anything else that escapes a command is a bug: ``ris.cli.common.run`` says so in one line (the
+traceback with ``RIS_VERBOSE=1``) instead of passing it off as bad input.
+"""
 from __future__ import annotations
 
 

@@ -696,11 +696,14 @@ def test_exit_codes_of_eval_when_the_required_score_is_not_met(db, capsys):
     assert cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "0")[0] == 0
 
 
-@pytest.mark.parametrize("raised,code", [(None, 0), ("partial", 1), ("error", 2), ("oserror", 2), ("interrupt", 130),
-                                         ("interrupted", 130)])
-def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys):
+@pytest.mark.parametrize("raised,code", [(None, 0), ("partial", 1), ("error", 2), ("oserror", 2), ("errno", 2),
+                                         ("interrupt", 130), ("interrupted", 130), ("bug", 2), ("valueerror", 2),
+                                         ("bare-oserror", 2)])
+def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys, monkeypatch):
     from ris.cli import common
-    from ris.errors import RisError
+    from ris.errors import Interrupted, RisError
+
+    monkeypatch.delenv("RIS_VERBOSE", raising=False)
 
     def main(argv):
         if raised == "partial":
@@ -709,15 +712,71 @@ def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys):
             raise RisError("x.h5: broken")
         if raised == "oserror":
             raise FileNotFoundError(2, "No such file or directory", "x.h5")
+        if raised == "errno":
+            raise OSError(28, "No space left on device")
         if raised == "interrupt":
             raise KeyboardInterrupt
         if raised == "interrupted":
-            raise RisError("interrupted after 3 images; run the same command again to resume")
+            raise Interrupted("interrupted after 3 images; run the same command again to resume")
+        if raised == "bug":
+            return 1 // 0
+        if raised == "valueerror":
+            raise ValueError("not a user error: a bug")
+        if raised == "bare-oserror":
+            raise OSError("raised by code, no errno, no file")
         return common.EXIT_OK
 
     assert run("ris-x", main, ["--json"]) == code
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) <= 1
+    if raised == "oserror":
+        assert err == "ris-x: error: x.h5: No such file or directory\n"
+    if raised == "errno":
+        assert err == "ris-x: error: No space left on device\n"
+    if raised == "interrupted":
+        assert err.startswith("ris-x: interrupted after 3 images")
+    if raised in ("bug", "valueerror", "bare-oserror"):  # a bug is never passed off as bad input
+        assert err.startswith("ris-x: internal error") and "RIS_VERBOSE=1" in err and "Traceback" not in err
+        assert {"bug": "ZeroDivisionError", "valueerror": "ValueError", "bare-oserror": "OSError"}[raised] in err
+
+
+def test_a_message_that_starts_with_interrupted_is_not_an_interruption(capsys):
+    """The exit status comes from the error's type, not from its text."""
+    from ris.errors import RisError
+
+    def main(argv):
+        raise RisError("interrupted: a file name that starts with the word")
+
+    assert run("ris-x", main, []) == 2
+    assert capsys.readouterr().err.startswith("ris-x: error: interrupted")
+
+
+def test_an_internal_error_shows_its_traceback_with_ris_verbose(capsys, monkeypatch):
+    def main(argv):
+        return {}["missing"]
+
+    monkeypatch.setenv("RIS_VERBOSE", "1")
+    assert run("ris-x", main, []) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError" in err
+    assert err.strip().splitlines()[-1].startswith("ris-x: internal error")
+
+
+def test_a_command_that_fails_with_a_bug_exits_2_in_one_line(tmp_path):
+    """The whole path, as a user runs it: a real process, its stderr and its exit status."""
+    code = ("import sys\nfrom ris.cli.common import run\n"
+            "def main(argv):\n    return 1 / 0\n"
+            "sys.exit(run('ris-x', main, []))")
+    env = {k: v for k, v in os.environ.items() if k != "RIS_VERBOSE"}
+    env["KERAS_BACKEND"] = "numpy"  # no TensorFlow start-up needed for this check
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "ris-x: internal error (a bug in ris, not in your input): ZeroDivisionError: division by zero; "
+        "set RIS_VERBOSE=1 for the traceback"]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "RIS_VERBOSE": "1"})
+    assert done.returncode == 2 and "Traceback (most recent call last)" in done.stderr
 
 
 def test_readme_documents_the_exit_codes():

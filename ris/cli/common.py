@@ -152,27 +152,48 @@ def _escape_unprintable_output() -> None:
 
 
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a RisError or OSError becomes 'prog: error: message' and EXIT_ERROR, an
-    interruption EXIT_INTERRUPTED. ``main`` returns EXIT_OK or EXIT_PARTIAL."""
+    """Run ``main`` (which returns EXIT_OK or EXIT_PARTIAL) and turn how it ends into one line and
+    an exit status: ``Interrupted`` and Ctrl-C -> EXIT_INTERRUPTED; ``RisError`` and a system error
+    (``OSError`` naming a file or an errno) -> 'prog: error: message', EXIT_ERROR. Anything else is a
+    bug, not bad input: one line saying so, the traceback with RIS_VERBOSE=1, EXIT_ERROR."""
     args = sys.argv[1:] if argv is None else argv
     _escape_unprintable_output()
-    if not ({"-h", "--help"} & set(args)):
-        quiet_backend()
-    from ris.errors import RisError
+    from ris.errors import Interrupted, RisError
 
     try:
+        if not ({"-h", "--help"} & set(args)):
+            quiet_backend()
         return int(main(argv) or 0)
-    except RisError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED if str(exc).startswith("interrupted") else EXIT_ERROR
+    except Interrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (OSError, ValueError) as exc:
-        name = getattr(exc, "filename", None)
-        where = f"{name}: " if name else ""
-        print(f"{prog}: error: {where}{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+    except RisError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:
+        if exc.filename is None and exc.errno is None:  # raised by code, not by the system: treat as a bug
+            return _internal_error(prog, exc)
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        return _internal_error(prog, exc)
+
+
+def _internal_error(prog: str, exc: BaseException) -> int:
+    """A bug: say so in one line (what it was, and how to see where), never as if the input were bad."""
+    verbose = bool(os.environ.get("RIS_VERBOSE"))
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    hint = "" if verbose else "; set RIS_VERBOSE=1 for the traceback"
+    print(f"{prog}: internal error (a bug in ris, not in your input): {what}{hint}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def print_json(obj: Any) -> None:
