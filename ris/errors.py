@@ -18,6 +18,10 @@ class WeightsUnavailable(RisError):
     """Pretrained weights cannot be found or fetched; the message says how to get them."""
 
 
+class BadWeights(WeightsUnavailable):
+    """A weights file is there but does not hold weights this model can load; the message says why."""
+
+
 class BadImage(RisError):
     """An image file cannot be decoded; the message names the file and the reason."""
 

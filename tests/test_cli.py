@@ -291,6 +291,18 @@ def test_search_with_reranking(tiny, db, capsys, method):
     assert len(r) == 4 and [h["distance"] for h in r] == sorted(h["distance"] for h in r)
 
 
+@pytest.mark.parametrize("method", ["qe", "dba+qe"])
+def test_reranking_a_one_image_database_is_one_error_not_a_crash(tmp_path, capsys, method):
+    """Too few images to re-rank is the user's database, not a bug: one line, exit 2."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=1, size=64)
+    db = tmp_path / "one.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", data / "ukbench00000.jpg",
+                         "--features-db", db, "--rerank", method)
+    assert code == 2 and err.startswith("ris-search: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "at least two" in err and "--rerank" in err
+
+
 def test_dba_database_is_cached_beside_the_database_and_rebuilt_when_it_changes(db, tmp_path, monkeypatch):
     import shutil
 
