@@ -587,6 +587,18 @@ def test_search_refuses_special_query_files(tiny, db, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
 
 
+def test_search_never_replaces_a_special_file_with_its_montage(tiny, db, tmp_path, capsys):
+    """--output naming a FIFO (or a device) is refused before any query runs; the special file stays."""
+    import stat
+
+    _, _, query = tiny
+    fifo = tmp_path / "montage.png"
+    os.mkfifo(fifo)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "--output", fifo)
+    assert code == 2 and err == f"ris-search: error: {fifo}: not a regular file (FIFO); give --output a file name\n"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and out == ""
+
+
 def test_extract_ukbench_labels_on_other_names_is_one_error(tmp_path, capsys):
     data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=64)
     (data / "groundtruth.tsv").unlink()
