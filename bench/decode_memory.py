@@ -35,7 +35,7 @@ def child(folder: str, workers: int, budget: int, size: int) -> None:
     import cv2  # noqa: F401 - imported before the baseline is taken: not decode memory
     from PIL import Image  # noqa: F401
 
-    from ris.extract import iter_decoded
+    from ris.decoding import iter_decoded
     from ris.images import find_images
 
     files = find_images(folder)
@@ -60,7 +60,7 @@ def main() -> None:
         child(args.child[0], int(args.child[1]), int(args.child[2]), args.size)
         return
     sys.path.insert(0, str(ROOT))
-    from ris.extract import decode_budget
+    from ris.decoding import decode_budget
     from ris.images import DECODE_BYTES_PER_PIXEL
     from ris.testing import make_large_png
 

@@ -41,10 +41,16 @@ def human_bytes(n: int) -> str:
 MAX_FILE_BYTES = parse_bytes(os.environ.get("RIS_MAX_FILE_BYTES") or 256 << 20, "RIS_MAX_FILE_BYTES")
 
 
+def file_kind(mode: int) -> str:
+    """'regular file', 'folder', 'FIFO', 'character device', ... for an ``st_mode``."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
 def _check_regular(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "special file")
-        raise BadImage(f"{path}: not a regular file ({kind})")
+        raise BadImage(f"{path}: not a regular file ({file_kind(st.st_mode)})")
 
 
 def _check_size(path: Path, size: int, max_bytes: int) -> None:

@@ -97,16 +97,30 @@ def _ukbench_number(rel_path: str) -> int:
 def read_label_tsv(path: str | Path) -> dict[str, str]:
     """file -> label from a TSV whose first two columns are file and label (header optional).
 
-    A third column, when present, names the label (Corel's ``class_id  class_name``).
+    A third column, when present, names the label (Corel's ``class_id  class_name``). The file is
+    read as the images are (a regular file, size capped first) and must be UTF-8 text.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise RisError(f"{path}: label file not found")
-    mapping: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.reader(fh, delimiter="\t") if r and not r[0].startswith("#")]
+    try:
+        data = read_file(path, MAX_FILE_BYTES)
+    except BadImage as exc:  # not a regular file, too large, unreadable: the same one line
+        raise RisError(str(exc)) from None
+    if b"\0" in data:
+        raise RisError(f"{path}: not a text file (it holds NUL bytes); a label file is file<TAB>label lines")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RisError(f"{path}: not UTF-8 text (byte {exc.start}); save the label file as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+    try:
+        rows = [r for r in reader if r and not r[0].startswith("#")]
+    except csv.Error as exc:
+        raise RisError(f"{path}: line {reader.line_num}: {exc}") from None
     if rows and rows[0][0].strip().lower() in ("file", "filename", "path", "image", "image_id"):
         rows = rows[1:]
+    mapping: dict[str, str] = {}
     for lineno, row in enumerate(rows, 1):
         if len(row) < 2:
             raise RisError(f"{path}: line {lineno} has {len(row)} column(s), need file<TAB>label")

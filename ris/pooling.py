@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ris.errors import RisError
+
 NO_POOLING = "none"  # ris-extract --pool none: store the (h, w, C) maps, pool later
 
 
@@ -87,11 +89,12 @@ POOLING: dict[str, Pooling] = {
 
 
 def check_pooling(method: str, allow_none: bool = False) -> None:
-    """A ValueError naming the choices when ``method`` is not a pooling (or 'none' where allowed)."""
+    """A RisError naming the choices when ``method`` is not a pooling (or 'none' where allowed): the
+    name comes from a user (a flag, a database's or a model's recorded recipe)."""
     if method in POOLING or (allow_none and method == NO_POOLING):
         return
     choices = [*POOLING, NO_POOLING] if allow_none else list(POOLING)
-    raise ValueError(f"unknown pooling {method!r}; choose one of {', '.join(choices)}")
+    raise RisError(f"unknown pooling {method!r}; choose one of {', '.join(choices)}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from ris.errors import RisError
 from ris.metrics import RetrievalScores, _Tally, labelled_queries  # noqa: F401
 from ris.topk import METRICS, blockwise_topk, l2_normalize, pairwise_distances
 
@@ -81,6 +82,13 @@ def neighbours_without_self(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return i[keep].reshape(-1, k), (1.0 - d[keep]).reshape(-1, k)
 
 
+def _check_rows(n: int) -> None:
+    """Re-ranking compares each row with its neighbours: a database of one image has none (the
+    user's database, not a bug, hence a RisError)."""
+    if n < 2:
+        raise RisError(f"re-ranking (--rerank) needs at least two images in the database; it has {n}")
+
+
 def dba_database(database: np.ndarray, n: int = 2, alpha: float = 3.0, index=None,
                  chunk: int = 65536) -> np.ndarray:
     """The whole database after alpha-DBA: one kNN pass over it, which is why ``ris-search`` caches
@@ -91,6 +99,7 @@ def dba_database(database: np.ndarray, n: int = 2, alpha: float = 3.0, index=Non
     approximately in near-linear time; their similarities are then computed exactly. It must rank
     like cosine similarity: a cosine index, or a euclidean one over L2-normalised rows."""
     vectors = np.asarray(database, np.float32)
+    _check_rows(len(vectors))
     unit = l2_normalize(vectors)
     if index is None:
         idx, sim = neighbours_without_self(unit, n)
@@ -304,8 +313,7 @@ class Reranker:
         self.p = {**defaults, **params}
         self.db = np.ascontiguousarray(database, dtype=np.float32)
         self.n = len(self.db)
-        if self.n < 2:
-            raise ValueError("need at least two database rows to re-rank")
+        _check_rows(self.n)
         self.impl = RERANKERS[method](self.db, metric, self.p, augmented)
 
     def search(self, queries: np.ndarray, k: int, query_rows: np.ndarray | None = None,

@@ -39,7 +39,7 @@ class SearchEngine:
             raise
 
     def _setup(self, features_db, model, index, dataset_root, rerank, log) -> None:
-        from ris.extract import FeatureExtractor
+        from ris.extractor import FeatureExtractor
 
         self.root = Path(dataset_root or self.db.dataset_root or ".")
         self.head = None

@@ -70,13 +70,14 @@ def extract_cmd(src: Path, db: Path, model: str, pool: str, size: int, scales: s
 
 def ensure_db(src: Path, db: Path, model: str, pool: str, size: int, scales: str) -> float | None:
     """Extract if missing; returns images/s (from the database, or this run)."""
-    from ris.extract import ExtractConfig, extract_features
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
     from ris.featuredb import FeatureDB
 
     if not db.exists():
         cfg = ExtractConfig(model=model, pooling=pool, input_size=size,
                             scales=tuple(float(s) for s in scales.split(",")))
-        extract_features(src, db, cfg, progress=False)
+        extract_features(src, db, cfg, ExtractOptions(progress=False))
     with FeatureDB(db) as f:
         ips = f.attrs.get("images_per_second")
         n = len(f)

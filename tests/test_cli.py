@@ -112,34 +112,6 @@ def test_extract_missing_or_empty_dataset(tmp_path, capsys, setup, needle):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_extract_interrupted_then_resumed(tmp_path, monkeypatch):
-    from ris.errors import RisError
-    from ris.extract import ExtractConfig, extract_features
-    from ris.featuredb import FeatureWriter, partial_path
-
-    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
-    out_db = tmp_path / "f.h5"
-    cfg = ExtractConfig(model="vgg16", weights="none", input_size=64)
-    real_add = FeatureWriter.add
-    calls = {"n": 0}
-
-    def flaky_add(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_add(self, *a, **k)
-
-    monkeypatch.setattr(FeatureWriter, "add", flaky_add)
-    with pytest.raises(RisError, match="interrupted"):
-        extract_features(data, out_db, cfg, batch_size=4, progress=False)
-    assert not out_db.exists() and partial_path(out_db).exists()
-    monkeypatch.setattr(FeatureWriter, "add", real_add)
-    s = extract_features(data, out_db, cfg, batch_size=4, progress=False)
-    assert s.resumed == 4 and s.extracted == 8
-    with h5py.File(out_db) as f:
-        assert sorted(x.decode() for x in f["image_ids"][:]) == sorted(p.name for p in data.glob("*.jpg"))
-
-
 def _committed_rows(partial: Path) -> int:
     """rows_done of a .partial that a writer holds open (a peek for timing only; 0 if unreadable)."""
     if not partial.exists():
@@ -329,6 +301,18 @@ def test_search_with_reranking(tiny, db, capsys, method):
     assert code == 0, err
     r = json.loads(out)["results"]
     assert len(r) == 4 and [h["distance"] for h in r] == sorted(h["distance"] for h in r)
+
+
+@pytest.mark.parametrize("method", ["qe", "dba+qe"])
+def test_reranking_a_one_image_database_is_one_error_not_a_crash(tmp_path, capsys, method):
+    """Too few images to re-rank is the user's database, not a bug: one line, exit 2."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=1, size=64)
+    db = tmp_path / "one.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", data / "ukbench00000.jpg",
+                         "--features-db", db, "--rerank", method)
+    assert code == 2 and err.startswith("ris-search: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "at least two" in err and "--rerank" in err
 
 
 def test_dba_database_is_cached_beside_the_database_and_rebuilt_when_it_changes(db, tmp_path, monkeypatch):
@@ -618,6 +602,18 @@ def test_search_refuses_special_query_files(tiny, db, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
 
 
+def test_search_never_replaces_a_special_file_with_its_montage(tiny, db, tmp_path, capsys):
+    """--output naming a FIFO (or a device) is refused before any query runs; the special file stays."""
+    import stat
+
+    _, _, query = tiny
+    fifo = tmp_path / "montage.png"
+    os.mkfifo(fifo)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "--output", fifo)
+    assert code == 2 and err == f"ris-search: error: {fifo}: not a regular file (FIFO); give --output a file name\n"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and out == ""
+
+
 def test_extract_ukbench_labels_on_other_names_is_one_error(tmp_path, capsys):
     data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=64)
     (data / "groundtruth.tsv").unlink()
@@ -739,11 +735,14 @@ def test_exit_codes_of_eval_when_the_required_score_is_not_met(db, capsys):
     assert cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "0")[0] == 0
 
 
-@pytest.mark.parametrize("raised,code", [(None, 0), ("partial", 1), ("error", 2), ("oserror", 2), ("interrupt", 130),
-                                         ("interrupted", 130)])
-def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys):
+@pytest.mark.parametrize("raised,code", [(None, 0), ("partial", 1), ("error", 2), ("oserror", 2), ("errno", 2),
+                                         ("interrupt", 130), ("interrupted", 130), ("bug", 2), ("valueerror", 2),
+                                         ("bare-oserror", 2)])
+def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys, monkeypatch):
     from ris.cli import common
-    from ris.errors import RisError
+    from ris.errors import Interrupted, RisError
+
+    monkeypatch.delenv("RIS_VERBOSE", raising=False)
 
     def main(argv):
         if raised == "partial":
@@ -752,15 +751,71 @@ def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys):
             raise RisError("x.h5: broken")
         if raised == "oserror":
             raise FileNotFoundError(2, "No such file or directory", "x.h5")
+        if raised == "errno":
+            raise OSError(28, "No space left on device")
         if raised == "interrupt":
             raise KeyboardInterrupt
         if raised == "interrupted":
-            raise RisError("interrupted after 3 images; run the same command again to resume")
+            raise Interrupted("interrupted after 3 images; run the same command again to resume")
+        if raised == "bug":
+            return 1 // 0
+        if raised == "valueerror":
+            raise ValueError("not a user error: a bug")
+        if raised == "bare-oserror":
+            raise OSError("raised by code, no errno, no file")
         return common.EXIT_OK
 
     assert run("ris-x", main, ["--json"]) == code
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) <= 1
+    if raised == "oserror":
+        assert err == "ris-x: error: x.h5: No such file or directory\n"
+    if raised == "errno":
+        assert err == "ris-x: error: No space left on device\n"
+    if raised == "interrupted":
+        assert err.startswith("ris-x: interrupted after 3 images")
+    if raised in ("bug", "valueerror", "bare-oserror"):  # a bug is never passed off as bad input
+        assert err.startswith("ris-x: internal error") and "RIS_VERBOSE=1" in err and "Traceback" not in err
+        assert {"bug": "ZeroDivisionError", "valueerror": "ValueError", "bare-oserror": "OSError"}[raised] in err
+
+
+def test_a_message_that_starts_with_interrupted_is_not_an_interruption(capsys):
+    """The exit status comes from the error's type, not from its text."""
+    from ris.errors import RisError
+
+    def main(argv):
+        raise RisError("interrupted: a file name that starts with the word")
+
+    assert run("ris-x", main, []) == 2
+    assert capsys.readouterr().err.startswith("ris-x: error: interrupted")
+
+
+def test_an_internal_error_shows_its_traceback_with_ris_verbose(capsys, monkeypatch):
+    def main(argv):
+        return {}["missing"]
+
+    monkeypatch.setenv("RIS_VERBOSE", "1")
+    assert run("ris-x", main, []) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError" in err
+    assert err.strip().splitlines()[-1].startswith("ris-x: internal error")
+
+
+def test_a_command_that_fails_with_a_bug_exits_2_in_one_line(tmp_path):
+    """The whole path, as a user runs it: a real process, its stderr and its exit status."""
+    code = ("import sys\nfrom ris.cli.common import run\n"
+            "def main(argv):\n    return 1 / 0\n"
+            "sys.exit(run('ris-x', main, []))")
+    env = {k: v for k, v in os.environ.items() if k != "RIS_VERBOSE"}
+    env["KERAS_BACKEND"] = "numpy"  # no TensorFlow start-up needed for this check
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "ris-x: internal error (a bug in ris, not in your input): ZeroDivisionError: division by zero; "
+        "set RIS_VERBOSE=1 for the traceback"]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "RIS_VERBOSE": "1"})
+    assert done.returncode == 2 and "Traceback (most recent call last)" in done.stderr
 
 
 def test_readme_documents_the_exit_codes():

@@ -76,7 +76,8 @@ def test_evaluation_imports_neither_tensorflow_nor_keras(whitened, tmp_path):
             "from ris.cli import eval as eval_cli\n"
             "head = evaluate_db(sys.argv[1], sys.argv[2])['head']\n"
             "evaluate_db(sys.argv[1], split='all'); evaluate_folds(sys.argv[1], 3, rerank='qe')\n"
-            "assert eval_cli.main(['--features-db', sys.argv[1], '--model', sys.argv[2], '--json']) == 0\n"
+            "from ris.cli.common import run\n"
+            "assert run('ris-eval', eval_cli.main, ['--features-db', sys.argv[1], '--model', sys.argv[2], '--json']) == 0\n"
             "loaded = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
             "print(json.dumps({'loaded': loaded, 'ns': head['ns_score']}), file=sys.stderr)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -1,119 +1,172 @@
-"""The decoding pipeline of ris-extract: order, bad files, special files, and memory in flight."""
+"""The resumable extraction run: options, interruption, failures on the way, rows not finite."""
+from __future__ import annotations
+
 import threading
 
-import cv2
+import h5py
 import numpy as np
 import pytest
 
-from ris import extract
-from ris.extract import _in_flight, iter_decoded
-from ris.images import decode_cost, find_images
-from ris.testing import ODD_REASONS, call_with_fifo_guard, make_large_png, make_odd_files
+from ris.errors import Interrupted, RisError
+from ris.extract import ExtractOptions, extract_features
+from ris.extractor import ExtractConfig
+from ris.featuredb import FeatureDB, partial_path
+from ris.featurewriter import FeatureWriter
+from ris.sidecars import WriterLock
+from ris.testing import make_tiny_dataset
+
+QUIET = dict(progress=False, log=lambda s: None)
 
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_iter_decoded_keeps_order_reports_bad_files_and_stops_early(tmp_path, processes):
-    from ris.extract import iter_decoded
+class _StandIn:
+    """A stand-in extractor (no model): 3-d mean-colour features; NaN for the images whose running
+    number is in ``nan_rows``."""
 
-    for i in range(11):
-        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((30, 40, 3), 20 * i, np.uint8))
-    (tmp_path / "05b.jpg").write_text("not an image")
-    rels = sorted(p.name for p in tmp_path.iterdir())
-    out = list(iter_decoded(tmp_path, rels, 16, workers=2, prefetch=3, processes=processes, chunk=2))
-    assert [rel for rel, _, _ in out] == rels
-    assert [rel for rel, _, err in out if err] == ["05b.jpg"]
-    assert [int(img[0, 0, 0]) for _, img, _ in out if img is not None] == [20 * i for i in range(11)]
-    early = iter_decoded(tmp_path, rels, 16, workers=2, prefetch=3, processes=processes, chunk=2)
-    assert next(early)[0] == "00.png"
-    early.close()  # the consumer stopping early must not hang or raise
+    max_size = 32
+    output_shape = (3,)
 
+    def __init__(self, nan_rows=()):
+        self.seen = 0
+        self.nan_rows = set(nan_rows)
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_iter_decoded_reports_special_and_broken_files_and_decodes_odd_valid_ones(tmp_path, processes):
-    odd = make_odd_files(tmp_path)
-    rels = find_images(tmp_path)  # special files are listed (never opened) and refused when decoding
-    out = call_with_fifo_guard(
-        lambda: list(iter_decoded(tmp_path, rels, 32, workers=2, prefetch=4, processes=processes, chunk=2)),
-        odd.get("fifo"))
-    assert [rel for rel, _, _ in out] == rels
-    errors = {rel: err for rel, _, err in out if err}
-    listed = [key for key in ODD_REASONS if key in odd and key != "folder_jpg"]  # a folder is walked into
-    assert sorted(errors) == sorted(odd[key].name for key in listed)
-    for key in listed:
-        reason = ODD_REASONS[key]
-        assert errors[odd[key].name].startswith(str(odd[key])) and reason in errors[odd[key].name]
-    decoded = {rel for rel, img, _ in out if img is not None}
-    assert decoded == {"anim.gif", "trailing.jpg"}
+    def attrs(self):
+        return ExtractConfig(model="vgg16", weights="none", input_size=32).to_attrs()
+
+    def embed_async(self, images, pad_to=None):
+        feats = images.reshape(len(images), -1, 3).mean(1).astype(np.float32) + 1.0
+        for row in range(self.seen, self.seen + len(images)):
+            if row in self.nan_rows:
+                feats[row - self.seen] = np.nan
+        self.seen += len(images)
+        return lambda: feats
 
 
-def test_in_flight_holds_submission_within_the_budget():
-    """Tasks wait (up to 0.2 s) for the running cost to exceed the budget: without the budget,
-    three 40s would run together; with it, never more than the budget, except one task alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    costs = {"a": 40, "b": 40, "c": 40, "big": 150, "d": 10, "e": 30, "f": 60, "g": 0}
-    budget = 100
-    cond = threading.Condition()
-    state = {"running": [], "violations": []}
-
-    def work(item):
-        with cond:
-            state["running"].append(item)
-            total = sum(costs[i] for i in state["running"])
-            if total > budget and len(state["running"]) > 1:
-                state["violations"].append(list(state["running"]))
-            cond.notify_all()
-            cond.wait_for(lambda: sum(costs[i] for i in state["running"]) > budget, timeout=0.2)
-            state["running"].remove(item)
-        return item
-
-    items = list(costs)
-    for depth in (8, 2):  # 2: the consumer takes a task still running off the window: it still counts
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            got = [(item, fut.result()) for item, fut in _in_flight(pool, work, items, depth=depth,
-                                                                     cost=costs.__getitem__, budget=budget)]
-        assert got == [(i, i) for i in items]
-        assert state["violations"] == [], depth
-    with ThreadPoolExecutor(max_workers=2) as pool:  # the last items held back by the budget still come
-        tail = {"x": 90, "y": 90, "z": 90}
-        got = [fut.result() for _, fut in _in_flight(pool, lambda i: i, list(tail), 1, tail.__getitem__, 100)]
-    assert got == ["x", "y", "z"]
-    with ThreadPoolExecutor(max_workers=6) as pool:  # the same without a budget does break it
-        list(_in_flight(pool, work, ["a", "b", "c"], depth=8))
-    assert state["violations"]
+def _lock_is_free(db) -> bool:
+    lock = WriterLock(db)
+    try:
+        lock.acquire()
+    except RisError:
+        return False
+    lock.release()
+    return True
 
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_iter_decoded_costs_images_by_their_header_pixels(tmp_path, monkeypatch, processes):
-    """Each image costs its header's pixels (reduced JPEG size where it applies) times the bytes a
-    decode holds per pixel; a process chunk costs its largest image (a worker decodes one at a time)."""
-    make_large_png(tmp_path / "a.png", 300, 200)
-    cv2.imwrite(str(tmp_path / "b.jpg"), np.zeros((800, 1000, 3), np.uint8))
-    (tmp_path / "c.txt.jpg").write_text("not an image")
-    rels = ["a.png", "b.jpg", "c.txt.jpg"]
-    seen = {}
-    real = extract._in_flight
-
-    def spy(pool, fn, items, depth, cost=None, budget=None):
-        items = list(items)
-        seen.update(costs=[cost(i) for i in items], budget=budget)
-        return real(pool, fn, items, depth, cost, budget)
-
-    monkeypatch.setattr(extract, "_in_flight", spy)
-    monkeypatch.setenv("RIS_DECODE_BUDGET", "512M")
-    out = list(iter_decoded(tmp_path, rels, 100, workers=2, prefetch=4, processes=processes, chunk=2))
-    assert [r for r, img, _ in out if img is not None] == ["a.png", "b.jpg"]
-    per_image = [300 * 200 * 8, (1000 // 8) * (800 // 8) * 8, 0]
-    assert [decode_cost(tmp_path / r, 100) for r in rels] == per_image
-    assert seen["budget"] == 512 << 20
-    assert seen["costs"] == ([max(per_image[:2]), per_image[2]] if processes else per_image)
+def test_rows_with_non_finite_features_are_listed_as_failed_not_written(tmp_path):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=48)
+    db = tmp_path / "f.h5"
+    s = extract_features(data, db, ExtractConfig(), ExtractOptions(batch_size=2, **QUIET),
+                         extractor=_StandIn(nan_rows={1}))
+    bad = sorted(p.name for p in data.glob("*.jpg"))[1]
+    assert s.extracted == 3 and [i for i, _ in s.skipped] == [bad]
+    assert "features are not finite (NaN/inf)" in s.skipped[0][1] and bad in s.skipped[0][1]
+    with FeatureDB(db) as f:
+        assert bad not in f.image_ids and len(f) == 3
+        assert np.isfinite(f.features[:]).all()
+        assert [i for i, _ in f.failures] == [bad]
+    with h5py.File(db) as f:
+        assert f.attrs["num_failed"] == 1
 
 
-def test_decode_budget_setting(monkeypatch):
-    monkeypatch.delenv("RIS_DECODE_BUDGET", raising=False)
-    assert extract.decode_budget() == 1 << 30
-    monkeypatch.setenv("RIS_DECODE_BUDGET", "2G")
-    assert extract.decode_budget() == 2 << 30
+def test_interrupted_is_its_own_error_type_and_the_next_run_resumes(tmp_path, monkeypatch):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
+    out_db = tmp_path / "f.h5"
+    options = ExtractOptions(batch_size=4, **QUIET)
+    real_add = FeatureWriter.add
+    calls = {"n": 0}
+
+    def flaky_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(FeatureWriter, "add", flaky_add)
+    with pytest.raises(Interrupted, match="^interrupted after 4 images; run the same command again"):
+        extract_features(data, out_db, ExtractConfig(), options, extractor=_StandIn())
+    assert not out_db.exists() and partial_path(out_db).exists() and _lock_is_free(out_db)
+    monkeypatch.setattr(FeatureWriter, "add", real_add)
+    s = extract_features(data, out_db, ExtractConfig(), options, extractor=_StandIn())
+    assert s.resumed == 4 and s.extracted == 8
+    with h5py.File(out_db) as f:
+        assert sorted(x.decode() for x in f["image_ids"][:]) == sorted(p.name for p in data.glob("*.jpg"))
+
+
+def test_a_failure_mid_run_keeps_the_committed_batches_and_frees_the_lock(tmp_path, monkeypatch):
+    """Any error after the writer opened (here a bug in a batch) closes it: the lock is released at
+    once, not when the process ends, and the next run resumes from the committed batches."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=48)
+    db = tmp_path / "f.h5"
+    real_add = FeatureWriter.add
+    calls = {"n": 0}
+
+    def broken_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ZeroDivisionError("a bug")
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(FeatureWriter, "add", broken_add)
+    with pytest.raises(ZeroDivisionError) as raised:
+        extract_features(data, db, ExtractConfig(), ExtractOptions(batch_size=4, **QUIET), extractor=_StandIn())
+    # the traceback (kept here, as a debugger or a long-lived worker keeps it) holds the run's frames:
+    # the lock must have been released by the run itself, not by garbage collection
+    assert raised.tb is not None and _lock_is_free(db) and partial_path(db).exists() and not db.exists()
+    monkeypatch.setattr(FeatureWriter, "add", real_add)
+    s = extract_features(data, db, ExtractConfig(), ExtractOptions(batch_size=4, **QUIET), extractor=_StandIn())
+    assert s.resumed == 4 and s.extracted == 8
+
+
+def test_a_bad_decode_budget_is_refused_before_anything_is_locked_or_written(tmp_path, monkeypatch):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    db = tmp_path / "f.h5"
     monkeypatch.setenv("RIS_DECODE_BUDGET", "lots")
-    with pytest.raises(extract.RisError, match="RIS_DECODE_BUDGET"):
-        extract.decode_budget()
+    with pytest.raises(RisError, match="RIS_DECODE_BUDGET"):
+        extract_features(data, db, ExtractConfig(), ExtractOptions(**QUIET), extractor=_StandIn())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.parametrize("bad,needle", [(dict(decode="fork"), "decode"), (dict(batch_size=0), "batch_size"),
+                                        (dict(workers=-1), "workers"), (dict(prefetch=2.5), "prefetch"),
+                                        (dict(append=True, overwrite=True), "append and overwrite")])
+def test_options_that_cannot_run_are_refused_first(tmp_path, bad, needle):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    with pytest.raises(RisError, match=needle):
+        extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(**bad, **QUIET),
+                         extractor=_StandIn())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_run_in_another_thread_works(tmp_path):
+    """Only the main thread may set signal handlers: a run in a worker thread (a serving or
+    distributed engine) must not fail setting the SIGTERM handler, nor change it."""
+    import signal
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=48)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = {}
+
+    def work():
+        try:
+            result["summary"] = extract_features(data, tmp_path / "f.h5", ExtractConfig(),
+                                                 ExtractOptions(batch_size=2, **QUIET), extractor=_StandIn())
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(60)
+    assert "error" not in result, repr(result.get("error"))
+    assert result["summary"].extracted == 4
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_summary_report_counts_files_not_read_and_lists_them_when_verbose(tmp_path):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    (data / "notes.txt").write_text("x")
+    (data / ".hidden.jpg").write_text("x")
+    s = extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(labels="none", **QUIET),
+                         extractor=_StandIn())
+    short, full = s.report(), s.report(verbose=True)
+    assert short[0].startswith(f"{tmp_path / 'f.h5'}: 2 images extracted")
+    assert "not read: 2 files with other extensions, 1 hidden file (--verbose lists them)" in short
+    assert "  not read (hidden): .hidden.jpg" in full and "  not read (extension): notes.txt" in full

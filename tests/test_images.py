@@ -76,6 +76,26 @@ def test_label_file_errors(tmp_path):
         read_label_tsv(tmp_path / "one.tsv")
 
 
+def test_a_label_file_that_is_not_text_or_too_big_is_one_error_naming_it(tmp_path, monkeypatch):
+    """Bad input, not a bug: a label file in another encoding, with NUL bytes, or over the size cap
+    is a RisError naming the file (a UnicodeDecodeError would now be reported as an internal error)."""
+    from ris import images
+
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("caf\xe9.jpg\tcaf\xe9\n".encode("latin-1"))
+    with pytest.raises(RisError, match=f"^{re.escape(str(latin))}: not UTF-8 text"):
+        read_label_tsv(latin)
+    binary = tmp_path / "binary.tsv"
+    binary.write_bytes(b"a.jpg\tx\x00y\n")
+    with pytest.raises(RisError, match=f"^{re.escape(str(binary))}: "):
+        read_label_tsv(binary)
+    big = tmp_path / "big.tsv"
+    big.write_text("a.jpg\tx\n" * 200)
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 1024)
+    with pytest.raises(RisError, match=f"^{re.escape(str(big))}: file too large"):
+        read_label_tsv(big)
+
+
 # --- odd files: special files, size caps, formats (ris.testing.make_odd_files) -------------------
 
 @pytest.fixture(scope="module")

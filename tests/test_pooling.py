@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from ris.errors import RisError
 from ris.pooling import POOLING, Pooling, check_pooling, pool_numpy, rmac_regions
 
 # Tolias et al.'s grid on a 7 x 7 map, worked out by hand from the paper's rule (square regions of
@@ -80,10 +81,10 @@ def test_rmac_needs_a_fixed_size_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match="fixed input size"):
         GlobalPool("rmac")(keras.Input((None, None, 4)))
     GlobalPool("gem")(keras.Input((None, None, 4)))  # the others take any size
-    for bad in ("none", "avg"):  # storing maps is not a pooling
-        with pytest.raises(ValueError, match="gap, mac, gem, rmac"):
+    for bad in ("none", "avg"):  # storing maps is not a pooling; a name a user chose: a RisError, one line
+        with pytest.raises(RisError, match="gap, mac, gem, rmac"):
             GlobalPool(bad)
-        with pytest.raises(ValueError, match="choose one of"):
+        with pytest.raises(RisError, match="choose one of"):
             pool_numpy(np.zeros((1, 2, 2, 3)), bad)
     check_pooling("none", allow_none=True)
 
@@ -140,7 +141,7 @@ def test_a_new_pooling_is_one_entry_in_the_registry(monkeypatch, tmp_path):
 
     assert extract_cli.build_parser().parse_args(["--pool", "min"]).pool == "min"
     pytest.importorskip("keras")
-    from ris.extract import ExtractConfig, FeatureExtractor
+    from ris.extractor import ExtractConfig, FeatureExtractor
 
     cfg = dict(model="vgg16", weights="none", input_size=64)
     images = np.random.default_rng(3).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)

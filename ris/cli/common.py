@@ -141,6 +141,33 @@ def quiet_backend() -> None:
             os.close(saved)
 
 
+class _QuietOnFirstImport:
+    """A meta-path hook: the first import of Keras or TensorFlow goes through ``quiet_backend``.
+
+    Why: commands that never need the network (evaluation of pooled features or of a whitening
+    head, search by database row) must not pay for TensorFlow, yet the ones that do must not
+    print its start-up chatter. The hook imports nothing itself and removes itself once used."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("keras", "tensorflow"):
+            uninstall_quiet_backend()
+            quiet_backend()
+        return None  # the ordinary finders load the module
+
+
+_QUIET_HOOK = _QuietOnFirstImport()
+
+
+def install_quiet_backend() -> None:
+    if _QUIET_HOOK not in sys.meta_path and not {"keras", "tensorflow"} & set(sys.modules):
+        sys.meta_path.insert(0, _QUIET_HOOK)
+
+
+def uninstall_quiet_backend() -> None:
+    if _QUIET_HOOK in sys.meta_path:
+        sys.meta_path.remove(_QUIET_HOOK)
+
+
 def _escape_unprintable_output() -> None:
     """File names that are not valid UTF-8 (old archives) or not in the terminal's encoding are
     printed escaped (``caf\\udce9.jpg``) instead of ending the command with an encoding error."""
@@ -152,27 +179,50 @@ def _escape_unprintable_output() -> None:
 
 
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a RisError or OSError becomes 'prog: error: message' and EXIT_ERROR, an
-    interruption EXIT_INTERRUPTED. ``main`` returns EXIT_OK or EXIT_PARTIAL."""
+    """Run ``main`` (which returns EXIT_OK or EXIT_PARTIAL) and turn how it ends into one line and
+    an exit status: ``Interrupted`` and Ctrl-C -> EXIT_INTERRUPTED; ``RisError`` and a system error
+    (``OSError`` naming a file or an errno) -> 'prog: error: message', EXIT_ERROR. Anything else is a
+    bug, not bad input: one line saying so, the traceback with RIS_VERBOSE=1, EXIT_ERROR."""
     args = sys.argv[1:] if argv is None else argv
     _escape_unprintable_output()
-    if not ({"-h", "--help"} & set(args)):
-        quiet_backend()
-    from ris.errors import RisError
+    from ris.errors import Interrupted, RisError
 
     try:
+        if not ({"-h", "--help"} & set(args)):
+            install_quiet_backend()  # TensorFlow is imported (quietly) only if the command needs it
         return int(main(argv) or 0)
-    except RisError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED if str(exc).startswith("interrupted") else EXIT_ERROR
+    except Interrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (OSError, ValueError) as exc:
-        name = getattr(exc, "filename", None)
-        where = f"{name}: " if name else ""
-        print(f"{prog}: error: {where}{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+    except RisError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:
+        if exc.filename is None and exc.errno is None:  # raised by code, not by the system: treat as a bug
+            return _internal_error(prog, exc)
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        return _internal_error(prog, exc)
+    finally:
+        uninstall_quiet_backend()
+
+
+def _internal_error(prog: str, exc: BaseException) -> int:
+    """A bug: say so in one line (what it was, and how to see where), never as if the input were bad."""
+    verbose = bool(os.environ.get("RIS_VERBOSE"))
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    hint = "" if verbose else "; set RIS_VERBOSE=1 for the traceback"
+    print(f"{prog}: internal error (a bug in ris, not in your input): {what}{hint}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def print_json(obj: Any) -> None:

@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
-    p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: CPU count, "
-                   "max 8); whatever the count, the images being decoded hold at most RIS_DECODE_BUDGET "
-                   "bytes (default 1G)")
+    p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads or processes "
+                   "(default: the CPU count; at most 8 threads); whatever the count, the images being decoded "
+                   "hold at most RIS_DECODE_BUDGET bytes (default 1G)")
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
                         "GPU waiting for input)")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout (with the "
                    "skipped images and the files not read)")
     p.add_argument("--verbose", action="store_true", help="list the files not read (other extensions, hidden) in "
-                   "the closing summary, not only their counts")
+                   "the closing summary, not only their counts, and log the decoding settings")
     return p
 
 
@@ -65,42 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from ris.errors import RisError
-    from ris.extract import ExtractConfig, extract_features
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
 
     if args.list_layers:
         return _list_layers(args.model, args.json)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
-    cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
-                        scales=args.scales, pooling=args.pool, dtype=args.dtype)
-    s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
-                         workers=args.workers, append=args.append, overwrite=args.overwrite,
-                         progress=not args.no_progress, decode=args.decode)
+    config = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
+                           scales=args.scales, pooling=args.pool, dtype=args.dtype)
+    options = ExtractOptions(labels=args.labels, batch_size=args.batch_size, workers=args.workers,
+                             decode=args.decode, append=args.append, overwrite=args.overwrite,
+                             progress=not args.no_progress, verbose=args.verbose)
+    summary = extract_features(args.dataset, args.features_db, config, options)
     if args.json:
-        print_json(s.to_dict())
+        print_json(summary.to_dict())
     else:
-        print(f"{s.features_db}: {s.extracted} images extracted ({s.images_per_second:.1f} img/s)"
-              f"{f', {s.resumed} already there' if s.resumed else ''}, {len(s.skipped)} skipped, "
-              f"features {'x'.join(map(str, s.feature_shape))}")
-        for image, reason in s.skipped:
-            print(f"  skipped: {reason}")
-        _print_not_read(s, args.verbose)
+        print("\n".join(summary.report(options.verbose)))
     return EXIT_OK  # skipped images are listed, not an error
-
-
-def _print_not_read(s, verbose: bool) -> None:
-    """Files the folder holds that were not read: counted always, listed with --verbose."""
-    from ris.extract import not_read_counts
-
-    counts = not_read_counts(s.other_files, s.hidden_files)
-    if not counts:
-        return
-    print(f"not read: {', '.join(counts)}{'' if verbose else ' (--verbose lists them)'}")
-    if verbose:
-        for f in s.other_files:
-            print(f"  not read (extension): {f}")
-        for f in s.hidden_files:
-            print(f"  not read (hidden): {f}")
 
 
 def _list_layers(model: str, as_json: bool) -> int:

@@ -40,12 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
-
     from ris.errors import BadImage
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine, hits_to_dicts
 
+    montages = _montage_paths(args.image, args.output, args.show)  # refused before the slow set-up
     engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root,
                           rerank=args.rerank)
     out_json = []
@@ -58,12 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         montage_path = None
-        if args.output or args.show:
-            out = Path(args.output or "results.png")
-            if len(args.image) > 1:
-                out = out.with_name(f"{out.stem}-{n}{out.suffix}")
+        if montages[n - 1] is not None:
             rgb = make_montage(image, hits)
-            montage_path = str(write_png(out, rgb))
+            montage_path = str(write_png(montages[n - 1], rgb))
             if args.show:
                 _show(rgb)
         if args.json:
@@ -80,6 +76,31 @@ def main(argv: list[str] | None = None) -> int:
     if failed == len(args.image):
         return EXIT_ERROR  # nothing done
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
+    """Where each query's montage goes (None: no montage); a path that exists must be a regular
+    file, since the montage replaces it (a FIFO or a device is never replaced)."""
+    import os
+    from pathlib import Path
+
+    from ris.errors import RisError
+    from ris.imagefile import file_kind
+
+    if not (output or show):
+        return [None] * len(images)
+    out = Path(output or "results.png")
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{n}{out.suffix}")
+                                            for n in range(1, len(images) + 1)]
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue
+        kind = file_kind(mode)
+        if kind != "regular file":
+            raise RisError(f"{path}: not a regular file ({kind}); give --output a file name")
+    return paths
 
 
 def _show(rgb) -> None:
