@@ -39,7 +39,7 @@ K = 10
 def build(workdir: Path, images: int, rows: int, log) -> tuple[Path, Path, list[Path]]:
     """(database with ``rows`` rows, head, query files): made once, then reused."""
     from ris.demo import offline_backbone
-    from ris.extract import ExtractConfig, extract_features
+    from ris.extract import ExtractConfig, ExtractOptions, extract_features
     from ris.train import TrainConfig, train_head
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -54,8 +54,8 @@ def build(workdir: Path, images: int, rows: int, log) -> tuple[Path, Path, list[
 
             make_demo_dataset(data)
         log(f"extracting {data} -> {real}")
-        extract_features(data, real, ExtractConfig(model=offline_backbone(), pooling="gap"), labels="ukbench",
-                         progress=False, log=log)
+        extract_features(data, real, ExtractConfig(model=offline_backbone(), pooling="gap"),
+                         ExtractOptions(labels="ukbench", progress=False, log=log))
     head = workdir / "head.keras"
     if not head.exists():
         log(f"fitting learned whitening (256 dims) -> {head}")
@@ -68,7 +68,8 @@ def build(workdir: Path, images: int, rows: int, log) -> tuple[Path, Path, list[
 
 
 def grow(real: Path, big: Path, rows: int, log) -> None:
-    from ris.featuredb import FeatureDB, FeatureWriter
+    from ris.featuredb import FeatureDB
+    from ris.featurewriter import FeatureWriter
     from ris.topk import l2_normalize
 
     with FeatureDB(real) as db:
@@ -76,7 +77,8 @@ def grow(real: Path, big: Path, rows: int, log) -> None:
         attrs, names = dict(db.attrs), db.label_names
     need = rows - len(base)
     log(f"appending {need:,} synthetic rows -> {big}")
-    w = FeatureWriter(big, attrs, base.shape[1:], names, base=real)
+    shutil.copyfile(real, big)
+    w = FeatureWriter(big, attrs, base.shape[1:], names, append=True)
     rng = np.random.default_rng(0)
     for start in range(0, need, 20000):
         n = min(20000, need - start)

@@ -1,4 +1,8 @@
-"""Scoring a feature database, off the shelf and through a trained head, on the same objects."""
+"""Scoring a feature database, off the shelf and through a trained head, on the same objects.
+
+Imports nothing of training: raw features and a learned-whitening head are scored in NumPy, so
+only a triplet head loads Keras.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,41 +10,32 @@ from typing import Any
 
 import numpy as np
 
-from ris.errors import DatabaseError, RisError
+from ris.errors import DatabaseError, ModelError, RisError
 
 
 def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str = "test",
                 seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
                 rerank: str = "none") -> dict[str, Any]:
-    """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all'."""
-    from ris.featuredb import FeatureDB
-    from ris.train import check_compatible, embed_features, load_model, raw_descriptors, rows_of, split_objects
+    """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all'.
 
+    With ``model``, 'test' is the model's own held-out images; its metadata, the database's
+    compatibility and the rows are checked before the head is loaded.
+    """
+    from ris.embed import embed_features, head_inputs, raw_descriptors
+    from ris.featuredb import FeatureDB
+    from ris.modelio import check_compatible, load_model, read_meta
+
+    if split not in ("test", "all"):
+        raise RisError(f"--split must be test or all, not {split!r}")
     with FeatureDB(features_db) as db:
         labels = db.labels
         if (labels >= 0).sum() < 2:
             raise DatabaseError(f"{features_db}: no labels to evaluate against; extract with --labels")
-        head, meta = (None, None)
+        meta = None
         if model is not None:
-            head, meta = load_model(model)
+            meta = read_meta(model)
             check_compatible(meta, db.fingerprint(), str(features_db))
-        if split == "all":
-            rows = np.nonzero(labels >= 0)[0]
-            described = "all labelled images"
-            if meta is not None:
-                described += " (includes the head's training objects: not a held-out score)"
-        elif split == "test":
-            if meta is not None:
-                rows = _rows_by_id(meta["split"]["test_images"], db.image_ids)
-                by = meta["split"].get("by", "object")
-                described = (f"held-out test {'objects' if by == 'object' else 'images of every class'} "
-                             f"of the model's split (seed {meta['config']['seed']})")
-            else:
-                test_objects = split_objects(labels, test_fraction, val_fraction, seed)["test"]
-                described = f"held-out test objects (seed {seed}, {test_fraction:.0%} of objects)"
-                rows = rows_of(labels, test_objects)
-        else:
-            raise RisError(f"--split must be test or all, not {split!r}")
+        rows, described = _rows_to_score(db, meta, model, split, seed, test_fraction, val_fraction)
         feats = db.read_rows(rows)
         lab = labels[rows]
         pooling = (meta or {}).get("config", {}).get("pooling", "gap")
@@ -56,14 +51,37 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             "rerank": rerank,
             "raw": _score(raw_descriptors(feats, pooling), lab, rerank),
         }
-        if head is not None:
+        result["queries_without_relevant"] = result["raw"]["queries_without_relevant"]  # scored by no metric
+        if model is not None:
+            head, meta = load_model(model)
             result["model"] = str(model)
             result["distance"] = meta.get("distance", "euclidean")
-            from ris.train import head_inputs
-
             emb = embed_features(head, head_inputs(meta, db, rows, feats))
             result["head"] = _score(emb, lab, rerank, result["distance"])
         return result
+
+
+def _rows_to_score(db, meta: dict[str, Any] | None, model, split: str, seed: int, test_fraction: float,
+                   val_fraction: float) -> tuple[np.ndarray, str]:
+    """The database rows ``split`` names, and how to describe them."""
+    from ris.splits import rows_of, split_objects
+
+    labels = db.labels
+    if split == "all":
+        described = "all labelled images"
+        if meta is not None:
+            described += " (includes the head's training objects: not a held-out score)"
+        return np.nonzero(labels >= 0)[0], described
+    if meta is None:
+        test_objects = split_objects(labels, test_fraction, val_fraction, seed)["test"]
+        return rows_of(labels, test_objects), f"held-out test objects (seed {seed}, {test_fraction:.0%} of objects)"
+    test_images = meta["split"].get("test_images")
+    if not isinstance(test_images, list):
+        raise ModelError(f"{model}: its metadata lists no test images; use --split all")
+    by = meta["split"].get("by", "object")
+    return _rows_by_id(test_images, db.image_ids), (
+        f"held-out test {'objects' if by == 'object' else 'images of every class'} "
+        f"of the model's split (seed {meta['config'].get('seed')})")
 
 
 def _rows_by_id(image_ids: list[str], db_ids: list[str]) -> np.ndarray:
@@ -81,8 +99,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['features_db']}: {result['backbone']} @ {result['input_size']} px, pooling {result['pooling']}"
              + (f", re-ranking {rr}" if rr != "none" else ""),
              f"split: {result['split_description']} - {result['objects']} objects, {result['images']} images",
-             "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it.", "",
-             f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
+             "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it."]
+    lonely = max(int(result[k].get("queries_without_relevant", 0)) for k in ("raw", "head") if k in result)
+    if lonely:
+        lines.append(f"{lonely} {'query' if lonely == 1 else 'queries'} without another image of its group in the "
+                     f"split: not scored by any metric.")
+    lines += ["", f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
     for key, name in (("raw", "off-the-shelf"), ("head", "trained head")):
         if key in result:
             s = result[key]
@@ -96,14 +118,15 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
                    split_by: str = "object") -> dict[str, Any]:
     """Off-the-shelf scores on each k-fold test part (the same parts ``ris-train --folds`` holds
     out), with mean and std, so raw features and trained heads are compared on equal ground."""
+    from ris.embed import raw_descriptors
     from ris.featuredb import FeatureDB
-    from ris.train import TrainConfig, make_split, raw_descriptors
+    from ris.splits import make_split
 
     per_fold = []
     with FeatureDB(features_db) as db:
         labels = db.labels
         for fold in range(folds):
-            rows, _ = make_split(labels, TrainConfig(seed=seed, fold=fold, folds=folds, split_by=split_by))
+            rows, _ = make_split(labels, split_by, seed=seed, fold=fold, folds=folds)
             feats = raw_descriptors(db.read_rows(rows["test"]))
             per_fold.append(_score(feats, labels[rows["test"]], rerank))
         attrs = db.attrs

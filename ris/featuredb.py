@@ -1,22 +1,23 @@
 """The HDF5 feature database.
 
 Layout (one file):
-  image_ids    (N,)  UTF-8 relative paths
+  image_ids    (N,)  relative paths, UTF-8 (a name that is not valid UTF-8 keeps its raw bytes)
   features     (N, ...) float32, chunked, growable along axis 0
   labels       (N,)  int64, -1 = unknown
   label_names  (L,)  UTF-8
   failed_ids, failed_reasons   images that could not be decoded, and why
-  attrs        how the features were made (model, weights, layer, size, preprocessing, pooling, versions)
+  attrs        how the features were made (model, weights, layer, size, preprocessing, pooling, versions),
+               rows_done, complete, content_id (redrawn on every change: the key of every cache)
 
-Writing goes to ``<name>.partial`` and becomes ``<name>`` by an atomic rename only when complete,
-so a database under its final name is never half-written. ``rows_done`` is bumped only after a
-batch is flushed, which makes an interrupted run resumable from the last good batch.
+``ris.featurewriter.FeatureWriter`` writes it (atomically, resumably, one writer at a time; also
+importable from here). ``FeatureDB`` reads it and refuses anything incomplete or inconsistent,
+with one line naming the file and what is wrong.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,11 +25,14 @@ import h5py
 import numpy as np
 
 from ris.errors import DatabaseError
+from ris.sidecars import stat_key
 
 STR = h5py.string_dtype("utf-8")
 FORMAT_VERSION = 1
 # attributes that must agree for features to be comparable (query vs database, resume, append)
 FINGERPRINT_KEYS = ("model", "weights", "layer", "input_size", "scales", "pooling", "feature_shape")
+REQUIRED_DATASETS = ("features", "image_ids", "labels")
+INCOMPLETE = "incomplete: an extraction was interrupted or is still running; re-run ris-extract to finish it"
 
 
 def partial_path(path: str | Path) -> Path:
@@ -36,7 +40,19 @@ def partial_path(path: str | Path) -> Path:
 
 
 def fingerprint(attrs: dict[str, Any]) -> dict[str, Any]:
-    return {k: _plain(attrs.get(k)) for k in FINGERPRINT_KEYS}
+    """The attributes that must agree for features to be comparable (None is stored as 'none')."""
+    return {k: "none" if attrs.get(k) is None else _plain(attrs.get(k)) for k in FINGERPRINT_KEYS}
+
+
+def encode_names(names: Iterable[str]) -> np.ndarray:
+    """Names for a UTF-8 string dataset. A file name that is not valid UTF-8 reaches Python with
+    its bad bytes as surrogates (surrogateescape); they are stored as those original bytes."""
+    return np.array([n.encode("utf-8", "surrogateescape") for n in names], dtype=object)
+
+
+def decode_names(values: Iterable[bytes | str]) -> list[str]:
+    """The inverse of ``encode_names``: the same str (and so the same file path) back."""
+    return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
 
 
 def _plain(v):
@@ -47,138 +63,8 @@ def _plain(v):
     if isinstance(v, (np.floating,)):
         return float(v)
     if isinstance(v, bytes):
-        return v.decode()
+        return v.decode("utf-8", "surrogateescape")
     return v
-
-
-class FeatureWriter:
-    """Appends batches to ``<path>.partial``; ``finish()`` renames it into place."""
-
-    def __init__(self, path: str | Path, attrs: dict[str, Any], feature_shape: tuple[int, ...],
-                 label_names: list[str], base: str | Path | None = None, resume: bool = True):
-        self.path = Path(path)
-        self.tmp = partial_path(path)
-        self.attrs = dict(attrs, feature_shape=list(feature_shape))
-        self.resumed_rows = 0
-        if base is not None:  # --append: continue from a copy of the finished database
-            shutil.copyfile(base, self.tmp)
-            self._open_existing(check_attrs=True)
-        elif resume and self.tmp.exists():
-            try:
-                self._open_existing(check_attrs=True)
-            except (OSError, KeyError) as exc:  # killed mid-write: HDF5 metadata may be damaged
-                self.tmp.unlink()
-                self.damaged_partial = str(exc)
-                self._create(feature_shape, label_names)
-        else:
-            self.tmp.unlink(missing_ok=True)
-            self._create(feature_shape, label_names)
-        self._set_label_names(label_names)
-
-    # -- setup ---------------------------------------------------------------------------
-    def _create(self, feature_shape: tuple[int, ...], label_names: list[str]) -> None:
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.tmp, "w")
-        row_bytes = int(np.prod(feature_shape)) * 4
-        chunk_rows = int(max(1, min(1024, (1 << 20) // max(row_bytes, 1))))
-        f.create_dataset("features", shape=(0, *feature_shape), maxshape=(None, *feature_shape),
-                         dtype="float32", chunks=(chunk_rows, *feature_shape))
-        f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
-        f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
-        f.create_dataset("failed_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
-        f.create_dataset("failed_reasons", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
-        for k, v in self.attrs.items():
-            f.attrs[k] = _attr_value(v)
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["rows_done"] = 0
-        f.attrs["complete"] = False
-        self.f = f
-
-    def _open_existing(self, check_attrs: bool) -> None:
-        f = h5py.File(self.tmp, "r+")
-        try:
-            old = fingerprint(dict(f.attrs))
-            new = fingerprint(self.attrs)
-            if check_attrs and old != new:
-                diff = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
-                raise DatabaseError(f"{self.path}: existing features were made differently {diff}; "
-                                    f"use a new --features-db or delete the old file")
-            rows = int(f.attrs.get("rows_done", 0))
-            for name in ("features", "image_ids", "labels"):
-                f[name].resize(rows, axis=0)
-            nfail = int(f.attrs.get("failed_done", 0))
-            for name in ("failed_ids", "failed_reasons"):
-                f[name].resize(nfail, axis=0)
-        except Exception:
-            f.close()
-            raise
-        f.attrs["complete"] = False
-        for k, v in self.attrs.items():
-            if k not in FINGERPRINT_KEYS:
-                f.attrs[k] = _attr_value(v)
-        self.f = f
-        self.resumed_rows = rows
-
-    def _set_label_names(self, names: list[str]) -> None:
-        old = [s.decode() if isinstance(s, bytes) else s for s in self.f["label_names"][:]] if "label_names" in self.f else []
-        merged = old + [n for n in names if n not in set(old)]
-        if "label_names" in self.f:
-            del self.f["label_names"]
-        self.f.create_dataset("label_names", data=np.array(merged, dtype=object), dtype=STR)
-        self.label_index = {n: i for i, n in enumerate(merged)}
-
-    # -- writing -------------------------------------------------------------------------
-    def done_ids(self) -> set[str]:
-        ids = [s.decode() for s in self.f["image_ids"][:]]
-        failed = [s.decode() for s in self.f["failed_ids"][:]]
-        return set(ids) | set(failed)
-
-    def add(self, ids: list[str], features: np.ndarray, label_names: list[str]) -> None:
-        """Append one batch and flush; ``label_names`` per row ('' = unknown)."""
-        n = len(ids)
-        if n == 0:
-            return
-        rows = int(self.f.attrs["rows_done"])
-        for name in ("features", "image_ids", "labels"):
-            self.f[name].resize(rows + n, axis=0)
-        self.f["features"][rows:] = features.astype(np.float32, copy=False)
-        self.f["image_ids"][rows:] = np.array(ids, dtype=object)
-        self.f["labels"][rows:] = np.array([self.label_index.get(l, -1) for l in label_names], dtype=np.int64)
-        self.f.flush()
-        self.f.attrs["rows_done"] = rows + n
-        self.f.flush()
-
-    def add_failures(self, failures: Iterable[tuple[str, str]]) -> None:
-        failures = list(failures)
-        if not failures:
-            return
-        n = int(self.f.attrs.get("failed_done", 0))
-        for name in ("failed_ids", "failed_reasons"):
-            self.f[name].resize(n + len(failures), axis=0)
-        self.f["failed_ids"][n:] = np.array([i for i, _ in failures], dtype=object)
-        self.f["failed_reasons"][n:] = np.array([r for _, r in failures], dtype=object)
-        self.f.flush()
-        self.f.attrs["failed_done"] = n + len(failures)
-        self.f.flush()
-
-    @property
-    def rows(self) -> int:
-        return int(self.f.attrs["rows_done"])
-
-    def finish(self, extra_attrs: dict[str, Any] | None = None) -> Path:
-        for k, v in (extra_attrs or {}).items():
-            self.f.attrs[k] = _attr_value(v)
-        self.f.attrs["complete"] = True
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def close(self) -> None:
-        """Leave the partial file for a later resume."""
-        try:
-            self.f.close()
-        except Exception:
-            pass
 
 
 def _attr_value(v):
@@ -186,7 +72,57 @@ def _attr_value(v):
         return json.dumps(v)
     if v is None:
         return "none"
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # a folder name that is not UTF-8: keep its bytes
+            return np.bytes_(v.encode("utf-8", "surrogateescape"))
     return v
+
+
+def check_regular(path: str | Path) -> None:
+    """Only regular files (or nothing yet) may be a database: not a folder, FIFO or device."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise DatabaseError(f"{path}: is a directory, not a feature database file; give a file name")
+    if not stat.S_ISREG(mode):
+        raise DatabaseError(f"{path}: not a regular file, cannot be a feature database")
+
+
+def check_target(path: str | Path, append: bool = False, overwrite: bool = False) -> None:
+    """Refuse an output path that cannot be written as asked (before any slow work starts)."""
+    check_regular(path)
+    check_regular(partial_path(path))
+    if Path(path).exists() and not (append or overwrite):
+        raise DatabaseError(f"{path}: already exists; use --append to add new images or --overwrite to replace it")
+
+
+def _check_database(f: h5py.File, path: Path) -> None:
+    """One line naming the file and what is missing or inconsistent."""
+    missing = [n for n in REQUIRED_DATASETS if n not in f]
+    if missing:
+        raise DatabaseError(f"{path}: not a ris feature database (missing dataset(s) {', '.join(missing)})")
+    missing = [k for k in (*FINGERPRINT_KEYS, "rows_done", "complete") if k not in f.attrs]
+    if missing:
+        raise DatabaseError(f"{path}: not a complete ris feature database (missing attribute(s) {', '.join(missing)})")
+    rows = int(f.attrs["rows_done"])
+    nfail = [f[n].shape[0] for n in ("failed_ids", "failed_reasons") if n in f]
+    if (not bool(f.attrs["complete"]) or any(f[n].shape[0] != rows for n in REQUIRED_DATASETS)
+            or int(f.attrs.get("failed_done", nfail[0] if nfail else 0)) != (nfail[0] if nfail else 0)
+            or len(set(nfail)) > 1):
+        raise DatabaseError(f"{path}: {INCOMPLETE}")
+
+
+def _open_h5(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        raise DatabaseError(f"{path}: not a readable HDF5 feature database: damaged, truncated or another "
+                            f"kind of file ({exc})") from None
 
 
 class FeatureDB:
@@ -197,19 +133,47 @@ class FeatureDB:
         if not self.path.exists():
             hint = " (an unfinished extraction is at .partial: re-run ris-extract to resume)" if partial_path(path).exists() else ""
             raise DatabaseError(f"{self.path}: feature database not found{hint}")
+        check_regular(self.path)
+        self.f = _open_h5(self.path, "r")
         try:
-            self.f = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise DatabaseError(f"{self.path}: not a readable HDF5 feature database ({exc})") from None
-        if "features" not in self.f or "image_ids" not in self.f:
-            raise DatabaseError(f"{self.path}: not a ris feature database (no 'features'/'image_ids')")
-        self.attrs = {k: _plain(v) for k, v in self.f.attrs.items()}
+            _check_database(self.f, self.path)
+            self.attrs = {k: _plain(v) for k, v in self.f.attrs.items()}
+        except DatabaseError:
+            self.f.close()
+            raise
+        except Exception as exc:  # the file opens but its metadata cannot be read
+            self.f.close()
+            raise DatabaseError(f"{self.path}: damaged feature database ({exc})") from None
         for k in ("scales", "feature_shape"):
-            if isinstance(self.attrs.get(k), str):
-                self.attrs[k] = json.loads(self.attrs[k])
+            v = self.attrs.get(k)
+            if isinstance(v, str) and v != "none":
+                try:
+                    self.attrs[k] = json.loads(v)
+                except ValueError:
+                    self.f.close()
+                    raise DatabaseError(f"{self.path}: damaged feature database (attribute {k}={v[:40]!r})") from None
 
     def __len__(self) -> int:
         return int(self.f["features"].shape[0])
+
+    @property
+    def content_id(self) -> str:
+        """Redrawn by the writer on every change (a database made before content ids: its size,
+        mtime and inode)."""
+        return str(self.attrs.get("content_id") or stat_key(self.path))
+
+    @property
+    def content_key(self) -> str:
+        """What every cache beside the database is keyed on (plus its own parameters)."""
+        return f"{self.content_id}:{len(self)}"
+
+    @property
+    def content_history(self) -> list[str]:
+        """Content ids of earlier versions whose rows are a prefix of this one (--append)."""
+        try:
+            return list(json.loads(self.attrs.get("content_history", "[]")))
+        except (TypeError, ValueError):
+            return []
 
     @property
     def features(self) -> h5py.Dataset:
@@ -217,7 +181,7 @@ class FeatureDB:
 
     @property
     def image_ids(self) -> list[str]:
-        return [s.decode() for s in self.f["image_ids"][:]]
+        return decode_names(self.f["image_ids"][:])
 
     @property
     def labels(self) -> np.ndarray:
@@ -225,11 +189,13 @@ class FeatureDB:
 
     @property
     def label_names(self) -> list[str]:
-        return [s.decode() for s in self.f["label_names"][:]] if "label_names" in self.f else []
+        return decode_names(self.f["label_names"][:]) if "label_names" in self.f else []
 
     @property
     def failures(self) -> list[tuple[str, str]]:
-        return [(i.decode(), r.decode()) for i, r in zip(self.f["failed_ids"][:], self.f["failed_reasons"][:])]
+        if "failed_ids" not in self.f:
+            return []
+        return list(zip(decode_names(self.f["failed_ids"][:]), decode_names(self.f["failed_reasons"][:])))
 
     @property
     def dataset_root(self) -> str | None:
@@ -262,3 +228,12 @@ class FeatureDB:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def __getattr__(name: str):
+    """``FeatureWriter`` lives in ris.featurewriter (it imports this module); importable from here too."""
+    if name == "FeatureWriter":
+        from ris.featurewriter import FeatureWriter
+
+        return FeatureWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from ris.errors import DatabaseError, RisError
+from ris.sidecars import atomic_write, hnsw_path
 from ris.topk import METRICS, blockwise_topk, row_norms
 
 _SPACES = {"euclidean": "l2", "cosine": "cosine"}
@@ -120,6 +121,7 @@ class HnswIndex:
         self.M, self.ef_construction, self.ef_search = int(M), int(ef_construction), int(ef_search)
         self.fingerprint: str | None = None
         self.fingerprint_rows = 0
+        self.source: dict | None = None  # content key of the vectors it was built from (see open_search_index)
         self._index = _hnswlib().Index(space=_SPACES[metric], dim=self.dim)
         self._index.init_index(max_elements=max(1, int(max_elements)), ef_construction=self.ef_construction,
                                M=self.M)
@@ -164,16 +166,16 @@ class HnswIndex:
         return _sorted(dist.astype(np.float32, copy=False), labels.astype(np.int64))
 
     def save(self, path: str) -> None:
-        """Write ``path`` and ``path.json`` atomically (tmp + rename) so a crash never leaves a torn index."""
-        tmp = path + ".partial"
-        self._index.save_index(tmp)
+        """Write ``path`` and ``path.json``, each atomically, so a crash never leaves a torn index;
+        the .json (written last) says what the index holds, and load checks the two agree."""
+        with atomic_write(path) as tmp:
+            self._index.save_index(str(tmp))
         meta = {"format": 1, "dim": self.dim, "metric": self.metric, "count": len(self), "db_rows": len(self),
                 "params": self.params, "fingerprint": self.fingerprint,
-                "fingerprint_rows": self.fingerprint_rows}
-        with open(path + ".json.partial", "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, path)
-        os.replace(path + ".json.partial", path + ".json")
+                "fingerprint_rows": self.fingerprint_rows, "source": self.source,
+                "index_bytes": os.path.getsize(path)}
+        with atomic_write(path + ".json") as tmp:
+            tmp.write_text(json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, path: str) -> "HnswIndex":
@@ -184,19 +186,26 @@ class HnswIndex:
             raise DatabaseError(f"HNSW index {path}: cannot read its sidecar {path}.json ({exc})") from exc
         if not os.path.isfile(path):
             raise DatabaseError(f"HNSW index {path} is missing")
+        if meta.get("index_bytes") not in (None, os.path.getsize(path)):  # killed between the two writes
+            raise DatabaseError(f"HNSW index {path} does not match its sidecar {path}.json")
         self = cls.__new__(cls)
-        self.dim, self.metric = int(meta["dim"]), meta["metric"]
-        p = meta["params"]
-        self.M, self.ef_construction, self.ef_search = int(p["M"]), int(p["ef_construction"]), int(p["ef_search"])
-        self.fingerprint, self.fingerprint_rows = meta.get("fingerprint"), int(meta.get("fingerprint_rows", 0))
-        self._index = _hnswlib().Index(space=_SPACES[self.metric], dim=self.dim)
-        self._index.load_index(path, max_elements=max(1, int(meta["count"])))
+        try:
+            self.dim, self.metric = int(meta["dim"]), meta["metric"]
+            p = meta["params"]
+            self.M, self.ef_construction, self.ef_search = int(p["M"]), int(p["ef_construction"]), int(p["ef_search"])
+            self.fingerprint, self.fingerprint_rows = meta.get("fingerprint"), int(meta.get("fingerprint_rows", 0))
+            self.source = meta.get("source")
+            space, count = _SPACES[self.metric], max(1, int(meta["count"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatabaseError(f"HNSW index {path}: its sidecar {path}.json is damaged (bad or missing {exc})") from None
+        self._index = _hnswlib().Index(space=space, dim=self.dim)
+        self._index.load_index(path, max_elements=count)
         self._setup()
         return self
 
 
 def index_path_for(features_db: str) -> str:
-    return str(features_db) + ".hnsw"
+    return hnsw_path(features_db)
 
 
 def _progress(done: int, total: int, t0: float) -> None:
@@ -230,8 +239,19 @@ def build_hnsw_from_db(features, metric: str, chunk_rows: int = 50000, progress:
     return index
 
 
-def _stale_reason(index: HnswIndex, features, metric: str) -> str | None:
-    """Why a saved index cannot serve this database, or None if it can (possibly after appending)."""
+def _stale_reason(index: HnswIndex, features, metric: str, source: dict | None = None) -> str | None:
+    """Why a saved index cannot serve this database, or None if it can (possibly after appending).
+
+    ``source``: {'content_id', 'history', 'vectors'} of the vectors now; the index serves them if it
+    was built from the same kind of vectors of this content, or of an earlier content in
+    ``history`` (the database was appended to since: its rows are a prefix of these).
+    """
+    if source is not None:
+        built = index.source or {}
+        if built.get("vectors") != source.get("vectors") or (
+                built.get("content_id") != source.get("content_id")
+                and built.get("content_id") not in source.get("history", [])):
+            return "the database content changed since the index was saved"
     if index.metric != metric:
         return f"saved index is for metric {index.metric!r}, not {metric!r}"
     if index.dim != int(features.shape[1]):
@@ -244,13 +264,14 @@ def _stale_reason(index: HnswIndex, features, metric: str) -> str | None:
 
 
 def open_search_index(features_db_path: str, features, metric: str, kind: str = "auto",
-                      threshold: int = 200_000) -> ExactIndex | HnswIndex:
+                      threshold: int = 200_000, source: dict | None = None) -> ExactIndex | HnswIndex:
     """Pick and open the index for a feature database.
 
     ``auto`` uses a saved, matching HNSW index when the database has >= ``threshold`` rows and
     hnswlib is installed, else exact search: building an index takes minutes, so it is never
     done implicitly. ``hnsw`` builds (and saves) the index when it is missing or stale. In both,
     rows appended to the database since the index was saved are added and the index re-saved.
+    ``source`` (see ``_stale_reason``) keys the saved index on the database content.
     """
     if kind not in ("auto", "exact", "hnsw"):
         raise ValueError(f"unknown index kind {kind!r}; choose auto, exact or hnsw")
@@ -263,19 +284,22 @@ def open_search_index(features_db_path: str, features, metric: str, kind: str = 
     if os.path.isfile(path):
         try:
             index = HnswIndex.load(path)
-            reason = _stale_reason(index, features, metric)
+            reason = _stale_reason(index, features, metric, source)
         except (DatabaseError, RuntimeError) as exc:
             reason = str(exc)
     if reason is not None:
         if kind == "auto":
-            if index is not None:
+            if os.path.isfile(path):
                 warnings.warn(f"ignoring HNSW index {path}: {reason}; using exact search "
                               f"(rebuild it with --index hnsw)", stacklevel=2)
             return ExactIndex(features, metric)
         print(f"building HNSW index {path} ({reason})", file=sys.stderr)
         index = build_hnsw_from_db(features, metric)
-    elif not update_hnsw(index, features, progress=n - len(index) > 50000):
+    elif not update_hnsw(index, features, progress=n - len(index) > 50000) and (
+            source is None or index.source == source):
         return index  # up to date: nothing to write
+    if source is not None:
+        index.source = dict(source)
     try:
         index.save(path)
     except OSError as exc:  # read-only location: the index still serves this run

@@ -27,6 +27,8 @@ def _tile(img_rgb: np.ndarray | None, lines: Sequence[str], border: tuple[int, i
         cv2.putText(tile, "missing", (60, TILE // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (160, 0, 0), 1, cv2.LINE_AA)
     cv2.rectangle(tile, (0, 0), (TILE - 1, TILE - 1), border, 4)
     for i, line in enumerate(lines[:2]):
+        # Hershey fonts draw ASCII only, and OpenCV crashes on a str holding a non-UTF-8 file name
+        line = line.encode("ascii", "backslashreplace").decode("ascii")
         cv2.putText(tile, line[:30], (4, TILE + 14 + 15 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
     return tile
 

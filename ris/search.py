@@ -1,11 +1,11 @@
 """Querying: any image -> the same features as the database -> (head) -> ranked neighbours."""
 from __future__ import annotations
 
-import hashlib
-import os
+import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -21,58 +21,96 @@ class Hit:
 
 
 class SearchEngine:
-    """Holds the extractor, optional head and the (embedded) database for repeated queries."""
+    """Holds the extractor, optional head and the (embedded) database for repeated queries.
+
+    Keeps HDF5 files open for streamed reads: ``close()`` them, or use it as a context manager.
+    """
 
     def __init__(self, features_db: str | Path, model: str | Path | None = None, index: str = "auto",
-                 dataset_root: str | Path | None = None, rerank: str = "none"):
-        from ris.extract import FeatureExtractor
+                 dataset_root: str | Path | None = None, rerank: str = "none",
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
         from ris.featuredb import FeatureDB
 
+        self._files: list = []  # cache files opened for streamed reads
         self.db = FeatureDB(features_db)
+        try:
+            self._setup(features_db, model, index, dataset_root, rerank, log)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, features_db, model, index, dataset_root, rerank, log) -> None:
+        from ris.extractor import FeatureExtractor
+
         self.root = Path(dataset_root or self.db.dataset_root or ".")
         self.head = None
         self.meta: dict = {}
         self.metric = "euclidean"
         if model is not None:
-            from ris.train import check_compatible, load_model
+            from ris.modelio import check_compatible, load_model
 
             self.head, meta = load_model(model)
             self.meta = meta
             check_compatible(meta, self.db.fingerprint(), str(features_db))
             self.metric = meta.get("distance", "euclidean")
         self.extractor = FeatureExtractor.from_attrs(self.db.attrs)
-        self.vectors, vectors_path = self._database_vectors(model)
+        self.vectors, vectors_path, source = self._database_vectors(model)
         from ris.index import open_search_index
 
-        self.index = open_search_index(vectors_path, self.vectors, self.metric, kind=index)
+        self.index = open_search_index(vectors_path, self.vectors, self.metric, kind=index, source=source)
         self.reranker = None
         if rerank != "none":  # graph/DBA methods prepare the whole database once, in memory
             from ris.rerank import Reranker
 
             vectors = np.asarray(self.vectors[:], np.float32)
-            augmented = _cached_dba(vectors_path, vectors, self.index) if rerank == "dba+qe" else None
+            augmented = (_cached_dba(vectors_path, vectors, self.index, key=source["key"])
+                         if rerank == "dba+qe" else None)
             self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
         self.image_ids = self.db.image_ids
+        self.unrankable = _warn_nonfinite(self.vectors, self.image_ids, str(features_db), log)
         names = self.db.label_names
         self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
 
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        self.db.close()
+
+    def __enter__(self) -> "SearchEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _database_vectors(self, model):
-        """(vectors, path their index is saved beside): raw (pooled) database features, or their
-        head embeddings, cached beside the database."""
+        """(vectors, path their index is saved beside, their content key): raw (pooled) database
+        features, or their head embeddings, cached beside the database under the database's
+        content key and the model file's hash (a re-extracted database never reuses them)."""
         import h5py
 
-        from ris.train import embed_features, raw_descriptors
+        from ris.sidecars import embeddings_path, file_hash, write_h5_cache
+        from ris.embed import embed_features, raw_descriptors
 
         feats = self.db.features
+        source = {"content_id": self.db.content_id, "history": self.db.content_history, "vectors": "raw",
+                  "key": self.db.content_key}
         if self.head is None:
             # stored conv maps are GAP-pooled in memory: store pooled features for large collections
-            return (raw_descriptors(np.asarray(feats)) if feats.ndim == 4 else feats), str(self.db.path)
-        cache = self._embedding_cache_path(model)
-        if cache.exists():
-            f = h5py.File(cache, "r")
-            if f["embeddings"].shape[0] == len(self.db):
-                return f["embeddings"], str(cache)
-            f.close()
+            return (raw_descriptors(np.asarray(feats)) if feats.ndim == 4 else feats), str(self.db.path), source
+        model_hash = file_hash(model)
+        cache = embeddings_path(self.db.path, model_hash)
+        source.update(vectors=f"emb-{model_hash}", key=f"{self.db.content_key}|model={model_hash}")
+        if cache.is_file():
+            try:
+                f = h5py.File(cache, "r")
+            except OSError:  # damaged: rebuilt below
+                f = None
+            if f is not None and f.attrs.get("cache_key") == source["key"] and "embeddings" in f:
+                self._files.append(f)
+                return f["embeddings"], str(cache), source
+            if f is not None:
+                f.close()
         shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
         if shallow:
             from ris.thumbs import database_thumbnails, with_thumbnails
@@ -82,21 +120,22 @@ class SearchEngine:
                                   for s in range(0, len(self.db), 4096)])
         else:
             emb = embed_features(self.head, feats)
-        _write_h5_atomic(cache, emb)
-        return h5py.File(cache, "r")["embeddings"], str(cache)
-
-    def _embedding_cache_path(self, model) -> Path:
-        h = hashlib.sha1(Path(model).read_bytes()).hexdigest()[:12]
-        return Path(f"{self.db.path}.emb-{h}.h5")
+        try:
+            write_h5_cache(cache, source["key"], embeddings=emb)
+        except OSError:  # read-only next to the database: use them uncached
+            return emb, str(cache), source
+        f = h5py.File(cache, "r")
+        self._files.append(f)
+        return f["embeddings"], str(cache), source
 
     def embed_query(self, image_path: str | Path) -> np.ndarray:
         from ris.images import load_image
-        from ris.train import embed_features
+        from ris.embed import embed_features
 
         img = load_image(image_path, self.extractor.max_size)
         vec = self.extractor.embed(img[None])
         if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
-            from ris.train import raw_descriptors
+            from ris.embed import raw_descriptors
 
             vec = raw_descriptors(vec)
         if self.head is not None:
@@ -109,14 +148,19 @@ class SearchEngine:
         return vec
 
     def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
+        """The ``k`` nearest database images; rows without finite features are never among them."""
         vec = self.embed_query(image_path)
+        if not np.isfinite(vec).all():
+            from ris.errors import BadImage
+
+            raise BadImage(f"{image_path}: its features are not finite (NaN/inf); it cannot be ranked")
         if self.reranker is not None:
             dist, idx = self.reranker.search(vec, k)
         else:
             dist, idx = self.index.search(vec, k)
         hits = []
         for r, (d, i) in enumerate(zip(dist[0], idx[0]), 1):
-            if i < 0:
+            if i < 0 or not np.isfinite(d):
                 continue
             image_id = self.image_ids[int(i)]
             hits.append(Hit(r, float(d), image_id, str(self.root / image_id), self.labels[int(i)]))
@@ -127,8 +171,8 @@ class SearchEngine:
         """The query vector of an already decoded RGB uint8 image (H, W, 3), made as ``embed_query``
         makes it from a file. Why: the HTTP service decodes uploads itself, after its own checks,
         and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match."""
+        from ris.embed import embed_features, raw_descriptors
         from ris.images import resize_square
-        from ris.train import embed_features, raw_descriptors
 
         rgb = np.asarray(rgb, dtype=np.uint8)
         vec = self.extractor.embed(resize_square(rgb, self.extractor.max_size)[None])
@@ -170,15 +214,24 @@ class SearchEngine:
                 from ris.rerank import Reranker
 
                 vectors = np.asarray(self.vectors[:], np.float32)
-                path = self.vectors.file.filename if isinstance(self.vectors, h5py.Dataset) else str(self.db.path)
-                augmented = _cached_dba(path, vectors, self.index) if method == "dba+qe" else None
+                augmented = None
+                if method == "dba+qe":  # the cache ris-search uses: same file, same content key
+                    on_disk = isinstance(self.vectors, h5py.Dataset)
+                    path = self.vectors.file.filename if on_disk else str(self.db.path)
+                    key = self.vectors.file.attrs.get("cache_key") if on_disk and path != str(self.db.path) else None
+                    augmented = _cached_dba(path, vectors, self.index, key=key or self.db.content_key)
                 cache[method] = Reranker(vectors, method, self.metric, augmented=augmented)
             return cache[method]
 
     def neighbours(self, vec: np.ndarray, k: int, rerank: str = "none",
                    exclude_row: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(distances, rows), best first, of one query vector; ``exclude_row`` (the query's own
-        row in a search by row) is left out of the results."""
+        row in a search by row) is left out of the results, as are rows without finite features.
+        A query vector that is not finite is a ``BadImage``: no distance to it means anything."""
+        if not np.isfinite(vec).all():
+            from ris.errors import BadImage
+
+            raise BadImage("the query's features are not finite (NaN/inf); it cannot be ranked")
         n = len(self.image_ids)
         k = max(0, min(int(k), n - (exclude_row is not None)))
         if k == 0:
@@ -190,7 +243,9 @@ class SearchEngine:
         else:
             dist, idx = self.index.search(vec, k + (exclude_row is not None))
         dist, idx = np.asarray(dist[0], np.float32), np.asarray(idx[0], np.int64)
-        keep = idx >= 0 if exclude_row is None else (idx >= 0) & (idx != exclude_row)
+        keep = (idx >= 0) & np.isfinite(dist)
+        if exclude_row is not None:
+            keep &= idx != exclude_row
         return dist[keep][:k], idx[keep][:k]
 
     def hits(self, dist: np.ndarray, rows: np.ndarray) -> list["RowHit"]:
@@ -210,7 +265,8 @@ class SearchEngine:
         return self.hits(*self.neighbours(self.row_vector(row), k, rerank, exclude_row=int(row)))
 
     def refreshed(self, model: str | Path | None = None, index: str = "auto",
-                  dataset_root: str | Path | None = None) -> "SearchEngine":
+                  dataset_root: str | Path | None = None,
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> "SearchEngine":
         """A new engine over the database file as it is now (after ``ris-extract --append``),
         sharing this one's backbone and head, the slow parts to load; a saved HNSW index follows
         as in ``__init__``. ``model``, ``index``, ``dataset_root``: as this engine was made with."""
@@ -224,63 +280,75 @@ class SearchEngine:
             raise DatabaseError(f"{self.db.path}: the database was rebuilt with different features; restart")
         new = object.__new__(type(self))
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_rerankers"})
-        new.db = db
-        new.root = Path(dataset_root or db.dataset_root or ".")
-        new.vectors, vectors_path = new._database_vectors(model)
-        new.index = open_search_index(vectors_path, new.vectors, new.metric, kind=index)
-        new.reranker = None
-        if self.reranker is not None:
-            new.reranker = new.reranker_for(self.reranker.method)
-        new.image_ids = db.image_ids
-        names = db.label_names
-        new.labels = [names[l] if 0 <= l < len(names) else "" for l in db.labels]
+        new.db, new._files = db, []  # its own files: closing one engine never closes the other's
+        try:
+            new.root = Path(dataset_root or db.dataset_root or ".")
+            new.vectors, vectors_path, source = new._database_vectors(model)
+            new.index = open_search_index(vectors_path, new.vectors, new.metric, kind=index, source=source)
+            new.reranker = None
+            if self.reranker is not None:
+                new.reranker = new.reranker_for(self.reranker.method)
+            new.image_ids = db.image_ids
+            new.unrankable = _warn_nonfinite(new.vectors, new.image_ids, str(db.path), log)
+            names = db.label_names
+            new.labels = [names[l] if 0 <= l < len(names) else "" for l in db.labels]
+        except BaseException:
+            new.close()
+            raise
         return new
 
 
-def _write_h5_atomic(path: Path, data: np.ndarray, attrs: dict | None = None) -> None:
-    import h5py
+def _warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[str], None]) -> np.ndarray:
+    """Rows whose (embedded) features hold NaN/inf: no distance to them means anything, so they are
+    never returned; said once, with their ids, when the database is opened. Vectors larger than the
+    exact index's in-memory limit are not scanned (a full read per search); their bad rows are still
+    never returned."""
+    from ris.index import DEFAULT_CACHE_BYTES
+    from ris.topk import nonfinite_rows
 
-    tmp = Path(str(path) + ".partial")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("embeddings", data=data, chunks=True)
-        f.attrs.update(attrs or {})
-    os.replace(tmp, path)
+    if not isinstance(vectors, np.ndarray) and int(np.prod(vectors.shape)) * 4 > DEFAULT_CACHE_BYTES:
+        return np.zeros(0, np.int64)
+    bad = nonfinite_rows(vectors)
+    if len(bad):
+        shown = ", ".join(image_ids[int(i)] for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        log(f"warning: {db_path}: {len(bad)} row{'s' if len(bad) != 1 else ''} of features are not finite "
+            f"(NaN/inf) and can never be found: {shown}")
+    return bad
 
 
-def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None) -> np.ndarray:
+def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None, key: str | None = None) -> np.ndarray:
     """The alpha-DBA database for ``--rerank dba+qe``, made once and kept beside the vectors' file.
 
     Why: DBA needs every row's nearest neighbours, an O(N^2) pass that would otherwise run on every
-    search. The cache is keyed by the DBA parameters and stamped with the source file's size and
-    modification time and the row count, so ``ris-extract --append`` (or a new head) rebuilds it.
-    With an HNSW index (large collections) the neighbours come from it instead of an exact pass.
+    search. The cache is keyed on ``key`` (the content key of the vectors: any change of the
+    database or head makes a new one; default: the file's size, mtime and inode) plus the DBA
+    parameters, so it is rebuilt, never reused, when either changes. With an HNSW index (large
+    collections) the neighbours come from it instead of an exact pass.
     """
-    import h5py
-
     from ris.index import HnswIndex
-    from ris.rerank import DEFAULTS, dba_database
+    from ris.rerank import RERANKERS, dba_database
+    from ris.sidecars import dba_path, read_h5_cache, stat_key, write_h5_cache
 
-    p = DEFAULTS["dba+qe"]
+    p = RERANKERS["dba+qe"].defaults
     n, alpha = int(p["dba_n"]), float(p["dba_alpha"])
     sample = vectors[:: max(1, len(vectors) // 1000)]
     ranks_like_cosine = getattr(index, "metric", "") == "cosine" or np.allclose(
         np.linalg.norm(sample, axis=1), 1.0, atol=1e-3)
     if not (isinstance(index, HnswIndex) and len(index) == len(vectors) and ranks_like_cosine):
         index = None
-    st = os.stat(vectors_path)
-    stamp = (f"{vectors.shape[0]}x{vectors.shape[1]}:{st.st_size}:{st.st_mtime_ns}:"
-             f"{'hnsw' if index is not None else 'exact'}")
-    cache = Path(f"{vectors_path}.dba-n{n}-a{alpha:g}.h5")
-    if cache.exists():
-        try:
-            with h5py.File(cache, "r") as f:
-                if f.attrs.get("source_stamp") == stamp:
-                    return f["embeddings"][:]
-        except OSError:  # damaged cache: rebuild it
-            pass
+    neighbours = "hnsw" if index is not None else "exact"
+    full_key = (f"{key or stat_key(vectors_path)}|{vectors.shape[0]}x{vectors.shape[1]}"
+                f"|dba n={n} alpha={alpha:g}|{neighbours}")
+    cache = dba_path(vectors_path, n, alpha)
+    cached = read_h5_cache(cache, full_key)
+    if cached is not None and "embeddings" in cached:
+        return cached["embeddings"]
     augmented = dba_database(vectors, n, alpha, index=index)
-    _write_h5_atomic(cache, augmented, {"source_stamp": stamp, "dba_n": n, "dba_alpha": alpha,
-                                        "neighbours": "hnsw" if index is not None else "exact"})
+    try:
+        write_h5_cache(cache, full_key, {"dba_n": n, "dba_alpha": alpha, "neighbours": neighbours},
+                       embeddings=augmented)
+    except OSError:  # read-only next to the database: it still serves this run
+        pass
     return augmented
 
 

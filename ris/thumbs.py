@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ris.errors import BadImage, DatabaseError
@@ -23,17 +22,24 @@ def thumbnail(image_rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def cache_path(features_db: str | Path, size: int) -> Path:
-    return Path(f"{features_db}.thumbs{size}.h5")
+    from ris.sidecars import thumbs_path
+
+    return thumbs_path(features_db, size)
 
 
 def database_thumbnails(db, size: int, root: str | Path | None = None, progress: bool = False) -> np.ndarray:
-    """(N, size, size, 3) uint8 for every database row, from the cache or the image files."""
+    """(N, size, size, 3) uint8 for every database row, from the cache or the image files.
+
+    The cache is keyed on the database's content key and the size: a re-extracted database, even
+    of the same images count, makes new thumbnails."""
+    from ris.sidecars import read_h5_cache, write_h5_cache
+
     path = cache_path(db.path, size)
+    key = f"{db.content_key}|thumbs={int(size)}"
+    cached = read_h5_cache(path, key)
+    if cached is not None and "thumbs" in cached:
+        return cached["thumbs"]
     ids = db.image_ids
-    if path.exists():
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("rows") == len(ids) and f.attrs.get("first_id") == (ids[0] if ids else ""):
-                return f["thumbs"][:]
     from concurrent.futures import ThreadPoolExecutor
 
     from ris.images import load_image
@@ -48,15 +54,10 @@ def database_thumbnails(db, size: int, root: str | Path | None = None, progress:
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         thumbs = np.stack(list(pool.map(load, ids))) if ids else np.zeros((0, size, size, 3), np.uint8)
-    tmp = Path(str(path) + ".partial")
     try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("thumbs", data=thumbs, chunks=True)
-            f.attrs["rows"] = len(ids)
-            f.attrs["first_id"] = ids[0] if ids else ""
-        os.replace(tmp, path)
+        write_h5_cache(path, key, {"rows": len(ids)}, thumbs=thumbs)
     except OSError:  # read-only next to the database: use them uncached
-        tmp.unlink(missing_ok=True)
+        pass
     return thumbs
 
 

@@ -1,4 +1,6 @@
 """HDF5 feature database: layout, atomic rename, resume after interruption, append."""
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -70,3 +72,125 @@ def test_missing_and_foreign_files(tmp_path):
         f["something"] = 1
     with pytest.raises(DatabaseError, match="not a ris feature database"):
         FeatureDB(tmp_path / "y.h5")
+
+
+def _finished(path, rows=2):
+    w = FeatureWriter(path, ATTRS, (3,), [])
+    w.add([f"{i}.jpg" for i in range(rows)], np.ones((rows, 3), np.float32), [""] * rows)
+    return w.finish()
+
+
+def test_reader_refuses_an_incomplete_database(tmp_path):
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (3,), [])
+    w.add(["a.jpg"], np.ones((1, 3), np.float32), [""])
+    w.close()
+    partial_path(path).rename(path)  # e.g. copied away while an extraction was running
+    with pytest.raises(DatabaseError, match="incomplete: an extraction was interrupted or is still running") as e:
+        FeatureDB(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_reader_refuses_rows_that_disagree(tmp_path):
+    path = _finished(tmp_path / "f.h5")
+    with h5py.File(path, "a") as f:
+        f["image_ids"].resize(1, axis=0)
+    with pytest.raises(DatabaseError, match="incomplete"):
+        FeatureDB(path)
+    path = _finished(tmp_path / "g.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["rows_done"] = 5
+    with pytest.raises(DatabaseError, match="incomplete"):
+        FeatureDB(path)
+
+
+def test_reader_names_missing_attributes_and_datasets(tmp_path):
+    path = tmp_path / "bare.h5"
+    with h5py.File(path, "w") as f:  # the datasets, no attributes
+        f["features"] = np.ones((2, 3), np.float32)
+        f["image_ids"] = np.array(["a", "b"], dtype=object)
+        f["labels"] = np.array([0, 1])
+    with pytest.raises(DatabaseError, match=r"missing attribute\(s\) model, weights") as e:
+        FeatureDB(path)
+    assert str(path) in str(e.value)
+    with h5py.File(path, "a") as f:
+        del f["labels"]
+    with pytest.raises(DatabaseError, match="missing dataset"):
+        FeatureDB(path)
+
+
+def test_only_regular_files_are_databases(tmp_path):
+    (tmp_path / "d.h5").mkdir()
+    with pytest.raises(DatabaseError, match="is a directory"):
+        FeatureDB(tmp_path / "d.h5")
+    with pytest.raises(DatabaseError, match="is a directory"):
+        FeatureWriter(tmp_path / "d.h5", ATTRS, (3,), [], append=True)
+    os.mkfifo(tmp_path / "p.h5")
+    with pytest.raises(DatabaseError, match="not a regular file"):
+        FeatureDB(tmp_path / "p.h5")
+
+
+def test_existing_database_needs_append_or_overwrite(tmp_path):
+    path = _finished(tmp_path / "f.h5")
+    with pytest.raises(DatabaseError, match="already exists; use --append"):
+        FeatureWriter(path, ATTRS, (3,), [])
+
+
+def test_append_to_a_damaged_database_names_it(tmp_path):
+    path = _finished(tmp_path / "f.h5")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(DatabaseError) as e:
+        FeatureWriter(path, ATTRS, (3,), [], append=True)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "damaged" in msg and "\n" not in msg
+    assert not partial_path(path).exists() and path.read_bytes() == data[: len(data) // 2]
+
+
+def test_second_writer_is_refused_and_leaves_the_first_ones_files(tmp_path):
+    from ris.sidecars import DatabaseLocked
+
+    path = tmp_path / "f.h5"
+    first = FeatureWriter(path, ATTRS, (3,), [])
+    first.add(["a.jpg"], np.ones((1, 3), np.float32), [""])
+    before = partial_path(path).read_bytes()
+    partial_path(path).write_bytes(before)  # even a partial that looks damaged to others is not theirs
+    for kwargs in ({}, {"append": True}, {"overwrite": True}):
+        with pytest.raises(DatabaseLocked, match=f"pid {os.getpid()}"):
+            FeatureWriter(path, ATTRS, (3,), [], **kwargs)
+    assert partial_path(path).read_bytes() == before
+    first.close()
+
+
+def test_overwrite_keeps_the_old_database_until_the_new_one_is_complete(tmp_path):
+    path = _finished(tmp_path / "f.h5", rows=2)
+    w = FeatureWriter(path, ATTRS, (3,), [], overwrite=True)
+    w.add(["new.jpg"], np.zeros((1, 3), np.float32), [""])
+    w.close()  # interrupted
+    with FeatureDB(path) as db:
+        assert len(db) == 2
+    w = FeatureWriter(path, ATTRS, (3,), [], overwrite=True)  # the same command again resumes
+    assert w.resumed_rows == 1
+    w.add(["new2.jpg"], np.zeros((1, 3), np.float32), [""])
+    w.finish()
+    with FeatureDB(path) as db:
+        assert db.image_ids == ["new.jpg", "new2.jpg"]
+
+
+NON_UTF8 = "caf\udce9.jpg"  # b'caf\xe9.jpg' as Python gives it on Linux
+
+
+def test_non_utf8_names_are_stored_losslessly(tmp_path):
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, dict(ATTRS, dataset_root=str(tmp_path / "dossier\udce9")), (3,), ["\udcff"])
+    w.add([NON_UTF8, "ü.jpg"], np.ones((2, 3), np.float32), ["\udcff", ""])
+    w.add_failures([("x\udc80.jpg", "x\udc80.jpg: empty file")])
+    assert w.done_ids() == {NON_UTF8, "ü.jpg", "x\udc80.jpg"}
+    w.finish()
+    with FeatureDB(path) as db:
+        assert db.image_ids == [NON_UTF8, "ü.jpg"]
+        assert db.failures == [("x\udc80.jpg", "x\udc80.jpg: empty file")]
+        assert db.label_names == ["\udcff"]
+        assert db.dataset_root == str(tmp_path / "dossier\udce9")
+    with h5py.File(path) as f:  # the raw bytes of the name, in the same UTF-8 dataset
+        assert f["image_ids"][0] == b"caf\xe9.jpg"

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ris.errors import RisError
+from ris.errors import DatabaseError, RisError
 from ris.index import (ExactIndex, HnswIndex, build_hnsw_from_db, index_path_for, open_search_index,
                        hnsw_available, update_hnsw)
 from ris.topk import pairwise_distances
@@ -155,3 +155,49 @@ def test_dba_from_the_hnsw_index_matches_the_exact_pass():
     same_rows = np.isclose(exact, approx, atol=1e-5).all(axis=1).mean()
     assert same_rows > 0.98, same_rows
     assert np.allclose(np.linalg.norm(approx, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.skipif(not hnsw_available(), reason="hnswlib not installed")
+def test_saved_index_is_keyed_on_the_database_content(h5db, monkeypatch):
+    import ris.index
+
+    path, db = h5db
+    first = {"content_id": "a", "history": [], "vectors": "raw"}
+    with h5py.File(path, "r") as f:
+        open_search_index(path, f["features"], "euclidean", kind="hnsw", source=first)
+        assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10, source=first), HnswIndex)
+        # re-extracted: same rows, same size, even the same first rows, but another content
+        again = dict(first, content_id="b")
+        with pytest.warns(UserWarning, match="content"):
+            assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10, source=again), ExactIndex)
+        with pytest.warns(UserWarning, match="content"):  # other vectors made from the same database
+            assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10,
+                                                source=dict(first, vectors="emb-123")), ExactIndex)
+        assert open_search_index(path, f["features"], "euclidean", kind="hnsw", source=again).source == again
+    with h5py.File(path, "a") as f:
+        f["features"].resize(2100, axis=0)
+        f["features"][2000:] = clustered(100, 24, 7)
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("an appended database extends its index")
+
+    monkeypatch.setattr(ris.index, "build_hnsw_from_db", no_rebuild)
+    appended = {"content_id": "c", "history": ["a", "b"], "vectors": "raw"}
+    with h5py.File(path, "r") as f:
+        index = open_search_index(path, f["features"], "euclidean", threshold=10, source=appended)
+        assert isinstance(index, HnswIndex) and len(index) == 2100
+    assert HnswIndex.load(index_path_for(path)).source == appended
+
+
+@pytest.mark.skipif(not hnsw_available(), reason="hnswlib not installed")
+def test_a_damaged_saved_index_is_named_and_rebuilt(h5db):
+    path, db = h5db
+    with h5py.File(path, "r") as f:
+        open_search_index(path, f["features"], "euclidean", kind="hnsw")
+        with open(index_path_for(path) + ".json", "w") as fh:
+            fh.write('{"format": 1}')  # valid JSON, keys missing
+        with pytest.raises(DatabaseError, match=r"\.hnsw\.json"):
+            HnswIndex.load(index_path_for(path))
+        with pytest.warns(UserWarning, match="ignoring HNSW index"):
+            assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10), ExactIndex)
+        assert len(open_search_index(path, f["features"], "euclidean", kind="hnsw")) == len(db)

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from ris.cli import serve as serve_cli  # noqa: E402
 from ris.cli.common import run  # noqa: E402
-from ris.extract import ExtractConfig, extract_features  # noqa: E402
+from ris.extract import ExtractConfig, ExtractOptions, extract_features  # noqa: E402
 from ris.search import SearchEngine  # noqa: E402
 from ris.serve import SearchService, ServeConfig, create_app  # noqa: E402
 from ris.serve.limits import Guard, Limiter, Overloaded  # noqa: E402
@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     data = make_tiny_dataset(root / "images", n_objects=6, views=4, size=96)
     db = root / "feats.h5"
-    extract_features(data, db, FAST, labels="ukbench", progress=False, log=lambda s: None)
+    extract_features(data, db, FAST, ExtractOptions(labels="ukbench", progress=False, log=lambda s: None))
     return root, data, db
 
 
@@ -174,8 +174,9 @@ def test_rows_whose_file_leaves_the_collection_are_refused(engine, tiny, tmp_pat
     (root / "link_in.jpg").symlink_to(root / "ok.jpg")
     (root / "folder.jpg").mkdir()
     (root / "notes.txt").write_text("secret")
+    os.mkfifo(root / "pipe.jpg")  # opening it for reading would wait for a writer forever
     rows = ["ok.jpg", "../outside.jpg", "/etc/passwd", "link_out.jpg", "link_in.jpg", "folder.jpg",
-            "notes.txt", "missing.jpg", "sub/../../outside.jpg"]
+            "notes.txt", "missing.jpg", "sub/../../outside.jpg", "pipe.jpg"]
     crafted = copy.copy(engine)  # the same vectors, a database whose paths were tampered with
     crafted.image_ids = rows + engine.image_ids[len(rows):]
     crafted.root = root
@@ -185,7 +186,7 @@ def test_rows_whose_file_leaves_the_collection_are_refused(engine, tiny, tmp_pat
         detail = sentence(c.get("/api/images/3"))
     assert status == {"ok.jpg": 200, "../outside.jpg": 403, "/etc/passwd": 403, "link_out.jpg": 403,
                       "link_in.jpg": 200, "folder.jpg": 403, "notes.txt": 403, "missing.jpg": 404,
-                      "sub/../../outside.jpg": 403}
+                      "sub/../../outside.jpg": 403, "pipe.jpg": 403}
     assert thumbs == status
     assert "outside the collection" in detail and str(tmp_path) not in detail
 
@@ -204,9 +205,12 @@ def test_unfit_uploads_get_4xx_with_the_reason(client, tmp_path, monkeypatch):
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "GIF")
-    gif = upload(client, buf.getvalue(), "a.gif")
-    assert gif.status_code == 415 and "GIF" in sentence(gif)
+    Image.new("RGB", (8, 8)).save(buf, "ICO")
+    ico = upload(client, buf.getvalue(), "a.ico")
+    assert ico.status_code == 415 and "ICO" in sentence(ico)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "GIF")  # what ris-extract reads is searchable
+    assert upload(client, buf.getvalue(), "a.gif", k=2).status_code == 200
     assert "../../etc" not in sentence(upload(client, b"text", "../../etc/x.jpg"))
     for key in ("gray_png", "rgba_png", "png16", "webp", "bmp", "tif", "non_ascii", "upper_ext"):
         assert upload(client, bad[key].read_bytes(), bad[key].name, k=2).status_code == 200, key
@@ -215,14 +219,17 @@ def test_unfit_uploads_get_4xx_with_the_reason(client, tmp_path, monkeypatch):
 def test_pixel_bombs_are_refused_from_the_header_without_decoding(client, monkeypatch):
     import cv2
 
+    import ris.images
+
     def no_decoding(*a, **k):
         raise AssertionError("a refused image was decoded")
 
-    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    for module, name in ((cv2, "imdecode"), (ris.images, "_pillow_decode"), (ris.images, "_opencv_decode")):
+        monkeypatch.setattr(module, name, no_decoding)
     big = upload(client, _huge_png(8000), "big.png")  # 64 MP, a 60 kB file
     assert big.status_code == 413 and "8000 x 8000 pixels" in sentence(big)
-    bomb = upload(client, _huge_png(20000), "bomb.png")  # 400 MP: Pillow's own bomb check
-    assert bomb.status_code == 413 and "too large" in sentence(bomb)
+    bomb = upload(client, _huge_png(20000), "bomb.png")  # 400 MP: 1.2 GB decoded
+    assert bomb.status_code == 413 and "20000 x 20000 pixels" in sentence(bomb)
 
 
 def test_upload_over_the_byte_cap_is_413(engine, tiny):
@@ -410,7 +417,8 @@ def _append_object(data: Path, db: Path, seed: int, first: int) -> list[str]:
     for k, src in enumerate(sorted(extra.glob("*.jpg"))):
         names.append(f"ukbench{first + k:05d}.jpg")
         shutil.copy(src, data / names[-1])
-    extract_features(data, db, FAST, labels="ukbench", append=True, progress=False, log=lambda s: None)
+    extract_features(data, db, FAST, ExtractOptions(labels="ukbench", append=True, progress=False,
+                                                    log=lambda s: None))
     return names
 
 
@@ -478,10 +486,15 @@ def test_help_explains_every_flag():
 def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):
     for argv, words in ((["--features-db", str(tmp_path / "none.h5")], "not found"),
                         (["--features-db", "x.h5", "--rerank", "bogus"], "unknown method"),
-                        (["--features-db", "x.h5", "--slots", "0"], "--slots")):
+                        (["--features-db", "x.h5", "-k", "20", "--max-k", "10"], "over --max-k")):
         assert run("ris-serve", serve_cli.main, argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("ris-serve: error:") and words in err and len(err.splitlines()) == 1
+    for argv in (["--slots", "0"], ["--port", "-1"], ["--max-upload-mb", "0"], ["--queue-timeout", "nan"]):
+        with pytest.raises(SystemExit) as stop:  # refused by argparse: usage, then one error line
+            serve_cli.build_parser().parse_args(argv)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("ris-serve: error: argument")
 
 
 @pytest.mark.slow

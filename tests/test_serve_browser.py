@@ -45,7 +45,7 @@ def chromium() -> str:
 def collection(tmp_path_factory, chromium):
     """(database, query image, names of the query object's views in the database)."""
     from ris.demo import offline_backbone
-    from ris.extract import ExtractConfig, extract_features
+    from ris.extract import ExtractConfig, ExtractOptions, extract_features
 
     root = tmp_path_factory.mktemp("browser")
     images = root / "images"
@@ -61,8 +61,8 @@ def collection(tmp_path_factory, chromium):
         make_demo_dataset(images, n_objects=12)
         query, views = make_query_view(images, root / "queries", 0), {f"ukbench{i:05d}.jpg" for i in range(4)}
     db = root / "feats.h5"
-    extract_features(images, db, ExtractConfig(model=offline_backbone(), pooling="gap"), labels="ukbench",
-                     progress=False, log=lambda s: None)
+    extract_features(images, db, ExtractConfig(model=offline_backbone(), pooling="gap"),
+                     ExtractOptions(labels="ukbench", progress=False, log=lambda s: None))
     return db, query, views
 
 
@@ -118,7 +118,7 @@ def test_the_page_searches_by_upload_and_by_click(collection, chromium, tmp_path
         # a file that is not an image: one sentence in the page, the results stay
         page.get_by_test_id("file-input").set_input_files(
             files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"}])
-        expect(page.get_by_test_id("error")).to_have_text(re.compile(r"^notes\.txt is not an image .*\.$"))
+        expect(page.get_by_test_id("error")).to_have_text(re.compile(r"^notes\.txt is not an image; send .*\.$"))
         expect(results).to_have_count(10)
         browser.close()
     expected_415 = "the server responded with a status of 415"  # Chromium logs the refused upload

@@ -4,18 +4,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, finite_float, folds, fraction, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.options import RERANK_METHODS
+    from ris.rerank import RERANKERS
 
     p = argparse.ArgumentParser(
         prog="ris-eval",
         description="Score retrieval on a labelled feature database: every image of the split queries all "
                     "images of the split. N-S counts the query itself (perfect 4.0 on UKBench); mAP, recall@k "
-                    "and precision@10 exclude it. With --model, the trained head is scored on the same "
-                    "held-out objects as the off-the-shelf features.",
+                    "and precision@10 exclude it. A query with no other image of its group in the split has "
+                    "nothing to find: no metric scores it (N-S, top-4, mAP, R@k, P@k alike), and their number "
+                    "is reported (queries_without_relevant). With --model, the trained head is scored on the "
+                    "same held-out objects as the off-the-shelf features.",
         formatter_class=HelpFormatter)
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train); its stored split is used")
@@ -23,15 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="objects to score: 'test' = held-out objects, 'all' = every labelled image "
                         "(default: test with --model, all without)")
     p.add_argument("--seed", type=int, default=0, help="split seed when no --model gives the split")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of objects when no --model")
-    p.add_argument("--folds", type=int, default=0,
+    p.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out share of objects when no --model")
+    p.add_argument("--folds", type=folds, default=0,
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
                         "(the folds of ris-train --folds, same seed) and report mean and std")
-    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
-                   help="re-rank results: qe = alpha query expansion, dba+qe = database-side augmentation "
-                        "plus qe, diffusion = kNN-graph diffusion, kreciprocal = k-reciprocal re-ranking")
-    p.add_argument("--min-ns", type=float, default=None,
-                   help="exit with status 1 if the best N-S score is below this (for CI)")
+    p.add_argument("--rerank", default="none", choices=list(RERANKERS),
+                   help="re-rank results: " + "; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items()))
+    p.add_argument("--min-ns", type=finite_float, default=None,
+                   help="exit with status 1 (a requested check failed) if the best N-S score is below this "
+                        "(for CI); errors exit 2")
     p.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
     return p
 
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         best = r["summary"]["ns_score"]["mean"]
         if args.min_ns is not None and best < args.min_ns:
             print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
-            return 1
-        return 0
+            return EXIT_PARTIAL
+        return EXIT_OK
     split = args.split or ("test" if args.model else "all")
     result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction,
                          rerank=args.rerank)
@@ -67,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         best = max(result[k]["ns_score"] for k in ("raw", "head") if k in result)
         if best < args.min_ns:
             print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
-            return 1
-    return 0
+            return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def entry() -> None:

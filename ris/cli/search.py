@@ -4,30 +4,32 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.options import RERANK_METHODS
+    from ris.rerank import RERANKERS
 
     p = argparse.ArgumentParser(
         prog="ris-search",
         description="Rank a feature database by similarity to a query image (any image file, in the "
                     "database or not). The query's features are made exactly as the database's attributes "
-                    "say; with --model they go through the trained head and are ranked by its distance.",
+                    "say; with --model they go through the trained head and are ranked by its distance. "
+                    "Exit status: 0 = every query answered, 1 = some of several queries unreadable, "
+                    "2 = error (no query answered, bad arguments, unusable database), 130 = interrupted.",
         formatter_class=HelpFormatter)
     p.add_argument("--image", required=True, nargs="+", help="query image file(s)")
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train)")
-    p.add_argument("-k", "--top-k", type=int, default=12, help="number of results")
+    p.add_argument("-k", "--top-k", type=positive_int, default=12, help="number of results")
     p.add_argument("--output", default=None, help="montage PNG path (query first, then the results); with "
                    "several queries, a -N suffix is added")
     p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
                    help="exact = blockwise BLAS search; hnsw = approximate index (pip install 'ris[ann]'), "
                         "saved beside the database; auto = hnsw for large databases when available")
-    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
-                   help="re-rank with alpha query expansion (qe), database-side augmentation + qe, kNN-graph "
-                        "diffusion or k-reciprocal neighbours; these hold the database in memory and report "
+    p.add_argument("--rerank", default="none", choices=list(RERANKERS),
+                   help="; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items())
+                        + ". Re-rankers hold the database in memory and report "
                         "re-ranking scores (smaller = better) instead of distances; dba+qe builds its augmented "
                         "database on the first run and caches it beside the vectors (rebuilt when they change)")
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved")
@@ -38,12 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pathlib import Path
-
     from ris.errors import BadImage
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine, hits_to_dicts
 
+    montages = _montage_paths(args.image, args.output, args.show)  # refused before the slow set-up
     engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root,
                           rerank=args.rerank)
     out_json = []
@@ -56,12 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         montage_path = None
-        if args.output or args.show:
-            out = Path(args.output or "results.png")
-            if len(args.image) > 1:
-                out = out.with_name(f"{out.stem}-{n}{out.suffix}")
+        if montages[n - 1] is not None:
             rgb = make_montage(image, hits)
-            montage_path = str(write_png(out, rgb))
+            montage_path = str(write_png(montages[n - 1], rgb))
             if args.show:
                 _show(rgb)
         if args.json:
@@ -75,7 +73,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"montage: {montage_path}")
     if args.json:
         print_json(out_json if len(args.image) > 1 else (out_json[0] if out_json else []))
-    return 1 if failed else 0
+    if failed == len(args.image):
+        return EXIT_ERROR  # nothing done
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
+    """Where each query's montage goes (None: no montage); a path that exists must be a regular
+    file, since the montage replaces it (a FIFO or a device is never replaced)."""
+    import os
+    from pathlib import Path
+
+    from ris.errors import RisError
+    from ris.imagefile import file_kind
+
+    if not (output or show):
+        return [None] * len(images)
+    out = Path(output or "results.png")
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{n}{out.suffix}")
+                                            for n in range(1, len(images) + 1)]
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue
+        kind = file_kind(mode)
+        if kind != "regular file":
+            raise RisError(f"{path}: not a regular file ({kind}); give --output a file name")
+    return paths
 
 
 def _show(rgb) -> None:

@@ -6,13 +6,14 @@ import asyncio
 import os
 import sys
 
-from ris.cli.common import HelpFormatter, run
+from ris.cli.common import (EXIT_ERROR, EXIT_OK, HelpFormatter, nonnegative_float, nonnegative_int, positive_float,
+                            positive_int, run)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.options import RERANK_METHODS
+    from ris.rerank import RERANKERS
 
     p = argparse.ArgumentParser(
         prog="ris-serve",
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved; only "
                    "files inside it are ever served")
     p.add_argument("--rerank", default="auto", help="re-ranking methods a request may ask for, comma-separated "
-                   f"from {', '.join(m for m in RERANK_METHODS if m != 'none')}; 'auto' = all of them up to 20,000 "
+                   f"from {', '.join(m for m in RERANKERS if m != 'none')}; 'auto' = all of them up to 20,000 "
                    "rows, only qe above; 'none' = no re-ranking. Each is prepared on first use")
     return p
 
@@ -42,24 +43,24 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes the "
                    "service to the network (use --api-key)")
-    g.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port; the ready line says which)")
+    g.add_argument("--port", type=nonnegative_int, default=8000, help="TCP port (0 = any free port; the ready line says which)")
     g.add_argument("--api-key", default=None, help="require this key on every /api/ call (header X-API-Key or "
                    "Authorization: Bearer); default: the RIS_API_KEY environment variable, which also keeps "
                    "the key out of the process list")
-    g.add_argument("--max-upload-mb", type=float, default=20, help="largest upload in MB (10^6 bytes); bigger "
+    g.add_argument("--max-upload-mb", type=positive_float, default=20, help="largest upload in MB (10^6 bytes); bigger "
                    "requests get HTTP 413 before they are read")
-    g.add_argument("--max-megapixels", type=float, default=50, help="largest upload in pixels (read from the "
+    g.add_argument("--max-megapixels", type=positive_float, default=50, help="largest upload in pixels (read from the "
                    "header before decoding); bigger images get HTTP 413")
-    g.add_argument("-k", "--top-k", type=int, default=12, help="results per search when a request does not say")
-    g.add_argument("--max-k", type=int, default=100, help="most results a request may ask for")
-    g.add_argument("--slots", type=int, default=2, help="searches computed at once (each uses the CNN and BLAS)")
-    g.add_argument("--queue", type=int, default=32, help="searches that may wait for a slot; more get HTTP 503 "
+    g.add_argument("-k", "--top-k", type=positive_int, default=12, help="results per search when a request does not say")
+    g.add_argument("--max-k", type=positive_int, default=100, help="most results a request may ask for")
+    g.add_argument("--slots", type=positive_int, default=2, help="searches computed at once (each uses the CNN and BLAS)")
+    g.add_argument("--queue", type=nonnegative_int, default=32, help="searches that may wait for a slot; more get HTTP 503 "
                    "at once")
-    g.add_argument("--queue-timeout", type=float, default=30, help="seconds a search may wait for a slot before "
+    g.add_argument("--queue-timeout", type=positive_float, default=30, help="seconds a search may wait for a slot before "
                    "HTTP 503")
-    g.add_argument("--max-connections", type=int, default=256, help="concurrent connections; more get HTTP 503 "
+    g.add_argument("--max-connections", type=positive_int, default=256, help="concurrent connections; more get HTTP 503 "
                    "(bounds the uploads being received at once)")
-    g.add_argument("--reload-interval", type=float, default=2, help="seconds between checks of the database file "
+    g.add_argument("--reload-interval", type=nonnegative_float, default=2, help="seconds between checks of the database file "
                    "for new rows (0 = never reload)")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (info logs every request)")
@@ -68,24 +69,19 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, features_db: str, model: str | None, index: str = "auto",
                      dataset_root: str | None = None, rerank: str = "auto"):
     from ris.errors import RisError
-    from ris.options import RERANK_METHODS
+    from ris.rerank import RERANKERS
     from ris.serve.service import ServeConfig
 
     methods = None
     if rerank != "auto":
         methods = tuple(m.strip() for m in rerank.split(",") if m.strip())
-        unknown = [m for m in methods if m not in RERANK_METHODS]
+        unknown = [m for m in methods if m not in RERANKERS]
         if unknown:
-            raise RisError(f"--rerank: unknown method(s) {', '.join(unknown)}; choose from {', '.join(RERANK_METHODS)}")
-    for name, value, low in (("--port", args.port, 0), ("--top-k", args.top_k, 1), ("--max-k", args.max_k, 1),
-                             ("--slots", args.slots, 1), ("--queue", args.queue, 0),
-                             ("--max-connections", args.max_connections, 1)):
-        if value < low:
-            raise RisError(f"{name} must be >= {low}, not {value}")
+            raise RisError(f"--rerank: unknown method(s) {', '.join(unknown)}; choose from {', '.join(RERANKERS)}")
+    if args.port > 65535:
+        raise RisError(f"--port must be at most 65535, not {args.port}")
     if args.top_k > args.max_k:
         raise RisError(f"--top-k {args.top_k} is over --max-k {args.max_k}")
-    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
-        raise RisError("--max-upload-mb and --max-megapixels must be positive")
     return ServeConfig(features_db=str(features_db), model=str(model) if model else None, index=index,
                        dataset_root=dataset_root, rerank=methods,
                        api_key=args.api_key or os.environ.get("RIS_API_KEY") or None,
@@ -107,7 +103,8 @@ def require_serve_extra() -> None:
 
 
 def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ris-serve") -> int:
-    """Run the server until interrupted; 0 after a clean stop, 2 if the engine failed to load."""
+    """Run the server until Ctrl-C or SIGTERM; EXIT_OK after that graceful stop (the normal end of a
+    server, not an interruption of work), EXIT_ERROR if the engine failed to load."""
     require_serve_extra()
     import uvicorn
 
@@ -122,7 +119,7 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
     if host not in LOOPBACK and not cfg.api_key:
         print(f"{prog}: warning: listening on {host} without --api-key: anyone who can reach this port can "
               f"search and read the collection's images", file=sys.stderr)
-    outcome = {"code": 0}
+    outcome = {"code": EXIT_OK}
     server: uvicorn.Server
 
     async def announce(svc) -> None:
@@ -139,7 +136,7 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
 
     def on_fatal(message: str) -> None:
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-        outcome["code"] = 2
+        outcome["code"] = EXIT_ERROR
         server.should_exit = True
 
     print(f"{prog}: loading {cfg.features_db}" + (f" with {cfg.model}" if cfg.model else "") + " ...",
@@ -149,7 +146,7 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
                                            timeout_keep_alive=5, server_header=False,
                                            limit_concurrency=cfg.max_connections))
     _run_until_stopped(server)
-    if outcome["code"] == 0 and not server.started:
+    if outcome["code"] == EXIT_OK and not server.started:
         from ris.errors import RisError
 
         raise RisError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")

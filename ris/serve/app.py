@@ -116,7 +116,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         return JSONResponse(h, status_code=200 if h["ready"] else 503)
 
     @app.post("/api/search", summary="Search with an uploaded image (multipart field `image`)")
-    async def search_upload(image: UploadFile = File(..., description="JPEG, PNG, BMP, WebP or TIFF"),
+    async def search_upload(image: UploadFile = File(..., description="JPEG, PNG, GIF, BMP, WebP or TIFF"),
                             k: int = Form(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
                             rerank: str = Form("none", description="none, qe, dba+qe, diffusion, kreciprocal")):
         svc.generation()  # 503 while loading, before reading the upload

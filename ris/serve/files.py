@@ -19,12 +19,14 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ris.errors import RisError
+from ris.imagefile import MAX_FILE_BYTES, file_kind, human_bytes  # the cap every image read honours
 
-# Pillow format name -> what the page says; all of them decode with OpenCV as the database did
-UPLOAD_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "BMP": "BMP", "WEBP": "WebP", "TIFF": "TIFF"}
-MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
-               ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}
-MAX_FILE_BYTES = 256 << 20  # a database image over this is not served (nor thumbnailed)
+# what the page calls each format the database's decoder reads (ris.images)
+UPLOAD_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "GIF": "GIF", "BMP": "BMP", "WEBP": "WebP",
+                  "TIFF": "TIFF"}
+ACCEPTED = "a JPEG, PNG, GIF, BMP, WebP or TIFF file"
+MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
+               ".bmp": "image/bmp", ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
 
 class ServeError(RisError):
@@ -41,68 +43,64 @@ def display_name(name: str | None, default: str = "the upload") -> str:
     return name or default
 
 
-def _magic(data: bytes) -> str | None:
-    """The image format a file's first bytes claim, to tell a damaged image from a non-image."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "PNG"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    return "BMP" if data[:2] == b"BM" else None
+def _pillow_format(data: bytes, who: str) -> tuple[str | None, int, int] | None:
+    """(Pillow's format name, width, height) from the header alone; None if Pillow cannot tell."""
+    from PIL import Image
 
-
-def _reduced_jpeg(width: int, height: int, target: int) -> tuple[int, int]:
-    from ris.images import _reduced_flag  # the database was decoded this way: queries must match
-
-    return _reduced_flag(width, height, target)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.format, *im.size
+    except Image.DecompressionBombError:
+        raise ServeError(413, f"{who} is too large to decode (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels).") from None
+    except Exception:
+        return None
 
 
 def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = None) -> tuple[np.ndarray, dict]:
     """Uploaded bytes -> RGB uint8 (H, W, 3) and facts about it; ``ServeError`` (400/413/415) if unfit.
 
-    ``target``: the side the engine needs, so big JPEGs are DCT-downscaled while decoding (as
-    ``ris.images.decode_image`` does for the database), which also bounds memory.
+    The pixels are those ``ris.images.decode_image`` gives for the same bytes in a file (the same
+    decoders, EXIF orientation, 16-bit handling and reduced-size JPEG decoding down to ``target``),
+    so an uploaded copy of a database image is found at distance ~0. Format and size come from the
+    header before any decoding.
     """
     import cv2
-    from PIL import Image
+
+    from ris.errors import BadImage
+    from ris.images import _opencv_decode, _pillow_decode, _reduced_flag, _to_rgb  # the database's decoding
+    from ris.imagefile import jpeg_problem, sniff_format
 
     who = display_name(name)
     if not data:
         raise ServeError(400, f"{who} is empty (0 bytes).")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                fmt, (width, height) = im.format, im.size
-    except Image.DecompressionBombError:
-        raise ServeError(413, f"{who} is too large to decode (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels).") from None
-    except Exception:
-        kind = _magic(data)
-        if kind:
-            raise ServeError(400, f"{who} is a damaged {kind} file (its header cannot be read).") from None
-        raise ServeError(415, f"{who} is not an image (send a JPEG, PNG, BMP, WebP or TIFF file).") from None
+    header = _pillow_format(data, who)
+    fmt = sniff_format(data) or (header[0] if header else None)
     if fmt not in UPLOAD_FORMATS:
-        raise ServeError(415, f"{who} is a {fmt} image; send a JPEG, PNG, BMP, WebP or TIFF file.")
+        kind = f"a {fmt} image" if fmt else "not an image"
+        raise ServeError(415, f"{who} is {kind}; send {ACCEPTED}.")
+    if fmt == "JPEG":
+        problem = jpeg_problem(data)
+        if problem:
+            raise ServeError(400, f"{who} is a {problem}.")
+    if header is None:
+        raise ServeError(400, f"{who} is a damaged {UPLOAD_FORMATS[fmt]} file (its header cannot be read).")
+    _, width, height = header
     if width * height > max_pixels:
         raise ServeError(413, f"{who} is {width} x {height} pixels, over the limit of {max_pixels:,} pixels.")
-    is_jpeg = data[:3] == b"\xff\xd8\xff"
-    if is_jpeg and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        raise ServeError(400, f"{who} is a truncated JPEG (no end-of-image marker).")
-    flag, factor = _reduced_jpeg(width, height, target) if is_jpeg else (cv2.IMREAD_COLOR, 1)
+    path = Path(who)  # only named in messages
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    except cv2.error:
-        img = None
-    if img is None or img.size == 0:
-        raise ServeError(400, f"{who} cannot be decoded (damaged {UPLOAD_FORMATS[fmt]} file).")
-    if img.dtype != np.uint8:
-        img = (img / 257.0).round().astype(np.uint8) if img.dtype == np.uint16 else cv2.convertScaleAbs(img)
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if fmt in ("PNG", "GIF"):
+            img, order = _pillow_decode(data, fmt, path)
+        else:
+            flag = _reduced_flag(width, height, target)[0] if fmt == "JPEG" and target else cv2.IMREAD_COLOR
+            img, order = _opencv_decode(data, path, flag)
+    except BadImage as exc:
+        raise ServeError(400, f"{exc}.") from None
+    except MemoryError:
+        raise ServeError(413, f"{who}: not enough memory to decode {width} x {height} pixels.") from None
+    rgb = _to_rgb(img, order)
     return rgb, {"format": UPLOAD_FORMATS[fmt], "width": width, "height": height, "bytes": len(data)}
 
 
@@ -127,17 +125,20 @@ def row_file(root: Path, rel: str, row: int) -> Path:
 
 
 def open_regular(path: Path, rel: str, row: int) -> tuple[int, int]:
-    """(fd, size) of a regular file no bigger than MAX_FILE_BYTES, opened without following a
-    final symlink (the path is already resolved: a swap after the check is refused)."""
+    """(fd, size) of a regular file no bigger than ``MAX_FILE_BYTES``, opened without following a
+    final symlink (the path is already resolved: a swap after the check is refused) and without
+    blocking (a FIFO named ``.jpg`` is refused, never waited on)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, flags)
     except OSError:
         raise ServeError(404, f"row {row}: its image {rel} cannot be opened.") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
         os.close(fd)
-        why = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"over {MAX_FILE_BYTES >> 20} MB"
+        why = f"a {file_kind(st.st_mode)}" if not stat.S_ISREG(st.st_mode) else f"over {human_bytes(MAX_FILE_BYTES)}"
         raise ServeError(403, f"row {row}: its image {rel} is {why}; refused.")
+    os.set_blocking(fd, True)  # a regular file: ordinary reads from here on
     return fd, st.st_size
 
 
@@ -151,8 +152,10 @@ def thumbnail_jpeg(data: bytes, size: int, rel: str, row: int) -> bytes:
     """A JPEG no larger than ``size`` on its long side (aspect kept) of a database image's bytes."""
     import cv2
 
+    from ris.images import MAX_PIXELS  # what ris-extract decodes: its images all have thumbnails
+
     try:
-        rgb, _ = decode_upload(data, size, max_pixels=200_000_000, name=rel)
+        rgb, _ = decode_upload(data, size, max_pixels=MAX_PIXELS, name=rel)
     except ServeError as exc:
         raise ServeError(422, f"row {row}: {exc}") from None
     h, w = rgb.shape[:2]

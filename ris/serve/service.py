@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ris.errors import BadImage
 from ris.serve.files import (ServeError, decode_upload, display_name, media_type, open_regular, read_regular,
                              row_file, thumbnail_jpeg)
 
@@ -77,11 +78,11 @@ class SearchService:
 
     # -- loading -------------------------------------------------------------------------
     def _offered(self, n: int) -> tuple[str, ...]:
-        from ris.options import RERANK_METHODS
+        from ris.rerank import RERANKERS
 
         if self.cfg.rerank is not None:
-            return tuple(m for m in RERANK_METHODS if m == "none" or m in self.cfg.rerank)
-        return RERANK_METHODS if n <= RERANK_SMALL_DB else ("none", "qe")
+            return tuple(m for m in RERANKERS if m == "none" or m in self.cfg.rerank)
+        return tuple(RERANKERS) if n <= RERANK_SMALL_DB else ("none", "qe")
 
     def _install(self, engine, stamp: tuple, t0: float) -> Generation:
         number = self.current.number + 1 if self.current else 1
@@ -188,7 +189,10 @@ class SearchService:
         t1 = time.perf_counter()
         vec = e.embed_array(rgb)
         t2 = time.perf_counter()
-        dist, rows = e.neighbours(vec, k, rerank)
+        try:
+            dist, rows = e.neighbours(vec, k, rerank)
+        except BadImage as exc:
+            raise ServeError(422, f"{display_name(filename)}: {exc}.") from None
         t3 = time.perf_counter()
         query = {"kind": "upload", "filename": display_name(filename, "upload"), **facts}
         return self._answer(gen, dist, rows, query, k, rerank,

@@ -1,0 +1,254 @@
+"""Writing the HDF5 feature database: atomic, resumable, one writer at a time.
+
+Batches go to ``<name>.partial`` under an exclusive ``<name>.lock`` (``ris.sidecars.WriterLock``)
+and become ``<name>`` by an atomic rename only when complete, so a database under its final name
+is never half-written and two writers never share one. ``rows_done`` is bumped only after a batch
+is flushed, which makes an interrupted run resumable from the last good batch; every change draws
+a new ``content_id``, the key of every cache kept beside the database. The layout is described in
+``ris.featuredb``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+
+from ris.errors import DatabaseError
+from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
+                           decode_names, encode_names, fingerprint, partial_path)
+from ris.sidecars import WriterLock, clear_sidecars, fsync_dir, fsync_file, new_content_id
+
+
+class FeatureWriter:
+    """Appends batches to ``<path>.partial``; ``finish()`` renames it into place.
+
+    Holds ``<path>.lock`` from construction to ``finish``/``close``/``discard`` (a ``lock`` passed
+    in, already acquired, is taken over). ``append``: continue from the finished database;
+    ``overwrite``: build a new one that replaces it at ``finish`` (the old one stays usable until then).
+    """
+
+    def __init__(self, path: str | Path, attrs: dict[str, Any], feature_shape: tuple[int, ...],
+                 label_names: list[str], append: bool = False, overwrite: bool = False, resume: bool = True,
+                 lock: WriterLock | None = None):
+        self.path = Path(path)
+        self.tmp = partial_path(path)
+        # every fingerprint key is written (None as 'none'): readers require them all
+        self.attrs = {**{k: None for k in FINGERPRINT_KEYS}, **attrs, "feature_shape": list(feature_shape)}
+        self.resumed_rows = 0
+        self.discarded_partial: str | None = None
+        self.f: h5py.File | None = None
+        check_target(self.path, append, overwrite)  # before the lock: no .lock beside a directory
+        self.lock = lock if lock is not None else WriterLock(self.path).acquire()
+        try:
+            check_target(self.path, append, overwrite)  # again: another writer may have finished meanwhile
+            self.base_id = _finished_content_id(self.path) if append and self.path.exists() else None
+            self.kind = "append" if self.base_id is not None else ("overwrite" if overwrite else "create")
+            if resume and self.tmp.exists():
+                self._try_resume()
+            elif self.tmp.exists():
+                self._discard_partial("not resumed")
+            if self.f is None:
+                self._start(feature_shape)
+            self._set_label_names(label_names)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup ---------------------------------------------------------------------------
+    def _try_resume(self) -> None:
+        """Continue the partial left by an interrupted run of the same kind; discard any other."""
+        try:
+            f = h5py.File(self.tmp, "r")
+            try:
+                kind, base = f.attrs.get("run_kind"), f.attrs.get("base_content_id")
+            finally:
+                f.close()
+        except Exception as exc:  # killed mid-write: HDF5 metadata may be damaged
+            return self._discard_partial(f"it was damaged ({exc})", damaged=True)
+        kind, base = _plain(kind), _plain(base)
+        fresh = ("create", "overwrite")
+        if kind is None and self.kind == "overwrite":  # made before runs were marked
+            return self._discard_partial("it was left by a run without --overwrite")
+        if kind is not None and (kind in fresh) != (self.kind in fresh):
+            return self._discard_partial(f"it was left by {'an --append' if kind == 'append' else 'a new'} run")
+        if self.kind == "append" and base is not None and base != self.base_id:
+            return self._discard_partial(f"it was an --append onto {self.path} before that changed")
+        try:
+            self._open_existing()
+        except DatabaseError:
+            raise
+        except Exception as exc:
+            self._discard_partial(f"it was damaged ({exc})", damaged=True)
+
+    def _discard_partial(self, why: str, damaged: bool = False) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        self.tmp.unlink()  # we hold the lock: this partial is ours to discard
+        self.discarded_partial = f"discarded {self.tmp}: {why}"
+        if damaged:
+            self.damaged_partial = why
+
+    def _start(self, feature_shape: tuple[int, ...]) -> None:
+        if self.kind == "append":  # continue from a copy of the finished database
+            shutil.copyfile(self.path, self.tmp)
+            self._open_existing(fresh_copy=True)
+            history = json.loads(_plain(self.f.attrs.get("content_history", "[]")))
+            self.f.attrs["content_history"] = json.dumps(history + [self.base_id])
+        else:
+            self._create(feature_shape)
+        self.f.attrs["run_kind"] = self.kind
+        if self.base_id is not None:
+            self.f.attrs["base_content_id"] = self.base_id
+        self.f.flush()
+
+    def _create(self, feature_shape: tuple[int, ...]) -> None:
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(self.tmp, "w")
+        row_bytes = int(np.prod(feature_shape)) * 4
+        chunk_rows = int(max(1, min(1024, (1 << 20) // max(row_bytes, 1))))
+        f.create_dataset("features", shape=(0, *feature_shape), maxshape=(None, *feature_shape),
+                         dtype="float32", chunks=(chunk_rows, *feature_shape))
+        f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
+        f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+        f.create_dataset("failed_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+        f.create_dataset("failed_reasons", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+        for k, v in self.attrs.items():
+            f.attrs[k] = _attr_value(v)
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["rows_done"] = 0
+        f.attrs["failed_done"] = 0
+        f.attrs["complete"] = False
+        f.attrs["content_id"] = new_content_id()
+        f.attrs["content_history"] = "[]"
+        self.f = f
+
+    def _open_existing(self, fresh_copy: bool = False) -> None:
+        f = h5py.File(self.tmp, "r+")
+        try:
+            old = fingerprint(dict(f.attrs))
+            new = fingerprint(self.attrs)
+            if old != new:
+                diff = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
+                where = self.path if self.kind == "append" else self.tmp
+                raise DatabaseError(f"{where}: existing features were made differently {diff}; "
+                                    f"use a new --features-db, or --overwrite to replace it")
+            rows = int(f.attrs.get("rows_done", 0))
+            for name in ("features", "image_ids", "labels"):
+                f[name].resize(rows, axis=0)
+            nfail = int(f.attrs.get("failed_done", 0))
+            for name in ("failed_ids", "failed_reasons"):
+                f[name].resize(nfail, axis=0)
+        except Exception:
+            f.close()
+            if fresh_copy:
+                self.tmp.unlink(missing_ok=True)  # our own copy of the base: nothing lost
+            raise
+        f.attrs["complete"] = False
+        if "content_id" not in f.attrs:  # made before content ids
+            f.attrs["content_id"] = new_content_id()
+        for k, v in self.attrs.items():
+            if k not in FINGERPRINT_KEYS:
+                f.attrs[k] = _attr_value(v)
+        self.f = f
+        self.resumed_rows = rows
+
+    def _set_label_names(self, names: list[str]) -> None:
+        old = decode_names(self.f["label_names"][:]) if "label_names" in self.f else []
+        merged = old + [n for n in names if n not in set(old)]
+        if merged != old or "label_names" not in self.f:
+            if "label_names" in self.f:
+                del self.f["label_names"]
+            self.f.create_dataset("label_names", data=encode_names(merged), dtype=STR)
+            self._changed()
+        self.label_index = {n: i for i, n in enumerate(merged)}
+
+    def _changed(self) -> None:
+        """Any change makes every cache made from the old content stale: new content key."""
+        self.f.attrs["content_id"] = new_content_id()
+
+    # -- writing -------------------------------------------------------------------------
+    def done_ids(self) -> set[str]:
+        return set(decode_names(self.f["image_ids"][:])) | set(decode_names(self.f["failed_ids"][:]))
+
+    def add(self, ids: list[str], features: np.ndarray, label_names: list[str]) -> None:
+        """Append one batch and flush; ``label_names`` per row ('' = unknown)."""
+        n = len(ids)
+        if n == 0:
+            return
+        rows = int(self.f.attrs["rows_done"])
+        for name in ("features", "image_ids", "labels"):
+            self.f[name].resize(rows + n, axis=0)
+        self.f["features"][rows:] = features.astype(np.float32, copy=False)
+        self.f["image_ids"][rows:] = encode_names(ids)
+        self.f["labels"][rows:] = np.array([self.label_index.get(l, -1) for l in label_names], dtype=np.int64)
+        self.f.flush()
+        self.f.attrs["rows_done"] = rows + n
+        self._changed()
+        self.f.flush()
+
+    def add_failures(self, failures: Iterable[tuple[str, str]]) -> None:
+        failures = list(failures)
+        if not failures:
+            return
+        n = int(self.f.attrs.get("failed_done", 0))
+        for name in ("failed_ids", "failed_reasons"):
+            self.f[name].resize(n + len(failures), axis=0)
+        self.f["failed_ids"][n:] = encode_names(i for i, _ in failures)
+        self.f["failed_reasons"][n:] = encode_names(r for _, r in failures)
+        self.f.flush()
+        self.f.attrs["failed_done"] = n + len(failures)
+        self._changed()
+        self.f.flush()
+
+    @property
+    def rows(self) -> int:
+        return int(self.f.attrs["rows_done"])
+
+    def finish(self, extra_attrs: dict[str, Any] | None = None) -> Path:
+        """Mark complete, rename into place, release the lock; caches of replaced content go."""
+        for k, v in (extra_attrs or {}).items():
+            self.f.attrs[k] = _attr_value(v)
+        changed = self.kind != "append" or _plain(self.f.attrs["content_id"]) != self.base_id
+        if changed:
+            self._changed()
+        self.f.attrs["complete"] = True
+        self.f.close()
+        self.f = None
+        fsync_file(self.tmp)
+        os.replace(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        if changed:  # appended rows extend an HNSW index; everything else is rebuilt on next use
+            clear_sidecars(self.path, keep_indexes=self.kind == "append")
+        self.lock.release()
+        return self.path
+
+    def close(self) -> None:
+        """Leave the partial file for a later resume, and release the lock."""
+        try:
+            if self.f is not None:
+                self.f.close()
+        except Exception:
+            pass
+        self.f = None
+        if getattr(self, "lock", None) is not None:
+            self.lock.release()
+
+    def discard(self) -> None:
+        """Drop the partial file (nothing worth keeping), then release the lock."""
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        self.tmp.unlink(missing_ok=True)
+        self.close()
+
+
+def _finished_content_id(path: Path) -> str:
+    """Content id of the finished database at ``path``, after checking it is whole (--append)."""
+    with FeatureDB(path) as db:
+        return db.content_id

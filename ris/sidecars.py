@@ -1,0 +1,236 @@
+"""Every file kept beside a feature database, in one place.
+
+Beside ``feats.h5`` live caches derived from it (head embeddings ``.emb-<model>.h5``, the DBA
+database ``.dba-n<n>-a<alpha>.h5``, thumbnails ``.thumbs<size>.h5``, the HNSW index ``.hnsw`` +
+``.hnsw.json``, and the same kinds beside an embedding cache), the writer's ``.partial`` and its
+``.lock``. Why one module: a cache is only safe if it is (a) written atomically, (b) keyed on the
+database's *content* plus its own parameters, so a re-extracted database of the same size never
+serves stale vectors, and (c) cleared, and only it, when the database is replaced.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ris.errors import DatabaseError
+
+LOCK_SUFFIX = ".lock"
+_TMP = r"(?:\.[0-9a-f]{8}\.tmp)?"  # atomic_write's temp names, left behind only by a killed process
+_DBA = r"dba-n\d+-a[0-9a-z.+-]+\.h5"
+_INDEX = r"hnsw(?:\.json)?"
+_KINDS = rf"(?:emb-[0-9a-f]+\.h5(?:\.{_INDEX}|\.{_DBA})?|{_DBA}|thumbs\d+\.h5|{_INDEX})"
+
+
+# -- atomic writes ------------------------------------------------------------------------------
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp name in the same folder; on success it is fsynced and renamed onto ``path``.
+
+    Readers see the old file or the whole new one, never a torn one; on error the temp is removed.
+    ``suffix`` is for writers that insist on an extension (Keras wants ``.keras``).
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def write_h5_cache(path: str | Path, key: str, attrs: dict | None = None, **datasets: np.ndarray) -> None:
+    """Atomically write an HDF5 cache whose ``cache_key`` attribute says what it was made from."""
+    import h5py
+
+    with atomic_write(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, data in datasets.items():
+                f.create_dataset(name, data=data, chunks=True if np.ndim(data) else None)
+            f.attrs.update(attrs or {})
+            f.attrs["cache_key"] = key
+
+
+def read_h5_cache(path: str | Path, key: str) -> dict[str, np.ndarray] | None:
+    """The cache's datasets if it exists and was made under exactly ``key``, else None (rebuild it)."""
+    import h5py
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("cache_key") != key:
+                return None
+            return {name: f[name][()] for name in f}
+    except (OSError, KeyError, ValueError):  # damaged cache: rebuild it
+        return None
+
+
+# -- content keys ------------------------------------------------------------------------------
+
+def new_content_id() -> str:
+    return uuid.uuid4().hex
+
+
+def stat_key(path: str | Path) -> str:
+    """Key for a file with no content id (databases made before content ids, plain arrays)."""
+    st = os.stat(path)
+    return f"stat:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-1 of a file's bytes, read in blocks (model files can be large)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- where each cache lives ------------------------------------------------------------------------
+
+def embeddings_path(features_db: str | Path, model_hash: str) -> Path:
+    return Path(f"{features_db}.emb-{model_hash[:12]}.h5")
+
+
+def dba_path(vectors_path: str | Path, n: int, alpha: float) -> Path:
+    return Path(f"{vectors_path}.dba-n{int(n)}-a{float(alpha):g}.h5")
+
+
+def thumbs_path(features_db: str | Path, size: int) -> Path:
+    return Path(f"{features_db}.thumbs{int(size)}.h5")
+
+
+def hnsw_path(vectors_path: str | Path) -> str:
+    return f"{vectors_path}.hnsw"
+
+
+def sidecar_files(features_db: str | Path) -> list[Path]:
+    """Every cache file (regular files only) kept beside ``features_db``; never the database, its
+    ``.partial`` or its ``.lock``, and nothing that merely starts with the same name."""
+    db = Path(features_db)
+    pattern = re.compile(re.escape(db.name) + r"\." + _KINDS + _TMP)
+    try:
+        entries = list(os.scandir(db.parent))
+    except FileNotFoundError:
+        return []
+    return sorted(Path(e.path) for e in entries
+                  if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False))
+
+
+def clear_sidecars(features_db: str | Path, keep_indexes: bool = False) -> list[Path]:
+    """Delete the caches beside ``features_db``; return what was deleted.
+
+    ``keep_indexes``: keep HNSW indexes (after an append: they know which content they were built
+    from and are extended, not rebuilt, when the new content continues it).
+    """
+    removed = []
+    for p in sidecar_files(features_db):
+        if keep_indexes and re.search(r"\.hnsw(?:\.json)?(?:\.[0-9a-f]{8}\.tmp)?$", p.name):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+# -- the writer's lock ---------------------------------------------------------------------------
+
+class DatabaseLocked(DatabaseError):
+    """Another process is writing this database."""
+
+
+class WriterLock:
+    """Exclusive, non-blocking ``flock`` on ``<db>.lock`` for one writer's whole run.
+
+    The OS drops the lock when its holder dies (even by ``kill -9``), so a leftover file is never a
+    stale lock. The file holds the holder's pid and host for the refusal message. It is removed by
+    its holder before release; a process that locked a file already unlinked retries on the new one.
+    """
+
+    def __init__(self, features_db: str | Path):
+        self.db = Path(features_db)
+        self.path = Path(f"{features_db}{LOCK_SUFFIX}")
+        self._fh = None
+
+    def acquire(self) -> "WriterLock":
+        import fcntl
+
+        for _ in range(20):
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    fh.close()
+                    raise
+                fh.seek(0)
+                holder = fh.read(200).strip() or "another process"
+                fh.close()
+                raise DatabaseLocked(f"{self.db}: being written by {holder}; wait for it to finish "
+                                     f"(or stop it) and run again") from None
+            try:
+                same = os.path.samestat(os.fstat(fh.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                fh.seek(0)
+                fh.truncate()
+                fh.write(f"ris-extract pid {os.getpid()} on {socket.gethostname()} "
+                         f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                fh.flush()
+                self._fh = fh
+                return self
+            fh.close()  # the holder removed this file while we waited on it: lock the new one
+        raise DatabaseError(f"{self.path}: could not take the writer lock")
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self._fh.close()  # closing drops the flock
+        self._fh = None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire() if not self.held else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,119 @@
+"""Files kept beside a feature database: atomic writes, content keys, listing/clearing, the writer lock."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ris.errors import DatabaseError
+from ris.featuredb import FeatureDB, FeatureWriter
+from ris.sidecars import (DatabaseLocked, WriterLock, atomic_write, clear_sidecars, read_h5_cache, sidecar_files,
+                          write_h5_cache)
+
+ATTRS = {"model": "m", "weights": "w", "layer": "l", "input_size": 32, "scales": [1.0], "pooling": "gap"}
+
+
+def make_db(path, rows=3, seed=0):
+    w = FeatureWriter(path, ATTRS, (4,), [])
+    w.add([f"{seed}-{i}.jpg" for i in range(rows)], np.random.default_rng(seed).random((rows, 4), np.float32),
+          [""] * rows)
+    return w.finish()
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["x.bin"]  # temp removed
+    with atomic_write(target, suffix=".keras") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".keras") and tmp != target
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_cache_is_used_only_under_its_own_key(tmp_path):
+    path = tmp_path / "f.h5.emb-abc.h5"
+    write_h5_cache(path, "key-1", embeddings=np.ones((2, 3), np.float32))
+    assert read_h5_cache(path, "key-1")["embeddings"].shape == (2, 3)
+    assert read_h5_cache(path, "key-2") is None  # another database content or parameters: rebuild
+    path.write_bytes(b"damaged")
+    assert read_h5_cache(path, "key-1") is None
+    assert read_h5_cache(tmp_path / "missing.h5", "key-1") is None
+
+
+def test_content_key_changes_with_every_change(tmp_path):
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (4,), [])
+    ids = [w.f.attrs["content_id"]]
+    w.add(["a"], np.ones((1, 4), np.float32), [""])
+    ids.append(w.f.attrs["content_id"])
+    w.add_failures([("b", "b: empty file")])
+    ids.append(w.f.attrs["content_id"])
+    w.finish()
+    with FeatureDB(path) as db:
+        first = db.content_key
+        assert db.attrs["content_id"] not in ids[:1]
+    assert len(set(ids)) == 3
+    w = FeatureWriter(path, ATTRS, (4,), [], append=True)  # append with nothing new: content unchanged
+    w.finish()
+    with FeatureDB(path) as db:
+        assert db.content_key == first
+    w = FeatureWriter(path, ATTRS, (4,), [], append=True)
+    w.add(["c"], np.ones((1, 4), np.float32), [""])
+    w.finish()
+    with FeatureDB(path) as db:
+        assert db.content_key != first
+        assert first.split(":")[0] in db.content_history  # appended: the old rows are a prefix
+
+
+def test_sidecar_listing_and_clearing_touch_only_sidecars(tmp_path):
+    db = make_db(tmp_path / "feats.h5")
+    sidecars = ["feats.h5.emb-0123456789ab.h5", "feats.h5.dba-n10-a3.h5", "feats.h5.thumbs16.h5", "feats.h5.hnsw",
+                "feats.h5.hnsw.json", "feats.h5.emb-0123456789ab.h5.hnsw", "feats.h5.emb-0123456789ab.h5.hnsw.json",
+                "feats.h5.emb-0123456789ab.h5.dba-n10-a0.5.h5", "feats.h5.thumbs16.h5.1a2b3c4d.tmp"]
+    others = ["feats.h5.partial", "feats.h5.bak", "feats.h5x.hnsw", "other.h5.hnsw", "feats.h5.hnsw.txt",
+              "notes.txt", "feats.h5.emb-zz.h5"]
+    for name in sidecars + others:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "feats.h5.thumbs32.h5").mkdir()  # not a regular file: never touched
+    assert sorted(p.name for p in sidecar_files(db)) == sorted(sidecars)
+    removed = clear_sidecars(db, keep_indexes=True)
+    assert sorted(p.name for p in removed) == sorted(n for n in sidecars if ".hnsw" not in n)
+    clear_sidecars(db)
+    left = sorted(os.listdir(tmp_path))
+    assert left == sorted(others + ["feats.h5", "feats.h5.thumbs32.h5"])
+
+
+def test_second_lock_is_refused_with_the_holders_pid(tmp_path):
+    db = tmp_path / "f.h5"
+    first = WriterLock(db).acquire()
+    with pytest.raises(DatabaseLocked, match=rf"pid {os.getpid()}\b") as err:
+        WriterLock(db).acquire()
+    assert str(db) in str(err.value) and "\n" not in str(err.value)
+    assert isinstance(err.value, DatabaseError)
+    first.release()
+    assert not Path(str(db) + ".lock").exists()  # released cleanly: nothing left beside the database
+    WriterLock(db).acquire().release()
+
+
+def test_lock_of_a_killed_process_is_free(tmp_path):
+    db = tmp_path / "f.h5"
+    code = ("import os, sys; from ris.sidecars import WriterLock; WriterLock(sys.argv[1]).acquire(); "
+            "os.kill(os.getpid(), 9)")
+    proc = subprocess.run([sys.executable, "-c", code, str(db)])
+    assert proc.returncode == -9
+    assert Path(str(db) + ".lock").exists()  # stale file, but no stale lock
+    WriterLock(db).acquire().release()
+
+
+def test_h5_cache_file_is_a_plain_hdf5_file(tmp_path):
+    path = tmp_path / "c.h5"
+    write_h5_cache(path, "k", embeddings=np.zeros((1, 2), np.float32), extra=np.arange(3))
+    with h5py.File(path, "r") as f:
+        assert f.attrs["cache_key"] == "k" and set(f) == {"embeddings", "extra"}
