@@ -376,7 +376,8 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     def names(objs):
         return [label_names[int(o)] if int(o) < len(label_names) else str(int(o)) for o in objs]
 
-    split_store = {"by": split_meta["by"], "test_images": [image_ids[i] for i in rows["test"]]}
+    split_store = {"by": split_meta["by"], "test_images": [image_ids[i] for i in rows["test"]],
+                   "fit_images": [image_ids[i] for i in np.sort(np.concatenate([rows["train"], rows["val"]]))]}
     if split_meta["by"] == "object":
         split_store.update({k: names(v) for k, v in split_meta["objects"].items()})
     else:

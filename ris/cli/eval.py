@@ -13,17 +13,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ris-eval",
         description="Score retrieval on a labelled feature database: every image of the split queries all "
-                    "images of the split. N-S counts the query itself (perfect 4.0 on UKBench); mAP, recall@k "
+                    "images of the database (--gallery all; --gallery split: only each other). N-S counts the query itself (perfect 4.0 on UKBench); mAP, recall@k "
                     "and precision@10 exclude it. A query with no other image of its group in the split has "
                     "nothing to find: no metric scores it (N-S, top-4, mAP, R@k, P@k alike), and their number "
                     "is reported (queries_without_relevant). With --model, the trained head is scored on the "
-                    "same held-out objects as the off-the-shelf features.",
+                    "same queries as the off-the-shelf features: its held-out objects, or every labelled image of a "
+                    "collection it never saw; its training images are never scored as held-out queries.",
         formatter_class=HelpFormatter)
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train); its stored split is used")
     p.add_argument("--split", default=None, choices=["test", "all"],
                    help="objects to score: 'test' = held-out objects, 'all' = every labelled image "
                         "(default: test with --model, all without)")
+    p.add_argument("--gallery", default="all", choices=["all", "split"],
+                   help="what the scored queries search: 'all' = every labelled image of the database (training "
+                        "images stay as distractors; the whole-collection protocol), 'split' = only each other "
+                        "(the fold protocol: fewer distractors, higher scores)")
+    p.add_argument("--queries", default=None, metavar="FILE",
+                   help="score only these queries: one image id per line (path relative to the dataset folder, "
+                        "as in the database); every other image is gallery only, unlabelled ones as distractors "
+                        "(Holidays/Oxford style); reports mAP and recall@k")
     p.add_argument("--seed", type=int, default=0, help="split seed when no --model gives the split")
     p.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out share of objects when no --model")
     p.add_argument("--folds", type=folds, default=0,
@@ -45,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds and args.folds > 1:
         from ris.evaluate import evaluate_folds
 
-        r = evaluate_folds(args.features_db, args.folds, args.seed, args.rerank)
+        r = evaluate_folds(args.features_db, args.folds, args.seed, args.rerank, gallery=args.gallery)
         if args.json:
             print_json(r)
         else:
             s = r["summary"]
             print(f"{args.features_db}: {r['backbone']} @ {r['input_size']} px, pooling {r['pooling']}, "
-                  f"rerank {r['rerank']}; {args.folds} folds of held-out objects (seed {args.seed})")
+                  f"rerank {r['rerank']}; {args.folds} folds of held-out objects (seed {args.seed}), searching "
+                  + ("the whole collection" if args.gallery == "all" else "only their fold"))
             print("  ".join(f"{k} {v['mean']:.4f} +- {v['std']:.4f}" for k, v in s.items()))
         best = r["summary"]["ns_score"]["mean"]
         if args.min_ns is not None and best < args.min_ns:
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     split = args.split or ("test" if args.model else "all")
     result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction,
-                         rerank=args.rerank)
+                         rerank=args.rerank, gallery=args.gallery, queries=args.queries)
     if args.json:
         print_json(result)
     else:
