@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the folds of ris-train --folds, same seed) and report mean and std")
     p.add_argument("--rerank", default="none", choices=list(RERANKERS),
                    help="re-rank results: " + "; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items()))
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="geometric verification: re-rank each query's top K with RootSIFT + RANSAC inliers "
+                        "(ris.verify; local features built from the images on first use and kept beside the "
+                        "database); 0 = off")
+    from ris import presets
+
+    presets.add_argument(p, "eval")
     p.add_argument("--min-ns", type=finite_float, default=None,
                    help="exit with status 1 (a requested check failed) if the best N-S score is below this "
                         "(for CI); errors exit 2")
@@ -48,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ris import presets
+
+    parser = build_parser()
+    args = presets.apply(parser.parse_args(argv), parser, "eval")
     from ris.evaluate import evaluate_db, format_table
 
     if args.folds and args.folds > 1:
@@ -70,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     split = args.split or ("test" if args.model else "all")
     result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction,
-                         rerank=args.rerank, gallery=args.gallery, queries=args.queries)
+                         rerank=args.rerank, gallery=args.gallery, queries=args.queries,
+                         verify={"k": args.verify} if args.verify > 0 else None)
     if args.json:
         print_json(result)
     else:
