@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-DEFAULTS: dict[str, float] = {"k": 30, "features": 500, "side": 512, "ratio": 0.8, "min_inliers": 12,
-                              "cap": 50, "weight": 2.0, "threshold": 8.0}
+DEFAULTS: dict[str, float] = {"k": 30, "features": 500, "side": 512, "ratio": 0.8, "min_inliers": 20,
+                              "cap": 50, "weight": 1.0, "threshold": 8.0}
 
 
 @dataclass
