@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--append", action="store_true", help="add images not yet in an existing database")
     g.add_argument("--overwrite", action="store_true", help="replace an existing database; the old one stays usable "
                    "until the new one is complete, then the caches kept beside it are deleted")
+    p.add_argument("--local-features", action="store_true",
+                   help="also store RootSIFT local features beside the database for geometric verification "
+                        "(ris-search/ris-eval --verify; otherwise built on their first use)")
+    from ris import presets
+
+    presets.add_argument(p, "extract")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout (with the "
                    "skipped images and the files not read)")
@@ -62,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ris import presets
+
+    parser = build_parser()
+    args = presets.apply(parser.parse_args(argv), parser, "extract")
 
     from ris.errors import RisError
     from ris.extract import ExtractOptions, extract_features
@@ -78,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                              decode=args.decode, append=args.append, overwrite=args.overwrite,
                              progress=not args.no_progress, verbose=args.verbose)
     summary = extract_features(args.dataset, args.features_db, config, options)
+    if args.local_features:
+        from ris.featuredb import FeatureDB
+        from ris.verify import DEFAULTS, database_local_features
+
+        with FeatureDB(args.features_db) as db:
+            database_local_features(db, args.features_db, int(DEFAULTS["features"]), int(DEFAULTS["side"]))
     if args.json:
         print_json(summary.to_dict())
     else:
