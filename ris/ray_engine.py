@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -31,7 +32,7 @@ import numpy as np
 from ris.errors import RisError
 from ris.extract import DEFAULT_BATCH, ExtractConfig, ExtractSummary
 
-ENV_FOR_WORKERS = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "RIS_MAX_FILE_BYTES", "RIS_DECODE_BUDGET")
+ENV_FOR_WORKERS = ("KERAS_BACKEND", "RIS_MAX_FILE_BYTES", "RIS_DECODE_BUDGET")
 
 
 @dataclass
@@ -52,6 +53,8 @@ class RaySummary(ExtractSummary):
     engine: str = "ray"
     actors: int = 0
     actor_restarts: int = 0  # embedding worker processes replaced during the run (their batch was retried)
+    decode_seconds: float = 0.0  # summed over the decode tasks whose chunks were committed
+    embed_seconds: float = 0.0  # summed over the actors' calls: / (seconds * actors) = how busy they were
     nodes: dict[str, int] = field(default_factory=dict)  # images decoded per node id (first 12 hex digits)
 
 
@@ -74,31 +77,41 @@ class _Embedder:
 
         self.extractor = FeatureExtractor(config)
         self.batch_size = batch_size
+        # the first call at a batch shape costs several steady ones (oneDNN primitives, XLA compile):
+        # paid here, while the other actors and the decode workers start, not in the first batch
+        size = self.extractor.max_size
+        self.extractor.embed_async(np.zeros((batch_size, size, size, 3), np.uint8), pad_to=batch_size)()
 
     def describe(self) -> dict[str, Any]:
         return {"attrs": self.extractor.attrs(), "shape": tuple(self.extractor.output_shape),
                 "max_size": int(self.extractor.max_size), "pid": os.getpid()}
 
-    def embed(self, decoded: tuple[np.ndarray, list[str | None], str]) -> tuple[np.ndarray, list, str, int]:
-        """(features of the decoded images, the decode errors, the decoding node, this pid)."""
-        images, errors, node = decoded
+    def embed(self, decoded: tuple) -> tuple[np.ndarray, list[str | None], str, float, int, float]:
+        """(features of the decoded images, the decode errors, the decoding node, its seconds, this pid,
+        these seconds): the timings tell a decode-bound run from a network-bound one."""
+        t0 = time.perf_counter()
+        images, errors, node, decode_s = decoded
         if len(images):
             feats = self.extractor.embed_async(images, pad_to=self.batch_size)()
         else:
             feats = np.zeros((0, *self.extractor.output_shape), np.float32)
-        return feats, errors, node, os.getpid()
+        return feats, errors, node, decode_s, os.getpid(), time.perf_counter() - t0
 
 
-def _decode(root: str, rel_paths: list[str], size: int) -> tuple[np.ndarray, list[str | None], str]:
-    """A decode task: the local engine's chunk decoder, plus the node it ran on."""
+def _decode(root: str, rel_paths: list[str], size: int) -> tuple[np.ndarray, list[str | None], str, float]:
+    """A decode task: the local engine's chunk decoder, plus the node it ran on and its seconds."""
     import cv2
     import ray
 
     from ris.extract import _decode_chunk
 
     cv2.setNumThreads(1)  # parallelism comes from the tasks
+    if not os.path.isdir(root):  # else every image would be listed as damaged, and never retried
+        raise RisError(f"{root}: the dataset folder is not there on node {socket.gethostname()}; every node "
+                       f"must see it at the same path (a shared file system)")
+    t0 = time.perf_counter()
     images, errors = _decode_chunk(root, rel_paths, size)
-    return images, errors, ray.get_runtime_context().get_node_id()
+    return images, errors, ray.get_runtime_context().get_node_id(), time.perf_counter() - t0
 
 
 def extract_on_ray(
@@ -136,7 +149,14 @@ def extract_on_ray(
     started = False
     try:
         started = _connect(options)
-        actors, info, actor_pids = _start_actors(config, batch_size, options)
+        # SPREAD: decoding uses every node's CPUs and reads, also those of a node that joins mid-run
+        decode = ray.remote(_decode).options(num_cpus=options.decode_cpus, runtime_env=_runtime_env(), max_retries=5,
+                                             scheduling_strategy="SPREAD")
+        # start the decode workers (and their imports) while the actors build their models
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        warm = [decode.remote(str(root.resolve()), [], 32) for _ in range(slots)]
+        actors, info, actor_pids = _start_actors(config, batch_size, options, log)
+        ray.get(warm)
         attrs = dict(info["attrs"], dataset_root=str(root.resolve()), labels_mode=label_mode)
         writer = FeatureWriter(features_db, attrs, info["shape"], label_names, append=append,
                                overwrite=overwrite, lock=lock)
@@ -157,7 +177,6 @@ def extract_on_ray(
     summary.other_files, summary.hidden_files = not_read, scan.hidden
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     window = options.in_flight or 2 * len(actors) + max(1, int(ray.cluster_resources().get("CPU", 1)))
-    decode = ray.remote(_decode).options(num_cpus=options.decode_cpus, runtime_env=_runtime_env(), max_retries=5)
     root_abs = str(root.resolve())
     bar = _progress(len(todo), progress)
     t0 = time.perf_counter()
@@ -179,7 +198,9 @@ def extract_on_ray(
                 submit(chunks[k])
                 k += 1
             paths, a, ref = pending.popleft()
-            feats, errors, node, pid = _get(ray, ref)
+            feats, errors, node, decode_s, pid, embed_s = _get(ray, ref)
+            summary.decode_seconds += decode_s
+            summary.embed_seconds += embed_s
             load[a] -= 1
             if pid != actor_pids[a]:
                 summary.actor_restarts += 1
@@ -217,6 +238,9 @@ def extract_on_ray(
     bar.close()
     _disconnect(started)
     summary.seconds = time.perf_counter() - t0
+    if summary.seconds > 0 and committed:
+        log(f"ray: {len(actors)} embedding actor(s) busy {summary.embed_seconds / (summary.seconds * len(actors)):.0%} "
+            f"of the run, decoding kept {summary.decode_seconds / summary.seconds:.1f} CPUs busy on average")
     if writer.rows == 0:
         writer.discard()
         raise RisError(f"{root}: none of the {len(files)} images could be decoded; nothing written")
@@ -294,12 +318,12 @@ def _disconnect(started: bool) -> None:
         ray.shutdown()
 
 
-def _runtime_env() -> dict[str, Any]:
+def _runtime_env() -> dict[str, Any] | None:
     """Settings the workers must share with the driver (backend, limits), passed explicitly:
-    on a real cluster the workers do not inherit the driver's environment."""
+    on a real cluster the workers do not inherit the driver's environment. None when there are
+    none: then the cluster's already started workers take the tasks (a runtime_env has its own)."""
     env = {k: os.environ[k] for k in ENV_FOR_WORKERS if k in os.environ}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return {"env_vars": env}
+    return {"env_vars": env} if env else None
 
 
 def _actor_resources(options: RayOptions, cpus: float, gpus: float) -> tuple[int, dict[str, float]]:
@@ -313,7 +337,7 @@ def _actor_resources(options: RayOptions, cpus: float, gpus: float) -> tuple[int
     return n, {"num_cpus": options.actor_cpus if options.actor_cpus is not None else min(1.0, cpus / (2 * n))}
 
 
-def _start_actors(config: ExtractConfig, batch_size: int, options: RayOptions):
+def _start_actors(config: ExtractConfig, batch_size: int, options: RayOptions, log: Callable[[str], None]):
     """Start the embedding actors; (actors, what actor 0 says its features are, their pids).
 
     Every actor must make its features the same way (same fingerprint): a node with other library
@@ -328,14 +352,18 @@ def _start_actors(config: ExtractConfig, batch_size: int, options: RayOptions):
     if n < 1:
         raise RisError(f"--ray-actors must be at least 1, not {n}")
     cls = ray.remote(_Embedder).options(max_restarts=options.max_restarts, max_task_retries=-1,
-                                        runtime_env=_runtime_env(), **resources)
+                                        runtime_env=_runtime_env(), scheduling_strategy="SPREAD", **resources)
     actors = [cls.remote(config, batch_size) for _ in range(n)]
-    infos = [_get(ray, a.describe.remote(), what="starting the embedding actors") for a in actors]
+    refs = [a.describe.remote() for a in actors]
+    if len(ray.wait(refs, num_returns=len(refs), timeout=120)[0]) < len(refs):
+        log(f"ray: still waiting for the cluster to start {n} embedding actor(s) ({resources} each)")
+    infos = [_get(ray, r, what="starting the embedding actors") for r in refs]
     first = fingerprint(infos[0]["attrs"])
     for i, other in enumerate(infos[1:], 1):
         if fingerprint(other["attrs"]) != first or other["shape"] != infos[0]["shape"]:
             raise RisError(f"ray: embedding actor {i} makes features differently from actor 0 "
-                           f"({fingerprint(other['attrs'])} vs {first}); install the same ris and weights on every node")
+                           f"({fingerprint(other['attrs'])} vs {first}); install the same ris and weights on "
+                           f"every node")
     return actors, infos[0], [i["pid"] for i in infos]
 
 

@@ -46,8 +46,18 @@ def test_actors_leave_cpus_for_decoding_and_take_one_gpu_each():
 def test_a_worker_reason_names_the_file_as_the_local_engine_does():
     from ris.ray_engine import _as_given
 
-    assert _as_given("/abs/d/x.jpg: empty file (0 bytes)", "/abs/d", Path("d"), "x.jpg") == "d/x.jpg: empty file (0 bytes)"
+    reason = "/abs/d/x.jpg: empty file (0 bytes)"
+    assert _as_given(reason, "/abs/d", Path("d"), "x.jpg") == "d/x.jpg: empty file (0 bytes)"
     assert _as_given("something else", "/abs/d", Path("d"), "x.jpg") == "something else"
+
+
+def test_a_node_without_the_dataset_folder_stops_the_run_instead_of_listing_every_image_as_damaged(tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    from ris.errors import RisError
+    from ris.ray_engine import _decode
+
+    with pytest.raises(RisError, match="not there on node .*same path"):
+        _decode(str(tmp_path / "not-mounted"), ["a.jpg"], 32)
 
 
 def test_ray_flags_without_the_ray_engine_are_one_error(tmp_path, capsys):
@@ -257,17 +267,34 @@ def test_a_killed_driver_resumes_without_recomputing_committed_rows(cluster, dat
     assert_same_database(local, out_db)
 
 
+@pytest.fixture(scope="module")
+def slow_dataset(tmp_path_factory):
+    """32 large PNGs (no reduced decoding for PNG): decoding outweighs the 32 px network, so several
+    decode tasks wait at once and a node that joins gets some of them."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("slowdata")
+    data = root / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        img = cv2.resize(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), (1000, 1000), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(data / f"img{i:03d}.png"), img)
+    local = root / "local.h5"
+    extract_features(data, local, CFG, batch_size=4, progress=False)
+    return data, local
+
+
 @pytest.mark.slow
-def test_a_node_that_joins_and_then_dies_mid_run_loses_no_rows(cluster, dataset, tmp_path):
+def test_a_node_that_joins_and_then_dies_mid_run_loses_no_rows(cluster, slow_dataset, tmp_path):
     import ray
 
-    data, local = dataset
-    before: set[str] = set()
+    data, local = slow_dataset
     new = {}
 
     def churn(state):
-        if state.committed_chunks == 1:  # a third node joins
-            before.update(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        if state.committed_chunks == 1:  # a third node joins ...
+            before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
             new["pgid"] = cluster.start_node()
             new["id"] = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before)
         elif "id" in new and "killed" not in new and new["id"][:12] in state.nodes:
@@ -276,7 +303,8 @@ def test_a_node_that_joins_and_then_dies_mid_run_loses_no_rows(cluster, dataset,
 
     s = _ray(data, tmp_path / "r.h5", cluster, on_commit=churn)
     assert "killed" in new, f"the new node never took work: {s.nodes}"
-    assert s.nodes.get(new["id"][:12], 0) > 0 and s.extracted == 41
+    assert new["killed"] < 8, "killed after the last chunk: nothing left to lose"
+    assert s.nodes.get(new["id"][:12], 0) > 0 and s.extracted == 32
     assert_same_database(local, tmp_path / "r.h5")
 
 
