@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs", "images": len(names), "model": args.model, "batch_size": args.batch_size,
               "img_per_s": rates, "median_img_per_s": med,
-              "seconds_with_startup": walls, "actors_busy": busy, "ray_cluster_start_s": round(cluster_start, 2), "ratio_to_local": ratios,
+              "seconds_with_startup": walls, "actors_busy": busy, "ray_cluster_start_s": round(cluster_start, 2),
+              "ratio_to_local": ratios,
               "decode_img_per_s_one_core": round(decode_per_core, 1),
               "writer_rows_per_s_1280_dims_batch_256": round(writer_rate), "load_average": load,
               "ray_version": ray.__version__, "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}

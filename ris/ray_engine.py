@@ -300,8 +300,8 @@ def _connect(options: RayOptions) -> bool:
                       _node_ip_address="127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1")
     else:
         kwargs["address"] = address
-        host = address.rsplit(":", 1)[0]
-        if host.startswith("127."):  # a loopback cluster: this driver must be on loopback too
+        host = _loopback_host(address)
+        if host:  # a loopback cluster: this driver must be on loopback too
             kwargs["_node_ip_address"] = host
     try:
         ray.init(**kwargs)
@@ -309,6 +309,19 @@ def _connect(options: RayOptions) -> bool:
         where = "start a local Ray cluster" if kwargs["address"] == "local" else f"join the Ray cluster at {address}"
         raise RisError(f"cannot {where}: {_reason(exc)}") from None
     return True
+
+
+def _loopback_host(address: str) -> str | None:
+    """The cluster's host when it is a loopback address ('auto': the address Ray would find)."""
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            address = canonicalize_bootstrap_address("auto") or ""
+        except Exception:  # no cluster found: ray.init says so
+            return None
+    host = address.rsplit(":", 1)[0]
+    return host if host.startswith("127.") else None
 
 
 def _disconnect(started: bool) -> None:

@@ -246,9 +246,10 @@ def test_a_killed_driver_resumes_without_recomputing_committed_rows(cluster, dat
     data, local = dataset
     out_db = tmp_path / "r.h5"
     cmd = [sys.executable, "-c", "from ris.cli.extract import entry; entry()", "--dataset", str(data),
-           "--features-db", str(out_db), "--engine", "ray", "--ray-address", cluster.address, "--batch-size", "4",
+           "--features-db", str(out_db), "--engine", "ray", "--ray-address", "auto", "--batch-size", "4",
            *FAST[:-1]]
-    proc = subprocess.Popen(cmd, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}  # what 'auto' finds first
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = Path(f"{out_db}.partial")
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and _committed_rows(partial) < 8:
@@ -259,7 +260,7 @@ def test_a_killed_driver_resumes_without_recomputing_committed_rows(cluster, dat
     proc.wait()
     committed = _committed_rows(partial)
     assert not out_db.exists() and committed >= 8
-    done = subprocess.run(cmd + ["--json", "--no-progress"], env=cluster.env, capture_output=True, text=True,
+    done = subprocess.run(cmd + ["--json", "--no-progress"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     s = json.loads(done.stdout)
