@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ris.errors import DatabaseError, ModelError
+from ris.errors import ModelError
 from ris.evaluate import evaluate_db, evaluate_folds
 from ris.metrics import evaluate_retrieval
 from ris.splits import make_split, rows_of, split_objects
