@@ -10,6 +10,7 @@ data-loading stage on its own machine).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -140,6 +141,15 @@ def _in_flight(pool: Any, fn: Callable[[Item], Any], items: Iterable[Item], dept
 # process (starting 16 Python processes costs about a second); they are spawned, not forked,
 # because the parent may hold an initialised JAX/TF runtime with its threads.
 _PROCESS_POOLS: dict[int, Any] = {}
+
+
+@atexit.register
+def _shutdown_pools() -> None:
+    """Stop the kept worker pools before the interpreter tears its modules down (otherwise
+    the pools' own finalisers run too late and print 'Exception ignored' noise)."""
+    for pool in _PROCESS_POOLS.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+    _PROCESS_POOLS.clear()
 
 
 def _decode_pool(workers: int):

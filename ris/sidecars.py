@@ -28,7 +28,7 @@ LOCK_SUFFIX = ".lock"
 _TMP = r"(?:\.[0-9a-f]{8}\.tmp)?"  # atomic_write's temp names, left behind only by a killed process
 _DBA = r"dba-n\d+-a[0-9a-z.+-]+\.h5"
 _INDEX = r"hnsw(?:\.json)?"
-_KINDS = rf"(?:emb-[0-9a-f]+\.h5(?:\.{_INDEX}|\.{_DBA})?|{_DBA}|thumbs\d+\.h5|{_INDEX})"
+_KINDS = rf"(?:emb-[0-9a-f]+\.h5(?:\.{_INDEX}|\.{_DBA})?|{_DBA}|thumbs\d+\.h5|local-sift\d+-\d+\.h5|{_INDEX})"
 
 
 # -- atomic writes ------------------------------------------------------------------------------

@@ -185,7 +185,9 @@ def _split_store(data: _Data) -> dict[str, Any]:
         return [data.label_names[int(o)] if int(o) < len(data.label_names) else str(int(o)) for o in objs]
 
     meta = data.split_meta
-    store = {"by": meta["by"], "test_images": [data.image_ids[i] for i in data.rows["test"]]}
+    fitted = np.sort(np.concatenate([data.rows["train"], data.rows["val"]]))
+    store = {"by": meta["by"], "test_images": [data.image_ids[i] for i in data.rows["test"]],
+             "fit_images": [data.image_ids[i] for i in fitted]}  # never scored as held-out (ris.protocol)
     if meta["by"] == "object":
         store.update({k: names(v) for k, v in meta["objects"].items()})
     else:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ris.errors import DatabaseError, ModelError
+from ris.errors import ModelError
 from ris.evaluate import evaluate_db, evaluate_folds
 from ris.metrics import evaluate_retrieval
 from ris.splits import make_split, rows_of, split_objects
@@ -19,7 +19,7 @@ from ris.splits import make_split, rows_of, split_objects
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _write_db(path, n_obj: int = 15, views: int = 4, dim: int = 16, seed: int = 0):
+def _write_db(path, n_obj: int = 15, views: int = 4, dim: int = 16, seed: int = 0, prefix: str = ""):
     from ris.featuredb import FeatureWriter
 
     rng = np.random.default_rng(seed)
@@ -27,7 +27,7 @@ def _write_db(path, n_obj: int = 15, views: int = 4, dim: int = 16, seed: int = 
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     lab = np.repeat(np.arange(n_obj), views)
     w = FeatureWriter(path, {"model": "synthetic", "pooling": "gap"}, (dim,), [f"o{i}" for i in range(n_obj)])
-    w.add([f"{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in lab])
+    w.add([f"{prefix}{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in lab])
     w.finish({})
     return path, x, lab
 
@@ -47,10 +47,13 @@ def whitened(tmp_path_factory):
 
 def test_without_a_model_the_seeded_held_out_objects_are_scored(tmp_path):
     db, x, lab = _write_db(tmp_path / "f.h5")
-    r = evaluate_db(db, split="test", seed=4, test_fraction=0.4)
+    r = evaluate_db(db, split="test", seed=4, test_fraction=0.4, gallery="split")
     rows = rows_of(lab, split_objects(lab, 0.4, 0.1, seed=4)["test"])
     assert (r["objects"], r["images"]) == (6, 24)
     assert r["raw"] == evaluate_retrieval(x[rows], lab[rows], "euclidean").to_dict()
+    whole = evaluate_db(db, split="test", seed=4, test_fraction=0.4)  # default: they search everything
+    assert (whole["images"], whole["gallery_images"]) == (24, 60)
+    assert whole["raw"]["ns_score"] == evaluate_retrieval(x, lab, "euclidean", query_rows=rows).ns_score
     everything = evaluate_db(db, split="all")
     assert everything["images"] == 60 and everything["raw"] == evaluate_retrieval(x, lab, "euclidean").to_dict()
 
@@ -60,8 +63,8 @@ def test_a_model_is_scored_on_its_own_test_images_as_training_scored_it(whitened
     from ris.modelio import read_meta
 
     meta = read_meta(model)
-    r = evaluate_db(db, model)
-    assert r["images"] == len(meta["split"]["test_images"]) and "held-out test objects" in r["split_description"]
+    r = evaluate_db(db, model, gallery="split")  # training scored its test objects among themselves
+    assert r["images"] == len(meta["split"]["test_images"]) and "held-out objects" in r["split_description"]
     assert r["raw"] == meta["test_scores"]["raw"]
     for key in ("ns_score", "map", "top4_accuracy"):
         assert r["head"][key] == pytest.approx(meta["test_scores"]["head"][key], abs=1e-9)
@@ -88,14 +91,16 @@ def test_evaluation_imports_neither_tensorflow_nor_keras(whitened, tmp_path):
     assert out["loaded"] == [] and out["ns"] == evaluate_db(db, model)["head"]["ns_score"]
 
 
-def test_a_model_whose_test_images_are_elsewhere_is_refused(whitened, tmp_path):
+def test_a_model_on_a_collection_it_never_saw_scores_every_labelled_image(whitened, tmp_path):
     _, model, _, _ = whitened
-    other, _, _ = _write_db(tmp_path / "other.h5", n_obj=4)  # image ids 0000-0015 only
-    with pytest.raises(DatabaseError, match="the model's test images are not in this database"):
-        evaluate_db(other, model)
+    other, x, lab = _write_db(tmp_path / "other.h5", n_obj=4, seed=7, prefix="new/")
+    r = evaluate_db(other, model)
+    assert r["images"] == 16 and r["training_images_in_db"] == 0
+    assert "never saw" in r["split_description"]
+    assert r["raw"] == evaluate_retrieval(x, lab, "euclidean").to_dict()
 
 
-def test_metadata_without_test_images_is_a_model_error(tmp_path):
+def test_metadata_without_any_split_treats_the_database_as_new(tmp_path):
     import zipfile
 
     from ris.featuredb import FeatureDB
@@ -106,15 +111,17 @@ def test_metadata_without_test_images_is_a_model_error(tmp_path):
     path = tmp_path / "m.keras"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("ris.json", json.dumps(meta))
-    with pytest.raises(ModelError, match="m.keras: its metadata lists no test images; use --split all"):
+    with pytest.raises(ModelError, match="m.keras"):  # scored raw first, then the head cannot be loaded
         evaluate_db(db, path)
 
 
 def test_folds_score_each_held_out_part_once(tmp_path):
     db, x, lab = _write_db(tmp_path / "f.h5")
-    r = evaluate_folds(db, folds=3, seed=1)
+    r = evaluate_folds(db, folds=3, seed=1, gallery="split")
+    whole = evaluate_folds(db, folds=3, seed=1)  # default: each fold's queries search every image
     assert sum(f["queries"] for f in r["per_fold"]) == 60  # the three test parts partition the images
-    for k, fold in enumerate(r["per_fold"]):
+    for k, (fold, fold_whole) in enumerate(zip(r["per_fold"], whole["per_fold"])):
         rows = make_split(lab, seed=1, fold=k, folds=3)[0]["test"]
         assert fold == evaluate_retrieval(x[rows], lab[rows], "euclidean").to_dict()
+        assert fold_whole == evaluate_retrieval(x, lab, "euclidean", query_rows=rows).to_dict()
     assert r["summary"]["map"]["mean"] == round(float(np.mean([f["map"] for f in r["per_fold"]])), 4)

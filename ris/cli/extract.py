@@ -53,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--append", action="store_true", help="add images not yet in an existing database")
     g.add_argument("--overwrite", action="store_true", help="replace an existing database; the old one stays usable "
                    "until the new one is complete, then the caches kept beside it are deleted")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process decodes and runs the network; ray: decoding runs as Ray tasks and the "
+                        "network in a pool of Ray actors (one per GPU), on the cluster at --ray-address; the same "
+                        "database, resumable the same way (needs pip install 'ris[ray]'; --workers and --decode "
+                        "do not apply)")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="with --engine ray: the cluster to join ('auto': the one started on this machine by "
+                        "'ray start'); default: start a local cluster for this run")
+    p.add_argument("--ray-actors", type=positive_int, default=None, metavar="N",
+                   help="with --engine ray: embedding actors (default: one per GPU of the cluster, or 1 without GPUs)")
+    p.add_argument("--local-features", action="store_true",
+                   help="also store RootSIFT local features beside the database for geometric verification "
+                        "(ris-search/ris-eval --verify; otherwise built on their first use)")
+    from ris import presets
+
+    presets.add_argument(p, "extract")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout (with the "
                    "skipped images and the files not read)")
@@ -62,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ris import presets
+
+    parser = build_parser()
+    args = presets.apply(parser.parse_args(argv), parser, "extract")
 
     from ris.errors import RisError
     from ris.extract import ExtractOptions, extract_features
@@ -74,14 +93,30 @@ def main(argv: list[str] | None = None) -> int:
         raise RisError("--dataset is required (the folder of images to extract)")
     config = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
                            scales=args.scales, pooling=args.pool, dtype=args.dtype)
-    options = ExtractOptions(labels=args.labels, batch_size=args.batch_size, workers=args.workers,
-                             decode=args.decode, append=args.append, overwrite=args.overwrite,
-                             progress=not args.no_progress, verbose=args.verbose)
-    summary = extract_features(args.dataset, args.features_db, config, options)
+    if args.engine == "ray":
+        from ris.ray_engine import RayOptions, extract_on_ray
+
+        summary = extract_on_ray(args.dataset, args.features_db, config, labels=args.labels,
+                                 batch_size=args.batch_size, append=args.append, overwrite=args.overwrite,
+                                 progress=not args.no_progress,
+                                 options=RayOptions(address=args.ray_address, actors=args.ray_actors))
+    elif args.ray_address or args.ray_actors:
+        raise RisError("--ray-address and --ray-actors need --engine ray")
+    else:
+        options = ExtractOptions(labels=args.labels, batch_size=args.batch_size, workers=args.workers,
+                                 decode=args.decode, append=args.append, overwrite=args.overwrite,
+                                 progress=not args.no_progress, verbose=args.verbose)
+        summary = extract_features(args.dataset, args.features_db, config, options)
+    if args.local_features:
+        from ris.featuredb import FeatureDB
+        from ris.verify import DEFAULTS, database_local_features
+
+        with FeatureDB(args.features_db) as db:
+            database_local_features(db, args.features_db, int(DEFAULTS["features"]), int(DEFAULTS["side"]))
     if args.json:
         print_json(summary.to_dict())
     else:
-        print("\n".join(summary.report(options.verbose)))
+        print("\n".join(summary.report(args.verbose)))
     return EXIT_OK  # skipped images are listed, not an error
 
 

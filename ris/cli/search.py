@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                         + ". Re-rankers hold the database in memory and report "
                         "re-ranking scores (smaller = better) instead of distances; dba+qe builds its augmented "
                         "database on the first run and caches it beside the vectors (rebuilt when they change)")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="geometric verification: re-rank the top K with RootSIFT + RANSAC inliers (local features "
+                        "of the database's images built on first use and kept beside it); distances shown stay the "
+                        "global ones; 0 = off")
+    from ris import presets
+
+    presets.add_argument(p, "search")
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved")
     p.add_argument("--show", action="store_true", help="open the montage in a window (needs a display)")
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
@@ -39,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ris import presets
+
+    parser = build_parser()
+    args = presets.apply(parser.parse_args(argv), parser, "search")
     from ris.errors import BadImage
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine, hits_to_dicts
@@ -47,11 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     montages = _montage_paths(args.image, args.output, args.show)  # refused before the slow set-up
     engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root,
                           rerank=args.rerank)
+    verifier = None
+    if args.verify > 0:
+        from ris.verify import Verifier
+
+        verifier = Verifier.for_database(engine.db, args.features_db, k=args.verify)
     out_json = []
     failed = 0
     for n, image in enumerate(args.image, 1):
         try:
-            hits = engine.query(image, args.top_k)
+            hits = engine.query(image, max(args.top_k, args.verify))
+            if verifier is not None:
+                from ris.verify import verify_hits
+
+                hits = verify_hits(hits, image, verifier, engine.image_ids, args.top_k)
         except BadImage as exc:
             print(f"ris-search: error: {exc}", file=sys.stderr)
             failed += 1
