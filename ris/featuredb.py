@@ -6,8 +6,12 @@ Layout (one file):
   labels       (N,)  int64, -1 = unknown
   label_names  (L,)  UTF-8
   failed_ids, failed_reasons   images that could not be decoded, and why
+  ids          (N,)  int64 stable per-image ids, increasing, never reused (absent in older databases:
+               the row numbers); added_at (N,) float64 Unix time each row was written (NaN = unknown)
+  removed_ids  (R,)  int64 log of every id removed so far (ris.sync), so indexes can follow removals
   attrs        how the features were made (model, weights, layer, size, preprocessing, pooling, versions),
-               rows_done, complete, content_id (redrawn on every change: the key of every cache)
+               rows_done, complete, content_id (redrawn on every change: the key of every cache),
+               lineage_id (kept through appends and removals, new for a re-extraction), next_id
 
 ``ris.featurewriter.FeatureWriter`` writes it (atomically, resumably, one writer at a time; also
 importable from here). ``FeatureDB`` reads it and refuses anything incomplete or inconsistent,
@@ -32,6 +36,7 @@ FORMAT_VERSION = 1
 # attributes that must agree for features to be comparable (query vs database, resume, append)
 FINGERPRINT_KEYS = ("model", "weights", "layer", "input_size", "scales", "pooling", "feature_shape")
 REQUIRED_DATASETS = ("features", "image_ids", "labels")
+ROW_DATASETS = ("ids", "added_at")  # optional, one value per row when present
 INCOMPLETE = "incomplete: an extraction was interrupted or is still running; re-run ris-extract to finish it"
 
 
@@ -111,7 +116,8 @@ def _check_database(f: h5py.File, path: Path) -> None:
         raise DatabaseError(f"{path}: not a complete ris feature database (missing attribute(s) {', '.join(missing)})")
     rows = int(f.attrs["rows_done"])
     nfail = [f[n].shape[0] for n in ("failed_ids", "failed_reasons") if n in f]
-    if (not bool(f.attrs["complete"]) or any(f[n].shape[0] != rows for n in REQUIRED_DATASETS)
+    if (not bool(f.attrs["complete"]) or any(f[n].shape[0] != rows for n in REQUIRED_DATASETS + ROW_DATASETS
+                                             if n in f)
             or int(f.attrs.get("failed_done", nfail[0] if nfail else 0)) != (nfail[0] if nfail else 0)
             or len(set(nfail)) > 1):
         raise DatabaseError(f"{path}: {INCOMPLETE}")
@@ -169,11 +175,46 @@ class FeatureDB:
 
     @property
     def content_history(self) -> list[str]:
-        """Content ids of earlier versions whose rows are a prefix of this one (--append)."""
+        """Content ids of the earlier versions this one was made from by appends and removals (the
+        last 200): an index built from one of them can catch up with this one."""
         try:
             return list(json.loads(self.attrs.get("content_history", "[]")))
         except (TypeError, ValueError):
             return []
+
+    @property
+    def lineage(self) -> str:
+        """Same for every version made by appends and removals from one extraction (indexes follow
+        them incrementally); new for a re-extraction. Older databases: their first content id."""
+        history = self.content_history
+        return str(self.attrs.get("lineage_id") or (history[0] if history else self.content_id))
+
+    @property
+    def row_ids(self) -> np.ndarray:
+        """Stable per-image ids (increasing, never reused, kept through removals); row numbers in
+        databases made before ids existed."""
+        if "ids" in self.f:
+            return self.f["ids"][:].astype(np.int64, copy=False)
+        return np.arange(len(self), dtype=np.int64)
+
+    @property
+    def next_id(self) -> int:
+        """The id the next added image gets: every id below it was assigned once."""
+        ids = self.f["ids"] if "ids" in self.f else None
+        last = int(ids[-1]) + 1 if ids is not None and ids.shape[0] else len(self) if ids is None else 0
+        return max(int(self.attrs.get("next_id", 0) or 0), last)
+
+    @property
+    def removed_ids(self) -> np.ndarray:
+        """Every id removed so far, in removal order (indexes replay the part they have not seen)."""
+        if "removed_ids" not in self.f:
+            return np.zeros(0, np.int64)
+        return self.f["removed_ids"][:].astype(np.int64, copy=False)
+
+    @property
+    def added_at(self) -> np.ndarray:
+        """Unix time each row was written (NaN where unknown: rows of databases made before it)."""
+        return self.f["added_at"][:] if "added_at" in self.f else np.full(len(self), np.nan)
 
     @property
     def features(self) -> h5py.Dataset:

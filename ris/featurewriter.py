@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -99,7 +100,7 @@ class FeatureWriter:
             shutil.copyfile(self.path, self.tmp)
             self._open_existing(fresh_copy=True)
             history = json.loads(_plain(self.f.attrs.get("content_history", "[]")))
-            self.f.attrs["content_history"] = json.dumps(history + [self.base_id])
+            self.f.attrs["content_history"] = json.dumps((history + [self.base_id])[-200:])  # HDF5 attrs are small
         else:
             self._create(feature_shape)
         self.f.attrs["run_kind"] = self.kind
@@ -118,6 +119,7 @@ class FeatureWriter:
         f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
         f.create_dataset("failed_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
         f.create_dataset("failed_reasons", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+        _create_row_datasets(f, 0)
         for k, v in self.attrs.items():
             f.attrs[k] = _attr_value(v)
         f.attrs["format_version"] = FORMAT_VERSION
@@ -126,6 +128,8 @@ class FeatureWriter:
         f.attrs["complete"] = False
         f.attrs["content_id"] = new_content_id()
         f.attrs["content_history"] = "[]"
+        f.attrs["lineage_id"] = new_content_id()
+        f.attrs["next_id"] = 0
         self.f = f
 
     def _open_existing(self, fresh_copy: bool = False) -> None:
@@ -139,7 +143,9 @@ class FeatureWriter:
                 raise DatabaseError(f"{where}: existing features were made differently {diff}; "
                                     f"use a new --features-db, or --overwrite to replace it")
             rows = int(f.attrs.get("rows_done", 0))
-            for name in ("features", "image_ids", "labels"):
+            if "ids" not in f:  # made before stable ids: the rows so far get their row numbers
+                _create_row_datasets(f, rows)
+            for name in ("features", "image_ids", "labels", "ids", "added_at"):
                 f[name].resize(rows, axis=0)
             nfail = int(f.attrs.get("failed_done", 0))
             for name in ("failed_ids", "failed_reasons"):
@@ -152,6 +158,11 @@ class FeatureWriter:
         f.attrs["complete"] = False
         if "content_id" not in f.attrs:  # made before content ids
             f.attrs["content_id"] = new_content_id()
+        if "lineage_id" not in f.attrs:  # made before lineages: as FeatureDB.lineage reads it
+            history = json.loads(_plain(f.attrs.get("content_history", "[]")) or "[]")
+            f.attrs["lineage_id"] = history[0] if history else _plain(f.attrs["content_id"])
+        ids = f["ids"]
+        f.attrs["next_id"] = max(int(f.attrs.get("next_id", 0)), int(ids[-1]) + 1 if rows else 0)
         for k, v in self.attrs.items():
             if k not in FINGERPRINT_KEYS:
                 f.attrs[k] = _attr_value(v)
@@ -182,13 +193,17 @@ class FeatureWriter:
         if n == 0:
             return
         rows = int(self.f.attrs["rows_done"])
-        for name in ("features", "image_ids", "labels"):
+        first = int(self.f.attrs["next_id"])
+        for name in ("features", "image_ids", "labels", "ids", "added_at"):
             self.f[name].resize(rows + n, axis=0)
         self.f["features"][rows:] = features.astype(np.float32, copy=False)
         self.f["image_ids"][rows:] = encode_names(ids)
         self.f["labels"][rows:] = np.array([self.label_index.get(l, -1) for l in label_names], dtype=np.int64)
+        self.f["ids"][rows:] = np.arange(first, first + n, dtype=np.int64)
+        self.f["added_at"][rows:] = time.time()
         self.f.flush()
         self.f.attrs["rows_done"] = rows + n
+        self.f.attrs["next_id"] = first + n
         self._changed()
         self.f.flush()
 
@@ -223,7 +238,7 @@ class FeatureWriter:
         fsync_file(self.tmp)
         os.replace(self.tmp, self.path)
         fsync_dir(self.path.parent)
-        if changed:  # appended rows extend an HNSW index; everything else is rebuilt on next use
+        if changed:  # appended rows extend the saved indexes; everything else is rebuilt on next use
             clear_sidecars(self.path, keep_indexes=self.kind == "append")
         self.lock.release()
         return self.path
@@ -246,6 +261,14 @@ class FeatureWriter:
             self.f = None
         self.tmp.unlink(missing_ok=True)
         self.close()
+
+
+def _create_row_datasets(f: h5py.File, rows: int) -> None:
+    """``ids`` (stable per-image ids: the first ``rows`` get their row numbers) and ``added_at``
+    (NaN: unknown for rows written before it existed)."""
+    f.create_dataset("ids", data=np.arange(rows, dtype=np.int64), maxshape=(None,), chunks=(4096,))
+    f.create_dataset("added_at", data=np.full(rows, np.nan), maxshape=(None,), chunks=(4096,))
+    f.attrs["next_id"] = max(int(f.attrs.get("next_id", 0)), rows)
 
 
 def _finished_content_id(path: Path) -> str:

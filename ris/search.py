@@ -56,8 +56,10 @@ class SearchEngine:
         self.extractor = FeatureExtractor.from_attrs(self.db.attrs)
         self.vectors, vectors_path, source = self._database_vectors(model)
         from ris.index import open_search_index
+        from ris.index_state import source_of
 
-        self.index = open_search_index(vectors_path, self.vectors, self.metric, kind=index, source=source)
+        self.index = open_search_index(vectors_path, self.vectors, self.metric, kind=index,
+                                       source=source_of(self.db, source))  # stable ids: follows removals
         self.reranker = None
         if rerank != "none":  # graph/DBA methods prepare the whole database once, in memory
             from ris.rerank import Reranker

@@ -2,10 +2,12 @@
 
 Beside ``feats.h5`` live caches derived from it (head embeddings ``.emb-<model>.h5``, the DBA
 database ``.dba-n<n>-a<alpha>.h5``, thumbnails ``.thumbs<size>.h5``, the HNSW index ``.hnsw`` +
-``.hnsw.json``, and the same kinds beside an embedding cache), the writer's ``.partial`` and its
-``.lock``. Why one module: a cache is only safe if it is (a) written atomically, (b) keyed on the
-database's *content* plus its own parameters, so a re-extracted database of the same size never
-serves stale vectors, and (c) cleared, and only it, when the database is replaced.
+``.hnsw.json``, the faiss IVF-PQ index ``.ivfpq`` (its metadata, the commit point) + the data file
+it names ``.ivfpq.<token>.faiss``, and the same kinds beside an embedding cache), the writer's
+``.partial``, the remover's ``.rewrite`` and its ``.lock``. Why one module: a cache is only safe
+if it is (a) written atomically, (b) keyed on the database's *content* plus its own parameters,
+so a re-extracted database of the same size never serves stale vectors, and (c) cleared, and
+only it, when the database is replaced.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from ris.errors import DatabaseError
 LOCK_SUFFIX = ".lock"
 _TMP = r"(?:\.[0-9a-f]{8}\.tmp)?"  # atomic_write's temp names, left behind only by a killed process
 _DBA = r"dba-n\d+-a[0-9a-z.+-]+\.h5"
-_INDEX = r"hnsw(?:\.json)?"
+_INDEX = r"(?:hnsw(?:\.json)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)"
+_INDEX_FILE = re.compile(r"\.(?:hnsw(?:\.json)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)(?:\.[0-9a-f]{8}\.tmp)?$")
 _KINDS = rf"(?:emb-[0-9a-f]+\.h5(?:\.{_INDEX}|\.{_DBA})?|{_DBA}|thumbs\d+\.h5|local-sift\d+-\d+\.h5|{_INDEX})"
 
 
@@ -138,6 +141,20 @@ def hnsw_path(vectors_path: str | Path) -> str:
     return f"{vectors_path}.hnsw"
 
 
+def ivfpq_path(vectors_path: str | Path) -> str:
+    """The IVF-PQ index's metadata (JSON); it names its data file ``<this>.<token>.faiss``."""
+    return f"{vectors_path}.ivfpq"
+
+
+def ivfpq_data_path(vectors_path: str | Path, token: str) -> str:
+    return f"{ivfpq_path(vectors_path)}.{token}.faiss"
+
+
+def rewrite_path(features_db: str | Path) -> Path:
+    """Where a removal writes the new database before renaming it into place (under the lock)."""
+    return Path(f"{features_db}.rewrite")
+
+
 def sidecar_files(features_db: str | Path) -> list[Path]:
     """Every cache file (regular files only) kept beside ``features_db``; never the database, its
     ``.partial`` or its ``.lock``, and nothing that merely starts with the same name."""
@@ -154,12 +171,12 @@ def sidecar_files(features_db: str | Path) -> list[Path]:
 def clear_sidecars(features_db: str | Path, keep_indexes: bool = False) -> list[Path]:
     """Delete the caches beside ``features_db``; return what was deleted.
 
-    ``keep_indexes``: keep HNSW indexes (after an append: they know which content they were built
-    from and are extended, not rebuilt, when the new content continues it).
+    ``keep_indexes``: keep the HNSW and IVF-PQ indexes (after an append or a removal: they know
+    which content they were built from and follow the new content incrementally).
     """
     removed = []
     for p in sidecar_files(features_db):
-        if keep_indexes and re.search(r"\.hnsw(?:\.json)?(?:\.[0-9a-f]{8}\.tmp)?$", p.name):
+        if keep_indexes and _INDEX_FILE.search(p.name):
             continue
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

@@ -19,7 +19,8 @@ import cv2
 import numpy as np
 
 __all__ = ["make_bad_images", "make_odd_files", "call_with_fifo_guard", "make_exif_jpeg", "make_large_png",
-           "make_tiny_dataset", "make_tiny_folders_dataset", "VALID_BAD_IMAGES", "ODD_REASONS"]
+           "make_tiny_dataset", "make_tiny_folders_dataset", "VALID_BAD_IMAGES", "ODD_REASONS",
+           "clustered_vectors", "make_feature_db"]
 
 # Keys of make_bad_images() whose files are valid images (a loader should decode them).
 VALID_BAD_IMAGES = frozenset(
@@ -319,3 +320,27 @@ def make_tiny_folders_dataset(
             (sub / f"{cls}_{k:02d}.jpg").write_bytes(_encode(".jpg", _jitter(base, rng, k),
                                                              [cv2.IMWRITE_JPEG_QUALITY, 95]))
     return d
+
+
+def clustered_vectors(n: int, dim: int, seed: int = 0, clusters: int = 50, spread: float = 0.5) -> np.ndarray:
+    """L2-normalised Gaussian-mixture vectors: like pooled CNN features, friendly to ANN indexes."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_feature_db(path: str | Path, vectors: np.ndarray, names: list[str] | None = None,
+                    labels: list[str] | None = None, batch: int = 1000) -> Path:
+    """Write ``vectors`` as a finished feature database with ``FeatureWriter`` (ids, content keys and
+    all), without a CNN: for index and sync tests."""
+    from ris.featurewriter import FeatureWriter
+
+    names = names or [f"img{i:06d}.jpg" for i in range(len(vectors))]
+    labels = labels or [""] * len(vectors)
+    w = FeatureWriter(path, {"model": "synthetic", "pooling": "gap"}, (vectors.shape[1],),
+                      sorted({l for l in labels if l}))
+    for s in range(0, len(vectors), batch):
+        w.add(names[s : s + batch], vectors[s : s + batch], labels[s : s + batch])
+    w.finish({})
+    return Path(path)

@@ -201,3 +201,83 @@ def test_a_damaged_saved_index_is_named_and_rebuilt(h5db):
         with pytest.warns(UserWarning, match="ignoring HNSW index"):
             assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10), ExactIndex)
         assert len(open_search_index(path, f["features"], "euclidean", kind="hnsw")) == len(db)
+
+
+def test_index_flag_choices_come_from_the_registry():
+    from ris.cli.eval import build_parser as eval_parser
+    from ris.cli.search import build_parser as search_parser
+    from ris.index import INDEX_KINDS, index_metavar, parse_index
+
+    assert set(INDEX_KINDS) == {"auto", "exact", "hnsw", "ivfpq", "milvus"}
+    assert parse_index("ivfpq") == ("ivfpq", None) and parse_index("milvus:x.db") == ("milvus", "x.db")
+    for bad in ("annoy", "hnsw:x", "milvus"):
+        with pytest.raises(RisError, match="unknown index"):
+            parse_index(bad)
+    for parser in (search_parser(), eval_parser()):
+        action = next(a for a in parser._actions if "--index" in a.option_strings)
+        assert action.metavar == index_metavar() and "milvus://HOST:PORT" in action.help
+    with pytest.raises(SystemExit):
+        search_parser().parse_args(["--image", "q.jpg", "--index", "annoy"])
+    with pytest.raises(ValueError, match="unknown index kind"):
+        open_search_index("x.h5", np.zeros((3, 2), np.float32), "euclidean", kind="flat")
+
+
+def test_index_module_imports_without_keras_or_index_libraries():
+    import subprocess
+
+    code = ("import sys; import ris.index; bad = {'keras', 'tensorflow', 'faiss', 'hnswlib', 'pymilvus'} "
+            "& set(sys.modules); print(sorted(bad)); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_each_index_kind_scores_ukbench_like_exact(tmp_path):
+    """Real features (UKBench, first 200 images, MobileNetV2): each kind's N-S and mAP within 0.01
+    of exact search, through the same ranked-list scoring as ris-eval --index."""
+    import importlib.util
+    import shutil
+
+    from conftest import shared_dataset
+    from ris.errors import WeightsUnavailable
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
+    from ris.index_eval import evaluate_index
+
+    src = shared_dataset("ukbench1000")
+    data = tmp_path / "ukbench200"
+    data.mkdir()
+    for i in range(200):  # a temporary copy of a subset (never into the repository)
+        shutil.copy(src / f"ukbench{i:05d}.jpg", data)
+    db = tmp_path / "uk.h5"
+    try:
+        extract_features(data, db, ExtractConfig(model="mobilenet_v2"), ExtractOptions(labels="ukbench", progress=False))
+    except WeightsUnavailable as exc:
+        pytest.skip(str(exc))
+    kinds = ["exact"] + [k for k, mod in (("hnsw", "hnswlib"), ("ivfpq", "faiss")) if importlib.util.find_spec(mod)]
+    if importlib.util.find_spec("pymilvus") and importlib.util.find_spec("milvus_lite"):
+        kinds.append(f"milvus:{tmp_path / 'uk.milvus.db'}")
+    for kind in kinds:
+        r = evaluate_index(db, kind)
+        assert r["images"] == 200 and r["exact"]["ns_score"] > 3.5, r
+        assert abs(r["delta"]["ns_score"]) <= 0.01 and abs(r["delta"]["map"]) <= 0.01, (kind, r["delta"])
+
+
+def test_ris_eval_index_scores_the_index_beside_exact(tmp_path, capsys):
+    import json
+
+    from ris.cli.eval import main
+    from ris.testing import make_feature_db
+
+    rng = np.random.default_rng(3)
+    x = np.repeat(rng.normal(size=(100, 16)), 4, axis=0) + 0.05 * rng.normal(size=(400, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    labels = [f"o{i // 4}" for i in range(400)]  # 100 objects of 4 views each
+    db = make_feature_db(tmp_path / "f.h5", x, labels=labels)
+    kind = "hnsw" if hnsw_available() else "exact"
+    assert main(["--features-db", str(db), "--index", kind, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 400 and r["exact"]["ns_score"] == pytest.approx(4.0, abs=0.05)
+    assert abs(r["delta"]["ns_score"]) <= 0.01 and r["indexed"]["recall_at"]["1"] > 0.9
+    assert main(["--features-db", str(db), "--index", kind, "--min-ns", "4.5"]) == 1

@@ -9,6 +9,7 @@ from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, finite_float, f
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.rerank import RERANKERS
+    from ris.index import index_arg, index_help, index_metavar
 
     p = argparse.ArgumentParser(
         prog="ris-eval",
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ris import presets
 
     presets.add_argument(p, "eval")
+    p.add_argument("--index", default=None, type=index_arg, metavar=index_metavar(),
+                   help="also score retrieval through this index (the one ris-search uses, built or caught up "
+                        "as there), beside exact search on the same queries and ranked-list depth (100); "
+                        "kinds: " + index_help())
     p.add_argument("--min-ns", type=finite_float, default=None,
                    help="exit with status 1 (a requested check failed) if the best N-S score is below this "
                         "(for CI); errors exit 2")
@@ -61,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     args = presets.apply(parser.parse_args(argv), parser, "eval")
     from ris.evaluate import evaluate_db, format_table
 
+    if args.index is not None:
+        from ris.index_eval import evaluate_index, format_index_table
+
+        r = evaluate_index(args.features_db, args.index, args.model, args.split, args.seed, args.test_fraction)
+        print_json(r) if args.json else print(format_index_table(r))
+        if args.min_ns is not None and r["indexed"]["ns_score"] < args.min_ns:
+            print(f"ris-eval: N-S {r['indexed']['ns_score']:.4f} is below the required {args.min_ns}", file=sys.stderr)
+            return 1
+        return 0
     if args.folds and args.folds > 1:
         from ris.evaluate import evaluate_folds
 

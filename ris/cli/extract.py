@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter)
     p.add_argument("--dataset", default=None, help="folder of images, searched recursively "
                    "(.jpg .jpeg .png .bmp .webp .tif .gif, any case; hidden files and folders are not read); "
-                   "required unless --list-layers")
+                   "required unless --list-layers or --sync")
     p.add_argument("--features-db", default="feats.h5", help="output HDF5 file")
     p.add_argument("--model", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
                    help="backbone CNN; mobilenet_v2 and efficientnet_lite0/1/2 have offline ImageNet weights "
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--append", action="store_true", help="add images not yet in an existing database")
     g.add_argument("--overwrite", action="store_true", help="replace an existing database; the old one stays usable "
                    "until the new one is complete, then the caches kept beside it are deleted")
+    g.add_argument("--sync", action="store_true", help="bring an existing database in step with its folder "
+                   "(--dataset, default: the one it was made from) with its own settings: rows of deleted or "
+                   "changed files are removed, new and changed files extracted; saved indexes follow")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this process decodes and runs the network; ray: decoding runs as Ray tasks and the "
                         "network in a pool of Ray actors (one per GPU), on the cluster at --ray-address; the same "
@@ -89,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.list_layers:
         return _list_layers(args.model, args.json)
+    if args.sync:
+        from ris.sync import sync_main
+
+        return sync_main(args)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
     config = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,

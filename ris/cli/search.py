@@ -9,6 +9,7 @@ from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, pos
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.rerank import RERANKERS
+    from ris.index import index_arg, index_help, index_metavar
 
     p = argparse.ArgumentParser(
         prog="ris-search",
@@ -24,9 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--top-k", type=positive_int, default=12, help="number of results")
     p.add_argument("--output", default=None, help="montage PNG path (query first, then the results); with "
                    "several queries, a -N suffix is added")
-    p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
-                   help="exact = blockwise BLAS search; hnsw = approximate index (pip install 'ris[ann]'), "
-                        "saved beside the database; auto = hnsw for large databases when available")
+    p.add_argument("--index", default="auto", type=index_arg, metavar=index_metavar(), help=index_help())
     p.add_argument("--rerank", default="none", choices=list(RERANKERS),
                    help="; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items())
                         + ". Re-rankers hold the database in memory and report "

@@ -1,0 +1,173 @@
+"""ris-index: build or refresh a search index, remove images, show what is saved beside a database."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ris.cli.common import HelpFormatter, print_json, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ris.index import index_arg, index_help, index_metavar
+
+    p = argparse.ArgumentParser(
+        prog="ris-index",
+        description="Build (or catch up) the index ris-search uses, remove images from a database and its "
+                    "indexes, or show the database's ids, removals and saved indexes.",
+        formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the index, or catch it up with the database's appends and removals",
+                       formatter_class=HelpFormatter)
+    b.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
+    b.add_argument("--index", required=True, type=index_arg, metavar=index_metavar(), help=index_help())
+    b.add_argument("--model", default=None, help="index the head embeddings of this model (.keras) instead")
+    b.add_argument("--rebuild", action="store_true", help="build from scratch even if a saved index can follow")
+    b.add_argument("--nprobe", type=int, default=None, help="ivfpq: cells visited per query (saved with the index)")
+    b.add_argument("--rerank", type=int, default=None,
+                   help="ivfpq: shortlist re-ranked exactly from the stored vectors (0 = off; saved with the index)")
+    b.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+    r = sub.add_parser("remove", help="remove images (relative paths as stored) from the database; its saved "
+                                      "indexes follow", formatter_class=HelpFormatter)
+    r.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
+    r.add_argument("images", nargs="*", help="relative paths as stored in the database (see ris-index info)")
+    r.add_argument("--from-file", default=None, help="a text file with one relative path per line")
+    r.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+    i = sub.add_parser("info", help="rows, ids, removals and the indexes saved beside the database",
+                       formatter_class=HelpFormatter)
+    i.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
+    i.add_argument("--json", action="store_true", help="print as JSON on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"build": _build, "remove": _remove, "info": _info}[args.command](args)
+
+
+def _build(args) -> int:
+    from ris.errors import RisError
+    from ris.featuredb import FeatureDB
+    from ris.index import open_search_index
+    from ris.index_state import source_of
+    from ris.sidecars import hnsw_path, ivfpq_path
+
+    if args.index in ("auto", "exact"):
+        raise RisError(f"--index {args.index} has nothing to build; choose hnsw, ivfpq or milvus:...")
+    engine = None
+    with FeatureDB(args.features_db) as db:
+        if args.model is not None or db.features.ndim != 2:
+            from ris.search import SearchEngine
+
+            db.close()
+            if args.rebuild:
+                raise RisError("--rebuild with --model: delete the index beside the embeddings cache instead")
+            engine = SearchEngine(args.features_db, args.model, index=args.index)
+            index, vectors_path = engine.index, None
+        else:
+            vectors_path = str(db.path)
+            if args.rebuild:
+                _delete_saved(vectors_path, args.index)
+            index = open_search_index(vectors_path, db.features, "euclidean", kind=args.index, source=source_of(db))
+        if getattr(index, "kind", "") == "ivfpq" and (args.nprobe is not None or args.rerank is not None):
+            index = _retune(index, vectors_path or "", args.nprobe, args.rerank)
+        summary = {"features_db": args.features_db, "index": args.index, "type": type(index).__name__,
+                   "vectors": len(index), "params": getattr(getattr(index, "params", None), "__dict__", None)
+                   or getattr(index, "params", None),
+                   "path": {"hnsw": hnsw_path, "ivfpq": ivfpq_path}.get(args.index, lambda p: None)(vectors_path)
+                   if vectors_path else None}
+    if engine is not None:
+        engine.close()
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"{args.features_db}: {summary['type']} with {summary['vectors']} vectors"
+              + (f" ({summary['path']})" if summary["path"] else ""))
+    return 0
+
+
+def _retune(index, vectors_path: str, nprobe: int | None, rerank: int | None):
+    """Search settings change without rebuilding: re-save the index with them."""
+    from ris.faiss_index import IvfPqIndex
+    from ris.sidecars import ivfpq_path
+
+    if not vectors_path:
+        return index
+    path = ivfpq_path(vectors_path)
+    writable = IvfPqIndex.load(path, mmap=False)
+    if nprobe is not None:
+        writable.params.nprobe = int(nprobe)
+    if rerank is not None:
+        writable.params.rerank = int(rerank)
+    writable.save(path)
+    index.params = writable.params
+    index._apply_search_params()
+    return index
+
+
+def _delete_saved(vectors_path: str, kind: str) -> None:
+    from ris.sidecars import hnsw_path, ivfpq_path
+
+    if kind == "hnsw":
+        for p in (hnsw_path(vectors_path), hnsw_path(vectors_path) + ".json"):
+            if os.path.isfile(p):
+                os.unlink(p)
+    elif kind == "ivfpq" and os.path.isfile(ivfpq_path(vectors_path)):
+        os.unlink(ivfpq_path(vectors_path))  # its data file is dropped by the next save
+    elif kind.startswith("milvus:"):
+        pass  # the collection is rebuilt when its state does not match; see ris.milvus_index
+
+
+def _remove(args) -> int:
+    from ris.errors import RisError
+    from ris.sync import follow_saved_indexes, remove_images
+
+    names = list(args.images)
+    if args.from_file:
+        with open(args.from_file, encoding="utf-8", errors="surrogateescape") as fh:
+            names += [line.rstrip("\n") for line in fh if line.strip()]
+    if not names:
+        raise RisError("nothing to remove: give relative paths, or --from-file")
+    s = remove_images(args.features_db, names)
+    follow_saved_indexes(args.features_db)
+    if args.json:
+        print_json(s.to_dict())
+    else:
+        print(f"{args.features_db}: removed {len(s.removed)} image(s) and {len(s.removed_failed)} failed "
+              f"entr(ies); {s.rows} images left")
+        for n in s.not_found:
+            print(f"  not in the database: {n}")
+    return 1 if s.not_found else 0
+
+
+def _info(args) -> int:
+    from ris.featuredb import FeatureDB
+    from ris.sidecars import sidecar_files
+
+    with FeatureDB(args.features_db) as db:
+        ids = db.row_ids
+        info = {"features_db": args.features_db, "rows": len(db), "lineage": db.lineage, "content_id": db.content_id,
+                "next_id": db.next_id, "removed": int(len(db.removed_ids)),
+                "first_id": int(ids[0]) if len(ids) else None, "last_id": int(ids[-1]) if len(ids) else None,
+                "indexes": {}}
+        for p in sidecar_files(db.path):
+            if p.name.endswith((".hnsw.json", ".ivfpq")):
+                try:
+                    meta = json.loads(p.read_text())
+                    info["indexes"][p.name] = {k: meta.get(k) for k in ("kind", "count", "next_id", "removed_seen",
+                                                                       "metric", "dim", "params")}
+                except (OSError, ValueError) as exc:
+                    info["indexes"][p.name] = {"error": str(exc)}
+    if args.json:
+        print_json(info)
+    else:
+        print(f"{info['features_db']}: {info['rows']} images, ids {info['first_id']}..{info['last_id']}, next id "
+              f"{info['next_id']}, {info['removed']} removed so far, lineage {info['lineage']}")
+        for name, m in info["indexes"].items():
+            print(f"  {name}: {m}")
+    return 0
+
+
+def entry() -> None:
+    sys.exit(run("ris-index", main))

@@ -1,0 +1,386 @@
+"""Compressed k-NN on one machine: a faiss IVF-PQ index (the optional extra ``ris[faiss]``).
+
+Why: HNSW keeps every float of every vector plus its graph in RAM (~1.2 GB per million 256-d
+vectors); IVF-PQ keeps a code of ``m`` bytes per vector (64 by default) plus its 8-byte id, so
+10M vectors fit in ~0.7 GB, and the saved index is memory-mapped (``faiss.IO_FLAG_MMAP``): only
+the inverted lists a query visits are paged in. This is how clip-retrieval/autofaiss serve
+LAION-5B from one machine. The price is approximate distances: with ``rerank`` (default 100),
+the shortlist is re-ranked exactly from the stored vectors of the feature database, read row
+by row straight from the HDF5 file (``StoredRows``).
+
+Build: trained on a sample (OPQ rotation, coarse k-means, PQ codebooks), then the database is
+streamed in chunks and added with its stable ids, so appended images are added and removed
+ones removed (``remove_ids``) without retraining (``ris.index_state``). The index is saved as
+``<vectors>.ivfpq`` (JSON metadata, the commit point) naming its data file
+``<vectors>.ivfpq.<token>.faiss``; both are written atomically, so a build killed at any point
+leaves either the previous index or none under the final name.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP: spinning threads
+# starve everything else on a shared 2-core machine (k-means ran ~10x slower under load)
+
+import numpy as np  # noqa: E402
+
+from ris.errors import DatabaseError, RisError  # noqa: E402
+from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
+from ris.sidecars import atomic_write, ivfpq_path  # noqa: E402
+from ris.topk import METRICS, l2_normalize  # noqa: E402
+
+FORMAT = 1
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise RisError("the ivfpq index needs faiss: pip install 'ris[faiss]' (or use --index exact|hnsw)") from exc
+    threads = os.environ.get("RIS_FAISS_THREADS")
+    try:
+        n = int(threads) if threads else len(os.sched_getaffinity(0))
+    except (AttributeError, ValueError):
+        n = os.cpu_count() or 1
+    faiss.omp_set_num_threads(max(1, n))
+    return faiss
+
+
+def faiss_available() -> bool:
+    try:
+        _faiss()
+    except RisError:
+        return False
+    return True
+
+
+@dataclass
+class IvfPqParams:
+    """Index shape. ``choose_params`` sizes it from the row count and dimension."""
+
+    nlist: int  # coarse cells
+    m: int  # PQ sub-quantizers = code bytes per vector (at 8 bits)
+    nbits: int = 8
+    opq: bool = True  # learned rotation before PQ: spreads variance evenly over the sub-vectors
+    nprobe: int = 32  # cells visited per query
+    rerank: int = 100  # shortlist re-ranked exactly from the stored vectors; 0 = approximate distances
+    train_rows: int = 100_000
+    codec: str = "pq"  # "sq8" (1 byte per dimension) below ~10,000 rows, too few to train PQ codebooks
+
+    def factory(self, dim: int) -> str:
+        coarse = f"IVF{self.nlist}_HNSW32" if self.nlist >= 1024 else f"IVF{self.nlist}"
+        if self.codec == "sq8":
+            return f"{coarse},SQ8"
+        opq = f"OPQ{self.m}_{dim}," if self.opq else ""
+        return f"{opq}{coarse},PQ{self.m}x{self.nbits}"
+
+
+def choose_params(n: int, dim: int, **override) -> IvfPqParams:
+    """nlist ~ 4 sqrt(N) (a power of two, at most 4096, >= 39 training rows per cell); m = 64
+    bytes (fewer for small dimensions: it must divide the dimension); 8-bit codes once there
+    are enough rows to train 256 centroids per sub-quantizer (below that, 8-bit scalar codes:
+    a small database does not need compressing); OPQ from 100,000 rows (below, its training
+    costs more than the index is worth)."""
+    nlist = 2 ** int(round(math.log2(max(1.0, 4 * math.sqrt(n)))))
+    nlist = int(max(1, min(nlist, 4096, n // 39)))
+    train = int(min(n, max(100_000, 64 * nlist)))
+    m = max(d for d in range(1, min(64, max(1, dim // 2)) + 1) if dim % d == 0)
+    codec = "pq" if train >= 39 * 256 else "sq8"
+    p = IvfPqParams(nlist=nlist, m=m if codec == "pq" else dim, nbits=8, opq=codec == "pq" and n >= 100_000 and m >= 2,
+                    nprobe=int(min(nlist, 32)), train_rows=train, codec=codec)
+    for k, v in override.items():
+        setattr(p, k, v)
+    return p
+
+
+class StoredRows:
+    """Random rows of the feature matrix, for exact re-ranking of a shortlist.
+
+    An h5py dataset written by ``FeatureWriter`` is chunked by whole rows and uncompressed, so a
+    row's bytes sit at (its chunk's file offset + its place in the chunk): the chunk offsets are
+    listed once and every row is then read with one ``pread`` of its own file (the version that
+    was open when the index was opened, even if the database has been replaced since), instead
+    of h5py selecting and caching whole 1 MB chunks. Anything else (a NumPy array, a compressed
+    or differently chunked dataset) is read through h5py.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        self._fd = None
+        try:
+            if (data.compression is None and data.dtype == np.dtype("<f4") and data.ndim == 2
+                    and data.chunks is not None and data.chunks[1:] == data.shape[1:]):
+                self._rows_per_chunk, self._row_bytes = int(data.chunks[0]), int(data.shape[1]) * 4
+                self._offsets = self._chunk_offsets(data)
+                self._fd = os.open(data.file.filename, os.O_RDONLY)
+        except (AttributeError, TypeError, ValueError, OSError, RuntimeError):
+            self._fd = None
+
+    def _chunk_offsets(self, data) -> np.ndarray:
+        n_chunks = -(-int(data.shape[0]) // self._rows_per_chunk)
+        offsets = np.full(n_chunks, -1, np.int64)
+
+        def visit(info) -> None:
+            offsets[info.chunk_offset[0] // self._rows_per_chunk] = info.byte_offset
+
+        try:
+            data.id.chunk_iter(visit)  # one pass over the chunk index (HDF5 >= 1.14)
+        except AttributeError:
+            for c in range(n_chunks):
+                offsets[c] = data.id.get_chunk_info_by_coord((c * self._rows_per_chunk, 0)).byte_offset
+        if (offsets < 0).any():
+            raise ValueError("unallocated chunks")
+        return offsets
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if self._fd is None:
+            uniq, inv = np.unique(rows, return_inverse=True)
+            return np.asarray(self.data[uniq], np.float32)[inv]
+        chunk, within = np.divmod(rows, self._rows_per_chunk)
+        offsets = self._offsets[chunk] + within * self._row_bytes
+        rb = self._row_bytes
+        return np.frombuffer(b"".join(os.pread(self._fd, rb, int(o)) for o in offsets),
+                             np.float32).reshape(len(rows), -1)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
+class IvfPqIndex:
+    """faiss IVF-PQ over stable ids; ``search`` answers database row numbers (see ``rowmap``)."""
+
+    kind = "ivfpq"
+
+    def __init__(self, index, dim: int, metric: str, params: IvfPqParams, mmap: bool = False):
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        self.index, self.dim, self.metric, self.params, self.mmap = index, int(dim), metric, params, mmap
+        self.source: dict | None = None
+        self.next_id = self.removed_seen = self.fingerprint_rows = 0
+        self.fingerprint: str | None = None
+        self.rowmap: RowMap | None = None
+        self.stored: StoredRows | None = None  # exact vectors for re-ranking, attached by open_ivfpq
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        faiss = _faiss()
+        ps = faiss.ParameterSpace()
+        ps.set_index_parameter(self.index, "nprobe", int(self.params.nprobe))
+        if self.params.nlist >= 1024:  # HNSW coarse quantizer: must see at least nprobe cells
+            ps.set_index_parameter(self.index, "quantizer_efSearch", max(64, 2 * int(self.params.nprobe)))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def _prep(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(l2_normalize(x), dtype=np.float32) if self.metric == "cosine" else x
+
+    def add_ids(self, vectors: np.ndarray, ids: np.ndarray, start_row: int | None = None) -> None:
+        if self.mmap:
+            raise RuntimeError("a memory-mapped IVF-PQ index is read-only (load it with mmap=False)")
+        if len(vectors):
+            self.index.add_with_ids(self._prep(vectors), np.ascontiguousarray(ids, dtype=np.int64))
+            self.next_id = max(self.next_id, int(np.max(ids)) + 1)
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        if self.mmap:
+            raise RuntimeError("a memory-mapped IVF-PQ index is read-only (load it with mmap=False)")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        return int(self.index.remove_ids(ids)) if len(ids) else 0
+
+    def pending(self, features, source: dict | None) -> bool:
+        """Whether the database changed since the index was saved (then it must be loaded writable)."""
+        n = int(features.shape[0])
+        removed = 0 if source is None or source.get("removed") is None else len(source["removed"])
+        ids = ids_of(source, n)
+        return self.removed_seen < removed or (n > 0 and int(ids[-1]) >= self.next_id)
+
+    def writable(self, path: str) -> "IvfPqIndex":
+        return IvfPqIndex.load(path, mmap=False) if self.mmap else self
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = self._prep(np.atleast_2d(np.asarray(queries, np.float32)))
+        k = min(int(k), len(self))
+        if k <= 0 or not len(q):
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        depth = max(k, int(self.params.rerank)) if self.stored is not None and self.params.rerank else k
+        d2, labels = self._search(q, min(depth, len(self)))
+        if depth == k or self.stored is None:
+            dist = np.sqrt(np.maximum(d2, 0)) if self.metric == "euclidean" else d2 / 2  # unit vectors: 1-cos = d2/2
+            return to_rows(np.where(labels < 0, np.inf, dist), labels, self.rowmap, k)
+        return self._rerank(q, labels, k)
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss search; a few queries run on one thread: faiss splits work by query, and waking
+        a second OpenMP thread for one query cost milliseconds on a loaded 2-core machine."""
+        if len(q) >= 16:
+            return self.index.search(q, k)
+        faiss = _faiss()
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self.index.search(q, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def _rerank(self, q: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = labels if self.rowmap is None else self.rowmap.rows(labels)
+        dist = np.full(rows.shape, np.inf, np.float32)
+        for i in range(len(q)):
+            ok = rows[i] >= 0
+            if not ok.any():
+                continue
+            vec = self._prep(self.stored.read(rows[i][ok]))
+            diff = vec - q[i]
+            d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+            dist[i, ok] = d if self.metric == "euclidean" else d * d / 2
+        return to_rows(dist, rows, None, k)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write a new data file, then the metadata naming it (the commit), then drop the old one."""
+        faiss = _faiss()
+        token = uuid.uuid4().hex[:8]
+        data = f"{path}.{token}.faiss"
+        if self.mmap:
+            raise RuntimeError("a memory-mapped IVF-PQ index cannot be re-saved; load it with mmap=False")
+        with atomic_write(data) as tmp:
+            faiss.write_index(self.index, str(tmp))
+        previous = _read_meta(path).get("data") if os.path.isfile(path) else None
+        meta = {"format": FORMAT, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
+                "next_id": self.next_id, "removed_seen": self.removed_seen, "params": asdict(self.params),
+                "factory": self.params.factory(self.dim), "fingerprint": self.fingerprint,
+                "fingerprint_rows": self.fingerprint_rows, "source": saved_source(self.source),
+                "data": os.path.basename(data), "data_bytes": os.path.getsize(data)}
+        try:
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps(meta, indent=1))
+        except BaseException:
+            os.unlink(data)
+            raise
+        _drop_old_data(path, keep=data, previous=previous)
+
+    @classmethod
+    def load(cls, path: str, mmap: bool = True) -> "IvfPqIndex":
+        faiss = _faiss()
+        for attempt in range(2):  # a writer may replace the data file between our two reads
+            meta = _read_meta(path)
+            try:
+                dim, metric, params = int(meta["dim"]), meta["metric"], IvfPqParams(**meta["params"])
+                data = os.path.join(os.path.dirname(path) or ".", os.path.basename(meta["data"]))
+                count = int(meta["count"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DatabaseError(f"IVF-PQ index {path} is damaged (bad or missing {exc})") from None
+            if os.path.isfile(data) or attempt:
+                break
+        if not os.path.isfile(data) or os.path.getsize(data) != meta.get("data_bytes"):
+            raise DatabaseError(f"IVF-PQ index {path}: its data file {data} is missing or does not match")
+        index = faiss.read_index(data, faiss.IO_FLAG_MMAP if mmap else 0)
+        if index.ntotal != count or index.d != dim:
+            raise DatabaseError(f"IVF-PQ index {path}: {data} holds {index.ntotal} vectors, its metadata says {count}")
+        self = cls(index, dim, metric, params, mmap=mmap)
+        self.source, self.next_id = meta.get("source"), int(meta.get("next_id", count))
+        self.removed_seen = int(meta.get("removed_seen", 0))
+        self.fingerprint, self.fingerprint_rows = meta.get("fingerprint"), int(meta.get("fingerprint_rows", 0))
+        return self
+
+
+def _read_meta(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise DatabaseError(f"IVF-PQ index {path}: cannot read it ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != "ivfpq":
+        raise DatabaseError(f"IVF-PQ index {path}: not an ris IVF-PQ index file")
+    return meta
+
+
+def _drop_old_data(path: str, keep: str, previous: str | None, orphan_age_s: float = 600) -> None:
+    """Delete the data file the metadata named before, and orphans of killed saves (old enough
+    not to be another writer's file about to be committed)."""
+    now = time.time()
+    for f in glob.glob(glob.escape(path) + ".*.faiss"):
+        if os.path.basename(f) == os.path.basename(keep):
+            continue
+        try:
+            if os.path.basename(f) == previous or now - os.path.getmtime(f) > orphan_age_s:
+                os.unlink(f)
+        except OSError:
+            pass
+
+
+def _sample_rows(features, n_rows: int, seed: int = 0) -> np.ndarray:
+    """A sorted random sample of rows, read in blocks (h5py wants increasing indices)."""
+    n = int(features.shape[0])
+    rows = np.arange(n) if n_rows >= n else np.sort(np.random.default_rng(seed).choice(n, n_rows, replace=False))
+    out = np.empty((len(rows), int(features.shape[1])), np.float32)
+    for s in range(0, len(rows), 65536):
+        part = rows[s : s + 65536]
+        lo, hi = int(part[0]), int(part[-1]) + 1
+        out[s : s + len(part)] = np.asarray(features[lo:hi], np.float32)[part - lo] if hi - lo <= 4 * len(part) \
+            else np.asarray(features[part], np.float32)
+    return out
+
+
+def _tuned(index):
+    """Training settings: no polysemous training (the factory's default for IVF-PQ: minutes of
+    annealing we never use), 20 OPQ iterations instead of 50 (the rotation has mostly settled)."""
+    faiss = _faiss()
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            if isinstance(vt, faiss.OPQMatrix):
+                vt.niter = 20
+    return index
+
+
+def build_ivfpq(features, metric: str, source: dict | None = None, params: IvfPqParams | None = None,
+                progress: bool = True, chunk_rows: int = 100_000) -> IvfPqIndex:
+    """Train on a sample of ``features`` (array or h5py dataset), then add every row, streamed."""
+    faiss = _faiss()
+    n, dim = int(features.shape[0]), int(features.shape[1])
+    if n == 0:
+        raise DatabaseError("cannot build an IVF-PQ index over an empty database")
+    params = params or choose_params(n, dim)
+    t0 = time.perf_counter()
+    index = IvfPqIndex(_tuned(faiss.index_factory(dim, params.factory(dim))), dim, metric, params)
+    sample = index._prep(_sample_rows(features, params.train_rows))
+    if progress:
+        print(f"ivfpq: training {params.factory(dim)} on {len(sample)} rows", file=sys.stderr, flush=True)
+    index.index.train(sample)
+    del sample
+    index._apply_search_params()
+    if progress:
+        print(f"ivfpq: trained in {time.perf_counter() - t0:.0f} s; adding {n} rows", file=sys.stderr, flush=True)
+    catch_up(index, features, source, chunk_rows=chunk_rows, progress=progress, name="ivfpq")
+    return index
+
+
+def open_ivfpq(req):
+    """``--index ivfpq``: the saved index beside the vectors (caught up, or built), memory-mapped."""
+    from ris.index import open_saved
+
+    path = ivfpq_path(req.vectors_path)
+    index = open_saved(req, path, IvfPqIndex.load, lambda: build_ivfpq(req.features, req.metric, req.source),
+                       "ivfpq")
+    if index is not None:
+        index.stored = StoredRows(req.features)
+    return index

@@ -1,0 +1,223 @@
+"""A Milvus collection as the index: Milvus Lite (embedded) or a Milvus server or cluster.
+
+``--index milvus:PATH.db`` opens (creating it if needed) a Milvus Lite data folder;
+``--index milvus://HOST:PORT`` a Milvus server (token from ``RIS_MILVUS_TOKEN`` if it needs
+one). The client code is the same for both (pymilvus, the optional extra ``ris[milvus]``).
+One collection per database lineage and kind of vectors, ``ris_<lineage>_<vectors>``, holds
+(id = the database's stable id, path, label, vector) with an HNSW index; it follows the
+database like the other index kinds (``ris.index_state``): removed images are deleted,
+appended ones upserted (idempotent, so an update killed half-way is redone), and the cursor is
+kept in the collection's ``ris_state`` property. That property is written last: a collection
+without it (a build killed half-way) is never trusted and is rebuilt.
+
+Tested against Milvus Lite only (3.x: a pure-Python engine with Milvus's gRPC API and faiss
+inside); the server path uses the same calls but was not run against a Milvus cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Milvus Lite runs faiss in-process: see ris.faiss_index
+
+import numpy as np  # noqa: E402
+
+from ris.errors import DatabaseError, RisError  # noqa: E402
+from ris.index_state import RowMap, catch_up, saved_source, to_rows  # noqa: E402
+from ris.topk import METRICS  # noqa: E402
+
+STATE_KEY = "ris_state"
+BATCH = 5000
+_METRIC = {"euclidean": "L2", "cosine": "COSINE"}
+HNSW_PARAMS = {"M": 16, "efConstruction": 200}
+
+
+def _pymilvus():
+    try:
+        import pymilvus
+    except ImportError as exc:
+        raise RisError("the milvus index needs pymilvus: pip install 'ris[milvus]' "
+                       "(or use --index exact|hnsw|ivfpq)") from exc
+    return pymilvus
+
+
+def parse_target(arg: str) -> tuple[str, bool]:
+    """'//host:port' -> ('http://host:port', False); 'x.db' -> (absolute path, True)."""
+    if arg.startswith("//"):
+        if not re.fullmatch(r"//[A-Za-z0-9_.\-\[\]:]+:\d+/?", arg):
+            raise RisError(f"milvus:{arg}: expected milvus://HOST:PORT")
+        return "http:" + arg.rstrip("/"), False
+    if not arg.endswith(".db"):
+        raise RisError(f"milvus:{arg}: a Milvus Lite path must end in .db (e.g. milvus:feats.milvus.db)")
+    return os.path.abspath(arg), True
+
+
+def connect(arg: str):
+    uri, lite = parse_target(arg)
+    pm = _pymilvus()
+    try:
+        return pm.MilvusClient(uri, token=os.environ.get("RIS_MILVUS_TOKEN", "")) if not lite \
+            else pm.MilvusClient(uri)
+    except Exception as exc:  # noqa: BLE001 - pymilvus raises its own and grpc's errors
+        where = f"Milvus Lite data {uri}" if lite else f"Milvus server {uri}"
+        hint = " (is another process using it? Milvus Lite allows one)" if lite else ""
+        raise RisError(f"cannot open {where}: {exc}{hint}") from None
+
+
+def collection_name(source: dict | None, vectors_path: str) -> str:
+    """``ris_<lineage>_<vectors>``: one per database lineage (appends and removals keep it) and kind
+    of vectors (raw features or one head's embeddings)."""
+    import hashlib
+
+    lineage = (source or {}).get("lineage") or hashlib.sha1(os.path.abspath(vectors_path).encode()).hexdigest()
+    vectors = str((source or {}).get("vectors", "raw"))
+    tag = "raw" if vectors == "raw" else "emb_" + hashlib.sha1(vectors.encode()).hexdigest()[:10]
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"ris_{str(lineage)[:16]}_{tag}")
+
+
+def _text(name: str, limit: int) -> str:
+    """Milvus strings must be valid UTF-8: a non-UTF-8 file name is stored escaped."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:limit]
+
+
+class MilvusIndex:
+    """A collection, searched by vector; ``search`` answers database row numbers (see ``rowmap``)."""
+
+    kind = "milvus"
+
+    def __init__(self, client, name: str, dim: int, metric: str, where: str):
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        self.client, self.name, self.dim, self.metric, self.where = client, name, int(dim), metric, where
+        self.source: dict | None = None
+        self.next_id = self.removed_seen = self.fingerprint_rows = 0
+        self.fingerprint: str | None = None
+        self.rowmap: RowMap | None = None
+        self.describe = None  # (start, end) -> (paths, labels) of database rows, from the source
+        self.fresh = False  # a new collection: insert; else upsert (idempotent re-runs)
+        self.ef = 128
+
+    # -- the collection ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, client, name: str, dim: int, metric: str, where: str) -> "MilvusIndex":
+        """Drop any collection of that name and make an empty one (its state property comes last)."""
+        pm = _pymilvus()
+        if client.has_collection(name):
+            client.drop_collection(name)
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", pm.DataType.INT64, is_primary=True)
+        schema.add_field("path", pm.DataType.VARCHAR, max_length=4096)
+        schema.add_field("label", pm.DataType.VARCHAR, max_length=1024)
+        schema.add_field("vector", pm.DataType.FLOAT_VECTOR, dim=int(dim))
+        params = client.prepare_index_params()
+        params.add_index("vector", index_type="HNSW", metric_type=_METRIC[metric], params=HNSW_PARAMS)
+        client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
+        self = cls(client, name, dim, metric, where)
+        self.fresh = True
+        return self
+
+    @classmethod
+    def load(cls, client, name: str, where: str) -> "MilvusIndex":
+        """The collection with its saved state; DatabaseError if it has none (a killed build)."""
+        props = client.describe_collection(name).get("properties") or {}
+        try:
+            state = json.loads(props[STATE_KEY])
+            self = cls(client, name, int(state["dim"]), state["metric"], where)
+            self.next_id, self.removed_seen = int(state["next_id"]), int(state["removed_seen"])
+            self.source = state.get("source")
+            self.fingerprint, self.fingerprint_rows = state.get("fingerprint"), int(state.get("fingerprint_rows", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatabaseError(f"{where}: collection {name} has no complete ris state ({exc}): "
+                                f"its build was interrupted") from None
+        client.load_collection(name)
+        return self
+
+    def save(self, _path: str | None = None) -> None:
+        """Commit: the cursor goes into the collection's properties, after the data."""
+        state = {"format": 1, "dim": self.dim, "metric": self.metric, "next_id": self.next_id,
+                 "removed_seen": self.removed_seen, "source": saved_source(self.source),
+                 "fingerprint": self.fingerprint, "fingerprint_rows": self.fingerprint_rows}
+        self.client.flush(self.name)
+        self.client.alter_collection_properties(self.name, properties={STATE_KEY: json.dumps(state)})
+        self.fresh = False
+
+    def __len__(self) -> int:
+        self.client.load_collection(self.name)
+        res = self.client.query(self.name, filter="", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    # -- following the database ----------------------------------------------------------------
+    def add_ids(self, vectors: np.ndarray, ids: np.ndarray, start_row: int | None = None) -> None:
+        vectors = np.asarray(vectors, np.float32)
+        paths, labels = (self.describe(start_row, start_row + len(ids)) if self.describe is not None
+                         and start_row is not None else ([""] * len(ids), [""] * len(ids)))
+        write = self.client.insert if self.fresh else self.client.upsert
+        for s in range(0, len(ids), BATCH):
+            rows = [{"id": int(i), "path": _text(p, 4096), "label": _text(l, 1024), "vector": v}
+                    for i, p, l, v in zip(ids[s : s + BATCH], paths[s : s + BATCH], labels[s : s + BATCH],
+                                          vectors[s : s + BATCH])]
+            write(self.name, rows)
+        if len(ids):
+            self.next_id = max(self.next_id, int(np.max(ids)) + 1)
+
+    def remove_ids(self, ids: np.ndarray) -> int:
+        ids = [int(i) for i in np.asarray(ids, np.int64)]
+        for s in range(0, len(ids), BATCH):
+            self.client.delete(self.name, ids=ids[s : s + BATCH])
+        return len(ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.atleast_2d(np.asarray(queries, np.float32))
+        k = int(k)
+        if k <= 0 or not len(q):
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        res = self.client.search(self.name, data=q.tolist(), limit=k, output_fields=["id"],
+                                 search_params={"metric_type": _METRIC[self.metric], "params": {"ef": max(self.ef, k)}})
+        dist = np.full((len(q), k), np.inf, np.float32)
+        labels = np.full((len(q), k), -1, np.int64)
+        for i, hits in enumerate(res):
+            for j, h in enumerate(list(hits)[:k]):
+                labels[i, j] = int(h["id"])
+                d = float(h["distance"])
+                dist[i, j] = np.sqrt(max(d, 0.0)) if self.metric == "euclidean" else 1.0 - d
+        found = min(k, max((int((labels[i] >= 0).sum()) for i in range(len(q))), default=0))
+        return to_rows(dist, labels, self.rowmap, found)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def open_milvus(req):
+    """``--index milvus:...``: the database's collection, created or caught up, ready to search."""
+    from ris.index import open_saved
+
+    client = connect(req.arg)
+    name = collection_name(req.source, req.vectors_path)
+    where = f"milvus:{req.arg}"
+    dim = int(req.features.shape[1])
+
+    def load(_):
+        index = MilvusIndex.load(client, name, where)
+        index.describe = (req.source or {}).get("describe")
+        return index
+
+    def build():
+        index = MilvusIndex.create(client, name, dim, req.metric, where)
+        index.describe = (req.source or {}).get("describe")
+        catch_up(index, req.features, req.source, chunk_rows=50000, progress=req.rows > 50000, name="milvus")
+        return index
+
+    def exists(_):
+        return client.has_collection(name)
+
+    try:
+        index = open_saved(req, f"{where} collection {name}", load, build, "milvus", exists=exists)
+    except RisError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - server and protocol errors: one line, not a traceback
+        raise RisError(f"{where}: {type(exc).__name__}: {exc}") from None
+    return index

@@ -1,0 +1,237 @@
+"""Collections change: removing images from a database, and ``ris-extract --sync``.
+
+Design (README "Collections change"): every image has a stable id (``ids``, assigned once by the
+writer, never reused). Removing images rewrites the database without their rows to
+``<db>.rewrite`` under the writer lock and renames it into place, so readers see the old
+database or the new one, never a torn one, and a killed removal leaves the old one untouched
+(its leftover is deleted by the next writer). The removed ids are appended to the database's
+``removed_ids`` log and its lineage and content history are kept, so every saved index (HNSW,
+IVF-PQ, Milvus) follows by replaying the log (``mark_deleted``, ``remove_ids``, ``delete``)
+instead of being rebuilt; caches that cannot follow (embeddings, DBA, thumbnails) are deleted.
+
+``--sync``: images whose file is gone are removed; images whose file changed since its row was
+written (mtime or ctime newer than the row's ``added_at``) are removed and extracted again; new
+files are extracted (an ``--append`` with the database's own settings); failed images whose file
+changed since the database was last written are retried.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import h5py
+import numpy as np
+
+from ris.errors import RisError
+from ris.featuredb import ROW_DATASETS, FeatureDB, encode_names
+from ris.sidecars import WriterLock, clear_sidecars, fsync_dir, fsync_file, new_content_id, rewrite_path
+
+HISTORY_LIMIT = 200  # content ids kept: an index older than that many changes is rebuilt
+_ROW_DATASETS = ("features", "image_ids", "labels", *ROW_DATASETS)
+_BLOCK = 65536
+
+
+@dataclass
+class RemoveSummary:
+    features_db: str
+    removed: list[str] = field(default_factory=list)  # images whose rows were removed
+    removed_failed: list[str] = field(default_factory=list)  # entries dropped from the failed list
+    not_found: list[str] = field(default_factory=list)
+    rows: int = 0  # rows after
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def remove_images(features_db: str | Path, image_ids: Iterable[str], lock: WriterLock | None = None) -> RemoveSummary:
+    """Remove these images (relative paths as stored) from the database and its failed list.
+
+    Takes the writer lock (or uses ``lock``, already held); rewrites and renames atomically.
+    """
+    own = lock is None
+    lock = WriterLock(features_db).acquire() if own else lock
+    try:
+        return _rewrite_without(Path(features_db), set(image_ids))
+    finally:
+        if own:
+            lock.release()
+
+
+def _rewrite_without(path: Path, names: set[str]) -> RemoveSummary:
+    tmp = rewrite_path(path)
+    tmp.unlink(missing_ok=True)  # left by a killed removal: we hold the lock, it is ours to drop
+    summary = RemoveSummary(str(path))
+    with FeatureDB(path) as db:
+        ids_now = db.image_ids
+        keep = np.array([n not in names for n in ids_now], dtype=bool)
+        failures = db.failures
+        failed_keep = [(i, r) for i, r in failures if i not in names]
+        summary.removed = [n for n, k in zip(ids_now, keep) if not k]
+        summary.removed_failed = [i for i, _ in failures if i in names]
+        summary.not_found = sorted(names - set(summary.removed) - set(summary.removed_failed))
+        summary.rows = int(keep.sum())
+        if keep.all() and len(failed_keep) == len(failures):
+            return summary
+        removed_ids = db.row_ids[~keep]
+        try:
+            with h5py.File(tmp, "w") as out:
+                _copy_kept(db, out, keep, failed_keep, removed_ids)
+            fsync_file(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    clear_sidecars(path, keep_indexes=True)  # indexes replay the removal log; the other caches go
+    return summary
+
+
+def _copy_kept(db: FeatureDB, out: h5py.File, keep: np.ndarray, failed_keep: list, removed_ids: np.ndarray) -> None:
+    src = db.f
+    n, kept = len(keep), int(keep.sum())
+    for k, v in src.attrs.items():
+        out.attrs[k] = v
+    row_data = {"ids": db.row_ids, "added_at": db.added_at}  # made here for databases older than them
+    for name in _ROW_DATASETS:
+        d = src[name] if name in src else None
+        like = d if d is not None else row_data[name]
+        chunks = d.chunks if d is not None and d.chunks else ((4096,) if like.ndim == 1 else None)
+        ds = out.create_dataset(name, shape=(kept, *like.shape[1:]), maxshape=(None, *like.shape[1:]),
+                                dtype=like.dtype, chunks=chunks or True)
+        w = 0
+        for s in range(0, n, _BLOCK):
+            e = min(s + _BLOCK, n)
+            block = (d[s:e] if d is not None else row_data[name][s:e])[keep[s:e]]
+            ds[w : w + len(block)] = block
+            w += len(block)
+    str_dt = h5py.string_dtype("utf-8")
+    for name, values in (("failed_ids", [i for i, _ in failed_keep]), ("failed_reasons", [r for _, r in failed_keep])):
+        out.create_dataset(name, data=encode_names(values) if values else np.zeros(0, dtype=object),
+                           dtype=str_dt, maxshape=(None,), chunks=(256,))
+    log = np.concatenate([db.removed_ids, np.asarray(removed_ids, np.int64)])
+    out.create_dataset("removed_ids", data=log, maxshape=(None,), chunks=(4096,))
+    for name in src:  # label_names and anything a later version adds
+        if name not in out:
+            src.copy(src[name], out, name=name)
+    history = (db.content_history + [db.content_id])[-HISTORY_LIMIT:]
+    out.attrs.update(rows_done=kept, failed_done=len(failed_keep), num_images=kept, num_failed=len(failed_keep),
+                     complete=True, content_id=new_content_id(), content_history=json.dumps(history),
+                     lineage_id=db.lineage, next_id=db.next_id, run_kind="remove")
+
+
+# -- sync ----------------------------------------------------------------------------------------
+
+@dataclass
+class SyncSummary:
+    features_db: str
+    dataset: str
+    removed: list[str] = field(default_factory=list)  # files gone
+    replaced: list[str] = field(default_factory=list)  # files changed: extracted again
+    retried: list[str] = field(default_factory=list)  # failed images whose file changed
+    added: int = 0  # rows extracted (new and replaced)
+    skipped: list = field(default_factory=list)  # (image, reason) that could not be decoded
+    rows: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _changed_since(path: Path, t: float) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    return not math.isnan(t) and max(st.st_mtime, st.st_ctime) > t
+
+
+def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
+    """(root, files, gone, changed, retry, new) for ``sync_database``; reads only."""
+    from ris.images import find_images
+
+    with FeatureDB(features_db) as db:
+        root = Path(dataset or db.dataset_root or "")
+        if not root.is_dir():
+            raise RisError(f"{root}: not a folder; give the images' folder with --dataset "
+                           f"(the database says {db.dataset_root!r})")
+        names, added_at, failed = db.image_ids, db.added_at, [i for i, _ in db.failures]
+        db_time = os.stat(features_db).st_mtime
+    files = find_images(root)
+    present = set(files)
+    gone = [n for n in names if n not in present] + [i for i in failed if i not in present]
+    changed = [n for n, t in zip(names, added_at) if n in present and _changed_since(root / n, float(t))]
+    retry = [i for i in failed if i in present and _changed_since(root / i, db_time)]
+    kept = (set(names) | set(failed)) - set(gone) - set(changed) - set(retry)
+    new = [f for f in files if f not in kept]
+    return root, files, gone, changed, retry, new
+
+
+def sync_database(features_db: str | Path, dataset: str | Path | None = None, labels: str | None = None,
+                  batch_size: int = 32, workers: int | None = None, progress: bool = True,
+                  log=lambda s: print(s, file=sys.stderr)) -> SyncSummary:
+    """Bring the database in step with its folder (see the module docstring)."""
+    root, files, gone, changed, retry, new = plan_sync(features_db, dataset)
+    summary = SyncSummary(str(features_db), str(root), removed=gone, replaced=changed, retried=retry)
+    if gone or changed or retry:
+        r = remove_images(features_db, set(gone) | set(changed) | set(retry))
+        log(f"{features_db}: removed {len(r.removed)} row(s) ({len(gone)} gone, {len(changed)} changed), "
+            f"{len(r.removed_failed)} failed entr(ies) to retry or forget")
+    if new:
+        from ris.extract import ExtractOptions, extract_features
+        from ris.extractor import FeatureExtractor
+
+        with FeatureDB(features_db) as db:
+            attrs, mode = db.attrs, labels or str(db.attrs.get("labels_mode") or "auto")
+        extractor = FeatureExtractor.from_attrs(attrs)
+        options = ExtractOptions(labels=mode, batch_size=batch_size, workers=workers, append=True,
+                                 progress=progress, log=log)
+        s = extract_features(root, features_db, extractor.config, options, extractor=extractor)
+        summary.added, summary.skipped = s.extracted, list(s.skipped)
+    with FeatureDB(features_db) as db:
+        summary.rows = len(db)
+    return summary
+
+
+def sync_main(args) -> int:
+    """``ris-extract --sync``: the CLI's part (prints a summary, or JSON with --json)."""
+    from ris.cli.common import print_json
+
+    s = sync_database(args.features_db, args.dataset, labels=None if args.labels == "auto" else args.labels,
+                      batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+    follow_saved_indexes(args.features_db)
+    if args.json:
+        print_json(s.to_dict())
+    else:
+        print(f"{s.features_db}: in step with {s.dataset}: {len(s.removed)} removed (file gone), "
+              f"{len(s.replaced)} replaced (file changed), {s.added} extracted, {len(s.skipped)} skipped; "
+              f"{s.rows} images")
+        for image, reason in s.skipped:
+            print(f"  skipped: {reason}")
+    return 0
+
+
+
+def follow_saved_indexes(features_db: str | Path, log=lambda s: print(s, file=sys.stderr)) -> list[str]:
+    """Catch up the HNSW and IVF-PQ indexes saved beside the database's raw features now (they
+    would otherwise catch up on their next use); return the kinds updated. Indexes of head
+    embeddings follow when their embeddings are next made; Milvus collections when next opened."""
+    from ris.index import INDEX_KINDS, IndexRequest
+    from ris.index_state import source_of
+    from ris.sidecars import hnsw_path, ivfpq_path
+
+    done = []
+    with FeatureDB(features_db) as db:
+        if db.features.ndim != 2:
+            return done
+        for kind, path in (("hnsw", hnsw_path(db.path)), ("ivfpq", ivfpq_path(db.path))):
+            if os.path.isfile(path):
+                req = IndexRequest(str(db.path), db.features, "euclidean", source_of(db), build=False)
+                index = INDEX_KINDS[kind].open(req)
+                if index is not None:
+                    done.append(kind)
+                    log(f"{path}: follows the database ({len(index)} vectors)")
+    return done

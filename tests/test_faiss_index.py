@@ -1,0 +1,212 @@
+"""faiss IVF-PQ: recall against exact, the saved (memory-mapped) index, following appends and
+removals without rebuilding, and a killed build that leaves nothing under the final name."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("faiss") is None:  # (not imported here: ris.faiss_index sets OpenMP up first)
+    pytest.skip("faiss not installed (pip install 'ris[faiss]')", allow_module_level=True)
+
+from ris.errors import RisError  # noqa: E402
+from ris.faiss_index import IvfPqIndex, StoredRows, build_ivfpq, choose_params  # noqa: E402
+from ris.featuredb import FeatureDB  # noqa: E402
+from ris.featurewriter import FeatureWriter  # noqa: E402
+from ris.index import ExactIndex, open_search_index  # noqa: E402
+from ris.index_state import source_of  # noqa: E402
+from ris.sidecars import clear_sidecars, ivfpq_path, sidecar_files  # noqa: E402
+from ris.sync import remove_images  # noqa: E402
+from ris.testing import clustered_vectors, make_feature_db  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / truth.shape[1] for a, b in zip(found, truth)]))
+
+
+def open_ivfpq(path, **kw):
+    with FeatureDB(path) as db:
+        return open_search_index(str(path), db.features, "euclidean", kind="ivfpq", source=source_of(db), **kw)
+
+
+@pytest.mark.parametrize("metric,n,codec", [("euclidean", 10000, "pq"), ("cosine", 10000, "pq"),
+                                            ("euclidean", 3000, "sq8")])
+def test_recall_and_distances_against_exact(metric, n, codec):
+    x = clustered_vectors(n, 16, seed=1)
+    q = clustered_vectors(60, 16, seed=2)
+    index = build_ivfpq(x, metric, progress=False)
+    assert index.params.codec == codec
+    ref_d, ref_i = ExactIndex(x, metric).search(q, 10)
+    _, approx = index.search(q, 10)  # PQ distances only
+    assert recall(approx, ref_i) >= 0.6
+    index.stored = StoredRows(x)  # shortlist re-ranked exactly
+    d, i = index.search(q, 10)
+    assert recall(i, ref_i) >= 0.95
+    same = i == ref_i
+    np.testing.assert_allclose(d[same], ref_d[same], rtol=1e-4, atol=1e-5)  # exact units: L2 or 1 - cos
+    assert np.all(np.diff(d, axis=1) >= 0)
+
+
+def test_params_for_ten_million_rows_fit_in_a_gigabyte():
+    p = choose_params(10_000_000, 256)
+    assert (p.nlist, p.m, p.nbits, p.opq) == (4096, 64, 8, True)
+    assert p.factory(256) == "OPQ64_256,IVF4096_HNSW32,PQ64x8"
+    assert 10_000_000 * (p.m + 8) < 1 << 30  # codes + ids
+    assert choose_params(20_000, 100).factory(100) == "IVF512,PQ50x8"  # m divides the dimension, no OPQ yet
+    small = choose_params(500, 12)  # too few rows to train PQ codebooks: 8-bit scalar codes
+    assert small.nlist * 39 <= 500 and small.factory(12) == f"IVF{small.nlist},SQ8"
+
+
+def test_saved_index_is_memory_mapped_and_reused(tmp_path, monkeypatch):
+    import ris.faiss_index
+
+    x = clustered_vectors(3000, 16, seed=3)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    built = open_ivfpq(db)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[:2] == ["feats.h5", "feats.h5.ivfpq"] and len(names) == 3 and names[2].endswith(".faiss")
+    assert [p.name for p in sidecar_files(db)] == names[1:]
+    monkeypatch.setattr(ris.faiss_index, "build_ivfpq", lambda *a, **k: pytest.fail("rebuilt"))
+    again = open_ivfpq(db)
+    assert again.mmap and len(again) == 3000
+    for a, b in zip(built.search(x[:20], 5), again.search(x[:20], 5)):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(again.search(x[:20], 1)[1][:, 0] == np.arange(20))
+
+
+def test_follows_appends_and_removals_without_rebuilding(tmp_path, monkeypatch):
+    import ris.faiss_index
+
+    x = clustered_vectors(3000, 16, seed=4)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    open_ivfpq(db)
+    monkeypatch.setattr(ris.faiss_index, "build_ivfpq", lambda *a, **k: pytest.fail("rebuilt"))
+    gone = [f"img{i:06d}.jpg" for i in range(0, 3000, 4)]
+    remove_images(db, gone)
+    extra = clustered_vectors(200, 16, seed=5)
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (16,), [], append=True)
+    w.add([f"new{i}.jpg" for i in range(200)], extra, [""] * 200)
+    w.finish({})
+    assert (tmp_path / "feats.h5.ivfpq").is_file()  # an append keeps the index files
+    index = open_ivfpq(db)
+    with FeatureDB(db) as f:
+        names, n = f.image_ids, len(f)
+    assert len(index) == n == 3000 - len(gone) + 200
+    _, found = index.search(np.concatenate([x[:40], extra[:40]]), 3)
+    hits = [names[r] for r in found[:, 0]]
+    assert not set(hits) & set(gone)
+    assert hits[40:] == [f"new{i}.jpg" for i in range(40)]  # appended rows found as themselves
+    kept = [i for i in range(40) if i % 4]
+    assert [hits[i] for i in kept] == [f"img{i:06d}.jpg" for i in kept]
+    meta = json.loads((tmp_path / "feats.h5.ivfpq").read_text())
+    assert meta["removed_seen"] == len(gone) and meta["count"] == n
+    assert len(list(tmp_path.glob("feats.h5.ivfpq.*.faiss"))) == 1  # the old data files are gone
+
+
+def test_a_reextracted_database_gets_a_new_index(tmp_path):
+    x = clustered_vectors(2000, 16, seed=6)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    open_ivfpq(db)
+    y = clustered_vectors(2000, 16, seed=7)
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (16,), [], overwrite=True)
+    w.add([f"img{i:06d}.jpg" for i in range(2000)], y, [""] * 2000)
+    w.finish({})
+    assert not (tmp_path / "feats.h5.ivfpq").exists()  # cleared with the other caches
+    index = open_ivfpq(db)
+    assert np.all(index.search(y[:10], 1)[1][:, 0] == np.arange(10))
+
+
+def test_damaged_metadata_is_named_and_the_index_rebuilt(tmp_path):
+    db = make_feature_db(tmp_path / "feats.h5", clustered_vectors(1500, 16, seed=8))
+    open_ivfpq(db)
+    (tmp_path / "feats.h5.ivfpq").write_text('{"kind": "ivfpq", "dim": 16}')
+    from ris.errors import DatabaseError
+
+    with pytest.raises(DatabaseError, match=r"feats\.h5\.ivfpq is damaged"):
+        IvfPqIndex.load(ivfpq_path(db))
+    with pytest.warns(UserWarning, match="ignoring IVF-PQ index"):  # auto never rebuilds: exact instead
+        with FeatureDB(db) as f:
+            assert isinstance(open_search_index(str(db), f.features, "euclidean", source=source_of(f), threshold=10),
+                              ExactIndex)
+    assert len(open_ivfpq(db)) == 1500
+
+
+def test_stored_rows_read_like_h5py(tmp_path):
+    x = clustered_vectors(3000, 16, seed=9)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    remove_images(db, ["img000001.jpg"])
+    with FeatureDB(db) as f:
+        rows = np.array([2998, 0, 1500, 7, 7, 1024, 1023])
+        reader = StoredRows(f.features)
+        assert reader._fd is not None  # the direct path, not h5py
+        np.testing.assert_array_equal(reader.read(rows), f.features[:][rows])
+        reader.close()
+
+
+def test_missing_faiss_is_a_clear_error(monkeypatch):
+    from ris.faiss_index import _faiss
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(RisError, match=r"pip install 'ris\[faiss\]'"):
+        _faiss()
+
+
+KILLED_BUILD = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    import ris.sidecars
+    from ris.featuredb import FeatureDB
+    from ris.index import open_search_index
+    from ris.index_state import source_of
+
+    calls = 0
+    real = ris.sidecars.fsync_file
+
+    def stall(path):  # the file is written in full under its temp name; now we get killed
+        global calls
+        calls += 1
+        real(path)
+        if calls == {stall_at}:
+            print("written", path, flush=True)
+            time.sleep(600)
+
+    ris.sidecars.fsync_file = stall
+    with FeatureDB({db!r}) as db:
+        open_search_index({db!r}, db.features, "euclidean", kind={kind!r}, source=source_of(db))
+    print("finished", flush=True)
+""")
+
+
+@pytest.mark.parametrize("kind,stall_at,final", [("ivfpq", 1, "feats.h5.ivfpq"), ("ivfpq", 2, "feats.h5.ivfpq"),
+                                                 ("hnsw", 1, "feats.h5.hnsw"), ("hnsw", 2, "feats.h5.hnsw.json")])
+def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, stall_at, final):
+    if kind == "hnsw":
+        pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    x = clustered_vectors(2000, 16, seed=10)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    script = KILLED_BUILD.format(root=str(ROOT), db=str(db), kind=kind, stall_at=stall_at)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("written"), line
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / final).exists()
+    left = [p.name for p in sidecar_files(db)]
+    assert left  # what the killed build left is named as a cache of this database ...
+    with FeatureDB(db) as f:  # ... never trusted: built again
+        index = open_search_index(str(db), f.features, "euclidean", kind=kind, source=source_of(f))
+        assert len(index) == 2000 and np.all(index.search(x[:5], 1)[1][:, 0] == np.arange(5))
+    clear_sidecars(db)
+    assert sidecar_files(db) == []

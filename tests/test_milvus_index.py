@@ -1,0 +1,98 @@
+"""Milvus (through Milvus Lite, embedded): the collection made from a database, its search against
+exact, following appends and removals, and a half-built collection never trusted. The same
+client code talks to a Milvus server (milvus://HOST:PORT); that path is not run here."""
+import importlib.util
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("pymilvus") is None or importlib.util.find_spec("milvus_lite") is None:
+    pytest.skip("pymilvus / milvus-lite not installed (pip install 'ris[milvus]')", allow_module_level=True)
+
+from ris.errors import RisError  # noqa: E402
+from ris.featuredb import FeatureDB  # noqa: E402
+from ris.featurewriter import FeatureWriter  # noqa: E402
+from ris.index import ExactIndex, open_search_index, parse_index  # noqa: E402
+from ris.index_state import source_of  # noqa: E402
+from ris.sync import remove_images  # noqa: E402
+from ris.testing import clustered_vectors, make_feature_db  # noqa: E402
+
+
+def open_milvus(db, target, metric="euclidean"):
+    with FeatureDB(db) as f:
+        return open_search_index(str(db), f.features, metric, kind=f"milvus:{target}", source=source_of(f))
+
+
+@pytest.fixture
+def labelled_db(tmp_path):
+    x = clustered_vectors(1500, 16, seed=1)
+    names = [f"dir/img{i:05d}.jpg" for i in range(1500)]
+    labels = [f"obj{i // 4}" for i in range(1500)]
+    return make_feature_db(tmp_path / "feats.h5", x, names, labels), x
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_collection_is_made_from_the_database_and_searches_like_exact(tmp_path, labelled_db, metric):
+    db, x = labelled_db
+    index = open_milvus(db, tmp_path / "m.db", metric)
+    assert len(index) == 1500
+    q = clustered_vectors(40, 16, seed=2)
+    d, i = index.search(q, 10)
+    ref_d, ref_i = ExactIndex(x, metric).search(q, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i, ref_i)]) >= 0.95
+    same = i == ref_i
+    np.testing.assert_allclose(d[same], ref_d[same], rtol=1e-3, atol=1e-4)  # true L2 / 1 - cos
+    rows = index.client.query(index.name, filter="id in [0, 7]", output_fields=["path", "label"])
+    assert sorted((r["path"], r["label"]) for r in rows) == [("dir/img00000.jpg", "obj0"), ("dir/img00007.jpg", "obj1")]
+    index.close()
+
+
+def test_follows_removals_and_appends_without_rebuilding(tmp_path, labelled_db, monkeypatch):
+    import ris.milvus_index
+
+    db, x = labelled_db
+    target = tmp_path / "m.db"
+    open_milvus(db, target).close()
+    monkeypatch.setattr(ris.milvus_index.MilvusIndex, "create", classmethod(lambda *a, **k: pytest.fail("rebuilt")))
+    gone = [f"dir/img{i:05d}.jpg" for i in range(0, 1500, 3)]
+    remove_images(db, gone)
+    extra = clustered_vectors(100, 16, seed=3)
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (16,), ["new"], append=True)
+    w.add([f"new{i}.jpg" for i in range(100)], extra, ["new"] * 100)
+    w.finish({})
+    index = open_milvus(db, target)
+    with FeatureDB(db) as f:
+        names, n = f.image_ids, len(f)
+    assert len(index) == n == 1500 - len(gone) + 100
+    _, found = index.search(np.concatenate([x[:30], extra[:30]]), 1)
+    hits = [names[r] for r in found[:, 0]]
+    assert not set(hits) & set(gone) and hits[30:] == [f"new{i}.jpg" for i in range(30)]
+    index.close()
+
+
+def test_a_half_built_collection_is_rebuilt(tmp_path, labelled_db):
+    from ris.milvus_index import MilvusIndex, collection_name, connect
+
+    db, x = labelled_db
+    target = str(tmp_path / "m.db")
+    with FeatureDB(db) as f:
+        name = collection_name(source_of(f), str(db))
+    client = connect(target)
+    half = MilvusIndex.create(client, name, 16, "euclidean", target)  # killed before its state was written
+    half.add_ids(x[:100], np.arange(100))
+    index = open_milvus(db, target)
+    assert len(index) == 1500 and index.search(x[1000:1001], 1)[1][0, 0] == 1000
+    index.close()
+
+
+def test_bad_targets_are_one_clear_line():
+    assert parse_index("milvus://localhost:19530") == ("milvus", "//localhost:19530")
+    with pytest.raises(RisError, match="unknown index"):
+        parse_index("milvus:")
+    from ris.milvus_index import parse_target
+
+    with pytest.raises(RisError, match=r"must end in \.db"):
+        parse_target("feats.milvus")
+    with pytest.raises(RisError, match="HOST:PORT"):
+        parse_target("//localhost")
+    assert parse_target("//db.example.org:19530") == ("http://db.example.org:19530", False)

@@ -1,0 +1,188 @@
+"""Removing images and ris-extract --sync: stable ids, the removal log, atomic rewrites under the
+writer lock, and saved indexes that follow instead of being rebuilt."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ris.featuredb import FeatureDB
+from ris.featurewriter import FeatureWriter
+from ris.sidecars import DatabaseLocked, WriterLock, rewrite_path
+from ris.sync import plan_sync, remove_images
+from ris.testing import clustered_vectors, make_feature_db, make_tiny_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "vgg16", "--weights", "none", "--resize", "64", "--no-progress"]
+
+
+def test_removal_keeps_ids_stable_and_logs_them(tmp_path):
+    x = clustered_vectors(100, 8)
+    db = make_feature_db(tmp_path / "f.h5", x, labels=[f"o{i // 4}" for i in range(100)])
+    with FeatureDB(db) as f:
+        before = (f.content_id, f.lineage, f.image_ids, f.row_ids)
+    gone = [f"img{i:06d}.jpg" for i in (3, 50, 51, 99)]
+    s = remove_images(db, gone + ["missing.jpg"])
+    assert s.removed == gone and s.not_found == ["missing.jpg"] and s.rows == 96
+    with FeatureDB(db) as f:
+        keep = [i for i in range(100) if i not in (3, 50, 51, 99)]
+        assert f.image_ids == [before[2][i] for i in keep]
+        np.testing.assert_array_equal(f.row_ids, keep)  # ids of the others unchanged
+        np.testing.assert_array_equal(f.removed_ids, [3, 50, 51, 99])
+        np.testing.assert_array_equal(f.features[:], x[keep])
+        assert [f.label_names[k] for k in f.labels] == [f"o{i // 4}" for i in keep]
+        assert f.lineage == before[1] and before[0] in f.content_history and f.content_id != before[0]
+        assert f.next_id == 100
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (8,), [], append=True)
+    w.add(["again.jpg", "img000003.jpg"], x[:2], ["", ""])
+    w.finish({})
+    with FeatureDB(db) as f:  # ids are never reused, even for a name that comes back
+        assert f.row_ids[-2:].tolist() == [100, 101] and f.next_id == 102 and f.lineage == before[1]
+
+
+def test_failed_entries_can_be_removed_and_nothing_to_remove_writes_nothing(tmp_path):
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(10, 4))
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (4,), [], append=True)
+    w.add_failures([("broken.jpg", "broken.jpg: not an image")])
+    w.finish({})
+    s = remove_images(db, ["broken.jpg"])
+    assert s.removed == [] and s.removed_failed == ["broken.jpg"] and s.rows == 10
+    with FeatureDB(db) as f:
+        assert f.failures == [] and len(f) == 10
+        content = f.content_id
+    remove_images(db, ["not-there.jpg"])
+    with FeatureDB(db) as f:
+        assert f.content_id == content
+
+
+def test_a_running_writer_blocks_removal(tmp_path):
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(10, 4))
+    with WriterLock(db):
+        with pytest.raises(DatabaseLocked, match="being written by"):
+            remove_images(db, ["img000001.jpg"])
+
+
+KILLED_REMOVAL = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    import ris.sync
+
+    def stall(path):  # the new database is written in full; killed before the rename
+        print("written", flush=True)
+        time.sleep(600)
+
+    ris.sync.fsync_file = stall
+    ris.sync.remove_images({db!r}, ["img000001.jpg"])
+""")
+
+
+def test_a_killed_removal_leaves_the_old_database_whole(tmp_path):
+    x = clustered_vectors(3000, 8)
+    db = make_feature_db(tmp_path / "f.h5", x)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_REMOVAL.format(root=str(ROOT), db=str(db))],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().startswith("written")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert rewrite_path(db).exists()
+    with FeatureDB(db) as f:  # the old database, untouched
+        assert len(f) == 3000 and "img000001.jpg" in f.image_ids
+    assert remove_images(db, ["img000001.jpg"]).rows == 2999  # the next writer drops the leftover
+    assert not rewrite_path(db).exists()
+
+
+def _extract(*args) -> int:
+    from ris.cli.extract import main
+
+    return main(list(args))
+
+
+@pytest.mark.slow
+def test_sync_follows_a_real_folder_and_its_indexes_follow(tmp_path, capsys):
+    pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    from ris.index import open_search_index
+    from ris.index_state import source_of
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=4, views=3, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    with FeatureDB(db) as f:
+        ids_before = dict(zip(f.image_ids, f.row_ids.tolist()))
+        open_search_index(str(db), f.features, "euclidean", kind="hnsw", source=source_of(f))
+    assert _extract("--sync", "--features-db", str(db), "--no-progress") == 0  # nothing changed
+    with FeatureDB(db) as f:
+        assert dict(zip(f.image_ids, f.row_ids.tolist())) == ids_before
+    # photos come and go: two deleted, two added, one replaced in place
+    (data / "ukbench00001.jpg").unlink()
+    (data / "ukbench00005.jpg").unlink()
+    shutil.copy(data / "ukbench00000.jpg", data / "new_a.jpg")
+    shutil.copy(data / "ukbench00009.jpg", data / "new_b.jpg")
+    time.sleep(0.05)
+    shutil.copy(data / "ukbench00003.jpg", data / "ukbench00002.jpg")  # same name, other content
+    root, files, gone, changed, retry, new = plan_sync(db)
+    assert sorted(gone) == ["ukbench00001.jpg", "ukbench00005.jpg"] and changed == ["ukbench00002.jpg"]
+    assert sorted(new) == ["new_a.jpg", "new_b.jpg", "ukbench00002.jpg"]
+    capsys.readouterr()
+    assert _extract("--sync", "--features-db", str(db), "--no-progress", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["added"] == 3 and out["rows"] == 12 and sorted(out["removed"]) == sorted(gone)
+    with FeatureDB(db) as f:
+        ids = dict(zip(f.image_ids, f.row_ids.tolist()))
+        assert set(ids) == set(files)
+        for name in files:  # unchanged files keep their ids; replaced and new ones get new ids
+            if name in ("new_a.jpg", "new_b.jpg", "ukbench00002.jpg"):
+                assert ids[name] >= 12
+            else:
+                assert ids[name] == ids_before[name]
+        vecs = f.features[:]
+    meta = json.loads((tmp_path / "f.h5.hnsw.json").read_text())  # the index followed during --sync
+    assert meta["count"] == 12 and meta["removed_seen"] == 3 and meta["next_id"] == 15
+    with FeatureDB(db) as f:
+        index = open_search_index(str(db), f.features, "euclidean", kind="hnsw", source=source_of(f))
+        _, found = index.search(vecs, 1)
+    assert len(index) == 12  # every vector finds itself (or a copy of its file: same vector), at its new row
+    np.testing.assert_allclose(vecs[found[:, 0]], vecs, atol=1e-6)
+
+
+def test_databases_made_before_ids_get_row_numbers(tmp_path):
+    import h5py
+
+    x = clustered_vectors(20, 4)
+    db = make_feature_db(tmp_path / "f.h5", x)
+    with h5py.File(db, "a") as f:  # as older versions wrote it
+        del f["ids"], f["added_at"]
+        for k in ("lineage_id", "next_id"):
+            del f.attrs[k]
+    with FeatureDB(db) as f:
+        assert f.row_ids.tolist() == list(range(20)) and f.next_id == 20 and f.lineage == f.content_id
+        lineage = f.lineage
+        assert np.isnan(f.added_at).all()
+    remove_images(db, ["img000000.jpg"])
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (4,), [], append=True)
+    w.add(["z.jpg"], x[:1], [""])
+    w.finish({})
+    with FeatureDB(db) as f:
+        assert f.row_ids.tolist() == list(range(1, 21)) and f.removed_ids.tolist() == [0] and f.lineage == lineage
+
+
+def test_ris_index_remove_and_info(tmp_path, capsys):
+    from ris.cli.index import main
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(50, 8))
+    assert main(["remove", "--features-db", str(db), "img000002.jpg", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == ["img000002.jpg"]
+    assert main(["remove", "--features-db", str(db), "img000002.jpg"]) == 1  # not there any more: said so
+    assert "not in the database: img000002.jpg" in capsys.readouterr().out
+    assert main(["info", "--features-db", str(db), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["rows"], info["removed"], info["next_id"]) == (49, 1, 50)
