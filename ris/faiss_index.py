@@ -50,6 +50,9 @@ def _faiss():
     except (AttributeError, ValueError):
         n = os.cpu_count() or 1
     faiss.omp_set_num_threads(max(1, n))
+    # no per-cell precomputed distance tables: nlist x m x 256 floats (268 MB at 4096 cells and
+    # 64-byte codes) for no measurable speed-up at 32 probes (bench/README.md)
+    faiss.cvar.precomputed_table_max_bytes = 0
     return faiss
 
 
