@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     import keras
 
     from ris.backbones import get_backbone
-    from ris.extract import ExtractConfig, FeatureExtractor, extract_features
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig, FeatureExtractor
     from ris.images import find_images
-    from ris.pooling import GlobalPool
+    from ris.layers import GlobalPool
 
     root = Path(args.dataset)
     files = find_images(root)[: args.limit]
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             def run_ris(key: str) -> float:
                 out = tmp / f"{key}.h5"
                 out.unlink(missing_ok=True)
-                s = extract_features(sub, out, extractors[key].config, labels="none", batch_size=args.batch_size,
-                                     progress=False, extractor=extractors[key])
+                s = extract_features(sub, out, extractors[key].config,
+                                     ExtractOptions(labels="none", batch_size=args.batch_size, progress=False),
+                                     extractor=extractors[key])
                 return s.seconds
 
             blog_loop([root / f for f in files[:64]], model, bb, size, args.batch_size)  # warm-up

@@ -6,7 +6,7 @@ spent. Stages, in this order (each one is skipped, and the skip recorded, once `
 spent; the JSON is rewritten after every stage so a run cut short still leaves its numbers):
 
 1. synth     N seeded 640x480 JPEGs (``--dataset DIR`` uses real images instead).
-2. decode    decode-only throughput of the input pipeline (``ris.extract.iter_decoded``):
+2. decode    decode-only throughput of the input pipeline (``ris.decoding.iter_decoded``):
              threads vs worker processes, reduced-size JPEG decoding, to the model's input size.
 3. trunk     forward pass alone on device-resident uint8 batches (jitted ``stateless_call``:
              input scaling + VGG16 conv trunk + GAP), float32 and mixed bfloat16, per batch size;
@@ -264,11 +264,13 @@ def main(argv=None) -> int:
     import numpy as np
 
     from ris.backbones import get_backbone
-    from ris.extract import ExtractConfig, FeatureExtractor, extract_features, iter_decoded
+    from ris.decoding import iter_decoded
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig, FeatureExtractor
     from ris.featuredb import FeatureDB, FeatureWriter
     from ris.images import find_images
     from ris.metrics import evaluate_retrieval
-    from ris.pooling import GlobalPool
+    from ris.layers import GlobalPool
 
     backend = keras.backend.backend()
     if backend != "jax" and not args.cpu_smoke:
@@ -371,8 +373,9 @@ def main(argv=None) -> int:
             ds = labelled_set()
             out = work / f"acc_{model_name}_{dtype}.h5"
             out.unlink(missing_ok=True)
-            extract_features(ds, out, ext.config, labels="auto", batch_size=batch, workers=workers,
-                             progress=False, extractor=ext)
+            extract_features(ds, out, ext.config,
+                             ExtractOptions(labels="auto", batch_size=batch, workers=workers, progress=False),
+                             extractor=ext)
             with FeatureDB(out) as db:
                 acc_feats[(model_name, dtype)] = (db.image_ids, db.features[:], db.labels)
             out.unlink()
@@ -476,8 +479,10 @@ def main(argv=None) -> int:
                     FeatureWriter.add = timed_add
                     try:
                         t = time.perf_counter()
-                        s = extract_features(data, out, ext.config, labels="none", batch_size=batch, workers=workers,
-                                             progress=False, decode=mode, extractor=ext)
+                        s = extract_features(data, out, ext.config,
+                                             ExtractOptions(labels="none", batch_size=batch, workers=workers,
+                                                            progress=False, decode=mode),
+                                             extractor=ext)
                         wall = time.perf_counter() - t
                     finally:
                         del ext.embed_async

@@ -1,0 +1,95 @@
+"""ris: reverse image search. The flat facade for users who import rather than run commands.
+
+    import ris
+
+    ris.build_database("photos/", "feats.h5", model="mobilenet_v2")   # what ris-extract does
+    with ris.open_database("feats.h5") as engine:                      # load once, query often
+        for hit in engine.query("query.jpg", k=5):
+            print(hit.rank, round(hit.distance, 3), hit.image_id)
+    scores = ris.score("feats.h5", split="all")                     # what ris-eval does
+    print(scores["raw"]["ns_score"], scores["raw"]["map"])
+
+Every function here is a thin call into the module that owns the work (``ris.extract``,
+``ris.search``, ``ris.evaluate``, ``ris.train``), so the commands and the facade cannot drift
+apart. Importing ``ris`` loads nothing heavy: Keras and TensorFlow are imported only by the
+calls that run a network.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ris.extract import ExtractSummary
+    from ris.search import Hit, SearchEngine
+    from ris.train import TrainResult
+
+__all__ = [
+    "build_database", "open_database", "query", "score", "fit_head",
+    # the classes behind them, for users who want every option
+    "ExtractConfig", "ExtractOptions", "SearchEngine", "FeatureDB", "TrainConfig", "RisError",
+]
+
+_LAZY = {  # name -> module that owns it; imported on first use (fast `import ris`)
+    "ExtractConfig": "ris.extractor",
+    "ExtractOptions": "ris.extract",
+    "SearchEngine": "ris.search",
+    "FeatureDB": "ris.featuredb",
+    "TrainConfig": "ris.train",
+    "RisError": "ris.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ris' has no attribute {name!r}")
+
+
+def build_database(folder: str | Path, features_db: str | Path, model: str = "vgg16", *,
+                   weights: str = "imagenet", pooling: str = "gap", input_size: int | None = None,
+                   scales: tuple[float, ...] = (1.0,), layer: str | None = None, dtype: str = "float32",
+                   **options: Any) -> "ExtractSummary":
+    """Describe every image under ``folder`` into the HDF5 database ``features_db`` (resumable,
+    atomic, locked; see ``ris-extract --help``). ``options`` are ``ExtractOptions`` fields:
+    labels, batch_size, workers, append, overwrite, progress, verbose, ..."""
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
+
+    config = ExtractConfig(model=model, weights=weights, layer=layer, input_size=input_size,
+                           scales=tuple(float(s) for s in scales), pooling=pooling, dtype=dtype)
+    return extract_features(folder, features_db, config, ExtractOptions(**options))
+
+
+def open_database(features_db: str | Path, model: str | Path | None = None, *, index: str = "auto",
+                  rerank: str = "none", dataset_root: str | Path | None = None) -> "SearchEngine":
+    """A ``SearchEngine`` over ``features_db`` (and a trained head ``model``): it holds the
+    backbone, head and vectors for repeated queries. Use it in a ``with`` block, or ``close()`` it."""
+    from ris.search import SearchEngine
+
+    return SearchEngine(features_db, model, index=index, dataset_root=dataset_root, rerank=rerank)
+
+
+def query(features_db: str | Path, image: str | Path, k: int = 12, model: str | Path | None = None,
+           **engine_options: Any) -> list["Hit"]:
+    """One query, start to finish (loads the engine each call: use ``open_database`` for many)."""
+    with open_database(features_db, model, **engine_options) as engine:
+        return engine.query(image, k)
+
+
+def score(features_db: str | Path, model: str | Path | None = None, **options: Any) -> dict[str, Any]:
+    """N-S, top-4, mAP, recall@k, precision@k of a labelled database, off the shelf and through
+    ``model``; ``options`` as ``ris.evaluate.evaluate_db`` (split, rerank, seed, ...)."""
+    from ris.evaluate import evaluate_db
+
+    return evaluate_db(features_db, model, **options)
+
+
+def fit_head(features_db: str | Path, output: str | Path, progress: bool = False, **config: Any) -> "TrainResult":
+    """Fit an embedding head on ``features_db`` (default: learned whitening) and save it to
+    ``output``; ``config`` are ``TrainConfig`` fields (arch, mining, epochs, seed, ...)."""
+    from ris.train import TrainConfig, train_head
+
+    return train_head(features_db, output, TrainConfig(**config), progress=progress)

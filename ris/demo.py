@@ -39,7 +39,8 @@ def run_demo(workdir: str | Path = "data/demo", backbone: str | None = None, epo
              n_objects: int | None = None, progress: bool = True, log=lambda s: print(s, file=sys.stderr)) -> DemoResult:
     from ris.demo_data import make_demo_dataset, make_query_view
     from ris.evaluate import evaluate_db
-    from ris.extract import ExtractConfig, extract_features
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine
     from ris.train import TrainConfig, train_head
@@ -56,7 +57,8 @@ def run_demo(workdir: str | Path = "data/demo", backbone: str | None = None, epo
     t = time.perf_counter()
     log(f"[2/5] extracting {backbone} features -> {db}")
     if not db.exists():
-        extract_features(images, db, ExtractConfig(model=backbone, pooling="gap"), labels="ukbench", progress=progress)
+        extract_features(images, db, ExtractConfig(model=backbone, pooling="gap"),
+                         ExtractOptions(labels="ukbench", progress=progress))
     times["extract"] = time.perf_counter() - t
 
     model = work / f"head-{backbone}.keras"

@@ -1,4 +1,8 @@
-"""Errors a user can act on. The CLIs print them as one line and exit non-zero, no traceback."""
+"""Errors a user can act on. The CLIs print them as one line and exit non-zero, no traceback.
+
+Anything else that escapes a command is a bug: ``ris.cli.common.run`` says so in one line (the
+traceback with ``RIS_VERBOSE=1``) instead of passing it off as bad input.
+"""
 from __future__ import annotations
 
 
@@ -6,8 +10,24 @@ class RisError(Exception):
     """Base class: the message is shown to the user as is."""
 
 
+class ModelError(RisError):
+    """A model file is missing, not a ris model, or damaged; the message names the file."""
+
+
+class TooFewGroups(RisError):
+    """The labels leave too few groups (objects, classes) with two or more images for what was asked."""
+
+
+class Interrupted(RisError):
+    """The run was stopped (Ctrl-C, SIGTERM) with its work kept; running it again resumes it."""
+
+
 class WeightsUnavailable(RisError):
     """Pretrained weights cannot be found or fetched; the message says how to get them."""
+
+
+class BadWeights(WeightsUnavailable):
+    """A weights file is there but does not hold weights this model can load; the message says why."""
 
 
 class BadImage(RisError):

@@ -1,4 +1,8 @@
-"""Scoring a feature database, off the shelf and through a trained head, on the same objects."""
+"""Scoring a feature database, off the shelf and through a trained head, on the same objects.
+
+Imports nothing of training: raw features and a learned-whitening head are scored in NumPy, so
+only a triplet head loads Keras.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,67 +15,69 @@ from ris.errors import DatabaseError, RisError
 
 def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str = "test",
                 seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
-                rerank: str = "none") -> dict[str, Any]:
-    """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all'."""
-    from ris.featuredb import FeatureDB
-    from ris.train import check_compatible, embed_features, load_model, raw_descriptors, rows_of, split_objects
+                rerank: str = "none", gallery: str = "all", queries: str | Path | None = None,
+                verify: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all';
+    ``gallery``, ``queries``: the protocol (``ris.protocol``); ``verify``: geometric verification
+    settings (``ris.verify``), applied after ``rerank``.
 
+    With ``model``, 'test' is the model's own held-out images; its metadata, the database's
+    compatibility and the rows are checked before the head is loaded.
+    """
+    from ris import protocol
+    from ris.embed import embed_features, head_inputs, raw_descriptors
+    from ris.featuredb import FeatureDB
+    from ris.modelio import check_compatible, load_model, read_meta
+
+    if split not in ("test", "all"):
+        raise RisError(f"--split must be test or all, not {split!r}")
     with FeatureDB(features_db) as db:
         labels = db.labels
         if (labels >= 0).sum() < 2:
             raise DatabaseError(f"{features_db}: no labels to evaluate against; extract with --labels")
-        head, meta = (None, None)
+        meta = None
         if model is not None:
-            head, meta = load_model(model)
+            meta = read_meta(model)
             check_compatible(meta, db.fingerprint(), str(features_db))
-        if split == "all":
-            rows = np.nonzero(labels >= 0)[0]
-            described = "all labelled images"
-            if meta is not None:
-                described += " (includes the head's training objects: not a held-out score)"
-        elif split == "test":
-            if meta is not None:
-                rows = _rows_by_id(meta["split"]["test_images"], db.image_ids)
-                by = meta["split"].get("by", "object")
-                described = (f"held-out test {'objects' if by == 'object' else 'images of every class'} "
-                             f"of the model's split (seed {meta['config']['seed']})")
-            else:
-                test_objects = split_objects(labels, test_fraction, val_fraction, seed)["test"]
-                described = f"held-out test objects (seed {seed}, {test_fraction:.0%} of objects)"
-                rows = rows_of(labels, test_objects)
-        else:
-            raise RisError(f"--split must be test or all, not {split!r}")
+        qids = protocol.read_query_ids(queries) if queries is not None else None
+        plan = protocol.choose(db.image_ids, labels, meta, split, gallery, seed, test_fraction, val_fraction,
+                               qids, str(queries or ""))
+        rows = plan.gallery_rows
         feats = db.read_rows(rows)
-        lab = labels[rows]
+        lab = protocol.gallery_labels(labels[rows])
+        pos = plan.positions()
         pooling = (meta or {}).get("config", {}).get("pooling", "gap")
+        checker = None
+        if verify:
+            from ris.verify import Verifier
+
+            checker = Verifier.for_database(db, features_db, rows, **verify)
         result: dict[str, Any] = {
             "features_db": str(features_db),
             "backbone": db.attrs.get("model"),
             "input_size": db.attrs.get("input_size"),
             "pooling": db.attrs.get("pooling"),
-            "split": split,
-            "split_description": described,
-            "objects": int(len(np.unique(lab))),
-            "images": int(len(rows)),
+            "split": "queries" if queries is not None else split,
+            "gallery": "all" if queries is not None else gallery,
+            "split_description": plan.description,
+            "objects": int(len(np.unique(lab[pos]))),
+            "images": int(len(pos)),
+            "gallery_images": int(len(rows)),
             "rerank": rerank,
-            "raw": _score(raw_descriptors(feats, pooling), lab, rerank),
+            "raw": _score(raw_descriptors(feats, pooling), lab, rerank, query_rows=pos, verifier=checker),
         }
-        if head is not None:
+        if plan.training_in_db is not None:
+            result["training_images_in_db"] = plan.training_in_db
+        if checker is not None:
+            result["verify"] = checker.describe()
+        result["queries_without_relevant"] = result["raw"]["queries_without_relevant"]  # scored by no metric
+        if model is not None:
+            head, meta = load_model(model)
             result["model"] = str(model)
             result["distance"] = meta.get("distance", "euclidean")
-            from ris.train import head_inputs
-
             emb = embed_features(head, head_inputs(meta, db, rows, feats))
-            result["head"] = _score(emb, lab, rerank, result["distance"])
+            result["head"] = _score(emb, lab, rerank, result["distance"], query_rows=pos, verifier=checker)
         return result
-
-
-def _rows_by_id(image_ids: list[str], db_ids: list[str]) -> np.ndarray:
-    index = {i: r for r, i in enumerate(db_ids)}
-    missing = [i for i in image_ids if i not in index]
-    if missing:
-        raise DatabaseError(f"the model's test images are not in this database (e.g. {missing[0]!r})")
-    return np.sort(np.array([index[i] for i in image_ids], dtype=np.int64))
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -80,9 +86,14 @@ def format_table(result: dict[str, Any]) -> str:
     rr = result.get("rerank", "none")
     lines = [f"{result['features_db']}: {result['backbone']} @ {result['input_size']} px, pooling {result['pooling']}"
              + (f", re-ranking {rr}" if rr != "none" else ""),
-             f"split: {result['split_description']} - {result['objects']} objects, {result['images']} images",
-             "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it.", "",
-             f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
+             f"queries: {result['split_description']} - {result['objects']} objects, {result['images']} query images"
+             + (f", gallery {result['gallery_images']} images" if "gallery_images" in result else ""),
+             "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it."]
+    lonely = max(int(result[k].get("queries_without_relevant", 0)) for k in ("raw", "head") if k in result)
+    if lonely:
+        lines.append(f"{lonely} {'query' if lonely == 1 else 'queries'} without another image of its group in the "
+                     f"split: not scored by any metric.")
+    lines += ["", f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
     for key, name in (("raw", "off-the-shelf"), ("head", "trained head")):
         if key in result:
             s = result[key]
@@ -93,19 +104,22 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, rerank: str = "none",
-                   split_by: str = "object") -> dict[str, Any]:
+                   split_by: str = "object", gallery: str = "all") -> dict[str, Any]:
     """Off-the-shelf scores on each k-fold test part (the same parts ``ris-train --folds`` holds
-    out), with mean and std, so raw features and trained heads are compared on equal ground."""
+    out), with mean and std, so raw features and trained heads are compared on equal ground.
+    ``gallery='all'``: each fold's queries search every labelled image (whole-collection protocol)."""
+    from ris.embed import raw_descriptors
     from ris.featuredb import FeatureDB
-    from ris.train import TrainConfig, make_split, raw_descriptors
+    from ris.splits import make_split
 
     per_fold = []
     with FeatureDB(features_db) as db:
         labels = db.labels
         for fold in range(folds):
-            rows, _ = make_split(labels, TrainConfig(seed=seed, fold=fold, folds=folds, split_by=split_by))
-            feats = raw_descriptors(db.read_rows(rows["test"]))
-            per_fold.append(_score(feats, labels[rows["test"]], rerank))
+            rows, _ = make_split(labels, split_by, seed=seed, fold=fold, folds=folds)
+            g = rows["test"] if gallery == "split" else np.nonzero(labels >= 0)[0]
+            feats = raw_descriptors(db.read_rows(g))
+            per_fold.append(_score(feats, labels[g], rerank, query_rows=np.searchsorted(g, rows["test"])))
         attrs = db.attrs
     keys = {"ns_score": lambda s: s["ns_score"], "top4_accuracy": lambda s: s["top4_accuracy"],
             "map": lambda s: s["map"], "precision_at_10": lambda s: s["precision_at"]["10"],
@@ -113,15 +127,18 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
     summary = {k: {"mean": round(float(np.mean([f(s) for s in per_fold])), 4),
                    "std": round(float(np.std([f(s) for s in per_fold])), 4)} for k, f in keys.items()}
     return {"features_db": str(features_db), "backbone": attrs.get("model"), "input_size": attrs.get("input_size"),
-            "pooling": attrs.get("pooling"), "folds": folds, "seed": seed, "rerank": rerank,
+            "pooling": attrs.get("pooling"), "folds": folds, "seed": seed, "rerank": rerank, "gallery": gallery,
             "per_fold": per_fold, "summary": summary}
 
 
-def _score(feats: np.ndarray, labels: np.ndarray, rerank: str = "none", metric: str = "euclidean") -> dict[str, Any]:
+def _score(feats: np.ndarray, labels: np.ndarray, rerank: str = "none", metric: str = "euclidean",
+           query_rows: np.ndarray | None = None, verifier=None) -> dict[str, Any]:
     from ris.metrics import evaluate_retrieval
 
+    if verifier is not None:
+        return verifier.evaluate(feats, labels, rerank, metric, query_rows).to_dict()
     if rerank == "none":
-        return evaluate_retrieval(feats, labels, metric).to_dict()
+        return evaluate_retrieval(feats, labels, metric, query_rows=query_rows).to_dict()
     from ris.rerank import evaluate_reranked
 
-    return evaluate_reranked(feats, labels, rerank, metric=metric).to_dict()
+    return evaluate_reranked(feats, labels, rerank, metric=metric, query_rows=query_rows).to_dict()

@@ -6,58 +6,121 @@ file is reported and skipped instead of ending a long extraction.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
+import threading
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from ris.errors import BadImage, RisError
+from ris.imagefile import MAX_FILE_BYTES, jpeg_problem, open_head, quick_size, read_file, sniff_format
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-MAX_PIXELS = 200_000_000  # refuse decoding bigger images: 200 MP is ~600 MB of RGB
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "MAX_FILE_BYTES", "DECODE_BYTES_PER_PIXEL", "find_images",
+           "scan_folder", "FolderScan", "make_labels", "read_label_tsv", "decode_image", "load_image", "resize_square",
+           "decode_cost"]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+# One limit for ris and Pillow: images over 200 megapixels (600 MB as RGB) are refused, by ris from
+# the header before decoding. Pillow warns above its MAX_IMAGE_PIXELS and refuses above twice it,
+# so with it set here Pillow never refuses an image ris accepts (its default refused ~179 MP).
+MAX_PIXELS = 200_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Peak bytes one decode holds per decoded pixel: RGB (3) plus the decoder's working copy (Pillow
+# keeps 4 bytes a pixel, OpenCV's PNG/EXIF paths a second 3). What the decode budget counts.
+DECODE_BYTES_PER_PIXEL = 8
+_PIL_WARNINGS = threading.Lock()  # warnings.catch_warnings is not thread-safe
 LABEL_MODES = ("auto", "ukbench", "folders", "none")
 
 
-def find_images(root: str | Path) -> list[str]:
-    """Relative POSIX paths of all images under ``root``, recursively, sorted."""
+@dataclass
+class FolderScan:
+    """What a dataset folder holds: images to read, and what is not read (so it can be reported)."""
+
+    images: list[str] = field(default_factory=list)  # relative POSIX paths, sorted
+    other: list[str] = field(default_factory=list)  # files whose extension is not an image's
+    hidden: list[str] = field(default_factory=list)  # names starting with '.'; folders end in '/' (not entered)
+
+
+def scan_folder(root: str | Path) -> FolderScan:
+    """Every entry under ``root``, recursively, sorted into images, other files and hidden ones.
+
+    Lists directory entries only (never opens a file): a FIFO named .jpg is listed here and
+    refused, with its reason, when decoding.
+    """
     root = Path(root)
     if not root.exists():
         raise RisError(f"{root}: dataset folder does not exist")
     if not root.is_dir():
         raise RisError(f"{root}: not a folder")
-    found = []
+    scan = FolderScan()
     for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        scan.hidden.extend((rel_dir / d).as_posix() + "/" for d in dirnames if d.startswith("."))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
+            rel = (rel_dir / name).as_posix()
+            if name.startswith("."):
+                scan.hidden.append(rel)
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                scan.images.append(rel)
+            else:
+                scan.other.append(rel)
+    for names in (scan.images, scan.other, scan.hidden):
+        names.sort()
+    return scan
+
+
+def find_images(root: str | Path) -> list[str]:
+    """Relative POSIX paths of all images under ``root``, recursively, sorted."""
+    return scan_folder(root).images
 
 
 # --- labels -------------------------------------------------------------------------------
 
+_UKBENCH_NAME = re.compile(r"ukbench(\d+)\.\w+", re.I)
+
+
 def _ukbench_number(rel_path: str) -> int:
-    m = re.search(r"(\d+)(?=\.[^.]+$)", rel_path)
+    m = _UKBENCH_NAME.fullmatch(Path(rel_path).name)
     if not m:
-        raise RisError(f"{rel_path}: --labels ukbench needs a number in each file name (ukbench00042.jpg)")
+        raise RisError(f"{rel_path}: --labels ukbench needs UKBench file names (ukbench00042.jpg: object = "
+                       f"number // 4); use --labels folders, a FILE.tsv or none")
     return int(m.group(1))
 
 
 def read_label_tsv(path: str | Path) -> dict[str, str]:
     """file -> label from a TSV whose first two columns are file and label (header optional).
 
-    A third column, when present, names the label (Corel's ``class_id  class_name``).
+    A third column, when present, names the label (Corel's ``class_id  class_name``). The file is
+    read as the images are (a regular file, size capped first) and must be UTF-8 text.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise RisError(f"{path}: label file not found")
-    mapping: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.reader(fh, delimiter="\t") if r and not r[0].startswith("#")]
+    try:
+        data = read_file(path, MAX_FILE_BYTES)
+    except BadImage as exc:  # not a regular file, too large, unreadable: the same one line
+        raise RisError(str(exc)) from None
+    if b"\0" in data:
+        raise RisError(f"{path}: not a text file (it holds NUL bytes); a label file is file<TAB>label lines")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RisError(f"{path}: not UTF-8 text (byte {exc.start}); save the label file as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
+    try:
+        rows = [r for r in reader if r and not r[0].startswith("#")]
+    except csv.Error as exc:
+        raise RisError(f"{path}: line {reader.line_num}: {exc}") from None
     if rows and rows[0][0].strip().lower() in ("file", "filename", "path", "image", "image_id"):
         rows = rows[1:]
+    mapping: dict[str, str] = {}
     for lineno, row in enumerate(rows, 1):
         if len(row) < 2:
             raise RisError(f"{path}: line {lineno} has {len(row)} column(s), need file<TAB>label")
@@ -74,7 +137,7 @@ def make_labels(image_ids: list[str], mode: str, dataset: str | Path | None = No
         gt = Path(dataset) / "groundtruth.tsv" if dataset else None
         if gt is not None and gt.is_file():
             mode = str(gt)
-        elif image_ids and all(re.fullmatch(r"ukbench\d+\.\w+", Path(i).name, re.I) for i in image_ids):
+        elif image_ids and all(_UKBENCH_NAME.fullmatch(Path(i).name) for i in image_ids):
             mode = "ukbench"
         elif image_ids and all("/" in i for i in image_ids):
             mode = "folders"
@@ -97,22 +160,33 @@ def make_labels(image_ids: list[str], mode: str, dataset: str | Path | None = No
 
 # --- decoding ----------------------------------------------------------------------------
 
-def _header_size(data: bytes, path: Path) -> tuple[int, int] | None:
-    """(width, height) from the header alone, so huge images are refused before decoding."""
-    import io
-    import warnings
+def _header(data: bytes, path: Path) -> tuple[str | None, int, int] | None:
+    """(format, width, height) from the header alone, so huge images are refused before decoding."""
+    fmt = sniff_format(data)
+    size = quick_size(data, fmt)
+    if size is None:
+        size = _pillow_size(io.BytesIO(data), path)
+    return None if size is None else (fmt, *size)
 
-    from PIL import Image
 
+def _pillow_size(fh, path: Path) -> tuple[int, int] | None:
+    """(width, height) from Pillow's header parsing (formats ``quick_size`` does not know)."""
     try:
-        with warnings.catch_warnings():
+        with _PIL_WARNINGS, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(fh) as im:
                 return im.size
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"{path}: image too large ({str(exc).split(',')[0].strip()[:100]})") from None
+    except Image.DecompressionBombError as exc:  # over 2 x MAX_PIXELS: Pillow gives no size
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(m.group(1)):,} pixels" if m else "pixels"
+        raise BadImage(f"{path}: image too large ({pixels}, limit {MAX_PIXELS:,})") from None
     except Exception:
         return None
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise BadImage(f"{path}: image too large ({width}x{height} pixels, limit {MAX_PIXELS:,})")
 
 
 def _reduced_flag(width: int, height: int, target: int) -> tuple[int, int]:
@@ -124,40 +198,140 @@ def _reduced_flag(width: int, height: int, target: int) -> tuple[int, int]:
     return cv2.IMREAD_COLOR, 1
 
 
-def decode_image(path: str | Path, target: int | None = None) -> np.ndarray:
-    """Decode to RGB uint8 (H, W, 3). ``target`` allows reduced-size JPEG decoding."""
+def decode_cost(path: str | Path, target: int | None = None) -> int:
+    """Bytes decoding this file is expected to hold at its peak, from its header alone (cheap).
+
+    ``DECODE_BYTES_PER_PIXEL`` per decoded pixel (at the reduced JPEG size where ``target`` allows
+    it). 0 for files that will be refused without decoding (special, too big, unreadable header).
+    """
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BadImage(f"{path}: cannot read ({exc.strerror or exc})") from None
+        with open_head(path) as fh:
+            head = fh.read(1 << 16)
+            fmt = sniff_format(head)
+            size = quick_size(head, fmt)
+            if size is None:
+                fh.seek(0)
+                size = _pillow_size(fh, path)
+    except (BadImage, OSError):
+        return 0
+    if size is None or size[0] * size[1] > MAX_PIXELS:
+        return 0
+    w, h = size
+    factor = _reduced_flag(w, h, target)[1] if fmt == "JPEG" and target else 1
+    return (w // factor) * (h // factor) * DECODE_BYTES_PER_PIXEL
+
+
+def _decode_native(path: Path, target: int | None, max_bytes: int | None) -> tuple[np.ndarray, str]:
+    """(uint8 pixels, 'BGR' | 'RGB' | 'GRAY') at full or reduced size, EXIF orientation applied."""
+    data = read_file(path, max_bytes)
     if not data:
         raise BadImage(f"{path}: empty file (0 bytes)")
-    is_jpeg = data[:3] == b"\xff\xd8\xff"
-    if is_jpeg and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        raise BadImage(f"{path}: truncated JPEG (no end-of-image marker)")
-    size = _header_size(data, path)
-    if size is None and not is_jpeg:
-        raise BadImage(f"{path}: not a readable image (unknown or damaged format)")
-    flag, factor = cv2.IMREAD_COLOR, 1
-    if size is not None:
-        w, h = size
-        if is_jpeg and target:
-            flag, factor = _reduced_flag(w, h, target)
-        if (w // factor) * (h // factor) > MAX_PIXELS:
-            raise BadImage(f"{path}: image too large ({w}x{h} pixels, limit {MAX_PIXELS:,})")
-    buf = np.frombuffer(data, dtype=np.uint8)
+    fmt = sniff_format(data)
+    if fmt == "JPEG":
+        problem = jpeg_problem(data)
+        if problem:
+            raise BadImage(f"{path}: {problem}")
+    header = _header(data, path)
+    if header is None:
+        if fmt != "JPEG":
+            raise BadImage(f"{path}: not a readable image (unknown or damaged format)")
+        w = h = 0
+    else:
+        _, w, h = header
+        _check_pixels(path, w, h)
     try:
-        img = cv2.imdecode(buf, flag)
+        if fmt in ("PNG", "GIF"):
+            return _pillow_decode(data, fmt, path)
+        reduced = fmt == "JPEG" and target and w
+        return _opencv_decode(data, path, _reduced_flag(w, h, target)[0] if reduced else cv2.IMREAD_COLOR)
+    except MemoryError:
+        raise BadImage(f"{path}: not enough memory to decode ({w}x{h} pixels)") from None
+
+
+def _opencv_decode(data: bytes, path: Path, flag: int) -> tuple[np.ndarray, str]:
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)  # applies EXIF orientation
     except cv2.error as exc:
         raise BadImage(f"{path}: cannot decode ({str(exc).strip().splitlines()[-1][:120]})") from None
     if img is None or img.size == 0:
         raise BadImage(f"{path}: cannot decode (damaged file or unsupported format)")
-    if img.dtype != np.uint8:  # 16-bit PNG/TIFF
-        img = (img / 257.0).round().astype(np.uint8) if img.dtype == np.uint16 else cv2.convertScaleAbs(img)
-    if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.dtype != np.uint8:  # 16-bit: x / 257 rounded, without a float copy of the image
+        img = cv2.convertScaleAbs(img, alpha=1 / 257.0 if img.dtype == np.uint16 else 1.0)
+    return img, "GRAY" if img.ndim == 2 else "BGR"
+
+
+def _pillow_decode(data: bytes, fmt: str, path: Path) -> tuple[np.ndarray, str]:
+    """PNG and GIF (first frame) through Pillow: libpng's errors become exceptions here, where
+    through OpenCV they are printed on stderr (through the progress bar). The pixels are those
+    OpenCV gives: alpha dropped, 16 bits to their high byte, PNG EXIF orientation applied."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            orientation = _exif_orientation(im.info.get("exif")) if fmt == "PNG" else 1
+            if im.mode in ("1", "LA", "La"):
+                im = im.convert("L")
+            elif im.mode not in ("L", "RGB", "I", "I;16", "I;16B", "I;16L"):
+                im = im.convert("RGB")
+            arr = _pillow_array(im)
+    except (BadImage, MemoryError):
+        raise
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise BadImage(f"{path}: cannot decode {fmt} ({reason})") from None
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr >> 8, 0, 255).astype(np.uint8)
+    return _orient(arr, orientation), "GRAY" if arr.ndim == 2 else "RGB"
+
+
+def _pillow_array(im: Image.Image) -> np.ndarray:
+    """The pixels as an array, copied in strips: ``np.asarray(im)`` would hold two whole-image
+    copies at once (Pillow's ``tobytes`` joins its chunks), on top of Pillow's own buffer."""
+    w, h = im.size
+    first = np.asarray(im.crop((0, 0, w, min(h, 1))))
+    out = np.empty((h, *first.shape[1:]), first.dtype)
+    step = max(1, (8 << 20) // max(1, first.nbytes))
+    for y in range(0, h, step):
+        out[y : y + step] = np.asarray(im.crop((0, y, w, min(h, y + step))))
+    return out
+
+
+def _exif_orientation(raw: bytes | None) -> int:
+    if not raw:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        return int(exif.get(0x0112, 1))
+    except Exception:
+        return 1
+
+
+def _orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation 2..8 applied as OpenCV's decoder does for the formats it reads."""
+    if orientation in (2, 3, 4):
+        return cv2.flip(img, {2: 1, 3: -1, 4: 0}[orientation])
+    if orientation in (5, 6, 7, 8):
+        t = cv2.transpose(img)
+        return t if orientation == 5 else cv2.flip(t, {6: 1, 7: -1, 8: 0}[orientation])
+    return img
+
+
+def _to_rgb(img: np.ndarray, order: str) -> np.ndarray:
+    if order == "BGR":
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if order == "GRAY":
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return img
+
+
+def decode_image(path: str | Path, target: int | None = None, max_bytes: int | None = None) -> np.ndarray:
+    """Decode to RGB uint8 (H, W, 3). ``target`` allows reduced-size JPEG decoding.
+
+    Only regular files of at most ``max_bytes`` (default ``MAX_FILE_BYTES``) are read; any failure
+    is a ``BadImage`` naming the file and the reason.
+    """
+    return _to_rgb(*_decode_native(Path(path), target, max_bytes))
 
 
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
@@ -169,4 +343,7 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
-    return resize_square(decode_image(path, target=size), size)
+    """RGB uint8 (size, size, 3). Resized before the colour conversion: the same pixels as
+    ``resize_square(decode_image(...))`` (both are per channel), without a full-size copy."""
+    img, order = _decode_native(Path(path), size, None)
+    return _to_rgb(resize_square(img, size), order)

@@ -101,12 +101,17 @@ def _split_rows(db, labels: np.ndarray, split: str, model, seed: int, test_fract
     if split == "all":
         return np.nonzero(labels >= 0)[0]
     if model is not None:
-        from ris.evaluate import _rows_by_id
-        from ris.train import load_model
+        from ris.errors import DatabaseError
+        from ris.modelio import read_meta
 
-        _, meta = load_model(model)
-        return _rows_by_id(meta["split"]["test_images"], db.image_ids)
-    from ris.train import rows_of, split_objects
+        index = {i: r for r, i in enumerate(db.image_ids)}
+        test = read_meta(model)["split"].get("test_images", [])
+        missing = [i for i in test if i not in index]
+        if missing or not test:
+            raise DatabaseError(f"{model}: its held-out images are not in this database (e.g. {missing[:1]}); "
+                                f"use --split all")
+        return np.sort(np.array([index[i] for i in test], dtype=np.int64))
+    from ris.splits import rows_of, split_objects
 
     return np.sort(rows_of(labels, split_objects(labels, test_fraction, 0.1, seed)["test"]))
 

@@ -6,6 +6,9 @@ Conventions (stated in every report):
 - mAP, precision@k and recall@k exclude the query from its own ranking.
 - recall@k: fraction of queries with at least one relevant item in the top k (the metric-learning
   convention of Song et al. / Musgrave et al.).
+- One rule for every metric: a query with no other image of its group in the database has nothing to
+  find, so no metric scores it (N-S, top-4, mAP, R@k, P@k alike); their number is reported as
+  ``queries_without_relevant``.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class RetrievalScores:
     map: float  # query excluded
     recall_at: dict[int, float] = field(default_factory=dict)
     precision_at: dict[int, float] = field(default_factory=dict)
+    queries_without_relevant: int = 0  # queries alone in their group: scored by no metric
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,7 +59,7 @@ class _Tally:
         self.ap_total += float(ap[valid].sum())
         self.ap_count += int(valid.sum())
 
-    def scores(self, nq: int, n: int) -> RetrievalScores:
+    def scores(self, nq: int, n: int, without_relevant: int = 0) -> RetrievalScores:
         q = max(nq, 1)
         ns = self.ns_total / q
         return RetrievalScores(
@@ -66,11 +70,13 @@ class _Tally:
             map=round(self.ap_total / max(self.ap_count, 1), 4),
             recall_at={k: round(self.recall_hits[k] / q, 4) for k in self.recall_ks},
             precision_at={k: round(self.precision_sum[k] / q, 4) for k in self.precision_ks},
+            queries_without_relevant=int(without_relevant),
         )
 
 
 def labelled_queries(features: np.ndarray, labels: np.ndarray, query_rows: np.ndarray | None):
-    """(features, labels, query indices) with unlabelled (-1) rows dropped from both sides."""
+    """(features, labels, query indices, queries without relevant): unlabelled (-1) rows dropped from
+    both sides, and the queries with no other image of their group left out of the indices (counted)."""
     labels = np.asarray(labels)
     keep = labels >= 0
     qmask = np.zeros(len(labels), bool)
@@ -80,7 +86,10 @@ def labelled_queries(features: np.ndarray, labels: np.ndarray, query_rows: np.nd
         features, labels = features[keep], labels[keep]
     if len(labels) < 2:
         raise ValueError("need at least two labelled images to evaluate")
-    return features, labels, np.nonzero(qmask[keep])[0]
+    qidx = np.nonzero(qmask[keep])[0]
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    has_relevant = counts[inverse[qidx]] > 1
+    return features, labels, qidx[has_relevant], int((~has_relevant).sum())
 
 
 def evaluate_retrieval(
@@ -94,7 +103,7 @@ def evaluate_retrieval(
     query_rows: np.ndarray | None = None,
 ) -> RetrievalScores:
     """Every row (or only ``query_rows``) queries all rows (closed set). Label -1 rows are ignored."""
-    features, labels, qidx = labelled_queries(features, labels, query_rows)
+    features, labels, qidx, without_relevant = labelled_queries(features, labels, query_rows)
     n, nq = len(labels), len(qidx)
     max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
     tally = _Tally(recall_ks, precision_ks, ns_k)
@@ -117,7 +126,7 @@ def evaluate_retrieval(
         ap, valid = _average_precision(dist, rel, qs)
         tally.add(top_rel, ap, valid)
         del dist, rel  # free the (block, N) arrays before the next block allocates its own
-    return tally.scores(nq, n)
+    return tally.scores(nq, n, without_relevant)
 
 
 def _database_terms(features: np.ndarray, metric: str) -> np.ndarray | None:

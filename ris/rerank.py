@@ -1,5 +1,9 @@
 """Re-ranking of retrieval results: query expansion, diffusion and k-reciprocal re-ranking.
 
+``RERANKERS`` maps each method's name to its class (a ``Method``: its parameters' defaults, its
+offline preparation and its scores). Adding a re-ranker is one class and one entry there, plus
+its test in tests/test_rerank.py; ``ris-search``/``ris-eval --rerank`` offer it from that dict.
+
 Memory stays bounded: the database is held in RAM as an (N, D) float32 array, the offline
 structures are sparse kNN graphs (O(N x k) entries), and queries go through in blocks of ``b``
 rows whose (b, N) score block is the largest dense array (``b x N <= 2**20`` entries). No N x N
@@ -30,24 +34,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from ris.errors import RisError
 from ris.metrics import RetrievalScores, _Tally, labelled_queries  # noqa: F401
 from ris.topk import METRICS, blockwise_topk, l2_normalize, pairwise_distances
-
-from ris.options import RERANK_METHODS as METHODS  # noqa: E402
-
-# Literature defaults: alpha-QE / alpha-DBA (Radenovic et al. TPAMI 2018, alpha=3) with a small n
-# that suits small relevant sets; diffusion (Iscen et al. CVPR 2017: k=50, kq=10, gamma=3, CG 20
-# iterations) but alpha=0.9, not 0.99: at 0.99 a walk lasts ~100 steps and drifts far beyond small
-# relevant sets (MobileNetV2 GAP, UKBench-1000 N-S 3.94 plain, 3.89 at 0.9, 3.64 at 0.99; Corel-1k
-# mAP 0.89 plain, 0.96 at 0.9, 0.92 at 0.99);
-# k-reciprocal (Zhong et al. CVPR 2017: k1=20, k2=6, lambda=0.3).
-DEFAULTS: dict[str, dict[str, float]] = {
-    "none": {},
-    "qe": {"n": 2, "alpha": 3.0},
-    "dba+qe": {"n": 2, "alpha": 3.0, "dba_n": 2, "dba_alpha": 3.0},
-    "diffusion": {"graph_k": 50, "query_k": 10, "gamma": 3.0, "alpha": 0.9, "iters": 20, "tol": 1e-6},
-    "kreciprocal": {"k1": 20, "k2": 6, "lam": 0.3},
-}
 
 BLOCK_ENTRIES = 1 << 20  # largest (queries x N) dense block
 # kNN graphs: small database blocks let blockwise_topk skip most of each block after the first
@@ -93,6 +82,13 @@ def neighbours_without_self(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return i[keep].reshape(-1, k), (1.0 - d[keep]).reshape(-1, k)
 
 
+def _check_rows(n: int) -> None:
+    """Re-ranking compares each row with its neighbours: a database of one image has none (the
+    user's database, not a bug, hence a RisError)."""
+    if n < 2:
+        raise RisError(f"re-ranking (--rerank) needs at least two images in the database; it has {n}")
+
+
 def dba_database(database: np.ndarray, n: int = 2, alpha: float = 3.0, index=None,
                  chunk: int = 65536) -> np.ndarray:
     """The whole database after alpha-DBA: one kNN pass over it, which is why ``ris-search`` caches
@@ -103,6 +99,7 @@ def dba_database(database: np.ndarray, n: int = 2, alpha: float = 3.0, index=Non
     approximately in near-linear time; their similarities are then computed exactly. It must rank
     like cosine similarity: a cosine index, or a euclidean one over L2-normalised rows."""
     vectors = np.asarray(database, np.float32)
+    _check_rows(len(vectors))
     unit = l2_normalize(vectors)
     if index is None:
         idx, sim = neighbours_without_self(unit, n)
@@ -182,173 +179,117 @@ def _query_block(n: int, block: int = 256) -> int:
     return max(1, min(block, BLOCK_ENTRIES // max(n, 1)))
 
 
-# --- k-reciprocal ------------------------------------------------------------------------------
+# --- the methods: RERANKERS ---------------------------------------------------------------------
 
-class KReciprocalIndex:
-    """Zhong et al.'s k-reciprocal encoding, on kNN lists instead of the full distance matrix.
+class Method:
+    """One re-ranking method, prepared once for a database (its offline structures, in
+    ``__init__``), then asked for (b, N) score blocks, smaller = better (module docstring).
 
-    Offline, every database row gets its sparse encoding ``V`` (weights on its expanded
-    k-reciprocal set) from its top ``k1 + 1`` list; a query only needs its own (b, N) distance row,
-    so the Jaccard distance is exact against every database item (items sharing no neighbour get 1).
-    A database row as query reproduces the full-matrix algorithm. An out-of-database query is
-    treated as inserted (``_inserted_sum_min``): ``q`` is reciprocal to ``g`` when it would enter
-    ``g``'s top ``k1 + 1`` list, i.e. ``d(g, q) <= d(g, g's k1-th neighbour)``.
-    """
+    ``defaults``: every parameter the method takes, with its default; ``help``: one line for
+    ``--help``. ``augmented`` is an earlier ``dba_database`` result that only dba+qe uses."""
 
-    def __init__(self, database: np.ndarray, metric: str = "euclidean", k1: int = 20, k2: int = 6,
-                 lam: float = 0.3):
-        self.db, self.metric, self.lam = database, metric, float(lam)
-        n = len(database)
-        self.k1 = int(min(k1, n - 1))
-        self.kh = int(min(max(1, round(k1 / 2)), self.k1))
-        self.k2 = int(max(1, min(k2, self.k1 + 1)))
-        self.knn, self.knn_d, self.rowmax = self._knn_and_rowmax(self.k1 + 1)
-        recip = self._reciprocal(self.k1)
-        half_fwd = self.knn[:, : self.kh + 1]
-        self.half = np.where(self._reciprocal(self.kh), half_fwd, -1)  # R(c, k1/2), -1 padded
-        enc = [self._encode(self.knn[i][recip[i]], self._pair_dist(i)) for i in range(n)]
-        self.z = np.array([w.sum() for _, w in enc], np.float32)  # normalisers, for inserted queries
-        self.v0 = _rows_to_csr([(c, w / max(float(w.sum()), 1e-12)) for c, w in enc], n)
-        self.v0_csc = self.v0.tocsc()
-        # local query expansion: mean encoding over the top k2 (self included)
-        self.qe = sparse.csr_matrix((np.full(n * self.k2, 1.0 / self.k2, np.float32),
-                                     (np.repeat(np.arange(n), self.k2), self.knn[:, : self.k2].ravel())), shape=(n, n))
-        self.qe_csc = self.qe.tocsc()  # which rows average a given row
-        self.v = (self.qe @ self.v0).tocsr()
-        self.v_csc = self.v.tocsc()
+    defaults: dict[str, float] = {}
+    help = ""
 
-    def dist(self, q: np.ndarray) -> np.ndarray:
-        """The re-ranking distance: squared euclidean (original code) or cosine."""
-        d = pairwise_distances(q, self.db, self.metric)
-        return d * d if self.metric == "euclidean" else d
+    def __init__(self, database: np.ndarray, metric: str, p: dict[str, float],
+                 augmented: np.ndarray | None = None):
+        self.db, self.metric, self.p, self.n = database, metric, p, len(database)
 
-    def _knn_and_rowmax(self, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top ``k`` lists (self included) and each row's largest distance, which scales it."""
-        n = len(self.db)
-        dd, idx = blockwise_topk(self.db, self.db, k, self.metric, **KNN_BLOCKS)
-        if self.metric == "euclidean":
-            dd = dd * dd
-        rowmax = np.empty(n, np.float32)
-        b = _query_block(n, block)
-        if self.metric == "euclidean":  # max_j |x_i - x_j|^2 = |x_i|^2 + max_j (|x_j|^2 - 2 x_i.x_j)
-            sq = np.einsum("ij,ij->i", self.db, self.db)
-            for s in range(0, n, b):
-                g = self.db[s : s + b] @ self.db.T
-                g *= -2.0
-                g += sq
-                rowmax[s : s + b] = g.max(axis=1) + sq[s : s + b]
+    def scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(b, N) scores of queries ``q``; ``rows[i] >= 0`` is the database row query ``i`` is."""
+        raise NotImplementedError
+
+
+class Plain(Method):
+    help = "no re-ranking"
+
+    def scores(self, q, rows):
+        return pairwise_distances(q, self.db, self.metric)
+
+
+class QueryExpansion(Method):
+    """alpha-QE (Radenovic et al. TPAMI 2018, alpha=3), with a small n that suits small relevant sets."""
+
+    defaults = {"n": 2, "alpha": 3.0}
+    help = "alpha query expansion"
+
+    def __init__(self, database, metric, p, augmented=None):
+        super().__init__(database, metric, p)
+        self.unit = l2_normalize(database)
+
+    def scores(self, q, rows):
+        uq = l2_normalize(q)
+        sim = uq @ self.unit.T
+        n = int(min(self.p["n"], self.n - 1))
+        own = np.nonzero(rows >= 0)[0]
+        sim[own, rows[own]] = -np.inf  # the query's copy is not an expansion neighbour
+        nbr = np.argpartition(-sim, n - 1, axis=1)[:, :n] if n > 0 else np.empty((len(q), 0), np.int64)
+        return 1.0 - alpha_qe(uq, self.unit, nbr, n, self.p["alpha"]) @ self.unit.T
+
+
+class DbaQueryExpansion(QueryExpansion):
+    """alpha-DBA, then alpha-QE on the augmented database (same paper and defaults)."""
+
+    defaults = {"n": 2, "alpha": 3.0, "dba_n": 2, "dba_alpha": 3.0}
+    help = "database-side augmentation plus qe"
+
+    def __init__(self, database, metric, p, augmented=None):
+        super().__init__(database, metric, p)
+        if augmented is not None and np.shape(augmented) == self.unit.shape:
+            self.unit = np.ascontiguousarray(augmented, dtype=np.float32)
         else:
-            unit = l2_normalize(self.db)
-            for s in range(0, n, b):
-                rowmax[s : s + b] = 1.0 - (unit[s : s + b] @ unit.T).min(axis=1)
-        return idx, dd, np.maximum(rowmax, 1e-12)
-
-    def _reciprocal(self, k: int, chunk: int = 2048) -> np.ndarray:
-        """mask[i, j]: is ``i`` in the top ``k + 1`` list of its ``j``-th neighbour?"""
-        n = len(self.knn)
-        fwd = self.knn[:, : k + 1]
-        out = np.empty(fwd.shape, bool)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            out[s:e] = (self.knn[fwd[s:e], : k + 1] == np.arange(s, e)[:, None, None]).any(axis=2)
-        return out
-
-    def _pair_dist(self, row: int):
-        """Normalised distances from one database row to a few others."""
-        def dist(cols: np.ndarray) -> np.ndarray:
-            a, b = self.db[row], self.db[cols]
-            if self.metric == "euclidean":
-                d = ((b - a[None, :]) ** 2).sum(1)
-            else:
-                d = 1.0 - l2_normalize(b) @ l2_normalize(a)
-            return d / self.rowmax[row]
-        return dist
-
-    def _encode(self, recip_set: np.ndarray, dist) -> tuple[np.ndarray, np.ndarray]:
-        """(columns, unnormalised weights exp(-d)) over the reciprocal set, grown by every
-        candidate's R(c, k1/2) set that lies 2/3 inside it."""
-        h = self.half[recip_set]
-        valid = h >= 0
-        ok = (np.isin(h, recip_set) & valid).sum(1) > (2.0 / 3.0) * valid.sum(1)
-        cols = np.unique(np.concatenate([recip_set, h[ok][valid[ok]]]))
-        return cols, np.exp(-dist(cols)).astype(np.float32)
-
-    def scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """(b, N) final distances; ``rows[i] >= 0`` marks a query that is that database row."""
-        d = self.dist(queries)
-        dn = d / np.maximum(d.max(axis=1, keepdims=True), 1e-12)
-        out = np.empty_like(dn)
-        for i in range(len(queries)):
-            if rows[i] >= 0:
-                enc = self.v[rows[i]]
-                smin = self._sum_min(enc.indices, enc.data)
-            else:
-                smin = self._inserted_sum_min(d[i], dn[i])
-            jac = 1.0 - smin / (2.0 - smin)
-            out[i] = (1.0 - self.lam) * jac + self.lam * dn[i]
-        return out
-
-    def _sum_min(self, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
-        """sum_c min(v[c], V[g, c]) for every database row g, through V's columns (inverted index)."""
-        sub = self.v_csc[:, cols]
-        mins = np.minimum(sub.data, np.repeat(vals, np.diff(sub.indptr)))
-        return np.bincount(sub.indices, weights=mins, minlength=len(self.db))
-
-    def _inserted_sum_min(self, d: np.ndarray, dn: np.ndarray) -> np.ndarray:
-        """``_sum_min`` for an out-of-database query, as if it were inserted as one more node:
-        it gets its own column (weight exp(0)); its reciprocal neighbours (reciprocity is
-        symmetric) gain a weight on that column and are renormalised; rows whose top-k2 list the
-        query enters, or that average a changed neighbour, get their expanded encoding recomputed.
-        Not updated: other rows' reciprocal sets and expansions, and the row maxima."""
-        n = len(self.db)
-        top_d, top = _topk_sorted(d[None], self.k1)
-        top_d, top = top_d[0], top[0]
-        recip_set = top[top_d <= self.knn_d[top, self.k1]]  # q would enter their top k1 + 1
-        cols, w = self._encode(recip_set, lambda c: dn[c])
-        total = float(w.sum()) + 1.0
-        eq = np.exp(-d[recip_set] / self.rowmax[recip_set])
-        scale = np.ones(n, np.float32)  # V0 rows renormalised after gaining column q
-        scale[recip_set] = self.z[recip_set] / (self.z[recip_set] + eq)
-        own = np.zeros(n, np.float32)  # their weight on column q
-        own[recip_set] = eq / (self.z[recip_set] + eq)
-
-        v0q = np.zeros(n, np.float32)  # the query's own (not yet expanded) encoding
-        v0q[cols] = w / total
-
-        def averaged(lists: np.ndarray, keep: np.ndarray, with_q: np.ndarray,
-                     colsel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-            """Mean of the updated V0 rows in each list (entries where ``keep``), plus the query's
-            own encoding where ``with_q``, over columns ``colsel`` (all if None); and the mean
-            weight on column q."""
-            m = sparse.csr_matrix(((scale[lists] * keep).ravel(),
-                                   (np.repeat(np.arange(len(lists)), lists.shape[1]), lists.ravel())),
-                                  shape=(len(lists), n))
-            v0, own_q = (self.v0, v0q) if colsel is None else (self.v0_csc[:, colsel], v0q[colsel])
-            v = ((m @ v0).toarray() + with_q[:, None] * own_q) / self.k2
-            return v, ((own[lists] * keep).sum(1) + with_q / total) / self.k2
-
-        q_list = top[None, : self.k2 - 1]  # with the query itself: its top k2
-        vq, vq_own = averaged(q_list, np.ones(q_list.shape, np.float32), np.ones(1, np.float32))
-        vq, vq_own = vq[0], float(vq_own[0])
-        qcols = np.flatnonzero(vq)
-        smin = self._sum_min(qcols, vq[qcols])
-        entered = top[top_d < self.knn_d[top, self.k2 - 1]]  # q enters their top-k2 list
-        averaging = self.qe_csc[:, recip_set].indices  # they average a renormalised row
-        changed = np.unique(np.concatenate([entered, averaging]))
-        if len(changed):
-            lists = self.knn[changed, : self.k2]
-            with_q = np.isin(changed, entered).astype(np.float32)
-            keep = np.ones(lists.shape, np.float32)
-            keep[:, -1] = 1.0 - with_q  # q pushes the last one out
-            vg, vg_own = averaged(lists, keep, with_q, qcols)  # only the query's columns matter
-            smin[changed] = np.minimum(vg, vq[qcols]).sum(1) + np.minimum(vg_own, vq_own)
-        return smin
+            self.unit = dba_database(self.unit, int(p["dba_n"]), p["dba_alpha"])
 
 
-def _rows_to_csr(rows: list[tuple[np.ndarray, np.ndarray]], n: int) -> sparse.csr_matrix:
-    indptr = np.concatenate([[0], np.cumsum([len(c) for c, _ in rows])])
-    return sparse.csr_matrix((np.concatenate([w for _, w in rows]), np.concatenate([c for c, _ in rows]),
-                              indptr), shape=(len(rows), n))
+class Diffusion(Method):
+    """Iscen et al. CVPR 2017 (k=50, kq=10, gamma=3, CG 20 iterations) but alpha=0.9, not 0.99: at
+    0.99 a walk lasts ~100 steps and drifts far beyond small relevant sets (MobileNetV2 GAP,
+    UKBench-1000 N-S 3.94 plain, 3.89 at 0.9, 3.64 at 0.99; Corel-1k mAP 0.89 plain, 0.96 at 0.9,
+    0.92 at 0.99)."""
+
+    defaults = {"graph_k": 50, "query_k": 10, "gamma": 3.0, "alpha": 0.9, "iters": 20, "tol": 1e-6}
+    help = "kNN-graph diffusion"
+
+    def __init__(self, database, metric, p, augmented=None):
+        super().__init__(database, metric, p)
+        self.unit = l2_normalize(database)
+        self.graph = diffusion_graph(self.unit, int(p["graph_k"]), p["gamma"])
+
+    def scores(self, q, rows):
+        """Seed with the query's kNN similarities, spread over the offline graph."""
+        sim = l2_normalize(q) @ self.unit.T
+        kq = int(min(self.p["query_k"], self.n))
+        top = np.argpartition(-sim, kq - 1, axis=1)[:, :kq]
+        y = np.zeros((self.n, len(q)), np.float32)
+        y[top, np.arange(len(q))[:, None]] = np.maximum(np.take_along_axis(sim, top, 1), 0.0) ** self.p["gamma"]
+        f = diffuse(self.graph, y, self.p["alpha"], int(self.p["iters"]), self.p["tol"]).T
+        fmax = np.maximum(f.max(axis=1, keepdims=True), 1e-30)
+        return np.where(f > 0, 1.0 - f / fmax, 1.0 + (1.0 - sim) / 2.0).astype(np.float32)
+
+
+class KReciprocal(Method):
+    """Zhong et al. CVPR 2017 (k1=20, k2=6, lambda=0.3); the encoding lives in ``ris.kreciprocal``."""
+
+    defaults = {"k1": 20, "k2": 6, "lam": 0.3}
+    help = "k-reciprocal re-ranking"
+
+    def __init__(self, database, metric, p, augmented=None):
+        from ris.kreciprocal import KReciprocalIndex
+
+        super().__init__(database, metric, p)
+        self.kr = KReciprocalIndex(database, metric, int(p["k1"]), int(p["k2"]), p["lam"])
+
+    def scores(self, q, rows):
+        return self.kr.scores(q, rows)
+
+
+RERANKERS: dict[str, type[Method]] = {
+    "none": Plain,
+    "qe": QueryExpansion,
+    "dba+qe": DbaQueryExpansion,
+    "diffusion": Diffusion,
+    "kreciprocal": KReciprocal,
+}
 
 
 # --- the entry points --------------------------------------------------------------------------
@@ -360,30 +301,20 @@ class Reranker:
                  augmented: np.ndarray | None = None, **params):
         """``augmented``: for dba+qe, the database after alpha-DBA made earlier with the same
         parameters (``dba_database``), e.g. loaded from a cache file; skips its kNN pass."""
-        if method not in METHODS:
-            raise ValueError(f"unknown re-ranking method {method!r}; choose one of {METHODS}")
+        if method not in RERANKERS:
+            raise ValueError(f"unknown re-ranking method {method!r}; choose one of {', '.join(RERANKERS)}")
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
-        unknown = set(params) - set(DEFAULTS[method])
+        defaults = RERANKERS[method].defaults
+        unknown = set(params) - set(defaults)
         if unknown:
-            raise ValueError(f"{method}: unknown parameter(s) {sorted(unknown)}; known: {sorted(DEFAULTS[method])}")
+            raise ValueError(f"{method}: unknown parameter(s) {sorted(unknown)}; known: {sorted(defaults)}")
         self.method, self.metric = method, metric
-        self.p = {**DEFAULTS[method], **params}
+        self.p = {**defaults, **params}
         self.db = np.ascontiguousarray(database, dtype=np.float32)
         self.n = len(self.db)
-        if self.n < 2:
-            raise ValueError("need at least two database rows to re-rank")
-        if method in ("qe", "dba+qe", "diffusion"):
-            self.unit = l2_normalize(self.db)
-        if method == "dba+qe":
-            if augmented is not None and np.shape(augmented) == self.unit.shape:
-                self.unit = np.ascontiguousarray(augmented, dtype=np.float32)
-            else:
-                self.unit = dba_database(self.unit, int(self.p["dba_n"]), self.p["dba_alpha"])
-        elif method == "diffusion":
-            self.graph = diffusion_graph(self.unit, int(self.p["graph_k"]), self.p["gamma"])
-        elif method == "kreciprocal":
-            self.kr = KReciprocalIndex(self.db, metric, int(self.p["k1"]), int(self.p["k2"]), self.p["lam"])
+        _check_rows(self.n)
+        self.impl = RERANKERS[method](self.db, metric, self.p, augmented)
 
     def search(self, queries: np.ndarray, k: int, query_rows: np.ndarray | None = None,
                block: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -403,42 +334,18 @@ class Reranker:
         b = _query_block(self.n, block)
         for s in range(0, len(q), b):
             e = min(s + b, len(q))
-            score = self._scores(q[s:e], rows[s:e])
+            score = self.impl.scores(q[s:e], rows[s:e])
             own = np.nonzero(rows[s:e] >= 0)[0]
             score[own, rows[s:e][own]] = np.inf
             out_s[s:e], out_i[s:e] = _topk_sorted(score, k)
         return out_s, out_i
 
-    def _scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        m = self.method
-        if m == "none":
-            return pairwise_distances(q, self.db, self.metric)
-        if m == "kreciprocal":
-            return self.kr.scores(q, rows)
-        uq = l2_normalize(q)
-        sim = uq @ self.unit.T
-        if m in ("qe", "dba+qe"):
-            n = int(min(self.p["n"], self.n - 1))
-            excl = sim.copy()
-            own = np.nonzero(rows >= 0)[0]
-            excl[own, rows[own]] = -np.inf  # the query's copy is not an expansion neighbour
-            nbr = np.argpartition(-excl, n - 1, axis=1)[:, :n] if n > 0 else np.empty((len(q), 0), np.int64)
-            return 1.0 - alpha_qe(uq, self.unit, nbr, n, self.p["alpha"]) @ self.unit.T
-        # diffusion: seed with the query's kNN similarities, spread over the offline graph
-        kq = int(min(self.p["query_k"], self.n))
-        top = np.argpartition(-sim, kq - 1, axis=1)[:, :kq]
-        y = np.zeros((self.n, len(q)), np.float32)
-        y[top, np.arange(len(q))[:, None]] = np.maximum(np.take_along_axis(sim, top, 1), 0.0) ** self.p["gamma"]
-        f = diffuse(self.graph, y, self.p["alpha"], int(self.p["iters"]), self.p["tol"]).T
-        fmax = np.maximum(f.max(axis=1, keepdims=True), 1e-30)
-        return np.where(f > 0, 1.0 - f / fmax, 1.0 + (1.0 - sim) / 2.0).astype(np.float32)
-
 
 def rerank(queries: np.ndarray, database: np.ndarray, method: str, k: int, metric: str = "euclidean",
            *, query_rows: np.ndarray | None = None, **params) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` (score, idx) per query after re-ranking, sorted best first (smaller = better;
-    see the module docstring for what the score is per method). ``method`` in ``METHODS``;
-    ``params`` override ``DEFAULTS[method]``. Build a ``Reranker`` to search one database often."""
+    see the module docstring for what the score is per method). ``method`` in ``RERANKERS``;
+    ``params`` override ``RERANKERS[method].defaults``. Build a ``Reranker`` to search one database often."""
     return Reranker(database, method, metric, **params).search(queries, k, query_rows=query_rows)
 
 
@@ -455,7 +362,7 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
     ``depth = N - 1`` (the default when N <= 5000; 1000 otherwise, then a lower bound).
     ``method="none"`` reproduces ``evaluate_retrieval`` exactly.
     """
-    features, labels, qidx = labelled_queries(features, labels, query_rows)
+    features, labels, qidx, without_relevant = labelled_queries(features, labels, query_rows)
     n, nq = len(labels), len(qidx)
     depth = (n - 1 if n <= 5000 else 1000) if depth is None else int(min(depth, n - 1))
     max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
@@ -474,4 +381,4 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
         npos = npos_all[rows]
         prec = np.where(tail, np.cumsum(tail, axis=1) / ranks, 0.0)
         tally.add(top_rel, prec.sum(axis=1) / np.maximum(npos, 1), npos > 0)
-    return tally.scores(nq, n)
+    return tally.scores(nq, n, without_relevant)

@@ -1,8 +1,11 @@
 """Querying: any image -> the same features as the database -> (head) -> ranked neighbours."""
 from __future__ import annotations
 
+import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,26 +27,27 @@ class SearchEngine:
     """
 
     def __init__(self, features_db: str | Path, model: str | Path | None = None, index: str = "auto",
-                 dataset_root: str | Path | None = None, rerank: str = "none"):
+                 dataset_root: str | Path | None = None, rerank: str = "none",
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
         from ris.featuredb import FeatureDB
 
         self._files: list = []  # cache files opened for streamed reads
         self.db = FeatureDB(features_db)
         try:
-            self._setup(features_db, model, index, dataset_root, rerank)
+            self._setup(features_db, model, index, dataset_root, rerank, log)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, features_db, model, index, dataset_root, rerank) -> None:
-        from ris.extract import FeatureExtractor
+    def _setup(self, features_db, model, index, dataset_root, rerank, log) -> None:
+        from ris.extractor import FeatureExtractor
 
         self.root = Path(dataset_root or self.db.dataset_root or ".")
         self.head = None
         self.meta: dict = {}
         self.metric = "euclidean"
         if model is not None:
-            from ris.train import check_compatible, load_model
+            from ris.modelio import check_compatible, load_model
 
             self.head, meta = load_model(model)
             self.meta = meta
@@ -65,6 +69,7 @@ class SearchEngine:
                          if rerank == "dba+qe" else None)
             self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
         self.image_ids = self.db.image_ids
+        self.unrankable = _warn_nonfinite(self.vectors, self.image_ids, str(features_db), log)
         names = self.db.label_names
         self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
 
@@ -87,7 +92,7 @@ class SearchEngine:
         import h5py
 
         from ris.sidecars import embeddings_path, file_hash, write_h5_cache
-        from ris.train import embed_features, raw_descriptors
+        from ris.embed import embed_features, raw_descriptors
 
         feats = self.db.features
         source = {"content_id": self.db.content_id, "history": self.db.content_history, "vectors": "raw",
@@ -127,12 +132,12 @@ class SearchEngine:
 
     def embed_query(self, image_path: str | Path) -> np.ndarray:
         from ris.images import load_image
-        from ris.train import embed_features
+        from ris.embed import embed_features
 
         img = load_image(image_path, self.extractor.max_size)
         vec = self.extractor.embed(img[None])
         if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
-            from ris.train import raw_descriptors
+            from ris.embed import raw_descriptors
 
             vec = raw_descriptors(vec)
         if self.head is not None:
@@ -145,18 +150,172 @@ class SearchEngine:
         return vec
 
     def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
+        """The ``k`` nearest database images; rows without finite features are never among them."""
         vec = self.embed_query(image_path)
+        if not np.isfinite(vec).all():
+            from ris.errors import BadImage
+
+            raise BadImage(f"{image_path}: its features are not finite (NaN/inf); it cannot be ranked")
         if self.reranker is not None:
             dist, idx = self.reranker.search(vec, k)
         else:
             dist, idx = self.index.search(vec, k)
         hits = []
         for r, (d, i) in enumerate(zip(dist[0], idx[0]), 1):
-            if i < 0:
+            if i < 0 or not np.isfinite(d):
                 continue
             image_id = self.image_ids[int(i)]
             hits.append(Hit(r, float(d), image_id, str(self.root / image_id), self.labels[int(i)]))
         return hits
+
+    # --- serving (ris-serve): queries by decoded image or database row; a grown database -------
+    def embed_array(self, rgb: np.ndarray) -> np.ndarray:
+        """The query vector of an already decoded RGB uint8 image (H, W, 3), made as ``embed_query``
+        makes it from a file. Why: the HTTP service decodes uploads itself, after its own checks,
+        and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match."""
+        from ris.embed import embed_features, raw_descriptors
+        from ris.images import resize_square
+
+        rgb = np.asarray(rgb, dtype=np.uint8)
+        vec = self.extractor.embed(resize_square(rgb, self.extractor.max_size)[None])
+        if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
+            vec = raw_descriptors(vec)
+        if self.head is not None:
+            shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
+            if shallow:
+                from ris.thumbs import with_thumbnails
+
+                vec = with_thumbnails(vec, resize_square(rgb, shallow)[None])
+            vec = embed_features(self.head, vec)
+        return vec
+
+    @property
+    def query_size(self) -> int:
+        """Side (px) a query image is decoded at (reduced JPEG decoding stops at it)."""
+        return int(self.extractor.max_size)
+
+    def row_vector(self, row: int) -> np.ndarray:
+        """(1, D) search vector of database row ``row`` (its head embedding with a model)."""
+        row = int(row)
+        if not 0 <= row < len(self.image_ids):
+            raise IndexError(f"row {row} is not in the database (0..{len(self.image_ids) - 1})")
+        return np.asarray(self.vectors[row : row + 1], dtype=np.float32)
+
+    def reranker_for(self, method: str):
+        """The database prepared for re-ranking method ``method`` (None for 'none'): made on first
+        use and kept, so one engine can serve every method a request asks for."""
+        if method == "none":
+            return None
+        if self.reranker is not None and self.reranker.method == method:
+            return self.reranker
+        with _SERVE_LOCK:
+            cache = self.__dict__.setdefault("_rerankers", {})
+            if method not in cache:
+                import h5py
+
+                from ris.rerank import Reranker
+
+                vectors = np.asarray(self.vectors[:], np.float32)
+                augmented = None
+                if method == "dba+qe":  # the cache ris-search uses: same file, same content key
+                    on_disk = isinstance(self.vectors, h5py.Dataset)
+                    path = self.vectors.file.filename if on_disk else str(self.db.path)
+                    key = self.vectors.file.attrs.get("cache_key") if on_disk and path != str(self.db.path) else None
+                    augmented = _cached_dba(path, vectors, self.index, key=key or self.db.content_key)
+                cache[method] = Reranker(vectors, method, self.metric, augmented=augmented)
+            return cache[method]
+
+    def neighbours(self, vec: np.ndarray, k: int, rerank: str = "none",
+                   exclude_row: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, rows), best first, of one query vector; ``exclude_row`` (the query's own
+        row in a search by row) is left out of the results, as are rows without finite features.
+        A query vector that is not finite is a ``BadImage``: no distance to it means anything."""
+        if not np.isfinite(vec).all():
+            from ris.errors import BadImage
+
+            raise BadImage("the query's features are not finite (NaN/inf); it cannot be ranked")
+        n = len(self.image_ids)
+        k = max(0, min(int(k), n - (exclude_row is not None)))
+        if k == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        reranker = self.reranker_for(rerank)
+        if reranker is not None:
+            rows = None if exclude_row is None else np.array([exclude_row])
+            dist, idx = reranker.search(vec, k, query_rows=rows)
+        else:
+            dist, idx = self.index.search(vec, k + (exclude_row is not None))
+        dist, idx = np.asarray(dist[0], np.float32), np.asarray(idx[0], np.int64)
+        keep = (idx >= 0) & np.isfinite(dist)
+        if exclude_row is not None:
+            keep &= idx != exclude_row
+        return dist[keep][:k], idx[keep][:k]
+
+    def hits(self, dist: np.ndarray, rows: np.ndarray) -> list["RowHit"]:
+        return [RowHit(r, float(d), self.image_ids[int(i)], str(self.root / self.image_ids[int(i)]),
+                       self.labels[int(i)], int(i)) for r, (d, i) in enumerate(zip(dist, rows), 1)]
+
+    def search(self, image, k: int = 12, rerank: str = "none") -> list["RowHit"]:
+        """Top ``k`` for an image file path or a decoded RGB array (in-process ``ris-serve``)."""
+        if isinstance(image, np.ndarray):
+            vec = self.embed_array(image)
+        else:
+            vec = self.embed_query(image)
+        return self.hits(*self.neighbours(vec, k, rerank))
+
+    def search_row(self, row: int, k: int = 12, rerank: str = "none") -> list["RowHit"]:
+        """Top ``k`` other rows for database row ``row`` ("more like this"; no image decoding)."""
+        return self.hits(*self.neighbours(self.row_vector(row), k, rerank, exclude_row=int(row)))
+
+    def refreshed(self, model: str | Path | None = None, index: str = "auto",
+                  dataset_root: str | Path | None = None,
+                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> "SearchEngine":
+        """A new engine over the database file as it is now (after ``ris-extract --append``),
+        sharing this one's backbone and head, the slow parts to load; a saved HNSW index follows
+        as in ``__init__``. ``model``, ``index``, ``dataset_root``: as this engine was made with."""
+        from ris.errors import DatabaseError
+        from ris.featuredb import FeatureDB
+        from ris.index import open_search_index
+
+        db = FeatureDB(self.db.path)
+        if db.fingerprint() != self.db.fingerprint():
+            db.close()
+            raise DatabaseError(f"{self.db.path}: the database was rebuilt with different features; restart")
+        new = object.__new__(type(self))
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_rerankers"})
+        new.db, new._files = db, []  # its own files: closing one engine never closes the other's
+        try:
+            new.root = Path(dataset_root or db.dataset_root or ".")
+            new.vectors, vectors_path, source = new._database_vectors(model)
+            new.index = open_search_index(vectors_path, new.vectors, new.metric, kind=index, source=source)
+            new.reranker = None
+            if self.reranker is not None:
+                new.reranker = new.reranker_for(self.reranker.method)
+            new.image_ids = db.image_ids
+            new.unrankable = _warn_nonfinite(new.vectors, new.image_ids, str(db.path), log)
+            names = db.label_names
+            new.labels = [names[l] if 0 <= l < len(names) else "" for l in db.labels]
+        except BaseException:
+            new.close()
+            raise
+        return new
+
+
+def _warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[str], None]) -> np.ndarray:
+    """Rows whose (embedded) features hold NaN/inf: no distance to them means anything, so they are
+    never returned; said once, with their ids, when the database is opened. Vectors larger than the
+    exact index's in-memory limit are not scanned (a full read per search); their bad rows are still
+    never returned."""
+    from ris.index import DEFAULT_CACHE_BYTES
+    from ris.topk import nonfinite_rows
+
+    if not isinstance(vectors, np.ndarray) and int(np.prod(vectors.shape)) * 4 > DEFAULT_CACHE_BYTES:
+        return np.zeros(0, np.int64)
+    bad = nonfinite_rows(vectors)
+    if len(bad):
+        shown = ", ".join(image_ids[int(i)] for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        log(f"warning: {db_path}: {len(bad)} row{'s' if len(bad) != 1 else ''} of features are not finite "
+            f"(NaN/inf) and can never be found: {shown}")
+    return bad
 
 
 def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None, key: str | None = None) -> np.ndarray:
@@ -169,10 +328,10 @@ def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None, key: str | N
     collections) the neighbours come from it instead of an exact pass.
     """
     from ris.index import HnswIndex
-    from ris.rerank import DEFAULTS, dba_database
+    from ris.rerank import RERANKERS, dba_database
     from ris.sidecars import dba_path, read_h5_cache, stat_key, write_h5_cache
 
-    p = DEFAULTS["dba+qe"]
+    p = RERANKERS["dba+qe"].defaults
     n, alpha = int(p["dba_n"]), float(p["dba_alpha"])
     sample = vectors[:: max(1, len(vectors) // 1000)]
     ranks_like_cosine = getattr(index, "metric", "") == "cosine" or np.allclose(
@@ -197,3 +356,13 @@ def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None, key: str | N
 
 def hits_to_dicts(hits: list[Hit]) -> list[dict]:
     return [asdict(h) for h in hits]
+
+
+_SERVE_LOCK = threading.Lock()  # lazily prepared re-rankers of every engine
+
+
+@dataclass
+class RowHit(Hit):
+    """A hit with its database row (what ``ris-serve`` links thumbnails and "more like this" by)."""
+
+    row: int = -1

@@ -31,7 +31,7 @@ _TMP = r"(?:\.[0-9a-f]{8}\.tmp)?"  # atomic_write's temp names, left behind only
 _DBA = r"dba-n\d+-a[0-9a-z.+-]+\.h5"
 _INDEX = r"(?:hnsw(?:\.json)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)"
 _INDEX_FILE = re.compile(r"\.(?:hnsw(?:\.json)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)(?:\.[0-9a-f]{8}\.tmp)?$")
-_KINDS = rf"(?:emb-[0-9a-f]+\.h5(?:\.{_INDEX}|\.{_DBA})?|{_DBA}|thumbs\d+\.h5|{_INDEX})"
+_KINDS = rf"(?:emb-[0-9a-f]+\.h5(?:\.{_INDEX}|\.{_DBA})?|{_DBA}|thumbs\d+\.h5|local-sift\d+-\d+\.h5|{_INDEX})"
 
 
 # -- atomic writes ------------------------------------------------------------------------------

@@ -181,13 +181,15 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
         log(f"{features_db}: removed {len(r.removed)} row(s) ({len(gone)} gone, {len(changed)} changed), "
             f"{len(r.removed_failed)} failed entr(ies) to retry or forget")
     if new:
-        from ris.extract import FeatureExtractor, extract_features
+        from ris.extract import ExtractOptions, extract_features
+        from ris.extractor import FeatureExtractor
 
         with FeatureDB(features_db) as db:
             attrs, mode = db.attrs, labels or str(db.attrs.get("labels_mode") or "auto")
         extractor = FeatureExtractor.from_attrs(attrs)
-        s = extract_features(root, features_db, extractor.config, labels=mode, batch_size=batch_size, workers=workers,
-                             append=True, progress=progress, log=log, extractor=extractor)
+        options = ExtractOptions(labels=mode, batch_size=batch_size, workers=workers, append=True,
+                                 progress=progress, log=log)
+        s = extract_features(root, features_db, extractor.config, options, extractor=extractor)
         summary.added, summary.skipped = s.extracted, list(s.skipped)
     with FeatureDB(features_db) as db:
         summary.rows = len(db)

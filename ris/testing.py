@@ -7,21 +7,28 @@ repository free of binary fixtures. Everything here is deterministic and needs n
 
 from __future__ import annotations
 
+import io
+import os
 import struct
+import threading
 import zlib
 from pathlib import Path
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 
-__all__ = ["make_bad_images", "make_tiny_dataset", "make_tiny_folders_dataset", "VALID_BAD_IMAGES",
+__all__ = ["make_bad_images", "make_odd_files", "call_with_fifo_guard", "make_exif_jpeg", "make_large_png",
+           "make_tiny_dataset", "make_tiny_folders_dataset", "VALID_BAD_IMAGES", "ODD_REASONS",
            "clustered_vectors", "make_feature_db"]
 
 # Keys of make_bad_images() whose files are valid images (a loader should decode them).
 VALID_BAD_IMAGES = frozenset(
     {"gray_png", "rgba_png", "png16", "huge", "non_ascii", "webp", "bmp", "tif", "upper_ext"}
 )
-HUGE_SIDE = 20000
+# 419 MP: over twice ris.images.MAX_PIXELS, so Pillow refuses it too, whether or not ris.images has
+# raised Pillow's limit to MAX_PIXELS in this process (Pillow refuses above 2 x MAX_IMAGE_PIXELS).
+HUGE_SIDE = 20480
 
 
 def _pattern(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -66,7 +73,7 @@ def make_bad_images(directory: str | Path) -> dict[str, Path]:
     Broken (a loader must skip/report them): ``truncated`` (valid JPEG cut in half), ``corrupt``
     (JPEG header then random bytes), ``zero_byte``, ``text_as_jpg``. Valid (a loader should decode
     them; names listed in ``VALID_BAD_IMAGES``): ``gray_png``, ``rgba_png``, ``png16`` (16-bit RGB),
-    ``huge`` (20000x20000 1-bit PNG, ~50 KB: refuse or downscale without decoding 1.2 GB),
+    ``huge`` (20480x20480 1-bit PNG, ~50 KB: refuse or downscale without decoding 1.26 GB),
     ``non_ascii`` (``café_日本.jpg``), ``webp``, ``bmp``, ``tif``, ``upper_ext`` (``IMG.JPEG``).
     """
     d = Path(directory)
@@ -94,6 +101,151 @@ def make_bad_images(directory: str | Path) -> dict[str, Path]:
     for key, (name, data) in files.items():
         (d / name).write_bytes(data)
         out[key] = d / name
+    return out
+
+
+# Keys of make_odd_files() that are not regular files, and the reason a loader must give, unread.
+ODD_REASONS = {
+    "fifo": "not a regular file (FIFO)",
+    "urandom": "not a regular file (character device)",
+    "folder_jpg": "not a regular file (folder)",
+    "sparse": "file too large",
+    "truncated_padded": "truncated",
+    "truncated_comment_eoi": "truncated",
+    "truncated_png": "cannot decode",
+    "bad_filter_png": "cannot decode",
+}
+SPARSE_BYTES = 40 << 30
+
+
+def make_exif_jpeg(path: str | Path, width: int, height: int, orientation: int) -> Path:
+    """A JPEG stored ``width`` x ``height`` with a red top-left quarter on blue and an EXIF
+    orientation tag (6 = shown rotated 90 degrees clockwise: red ends top-right), written by Pillow."""
+    from PIL import Image
+
+    a = np.zeros((height, width, 3), np.uint8)
+    a[:] = (0, 0, 255)
+    a[: height // 4, : width // 4] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = Path(path)
+    Image.fromarray(a).save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return path
+
+
+def make_large_png(path: str | Path, width: int, height: int) -> Path:
+    """A valid 8-bit RGB PNG of any size, written row by row (never the whole image in memory);
+    a gradient, so it is small on disk and decodes to width*height*3 bytes."""
+    row = np.zeros((width, 3), np.uint8)
+    row[:, 0] = np.arange(width) % 256
+    comp = zlib.compressobj(1)
+    parts = []
+    for y in range(height):
+        row[:, 1] = y % 256
+        parts.append(comp.compress(b"\x00" + row.tobytes()))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts))
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+def call_with_fifo_guard(fn: Callable[[], Any], fifo: str | Path | None, timeout: float = 60) -> Any:
+    """``fn()`` in this thread (signal handlers need the main one), watched: if it is still running
+    after ``timeout`` seconds (blocked opening ``fifo``), a watchdog opens the FIFO's write end so
+    that the open returns, and AssertionError is raised once ``fn`` is back."""
+    fired = threading.Event()
+
+    def unblock() -> None:
+        fired.set()
+        if fifo is not None:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO when nobody reads it
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, unblock)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        value = fn()
+    finally:
+        watchdog.cancel()
+    if fired.is_set():
+        raise AssertionError(f"still running after {timeout} s: blocked opening a FIFO?")
+    return value
+
+
+def make_odd_files(directory: str | Path) -> dict[str, Path]:
+    """Write the odd entries a dataset folder can hold; return ``{short name: path}``.
+
+    Not regular files (a loader must refuse them from ``os.stat``, without opening them): ``fifo``
+    (a FIFO named .jpg: reading it blocks forever), ``urandom`` (a .jpg symlink to /dev/urandom:
+    endless), ``folder_jpg`` (a folder named .jpg). Too big to read: ``sparse`` (a 40 GiB sparse
+    .jpg; it uses no disk on file systems with sparse files). Keys are left out where the system
+    lacks the feature (no mkfifo, no /dev/urandom, no symlinks).
+    Valid, must decode: ``trailing_jpg`` (a JPEG with bytes after its end marker, as cameras and
+    editors write), ``gif`` (two frames, the first red). Broken, must be reported:
+    ``truncated_padded`` (JPEG cut, then zeros), ``truncated_comment_eoi`` (JPEG cut mid-scan whose
+    comment segment holds an end marker), ``truncated_png`` and ``bad_filter_png`` (libpng errors).
+    Not read but counted: ``svg``, ``heic``, ``txt`` (other extensions), ``hidden``
+    (``.hidden.jpg``) and ``hidden_folder`` (``.cache/``, with an image inside).
+    ``ODD_REASONS`` holds the reason a loader gives for each broken or special one.
+    """
+    from PIL import Image
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    img = _pattern(120, 160)
+    jpg = _encode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    png = _encode(".png", img)
+    cut = len(jpg) * 2 // 3
+    note = b"an \xff\xd9 in a comment"
+    comment = b"\xff\xfe" + struct.pack(">H", 2 + len(note)) + note
+    app0_end = 4 + struct.unpack(">H", jpg[4:6])[0]  # SOI, then the JFIF segment
+    frames = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 255, 0))]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    bad_filter = bytearray(png)
+    bad_filter[png.index(b"IDAT") + 8 : png.index(b"IDAT") + 40] = bytes(32)  # garbage in the zlib stream
+    bad_filter_idat = png.index(b"IDAT") - 4
+    length = struct.unpack(">I", png[bad_filter_idat : bad_filter_idat + 4])[0]
+    body = bytes(bad_filter[bad_filter_idat + 4 : bad_filter_idat + 8 + length])
+    bad_filter[bad_filter_idat + 8 + length : bad_filter_idat + 12 + length] = struct.pack(">I", zlib.crc32(body))
+    files: dict[str, tuple[str, bytes]] = {
+        "trailing_jpg": ("trailing.jpg", jpg + b"\x00" * 64 + b"camera trailer: not image data\n" * 8),
+        "gif": ("anim.gif", gif.getvalue()),
+        "truncated_padded": ("truncated_padded.jpg", jpg[:cut] + bytes(4096)),
+        "truncated_comment_eoi": ("truncated_comment.jpg", jpg[:app0_end] + comment + jpg[app0_end:cut]),
+        "truncated_png": ("truncated.png", png[: len(png) // 2]),
+        "bad_filter_png": ("bad_filter.png", bytes(bad_filter)),
+        "svg": ("vector.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>\n'),
+        "heic": ("photo.heic", b"\x00\x00\x00\x18ftypheic" + bytes(16)),
+        "txt": ("notes.txt", b"not an image\n"),
+        "hidden": (".hidden.jpg", jpg),
+    }
+    out = {}
+    for key, (name, data) in files.items():
+        (d / name).write_bytes(data)
+        out[key] = d / name
+    (d / ".cache").mkdir(exist_ok=True)
+    (d / ".cache" / "thumb.jpg").write_bytes(jpg)
+    out["hidden_folder"] = d / ".cache"
+    (d / "folder.jpg").mkdir(exist_ok=True)
+    out["folder_jpg"] = d / "folder.jpg"
+    with open(d / "sparse.jpg", "wb") as fh:
+        fh.truncate(SPARSE_BYTES)
+    out["sparse"] = d / "sparse.jpg"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(d / "fifo.jpg")
+        out["fifo"] = d / "fifo.jpg"
+    if os.path.exists("/dev/urandom"):
+        try:
+            os.symlink("/dev/urandom", d / "urandom.jpg")
+            out["urandom"] = d / "urandom.jpg"
+        except OSError:
+            pass
     return out
 
 

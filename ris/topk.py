@@ -19,6 +19,20 @@ import numpy as np
 
 Metric = Literal["euclidean", "cosine"]
 METRICS: tuple[str, ...] = ("euclidean", "cosine")
+# Score of a row whose distance is not finite (NaN/inf features): it ranks after every real row and
+# comes back at distance inf, never as a NaN that sorts anywhere.
+_UNRANKABLE = np.float32(np.finfo(np.float32).max)
+
+
+def nonfinite_rows(data, block_rows: int = 65536) -> np.ndarray:
+    """Indices of the rows of ``data`` (array or h5py dataset, read in blocks) holding NaN or inf."""
+    n = int(data.shape[0])
+    bad = []
+    for start in range(0, n, block_rows):
+        block = np.asarray(data[start : start + block_rows])
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        bad.append(start + np.flatnonzero(~finite))
+    return np.concatenate(bad) if bad else np.zeros(0, np.int64)
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -108,6 +122,7 @@ def blockwise_topk(
             qe = min(qs + query_block, nq)
             dots = _dots(q[qs:qe], block)
             score = bn[None, :] - 2.0 * dots if metric == "euclidean" else -(dots / bn[None, :])
+            np.putmask(score, ~np.isfinite(score), _UNRANKABLE)
             cand = None
             if start > 0:
                 cand = _candidates(score, out_s[qs:qe].max(axis=1), k, start)
@@ -120,6 +135,7 @@ def blockwise_topk(
         out_d = np.sqrt(np.maximum(out_s + np.einsum("ij,ij->i", queries, queries)[:, None], 0.0))
     else:
         out_d = 1.0 + out_s
+    out_d[out_s >= _UNRANKABLE] = np.inf
     # final sort by (distance, index) for deterministic order
     order = np.lexsort((out_i, out_d), axis=1)
     return np.take_along_axis(out_d, order, 1), np.take_along_axis(out_i, order, 1)

@@ -1,26 +1,27 @@
-"""Training the embedding head on stored features, with an honest split by object.
+"""Training the embedding head on stored features, with an honest split (``ris.splits``).
 
-Objects (labels) are split, never images: ``test`` objects are held out from every decision
-(no training, no checkpoint choice); ``val`` objects, carved from the training side, choose the
-best epoch and stop early. Off-the-shelf features are scored on the same test objects.
+``test`` objects are held out from every decision (no training, no checkpoint choice); ``val``
+objects, carved from the training side, choose the best epoch of a triplet head and stop it
+early. Learned whitening (the default) is fitted in closed form by ``ris.whiten``; triplet heads
+train here. Off-the-shelf features are scored on the same test objects. K folds: ``ris.kfold``.
 """
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ris.errors import DatabaseError, RisError
-
-META_NAME = "ris.json"  # stored inside the .keras zip next to Keras' own files
+from ris.embed import embed_features, raw_descriptors
+from ris.errors import DatabaseError, RisError, TooFewGroups
+from ris.modelio import save_model
+from ris.splits import SPLIT_BY, make_split
+from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening, write_whitening_report
 
 
 @dataclass
@@ -52,262 +53,77 @@ class TrainConfig:
     split_by: str = "object"  # 'image' = split inside each class (Corel-style category retrieval)
     unseen_classes: int = 0  # split_by image: classes kept out of training entirely
 
+    def split(self, labels: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """This config's train / val / test rows of ``labels`` (``ris.splits.make_split``)."""
+        return make_split(labels, self.split_by, self.test_fraction, self.val_fraction, self.seed, self.fold,
+                          self.folds, self.unseen_classes)
 
-# --- splits ----------------------------------------------------------------------------------
-
-def split_objects(labels: np.ndarray, test_fraction: float = 0.2, val_fraction: float = 0.1, seed: int = 0,
-                  fold: int | None = None, folds: int = 5) -> dict[str, np.ndarray]:
-    """Label ids of train / val / test objects, seeded; ``fold`` picks the k-fold test part."""
-    objects = np.unique(labels[labels >= 0])
-    if len(objects) < 3:
-        raise RisError(f"need at least 3 labelled objects to split, found {len(objects)}")
-    perm = np.random.default_rng(seed).permutation(objects)
-    if fold is not None:
-        parts = np.array_split(perm, folds)
-        test = parts[fold]
-        rest = np.concatenate([p for i, p in enumerate(parts) if i != fold])
-    else:
-        n_test = max(1, int(round(len(perm) * test_fraction))) if test_fraction > 0 else 0
-        test, rest = perm[:n_test], perm[n_test:]
-    n_val = max(1, int(round(len(objects) * val_fraction))) if val_fraction > 0 else 0
-    val, train = rest[:n_val], rest[n_val:]
-    if len(train) < 2:
-        raise RisError("too few training objects after the split; lower --test-fraction/--val-fraction")
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-def rows_of(labels: np.ndarray, objects: np.ndarray) -> np.ndarray:
-    return np.nonzero(np.isin(labels, objects))[0]
-
-
-def split_images(labels: np.ndarray, test_fraction: float = 0.5, val_fraction: float = 0.1, seed: int = 0,
-                 unseen_classes: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Row ids of train / val / test images, split inside every class (Corel's 50/50 protocol).
-
-    ``unseen_classes`` classes (seeded) give no image to train or val: their test images measure
-    how the head does on classes it never saw. Returns (rows per part, unseen class ids).
-    """
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels[labels >= 0])
-    if len(classes) < 2 + unseen_classes:
-        raise RisError(f"need at least {2 + unseen_classes} labelled classes, found {len(classes)}")
-    unseen = np.sort(rng.choice(classes, size=unseen_classes, replace=False)) if unseen_classes else classes[:0]
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-    for c in classes:
-        rows = rng.permutation(np.nonzero(labels == c)[0])
-        n_test = int(round(len(rows) * test_fraction))
-        n_val = int(round(len(rows) * val_fraction))
-        parts["test"].append(rows[:n_test])
-        if c not in unseen:
-            parts["val"].append(rows[n_test : n_test + n_val])
-            parts["train"].append(rows[n_test + n_val :])
-    out = {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in parts.items()}
-    return out, unseen
-
-
-def make_split(labels: np.ndarray, cfg: "TrainConfig") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Rows of train / val / test, and a description stored with the model."""
-    if cfg.split_by == "object":
-        objs = split_objects(labels, cfg.test_fraction, cfg.val_fraction, cfg.seed, cfg.fold, cfg.folds)
-        rows = {k: rows_of(labels, v) for k, v in objs.items()}
-        return rows, {"by": "object", "objects": {k: v.tolist() for k, v in objs.items()}}
-    if cfg.split_by == "image":
-        rows, unseen = split_images(labels, cfg.test_fraction, cfg.val_fraction, cfg.seed, cfg.unseen_classes)
-        return rows, {"by": "image", "unseen_classes": unseen.tolist()}
-    raise RisError(f"--split-by must be object or image, not {cfg.split_by!r}")
-
-
-# --- batch samplers --------------------------------------------------------------------------
-
-def _groups(labels: np.ndarray) -> dict[int, np.ndarray]:
-    order = np.argsort(labels, kind="stable")
-    uniq, starts = np.unique(labels[order], return_index=True)
-    return {int(u): order[s:e] for u, s, e in zip(uniq, starts, list(starts[1:]) + [len(order)])}
-
-
-def random_triplets(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """(anchor, positive, negative) row triplets: every image is an anchor once per epoch,
-    its positive drawn at random from the other members of its group (not always the first and
-    last member, as the blog's sampler did), its negative from any other group."""
-    groups = {g: rows for g, rows in _groups(labels).items() if len(rows) >= 2}
-    anchors = np.concatenate(list(groups.values()))
-    rng.shuffle(anchors)
-    out = np.empty((len(anchors), 3), dtype=np.int64)
-    n = len(labels)
-    for i, a in enumerate(anchors):
-        members = groups[int(labels[a])]
-        pos = members[rng.integers(len(members) - 1)]
-        if pos == a:
-            pos = members[-1]
-        neg = rng.integers(n)
-        while labels[neg] == labels[a]:
-            neg = rng.integers(n)
-        out[i] = (a, pos, neg)
-    return out
-
-
-def pk_batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """P objects x K views per batch; every object appears once per epoch."""
-    groups = {g: rows for g, rows in _groups(labels).items() if len(rows) >= 2}
-    objects = np.array(list(groups))
-    rng.shuffle(objects)
-    batches = []
-    starts = list(range(0, len(objects), p))
-    if len(starts) > 1 and len(objects) - starts[-1] < 2:
-        starts.pop()  # a lone last object joins the previous batch
-    for i, s in enumerate(starts):
-        chunk = objects[s : starts[i + 1] if i + 1 < len(starts) else len(objects)]
-        if len(chunk) < 2:
-            continue
-        rows = [rng.choice(groups[int(o)], size=k, replace=len(groups[int(o)]) < k) for o in chunk]
-        batches.append(np.concatenate(rows))
-    return batches
-
-
-def _dataset(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int, fixed: bool = False):
-    import keras
-
-    class Batches(keras.utils.PyDataset):
-        """Fresh triplets / P x K batches every epoch (fixed ones for validation)."""
-
-        def __init__(self):
-            super().__init__()
-            self.rng = np.random.default_rng(seed)
-            self._make()
-
-        def _make(self):
-            if cfg.mining == "random":
-                t = random_triplets(labels, self.rng)
-                self.batches = [t[s : s + cfg.batch_size] for s in range(0, len(t), cfg.batch_size)]
-            else:
-                self.batches = pk_batches(labels, cfg.p, cfg.k, self.rng)
-
-        def __len__(self):
-            return len(self.batches)
-
-        def __getitem__(self, i):
-            b = self.batches[i]
-            if cfg.mining == "random":
-                x = (features[b[:, 0]], features[b[:, 1]], features[b[:, 2]])
-                return x, np.zeros((len(b), 1), np.float32)
-            return features[b], labels[b].astype(np.float32)
-
-        def on_epoch_end(self):
-            if not fixed:
-                self._make()
-
-    return Batches()
-
-
-# --- embedding and scoring -------------------------------------------------------------------
-
-def embed_features(model, features, batch: int = 4096) -> np.ndarray:
-    """Run the head over stored features in batches (an h5py dataset or an array)."""
-    import keras
-
-    outs = []
-    for s in range(0, int(features.shape[0]), batch):
-        x = np.asarray(features[s : s + batch], dtype=np.float32)
-        outs.append(keras.ops.convert_to_numpy(model(x, training=False)))
-    if not outs:
-        return np.zeros((0, int(model.output_shape[-1])), np.float32)
-    return np.concatenate(outs).astype(np.float32)
-
-
-def raw_descriptors(features: np.ndarray, pooling: str = "gap") -> np.ndarray:
-    """Off-the-shelf descriptor of stored features: pooled if maps, L2-normalised."""
-    from ris.pooling import pool_numpy
-    from ris.topk import l2_normalize
-
-    return l2_normalize(pool_numpy(features, pooling) if features.ndim == 4 else features)
-
-
-# --- saving ----------------------------------------------------------------------------------
-
-def save_model(model, path: str | Path, meta: dict[str, Any]) -> Path:
-    """Keras ``.keras`` file with our metadata inside; written atomically."""
-    from ris.sidecars import atomic_write
-
-    path = Path(path)
-    with atomic_write(path, suffix=".keras") as tmp:
-        model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as zf:
-            zf.writestr(META_NAME, json.dumps(meta, indent=1, default=_json_default))
-    return path
-
-
-def load_model(path: str | Path):
-    """(keras model, metadata); a clear error for a missing or foreign file."""
-    import keras
-
-    import ris.head  # noqa: F401  (registers custom layers)
-    import ris.pooling  # noqa: F401
-
-    path = Path(path)
-    if not path.is_file():
-        raise RisError(f"{path}: model file not found")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            meta = json.loads(zf.read(META_NAME)) if META_NAME in zf.namelist() else None
-    except zipfile.BadZipFile:
-        raise RisError(f"{path}: not a .keras model file") from None
-    if meta is None:
-        raise RisError(f"{path}: not a ris model (no {META_NAME} metadata); train it with ris-train")
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as exc:
-        raise RisError(f"{path}: cannot load model ({str(exc).splitlines()[0][:160]})") from None
-    return model, meta
-
-
-def check_compatible(meta: dict[str, Any], db_fingerprint: dict[str, Any], db_path: str) -> None:
-    """Refuse a head trained on features made differently from this database's."""
-    trained = meta.get("feature_fingerprint", {})
-    diff = {k: (trained.get(k), db_fingerprint.get(k)) for k in db_fingerprint if trained.get(k) != db_fingerprint.get(k)}
-    if diff:
-        pretty = ", ".join(f"{k}: model={a!r} db={b!r}" for k, (a, b) in diff.items())
-        raise DatabaseError(f"{db_path}: features were made differently from the model's training features ({pretty})")
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    return str(o)
-
-
-# --- the training run ------------------------------------------------------------------------
 
 @dataclass
 class TrainResult:
     model_path: str
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-    seconds_per_epoch: float
+    best_epoch: int | None  # triplet heads; None for learned whitening (no epochs)
+    epochs_run: int | None
+    seconds: float  # fitting time: the epochs of a triplet head, the whole fit of learned whitening
+    seconds_per_epoch: float | None
     split: dict[str, int]
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # test split: raw vs head
     history_path: str = ""
     plot_path: str = ""
 
 
-def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, progress: bool = True,
-               log=lambda s: print(s, file=sys.stderr)) -> TrainResult:
-    import keras
+def check_config(cfg: TrainConfig, feature_shape: tuple[int, ...] | None = None) -> None:
+    """Refuse, before any work, a config that cannot train on features of ``feature_shape``."""
+    from ris.head import DISTANCES, HEADS, MININGS
 
+    if cfg.arch not in HEADS or cfg.mining not in MININGS:
+        raise RisError(f"unknown head {cfg.arch!r} or mining {cfg.mining!r}; heads: {', '.join(HEADS)}; "
+                       f"minings: {', '.join(MININGS)}")
+    if cfg.distance not in DISTANCES:
+        raise RisError(f"unknown distance {cfg.distance!r}; distances: {', '.join(DISTANCES)}")
+    if cfg.split_by not in SPLIT_BY:
+        raise RisError(f"--split-by must be one of {', '.join(SPLIT_BY)}, not {cfg.split_by!r}")
+    if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
+        raise RisError(f"fold {cfg.fold} is not one of the {cfg.folds} folds (0 to {cfg.folds - 1})")
+    if feature_shape is None:
+        return
+    if cfg.arch == "whiten":
+        if cfg.shallow:
+            raise RisError("--shallow trains a CNN branch; use it with --arch residual or --arch mlp")
+        if len(feature_shape) != 1:
+            raise RisError("--arch whiten needs pooled features (extract with --pool gap|mac|gem|rmac)")
+    elif cfg.shallow and len(feature_shape) != 1:
+        raise RisError("--shallow needs pooled features, not conv maps (extract with --pool gap|mac|gem|rmac)")
+
+
+@dataclass
+class _Data:
+    """A training run's rows, features (and head inputs: features + thumbnails) and labels per part."""
+
+    rows: dict[str, np.ndarray]
+    split_meta: dict[str, Any]
+    feats: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray]
+    labs: dict[str, np.ndarray]
+    fingerprint: dict[str, Any]
+    label_names: list[str]
+    image_ids: list[str]
+    feature_shape: tuple[int, ...]
+
+    def groups(self) -> dict[str, int]:
+        return {k: len(np.unique(v)) for k, v in self.labs.items()}
+
+
+def _read_data(features_db: str | Path, cfg: TrainConfig) -> _Data:
     from ris.featuredb import FeatureDB
-    from ris.head import build_embedding_head, build_triplet_network, build_whitening_head, mined_triplet_loss, triplet_loss
-    from ris.metrics import evaluate_retrieval
 
-    keras.utils.set_random_seed(cfg.seed)
     with FeatureDB(features_db) as db:
+        feature_shape = tuple(db.features.shape[1:])
+        check_config(cfg, feature_shape)
         labels_all = db.labels
         if (labels_all >= 0).sum() == 0:
             raise DatabaseError(f"{features_db}: no labels; extract with --labels ukbench|folders|FILE.tsv")
-        rows, split_meta = make_split(labels_all, cfg)
+        rows, split_meta = cfg.split(labels_all)
         feats = {name: db.read_rows(r) for name, r in rows.items()}
         inputs = feats
         if cfg.shallow:
@@ -315,73 +131,179 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
 
             thumbs = database_thumbnails(db, cfg.shallow)
             inputs = {name: with_thumbnails(feats[name], thumbs[r]) for name, r in rows.items()}
-        labs = {name: labels_all[r] for name, r in rows.items()}
-        fp = db.fingerprint()
-        label_names = db.label_names
-        image_ids = db.image_ids
-        feature_shape = tuple(db.features.shape[1:])
-    n_obj = {k: len(np.unique(v)) for k, v in labs.items()}
+        return _Data(rows, split_meta, feats, inputs, {name: labels_all[r] for name, r in rows.items()},
+                     db.fingerprint(), db.label_names, db.image_ids, feature_shape)
+
+
+def _log_split(data: _Data, cfg: TrainConfig, log: Callable[[str], None]) -> None:
+    n, rows = data.groups(), {k: len(v) for k, v in data.rows.items()}
     where = f"seed {cfg.seed}" + ("" if cfg.fold is None else f", fold {cfg.fold + 1}/{cfg.folds}")
-    log(f"split by {cfg.split_by} ({where}): {n_obj['train']}/{n_obj['val']}/{n_obj['test']} train/val/test "
-        f"{'objects' if cfg.split_by == 'object' else 'classes'}, "
-        f"{len(rows['train'])}/{len(rows['val'])}/{len(rows['test'])} images")
+    kind = "objects" if cfg.split_by == "object" else "classes"
+    if cfg.arch == "whiten":  # no epochs to choose: the val part is fitted on too
+        log(f"split by {cfg.split_by} ({where}): {n['train'] + n['val']}/{n['test']} fit/test {kind}, "
+            f"{rows['train'] + rows['val']}/{rows['test']} images")
+    else:
+        log(f"split by {cfg.split_by} ({where}): {n['train']}/{n['val']}/{n['test']} train/val/test "
+            f"{kind}, {rows['train']}/{rows['val']}/{rows['test']} images")
 
+
+def _fit_whitening_head(data: _Data, cfg: TrainConfig, log: Callable[[str], None]):
+    """(Keras model to save, NumPy head to score with, what was chosen) of learned whitening fitted
+    on the train and val parts together."""
+    fit_rows = np.concatenate([data.feats["train"], data.feats["val"]])
+    fit_labels = np.concatenate([data.labs["train"], data.labs["val"]])
+    whitening = fit_whitening(raw_descriptors(fit_rows), fit_labels, cfg.whiten_shrinkage, cfg.whiten_power,
+                              cfg.whiten_dim, metric="N-S" if cfg.split_by == "object" else "mAP", seed=cfg.seed,
+                              log=log)
+    mean, projection = whitening.pop("mean"), whitening.pop("projection")
+    return (build_whitening_head(mean, projection, cfg.l2_normalize),
+            WhiteningHead.from_fit(mean, projection, cfg.l2_normalize), whitening)
+
+
+def _test_scores(head, data: _Data, cfg: TrainConfig) -> dict[str, Any]:
+    """Raw features and the head on the test part (and on the unseen classes' queries alone)."""
+    from ris.metrics import evaluate_retrieval
+
+    if len(data.rows["test"]) < 2:
+        return {}
+    lab = data.labs["test"]
+    raw = raw_descriptors(data.feats["test"], cfg.pooling)
+    emb = embed_features(head, data.inputs["test"])
+    scores: dict[str, Any] = {"raw": evaluate_retrieval(raw, lab, cfg.distance).to_dict(),
+                              "head": evaluate_retrieval(emb, lab, cfg.distance).to_dict()}
+    if data.split_meta.get("unseen_classes"):
+        unseen_q = np.nonzero(np.isin(lab, data.split_meta["unseen_classes"]))[0]
+        scores["unseen_classes"] = {
+            "raw": evaluate_retrieval(raw, lab, cfg.distance, query_rows=unseen_q).to_dict(),
+            "head": evaluate_retrieval(emb, lab, cfg.distance, query_rows=unseen_q).to_dict()}
+    return scores
+
+
+def _split_store(data: _Data) -> dict[str, Any]:
+    """The split as saved with the model: names, not label ids, and the test images by id."""
+    def names(objs):
+        return [data.label_names[int(o)] if int(o) < len(data.label_names) else str(int(o)) for o in objs]
+
+    meta = data.split_meta
+    fitted = np.sort(np.concatenate([data.rows["train"], data.rows["val"]]))
+    store = {"by": meta["by"], "test_images": [data.image_ids[i] for i in data.rows["test"]],
+             "fit_images": [data.image_ids[i] for i in fitted]}  # never scored as held-out (ris.protocol)
+    if meta["by"] == "object":
+        store.update({k: names(v) for k, v in meta["objects"].items()})
+    else:
+        store["unseen_classes"] = names(meta["unseen_classes"])
+    return store
+
+
+def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, progress: bool = True,
+               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TrainResult:
+    """Split, fit or train ``cfg.arch``, score it on the test part, save it with its metadata and
+    its report (history or whitening table) beside ``output``."""
+    import keras
+
+    check_config(cfg)
+    keras.utils.set_random_seed(cfg.seed)
+    data = _read_data(features_db, cfg)
+    _log_split(data, cfg, log)
+
+    t0 = time.perf_counter()
     if cfg.arch == "whiten":
-        if cfg.shallow:
-            raise RisError("--shallow trains a CNN branch; use it with --arch residual or --arch mlp")
-        if len(feature_shape) != 1:
-            raise RisError("--arch whiten needs pooled features (extract with --pool gap|mac|gem|rmac)")
-        fit_rows = np.concatenate([feats["train"], feats["val"]])  # no epochs to choose: val data is free
-        fit_labels = np.concatenate([labs["train"], labs["val"]])
-        whitening = fit_whitening(raw_descriptors(fit_rows), fit_labels, cfg, log)
-        base = build_whitening_head(whitening.pop("mean"), whitening.pop("projection"), cfg.l2_normalize)
+        base, scorer, whitening = _fit_whitening_head(data, cfg, log)
+        run = None
     else:
-        base = build_embedding_head(feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize,
-                                    cfg.dropout, cfg.arch, cfg.shallow)
-    if cfg.mining == "random":
-        model = build_triplet_network(base)
-        loss = triplet_loss(cfg.margin, cfg.distance)
+        base, run = _train_triplet_head(data, cfg, progress, log)
+        scorer = base
+    seconds = time.perf_counter() - t0
+    test_scores = _test_scores(scorer, data, cfg)
+    meta = {
+        "feature_fingerprint": data.fingerprint,
+        "feature_shape": list(data.feature_shape),
+        "features_db": str(Path(features_db).resolve()),
+        "config": asdict(cfg),
+        "distance": cfg.distance,
+        "split": _split_store(data),
+        **({"whitening": whitening} if run is None else {"best_epoch": run.best_epoch, "raw_val_ns": run.raw_val}),
+        "fit_seconds": round(seconds, 3),
+        "test_scores": test_scores,
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_model(base, output, meta)
+    if run is None:
+        hist_path, plot_path = write_whitening_report(whitening, output)
+        epochs = (None, None, None)
     else:
-        model = base
-        loss = mined_triplet_loss(cfg.margin, cfg.distance, cfg.mining)
-    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss=loss)
+        hist_path, plot_path = write_history(run.history, output, run.raw_val, run.monitor_name)
+        epochs = (run.best_epoch, len(run.history),
+                  round(float(np.mean(run.epoch_times)) if run.epoch_times else 0.0, 3))
+    return TrainResult(str(output), epochs[0], epochs[1], round(seconds, 2), epochs[2],
+                       {k: int(n) for k, n in data.groups().items()}, test_scores, str(hist_path),
+                       str(plot_path) if plot_path else "")
 
-    train_ds = _dataset(inputs["train"], labs["train"], cfg, cfg.seed)
+
+@dataclass
+class _TripletRun:
+    history: list[dict[str, Any]]
+    best_epoch: int
+    epoch_times: list[float]
+    raw_val: float
+    monitor_name: str
+
+
+def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> tuple[Any, _TripletRun]:
+    """Epochs of triplet training; the best epoch is chosen on the val objects (by training loss
+    when they cannot score). Returns the head with the best epoch's weights."""
+    import keras
+
+    from ris.head import HEADS, MININGS, build_embedding_head, build_triplet_network, training_loss
+    from ris.metrics import evaluate_retrieval
+    from ris.samplers import batches
+
+    inputs, labs = data.inputs, data.labs
+
     def usable_groups(lab: np.ndarray) -> int:  # triplets need groups with a positive pair
         return int((np.unique(lab, return_counts=True)[1] >= 2).sum()) if len(lab) else 0
 
     if usable_groups(labs["train"]) < 2:
-        raise RisError("fewer than 2 training groups with 2+ images: nothing to learn triplets from")
+        raise TooFewGroups("fewer than 2 training groups with two or more images: nothing to learn triplets from")
     use_val = usable_groups(labs["val"]) >= 2
     if not use_val:
         log("warning: fewer than 2 validation groups with 2+ images; the best epoch is chosen by training loss")
-        rows["val"] = rows["val"][:0]
-    val_ds = _dataset(inputs["val"], labs["val"], cfg, cfg.seed + 1, fixed=True) if use_val else None
+    scored = {"val": len(labs["val"]) if use_val else 0, "test": len(labs["test"])}
+
+    base = build_embedding_head(data.feature_shape, cfg.hidden, cfg.out_dim, cfg.pooling, cfg.l2_normalize,
+                                cfg.dropout, cfg.arch, cfg.shallow)
+    triplets = MININGS[cfg.mining].triplet_inputs
+    model = build_triplet_network(base) if triplets else base
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
+                  loss=training_loss(cfg.mining, cfg.margin, cfg.distance))
+    train_ds = batches(inputs["train"], labs["train"], triplets, cfg.seed, cfg.batch_size, cfg.p, cfg.k)
+    val_ds = (batches(inputs["val"], labs["val"], triplets, cfg.seed + 1, cfg.batch_size, cfg.p, cfg.k, fixed=True)
+              if use_val else None)
 
     monitor_name = "N-S" if cfg.split_by == "object" else "mAP"  # classes of 100: N-S@4 says little
 
     def score(name: str, emb=None) -> float:
-        if len(rows[name]) < 2:
+        if scored[name] < 2:
             return float("nan")
         x = emb if emb is not None else embed_features(base, inputs[name])
         scores = evaluate_retrieval(x, labs[name], cfg.distance, recall_ks=(), precision_ks=())
         return scores.ns_score if monitor_name == "N-S" else scores.map
 
-    raw_val = score("val", raw_descriptors(feats["val"], cfg.pooling)) if len(rows["val"]) else float("nan")
+    raw_val = score("val", raw_descriptors(data.feats["val"], cfg.pooling)) if scored["val"] else float("nan")
     history: list[dict[str, Any]] = []
     best = {"ns": -1.0, "epoch": 0, "weights": base.get_weights()}
-    if cfg.arch == "residual" and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
+    if HEADS[cfg.arch].starts_raw and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
         best["ns"] = score("val")
     wait = 0
-    t0 = time.perf_counter()
     epoch_times = []
-    for epoch in range(1, (0 if cfg.arch == "whiten" else cfg.epochs) + 1):
+    for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
         h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
         epoch_times.append(time.perf_counter() - te)
         row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
                "val_loss": float(h.history.get("val_loss", [math.nan])[-1]),
-               "val_score": score("val") if len(rows["val"]) else math.nan,
+               "val_score": score("val") if scored["val"] else math.nan,
                "test_score": score("test"), "seconds": round(epoch_times[-1], 3)}
         history.append(row)
         monitor = row["val_score"] if not math.isnan(row["val_score"]) else -row["loss"]
@@ -397,135 +319,8 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         if wait >= cfg.patience:
             log(f"early stop: val {monitor_name} has not improved for {cfg.patience} epochs")
             break
-    seconds = time.perf_counter() - t0
     base.set_weights(best["weights"])
-
-    test_scores = {}
-    if len(rows["test"]) >= 2:
-        test_scores["raw"] = evaluate_retrieval(raw_descriptors(feats["test"], cfg.pooling), labs["test"], cfg.distance).to_dict()
-        test_scores["head"] = evaluate_retrieval(embed_features(base, inputs["test"]), labs["test"], cfg.distance).to_dict()
-
-    if split_meta.get("unseen_classes") and len(rows["test"]) >= 2:
-        unseen_q = np.nonzero(np.isin(labs["test"], split_meta["unseen_classes"]))[0]
-        test_scores["unseen_classes"] = {
-            "raw": evaluate_retrieval(raw_descriptors(feats["test"], cfg.pooling), labs["test"], cfg.distance,
-                                      query_rows=unseen_q).to_dict(),
-            "head": evaluate_retrieval(embed_features(base, inputs["test"]), labs["test"], cfg.distance,
-                                       query_rows=unseen_q).to_dict()}
-
-    def names(objs):
-        return [label_names[int(o)] if int(o) < len(label_names) else str(int(o)) for o in objs]
-
-    split_store = {"by": split_meta["by"], "test_images": [image_ids[i] for i in rows["test"]]}
-    if split_meta["by"] == "object":
-        split_store.update({k: names(v) for k, v in split_meta["objects"].items()})
-    else:
-        split_store["unseen_classes"] = names(split_meta["unseen_classes"])
-    meta = {
-        "format": "ris-head/1",
-        "feature_fingerprint": fp,
-        "feature_shape": list(feature_shape),
-        "features_db": str(Path(features_db).resolve()),
-        "config": asdict(cfg),
-        "distance": cfg.distance,
-        "split": split_store,
-        "best_epoch": best["epoch"],
-        **({"whitening": whitening} if cfg.arch == "whiten" else {}),
-        "raw_val_ns": raw_val,
-        "test_scores": test_scores,
-    }
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_model(base, output, meta)
-    if cfg.arch == "whiten":
-        hist_path, plot_path = write_whitening_report(whitening, output)
-    else:
-        hist_path, plot_path = write_history(history, output, raw_val, monitor_name)
-    return TrainResult(str(output), best["epoch"], len(history), round(seconds, 2),
-                       round(float(np.mean(epoch_times)) if epoch_times else 0.0, 3),
-                       {k: int(n_obj[k]) for k in rows}, test_scores, str(hist_path), str(plot_path) if plot_path else "")
-
-
-def fit_whitening(features: np.ndarray, labels: np.ndarray, cfg: TrainConfig, log=print) -> dict[str, Any]:
-    """Learned whitening with the settings the config fixes and the rest chosen by inner cross-validation.
-
-    Returns mean, projection and what was chosen (kept in the model's metadata). When no candidate
-    beats the raw descriptor inside the training set, the projection is the identity: the head then
-    ranks exactly like the off-the-shelf features.
-    """
-    from ris.head import WHITEN_GRID, choose_whitening, learned_whitening
-    from ris.metrics import evaluate_retrieval
-
-    fixed = {"shrinkage": cfg.whiten_shrinkage, "power": cfg.whiten_power, "dim": cfg.whiten_dim}
-    chosen: dict[str, Any] = {k: v for k, v in fixed.items() if v is not None}
-    chosen["selected_by"] = "command-line flags"
-    by_objects = cfg.split_by == "object"
-    metric = "N-S" if by_objects else "mAP"
-
-    def score(x, lab):
-        r = evaluate_retrieval(x, lab, "euclidean", recall_ks=(), precision_ks=())
-        return r.ns_score if by_objects else r.map
-
-    if any(v is None for v in fixed.values()):
-        grid = {k: (v,) if v is not None else WHITEN_GRID[k] for k, v in fixed.items()}
-        try:
-            # whole groups are held out in the inner folds even for Corel-style splits: the setting
-            # must serve objects and classes the head has not seen, not only new images of known ones
-            choice = choose_whitening(features, labels, score, folds=3, seed=cfg.seed, grid=grid)
-            chosen = {k: choice.get(k) for k in ("shrinkage", "power", "dim")}
-            chosen.update(inner_gain=round(choice["inner_gain"], 5), inner_raw=round(choice["inner_raw"], 5),
-                          off=choice["off"], selected_by="3-fold cross-validation over the training groups",
-                          metric=metric, table=choice["table"])
-            if choice["off"]:
-                log(f"whitening: no setting beat the raw descriptor inside the training set (inner {metric} "
-                    f"{choice['inner_raw']:.4f}); the head keeps the raw ranking")
-            else:
-                log(f"whitening: shrinkage {chosen['shrinkage']}, power {chosen['power']}, {chosen['dim']} dims "
-                    f"(inner {metric} {choice['inner_raw']:.4f} -> +{choice['inner_gain']:.4f})")
-        except ValueError:  # too few groups to hold some out
-            chosen = {"shrinkage": 1.0, "power": 0.5, "dim": 512,
-                      **{k: v for k, v in fixed.items() if v is not None},
-                      "selected_by": "defaults (too few training groups to cross-validate)"}
-            log(f"whitening: too few training groups to choose by cross-validation; using shrinkage "
-                f"{chosen['shrinkage']}, power {chosen['power']}, {chosen['dim']} dims")
-    if chosen.get("off"):
-        dim = features.shape[1]
-        return {"mean": np.zeros(dim, np.float32), "projection": np.eye(dim, dtype=np.float32), **chosen}
-    mean, proj = learned_whitening(features, labels, int(chosen["dim"]), float(chosen["shrinkage"]),
-                                   float(chosen["power"]))
-    return {"mean": mean, "projection": proj, **chosen}
-
-
-def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple[Path, Path | None]:
-    """The inner cross-validation table as CSV and a bar chart: what each whitening setting gained."""
-    stem = model_path.with_suffix("")
-    csv_path, png = Path(f"{stem}.history.csv"), Path(f"{stem}.history.png")
-    table = whitening.get("table") or []
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["shrinkage", "power", "dim", "inner_gain"])
-        w.writeheader()
-        w.writerows(table)
-    try:
-        import matplotlib
-    except ImportError:  # a bare accelerator host: the CSV is still written
-        return csv_path, None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(table) + 2), 3.6))
-    labels = [f"s{r['shrinkage']:g} p{r['power']:g} d{r['dim']}" for r in table]
-    chosen = [r["shrinkage"] == whitening.get("shrinkage") and r["power"] == whitening.get("power")
-              and r["dim"] == whitening.get("dim") and not whitening.get("off") for r in table]
-    ax.bar(range(len(table)), [r["inner_gain"] for r in table], color=["C1" if c else "C0" for c in chosen])
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"inner {whitening.get('metric', 'score')} gain over raw")
-    ax.set_title(f"learned whitening: {whitening.get('selected_by', '')}" + (" (none chosen)" if whitening.get("off") else ""),
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return csv_path, png
+    return base, _TripletRun(history, best["epoch"], epoch_times, raw_val, monitor_name)
 
 
 def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float,
@@ -559,35 +354,3 @@ def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: floa
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return csv_path, png
-
-
-def summarize_folds(results: list[TrainResult]) -> dict[str, dict[str, dict[str, float]]]:
-    """Mean and std over folds of the held-out scores, for raw features and the head."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for key in ("raw", "head"):
-        rows = [r.scores[key] for r in results if key in r.scores]
-        if not rows:
-            continue
-        metrics = {"ns_score": [r["ns_score"] for r in rows], "map": [r["map"] for r in rows],
-                   "top4_accuracy": [r["top4_accuracy"] for r in rows],
-                   "recall_at_1": [r["recall_at"]["1"] for r in rows]}
-        out[key] = {m: {"mean": round(float(np.mean(v)), 4), "std": round(float(np.std(v)), 4)} for m, v in metrics.items()}
-    paired = [r for r in results if "raw" in r.scores and "head" in r.scores]
-    if paired:  # head - raw on the same fold: the comparison that fold-to-fold spread does not blur
-        out["delta"] = {}
-        for m in ("ns_score", "map"):
-            d = np.array([r.scores["head"][m] - r.scores["raw"][m] for r in paired])
-            out["delta"][m] = {"mean": round(float(d.mean()), 4), "std": round(float(d.std()), 4),
-                               "folds_better": int((d > 0).sum()), "folds_worse": int((d < 0).sum())}
-    return out
-
-
-def head_inputs(meta: dict[str, Any], db, rows: np.ndarray, feats: np.ndarray) -> np.ndarray:
-    """What a saved head eats for these database rows: features, plus thumbnails if it has a
-    shallow branch."""
-    size = int(meta.get("config", {}).get("shallow", 0) or 0)
-    if not size:
-        return feats
-    from ris.thumbs import database_thumbnails, with_thumbnails
-
-    return with_thumbnails(feats, database_thumbnails(db, size)[rows])

@@ -25,10 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+    from ris.embed import raw_descriptors
     from ris.featuredb import FeatureDB
     from ris.metrics import evaluate_retrieval
+    from ris.splits import rows_of, split_objects
     from ris.topk import l2_normalize
-    from ris.train import raw_descriptors, rows_of, split_objects
 
     with FeatureDB(args.features_db) as db:
         x_all, labels = l2_normalize(raw_descriptors(db.features[:])), db.labels

@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +70,14 @@ def extract_cmd(src: Path, db: Path, model: str, pool: str, size: int, scales: s
 
 def ensure_db(src: Path, db: Path, model: str, pool: str, size: int, scales: str) -> float | None:
     """Extract if missing; returns images/s (from the database, or this run)."""
-    from ris.extract import ExtractConfig, extract_features
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
     from ris.featuredb import FeatureDB
 
     if not db.exists():
         cfg = ExtractConfig(model=model, pooling=pool, input_size=size,
                             scales=tuple(float(s) for s in scales.split(",")))
-        extract_features(src, db, cfg, progress=False)
+        extract_features(src, db, cfg, ExtractOptions(progress=False))
     with FeatureDB(db) as f:
         ips = f.attrs.get("images_per_second")
         n = len(f)
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     from ris.evaluate import evaluate_folds
-    from ris.train import summarize_folds, train_head
+    from ris.kfold import summarize_folds, train_folds
+    from ris.train import train_head
 
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -148,23 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         ukdb = runs / db_name("uk", *desc)
         for label, flags in heads:
             t = time.perf_counter()
-            cfg = _cfg(flags)
-            results = [train_head(ukdb, runs / "models" / f"{ukdb.stem}-{_slug(label)}.fold{f + 1}.keras",
-                                  replace(cfg, fold=f, folds=5), progress=False, log=lambda s: None)
-                       for f in range(5)]
+            results = train_folds(ukdb, runs / "models" / f"{ukdb.stem}-{_slug(label)}.keras", _cfg(flags), 5,
+                                  progress=False, log=lambda s: None)
             summary = summarize_folds(results)
-            delta = [r.scores["head"]["ns_score"] - r.scores["raw"]["ns_score"] for r in results]
-            delta_map = [r.scores["head"]["map"] - r.scores["raw"]["map"] for r in results]
             report["heads"].append({
                 "descriptor": desc, "head": label, "summary": summary,
-                "delta_ns": {"mean": round(float(np.mean(delta)), 4), "std": round(float(np.std(delta)), 4)},
-                "delta_map": {"mean": round(float(np.mean(delta_map)), 4), "std": round(float(np.std(delta_map)), 4),
-                              "folds_better": int(sum(d > 0 for d in delta_map))},
-                "seconds_per_epoch": round(float(np.mean([r.seconds_per_epoch for r in results])), 3),
+                "delta_ns": summary["delta"]["ns_score"], "delta_map": summary["delta"]["map"],
+                "seconds_per_epoch": (round(float(np.mean(per_epoch)), 3) if (per_epoch := [
+                    r.seconds_per_epoch for r in results if r.seconds_per_epoch is not None]) else None),
                 "seconds": round(time.perf_counter() - t, 1),
                 "command": f"ris-train --features-db {ukdb.name} --folds 5 " + " ".join(flags)})
             log(f"  head {label}: {ms(summary['head']['ns_score'])} (raw {ms(summary['raw']['ns_score'])}), "
-                f"delta {np.mean(delta):+.4f}")
+                f"delta {summary['delta']['ns_score']['mean']:+.4f}")
 
     # 3. re-ranking of the off-the-shelf descriptor
     for desc in chosen:
@@ -209,13 +205,14 @@ def _cfg(flags: list[str]):
 
 def _corel_raw(db: Path, rerank: str = "none") -> dict:
     """Off-the-shelf scores on the Corel test half (the split ris-train --split-by image uses)."""
+    from ris.embed import raw_descriptors
     from ris.evaluate import _score
     from ris.featuredb import FeatureDB
-    from ris.train import TrainConfig, make_split, raw_descriptors
+    from ris.splits import make_split
 
     with FeatureDB(db) as f:
         labels = f.labels
-        rows, _ = make_split(labels, TrainConfig(split_by="image", test_fraction=0.5))
+        rows, _ = make_split(labels, "image", test_fraction=0.5)
         s = _score(raw_descriptors(f.read_rows(rows["test"])), labels[rows["test"]], rerank)
     return {"map": s["map"], "precision_at_10": s["precision_at"]["10"]}
 

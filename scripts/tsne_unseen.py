@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
+    from ris.embed import embed_features, raw_descriptors
     from ris.featuredb import FeatureDB
-    from ris.train import embed_features, load_model, raw_descriptors
+    from ris.modelio import load_model
 
     head, meta = load_model(args.model)
     rng = np.random.default_rng(args.seed)

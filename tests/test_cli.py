@@ -18,7 +18,7 @@ from ris.cli import extract as extract_cli
 from ris.cli import search as search_cli
 from ris.cli import train as train_cli
 from ris.cli.common import run
-from ris.testing import make_bad_images, make_tiny_dataset
+from ris.testing import ODD_REASONS, call_with_fifo_guard, make_bad_images, make_odd_files, make_tiny_dataset
 
 FAST = ["--model", "vgg16", "--weights", "none", "--resize", "64", "--no-progress"]
 
@@ -49,8 +49,7 @@ def db(tiny):
 def model(tiny, db):
     root, _, _ = tiny
     out = root / "head.keras"
-    code = run("ris-train", train_cli.main, ["--features-db", str(db), "--output", str(out), "--epochs", "3",
-                                             "--hidden", "32", "--out-dim", "16", "--p", "4", "--quiet",
+    code = run("ris-train", train_cli.main, ["--features-db", str(db), "--output", str(out), "--quiet",
                                              "--test-fraction", "0.34", "--val-fraction", "0.34"])
     assert code == 0
     return out
@@ -113,32 +112,15 @@ def test_extract_missing_or_empty_dataset(tmp_path, capsys, setup, needle):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_extract_interrupted_then_resumed(tmp_path, monkeypatch):
-    from ris.errors import RisError
-    from ris.extract import ExtractConfig, extract_features
-    from ris.featuredb import FeatureWriter, partial_path
-
-    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
-    out_db = tmp_path / "f.h5"
-    cfg = ExtractConfig(model="vgg16", weights="none", input_size=64)
-    real_add = FeatureWriter.add
-    calls = {"n": 0}
-
-    def flaky_add(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_add(self, *a, **k)
-
-    monkeypatch.setattr(FeatureWriter, "add", flaky_add)
-    with pytest.raises(RisError, match="interrupted"):
-        extract_features(data, out_db, cfg, batch_size=4, progress=False)
-    assert not out_db.exists() and partial_path(out_db).exists()
-    monkeypatch.setattr(FeatureWriter, "add", real_add)
-    s = extract_features(data, out_db, cfg, batch_size=4, progress=False)
-    assert s.resumed == 4 and s.extracted == 8
-    with h5py.File(out_db) as f:
-        assert sorted(x.decode() for x in f["image_ids"][:]) == sorted(p.name for p in data.glob("*.jpg"))
+def _committed_rows(partial: Path) -> int:
+    """rows_done of a .partial that a writer holds open (a peek for timing only; 0 if unreadable)."""
+    if not partial.exists():
+        return 0
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs.get("rows_done", 0))
+    except Exception:
+        return 0
 
 
 def test_extract_survives_kill_9(tmp_path):
@@ -151,7 +133,7 @@ def test_extract_survives_kill_9(tmp_path):
     partial = Path(str(out_db) + ".partial")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if partial.exists() and partial.stat().st_size > 200_000:
+        if _committed_rows(partial) >= 8:  # kill once batches are committed, however slow the machine
             break
         time.sleep(0.05)
     if proc.poll() is not None:
@@ -163,7 +145,7 @@ def test_extract_survives_kill_9(tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["resumed"] + summary["extracted"] == 160
-    assert summary["resumed"] > 0 or "starting over" in done.stderr
+    assert summary["resumed"] >= 8
     with h5py.File(out_db) as f:
         assert len(set(x.decode() for x in f["image_ids"][:])) == 160 and f.attrs["complete"]
 
@@ -188,16 +170,18 @@ def test_append_adds_only_new_images(tiny, db, tmp_path, capsys):
 def test_train_writes_model_history_and_scores(model):
     stem = str(model)[: -len(".keras")]
     assert model.exists() and Path(stem + ".history.csv").exists() and Path(stem + ".history.png").exists()
-    from ris.train import load_model
+    from ris.modelio import load_model
+    from ris.whiten import WhiteningHead
 
     head, meta = load_model(model)
+    assert isinstance(head, WhiteningHead)  # the default head is applied without Keras
     assert {"train", "val", "test", "test_images", "by"} <= set(meta["split"])
     assert len(meta["split"]["test_images"]) == 4 * len(meta["split"]["test"])
     assert not set(meta["split"]["train"]) & set(meta["split"]["test"])
     assert "raw" in meta["test_scores"] and "head" in meta["test_scores"]
     assert meta["config"]["arch"] == "whiten"  # the default head
     w = meta["whitening"]
-    assert head.output_shape[-1] == (512 if w.get("off") else min(int(w["dim"]), 512))
+    assert head.output_dim == (512 if w.get("off") else min(int(w["dim"]), 512))
 
 
 def test_eval_reports_raw_and_head_on_held_out(db, model, capsys):
@@ -205,9 +189,21 @@ def test_eval_reports_raw_and_head_on_held_out(db, model, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert r["split"] == "test" and r["objects"] == 2 and r["images"] == 8
+    from ris.embed import embed_features
+    from ris.featuredb import FeatureDB
+    from ris.metrics import evaluate_retrieval
+    from ris.modelio import load_model
+
+    head, meta = load_model(model)
+    with FeatureDB(db) as f:  # the scores are those of the model's held-out images, and of no others
+        rows = np.sort([f.image_ids.index(i) for i in meta["split"]["test_images"]])
+        feats, lab = f.read_rows(rows), f.labels[rows]
+    expected = {"raw": evaluate_retrieval(feats / np.linalg.norm(feats, axis=1, keepdims=True), lab).to_dict(),
+                "head": evaluate_retrieval(embed_features(head, feats), lab).to_dict()}
     for key in ("raw", "head"):
-        assert 1.0 <= r[key]["ns_score"] <= 4.0
-        assert r[key]["top4_accuracy"] == pytest.approx(r[key]["ns_score"] * 25, abs=0.01)
+        for metric in ("ns_score", "top4_accuracy", "map"):
+            assert r[key][metric] == pytest.approx(expected[key][metric], abs=1e-6), (key, metric)
+            assert r[key][metric] == pytest.approx(meta["test_scores"][key][metric], abs=1e-6)  # as training scored it
         assert set(r[key]["recall_at"]) == {"1", "4", "10"}
     code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "4.01")
     assert code == 1 and "below" in err
@@ -252,7 +248,7 @@ def test_search_refuses_features_from_another_backbone(tiny, model, tmp_path, ca
 def test_search_bad_query_image(tiny, db, tmp_path, capsys):
     bad = make_bad_images(tmp_path)
     code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad["truncated"], "--features-db", db)
-    assert code == 1 and "truncated" in err and str(bad["truncated"]) in err
+    assert code == 2 and "truncated" in err and str(bad["truncated"]) in err  # nothing done: an error
 
 
 def test_installed_entry_points_exist():
@@ -265,6 +261,18 @@ def test_installed_entry_points_exist():
         assert r.returncode == 0 and "--" in r.stdout
 
 
+@pytest.mark.parametrize("command", ["extract", "train", "search", "eval", "demo"])
+def test_help_does_not_load_keras_or_tensorflow(command):
+    """--help lists the registries' choices (backbones, poolings, heads, miners, re-rankers) without
+    importing Keras: the registry modules import it only inside functions."""
+    code = (f"import sys; from ris.cli.{command} import build_parser; build_parser().format_help(); "
+            "loaded = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_train_image_split_with_unseen_classes(tmp_path, capsys):
     from ris.testing import make_tiny_folders_dataset
 
@@ -273,17 +281,17 @@ def test_train_image_split_with_unseen_classes(tmp_path, capsys):
     assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
     code, out, err = cli(capsys, train_cli, "ris-train", "--features-db", db, "--output", tmp_path / "m.keras",
                          "--split-by", "image", "--test-fraction", "0.5", "--val-fraction", "0.2", "--unseen-classes", "1",
-                         "--epochs", "2",
-                         "--hidden", "16", "--quiet", "--json")
+                         "--quiet", "--json")
     assert code == 0, err
     r = json.loads(out)
     assert "unseen_classes" in r["scores"] and r["scores"]["unseen_classes"]["head"]["queries"] == 6
-    from ris.train import load_model
+    from ris.modelio import load_model
 
     _, meta = load_model(tmp_path / "m.keras")
     assert meta["split"]["by"] == "image" and len(meta["split"]["test_images"]) == 30
     code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--model", tmp_path / "m.keras", "--json")
-    assert code == 0 and json.loads(out)["images"] == 30
+    # every image the head was not fitted on is scored: the 30 test images and the other 6 of the unseen class
+    assert code == 0 and json.loads(out)["images"] == 36
 
 
 @pytest.mark.parametrize("method", ["qe", "dba+qe"])
@@ -294,6 +302,18 @@ def test_search_with_reranking(tiny, db, capsys, method):
     assert code == 0, err
     r = json.loads(out)["results"]
     assert len(r) == 4 and [h["distance"] for h in r] == sorted(h["distance"] for h in r)
+
+
+@pytest.mark.parametrize("method", ["qe", "dba+qe"])
+def test_reranking_a_one_image_database_is_one_error_not_a_crash(tmp_path, capsys, method):
+    """Too few images to re-rank is the user's database, not a bug: one line, exit 2."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=1, size=64)
+    db = tmp_path / "one.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", data / "ukbench00000.jpg",
+                         "--features-db", db, "--rerank", method)
+    assert code == 2 and err.startswith("ris-search: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "at least two" in err and "--rerank" in err
 
 
 def test_dba_database_is_cached_beside_the_database_and_rebuilt_when_it_changes(db, tmp_path, monkeypatch):
@@ -331,7 +351,8 @@ def test_eval_folds_and_rerank(db, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert len(r["per_fold"]) == 3 and r["rerank"] == "qe"
-    assert 1.0 <= r["summary"]["ns_score"]["mean"] <= 4.0
+    assert sum(f["queries"] for f in r["per_fold"]) == 24  # the folds' test parts partition the 24 images
+    assert r["summary"]["ns_score"]["mean"] == round(float(np.mean([f["ns_score"] for f in r["per_fold"]])), 4)
 
 
 def test_shallow_branch_trains_evaluates_and_searches(tiny, db, tmp_path, capsys):
@@ -342,13 +363,14 @@ def test_shallow_branch_trains_evaluates_and_searches(tiny, db, tmp_path, capsys
                        "--val-fraction", "0.34", "--json")
     assert code == 0, err
     assert Path(str(db) + ".thumbs16.h5").exists()
-    from ris.train import load_model
+    from ris.modelio import load_model
 
     head, meta = load_model(out)
     assert head.input_shape[-1] == 512 + 16 * 16 * 3 and meta["config"]["shallow"] == 16
     code, o, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--model", out, "--json")
     assert code == 0, err
-    assert 1.0 <= json.loads(o)["head"]["ns_score"] <= 4.0
+    # ris-eval feeds the head the same features + thumbnails as training did: the same held-out scores
+    assert json.loads(o)["head"]["map"] == pytest.approx(meta["test_scores"]["head"]["map"], abs=1e-6)
     code, o, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "--model", out,
                        "-k", "3", "--json")
     assert code == 0, err
@@ -473,7 +495,8 @@ def test_extract_names_a_directory_and_a_damaged_database(tiny, db, tmp_path, ca
 
 def test_overwrite_clears_caches_and_a_same_size_database_never_gets_stale_vectors(tiny, db, model, tmp_path, capsys):
     from ris.search import SearchEngine
-    from ris.train import embed_features, load_model
+    from ris.embed import embed_features
+    from ris.modelio import load_model
 
     _, data, query = tiny
     copy = tmp_path / "feats.h5"
@@ -528,3 +551,294 @@ def test_non_utf8_file_names_are_extracted_and_searched(tmp_path, capsys):
     assert (tmp_path / "r.png").stat().st_size > 1000
     assert json.loads(out)["results"][0]["image_id"] == NON_UTF8
     assert ids.index(NON_UTF8) >= 0
+
+
+def test_extract_counts_files_not_read_and_verbose_lists_them(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=64)
+    odd = make_odd_files(data / "odd")
+    out_db = tmp_path / "f.h5"
+    args = ["--dataset", data, "--features-db", out_db, *FAST]
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args), odd.get("fifo"))
+    assert code == 0, err
+    # groundtruth.tsv is read, as the labels: not counted
+    assert "not read: 3 files with other extensions, 1 hidden file, 1 hidden folder (--verbose lists them)" in out
+    assert "photo.heic" not in out and "groundtruth.tsv" not in out
+    assert "skipped: " in out and "not a regular file (FIFO)" in out and "file too large" in out
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args, "--overwrite",
+                                                      "--verbose"), odd.get("fifo"))
+    assert code == 0, err
+    for line in ("  not read (extension): odd/photo.heic", "  not read (extension): odd/vector.svg",
+                 "  not read (hidden): odd/.hidden.jpg", "  not read (hidden): odd/.cache/"):
+        assert line in out.splitlines()
+    code, out, err = call_with_fifo_guard(lambda: cli(capsys, extract_cli, "ris-extract", *args, "--overwrite",
+                                                      "--json"), odd.get("fifo"))
+    s = json.loads(out)
+    assert s["other_files"] == ["odd/notes.txt", "odd/photo.heic", "odd/vector.svg"]
+    assert s["hidden_files"] == ["odd/.cache/", "odd/.hidden.jpg"]
+    skipped = {Path(k["image"]).name: k["reason"] for k in s["skipped"]}
+    assert "anim.gif" not in skipped and "trailing.jpg" not in skipped and s["extracted"] == 8 + 2
+    if "fifo" in odd:
+        assert "not a regular file (FIFO)" in skipped["fifo.jpg"]
+
+
+def test_extract_of_a_folder_without_images_names_what_it_holds(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.heic").write_bytes(b"x")
+    (tmp_path / "d" / ".b.jpg").write_bytes(b"x")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", tmp_path / "d", "--features-db",
+                         tmp_path / "x.h5", *FAST)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no images found" in err and ".gif" in err and "1 file with another extension (a.heic)" in err
+    assert "1 hidden file" in err
+
+
+def test_search_refuses_special_query_files(tiny, db, tmp_path, capsys):
+    odd = make_odd_files(tmp_path / "odd")
+    for name in ("fifo", "urandom", "sparse", "folder_jpg"):
+        if name not in odd:
+            continue
+        code, out, err = call_with_fifo_guard(
+            lambda: cli(capsys, search_cli, "ris-search", "--image", odd[name], "--features-db", db), odd.get("fifo"))
+        assert code == 2 and ODD_REASONS[name] in err and str(odd[name]) in err, (name, err)
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_search_never_replaces_a_special_file_with_its_montage(tiny, db, tmp_path, capsys):
+    """--output naming a FIFO (or a device) is refused before any query runs; the special file stays."""
+    import stat
+
+    _, _, query = tiny
+    fifo = tmp_path / "montage.png"
+    os.mkfifo(fifo)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "--output", fifo)
+    assert code == 2 and err == f"ris-search: error: {fifo}: not a regular file (FIFO); give --output a file name\n"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and out == ""
+
+
+def test_extract_ukbench_labels_on_other_names_is_one_error(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=64)
+    (data / "groundtruth.tsv").unlink()
+    (data / "ukbench00001.jpg").rename(data / "IMG_1000.jpg")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", tmp_path / "u.h5",
+                         "--labels", "ukbench", *FAST)
+    assert code == 2 and "IMG_1000.jpg" in err and "ukbench" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "u.h5").exists() and not (tmp_path / "u.h5.partial").exists()
+
+
+def test_search_warns_once_about_rows_that_are_not_finite_and_never_returns_them(tiny, db, tmp_path, capsys):
+    _, data, _ = tiny
+    copy = tmp_path / "feats.h5"
+    shutil.copy(db, copy)
+    with h5py.File(copy, "r+") as f:
+        f["features"][2] = np.nan
+        bad_id = f["image_ids"][2].decode()
+    images = sorted(Path(data).glob("*.jpg"))[:2]
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", *images, "--features-db", copy, "-k", "30",
+                         "--json")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "not finite" in line]
+    assert len(warnings) == 1 and bad_id in warnings[0] and "1 row" in warnings[0]
+    for q in json.loads(out):
+        assert len(q["results"]) == 23 and bad_id not in [h["image_id"] for h in q["results"]]
+        assert all(np.isfinite(h["distance"]) for h in q["results"])
+
+
+@pytest.mark.parametrize("model", ["mobilenet_v2", "vgg16"])
+def test_a_text_file_as_weights_is_one_line_naming_the_file(tiny, tmp_path, capsys, model):
+    _, data, _ = tiny
+    notes = tmp_path / "notes.txt"
+    notes.write_text("these are not weights\n")
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", tmp_path / "x.h5",
+                         "--model", model, "--weights", notes, "--resize", "64", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(notes) in err and "cannot load weights" in err and "Traceback" not in err
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("module,args,flag", [
+    (extract_cli, ["--batch-size", "0"], "--batch-size"),
+    (extract_cli, ["--batch-size", "-1"], "--batch-size"),
+    (extract_cli, ["--workers", "0"], "--workers"),
+    (extract_cli, ["--resize", "0"], "--resize"),
+    (extract_cli, ["--scales", "0"], "--scales"),
+    (extract_cli, ["--scales", "1,-0.5"], "--scales"),
+    (extract_cli, ["--scales", "nan"], "--scales"),
+    (extract_cli, ["--scales", "1,,0.5"], "--scales"),
+    (extract_cli, ["--scales", "inf"], "--scales"),
+    (search_cli, ["--image", "q.jpg", "-k", "-1"], "-k"),
+    (search_cli, ["--image", "q.jpg", "-k", "0"], "-k"),
+    (train_cli, ["--folds", "1"], "--folds"),
+    (train_cli, ["--folds", "-2"], "--folds"),
+    (train_cli, ["--test-fraction", "1.5"], "--test-fraction"),
+    (train_cli, ["--test-fraction", "1"], "--test-fraction"),
+    (train_cli, ["--val-fraction", "-0.1"], "--val-fraction"),
+    (train_cli, ["--epochs", "0"], "--epochs"),
+    (train_cli, ["--patience", "0"], "--patience"),
+    (train_cli, ["--batch-size", "0"], "--batch-size"),
+    (train_cli, ["--p", "1"], "--p"),
+    (train_cli, ["--k", "1"], "--k"),
+    (train_cli, ["--lr", "0"], "--lr"),
+    (train_cli, ["--margin", "nan"], "--margin"),
+    (train_cli, ["--dropout", "1"], "--dropout"),
+    (train_cli, ["--out-dim", "0"], "--out-dim"),
+    (train_cli, ["--hidden", "512,0"], "--hidden"),
+    (train_cli, ["--shallow", "-1"], "--shallow"),
+    (train_cli, ["--unseen-classes", "-1"], "--unseen-classes"),
+    (train_cli, ["--whiten-shrinkage", "-1"], "--whiten-shrinkage"),
+    (train_cli, ["--whiten-power", "0"], "--whiten-power"),
+    (train_cli, ["--whiten-dim", "0"], "--whiten-dim"),
+    (train_cli, ["--whiten-dim", "big"], "--whiten-dim"),
+    (eval_cli, ["--folds", "1"], "--folds"),
+    (eval_cli, ["--test-fraction", "1.5"], "--test-fraction"),
+    (eval_cli, ["--min-ns", "nan"], "--min-ns"),
+])
+def test_nonsense_arguments_are_refused_by_argparse_with_exit_2(module, args, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        module.build_parser().parse_args(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{module.build_parser().prog}: error: argument {flag}") and "Traceback" not in err
+
+
+def test_sensible_arguments_still_parse():
+    a = extract_cli.build_parser().parse_args(["--scales", "0.707, 1", "--batch-size", "1", "--workers", "2"])
+    assert a.scales == (0.707, 1.0) and a.batch_size == 1 and a.workers == 2
+    a = train_cli.build_parser().parse_args(["--folds", "0", "--test-fraction", "0", "--whiten-dim", "auto",
+                                             "--whiten-shrinkage", "0.3", "--hidden", ""])
+    assert a.folds == 0 and a.test_fraction == 0.0 and a.whiten_dim is None and a.whiten_shrinkage == 0.3
+    assert a.hidden == ()
+    assert train_cli.build_parser().parse_args(["--folds", "5"]).folds == 5
+    assert search_cli.build_parser().parse_args(["--image", "q.jpg", "-k", "1"]).top_k == 1
+
+
+def test_exit_codes_of_search_follow_the_rule(tiny, db, tmp_path, capsys):
+    from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+
+    _, _, query = tiny
+    bad = make_bad_images(tmp_path)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, bad["corrupt"], "--features-db", db,
+                         "-k", "2", "--json")
+    assert code == EXIT_PARTIAL == 1 and str(bad["corrupt"]) in err
+    results = json.loads(out)
+    assert [r["query"] for r in results] == [str(query)] and len(results[0]["results"]) == 2
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad["corrupt"], bad["zero_byte"],
+                         "--features-db", db)
+    assert code == EXIT_ERROR == 2
+    assert cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db)[0] == EXIT_OK == 0
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", tmp_path / "none.h5")
+    assert code == EXIT_ERROR and "not found" in err
+
+
+def test_exit_codes_of_eval_when_the_required_score_is_not_met(db, capsys):
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "3", "--min-ns", "4.01")
+    assert code == 1 and "below" in err
+    assert cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "0")[0] == 0
+
+
+@pytest.mark.parametrize("raised,code", [(None, 0), ("partial", 1), ("error", 2), ("oserror", 2), ("errno", 2),
+                                         ("interrupt", 130), ("interrupted", 130), ("bug", 2), ("valueerror", 2),
+                                         ("bare-oserror", 2)])
+def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys, monkeypatch):
+    from ris.cli import common
+    from ris.errors import Interrupted, RisError
+
+    monkeypatch.delenv("RIS_VERBOSE", raising=False)
+
+    def main(argv):
+        if raised == "partial":
+            return common.EXIT_PARTIAL
+        if raised == "error":
+            raise RisError("x.h5: broken")
+        if raised == "oserror":
+            raise FileNotFoundError(2, "No such file or directory", "x.h5")
+        if raised == "errno":
+            raise OSError(28, "No space left on device")
+        if raised == "interrupt":
+            raise KeyboardInterrupt
+        if raised == "interrupted":
+            raise Interrupted("interrupted after 3 images; run the same command again to resume")
+        if raised == "bug":
+            return 1 // 0
+        if raised == "valueerror":
+            raise ValueError("not a user error: a bug")
+        if raised == "bare-oserror":
+            raise OSError("raised by code, no errno, no file")
+        return common.EXIT_OK
+
+    assert run("ris-x", main, ["--json"]) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) <= 1
+    if raised == "oserror":
+        assert err == "ris-x: error: x.h5: No such file or directory\n"
+    if raised == "errno":
+        assert err == "ris-x: error: No space left on device\n"
+    if raised == "interrupted":
+        assert err.startswith("ris-x: interrupted after 3 images")
+    if raised in ("bug", "valueerror", "bare-oserror"):  # a bug is never passed off as bad input
+        assert err.startswith("ris-x: internal error") and "RIS_VERBOSE=1" in err and "Traceback" not in err
+        assert {"bug": "ZeroDivisionError", "valueerror": "ValueError", "bare-oserror": "OSError"}[raised] in err
+
+
+def test_a_message_that_starts_with_interrupted_is_not_an_interruption(capsys):
+    """The exit status comes from the error's type, not from its text."""
+    from ris.errors import RisError
+
+    def main(argv):
+        raise RisError("interrupted: a file name that starts with the word")
+
+    assert run("ris-x", main, []) == 2
+    assert capsys.readouterr().err.startswith("ris-x: error: interrupted")
+
+
+def test_an_internal_error_shows_its_traceback_with_ris_verbose(capsys, monkeypatch):
+    def main(argv):
+        return {}["missing"]
+
+    monkeypatch.setenv("RIS_VERBOSE", "1")
+    assert run("ris-x", main, []) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "KeyError" in err
+    assert err.strip().splitlines()[-1].startswith("ris-x: internal error")
+
+
+def test_a_command_that_fails_with_a_bug_exits_2_in_one_line(tmp_path):
+    """The whole path, as a user runs it: a real process, its stderr and its exit status."""
+    code = ("import sys\nfrom ris.cli.common import run\n"
+            "def main(argv):\n    return 1 / 0\n"
+            "sys.exit(run('ris-x', main, []))")
+    env = {k: v for k, v in os.environ.items() if k != "RIS_VERBOSE"}
+    env["KERAS_BACKEND"] = "numpy"  # no TensorFlow start-up needed for this check
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "ris-x: internal error (a bug in ris, not in your input): ZeroDivisionError: division by zero; "
+        "set RIS_VERBOSE=1 for the traceback"]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "RIS_VERBOSE": "1"})
+    assert done.returncode == 2 and "Traceback (most recent call last)" in done.stderr
+
+
+def test_readme_documents_the_exit_codes():
+    from ris.cli import common
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for value in (common.EXIT_OK, common.EXIT_PARTIAL, common.EXIT_ERROR, common.EXIT_INTERRUPTED):
+        assert f"| {value} |" in readme
+
+
+def test_eval_reports_queries_without_relevant_and_scores_them_nowhere(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
+    (data / "groundtruth.tsv").unlink()
+    (data / "labels.tsv").write_text("ukbench00000.jpg\ta\nukbench00001.jpg\ta\nukbench00002.jpg\tb\n")
+    (data / "ukbench00003.jpg").unlink()
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, "--labels",
+               data / "labels.tsv", *FAST)[0] == 0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["queries_without_relevant"] == 1 and r["raw"]["queries"] == 2
+    assert r["raw"]["map"] == 1.0 and r["raw"]["recall_at"]["1"] == 1.0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db)
+    assert "1 query without another image of its group" in out

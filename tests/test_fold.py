@@ -54,7 +54,7 @@ def test_nothing_to_fold_returns_the_model() -> None:
 
 
 def test_extractor_features_unchanged_by_folding() -> None:
-    from ris.extract import ExtractConfig, FeatureExtractor
+    from ris.extractor import ExtractConfig, FeatureExtractor
 
     keras.utils.set_random_seed(0)
     plain = FeatureExtractor(ExtractConfig(model="mobilenet_v2", weights="none", input_size=64, fold_batchnorm=False))

@@ -1,13 +1,16 @@
 """Discovery, labels and robust decoding of awkward files."""
 import re
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from ris.errors import BadImage, RisError
-from ris.images import decode_image, find_images, load_image, make_labels, read_label_tsv
-from ris.testing import VALID_BAD_IMAGES, make_bad_images, make_tiny_folders_dataset
+from ris.imagefile import read_file
+from ris.images import decode_image, find_images, load_image, make_labels, read_label_tsv, resize_square
+from ris.testing import (ODD_REASONS, VALID_BAD_IMAGES, call_with_fifo_guard, make_bad_images, make_exif_jpeg,
+                         make_odd_files, make_tiny_folders_dataset)
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +76,207 @@ def test_label_file_errors(tmp_path):
         read_label_tsv(tmp_path / "one.tsv")
 
 
-@pytest.mark.parametrize("processes", [False, True])
-def test_iter_decoded_keeps_order_reports_bad_files_and_stops_early(tmp_path, processes):
-    from ris.extract import iter_decoded
+def test_a_label_file_that_is_not_text_or_too_big_is_one_error_naming_it(tmp_path, monkeypatch):
+    """Bad input, not a bug: a label file in another encoding, with NUL bytes, or over the size cap
+    is a RisError naming the file (a UnicodeDecodeError would now be reported as an internal error)."""
+    from ris import images
 
-    for i in range(11):
-        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), np.full((30, 40, 3), 20 * i, np.uint8))
-    (tmp_path / "05b.jpg").write_text("not an image")
-    rels = sorted(p.name for p in tmp_path.iterdir())
-    out = list(iter_decoded(tmp_path, rels, 16, workers=2, prefetch=3, processes=processes, chunk=2))
-    assert [rel for rel, _, _ in out] == rels
-    assert [rel for rel, _, err in out if err] == ["05b.jpg"]
-    assert [int(img[0, 0, 0]) for _, img, _ in out if img is not None] == [20 * i for i in range(11)]
-    early = iter_decoded(tmp_path, rels, 16, workers=2, prefetch=3, processes=processes, chunk=2)
-    assert next(early)[0] == "00.png"
-    early.close()  # the consumer stopping early must not hang or raise
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("caf\xe9.jpg\tcaf\xe9\n".encode("latin-1"))
+    with pytest.raises(RisError, match=f"^{re.escape(str(latin))}: not UTF-8 text"):
+        read_label_tsv(latin)
+    binary = tmp_path / "binary.tsv"
+    binary.write_bytes(b"a.jpg\tx\x00y\n")
+    with pytest.raises(RisError, match=f"^{re.escape(str(binary))}: "):
+        read_label_tsv(binary)
+    big = tmp_path / "big.tsv"
+    big.write_text("a.jpg\tx\n" * 200)
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 1024)
+    with pytest.raises(RisError, match=f"^{re.escape(str(big))}: file too large"):
+        read_label_tsv(big)
+
+
+# --- odd files: special files, size caps, formats (ris.testing.make_odd_files) -------------------
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    return make_odd_files(tmp_path_factory.mktemp("odd"))
+
+
+def call_guarded(fn, odd_files, timeout=60):
+    return call_with_fifo_guard(fn, odd_files.get("fifo"), timeout)
+
+
+@pytest.mark.parametrize("name", ["fifo", "urandom", "folder_jpg", "sparse"])
+@pytest.mark.parametrize("loader", ["decode_image", "load_image"])
+def test_only_regular_files_are_read_and_sizes_are_capped(odd, name, loader):
+    if name not in odd:
+        pytest.skip(f"this system cannot make a {name}")
+    if loader == "decode_image":
+        fn = lambda: decode_image(odd[name], target=64)  # noqa: E731
+    else:
+        fn = lambda: load_image(odd[name], 64)  # noqa: E731
+    with pytest.raises(BadImage) as exc:
+        call_guarded(fn, odd)
+    msg = str(exc.value)
+    assert msg.startswith(str(odd[name])) and ODD_REASONS[name] in msg and "\n" not in msg
+    if name == "sparse":
+        assert "40 GiB" in msg and "limit 256 MiB" in msg
+
+
+def test_file_cap_is_checked_before_reading_and_while_reading(tmp_path):
+    from ris import images
+
+    path = tmp_path / "small.jpg"
+    path.write_bytes(b"\xff\xd8\xff" + bytes(5000))
+    with pytest.raises(BadImage, match=r"file too large \(4\.9 KiB, limit 1 KiB"):
+        images.decode_image(path, max_bytes=1024)
+    with pytest.raises(BadImage, match="truncated|damaged"):  # under the cap: read, then judged as a JPEG
+        images.decode_image(path, max_bytes=6000)
+    maps = Path("/proc/self/maps")  # a regular file whose stat size (0) is not what reading gives
+    if maps.is_file() and maps.stat().st_size == 0:
+        with pytest.raises(BadImage, match="file too large \\(over 100 bytes while reading"):
+            read_file(maps, max_bytes=100)
+        assert len(read_file(maps)) > 100
+
+
+def test_find_images_lists_special_files_without_opening_them(odd):
+    found = call_guarded(lambda: find_images(odd["trailing_jpg"].parent), odd)
+    assert "trailing.jpg" in found and "sparse.jpg" in found and "anim.gif" in found
+    assert ("fifo.jpg" in found) == ("fifo" in odd)
+    assert not any(f.startswith(".") or "/." in f for f in found)
+
+
+def test_jpeg_with_bytes_after_its_end_marker_decodes(odd):
+    img = decode_image(odd["trailing_jpg"])
+    assert img.shape == (120, 160, 3)
+    ref = decode_image(make_bad_images(odd["trailing_jpg"].parent / "ref")["non_ascii"])
+    assert np.array_equal(img, ref)  # the same JPEG without the trailer
+
+
+@pytest.mark.parametrize("name", ["truncated_padded", "truncated_comment_eoi"])
+def test_truncated_jpeg_is_still_reported(odd, name):
+    with pytest.raises(BadImage, match="truncated"):
+        decode_image(odd[name], target=64)
+
+
+@pytest.mark.parametrize("name", ["truncated_png", "bad_filter_png"])
+def test_broken_png_is_reported_without_raw_libpng_lines(odd, name, capfd):
+    capfd.readouterr()
+    with pytest.raises(BadImage) as exc:
+        load_image(odd[name], 64)
+    assert ODD_REASONS[name] in str(exc.value) and str(odd[name]) in str(exc.value)
+    out, err = capfd.readouterr()
+    assert "libpng" not in err and err.strip() == ""
+
+
+def _png_variants():
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (37, 53, 3), np.uint8)
+
+    def pil(im, **kw):
+        import io
+
+        b = io.BytesIO()
+        im.save(b, "PNG", **kw)
+        return b.getvalue()
+
+    pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=50)
+    return {
+        "rgb": pil(Image.fromarray(rgb)),
+        "rgba": pil(Image.fromarray(np.dstack([rgb, rgb[..., 0]]), "RGBA")),
+        "gray": pil(Image.fromarray(rgb[..., 1])),
+        "gray_alpha": pil(Image.fromarray(np.dstack([rgb[..., 1], rgb[..., 0]]), "LA")),
+        "palette": pil(pal),
+        "palette_trns": pil(pal, transparency=3),
+        "1bit": pil(Image.fromarray(rgb[..., 0] > 128)),
+        "16bit_rgb": cv2.imencode(".png", rgb.astype(np.uint16) * 257
+                                  + rng.integers(0, 257, rgb.shape).astype(np.uint16))[1].tobytes(),
+        "16bit_gray": cv2.imencode(".png", rgb[..., 0].astype(np.uint16) * 257 + 100)[1].tobytes(),
+        "16bit_rgba": cv2.imencode(".png", np.dstack([rgb, rgb[..., :1]]).astype(np.uint16) * 250)[1].tobytes(),
+        **{f"exif_orientation_{o}": pil(Image.fromarray(rgb), exif=_exif(o)) for o in range(1, 9)},
+    }
+
+
+def _exif(orientation):
+    from PIL import Image
+
+    e = Image.Exif()
+    e[0x0112] = orientation
+    return e.tobytes()
+
+
+@pytest.mark.parametrize("name", sorted(_png_variants()))
+def test_png_pixels_are_those_opencv_decodes(tmp_path, name):
+    """PNGs are decoded without libpng's stderr lines, but to the same pixels (and EXIF rotation) as
+    OpenCV gives, so features of databases made before stay comparable."""
+    data = _png_variants()[name]
+    path = tmp_path / f"{name}.png"
+    path.write_bytes(data)
+    want = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    got = decode_image(path)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    assert np.array_equal(load_image(path, 24), resize_square(want, 24))
+
+
+@pytest.mark.parametrize("width,height,target", [(64, 32, 224), (64, 32, None), (1600, 800, 100), (1600, 800, 224)])
+def test_exif_orientation_is_honoured_at_full_and_reduced_size(tmp_path, width, height, target):
+    from ris.images import _reduced_flag
+
+    path = make_exif_jpeg(tmp_path / "rot.jpg", width, height, orientation=6)
+    img = decode_image(path, target=target)
+    factor = _reduced_flag(width, height, target)[1] if target else 1
+    if (width, height) == (1600, 800):
+        assert factor > 1  # the reduced-size libjpeg path is what this case checks
+    assert img.shape == (width // factor, height // factor, 3)  # stored landscape, shown portrait
+    h, w = img.shape[:2]
+    assert img[2, w - 3, 0] > 200 and img[2, w - 3, 2] < 60  # red quarter top-right after rotating 90 cw
+    assert img[2, 2, 2] > 200  # blue top-left
+
+
+def test_gif_decodes_its_first_frame(odd):
+    img = load_image(odd["gif"], 16)
+    assert img.shape == (16, 16, 3) and img[..., 0].min() > 200 and img[..., 1].max() < 60
+
+
+def test_one_pixel_limit_for_ris_and_pillow(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    from ris import images
+    from ris.testing import _huge_png
+
+    assert images.MAX_PIXELS == 200_000_000 and Image.MAX_IMAGE_PIXELS == images.MAX_PIXELS
+    under = tmp_path / "under.png"  # 182 MP: Pillow's default limit refuses it, ris' does not
+    under.write_bytes(_huge_png(13500))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Image.open(under) as im:
+            assert im.size == (13500, 13500)
+    assert images.decode_cost(under) == 13500 * 13500 * images.DECODE_BYTES_PER_PIXEL
+    over = tmp_path / "over.png"  # 201.6 MP
+    over.write_bytes(_huge_png(14200))
+    with pytest.raises(BadImage, match=r"image too large \(14200x14200 pixels, limit 200,000,000\)"):
+        decode_image(over)
+    assert images.decode_cost(over) == 0  # refused without decoding: costs nothing in flight
+
+
+def test_ukbench_labels_need_ukbench_names():
+    with pytest.raises(RisError) as exc:
+        make_labels(["ukbench00000.jpg", "IMG_1000.jpg", "IMG_1001.jpg"], "ukbench")
+    msg = str(exc.value)
+    assert "IMG_1000.jpg" in msg and "ukbench" in msg and "\n" not in msg
+    labels, _, _ = make_labels(["sub/ukbench00004.JPG", "ukbench00007.jpg"], "ukbench")
+    assert labels.tolist() == [0, 0]
+
+
+def test_scan_counts_files_not_read(odd):
+    from ris.images import scan_folder
+
+    scan = call_guarded(lambda: scan_folder(odd["trailing_jpg"].parent), odd)
+    assert "anim.gif" in scan.images and "trailing.jpg" in scan.images
+    assert sorted(scan.other) == ["notes.txt", "photo.heic", "vector.svg"]
+    assert sorted(scan.hidden) == [".cache/", ".hidden.jpg"]

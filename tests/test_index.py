@@ -241,7 +241,8 @@ def test_each_index_kind_scores_ukbench_like_exact(tmp_path):
 
     from conftest import shared_dataset
     from ris.errors import WeightsUnavailable
-    from ris.extract import ExtractConfig, extract_features
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
     from ris.index_eval import evaluate_index
 
     src = shared_dataset("ukbench1000")
@@ -251,7 +252,7 @@ def test_each_index_kind_scores_ukbench_like_exact(tmp_path):
         shutil.copy(src / f"ukbench{i:05d}.jpg", data)
     db = tmp_path / "uk.h5"
     try:
-        extract_features(data, db, ExtractConfig(model="mobilenet_v2"), labels="ukbench", progress=False)
+        extract_features(data, db, ExtractConfig(model="mobilenet_v2"), ExtractOptions(labels="ukbench", progress=False))
     except WeightsUnavailable as exc:
         pytest.skip(str(exc))
     kinds = ["exact"] + [k for k, mod in (("hnsw", "hnswlib"), ("ivfpq", "faiss")) if importlib.util.find_spec(mod)]

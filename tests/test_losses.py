@@ -64,3 +64,36 @@ def test_batch_all_averages_active_triplets():
     expected = vals.sum() / max((vals > 1e-9).sum(), 1)
     got = np.asarray(mined_triplet_loss(m, "euclidean", "batch-all")(labels.astype(np.float32), x))
     np.testing.assert_allclose(got.mean(), expected, rtol=1e-4)
+
+
+def test_semi_hard_uses_negatives_inside_the_margin_and_falls_back_to_all():
+    labels = np.repeat(np.arange(3), 2)
+    m = 0.5
+
+    def reference(x):
+        d = np.array([[np_dist(a, b, "euclidean") for b in x] for a in x])
+        valid = [(a, p, n) for a in range(6) for p in range(6) for n in range(6)
+                 if a != p and labels[a] == labels[p] and labels[a] != labels[n]]
+        semi = [t for t in valid if d[t[0], t[1]] < d[t[0], t[2]] < d[t[0], t[1]] + m]
+        vals = np.array([max(0.0, m + d[a, p] - d[a, n]) for a, p, n in (semi or valid)])
+        return vals.sum() / max((vals > 1e-9).sum(), 1), bool(semi)
+
+    semi_hard = mined_triplet_loss(m, "euclidean", "semi-hard")
+    batch_all = mined_triplet_loss(m, "euclidean", "batch-all")
+    seen = set()
+    for seed in range(6):
+        x = np.random.default_rng(seed).normal(size=(6, 4)).astype(np.float32)
+        if seed >= 3:  # positives on top of their anchor, negatives far: no semi-hard triplet
+            x = np.repeat(x[::2], 2, axis=0) * np.float32(10.0)
+        expected, has_semi = reference(x)
+        seen.add(has_semi)
+        got = np.asarray(semi_hard(labels.astype(np.float32), x))
+        np.testing.assert_allclose(got, np.full(6, expected), rtol=1e-4, atol=1e-6)
+        if seed == 0:  # a different average than batch-all's
+            assert has_semi and abs(float(np.asarray(batch_all(labels.astype(np.float32), x)).mean()) - expected) > 1e-3
+    assert seen == {True, False}  # both branches exercised
+
+
+def test_random_mining_is_not_an_in_batch_loss():
+    with pytest.raises(ValueError, match="in-batch mining"):
+        mined_triplet_loss(0.2, "euclidean", "random")

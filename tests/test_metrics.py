@@ -68,3 +68,70 @@ def test_query_subset_scores_only_those_queries():
     assert sub.recall_at[1] == 0.5 and full.recall_at[1] == pytest.approx(5 / 6, abs=1e-3)  # class 1 is the hard one
     easy = evaluate_retrieval(feats, labels, query_rows=np.array([0, 1, 4, 5]))
     assert easy.map == 1.0 and easy.ns_score == 2.0
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("nq", [1, 5])
+def test_rows_that_are_not_finite_rank_last_at_infinite_distance(metric, nq):
+    rng = np.random.default_rng(3)
+    db = rng.normal(size=(100, 8)).astype(np.float32)
+    bad = [3, 50, 99]
+    db[3, 2], db[50], db[99, 0] = np.nan, np.nan, np.inf
+    q = rng.normal(size=(nq, 8)).astype(np.float32)
+    dist, idx = blockwise_topk(q, db, 100, metric, block_rows=7)
+    assert not np.isnan(dist).any()
+    assert (set(idx[:, -3:].ravel()) == set(bad)) and np.isinf(dist[:, -3:]).all()
+    good = np.setdiff1d(np.arange(100), bad)
+    full = pairwise_distances(q, db[good], metric)
+    np.testing.assert_array_equal(idx[:, :97], good[np.argsort(full, axis=1, kind="stable")])
+    top, _ = blockwise_topk(q, db, 5, metric, block_rows=7)
+    assert np.isfinite(top).all()
+
+
+def test_nonfinite_rows_are_counted_blockwise(tmp_path):
+    from ris.topk import nonfinite_rows
+
+    db = np.ones((50, 4), np.float32)
+    db[[7, 31], 1] = [np.nan, -np.inf]
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["x"] = db
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        assert nonfinite_rows(f["x"], block_rows=6).tolist() == [7, 31]
+    assert nonfinite_rows(np.ones((3, 2, 2, 1), np.float32)).tolist() == []
+
+
+def _with_a_lonely_query():
+    labels = np.array([0, 0, 1])  # image 2 has no other image of its group
+    feats = np.array([[0, 0], [0, 0.1], [5, 5]], np.float32)
+    return feats, labels
+
+
+def test_queries_without_another_relevant_image_are_scored_by_no_metric():
+    feats, labels = _with_a_lonely_query()
+    s = evaluate_retrieval(feats, labels, recall_ks=(1, 4), precision_ks=(1,))
+    assert s.queries == 2 and s.queries_without_relevant == 1 and s.database == 3
+    assert s.map == 1.0 and s.recall_at[1] == 1.0 and s.precision_at[1] == 1.0
+    assert s.ns_score == 2.0  # both scored queries find themselves and their one partner
+    assert s.to_dict()["queries_without_relevant"] == 1
+
+
+@pytest.mark.parametrize("method", ["none", "qe"])
+def test_reranked_evaluation_follows_the_same_rule(method):
+    from ris.rerank import evaluate_reranked
+
+    feats, labels = _with_a_lonely_query()
+    s = evaluate_reranked(feats, labels, method, recall_ks=(1,), precision_ks=(1,))
+    assert s.queries == 2 and s.queries_without_relevant == 1
+    if method == "none":
+        assert s.map == 1.0 and s.recall_at[1] == 1.0
+
+
+def test_the_results_table_says_how_many_queries_were_not_scored():
+    from ris.evaluate import format_table
+
+    feats, labels = _with_a_lonely_query()
+    scores = evaluate_retrieval(feats, labels).to_dict()
+    result = {"features_db": "f.h5", "backbone": "m", "input_size": 224, "pooling": "gap", "split": "all",
+              "split_description": "all labelled images", "objects": 2, "images": 3, "raw": scores}
+    text = format_table(result)
+    assert "1 query without another image of its group" in text

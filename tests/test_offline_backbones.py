@@ -122,6 +122,35 @@ def test_reader_refuses_arbitrary_globals(tmp_path) -> None:
         torch_pth.load_state_dict(path)
 
 
+@pytest.mark.parametrize("content,needle", [
+    ("magic", "bad magic number"),
+    ("not_a_dict", "expected a state dict"),
+    ("zip", "no data.pkl"),
+    ("unreferenced", "never referenced"),
+])
+def test_reader_refuses_files_that_hold_no_state_dict_as_bad_weights(tmp_path, content, needle) -> None:
+    """A file a user passed as --weights that holds no state dict is bad input (a RisError the CLI
+    prints in one line), not a ValueError (which the CLIs report as a bug)."""
+    import pickle
+    import zipfile
+
+    from ris.errors import BadWeights
+
+    path = tmp_path / "w.pth"
+    head = b"".join(pickle.dumps(x) for x in (torch_pth._LEGACY_MAGIC, 1001, {"little_endian": True}))
+    if content == "magic":
+        path.write_bytes(pickle.dumps(123))
+    elif content == "not_a_dict":
+        path.write_bytes(head + pickle.dumps([1, 2]) + pickle.dumps([]))
+    elif content == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("archive/version", "3")
+    else:  # a storage listed that no tensor uses
+        path.write_bytes(head + pickle.dumps({}) + pickle.dumps(["0"]) + (4).to_bytes(8, "little") + bytes(16))
+    with pytest.raises(BadWeights, match=needle):
+        torch_pth.load_state_dict(path)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_imagenet_top5(name: str, logits) -> None:
     out = logits(name)

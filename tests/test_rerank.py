@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ris.metrics import evaluate_retrieval
-from ris.rerank import (METHODS, Reranker, alpha_dba, alpha_qe, diffuse, diffusion_graph,
+from ris.rerank import (RERANKERS, Reranker, alpha_dba, alpha_qe, diffuse, diffusion_graph,
                         evaluate_reranked, neighbours_without_self, rerank)
 from ris.topk import l2_normalize, pairwise_distances
 
@@ -28,6 +28,25 @@ def chains(classes=30, m=12, dim=32, step=0.35, seed=0):
             p = p + step * d
             p /= np.linalg.norm(p)
     return np.array(pts, np.float32), np.repeat(np.arange(classes), m)
+
+
+def bridged_pairs(pairs=6, seed=0):
+    """Pairs of groups on the unit sphere, each pair in its own plane (angle 0.1 x position):
+    group A at positions -0.05..0.15, group B at 2.9..3.1 plus one member ``b`` at 1.75, and a
+    query of A at 1.0. Plain kNN puts ``b`` first (0.75 away, A's nearest is 0.85) for every
+    query; A outnumbers ``b`` among the query's neighbours, and ``b`` belongs to B's graph."""
+    rng = np.random.default_rng(seed)
+    dim = 2 * pairs
+    x, y, q = [], [], []
+    for j in range(pairs):
+        base, axis = np.eye(dim)[2 * j], np.eye(dim)[2 * j + 1]
+        for group, positions in ((2 * j, (-0.05, 0.0, 0.05, 0.1, 0.15)), (2 * j + 1, (1.75, 2.9, 2.95, 3.0, 3.05, 3.1))):
+            x += [np.cos(0.1 * t) * base + np.sin(0.1 * t) * axis for t in positions]
+            y += [group] * len(positions)
+        q.append(np.cos(0.1) * base + np.sin(0.1) * axis)
+    x = np.array(x) + 0.001 * rng.normal(size=(len(x), dim))
+    q = np.array(q) + 0.001 * rng.normal(size=(len(q), dim))
+    return x.astype(np.float32), np.array(y), q.astype(np.float32), 2 * np.arange(pairs)
 
 
 def blobs(classes=50, m=8, dim=16, spread=0.7, seed=0):
@@ -59,11 +78,30 @@ def test_none_reproduces_evaluate_retrieval(metric):
 
 def test_manifold_methods_fix_knn_errors_on_curved_classes():
     x, y = chains()
-    m = {method: evaluate_reranked(x, y, method).map for method in METHODS}
+    m = {method: evaluate_reranked(x, y, method).map for method in RERANKERS}
     assert m["none"] < 0.93
     assert m["diffusion"] > m["none"] + 0.05
     assert m["kreciprocal"] > m["none"] + 0.05
     assert m["qe"] > m["none"] and m["dba+qe"] > m["qe"]
+
+
+# Each method's own parameters where its defaults do not fit six-image groups: QE needs the
+# query's 3 neighbours (2 of A outvote b; with 2 it is a tie), diffusion a graph and seed of 3
+# (its default 50 links every image of a pair).
+FIX_PARAMS = {"qe": {"n": 3}, "dba+qe": {}, "diffusion": {"graph_k": 3, "query_k": 3}, "kreciprocal": {}}
+
+
+@pytest.mark.parametrize("method", sorted(FIX_PARAMS))
+def test_reranking_recovers_the_group_when_the_nearest_neighbour_is_wrong(method):
+    x, y, q, qy = bridged_pairs()
+    _, plain = rerank(q, x, "none", k=1)
+    assert (y[plain[:, 0]] != qy).all()  # by construction: plain ranking puts b first for every query
+    _, i = rerank(q, x, method, k=3, **FIX_PARAMS[method])
+    assert (y[i[:, 0]] == qy).all()
+
+
+def test_every_reranker_is_covered():
+    assert set(FIX_PARAMS) == set(RERANKERS) - {"none"}
 
 
 def test_query_expansion_fixes_noisy_queries():
@@ -75,7 +113,7 @@ def test_query_expansion_fixes_noisy_queries():
 
 # --- API contract ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(RERANKERS))
 def test_output_is_k_columns_sorted_best_first(method):
     x, _ = blobs(classes=20, m=5)
     q = x[:9] + 0.05
@@ -88,9 +126,10 @@ def test_output_is_k_columns_sorted_best_first(method):
     rows = np.arange(9)
     _, i_own = rerank(x[:9], x, method, k=len(x), query_rows=rows)  # the query's own row left out
     assert i_own.shape == (9, len(x) - 1) and not (i_own == rows[:, None]).any()
+    assert (method == "none") == np.array_equal(i, rerank(q, x, "none", k=7)[1])  # re-ranking re-ranks
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(RERANKERS))
 def test_out_of_database_query_finds_its_source_and_class(method):
     x, y = blobs(classes=30, m=6, spread=0.3)
     src = np.arange(0, len(x), 7)
@@ -100,6 +139,29 @@ def test_out_of_database_query_finds_its_source_and_class(method):
     first = (i[:, :3] == src[:, None]).any(1) if method == "diffusion" else i[:, 0] == src
     assert first.all()
     assert (y[i] == y[src, None]).mean() > 0.9
+    assert (method == "none") == np.array_equal(i, rerank(q, x, "none", k=6)[1])
+
+
+def test_a_reranker_is_one_entry_in_the_registry(monkeypatch):
+    """What a newcomer adds: a Method subclass and its RERANKERS entry. Nothing else is needed for
+    rerank, evaluate_reranked and the CLIs' --rerank to use it."""
+    from ris.cli import eval as eval_cli
+    from ris.rerank import Method
+
+    class Farthest(Method):  # a deliberately bad method whose effect is easy to see
+        defaults = {"scale": 1.0}
+        help = "farthest first"
+
+        def scores(self, q, rows):
+            return -self.p["scale"] * pairwise_distances(q, self.db, self.metric)
+
+    monkeypatch.setitem(RERANKERS, "farthest", Farthest)
+    x, y = blobs(classes=10, m=4)
+    _, plain = rerank(x[:5], x, "none", k=len(x))
+    _, far = rerank(x[:5], x, "farthest", k=len(x), scale=2.0)
+    assert np.array_equal(far[:, 0], plain[:, -1])
+    assert evaluate_reranked(x, y, "farthest").map < 0.5 * evaluate_reranked(x, y, "none").map
+    assert eval_cli.build_parser().parse_args(["--rerank", "farthest"]).rerank == "farthest"
 
 
 def test_unknown_method_or_parameter_is_refused():
@@ -116,6 +178,7 @@ def test_truncated_depth_gives_a_lower_bound_on_map():
     x, y = blobs(classes=4, m=30, spread=1.2)
     full, short = evaluate_reranked(x, y, "qe"), evaluate_reranked(x, y, "qe", depth=20)
     assert short.map < full.map and short.ns_score == full.ns_score
+    assert full.map != evaluate_reranked(x, y, "none").map
     assert short.precision_at == full.precision_at
 
 
@@ -233,4 +296,5 @@ def test_memory_stays_far_below_n_by_n(method, n, dim, params):
     assert peak < 0.1 * n * n * 4 + 16 * 2**20
     assert (i[:, :3] == np.arange(50)[:, None]).any(1).all() and (y[i[:, :5]] == y[:50, None]).mean() > 0.9
     assert i_own.shape == (30, 10) and not (i_own == np.arange(50, 80)[:, None]).any()
+    assert not np.array_equal(i, Reranker(x, "none").search(x[:50] + 0.01, 10)[1])
     assert time.perf_counter() - t < 60

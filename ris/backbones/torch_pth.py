@@ -10,6 +10,8 @@ Keras without a multi-GB torch install. Both on-disk formats written by ``torch.
 
 The unpickler only resolves a whitelist of globals (tensor rebuild functions, storage types,
 ``OrderedDict``), so a hostile file cannot run code the way ``torch.load(weights_only=False)`` can.
+A file that holds no state dict, or one that does not fit the model, is ``ris.errors.BadWeights``:
+the user passed it (``--weights PATH``), so it is bad input, not a bug.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import zipfile
 from typing import Any, BinaryIO, Callable
 
 import numpy as np
+
+from ris.errors import BadWeights
 
 __all__ = ["load_state_dict", "assign_to_keras"]
 
@@ -92,7 +96,7 @@ def _as_strided(storage: _Storage, offset: int, size: tuple[int, ...], stride: t
     else:
         needed = offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1
         if offset < 0 or needed > flat.size:
-            raise ValueError(f"tensor view (offset {offset}, size {size}, stride {stride}) "
+            raise BadWeights(f"tensor view (offset {offset}, size {size}, stride {stride}) "
                              f"exceeds its storage of {flat.size} elements")
         base = flat[offset:]
         item = base.itemsize
@@ -177,7 +181,7 @@ def _load_zip(zf: zipfile.ZipFile) -> Any:
     names = zf.namelist()
     pkl = next((n for n in names if n == "data.pkl" or n.endswith("/data.pkl")), None)
     if pkl is None:
-        raise ValueError("zip file has no data.pkl: not a torch.save archive")
+        raise BadWeights("zip file has no data.pkl: not a torch.save archive")
     prefix = pkl[: -len("data.pkl")]
     big_endian = False
     if prefix + "byteorder" in names:
@@ -210,13 +214,13 @@ def _load_legacy(f: BinaryIO) -> Any:
         return _Unpickler(fh, no_storage).load()
 
     if plain(f) != _LEGACY_MAGIC:
-        raise ValueError("not a PyTorch file: bad magic number")
+        raise BadWeights("not a PyTorch file: bad magic number")
     protocol = plain(f)
     if protocol != 1001:
-        raise ValueError(f"unsupported legacy torch protocol version {protocol}")
+        raise BadWeights(f"unsupported legacy torch protocol version {protocol}")
     sys_info = plain(f)
     if not sys_info.get("little_endian", True):
-        raise ValueError("big-endian legacy .pth files are not supported")
+        raise BadWeights("big-endian legacy .pth files are not supported")
 
     # Storages are filled after the object pickle has been read: hand out empty placeholders now.
     storages: dict[str, _Storage] = {}
@@ -240,12 +244,12 @@ def _load_legacy(f: BinaryIO) -> Any:
     for key in keys:
         (count,) = struct.unpack("<q", f.read(8))
         if key not in storages:
-            raise ValueError(f"storage {key!r} listed but never referenced")
+            raise BadWeights(f"storage {key!r} listed but never referenced")
         dtype = storages[key].array.dtype
         nbytes = count * dtype.itemsize
         raw = f.read(nbytes)
         if len(raw) != nbytes:
-            raise ValueError(f"truncated .pth file while reading storage {key!r}")
+            raise BadWeights(f"truncated .pth file while reading storage {key!r}")
         storages[key].array = np.frombuffer(raw, dtype=dtype)
     for view, root_key, offset, view_size in views:
         view.array = storages[root_key].array[offset: offset + view_size]
@@ -265,7 +269,7 @@ def _resolve(obj: Any) -> Any:
 def _flatten_state_dict(obj: Any) -> dict[str, np.ndarray]:
     """Keep tensor entries; unwrap the usual checkpoint wrappers ({'state_dict': ...}, {'model': ...})."""
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a state dict, the file holds a {type(obj).__name__}")
+        raise BadWeights(f"expected a state dict, the file holds a {type(obj).__name__}")
     if not any(isinstance(v, np.ndarray) for v in obj.values()):
         for wrapper in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(wrapper), dict):
@@ -305,7 +309,7 @@ def assign_to_keras(mapping: dict[str, Any], state: dict[str, np.ndarray],
 
     def take(key: str) -> np.ndarray:
         if key not in state:
-            raise ValueError(f"state dict lacks {key!r}")
+            raise BadWeights(f"state dict lacks {key!r}")
         used.add(key)
         return state[key]
 
@@ -324,12 +328,12 @@ def assign_to_keras(mapping: dict[str, Any], state: dict[str, np.ndarray],
             raise TypeError(f"no torch weight mapping for {type(layer).__name__}")
         expected = [tuple(w.shape) for w in layer.weights]
         if [v.shape for v in values] != expected:
-            raise ValueError(f"{prefix}: torch shapes {[v.shape for v in values]} do not fit Keras {expected}")
+            raise BadWeights(f"{prefix}: torch shapes {[v.shape for v in values]} do not fit Keras {expected}")
         layer.set_weights([np.ascontiguousarray(v, dtype=np.float32) for v in values])
     unused = [k for k in state if k not in used and not k.endswith("num_batches_tracked")
               and not (ignore_prefixes and k.startswith(ignore_prefixes))]
     if unused:
-        raise ValueError(f"state dict has {len(unused)} keys the model does not use, e.g. {unused[:3]}")
+        raise BadWeights(f"state dict has {len(unused)} keys the model does not use, e.g. {unused[:3]}")
 
 
 def load_weights(model: Any, mapping: dict[str, Any], weights: str | None,

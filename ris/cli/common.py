@@ -3,12 +3,104 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
 
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+# Exit status of every ris command (README "Commands"):
+EXIT_OK = 0  # done
+EXIT_PARTIAL = 1  # done in part (some of several queries unreadable), or a requested check failed (--min-ns)
+EXIT_ERROR = 2  # error, nothing done: bad arguments, unreadable or incompatible input, refused database
+EXIT_INTERRUPTED = 130  # interrupted (Ctrl-C, SIGTERM): run the same command again to resume
+
+
+# --- argument types: nonsense is refused by argparse (one "error: argument --x: ..." line, exit 2) ---
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An integer >= ``low``."""
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float)
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {value:g}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in [0, 1)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {value:g}")
+    return value
+
+
+def folds(text: str) -> int:
+    """0 (no k-fold) or K >= 2."""
+    value = _number(text, int)
+    if value != 0 and value < 2:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or at least 2 folds, not {value}")
+    return value
+
+
+def number_list(item: Callable[[str], Any], allow_empty: bool = False) -> Callable[[str], tuple]:
+    """Comma-separated values, each checked by ``item`` ('' = empty tuple when ``allow_empty``)."""
+    def parse(text: str) -> tuple:
+        parts = [p.strip() for p in text.split(",")]
+        if parts == [""] and allow_empty:
+            return ()
+        if any(p == "" for p in parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas")
+        try:
+            return tuple(item(p) for p in parts)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    parse.__name__ = "list"
+    return parse
+
+
+def auto_or(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """'auto' (None: chosen by the program) or a value checked by ``kind``."""
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "auto" else kind(text)
+
+    parse.__name__ = "auto_or_number"
+    return parse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -49,6 +141,33 @@ def quiet_backend() -> None:
             os.close(saved)
 
 
+class _QuietOnFirstImport:
+    """A meta-path hook: the first import of Keras or TensorFlow goes through ``quiet_backend``.
+
+    Why: commands that never need the network (evaluation of pooled features or of a whitening
+    head, search by database row) must not pay for TensorFlow, yet the ones that do must not
+    print its start-up chatter. The hook imports nothing itself and removes itself once used."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("keras", "tensorflow"):
+            uninstall_quiet_backend()
+            quiet_backend()
+        return None  # the ordinary finders load the module
+
+
+_QUIET_HOOK = _QuietOnFirstImport()
+
+
+def install_quiet_backend() -> None:
+    if _QUIET_HOOK not in sys.meta_path and not {"keras", "tensorflow"} & set(sys.modules):
+        sys.meta_path.insert(0, _QUIET_HOOK)
+
+
+def uninstall_quiet_backend() -> None:
+    if _QUIET_HOOK in sys.meta_path:
+        sys.meta_path.remove(_QUIET_HOOK)
+
+
 def _escape_unprintable_output() -> None:
     """File names that are not valid UTF-8 (old archives) or not in the terminal's encoding are
     printed escaped (``caf\\udce9.jpg``) instead of ending the command with an encoding error."""
@@ -60,26 +179,50 @@ def _escape_unprintable_output() -> None:
 
 
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main``; a RisError or OSError becomes 'prog: error: message' and a non-zero exit."""
+    """Run ``main`` (which returns EXIT_OK or EXIT_PARTIAL) and turn how it ends into one line and
+    an exit status: ``Interrupted`` and Ctrl-C -> EXIT_INTERRUPTED; ``RisError`` and a system error
+    (``OSError`` naming a file or an errno) -> 'prog: error: message', EXIT_ERROR. Anything else is a
+    bug, not bad input: one line saying so, the traceback with RIS_VERBOSE=1, EXIT_ERROR."""
     args = sys.argv[1:] if argv is None else argv
     _escape_unprintable_output()
-    if not ({"-h", "--help"} & set(args)):
-        quiet_backend()
-    from ris.errors import RisError
+    from ris.errors import Interrupted, RisError
 
     try:
+        if not ({"-h", "--help"} & set(args)):
+            install_quiet_backend()  # TensorFlow is imported (quietly) only if the command needs it
         return int(main(argv) or 0)
-    except RisError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED if str(exc).startswith("interrupted") else EXIT_ERROR
+    except Interrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (OSError, ValueError) as exc:
-        name = getattr(exc, "filename", None)
-        where = f"{name}: " if name else ""
-        print(f"{prog}: error: {where}{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+    except RisError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:
+        if exc.filename is None and exc.errno is None:  # raised by code, not by the system: treat as a bug
+            return _internal_error(prog, exc)
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        return _internal_error(prog, exc)
+    finally:
+        uninstall_quiet_backend()
+
+
+def _internal_error(prog: str, exc: BaseException) -> int:
+    """A bug: say so in one line (what it was, and how to see where), never as if the input were bad."""
+    verbose = bool(os.environ.get("RIS_VERBOSE"))
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    hint = "" if verbose else "; set RIS_VERBOSE=1 for the traceback"
+    print(f"{prog}: internal error (a bug in ris, not in your input): {what}{hint}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def print_json(obj: Any) -> None:

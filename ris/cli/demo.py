@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", type=int, default=None, help="number of objects in the sample (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--serve", action="store_true", help="then serve the demo collection with ris-serve (its page "
+                   "at http://127.0.0.1:8000/ by default) until Ctrl-C; needs pip install 'ris[serve]'")
+    from ris.cli.serve import add_server_args
+
+    add_server_args(p)
     return p
 
 
@@ -31,15 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     from ris.demo import run_demo
     from ris.evaluate import format_table
 
+    if args.serve:  # a bad server flag fails now, not after the pipeline
+        from ris.cli.serve import config_from_args, require_serve_extra
+
+        require_serve_extra()
+        config_from_args(args, "", None)
     r = run_demo(args.workdir, args.model, args.epochs, args.objects, progress=not args.no_progress)
     if args.json:
         print_json(asdict(r))
+    else:
+        print(format_table(r.evaluation))
+        print(f"\nquery (not in the database): {r.query}")
+        print(f"montage: {r.montage}")
+        print("timings (s): " + ", ".join(f"{k} {v}" for k, v in r.seconds.items()))
+    if not args.serve:
         return 0
-    print(format_table(r.evaluation))
-    print(f"\nquery (not in the database): {r.query}")
-    print(f"montage: {r.montage}")
-    print("timings (s): " + ", ".join(f"{k} {v}" for k, v in r.seconds.items()))
-    return 0
+    from ris.cli.serve import config_from_args, serve
+
+    sys.stdout.flush()
+    cfg = config_from_args(args, r.features_db, r.model)
+    return serve(cfg, args.host, args.port, args.log_level, prog="ris-demo")
 
 
 def entry() -> None:

@@ -4,45 +4,66 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, finite_float, folds, fraction, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ris.rerank import RERANKERS
     from ris.index import index_arg, index_help, index_metavar
-    from ris.options import RERANK_METHODS
 
     p = argparse.ArgumentParser(
         prog="ris-eval",
         description="Score retrieval on a labelled feature database: every image of the split queries all "
-                    "images of the split. N-S counts the query itself (perfect 4.0 on UKBench); mAP, recall@k "
-                    "and precision@10 exclude it. With --model, the trained head is scored on the same "
-                    "held-out objects as the off-the-shelf features.",
+                    "images of the database (--gallery all; --gallery split: only each other). N-S counts the query itself (perfect 4.0 on UKBench); mAP, recall@k "
+                    "and precision@10 exclude it. A query with no other image of its group in the split has "
+                    "nothing to find: no metric scores it (N-S, top-4, mAP, R@k, P@k alike), and their number "
+                    "is reported (queries_without_relevant). With --model, the trained head is scored on the "
+                    "same queries as the off-the-shelf features: its held-out objects, or every labelled image of a "
+                    "collection it never saw; its training images are never scored as held-out queries.",
         formatter_class=HelpFormatter)
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train); its stored split is used")
     p.add_argument("--split", default=None, choices=["test", "all"],
                    help="objects to score: 'test' = held-out objects, 'all' = every labelled image "
                         "(default: test with --model, all without)")
+    p.add_argument("--gallery", default="all", choices=["all", "split"],
+                   help="what the scored queries search: 'all' = every labelled image of the database (training "
+                        "images stay as distractors; the whole-collection protocol), 'split' = only each other "
+                        "(the fold protocol: fewer distractors, higher scores)")
+    p.add_argument("--queries", default=None, metavar="FILE",
+                   help="score only these queries: one image id per line (path relative to the dataset folder, "
+                        "as in the database); every other image is gallery only, unlabelled ones as distractors "
+                        "(Holidays/Oxford style); reports mAP and recall@k")
     p.add_argument("--seed", type=int, default=0, help="split seed when no --model gives the split")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of objects when no --model")
-    p.add_argument("--folds", type=int, default=0,
+    p.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out share of objects when no --model")
+    p.add_argument("--folds", type=folds, default=0,
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
                         "(the folds of ris-train --folds, same seed) and report mean and std")
-    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
-                   help="re-rank results: qe = alpha query expansion, dba+qe = database-side augmentation "
-                        "plus qe, diffusion = kNN-graph diffusion, kreciprocal = k-reciprocal re-ranking")
+    p.add_argument("--rerank", default="none", choices=list(RERANKERS),
+                   help="re-rank results: " + "; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items()))
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="geometric verification: re-rank each query's top K with RootSIFT + RANSAC inliers "
+                        "(ris.verify; local features built from the images on first use and kept beside the "
+                        "database); 0 = off")
+    from ris import presets
+
+    presets.add_argument(p, "eval")
     p.add_argument("--index", default=None, type=index_arg, metavar=index_metavar(),
                    help="also score retrieval through this index (the one ris-search uses, built or caught up "
                         "as there), beside exact search on the same queries and ranked-list depth (100); "
                         "kinds: " + index_help())
-    p.add_argument("--min-ns", type=float, default=None,
-                   help="exit with status 1 if the best N-S score is below this (for CI)")
+    p.add_argument("--min-ns", type=finite_float, default=None,
+                   help="exit with status 1 (a requested check failed) if the best N-S score is below this "
+                        "(for CI); errors exit 2")
     p.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ris import presets
+
+    parser = build_parser()
+    args = presets.apply(parser.parse_args(argv), parser, "eval")
     from ris.evaluate import evaluate_db, format_table
 
     if args.index is not None:
@@ -57,22 +78,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds and args.folds > 1:
         from ris.evaluate import evaluate_folds
 
-        r = evaluate_folds(args.features_db, args.folds, args.seed, args.rerank)
+        r = evaluate_folds(args.features_db, args.folds, args.seed, args.rerank, gallery=args.gallery)
         if args.json:
             print_json(r)
         else:
             s = r["summary"]
             print(f"{args.features_db}: {r['backbone']} @ {r['input_size']} px, pooling {r['pooling']}, "
-                  f"rerank {r['rerank']}; {args.folds} folds of held-out objects (seed {args.seed})")
+                  f"rerank {r['rerank']}; {args.folds} folds of held-out objects (seed {args.seed}), searching "
+                  + ("the whole collection" if args.gallery == "all" else "only their fold"))
             print("  ".join(f"{k} {v['mean']:.4f} +- {v['std']:.4f}" for k, v in s.items()))
         best = r["summary"]["ns_score"]["mean"]
         if args.min_ns is not None and best < args.min_ns:
             print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
-            return 1
-        return 0
+            return EXIT_PARTIAL
+        return EXIT_OK
     split = args.split or ("test" if args.model else "all")
     result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction,
-                         rerank=args.rerank)
+                         rerank=args.rerank, gallery=args.gallery, queries=args.queries,
+                         verify={"k": args.verify} if args.verify > 0 else None)
     if args.json:
         print_json(result)
     else:
@@ -81,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         best = max(result[k]["ns_score"] for k in ("raw", "head") if k in result)
         if best < args.min_ns:
             print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
-            return 1
-    return 0
+            return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def entry() -> None:

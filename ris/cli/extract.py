@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import EXIT_OK, HelpFormatter, number_list, positive_float, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.backbones import BACKBONES, DEFAULT_BACKBONE
-    from ris.options import POOLINGS
+    from ris.pooling import NO_POOLING, POOLING
 
     p = argparse.ArgumentParser(
         prog="ris-extract",
@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "only when complete; damaged images are reported and skipped.",
         formatter_class=HelpFormatter)
     p.add_argument("--dataset", default=None, help="folder of images, searched recursively "
-                   "(.jpg .jpeg .png .bmp .webp .tif, any case); required unless --list-layers or --sync")
+                   "(.jpg .jpeg .png .bmp .webp .tif .gif, any case; hidden files and folders are not read); "
+                   "required unless --list-layers or --sync")
     p.add_argument("--features-db", default="feats.h5", help="output HDF5 file")
     p.add_argument("--model", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
                    help="backbone CNN; mobilenet_v2 and efficientnet_lite0/1/2 have offline ImageNet weights "
@@ -28,17 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "see --list-layers)")
     p.add_argument("--list-layers", action="store_true",
                    help="print the --model's layers that output feature maps (name, channels) and exit")
-    p.add_argument("--resize", type=int, default=None, metavar="PX",
+    p.add_argument("--resize", type=positive_int, default=None, metavar="PX",
                    help="square input size in pixels (default: the backbone's native size)")
-    p.add_argument("--scales", default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
-                   "of each scale are L2-normalised and summed")
-    p.add_argument("--pool", default="gap", choices=POOLINGS,
-                   help="pooling of the conv maps: gap=average, mac=max, gem=generalised mean (p=3), "
-                        "rmac=regional max; none stores the full maps (large)")
-    p.add_argument("--labels", default="auto", help="ukbench (file number // 4), folders (class sub-folder), "
+    p.add_argument("--scales", type=number_list(positive_float), default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
+                   "of each scale are L2-normalised and summed; each scale > 0 multiplies the input size")
+    p.add_argument("--pool", default="gap", choices=[*POOLING, NO_POOLING],
+                   help="pooling of the conv maps: " + ", ".join(f"{k}={v.help}" for k, v in POOLING.items())
+                        + f"; {NO_POOLING} stores the full maps (large)")
+    p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), "
+                   "folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per inference batch")
-    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, max 8)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
+    p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads or processes "
+                   "(default: the CPU count; at most 8 threads); whatever the count, the images being decoded "
+                   "hold at most RIS_DECODE_BUDGET bytes (default 1G)")
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
                         "GPU waiting for input)")
@@ -52,16 +56,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync", action="store_true", help="bring an existing database in step with its folder "
                    "(--dataset, default: the one it was made from) with its own settings: rows of deleted or "
                    "changed files are removed, new and changed files extracted; saved indexes follow")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process decodes and runs the network; ray: decoding runs as Ray tasks and the "
+                        "network in a pool of Ray actors (one per GPU), on the cluster at --ray-address; the same "
+                        "database, resumable the same way (needs pip install 'ris[ray]'; --workers and --decode "
+                        "do not apply)")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="with --engine ray: the cluster to join ('auto': the one started on this machine by "
+                        "'ray start'); default: start a local cluster for this run")
+    p.add_argument("--ray-actors", type=positive_int, default=None, metavar="N",
+                   help="with --engine ray: embedding actors (default: one per GPU of the cluster, or 1 without GPUs)")
+    p.add_argument("--local-features", action="store_true",
+                   help="also store RootSIFT local features beside the database for geometric verification "
+                        "(ris-search/ris-eval --verify; otherwise built on their first use)")
+    from ris import presets
+
+    presets.add_argument(p, "extract")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout (with the "
+                   "skipped images and the files not read)")
+    p.add_argument("--verbose", action="store_true", help="list the files not read (other extensions, hidden) in "
+                   "the closing summary, not only their counts, and log the decoding settings")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ris import presets
+
+    parser = build_parser()
+    args = presets.apply(parser.parse_args(argv), parser, "extract")
 
     from ris.errors import RisError
-    from ris.extract import ExtractConfig, extract_features
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
 
     if args.list_layers:
         return _list_layers(args.model, args.json)
@@ -71,24 +98,33 @@ def main(argv: list[str] | None = None) -> int:
         return sync_main(args)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
-    try:
-        scales = tuple(float(s) for s in args.scales.split(","))
-    except ValueError:
-        raise RisError(f"--scales must be numbers separated by commas, got {args.scales!r}") from None
-    cfg = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
-                        scales=scales, pooling=args.pool, dtype=args.dtype)
-    s = extract_features(args.dataset, args.features_db, cfg, labels=args.labels, batch_size=args.batch_size,
-                         workers=args.workers, append=args.append, overwrite=args.overwrite,
-                         progress=not args.no_progress, decode=args.decode)
-    if args.json:
-        print_json(s.to_dict())
+    config = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
+                           scales=args.scales, pooling=args.pool, dtype=args.dtype)
+    if args.engine == "ray":
+        from ris.ray_engine import RayOptions, extract_on_ray
+
+        summary = extract_on_ray(args.dataset, args.features_db, config, labels=args.labels,
+                                 batch_size=args.batch_size, append=args.append, overwrite=args.overwrite,
+                                 progress=not args.no_progress,
+                                 options=RayOptions(address=args.ray_address, actors=args.ray_actors))
+    elif args.ray_address or args.ray_actors:
+        raise RisError("--ray-address and --ray-actors need --engine ray")
     else:
-        print(f"{s.features_db}: {s.extracted} images extracted ({s.images_per_second:.1f} img/s)"
-              f"{f', {s.resumed} already there' if s.resumed else ''}, {len(s.skipped)} skipped, "
-              f"features {'x'.join(map(str, s.feature_shape))}")
-        for image, reason in s.skipped:
-            print(f"  skipped: {reason}")
-    return 0
+        options = ExtractOptions(labels=args.labels, batch_size=args.batch_size, workers=args.workers,
+                                 decode=args.decode, append=args.append, overwrite=args.overwrite,
+                                 progress=not args.no_progress, verbose=args.verbose)
+        summary = extract_features(args.dataset, args.features_db, config, options)
+    if args.local_features:
+        from ris.featuredb import FeatureDB
+        from ris.verify import DEFAULTS, database_local_features
+
+        with FeatureDB(args.features_db) as db:
+            database_local_features(db, args.features_db, int(DEFAULTS["features"]), int(DEFAULTS["side"]))
+    if args.json:
+        print_json(summary.to_dict())
+    else:
+        print("\n".join(summary.report(args.verbose)))
+    return EXIT_OK  # skipped images are listed, not an error
 
 
 def _list_layers(model: str, as_json: bool) -> int:
@@ -108,7 +144,7 @@ def _list_layers(model: str, as_json: bool) -> int:
         for r in rows:
             print(f"{r['layer']:<40} {r['channels']:>6}  {r['type']}")
         print(f"default (last): {trunk.layers[-1].name}")
-    return 0
+    return EXIT_OK
 
 
 def entry() -> None:

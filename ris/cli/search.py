@@ -4,31 +4,40 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ris.rerank import RERANKERS
     from ris.index import index_arg, index_help, index_metavar
-    from ris.options import RERANK_METHODS
 
     p = argparse.ArgumentParser(
         prog="ris-search",
         description="Rank a feature database by similarity to a query image (any image file, in the "
                     "database or not). The query's features are made exactly as the database's attributes "
-                    "say; with --model they go through the trained head and are ranked by its distance.",
+                    "say; with --model they go through the trained head and are ranked by its distance. "
+                    "Exit status: 0 = every query answered, 1 = some of several queries unreadable, "
+                    "2 = error (no query answered, bad arguments, unusable database), 130 = interrupted.",
         formatter_class=HelpFormatter)
     p.add_argument("--image", required=True, nargs="+", help="query image file(s)")
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train)")
-    p.add_argument("-k", "--top-k", type=int, default=12, help="number of results")
+    p.add_argument("-k", "--top-k", type=positive_int, default=12, help="number of results")
     p.add_argument("--output", default=None, help="montage PNG path (query first, then the results); with "
                    "several queries, a -N suffix is added")
     p.add_argument("--index", default="auto", type=index_arg, metavar=index_metavar(), help=index_help())
-    p.add_argument("--rerank", default="none", choices=RERANK_METHODS,
-                   help="re-rank with alpha query expansion (qe), database-side augmentation + qe, kNN-graph "
-                        "diffusion or k-reciprocal neighbours; these hold the database in memory and report "
+    p.add_argument("--rerank", default="none", choices=list(RERANKERS),
+                   help="; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items())
+                        + ". Re-rankers hold the database in memory and report "
                         "re-ranking scores (smaller = better) instead of distances; dba+qe builds its augmented "
                         "database on the first run and caches it beside the vectors (rebuilt when they change)")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="geometric verification: re-rank the top K with RootSIFT + RANSAC inliers (local features "
+                        "of the database's images built on first use and kept beside it); distances shown stay the "
+                        "global ones; 0 = off")
+    from ris import presets
+
+    presets.add_argument(p, "search")
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved")
     p.add_argument("--show", action="store_true", help="open the montage in a window (needs a display)")
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
@@ -36,31 +45,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from pathlib import Path
+    from ris import presets
 
+    parser = build_parser()
+    args = presets.apply(parser.parse_args(argv), parser, "search")
     from ris.errors import BadImage
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine, hits_to_dicts
 
+    montages = _montage_paths(args.image, args.output, args.show)  # refused before the slow set-up
     engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root,
                           rerank=args.rerank)
+    verifier = None
+    if args.verify > 0:
+        from ris.verify import Verifier
+
+        verifier = Verifier.for_database(engine.db, args.features_db, k=args.verify)
     out_json = []
     failed = 0
     for n, image in enumerate(args.image, 1):
         try:
-            hits = engine.query(image, args.top_k)
+            hits = engine.query(image, max(args.top_k, args.verify))
+            if verifier is not None:
+                from ris.verify import verify_hits
+
+                hits = verify_hits(hits, image, verifier, engine.image_ids, args.top_k)
         except BadImage as exc:
             print(f"ris-search: error: {exc}", file=sys.stderr)
             failed += 1
             continue
         montage_path = None
-        if args.output or args.show:
-            out = Path(args.output or "results.png")
-            if len(args.image) > 1:
-                out = out.with_name(f"{out.stem}-{n}{out.suffix}")
+        if montages[n - 1] is not None:
             rgb = make_montage(image, hits)
-            montage_path = str(write_png(out, rgb))
+            montage_path = str(write_png(montages[n - 1], rgb))
             if args.show:
                 _show(rgb)
         if args.json:
@@ -74,7 +91,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"montage: {montage_path}")
     if args.json:
         print_json(out_json if len(args.image) > 1 else (out_json[0] if out_json else []))
-    return 1 if failed else 0
+    if failed == len(args.image):
+        return EXIT_ERROR  # nothing done
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
+    """Where each query's montage goes (None: no montage); a path that exists must be a regular
+    file, since the montage replaces it (a FIFO or a device is never replaced)."""
+    import os
+    from pathlib import Path
+
+    from ris.errors import RisError
+    from ris.imagefile import file_kind
+
+    if not (output or show):
+        return [None] * len(images)
+    out = Path(output or "results.png")
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{n}{out.suffix}")
+                                            for n in range(1, len(images) + 1)]
+    for path in paths:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue
+        kind = file_kind(mode)
+        if kind != "regular file":
+            raise RisError(f"{path}: not a regular file ({kind}); give --output a file name")
+    return paths
 
 
 def _show(rgb) -> None:

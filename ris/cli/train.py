@@ -6,14 +6,15 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import (EXIT_OK, HelpFormatter, auto_or, folds, fraction, int_at_least, nonnegative_float,
+                            nonnegative_int, number_list, positive_float, positive_int, print_json, run)
 
 if TYPE_CHECKING:
     from ris.train import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ris.options import ARCHS, DISTANCES, MININGS
+    from ris.head import DISTANCES, HEADS, MININGS
 
     p = argparse.ArgumentParser(
         prog="ris-train",
@@ -27,47 +28,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-db", default="feats.h5", help="labelled HDF5 feature database from ris-extract")
     p.add_argument("--output", default="model.keras", help="where to save the best head (.keras); history "
                    "CSV and a loss-curve PNG are written beside it")
-    p.add_argument("--arch", default="whiten", choices=ARCHS,
-                   help="mlp = the blog's Dense 512-512-256 base network; residual = the same MLP adds a "
-                        "zero-initialised correction to the input feature, so training starts from the "
-                        "off-the-shelf ranking; whiten = learned whitening (Radenovic et al.) fitted in "
-                        "closed form on the training objects, its settings chosen by cross-validation "
-                        "inside them (see --whiten-*)")
-    p.add_argument("--whiten-shrinkage", default="auto",
+    p.add_argument("--arch", default="whiten", choices=list(HEADS),
+                   help="; ".join(f"{name} = {head.help}" for name, head in HEADS.items()))
+    p.add_argument("--whiten-shrinkage", type=auto_or(nonnegative_float), default="auto",
                    help="whiten: multiple of the mean eigenvalue added to the within-object covariance "
                         "(e.g. 0.1 to 3); auto = chosen by 3-fold cross-validation inside the training set")
-    p.add_argument("--whiten-power", default="auto",
+    p.add_argument("--whiten-power", type=auto_or(positive_float), default="auto",
                    help="whiten: eigenvalue exponent, 0.5 = full whitening, 0.25 = partial; auto = chosen")
-    p.add_argument("--whiten-dim", default="auto", help="whiten: output dimensions (256, 512); auto = chosen")
-    p.add_argument("--shallow", type=int, default=0, metavar="PX",
+    p.add_argument("--whiten-dim", type=auto_or(positive_int), default="auto", help="whiten: output dimensions (256, 512); auto = chosen")
+    p.add_argument("--shallow", type=nonnegative_int, default=0, metavar="PX",
                    help="add a shallow CNN branch on PX x PX thumbnails (e.g. 32) for colour and texture, "
                         "beside the deep features (thumbnails are read from the database's image folder)")
-    p.add_argument("--hidden", default="512,512", help="hidden Dense layer sizes, comma-separated ('' = none)")
-    p.add_argument("--out-dim", type=int, default=256, help="embedding size (mlp; residual keeps the input size; whiten: see --whiten-dim)")
+    p.add_argument("--hidden", type=number_list(positive_int, allow_empty=True), default="512,512", help="hidden Dense layer sizes, comma-separated ('' = none)")
+    p.add_argument("--out-dim", type=positive_int, default=256, help="embedding size (mlp; residual keeps the input size; whiten: see --whiten-dim)")
     p.add_argument("--no-l2", action="store_true", help="do not L2-normalise the embedding")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout after each hidden layer")
+    p.add_argument("--dropout", type=fraction, default=0.1, help="dropout after each hidden layer")
     p.add_argument("--distance", default="euclidean", choices=DISTANCES, help="D in the loss and for ranking")
-    p.add_argument("--margin", type=float, default=0.2, help="triplet margin m")
-    p.add_argument("--mining", default="batch-hard", choices=MININGS,
-                   help="random = the blog's random (q,p,n) triplets; batch-hard / semi-hard / batch-all mine "
-                        "triplets inside P x K batches")
-    p.add_argument("--epochs", type=int, default=60, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=10, help="stop after this many epochs without val N-S gain")
-    p.add_argument("--batch-size", type=int, default=128, help="triplets per batch (random mining)")
-    p.add_argument("--p", type=int, default=32, help="objects per P x K batch")
-    p.add_argument("--k", type=int, default=4, help="views per object in a P x K batch")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="share of objects held out for testing")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of objects for choosing the epoch")
+    p.add_argument("--margin", type=positive_float, default=0.2, help="triplet margin m")
+    p.add_argument("--mining", default="batch-hard", choices=list(MININGS),
+                   help="; ".join(f"{name} = {m.help}" for name, m in MININGS.items()))
+    p.add_argument("--epochs", type=positive_int, default=60, help="maximum epochs (triplet heads)")
+    p.add_argument("--patience", type=positive_int, default=10,
+                   help="stop after this many epochs without val N-S gain (triplet heads)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="triplets per batch (random mining)")
+    p.add_argument("--p", type=int_at_least(2), default=32, help="objects per P x K batch")
+    p.add_argument("--k", type=int_at_least(2), default=4, help="views per object in a P x K batch")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--test-fraction", type=fraction, default=0.2,
+                   help="share of objects held out for testing (with --folds: 1/K instead)")
+    p.add_argument("--val-fraction", type=fraction, default=0.1,
+                   help="share of objects for choosing the epoch (triplet heads; learned whitening fits on them too)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, sampling and initialisation")
     p.add_argument("--split-by", default="object", choices=["object", "image"],
                    help="object = hold out whole objects (UKBench); image = split the images of every class "
                         "(Corel's 50/50 category protocol; use --test-fraction 0.5)")
-    p.add_argument("--unseen-classes", type=int, default=0,
+    p.add_argument("--unseen-classes", type=nonnegative_int, default=0,
                    help="with --split-by image: keep this many classes out of training entirely and report "
                         "their test queries separately")
-    p.add_argument("--folds", type=int, default=0, help="k-fold over objects: train one head per fold "
-                   "(output gets a .foldN suffix) and report mean and std of held-out scores")
+    p.add_argument("--folds", type=folds, default=0, help="K-fold (0 = off, else K >= 2): train one head per "
+                   "fold (output gets a .foldN suffix) and report mean and std of held-out scores; the folds "
+                   "hold out whole objects, or with --split-by image 1/K of the images of every class")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     return p
@@ -76,74 +76,47 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> "TrainConfig":
     from ris.train import TrainConfig
 
-    hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-    return TrainConfig(arch=args.arch, shallow=args.shallow, hidden=hidden, out_dim=args.out_dim, l2_normalize=not args.no_l2, dropout=args.dropout,
+    return TrainConfig(arch=args.arch, shallow=args.shallow, hidden=tuple(args.hidden), out_dim=args.out_dim, l2_normalize=not args.no_l2, dropout=args.dropout,
                        distance=args.distance, margin=args.margin, mining=args.mining, epochs=args.epochs,
                        batch_size=args.batch_size, p=args.p, k=args.k, learning_rate=args.lr,
                        patience=args.patience, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
                        seed=args.seed, split_by=args.split_by, unseen_classes=args.unseen_classes,
-                       whiten_shrinkage=_auto(args.whiten_shrinkage, float, "--whiten-shrinkage"),
-                       whiten_power=_auto(args.whiten_power, float, "--whiten-power"),
-                       whiten_dim=_auto(args.whiten_dim, int, "--whiten-dim"))
-
-
-def _auto(value: str, kind, flag: str):
-    """'auto' -> None (chosen by cross-validation), else the number."""
-    if str(value).lower() == "auto":
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        from ris.errors import RisError
-
-        raise RisError(f"{flag} must be 'auto' or a number, not {value!r}") from None
+                       whiten_shrinkage=args.whiten_shrinkage, whiten_power=args.whiten_power,
+                       whiten_dim=args.whiten_dim)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dataclasses import asdict, replace
-    from pathlib import Path
+    from dataclasses import asdict
 
-    from ris.train import summarize_folds, train_head
+    from ris.train import train_head
 
     cfg = config_from_args(args)
     if args.folds and args.folds > 1:
-        results = []
-        out = Path(args.output)
-        for fold in range(args.folds):
-            print(f"== fold {fold + 1}/{args.folds}", file=sys.stderr)
-            path = out.with_name(f"{out.stem}.fold{fold + 1}{out.suffix}")
-            results.append(train_head(args.features_db, path, replace(cfg, fold=fold, folds=args.folds),
-                                      progress=not args.quiet))
+        from ris.kfold import format_summary, summarize_folds, train_folds
+
+        results = train_folds(args.features_db, args.output, cfg, args.folds, progress=not args.quiet)
         summary = summarize_folds(results)
         if args.json:
             print_json({"folds": [asdict(r) for r in results], "summary": summary})
         else:
-            for key in ("raw", "head"):
-                s = summary[key]
-                print(f"{key:>4}: N-S {s['ns_score']['mean']:.4f} +- {s['ns_score']['std']:.4f}  "
-                      f"mAP {s['map']['mean']:.4f} +- {s['map']['std']:.4f}  over {args.folds} folds of held-out objects")
-            if "delta" in summary:
-                d = summary["delta"]
-                print("head - raw, paired per fold: " + ";  ".join(
-                    f"{name} {d[m]['mean']:+.4f} +- {d[m]['std']:.4f} (better in {d[m]['folds_better']}, worse in "
-                    f"{d[m]['folds_worse']} of {args.folds})" for m, name in (("ns_score", "N-S"), ("map", "mAP"))))
-        return 0
+            print(format_summary(summary, args.folds))
+        return EXIT_OK
     r = train_head(args.features_db, args.output, cfg, progress=not args.quiet)
     if args.json:
         print_json(asdict(r))
-        return 0
+        return EXIT_OK
     if r.epochs_run:
         print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
               f"history {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
     else:
-        print(f"saved {r.model_path} (learned whitening, closed form); inner cross-validation table "
-              f"{r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
+        print(f"saved {r.model_path} (learned whitening, closed form, fitted in {r.seconds:.1f} s); inner "
+              f"cross-validation table {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
     if r.scores:
         raw, head = r.scores["raw"], r.scores["head"]
         print(f"held-out test objects ({r.split['test']}): N-S raw {raw['ns_score']:.4f} -> head "
               f"{head['ns_score']:.4f};  mAP {raw['map']:.4f} -> {head['map']:.4f}")
-    return 0
+    return EXIT_OK
 
 
 def entry() -> None:

@@ -1,0 +1,193 @@
+"""ris-serve: a search service over HTTP (JSON API + a web page), loaded once, then answering."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from ris.cli.common import (EXIT_ERROR, EXIT_OK, HelpFormatter, nonnegative_float, nonnegative_int, positive_float,
+                            positive_int, run)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ris.rerank import RERANKERS
+
+    p = argparse.ArgumentParser(
+        prog="ris-serve",
+        description="Serve a feature database over HTTP: a page at / where you drop a photo and see the "
+                    "closest images, and a JSON API (/api/search, /api/images/ID, /api/thumbs/ID, /api/health; "
+                    "OpenAPI at /openapi.json). The backbone, head, vectors and index are loaded once; rows "
+                    "added by 'ris-extract --append' become searchable without a restart. Needs "
+                    "pip install 'ris[serve]'.",
+        formatter_class=HelpFormatter)
+    add_server_args(p)
+    p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
+    p.add_argument("--model", default=None, help="trained head (.keras from ris-train); without it, "
+                   "off-the-shelf descriptors are searched")
+    p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
+                   help="as in ris-search: exact = blockwise BLAS; hnsw = approximate index saved beside the "
+                        "database (built if missing); auto = a saved HNSW index for large databases")
+    p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved; only "
+                   "files inside it are ever served")
+    p.add_argument("--rerank", default="auto", help="re-ranking methods a request may ask for, comma-separated "
+                   f"from {', '.join(m for m in RERANKERS if m != 'none')}; 'auto' = all of them up to 20,000 "
+                   "rows, only qe above; 'none' = no re-ranking. Each is prepared on first use")
+    return p
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the server itself (shared with ris-demo --serve)."""
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes the "
+                   "service to the network (use --api-key)")
+    g.add_argument("--port", type=nonnegative_int, default=8000, help="TCP port (0 = any free port; the ready line says which)")
+    g.add_argument("--api-key", default=None, help="require this key on every /api/ call (header X-API-Key or "
+                   "Authorization: Bearer); default: the RIS_API_KEY environment variable, which also keeps "
+                   "the key out of the process list")
+    g.add_argument("--max-upload-mb", type=positive_float, default=20, help="largest upload in MB (10^6 bytes); bigger "
+                   "requests get HTTP 413 before they are read")
+    g.add_argument("--max-megapixels", type=positive_float, default=50, help="largest upload in pixels (read from the "
+                   "header before decoding); bigger images get HTTP 413")
+    g.add_argument("-k", "--top-k", type=positive_int, default=12, help="results per search when a request does not say")
+    g.add_argument("--max-k", type=positive_int, default=100, help="most results a request may ask for")
+    g.add_argument("--slots", type=positive_int, default=2, help="searches computed at once (each uses the CNN and BLAS)")
+    g.add_argument("--queue", type=nonnegative_int, default=32, help="searches that may wait for a slot; more get HTTP 503 "
+                   "at once")
+    g.add_argument("--queue-timeout", type=positive_float, default=30, help="seconds a search may wait for a slot before "
+                   "HTTP 503")
+    g.add_argument("--max-connections", type=positive_int, default=256, help="concurrent connections; more get HTTP 503 "
+                   "(bounds the uploads being received at once)")
+    g.add_argument("--reload-interval", type=nonnegative_float, default=2, help="seconds between checks of the database file "
+                   "for new rows (0 = never reload)")
+    g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (info logs every request)")
+
+
+def config_from_args(args: argparse.Namespace, features_db: str, model: str | None, index: str = "auto",
+                     dataset_root: str | None = None, rerank: str = "auto"):
+    from ris.errors import RisError
+    from ris.rerank import RERANKERS
+    from ris.serve.service import ServeConfig
+
+    methods = None
+    if rerank != "auto":
+        methods = tuple(m.strip() for m in rerank.split(",") if m.strip())
+        unknown = [m for m in methods if m not in RERANKERS]
+        if unknown:
+            raise RisError(f"--rerank: unknown method(s) {', '.join(unknown)}; choose from {', '.join(RERANKERS)}")
+    if args.port > 65535:
+        raise RisError(f"--port must be at most 65535, not {args.port}")
+    if args.top_k > args.max_k:
+        raise RisError(f"--top-k {args.top_k} is over --max-k {args.max_k}")
+    return ServeConfig(features_db=str(features_db), model=str(model) if model else None, index=index,
+                       dataset_root=dataset_root, rerank=methods,
+                       api_key=args.api_key or os.environ.get("RIS_API_KEY") or None,
+                       max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
+                       default_k=args.top_k, max_k=args.max_k, slots=args.slots, queue=args.queue,
+                       queue_timeout=args.queue_timeout, reload_interval=args.reload_interval,
+                       max_connections=args.max_connections)
+
+
+def require_serve_extra() -> None:
+    """A clear line when FastAPI, uvicorn or python-multipart is missing."""
+    import importlib.util
+
+    from ris.errors import RisError
+
+    for module in ("fastapi", "uvicorn", "multipart"):
+        if importlib.util.find_spec(module) is None:
+            raise RisError(f"the server needs the serve extra ({module} is missing): pip install 'ris[serve]'")
+
+
+def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ris-serve") -> int:
+    """Run the server until Ctrl-C or SIGTERM; EXIT_OK after that graceful stop (the normal end of a
+    server, not an interruption of work), EXIT_ERROR if the engine failed to load."""
+    require_serve_extra()
+    import uvicorn
+
+    from ris.featuredb import FeatureDB
+    from ris.serve.app import create_app
+
+    FeatureDB(cfg.features_db).close()  # a missing or foreign database: one line now, not after loading
+    if cfg.model and not os.path.isfile(cfg.model):
+        from ris.errors import RisError
+
+        raise RisError(f"{cfg.model}: model file not found")
+    if host not in LOOPBACK and not cfg.api_key:
+        print(f"{prog}: warning: listening on {host} without --api-key: anyone who can reach this port can "
+              f"search and read the collection's images", file=sys.stderr)
+    outcome = {"code": EXIT_OK}
+    server: uvicorn.Server
+
+    async def announce(svc) -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+        shown = f"[{host}]" if ":" in host else host
+        h = svc.health()
+        print(f"{prog}: ready: {h['rows']} images ({h['model']}, {h['index']} index) at "
+              f"http://{shown}:{bound}/", flush=True)
+
+    def on_ready(svc) -> None:
+        asyncio.get_running_loop().create_task(announce(svc))
+
+    def on_fatal(message: str) -> None:
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        outcome["code"] = EXIT_ERROR
+        server.should_exit = True
+
+    print(f"{prog}: loading {cfg.features_db}" + (f" with {cfg.model}" if cfg.model else "") + " ...",
+          file=sys.stderr, flush=True)
+    app = create_app(cfg, on_ready=on_ready, on_fatal=on_fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                           timeout_keep_alive=5, server_header=False,
+                                           limit_concurrency=cfg.max_connections))
+    _run_until_stopped(server)
+    if outcome["code"] == EXIT_OK and not server.started:
+        from ris.errors import RisError
+
+        raise RisError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+    return outcome["code"]
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _run_until_stopped(server) -> None:
+    """Serve until Ctrl-C or SIGTERM. uvicorn shuts down gracefully, then re-raises the signal;
+    for a server that is the normal way to stop, so it ends here (exit 0) instead of killing us."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        raise _Stopped()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    try:
+        server.run()
+    except (KeyboardInterrupt, _Stopped):
+        pass
+    except SystemExit:  # uvicorn exits when it cannot bind the address
+        server.started = False
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args, args.features_db, args.model, args.index, args.dataset_root, args.rerank)
+    return serve(cfg, args.host, args.port, args.log_level)
+
+
+def entry() -> None:
+    sys.exit(run("ris-serve", main))
+
+
+if __name__ == "__main__":
+    entry()

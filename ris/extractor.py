@@ -1,0 +1,331 @@
+"""Model building: a CNN trunk + pooling at one or more scales -> descriptors, from a recipe.
+
+``ExtractConfig`` is the recipe (backbone, weights, layer, sizes, scales, pooling, precision); it
+is written into every feature database (``to_attrs``) and read back (``from_attrs``), so the same
+``FeatureExtractor``, rebuilt from a database's attributes, embeds query images in ``ris-search``:
+queries and database are always made the same way. The uint8 pixels go to the model as they are:
+the backbone's input scaling runs inside the compiled forward pass (on the accelerator, a quarter
+of the bytes of float32 to transfer). On JAX the forward pass is dispatched asynchronously
+(``embed_async``), so host work overlaps device work.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ris.errors import DatabaseError, RisError
+
+
+@dataclass
+class ExtractConfig:
+    model: str = "vgg16"
+    weights: str = "imagenet"  # 'imagenet' | 'none' | path
+    layer: str | None = None  # trunk layer; default: the last conv block
+    input_size: int | None = None  # None = the backbone's native size
+    scales: tuple[float, ...] = (1.0,)
+    pooling: str = "gap"
+    dtype: str = "float32"  # 'bfloat16' = mixed precision on accelerators
+    fold_batchnorm: bool = True  # merge inference BatchNorm into the conv before it (same features, faster)
+
+    def resolved_size(self) -> int:
+        from ris.backbones import get_backbone
+
+        return int(self.input_size or get_backbone(self.model).input_size)
+
+    def scale_sizes(self) -> list[int]:
+        return _scale_sizes(self.resolved_size(), self.scales)
+
+    def resolved(self) -> "ExtractConfig":
+        """This config with the input size filled in (the backbone's native size when None)."""
+        return replace(self, input_size=self.resolved_size())
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The recipe as database attributes; ``from_attrs`` rebuilds this config from them.
+
+        ``input_size`` is the base size that every scale multiplies (not the first scale's size),
+        so a query made from a database's attributes has the database's sizes.
+        """
+        return {
+            "model": self.model,
+            "weights_arg": self.weights,
+            "layer": self.layer,
+            "input_size": self.resolved_size(),
+            "scales": [float(s) for s in self.scales],
+            "scale_sizes": self.scale_sizes(),
+            "pooling": self.pooling,
+            "dtype": self.dtype,
+            "fold_batchnorm": bool(self.fold_batchnorm),
+            "recipe_version": RECIPE_VERSION,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], source: str = "the database") -> "ExtractConfig":
+        """The config a database's attributes record (also those written before ``recipe_version`` 2).
+
+        Attributes that cannot be read as a recipe (a damaged or hand-made file) are a
+        ``DatabaseError`` naming ``source``, not a conversion error from deep inside.
+        """
+        try:
+            scales = tuple(float(s) for s in (attrs.get("scales") or [1.0]))
+            layer = attrs.get("layer")
+            return cls(model=str(attrs["model"]), weights=str(attrs.get("weights_arg", "imagenet")),
+                       layer=None if layer in (None, "", "none") else str(layer),
+                       input_size=_base_size(attrs, scales, source), scales=scales, pooling=str(attrs["pooling"]),
+                       dtype=str(attrs.get("dtype", "float32")),
+                       fold_batchnorm=bool(attrs.get("fold_batchnorm", True)))
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            what = f"missing attribute {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise DatabaseError(f"{source}: its attributes do not say how its features were made ({what})") from None
+
+
+# 2: ``input_size`` holds the base size. 1 (unmarked): it held the first scale's size, which made
+# queries of a multi-scale database whose first scale is not 1 at the wrong sizes.
+RECIPE_VERSION = 2
+
+
+def _scale_sizes(base: int, scales: Sequence[float]) -> list[int]:
+    return [max(32, int(round(base * s))) for s in scales]
+
+
+def _base_size(attrs: dict[str, Any], scales: tuple[float, ...], source: str = "the database") -> int:
+    """The base input size of a database, recovered from ``scale_sizes`` for version-1 databases."""
+    size = int(attrs["input_size"])
+    stored = [int(s) for s in (attrs.get("scale_sizes") or [])]
+    if int(attrs.get("recipe_version", 1)) >= 2 or len(stored) != len(scales) or _scale_sizes(size, scales) == stored:
+        return size
+    # version 1 stored scale_sizes[0]: the base is the size at scale 1, or the ratio of size to scale
+    guesses = [stored[i] for i, s in enumerate(scales) if s == 1.0]
+    guesses += [int(round(n / s)) for n, s in zip(stored, scales) if n > 32]
+    for guess in guesses:
+        for base in (guess, guess - 1, guess + 1, guess - 2, guess + 2):
+            if _scale_sizes(base, scales) == stored:
+                return base
+    raise DatabaseError(f"{source}: cannot tell the input size from its attributes (input_size {size}, "
+                   f"scales {list(scales)}, scale_sizes {stored})")
+
+
+class FeatureExtractor:
+    """Backbone + pooling at one or more scales; returns (B, D) descriptors or (B, h, w, C) maps."""
+
+    def __init__(self, config: ExtractConfig):
+        import keras
+
+        from ris.backbones import get_backbone
+        from ris.layers import GlobalPool
+        from ris.pooling import NO_POOLING, POOLING
+
+        if config.pooling not in POOLING and config.pooling != NO_POOLING:
+            raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join([*POOLING, NO_POOLING])}")
+        if config.pooling == "none" and len(config.scales) > 1:
+            raise RisError("--pool none stores conv maps and cannot combine several --scales")
+        if config.dtype not in ("float32", "bfloat16"):
+            raise RisError(f"unknown dtype {config.dtype!r}; choose float32 or bfloat16")
+        if not config.scales or not all(np.isfinite(s) and s > 0 for s in config.scales):
+            raise RisError(f"scales must be one or more numbers > 0, not {list(config.scales)}")
+        if config.input_size is not None and config.input_size < 1:
+            raise RisError(f"input size must be at least 1 pixel, not {config.input_size}")
+        self.config = config
+        self.backbone = get_backbone(config.model)
+        # The precision policy applies to the layers made here only; the global policy is restored
+        # so that a float32 extractor made after a bfloat16 one in the same process is float32.
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.dtype == "bfloat16" else "float32")
+        try:
+            self.trunk = self.backbone.build(config.weights, config.layer)
+            self.layer = config.layer or self.trunk.layers[-1].name
+            self.batchnorm_folded = 0
+            if config.fold_batchnorm:
+                from ris.backbones.fold import fold_batchnorm
+
+                self.trunk, self.batchnorm_folded = fold_batchnorm(self.trunk)
+            self.sizes = config.scale_sizes()
+            # input scaling inside the model when it is a per-channel affine map (all backbones here)
+            self._affine = _affine_preprocess(self.backbone.preprocess)
+            self._forward: list[Callable[[np.ndarray], Any]] = []
+            for size in self.sizes:
+                if self._affine is not None:
+                    perm, scale, offset = self._affine
+                    inp = keras.Input((size, size, 3), dtype="uint8")
+                    x = keras.ops.cast(inp, "float32")
+                    if perm != [0, 1, 2]:
+                        x = keras.ops.take(x, perm, axis=-1)
+                    x = x * scale + offset
+                else:
+                    inp = x = keras.Input((size, size, 3))
+                out = self.trunk(x)
+                if config.pooling != "none":
+                    out = GlobalPool(config.pooling)(keras.ops.cast(out, "float32"))
+                if not self._forward:
+                    static_shape = tuple(out.shape[1:])  # known without running the model
+                self._forward.append(_compile_forward(keras.Model(inp, out)))
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        self._pad_batches = keras.backend.backend() == "jax"  # jit compiles once per batch shape
+        if not self._pad_batches or any(d is None for d in static_shape):
+            # one call with one image: also traces the forward pass (TF: one trace serves every batch
+            # size). Skipped on JAX, where it would compile a batch-1 program that extraction never uses.
+            static_shape = self._probe_shape()
+        self.output_shape = tuple(int(d) for d in static_shape)
+
+    def _probe_shape(self) -> tuple[int, ...]:
+        probe = np.zeros((1, self.sizes[0], self.sizes[0], 3), np.uint8)
+        return self.embed(probe).shape[1:]
+
+    @property
+    def max_size(self) -> int:
+        return max(self.sizes)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB (B, S, S, 3) at ``max_size`` -> float32 descriptors, L2-normalised per scale and summed."""
+        return self.embed_async(images)()
+
+    def embed_async(self, images: np.ndarray, pad_to: int | None = None) -> Callable[[], np.ndarray]:
+        """Start ``embed``; the returned function waits for the result and returns it.
+
+        On JAX the forward pass runs asynchronously, so the caller can prepare (and dispatch) the
+        next batch before collecting this one. ``pad_to``: pad a short batch with zero images to
+        this many rows (JAX compiles once per batch shape; the padding rows are dropped).
+        """
+        from ris.images import resize_square
+
+        images = np.asarray(images)
+        n = len(images)
+        if self._affine is not None and images.dtype != np.uint8:
+            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        if pad_to and self._pad_batches and 0 < n < pad_to:
+            images = np.concatenate([images, np.zeros((pad_to - n, *images.shape[1:]), images.dtype)])
+        pending = []
+        for size, fwd in zip(self.sizes, self._forward):
+            batch = images if images.shape[1] == size else np.stack([resize_square(im, size) for im in images])
+            pending.append(fwd(batch if self._affine is not None else self.backbone.preprocess(batch)))
+            if self.config.pooling == "none":
+                break
+
+        def result() -> np.ndarray:
+            from ris.topk import l2_normalize
+
+            total = None
+            for handle in pending:
+                out = np.asarray(handle, dtype=np.float32)[:n]
+                if self.config.pooling == "none":
+                    return out
+                out = l2_normalize(out)
+                total = out if total is None else total + out
+            return l2_normalize(total)
+
+        return result
+
+    def attrs(self) -> dict[str, Any]:
+        import cv2
+        import h5py
+        import keras
+
+        cfg = self.config
+        return {
+            **self.recipe.to_attrs(),
+            "weights": self.backbone.weights_source(cfg.weights),
+            "normalized": cfg.pooling != "none",
+            "preprocessing": f"decode RGB, squash-resize to SxS (INTER_AREA), {self.backbone.preprocessing}",
+            "batchnorm_folded": int(self.batchnorm_folded),
+            "keras_version": keras.__version__,
+            "keras_backend": keras.backend.backend(),
+            "numpy_version": np.__version__,
+            "opencv_version": cv2.__version__,
+            "h5py_version": h5py.__version__,
+            "ris_version": _ris_version(),
+            "python": platform.python_version(),
+        }
+
+    @property
+    def recipe(self) -> ExtractConfig:
+        """The config with everything resolved (size, layer): what the database records."""
+        return replace(self.config.resolved(), layer=self.layer)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], source: str = "the database") -> "FeatureExtractor":
+        return cls(ExtractConfig.from_attrs(attrs, source))
+
+
+def _affine_preprocess(preprocess: Callable[[np.ndarray], np.ndarray]
+                       ) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+    """(perm, scale, offset) such that ``preprocess(x)[..., c] == x[..., perm[c]] * scale[c] + offset[c]``.
+
+    Found by probing ``preprocess`` with black, one-channel-white and random images and checked on
+    them; None when it is not such a map (then preprocessing stays on the host, as before).
+    """
+    rng = np.random.default_rng(0)
+    probe = np.zeros((7, 4, 4, 3), np.uint8)
+    for c in range(3):
+        probe[1 + c, ..., c] = 255
+    probe[4:] = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    try:
+        out = np.asarray(preprocess(probe.copy()), dtype=np.float64)
+    except Exception:
+        return None
+    if out.shape != probe.shape or not np.all(np.isfinite(out)):
+        return None
+    offset = out[0, 0, 0]
+    delta = out[1:4, 0, 0] - offset  # [input channel, output channel]
+    perm: list[int] = []
+    scale = np.zeros(3)
+    for c in range(3):
+        col = np.abs(delta[:, c])
+        src = int(np.argmax(col))
+        if col[src] == 0 or np.sort(col)[-2] > 1e-6 * col[src]:
+            return None
+        perm.append(src)
+        scale[c] = delta[src, c] / 255.0
+    predicted = probe[..., perm].astype(np.float64) * scale + offset
+    tol = 1e-5 * max(1.0, float(np.abs(out).max()))
+    if np.abs(predicted - out).max() > tol:
+        return None
+    return perm, scale.astype(np.float32), offset.astype(np.float32)
+
+
+def _compile_forward(model) -> Callable[[np.ndarray], Any]:
+    """A fast inference call per backend: ``predict()`` costs per-batch host overhead.
+
+    Returns an array-like (``np.asarray`` gives the values); on JAX it is computed asynchronously.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+
+        @jax.jit
+        def jitted(tv, ntv, x):
+            out, _ = model.stateless_call(tv, ntv, x, training=False)
+            return out
+
+        return lambda x: jitted(state[0], state[1], x)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        dtype = tf.as_dtype(keras.backend.standardize_dtype(model.inputs[0].dtype))
+        spec = tf.TensorSpec([None, *model.input_shape[1:]], dtype)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        return lambda x: fn(tf.convert_to_tensor(x, dtype)).numpy()
+    if backend == "torch":
+        import torch
+
+        def run(x):
+            with torch.no_grad():
+                return keras.ops.convert_to_numpy(model(x, training=False))
+
+        return run
+    return lambda x: model.predict_on_batch(x)
+
+
+def _ris_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ris")
+    except Exception:
+        return "dev"

@@ -1,8 +1,0 @@
-"""The choices every stage and command shares, importable without loading Keras (fast --help)."""
-from __future__ import annotations
-
-POOLINGS: tuple[str, ...] = ("gap", "mac", "gem", "rmac", "none")
-DISTANCES: tuple[str, ...] = ("euclidean", "cosine")
-MININGS: tuple[str, ...] = ("random", "batch-hard", "semi-hard", "batch-all")
-ARCHS: tuple[str, ...] = ("residual", "mlp", "whiten")
-RERANK_METHODS: tuple[str, ...] = ("none", "qe", "dba+qe", "diffusion", "kreciprocal")

@@ -1,0 +1,165 @@
+"""Which database rows are scored as queries, and which rows they search (the evaluation protocol).
+
+Two galleries:
+- ``all`` (the default, the honest one): held-out queries search every labelled image of the
+  database; the images a head was trained on stay in the gallery as distractors, only the held-out
+  queries are scored. This is how a user meets the system: one collection, searched whole.
+- ``split`` (the fold protocol): held-out images search only each other. A 200-image fold has
+  far fewer distractors than the collection, so it flatters every score; kept for comparison.
+
+A head applied to a database holds a list of the images it was fitted on (``fit_images`` in its
+metadata; older models only list their held-out ``test_images``). Those images, and for an object
+split every image of their objects, are never scored as held-out queries; a database that contains
+none of them is a collection the head never saw, and every labelled image is scored.
+
+``--queries FILE`` (Holidays, Oxford, Paris): only the listed images are queries; every other row,
+labelled or not, is gallery (unlabelled rows are distractors), the query itself excluded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ris.errors import DatabaseError, RisError
+
+GALLERIES = ("all", "split")
+MAX_QUERY_FILE_BYTES = 64 << 20
+
+
+@dataclass
+class Protocol:
+    query_rows: np.ndarray  # database rows scored as queries (sorted)
+    gallery_rows: np.ndarray  # database rows searched (sorted; contains every query row)
+    description: str
+    training_in_db: int | None = None  # the head's fitted images found in this database (None: no head)
+
+    def positions(self) -> np.ndarray:
+        """Query positions inside the gallery rows."""
+        return np.searchsorted(self.gallery_rows, self.query_rows)
+
+
+def read_query_ids(path: str | Path) -> list[str]:
+    """One image id per line (as stored in the database: its path relative to the dataset folder);
+    blank lines and lines starting with '#' are skipped."""
+    from ris.imagefile import read_file
+
+    p = Path(path)
+    try:
+        text = read_file(p, MAX_QUERY_FILE_BYTES).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RisError(f"{p}: cannot read the query list ({exc.__class__.__name__})") from None
+    ids = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not ids:
+        raise RisError(f"{p}: no image ids in the query list (one per line)")
+    return ids
+
+
+def fitted_ids(meta: dict[str, Any], db_ids: list[str]) -> tuple[set[str], str]:
+    """The image ids a head was fitted on (train + validation), and a note when they are inferred."""
+    split = meta.get("split", {})
+    if "fit_images" in split:
+        return set(split["fit_images"]), ""
+    test = set(split.get("test_images", []))
+    if test & set(db_ids):  # the training database, or one that overlaps it
+        return set(db_ids) - test, ("the model does not list its training images (trained before they were "
+                                    "recorded): every image not among its held-out ones is treated as training")
+    return set(), ("the model does not list its training images (trained before they were recorded); none of "
+                   "its held-out images is in this database, so it is taken as a collection the head never saw")
+
+
+def choose(db_ids: list[str], labels: np.ndarray, meta: dict[str, Any] | None = None, split: str = "test",
+           gallery: str = "all", seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
+           queries: list[str] | None = None, queries_file: str = "") -> Protocol:
+    """The rows to score and search; see the module docstring."""
+    if gallery not in GALLERIES:
+        raise RisError(f"--gallery must be one of {', '.join(GALLERIES)}, not {gallery!r}")
+    labelled = np.nonzero(labels >= 0)[0]
+    fit_rows, note, n_fit_total = np.zeros(0, np.int64), "", 0
+    if meta is not None:
+        fit, note = fitted_ids(meta, db_ids)
+        n_fit_total = len(fit)
+        fit_rows = np.array([r for r, i in enumerate(db_ids) if i in fit], np.int64)
+    trained = len(fit_rows) if meta is not None else None
+    if queries is not None:
+        return _listed(db_ids, labels, queries, queries_file, fit_rows, trained)
+
+    if split == "all":
+        q = labelled
+        desc = "all labelled images"
+        if meta is not None:
+            desc += (f" (includes {len(fit_rows)} of the head's {n_fit_total} training images: not a held-out score)"
+                     if len(fit_rows) else f" (none of the head's {n_fit_total} training images is in this database)")
+        return Protocol(q, q, _with_note(desc, note), trained)
+    if split != "test":
+        raise RisError(f"--split must be test or all, not {split!r}")
+    if meta is None:
+        from ris.splits import rows_of, split_objects
+
+        test_objects = split_objects(labels, test_fraction, val_fraction, seed)["test"]
+        q = rows_of(labels, test_objects)
+        desc = f"held-out test objects (seed {seed}, {test_fraction:.0%} of objects)"
+    else:
+        by = meta.get("split", {}).get("by", "object")
+        seen = np.zeros(len(labels), bool)
+        seen[fit_rows] = True
+        if by == "object" and len(fit_rows):  # every view of a training object is a training image
+            seen |= np.isin(labels, np.unique(labels[fit_rows][labels[fit_rows] >= 0])) & (labels >= 0)
+        q = labelled[~seen[labelled]]
+        if not len(fit_rows):
+            desc = (f"every labelled image: a collection the head never saw (none of its {n_fit_total} "
+                    f"training images is in this database)")
+        else:
+            held = "objects" if by == "object" else "images of every class"
+            desc = (f"held-out {held} of the model's split (seed {meta.get('config', {}).get('seed', 0)}); "
+                    f"{int(seen[labelled].sum())} images of the head's training "
+                    f"{'objects' if by == 'object' else 'images'} are not scored")
+        if not len(q):
+            raise DatabaseError(f"every labelled image of this database is one of the head's training "
+                                f"{'objects' if by == 'object' else 'images'}: nothing held out to score "
+                                f"(--split all scores them, which is not a held-out score)")
+        desc = _with_note(desc, note)
+    if gallery == "all":
+        return Protocol(q, labelled, desc + f"; they search all {len(labelled)} labelled images "
+                        f"(whole-collection protocol)", trained)
+    return Protocol(q, q, desc + "; they search only each other (fold protocol)", trained)
+
+
+def _listed(db_ids: list[str], labels: np.ndarray, queries: list[str], queries_file: str,
+            fit_rows: np.ndarray, trained: int | None) -> Protocol:
+    index = {i: r for r, i in enumerate(db_ids)}
+    missing = [i for i in queries if i not in index]
+    if missing:
+        raise DatabaseError(f"{queries_file}: {len(missing)} query id(s) are not in the database "
+                            f"(e.g. {missing[0]!r}); ids are paths relative to the dataset folder")
+    q = np.unique(np.array([index[i] for i in queries], np.int64))
+    unlabelled = q[labels[q] < 0]
+    if len(unlabelled):
+        raise DatabaseError(f"{queries_file}: query {db_ids[unlabelled[0]]!r} has no label: nothing to score it against")
+    clash = np.intersect1d(q, fit_rows)
+    if len(clash):
+        raise DatabaseError(f"{queries_file}: query {db_ids[clash[0]]!r} is one of the head's training images; "
+                            f"it cannot be scored as a held-out query")
+    gallery = np.arange(len(db_ids), dtype=np.int64)
+    n_dis = int((labels < 0).sum())
+    desc = (f"the {len(q)} queries of {queries_file} search the other {len(gallery) - 1} images"
+            + (f" ({n_dis} unlabelled: distractors)" if n_dis else ""))
+    if trained:
+        desc += f"; {trained} of the head's training images are in the gallery"
+    return Protocol(q, gallery, desc, trained)
+
+
+def gallery_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels with every unlabelled row given a group of its own, so that it stays in the gallery as
+    a distractor (the metrics drop label -1 rows) and is never relevant to any query."""
+    out = np.asarray(labels).astype(np.int64, copy=True)
+    neg = np.nonzero(out < 0)[0]
+    if len(neg):
+        out[neg] = out.max(initial=-1) + 1 + np.arange(len(neg))
+    return out
+
+
+def _with_note(desc: str, note: str) -> str:
+    return f"{desc} [{note}]" if note else desc

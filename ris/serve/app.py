@@ -1,0 +1,171 @@
+"""The ASGI application: a JSON API over ``SearchService`` and the page that uses it.
+
+Blocking work (decoding, the CNN, the vector scan, file reads) runs in worker threads; searches
+hold one of a few inference slots (``Limiter``), thumbnails one of a few I/O slots, so overload
+turns into quick 503s instead of a growing queue. Errors are JSON ``{"detail": "one sentence"}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from contextlib import asynccontextmanager
+from importlib.resources import files
+from typing import Callable
+
+from anyio import to_thread
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ris.serve.files import ServeError
+from ris.serve.limits import Guard, Limiter, Overloaded
+from ris.serve.service import SearchService, ServeConfig
+
+STATIC = files("ris.serve") / "static"
+PAGE_HEADERS = {  # the page loads nothing from elsewhere: no CDN, no fonts, no inline script
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
+                               "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+MULTIPART_SLACK = 64 << 10  # multipart framing and the small form fields around the image
+
+
+def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[SearchService], None] | None = None,
+               on_fatal: Callable[[str], None] | None = None):
+    """The app. ``service`` without a loaded engine is loaded in the background at start-up
+    (``/api/health`` says "loading" meanwhile); ``on_ready``/``on_fatal`` report how that went."""
+    svc = service if isinstance(service, SearchService) else SearchService(service)
+    cfg = svc.cfg
+    searches = Limiter(cfg.slots, cfg.queue, cfg.queue_timeout)
+    thumbs = Limiter(max(2, cfg.slots), 256, cfg.queue_timeout)
+
+    async def load() -> None:
+        try:
+            if svc.current is None:
+                await to_thread.run_sync(svc.load)
+        except Exception as exc:  # RisError, OSError ...: one line, then the server stops
+            svc.error = str(exc) or repr(exc)
+            if on_fatal:
+                on_fatal(svc.error)
+            return
+        if on_ready:
+            on_ready(svc)
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(cfg.reload_interval)
+            try:
+                await to_thread.run_sync(svc.poll)
+            except Exception as exc:  # never let the watcher die silently
+                svc.reload_error = repr(exc)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        tasks = [asyncio.create_task(load())]
+        if cfg.reload_interval > 0:
+            tasks.append(asyncio.create_task(watch()))
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    app = FastAPI(title="ris-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Reverse image search over a ris feature database. Send `X-API-Key` or "
+                              "`Authorization: Bearer` when the server was started with an API key.")
+    app.state.service = svc
+    app.state.limiters = {"search": searches, "thumbs": thumbs}
+
+    def error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError):
+        return error(exc.status, str(exc))
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded):
+        return error(503, str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        return error(422, f"{where}: {first.get('msg', 'invalid value')}.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):  # a bug: answered, then logged by the server
+        return error(500, f"internal error ({type(exc).__name__}); the server is still running.")
+
+    async def in_slot(limiter: Limiter, fn, *args):
+        async with limiter.slot() as waited:
+            out = await to_thread.run_sync(fn, *args)
+        return out, waited
+
+    # -- API -----------------------------------------------------------------------------
+    @app.get("/api/health", summary="Ready or not, and what is served")
+    async def health():
+        h = svc.health()
+        h["limits"] = searches.stats()
+        return JSONResponse(h, status_code=200 if h["ready"] else 503)
+
+    @app.post("/api/search", summary="Search with an uploaded image (multipart field `image`)")
+    async def search_upload(image: UploadFile = File(..., description="JPEG, PNG, GIF, BMP, WebP or TIFF"),
+                            k: int = Form(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
+                            rerank: str = Form("none", description="none, qe, dba+qe, diffusion, kreciprocal")):
+        svc.generation()  # 503 while loading, before reading the upload
+
+        def work() -> dict:  # in a slot: at most `slots` uploads are in memory at once
+            data = image.file.read(cfg.max_upload_bytes + 1)  # the parser spooled it to disk over 1 MB
+            if len(data) > cfg.max_upload_bytes:
+                raise ServeError(413, f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.")
+            return svc.search_upload(data, image.filename, k, rerank)
+
+        out, waited = await in_slot(searches, work)
+        out["timing_ms"]["queue"] = round(waited * 1000, 2)
+        return JSONResponse(out)  # plain JSON types already: skips FastAPI's slower generic encoder
+
+    @app.get("/api/search", summary="Search with a database row (\"more like this\")")
+    async def search_row(id: int = Query(..., ge=0, description="database row"),
+                         k: int = Query(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
+                         rerank: str = Query("none", description="none, qe, dba+qe, diffusion, kreciprocal")):
+        out, waited = await in_slot(searches, svc.search_row, id, k, rerank)
+        out["timing_ms"]["queue"] = round(waited * 1000, 2)
+        return JSONResponse(out)
+
+    @app.get("/api/images/{id}", summary="A database image, by row", response_class=Response)
+    async def image(id: int):
+        fd, size, media, name = await to_thread.run_sync(svc.image, id)
+        fh = os.fdopen(fd, "rb")  # closed by the generator, or when dropped if it never starts
+
+        def chunks():
+            with fh:
+                while block := fh.read(1 << 16):
+                    yield block
+
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        return StreamingResponse(chunks(), media_type=media, headers={
+            "Content-Length": str(size), "X-Content-Type-Options": "nosniff",
+            "Content-Disposition": f'inline; filename="{safe}"', "Cache-Control": "private, max-age=300"})
+
+    @app.get("/api/thumbs/{id}", summary="A database image's thumbnail (JPEG), by row", response_class=Response)
+    async def thumb(id: int):
+        jpeg, _ = await in_slot(thumbs, svc.thumbnail, id)
+        return Response(jpeg, media_type="image/jpeg", headers={
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300"})
+
+    # -- the page --------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    return Guard(app, cfg.max_upload_bytes + MULTIPART_SLACK, cfg.api_key,
+                 f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.")

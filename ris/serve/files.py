@@ -1,0 +1,172 @@
+"""What the service reads: uploaded bytes (checked before decoding) and database rows' files.
+
+Safety rules, each one tested in tests/test_serve.py:
+* no path from a request is ever opened: files are found by database row only;
+* a row's file must resolve (symlinks followed) inside the dataset root, be a regular file with
+  an image extension and be under a size cap, else it is refused;
+* an upload's format and pixel count come from its header (Pillow reads only the header) and
+  are checked before any decoding, so a decompression bomb never reaches the decoder.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+import warnings
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from ris.errors import RisError
+from ris.imagefile import MAX_FILE_BYTES, file_kind, human_bytes  # the cap every image read honours
+
+# what the page calls each format the database's decoder reads (ris.images)
+UPLOAD_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "GIF": "GIF", "BMP": "BMP", "WEBP": "WebP",
+                  "TIFF": "TIFF"}
+ACCEPTED = "a JPEG, PNG, GIF, BMP, WebP or TIFF file"
+MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
+               ".bmp": "image/bmp", ".webp": "image/webp", ".tif": "image/tiff", ".tiff": "image/tiff"}
+
+
+class ServeError(RisError):
+    """A request that cannot be served; ``status`` is the HTTP status, the message one sentence."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def display_name(name: str | None, default: str = "the upload") -> str:
+    """A client-supplied file name made safe to quote in a message: base name, printable, short."""
+    name = re.sub(r"[^\w .,()+@-]", "_", PurePosixPath(str(name or "").replace("\\", "/")).name)[:80]
+    return name or default
+
+
+def _pillow_format(data: bytes, who: str) -> tuple[str | None, int, int] | None:
+    """(Pillow's format name, width, height) from the header alone; None if Pillow cannot tell."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.format, *im.size
+    except Image.DecompressionBombError:
+        raise ServeError(413, f"{who} is too large to decode (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels).") from None
+    except Exception:
+        return None
+
+
+def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = None) -> tuple[np.ndarray, dict]:
+    """Uploaded bytes -> RGB uint8 (H, W, 3) and facts about it; ``ServeError`` (400/413/415) if unfit.
+
+    The pixels are those ``ris.images.decode_image`` gives for the same bytes in a file (the same
+    decoders, EXIF orientation, 16-bit handling and reduced-size JPEG decoding down to ``target``),
+    so an uploaded copy of a database image is found at distance ~0. Format and size come from the
+    header before any decoding.
+    """
+    import cv2
+
+    from ris.errors import BadImage
+    from ris.images import _opencv_decode, _pillow_decode, _reduced_flag, _to_rgb  # the database's decoding
+    from ris.imagefile import jpeg_problem, sniff_format
+
+    who = display_name(name)
+    if not data:
+        raise ServeError(400, f"{who} is empty (0 bytes).")
+    header = _pillow_format(data, who)
+    fmt = sniff_format(data) or (header[0] if header else None)
+    if fmt not in UPLOAD_FORMATS:
+        kind = f"a {fmt} image" if fmt else "not an image"
+        raise ServeError(415, f"{who} is {kind}; send {ACCEPTED}.")
+    if fmt == "JPEG":
+        problem = jpeg_problem(data)
+        if problem:
+            raise ServeError(400, f"{who} is a {problem}.")
+    if header is None:
+        raise ServeError(400, f"{who} is a damaged {UPLOAD_FORMATS[fmt]} file (its header cannot be read).")
+    _, width, height = header
+    if width * height > max_pixels:
+        raise ServeError(413, f"{who} is {width} x {height} pixels, over the limit of {max_pixels:,} pixels.")
+    path = Path(who)  # only named in messages
+    try:
+        if fmt in ("PNG", "GIF"):
+            img, order = _pillow_decode(data, fmt, path)
+        else:
+            flag = _reduced_flag(width, height, target)[0] if fmt == "JPEG" and target else cv2.IMREAD_COLOR
+            img, order = _opencv_decode(data, path, flag)
+    except BadImage as exc:
+        raise ServeError(400, f"{exc}.") from None
+    except MemoryError:
+        raise ServeError(413, f"{who}: not enough memory to decode {width} x {height} pixels.") from None
+    rgb = _to_rgb(img, order)
+    return rgb, {"format": UPLOAD_FORMATS[fmt], "width": width, "height": height, "bytes": len(data)}
+
+
+def row_file(root: Path, rel: str, row: int) -> Path:
+    """The file of database row ``row`` (relative path ``rel``), if it may be read; else ServeError.
+
+    Refused (403): absolute or ``..`` paths in the database, files that resolve outside ``root``
+    (a symlink out of the collection), anything but a regular file with an image extension.
+    """
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or ".." in PurePosixPath(rel).parts:
+        raise ServeError(403, f"row {row}: its path is not inside the collection; refused.")
+    try:
+        base = root.resolve(strict=True)
+        path = (base / rel).resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise ServeError(404, f"row {row}: its image {rel} is not on disk.") from None
+    if not path.is_relative_to(base):
+        raise ServeError(403, f"row {row}: its image {rel} resolves outside the collection; refused.")
+    if path.suffix.lower() not in MEDIA_TYPES:
+        raise ServeError(403, f"row {row}: {rel} has no image extension; refused.")
+    return path
+
+
+def open_regular(path: Path, rel: str, row: int) -> tuple[int, int]:
+    """(fd, size) of a regular file no bigger than ``MAX_FILE_BYTES``, opened without following a
+    final symlink (the path is already resolved: a swap after the check is refused) and without
+    blocking (a FIFO named ``.jpg`` is refused, never waited on)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        raise ServeError(404, f"row {row}: its image {rel} cannot be opened.") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+        os.close(fd)
+        why = f"a {file_kind(st.st_mode)}" if not stat.S_ISREG(st.st_mode) else f"over {human_bytes(MAX_FILE_BYTES)}"
+        raise ServeError(403, f"row {row}: its image {rel} is {why}; refused.")
+    os.set_blocking(fd, True)  # a regular file: ordinary reads from here on
+    return fd, st.st_size
+
+
+def read_regular(path: Path, rel: str, row: int) -> bytes:
+    fd, _ = open_regular(path, rel, row)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(MAX_FILE_BYTES)
+
+
+def thumbnail_jpeg(data: bytes, size: int, rel: str, row: int) -> bytes:
+    """A JPEG no larger than ``size`` on its long side (aspect kept) of a database image's bytes."""
+    import cv2
+
+    from ris.images import MAX_PIXELS  # what ris-extract decodes: its images all have thumbnails
+
+    try:
+        rgb, _ = decode_upload(data, size, max_pixels=MAX_PIXELS, name=rel)
+    except ServeError as exc:
+        raise ServeError(422, f"row {row}: {exc}") from None
+    h, w = rgb.shape[:2]
+    scale = min(1.0, size / max(h, w))
+    if scale < 1.0:
+        rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ServeError(500, f"row {row}: thumbnail could not be encoded.")
+    return buf.tobytes()
+
+
+def media_type(path: Path) -> str:
+    return MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")

@@ -1,0 +1,245 @@
+"""The long-lived search state behind ris-serve, free of any web framework.
+
+One ``Generation`` (engine + the file identity it was read from) is current at a time; a
+background reload builds the next one from the grown database while the current one keeps
+answering, then swaps it in with one assignment. Every method here blocks: the web layer runs
+them in worker threads, inside its limiter.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ris.errors import BadImage
+from ris.serve.files import (ServeError, decode_upload, display_name, media_type, open_regular, read_regular,
+                             row_file, thumbnail_jpeg)
+
+RERANK_SMALL_DB = 20_000  # above this many rows, only qe is offered by default (the others hold an
+                          # N x N kNN pass or graph)
+
+
+@dataclass
+class ServeConfig:
+    features_db: str
+    model: str | None = None
+    index: str = "auto"
+    dataset_root: str | None = None
+    rerank: tuple[str, ...] | None = None  # None: every method up to RERANK_SMALL_DB rows, else qe
+    api_key: str | None = None
+    max_upload_bytes: int = 20_000_000
+    max_pixels: int = 50_000_000
+    default_k: int = 12
+    max_k: int = 100
+    slots: int = 2
+    queue: int = 32
+    queue_timeout: float = 30.0
+    reload_interval: float = 2.0  # seconds between looks at the database file; 0 = never
+    thumb_size: int = 256
+    thumb_cache: int = 2048  # thumbnails kept in memory (about 15 kB each)
+    max_connections: int = 256  # open connections; uvicorn answers 503 beyond (bounds spooled uploads)
+
+
+def file_stamp(path: str | Path) -> tuple[int, int, int, int]:
+    """Identity of the database file: a rename into place (ris-extract) changes the inode."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class Generation:
+    engine: Any
+    number: int
+    stamp: tuple
+    loaded_at: float
+    rerank: tuple[str, ...]
+    seconds: float
+
+
+@dataclass
+class SearchService:
+    cfg: ServeConfig
+    log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr, flush=True))
+
+    def __post_init__(self) -> None:
+        self.current: Generation | None = None
+        self.error: str | None = None  # why the first load failed
+        self.reload_error: str | None = None
+        self.reloading = False
+        self._failed_stamp: tuple | None = None
+        self._reload_lock = threading.Lock()
+        self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
+        self._thumbs_lock = threading.Lock()
+
+    # -- loading -------------------------------------------------------------------------
+    def _offered(self, n: int) -> tuple[str, ...]:
+        from ris.rerank import RERANKERS
+
+        if self.cfg.rerank is not None:
+            return tuple(m for m in RERANKERS if m == "none" or m in self.cfg.rerank)
+        return tuple(RERANKERS) if n <= RERANK_SMALL_DB else ("none", "qe")
+
+    def _install(self, engine, stamp: tuple, t0: float) -> Generation:
+        number = self.current.number + 1 if self.current else 1
+        gen = Generation(engine, number, stamp, time.time(), self._offered(len(engine.image_ids)),
+                         round(time.perf_counter() - t0, 2))
+        self.current = gen  # one assignment: requests see the old or the new generation, never a mix
+        return gen
+
+    def load(self) -> Generation:
+        """Load backbone, head, vectors and index (the slow start); raises RisError on bad input."""
+        from ris.search import SearchEngine
+
+        t0 = time.perf_counter()
+        stamp = file_stamp(self.cfg.features_db)  # before reading: a change during the load is seen later
+        engine = SearchEngine(self.cfg.features_db, self.cfg.model, index=self.cfg.index,
+                              dataset_root=self.cfg.dataset_root)
+        return self._install(engine, stamp, t0)
+
+    def use_engine(self, engine) -> Generation:
+        """Serve an engine made elsewhere (tests, benchmarks)."""
+        return self._install(engine, file_stamp(self.cfg.features_db), time.perf_counter())
+
+    def poll(self) -> bool:
+        """Reload if the database file changed since the current generation; True if swapped.
+
+        A failed reload keeps the current generation and is not retried until the file changes again.
+        """
+        gen = self.current
+        if gen is None or not self._reload_lock.acquire(blocking=False):
+            return False
+        try:
+            try:
+                stamp = file_stamp(self.cfg.features_db)
+            except OSError:
+                return False  # being replaced right now: look again next time
+            if stamp == gen.stamp or stamp == self._failed_stamp:
+                return False
+            self.reloading = True
+            t0 = time.perf_counter()
+            try:
+                engine = gen.engine.refreshed(self.cfg.model, self.cfg.index, self.cfg.dataset_root)
+            except Exception as exc:  # keep serving the old generation
+                self._failed_stamp, self.reload_error = stamp, f"{type(exc).__name__}: {exc}"
+                self.log(f"ris-serve: reload of {self.cfg.features_db} failed, still serving the old rows: {exc}")
+                return False
+            new = self._install(engine, stamp, t0)
+            self.reload_error = None
+            self.log(f"ris-serve: reloaded {self.cfg.features_db}: {len(engine.image_ids)} rows "
+                     f"(was {len(gen.engine.image_ids)}), {new.seconds} s")
+            return True
+        finally:
+            self.reloading = False
+            self._reload_lock.release()
+
+    # -- state ---------------------------------------------------------------------------
+    def generation(self) -> Generation:
+        gen = self.current
+        if gen is None:
+            raise ServeError(503, "the search engine is still loading; retry in a few seconds"
+                             if self.error is None else f"the search engine failed to load: {self.error}")
+        return gen
+
+    def health(self) -> dict:
+        gen = self.current
+        base = {"status": "ready" if gen else ("failed" if self.error else "loading"), "ready": gen is not None,
+                "max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
+                "default_k": self.cfg.default_k, "max_k": self.cfg.max_k, "auth": bool(self.cfg.api_key)}
+        if gen is None:
+            return {**base, "error": self.error}
+        e = gen.engine
+        index = type(e.index).__name__
+        return {**base, "rows": len(e.image_ids), "model": e.db.attrs.get("model"),
+                "head": Path(self.cfg.model).name if self.cfg.model else None,
+                "dimension": int(e.vectors.shape[-1]), "metric": e.metric,
+                "index": {"ExactIndex": "exact", "HnswIndex": "hnsw"}.get(index, index),
+                "rerank": list(gen.rerank), "labels": any(e.labels), "generation": gen.number,
+                "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gen.loaded_at)),
+                "load_seconds": gen.seconds, "reloading": self.reloading, "reload_error": self.reload_error,
+                "database": Path(self.cfg.features_db).name}
+
+    # -- searching -----------------------------------------------------------------------
+    def _check(self, gen: Generation, k: int, rerank: str) -> None:
+        if not 1 <= k <= self.cfg.max_k:
+            raise ServeError(422, f"k must be between 1 and {self.cfg.max_k}, not {k}.")
+        if rerank not in gen.rerank:
+            raise ServeError(400, f"rerank {rerank!r} is not offered here; choose one of {', '.join(gen.rerank)}.")
+
+    def _answer(self, gen: Generation, dist, rows, query: dict, k: int, rerank: str, timing: dict) -> dict:
+        e = gen.engine
+        results = [{"rank": r, "id": int(i), "path": e.image_ids[int(i)], "distance": round(float(d), 6),
+                    "label": e.labels[int(i)] or None, "image_url": f"/api/images/{int(i)}",
+                    "thumb_url": f"/api/thumbs/{int(i)}"} for r, (d, i) in enumerate(zip(dist, rows), 1)]
+        return {"query": query, "k": k, "rerank": rerank,
+                "score": "distance" if rerank == "none" else "re-ranking score (smaller = better)",
+                "metric": e.metric, "results": results, "timing_ms": {n: round(v * 1000, 2) for n, v in timing.items()},
+                "database": {"rows": len(e.image_ids), "generation": gen.number}}
+
+    def search_upload(self, data: bytes, filename: str | None, k: int, rerank: str = "none") -> dict:
+        gen = self.generation()
+        self._check(gen, k, rerank)
+        e = gen.engine
+        t0 = time.perf_counter()
+        rgb, facts = decode_upload(data, e.query_size, self.cfg.max_pixels, filename)
+        t1 = time.perf_counter()
+        vec = e.embed_array(rgb)
+        t2 = time.perf_counter()
+        try:
+            dist, rows = e.neighbours(vec, k, rerank)
+        except BadImage as exc:
+            raise ServeError(422, f"{display_name(filename)}: {exc}.") from None
+        t3 = time.perf_counter()
+        query = {"kind": "upload", "filename": display_name(filename, "upload"), **facts}
+        return self._answer(gen, dist, rows, query, k, rerank,
+                            {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})
+
+    def search_row(self, row: int, k: int, rerank: str = "none") -> dict:
+        gen = self.generation()
+        self._check(gen, k, rerank)
+        e = gen.engine
+        self._row_check(gen, row)
+        t0 = time.perf_counter()
+        dist, rows = e.neighbours(e.row_vector(row), k, rerank, exclude_row=row)
+        t1 = time.perf_counter()
+        query = {"kind": "id", "id": row, "path": e.image_ids[row], "label": e.labels[row] or None,
+                 "image_url": f"/api/images/{row}", "thumb_url": f"/api/thumbs/{row}"}
+        return self._answer(gen, dist, rows, query, k, rerank, {"search": t1 - t0, "total": t1 - t0})
+
+    # -- database files ------------------------------------------------------------------
+    @staticmethod
+    def _row_check(gen: Generation, row: int) -> None:
+        n = len(gen.engine.image_ids)
+        if not 0 <= row < n:
+            raise ServeError(404, f"no database row {row} (the database has rows 0 to {n - 1}).")
+
+    def row_path(self, row: int) -> tuple[Path, str]:
+        gen = self.generation()
+        self._row_check(gen, row)
+        rel = gen.engine.image_ids[row]
+        return row_file(Path(gen.engine.root), rel, row), rel
+
+    def image(self, row: int) -> tuple[int, int, str, str]:
+        """(open fd, size, media type, file name) of a database row's image, checked."""
+        path, rel = self.row_path(row)
+        fd, size = open_regular(path, rel, row)
+        return fd, size, media_type(path), Path(rel).name
+
+    def thumbnail(self, row: int) -> bytes:
+        path, rel = self.row_path(row)
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, self.cfg.thumb_size)
+        with self._thumbs_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        jpeg = thumbnail_jpeg(read_regular(path, rel, row), self.cfg.thumb_size, rel, row)
+        with self._thumbs_lock:
+            self._thumbs[key] = jpeg
+            while len(self._thumbs) > self.cfg.thumb_cache:
+                self._thumbs.popitem(last=False)
+        return jpeg

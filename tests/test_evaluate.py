@@ -1,0 +1,127 @@
+"""Evaluation: which images are scored, that the scores are those of these images, and that scoring
+raw features or a learned-whitening head never loads TensorFlow or Keras."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ris.errors import ModelError
+from ris.evaluate import evaluate_db, evaluate_folds
+from ris.metrics import evaluate_retrieval
+from ris.splits import make_split, rows_of, split_objects
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_db(path, n_obj: int = 15, views: int = 4, dim: int = 16, seed: int = 0, prefix: str = ""):
+    from ris.featuredb import FeatureWriter
+
+    rng = np.random.default_rng(seed)
+    x = np.repeat(rng.normal(size=(n_obj, dim)), views, 0) + 0.8 * rng.normal(size=(n_obj * views, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    lab = np.repeat(np.arange(n_obj), views)
+    w = FeatureWriter(path, {"model": "synthetic", "pooling": "gap"}, (dim,), [f"o{i}" for i in range(n_obj)])
+    w.add([f"{prefix}{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in lab])
+    w.finish({})
+    return path, x, lab
+
+
+@pytest.fixture(scope="module")
+def whitened(tmp_path_factory):
+    """A database and the default head (learned whitening) trained on it."""
+    pytest.importorskip("keras")
+    from ris.train import TrainConfig, train_head
+
+    tmp = tmp_path_factory.mktemp("eval")
+    db, x, lab = _write_db(tmp / "f.h5")
+    model = tmp / "w.keras"
+    train_head(db, model, TrainConfig(whiten_dim=8), progress=False, log=lambda s: None)
+    return db, model, x, lab
+
+
+def test_without_a_model_the_seeded_held_out_objects_are_scored(tmp_path):
+    db, x, lab = _write_db(tmp_path / "f.h5")
+    r = evaluate_db(db, split="test", seed=4, test_fraction=0.4, gallery="split")
+    rows = rows_of(lab, split_objects(lab, 0.4, 0.1, seed=4)["test"])
+    assert (r["objects"], r["images"]) == (6, 24)
+    assert r["raw"] == evaluate_retrieval(x[rows], lab[rows], "euclidean").to_dict()
+    whole = evaluate_db(db, split="test", seed=4, test_fraction=0.4)  # default: they search everything
+    assert (whole["images"], whole["gallery_images"]) == (24, 60)
+    assert whole["raw"]["ns_score"] == evaluate_retrieval(x, lab, "euclidean", query_rows=rows).ns_score
+    everything = evaluate_db(db, split="all")
+    assert everything["images"] == 60 and everything["raw"] == evaluate_retrieval(x, lab, "euclidean").to_dict()
+
+
+def test_a_model_is_scored_on_its_own_test_images_as_training_scored_it(whitened):
+    db, model, x, lab = whitened
+    from ris.modelio import read_meta
+
+    meta = read_meta(model)
+    r = evaluate_db(db, model, gallery="split")  # training scored its test objects among themselves
+    assert r["images"] == len(meta["split"]["test_images"]) and "held-out objects" in r["split_description"]
+    assert r["raw"] == meta["test_scores"]["raw"]
+    for key in ("ns_score", "map", "top4_accuracy"):
+        assert r["head"][key] == pytest.approx(meta["test_scores"]["head"][key], abs=1e-9)
+    assert "not a held-out score" in evaluate_db(db, model, split="all")["split_description"]
+
+
+def test_evaluation_imports_neither_tensorflow_nor_keras(whitened, tmp_path):
+    """Raw features and a learned-whitening head are scored in NumPy: no TensorFlow start-up."""
+    db, model, _, _ = whitened
+    code = ("import json, sys\n"
+            "from ris.evaluate import evaluate_db, evaluate_folds\n"
+            "from ris.cli import eval as eval_cli\n"
+            "head = evaluate_db(sys.argv[1], sys.argv[2])['head']\n"
+            "evaluate_db(sys.argv[1], split='all'); evaluate_folds(sys.argv[1], 3, rerank='qe')\n"
+            "from ris.cli.common import run\n"
+            "assert run('ris-eval', eval_cli.main, ['--features-db', sys.argv[1], '--model', sys.argv[2], '--json']) == 0\n"
+            "loaded = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
+            "print(json.dumps({'loaded': loaded, 'ns': head['ns_score']}), file=sys.stderr)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, str(db), str(model)], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stderr.strip().splitlines()[-1])
+    assert out["loaded"] == [] and out["ns"] == evaluate_db(db, model)["head"]["ns_score"]
+
+
+def test_a_model_on_a_collection_it_never_saw_scores_every_labelled_image(whitened, tmp_path):
+    _, model, _, _ = whitened
+    other, x, lab = _write_db(tmp_path / "other.h5", n_obj=4, seed=7, prefix="new/")
+    r = evaluate_db(other, model)
+    assert r["images"] == 16 and r["training_images_in_db"] == 0
+    assert "never saw" in r["split_description"]
+    assert r["raw"] == evaluate_retrieval(x, lab, "euclidean").to_dict()
+
+
+def test_metadata_without_any_split_treats_the_database_as_new(tmp_path):
+    import zipfile
+
+    from ris.featuredb import FeatureDB
+
+    db, _, _ = _write_db(tmp_path / "f.h5")
+    with FeatureDB(db) as f:  # made from these very features: only the split is missing
+        meta = {"config": {"arch": "mlp"}, "split": {"by": "object"}, "feature_fingerprint": f.fingerprint()}
+    path = tmp_path / "m.keras"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ris.json", json.dumps(meta))
+    with pytest.raises(ModelError, match="m.keras"):  # scored raw first, then the head cannot be loaded
+        evaluate_db(db, path)
+
+
+def test_folds_score_each_held_out_part_once(tmp_path):
+    db, x, lab = _write_db(tmp_path / "f.h5")
+    r = evaluate_folds(db, folds=3, seed=1, gallery="split")
+    whole = evaluate_folds(db, folds=3, seed=1)  # default: each fold's queries search every image
+    assert sum(f["queries"] for f in r["per_fold"]) == 60  # the three test parts partition the images
+    for k, (fold, fold_whole) in enumerate(zip(r["per_fold"], whole["per_fold"])):
+        rows = make_split(lab, seed=1, fold=k, folds=3)[0]["test"]
+        assert fold == evaluate_retrieval(x[rows], lab[rows], "euclidean").to_dict()
+        assert fold_whole == evaluate_retrieval(x, lab, "euclidean", query_rows=rows).to_dict()
+    assert r["summary"]["map"]["mean"] == round(float(np.mean([f["map"] for f in r["per_fold"]])), 4)

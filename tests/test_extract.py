@@ -1,0 +1,172 @@
+"""The resumable extraction run: options, interruption, failures on the way, rows not finite."""
+from __future__ import annotations
+
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+from ris.errors import Interrupted, RisError
+from ris.extract import ExtractOptions, extract_features
+from ris.extractor import ExtractConfig
+from ris.featuredb import FeatureDB, partial_path
+from ris.featurewriter import FeatureWriter
+from ris.sidecars import WriterLock
+from ris.testing import make_tiny_dataset
+
+QUIET = dict(progress=False, log=lambda s: None)
+
+
+class _StandIn:
+    """A stand-in extractor (no model): 3-d mean-colour features; NaN for the images whose running
+    number is in ``nan_rows``."""
+
+    max_size = 32
+    output_shape = (3,)
+
+    def __init__(self, nan_rows=()):
+        self.seen = 0
+        self.nan_rows = set(nan_rows)
+
+    def attrs(self):
+        return ExtractConfig(model="vgg16", weights="none", input_size=32).to_attrs()
+
+    def embed_async(self, images, pad_to=None):
+        feats = images.reshape(len(images), -1, 3).mean(1).astype(np.float32) + 1.0
+        for row in range(self.seen, self.seen + len(images)):
+            if row in self.nan_rows:
+                feats[row - self.seen] = np.nan
+        self.seen += len(images)
+        return lambda: feats
+
+
+def _lock_is_free(db) -> bool:
+    lock = WriterLock(db)
+    try:
+        lock.acquire()
+    except RisError:
+        return False
+    lock.release()
+    return True
+
+
+def test_rows_with_non_finite_features_are_listed_as_failed_not_written(tmp_path):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=48)
+    db = tmp_path / "f.h5"
+    s = extract_features(data, db, ExtractConfig(), ExtractOptions(batch_size=2, **QUIET),
+                         extractor=_StandIn(nan_rows={1}))
+    bad = sorted(p.name for p in data.glob("*.jpg"))[1]
+    assert s.extracted == 3 and [i for i, _ in s.skipped] == [bad]
+    assert "features are not finite (NaN/inf)" in s.skipped[0][1] and bad in s.skipped[0][1]
+    with FeatureDB(db) as f:
+        assert bad not in f.image_ids and len(f) == 3
+        assert np.isfinite(f.features[:]).all()
+        assert [i for i, _ in f.failures] == [bad]
+    with h5py.File(db) as f:
+        assert f.attrs["num_failed"] == 1
+
+
+def test_interrupted_is_its_own_error_type_and_the_next_run_resumes(tmp_path, monkeypatch):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
+    out_db = tmp_path / "f.h5"
+    options = ExtractOptions(batch_size=4, **QUIET)
+    real_add = FeatureWriter.add
+    calls = {"n": 0}
+
+    def flaky_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(FeatureWriter, "add", flaky_add)
+    with pytest.raises(Interrupted, match="^interrupted after 4 images; run the same command again"):
+        extract_features(data, out_db, ExtractConfig(), options, extractor=_StandIn())
+    assert not out_db.exists() and partial_path(out_db).exists() and _lock_is_free(out_db)
+    monkeypatch.setattr(FeatureWriter, "add", real_add)
+    s = extract_features(data, out_db, ExtractConfig(), options, extractor=_StandIn())
+    assert s.resumed == 4 and s.extracted == 8
+    with h5py.File(out_db) as f:
+        assert sorted(x.decode() for x in f["image_ids"][:]) == sorted(p.name for p in data.glob("*.jpg"))
+
+
+def test_a_failure_mid_run_keeps_the_committed_batches_and_frees_the_lock(tmp_path, monkeypatch):
+    """Any error after the writer opened (here a bug in a batch) closes it: the lock is released at
+    once, not when the process ends, and the next run resumes from the committed batches."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=48)
+    db = tmp_path / "f.h5"
+    real_add = FeatureWriter.add
+    calls = {"n": 0}
+
+    def broken_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ZeroDivisionError("a bug")
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(FeatureWriter, "add", broken_add)
+    with pytest.raises(ZeroDivisionError) as raised:
+        extract_features(data, db, ExtractConfig(), ExtractOptions(batch_size=4, **QUIET), extractor=_StandIn())
+    # the traceback (kept here, as a debugger or a long-lived worker keeps it) holds the run's frames:
+    # the lock must have been released by the run itself, not by garbage collection
+    assert raised.tb is not None and _lock_is_free(db) and partial_path(db).exists() and not db.exists()
+    monkeypatch.setattr(FeatureWriter, "add", real_add)
+    s = extract_features(data, db, ExtractConfig(), ExtractOptions(batch_size=4, **QUIET), extractor=_StandIn())
+    assert s.resumed == 4 and s.extracted == 8
+
+
+def test_a_bad_decode_budget_is_refused_before_anything_is_locked_or_written(tmp_path, monkeypatch):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    db = tmp_path / "f.h5"
+    monkeypatch.setenv("RIS_DECODE_BUDGET", "lots")
+    with pytest.raises(RisError, match="RIS_DECODE_BUDGET"):
+        extract_features(data, db, ExtractConfig(), ExtractOptions(**QUIET), extractor=_StandIn())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.parametrize("bad,needle", [(dict(decode="fork"), "decode"), (dict(batch_size=0), "batch_size"),
+                                        (dict(workers=-1), "workers"), (dict(prefetch=2.5), "prefetch"),
+                                        (dict(append=True, overwrite=True), "append and overwrite")])
+def test_options_that_cannot_run_are_refused_first(tmp_path, bad, needle):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    with pytest.raises(RisError, match=needle):
+        extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(**bad, **QUIET),
+                         extractor=_StandIn())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_a_run_in_another_thread_works(tmp_path):
+    """Only the main thread may set signal handlers: a run in a worker thread (a serving or
+    distributed engine) must not fail setting the SIGTERM handler, nor change it."""
+    import signal
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=48)
+    handler = signal.getsignal(signal.SIGTERM)
+    result = {}
+
+    def work():
+        try:
+            result["summary"] = extract_features(data, tmp_path / "f.h5", ExtractConfig(),
+                                                 ExtractOptions(batch_size=2, **QUIET), extractor=_StandIn())
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(60)
+    assert "error" not in result, repr(result.get("error"))
+    assert result["summary"].extracted == 4
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_summary_report_counts_files_not_read_and_lists_them_when_verbose(tmp_path):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    (data / "notes.txt").write_text("x")
+    (data / ".hidden.jpg").write_text("x")
+    s = extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(labels="none", **QUIET),
+                         extractor=_StandIn())
+    short, full = s.report(), s.report(verbose=True)
+    assert short[0].startswith(f"{tmp_path / 'f.h5'}: 2 images extracted")
+    assert "not read: 2 files with other extensions, 1 hidden file (--verbose lists them)" in short
+    assert "  not read (hidden): .hidden.jpg" in full and "  not read (extension): notes.txt" in full

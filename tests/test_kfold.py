@@ -1,0 +1,58 @@
+"""The k-fold loop: one head per fold at its own path, and the summary's means and paired deltas."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ris.kfold
+from ris.kfold import fold_path, format_summary, summarize_folds, train_folds
+from ris.train import TrainConfig, TrainResult
+
+
+def _result(raw_ns: float, head_ns: float, raw_map: float, head_map: float) -> TrainResult:
+    def scores(ns, m):
+        return {"ns_score": ns, "map": m, "top4_accuracy": ns * 25, "recall_at": {"1": m}}
+
+    return TrainResult("m.keras", None, None, 1.0, None, {"train": 8, "val": 1, "test": 3},
+                       {"raw": scores(raw_ns, raw_map), "head": scores(head_ns, head_map)})
+
+
+def test_fold_paths_keep_the_suffix():
+    assert fold_path("out/model.keras", 0) == Path("out/model.fold1.keras")
+    assert fold_path(Path("m.keras"), 4).name == "m.fold5.keras"
+
+
+def test_train_folds_trains_each_fold_once_at_its_path(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_train(db, output, cfg, progress=True, log=None):
+        calls.append((Path(output).name, cfg.fold, cfg.folds, cfg.arch, progress))
+        return _result(3.0, 3.0 + cfg.fold, 0.5, 0.5)
+
+    monkeypatch.setattr(ris.kfold, "train_head", fake_train)
+    lines: list[str] = []
+    results = train_folds("f.h5", tmp_path / "h.keras", TrainConfig(arch="mlp", fold=None), 3, progress=False,
+                          log=lines.append)
+    assert calls == [(f"h.fold{k + 1}.keras", k, 3, "mlp", False) for k in range(3)]
+    assert [r.scores["head"]["ns_score"] for r in results] == [3.0, 4.0, 5.0]
+    assert lines == ["== fold 1/3", "== fold 2/3", "== fold 3/3"]
+
+
+def test_summary_is_mean_and_std_over_folds_with_paired_deltas():
+    results = [_result(3.0, 3.5, 0.5, 0.6), _result(3.5, 3.4, 0.7, 0.7), _result(2.5, 3.0, 0.6, 0.8)]
+    s = summarize_folds(results)
+    assert s["raw"]["ns_score"] == {"mean": 3.0, "std": round(float(np.std([3.0, 3.5, 2.5])), 4)}
+    assert s["head"]["recall_at_1"]["mean"] == pytest.approx(0.7)
+    d = s["delta"]["ns_score"]
+    assert d["mean"] == pytest.approx(round((0.5 - 0.1 + 0.5) / 3, 4))
+    assert (d["folds_better"], d["folds_worse"]) == (2, 1)
+    assert (s["delta"]["map"]["folds_better"], s["delta"]["map"]["folds_worse"]) == (2, 0)  # one tie
+    text = format_summary(s, 3)
+    assert "raw: N-S 3.0000" in text and "(better in 2, worse in 1 of 3)" in text
+
+
+def test_summary_of_folds_without_test_scores_is_empty():
+    empty = TrainResult("m.keras", None, None, 1.0, None, {}, {})
+    assert summarize_folds([empty, empty]) == {} and format_summary({}, 2) == ""

@@ -1,0 +1,151 @@
+"""ris.protocol: which rows are scored and which they search (held-out, whole collection, query lists)."""
+import numpy as np
+import pytest
+
+from ris import protocol
+from ris.errors import DatabaseError, RisError
+
+IDS = [f"img{i:02d}.jpg" for i in range(12)]
+LABELS = np.repeat(np.arange(3), 4)  # objects 0, 1, 2: four views each
+
+
+def head_meta(fit, test, by="object"):
+    return {"split": {"by": by, "fit_images": list(fit), "test_images": list(test)}, "config": {"seed": 0}}
+
+
+def test_head_on_a_collection_it_never_saw_scores_every_labelled_image():
+    meta = head_meta(["train/a.jpg", "train/b.jpg"], ["train/c.jpg"])
+    p = protocol.choose(IDS, LABELS, meta, "test")
+    assert p.query_rows.tolist() == list(range(12)) and p.training_in_db == 0
+    assert "never saw" in p.description and "none of its 2 training images" in p.description
+
+
+def test_head_on_its_own_database_scores_only_held_out_objects_against_everything():
+    meta = head_meta(IDS[:6], IDS[8:])  # fitted on object 0 and half of object 1
+    p = protocol.choose(IDS, LABELS, meta, "test", gallery="all")
+    assert p.query_rows.tolist() == list(range(8, 12))  # object 1's other views are training objects too
+    assert p.gallery_rows.tolist() == list(range(12)) and p.training_in_db == 6
+    assert p.positions().tolist() == list(range(8, 12))
+    fold = protocol.choose(IDS, LABELS, meta, "test", gallery="split")
+    assert fold.gallery_rows.tolist() == list(range(8, 12))
+
+
+def test_image_split_head_keeps_the_other_images_of_training_classes():
+    meta = head_meta(IDS[:2] + IDS[4:6], IDS[2:4] + IDS[6:8], by="image")
+    p = protocol.choose(IDS, LABELS, meta, "test")
+    assert p.query_rows.tolist() == [2, 3, 6, 7, 8, 9, 10, 11]
+
+
+def test_head_fitted_on_everything_refuses_its_own_database_but_not_another():
+    meta = head_meta(IDS, [])  # --test-fraction 0
+    with pytest.raises(DatabaseError, match="nothing held out"):
+        protocol.choose(IDS, LABELS, meta, "test")
+    other = [f"new/{i}" for i in IDS]
+    assert len(protocol.choose(other, LABELS, meta, "test").query_rows) == 12
+
+
+def test_split_all_says_truthfully_whether_training_images_are_in_the_database():
+    meta = head_meta(IDS[:4], IDS[4:])
+    assert "includes 4 of the head's 4 training images" in protocol.choose(IDS, LABELS, meta, "all").description
+    other = [f"new/{i}" for i in IDS]
+    d = protocol.choose(other, LABELS, meta, "all").description
+    assert "includes" not in d and "none of the head's 4 training images" in d
+
+
+def test_old_model_without_fit_list_treats_every_non_held_out_image_as_training():
+    meta = {"split": {"by": "object", "test_images": IDS[8:]}, "config": {"seed": 0}}
+    p = protocol.choose(IDS, LABELS, meta, "test")
+    assert p.query_rows.tolist() == list(range(8, 12)) and "does not list" in p.description
+    p = protocol.choose([f"new/{i}" for i in IDS], LABELS, meta, "test")
+    assert len(p.query_rows) == 12 and "never saw" in p.description
+
+
+def test_query_list_searches_everything_else_with_unlabelled_rows_as_distractors(tmp_path):
+    f = tmp_path / "q.txt"
+    f.write_text("# Holidays-style\nimg00.jpg\n\nimg04.jpg\n")
+    labels = LABELS.copy()
+    labels[11] = -1
+    p = protocol.choose(IDS, labels, None, queries=protocol.read_query_ids(f), queries_file=str(f))
+    assert p.query_rows.tolist() == [0, 4] and p.gallery_rows.tolist() == list(range(12))
+    g = protocol.gallery_labels(labels)
+    assert (g >= 0).all() and (g[11] != g[:11]).all()
+    assert "1 unlabelled: distractors" in p.description
+
+
+def test_query_list_errors_name_the_file(tmp_path):
+    f = tmp_path / "q.txt"
+    f.write_text("nope.jpg\n")
+    with pytest.raises(DatabaseError, match=r"q\.txt: 1 query id\(s\) are not in the database"):
+        protocol.choose(IDS, LABELS, None, queries=protocol.read_query_ids(f), queries_file=str(f))
+    f.write_text("img00.jpg\n")
+    with pytest.raises(DatabaseError, match="one of the head's training images"):
+        protocol.choose(IDS, LABELS, head_meta(IDS[:4], IDS[4:]), queries=["img00.jpg"], queries_file=str(f))
+    f.write_text("\n# nothing\n")
+    with pytest.raises(RisError, match="no image ids"):
+        protocol.read_query_ids(f)
+
+
+def test_whole_collection_scores_lower_than_fold_with_distractors():
+    """The fold gallery hides distractors: a held-out query whose nearest image is a training image
+    is perfect in the fold protocol and not in the whole-collection one."""
+    from ris.metrics import evaluate_retrieval
+
+    x = np.array([[1, 0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.97, 0.03], [0.05, 0.95]], np.float32)
+    lab = np.array([0, 0, 1, 1, 2, 3])
+    ids = [str(i) for i in range(6)]
+    meta = head_meta(["4", "5"], ids[:4])
+    for gallery, expect in (("split", 1.0), ("all", None)):
+        p = protocol.choose(ids, lab, meta, "test", gallery=gallery)
+        s = evaluate_retrieval(x[p.gallery_rows], lab[p.gallery_rows], query_rows=p.positions())
+        if expect:
+            assert s.map == expect
+        else:
+            assert s.map < 1.0
+
+
+def _tiny_db(tmp_path, name, first, seed):
+    """A tiny UKBench-style database whose file names start at ``first`` (a different collection)."""
+    from ris.cli import extract as extract_cli
+    from ris.cli.common import run
+    from ris.testing import make_tiny_dataset
+
+    d = make_tiny_dataset(tmp_path / name, n_objects=5, views=4, size=96, seed=seed)
+    if first:
+        for p in sorted(d.glob("ukbench*.jpg"), reverse=True):
+            p.rename(d / f"ukbench{int(p.stem[7:]) + first:05d}.jpg")
+        (d / "groundtruth.tsv").unlink()
+    db = tmp_path / f"{name}.h5"
+    assert run("ris-extract", extract_cli.main, ["--dataset", str(d), "--features-db", str(db), "--labels", "ukbench",
+                                                 "--model", "vgg16", "--weights", "none", "--resize", "64",
+                                                 "--no-progress"]) == 0
+    return d, db
+
+
+@pytest.mark.slow
+def test_cli_head_on_a_new_collection_and_query_list(tmp_path, capsys):
+    import json
+
+    from ris.cli import eval as eval_cli
+    from ris.cli import train as train_cli
+    from ris.cli.common import run
+
+    _, own = _tiny_db(tmp_path, "own", 0, 0)
+    _, other = _tiny_db(tmp_path, "other", 1000, 3)
+    head = tmp_path / "all.keras"
+    assert run("ris-train", train_cli.main, ["--features-db", str(own), "--output", str(head), "--test-fraction", "0",
+                                             "--quiet"]) == 0
+    capsys.readouterr()
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(other), "--model", str(head), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 20 and r["training_images_in_db"] == 0 and "never saw" in r["split_description"]
+    assert 1.0 <= r["head"]["ns_score"] <= 4.0
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(other), "--model", str(head), "--split", "all",
+                                           "--json"]) == 0
+    assert "includes" not in json.loads(capsys.readouterr().out)["split_description"]
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(own), "--model", str(head)]) == 2
+    assert "nothing held out" in capsys.readouterr().err
+    q = tmp_path / "q.txt"
+    q.write_text("ukbench01000.jpg\nukbench01004.jpg\n")
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(other), "--queries", str(q), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 2 and r["gallery_images"] == 20 and r["raw"]["queries"] == 2

@@ -1,0 +1,348 @@
+"""ris-extract --engine ray: the same database as the local engine, on a real multi-node Ray cluster.
+
+The cluster is two node processes on this machine (``ray start --head`` and ``ray start --address``),
+on loopback (127.0.0.2: Ray rewrites 127.0.0.1 to the interface address), started once for the
+module on free ports with its own temp dir, and stopped by killing its own process groups. Faults
+are real: a ``kill -9`` of an embedding worker, of the driver, and of a node that joined mid-run.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ris.cli import extract as extract_cli
+from ris.cli.common import run
+from ris.extract import ExtractOptions, extract_features
+from ris.extractor import ExtractConfig
+from ris.testing import make_bad_images, make_tiny_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.2"
+CFG = ExtractConfig(model="mobilenet_v2", weights="none", input_size=32)  # FAST: random init, 32 px
+FAST = ["--model", "mobilenet_v2", "--weights", "none", "--resize", "32", "--no-progress"]
+
+
+# --- no cluster needed ---------------------------------------------------------------------
+
+def test_actors_leave_cpus_for_decoding_and_take_one_gpu_each():
+    from ris.ray_engine import RayOptions, _actor_resources
+
+    assert _actor_resources(RayOptions(), cpus=2, gpus=0) == (1, {"num_cpus": 1.0})
+    assert _actor_resources(RayOptions(actors=2), cpus=2, gpus=0) == (2, {"num_cpus": 0.5})
+    n, res = _actor_resources(RayOptions(), cpus=64, gpus=8)
+    assert n == 8 and res["num_gpus"] == 1 and res["num_cpus"] == 1.0
+    assert _actor_resources(RayOptions(actors=1, actor_cpus=0.25), cpus=2, gpus=0) == (1, {"num_cpus": 0.25})
+
+
+def test_a_worker_reason_names_the_file_as_the_local_engine_does():
+    from ris.ray_engine import _as_given
+
+    reason = "/abs/d/x.jpg: empty file (0 bytes)"
+    assert _as_given(reason, "/abs/d", Path("d"), "x.jpg") == "d/x.jpg: empty file (0 bytes)"
+    assert _as_given("something else", "/abs/d", Path("d"), "x.jpg") == "something else"
+
+
+def test_a_node_without_the_dataset_folder_stops_the_run_instead_of_listing_every_image_as_damaged(tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    from ris.errors import RisError
+    from ris.ray_engine import _decode
+
+    with pytest.raises(RisError, match="not there on node .*same path"):
+        _decode(str(tmp_path / "not-mounted"), ["a.jpg"], 32)
+
+
+def test_ray_flags_without_the_ray_engine_are_one_error(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    code = run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(tmp_path / "f.h5"),
+                                                 "--ray-address", "auto", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "need --engine ray" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_ray_engine_without_ray_installed_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    code = run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(tmp_path / "f.h5"),
+                                                 "--engine", "ray", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'ris[ray]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "f.h5").exists() and not (tmp_path / "f.h5.lock").exists()
+
+
+# --- the cluster -------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _node_args() -> list[str]:
+    """Free ports for everything a node listens on, so this cluster never meets another one."""
+    return ["--node-ip-address", HOST, "--num-cpus", "1", "--object-store-memory", str(150 << 20),
+            "--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
+            "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+            "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
+            "--disable-usage-stats"]
+
+
+class Cluster:
+    """Ray node processes started here; each `ray start` and what it spawns is one process group."""
+
+    def __init__(self, temp_dir: str):
+        self.temp_dir = temp_dir
+        self.port = _free_port()
+        self.address = f"{HOST}:{self.port}"
+        # the workers import this checkout's ris, as the tests do
+        # loopback only, on ports of its own: no token (a token would come from ~/.ray, shared state)
+        self.auth = {"RAY_AUTH_MODE": "disabled"}
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                    "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "3", **self.auth}
+        self.groups: list[int] = []
+
+    def start_node(self, head: bool = False) -> int:
+        where = (["--head", "--port", str(self.port), "--include-dashboard", "false",
+                  "--ray-client-server-port", str(_free_port())] if head else ["--address", self.address])
+        proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", *where, *_node_args(),
+                                 "--temp-dir", self.temp_dir], env=self.env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out[-3000:]
+        self.groups.append(proc.pid)  # the node's processes stay in the group of `ray start`
+        return proc.pid
+
+    def kill_group(self, pgid: int, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pgid in self.groups:
+                self.kill_group(pgid, sig)
+            deadline = time.time() + 5
+            while sig == signal.SIGTERM and time.time() < deadline and any(_alive(g) for g in self.groups):
+                time.sleep(0.2)
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp_dir = tempfile.mkdtemp(prefix="ris-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    c = Cluster(temp_dir)
+    saved = {k: os.environ.get(k) for k in c.auth}
+    os.environ.update(c.auth)  # before Ray is imported: the in-process drivers connect the same way
+    try:
+        pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+        c.start_node(head=True)
+        c.start_node()
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """40 images in 10 chunks of 4, plus damaged ones that both engines must list alike."""
+    root = tmp_path_factory.mktemp("raydata")
+    data = make_tiny_dataset(root / "images", n_objects=10, views=4, size=64)
+    bad = make_bad_images(root / "bad")
+    for key in ("truncated", "zero_byte", "text_as_jpg", "gray_png"):
+        shutil.copy(bad[key], data / bad[key].name)
+    local = root / "local.h5"
+    extract_features(data, local, CFG, ExtractOptions(batch_size=4, progress=False))
+    return data, local
+
+
+def _ray(data, db, cluster, **kw):
+    from ris.ray_engine import RayOptions, extract_on_ray
+
+    opts = kw.pop("options", None) or RayOptions(address=cluster.address)
+    return extract_on_ray(data, db, CFG, batch_size=4, progress=False, options=opts, **kw)
+
+
+def assert_same_database(local: Path, other: Path, tol: float = 1e-5) -> None:
+    """Same rows in the same order, same failures, features within ``tol``, same fingerprint."""
+    from ris.featuredb import FeatureDB, fingerprint
+
+    with h5py.File(local) as a, h5py.File(other) as b:
+        ids = b["image_ids"][:].tolist()
+        assert len(ids) == len(set(ids)), "an image is in the database more than once"
+        assert a["image_ids"][:].tolist() == ids
+        assert a["labels"][:].tolist() == b["labels"][:].tolist()
+        assert a["label_names"][:].tolist() == b["label_names"][:].tolist()
+        assert a["failed_ids"][:].tolist() == b["failed_ids"][:].tolist()
+        assert a["failed_reasons"][:].tolist() == b["failed_reasons"][:].tolist()
+        assert np.abs(a["features"][:] - b["features"][:]).max() <= tol
+        assert fingerprint(dict(a.attrs)) == fingerprint(dict(b.attrs))
+        assert b.attrs["complete"] and b.attrs["extract_engine"] == "ray"
+    with FeatureDB(other) as db:  # what ris-search/-eval/-train read: accepted
+        assert len(db.image_ids) == len(ids)
+
+
+@pytest.mark.slow
+def test_ray_on_two_nodes_equals_the_local_engine(cluster, dataset, tmp_path):
+    from ris.ray_engine import RayOptions
+
+    data, local = dataset
+    s = _ray(data, tmp_path / "r.h5", cluster,
+             options=RayOptions(address=cluster.address, actors=2, actor_cpus=0.25, decode_cpus=0.5))
+    assert s.extracted == 41 and len(s.skipped) == 3 and s.actors == 2 and s.actor_restarts == 0
+    assert sum(s.nodes.values()) == 44
+    assert_same_database(local, tmp_path / "r.h5")
+
+
+@pytest.mark.slow
+def test_a_killed_embedding_worker_is_retried_and_every_image_is_there_once(cluster, dataset, tmp_path):
+    data, local = dataset
+    killed: list[int] = []
+
+    def kill_once(state):
+        if not killed and state.committed_chunks == 2:  # mid-run: 8 chunks still to go
+            killed.append(state.actor_pids[0])
+            os.kill(state.actor_pids[0], signal.SIGKILL)
+
+    s = _ray(data, tmp_path / "r.h5", cluster, on_commit=kill_once)
+    assert killed and s.actor_restarts == 1
+    assert s.extracted == 41 and s.resumed == 0
+    assert_same_database(local, tmp_path / "r.h5")
+
+
+def _committed_rows(partial: Path) -> int:
+    if not partial.exists():
+        return 0
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs.get("rows_done", 0))
+    except Exception:
+        return 0
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_without_recomputing_committed_rows(cluster, dataset, tmp_path):
+    data, local = dataset
+    out_db = tmp_path / "r.h5"
+    cmd = [sys.executable, "-c", "from ris.cli.extract import entry; entry()", "--dataset", str(data),
+           "--features-db", str(out_db), "--engine", "ray", "--ray-address", "auto", "--batch-size", "4",
+           *FAST[:-1]]
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}  # what 'auto' finds first
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = Path(f"{out_db}.partial")
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and _committed_rows(partial) < 8:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail(f"the driver ended before it could be killed: {proc.communicate()[1][-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = _committed_rows(partial)
+    assert not out_db.exists() and committed >= 8
+    done = subprocess.run(cmd + ["--json", "--no-progress"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = json.loads(done.stdout)
+    assert s["engine"] == "ray" and s["resumed"] == committed and s["resumed"] + s["extracted"] == 41
+    assert_same_database(local, out_db)
+
+
+@pytest.fixture(scope="module")
+def slow_dataset(tmp_path_factory):
+    """32 large PNGs (no reduced decoding for PNG): decoding outweighs the 32 px network, so several
+    decode tasks wait at once and a node that joins gets some of them."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("slowdata")
+    data = root / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        img = cv2.resize(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), (1000, 1000), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(data / f"img{i:03d}.png"), img)
+    local = root / "local.h5"
+    extract_features(data, local, CFG, ExtractOptions(batch_size=4, progress=False))
+    return data, local
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_and_then_dies_mid_run_loses_no_rows(cluster, slow_dataset, tmp_path):
+    import ray
+
+    data, local = slow_dataset
+    new = {}
+
+    def churn(state):
+        if state.committed_chunks == 1:  # a third node joins ...
+            before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            new["pgid"] = cluster.start_node()
+            new["id"] = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before)
+        elif "id" in new and "killed" not in new and (new["id"][:12] in state.nodes or state.committed_chunks >= 4):
+            # ... and dies (kill -9 of its raylet and workers) once it decoded, or half-way through the
+            # run if Ray's scheduler gave it nothing yet (a busy machine): its death must cost no row either
+            cluster.kill_group(new["pgid"])
+            new["killed"] = state.committed_chunks
+            new["took_work"] = new["id"][:12] in state.nodes
+
+    s = _ray(data, tmp_path / "r.h5", cluster, on_commit=churn)
+    assert "killed" in new, f"the new node never joined: {s.nodes}"
+    assert new["killed"] < 8, "killed after the last chunk: nothing left to lose"
+    assert s.extracted == 32 and sum(s.nodes.values()) >= 32
+    assert_same_database(local, tmp_path / "r.h5")
+
+
+@pytest.mark.slow
+def test_ukbench_on_ray_equals_the_local_engine(cluster, tmp_path):
+    from ris.metrics import ns_score
+    from ris.ray_engine import RayOptions, extract_on_ray
+    from conftest import shared_dataset
+
+    src = shared_dataset("ukbench1000")
+    data = tmp_path / "ukbench100"
+    data.mkdir()
+    for i in range(100):  # links, not copies
+        (data / f"ukbench{i:05d}.jpg").symlink_to(src / f"ukbench{i:05d}.jpg")
+    cfg = ExtractConfig(model="mobilenet_v2")  # offline ImageNet weights, 224 px
+    extract_features(data, tmp_path / "local.h5", cfg, ExtractOptions(labels="ukbench", progress=False))
+    extract_on_ray(data, tmp_path / "ray.h5", cfg, labels="ukbench", progress=False,
+                   options=RayOptions(address=cluster.address))
+    assert_same_database(tmp_path / "local.h5", tmp_path / "ray.h5")
+    with h5py.File(tmp_path / "local.h5") as a, h5py.File(tmp_path / "ray.h5") as b:
+        assert ns_score(a["features"][:], a["labels"][:]) == ns_score(b["features"][:], b["labels"][:])
+
+
+@pytest.mark.slow
+def test_the_cli_starts_a_local_cluster_when_no_address_is_given(tmp_path, capsys):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    import ray
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=48)
+    code = run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(tmp_path / "f.h5"),
+                                                 "--engine", "ray", "--json", *FAST])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["engine"] == "ray" and s["extracted"] == 8 and len(s["nodes"]) == 1
+    assert not ray.is_initialized()  # the cluster it started is stopped

@@ -1,0 +1,527 @@
+"""ris-serve's API: searches, files by row only, upload caps, API key, overload, reloads.
+
+A tiny generated dataset and a random-init VGG16 at 64 px (no network) keep this fast; the page
+in a real browser over real photos is tests/test_serve_browser.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="ris-serve needs the serve extra: pip install 'ris[serve]'")
+pytest.importorskip("httpx", reason="the API tests need httpx (the test extra)")
+warnings.filterwarnings("ignore", message=".*httpx.*", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*httpx2.*")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from ris.cli import serve as serve_cli  # noqa: E402
+from ris.cli.common import run  # noqa: E402
+from ris.extract import ExtractConfig, ExtractOptions, extract_features  # noqa: E402
+from ris.search import SearchEngine  # noqa: E402
+from ris.serve import SearchService, ServeConfig, create_app  # noqa: E402
+from ris.serve.limits import Guard, Limiter, Overloaded  # noqa: E402
+from ris.serve.process import ServerProcess  # noqa: E402
+from ris.testing import _huge_png, make_bad_images, make_tiny_dataset  # noqa: E402
+
+FAST = ExtractConfig(model="vgg16", weights="none", input_size=64)
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = make_tiny_dataset(root / "images", n_objects=6, views=4, size=96)
+    db = root / "feats.h5"
+    extract_features(data, db, FAST, ExtractOptions(labels="ukbench", progress=False, log=lambda s: None))
+    return root, data, db
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    return SearchEngine(tiny[2])
+
+
+def client_for(engine, db, raise_server_exceptions: bool = True, **cfg) -> TestClient:
+    svc = SearchService(ServeConfig(str(db), reload_interval=0, **cfg), log=lambda s: None)
+    svc.use_engine(engine)
+    return TestClient(create_app(svc), raise_server_exceptions=raise_server_exceptions)
+
+
+@pytest.fixture()
+def client(engine, tiny):
+    with client_for(engine, tiny[2]) as c:
+        yield c
+
+
+def upload(c, data: bytes, name="q.jpg", headers=None, **fields):
+    return c.post("/api/search", files={"image": (name, data, "application/octet-stream")},
+                  data={k: str(v) for k, v in fields.items()}, headers=headers or {})
+
+
+def sentence(r) -> str:
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and detail and "\n" not in detail and "Traceback" not in detail
+    return detail
+
+
+# --- searching ------------------------------------------------------------------------------
+
+def test_health_says_ready_with_size_model_dimension_index(client):
+    h = client.get("/api/health").json()
+    assert h["ready"] and h["status"] == "ready"
+    assert (h["rows"], h["model"], h["dimension"], h["index"]) == (24, "vgg16", 512, "exact")
+    assert h["rerank"][0] == "none" and "qe" in h["rerank"] and h["generation"] == 1
+
+
+def test_upload_finds_the_objects_views_with_distances_labels_timing(client, tiny):
+    r = upload(client, (tiny[1] / "ukbench00005.jpg").read_bytes(), k=6)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    hits = out["results"]
+    assert len(hits) == 6 and [h["rank"] for h in hits] == list(range(1, 7))
+    assert {h["id"] for h in hits[:4]} == {4, 5, 6, 7} and hits[0]["id"] == 5
+    assert hits[0]["distance"] == pytest.approx(0.0, abs=1e-4)  # decoded exactly as the database was
+    assert all(a["distance"] <= b["distance"] for a, b in zip(hits, hits[1:]))
+    assert hits[1]["label"] == "1" and hits[1]["path"].startswith("ukbench0000")
+    assert hits[1]["thumb_url"] == f"/api/thumbs/{hits[1]['id']}"
+    assert out["query"]["kind"] == "upload" and out["query"]["width"] == 96
+    assert {"decode", "embed", "search", "total", "queue"} <= set(out["timing_ms"])
+
+
+def test_search_by_id_is_more_like_this_without_the_query(client):
+    out = client.get("/api/search", params={"id": 9, "k": 5}).json()
+    ids = [h["id"] for h in out["results"]]
+    assert 9 not in ids and set(ids[:3]) == {8, 10, 11}
+    assert out["query"] == {"kind": "id", "id": 9, "path": "ukbench00009.jpg", "label": "2",
+                            "image_url": "/api/images/9", "thumb_url": "/api/thumbs/9"}
+
+
+def test_engine_search_by_array_matches_search_by_file(engine, tiny):
+    import cv2
+
+    path = tiny[1] / "ukbench00005.jpg"
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    by_file, by_array = engine.search(path, 5), engine.search(rgb, 5)
+    assert [h.row for h in by_file] == [h.row for h in by_array]
+    assert [h.image_id for h in engine.query(path, 5)] == [h.image_id for h in by_file]
+    assert [h.row for h in engine.search_row(5, 3)] == [h.row for h in by_file[1:4]]
+
+
+@pytest.mark.parametrize("method", ["qe", "dba+qe", "diffusion", "kreciprocal"])
+def test_rerank_per_request(client, method):
+    out = client.get("/api/search", params={"id": 0, "k": 3, "rerank": method}).json()
+    assert out["rerank"] == method and {h["id"] for h in out["results"]} == {1, 2, 3}
+
+
+def test_bad_parameters_are_one_sentence(engine, tiny):
+    with client_for(engine, tiny[2], rerank=("qe",)) as c:
+        for params, status in (({"id": 0, "k": 0}, 422), ({"id": 0, "k": 101}, 422), ({"id": 0, "k": "x"}, 422),
+                               ({"id": "x"}, 422), ({"id": 24}, 404), ({"id": -1}, 422),
+                               ({"id": 0, "rerank": "diffusion"}, 400), ({"id": 0, "rerank": "bogus"}, 400)):
+            r = c.get("/api/search", params=params)
+            assert r.status_code == status, (params, r.text)
+            sentence(r)
+        assert "rows 0 to 23" in c.get("/api/search", params={"id": 24}).json()["detail"]
+        assert c.get("/api/health").json()["rerank"] == ["none", "qe"]
+
+
+# --- files by row only ------------------------------------------------------------------------
+
+def test_images_and_thumbnails_by_row(client, tiny):
+    import cv2
+
+    r = client.get("/api/images/3")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.content == (tiny[1] / "ukbench00003.jpg").read_bytes()
+    t = client.get("/api/thumbs/3")
+    assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
+    thumb = cv2.imdecode(np.frombuffer(t.content, np.uint8), cv2.IMREAD_COLOR)
+    assert thumb.shape[:2] == (96, 96)  # small images are not enlarged
+    for bad in ("/api/images/24", "/api/thumbs/99999", "/api/images/-1"):
+        assert client.get(bad).status_code in (404, 422)
+
+
+@pytest.mark.parametrize("url", [
+    "/api/images/..%2F..%2F..%2Fetc%2Fpasswd", "/api/images/%2Fetc%2Fpasswd", "/api/images/../../etc/passwd",
+    "/api/thumbs/..%2Fimages%2Fukbench00000.jpg", "/api/images/1%2F..%2F2", "/static/..%2F__init__.py",
+    "/static/../app.py", "/api/images/ukbench00000.jpg", "/api/search?path=/etc/passwd",
+])
+def test_no_path_from_a_request_is_opened(client, url):
+    r = client.get(url)
+    assert r.status_code in (404, 422), (url, r.status_code)
+    assert b"root:" not in r.content and b"import" not in r.content
+
+
+def test_rows_whose_file_leaves_the_collection_are_refused(engine, tiny, tmp_path):
+    root = tmp_path / "collection"
+    root.mkdir()
+    good = (tiny[1] / "ukbench00000.jpg").read_bytes()
+    (root / "ok.jpg").write_bytes(good)
+    (tmp_path / "outside.jpg").write_bytes(good)
+    (root / "link_out.jpg").symlink_to(tmp_path / "outside.jpg")
+    (root / "link_in.jpg").symlink_to(root / "ok.jpg")
+    (root / "folder.jpg").mkdir()
+    (root / "notes.txt").write_text("secret")
+    os.mkfifo(root / "pipe.jpg")  # opening it for reading would wait for a writer forever
+    rows = ["ok.jpg", "../outside.jpg", "/etc/passwd", "link_out.jpg", "link_in.jpg", "folder.jpg",
+            "notes.txt", "missing.jpg", "sub/../../outside.jpg", "pipe.jpg"]
+    crafted = copy.copy(engine)  # the same vectors, a database whose paths were tampered with
+    crafted.image_ids = rows + engine.image_ids[len(rows):]
+    crafted.root = root
+    with client_for(crafted, tiny[2]) as c:
+        status = {rel: c.get(f"/api/images/{i}").status_code for i, rel in enumerate(rows)}
+        thumbs = {rel: c.get(f"/api/thumbs/{i}").status_code for i, rel in enumerate(rows)}
+        detail = sentence(c.get("/api/images/3"))
+    assert status == {"ok.jpg": 200, "../outside.jpg": 403, "/etc/passwd": 403, "link_out.jpg": 403,
+                      "link_in.jpg": 200, "folder.jpg": 403, "notes.txt": 403, "missing.jpg": 404,
+                      "sub/../../outside.jpg": 403, "pipe.jpg": 403}
+    assert thumbs == status
+    assert "outside the collection" in detail and str(tmp_path) not in detail
+
+
+# --- uploads ------------------------------------------------------------------------------
+
+def test_unfit_uploads_get_4xx_with_the_reason(client, tmp_path, monkeypatch):
+    bad = make_bad_images(tmp_path)
+    expect = {"text_as_jpg": (415, "not an image"), "zero_byte": (400, "empty"),
+              "truncated": (400, "truncated"), "corrupt": (400, "damaged JPEG")}
+    for key, (status, words) in expect.items():
+        r = upload(client, bad[key].read_bytes(), bad[key].name)
+        assert r.status_code == status and words in sentence(r), (key, r.text)
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "ICO")
+    ico = upload(client, buf.getvalue(), "a.ico")
+    assert ico.status_code == 415 and "ICO" in sentence(ico)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "GIF")  # what ris-extract reads is searchable
+    assert upload(client, buf.getvalue(), "a.gif", k=2).status_code == 200
+    assert "../../etc" not in sentence(upload(client, b"text", "../../etc/x.jpg"))
+    for key in ("gray_png", "rgba_png", "png16", "webp", "bmp", "tif", "non_ascii", "upper_ext"):
+        assert upload(client, bad[key].read_bytes(), bad[key].name, k=2).status_code == 200, key
+
+
+def test_pixel_bombs_are_refused_from_the_header_without_decoding(client, monkeypatch):
+    import cv2
+
+    import ris.images
+
+    def no_decoding(*a, **k):
+        raise AssertionError("a refused image was decoded")
+
+    for module, name in ((cv2, "imdecode"), (ris.images, "_pillow_decode"), (ris.images, "_opencv_decode")):
+        monkeypatch.setattr(module, name, no_decoding)
+    big = upload(client, _huge_png(8000), "big.png")  # 64 MP, a 60 kB file
+    assert big.status_code == 413 and "8000 x 8000 pixels" in sentence(big)
+    bomb = upload(client, _huge_png(20000), "bomb.png")  # 400 MP: 1.2 GB decoded
+    assert bomb.status_code == 413 and "20000 x 20000 pixels" in sentence(bomb)
+
+
+def test_upload_over_the_byte_cap_is_413(engine, tiny):
+    with client_for(engine, tiny[2], max_upload_bytes=20_000) as c:
+        r = upload(c, os.urandom(120_000), "big.jpg")
+        assert r.status_code == 413 and "0.02 MB" in sentence(r)
+        assert upload(c, (tiny[1] / "ukbench00000.jpg").read_bytes()).status_code == 200
+
+
+def test_byte_cap_is_enforced_while_the_body_streams():
+    """The guard stops reading at the first chunk past the cap, whatever the app would do."""
+    pulled = []
+    sent = []
+
+    async def app(scope, receive, send):  # reads everything it is given, like a form parser
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive():
+        pulled.append(1)
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}  # endless, no length
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/search", "headers": []}
+    asyncio.run(Guard(app, max_body=10_000)(scope, receive, send))
+    assert len(pulled) == 11 and sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["detail"].startswith("request body over")
+    sent.clear()
+    pulled.clear()
+    declared = {**scope, "headers": [(b"content-length", b"999999999")]}
+    asyncio.run(Guard(app, max_body=10_000)(declared, receive, send))
+    assert pulled == [] and sent[0]["status"] == 413  # refused before a byte is read
+
+
+# --- API key --------------------------------------------------------------------------------
+
+def test_api_key_guards_every_api_call_but_not_the_page(engine, tiny):
+    with client_for(engine, tiny[2], api_key=KEY) as c:
+        for url in ("/api/health", "/api/search?id=0", "/api/images/0", "/api/thumbs/0"):
+            r = c.get(url)
+            assert r.status_code == 401 and "API key" in sentence(r), url
+            assert c.get(url, headers={"X-API-Key": "wrong"}).status_code == 401
+            assert c.get(url, headers={"X-API-Key": KEY}).status_code == 200, url
+            assert c.get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200, url
+        assert upload(c, (tiny[1] / "ukbench00000.jpg").read_bytes()).status_code == 401
+        assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RIS_API_KEY", KEY)
+    args = serve_cli.build_parser().parse_args(["--features-db", "x.h5"])
+    assert serve_cli.config_from_args(args, "x.h5", None).api_key == KEY
+    args = serve_cli.build_parser().parse_args(["--api-key", "other"])
+    assert serve_cli.config_from_args(args, "x.h5", None).api_key == "other"
+
+
+# --- overload and failures ------------------------------------------------------------------
+
+def test_limiter_refuses_at_once_when_slots_and_queue_are_full():
+    async def scenario():
+        lim = Limiter(slots=1, queue=1, timeout=5)
+        release = asyncio.Event()
+
+        async def hold():
+            async with lim.slot():
+                await release.wait()
+
+        first = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(hold())  # waits in the queue
+        await asyncio.sleep(0)
+        assert (lim.running, lim.waiting) == (1, 1)
+        with pytest.raises(Overloaded):
+            async with lim.slot():
+                pass
+        release.set()
+        await asyncio.gather(first, second)
+        assert (lim.running, lim.waiting, lim.refused) == (0, 0, 1)
+        short = Limiter(slots=1, queue=4, timeout=0.01)
+        async with short.slot():
+            with pytest.raises(Overloaded, match="within"):
+                async with short.slot():
+                    pass
+        # a client that goes away while waiting (its task cancelled) leaves no slot taken
+        release.clear()
+        gone = asyncio.create_task(hold())
+        blocked = asyncio.create_task(hold())
+        await asyncio.sleep(0.01)
+        assert (lim.running, lim.waiting) == (1, 1)
+        blocked.cancel()
+        await asyncio.gather(blocked, return_exceptions=True)
+        assert lim.waiting == 0
+        release.set()
+        await gone
+        assert lim.running == 0
+        async with lim.slot():
+            assert lim.running == 1
+
+    asyncio.run(scenario())
+
+
+def test_overload_is_a_quick_503_and_the_server_recovers(engine, tiny):
+    with client_for(engine, tiny[2], slots=1, queue=0) as c:
+        svc = c.app.app.state.service
+        gate, entered = threading.Event(), threading.Event()
+        real = svc.search_row
+
+        def slow(*a, **k):
+            entered.set()
+            gate.wait(30)
+            return real(*a, **k)
+
+        svc.search_row = slow
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault("r", c.get("/api/search?id=0")))
+        t.start()
+        assert entered.wait(30)
+        busy = c.get("/api/search?id=1")
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in sentence(busy)
+        gate.set()
+        t.join(30)
+        assert first["r"].status_code == 200
+        svc.search_row = real
+        assert c.get("/api/search?id=1").status_code == 200
+
+
+def test_a_failing_request_is_500_and_the_server_lives_on(engine, tiny):
+    client = client_for(engine, tiny[2], raise_server_exceptions=False)  # the server logs it; the client gets 500
+    svc = client.app.app.state.service
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    real, svc.search_row = svc.search_row, broken
+    try:
+        r = client.get("/api/search?id=0")
+    finally:
+        svc.search_row = real
+    assert r.status_code == 500 and "still running" in sentence(r)
+    assert client.get("/api/search?id=0").status_code == 200
+
+
+def test_not_ready_until_loaded(tiny):
+    gate = threading.Event()
+
+    class Slow(SearchService):
+        def load(self):
+            gate.wait(60)
+            return super().load()
+
+    svc = Slow(ServeConfig(str(tiny[2]), reload_interval=0), log=lambda s: None)
+    ready = threading.Event()
+    with TestClient(create_app(svc, on_ready=lambda s: ready.set())) as c:
+        h = c.get("/api/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        assert c.get("/api/search?id=0").status_code == 503
+        gate.set()
+        assert ready.wait(120)
+        assert c.get("/api/health").json()["status"] == "ready"
+
+
+def test_a_database_that_fails_to_load_is_reported(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    fatal = []
+    done = threading.Event()
+    svc = SearchService(ServeConfig(str(bad), reload_interval=0), log=lambda s: None)
+    app = create_app(svc, on_fatal=lambda m: (fatal.append(m), done.set()))
+    with TestClient(app) as c:
+        assert done.wait(60)
+        h = c.get("/api/health")
+        assert h.status_code == 503 and h.json()["status"] == "failed"
+    assert "bad.h5" in fatal[0]
+
+
+# --- growing collections ------------------------------------------------------------------
+
+def _append_object(data: Path, db: Path, seed: int, first: int) -> list[str]:
+    extra = make_tiny_dataset(data.parent / f"extra{seed}", n_objects=1, views=4, size=96, seed=seed)
+    names = []
+    for k, src in enumerate(sorted(extra.glob("*.jpg"))):
+        names.append(f"ukbench{first + k:05d}.jpg")
+        shutil.copy(src, data / names[-1])
+    extract_features(data, db, FAST, ExtractOptions(labels="ukbench", append=True, progress=False,
+                                                    log=lambda s: None))
+    return names
+
+
+def test_appended_rows_become_searchable_without_restart(tiny, tmp_path):
+    data = tmp_path / "images"
+    shutil.copytree(tiny[1], data)
+    db = tmp_path / "feats.h5"
+    shutil.copy(tiny[2], db)
+    svc = SearchService(ServeConfig(str(db), index="hnsw", reload_interval=0), log=lambda s: None)
+    svc.load()
+    assert svc.poll() is False  # unchanged file: nothing to do
+    with TestClient(create_app(svc)) as c:
+        assert c.get("/api/health").json()["index"] == "hnsw"
+        old = svc.current.engine
+        names = _append_object(data, db, seed=11, first=24)
+        assert c.get("/api/health").json()["rows"] == 24  # not yet looked
+        assert svc.poll() is True
+        h = c.get("/api/health").json()
+        assert (h["rows"], h["generation"], h["index"]) == (28, 2, "hnsw")
+        assert svc.current.engine.extractor is old.extractor  # the backbone is not loaded again
+        out = upload(c, (data / names[1]).read_bytes(), k=4).json()
+        assert {r["id"] for r in out["results"]} == {24, 25, 26, 27}
+        assert c.get("/api/thumbs/26").status_code == 200
+        from ris.index import HnswIndex, index_path_for
+
+        assert len(HnswIndex.load(index_path_for(str(db)))) == 28  # the saved index followed
+
+        broken = tmp_path / "broken.h5"  # a database replaced by garbage: keep serving the old rows
+        broken.write_bytes(b"garbage")
+        os.replace(broken, db)
+        assert svc.poll() is False and svc.poll() is False  # not retried until the file changes again
+        h = c.get("/api/health").json()
+        assert h["rows"] == 28 and h["reload_error"]
+        assert c.get("/api/search?id=27").status_code == 200
+
+
+def test_the_background_watcher_reloads(tiny, tmp_path):
+    data = tmp_path / "images"
+    shutil.copytree(tiny[1], data)
+    db = tmp_path / "feats.h5"
+    shutil.copy(tiny[2], db)
+    svc = SearchService(ServeConfig(str(db), reload_interval=0.1), log=lambda s: None)
+    svc.load()
+    with TestClient(create_app(svc)) as c:
+        _append_object(data, db, seed=12, first=24)
+        deadline = time.monotonic() + 120
+        while c.get("/api/health").json()["rows"] != 28 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get("/api/health").json()["rows"] == 28
+        assert c.get("/api/search", params={"id": 25, "k": 3}).status_code == 200
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def test_help_explains_every_flag():
+    from ris.cli import demo as demo_cli
+
+    for parser in (serve_cli.build_parser(), demo_cli.build_parser()):
+        for action in parser._actions:
+            assert action.help, f"{parser.prog} {action.option_strings} has no help"
+        assert "(default: None)" not in parser.format_help()
+    assert "--serve" in demo_cli.build_parser().format_help()
+
+
+def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):
+    for argv, words in ((["--features-db", str(tmp_path / "none.h5")], "not found"),
+                        (["--features-db", "x.h5", "--rerank", "bogus"], "unknown method"),
+                        (["--features-db", "x.h5", "-k", "20", "--max-k", "10"], "over --max-k")):
+        assert run("ris-serve", serve_cli.main, argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ris-serve: error:") and words in err and len(err.splitlines()) == 1
+    for argv in (["--slots", "0"], ["--port", "-1"], ["--max-upload-mb", "0"], ["--queue-timeout", "nan"]):
+        with pytest.raises(SystemExit) as stop:  # refused by argparse: usage, then one error line
+            serve_cli.build_parser().parse_args(argv)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("ris-serve: error: argument")
+
+
+@pytest.mark.slow
+def test_the_real_server_streams_the_cap_and_stops_cleanly(tiny):
+    import httpx
+
+    server = ServerProcess(["--features-db", str(tiny[2]), "--port", "0", "--max-upload-mb", "0.05"])
+    url = server.url
+    try:
+        assert url.startswith("http://127.0.0.1:")
+        host, port = url[len("http://"):].split(":")
+        h = httpx.get(url + "/api/health").json()
+        assert h["ready"] and h["rows"] == 24
+        assert "<title>ris" in httpx.get(url + "/").text
+        with socket.create_connection((host, int(port)), timeout=30) as s:  # chunked, never finished
+            s.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                      b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+            head = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+                    b"Content-Type: image/jpeg\r\n\r\n")
+            s.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+            chunk = b"x" * 16384
+            for _ in range(8):  # 128 kB > 50 kB + slack: the answer comes before the body ends
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            assert s.recv(4096).startswith(b"HTTP/1.1 413")
+        r = httpx.post(url + "/api/search", files={"image": ("q.jpg", (tiny[1] / "ukbench00002.jpg").read_bytes())})
+        assert r.status_code == 200 and r.json()["results"][0]["id"] == 2
+        assert httpx.get(url + "/api/images/..%2F..%2Fetc%2Fpasswd").status_code == 404
+    finally:
+        assert server.stop() == 0  # SIGTERM, as a service manager stops it: graceful, exit 0
+    assert any("ris-serve: loading" in line for line in server.stderr)

@@ -1,0 +1,122 @@
+"""The training run: what each head reports about itself, and the configs it refuses before any work."""
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+
+from ris.train import TrainConfig
+
+
+def _objects(n_obj: int, views: int, dim: int, seed: int):
+    rng = np.random.default_rng(seed)
+    nuisance = np.linalg.qr(rng.normal(size=(dim, 8)))[0]
+    x = np.repeat(rng.normal(size=(n_obj, dim)), views, 0) + 6.0 * rng.normal(size=(n_obj * views, 8)) @ nuisance.T \
+        + 0.3 * rng.normal(size=(n_obj * views, dim))
+    return x.astype(np.float32), np.repeat(np.arange(n_obj), views)
+
+
+def _write_db(path, n_obj=12, views=6, dim=16, seed=0):
+    from ris.featuredb import FeatureWriter
+
+    x, lab = _objects(n_obj, views, dim, seed)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    w = FeatureWriter(path, {"model": "synthetic", "pooling": "gap"}, (dim,), [f"o{i}" for i in range(n_obj)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in lab])
+    w.finish({})
+    return path
+
+
+def test_train_cli_folds_by_image_hold_out_different_images(tmp_path, capsys):
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+    from ris.modelio import load_model
+
+    db = _write_db(tmp_path / "f.h5")
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--folds", "3",
+                           "--split-by", "image", "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    held = [set(load_model(tmp_path / f"h.fold{k}.keras")[1]["split"]["test_images"]) for k in (1, 2, 3)]
+    assert not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
+    assert len(held[0] | held[1] | held[2]) == 72
+
+
+def test_whitening_speaks_of_no_epochs_nor_validation_and_reports_its_fit_time(tmp_path, monkeypatch):
+    pytest.importorskip("keras")
+    import ris.train
+    from ris.train import train_head
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(ris.train.time, "perf_counter", lambda: clock["t"])
+    real_fit = ris.train.fit_whitening
+
+    def slow_fit(*a, **k):  # the fit "takes" 100 s on the patched clock
+        clock["t"] += 100.0
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(ris.train, "fit_whitening", slow_fit)
+    db = _write_db(tmp_path / "f.h5")
+    lines: list[str] = []
+    # val_fraction 0.05 of 12 objects = 1 object: a triplet head would warn about its validation groups
+    r = train_head(db, tmp_path / "h.keras", TrainConfig(val_fraction=0.05), progress=True, log=lines.append)
+    text = "\n".join(lines).lower()
+    assert lines and "epoch" not in text and "validation" not in text and " val" not in text, lines
+    assert r.seconds >= 100.0
+    assert r.best_epoch is None and r.epochs_run is None and r.seconds_per_epoch is None
+
+
+def test_triplet_heads_still_report_epochs_and_fit_time(tmp_path, capsys):
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5")
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--arch", "mlp",
+                           "--hidden", "8", "--out-dim", "8", "--epochs", "2", "--p", "4", "--quiet", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["epochs_run"] == 2 and r["best_epoch"] in (1, 2) and r["seconds"] > 0 and r["seconds_per_epoch"] > 0
+
+
+def _maps_db(path, n_obj=6, views=4):
+    from ris.featuredb import FeatureWriter
+
+    x = np.random.default_rng(1).random((n_obj * views, 2, 2, 8)).astype(np.float32)
+    w = FeatureWriter(path, {"model": "synthetic", "pooling": "none"}, (2, 2, 8), [f"o{i}" for i in range(n_obj)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in np.repeat(np.arange(n_obj), views)])
+    w.finish({})
+    return path
+
+
+@pytest.mark.parametrize("cfg,needle", [
+    (TrainConfig(), "--arch whiten needs pooled features"),
+    (TrainConfig(shallow=8), "--shallow trains a CNN branch"),
+    (TrainConfig(arch="residual", shallow=8), "--shallow needs pooled features, not conv maps"),
+    (TrainConfig(arch="mlp", distance="manhattan"), "unknown distance 'manhattan'"),
+    (TrainConfig(fold=3, folds=3), "fold 3 is not one of the 3 folds"),
+    (TrainConfig(split_by="pixel"), "--split-by must be one of object, image"),
+])
+def test_configs_that_cannot_train_are_refused_before_any_work(tmp_path, cfg, needle):
+    pytest.importorskip("keras")
+    from ris.errors import RisError
+    from ris.train import train_head
+
+    db = _maps_db(tmp_path / "f.h5")
+    with pytest.raises(RisError, match=needle):
+        train_head(db, tmp_path / "h.keras", cfg, progress=False, log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]  # no model, no thumbnails read
+
+
+@pytest.mark.parametrize("cfg", [TrainConfig(), TrainConfig(arch="mlp", epochs=1)], ids=["whiten", "mlp"])
+def test_groups_of_one_image_are_too_few_to_train_on(tmp_path, cfg):
+    """Every object has one view: there is no positive pair to whiten or to draw triplets from."""
+    pytest.importorskip("keras")
+    from ris.errors import TooFewGroups
+    from ris.featuredb import FeatureWriter
+    from ris.train import train_head
+
+    x = np.random.default_rng(2).normal(size=(20, 8)).astype(np.float32)
+    w = FeatureWriter(tmp_path / "f.h5", {"model": "synthetic", "pooling": "gap"}, (8,), [f"o{i}" for i in range(20)])
+    w.add([f"{i:04d}.jpg" for i in range(20)], x / np.linalg.norm(x, axis=1, keepdims=True), [f"o{i}" for i in range(20)])
+    w.finish({})
+    with pytest.raises(TooFewGroups, match="two or more"):
+        train_head(tmp_path / "f.h5", tmp_path / "h.keras", cfg, progress=False, log=lambda s: None)
+    assert not (tmp_path / "h.keras").exists()
