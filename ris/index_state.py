@@ -88,6 +88,10 @@ def stale_reason(index: FollowingIndex, features, metric: str, source: dict | No
                 built.get("content_id") != source.get("content_id")
                 and built.get("content_id") not in source.get("history", [])):
             return "the database content changed since the index was saved"
+        if source.get("lineage") and not built.get("lineage") and not RowMap(source.get("ids")).identity:
+            # saved by an older version or a caller without the stable ids: its labels are row
+            # numbers, which no longer equal the ids once images have been removed
+            return "the index was built over row numbers, and images were removed since"
     if index.metric != metric:
         return f"saved index is for metric {index.metric!r}, not {metric!r}"
     if index.dim != int(features.shape[1]):

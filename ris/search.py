@@ -275,6 +275,7 @@ class SearchEngine:
         from ris.errors import DatabaseError
         from ris.featuredb import FeatureDB
         from ris.index import open_search_index
+        from ris.index_state import source_of
 
         db = FeatureDB(self.db.path)
         if db.fingerprint() != self.db.fingerprint():
@@ -286,7 +287,8 @@ class SearchEngine:
         try:
             new.root = Path(dataset_root or db.dataset_root or ".")
             new.vectors, vectors_path, source = new._database_vectors(model)
-            new.index = open_search_index(vectors_path, new.vectors, new.metric, kind=index, source=source)
+            new.index = open_search_index(vectors_path, new.vectors, new.metric, kind=index,
+                                          source=source_of(db, source))  # stable ids, as in __init__
             new.reranker = None
             if self.reranker is not None:
                 new.reranker = new.reranker_for(self.reranker.method)

@@ -186,3 +186,49 @@ def test_ris_index_remove_and_info(tmp_path, capsys):
     assert main(["info", "--features-db", str(db), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["rows"], info["removed"], info["next_id"]) == (49, 1, 50)
+
+
+@pytest.mark.slow
+def test_a_refreshed_engine_follows_removals_through_stable_ids(tmp_path):
+    """ris-serve's SearchEngine.refreshed() after images were removed: results name the right
+    images, and the saved index still maps ids (not rows) afterwards."""
+    pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    from ris.search import SearchEngine
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=4, views=3, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    engine = SearchEngine(db, index="hnsw")
+    try:
+        remove_images(db, ["ukbench00000.jpg", "ukbench00004.jpg"])
+        for fresh in (engine.refreshed(index="hnsw"), None):
+            fresh = fresh or SearchEngine(db, index="hnsw")
+            try:
+                for row in range(len(fresh.image_ids)):
+                    top = fresh.hits(*fresh.neighbours(fresh.row_vector(row), 1))[0]
+                    assert top.image_id == fresh.image_ids[row]
+            finally:
+                fresh.close()
+    finally:
+        engine.close()
+    meta = json.loads((tmp_path / "f.h5.hnsw.json").read_text())
+    assert meta["removed_seen"] == 2 and meta["count"] == 10
+
+
+def test_an_index_over_row_numbers_is_rebuilt_once_images_are_removed(tmp_path):
+    """An index saved without the stable ids (older versions, or a caller that did not pass
+    them) labels rows; after a removal rows are not ids, so it must not be caught up by id."""
+    pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    from ris.index import open_search_index
+    from ris.index_state import source_of
+
+    x = clustered_vectors(600, 8, seed=5)
+    db = make_feature_db(tmp_path / "f.h5", x)
+    remove_images(db, [f"img{i:06d}.jpg" for i in range(0, 600, 2)])  # now row r holds id 2r + 1
+    with FeatureDB(db) as f:
+        legacy = {"content_id": f.content_id, "history": f.content_history, "vectors": "raw"}
+        open_search_index(str(db), f.features, "euclidean", kind="hnsw", source=legacy)
+    with FeatureDB(db) as f:
+        index = open_search_index(str(db), f.features, "euclidean", kind="hnsw", source=source_of(f))
+        _, found = index.search(f.features[:], 1)
+        assert len(index) == 300 and (found[:, 0] == np.arange(300)).mean() > 0.95
