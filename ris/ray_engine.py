@@ -16,6 +16,7 @@ The dataset folder must be readable at the same path on every node (a shared fil
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -131,8 +132,17 @@ def extract_on_ray(
     """``extract_features`` with decoding and the network on a Ray cluster; same database, same resume.
 
     Connects to ``options.address`` (or starts a local cluster, stopped at the end) unless Ray is
-    already initialised in this process, in which case that connection is used and kept.
+    already initialised in this process, in which case that connection is used and kept. Ray
+    prints its notices (a dead worker, ...) on the driver's stdout, where ``--json`` writes: while
+    this runs they go to stderr.
     """
+    with contextlib.redirect_stdout(sys.stderr):
+        return _extract(dataset, features_db, config, labels, batch_size, append, overwrite, progress, log,
+                        options, on_commit)
+
+
+def _extract(dataset, features_db, config, labels, batch_size, append, overwrite, progress, log, options,
+             on_commit) -> RaySummary:
     from ris.extract import _finite_rows, _progress, _raise_interrupt
     from ris.featuredb import partial_path
     from ris.featurewriter import FeatureWriter
@@ -296,7 +306,10 @@ def _connect(options: RayOptions) -> bool:
     if address in (None, "", "local"):
         # a one-machine cluster listens on loopback only. 127.0.0.2, not 127.0.0.1: Ray replaces
         # 127.0.0.1 by the machine's interface address (macOS has only 127.0.0.1 on lo0)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default for a new cluster, without its warning
+        # token auth is Ray's default for a new local cluster; Ray switches itself to it (setting
+        # RAY_AUTH_MODE here, after Ray was imported, made driver and cluster disagree). Its notice
+        # that it did so is not the user's business:
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         kwargs.update(address="local", include_dashboard=False, num_cpus=options.num_cpus,
                       _node_ip_address="127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1")
     else:

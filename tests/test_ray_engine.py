@@ -217,7 +217,7 @@ def test_ray_on_two_nodes_equals_the_local_engine(cluster, dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_embedding_worker_is_retried_and_every_image_is_there_once(cluster, dataset, tmp_path):
+def test_a_killed_embedding_worker_is_retried_and_every_image_is_there_once(cluster, dataset, tmp_path, capsys):
     data, local = dataset
     killed: list[int] = []
 
@@ -230,6 +230,10 @@ def test_a_killed_embedding_worker_is_retried_and_every_image_is_there_once(clus
     assert killed and s.actor_restarts == 1
     assert s.extracted == 41 and s.resumed == 0
     assert_same_database(local, tmp_path / "r.h5")
+    # Ray prints its own notice of the dead worker on the driver's stdout, where `--json` writes:
+    # it must go to stderr, beside ris's line about the restart
+    out, err = capsys.readouterr()
+    assert out == "" and "restarted" in err
 
 
 def _committed_rows(partial: Path) -> int:
@@ -346,3 +350,20 @@ def test_the_cli_starts_a_local_cluster_when_no_address_is_given(tmp_path, capsy
     s = json.loads(out)
     assert s["engine"] == "ray" and s["extracted"] == 8 and len(s["nodes"]) == 1
     assert not ray.is_initialized()  # the cluster it started is stopped
+
+
+@pytest.mark.slow
+def test_the_command_starts_a_local_cluster_in_a_fresh_process(tmp_path):
+    """As a user runs it: a new process, no Ray settings in the environment, no address. (Ray reads
+    its auth mode when it is imported: a mode set after the import made the driver and the cluster
+    it started disagree, and the command failed with 'InvalidAuthToken'.)"""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=48)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", "from ris.cli.extract import entry; entry()", "--dataset", str(data),
+                           "--features-db", str(tmp_path / "f.h5"), "--engine", "ray", "--json", *FAST],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = json.loads(done.stdout)
+    assert s["engine"] == "ray" and s["extracted"] == 8
