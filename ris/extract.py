@@ -121,37 +121,20 @@ def extract_features(dataset: str | Path, features_db: str | Path, config: Extra
     SIGTERM ends it with ``Interrupted``, the committed batches kept for the next run.
     """
     from ris.decoding import decode_budget
-    from ris.featuredb import check_target
-    from ris.images import make_labels, scan_folder
 
     opts = options or ExtractOptions()
     opts.check()
     budget = decode_budget()  # a bad RIS_DECODE_BUDGET is refused before anything is locked
-    root = Path(dataset)
-    scan = scan_folder(root)
-    files = scan.images
-    if not files:
-        raise RisError(f"{root}: no images found (looked for {_extension_list()}, any case, recursively"
-                       f"{_not_read_note(scan.other, scan.hidden)})")
     features_db = Path(features_db)
-    check_target(features_db, append=opts.append, overwrite=opts.overwrite)
-    label_ids, label_names, label_mode = make_labels(files, opts.labels, root)
-    label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
-    label_file = Path(label_mode).resolve() if label_mode not in ("ukbench", "folders", "none") else None
-    not_read = [f for f in scan.other if (root / f).resolve() != label_file]  # the label file is read
-
-    writer, extractor = _open_writer(features_db, config, opts, extractor, label_names,
-                                     dataset_root=str(root.resolve()), labels_mode=label_mode)
+    run = list_input(dataset, opts.labels, features_db, opts.append, opts.overwrite)
+    writer, extractor = _open_writer(features_db, config, opts, extractor, run.label_names,
+                                     dataset_root=str(run.root.resolve()), labels_mode=run.label_mode)
     try:
-        if writer.discarded_partial:
-            opts.log(f"warning: {writer.discarded_partial}; starting over")
-        done = writer.done_ids()
-        todo = [f for f in files if f not in done]
-        if writer.resumed_rows:
-            opts.log(f"resuming: {writer.resumed_rows} images already in {features_db.name}, {len(todo)} to go")
-        summary = ExtractSummary(str(features_db), len(files), 0, writer.resumed_rows,
-                                 feature_shape=extractor.output_shape, other_files=not_read, hidden_files=scan.hidden)
-        _run_batches(root, todo, extractor, writer, opts, budget, label_of, summary)
+        todo = still_to_do(writer, run.files, features_db, opts.log)
+        summary = ExtractSummary(str(features_db), len(run.files), 0, writer.resumed_rows,
+                                 feature_shape=extractor.output_shape, other_files=run.other_files,
+                                 hidden_files=run.hidden_files)
+        _run_batches(run.root, todo, extractor, writer, opts, budget, run.label_of, summary)
     except KeyboardInterrupt:
         rows = writer.rows
         writer.close()
@@ -160,13 +143,61 @@ def extract_features(dataset: str | Path, features_db: str | Path, config: Extra
     except BaseException:
         writer.close()  # the committed batches stay in .partial; the lock is released
         raise
+    finish_run(writer, run, summary)
+    return summary
+
+
+@dataclass
+class RunInput:
+    """What a run extracts, as the driver lists it: shared by the local and the Ray engine so that
+    both list, label and count the same files."""
+    root: Path
+    files: list[str]
+    label_of: dict[str, str]
+    label_names: list[str]
+    label_mode: str
+    other_files: list[str]  # not read: other extensions (the label file, which is read, left out)
+    hidden_files: list[str]
+
+
+def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool, overwrite: bool) -> RunInput:
+    """The folder listing, the target check and the labels; refuses a folder without images."""
+    from ris.featuredb import check_target
+    from ris.images import make_labels, scan_folder
+
+    root = Path(dataset)
+    scan = scan_folder(root)
+    files = scan.images
+    if not files:
+        raise RisError(f"{root}: no images found (looked for {_extension_list()}, any case, recursively"
+                       f"{_not_read_note(scan.other, scan.hidden)})")
+    check_target(features_db, append=append, overwrite=overwrite)
+    label_ids, label_names, label_mode = make_labels(files, labels, root)
+    label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
+    label_file = Path(label_mode).resolve() if label_mode not in ("ukbench", "folders", "none") else None
+    not_read = [f for f in scan.other if (root / f).resolve() != label_file]  # the label file is read
+    return RunInput(root, files, label_of, label_names, label_mode, not_read, scan.hidden)
+
+
+def still_to_do(writer, files: list[str], features_db: Path, log: Callable[[str], None]) -> list[str]:
+    """The files a (resumed) run has left, saying so when it resumes or had to start over."""
+    if writer.discarded_partial:
+        log(f"warning: {writer.discarded_partial}; starting over")
+    done = writer.done_ids()
+    todo = [f for f in files if f not in done]
+    if writer.resumed_rows:
+        log(f"resuming: {writer.resumed_rows} images already in {features_db.name}, {len(todo)} to go")
+    return todo
+
+
+def finish_run(writer, run: RunInput, summary: ExtractSummary, **attrs: Any) -> None:
+    """Publish the database under its final name, or discard it when no image could be decoded."""
     if writer.rows == 0:
         writer.discard()
-        raise RisError(f"{root}: none of the {len(files)} images could be decoded; nothing written")
+        raise RisError(f"{run.root}: none of the {len(run.files)} images could be decoded; nothing written")
     writer.finish({"num_images": writer.rows, "num_failed": len(writer.done_ids()) - writer.rows,
                    "extract_seconds": round(summary.seconds, 3),
-                   "images_per_second": round(summary.images_per_second, 2)})
-    return summary
+                   "images_per_second": round(summary.images_per_second, 2), **attrs})
 
 
 def _open_writer(features_db: Path, config: ExtractConfig, opts: ExtractOptions,

@@ -143,7 +143,7 @@ def extract_on_ray(
 
 def _extract(dataset, features_db, config, labels, batch_size, append, overwrite, progress, log, options,
              on_commit) -> RaySummary:
-    from ris.extract import _finite_rows, _progress, _raise_interrupt
+    from ris.extract import _finite_rows, _progress, _raise_interrupt, finish_run, list_input, still_to_do
     from ris.featuredb import partial_path
     from ris.featurewriter import FeatureWriter
     from ris.sidecars import WriterLock
@@ -153,9 +153,9 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     except ImportError:
         raise RisError("--engine ray needs Ray: pip install 'ris[ray]'") from None
     options = options or RayOptions()
-    root, files, label_of, label_names, label_mode, scan, not_read = _scan(dataset, labels, Path(features_db),
-                                                                          append, overwrite)
     features_db = Path(features_db)
+    run = list_input(dataset, labels, features_db, append, overwrite)
+    root, files, label_of = run.root, run.files, run.label_of
     lock = WriterLock(features_db).acquire()  # before the slow cluster start and model builds
     started = False
     try:
@@ -168,8 +168,8 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         warm = [decode.remote(str(root.resolve()), [], 32) for _ in range(slots)]
         actors, info, actor_pids = _start_actors(config, batch_size, options, log)
         ray.get(warm)
-        attrs = dict(info["attrs"], dataset_root=str(root.resolve()), labels_mode=label_mode)
-        writer = FeatureWriter(features_db, attrs, info["shape"], label_names, append=append,
+        attrs = dict(info["attrs"], dataset_root=str(root.resolve()), labels_mode=run.label_mode)
+        writer = FeatureWriter(features_db, attrs, info["shape"], run.label_names, append=append,
                                overwrite=overwrite, lock=lock)
     except BaseException as exc:
         lock.release()
@@ -177,15 +177,9 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         if isinstance(exc, (RisError, KeyboardInterrupt)):
             raise
         raise RisError(f"ray: {_reason(exc)}") from None
-    if writer.discarded_partial:
-        log(f"warning: {writer.discarded_partial}; starting over")
-    done = writer.done_ids()
-    todo = [f for f in files if f not in done]
-    if writer.resumed_rows:
-        log(f"resuming: {writer.resumed_rows} images already in {features_db.name}, {len(todo)} to go")
+    todo = still_to_do(writer, files, features_db, log)
     summary = RaySummary(str(features_db), len(files), 0, writer.resumed_rows, feature_shape=info["shape"],
-                         actors=len(actors))
-    summary.other_files, summary.hidden_files = not_read, scan.hidden
+                         actors=len(actors), other_files=run.other_files, hidden_files=run.hidden_files)
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     window = options.in_flight or 2 * len(actors) + max(1, int(ray.cluster_resources().get("CPU", 1)))
     root_abs = str(root.resolve())
@@ -252,13 +246,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     if summary.seconds > 0 and committed:
         log(f"ray: {len(actors)} embedding actor(s) busy {summary.embed_seconds / (summary.seconds * len(actors)):.0%} "
             f"of the run, decoding kept {summary.decode_seconds / summary.seconds:.1f} CPUs busy on average")
-    if writer.rows == 0:
-        writer.discard()
-        raise RisError(f"{root}: none of the {len(files)} images could be decoded; nothing written")
-    writer.finish({"num_images": writer.rows, "num_failed": len(writer.done_ids()) - writer.rows,
-                   "extract_seconds": round(summary.seconds, 3),
-                   "images_per_second": round(summary.images_per_second, 2),
-                   "extract_engine": "ray", "ray_version": ray.__version__})
+    finish_run(writer, run, summary, extract_engine="ray", ray_version=ray.__version__)
     return summary
 
 
@@ -267,28 +255,6 @@ def _as_given(reason: str, root_abs: str, root: Path, rel: str) -> str:
     does (the --dataset folder as given), so both engines list a damaged image alike."""
     read = str(Path(root_abs) / rel)
     return str(root / rel) + reason[len(read):] if reason.startswith(read) else reason
-
-
-# --- the driver's share: the local engine's run set-up (kept minimal; see extract_features) -----
-
-def _scan(dataset: str | Path, labels: str, features_db: Path, append: bool, overwrite: bool):
-    """The folder listing, the target check and the labels, as ``extract_features`` does them."""
-    from ris.extract import _extension_list, _not_read_note
-    from ris.featuredb import check_target
-    from ris.images import make_labels, scan_folder
-
-    root = Path(dataset)
-    scan = scan_folder(root)
-    files = scan.images
-    if not files:
-        raise RisError(f"{root}: no images found (looked for {_extension_list()}, any case, recursively"
-                       f"{_not_read_note(scan.other, scan.hidden)})")
-    check_target(features_db, append=append, overwrite=overwrite)
-    label_ids, label_names, label_mode = make_labels(files, labels, root)
-    label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
-    label_file = Path(label_mode).resolve() if label_mode not in ("ukbench", "folders", "none") else None
-    not_read = [f for f in scan.other if (root / f).resolve() != label_file]
-    return root, files, label_of, label_names, label_mode, scan, not_read
 
 
 # --- the cluster ---------------------------------------------------------------------------
