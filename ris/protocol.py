@@ -100,6 +100,9 @@ def choose(db_ids: list[str], labels: np.ndarray, meta: dict[str, Any] | None = 
 
         test_objects = split_objects(labels, test_fraction, val_fraction, seed)["test"]
         q = rows_of(labels, test_objects)
+        if not len(q):
+            raise RisError(f"the split (seed {seed}, test fraction {test_fraction:g}) holds out no object: "
+                           f"nothing to score with --split test (--split all scores every labelled image)")
         desc = f"held-out test objects (seed {seed}, {test_fraction:.0%} of objects)"
     else:
         by = meta.get("split", {}).get("by", "object")

@@ -149,3 +149,10 @@ def test_cli_head_on_a_new_collection_and_query_list(tmp_path, capsys):
     assert run("ris-eval", eval_cli.main, ["--features-db", str(other), "--queries", str(q), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["images"] == 2 and r["gallery_images"] == 20 and r["raw"]["queries"] == 2
+
+
+def test_a_held_out_split_with_nothing_held_out_is_refused_not_scored_as_zero():
+    """--split test --test-fraction 0 held out no object and printed N-S 0.000 with exit 0."""
+    with pytest.raises(RisError, match="holds out no object.*--split all"):
+        protocol.choose(IDS, LABELS, None, "test", test_fraction=0.0)
+    assert len(protocol.choose(IDS, LABELS, None, "all", test_fraction=0.0).query_rows) == 12
