@@ -344,3 +344,18 @@ def make_feature_db(path: str | Path, vectors: np.ndarray, names: list[str] | No
         w.add(names[s : s + batch], vectors[s : s + batch], labels[s : s + batch])
     w.finish({})
     return Path(path)
+
+
+def committed_rows(features_db: str | Path) -> int:
+    """``rows_done`` of the ``.partial`` a running writer of ``features_db`` holds open: a peek for
+    timing a kill in fault tests only (0 while there is none or it cannot be read)."""
+    import h5py
+
+    partial = Path(f"{features_db}.partial")
+    if not partial.exists():
+        return 0
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return int(f.attrs.get("rows_done", 0))
+    except Exception:
+        return 0

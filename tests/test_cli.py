@@ -18,7 +18,7 @@ from ris.cli import extract as extract_cli
 from ris.cli import search as search_cli
 from ris.cli import train as train_cli
 from ris.cli.common import run
-from ris.testing import ODD_REASONS, call_with_fifo_guard, make_bad_images, make_odd_files, make_tiny_dataset
+from ris.testing import ODD_REASONS, call_with_fifo_guard, committed_rows, make_bad_images, make_odd_files, make_tiny_dataset
 
 FAST = ["--model", "vgg16", "--weights", "none", "--resize", "64", "--no-progress"]
 
@@ -112,17 +112,6 @@ def test_extract_missing_or_empty_dataset(tmp_path, capsys, setup, needle):
     assert not (tmp_path / "x.h5").exists()
 
 
-def _committed_rows(partial: Path) -> int:
-    """rows_done of a .partial that a writer holds open (a peek for timing only; 0 if unreadable)."""
-    if not partial.exists():
-        return 0
-    try:
-        with h5py.File(partial, "r", locking=False) as f:
-            return int(f.attrs.get("rows_done", 0))
-    except Exception:
-        return 0
-
-
 def test_extract_survives_kill_9(tmp_path):
     data = make_tiny_dataset(tmp_path / "d", n_objects=40, views=4, size=200)
     out_db = tmp_path / "f.h5"
@@ -133,7 +122,7 @@ def test_extract_survives_kill_9(tmp_path):
     partial = Path(str(out_db) + ".partial")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if _committed_rows(partial) >= 8:  # kill once batches are committed, however slow the machine
+        if committed_rows(out_db) >= 8:  # kill once batches are committed, however slow the machine
             break
         time.sleep(0.05)
     if proc.poll() is not None:

@@ -24,7 +24,7 @@ from ris.cli import extract as extract_cli
 from ris.cli.common import run
 from ris.extract import ExtractOptions, extract_features
 from ris.extractor import ExtractConfig
-from ris.testing import make_bad_images, make_tiny_dataset
+from ris.testing import committed_rows, make_bad_images, make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.2"
@@ -236,16 +236,6 @@ def test_a_killed_embedding_worker_is_retried_and_every_image_is_there_once(clus
     assert out == "" and "restarted" in err
 
 
-def _committed_rows(partial: Path) -> int:
-    if not partial.exists():
-        return 0
-    try:
-        with h5py.File(partial, "r", locking=False) as f:
-            return int(f.attrs.get("rows_done", 0))
-    except Exception:
-        return 0
-
-
 @pytest.mark.slow
 def test_a_killed_driver_resumes_without_recomputing_committed_rows(cluster, dataset, tmp_path):
     data, local = dataset
@@ -255,15 +245,14 @@ def test_a_killed_driver_resumes_without_recomputing_committed_rows(cluster, dat
            *FAST[:-1]]
     env = {**cluster.env, "RAY_ADDRESS": cluster.address}  # what 'auto' finds first
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = Path(f"{out_db}.partial")
     deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and _committed_rows(partial) < 8:
+    while time.time() < deadline and proc.poll() is None and committed_rows(out_db) < 8:
         time.sleep(0.05)
     if proc.poll() is not None:
         pytest.fail(f"the driver ended before it could be killed: {proc.communicate()[1][-2000:]}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    committed = _committed_rows(partial)
+    committed = committed_rows(out_db)
     assert not out_db.exists() and committed >= 8
     done = subprocess.run(cmd + ["--json", "--no-progress"], env=env, capture_output=True, text=True,
                           timeout=300)
