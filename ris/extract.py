@@ -325,5 +325,7 @@ def _raise_interrupt(signum, frame):
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
+    # one rate on the bar: the run's average img/s and the skipped count come in the postfix
+    # (tqdm's own smoothed rate beside it showed a second, different img/s)
     return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True, file=sys.stderr,
-                desc="extract")
+                desc="extract", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
