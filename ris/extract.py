@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ris.errors import Interrupted, RisError
-from ris.extractor import ExtractConfig, FeatureExtractor
+from ris.extractor import ExtractConfig, FeatureExtractor, build_extractor
 
 DEFAULT_BATCH = 32
 DECODE_MODES = ("threads", "processes")
@@ -178,7 +178,7 @@ def _open_writer(features_db: Path, config: ExtractConfig, opts: ExtractOptions,
 
     lock = WriterLock(features_db).acquire()
     try:
-        extractor = extractor or FeatureExtractor(config)
+        extractor = extractor or build_extractor(config)
         writer = FeatureWriter(features_db, {**extractor.attrs(), **attrs}, extractor.output_shape, label_names,
                                append=opts.append, overwrite=opts.overwrite, lock=lock)
     except BaseException:
