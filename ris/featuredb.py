@@ -49,6 +49,12 @@ def partial_path(path: str | Path) -> Path:
 def fingerprint(attrs: dict[str, Any]) -> dict[str, Any]:
     """The attributes that must agree for features to be comparable (None is stored as 'none')."""
     out = {k: "none" if attrs.get(k) is None else _plain(attrs.get(k)) for k in FINGERPRINT_KEYS}
+    for k in ("scales", "feature_shape"):  # stored as JSON text when nested (a fusion's scales per part)
+        if isinstance(out[k], str) and out[k].startswith("["):
+            try:
+                out[k] = json.loads(out[k])
+            except ValueError:
+                pass
     out.update({k: _plain(attrs[k]) for k in OPTIONAL_FINGERPRINT_KEYS if attrs.get(k) is not None})
     return out
 

@@ -137,10 +137,17 @@ def test_a_fused_database_image_queried_as_a_file_finds_itself(tmp_path):
         for image in sorted(data.glob("*.jpg"))[::3]:
             hit = engine.query(image, 1)[0]
             assert hit.image_id == image.name and hit.distance < 1e-3
-    # --append with the same recipe continues the database; another recipe is refused
+    # --append with another recipe is refused; with the same one it continues the database
     extra = make_tiny_dataset(tmp_path / "d2", n_objects=1, views=2, size=96, seed=5)
     with pytest.raises(DatabaseError, match="made differently"):
         extract_features(extra, db, replace(FUSED, weights=(1.0, 1.0)), replace(QUIET, append=True))
+    for image in extra.glob("*.jpg"):
+        image.rename(data / f"new_{image.name}")
+    extract_features(data, db, FUSED, replace(QUIET, append=True, labels="none"))
+    with SearchEngine(db) as engine:
+        assert len(engine.image_ids) == 8
+        hit = engine.query(data / "new_ukbench00001.jpg", 1)[0]
+        assert hit.image_id == "new_ukbench00001.jpg" and hit.distance < 1e-3
 
 
 @pytest.mark.parametrize("args,flag", [
