@@ -119,8 +119,15 @@ def per_part(value: Any, n: int, flag: str) -> list[Any]:
     else:
         return [value] * n
     if len(pieces) != n:
-        raise RisError(f"{flag} {value!r} has {len(pieces)} parts for {n} models; give one value, or one per model")
+        raise RisError(f"{flag} {_show(value)!r} has {len(pieces)} parts for {n} models; give one value, or one per model")
     return pieces
+
+
+def _show(value: Any) -> str:
+    """An option value as the user wrote it: '224+384', '1+1,0.707'."""
+    if isinstance(value, PerPart):
+        return SEP.join(",".join(f"{x:g}" for x in v) if isinstance(v, tuple) else str(v) for v in value)
+    return str(value)
 
 
 def _size(value: Any, flag: str = "--resize") -> int | None:
@@ -163,8 +170,7 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
             raise RisError("--fusion-weights needs a fused --model (backbones joined by '+')")
         for value, flag in ((input_size, "--resize"), (scales, "--scales"), (pooling, "--pool"), (layer, "--layer")):
             if isinstance(value, PerPart) or (isinstance(value, str) and SEP in value):
-                raise RisError(f"{flag} {SEP.join(map(str, value)) if isinstance(value, PerPart) else value!r} "
-                               f"gives one value per part, but --model {model} is one backbone")
+                raise RisError(f"{flag} {_show(value)!r} gives one value per part, but --model {model} is one backbone")
         return ExtractConfig(model=model, weights=weights, layer=layer, input_size=_size(input_size),
                              scales=_scales(scales), pooling=pooling, dtype=dtype)
     for m in models:

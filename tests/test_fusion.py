@@ -150,6 +150,13 @@ def test_a_fused_database_image_queried_as_a_file_finds_itself(tmp_path):
         assert hit.image_id == "new_ukbench00001.jpg" and hit.distance < 1e-3
 
 
+def test_a_per_part_value_in_an_error_reads_as_typed():
+    with pytest.raises(RisError, match=r"--scales '1\+1,0.5\+2' has 3 parts for 2 models"):
+        make_config("mobilenet_v2+efficientnet_lite0", scales=PerPart(((1.0,), (1.0, 0.5), (2.0,))))
+    with pytest.raises(RisError, match=r"--pool 'gap\+gem' gives one value per part"):
+        make_config("mobilenet_v2", pooling=PerPart(("gap", "gem")))
+
+
 @pytest.mark.parametrize("args,flag", [
     (["--resize", "224+0"], "--resize"),
     (["--pool", "gap+median"], "--pool"),
