@@ -49,17 +49,19 @@ def __getattr__(name: str) -> Any:
 
 
 def build_database(folder: str | Path, features_db: str | Path, model: str = "vgg16", *,
-                   weights: str = "imagenet", pooling: str = "gap", input_size: int | None = None,
-                   scales: tuple[float, ...] = (1.0,), layer: str | None = None, dtype: str = "float32",
-                   **options: Any) -> "ExtractSummary":
+                   weights: str = "imagenet", pooling: str = "gap", input_size: int | str | None = None,
+                   scales: tuple[float, ...] | str = (1.0,), layer: str | None = None, dtype: str = "float32",
+                   fusion_weights: str | None = None, **options: Any) -> "ExtractSummary":
     """Describe every image under ``folder`` into the HDF5 database ``features_db`` (resumable,
-    atomic, locked; see ``ris-extract --help``). ``options`` are ``ExtractOptions`` fields:
+    atomic, locked; see ``ris-extract --help``). A fused recipe joins backbones with '+'
+    (``model="mobilenet_v2+efficientnet_lite2", input_size="224+384", pooling="gap+gem"``;
+    ``ris.fusion``). ``options`` are ``ExtractOptions`` fields:
     labels, batch_size, workers, append, overwrite, progress, verbose, ..."""
     from ris.extract import ExtractOptions, extract_features
-    from ris.extractor import ExtractConfig
+    from ris.fusion import make_config
 
-    config = ExtractConfig(model=model, weights=weights, layer=layer, input_size=input_size,
-                           scales=tuple(float(s) for s in scales), pooling=pooling, dtype=dtype)
+    config = make_config(model, weights=weights, layer=layer, input_size=input_size,
+                         scales=scales, pooling=pooling, dtype=dtype, fusion_weights=fusion_weights)
     return extract_features(folder, features_db, config, ExtractOptions(**options))
 
 

@@ -1,6 +1,7 @@
 """The extraction run: every image under a folder -> features in an HDF5 database; resumable.
 
-What to extract is an ``ExtractConfig`` (``ris.extractor``, written into the database); how to run
+What to extract is an ``ExtractConfig`` (``ris.extractor``, written into the database; a
+``ris.fusion.FusionConfig`` for several backbones); how to run
 it is an ``ExtractOptions`` (labels, batch size, decoding, append/overwrite, progress), which may
 differ between runs of the same database. Decoding (``ris.decoding``) runs ahead of the model;
 one batch stays in flight, so the next batch is dispatched before the previous one is collected
@@ -17,12 +18,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from ris.errors import Interrupted, RisError
-from ris.extractor import ExtractConfig, FeatureExtractor
+from ris.extractor import ExtractConfig, FeatureExtractor, build_extractor
+
+if TYPE_CHECKING:
+    from ris.fusion import FusedExtractor, FusionConfig
 
 DEFAULT_BATCH = 32
 DECODE_MODES = ("threads", "processes")
@@ -110,9 +114,9 @@ class ExtractSummary:
         return lines
 
 
-def extract_features(dataset: str | Path, features_db: str | Path, config: ExtractConfig,
+def extract_features(dataset: str | Path, features_db: str | Path, config: ExtractConfig | FusionConfig,
                      options: ExtractOptions | None = None, *,
-                     extractor: FeatureExtractor | None = None) -> ExtractSummary:
+                     extractor: FeatureExtractor | FusedExtractor | None = None) -> ExtractSummary:
     """Extract every image under ``dataset`` into ``features_db``; resumable and atomic.
 
     ``extractor``: an already built (and warmed-up) extractor to use instead of one built from
@@ -200,8 +204,8 @@ def finish_run(writer, run: RunInput, summary: ExtractSummary, **attrs: Any) -> 
                    "images_per_second": round(summary.images_per_second, 2), **attrs})
 
 
-def _open_writer(features_db: Path, config: ExtractConfig, opts: ExtractOptions,
-                 extractor: FeatureExtractor | None, label_names: list[str], **attrs: Any):
+def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: ExtractOptions,
+                 extractor: FeatureExtractor | FusedExtractor | None, label_names: list[str], **attrs: Any):
     """(writer, extractor): the lock is taken before the slow model build, and the writer takes it
     over; a failure on the way releases it."""
     from ris.featurewriter import FeatureWriter
@@ -209,7 +213,7 @@ def _open_writer(features_db: Path, config: ExtractConfig, opts: ExtractOptions,
 
     lock = WriterLock(features_db).acquire()
     try:
-        extractor = extractor or FeatureExtractor(config)
+        extractor = extractor or build_extractor(config)
         writer = FeatureWriter(features_db, {**extractor.attrs(), **attrs}, extractor.output_shape, label_names,
                                append=opts.append, overwrite=opts.overwrite, lock=lock)
     except BaseException:
@@ -218,7 +222,7 @@ def _open_writer(features_db: Path, config: ExtractConfig, opts: ExtractOptions,
     return writer, extractor
 
 
-def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor, writer, opts: ExtractOptions,
+def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | FusedExtractor, writer, opts: ExtractOptions,
                  budget: int, label_of: dict[str, str], summary: ExtractSummary) -> None:
     """Decode ``todo`` ahead of the model and write its features batch by batch into ``writer``;
     SIGTERM is a KeyboardInterrupt meanwhile."""

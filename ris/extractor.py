@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from ris.errors import DatabaseError, RisError
+
+if TYPE_CHECKING:
+    from ris.fusion import FusedExtractor, FusionConfig
 
 
 @dataclass
@@ -62,12 +65,17 @@ class ExtractConfig:
         }
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any], source: str = "the database") -> "ExtractConfig":
-        """The config a database's attributes record (also those written before ``recipe_version`` 2).
+    def from_attrs(cls, attrs: dict[str, Any], source: str = "the database") -> "ExtractConfig | FusionConfig":
+        """The config a database's attributes record (also those written before ``recipe_version`` 2);
+        a fused database's (a ``fusion`` attribute) is a ``ris.fusion.FusionConfig``.
 
         Attributes that cannot be read as a recipe (a damaged or hand-made file) are a
         ``DatabaseError`` naming ``source``, not a conversion error from deep inside.
         """
+        if attrs.get("fusion") is not None:
+            from ris.fusion import FusionConfig
+
+            return FusionConfig.from_attrs(attrs, source)
         try:
             scales = tuple(float(s) for s in (attrs.get("scales") or [1.0]))
             layer = attrs.get("layer")
@@ -245,8 +253,18 @@ class FeatureExtractor:
         return replace(self.config.resolved(), layer=self.layer)
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any], source: str = "the database") -> "FeatureExtractor":
-        return cls(ExtractConfig.from_attrs(attrs, source))
+    def from_attrs(cls, attrs: dict[str, Any], source: str = "the database") -> "FeatureExtractor | FusedExtractor":
+        """The extractor a database's attributes record (a ``FusedExtractor`` for a fused one)."""
+        return build_extractor(ExtractConfig.from_attrs(attrs, source))
+
+
+def build_extractor(config: "ExtractConfig | FusionConfig") -> "FeatureExtractor | FusedExtractor":
+    """The extractor of a recipe: one backbone, or a fusion of several (``ris.fusion``)."""
+    if isinstance(config, ExtractConfig):
+        return FeatureExtractor(config)
+    from ris.fusion import FusedExtractor
+
+    return FusedExtractor(config)
 
 
 def _affine_preprocess(preprocess: Callable[[np.ndarray], np.ndarray]

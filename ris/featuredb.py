@@ -35,6 +35,8 @@ STR = h5py.string_dtype("utf-8")
 FORMAT_VERSION = 1
 # attributes that must agree for features to be comparable (query vs database, resume, append)
 FINGERPRINT_KEYS = ("model", "weights", "layer", "input_size", "scales", "pooling", "feature_shape")
+# in the fingerprint only when present, so heads trained before they existed still match their databases
+OPTIONAL_FINGERPRINT_KEYS = ("fusion",)  # a fused recipe: every part's settings and the weights
 REQUIRED_DATASETS = ("features", "image_ids", "labels")
 ROW_DATASETS = ("ids", "added_at")  # optional, one value per row when present
 INCOMPLETE = "incomplete: an extraction was interrupted or is still running; re-run ris-extract to finish it"
@@ -46,7 +48,15 @@ def partial_path(path: str | Path) -> Path:
 
 def fingerprint(attrs: dict[str, Any]) -> dict[str, Any]:
     """The attributes that must agree for features to be comparable (None is stored as 'none')."""
-    return {k: "none" if attrs.get(k) is None else _plain(attrs.get(k)) for k in FINGERPRINT_KEYS}
+    out = {k: "none" if attrs.get(k) is None else _plain(attrs.get(k)) for k in FINGERPRINT_KEYS}
+    for k in ("scales", "feature_shape"):  # stored as JSON text when nested (a fusion's scales per part)
+        if isinstance(out[k], str) and out[k].startswith("["):
+            try:
+                out[k] = json.loads(out[k])
+            except ValueError:
+                pass
+    out.update({k: _plain(attrs[k]) for k in OPTIONAL_FINGERPRINT_KEYS if attrs.get(k) is not None})
+    return out
 
 
 def encode_names(names: Iterable[str]) -> np.ndarray:

@@ -138,7 +138,7 @@ class FeatureWriter:
             old = fingerprint(dict(f.attrs))
             new = fingerprint(self.attrs)
             if old != new:
-                diff = {k: (old[k], new[k]) for k in old if old[k] != new[k]}
+                diff = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
                 where = self.path if self.kind == "append" else self.tmp
                 raise DatabaseError(f"{where}: existing features were made differently {diff}; "
                                     f"use a new --features-db, or --overwrite to replace it")

@@ -3,10 +3,13 @@ combination measured in bench/quality.md, slower). A preset fills only the optio
 defaults: an option given on the command line always wins.
 
 Measured in bench/quality.md (2-core CPU, 1,000 images): fast = MobileNetV2 GAP 224, about 46 img/s
-extraction, 5,120 bytes per image, ~8 ms per query. accurate = the same features re-ranked with
-dba+qe (its augmented database, another 5,120 bytes per image, is cached beside the database on first
-use; ~4 ms per query): UKBench held-out N-S 3.920 -> 3.995, Corel mAP 0.885 -> 0.944. Geometric
-verification (--verify) is not in it: on top of dba+qe it did not gain on held-out objects (3.990).
+extraction, 5,120 bytes per image, ~8 ms per query. accurate (since 2026-12-02) = the fusion of
+MobileNetV2 GAP 384 and EfficientNet-Lite2 GeM 384 (weights 1 and 1.5; about 10-15 img/s, 10,240
+bytes per image) re-ranked with dba+qe (its augmented database, as large again, is cached beside the
+database on first use): UKBench held-out N-S 3.995 -> 4.000 and Corel mAP 0.944 -> 0.954 over the
+earlier accurate (MobileNetV2 GAP 224 + dba+qe). Both gains are small (UKBench is saturated: one
+query; Corel's paired 95% interval is -0.0001 .. +0.019). Geometric verification (--verify) is not
+in it: on top of dba+qe it did not gain on held-out objects (3.990).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
         "eval": {"rerank": "none", "verify": 0},
     },
     "accurate": {
-        "extract": {"model": "mobilenet_v2", "resize": 224, "pool": "gap"},
+        "extract": {"model": "mobilenet_v2+efficientnet_lite2", "resize": 384, "pool": "gap+gem",
+                    "fusion_weights": "1+1.5"},
         "search": {"rerank": "dba+qe", "verify": 0},
         "eval": {"rerank": "dba+qe", "verify": 0},
     },
@@ -34,10 +38,18 @@ def add_argument(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def apply(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> argparse.Namespace:
-    """Fill the preset's values into ``args`` where the user left the default."""
+    """Fill the preset's values into ``args`` where the user left the default.
+
+    A fused preset's per-part values (``pool gap+gem``, ``fusion-weights``) belong to its own
+    ``--model``: with another ``--model`` given on the command line they are not filled in.
+    """
     if not getattr(args, "preset", None):
         return args
-    for key, value in PRESETS[args.preset][command].items():
+    values = PRESETS[args.preset][command]
+    other_model = "model" in values and getattr(args, "model", None) not in (parser.get_default("model"), values["model"])
+    for key, value in values.items():
+        if other_model and (key == "fusion_weights" or (isinstance(value, str) and "+" in value)):
+            continue
         if getattr(args, key, None) == parser.get_default(key):
             setattr(args, key, value)
     return args

@@ -75,9 +75,9 @@ class _Embedder:
 
     def __init__(self, config: ExtractConfig, batch_size: int):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        from ris.extractor import FeatureExtractor
+        from ris.extractor import build_extractor
 
-        self.extractor = FeatureExtractor(config)
+        self.extractor = build_extractor(config)
         self.batch_size = batch_size
         # the first call at a batch shape costs several steady ones (oneDNN primitives, XLA compile):
         # paid here, while the other actors and the decode workers start, not in the first batch

