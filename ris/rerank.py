@@ -186,10 +186,13 @@ class Method:
     ``__init__``), then asked for (b, N) score blocks, smaller = better (module docstring).
 
     ``defaults``: every parameter the method takes, with its default; ``help``: one line for
-    ``--help``. ``augmented`` is an earlier ``dba_database`` result that only dba+qe uses."""
+    ``--help``. ``augmented`` is an earlier ``dba_database`` result that only dba+qe uses.
+    ``comparable_scores``: scores of different queries are on one scale (not normalised per
+    query), so copies of one query can be merged by their best score (``--rotations``)."""
 
     defaults: dict[str, float] = {}
     help = ""
+    comparable_scores = False
 
     def __init__(self, database: np.ndarray, metric: str, p: dict[str, float],
                  augmented: np.ndarray | None = None):
@@ -202,6 +205,7 @@ class Method:
 
 class Plain(Method):
     help = "no re-ranking"
+    comparable_scores = True
 
     def scores(self, q, rows):
         return pairwise_distances(q, self.db, self.metric)
@@ -212,6 +216,7 @@ class QueryExpansion(Method):
 
     defaults = {"n": 2, "alpha": 3.0}
     help = "alpha query expansion"
+    comparable_scores = True  # cosine distances of the expanded query
 
     def __init__(self, database, metric, p, augmented=None):
         super().__init__(database, metric, p)
@@ -317,24 +322,34 @@ class Reranker:
         self.impl = RERANKERS[method](self.db, metric, self.p, augmented)
 
     def search(self, queries: np.ndarray, k: int, query_rows: np.ndarray | None = None,
-               block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+               block: int = 256, variants: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(score, idx) of the best ``k`` database rows per query, sorted (smaller = better).
 
         ``query_rows[i]`` (or -1) is the database row that query ``i`` is; it is left out of the
-        results and treated as the query's node (see the module docstring)."""
+        results and treated as the query's node (see the module docstring). ``variants``: every
+        query is that many consecutive rows of ``queries`` (its turned copies, ``ris.rotations``),
+        and each database row keeps its best score over them; only for ``comparable_scores``."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
-        rows = np.full(len(q), -1, np.int64) if query_rows is None else np.asarray(query_rows, np.int64)
+        variants = int(variants)
+        if variants > 1 and not self.impl.comparable_scores:
+            raise RisError(f"{self.method}: its scores are normalised per query; copies of a query cannot be merged")
+        if variants < 1 or len(q) % variants:
+            raise ValueError(f"{len(q)} query rows are not groups of {variants} variants")
+        nq = len(q) // variants
+        rows = np.full(nq, -1, np.int64) if query_rows is None else np.asarray(query_rows, np.int64)
         k = int(max(0, min(k, self.n - (1 if (rows >= 0).any() else 0))))
-        out_s = np.empty((len(q), k), np.float32)
-        out_i = np.empty((len(q), k), np.int64)
+        out_s = np.empty((nq, k), np.float32)
+        out_i = np.empty((nq, k), np.int64)
         if k == 0:
             return out_s, out_i
-        b = _query_block(self.n, block)
-        for s in range(0, len(q), b):
-            e = min(s + b, len(q))
-            score = self.impl.scores(q[s:e], rows[s:e])
+        b = _query_block(self.n * variants, block)
+        for s in range(0, nq, b):
+            e = min(s + b, nq)
+            score = self.impl.scores(q[s * variants : e * variants], np.repeat(rows[s:e], variants))
+            if variants > 1:
+                score = score.reshape(e - s, variants, self.n).min(axis=1)
             own = np.nonzero(rows[s:e] >= 0)[0]
             score[own, rows[s:e][own]] = np.inf
             out_s[s:e], out_i[s:e] = _topk_sorted(score, k)
