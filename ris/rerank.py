@@ -368,15 +368,24 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
                       metric: str = "euclidean", recall_ks: tuple[int, ...] = (1, 4, 10),
                       precision_ks: tuple[int, ...] = (10,), block: int = 256, ns_k: int = 4,
                       query_rows: np.ndarray | None = None, depth: int | None = None,
-                      **params) -> RetrievalScores:
+                      query_vectors: np.ndarray | None = None, **params) -> RetrievalScores:
     """``ris.metrics.evaluate_retrieval`` on re-ranked lists (closed set, same conventions).
 
     Every labelled row (or only ``query_rows``) queries all labelled rows; its own row is forced to
     rank 1 (counted for N-S only). AP is computed over the re-ranked top ``depth`` list, query
     excluded: relevant items beyond ``depth`` count as never retrieved, so AP is exact when
     ``depth = N - 1`` (the default when N <= 5000; 1000 otherwise, then a lower bound).
-    ``method="none"`` reproduces ``evaluate_retrieval`` exactly.
+    ``method="none"`` reproduces ``evaluate_retrieval`` exactly. ``query_vectors`` (len(query_rows),
+    V, D): what each query searches with instead of its stored row (``ris-eval --rotations``: its
+    V turned copies; each row keeps its best score); every label must then be >= 0.
     """
+    qv = None
+    if query_vectors is not None:
+        qv = np.asarray(query_vectors, np.float32)
+        if query_rows is None or qv.ndim != 3 or len(qv) != len(query_rows) or (np.asarray(labels) < 0).any():
+            raise ValueError("query_vectors: one (V, D) block per query row, and every label >= 0")
+        where = np.full(len(labels), -1, np.int64)
+        where[np.asarray(query_rows, np.int64)] = np.arange(len(qv))
     features, labels, qidx, without_relevant = labelled_queries(features, labels, query_rows)
     n, nq = len(labels), len(qidx)
     depth = (n - 1 if n <= 5000 else 1000) if depth is None else int(min(depth, n - 1))
@@ -390,7 +399,11 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
     ranks = np.arange(1, depth + 1, dtype=np.float64)
     for s in range(0, nq, block):
         rows = qidx[s : s + block]
-        _, idx = reranker.search(features[rows], depth, query_rows=rows, block=block)
+        if qv is None:
+            _, idx = reranker.search(features[rows], depth, query_rows=rows, block=block)
+        else:
+            _, idx = reranker.search(qv[where[rows]].reshape(-1, qv.shape[2]), depth, query_rows=rows,
+                                     block=block, variants=qv.shape[1])
         top_rel = labels[np.concatenate([rows[:, None], idx], 1)] == labels[rows, None]
         tail = top_rel[:, 1:]
         npos = npos_all[rows]

@@ -60,3 +60,20 @@ def merge_best(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, n
     d, i = d[first], i[first]
     best = np.lexsort((i, d))[:k]
     return d[best][None].astype(np.float32), i[best][None]
+
+
+def embed_turned(extractor, paths: list, batch: int = 16) -> np.ndarray:
+    """(n, 4, D) descriptors of image files at 0/90/180/270 degrees, made as ``ris-search
+    --rotations`` makes a query's (``load_image`` at the extractor's size, then ``turned``)."""
+    from ris.embed import raw_descriptors
+    from ris.images import load_image
+
+    out = []
+    for s in range(0, len(paths), batch):
+        imgs = np.stack([load_image(p, extractor.max_size) for p in paths[s : s + batch]])
+        vec = extractor.embed(turned(imgs))
+        out.append(raw_descriptors(vec) if vec.ndim == 4 else vec)
+    if not out:
+        return np.zeros((0, len(ANGLES), 0), np.float32)
+    v = np.concatenate(out)
+    return v.reshape(len(paths), len(ANGLES), -1)

@@ -16,6 +16,7 @@ those 4. (Leaving the original out would need a DBA database without it for ever
     python scripts/hard_queries.py choose DB --work DIR > choose.json               # grid on train
     python scripts/hard_queries.py apply DB --work DIR --settings choose.json \\
         [--corel corel.h5 --corel-queries q.txt]                                    # once, held out
+    python scripts/hard_queries.py verify DB --work DIR [--sample 200]               # verification
 
 ``choose`` scores every setting of every re-ranker on the training copies (mAP, then N-S) and
 prints the best of each with and without rotations; ``apply`` scores today's defaults and the
@@ -72,18 +73,11 @@ def transform(rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, in
     return img, turn, int(rng.integers(30, 51))
 
 
-def embed_files(extractor, files: list[Path], batch: int = 16) -> np.ndarray:
+def embed_files(extractor, files: list[Path]) -> np.ndarray:
     """(n, 4, D) descriptors of each file at 0/90/180/270 degrees, as ``ris-search --rotations``."""
-    from ris.images import load_image
-    from ris.rotations import turned
+    from ris.rotations import embed_turned
 
-    out = []
-    for s in range(0, len(files), batch):
-        imgs = np.stack([load_image(f, extractor.max_size) for f in files[s : s + batch]])
-        vec = extractor.embed(turned(imgs))
-        out.append(raw_descriptors(vec) if vec.ndim == 4 else vec)
-    v = np.concatenate(out)
-    return v.reshape(len(files), 4, -1)
+    return embed_turned(extractor, files)
 
 
 def make(db_path: str, work: Path, objects: str, seed: int) -> None:
@@ -224,9 +218,77 @@ def apply(db_path: str, work: Path, settings: str, corel: str | None, corel_quer
     print(json.dumps({"db": db_path, "held_out_queries": int(len(test)), "corel": corel, "rows": out}, indent=1))
 
 
+def verify(db_path: str, work: Path, sample: int, depth: int = 30) -> None:
+    """Choose verification settings (k, min_inliers, weight) on a seeded sample of the training
+    copies, for three base rankings (plain, plain + rotations, dba+qe); score the chosen ones and
+    ``ris.verify.DEFAULTS`` once on the held-out copies. Inlier counts of every (query, candidate)
+    pair are computed once and shared by the bases and the grid."""
+    from ris.verify import DEFAULTS, database_local_features, inliers, root_sift, sift_of_file
+
+    feats, labels, _, _ = load_db(db_path)
+    with FeatureDB(db_path) as db:
+        lf = database_local_features(db, db_path, int(DEFAULTS["features"]), int(DEFAULTS["side"]))
+    s = Searcher(feats)
+    bases = (("none", False), ("none", True), ("dba+qe", False))
+    grid = list(itertools.product((5, 10, 20, 30), (8, 12, 20), (0.5, 1.0, 2.0, 5.0)))
+
+    def reorder(order, c, k, mi, w, cap=DEFAULTS["cap"]):
+        out = order.copy()
+        for r in range(len(order)):
+            sc = 1.0 - np.arange(k) / k + np.where(c[r, :k] >= mi, w * np.minimum(c[r, :k], cap) / cap, 0.0)
+            out[r, :k] = order[r, :k][np.lexsort((np.arange(k), -sc))]
+        return out
+
+    prepared, pairs, seconds = {}, 0, 0.0
+    for objects in ("train", "test"):
+        data = np.load(work / f"{objects}.npz")
+        pick = np.arange(len(data["rows"]))
+        if objects == "train" and sample < len(pick):
+            pick = np.sort(np.random.default_rng(0).choice(pick, sample, replace=False))
+        rows, vecs = data["rows"][pick], data["vecs"][pick]
+        qlf = []
+        for r in rows:
+            xy, d = sift_of_file(work / objects / f"{r:05d}.jpg", int(DEFAULTS["features"]), int(DEFAULTS["side"]))
+            qlf.append((xy.astype(np.float32), root_sift(d)))
+        cache: dict = {}
+        for m, rot in bases:
+            order = s.ranked(m, {}, vecs, rot)
+            c = np.zeros((len(rows), depth), np.int64)
+            t0 = time.perf_counter()
+            for qi in range(len(rows)):
+                for j, g in enumerate(order[qi, :depth]):
+                    key = (qi, int(g))
+                    if key not in cache:
+                        cache[key] = inliers(qlf[qi], lf.of(int(g)), DEFAULTS["ratio"], DEFAULTS["threshold"])
+                        pairs += 1
+                    c[qi, j] = cache[key]
+            seconds += time.perf_counter() - t0
+            npos = (labels[None, :] == labels[rows][:, None]).sum(1)
+            prepared[(objects, m, rot)] = (order, c, labels[rows], npos)
+        print(objects, "inliers counted", pairs, file=sys.stderr, flush=True)
+    out = {}
+    for m, rot in bases:
+        order, c, qlab, npos = prepared[("train", m, rot)]
+        tried = sorted(((score(reorder(order, c, k, mi, w), labels, qlab, npos, 0), (k, mi, w)) for k, mi, w in grid),
+                       key=lambda t: (-t[0]["map"], -t[0]["ns"]))
+        k, mi, w = tried[0][1]
+        order_t, c_t, qlab_t, npos_t = prepared[("test", m, rot)]
+        d = (int(DEFAULTS["k"]), DEFAULTS["min_inliers"], DEFAULTS["weight"])
+        out[f"{m}{' +rotations' if rot else ''}"] = {
+            "train_base": score(order, labels, qlab, npos, 0),
+            "train_defaults": score(reorder(order, c, *d), labels, qlab, npos, 0),
+            "chosen": {"k": k, "min_inliers": mi, "weight": w}, "train_chosen": tried[0][0],
+            "top3": [[t[0], t[1]] for t in tried[:3]],
+            "held_out_base": score(order_t, labels, qlab_t, npos_t, 0),
+            "held_out_defaults": score(reorder(order_t, c_t, *d), labels, qlab_t, npos_t, 0),
+            "held_out_chosen": score(reorder(order_t, c_t, k, mi, w), labels, qlab_t, npos_t, 0)}
+    print(json.dumps({"db": db_path, "train_queries": sample, "depth": depth, "defaults": DEFAULTS,
+                      "ms_per_pair": round(1000 * seconds / max(pairs, 1), 1), "bases": out}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["make", "choose", "apply"])
+    ap.add_argument("step", choices=["make", "choose", "apply", "verify"])
     ap.add_argument("db")
     ap.add_argument("--work", required=True, type=Path, help="folder for the transformed copies and embeddings")
     ap.add_argument("--objects", default="train", choices=["train", "test"])
@@ -234,11 +296,14 @@ def main() -> None:
     ap.add_argument("--settings", help="choose's JSON output (apply)")
     ap.add_argument("--corel", help="a second database scored with --corel-queries (apply)")
     ap.add_argument("--corel-queries")
+    ap.add_argument("--sample", type=int, default=200, help="training copies verified (verify)")
     a = ap.parse_args()
     if a.step == "make":
         make(a.db, a.work, a.objects, a.seed)
     elif a.step == "choose":
         choose(a.db, a.work)
+    elif a.step == "verify":
+        verify(a.db, a.work, a.sample)
     else:
         apply(a.db, a.work, a.settings, a.corel, a.corel_queries)
 

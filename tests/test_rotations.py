@@ -135,3 +135,15 @@ def test_ris_search_refuses_rotations_with_a_per_query_normalised_reranker(turne
     assert code == 2 and out == ""
     assert err.startswith("ris-search: error: --rotations does not work with --rerank diffusion") and \
         len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra", [["--index", "exact"], ["--folds", "3"], ["--rerank", "kreciprocal"]])
+def test_ris_eval_refuses_rotations_it_cannot_score_in_one_line(turned_case, capsys, extra):
+    from ris.cli import eval as eval_cli
+    from ris.cli.common import run
+
+    db, _ = turned_case
+    code = run("ris-eval", eval_cli.main, ["--features-db", str(db), "--rotations", *extra])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("ris-eval: error: --rotations "), err
