@@ -66,12 +66,15 @@ def build_database(folder: str | Path, features_db: str | Path, model: str = "vg
 
 
 def open_database(features_db: str | Path, model: str | Path | None = None, *, index: str = "auto",
-                  rerank: str = "none", dataset_root: str | Path | None = None) -> "SearchEngine":
+                  rerank: str = "none", dataset_root: str | Path | None = None,
+                  rotations: bool = False) -> "SearchEngine":
     """A ``SearchEngine`` over ``features_db`` (and a trained head ``model``): it holds the
-    backbone, head and vectors for repeated queries. Use it in a ``with`` block, or ``close()`` it."""
+    backbone, head and vectors for repeated queries. Use it in a ``with`` block, or ``close()`` it.
+    ``rotations``: queries are also described turned by 90/180/270 degrees (4 forward passes)."""
     from ris.search import SearchEngine
 
-    return SearchEngine(features_db, model, index=index, dataset_root=dataset_root, rerank=rerank)
+    return SearchEngine(features_db, model, index=index, dataset_root=dataset_root, rerank=rerank,
+                        rotations=rotations)
 
 
 def query(features_db: str | Path, image: str | Path, k: int = 12, model: str | Path | None = None,

@@ -16,10 +16,12 @@ from ris.errors import DatabaseError, RisError
 def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str = "test",
                 seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
                 rerank: str = "none", gallery: str = "all", queries: str | Path | None = None,
-                verify: dict[str, Any] | None = None) -> dict[str, Any]:
+                verify: dict[str, Any] | None = None, rotations: bool = False) -> dict[str, Any]:
     """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all';
     ``gallery``, ``queries``: the protocol (``ris.protocol``); ``verify``: geometric verification
-    settings (``ris.verify``), applied after ``rerank``.
+    settings (``ris.verify``), applied after ``rerank``. ``rotations``: every scored query is
+    described again from its image file (under the database's dataset folder) at 0/90/180/270
+    degrees, as ``ris-search --rotations`` describes a query; the gallery stays the stored rows.
 
     With ``model``, 'test' is the model's own held-out images; its metadata, the database's
     compatibility and the rows are checked before the head is loaded.
@@ -31,6 +33,12 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
 
     if split not in ("test", "all"):
         raise RisError(f"--split must be test or all, not {split!r}")
+    if rotations:
+        from ris.rotations import check_rerank
+
+        check_rerank(rerank)
+        if verify:
+            raise RisError("--rotations cannot be combined with --verify in ris-eval (ris-search combines them)")
     with FeatureDB(features_db) as db:
         labels = db.labels
         if (labels >= 0).sum() < 2:
@@ -52,6 +60,9 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             from ris.verify import Verifier
 
             checker = Verifier.for_database(db, features_db, rows, **verify)
+        turned = None
+        if rotations:
+            turned, seconds = _turned_queries(db, features_db, rows[pos], meta)
         result: dict[str, Any] = {
             "features_db": str(features_db),
             "backbone": db.attrs.get("model"),
@@ -64,8 +75,13 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             "images": int(len(pos)),
             "gallery_images": int(len(rows)),
             "rerank": rerank,
-            "raw": _score(raw_descriptors(feats, pooling), lab, rerank, query_rows=pos, verifier=checker),
+            "raw": _score(raw_descriptors(feats, pooling), lab, rerank, query_rows=pos, verifier=checker,
+                          query_vectors=None if turned is None else
+                          raw_descriptors(turned.reshape(-1, turned.shape[2]), pooling).reshape(turned.shape)),
         }
+        if rotations:
+            result["rotations"] = {"angles": [0, 90, 180, 270], "queries_embedded": int(len(pos)),
+                                   "embed_ms_per_query": round(1000 * seconds / max(len(pos), 1), 1)}
         if plan.training_in_db is not None:
             result["training_images_in_db"] = plan.training_in_db
         if checker is not None:
@@ -76,8 +92,34 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             result["model"] = str(model)
             result["distance"] = meta.get("distance", "euclidean")
             emb = embed_features(head, head_inputs(meta, db, rows, feats))
-            result["head"] = _score(emb, lab, rerank, result["distance"], query_rows=pos, verifier=checker)
+            q_emb = None
+            if turned is not None:
+                q_emb = embed_features(head, turned.reshape(-1, turned.shape[2])).reshape(len(pos), turned.shape[1], -1)
+            result["head"] = _score(emb, lab, rerank, result["distance"], query_rows=pos, verifier=checker,
+                                    query_vectors=q_emb)
         return result
+
+
+def _turned_queries(db, features_db, rows: np.ndarray, meta: dict[str, Any] | None) -> tuple[np.ndarray, float]:
+    """(len(rows), 4, D) descriptors of the query rows' image files turned 0/90/180/270 degrees, and
+    the seconds it took. The files are read from the database's dataset folder, so a database whose
+    folder is gone (or a head with a thumbnail branch, which would need turned thumbnails too) is
+    refused in one line."""
+    import time
+
+    from ris.extractor import FeatureExtractor
+    from ris.rotations import embed_turned
+
+    if int((meta or {}).get("config", {}).get("shallow", 0) or 0):
+        raise RisError("--rotations does not support heads with a thumbnail branch (--shallow)")
+    root = db.dataset_root
+    if not root or not Path(root).is_dir():
+        raise DatabaseError(f"{features_db}: --rotations describes the query images again, but the database's "
+                            f"dataset folder {root or '(not recorded)'} is not there")
+    ids = db.image_ids
+    t0 = time.perf_counter()
+    turned = embed_turned(FeatureExtractor.from_attrs(db.attrs), [Path(root) / ids[int(r)] for r in rows])
+    return turned, time.perf_counter() - t0
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -85,7 +127,8 @@ def format_table(result: dict[str, Any]) -> str:
     cols = ["N-S", "top-4 %", "mAP", "R@1", "R@4", "R@10", "P@10"]
     rr = result.get("rerank", "none")
     lines = [f"{result['features_db']}: {result['backbone']} @ {result['input_size']} px, pooling {result['pooling']}"
-             + (f", re-ranking {rr}" if rr != "none" else ""),
+             + (f", re-ranking {rr}" if rr != "none" else "")
+             + (", query-time rotations (0/90/180/270)" if "rotations" in result else ""),
              f"queries: {result['split_description']} - {result['objects']} objects, {result['images']} query images"
              + (f", gallery {result['gallery_images']} images" if "gallery_images" in result else ""),
              "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it."]
@@ -132,11 +175,16 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
 
 
 def _score(feats: np.ndarray, labels: np.ndarray, rerank: str = "none", metric: str = "euclidean",
-           query_rows: np.ndarray | None = None, verifier=None) -> dict[str, Any]:
+           query_rows: np.ndarray | None = None, verifier=None, query_vectors: np.ndarray | None = None) -> dict[str, Any]:
     from ris.metrics import evaluate_retrieval
 
     if verifier is not None:
         return verifier.evaluate(feats, labels, rerank, metric, query_rows).to_dict()
+    if query_vectors is not None:  # the queries' own (turned) descriptors; "none" ranks as evaluate_retrieval
+        from ris.rerank import evaluate_reranked
+
+        return evaluate_reranked(feats, labels, rerank, metric=metric, query_rows=query_rows,
+                                 query_vectors=query_vectors).to_dict()
     if rerank == "none":
         return evaluate_retrieval(feats, labels, metric, query_rows=query_rows).to_dict()
     from ris.rerank import evaluate_reranked

@@ -186,10 +186,13 @@ class Method:
     ``__init__``), then asked for (b, N) score blocks, smaller = better (module docstring).
 
     ``defaults``: every parameter the method takes, with its default; ``help``: one line for
-    ``--help``. ``augmented`` is an earlier ``dba_database`` result that only dba+qe uses."""
+    ``--help``. ``augmented`` is an earlier ``dba_database`` result that only dba+qe uses.
+    ``comparable_scores``: scores of different queries are on one scale (not normalised per
+    query), so copies of one query can be merged by their best score (``--rotations``)."""
 
     defaults: dict[str, float] = {}
     help = ""
+    comparable_scores = False
 
     def __init__(self, database: np.ndarray, metric: str, p: dict[str, float],
                  augmented: np.ndarray | None = None):
@@ -202,6 +205,7 @@ class Method:
 
 class Plain(Method):
     help = "no re-ranking"
+    comparable_scores = True
 
     def scores(self, q, rows):
         return pairwise_distances(q, self.db, self.metric)
@@ -212,6 +216,7 @@ class QueryExpansion(Method):
 
     defaults = {"n": 2, "alpha": 3.0}
     help = "alpha query expansion"
+    comparable_scores = True  # cosine distances of the expanded query
 
     def __init__(self, database, metric, p, augmented=None):
         super().__init__(database, metric, p)
@@ -317,24 +322,34 @@ class Reranker:
         self.impl = RERANKERS[method](self.db, metric, self.p, augmented)
 
     def search(self, queries: np.ndarray, k: int, query_rows: np.ndarray | None = None,
-               block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+               block: int = 256, variants: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(score, idx) of the best ``k`` database rows per query, sorted (smaller = better).
 
         ``query_rows[i]`` (or -1) is the database row that query ``i`` is; it is left out of the
-        results and treated as the query's node (see the module docstring)."""
+        results and treated as the query's node (see the module docstring). ``variants``: every
+        query is that many consecutive rows of ``queries`` (its turned copies, ``ris.rotations``),
+        and each database row keeps its best score over them; only for ``comparable_scores``."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
-        rows = np.full(len(q), -1, np.int64) if query_rows is None else np.asarray(query_rows, np.int64)
+        variants = int(variants)
+        if variants > 1 and not self.impl.comparable_scores:
+            raise RisError(f"{self.method}: its scores are normalised per query; copies of a query cannot be merged")
+        if variants < 1 or len(q) % variants:
+            raise ValueError(f"{len(q)} query rows are not groups of {variants} variants")
+        nq = len(q) // variants
+        rows = np.full(nq, -1, np.int64) if query_rows is None else np.asarray(query_rows, np.int64)
         k = int(max(0, min(k, self.n - (1 if (rows >= 0).any() else 0))))
-        out_s = np.empty((len(q), k), np.float32)
-        out_i = np.empty((len(q), k), np.int64)
+        out_s = np.empty((nq, k), np.float32)
+        out_i = np.empty((nq, k), np.int64)
         if k == 0:
             return out_s, out_i
-        b = _query_block(self.n, block)
-        for s in range(0, len(q), b):
-            e = min(s + b, len(q))
-            score = self.impl.scores(q[s:e], rows[s:e])
+        b = _query_block(self.n * variants, block)
+        for s in range(0, nq, b):
+            e = min(s + b, nq)
+            score = self.impl.scores(q[s * variants : e * variants], np.repeat(rows[s:e], variants))
+            if variants > 1:
+                score = score.reshape(e - s, variants, self.n).min(axis=1)
             own = np.nonzero(rows[s:e] >= 0)[0]
             score[own, rows[s:e][own]] = np.inf
             out_s[s:e], out_i[s:e] = _topk_sorted(score, k)
@@ -353,15 +368,24 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
                       metric: str = "euclidean", recall_ks: tuple[int, ...] = (1, 4, 10),
                       precision_ks: tuple[int, ...] = (10,), block: int = 256, ns_k: int = 4,
                       query_rows: np.ndarray | None = None, depth: int | None = None,
-                      **params) -> RetrievalScores:
+                      query_vectors: np.ndarray | None = None, **params) -> RetrievalScores:
     """``ris.metrics.evaluate_retrieval`` on re-ranked lists (closed set, same conventions).
 
     Every labelled row (or only ``query_rows``) queries all labelled rows; its own row is forced to
     rank 1 (counted for N-S only). AP is computed over the re-ranked top ``depth`` list, query
     excluded: relevant items beyond ``depth`` count as never retrieved, so AP is exact when
     ``depth = N - 1`` (the default when N <= 5000; 1000 otherwise, then a lower bound).
-    ``method="none"`` reproduces ``evaluate_retrieval`` exactly.
+    ``method="none"`` reproduces ``evaluate_retrieval`` exactly. ``query_vectors`` (len(query_rows),
+    V, D): what each query searches with instead of its stored row (``ris-eval --rotations``: its
+    V turned copies; each row keeps its best score); every label must then be >= 0.
     """
+    qv = None
+    if query_vectors is not None:
+        qv = np.asarray(query_vectors, np.float32)
+        if query_rows is None or qv.ndim != 3 or len(qv) != len(query_rows) or (np.asarray(labels) < 0).any():
+            raise ValueError("query_vectors: one (V, D) block per query row, and every label >= 0")
+        where = np.full(len(labels), -1, np.int64)
+        where[np.asarray(query_rows, np.int64)] = np.arange(len(qv))
     features, labels, qidx, without_relevant = labelled_queries(features, labels, query_rows)
     n, nq = len(labels), len(qidx)
     depth = (n - 1 if n <= 5000 else 1000) if depth is None else int(min(depth, n - 1))
@@ -375,7 +399,11 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
     ranks = np.arange(1, depth + 1, dtype=np.float64)
     for s in range(0, nq, block):
         rows = qidx[s : s + block]
-        _, idx = reranker.search(features[rows], depth, query_rows=rows, block=block)
+        if qv is None:
+            _, idx = reranker.search(features[rows], depth, query_rows=rows, block=block)
+        else:
+            _, idx = reranker.search(qv[where[rows]].reshape(-1, qv.shape[2]), depth, query_rows=rows,
+                                     block=block, variants=qv.shape[1])
         top_rel = labels[np.concatenate([rows[:, None], idx], 1)] == labels[rows, None]
         tail = top_rel[:, 1:]
         npos = npos_all[rows]

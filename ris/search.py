@@ -24,13 +24,20 @@ class SearchEngine:
     """Holds the extractor, optional head and the (embedded) database for repeated queries.
 
     Keeps HDF5 files open for streamed reads: ``close()`` them, or use it as a context manager.
+    ``rotations``: describe every query image at 0/90/180/270 degrees and let each database image
+    keep its best distance (``ris.rotations``; four forward passes per query).
     """
 
     def __init__(self, features_db: str | Path, model: str | Path | None = None, index: str = "auto",
                  dataset_root: str | Path | None = None, rerank: str = "none",
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), rotations: bool = False):
         from ris.featuredb import FeatureDB
 
+        if rotations:  # refused before anything is opened
+            from ris.rotations import check_rerank
+
+            check_rerank(rerank)
+        self.rotations = bool(rotations)
         self._files: list = []  # cache files opened for streamed reads
         self.db = FeatureDB(features_db)
         try:
@@ -130,12 +137,21 @@ class SearchEngine:
         self._files.append(f)
         return f["embeddings"], str(cache), source
 
+    def _copies(self, img: np.ndarray) -> np.ndarray:
+        """(1 or 4, S, S, 3): the square query image, and its turned copies with ``rotations``."""
+        if not self.rotations:
+            return img[None]
+        from ris.rotations import turned
+
+        return turned(img[None])
+
     def embed_query(self, image_path: str | Path) -> np.ndarray:
+        """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees)."""
         from ris.images import load_image
         from ris.embed import embed_features
 
         img = load_image(image_path, self.extractor.max_size)
-        vec = self.extractor.embed(img[None])
+        vec = self.extractor.embed(self._copies(img))
         if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
             from ris.embed import raw_descriptors
 
@@ -145,9 +161,23 @@ class SearchEngine:
             if shallow:
                 from ris.thumbs import with_thumbnails
 
-                vec = with_thumbnails(vec, load_image(image_path, shallow)[None])
+                vec = with_thumbnails(vec, self._copies(load_image(image_path, shallow)))
             vec = embed_features(self.head, vec)
         return vec
+
+    def _search_vectors(self, vec: np.ndarray, k: int, reranker=None,
+                        query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(1, k) distances and rows of ONE query given as its (V, D) copies: V = 1, or the turned
+        copies, each row keeping its best distance over them (``ris.rotations.merge_best``)."""
+        variants = len(vec)
+        if reranker is not None:
+            return reranker.search(vec, k, query_rows=query_rows, variants=variants)
+        dist, idx = self.index.search(vec, k)
+        if variants == 1:
+            return dist, idx
+        from ris.rotations import merge_best
+
+        return merge_best(dist, idx, k)
 
     def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
         """The ``k`` nearest database images; rows without finite features are never among them."""
@@ -156,10 +186,7 @@ class SearchEngine:
             from ris.errors import BadImage
 
             raise BadImage(f"{image_path}: its features are not finite (NaN/inf); it cannot be ranked")
-        if self.reranker is not None:
-            dist, idx = self.reranker.search(vec, k)
-        else:
-            dist, idx = self.index.search(vec, k)
+        dist, idx = self._search_vectors(vec, k, self.reranker)
         hits = []
         for r, (d, i) in enumerate(zip(dist[0], idx[0]), 1):
             if i < 0 or not np.isfinite(d):
@@ -177,7 +204,7 @@ class SearchEngine:
         from ris.images import resize_square
 
         rgb = np.asarray(rgb, dtype=np.uint8)
-        vec = self.extractor.embed(resize_square(rgb, self.extractor.max_size)[None])
+        vec = self.extractor.embed(self._copies(resize_square(rgb, self.extractor.max_size)))
         if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
             vec = raw_descriptors(vec)
         if self.head is not None:
@@ -185,7 +212,7 @@ class SearchEngine:
             if shallow:
                 from ris.thumbs import with_thumbnails
 
-                vec = with_thumbnails(vec, resize_square(rgb, shallow)[None])
+                vec = with_thumbnails(vec, self._copies(resize_square(rgb, shallow)))
             vec = embed_features(self.head, vec)
         return vec
 
@@ -206,6 +233,10 @@ class SearchEngine:
         use and kept, so one engine can serve every method a request asks for."""
         if method == "none":
             return None
+        if self.rotations:
+            from ris.rotations import check_rerank
+
+            check_rerank(method)
         if self.reranker is not None and self.reranker.method == method:
             return self.reranker
         with _SERVE_LOCK:
@@ -227,9 +258,10 @@ class SearchEngine:
 
     def neighbours(self, vec: np.ndarray, k: int, rerank: str = "none",
                    exclude_row: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, rows), best first, of one query vector; ``exclude_row`` (the query's own
-        row in a search by row) is left out of the results, as are rows without finite features.
-        A query vector that is not finite is a ``BadImage``: no distance to it means anything."""
+        """(distances, rows), best first, of one query vector (or its (4, D) turned copies, made with
+        ``rotations``); ``exclude_row`` (the query's own row in a search by row) is left out of
+        the results, as are rows without finite features. A query vector that is not finite is a
+        ``BadImage``: no distance to it means anything."""
         if not np.isfinite(vec).all():
             from ris.errors import BadImage
 
@@ -239,11 +271,9 @@ class SearchEngine:
         if k == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         reranker = self.reranker_for(rerank)
-        if reranker is not None:
-            rows = None if exclude_row is None else np.array([exclude_row])
-            dist, idx = reranker.search(vec, k, query_rows=rows)
-        else:
-            dist, idx = self.index.search(vec, k + (exclude_row is not None))
+        rows = None if exclude_row is None else np.array([exclude_row])
+        dist, idx = self._search_vectors(np.atleast_2d(vec), k if reranker is not None else k + (exclude_row is not None),
+                                         reranker, rows)
         dist, idx = np.asarray(dist[0], np.float32), np.asarray(idx[0], np.int64)
         keep = (idx >= 0) & np.isfinite(dist)
         if exclude_row is not None:

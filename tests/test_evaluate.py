@@ -125,3 +125,63 @@ def test_folds_score_each_held_out_part_once(tmp_path):
         assert fold == evaluate_retrieval(x[rows], lab[rows], "euclidean").to_dict()
         assert fold_whole == evaluate_retrieval(x, lab, "euclidean", query_rows=rows).to_dict()
     assert r["summary"]["map"]["mean"] == round(float(np.mean([f["map"] for f in r["per_fold"]])), 4)
+
+
+@pytest.fixture(scope="module")
+def turned_db(tmp_path_factory):
+    """Object x: a photo A and A turned by 90 degrees; object y: A with a blemish and another photo.
+    Query x0 (= A): its nearest image upright is y's blemished copy; turned, its own x1."""
+    import cv2
+
+    import ris
+    from ris.testing import _object_image
+
+    root = tmp_path_factory.mktemp("turned_eval")
+    images = root / "images"
+    images.mkdir()
+    a = _object_image(0, 64, seed=3)
+    a[:, :20] = 0
+    blemished = a.copy()
+    blemished[40:44, 40:44] = 255 - blemished[40:44, 40:44]
+    files = {"x0.png": (a, "x"), "x1.png": (np.rot90(a), "x"), "y0.png": (blemished, "y"),
+             "y1.png": (_object_image(1, 64, seed=3), "y"), "z0.png": (_object_image(2, 64, seed=3), "z"),
+             "z1.png": (_object_image(3, 64, seed=3), "z")}
+    for name, (img, _) in files.items():
+        cv2.imwrite(str(images / name), np.ascontiguousarray(img))
+    (images / "groundtruth.tsv").write_text("file\tlabel\n" + "".join(f"{n}\t{g}\n" for n, (_, g) in files.items()))
+    db = root / "feats.h5"
+    ris.build_database(images, db, model="vgg16", weights="none", input_size=64, progress=False)
+    queries = root / "queries.txt"
+    queries.write_text("x0.png\n")
+    return db, queries, images
+
+
+def test_eval_rotations_describe_each_scored_query_from_its_image_turned(turned_db):
+    db, queries, _ = turned_db
+    plain = evaluate_db(db, split="all", queries=queries)
+    turned = evaluate_db(db, split="all", queries=queries, rotations=True)
+    assert plain["raw"]["recall_at"]["1"] == 0.0  # y's blemished copy of A comes first
+    assert turned["raw"]["recall_at"]["1"] == 1.0 and turned["raw"]["map"] == 1.0
+    assert turned["rotations"]["queries_embedded"] == 1
+    qe = evaluate_db(db, split="all", queries=queries, rotations=True, rerank="qe")
+    assert qe["rerank"] == "qe" and qe["raw"]["map"] > evaluate_db(db, split="all", queries=queries, rerank="qe")["raw"]["map"]
+
+
+def test_eval_rotations_refuse_what_they_cannot_score(turned_db, tmp_path):
+    import shutil
+
+    from ris.errors import DatabaseError, RisError
+
+    db, queries, images = turned_db
+    with pytest.raises(RisError, match="--rotations does not work with --rerank diffusion"):
+        evaluate_db(db, split="all", queries=queries, rotations=True, rerank="diffusion")
+    with pytest.raises(RisError, match="--rotations cannot be combined with --verify"):
+        evaluate_db(db, split="all", queries=queries, rotations=True, verify={"k": 5})
+    moved = images.with_name("moved")
+    shutil.move(images, moved)
+    try:
+        with pytest.raises(DatabaseError, match="dataset folder .* is not there"):
+            evaluate_db(db, split="all", queries=queries, rotations=True)
+        assert evaluate_db(db, split="all", queries=queries)["raw"]["recall_at"]["1"] == 0.0  # stored rows: fine
+    finally:
+        shutil.move(moved, images)

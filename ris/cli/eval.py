@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="geometric verification: re-rank each query's top K with RootSIFT + RANSAC inliers "
                         "(ris.verify; local features built from the images on first use and kept beside the "
                         "database); 0 = off")
+    p.add_argument("--rotations", action="store_true",
+                   help="describe every scored query again from its image file (under the database's dataset "
+                        "folder) at 0/90/180/270 degrees, as ris-search --rotations does; each gallery image keeps "
+                        "its best score. 4 forward passes per scored query; --rerank none, qe or dba+qe; not with "
+                        "--verify, --index or --folds")
     from ris import presets
 
     presets.add_argument(p, "eval")
@@ -66,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = presets.apply(parser.parse_args(argv), parser, "eval")
     from ris.evaluate import evaluate_db, format_table
 
+    if args.rotations and (args.index is not None or (args.folds and args.folds > 1)):
+        from ris.errors import RisError
+
+        raise RisError("--rotations cannot be combined with --index or --folds (it scores one split, exact search)")
     if args.index is not None:
         from ris.index_eval import evaluate_index, format_index_table
 
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     split = args.split or ("test" if args.model else "all")
     result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction,
                          rerank=args.rerank, gallery=args.gallery, queries=args.queries,
-                         verify={"k": args.verify} if args.verify > 0 else None)
+                         verify={"k": args.verify} if args.verify > 0 else None, rotations=args.rotations)
     if args.json:
         print_json(result)
     else:
