@@ -39,7 +39,6 @@ from ris.embed import raw_descriptors
 from ris.featuredb import FeatureDB
 from ris.rerank import RERANKERS, Reranker, dba_database
 from ris.splits import rows_of, split_objects
-from ris.topk import l2_normalize
 
 GRID = {  # every parameter set tried on the training copies
     "none": [{}],
