@@ -120,11 +120,17 @@ def parse_params(text: str | None) -> dict:
     out = {}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")
-        if key not in types or not value:
-            raise SystemExit(f"index_scale.py: error: --ivfpq-params: {item!r} is not FIELD=VALUE "
-                             f"with FIELD one of {', '.join(types)}")
-        kind = types[key] if isinstance(types[key], str) else types[key].__name__
-        out[key] = value if kind == "str" else bool(int(value)) if kind == "bool" else int(value)
+        kind = types.get(key)
+        kind = kind if kind is None or isinstance(kind, str) else kind.__name__
+        try:
+            if not value:
+                raise ValueError
+            out[key] = value if kind == "str" else bool(int(value)) if kind == "bool" else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--ivfpq-params: {item!r} is not FIELD=VALUE with FIELD one of "
+                             f"{', '.join(types)} and an integer VALUE (0/1 for opq, fastscan)") from None
+        if kind is None:
+            raise ValueError(f"--ivfpq-params: {key!r} is not a field of IvfPqParams ({', '.join(types)})")
     return out
 
 
@@ -241,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     work = Path(args.workdir)
-    overrides = parse_params(args.ivfpq_params)
+    try:
+        overrides = parse_params(args.ivfpq_params)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.phase:  # child process
         r = phase_build(args.kind, work, overrides) if args.phase == "build" else phase_serve(args.kind, work, SETTINGS[args.kind])
         print(json.dumps(r, default=float))

@@ -234,3 +234,20 @@ def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, sta
         assert len(index) == 2000 and np.all(index.search(x[:5], 1)[1][:, 0] == np.arange(5))
     clear_sidecars(db)
     assert sidecar_files(db) == []
+
+
+def test_index_scale_bench_parses_code_shapes_and_scores_both_recalls():
+    spec = importlib.util.spec_from_file_location("index_scale", ROOT / "bench" / "index_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    over = bench.parse_params("m=96,opq_dim=192,fastscan=0,codec=pq")
+    assert over == {"m": 96, "opq_dim": 192, "fastscan": False, "codec": "pq"}
+    assert choose_params(10_000_000, 256, **over).factory(256) == "OPQ96_192,IVF4096_HNSW32,PQ96x8"
+    for bad in ("mm=96", "m=x", "m="):
+        with pytest.raises(ValueError, match="--ivfpq-params"):
+            bench.parse_params(bad)
+    truth = np.arange(20).reshape(2, 10)
+    found = np.array([[0, *range(100, 109)], [*range(11, 20), 99]])  # query 0: only its nearest; 1: all but it
+    assert bench.recall_at(found, truth) == pytest.approx(0.5)
+    assert bench.one_recall_at(found, truth) == pytest.approx(0.5)
+    assert bench.one_recall_at(found[:1], truth[:1]) == 1.0 and bench.recall_at(found[:1], truth[:1]) == 0.1
