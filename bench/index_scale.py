@@ -16,7 +16,14 @@ by streaming the database. Then, per index kind, two fresh processes:
     python bench/index_scale.py --n 10000000 --kinds ivfpq --workdir /tmp/ris-10m --json out10m.json
 
 The database and the ground truth are kept in --workdir and reused by later runs with the same
-N, dim and seed; indexes are rebuilt unless --keep-indexes.
+N, dim and seed; indexes are rebuilt unless --keep-indexes. --ivfpq-params overrides fields of
+``ris.faiss_index.IvfPqParams`` for the build (e.g. ``m=96`` or ``m=128,nbits=4,fastscan=1``), to
+compare code shapes on the same data:
+
+    python bench/index_scale.py --n 1000000 --kinds ivfpq --workdir /tmp/ris-1m --ivfpq-params m=96 --json pq96.json
+
+Besides recall@10 each run reports 1-recall@10 (``r1_at_10``: the fraction of queries whose exact
+nearest neighbour is among the 10 answers, the "R@10" of the faiss papers), a weaker measure.
 """
 from __future__ import annotations
 
@@ -94,7 +101,37 @@ def exact_truth(db: Path, q: np.ndarray) -> np.ndarray:
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """recall@10: |top 10 ∩ exact top 10| / 10, averaged over the queries."""
     return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(found, truth)]))
+
+
+def one_recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """1-recall@10: the fraction of queries whose exact nearest neighbour is in the top 10."""
+    return float(np.mean([int(b[0]) in set(a.tolist()) for a, b in zip(found, truth)]))
+
+
+def parse_params(text: str | None) -> dict:
+    """``"m=96,nbits=4,fastscan=1"`` -> IvfPqParams overrides, typed like the dataclass fields."""
+    from dataclasses import fields
+
+    from ris.faiss_index import IvfPqParams
+
+    types = {f.name: f.type for f in fields(IvfPqParams)}
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        kind = types.get(key)
+        kind = kind if kind is None or isinstance(kind, str) else kind.__name__
+        try:
+            if not value:
+                raise ValueError
+            out[key] = value if kind == "str" else bool(int(value)) if kind == "bool" else int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--ivfpq-params: {item!r} is not FIELD=VALUE with FIELD one of "
+                             f"{', '.join(types)} and an integer VALUE (0/1 for opq, fastscan)") from None
+        if kind is None:
+            raise ValueError(f"--ivfpq-params: {key!r} is not a field of IvfPqParams ({', '.join(types)})")
+    return out
 
 
 # -- phases (each in its own process) ---------------------------------------------------------------
@@ -111,12 +148,15 @@ def index_files(kind: str, work: Path) -> list[Path]:
     return [p for p in work.glob(f"feats.h5.{kind}*") if p.is_file()]
 
 
-def phase_build(kind: str, work: Path) -> dict:
+def phase_build(kind: str, work: Path, overrides: dict | None = None) -> dict:
     import ris.faiss_index  # noqa: F401 (sets up OpenMP before anything loads faiss)
     from ris.featuredb import FeatureDB
     from ris.index import open_search_index
     from ris.index_state import source_of
 
+    if kind == "ivfpq" and overrides:  # the build sizes its params with choose_params: override them there
+        choose = ris.faiss_index.choose_params
+        ris.faiss_index.choose_params = lambda n, dim, **o: choose(n, dim, **{**overrides, **o})
     t0 = time.perf_counter()
     with FeatureDB(work / "feats.h5") as db:
         index = open_search_index(str(db.path), db.features, "euclidean", kind=_target(kind, work),
@@ -127,6 +167,8 @@ def phase_build(kind: str, work: Path) -> dict:
            "index_bytes": sum(p.stat().st_size for p in index_files(kind, work))}
     if kind == "ivfpq":
         out["params"] = index.params.__dict__
+        out["factory"] = index.params.factory(index.dim)
+        out["code_bytes"] = index.params.code_bytes(index.dim)
     return out
 
 
@@ -163,7 +205,7 @@ def phase_serve(kind: str, work: Path, settings: list[dict]) -> dict:
             found = np.array(found)
             ids = np.where(found >= 0, source["ids"][found], -1)  # rows -> the ids the ground truth was made with
             rows.append({"settings": s, "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-                         "recall_at_10": recall_at(ids, truth), **{f"after_{k}": v for k, v in _rss().items()}})
+                         "recall_at_10": recall_at(ids, truth), "r1_at_10": one_recall_at(ids, truth), **{f"after_{k}": v for k, v in _rss().items()}})
         return {"type": type(index).__name__, "open_seconds": open_s, "base": base, "opened": opened, "runs": rows}
 
 
@@ -175,9 +217,11 @@ SETTINGS = {
 }
 
 
-def _child(phase: str, kind: str, work: Path, threads: int) -> dict:
+def _child(phase: str, kind: str, work: Path, threads: int, params: str | None = None) -> dict:
     env = dict(os.environ, RIS_FAISS_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--phase", phase, "--kind", kind, "--workdir", str(work)]
+    if params:
+        cmd += ["--ivfpq-params", params]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -196,13 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/tmp/ris-index-bench")
     p.add_argument("--threads", type=int, default=2, help="faiss threads (RIS_FAISS_THREADS)")
     p.add_argument("--keep-indexes", action="store_true", help="reuse indexes a previous run saved")
+    p.add_argument("--ivfpq-params", default=None, metavar="FIELD=VALUE,...",
+                   help="override IvfPqParams fields for the ivfpq build, e.g. m=96 or m=128,nbits=4,fastscan=1")
     p.add_argument("--json", default=None)
     p.add_argument("--phase", choices=["build", "serve"], help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     work = Path(args.workdir)
+    try:
+        overrides = parse_params(args.ivfpq_params)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.phase:  # child process
-        r = phase_build(args.kind, work) if args.phase == "build" else phase_serve(args.kind, work, SETTINGS[args.kind])
+        r = phase_build(args.kind, work, overrides) if args.phase == "build" else phase_serve(args.kind, work, SETTINGS[args.kind])
         print(json.dumps(r, default=float))
         return 0
 
@@ -220,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "milvus" and (work / "feats.milvus.db").exists():
                 shutil.rmtree(work / "feats.milvus.db")
         print(f"[{kind}] build ...", file=sys.stderr, flush=True)
-        build = _child("build", kind, work, args.threads) if kind != "exact" else {"build_seconds": 0.0}
+        build = _child("build", kind, work, args.threads, args.ivfpq_params) if kind != "exact" else {"build_seconds": 0.0}
         print(f"[{kind}] {build}", file=sys.stderr, flush=True)
         serve = _child("serve", kind, work, args.threads)
         info["kinds"][kind] = {"build": build, "serve": serve}
@@ -238,11 +288,11 @@ def table(info: dict) -> str:
     lines = [f"N={info['args']['n']} dim={info['args']['dim']} queries={info['args']['queries']} "
              f"load avg {info['load_avg_start'][0]:.1f} -> {info.get('load_avg_end', [float('nan')])[0]:.1f}",
              "| kind | settings | build s | build peak RSS MB | index on disk MB | index RAM MB (anon + file) "
-             "| p50 ms | p95 ms | recall@10 |", "|---|---|---|---|---|---|---|---|---|"]
+             "| p50 ms | p95 ms | recall@10 | 1-recall@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for kind, r in info["kinds"].items():
         b, s = r["build"], r["serve"]
         if "error" in s or "error" in b:
-            lines.append(f"| {kind} | error | | | | | | | {(s.get('error') or b.get('error'))[-200:]!r} |")
+            lines.append(f"| {kind} | error | | | | | | | | {(s.get('error') or b.get('error'))[-200:]!r} |")
             continue
         for run in s["runs"]:
             anon = run["after_anon_mb"] - s["base"]["anon_mb"]
@@ -250,7 +300,7 @@ def table(info: dict) -> str:
             lines.append(f"| {kind} | {json.dumps(run['settings'])} | {b.get('build_seconds', 0):.0f} | "
                          f"{b.get('hwm_mb', 0):.0f} | {b.get('index_bytes', 0) / 2**20:.0f} | "
                          f"{anon + file_:.0f} ({anon:.0f} + {file_:.0f}) | {run['p50_ms']:.2f} | {run['p95_ms']:.2f} | "
-                         f"{run['recall_at_10']:.3f} |")
+                         f"{run['recall_at_10']:.3f} | {run.get('r1_at_10', float('nan')):.3f} |")
     return "\n".join(lines)
 
 

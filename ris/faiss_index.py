@@ -76,13 +76,19 @@ class IvfPqParams:
     rerank: int = 100  # shortlist re-ranked exactly from the stored vectors; 0 = approximate distances
     train_rows: int = 100_000
     codec: str = "pq"  # "sq8" (1 byte per dimension) below ~10,000 rows, too few to train PQ codebooks
+    opq_dim: int = 0  # dimension OPQ rotates (and projects) to before IVF-PQ; 0 = the input's
+    fastscan: bool = False  # 4-bit codes scanned with in-register lookup tables (faiss "PQ{m}x4fs")
 
     def factory(self, dim: int) -> str:
         coarse = f"IVF{self.nlist}_HNSW32" if self.nlist >= 1024 else f"IVF{self.nlist}"
         if self.codec == "sq8":
             return f"{coarse},SQ8"
-        opq = f"OPQ{self.m}_{dim}," if self.opq else ""
-        return f"{opq}{coarse},PQ{self.m}x{self.nbits}"
+        opq = f"OPQ{self.m}_{self.opq_dim or dim}," if self.opq else ""
+        return f"{opq}{coarse},PQ{self.m}x{self.nbits}{'fs' if self.fastscan else ''}"
+
+    def code_bytes(self, dim: int) -> float:
+        """Bytes of code per vector (its 8-byte id comes on top)."""
+        return float(dim) if self.codec == "sq8" else self.m * self.nbits / 8
 
 
 def choose_params(n: int, dim: int, **override) -> IvfPqParams:

@@ -65,6 +65,30 @@ def test_params_for_ten_million_rows_fit_in_a_gigabyte():
     assert small.nlist * 39 <= 500 and small.factory(12) == f"IVF{small.nlist},SQ8"
 
 
+def test_code_shapes_other_than_the_default():
+    p = choose_params(10_000_000, 256, m=96, opq_dim=192)  # OPQ projects to a dimension 96 divides
+    assert p.factory(256) == "OPQ96_192,IVF4096_HNSW32,PQ96x8" and p.code_bytes(256) == 96
+    fs = choose_params(10_000_000, 256, m=128, nbits=4, fastscan=True)
+    assert fs.factory(256) == "OPQ128_256,IVF4096_HNSW32,PQ128x4fs" and fs.code_bytes(256) == 64
+
+
+def test_fastscan_codes_build_save_and_reload_with_their_settings(tmp_path):
+    x = clustered_vectors(4000, 16, seed=1)
+    params = choose_params(len(x), 16, codec="pq", nlist=64, m=8, nbits=4, fastscan=True, nprobe=7, rerank=0)
+    index = build_ivfpq(x, "euclidean", params=params, progress=False)
+    assert index.remove_ids(np.arange(5)) == 5  # removals must work for catching up with the database
+    path = str(tmp_path / "v.ivfpq")
+    index.save(path)
+    loaded = IvfPqIndex.load(path)
+    assert loaded.params == params and json.loads(Path(path).read_text())["factory"] == "IVF64,PQ8x4fs"
+    assert len(loaded) == len(x) - 5
+    import faiss
+
+    assert faiss.extract_index_ivf(loaded.index).nprobe == 7
+    ref = ExactIndex(x[5:], "euclidean").search(x[:40], 10)[1] + 5
+    assert recall(loaded.search(x[:40], 10)[1], ref) >= 0.5
+
+
 def test_saved_index_is_memory_mapped_and_reused(tmp_path, monkeypatch):
     import ris.faiss_index
 
@@ -210,3 +234,20 @@ def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, sta
         assert len(index) == 2000 and np.all(index.search(x[:5], 1)[1][:, 0] == np.arange(5))
     clear_sidecars(db)
     assert sidecar_files(db) == []
+
+
+def test_index_scale_bench_parses_code_shapes_and_scores_both_recalls():
+    spec = importlib.util.spec_from_file_location("index_scale", ROOT / "bench" / "index_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    over = bench.parse_params("m=96,opq_dim=192,fastscan=0,codec=pq")
+    assert over == {"m": 96, "opq_dim": 192, "fastscan": False, "codec": "pq"}
+    assert choose_params(10_000_000, 256, **over).factory(256) == "OPQ96_192,IVF4096_HNSW32,PQ96x8"
+    for bad in ("mm=96", "m=x", "m="):
+        with pytest.raises(ValueError, match="--ivfpq-params"):
+            bench.parse_params(bad)
+    truth = np.arange(20).reshape(2, 10)
+    found = np.array([[0, *range(100, 109)], [*range(11, 20), 99]])  # query 0: only its nearest; 1: all but it
+    assert bench.recall_at(found, truth) == pytest.approx(0.5)
+    assert bench.one_recall_at(found, truth) == pytest.approx(0.5)
+    assert bench.one_recall_at(found[:1], truth[:1]) == 1.0 and bench.recall_at(found[:1], truth[:1]) == 0.1
