@@ -100,6 +100,27 @@ def test_upload_finds_the_objects_views_with_distances_labels_timing(client, tin
     assert {"decode", "embed", "search", "total", "queue"} <= set(out["timing_ms"])
 
 
+def test_rotations_find_a_turned_upload_as_its_original(tiny):
+    """ris-serve --rotations: an upload turned by 90 degrees is described at 0/90/180/270 degrees,
+    so the database image it was turned from comes back first at distance ~0 (as ris-search
+    --rotations does); re-rankers whose scores cannot be compared across copies are not offered."""
+    import cv2
+
+    svc = SearchService(ServeConfig(str(tiny[2]), reload_interval=0, rotations=True), log=lambda s: None)
+    svc.load()
+    with TestClient(create_app(svc)) as c:
+        h = c.get("/api/health").json()
+        assert h["rotations"] is True and "diffusion" not in h["rerank"] and "kreciprocal" not in h["rerank"]
+        assert "dba+qe" in h["rerank"]
+        img = cv2.imread(str(tiny[1] / "ukbench00013.jpg"))
+        turned = cv2.imencode(".png", cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE))[1].tobytes()
+        hits = upload(c, turned, name="turned.png", k=4).json()["results"]
+        assert hits[0]["id"] == 13 and hits[0]["distance"] == pytest.approx(0.0, abs=1e-3)
+        assert upload(c, turned, name="turned.png", k=4, rerank="diffusion").status_code == 400
+    with client_for(SearchEngine(tiny[2]), tiny[2]) as plain:
+        assert plain.get("/api/health").json()["rotations"] is False
+
+
 def test_search_by_id_is_more_like_this_without_the_query(client):
     out = client.get("/api/search", params={"id": 9, "k": 5}).json()
     ids = [h["id"] for h in out["results"]]
@@ -486,7 +507,8 @@ def test_help_explains_every_flag():
 def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):
     for argv, words in ((["--features-db", str(tmp_path / "none.h5")], "not found"),
                         (["--features-db", "x.h5", "--rerank", "bogus"], "unknown method"),
-                        (["--features-db", "x.h5", "-k", "20", "--max-k", "10"], "over --max-k")):
+                        (["--features-db", "x.h5", "-k", "20", "--max-k", "10"], "over --max-k"),
+                        (["--features-db", "x.h5", "--rotations", "--rerank", "qe,diffusion"], "normalised per query")):
         assert run("ris-serve", serve_cli.main, argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("ris-serve: error:") and words in err and len(err.splitlines()) == 1

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "database (built if missing); auto = a saved HNSW index for large databases")
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved; only "
                    "files inside it are ever served")
+    p.add_argument("--rotations", action="store_true",
+                   help="describe every uploaded image at 0/90/180/270 degrees and let each database image keep "
+                        "its best distance (phone photos that arrive turned; 4 forward passes per upload); "
+                        "diffusion and kreciprocal are then not offered")
     p.add_argument("--rerank", default="auto", help="re-ranking methods a request may ask for, comma-separated "
                    f"from {', '.join(m for m in RERANKERS if m != 'none')}; 'auto' = all of them up to 20,000 "
                    "rows, only qe above; 'none' = no re-ranking. Each is prepared on first use")
@@ -78,6 +82,11 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
         unknown = [m for m in methods if m not in RERANKERS]
         if unknown:
             raise RisError(f"--rerank: unknown method(s) {', '.join(unknown)}; choose from {', '.join(RERANKERS)}")
+        if getattr(args, "rotations", False):  # ris-demo --serve has no --rotations
+            from ris.rotations import check_rerank
+
+            for m in methods:
+                check_rerank(m)
     if args.port > 65535:
         raise RisError(f"--port must be at most 65535, not {args.port}")
     if args.top_k > args.max_k:
@@ -88,7 +97,7 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
                        max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
                        default_k=args.top_k, max_k=args.max_k, slots=args.slots, queue=args.queue,
                        queue_timeout=args.queue_timeout, reload_interval=args.reload_interval,
-                       max_connections=args.max_connections)
+                       max_connections=args.max_connections, rotations=getattr(args, "rotations", False))
 
 
 def require_serve_extra() -> None:

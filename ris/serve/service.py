@@ -43,6 +43,7 @@ class ServeConfig:
     thumb_size: int = 256
     thumb_cache: int = 2048  # thumbnails kept in memory (about 15 kB each)
     max_connections: int = 256  # open connections; uvicorn answers 503 beyond (bounds spooled uploads)
+    rotations: bool = False  # uploads described at 0/90/180/270 degrees, each row keeping its best distance
 
 
 def file_stamp(path: str | Path) -> tuple[int, int, int, int]:
@@ -81,8 +82,12 @@ class SearchService:
         from ris.rerank import RERANKERS
 
         if self.cfg.rerank is not None:
-            return tuple(m for m in RERANKERS if m == "none" or m in self.cfg.rerank)
-        return tuple(RERANKERS) if n <= RERANK_SMALL_DB else ("none", "qe")
+            offered = tuple(m for m in RERANKERS if m == "none" or m in self.cfg.rerank)
+        else:
+            offered = tuple(RERANKERS) if n <= RERANK_SMALL_DB else ("none", "qe")
+        if self.cfg.rotations:  # scores normalised per query cannot be compared across the turned copies
+            offered = tuple(m for m in offered if m == "none" or RERANKERS[m].comparable_scores)
+        return offered
 
     def _install(self, engine, stamp: tuple, t0: float) -> Generation:
         number = self.current.number + 1 if self.current else 1
@@ -98,7 +103,7 @@ class SearchService:
         t0 = time.perf_counter()
         stamp = file_stamp(self.cfg.features_db)  # before reading: a change during the load is seen later
         engine = SearchEngine(self.cfg.features_db, self.cfg.model, index=self.cfg.index,
-                              dataset_root=self.cfg.dataset_root)
+                              dataset_root=self.cfg.dataset_root, rotations=self.cfg.rotations)
         return self._install(engine, stamp, t0)
 
     def use_engine(self, engine) -> Generation:
@@ -158,7 +163,8 @@ class SearchService:
                 "head": Path(self.cfg.model).name if self.cfg.model else None,
                 "dimension": int(e.vectors.shape[-1]), "metric": e.metric,
                 "index": {"ExactIndex": "exact", "HnswIndex": "hnsw"}.get(index, index),
-                "rerank": list(gen.rerank), "labels": any(e.labels), "generation": gen.number,
+                "rerank": list(gen.rerank), "rotations": bool(getattr(e, "rotations", False)),
+                "labels": any(e.labels), "generation": gen.number,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gen.loaded_at)),
                 "load_seconds": gen.seconds, "reloading": self.reloading, "reload_error": self.reload_error,
                 "database": Path(self.cfg.features_db).name}
