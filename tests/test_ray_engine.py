@@ -217,6 +217,27 @@ def test_ray_on_two_nodes_equals_the_local_engine(cluster, dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_fused_recipe_on_ray_equals_the_local_engine(cluster, dataset, tmp_path):
+    """Two backbones concatenated (ris.fusion): the actors build the fused extractor from the same
+    recipe, and the database records it as the local engine does."""
+    from dataclasses import replace
+
+    from ris.fusion import FusionConfig
+
+    data, _ = dataset
+    fused = FusionConfig((CFG, replace(CFG, model="efficientnet_lite0", input_size=48, pooling="gem")), (1.0, 1.5))
+    local = tmp_path / "local.h5"
+    extract_features(data, local, fused, ExtractOptions(batch_size=4, progress=False))
+    from ris.ray_engine import RayOptions, extract_on_ray
+
+    extract_on_ray(data, tmp_path / "r.h5", fused, batch_size=4, progress=False,
+                   options=RayOptions(address=cluster.address))
+    assert_same_database(local, tmp_path / "r.h5")
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert f["features"].shape[1] == 1280 + 1280 and "fusion" in f.attrs
+
+
+@pytest.mark.slow
 def test_a_killed_embedding_worker_is_retried_and_every_image_is_there_once(cluster, dataset, tmp_path, capsys):
     data, local = dataset
     killed: list[int] = []
