@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from ris.featuredb import RowLabels
 
 
 @dataclass
@@ -75,10 +76,9 @@ class SearchEngine:
             augmented = (_cached_dba(vectors_path, vectors, self.index, key=source["key"])
                          if rerank == "dba+qe" else None)
             self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
-        self.image_ids = self.db.image_ids
+        self.image_ids = self.db.row_names()  # read on demand: ~1 GB as a list at 10M rows
         self.unrankable = _warn_nonfinite(self.vectors, self.image_ids, str(features_db), log)
-        names = self.db.label_names
-        self.labels = [names[l] if 0 <= l < len(names) else "" for l in self.db.labels]
+        self.labels = RowLabels(self.db.labels, self.db.label_names)
 
     def close(self) -> None:
         for f in self._files:
@@ -187,13 +187,10 @@ class SearchEngine:
 
             raise BadImage(f"{image_path}: its features are not finite (NaN/inf); it cannot be ranked")
         dist, idx = self._search_vectors(vec, k, self.reranker)
-        hits = []
-        for r, (d, i) in enumerate(zip(dist[0], idx[0]), 1):
-            if i < 0 or not np.isfinite(d):
-                continue
-            image_id = self.image_ids[int(i)]
-            hits.append(Hit(r, float(d), image_id, str(self.root / image_id), self.labels[int(i)]))
-        return hits
+        keep = [(float(d), int(i)) for d, i in zip(dist[0], idx[0]) if i >= 0 and np.isfinite(d)]
+        names = _names_of(self.image_ids, [i for _, i in keep])
+        return [RowHit(r, d, name, str(self.root / name), self.labels[i], i)
+                for r, ((d, i), name) in enumerate(zip(keep, names), 1)]
 
     # --- serving (ris-serve): queries by decoded image or database row; a grown database -------
     def embed_array(self, rgb: np.ndarray) -> np.ndarray:
@@ -281,8 +278,9 @@ class SearchEngine:
         return dist[keep][:k], idx[keep][:k]
 
     def hits(self, dist: np.ndarray, rows: np.ndarray) -> list["RowHit"]:
-        return [RowHit(r, float(d), self.image_ids[int(i)], str(self.root / self.image_ids[int(i)]),
-                       self.labels[int(i)], int(i)) for r, (d, i) in enumerate(zip(dist, rows), 1)]
+        names = _names_of(self.image_ids, rows)
+        return [RowHit(r, float(d), name, str(self.root / name), self.labels[int(i)], int(i))
+                for r, (d, i, name) in enumerate(zip(dist, rows, names), 1)]
 
     def search(self, image, k: int = 12, rerank: str = "none") -> list["RowHit"]:
         """Top ``k`` for an image file path or a decoded RGB array (in-process ``ris-serve``)."""
@@ -322,14 +320,19 @@ class SearchEngine:
             new.reranker = None
             if self.reranker is not None:
                 new.reranker = new.reranker_for(self.reranker.method)
-            new.image_ids = db.image_ids
+            new.image_ids = db.row_names()
             new.unrankable = _warn_nonfinite(new.vectors, new.image_ids, str(db.path), log)
-            names = db.label_names
-            new.labels = [names[l] if 0 <= l < len(names) else "" for l in db.labels]
+            new.labels = RowLabels(db.labels, db.label_names)
         except BaseException:
             new.close()
             raise
         return new
+
+
+def _names_of(image_ids, rows) -> list[str]:
+    """Names of ``rows``: one read from a database's ``RowNames``, or a plain list's items."""
+    many = getattr(image_ids, "many", None)
+    return many(rows) if many is not None else [image_ids[int(i)] for i in rows]
 
 
 def _warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[str], None]) -> np.ndarray:

@@ -211,8 +211,11 @@ def verify_hits(hits: list, query_path: str | Path, verifier: Verifier, image_id
 
     if not hits:
         return hits
-    row_of = {i: r for r, i in enumerate(image_ids)}
-    rows = np.array([row_of[h.image_id] for h in hits], np.int64)
+    if all(getattr(h, "row", -1) >= 0 for h in hits):  # the engine's hits carry their rows
+        rows = np.array([h.row for h in hits], np.int64)
+    else:  # hits made elsewhere: find their rows by id (a pass over every id)
+        row_of = {i: r for r, i in enumerate(image_ids)}
+        rows = np.array([row_of[h.image_id] for h in hits], np.int64)
     q = sift_of_file(query_path, int(verifier.p["features"]), int(verifier.p["side"]))
     order = verifier.rerank((q[0].astype(np.float32), root_sift(q[1])), np.arange(len(hits)), rows)
     return [replace(hits[j], rank=r) for r, j in enumerate(order[:k], 1)]

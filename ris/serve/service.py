@@ -164,7 +164,7 @@ class SearchService:
                 "dimension": int(e.vectors.shape[-1]), "metric": e.metric,
                 "index": {"ExactIndex": "exact", "HnswIndex": "hnsw"}.get(index, index),
                 "rerank": list(gen.rerank), "rotations": bool(getattr(e, "rotations", False)),
-                "labels": any(e.labels), "generation": gen.number,
+                "labels": e.labels.any() if hasattr(e.labels, "any") else any(e.labels), "generation": gen.number,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gen.loaded_at)),
                 "load_seconds": gen.seconds, "reloading": self.reloading, "reload_error": self.reload_error,
                 "database": Path(self.cfg.features_db).name}

@@ -1,0 +1,51 @@
+"""ris.search.SearchEngine: what it holds per row, and hits that carry their rows."""
+from __future__ import annotations
+
+import pytest
+
+from ris.extract import ExtractConfig, ExtractOptions, extract_features
+from ris.featuredb import FeatureDB, RowLabels
+from ris.search import SearchEngine
+from ris.testing import make_tiny_dataset
+
+FAST = ExtractConfig(model="vgg16", weights="none", input_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    data = make_tiny_dataset(root / "images", n_objects=4, views=4, size=96)
+    db = root / "feats.h5"
+    extract_features(data, db, FAST, ExtractOptions(labels="ukbench", progress=False, log=lambda s: None))
+    return data, db
+
+
+def test_an_engine_reads_image_ids_on_demand_not_the_whole_column(tiny, monkeypatch):
+    """At 10M rows the id column as Python strings is ~1 GB: the engine must not load it to open,
+    to search, or to name its hits (it reads the rows it shows)."""
+    data, db = tiny
+    with FeatureDB(db) as f:
+        ids, labels, names = f.image_ids, f.labels, f.label_names
+
+    def whole_column(self):
+        raise AssertionError("the whole image_ids column was decoded")
+
+    monkeypatch.setattr(FeatureDB, "image_ids", property(whole_column))
+    with SearchEngine(db) as engine:
+        assert len(engine.image_ids) == len(ids) == 16
+        assert [engine.image_ids[i] for i in (0, 5, -1)] == [ids[0], ids[5], ids[-1]]
+        assert engine.image_ids[2:5] == ids[2:5] and list(engine.image_ids) == ids
+        assert engine.image_ids.many([5, 1, 5]) == [ids[5], ids[1], ids[5]] and engine.image_ids.many([]) == []
+        assert [engine.labels[i] for i in range(16)] == [names[l] for l in labels]
+        hits = engine.query(data / ids[6], k=4)
+        assert hits[0].image_id == ids[6] and hits[0].row == 6  # hits carry their row
+        assert {h.label for h in hits} == {names[labels[6]]}
+        with pytest.raises(IndexError):
+            engine.image_ids[16]
+
+
+def test_row_labels_say_whether_any_row_is_labelled():
+    import numpy as np
+
+    assert RowLabels(np.array([-1, 1, 0]), ["a", "b"]).any() and list(RowLabels(np.array([-1, 1]), ["a", "b"])) == ["", "b"]
+    assert not RowLabels(np.array([-1, -1]), []).any()
