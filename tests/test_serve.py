@@ -121,6 +121,25 @@ def test_rotations_find_a_turned_upload_as_its_original(tiny):
         assert plain.get("/api/health").json()["rotations"] is False
 
 
+@pytest.mark.parametrize("kind,name", [("ivfpq", "ivfpq"), ("milvus:{tmp}/m.db", "milvus")])
+def test_the_service_searches_through_every_index_kind_of_ris_search(tiny, tmp_path, kind, name):
+    """ris-serve --index takes what ris-search --index takes (it offered only auto/exact/hnsw), and
+    the answers are the exact search's."""
+    pytest.importorskip("faiss" if name == "ivfpq" else "pymilvus", reason=f"the {name} extra is not installed")
+    spec = kind.format(tmp=tmp_path)
+    assert serve_cli.build_parser().parse_args(["--index", spec]).index == spec
+    db = tmp_path / "feats.h5"
+    shutil.copy(tiny[2], db)
+    svc = SearchService(ServeConfig(str(db), reload_interval=0, index=spec), log=lambda s: None)
+    svc.load()
+    with TestClient(create_app(svc)) as c, client_for(SearchEngine(db), db) as exact:
+        assert c.get("/api/health").json()["index"] == name
+        for row in (3, 17):
+            got = [h["id"] for h in c.get("/api/search", params={"id": row, "k": 3}).json()["results"]]
+            want = [h["id"] for h in exact.get("/api/search", params={"id": row, "k": 3}).json()["results"]]
+            assert got == want
+
+
 def test_search_by_id_is_more_like_this_without_the_query(client):
     out = client.get("/api/search", params={"id": 9, "k": 5}).json()
     ids = [h["id"] for h in out["results"]]

@@ -13,6 +13,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ris.index import index_arg, index_help, index_metavar
     from ris.rerank import RERANKERS
 
     p = argparse.ArgumentParser(
@@ -27,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train); without it, "
                    "off-the-shelf descriptors are searched")
-    p.add_argument("--index", default="auto", choices=["auto", "exact", "hnsw"],
-                   help="as in ris-search: exact = blockwise BLAS; hnsw = approximate index saved beside the "
-                        "database (built if missing); auto = a saved HNSW index for large databases")
+    p.add_argument("--index", default="auto", type=index_arg, metavar=index_metavar(),
+                   help="as in ris-search (built or caught up beside the database, or the Milvus collection): "
+                        + index_help())
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved; only "
                    "files inside it are ever served")
     p.add_argument("--rotations", action="store_true",

@@ -162,7 +162,7 @@ class SearchService:
         return {**base, "rows": len(e.image_ids), "model": e.db.attrs.get("model"),
                 "head": Path(self.cfg.model).name if self.cfg.model else None,
                 "dimension": int(e.vectors.shape[-1]), "metric": e.metric,
-                "index": {"ExactIndex": "exact", "HnswIndex": "hnsw"}.get(index, index),
+                "index": {"ExactIndex": "exact", "HnswIndex": "hnsw", "IvfPqIndex": "ivfpq", "MilvusIndex": "milvus"}.get(index, index),
                 "rerank": list(gen.rerank), "rotations": bool(getattr(e, "rotations", False)),
                 "labels": e.labels.any() if hasattr(e.labels, "any") else any(e.labels), "generation": gen.number,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gen.loaded_at)),
