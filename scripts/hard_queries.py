@@ -19,7 +19,7 @@ those 4. (Leaving the original out would need a DBA database without it for ever
     python scripts/hard_queries.py verify DB --work DIR [--sample 200]               # verification
     python scripts/hard_queries.py score DB --work DIR [--rerank none dba+qe] [--rotations]  # defaults only
     python scripts/hard_queries.py compare A.h5 --work DIR_A --other B.h5 --other-work DIR_B \\
-        [--rerank dba+qe] [--objects test]                                          # paired per copy
+        [--rerank dba+qe] [--objects test] [--turns all|upright|turned]             # paired per copy
 
 ``choose`` scores every setting of every re-ranker on the training copies (mAP, then N-S) and
 prints the best of each with and without rotations; ``apply`` scores today's defaults and the
@@ -186,23 +186,26 @@ def score_defaults(db_path: str, work: Path, methods: list[str], rotations: bool
     print(json.dumps({"db": db_path, "work": str(work), "copies": out}, indent=1))
 
 
-def compare(db_a: str, work_a: Path, db_b: str, work_b: Path, method: str, objects: str) -> None:
+def compare(db_a: str, work_a: Path, db_b: str, work_b: Path, method: str, objects: str,
+            turns: str = "all") -> None:
     """Per-copy AP of two databases (each with its own embeddings of the same seeded copies),
-    paired: mean difference B - A with a paired bootstrap 95% interval (10,000 resamples, seed 0)."""
+    paired: mean difference B - A with a paired bootstrap 95% interval (10,000 resamples, seed 0);
+    ``turns``: all copies, or only those left upright / turned."""
     aps = []
     for db_path, work in ((db_a, work_a), (db_b, work_b)):
         feats, labels, _, _ = load_db(db_path)
         data = np.load(work / f"{objects}.npz")
         qlab = labels[data["rows"]]
         npos = (labels[None, :] == qlab[:, None]).sum(1)
-        aps.append((data["rows"], per_query_ap(Searcher(feats).ranked(method, {}, data["vecs"], False),
-                                               labels, qlab, npos)))
+        keep = {"all": np.ones(len(qlab), bool), "upright": data["turns"] == 0, "turned": data["turns"] > 0}[turns]
+        ap = per_query_ap(Searcher(feats).ranked(method, {}, data["vecs"], False), labels, qlab, npos)
+        aps.append((data["rows"][keep], ap[keep]))
     (rows_a, ap_a), (rows_b, ap_b) = aps
     if not np.array_equal(rows_a, rows_b):
         sys.exit(f"hard_queries.py: error: {work_a} and {work_b} do not hold copies of the same rows")
     d = ap_b - ap_a
     lo, hi = np.percentile(np.random.default_rng(0).choice(d, (10_000, len(d))).mean(axis=1), [2.5, 97.5])
-    print(f"{len(d)} {objects} copies, {method}: mAP {ap_a.mean():.4f} -> {ap_b.mean():.4f}, difference "
+    print(f"{len(d)} {objects} copies ({turns}), {method}: mAP {ap_a.mean():.4f} -> {ap_b.mean():.4f}, difference "
           f"{d.mean():+.4f} (95% {lo:+.4f} .. {hi:+.4f}); better {int((d > 1e-9).sum())}, "
           f"worse {int((d < -1e-9).sum())}, level {int((np.abs(d) <= 1e-9).sum())}")
 
@@ -382,6 +385,7 @@ def main() -> None:
     ap.add_argument("--rotations", action="store_true", help="also score with rotations (score)")
     ap.add_argument("--other", help="database B (compare; DB is A)")
     ap.add_argument("--other-work", type=Path, help="B's copies and embeddings (compare)")
+    ap.add_argument("--turns", default="all", choices=["all", "upright", "turned"], help="copies compared (compare)")
     a = ap.parse_args()
     if a.step == "make":
         make(a.db, a.work, a.objects, a.seed)
@@ -394,7 +398,7 @@ def main() -> None:
     elif a.step == "compare":
         if not (a.other and a.other_work) or len(a.rerank or []) > 1:
             ap.error("compare needs --other and --other-work, and at most one --rerank")
-        compare(a.db, a.work, a.other, a.other_work, (a.rerank or ["dba+qe"])[0], a.objects)
+        compare(a.db, a.work, a.other, a.other_work, (a.rerank or ["dba+qe"])[0], a.objects, a.turns)
     else:
         apply(a.db, a.work, a.settings, a.corel, a.corel_queries)
 
