@@ -17,11 +17,18 @@ those 4. (Leaving the original out would need a DBA database without it for ever
     python scripts/hard_queries.py apply DB --work DIR --settings choose.json \\
         [--corel corel.h5 --corel-queries q.txt]                                    # once, held out
     python scripts/hard_queries.py verify DB --work DIR [--sample 200]               # verification
+    python scripts/hard_queries.py score DB --work DIR [--rerank none dba+qe] [--rotations]  # defaults only
+    python scripts/hard_queries.py compare A.h5 --work DIR_A --other B.h5 --other-work DIR_B \\
+        [--rerank dba+qe] [--objects test] [--turns all|upright|turned]             # paired per copy
 
 ``choose`` scores every setting of every re-ranker on the training copies (mAP, then N-S) and
 prints the best of each with and without rotations; ``apply`` scores today's defaults and the
 chosen settings on the held-out copies, the held-out originals (as ``ris-eval --split test``:
 the query's own row excluded, N-S counts it) and Corel's listed queries (as ``ris-eval --queries``).
+``score`` scores the re-rankers' default settings on whichever of the training and held-out copies
+WORK holds (all, upright, turned), for comparing databases of different recipes (each ``make``
+with its own database); ``compare`` pairs two such databases copy by copy (the same seeded copies:
+mean AP difference B - A, paired bootstrap 95% interval, copies better / worse).
 """
 from __future__ import annotations
 
@@ -103,13 +110,19 @@ def make(db_path: str, work: Path, objects: str, seed: int) -> None:
                       "ms_per_query_4_copies": round(ms, 1), "folder": str(folder)}))
 
 
+def per_query_ap(idx: np.ndarray, labels: np.ndarray, qlab: np.ndarray, npos: np.ndarray) -> np.ndarray:
+    """AP of each ranked list ``idx`` over its ``npos`` relevant images."""
+    rel = labels[idx] == qlab[:, None]
+    prec = np.cumsum(rel, 1) / np.arange(1, rel.shape[1] + 1)
+    return (prec * rel).sum(1) / np.maximum(npos, 1)
+
+
 def score(idx: np.ndarray, labels: np.ndarray, qlab: np.ndarray, npos: np.ndarray, counted: int) -> dict:
     """N-S (``counted`` = 1: the query itself counts as the first hit, as ris-eval's N-S), mAP over
     ``npos`` relevant images, R@1 and P@10 of ranked lists ``idx`` (query's own row never in them)."""
     rel = labels[idx] == qlab[:, None]
     ns = counted + rel[:, : 4 - counted].sum(1)
-    prec = np.cumsum(rel, 1) / np.arange(1, rel.shape[1] + 1)
-    ap = (prec * rel).sum(1) / np.maximum(npos, 1)
+    ap = per_query_ap(idx, labels, qlab, npos)
     return {"ns": round(float(ns.mean()), 4), "map": round(float(ap.mean()), 4),
             "r1": round(float(rel[:, 0].mean()), 4), "p10": round(float(rel[:, :10].mean()), 4)}
 
@@ -148,6 +161,53 @@ def copies_score(s: Searcher, labels, data, method, params, rotations, subset=No
     qlab = labels[rows]
     npos = (labels[None, :] == qlab[:, None]).sum(1)
     return score(s.ranked(method, params, vecs, rotations), labels, qlab, npos, 0)
+
+
+def score_defaults(db_path: str, work: Path, methods: list[str], rotations: bool) -> None:
+    """Default settings of ``methods`` (and with rotations where allowed, if asked) on the copies
+    WORK holds: all, upright, turned."""
+    feats, labels, _, _ = load_db(db_path)
+    s = Searcher(feats)
+    out: dict = {}
+    for objects in ("test", "train"):
+        if not (work / f"{objects}.npz").is_file():
+            continue
+        data = np.load(work / f"{objects}.npz")
+        upright, turned_ = data["turns"] == 0, data["turns"] > 0
+        rows = {}
+        for m in methods:
+            for rot in (False, True) if rotations and RERANKERS[m].comparable_scores else (False,):
+                rows[f"{m}{' +rotations' if rot else ''}"] = {
+                    "all": copies_score(s, labels, data, m, {}, rot),
+                    "upright": copies_score(s, labels, data, m, {}, rot, upright),
+                    "turned": copies_score(s, labels, data, m, {}, rot, turned_)}
+        out[objects] = {"queries": int(len(data["rows"])), "upright": int(upright.sum()),
+                        "turned": int(turned_.sum()), "rows": rows}
+    print(json.dumps({"db": db_path, "work": str(work), "copies": out}, indent=1))
+
+
+def compare(db_a: str, work_a: Path, db_b: str, work_b: Path, method: str, objects: str,
+            turns: str = "all") -> None:
+    """Per-copy AP of two databases (each with its own embeddings of the same seeded copies),
+    paired: mean difference B - A with a paired bootstrap 95% interval (10,000 resamples, seed 0);
+    ``turns``: all copies, or only those left upright / turned."""
+    aps = []
+    for db_path, work in ((db_a, work_a), (db_b, work_b)):
+        feats, labels, _, _ = load_db(db_path)
+        data = np.load(work / f"{objects}.npz")
+        qlab = labels[data["rows"]]
+        npos = (labels[None, :] == qlab[:, None]).sum(1)
+        keep = {"all": np.ones(len(qlab), bool), "upright": data["turns"] == 0, "turned": data["turns"] > 0}[turns]
+        ap = per_query_ap(Searcher(feats).ranked(method, {}, data["vecs"], False), labels, qlab, npos)
+        aps.append((data["rows"][keep], ap[keep]))
+    (rows_a, ap_a), (rows_b, ap_b) = aps
+    if not np.array_equal(rows_a, rows_b):
+        sys.exit(f"hard_queries.py: error: {work_a} and {work_b} do not hold copies of the same rows")
+    d = ap_b - ap_a
+    lo, hi = np.percentile(np.random.default_rng(0).choice(d, (10_000, len(d))).mean(axis=1), [2.5, 97.5])
+    print(f"{len(d)} {objects} copies ({turns}), {method}: mAP {ap_a.mean():.4f} -> {ap_b.mean():.4f}, difference "
+          f"{d.mean():+.4f} (95% {lo:+.4f} .. {hi:+.4f}); better {int((d > 1e-9).sum())}, "
+          f"worse {int((d < -1e-9).sum())}, level {int((np.abs(d) <= 1e-9).sum())}")
 
 
 def choose(db_path: str, work: Path) -> None:
@@ -311,7 +371,7 @@ def verify(db_path: str, work: Path, sample: int, depth: int = 30) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["make", "choose", "apply", "verify"])
+    ap.add_argument("step", choices=["make", "choose", "apply", "verify", "score", "compare"])
     ap.add_argument("db")
     ap.add_argument("--work", required=True, type=Path, help="folder for the transformed copies and embeddings")
     ap.add_argument("--objects", default="train", choices=["train", "test"])
@@ -320,6 +380,12 @@ def main() -> None:
     ap.add_argument("--corel", help="a second database scored with --corel-queries (apply)")
     ap.add_argument("--corel-queries")
     ap.add_argument("--sample", type=int, default=200, help="training copies verified (verify)")
+    ap.add_argument("--rerank", nargs="+", choices=sorted(RERANKERS),
+                    help="re-rankers at their defaults (score: default none dba+qe; compare: one, default dba+qe)")
+    ap.add_argument("--rotations", action="store_true", help="also score with rotations (score)")
+    ap.add_argument("--other", help="database B (compare; DB is A)")
+    ap.add_argument("--other-work", type=Path, help="B's copies and embeddings (compare)")
+    ap.add_argument("--turns", default="all", choices=["all", "upright", "turned"], help="copies compared (compare)")
     a = ap.parse_args()
     if a.step == "make":
         make(a.db, a.work, a.objects, a.seed)
@@ -327,6 +393,12 @@ def main() -> None:
         choose(a.db, a.work)
     elif a.step == "verify":
         verify(a.db, a.work, a.sample)
+    elif a.step == "score":
+        score_defaults(a.db, a.work, a.rerank or ["none", "dba+qe"], a.rotations)
+    elif a.step == "compare":
+        if not (a.other and a.other_work) or len(a.rerank or []) > 1:
+            ap.error("compare needs --other and --other-work, and at most one --rerank")
+        compare(a.db, a.work, a.other, a.other_work, (a.rerank or ["dba+qe"])[0], a.objects, a.turns)
     else:
         apply(a.db, a.work, a.settings, a.corel, a.corel_queries)
 
