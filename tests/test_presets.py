@@ -33,9 +33,9 @@ def test_accurate_extracts_the_fusion_measured_in_bench_quality():
     cfg = make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize, scales=args.scales,
                       pooling=args.pool, fusion_weights=args.fusion_weights)
     assert isinstance(cfg, FusionConfig)
-    assert [(c.model, c.input_size, c.pooling) for c in cfg.parts] == [("mobilenet_v2", 384, "gap"),
+    assert [(c.model, c.input_size, c.pooling) for c in cfg.parts] == [("mobilenet_v2", 224, "gap"),
                                                                       ("efficientnet_lite2", 384, "gem")]
-    assert cfg.weights == (1.0, 1.5)
+    assert cfg.weights == (1.0, 0.5)
 
 
 def test_a_fused_presets_per_part_values_stay_with_its_own_model():
@@ -47,7 +47,7 @@ def test_a_fused_presets_per_part_values_stay_with_its_own_model():
     p = extract_cli.build_parser()
     args = presets.apply(p.parse_args(["--preset", "accurate", "--model", "efficientnet_lite0"]), p, "extract")
     assert args.model == "efficientnet_lite0" and args.pool == "gap" and args.fusion_weights is None
-    assert args.resize == 384
+    assert args.resize == p.get_default("resize")  # '224+384' is per part: the other model's own size
     cfg = make_config(args.model, input_size=args.resize, scales=args.scales, pooling=args.pool,
                       fusion_weights=args.fusion_weights)
     assert cfg.model == "efficientnet_lite0" and cfg.pooling == "gap"
