@@ -59,6 +59,16 @@ class _Tally:
         self.ap_total += float(ap[valid].sum())
         self.ap_count += int(valid.sum())
 
+    def add_ranked(self, labels: np.ndarray, rows: np.ndarray, idx: np.ndarray, npos_all: np.ndarray) -> None:
+        """Queries ``rows`` with their ranked lists ``idx`` (rows of ``labels``, query excluded);
+        AP over the list, relevant items beyond it never retrieved (``npos_all``: ``positives``)."""
+        top_rel = labels[np.concatenate([rows[:, None], idx], 1)] == labels[rows, None]
+        tail = top_rel[:, 1:]
+        ranks = np.arange(1, tail.shape[1] + 1, dtype=np.float64)
+        prec = np.where(tail, np.cumsum(tail, axis=1) / ranks, 0.0)
+        npos = npos_all[rows]
+        self.add(top_rel, prec.sum(axis=1) / np.maximum(npos, 1), npos > 0)
+
     def scores(self, nq: int, n: int, without_relevant: int = 0) -> RetrievalScores:
         q = max(nq, 1)
         ns = self.ns_total / q
@@ -74,6 +84,12 @@ class _Tally:
         )
 
 
+def positives(labels: np.ndarray) -> np.ndarray:
+    """Per row: how many other rows share its label."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return counts[inverse] - 1
+
+
 def labelled_queries(features: np.ndarray, labels: np.ndarray, query_rows: np.ndarray | None):
     """(features, labels, query indices, queries without relevant): unlabelled (-1) rows dropped from
     both sides, and the queries with no other image of their group left out of the indices (counted)."""
@@ -87,8 +103,7 @@ def labelled_queries(features: np.ndarray, labels: np.ndarray, query_rows: np.nd
     if len(labels) < 2:
         raise ValueError("need at least two labelled images to evaluate")
     qidx = np.nonzero(qmask[keep])[0]
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    has_relevant = counts[inverse[qidx]] > 1
+    has_relevant = positives(labels)[qidx] > 0
     return features, labels, qidx[has_relevant], int((~has_relevant).sum())
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import sparse
 
 from ris.errors import RisError
-from ris.metrics import RetrievalScores, _Tally, labelled_queries  # noqa: F401
+from ris.metrics import RetrievalScores, _Tally, labelled_queries, positives  # noqa: F401
 from ris.topk import METRICS, blockwise_topk, l2_normalize, pairwise_distances
 
 BLOCK_ENTRIES = 1 << 20  # largest (queries x N) dense block
@@ -392,11 +392,9 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
     max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
     if depth < min(max_k, n - 1):  # fewer than k candidates in all: truncate, as evaluate_retrieval does
         raise ValueError(f"depth {depth} is shorter than the metrics need ({max_k})")
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    npos_all = counts[inverse] - 1
+    npos_all = positives(labels)
     reranker = Reranker(features, method, metric, **params)
     tally = _Tally(recall_ks, precision_ks, ns_k)
-    ranks = np.arange(1, depth + 1, dtype=np.float64)
     for s in range(0, nq, block):
         rows = qidx[s : s + block]
         if qv is None:
@@ -404,9 +402,5 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
         else:
             _, idx = reranker.search(qv[where[rows]].reshape(-1, qv.shape[2]), depth, query_rows=rows,
                                      block=block, variants=qv.shape[1])
-        top_rel = labels[np.concatenate([rows[:, None], idx], 1)] == labels[rows, None]
-        tail = top_rel[:, 1:]
-        npos = npos_all[rows]
-        prec = np.where(tail, np.cumsum(tail, axis=1) / ranks, 0.0)
-        tally.add(top_rel, prec.sum(axis=1) / np.maximum(npos, 1), npos > 0)
+        tally.add_ranked(labels, rows, idx, npos_all)
     return tally.scores(nq, n, without_relevant)

@@ -145,25 +145,29 @@ class SearchEngine:
 
         return turned(img[None])
 
-    def embed_query(self, image_path: str | Path) -> np.ndarray:
-        """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees)."""
-        from ris.images import load_image
-        from ris.embed import embed_features
+    def _describe(self, img: np.ndarray, thumb_of: Callable[[int], np.ndarray]) -> np.ndarray:
+        """Query vector(s) of the square image ``img`` (its turned copies too with ``rotations``);
+        ``thumb_of(side)``: the same image at ``side`` px for a head with a thumbnail branch."""
+        from ris.embed import embed_features, raw_descriptors
 
-        img = load_image(image_path, self.extractor.max_size)
         vec = self.extractor.embed(self._copies(img))
         if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
-            from ris.embed import raw_descriptors
-
             vec = raw_descriptors(vec)
         if self.head is not None:
             shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
             if shallow:
                 from ris.thumbs import with_thumbnails
 
-                vec = with_thumbnails(vec, self._copies(load_image(image_path, shallow)))
+                vec = with_thumbnails(vec, self._copies(thumb_of(shallow)))
             vec = embed_features(self.head, vec)
         return vec
+
+    def embed_query(self, image_path: str | Path) -> np.ndarray:
+        """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees)."""
+        from ris.images import load_image
+
+        return self._describe(load_image(image_path, self.extractor.max_size),
+                              lambda side: load_image(image_path, side))
 
     def _search_vectors(self, vec: np.ndarray, k: int, reranker=None,
                         query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -197,21 +201,10 @@ class SearchEngine:
         """The query vector of an already decoded RGB uint8 image (H, W, 3), made as ``embed_query``
         makes it from a file. Why: the HTTP service decodes uploads itself, after its own checks,
         and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match."""
-        from ris.embed import embed_features, raw_descriptors
         from ris.images import resize_square
 
         rgb = np.asarray(rgb, dtype=np.uint8)
-        vec = self.extractor.embed(self._copies(resize_square(rgb, self.extractor.max_size)))
-        if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
-            vec = raw_descriptors(vec)
-        if self.head is not None:
-            shallow = int(self.meta.get("config", {}).get("shallow", 0) or 0)
-            if shallow:
-                from ris.thumbs import with_thumbnails
-
-                vec = with_thumbnails(vec, self._copies(resize_square(rgb, shallow)))
-            vec = embed_features(self.head, vec)
-        return vec
+        return self._describe(resize_square(rgb, self.extractor.max_size), lambda side: resize_square(rgb, side))
 
     @property
     def query_size(self) -> int:

@@ -180,27 +180,22 @@ class Verifier:
     def evaluate(self, feats: np.ndarray, labels: np.ndarray, method: str = "none", metric: str = "euclidean",
                  query_rows: np.ndarray | None = None, recall_ks=(1, 4, 10), precision_ks=(10,), ns_k: int = 4):
         """``ris.rerank.evaluate_reranked``'s scores, each query's list verified first (gallery = ``feats``)."""
-        from ris.metrics import _Tally, labelled_queries
+        from ris.metrics import _Tally, labelled_queries, positives
         from ris.rerank import Reranker
 
         keep = np.asarray(labels) >= 0
         rows = self.rows[np.nonzero(keep)[0]]  # labelled_queries drops unlabelled rows: keep the map to ours
         feats, labels, qidx, without = labelled_queries(feats, labels, query_rows)
         n = len(labels)
-        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        npos_all = counts[inverse] - 1
+        npos_all = positives(labels)
         reranker = Reranker(feats, method, metric)
         tally = _Tally(tuple(recall_ks), tuple(precision_ks), ns_k)
-        ranks = np.arange(1, n, dtype=np.float64)
         for s in range(0, len(qidx), 64):
             qs = qidx[s: s + 64]
             _, idx = reranker.search(feats[qs], n - 1, query_rows=qs)
             for j, q in enumerate(qs):
                 idx[j] = self.rerank(self.local.of(int(rows[q])), idx[j], rows)
-            top_rel = labels[np.concatenate([qs[:, None], idx], 1)] == labels[qs, None]
-            tail = top_rel[:, 1:]
-            prec = np.where(tail, np.cumsum(tail, axis=1) / ranks, 0.0)
-            tally.add(top_rel, prec.sum(axis=1) / np.maximum(npos_all[qs], 1), npos_all[qs] > 0)
+            tally.add_ranked(labels, qs, idx, npos_all)
         return tally.scores(len(qidx), n, without)
 
 
