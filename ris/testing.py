@@ -359,3 +359,17 @@ def committed_rows(features_db: str | Path) -> int:
             return int(f.attrs.get("rows_done", 0))
     except Exception:
         return 0
+
+
+def attrs_through_hdf5(directory: str | Path, attrs: dict) -> dict:
+    """``attrs`` as a reader sees them after a writer stored them in a one-row database (types change
+    on the way: tuples become arrays, nested values text)."""
+    from ris.featuredb import FeatureDB
+    from ris.featurewriter import FeatureWriter
+
+    path = Path(directory) / "attrs-roundtrip.h5"
+    w = FeatureWriter(path, attrs, (4,), ["a"])
+    w.add(["x.jpg"], np.ones((1, 4), np.float32), ["a"])
+    w.finish({})
+    with FeatureDB(path) as db:
+        return dict(db.attrs)

@@ -3,27 +3,15 @@ reads it back, so queries are made exactly as the database was."""
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ris.errors import DatabaseError, RisError
 from ris.extract import ExtractOptions, extract_features
 from ris.extractor import ExtractConfig
-from ris.featuredb import FeatureDB, FeatureWriter
-from ris.testing import make_tiny_dataset
+from ris.testing import attrs_through_hdf5, make_tiny_dataset
 
 BASE = ExtractConfig(model="vgg16", weights="none", layer="block5_pool", input_size=64)
-
-
-def _through_hdf5(tmp_path: Path, attrs: dict) -> dict:
-    """Attributes as a reader sees them after the writer stored them (types change on the way)."""
-    w = FeatureWriter(tmp_path / "r.h5", attrs, (4,), ["a"])
-    w.add(["x.jpg"], np.ones((1, 4), np.float32), ["a"])
-    w.finish({})
-    with FeatureDB(tmp_path / "r.h5") as db:
-        return dict(db.attrs)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -43,7 +31,7 @@ def _through_hdf5(tmp_path: Path, attrs: dict) -> dict:
     replace(BASE, fold_batchnorm=False),
 ], ids=lambda c: f"{c.model}-{c.weights}-{c.layer}-{c.input_size}-{c.scales}-{c.pooling}-{c.dtype}-{c.fold_batchnorm}")
 def test_recipe_round_trips_through_the_database(tmp_path, cfg):
-    rebuilt = ExtractConfig.from_attrs(_through_hdf5(tmp_path, cfg.to_attrs()))
+    rebuilt = ExtractConfig.from_attrs(attrs_through_hdf5(tmp_path, cfg.to_attrs()))
     assert rebuilt == cfg.resolved()
     assert rebuilt.scale_sizes() == cfg.scale_sizes()
     if cfg.input_size is not None:

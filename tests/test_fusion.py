@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,22 +11,14 @@ import pytest
 from ris.errors import DatabaseError, RisError
 from ris.extract import ExtractOptions, extract_features
 from ris.extractor import ExtractConfig
-from ris.featuredb import FINGERPRINT_KEYS, FeatureDB, FeatureWriter, fingerprint
+from ris.featuredb import FINGERPRINT_KEYS, FeatureDB, fingerprint
 from ris.fusion import FusedExtractor, FusionConfig, PerPart, fuse, make_config
-from ris.testing import make_tiny_dataset
+from ris.testing import attrs_through_hdf5, make_tiny_dataset
 
 MOBILE = ExtractConfig(model="mobilenet_v2", weights="none", input_size=32, pooling="gap")
 LITE = ExtractConfig(model="efficientnet_lite0", weights="none", input_size=48, pooling="gem")
 FUSED = FusionConfig((MOBILE, LITE), (1.0, 0.5))
 QUIET = ExtractOptions(progress=False, log=lambda s: None)
-
-
-def _through_hdf5(tmp_path: Path, attrs: dict) -> dict:
-    w = FeatureWriter(tmp_path / "r.h5", attrs, (4,), ["a"])
-    w.add(["x.jpg"], np.ones((1, 4), np.float32), ["a"])
-    w.finish({})
-    with FeatureDB(tmp_path / "r.h5") as db:
-        return dict(db.attrs)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -36,7 +27,7 @@ def _through_hdf5(tmp_path: Path, attrs: dict) -> dict:
     FusionConfig((MOBILE, replace(MOBILE, input_size=64), LITE), (2.0, 1.0, 0.25)),
 ], ids=["two-weighted", "multiscale-part", "three-parts"])
 def test_fused_recipe_round_trips_through_the_database(tmp_path, cfg):
-    attrs = _through_hdf5(tmp_path, cfg.to_attrs())
+    attrs = attrs_through_hdf5(tmp_path, cfg.to_attrs())
     rebuilt = ExtractConfig.from_attrs(attrs)  # the one reader of a database's recipe
     assert isinstance(rebuilt, FusionConfig) and rebuilt == cfg.resolved()
     assert attrs["model"] == cfg.model and "+" in attrs["pooling"]
@@ -46,7 +37,7 @@ def test_fused_recipe_round_trips_through_the_database(tmp_path, cfg):
 def test_a_single_backbone_database_reads_as_before(tmp_path):
     """No 'fusion' attribute: an ExtractConfig, and the fingerprint has exactly the keys it always
     had, so heads saved before fusion existed still match their databases."""
-    attrs = _through_hdf5(tmp_path, MOBILE.to_attrs())
+    attrs = attrs_through_hdf5(tmp_path, MOBILE.to_attrs())
     assert "fusion" not in attrs
     cfg = ExtractConfig.from_attrs(attrs)
     assert type(cfg) is ExtractConfig and cfg == MOBILE
