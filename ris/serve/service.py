@@ -178,9 +178,9 @@ class SearchService:
 
     def _answer(self, gen: Generation, dist, rows, query: dict, k: int, rerank: str, timing: dict) -> dict:
         e = gen.engine
-        results = [{"rank": r, "id": int(i), "path": e.image_ids[int(i)], "distance": round(float(d), 6),
-                    "label": e.labels[int(i)] or None, "image_url": f"/api/images/{int(i)}",
-                    "thumb_url": f"/api/thumbs/{int(i)}"} for r, (d, i) in enumerate(zip(dist, rows), 1)]
+        results = [{"rank": h.rank, "id": h.row, "path": h.image_id, "distance": round(h.distance, 6),
+                    "label": h.label or None, "image_url": f"/api/images/{h.row}",
+                    "thumb_url": f"/api/thumbs/{h.row}"} for h in e.hits(dist, rows)]  # names: one read
         return {"query": query, "k": k, "rerank": rerank,
                 "score": "distance" if rerank == "none" else "re-ranking score (smaller = better)",
                 "metric": e.metric, "results": results, "timing_ms": {n: round(v * 1000, 2) for n, v in timing.items()},
