@@ -19,6 +19,7 @@ import numpy as np
 from ris.errors import DatabaseError, RisError
 
 if TYPE_CHECKING:
+    from ris.colour import ColourExtractor
     from ris.fusion import FusedExtractor, FusionConfig
 
 
@@ -35,7 +36,10 @@ class ExtractConfig:
 
     def resolved_size(self) -> int:
         from ris.backbones import get_backbone
+        from ris.colour import COLOUR_DESCRIPTORS
 
+        if self.model in COLOUR_DESCRIPTORS:
+            return int(self.input_size or COLOUR_DESCRIPTORS[self.model].input_size)
         return int(self.input_size or get_backbone(self.model).input_size)
 
     def scale_sizes(self) -> list[int]:
@@ -253,15 +257,19 @@ class FeatureExtractor:
         return replace(self.config.resolved(), layer=self.layer)
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any], source: str = "the database") -> "FeatureExtractor | FusedExtractor":
+    def from_attrs(cls, attrs: dict[str, Any], source: str = "the database"
+                   ) -> "FeatureExtractor | FusedExtractor | ColourExtractor":
         """The extractor a database's attributes record (a ``FusedExtractor`` for a fused one)."""
         return build_extractor(ExtractConfig.from_attrs(attrs, source))
 
 
-def build_extractor(config: "ExtractConfig | FusionConfig") -> "FeatureExtractor | FusedExtractor":
-    """The extractor of a recipe: one backbone, or a fusion of several (``ris.fusion``)."""
+def build_extractor(config: "ExtractConfig | FusionConfig") -> "FeatureExtractor | FusedExtractor | ColourExtractor":
+    """The extractor of a recipe: one backbone, a colour histogram (``ris.colour``), or a fusion
+    of several (``ris.fusion``)."""
     if isinstance(config, ExtractConfig):
-        return FeatureExtractor(config)
+        from ris.colour import ColourExtractor, is_colour
+
+        return ColourExtractor(config) if is_colour(config.model) else FeatureExtractor(config)
     from ris.fusion import FusedExtractor
 
     return FusedExtractor(config)

@@ -25,8 +25,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ris.colour import colour_config, is_colour
 from ris.errors import DatabaseError, RisError
-from ris.extractor import RECIPE_VERSION, ExtractConfig, FeatureExtractor
+from ris.extractor import RECIPE_VERSION, ExtractConfig, build_extractor
 
 SEP = "+"
 
@@ -171,21 +172,31 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
         for value, flag in ((input_size, "--resize"), (scales, "--scales"), (pooling, "--pool"), (layer, "--layer")):
             if isinstance(value, PerPart) or (isinstance(value, str) and SEP in value):
                 raise RisError(f"{flag} {_show(value)!r} gives one value per part, but --model {model} is one backbone")
-        return ExtractConfig(model=model, weights=weights, layer=layer, input_size=_size(input_size),
-                             scales=_scales(scales), pooling=pooling, dtype=dtype)
+        single = ExtractConfig(model=model, weights=weights, layer=layer, input_size=_size(input_size),
+                               scales=_scales(scales), pooling=pooling, dtype=dtype)
+        return colour_config(single) if is_colour(model) else single
     for m in models:
-        get_backbone(m)  # unknown names: one line listing the choices
+        if not is_colour(m):
+            get_backbone(m)  # unknown names: one line listing the choices
     n = len(models)
     # a weights path may itself contain '+': it is split only when it has one piece per model
     weight_args = weights.split(SEP) if isinstance(weights, str) and weights.count(SEP) == n - 1 else [weights] * n
     layers, sizes = per_part(layer, n, "--layer"), per_part(input_size, n, "--resize")
     scale_args, pools = per_part(scales, n, "--scales"), per_part(pooling, n, "--pool")
-    for p in pools:
+    # a colour part (ris.colour) has no weights, layer, scales or pooling: a value given once for
+    # every part is a CNN setting and passes it by; one given for it per part is checked there
+    for values, given, default in ((weight_args, weights.count(SEP) == n - 1 if isinstance(weights, str) else False,
+                                    "none"),
+                                   (layers, _per_part_given(layer), None), (scale_args, _per_part_given(scales), 1.0),
+                                   (pools, _per_part_given(pooling), "gap")):
+        if not given:
+            values[:] = [default if is_colour(m) else v for m, v in zip(models, values)]
+    for m, p in zip(models, pools):
         if p == "none":
             raise RisError("--pool none stores conv maps and cannot be fused; choose a pooling for every part")
-        check_pooling(p)
-    parts = tuple(ExtractConfig(model=m, weights=w, layer=None if l in (None, "", "none") else l, input_size=_size(s),
-                                scales=_scales(sc), pooling=p, dtype=dtype)
+        if not is_colour(m):
+            check_pooling(p)
+    parts = tuple(_part_config(m, w, l, s, sc, p, dtype)
                   for m, w, l, s, sc, p in zip(models, weight_args, layers, sizes, scale_args, pools))
     if fusion_weights in (None, ""):
         fw: tuple[float, ...] = ()
@@ -200,13 +211,24 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
     return config
 
 
+def _per_part_given(value: Any) -> bool:
+    return isinstance(value, PerPart) or (isinstance(value, str) and SEP in value)
+
+
+def _part_config(model: str, weights: str, layer: Any, size: Any, scales: Any, pooling: str,
+                 dtype: str) -> ExtractConfig:
+    config = ExtractConfig(model=model, weights=weights, layer=None if layer in (None, "", "none") else layer,
+                           input_size=_size(size), scales=_scales(scales), pooling=pooling, dtype=dtype)
+    return colour_config(config) if is_colour(model) else config
+
+
 class FusedExtractor:
     """One ``FeatureExtractor`` per part on the same images; the interface of ``FeatureExtractor``."""
 
     def __init__(self, config: FusionConfig):
         config.check()
         self.config = config
-        self.parts = [FeatureExtractor(p) for p in config.parts]
+        self.parts = [build_extractor(p) for p in config.parts]
         dims = [int(np.prod(p.output_shape)) for p in self.parts]
         self.output_shape = (sum(dims),)
         self.bounds = np.cumsum([0, *dims])  # part i is columns bounds[i]:bounds[i + 1]

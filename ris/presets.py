@@ -2,16 +2,15 @@
 combination measured in bench/quality.md, slower). A preset fills only the options left at their
 defaults: an option given on the command line always wins.
 
-Measured in bench/quality.md (2-core CPU, 1,000 images): fast = MobileNetV2 GAP 224, 157 img/s
-extraction, 5,120 bytes per image, ~8 ms per query. accurate (since 2026-12-02) = the fusion of
-MobileNetV2 GAP 224 and EfficientNet-Lite2 GeM 384 (weights 1 and 0.5; 42 img/s against fast's 157 on a quiet machine, 10,240 bytes
-per image) re-ranked with dba+qe (its augmented database, as large again, is cached beside the
-database on first use). Chosen on UKBench training objects, full-size and synthetic hard copies
-(crops, downscales, turns, JPEG 30-50): the 384 + 384 fusion was best on the saturated full-size
-training queries but significantly worse on the training copies; this one is level there and gains
-off the shelf. Then, once: held-out N-S 3.995 (level with MobileNetV2 224 + dba+qe), held-out hard
-copies mAP 0.937 -> 0.954, Corel mAP 0.944 -> 0.952. Geometric verification (--verify) is not in it:
-on top of dba+qe it did not gain on held-out objects (3.990).
+Measured in bench/quality.md (2-core CPU, 1,000 images): fast = MobileNetV2 GAP 224, ~155 img/s
+extraction, 5,120 bytes per image, ~20-25 ms per query from a file. accurate (since 2026-12-02) =
+the fusion of MobileNetV2 GAP 224, EfficientNet-Lite2 GeM 384 and an HSV colour histogram
+(ris/colour.py), weights 1, 0.5 and 0.5, re-ranked with dba+qe (its augmented database, as large
+again, is cached beside the database on first use): ~33 img/s, 14,240 bytes per image, ~64 ms per
+query from a file. Chosen on UKBench training objects, full-size and synthetic hard copies (crops,
+downscales, turns, JPEG 30-50); then, once: held-out N-S 3.995 -> 4.000 (off the shelf 3.955 ->
+3.980), held-out hard copies mAP 0.954 -> 0.988, Corel mAP level (0.953 -> 0.955). Geometric
+verification (--verify) is not in it: on top of dba+qe it did not gain on held-out objects.
 """
 from __future__ import annotations
 
@@ -24,8 +23,8 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
         "eval": {"rerank": "none", "verify": 0},
     },
     "accurate": {
-        "extract": {"model": "mobilenet_v2+efficientnet_lite2", "resize": "224+384", "pool": "gap+gem",
-                    "fusion_weights": "1+0.5"},
+        "extract": {"model": "mobilenet_v2+efficientnet_lite2+hsv_hist", "resize": "224+384+224",
+                    "pool": "gap+gem+gap", "fusion_weights": "1+0.5+0.5"},
         "search": {"rerank": "dba+qe", "verify": 0},
         "eval": {"rerank": "dba+qe", "verify": 0},
     },

@@ -34,8 +34,9 @@ def test_accurate_extracts_the_fusion_measured_in_bench_quality():
                       pooling=args.pool, fusion_weights=args.fusion_weights)
     assert isinstance(cfg, FusionConfig)
     assert [(c.model, c.input_size, c.pooling) for c in cfg.parts] == [("mobilenet_v2", 224, "gap"),
-                                                                      ("efficientnet_lite2", 384, "gem")]
-    assert cfg.weights == (1.0, 0.5)
+                                                                      ("efficientnet_lite2", 384, "gem"),
+                                                                      ("hsv_hist", 224, "hist")]
+    assert cfg.weights == (1.0, 0.5, 0.5)
 
 
 def test_a_fused_presets_per_part_values_stay_with_its_own_model():

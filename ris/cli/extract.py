@@ -10,6 +10,7 @@ from ris.cli.common import EXIT_OK, HelpFormatter, number_list, positive_float, 
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.backbones import BACKBONES, DEFAULT_BACKBONE
+    from ris.colour import COLOUR_DESCRIPTORS
     from ris.pooling import NO_POOLING, POOLING
 
     p = argparse.ArgumentParser(
@@ -28,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "backbones joined by '+' (e.g. mobilenet_v2+efficientnet_lite2) describe each image; each "
                         "part's descriptor is L2-normalised, weighted (--fusion-weights), concatenated, "
                         "L2-normalised. --resize, --pool, --scales, --layer and --weights then take one value for "
-                        "every part or one per part joined by '+' (e.g. --resize 224+384 --pool gap+gem)")
+                        "every part or one per part joined by '+' (e.g. --resize 224+384 --pool gap+gem). "
+                        f"Colour: {', '.join(sorted(COLOUR_DESCRIPTORS))} is an HSV colour histogram (1,000 bins, "
+                        "Hellinger), usable alone or as a fusion part (e.g. mobilenet_v2+hsv_hist --fusion-weights "
+                        "1+0.5); it takes only --resize (default 224) and ignores a --pool, --scales, --layer or "
+                        "--weights given once for every part")
     p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' (random init) or a weights file path "
                    "(fusion: one for every part, or one per part joined by '+')")
     p.add_argument("--layer", default=None, help="take features from this trunk layer (default: the last conv block; "
@@ -144,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 def _list_layers(model: str, as_json: bool) -> int:
     """Layers a user can pass to --layer: those with a 4-D (feature map) output, input to output."""
     from ris.backbones import get_backbone
+    from ris.colour import is_colour
+    from ris.errors import RisError
 
+    if is_colour(model):
+        raise RisError(f"{model} is a colour histogram, not a CNN: it has no layers")
     trunk = get_backbone(model).build("none")  # structure only: no weights needed
     rows = []
     for layer in trunk.layers[1:]:
@@ -176,11 +185,13 @@ def per_part_arg(item: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def _model_arg(text: str) -> str:
     from ris.backbones import BACKBONES
+    from ris.colour import COLOUR_DESCRIPTORS
     from ris.fusion import SEP
 
+    names = sorted([*BACKBONES, *COLOUR_DESCRIPTORS])
     for name in text.split(SEP):
-        if name not in BACKBONES:
-            raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose one of {', '.join(sorted(BACKBONES))}"
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose one of {', '.join(names)}"
                                              + (f", or several joined by '{SEP}'" if SEP not in text else ""))
     return text
 
