@@ -6,11 +6,14 @@ only a triplet head loads Keras.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ris.errors import DatabaseError, RisError
+
+if TYPE_CHECKING:
+    from ris.metrics import RetrievalScores
 
 
 def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str = "test",
@@ -181,12 +184,53 @@ def _score(feats: np.ndarray, labels: np.ndarray, rerank: str = "none", metric: 
     if verifier is not None:
         return verifier.evaluate(feats, labels, rerank, metric, query_rows).to_dict()
     if query_vectors is not None:  # the queries' own (turned) descriptors; "none" ranks as evaluate_retrieval
-        from ris.rerank import evaluate_reranked
-
         return evaluate_reranked(feats, labels, rerank, metric=metric, query_rows=query_rows,
                                  query_vectors=query_vectors).to_dict()
     if rerank == "none":
         return evaluate_retrieval(feats, labels, metric, query_rows=query_rows).to_dict()
-    from ris.rerank import evaluate_reranked
-
     return evaluate_reranked(feats, labels, rerank, metric=metric, query_rows=query_rows).to_dict()
+
+
+def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "none",
+                      metric: str = "euclidean", recall_ks: tuple[int, ...] = (1, 4, 10),
+                      precision_ks: tuple[int, ...] = (10,), block: int = 256, ns_k: int = 4,
+                      query_rows: np.ndarray | None = None, depth: int | None = None,
+                      query_vectors: np.ndarray | None = None, **params) -> "RetrievalScores":
+    """``ris.metrics.evaluate_retrieval`` on re-ranked lists (closed set, same conventions).
+
+    Every labelled row (or only ``query_rows``) queries all labelled rows; its own row is forced to
+    rank 1 (counted for N-S only). AP is computed over the re-ranked top ``depth`` list, query
+    excluded: relevant items beyond ``depth`` count as never retrieved, so AP is exact when
+    ``depth = N - 1`` (the default when N <= 5000; 1000 otherwise, then a lower bound).
+    ``method="none"`` reproduces ``evaluate_retrieval`` exactly. ``query_vectors`` (len(query_rows),
+    V, D): what each query searches with instead of its stored row (``ris-eval --rotations``: its
+    V turned copies; each row keeps its best score); every label must then be >= 0.
+    """
+    from ris.metrics import _Tally, labelled_queries, positives
+    from ris.rerank import Reranker
+
+    qv = None
+    if query_vectors is not None:
+        qv = np.asarray(query_vectors, np.float32)
+        if query_rows is None or qv.ndim != 3 or len(qv) != len(query_rows) or (np.asarray(labels) < 0).any():
+            raise ValueError("query_vectors: one (V, D) block per query row, and every label >= 0")
+        where = np.full(len(labels), -1, np.int64)
+        where[np.asarray(query_rows, np.int64)] = np.arange(len(qv))
+    features, labels, qidx, without_relevant = labelled_queries(features, labels, query_rows)
+    n, nq = len(labels), len(qidx)
+    depth = (n - 1 if n <= 5000 else 1000) if depth is None else int(min(depth, n - 1))
+    max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
+    if depth < min(max_k, n - 1):  # fewer than k candidates in all: truncate, as evaluate_retrieval does
+        raise ValueError(f"depth {depth} is shorter than the metrics need ({max_k})")
+    npos_all = positives(labels)
+    reranker = Reranker(features, method, metric, **params)
+    tally = _Tally(recall_ks, precision_ks, ns_k)
+    for s in range(0, nq, block):
+        rows = qidx[s : s + block]
+        if qv is None:
+            _, idx = reranker.search(features[rows], depth, query_rows=rows, block=block)
+        else:
+            _, idx = reranker.search(qv[where[rows]].reshape(-1, qv.shape[2]), depth, query_rows=rows,
+                                     block=block, variants=qv.shape[1])
+        tally.add_ranked(labels, rows, idx, npos_all)
+    return tally.scores(nq, n, without_relevant)

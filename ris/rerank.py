@@ -35,7 +35,6 @@ import numpy as np
 from scipy import sparse
 
 from ris.errors import RisError
-from ris.metrics import RetrievalScores, _Tally, labelled_queries, positives  # noqa: F401
 from ris.topk import METRICS, blockwise_topk, l2_normalize, pairwise_distances
 
 BLOCK_ENTRIES = 1 << 20  # largest (queries x N) dense block
@@ -363,44 +362,3 @@ def rerank(queries: np.ndarray, database: np.ndarray, method: str, k: int, metri
     ``params`` override ``RERANKERS[method].defaults``. Build a ``Reranker`` to search one database often."""
     return Reranker(database, method, metric, **params).search(queries, k, query_rows=query_rows)
 
-
-def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "none",
-                      metric: str = "euclidean", recall_ks: tuple[int, ...] = (1, 4, 10),
-                      precision_ks: tuple[int, ...] = (10,), block: int = 256, ns_k: int = 4,
-                      query_rows: np.ndarray | None = None, depth: int | None = None,
-                      query_vectors: np.ndarray | None = None, **params) -> RetrievalScores:
-    """``ris.metrics.evaluate_retrieval`` on re-ranked lists (closed set, same conventions).
-
-    Every labelled row (or only ``query_rows``) queries all labelled rows; its own row is forced to
-    rank 1 (counted for N-S only). AP is computed over the re-ranked top ``depth`` list, query
-    excluded: relevant items beyond ``depth`` count as never retrieved, so AP is exact when
-    ``depth = N - 1`` (the default when N <= 5000; 1000 otherwise, then a lower bound).
-    ``method="none"`` reproduces ``evaluate_retrieval`` exactly. ``query_vectors`` (len(query_rows),
-    V, D): what each query searches with instead of its stored row (``ris-eval --rotations``: its
-    V turned copies; each row keeps its best score); every label must then be >= 0.
-    """
-    qv = None
-    if query_vectors is not None:
-        qv = np.asarray(query_vectors, np.float32)
-        if query_rows is None or qv.ndim != 3 or len(qv) != len(query_rows) or (np.asarray(labels) < 0).any():
-            raise ValueError("query_vectors: one (V, D) block per query row, and every label >= 0")
-        where = np.full(len(labels), -1, np.int64)
-        where[np.asarray(query_rows, np.int64)] = np.arange(len(qv))
-    features, labels, qidx, without_relevant = labelled_queries(features, labels, query_rows)
-    n, nq = len(labels), len(qidx)
-    depth = (n - 1 if n <= 5000 else 1000) if depth is None else int(min(depth, n - 1))
-    max_k = max(max(recall_ks, default=1), max(precision_ks, default=1), ns_k)
-    if depth < min(max_k, n - 1):  # fewer than k candidates in all: truncate, as evaluate_retrieval does
-        raise ValueError(f"depth {depth} is shorter than the metrics need ({max_k})")
-    npos_all = positives(labels)
-    reranker = Reranker(features, method, metric, **params)
-    tally = _Tally(recall_ks, precision_ks, ns_k)
-    for s in range(0, nq, block):
-        rows = qidx[s : s + block]
-        if qv is None:
-            _, idx = reranker.search(features[rows], depth, query_rows=rows, block=block)
-        else:
-            _, idx = reranker.search(qv[where[rows]].reshape(-1, qv.shape[2]), depth, query_rows=rows,
-                                     block=block, variants=qv.shape[1])
-        tally.add_ranked(labels, rows, idx, npos_all)
-    return tally.scores(nq, n, without_relevant)

@@ -179,7 +179,7 @@ class Verifier:
 
     def evaluate(self, feats: np.ndarray, labels: np.ndarray, method: str = "none", metric: str = "euclidean",
                  query_rows: np.ndarray | None = None, recall_ks=(1, 4, 10), precision_ks=(10,), ns_k: int = 4):
-        """``ris.rerank.evaluate_reranked``'s scores, each query's list verified first (gallery = ``feats``)."""
+        """``ris.evaluate.evaluate_reranked``'s scores, each query's list verified first (gallery = ``feats``)."""
         from ris.metrics import _Tally, labelled_queries, positives
         from ris.rerank import Reranker
 

@@ -117,7 +117,7 @@ def test_queries_without_another_relevant_image_are_scored_by_no_metric():
 
 @pytest.mark.parametrize("method", ["none", "qe"])
 def test_reranked_evaluation_follows_the_same_rule(method):
-    from ris.rerank import evaluate_reranked
+    from ris.evaluate import evaluate_reranked
 
     feats, labels = _with_a_lonely_query()
     s = evaluate_reranked(feats, labels, method, recall_ks=(1,), precision_ks=(1,))

@@ -5,9 +5,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from ris.evaluate import evaluate_reranked
 from ris.metrics import evaluate_retrieval
-from ris.rerank import (RERANKERS, Reranker, alpha_dba, alpha_qe, diffuse, diffusion_graph,
-                        evaluate_reranked, neighbours_without_self, rerank)
+from ris.rerank import RERANKERS, Reranker, alpha_dba, alpha_qe, diffuse, diffusion_graph, neighbours_without_self, rerank
 from ris.topk import l2_normalize, pairwise_distances
 
 
