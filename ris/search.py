@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from ris.featuredb import RowLabels
+from ris.rotations import check_rerank
 
 
 @dataclass
@@ -35,8 +36,6 @@ class SearchEngine:
         from ris.featuredb import FeatureDB
 
         if rotations:  # refused before anything is opened
-            from ris.rotations import check_rerank
-
             check_rerank(rerank)
         self.rotations = bool(rotations)
         self._files: list = []  # cache files opened for streamed reads
@@ -137,20 +136,22 @@ class SearchEngine:
         self._files.append(f)
         return f["embeddings"], str(cache), source
 
-    def _copies(self, img: np.ndarray) -> np.ndarray:
-        """(1 or 4, S, S, 3): the square query image, and its turned copies with ``rotations``."""
-        if not self.rotations:
+    def _copies(self, img: np.ndarray, rotations: bool | None = None) -> np.ndarray:
+        """(1 or 4, S, S, 3): the square query image, and its turned copies with ``rotations``
+        (None: the engine's own setting)."""
+        if not (self.rotations if rotations is None else rotations):
             return img[None]
         from ris.rotations import turned
 
         return turned(img[None])
 
-    def _describe(self, img: np.ndarray, thumb_of: Callable[[int], np.ndarray]) -> np.ndarray:
+    def _describe(self, img: np.ndarray, thumb_of: Callable[[int], np.ndarray],
+                  rotations: bool | None = None) -> np.ndarray:
         """Query vector(s) of the square image ``img`` (its turned copies too with ``rotations``);
         ``thumb_of(side)``: the same image at ``side`` px for a head with a thumbnail branch."""
         from ris.embed import embed_features, raw_descriptors
 
-        vec = self.extractor.embed(self._copies(img))
+        vec = self.extractor.embed(self._copies(img, rotations))
         if self.vectors.ndim == 2 and vec.ndim == 4 and self.head is None:
             vec = raw_descriptors(vec)
         if self.head is not None:
@@ -158,7 +159,7 @@ class SearchEngine:
             if shallow:
                 from ris.thumbs import with_thumbnails
 
-                vec = with_thumbnails(vec, self._copies(thumb_of(shallow)))
+                vec = with_thumbnails(vec, self._copies(thumb_of(shallow), rotations))
             vec = embed_features(self.head, vec)
         return vec
 
@@ -197,14 +198,16 @@ class SearchEngine:
                 for r, ((d, i), name) in enumerate(zip(keep, names), 1)]
 
     # --- serving (ris-serve): queries by decoded image or database row; a grown database -------
-    def embed_array(self, rgb: np.ndarray) -> np.ndarray:
+    def embed_array(self, rgb: np.ndarray, rotations: bool | None = None) -> np.ndarray:
         """The query vector of an already decoded RGB uint8 image (H, W, 3), made as ``embed_query``
         makes it from a file. Why: the HTTP service decodes uploads itself, after its own checks,
-        and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match."""
+        and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match.
+        ``rotations``: this query's turned copies too, or not (None: the engine's setting)."""
         from ris.images import resize_square
 
         rgb = np.asarray(rgb, dtype=np.uint8)
-        return self._describe(resize_square(rgb, self.extractor.max_size), lambda side: resize_square(rgb, side))
+        return self._describe(resize_square(rgb, self.extractor.max_size), lambda side: resize_square(rgb, side),
+                              rotations)
 
     @property
     def query_size(self) -> int:
@@ -224,8 +227,6 @@ class SearchEngine:
         if method == "none":
             return None
         if self.rotations:
-            from ris.rotations import check_rerank
-
             check_rerank(method)
         if self.reranker is not None and self.reranker.method == method:
             return self.reranker
@@ -256,6 +257,8 @@ class SearchEngine:
             from ris.errors import BadImage
 
             raise BadImage("the query's features are not finite (NaN/inf); it cannot be ranked")
+        if len(np.atleast_2d(vec)) > 1:  # turned copies, asked for by this query
+            check_rerank(rerank)
         n = len(self.image_ids)
         k = max(0, min(int(k), n - (exclude_row is not None)))
         if k == 0:

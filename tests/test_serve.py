@@ -121,6 +121,27 @@ def test_rotations_find_a_turned_upload_as_its_original(tiny):
         assert plain.get("/api/health").json()["rotations"] is False
 
 
+def test_one_search_asks_for_turned_copies_on_a_service_started_without_them(tiny, engine):
+    """The page's "turned copies" box: a request's rotations field overrides the service's
+    --rotations default for that upload only; a re-ranker whose scores cannot be compared across
+    the copies is refused for it in one line, and stays offered for uploads without it."""
+    import cv2
+
+    img = cv2.imread(str(tiny[1] / "ukbench00013.jpg"))
+    turned = cv2.imencode(".png", cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE))[1].tobytes()
+    with client_for(engine, tiny[2]) as c:
+        assert c.get("/api/health").json()["rotations"] is False
+        asked = upload(c, turned, name="turned.png", k=4, rotations="true").json()
+        assert asked["rotations"] is True
+        assert asked["results"][0]["id"] == 13 and asked["results"][0]["distance"] == pytest.approx(0.0, abs=1e-3)
+        default = upload(c, turned, name="turned.png", k=4).json()
+        assert default["rotations"] is False and default["results"][0]["distance"] > 1e-3
+        refused = upload(c, turned, name="turned.png", k=4, rotations="true", rerank="diffusion")
+        assert refused.status_code == 400 and "diffusion" in sentence(refused) and "turned" in sentence(refused)
+        assert upload(c, turned, name="turned.png", k=4, rerank="diffusion").status_code == 200
+        assert upload(c, turned, name="turned.png", k=4, rotations="maybe").status_code == 422
+
+
 @pytest.mark.parametrize("kind,name", [("ivfpq", "ivfpq"), ("milvus:{tmp}/m.db", "milvus")])
 def test_the_service_searches_through_every_index_kind_of_ris_search(tiny, tmp_path, kind, name):
     """ris-serve --index takes what ris-search --index takes (it offered only auto/exact/hnsw), and

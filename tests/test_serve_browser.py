@@ -115,6 +115,20 @@ def test_the_page_searches_by_upload_and_by_click(collection, chromium, tmp_path
         assert set(again) == views - {path}, f"more like {path}: {again}"
         assert path not in [results.nth(i).get_attribute("data-path") for i in range(10)]
 
+        # a photo turned on its side, with the "Turned photos" box ticked: its views come first again
+        import cv2
+
+        turned = tmp_path / "turned.jpg"
+        cv2.imwrite(str(turned), cv2.rotate(cv2.imread(str(query)), cv2.ROTATE_90_CLOCKWISE))
+        box = page.get_by_test_id("turns")
+        expect(box).not_to_be_checked()  # the server runs without --rotations
+        box.check()
+        page.get_by_test_id("file-input").set_input_files(str(turned))
+        expect(page.get_by_test_id("query-name")).to_have_text("turned.jpg")
+        expect(page.locator("#summary")).to_contain_text("turned copies searched too")
+        first = [results.nth(i).get_attribute("data-path") for i in range(len(views))]
+        assert set(first) == views, f"turned query with the box ticked: top {len(views)} were {first}"
+
         # a file that is not an image: one sentence in the page, the results stay
         page.get_by_test_id("file-input").set_input_files(
             files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"}])

@@ -118,14 +118,17 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     @app.post("/api/search", summary="Search with an uploaded image (multipart field `image`)")
     async def search_upload(image: UploadFile = File(..., description="JPEG, PNG, GIF, BMP, WebP or TIFF"),
                             k: int = Form(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
-                            rerank: str = Form("none", description="none, qe, dba+qe, diffusion, kreciprocal")):
+                            rerank: str = Form("none", description="none, qe, dba+qe, diffusion, kreciprocal"),
+                            rotations: bool | None = Form(None, description="also search with the upload turned by "
+                                                          "90/180/270 degrees, each result keeping its best distance "
+                                                          "(default: the service's --rotations)")):
         svc.generation()  # 503 while loading, before reading the upload
 
         def work() -> dict:  # in a slot: at most `slots` uploads are in memory at once
             data = image.file.read(cfg.max_upload_bytes + 1)  # the parser spooled it to disk over 1 MB
             if len(data) > cfg.max_upload_bytes:
                 raise ServeError(413, f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.")
-            return svc.search_upload(data, image.filename, k, rerank)
+            return svc.search_upload(data, image.filename, k, rerank, rotations)
 
         out, waited = await in_slot(searches, work)
         out["timing_ms"]["queue"] = round(waited * 1000, 2)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ris.errors import BadImage
+from ris.errors import BadImage, RisError
 from ris.serve.files import (ServeError, decode_upload, display_name, media_type, open_regular, read_regular,
                              row_file, thumbnail_jpeg)
 
@@ -186,14 +186,26 @@ class SearchService:
                 "metric": e.metric, "results": results, "timing_ms": {n: round(v * 1000, 2) for n, v in timing.items()},
                 "database": {"rows": len(e.image_ids), "generation": gen.number}}
 
-    def search_upload(self, data: bytes, filename: str | None, k: int, rerank: str = "none") -> dict:
+    def search_upload(self, data: bytes, filename: str | None, k: int, rerank: str = "none",
+                      rotations: bool | None = None) -> dict:
+        """``rotations``: describe this upload at 0/90/180/270 degrees too (None: the service's
+        --rotations); refused with a re-ranker whose scores cannot be compared across the copies."""
         gen = self.generation()
         self._check(gen, k, rerank)
         e = gen.engine
+        rotations = bool(getattr(e, "rotations", False) if rotations is None else rotations)
+        if rotations:
+            from ris.rotations import check_rerank
+
+            try:
+                check_rerank(rerank)
+            except RisError:
+                raise ServeError(400, f"rerank {rerank!r} cannot rank turned copies (its scores are normalised "
+                                      "per query); search without turned copies or choose another re-ranking.") from None
         t0 = time.perf_counter()
         rgb, facts = decode_upload(data, e.query_size, self.cfg.max_pixels, filename)
         t1 = time.perf_counter()
-        vec = e.embed_array(rgb)
+        vec = e.embed_array(rgb, rotations=rotations)
         t2 = time.perf_counter()
         try:
             dist, rows = e.neighbours(vec, k, rerank)
@@ -201,8 +213,10 @@ class SearchService:
             raise ServeError(422, f"{display_name(filename)}: {exc}.") from None
         t3 = time.perf_counter()
         query = {"kind": "upload", "filename": display_name(filename, "upload"), **facts}
-        return self._answer(gen, dist, rows, query, k, rerank,
-                            {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})
+        out = self._answer(gen, dist, rows, query, k, rerank,
+                           {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})
+        out["rotations"] = rotations
+        return out
 
     def search_row(self, row: int, k: int, rerank: str = "none") -> dict:
         gen = self.generation()

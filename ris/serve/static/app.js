@@ -9,6 +9,7 @@
     query: null,   // {kind: "upload", file} or {kind: "id", id, path}
     seq: 0,        // only the newest answer is shown
     blobs: [],
+    turnsSet: false,  // the "turned photos" box starts as the server's --rotations, then is the user's
   };
 
   const authHeaders = () => (state.key ? { "X-API-Key": state.key } : {});
@@ -49,6 +50,7 @@
       const head = h.head ? ` + ${h.head}` : "";
       status.textContent = `${h.rows.toLocaleString()} images · ${h.model}${head} · ${h.dimension}-d · ${h.index} index`;
       fillRerank(h.rerank || ["none"]);
+      if (!state.turnsSet) { $("turns").checked = Boolean(h.rotations); state.turnsSet = true; }
       $("k").max = h.max_k;
       clearErrorIf401();
       return true;
@@ -152,6 +154,7 @@
         form.append("image", q.file, q.file.name);
         form.append("k", String(k));
         form.append("rerank", rerank);
+        form.append("rotations", $("turns").checked ? "true" : "false");
         data = await api("/api/search", { method: "POST", body: form });
       } else {
         data = await api(`/api/search?id=${encodeURIComponent(q.id)}&k=${k}&rerank=${encodeURIComponent(rerank)}`);
@@ -188,7 +191,8 @@
     }
     const t = data.timing_ms;
     const rr = data.rerank === "none" ? "" : ` · re-ranked (${data.rerank})`;
-    $("summary").textContent = `${data.results.length} of ${data.database.rows.toLocaleString()} images${rr} · `
+    const turns = data.rotations ? " · turned copies searched too" : "";
+    $("summary").textContent = `${data.results.length} of ${data.database.rows.toLocaleString()} images${rr}${turns} · `
       + `${Math.round(t.total + (t.queue || 0))} ms on the server`;
     const grid = $("grid");
     grid.replaceChildren(...data.results.map(card));
@@ -273,6 +277,7 @@
   const rerun = () => { clearTimeout(timer); timer = setTimeout(run, 250); };
   $("k").addEventListener("input", rerun);
   $("rerank").addEventListener("change", run);
+  $("turns").addEventListener("change", () => { state.turnsSet = true; if (state.query && state.query.kind === "upload") run(); });
   $("key").value = state.key;
   $("key").addEventListener("change", async () => {
     state.key = $("key").value.trim();
