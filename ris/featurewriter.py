@@ -21,7 +21,7 @@ import numpy as np
 
 from ris.errors import DatabaseError
 from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
-                           decode_names, encode_names, fingerprint, partial_path)
+                           decode_names, describe_difference, encode_names, fingerprint, partial_path)
 from ris.sidecars import WriterLock, clear_sidecars, fsync_dir, fsync_file, new_content_id
 
 
@@ -138,10 +138,10 @@ class FeatureWriter:
             old = fingerprint(dict(f.attrs))
             new = fingerprint(self.attrs)
             if old != new:
-                diff = {k: (old.get(k), new.get(k)) for k in {**old, **new} if old.get(k) != new.get(k)}
                 where = self.path if self.kind == "append" else self.tmp
-                raise DatabaseError(f"{where}: existing features were made differently {diff}; "
-                                    f"use a new --features-db, or --overwrite to replace it")
+                raise DatabaseError(f"{where}: existing features were made differently ({describe_difference(old, new)}); "
+                                    "ris-extract --sync adds new images with the database's own recipe; or use a new "
+                                    "--features-db, or --overwrite to replace it")
             rows = int(f.attrs.get("rows_done", 0))
             if "ids" not in f:  # made before stable ids: the rows so far get their row numbers
                 _create_row_datasets(f, rows)

@@ -61,10 +61,11 @@ def load_model(path: str | Path, keras: bool = False):
 
 def check_compatible(meta: dict[str, Any], db_fingerprint: dict[str, Any], db_path: str) -> None:
     """Refuse a head trained on features made differently from this database's."""
+    from ris.featuredb import describe_difference
+
     trained = meta.get("feature_fingerprint", {})
-    diff = {k: (trained.get(k), db_fingerprint.get(k)) for k in db_fingerprint if trained.get(k) != db_fingerprint.get(k)}
-    if diff:
-        pretty = ", ".join(f"{k}: model={a!r} db={b!r}" for k, (a, b) in diff.items())
+    if any(trained.get(k) != db_fingerprint.get(k) for k in db_fingerprint):
+        pretty = describe_difference(trained, db_fingerprint, "for the model", "in the database")
         raise DatabaseError(f"{db_path}: features were made differently from the model's training features ({pretty})")
 
 

@@ -231,7 +231,7 @@ def test_search_refuses_features_from_another_backbone(tiny, model, tmp_path, ca
     assert run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(other), "--model",
                                                  "vgg16", "--weights", "none", "--resize", "96", "--no-progress"]) == 0
     code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", other, "--model", model)
-    assert code == 2 and "made differently" in err and "input_size" in err
+    assert code == 2 and "made differently" in err and "--resize 64 for the model, 96 in the database" in err
 
 
 def test_search_bad_query_image(tiny, db, tmp_path, capsys):

@@ -54,6 +54,28 @@ def test_resume_refuses_different_features(tmp_path):
         FeatureWriter(path, dict(ATTRS, model="other"), (3,), [])
 
 
+def test_a_changed_recipe_is_refused_in_one_short_line_that_says_what_differs(tmp_path):
+    """--append after --preset accurate changed (a colour part added): the refusal names the
+    options that differ as the command line spells them, not the stored JSON, and the way on."""
+    from ris.extractor import ExtractConfig
+    from ris.fusion import FusionConfig
+
+    cnn = (ExtractConfig(model="mobilenet_v2", input_size=224), ExtractConfig(model="efficientnet_lite2",
+                                                                               input_size=384, pooling="gem"))
+    old = FusionConfig(cnn, (1.0, 0.5)).to_attrs()
+    new = FusionConfig((*cnn, ExtractConfig(model="hsv_hist", input_size=224, pooling="hist", weights="none")),
+                       (1.0, 0.5, 0.5)).to_attrs()
+    path = tmp_path / "f.h5"
+    FeatureWriter(path, old, (2560,), []).close()
+    with pytest.raises(DatabaseError) as err:
+        FeatureWriter(path, new, (3560,), [])
+    line = str(err.value)
+    assert "\n" not in line and len(line) < 600 and "{" not in line, line
+    assert "--model mobilenet_v2+efficientnet_lite2 here, mobilenet_v2+efficientnet_lite2+hsv_hist asked" in line
+    assert "--resize 224+384 here, 224+384+224 asked" in line and "--pool gap+gem here, gap+gem+hist asked" in line
+    assert "--fusion-weights 1+0.5 here, 1+0.5+0.5 asked" in line and "--sync" in line
+
+
 def test_damaged_partial_is_restarted(tmp_path):
     path = tmp_path / "f.h5"
     partial_path(path).write_bytes(b"not hdf5 at all")

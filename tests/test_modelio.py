@@ -106,5 +106,5 @@ def test_damaged_keras_weights_are_a_model_error(tmp_path):
 def test_features_made_differently_are_refused():
     meta = {"feature_fingerprint": {"model": "vgg16", "input_size": 224}}
     check_compatible(meta, {"model": "vgg16", "input_size": 224}, "f.h5")
-    with pytest.raises(DatabaseError, match=r"f.h5: features were made differently .*input_size: model=224 db=96"):
+    with pytest.raises(DatabaseError, match=r"f.h5: features were made differently .*--resize 224 for the model, 96 in the database"):
         check_compatible(meta, {"model": "vgg16", "input_size": 96}, "f.h5")
