@@ -1,6 +1,10 @@
-"""Milvus (through Milvus Lite, embedded): the collection made from a database, its search against
-exact, following appends and removals, and a half-built collection never trusted. The same
-client code talks to a Milvus server (milvus://HOST:PORT); that path is not run here."""
+"""Milvus: the collection made from a database, its search against exact, following appends and
+removals, a half-built collection never trusted. Every test runs against Milvus Lite (embedded)
+and, where one is reachable, a Milvus server (``milvus://HOST:PORT``, the same client code):
+RIS_MILVUS_SERVER=HOST:PORT names one; RIS_MILVUS_SERVER=start starts a standalone Milvus 2.3
+server from the ``milvus`` wheel (``pip install --no-deps milvus==2.3.5``) for the session, only
+inside a network namespace with nothing but loopback (it listens on every interface; .ci/run runs
+this file so, under ``unshare -n``). Otherwise the server cases skip, saying why."""
 import importlib.util
 
 import numpy as np
@@ -18,6 +22,52 @@ from ris.sync import remove_images  # noqa: E402
 from ris.testing import clustered_vectors, make_feature_db  # noqa: E402
 
 
+def _only_loopback() -> bool:
+    import socket
+
+    return all(name == "lo" for _, name in socket.if_nameindex())
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """'HOST:PORT' of a Milvus server, or a skip naming what is missing."""
+    import os
+
+    wanted = os.environ.get("RIS_MILVUS_SERVER", "")
+    if wanted and wanted != "start":
+        yield wanted
+        return
+    if wanted != "start":
+        pytest.skip("no Milvus server: RIS_MILVUS_SERVER=HOST:PORT names one, =start starts one (.ci/run does)")
+    if importlib.util.find_spec("milvus") is None:
+        pytest.skip("RIS_MILVUS_SERVER=start needs the milvus wheel (pip install --no-deps milvus==2.3.5)")
+    if not _only_loopback():
+        pytest.skip("RIS_MILVUS_SERVER=start: Milvus 2.3 listens on every interface, so it is started only in a "
+                    "network namespace with nothing but loopback (unshare -n, as .ci/run does)")
+    import socket
+
+    from milvus import MilvusServer
+
+    server = MilvusServer()
+    server.set_base_dir(str(tmp_path_factory.mktemp("milvus-server")))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        server.listen_port = probe.getsockname()[1]
+    server.start()
+    try:
+        yield f"127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["lite", "server"])
+def target(request, tmp_path):
+    """What follows 'milvus:' in --index: a Milvus Lite file, or //HOST:PORT of a server."""
+    if request.param == "lite":
+        return str(tmp_path / "m.db")
+    return "//" + request.getfixturevalue("milvus_server")
+
+
 def open_milvus(db, target, metric="euclidean"):
     with FeatureDB(db) as f:
         return open_search_index(str(db), f.features, metric, kind=f"milvus:{target}", source=source_of(f))
@@ -32,9 +82,9 @@ def labelled_db(tmp_path):
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_collection_is_made_from_the_database_and_searches_like_exact(tmp_path, labelled_db, metric):
+def test_collection_is_made_from_the_database_and_searches_like_exact(target, labelled_db, metric):
     db, x = labelled_db
-    index = open_milvus(db, tmp_path / "m.db", metric)
+    index = open_milvus(db, target, metric)
     assert len(index) == 1500
     q = clustered_vectors(40, 16, seed=2)
     d, i = index.search(q, 10)
@@ -47,11 +97,10 @@ def test_collection_is_made_from_the_database_and_searches_like_exact(tmp_path, 
     index.close()
 
 
-def test_follows_removals_and_appends_without_rebuilding(tmp_path, labelled_db, monkeypatch):
+def test_follows_removals_and_appends_without_rebuilding(target, labelled_db, monkeypatch):
     import ris.milvus_index
 
     db, x = labelled_db
-    target = tmp_path / "m.db"
     open_milvus(db, target).close()
     monkeypatch.setattr(ris.milvus_index.MilvusIndex, "create", classmethod(lambda *a, **k: pytest.fail("rebuilt")))
     gone = [f"dir/img{i:05d}.jpg" for i in range(0, 1500, 3)]
@@ -70,11 +119,10 @@ def test_follows_removals_and_appends_without_rebuilding(tmp_path, labelled_db, 
     index.close()
 
 
-def test_a_half_built_collection_is_rebuilt(tmp_path, labelled_db):
+def test_a_half_built_collection_is_rebuilt(target, labelled_db):
     from ris.milvus_index import MilvusIndex, collection_name, connect
 
     db, x = labelled_db
-    target = str(tmp_path / "m.db")
     with FeatureDB(db) as f:
         name = collection_name(source_of(f), str(db))
     client = connect(target)
@@ -98,12 +146,11 @@ def test_bad_targets_are_one_clear_line():
     assert parse_target("//db.example.org:19530") == ("http://db.example.org:19530", False)
 
 
-def test_ris_index_build_rebuild_drops_the_collection(tmp_path, labelled_db, capsys):
+def test_ris_index_build_rebuild_drops_the_collection(target, labelled_db, capsys):
     from ris.cli.index import main
 
     db, _ = labelled_db
-    target = f"milvus:{tmp_path / 'm.db'}"
-    assert main(["build", "--features-db", str(db), "--index", target]) == 0
-    assert main(["build", "--features-db", str(db), "--index", target, "--rebuild"]) == 0
+    assert main(["build", "--features-db", str(db), "--index", f"milvus:{target}"]) == 0
+    assert main(["build", "--features-db", str(db), "--index", f"milvus:{target}", "--rebuild"]) == 0
     err = capsys.readouterr().err
     assert err.count("building Milvus index") == 2  # built, then dropped and built again
