@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,3 +16,42 @@ def shared_dataset(name: str) -> Path:
         pytest.skip(f"reference data {path} not found (it lives in ../shared/data beside the checkout; "
                     f"see README 'Getting UKBench')")
     return path
+
+
+def _only_loopback() -> bool:
+    import socket
+
+    return all(name == "lo" for _, name in socket.if_nameindex())
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """'HOST:PORT' of a Milvus server, or a skip naming what is missing (tests/test_milvus_index.py
+    says how one is named or started)."""
+    import os
+
+    wanted = os.environ.get("RIS_MILVUS_SERVER", "")
+    if wanted and wanted != "start":
+        yield wanted
+        return
+    if wanted != "start":
+        pytest.skip("no Milvus server: RIS_MILVUS_SERVER=HOST:PORT names one, =start starts one (.ci/run does)")
+    if importlib.util.find_spec("milvus") is None:
+        pytest.skip("RIS_MILVUS_SERVER=start needs the milvus wheel (pip install --no-deps milvus==2.3.5)")
+    if not _only_loopback():
+        pytest.skip("RIS_MILVUS_SERVER=start: Milvus 2.3 listens on every interface, so it is started only in a "
+                    "network namespace with nothing but loopback (unshare -n, as .ci/run does)")
+    import socket
+
+    from milvus import MilvusServer
+
+    server = MilvusServer()
+    server.set_base_dir(str(tmp_path_factory.mktemp("milvus-server")))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        server.listen_port = probe.getsockname()[1]
+    server.start()
+    try:
+        yield f"127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()

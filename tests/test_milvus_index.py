@@ -22,44 +22,6 @@ from ris.sync import remove_images  # noqa: E402
 from ris.testing import clustered_vectors, make_feature_db  # noqa: E402
 
 
-def _only_loopback() -> bool:
-    import socket
-
-    return all(name == "lo" for _, name in socket.if_nameindex())
-
-
-@pytest.fixture(scope="session")
-def milvus_server(tmp_path_factory):
-    """'HOST:PORT' of a Milvus server, or a skip naming what is missing."""
-    import os
-
-    wanted = os.environ.get("RIS_MILVUS_SERVER", "")
-    if wanted and wanted != "start":
-        yield wanted
-        return
-    if wanted != "start":
-        pytest.skip("no Milvus server: RIS_MILVUS_SERVER=HOST:PORT names one, =start starts one (.ci/run does)")
-    if importlib.util.find_spec("milvus") is None:
-        pytest.skip("RIS_MILVUS_SERVER=start needs the milvus wheel (pip install --no-deps milvus==2.3.5)")
-    if not _only_loopback():
-        pytest.skip("RIS_MILVUS_SERVER=start: Milvus 2.3 listens on every interface, so it is started only in a "
-                    "network namespace with nothing but loopback (unshare -n, as .ci/run does)")
-    import socket
-
-    from milvus import MilvusServer
-
-    server = MilvusServer()
-    server.set_base_dir(str(tmp_path_factory.mktemp("milvus-server")))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        server.listen_port = probe.getsockname()[1]
-    server.start()
-    try:
-        yield f"127.0.0.1:{server.listen_port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture(params=["lite", "server"])
 def target(request, tmp_path):
     """What follows 'milvus:' in --index: a Milvus Lite file, or //HOST:PORT of a server."""

@@ -142,12 +142,14 @@ def test_one_search_asks_for_turned_copies_on_a_service_started_without_them(tin
         assert upload(c, turned, name="turned.png", k=4, rotations="maybe").status_code == 422
 
 
-@pytest.mark.parametrize("kind,name", [("ivfpq", "ivfpq"), ("milvus:{tmp}/m.db", "milvus")])
-def test_the_service_searches_through_every_index_kind_of_ris_search(tiny, tmp_path, kind, name):
+@pytest.mark.parametrize("kind,name", [("ivfpq", "ivfpq"), ("milvus:{tmp}/m.db", "milvus"), ("milvus://{server}", "milvus")],
+                         ids=["ivfpq", "milvus-lite", "milvus-server"])
+def test_the_service_searches_through_every_index_kind_of_ris_search(tiny, tmp_path, kind, name, request):
     """ris-serve --index takes what ris-search --index takes (it offered only auto/exact/hnsw), and
     the answers are the exact search's."""
     pytest.importorskip("faiss" if name == "ivfpq" else "pymilvus", reason=f"the {name} extra is not installed")
-    spec = kind.format(tmp=tmp_path)
+    server = request.getfixturevalue("milvus_server") if "{server}" in kind else ""
+    spec = kind.format(tmp=tmp_path, server=server)
     assert serve_cli.build_parser().parse_args(["--index", spec]).index == spec
     db = tmp_path / "feats.h5"
     shutil.copy(tiny[2], db)
