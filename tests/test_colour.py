@@ -31,10 +31,12 @@ def test_a_histogram_is_hellinger_normalised_and_ignores_turns_and_pixel_order()
     np.testing.assert_allclose(ext.embed(shuffled), got, atol=1e-6)
 
 
-def test_colours_that_differ_are_far_apart_and_a_colour_is_its_own_nearest():
+@pytest.mark.parametrize("name", sorted(COLOUR_DESCRIPTORS))
+def test_colours_that_differ_are_far_apart_and_a_colour_is_its_own_nearest(name):
     red, blue = np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 32, 32, 3), np.uint8)
     red[..., 0], blue[..., 2] = 200, 200
-    vec = ColourExtractor(HIST).embed(np.concatenate([red, blue, red]))
+    vec = ColourExtractor(ExtractConfig(model=name)).embed(np.concatenate([red, blue, red]))
+    assert vec.shape == (3, COLOUR_DESCRIPTORS[name].dims)
     assert vec[0] @ vec[1] < 1e-6 and vec[0] @ vec[2] == pytest.approx(1.0)
 
 

@@ -10,7 +10,6 @@ from ris.cli.common import EXIT_OK, HelpFormatter, number_list, positive_float, 
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.backbones import BACKBONES, DEFAULT_BACKBONE
-    from ris.colour import COLOUR_DESCRIPTORS
     from ris.pooling import NO_POOLING, POOLING
 
     p = argparse.ArgumentParser(
@@ -30,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "part's descriptor is L2-normalised, weighted (--fusion-weights), concatenated, "
                         "L2-normalised. --resize, --pool, --scales, --layer and --weights then take one value for "
                         "every part or one per part joined by '+' (e.g. --resize 224+384 --pool gap+gem). "
-                        f"Colour: {', '.join(sorted(COLOUR_DESCRIPTORS))} is an HSV colour histogram (1,000 bins, "
-                        "Hellinger), usable alone or as a fusion part (e.g. mobilenet_v2+hsv_hist --fusion-weights "
+                        "Colour: hsv_hist is an HSV colour histogram (1,000 bins, Hellinger; hsv_hist_256: 256 "
+                        "bins), usable alone or as a fusion part (e.g. mobilenet_v2+hsv_hist --fusion-weights "
                         "1+0.5); it takes only --resize (default 224) and ignores a --pool, --scales, --layer or "
                         "--weights given once for every part")
     p.add_argument("--weights", default="imagenet", help="'imagenet', 'none' (random init) or a weights file path "
