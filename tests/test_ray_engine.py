@@ -218,14 +218,17 @@ def test_ray_on_two_nodes_equals_the_local_engine(cluster, dataset, tmp_path):
 
 @pytest.mark.slow
 def test_a_fused_recipe_on_ray_equals_the_local_engine(cluster, dataset, tmp_path):
-    """Two backbones concatenated (ris.fusion): the actors build the fused extractor from the same
-    recipe, and the database records it as the local engine does."""
+    """Two backbones and a colour histogram concatenated (ris.fusion, ris.colour): the actors build
+    the fused extractor from the same recipe, and the database records it as the local engine does."""
     from dataclasses import replace
 
+    from ris.colour import colour_config
     from ris.fusion import FusionConfig
 
     data, _ = dataset
-    fused = FusionConfig((CFG, replace(CFG, model="efficientnet_lite0", input_size=48, pooling="gem")), (1.0, 1.5))
+    hist = colour_config(ExtractConfig(model="hsv_hist", input_size=32))
+    fused = FusionConfig((CFG, replace(CFG, model="efficientnet_lite0", input_size=48, pooling="gem"), hist),
+                         (1.0, 1.5, 0.5))
     local = tmp_path / "local.h5"
     extract_features(data, local, fused, ExtractOptions(batch_size=4, progress=False))
     from ris.ray_engine import RayOptions, extract_on_ray
@@ -234,7 +237,7 @@ def test_a_fused_recipe_on_ray_equals_the_local_engine(cluster, dataset, tmp_pat
                    options=RayOptions(address=cluster.address))
     assert_same_database(local, tmp_path / "r.h5")
     with h5py.File(tmp_path / "r.h5") as f:
-        assert f["features"].shape[1] == 1280 + 1280 and "fusion" in f.attrs
+        assert f["features"].shape[1] == 1280 + 1280 + 1000 and "fusion" in f.attrs
 
 
 @pytest.mark.slow
