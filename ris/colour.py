@@ -3,10 +3,11 @@
 Why: ImageNet CNN descriptors pooled globally know shapes and textures well and colour poorly;
 near-duplicate and same-object search (UKBench's CD covers, toys, books) leans on colour, and a
 colour histogram ignores rotation, scale and crop position. Fused at a small weight
-(``--model mobilenet_v2+hsv_hist --fusion-weights 1+0.5``) it was chosen on UKBench training
-objects and gained on the held-out objects, their synthetic hard copies and Corel's unseen classes
-(bench/quality.md, 2026-12-02); literature agrees (colour histograms in late fusion on UKBench and
-Holidays: Zheng et al., CVPR 2015).
+(``--preset fast`` = ``--model mobilenet_v2+hsv_hist --fusion-weights 1+0.35``; ``accurate`` gives
+it 0.5 beside two CNNs) it was chosen on UKBench training objects and gained on the held-out
+objects and their synthetic hard copies, at 0.35 on Corel's unseen classes too, without losing on
+relit copies (bench/quality.md, 2026-12-02); literature agrees (colour histograms in late fusion
+on UKBench and Holidays: Zheng et al., CVPR 2015).
 
 The descriptor: the squashed square image (the fusion's input, resized to this part's size) in
 OpenCV HSV (hue 0-179, saturation and value 0-255), a joint histogram over ``bins`` equal-width

@@ -9,14 +9,20 @@ squashes it) for every bin layout of the grid. The training queries are every im
 ``ris-eval --split test`` does not hold out (seed 0, 20%), searching the whole collection; with
 ``--hard WORK`` also the synthetic hard copies of ``scripts/hard_queries.py make`` (WORK/train.npz,
 made from a database whose recipe is the fusion of the given parts with the same weights). Nothing
-here looks at the held-out objects, their copies or Corel before the choice is printed. Rule,
-fixed before the run: best dba+qe mAP of the full-size training queries, then their plain mAP,
-then plain mAP of the training copies.
+here looks at the held-out objects, their copies or Corel before the choice is printed. Rules,
+fixed before their runs: ``--rule dba`` (``accurate``, which re-ranks): best dba+qe mAP of the
+full-size training queries, then their plain mAP, then plain mAP of the training copies;
+``--rule relit`` (``fast``, which does not re-rank; needs ``--relit WORK``, the relit copies of
+``scripts/photometric_check.py``): among the settings whose relit training copies lose at most
+0.001 plain mAP against the base, the best plain mAP of the training hard copies, then of the
+full-size training queries.
 
     python scripts/colour_choose.py --uk uk-mnv2-224.h5 --hard hard --corel corel-mnv2-224.h5 \\
         --corel-queries corel_queries.txt
     python scripts/colour_choose.py --uk uk-mnv2-224.h5 uk-lite2-384.h5 --base-weights 1+0.5 \\
         --hard hard-fused-224 --corel corel-mnv2-224.h5 corel-lite2-384.h5
+    python scripts/colour_choose.py --uk uk-mnv2-224.h5 --hard hard --relit photo --rule relit \\
+        --weights 0.15,0.25,0.35,0.5 --bins 20x10x5,16x4x4 --corel corel-mnv2-224.h5
 """
 from __future__ import annotations
 
@@ -71,6 +77,26 @@ def hard_score(work: Path, objects: str, gallery: np.ndarray, labels: np.ndarray
     return float(per_query_ap(idx, labels, qlab, npos).mean())
 
 
+def relit_vectors(part_dbs: list[str], files: list[Path], base_w: list[float]) -> np.ndarray:
+    """The relit copies described by each CNN part's own recipe, fused with the base weights."""
+    from ris.extractor import FeatureExtractor
+    from ris.topk import l2_normalize
+
+    parts = []
+    for path in part_dbs:
+        with FeatureDB(path) as db:
+            ext = FeatureExtractor.from_attrs(db.attrs)
+        parts.append(l2_normalize(np.concatenate([ext.embed(np.stack([load_image(f, ext.max_size) for f in files[s:s + 32]]))
+                                                  for s in range(0, len(files), 32)])))
+    return fuse(parts, base_w) if len(parts) > 1 else parts[0]
+
+
+def copies_map(gallery: np.ndarray, labels: np.ndarray, rows: np.ndarray, vecs: np.ndarray) -> float:
+    qlab = labels[rows]
+    npos = (labels[None, :] == qlab[:, None]).sum(1)
+    return float(per_query_ap(Searcher(gallery).ranked("none", {}, vecs[:, None, :], False), labels, qlab, npos).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--uk", nargs="+", required=True, help="UKBench CNN part databases (same images)")
@@ -81,6 +107,8 @@ def main() -> None:
     ap.add_argument("--bins", default=",".join(BINS), help="bin layouts tried (H x S x V)")
     ap.add_argument("--weights", default="0.25,0.5,0.75,1", help="colour part weights tried")
     ap.add_argument("--size", type=int, default=224, help="side of the squashed image the histogram is taken at")
+    ap.add_argument("--relit", type=Path, default=None, help="photometric_check.py WORK (train/, test/ relit copies)")
+    ap.add_argument("--rule", choices=["dba", "relit"], default="dba", help="how the setting is chosen (see above)")
     args = ap.parse_args()
 
     ids, labels, parts = load(args.uk)
@@ -95,7 +123,15 @@ def main() -> None:
         for objects in ("train", "test"):
             rows = np.load(args.hard / f"{objects}.npz")["rows"]
             hard_files[objects] = [args.hard / objects / f"{r:05d}.jpg" for r in rows]
+    if args.rule == "relit" and not args.relit:
+        sys.exit("colour_choose.py: --rule relit needs --relit WORK")
+    relit = {}  # objects -> (rows, files, base vectors)
+    if args.relit:
+        for objects, rows in (("train", train), ("test", test)):
+            rfiles = [args.relit / objects / f"{r:05d}.jpg" for r in rows]
+            relit[objects] = (rows, rfiles, relit_vectors(args.uk, rfiles, bw))
     print(f"training queries: {len(train)}; held-out: {len(test)}; base weights {bw}", flush=True)
+    base_relit = copies_map(base, labels, relit["train"][0], relit["train"][2]) if relit else 0.0
     for rr in ("none", "dba+qe"):
         s = scores(base, labels, train, rr)
         line = f"train  base alone {rr:<6} N-S {s['ns']:.3f} mAP {s['map']:.4f}"
@@ -106,6 +142,7 @@ def main() -> None:
     for name in args.bins.split(","):
         colours[name] = histograms(files, BINS[name], args.size)
         hard_colour = {o: histograms(f, BINS[name], args.size) for o, f in hard_files.items()}
+        relit_colour = histograms(relit["train"][1], BINS[name], args.size) if relit else None
         alone = scores(colours[name], labels, train, "none")
         print(f"train  colour {name} alone: N-S {alone['ns']:.3f} mAP {alone['map']:.4f}", flush=True)
         for w in (float(x) for x in args.weights.split(",")):
@@ -113,12 +150,21 @@ def main() -> None:
             row = {"bins": name, "weight": w, "plain": scores(fused, labels, train, "none"),
                    "dba": scores(fused, labels, train, "dba+qe"),
                    "copies": hard_score(args.hard, "train", fused, labels, hard_colour, w / norm, "none")
-                   if args.hard else 0.0}
+                   if args.hard else 0.0,
+                   "relit": copies_map(fused, labels, relit["train"][0],
+                                       fuse([relit["train"][2], relit_colour], [1.0, w / norm])) if relit else 0.0}
             grid.append(row)
             print(f"train  {name:<8} w={w:<5g} plain N-S {row['plain']['ns']:.3f} mAP {row['plain']['map']:.4f} | "
                   f"dba+qe N-S {row['dba']['ns']:.3f} mAP {row['dba']['map']:.4f} | copies plain mAP "
-                  f"{row['copies']:.4f}", flush=True)
-    best = max(grid, key=lambda r: (r["dba"]["map"], r["plain"]["map"], r["copies"]))
+                  f"{row['copies']:.4f}" + (f" | relit plain mAP {row['relit']:.4f} (base {base_relit:.4f})"
+                                             if relit else ""), flush=True)
+    if args.rule == "dba":
+        best = max(grid, key=lambda r: (r["dba"]["map"], r["plain"]["map"], r["copies"]))
+    else:
+        ok = [r for r in grid if r["relit"] >= base_relit - 0.001]
+        if not ok:
+            sys.exit("colour_choose.py: no setting keeps the relit training copies within 0.001 of the base")
+        best = max(ok, key=lambda r: (r["copies"], r["plain"]["map"]))
     name, w = best["bins"], best["weight"]
     print(f"chosen on training objects: bins {name}, colour weight {w:g} (fusion weights "
           f"{'+'.join(f'{x:g}' for x in [*bw, w])})", flush=True)
@@ -131,6 +177,11 @@ def main() -> None:
             line += (f" | copies mAP {hard_score(args.hard, 'test', base, labels, {}, None, rr):.4f} -> "
                      f"{hard_score(args.hard, 'test', fused, labels, hard_colour, w / norm, rr):.4f}")
         print(line, flush=True)
+    if relit:
+        rows, rfiles, vecs = relit["test"]
+        print(f"held-out relit copies, plain mAP {copies_map(base, labels, rows, vecs):.4f} -> "
+              f"{copies_map(fused, labels, rows, fuse([vecs, histograms(rfiles, BINS[name], args.size)], [1.0, w / norm])):.4f}",
+              flush=True)
     if args.corel:
         cids, clabels, cparts = load(args.corel)
         wanted = set(read_query_ids(args.corel_queries))

@@ -21,7 +21,23 @@ def test_preset_fills_defaults_and_never_overrides_a_given_option(module, comman
         assert fast.rerank == "none" and fast.verify == 0
     else:
         args = presets.apply(p.parse_args(["--preset", "fast", "--model", "efficientnet_lite0"]), p, command)
-        assert args.model == "efficientnet_lite0" and args.pool == "gap"
+        assert args.model == "efficientnet_lite0" and args.pool == "gap" and args.fusion_weights is None
+
+
+def test_fast_extracts_mobilenet_v2_with_a_light_colour_part():
+    """bench/quality.md, 2026-12-02: the colour weight chosen on training objects so that relit
+    copies lose nothing without re-ranking."""
+    from ris.cli import extract as extract_cli
+    from ris.fusion import FusionConfig, make_config
+
+    p = extract_cli.build_parser()
+    args = presets.apply(p.parse_args(["--preset", "fast"]), p, "extract")
+    cfg = make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize, scales=args.scales,
+                      pooling=args.pool, fusion_weights=args.fusion_weights)
+    assert isinstance(cfg, FusionConfig)
+    assert [(c.model, c.input_size, c.pooling) for c in cfg.parts] == [("mobilenet_v2", 224, "gap"),
+                                                                      ("hsv_hist", 224, "hist")]
+    assert cfg.weights == (1.0, 0.35)
 
 
 def test_accurate_extracts_the_fusion_measured_in_bench_quality():
