@@ -57,22 +57,31 @@ def _within_scatter(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return cov / pairs
 
 
+def within_basis(features, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x as float64, mean, eigenvalues, eigenvectors) of the within-object scatter of matching
+    pairs: what every shrinkage and power of ``learned_whitening`` shares on one training set.
+    Why: shrinkage adds a multiple of the identity, which moves the eigenvalues and leaves the
+    eigenvectors, so a grid over shrinkage needs one decomposition, not one per setting."""
+    x = np.asarray(features, np.float64)
+    with one_blas_thread():
+        mean = x.mean(0)
+        w, v = np.linalg.eigh(_within_scatter(x, np.asarray(labels)))
+    return x, mean, w, v
+
+
 def learned_whitening(features, labels, out_dim: int, shrinkage: float = 1.0,
-                      power: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                      power: float = 0.5, basis: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Radenovic et al.'s learned whitening (Lw): whiten the within-object scatter of matching
     pairs, then rotate to the principal axes of the whitened training set and keep ``out_dim``.
 
     Fitted in closed form on training objects only. ``shrinkage`` adds that multiple of the mean
     eigenvalue to the within-object covariance (a few hundred objects cannot estimate a 1280 x 1280
-    matrix); ``power`` 0.5 whitens fully, smaller values partially. Returns (mean, P).
+    matrix); ``power`` 0.5 whitens fully, smaller values partially. ``basis``: ``within_basis`` of
+    these features, when several settings are fitted on them. Returns (mean, P).
     """
-    x = np.asarray(features, np.float64)
-    labels = np.asarray(labels)
+    x, mean, w, v = basis if basis is not None else within_basis(features, labels)
     with one_blas_thread():
-        mean = x.mean(0)
-        cov = _within_scatter(x, labels)
-        cov += shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
-        w, v = np.linalg.eigh(cov)
+        w = w + shrinkage * w.mean()  # = eigenvalues of cov + shrinkage * trace(cov) / D * I
         pw = v / np.maximum(w, 1e-12) ** power
         xw = (x - mean) @ pw
         w2, v2 = np.linalg.eigh(np.cov(xw.T))
@@ -151,9 +160,10 @@ def _choose_whitening(features, labels, score: Callable, folds: int, seed: int, 
         if len(np.unique(labels[te])) < 2 or len(np.unique(labels[tr])) < 2:
             continue
         raw.append(score(x[te], labels[te]))
+        basis = within_basis(x[tr], labels[tr])  # one decomposition per fold serves the whole grid
         for shrink in grid["shrinkage"]:
             for power in grid["power"]:
-                mean, proj = learned_whitening(x[tr], labels[tr], max(dims), shrink, power)
+                mean, proj = learned_whitening(x[tr], labels[tr], max(dims), shrink, power, basis=basis)
                 for d in dims:
                     table.setdefault((shrink, power, d), []).append(
                         score(_apply_whitening(x[te], mean, proj[:, :d]), labels[te]))

@@ -53,6 +53,30 @@ def test_scatter_equals_the_pair_list_formula():
     assert np.allclose(mean, x.mean(0), atol=1e-5) and np.linalg.matrix_rank(cov) == 12
 
 
+def test_a_shared_decomposition_gives_each_shrinkage_its_own_fit():
+    """The grid reuses one eigendecomposition of the within-object scatter per fold: shrinkage
+    shifts the eigenvalues only, so every (shrinkage, power) fit equals one made from scratch,
+    which decomposes cov + shrinkage * trace / D * I itself."""
+    from ris.whiten import _within_scatter, within_basis
+
+    x, lab = _objects(10, 4, 24, 1)
+    basis = within_basis(x, lab)
+    xd = np.asarray(x, np.float64)
+    for shrink, power in itertools.product((0.0, 0.1, 3.0), (0.5, 0.25)):
+        mean, proj = learned_whitening(x, lab, 16, shrink, power, basis=basis)
+        cov = _within_scatter(xd, lab)
+        w, v = np.linalg.eigh(cov + shrink * np.trace(cov) / len(cov) * np.eye(len(cov)))
+        pw = v / np.maximum(w, 1e-12) ** power
+        w2, v2 = np.linalg.eigh(np.cov(((xd - xd.mean(0)) @ pw).T))
+        ref = pw @ v2[:, np.argsort(w2)[::-1][:16]]
+        # eigenvectors are defined up to sign: compare the projections column by column
+        got = (xd - xd.mean(0)) @ proj.astype(np.float64)
+        want = (xd - xd.mean(0)) @ ref
+        np.testing.assert_allclose(np.abs(np.sum(got * want, 0)) / np.linalg.norm(got, axis=0) / np.linalg.norm(want, axis=0),
+                                   1.0, atol=1e-4)
+        np.testing.assert_allclose(mean, x.mean(0), atol=1e-5)
+
+
 def test_choice_helps_on_new_objects_and_is_recorded():
     x, lab = _objects(60, 4, 64, 1)
     train, test = lab < 40, lab >= 40
