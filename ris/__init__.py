@@ -51,14 +51,22 @@ def __getattr__(name: str) -> Any:
 def build_database(folder: str | Path, features_db: str | Path, model: str = "vgg16", *,
                    weights: str = "imagenet", pooling: str = "gap", input_size: int | str | None = None,
                    scales: tuple[float, ...] | str = (1.0,), layer: str | None = None, dtype: str = "float32",
-                   fusion_weights: str | None = None, **options: Any) -> "ExtractSummary":
+                   fusion_weights: str | None = None, preset: str | None = None,
+                   **options: Any) -> "ExtractSummary":
     """Describe every image under ``folder`` into the HDF5 database ``features_db`` (resumable,
     atomic, locked; see ``ris-extract --help``). A fused recipe joins backbones with '+'
     (``model="mobilenet_v2+efficientnet_lite2", input_size="224+384", pooling="gap+gem"``;
-    ``ris.fusion``). ``options`` are ``ExtractOptions`` fields:
+    ``ris.fusion``). ``preset`` ('fast', 'accurate'; ``ris.presets``) fills the recipe arguments
+    left at their defaults. ``options`` are ``ExtractOptions`` fields:
     labels, batch_size, workers, append, overwrite, progress, verbose, ..."""
     from ris.extract import ExtractOptions, extract_features
     from ris.fusion import make_config
+    from ris.presets import for_api
+
+    recipe = for_api(preset, "extract", {"model": model, "resize": input_size, "pool": pooling,
+                                         "fusion_weights": fusion_weights},
+                     {"model": "vgg16", "resize": None, "pool": "gap", "fusion_weights": None})
+    model, input_size, pooling, fusion_weights = (recipe[k] for k in ("model", "resize", "pool", "fusion_weights"))
 
     config = make_config(model, weights=weights, layer=layer, input_size=input_size,
                          scales=scales, pooling=pooling, dtype=dtype, fusion_weights=fusion_weights)
@@ -67,11 +75,15 @@ def build_database(folder: str | Path, features_db: str | Path, model: str = "vg
 
 def open_database(features_db: str | Path, model: str | Path | None = None, *, index: str = "auto",
                   rerank: str = "none", dataset_root: str | Path | None = None,
-                  rotations: bool = False) -> "SearchEngine":
+                  rotations: bool = False, preset: str | None = None) -> "SearchEngine":
     """A ``SearchEngine`` over ``features_db`` (and a trained head ``model``): it holds the
     backbone, head and vectors for repeated queries. Use it in a ``with`` block, or ``close()`` it.
-    ``rotations``: queries are also described turned by 90/180/270 degrees (4 forward passes)."""
+    ``rotations``: queries are also described turned by 90/180/270 degrees (4 forward passes).
+    ``preset``: its re-ranking where ``rerank`` is left at 'none'."""
+    from ris.presets import for_api
     from ris.search import SearchEngine
+
+    rerank = for_api(preset, "search", {"rerank": rerank}, {"rerank": "none"})["rerank"]
 
     return SearchEngine(features_db, model, index=index, dataset_root=dataset_root, rerank=rerank,
                         rotations=rotations)
@@ -84,10 +96,15 @@ def query(features_db: str | Path, image: str | Path, k: int = 12, model: str | 
         return engine.query(image, k)
 
 
-def score(features_db: str | Path, model: str | Path | None = None, **options: Any) -> dict[str, Any]:
+def score(features_db: str | Path, model: str | Path | None = None, preset: str | None = None,
+          **options: Any) -> dict[str, Any]:
     """N-S, top-4, mAP, recall@k, precision@k of a labelled database, off the shelf and through
-    ``model``; ``options`` as ``ris.evaluate.evaluate_db`` (split, rerank, seed, ...)."""
+    ``model``; ``options`` as ``ris.evaluate.evaluate_db`` (split, rerank, seed, ...); ``preset``:
+    its re-ranking where ``rerank`` is not given."""
     from ris.evaluate import evaluate_db
+    from ris.presets import for_api
+
+    options["rerank"] = for_api(preset, "eval", {"rerank": options.get("rerank", "none")}, {"rerank": "none"})["rerank"]
 
     return evaluate_db(features_db, model, **options)
 

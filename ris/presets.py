@@ -58,3 +58,23 @@ def apply(args: argparse.Namespace, parser: argparse.ArgumentParser, command: st
         if getattr(args, key, None) == parser.get_default(key):
             setattr(args, key, value)
     return args
+
+
+def for_api(preset: str | None, command: str, given: dict, defaults: dict) -> dict:
+    """The Python facade's arguments with a preset filled in, by the rule of ``apply``: only
+    arguments left at their defaults. ``given``/``defaults`` use the command-line names (model,
+    resize, pool, fusion_weights, rerank); an unknown preset is a ``RisError``."""
+    if not preset:
+        return dict(given)
+    if preset not in PRESETS:
+        from ris.errors import RisError
+
+        raise RisError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+
+    class _Defaults:
+        @staticmethod
+        def get_default(key: str):
+            return defaults.get(key)
+
+    args = apply(argparse.Namespace(preset=preset, **given), _Defaults(), command)  # type: ignore[arg-type]
+    return {k: getattr(args, k) for k in given}

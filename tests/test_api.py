@@ -73,3 +73,28 @@ def test_query_finds_a_database_image_first(tmp_path):
     assert hits[0].image_id == "ukbench00003.jpg" and hits[0].distance < 1e-3
     with pytest.raises(ris.RisError, match="nowhere.h5"):
         ris.open_database(tmp_path / "nowhere.h5")
+
+
+def test_a_preset_fills_the_facade_arguments_left_at_their_defaults(tmp_path):
+    """ris.build_database/open_database/score(preset=...) as --preset on the commands: only the
+    arguments left at their defaults are filled; an unknown preset is a RisError."""
+    import ris
+    from ris.featuredb import FeatureDB
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=3, views=2, size=64)
+    db = tmp_path / "f.h5"
+    ris.build_database(photos, db, preset="fast", weights="none", progress=False, labels="ukbench")
+    with FeatureDB(db) as f:
+        assert f.attrs["model"] == "mobilenet_v2+hsv_hist" and f.features.shape[1] == 1280 + 1000
+    with ris.open_database(db, preset="accurate") as engine:
+        assert engine.reranker is not None and engine.reranker.method == "dba+qe"
+    with ris.open_database(db, preset="accurate", rerank="qe") as engine:
+        assert engine.reranker.method == "qe"
+    assert ris.score(db, preset="accurate", split="all")["rerank"] == "dba+qe"
+    with pytest.raises(ris.RisError, match="unknown preset 'quick'"):
+        ris.build_database(photos, tmp_path / "g.h5", preset="quick")
+    other = tmp_path / "o.h5"
+    ris.build_database(photos, other, model="efficientnet_lite0", preset="fast", weights="none", progress=False,
+                       labels="none")
+    with FeatureDB(other) as f:  # another model given: the preset's fused values stay with its own model
+        assert f.attrs["model"] == "efficientnet_lite0"
