@@ -27,6 +27,33 @@ DEFAULTS: dict[str, float] = {"k": 30, "features": 500, "side": 512, "ratio": 0.
                               "cap": 50, "weight": 1.0, "threshold": 8.0}
 
 
+def parse_settings(text: str) -> dict[str, float]:
+    """``--verify-settings min_inliers=12,ratio=0.75``: the verification parameters other than K
+    (``DEFAULTS``), checked here so that a typo is one line naming the known keys."""
+    import argparse
+
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in DEFAULTS or key == "k":
+            known = ", ".join(k for k in DEFAULTS if k != "k")
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE with KEY one of {known} (K is --verify)")
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}={value!r}: not a number") from None
+        if not np.isfinite(number) or number < 0 or (key in ("features", "side", "cap") and number < 1):
+            raise argparse.ArgumentTypeError(f"{key}={value}: must be a finite number >= {1 if key in ('features', 'side', 'cap') else 0}")
+        out[key] = int(number) if key in ("features", "side", "cap", "min_inliers") else number
+    return out
+
+
+SETTINGS_HELP = ("verification parameters other than K, KEY=VALUE joined by ',': "
+                 + ", ".join(f"{k} (default {v:g})" for k, v in DEFAULTS.items() if k != "k")
+                 + "; features and side choose the local features kept beside the database (built once per pair)")
+
+
 @dataclass
 class LocalFeatures:
     """Every image's keypoints and descriptors, packed: image i owns rows offsets[i]:offsets[i + 1]."""

@@ -97,3 +97,28 @@ def test_eval_verify_builds_the_sidecar_once_and_scores(tmp_path, capsys):
     assert side.stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert r["verify"]["bytes_per_image"] > 0 and r["verify"]["pairs"] == 6 * 5
     assert r["raw"]["map"] == 1.0  # random-weight CNN features, rescued by geometry
+    # the other parameters from the command line; a typo is one line naming the known keys (exit 2)
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(db), "--split", "all", "--verify", "5",
+                                           "--verify-settings", "min_inliers=4,ratio=0.7", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["verify"]["params"]["min_inliers"] == 4 and r["verify"]["params"]["ratio"] == 0.7
+    assert side.stat().st_mtime_ns == stamp  # same features and side: the same local features
+    with pytest.raises(SystemExit) as exc:
+        eval_cli.build_parser().parse_args(["--features-db", str(db), "--verify", "5", "--verify-settings", "min_inlier=4"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and err.startswith("ris-eval: error: argument --verify-settings: 'min_inlier=4' is "
+                                                  "not KEY=VALUE with KEY one of features, side, ratio, min_inliers")
+
+
+def test_verify_settings_parse_and_refuse_in_one_line():
+    import argparse
+
+    from ris.verify import parse_settings
+
+    assert parse_settings("min_inliers=12, ratio=0.75,features=800") == {"min_inliers": 12, "ratio": 0.75,
+                                                                          "features": 800}
+    assert parse_settings("") == {}
+    for bad, why in (("k=5", "K is --verify"), ("ratio", "not KEY=VALUE"), ("ratio=abc", "not a number"),
+                     ("side=0", ">= 1"), ("ratio=nan", "finite")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            parse_settings(bad)

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="geometric verification: re-rank each query's top K with RootSIFT + RANSAC inliers "
                         "(ris.verify; local features built from the images on first use and kept beside the "
                         "database); 0 = off")
+    p.add_argument("--verify-settings", type=_verify_settings, default={}, metavar="KEY=VALUE[,...]",
+                   help=_verify_help())
     p.add_argument("--rotations", action="store_true",
                    help="describe every scored query again from its image file (under the database's dataset "
                         "folder) at 0/90/180/270 degrees, as ris-search --rotations does; each gallery image keeps "
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     split = args.split or ("test" if args.model else "all")
     result = evaluate_db(args.features_db, args.model, split, seed=args.seed, test_fraction=args.test_fraction,
                          rerank=args.rerank, gallery=args.gallery, queries=args.queries,
-                         verify={"k": args.verify} if args.verify > 0 else None, rotations=args.rotations)
+                         verify={"k": args.verify, **args.verify_settings} if args.verify > 0 else None,
+                         rotations=args.rotations)
     if args.json:
         print_json(result)
     else:
@@ -119,3 +122,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(run("ris-eval", main))
+
+
+def _verify_settings(text: str) -> dict:
+    from ris.verify import parse_settings
+
+    return parse_settings(text)
+
+
+def _verify_help() -> str:
+    from ris.verify import SETTINGS_HELP
+
+    return SETTINGS_HELP

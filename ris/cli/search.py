@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="geometric verification: re-rank the top K with RootSIFT + RANSAC inliers (local features "
                         "of the database's images built on first use and kept beside it); distances shown stay the "
                         "global ones; 0 = off")
+    p.add_argument("--verify-settings", type=_verify_settings, default={}, metavar="KEY=VALUE[,...]",
+                   help=_verify_help())
     p.add_argument("--rotations", action="store_true",
                    help="also describe each query turned by 90, 180 and 270 degrees; every database image keeps "
                         "its best distance over the four (phone photos that arrive turned). Costs 4 forward passes "
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify > 0:
         from ris.verify import Verifier
 
-        verifier = Verifier.for_database(engine.db, args.features_db, k=args.verify)
+        verifier = Verifier.for_database(engine.db, args.features_db, k=args.verify, **args.verify_settings)
     out_json = []
     failed = 0
     for n, image in enumerate(args.image, 1):
@@ -137,3 +139,15 @@ def _show(rgb) -> None:
 
 def entry() -> None:
     sys.exit(run("ris-search", main))
+
+
+def _verify_settings(text: str) -> dict:
+    from ris.verify import parse_settings
+
+    return parse_settings(text)
+
+
+def _verify_help() -> str:
+    from ris.verify import SETTINGS_HELP
+
+    return SETTINGS_HELP
