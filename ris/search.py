@@ -177,12 +177,11 @@ class SearchEngine:
         variants = len(vec)
         if reranker is not None:
             return reranker.search(vec, k, query_rows=query_rows, variants=variants)
-        dist, idx = self.index.search(vec, k)
-        if variants == 1:
-            return dist, idx
         from ris.rotations import merge_best
+        from ris.topk import exact_shown
 
-        return merge_best(dist, idx, k)
+        dist, idx = self.index.search(vec, k) if variants == 1 else merge_best(*self.index.search(vec, k), k)
+        return exact_shown(vec, dist, idx, self.vectors, self.metric)
 
     def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
         """The ``k`` nearest database images; rows without finite features are never among them."""

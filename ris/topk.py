@@ -139,3 +139,29 @@ def blockwise_topk(
     # final sort by (distance, index) for deterministic order
     order = np.lexsort((out_i, out_d), axis=1)
     return np.take_along_axis(out_d, order, 1), np.take_along_axis(out_i, order, 1)
+
+
+def exact_shown(queries: np.ndarray, dist: np.ndarray, idx: np.ndarray, vectors, metric: Metric
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """One query's (1, k) results with their distances recomputed from the stored rows, best first.
+
+    Why: a search's own distances are computed for speed, not for display: the exact search's
+    float32 ||q||^2 + ||x||^2 - 2 q.x cancels to ~1e-7, so an identical image was shown at ~3e-4,
+    and IVF-PQ's are approximate. Duplicate checks read these numbers. ``queries`` (V, D): the
+    query's copies (``--rotations``), each row keeping its best. Rows < 0 or not finite are dropped.
+    """
+    rows = np.asarray(idx[0], np.int64)
+    rows = rows[(rows >= 0) & np.isfinite(np.asarray(dist[0]))]
+    if len(rows) == 0:
+        return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
+    unique = np.unique(rows)  # increasing: what an HDF5 dataset's fancy indexing needs
+    x = np.asarray(vectors[unique], np.float64)[np.searchsorted(unique, rows)]
+    q = np.asarray(queries, np.float64).reshape(-1, x.shape[1])
+    if metric == "cosine":
+        unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        d = 1.0 - unit(q) @ unit(x).T
+    else:
+        d = np.sqrt(((q[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    d = d.min(0).astype(np.float32)
+    order = np.lexsort((rows, d))
+    return d[order][None], rows[order][None]

@@ -49,3 +49,29 @@ def test_row_labels_say_whether_any_row_is_labelled():
 
     assert RowLabels(np.array([-1, 1, 0]), ["a", "b"]).any() and list(RowLabels(np.array([-1, 1]), ["a", "b"])) == ["", "b"]
     assert not RowLabels(np.array([-1, -1]), []).any()
+
+
+@pytest.mark.parametrize("index", ["exact", "hnsw", "ivfpq"])
+def test_shown_distances_are_exact_so_a_database_image_is_at_zero(tiny, tmp_path, index):
+    """Logo and copyright checks read the distance: a database image queried as its own file must
+    be at 0 (it was ~3e-4: the float32 expansion ||q||^2 + ||x||^2 - 2 q.x cancels), and every
+    shown distance, whatever the index kind (IVF-PQ's are approximate), is the true one to the
+    stored row, best first."""
+    import shutil
+
+    import numpy as np
+
+    pytest.importorskip({"exact": "numpy", "hnsw": "hnswlib", "ivfpq": "faiss"}[index])
+    data, db = tiny
+    local = tmp_path / "feats.h5"
+    shutil.copy(db, local)
+    with SearchEngine(local, index=index) as engine:
+        with FeatureDB(local) as f:
+            stored = np.asarray(f.features[:], np.float64)
+        for row in (3, 9):
+            hits = engine.query(data / engine.image_ids[row], k=5)
+            assert hits[0].row == row and hits[0].distance == 0.0
+            q = np.asarray(engine.embed_query(data / engine.image_ids[row]), np.float64)[0]
+            true = [float(np.linalg.norm(stored[h.row] - q)) for h in hits]
+            np.testing.assert_allclose([h.distance for h in hits], true, atol=1e-6)
+            assert [h.distance for h in hits] == sorted(h.distance for h in hits)
