@@ -115,13 +115,10 @@ def _turned_queries(db, features_db, rows: np.ndarray, meta: dict[str, Any] | No
 
     if int((meta or {}).get("config", {}).get("shallow", 0) or 0):
         raise RisError("--rotations does not support heads with a thumbnail branch (--shallow)")
-    root = db.dataset_root
-    if not root or not Path(root).is_dir():
-        raise DatabaseError(f"{features_db}: --rotations describes the query images again, but the database's "
-                            f"dataset folder {root or '(not recorded)'} is not there")
+    root = db.images_folder("--rotations (it describes the query images again)")
     ids = db.image_ids
     t0 = time.perf_counter()
-    turned = embed_turned(FeatureExtractor.from_attrs(db.attrs), [Path(root) / ids[int(r)] for r in rows])
+    turned = embed_turned(FeatureExtractor.from_attrs(db.attrs), [root / ids[int(r)] for r in rows])
     return turned, time.perf_counter() - t0
 
 

@@ -290,6 +290,15 @@ class FeatureDB:
     def dataset_root(self) -> str | None:
         return self.attrs.get("dataset_root")
 
+    def images_folder(self, needed_for: str) -> Path:
+        """The folder the database was extracted from, for work that reads its images again; a
+        ``DatabaseError`` saying what needed it when it is not recorded or not there."""
+        root = self.dataset_root
+        if not root or not Path(root).is_dir():
+            raise DatabaseError(f"{self.path}: {needed_for} needs the database's images, and its dataset "
+                                f"folder {root or '(not recorded)'} is not there")
+        return Path(root)
+
     def fingerprint(self) -> dict[str, Any]:
         return fingerprint(self.attrs)
 

@@ -27,6 +27,17 @@ DEFAULTS: dict[str, float] = {"k": 30, "features": 500, "side": 512, "ratio": 0.
                               "cap": 50, "weight": 1.0, "threshold": 8.0}
 
 
+def inlier_order(counts: np.ndarray, min_inliers: float, weight: float, cap: float) -> np.ndarray:
+    """How a verified shortlist of ``len(counts)`` is reordered: each candidate scores its rank
+    (1 for the first, falling linearly) plus, at ``min_inliers`` or more, ``weight`` x its capped
+    inlier share; ties keep the global order. The one rule ``Verifier`` and the choice scripts use."""
+    counts = np.asarray(counts)
+    k = len(counts)
+    score = 1.0 - np.arange(k) / max(k, 1)
+    score = score + np.where(counts >= min_inliers, weight * np.minimum(counts, cap) / cap, 0.0)
+    return np.lexsort((np.arange(k), -score))
+
+
 def parse_settings(text: str) -> dict[str, float]:
     """``--verify-settings min_inliers=12,ratio=0.75``: the verification parameters other than K
     (``DEFAULTS``), checked here so that a typo is one line naming the known keys."""
@@ -107,7 +118,6 @@ def sidecar_path(features_db: str | Path, features: int, side: int) -> Path:
 def database_local_features(db, features_db: str | Path, features: int = 500, side: int = 512,
                             log: Callable[[str], None] | None = None) -> LocalFeatures:
     """The sidecar's local features, computed from the database's images on first use."""
-    from ris.errors import DatabaseError
     from ris.sidecars import read_h5_cache, write_h5_cache
 
     path = sidecar_path(features_db, features, side)
@@ -115,16 +125,13 @@ def database_local_features(db, features_db: str | Path, features: int = 500, si
     got = read_h5_cache(path, key)
     if got is not None:
         return LocalFeatures(got["offsets"], got["xy"], got["desc"])
-    root = db.dataset_root
-    if not root or not Path(root).is_dir():
-        raise DatabaseError(f"{features_db}: geometric verification needs the database's images, and its dataset "
-                            f"folder {root!r} is not there")
+    root = db.images_folder("geometric verification")
     ids = db.image_ids
     t0 = time.perf_counter()
     xys, descs, offsets = [], [], [0]
     for n, i in enumerate(ids):
         try:
-            xy, d = sift_of_file(Path(root) / i, features, side)
+            xy, d = sift_of_file(root / i, features, side)
         except Exception:  # an image gone or damaged since extraction: no local features, never verified
             xy, d = np.zeros((0, 2), np.float16), np.zeros((0, 128), np.uint8)
         xys.append(xy)
@@ -197,10 +204,7 @@ class Verifier:
                            for j in head])
         self.pairs += k
         self.queries += 1
-        score = 1.0 - np.arange(k) / max(k, 1)
-        good = counts >= self.p["min_inliers"]
-        score = score + np.where(good, self.p["weight"] * np.minimum(counts, self.p["cap"]) / self.p["cap"], 0.0)
-        order = np.lexsort((np.arange(k), -score))
+        order = inlier_order(counts, self.p["min_inliers"], self.p["weight"], self.p["cap"])
         self.seconds += time.perf_counter() - t0
         return np.concatenate([head[order], shortlist[k:]])
 

@@ -283,7 +283,7 @@ def verify(db_path: str, work: Path, sample: int, depth: int = 30) -> None:
     three (best mean training mAP over the bases: what a default must be); score the chosen ones
     and ``ris.verify.DEFAULTS`` once on the held-out copies. Inlier counts of every (query,
     candidate) pair are computed once, shared by the bases and the grid, and kept in WORK."""
-    from ris.verify import DEFAULTS, database_local_features, inliers, root_sift, sift_of_file
+    from ris.verify import DEFAULTS, database_local_features, inlier_order, inliers, root_sift, sift_of_file
 
     feats, labels, _, _ = load_db(db_path)
     with FeatureDB(db_path) as db:
@@ -295,8 +295,7 @@ def verify(db_path: str, work: Path, sample: int, depth: int = 30) -> None:
     def reorder(order, c, k, mi, w, cap=DEFAULTS["cap"]):
         out = order.copy()
         for r in range(len(order)):
-            sc = 1.0 - np.arange(k) / k + np.where(c[r, :k] >= mi, w * np.minimum(c[r, :k], cap) / cap, 0.0)
-            out[r, :k] = order[r, :k][np.lexsort((np.arange(k), -sc))]
+            out[r, :k] = order[r, :k][inlier_order(c[r, :k], mi, w, cap)]
         return out
 
     prepared, pairs, seconds = {}, 0, 0.0

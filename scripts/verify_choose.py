@@ -20,7 +20,7 @@ from ris.featuredb import FeatureDB
 from ris.rerank import Reranker
 from ris.embed import raw_descriptors
 from ris.splits import rows_of, split_objects
-from ris.verify import DEFAULTS, database_local_features, inliers
+from ris.verify import DEFAULTS, database_local_features, inlier_order, inliers
 
 
 def scores(order: np.ndarray, labels: np.ndarray, q: np.ndarray) -> tuple[float, float]:
@@ -61,8 +61,7 @@ def main() -> None:
     def apply(order, c, k, mi, w, cap=DEFAULTS["cap"]):
         out = order.copy()
         for r in range(len(order)):
-            s = 1.0 - np.arange(k) / k + np.where(c[r, :k] >= mi, w * np.minimum(c[r, :k], cap) / cap, 0.0)
-            out[r, :k] = order[r, :k][np.lexsort((np.arange(k), -s))]
+            out[r, :k] = order[r, :k][inlier_order(c[r, :k], mi, w, cap)]
         return out
 
     o_tr = ranked(train_q)

@@ -233,3 +233,19 @@ def test_fingerprint_reads_nested_scales_the_same_from_the_file_and_from_the_wri
         raw = dict(f.attrs)
     assert isinstance(raw["scales"], str)
     assert fingerprint(raw) == fingerprint({**attrs, "feature_shape": [4], "layer": None, "weights": None})
+
+
+def test_work_that_reads_the_images_again_names_itself_when_the_folder_is_gone(tmp_path):
+    """--rotations and geometric verification read the database's images again: one line naming
+    the database, what needed the images and the folder, when it is not recorded or not there."""
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, dict(ATTRS, dataset_root=str(tmp_path / "photos")), (3,), [])
+    w.add(["a.jpg"], np.ones((1, 3), np.float32), [""])
+    w.finish({})
+    with FeatureDB(path) as db:
+        with pytest.raises(DatabaseError, match=rf"^{path}: geometric verification needs the database's images, "
+                                                r"and its dataset folder .*photos is not there$"):
+            db.images_folder("geometric verification")
+    (tmp_path / "photos").mkdir()
+    with FeatureDB(path) as db:
+        assert db.images_folder("geometric verification") == tmp_path / "photos"

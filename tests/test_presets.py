@@ -2,6 +2,7 @@
 import pytest
 
 from ris import presets
+from ris.fusion import FusionConfig
 
 
 @pytest.mark.parametrize("module, command", [("eval", "eval"), ("search", "search"), ("extract", "extract")])
@@ -24,16 +25,18 @@ def test_preset_fills_defaults_and_never_overrides_a_given_option(module, comman
         assert args.model == "efficientnet_lite0" and args.pool == "gap" and args.fusion_weights is None
 
 
+def _extracted_by(preset: str):
+    """The recipe `ris-extract --preset PRESET` extracts with (the command's own parsing)."""
+    from ris.cli import extract as extract_cli
+
+    p = extract_cli.build_parser()
+    return extract_cli.recipe_of(presets.apply(p.parse_args(["--preset", preset]), p, "extract"))
+
+
 def test_fast_extracts_mobilenet_v2_with_a_light_colour_part():
     """bench/quality.md, 2026-12-02: the colour weight chosen on training objects so that relit
     copies lose nothing without re-ranking."""
-    from ris.cli import extract as extract_cli
-    from ris.fusion import FusionConfig, make_config
-
-    p = extract_cli.build_parser()
-    args = presets.apply(p.parse_args(["--preset", "fast"]), p, "extract")
-    cfg = make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize, scales=args.scales,
-                      pooling=args.pool, fusion_weights=args.fusion_weights)
+    cfg = _extracted_by("fast")
     assert isinstance(cfg, FusionConfig)
     assert [(c.model, c.input_size, c.pooling) for c in cfg.parts] == [("mobilenet_v2", 224, "gap"),
                                                                       ("hsv_hist", 224, "hist")]
@@ -41,13 +44,7 @@ def test_fast_extracts_mobilenet_v2_with_a_light_colour_part():
 
 
 def test_accurate_extracts_the_fusion_measured_in_bench_quality():
-    from ris.cli import extract as extract_cli
-    from ris.fusion import FusionConfig, make_config
-
-    p = extract_cli.build_parser()
-    args = presets.apply(p.parse_args(["--preset", "accurate"]), p, "extract")
-    cfg = make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize, scales=args.scales,
-                      pooling=args.pool, fusion_weights=args.fusion_weights)
+    cfg = _extracted_by("accurate")
     assert isinstance(cfg, FusionConfig)
     assert [(c.model, c.input_size, c.pooling) for c in cfg.parts] == [("mobilenet_v2", 224, "gap"),
                                                                       ("efficientnet_lite2", 384, "gem"),

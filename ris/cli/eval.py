@@ -9,6 +9,8 @@ from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, finite_float, f
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.rerank import RERANKERS
+    from ris.verify import SETTINGS_HELP as VERIFY_SETTINGS_HELP
+    from ris.verify import parse_settings as verify_settings
     from ris.index import index_arg, index_help, index_metavar
 
     p = argparse.ArgumentParser(
@@ -45,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="geometric verification: re-rank each query's top K with RootSIFT + RANSAC inliers "
                         "(ris.verify; local features built from the images on first use and kept beside the "
                         "database); 0 = off")
-    p.add_argument("--verify-settings", type=_verify_settings, default={}, metavar="KEY=VALUE[,...]",
-                   help=_verify_help())
+    p.add_argument("--verify-settings", type=verify_settings, default={}, metavar="KEY=VALUE[,...]",
+                   help=VERIFY_SETTINGS_HELP)
     p.add_argument("--rotations", action="store_true",
                    help="describe every scored query again from its image file (under the database's dataset "
                         "folder) at 0/90/180/270 degrees, as ris-search --rotations does; each gallery image keeps "
@@ -122,15 +124,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(run("ris-eval", main))
-
-
-def _verify_settings(text: str) -> dict:
-    from ris.verify import parse_settings
-
-    return parse_settings(text)
-
-
-def _verify_help() -> str:
-    from ris.verify import SETTINGS_HELP
-
-    return SETTINGS_HELP

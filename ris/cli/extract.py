@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ris.errors import RisError
     from ris.extract import ExtractOptions, extract_features
-    from ris.fusion import is_fused, make_config
+    from ris.fusion import is_fused
 
     if args.list_layers:
         if is_fused(args.model):
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return sync_main(args)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
-    config = make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
-                         scales=args.scales, pooling=args.pool, dtype=args.dtype, fusion_weights=args.fusion_weights)
+    config = recipe_of(args)
     if args.engine == "ray":
         from ris.ray_engine import RayOptions, extract_on_ray
 
@@ -143,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\n".join(summary.report(args.verbose)))
     return EXIT_OK  # skipped images are listed, not an error
+
+
+def recipe_of(args: argparse.Namespace):
+    """The extraction recipe (``ExtractConfig`` or ``FusionConfig``) parsed options describe."""
+    from ris.fusion import make_config
+
+    return make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
+                       scales=args.scales, pooling=args.pool, dtype=args.dtype, fusion_weights=args.fusion_weights)
 
 
 def _list_layers(model: str, as_json: bool) -> int:

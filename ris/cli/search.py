@@ -9,6 +9,8 @@ from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, pos
 
 def build_parser() -> argparse.ArgumentParser:
     from ris.rerank import RERANKERS
+    from ris.verify import SETTINGS_HELP as VERIFY_SETTINGS_HELP
+    from ris.verify import parse_settings as verify_settings
     from ris.index import index_arg, index_help, index_metavar
 
     p = argparse.ArgumentParser(
@@ -35,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="geometric verification: re-rank the top K with RootSIFT + RANSAC inliers (local features "
                         "of the database's images built on first use and kept beside it); distances shown stay the "
                         "global ones; 0 = off")
-    p.add_argument("--verify-settings", type=_verify_settings, default={}, metavar="KEY=VALUE[,...]",
-                   help=_verify_help())
+    p.add_argument("--verify-settings", type=verify_settings, default={}, metavar="KEY=VALUE[,...]",
+                   help=VERIFY_SETTINGS_HELP)
     p.add_argument("--rotations", action="store_true",
                    help="also describe each query turned by 90, 180 and 270 degrees; every database image keeps "
                         "its best distance over the four (phone photos that arrive turned). Costs 4 forward passes "
@@ -139,15 +141,3 @@ def _show(rgb) -> None:
 
 def entry() -> None:
     sys.exit(run("ris-search", main))
-
-
-def _verify_settings(text: str) -> dict:
-    from ris.verify import parse_settings
-
-    return parse_settings(text)
-
-
-def _verify_help() -> str:
-    from ris.verify import SETTINGS_HELP
-
-    return SETTINGS_HELP
