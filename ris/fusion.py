@@ -180,15 +180,14 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
             get_backbone(m)  # unknown names: one line listing the choices
     n = len(models)
     # a weights path may itself contain '+': it is split only when it has one piece per model
-    weight_args = weights.split(SEP) if isinstance(weights, str) and weights.count(SEP) == n - 1 else [weights] * n
+    weights_per_part = isinstance(weights, str) and weights.count(SEP) == n - 1
+    weight_args = weights.split(SEP) if weights_per_part else [weights] * n
     layers, sizes = per_part(layer, n, "--layer"), per_part(input_size, n, "--resize")
     scale_args, pools = per_part(scales, n, "--scales"), per_part(pooling, n, "--pool")
     # a colour part (ris.colour) has no weights, layer, scales or pooling: a value given once for
     # every part is a CNN setting and passes it by; one given for it per part is checked there
-    for values, given, default in ((weight_args, weights.count(SEP) == n - 1 if isinstance(weights, str) else False,
-                                    "none"),
-                                   (layers, _per_part_given(layer), None), (scale_args, _per_part_given(scales), 1.0),
-                                   (pools, _per_part_given(pooling), "gap")):
+    for values, given, default in ((weight_args, weights_per_part, "none"), (layers, _per_part_given(layer), None),
+                                   (scale_args, _per_part_given(scales), 1.0), (pools, _per_part_given(pooling), "gap")):
         if not given:
             values[:] = [default if is_colour(m) else v for m, v in zip(models, values)]
     for m, p in zip(models, pools):
