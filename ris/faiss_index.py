@@ -73,7 +73,7 @@ class IvfPqParams:
     nbits: int = 8
     opq: bool = True  # learned rotation before PQ: spreads variance evenly over the sub-vectors
     nprobe: int = 32  # cells visited per query
-    rerank: int = 100  # shortlist re-ranked exactly from the stored vectors; 0 = approximate distances
+    rerank: int = 100  # shortlist (at least k) re-ranked exactly from the stored vectors; 0 = approximate distances
     train_rows: int = 100_000
     codec: str = "pq"  # "sq8" (1 byte per dimension) below ~10,000 rows, too few to train PQ codebooks
     opq_dim: int = 0  # dimension OPQ rotates (and projects) to before IVF-PQ; 0 = the input's
@@ -226,9 +226,10 @@ class IvfPqIndex:
         k = min(int(k), len(self))
         if k <= 0 or not len(q):
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-        depth = max(k, int(self.params.rerank)) if self.stored is not None and self.params.rerank else k
-        d2, labels = self._search(q, min(depth, len(self)))
-        if depth == k or self.stored is None:
+        rerank = self.stored is not None and self.params.rerank > 0
+        # the shortlist is at least k: asking for as many results as it holds still re-ranks them
+        d2, labels = self._search(q, min(max(k, int(self.params.rerank)) if rerank else k, len(self)))
+        if not rerank:
             dist = np.sqrt(np.maximum(d2, 0)) if self.metric == "euclidean" else d2 / 2  # unit vectors: 1-cos = d2/2
             return to_rows(np.where(labels < 0, np.inf, dist), labels, self.rowmap, k)
         return self._rerank(q, labels, k)

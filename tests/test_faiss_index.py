@@ -251,3 +251,17 @@ def test_index_scale_bench_parses_code_shapes_and_scores_both_recalls():
     assert bench.recall_at(found, truth) == pytest.approx(0.5)
     assert bench.one_recall_at(found, truth) == pytest.approx(0.5)
     assert bench.one_recall_at(found[:1], truth[:1]) == 1.0 and bench.recall_at(found[:1], truth[:1]) == 0.1
+
+
+def test_asking_for_as_many_results_as_the_shortlist_still_reranks_them_exactly():
+    """k >= the shortlist (ris-search -k 100, ris-eval --index's ranked lists of 100) used to skip
+    the re-ranking: PQ's approximate order and distances came back although re-ranking was on."""
+    x = clustered_vectors(10000, 16, seed=1)
+    q = clustered_vectors(20, 16, seed=2)
+    index = build_ivfpq(x, "euclidean", params=choose_params(len(x), 16, rerank=30), progress=False)
+    index.stored = StoredRows(x)
+    for k in (30, 50):
+        d, i = index.search(q, k)
+        exact = np.linalg.norm(x[i] - q[:, None, :], axis=2)
+        np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-5)  # exact distances of what came back
+        assert np.all(np.diff(d, axis=1) >= 0)  # in exact order

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument(p, "eval")
     p.add_argument("--index", default=None, type=index_arg, metavar=index_metavar(),
                    help="also score retrieval through this index (the one ris-search uses, built or caught up "
-                        "as there), beside exact search on the same queries and ranked-list depth (100); "
+                        "as there), beside exact search on the same queries, gallery (--split, --gallery, "
+                        "--queries) and ranked-list depth (100); not with --rerank, --verify or --folds; "
                         "kinds: " + index_help())
     p.add_argument("--min-ns", type=finite_float, default=None,
                    help="exit with status 1 (a requested check failed) if the best N-S score is below this "
@@ -82,7 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.index is not None:
         from ris.index_eval import evaluate_index, format_index_table
 
-        r = evaluate_index(args.features_db, args.index, args.model, args.split, args.seed, args.test_fraction)
+        preset = f" (from --preset {args.preset})" if args.preset else ""
+        other = [flag for flag, on in ((f"--rerank {args.rerank}{preset}", args.rerank != "none"),
+                                       ("--verify", args.verify > 0), ("--folds", bool(args.folds and args.folds > 1)))
+                 if on]
+        if other:
+            from ris.errors import RisError
+
+            raise RisError(f"{' and '.join(other)} cannot be combined with --index (it scores the index's own "
+                           f"ranked lists beside exact search's, with no re-ranking)")
+        r = evaluate_index(args.features_db, args.index, args.model, args.split, args.seed, args.test_fraction,
+                           gallery=args.gallery, queries=args.queries)
         print_json(r) if args.json else print(format_index_table(r))
         if args.min_ns is not None and r["indexed"]["ns_score"] < args.min_ns:
             print(f"ris-eval: N-S {r['indexed']['ns_score']:.4f} is below the required {args.min_ns}", file=sys.stderr)

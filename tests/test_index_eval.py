@@ -1,0 +1,60 @@
+"""ris-eval --index: an index's ranked lists scored on the same protocol as ris-eval itself
+(held-out queries searching the whole collection, --gallery split, --queries with distractors)."""
+import numpy as np
+import pytest
+
+from ris.evaluate import evaluate_db
+from ris.index_eval import evaluate_index
+from ris.testing import make_feature_db
+
+
+@pytest.fixture()
+def db_with_distractors(tmp_path):
+    """20 objects x 4 views and 20 unlabelled distractors near some of the objects (110 rows at most,
+    so the ranked lists of ris-eval --index reach the whole gallery and mAP is exact)."""
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(20, 16))
+    views = np.repeat(centers, 4, axis=0) + 0.45 * rng.normal(size=(80, 16))
+    confusers = centers[rng.integers(0, 20, 20)] + 0.45 * rng.normal(size=(20, 16))
+    x = np.vstack([views, confusers])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    names = [f"objects/{i:03d}.jpg" for i in range(80)] + [f"distractors/{i:03d}.jpg" for i in range(20)]
+    labels = [f"o{i // 4:02d}" for i in range(80)] + [""] * 20
+    path = make_feature_db(tmp_path / "f.h5", x, names=names, labels=labels)
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(names[:40:3]) + "\n")
+    return path, queries
+
+
+@pytest.mark.parametrize("protocol", [dict(split="all"), dict(split="test", gallery="all"),
+                                      dict(split="test", gallery="split"), dict(queries=True)],
+                         ids=["all", "held-out-whole-collection", "held-out-fold-gallery", "queries-with-distractors"])
+def test_exact_search_through_the_index_path_scores_as_ris_eval_does(db_with_distractors, protocol):
+    path, queries = db_with_distractors
+    kw = dict(protocol)
+    if kw.pop("queries", False):
+        kw = dict(split="all", queries=str(queries))
+    plain = evaluate_db(path, **kw)["raw"]
+    r = evaluate_index(path, "exact", **kw)["exact"]
+    assert r["queries"] == plain["queries"]
+    for key in ("ns_score", "map", "top4_accuracy"):
+        assert r[key] == pytest.approx(plain[key], abs=1e-3), (key, r, plain)
+    assert r["recall_at"]["1"] == pytest.approx(plain["recall_at"]["1"], abs=1e-3)
+
+
+def test_distractors_near_the_queries_lower_the_scores_of_both(db_with_distractors):
+    path, queries = db_with_distractors
+    listed = evaluate_index(path, "exact", queries=str(queries))
+    assert "distractors" in listed["protocol"]
+    alone = evaluate_index(path, "exact", split="all")
+    assert listed["exact"]["map"] < alone["exact"]["map"]  # the distractors are in the gallery
+
+
+def test_ris_eval_refuses_what_the_index_scoring_does_not_do(db_with_distractors):
+    from ris.cli.eval import main
+    from ris.errors import RisError
+
+    path, _ = db_with_distractors
+    for extra in (["--rerank", "qe"], ["--verify", "5"], ["--folds", "3"]):
+        with pytest.raises(RisError, match="--index"):
+            main(["--features-db", str(path), "--index", "exact", *extra])
