@@ -185,3 +185,25 @@ def test_eval_rotations_refuse_what_they_cannot_score(turned_db, tmp_path):
         assert evaluate_db(db, split="all", queries=queries)["raw"]["recall_at"]["1"] == 0.0  # stored rows: fine
     finally:
         shutil.move(moved, images)
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--folds", "3", "--queries", "Q"], "--queries"),
+    (["--folds", "3", "--model", "M"], "--model"),
+    (["--folds", "3", "--verify", "5"], "--verify"),
+    (["--folds", "3", "--split", "all"], "--split"),
+    (["--queries", "Q", "--gallery", "split"], "--gallery split"),
+    (["--queries", "Q", "--split", "test"], "--split test"),
+])
+def test_ris_eval_refuses_options_it_would_ignore(tmp_path, extra, named):
+    """--folds scored the off-the-shelf features whatever --model/--queries/--verify/--split said, and
+    --queries searched the whole database whatever --gallery/--split said: now one line, exit 2."""
+    from ris.cli.eval import main
+    from ris.errors import RisError
+
+    db, _, _ = _write_db(tmp_path / "f.h5")
+    q = tmp_path / "q.txt"
+    q.write_text("0000.jpg\n")
+    extra = [str(q) if a == "Q" else str(tmp_path / "m.keras") if a == "M" else a for a in extra]
+    with pytest.raises(RisError, match=named.replace("-", r"\-")):
+        main(["--features-db", str(db), *extra])

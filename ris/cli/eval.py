@@ -35,12 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", default=None, metavar="FILE",
                    help="score only these queries: one image id per line (path relative to the dataset folder, "
                         "as in the database); every other image is gallery only, unlabelled ones as distractors "
-                        "(Holidays/Oxford style); reports mAP and recall@k")
+                        "(Holidays/Oxford style); reports mAP and recall@k; not with --gallery split or --split test")
     p.add_argument("--seed", type=int, default=0, help="split seed when no --model gives the split")
     p.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out share of objects when no --model")
     p.add_argument("--folds", type=folds, default=0,
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
-                        "(the folds of ris-train --folds, same seed) and report mean and std")
+                        "(the folds of ris-train --folds, same seed) and report mean and std; not with --model, "
+                        "--queries, --verify or --split")
     p.add_argument("--rerank", default="none", choices=list(RERANKERS),
                    help="re-rank results: " + "; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items()))
     p.add_argument("--verify", type=int, default=0, metavar="K",
@@ -76,22 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     args = presets.apply(parser.parse_args(argv), parser, "eval")
     from ris.evaluate import evaluate_db, format_table
 
-    if args.rotations and (args.index is not None or (args.folds and args.folds > 1)):
-        from ris.errors import RisError
-
-        raise RisError("--rotations cannot be combined with --index or --folds (it scores one split, exact search)")
+    _refuse_ignored(args)
     if args.index is not None:
         from ris.index_eval import evaluate_index, format_index_table
 
-        preset = f" (from --preset {args.preset})" if args.preset else ""
-        other = [flag for flag, on in ((f"--rerank {args.rerank}{preset}", args.rerank != "none"),
-                                       ("--verify", args.verify > 0), ("--folds", bool(args.folds and args.folds > 1)))
-                 if on]
-        if other:
-            from ris.errors import RisError
-
-            raise RisError(f"{' and '.join(other)} cannot be combined with --index (it scores the index's own "
-                           f"ranked lists beside exact search's, with no re-ranking)")
         r = evaluate_index(args.features_db, args.index, args.model, args.split, args.seed, args.test_fraction,
                            gallery=args.gallery, queries=args.queries)
         print_json(r) if args.json else print(format_index_table(r))
@@ -131,6 +120,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ris-eval: N-S {best:.4f} is below the required {args.min_ns}", file=sys.stderr)
             return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _refuse_ignored(args: argparse.Namespace) -> None:
+    """One line for options another option would make ris-eval ignore: a score that silently
+    leaves out what was asked for is a wrong result."""
+    from ris.errors import RisError
+
+    folds = bool(args.folds and args.folds > 1)
+    preset = f" (from --preset {args.preset})" if args.preset else ""
+    rules = [
+        ("--rotations", args.rotations, [("--index", args.index is not None), ("--folds", folds)],
+         "it scores one split by exact search"),
+        ("--index", args.index is not None,
+         [(f"--rerank {args.rerank}{preset}", args.rerank != "none"), ("--verify", args.verify > 0),
+          ("--folds", folds)],
+         "it scores the index's own ranked lists beside exact search's, with no re-ranking"),
+        ("--folds", folds,
+         [("--model", args.model is not None), ("--queries", args.queries is not None), ("--verify", args.verify > 0),
+          (f"--split {args.split}", args.split is not None)],
+         "it scores the off-the-shelf features on each fold's held-out objects"),
+        ("--queries", args.queries is not None,
+         [("--gallery split", args.gallery == "split"), (f"--split {args.split}", args.split == "test")],
+         "the listed queries search every other image of the database"),
+    ]
+    for flag, given, others, why in rules:
+        clash = [name for name, on in others if on]
+        if given and clash:
+            raise RisError(f"{' and '.join(clash)} cannot be combined with {flag} ({why})")
 
 
 def entry() -> None:
