@@ -120,3 +120,21 @@ def test_groups_of_one_image_are_too_few_to_train_on(tmp_path, cfg):
     with pytest.raises(TooFewGroups, match="two or more"):
         train_head(tmp_path / "f.h5", tmp_path / "h.keras", cfg, progress=False, log=lambda s: None)
     assert not (tmp_path / "h.keras").exists()
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--epochs", "5", "--margin", "0.3"], "--margin 0.3 and --epochs 5 do not apply to --arch whiten"),
+    (["--mining", "random"], "--mining random does not apply to --arch whiten"),
+    (["--arch", "mlp", "--whiten-dim", "8"], "--whiten-dim 8 does not apply to --arch mlp"),
+    (["--arch", "residual", "--out-dim", "64"], "--out-dim 64 does not apply to --arch residual"),
+])
+def test_ris_train_refuses_options_its_head_would_ignore(tmp_path, extra, named):
+    """ris-train --arch whiten (the default) fitted its closed form whatever --epochs, --margin or
+    --mining said: a user thought they set them. Refused in one line before any work."""
+    from ris.cli.train import main
+    from ris.errors import RisError
+
+    db = _write_db(tmp_path / "f.h5")
+    with pytest.raises(RisError, match=named):
+        main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--quiet", *extra])
+    assert not (tmp_path / "h.keras").exists()

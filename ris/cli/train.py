@@ -85,8 +85,40 @@ def config_from_args(args) -> "TrainConfig":
                        whiten_dim=args.whiten_dim)
 
 
+# Options that set only one kind of head: given for another, they would be silently ignored.
+TRIPLET_ONLY = ("hidden", "out_dim", "dropout", "distance", "margin", "mining", "epochs", "patience",
+                "batch_size", "p", "k", "lr")
+WHITEN_ONLY = ("whiten_shrinkage", "whiten_power", "whiten_dim")
+
+
+def refuse_unused(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """One line naming the options given (not at their defaults) that the chosen head does not use."""
+    from ris.errors import RisError
+    from ris.head import HEADS
+
+    triplet = HEADS[args.arch].trained == "triplet"
+    unused = WHITEN_ONLY if triplet else TRIPLET_ONLY
+    if args.arch == "residual":
+        unused = unused + ("out_dim",)  # the correction keeps the input size
+    defaults = vars(parser.parse_args([]))  # converted as given values are ("512,512" -> [512, 512])
+    given = [k for k in unused if getattr(args, k) != defaults[k]]
+    if not given:
+        return
+    names = " and ".join(f"--{k.replace('_', '-')} {_shown(getattr(args, k))}" for k in given)
+    why = ("they set the triplet heads, --arch residual|mlp; learned whitening is fitted in closed form"
+           if not triplet else "they set learned whitening, --arch whiten" if given[0] in WHITEN_ONLY
+           else "the residual head adds its correction at the input's size")
+    raise RisError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to --arch {args.arch} ({why})")
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    refuse_unused(args, parser)
     from dataclasses import asdict
 
     from ris.train import train_head
