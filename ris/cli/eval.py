@@ -147,7 +147,7 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
     for flag, given, others, why in rules:
         clash = [name for name, on in others if on]
         if given and clash:
-            raise RisError(f"{' and '.join(clash)} cannot be combined with {flag} ({why})")
+            raise RisError(f"{flag} cannot be combined with {' and '.join(clash)} ({why})")
 
 
 def entry() -> None:
