@@ -265,3 +265,21 @@ def test_asking_for_as_many_results_as_the_shortlist_still_reranks_them_exactly(
         exact = np.linalg.norm(x[i] - q[:, None, :], axis=2)
         np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-5)  # exact distances of what came back
         assert np.all(np.diff(d, axis=1) >= 0)  # in exact order
+
+
+def test_the_shortlist_grows_with_the_results_asked_for(monkeypatch):
+    """A shortlist of only k re-ranks PQ's own choice of candidates: long lists (ris-search -k 100)
+    stayed far from exact search on real features. At least 4 x k candidates are re-ranked."""
+    x = clustered_vectors(10000, 16, seed=1)
+    index = build_ivfpq(x, "euclidean", params=choose_params(len(x), 16, rerank=30), progress=False)
+    index.stored = StoredRows(x)
+    asked = []
+    search = index._search
+    monkeypatch.setattr(index, "_search", lambda q, k: asked.append(k) or search(q, k))
+    for k in (5, 7, 20, 100):
+        d, i = index.search(x[:3], k)
+        assert d.shape == (3, k)
+    assert asked == [30, 30, 80, 400]
+    index.stored = None  # no stored rows: no re-ranking, k candidates
+    index.search(x[:3], 20)
+    assert asked[-1] == 20

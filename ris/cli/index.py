@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rebuild", action="store_true", help="build from scratch even if a saved index can follow")
     b.add_argument("--nprobe", type=int, default=None, help="ivfpq: cells visited per query (saved with the index)")
     b.add_argument("--rerank", type=int, default=None,
-                   help="ivfpq: shortlist re-ranked exactly from the stored vectors, at least the k results asked "
-                        "for (0 = off; saved with the index)")
+                   help="ivfpq: shortlist re-ranked exactly from the stored vectors, or 4 x the k results asked "
+                        "for when that is more (0 = off; saved with the index)")
     b.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     r = sub.add_parser("remove", help="remove images (relative paths as stored) from the database; its saved "
                                       "indexes follow", formatter_class=HelpFormatter)
