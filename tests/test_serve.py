@@ -188,6 +188,47 @@ def test_rerank_per_request(client, method):
     assert out["rerank"] == method and {h["id"] for h in out["results"]} == {1, 2, 3}
 
 
+def test_a_service_for_the_accurate_preset_re_ranks_every_search_by_default(engine, tiny):
+    """ris-serve --preset accurate: a database made for dba+qe was searched without re-ranking by
+    every request that did not ask (the page's menu started at none), unlike ris-search --preset
+    accurate. The service's default re-ranker now answers a request that names none; a request
+    may still ask for none; the default is offered even where 'auto' would not offer it."""
+    args = serve_cli.build_parser().parse_args(["--preset", "accurate"])
+    cfg = serve_cli.config_from_args(args, str(tiny[2]), None, rerank=args.rerank,
+                                     default_rerank=args.default_rerank)
+    assert cfg.default_rerank == "dba+qe"
+    with client_for(engine, tiny[2], default_rerank="dba+qe", rerank=("qe",)) as c:
+        health = c.get("/api/health").json()
+        assert health["default_rerank"] == "dba+qe" and health["rerank"] == ["none", "qe", "dba+qe"]
+        assert c.get("/api/search", params={"id": 0, "k": 3}).json()["rerank"] == "dba+qe"
+        assert c.get("/api/search", params={"id": 0, "k": 3, "rerank": "none"}).json()["rerank"] == "none"
+        img = (tiny[1] / "ukbench00013.jpg").read_bytes()
+        assert upload(c, img, k=4).json()["rerank"] == "dba+qe"
+    with client_for(engine, tiny[2]) as c:  # no preset: as before
+        assert c.get("/api/health").json()["default_rerank"] == "none"
+        assert c.get("/api/search", params={"id": 0, "k": 3}).json()["rerank"] == "none"
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--default-rerank", "dba+qe", "--rerank", "qe"], "--default-rerank dba+qe is not among --rerank qe"),
+    (["--default-rerank", "diffusion", "--rotations"], "--rotations does not work with --rerank diffusion"),
+    (["--default-rerank", "bogus"], "invalid choice"),
+])
+def test_a_default_re_ranker_the_service_could_not_use_is_refused(tiny, flags, needle, capsys):
+    from ris.errors import RisError
+
+    try:
+        args = serve_cli.build_parser().parse_args(flags)
+        serve_cli.config_from_args(args, str(tiny[2]), None, rerank=args.rerank, default_rerank=args.default_rerank)
+    except SystemExit:
+        assert needle in capsys.readouterr().err
+        return
+    except RisError as exc:
+        assert needle in str(exc)
+        return
+    raise AssertionError(f"{flags} accepted")
+
+
 def test_bad_parameters_are_one_sentence(engine, tiny):
     with client_for(engine, tiny[2], rerank=("qe",)) as c:
         for params, status in (({"id": 0, "k": 0}, 422), ({"id": 0, "k": 101}, 422), ({"id": 0, "k": "x"}, 422),

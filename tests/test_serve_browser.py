@@ -73,7 +73,8 @@ def test_the_page_searches_by_upload_and_by_click(collection, chromium, tmp_path
 
     db, query, views = collection
     n_rows = 199 if len(views) == 3 else 48
-    with ServerProcess(["--features-db", str(db), "--port", "0"]) as server, sync_playwright() as pw:
+    with ServerProcess(["--features-db", str(db), "--port", "0", "--default-rerank", "qe"]) as server, \
+            sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1200, "height": 760})
         problems: list[str] = []
@@ -84,12 +85,14 @@ def test_the_page_searches_by_upload_and_by_click(collection, chromium, tmp_path
 
         page.goto(server.url + "/")
         expect(page.get_by_test_id("status")).to_contain_text(f"{n_rows} images")
+        expect(page.get_by_test_id("rerank")).to_have_value("qe")  # the menu starts at the service's default
         page.get_by_test_id("k").fill("10")
         page.get_by_test_id("file-input").set_input_files(str(query))
 
         results = page.get_by_test_id("result")
         expect(results).to_have_count(10)
         expect(page.get_by_test_id("query-name")).to_have_text(query.name)
+        expect(page.locator("#summary")).to_contain_text("re-ranked (qe)")
         first = [results.nth(i).get_attribute("data-path") for i in range(len(views))]
         assert set(first) == views, f"top {len(views)} were {first}, expected the query object's views {views}"
         ranks = [results.nth(i).locator(".rank").inner_text() for i in range(3)]

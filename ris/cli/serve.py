@@ -9,6 +9,8 @@ import sys
 from ris.cli.common import (EXIT_ERROR, EXIT_OK, HelpFormatter, nonnegative_float, nonnegative_int, positive_float,
                             positive_int, run)
 
+from ris.presets import PRESETS
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -40,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", default="auto", help="re-ranking methods a request may ask for, comma-separated "
                    f"from {', '.join(m for m in RERANKERS if m != 'none')}; 'auto' = all of them up to 20,000 "
                    "rows, only qe above; 'none' = no re-ranking. Each is prepared on first use")
+    p.add_argument("--default-rerank", default=None, choices=list(RERANKERS),
+                   help="the re-ranking of a search that names none (the page's menu starts there); offered "
+                        "whatever --rerank auto would offer (default: none, or the preset's)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="the re-ranking ris-search uses with that preset, as --default-rerank: "
+                        + "; ".join(f"{name} = {s['search']['rerank']}" for name, s in PRESETS.items())
+                        + " (serve a database made with ris-extract --preset of the same name)")
     return p
 
 
@@ -72,10 +81,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, features_db: str, model: str | None, index: str = "auto",
-                     dataset_root: str | None = None, rerank: str = "auto"):
+                     dataset_root: str | None = None, rerank: str = "auto", default_rerank: str | None = None):
     from ris.errors import RisError
     from ris.rerank import RERANKERS
     from ris.serve.service import ServeConfig
+
+    preset = getattr(args, "preset", None)  # ris-demo --serve has no --preset
+    if default_rerank is None:
+        default_rerank = PRESETS[preset]["search"]["rerank"] if preset else "none"
+    if default_rerank not in RERANKERS:
+        raise RisError(f"--default-rerank: unknown method {default_rerank!r}; choose from {', '.join(RERANKERS)}")
 
     methods = None
     if rerank != "auto":
@@ -83,11 +98,14 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
         unknown = [m for m in methods if m not in RERANKERS]
         if unknown:
             raise RisError(f"--rerank: unknown method(s) {', '.join(unknown)}; choose from {', '.join(RERANKERS)}")
-        if getattr(args, "rotations", False):  # ris-demo --serve has no --rotations
-            from ris.rotations import check_rerank
+        if default_rerank != "none" and default_rerank not in methods:
+            given = f"--preset {preset}'s " if preset and getattr(args, "default_rerank", None) is None else ""
+            raise RisError(f"{given}--default-rerank {default_rerank} is not among --rerank {rerank}; add it there")
+    if getattr(args, "rotations", False):  # ris-demo --serve has no --rotations
+        from ris.rotations import check_rerank
 
-            for m in methods:
-                check_rerank(m)
+        for m in (*(methods or ()), default_rerank):
+            check_rerank(m)
     if args.port > 65535:
         raise RisError(f"--port must be at most 65535, not {args.port}")
     if args.top_k > args.max_k:
@@ -98,7 +116,8 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
                        max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
                        default_k=args.top_k, max_k=args.max_k, slots=args.slots, queue=args.queue,
                        queue_timeout=args.queue_timeout, reload_interval=args.reload_interval,
-                       max_connections=args.max_connections, rotations=getattr(args, "rotations", False))
+                       max_connections=args.max_connections, rotations=getattr(args, "rotations", False),
+                       default_rerank=default_rerank)
 
 
 def require_serve_extra() -> None:
@@ -191,7 +210,8 @@ def _run_until_stopped(server) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args, args.features_db, args.model, args.index, args.dataset_root, args.rerank)
+    cfg = config_from_args(args, args.features_db, args.model, args.index, args.dataset_root, args.rerank,
+                           args.default_rerank)
     return serve(cfg, args.host, args.port, args.log_level)
 
 

@@ -118,7 +118,8 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     @app.post("/api/search", summary="Search with an uploaded image (multipart field `image`)")
     async def search_upload(image: UploadFile = File(..., description="JPEG, PNG, GIF, BMP, WebP or TIFF"),
                             k: int = Form(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
-                            rerank: str = Form("none", description="none, qe, dba+qe, diffusion, kreciprocal"),
+                            rerank: str | None = Form(None, description="none, qe, dba+qe, diffusion, kreciprocal "
+                                                      "(default: the service's default re-ranking)"),
                             rotations: bool | None = Form(None, description="also search with the upload turned by "
                                                           "90/180/270 degrees, each result keeping its best distance "
                                                           "(default: the service's --rotations)")):
@@ -137,7 +138,8 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     @app.get("/api/search", summary="Search with a database row (\"more like this\")")
     async def search_row(id: int = Query(..., ge=0, description="database row"),
                          k: int = Query(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
-                         rerank: str = Query("none", description="none, qe, dba+qe, diffusion, kreciprocal")):
+                         rerank: str | None = Query(None, description="none, qe, dba+qe, diffusion, kreciprocal "
+                                                    "(default: the service's default re-ranking)")):
         out, waited = await in_slot(searches, svc.search_row, id, k, rerank)
         out["timing_ms"]["queue"] = round(waited * 1000, 2)
         return JSONResponse(out)

@@ -44,6 +44,7 @@ class ServeConfig:
     thumb_cache: int = 2048  # thumbnails kept in memory (about 15 kB each)
     max_connections: int = 256  # open connections; uvicorn answers 503 beyond (bounds spooled uploads)
     rotations: bool = False  # uploads described at 0/90/180/270 degrees, each row keeping its best distance
+    default_rerank: str = "none"  # the re-ranking of a request that names none (ris-serve --preset accurate: dba+qe)
 
 
 def file_stamp(path: str | Path) -> tuple[int, int, int, int]:
@@ -87,6 +88,8 @@ class SearchService:
             offered = tuple(RERANKERS) if n <= RERANK_SMALL_DB else ("none", "qe")
         if self.cfg.rotations:  # scores normalised per query cannot be compared across the turned copies
             offered = tuple(m for m in offered if m == "none" or RERANKERS[m].comparable_scores)
+        if self.cfg.default_rerank not in offered:  # asked for by name: offered at any size
+            offered = tuple(m for m in RERANKERS if m in offered or m == self.cfg.default_rerank)
         return offered
 
     def _install(self, engine, stamp: tuple, t0: float) -> Generation:
@@ -156,14 +159,15 @@ class SearchService:
                 "max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
                 "default_k": self.cfg.default_k, "max_k": self.cfg.max_k, "auth": bool(self.cfg.api_key)}
         if gen is None:
-            return {**base, "error": self.error}
+            return {**base, "error": self.error, "default_rerank": self.cfg.default_rerank}
         e = gen.engine
         index = type(e.index).__name__
         return {**base, "rows": len(e.image_ids), "model": e.db.attrs.get("model"),
                 "head": Path(self.cfg.model).name if self.cfg.model else None,
                 "dimension": int(e.vectors.shape[-1]), "metric": e.metric,
                 "index": {"ExactIndex": "exact", "HnswIndex": "hnsw", "IvfPqIndex": "ivfpq", "MilvusIndex": "milvus"}.get(index, index),
-                "rerank": list(gen.rerank), "rotations": bool(getattr(e, "rotations", False)),
+                "rerank": list(gen.rerank), "default_rerank": self.cfg.default_rerank,
+                "rotations": bool(getattr(e, "rotations", False)),
                 "labels": e.labels.any() if hasattr(e.labels, "any") else any(e.labels), "generation": gen.number,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gen.loaded_at)),
                 "load_seconds": gen.seconds, "reloading": self.reloading, "reload_error": self.reload_error,
@@ -186,10 +190,12 @@ class SearchService:
                 "metric": e.metric, "results": results, "timing_ms": {n: round(v * 1000, 2) for n, v in timing.items()},
                 "database": {"rows": len(e.image_ids), "generation": gen.number}}
 
-    def search_upload(self, data: bytes, filename: str | None, k: int, rerank: str = "none",
+    def search_upload(self, data: bytes, filename: str | None, k: int, rerank: str | None = None,
                       rotations: bool | None = None) -> dict:
-        """``rotations``: describe this upload at 0/90/180/270 degrees too (None: the service's
-        --rotations); refused with a re-ranker whose scores cannot be compared across the copies."""
+        """``rerank``: None = the service's default re-ranking. ``rotations``: describe this upload
+        at 0/90/180/270 degrees too (None: the service's --rotations); refused with a re-ranker
+        whose scores cannot be compared across the copies."""
+        rerank = self.cfg.default_rerank if rerank is None else rerank
         gen = self.generation()
         self._check(gen, k, rerank)
         e = gen.engine
@@ -218,7 +224,8 @@ class SearchService:
         out["rotations"] = rotations
         return out
 
-    def search_row(self, row: int, k: int, rerank: str = "none") -> dict:
+    def search_row(self, row: int, k: int, rerank: str | None = None) -> dict:
+        rerank = self.cfg.default_rerank if rerank is None else rerank
         gen = self.generation()
         self._check(gen, k, rerank)
         e = gen.engine

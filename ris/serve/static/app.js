@@ -49,7 +49,7 @@
       status.className = "status ok";
       const head = h.head ? ` + ${h.head}` : "";
       status.textContent = `${h.rows.toLocaleString()} images · ${h.model}${head} · ${h.dimension}-d · ${h.index} index`;
-      fillRerank(h.rerank || ["none"]);
+      fillRerank(h.rerank || ["none"], h.default_rerank);
       if (!state.turnsSet) { $("turns").checked = Boolean(h.rotations); state.turnsSet = true; }
       $("k").max = h.max_k;
       clearErrorIf401();
@@ -85,11 +85,13 @@
     if (/API key/.test($("error").textContent)) clearError();
   }
 
-  function fillRerank(methods) {
+  function fillRerank(methods, preferred) {
     const sel = $("rerank");
-    const current = sel.value;
+    // first fill: the service's default re-ranking; later: what the user chose, while offered
+    const current = state.rerankSet ? sel.value : (preferred || "none");
     sel.replaceChildren(...methods.map((m) => new Option(m, m)));
     sel.value = methods.includes(current) ? current : "none";
+    state.rerankSet = true;
   }
 
   // -- images (with a key, <img src> cannot send it: fetch, then show the blob) ---------------
