@@ -16,7 +16,8 @@ if importlib.util.find_spec("faiss") is None:  # (not imported here: ris.faiss_i
     pytest.skip("faiss not installed (pip install 'ris[faiss]')", allow_module_level=True)
 
 from ris.errors import RisError  # noqa: E402
-from ris.faiss_index import IvfPqIndex, StoredRows, build_ivfpq, choose_params  # noqa: E402
+from ris.faiss_index import IvfPqIndex, build_ivfpq, choose_params  # noqa: E402
+from ris.stored_rows import StoredRows  # noqa: E402
 from ris.featuredb import FeatureDB  # noqa: E402
 from ris.featurewriter import FeatureWriter  # noqa: E402
 from ris.index import ExactIndex, open_search_index  # noqa: E402
@@ -161,18 +162,6 @@ def test_damaged_metadata_is_named_and_the_index_rebuilt(tmp_path):
             assert isinstance(open_search_index(str(db), f.features, "euclidean", source=source_of(f), threshold=10),
                               ExactIndex)
     assert len(open_ivfpq(db)) == 1500
-
-
-def test_stored_rows_read_like_h5py(tmp_path):
-    x = clustered_vectors(3000, 16, seed=9)
-    db = make_feature_db(tmp_path / "feats.h5", x)
-    remove_images(db, ["img000001.jpg"])
-    with FeatureDB(db) as f:
-        rows = np.array([2998, 0, 1500, 7, 7, 1024, 1023])
-        reader = StoredRows(f.features)
-        assert reader._fd is not None  # the direct path, not h5py
-        np.testing.assert_array_equal(reader.read(rows), f.features[:][rows])
-        reader.close()
 
 
 def test_missing_faiss_is_a_clear_error(monkeypatch):
