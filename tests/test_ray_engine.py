@@ -69,6 +69,18 @@ def test_ray_flags_without_the_ray_engine_are_one_error(tmp_path, capsys):
     assert code == 2 and "need --engine ray" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags", [["--workers", "4"], ["--decode", "processes"]])
+def test_local_decoding_flags_with_the_ray_engine_are_one_error(tmp_path, capsys, flags):
+    """--workers/--decode set the local engine's decoding; with --engine ray they were ignored
+    (decoding runs as Ray tasks, one CPU each). Refused before Ray is even imported."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    code = run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(tmp_path / "f.h5"),
+                                                 "--engine", "ray", *flags, *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{flags[0]} {flags[1]}" in err and "--engine ray" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "f.h5").exists()
+
+
 def test_the_ray_engine_without_ray_installed_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)

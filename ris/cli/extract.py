@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
     p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads or processes "
                    "(default: the CPU count; at most 8 threads); whatever the count, the images being decoded "
-                   "hold at most RIS_DECODE_BUDGET bytes (default 1G)")
+                   "hold at most RIS_DECODE_BUDGET bytes (default 1G); local engine only")
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
-                        "GPU waiting for input)")
+                        "GPU waiting for input); local engine only")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute precision; bfloat16 = mixed precision for GPUs, and for CPUs with AVX512_BF16 or "
                         "AMX (VGG16 2x faster on this project's CPU; features agree to ~1e-5 in cosine)")
@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         raise RisError("--dataset is required (the folder of images to extract)")
     config = recipe_of(args)
     if args.engine == "ray":
+        local = [f"--{k} {getattr(args, k)}" for k in ("workers", "decode")
+                 if getattr(args, k) != parser.get_default(k)]
+        if local:
+            raise RisError(f"{' and '.join(local)} set{'s' if len(local) == 1 else ''} the local engine's decoding; "
+                           f"with --engine ray, images are decoded by Ray tasks (one CPU each) and --ray-actors "
+                           f"sets the model actors")
         from ris.ray_engine import RayOptions, extract_on_ray
 
         summary = extract_on_ray(args.dataset, args.features_db, config, labels=args.labels,
