@@ -62,6 +62,7 @@ class SearchEngine:
             self.metric = meta.get("distance", "euclidean")
         self.extractor = FeatureExtractor.from_attrs(self.db.attrs)
         self.vectors, vectors_path, source = self._database_vectors(model)
+        self.vectors_path = vectors_path  # the database, or a head's embedding cache: indexes live beside it
         from ris.index import open_search_index
         from ris.index_state import source_of
 
@@ -310,6 +311,7 @@ class SearchEngine:
         try:
             new.root = Path(dataset_root or db.dataset_root or ".")
             new.vectors, vectors_path, source = new._database_vectors(model)
+            new.vectors_path = vectors_path
             new.index = open_search_index(vectors_path, new.vectors, new.metric, kind=index,
                                           source=source_of(db, source))  # stable ids, as in __init__
             new.reranker = None

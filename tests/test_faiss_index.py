@@ -272,3 +272,35 @@ def test_the_shortlist_grows_with_the_results_asked_for(monkeypatch):
     index.stored = None  # no stored rows: no re-ranking, k candidates
     index.search(x[:3], 20)
     assert asked[-1] == 20
+
+
+def test_ris_index_build_tunes_the_index_it_built_and_refuses_other_kinds(tmp_path, capsys):
+    """--nprobe/--rerank were ignored for a head's embeddings (the index beside the embedding cache
+    kept its settings) and for kinds that have neither (hnsw): now applied, or one line."""
+    pytest.importorskip("keras")
+    from ris.cli.index import main
+    from ris.train import TrainConfig, train_head
+
+    x = clustered_vectors(3000, 16, seed=4)
+    db = make_feature_db(tmp_path / "f.h5", x, labels=[f"o{i // 4}" for i in range(len(x))])
+    assert main(["build", "--features-db", str(db), "--index", "ivfpq", "--rerank", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["rerank"] == 7
+    with pytest.raises(RisError, match="--nprobe 8 .*ivfpq"):
+        main(["build", "--features-db", str(db), "--index", "hnsw", "--nprobe", "8"])
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
+    from ris.testing import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "images", n_objects=6, views=4, size=64)
+    db = tmp_path / "cnn.h5"  # a head's index needs a database made by a CNN (its query recipe)
+    extract_features(data, db, ExtractConfig(model="vgg16", weights="none", input_size=64),
+                     ExtractOptions(labels="ukbench", progress=False, log=lambda s: None))
+    head = tmp_path / "h.keras"
+    train_head(db, head, TrainConfig(whiten_dim=8, test_fraction=0.0), progress=False, log=lambda s: None)
+    assert main(["build", "--features-db", str(db), "--model", str(head), "--index", "ivfpq",
+                 "--rerank", "9", "--nprobe", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["params"]["rerank"] == 9 and out["params"]["nprobe"] == 3 and out["path"]
+    assert out["path"] != ivfpq_path(str(db))  # the index beside the head's embedding cache
+    saved = IvfPqIndex.load(out["path"])
+    assert (saved.params.rerank, saved.params.nprobe) == (9, 3)

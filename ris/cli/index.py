@@ -56,6 +56,9 @@ def _build(args) -> int:
 
     if args.index in ("auto", "exact"):
         raise RisError(f"--index {args.index} has nothing to build; choose hnsw, ivfpq or milvus:...")
+    tuning = [f"--{k} {getattr(args, k)}" for k in ("nprobe", "rerank") if getattr(args, k) is not None]
+    if tuning and args.index != "ivfpq":
+        raise RisError(f"{' and '.join(tuning)} tune an ivfpq index; --index {args.index} has no such setting")
     engine = None
     with FeatureDB(args.features_db) as db:
         if args.model is not None or db.features.ndim != 2:
@@ -65,13 +68,13 @@ def _build(args) -> int:
             if args.rebuild:
                 raise RisError("--rebuild with --model: delete the index beside the embeddings cache instead")
             engine = SearchEngine(args.features_db, args.model, index=args.index)
-            index, vectors_path = engine.index, None
+            index, vectors_path = engine.index, engine.vectors_path  # the embedding cache, for a head
         else:
             vectors_path, source = str(db.path), source_of(db)
             if args.rebuild:
                 _delete_saved(vectors_path, args.index, source)
             index = open_search_index(vectors_path, db.features, "euclidean", kind=args.index, source=source)
-        if getattr(index, "kind", "") == "ivfpq" and (args.nprobe is not None or args.rerank is not None):
+        if tuning:
             index = _retune(index, vectors_path or "", args.nprobe, args.rerank)
         summary = {"features_db": args.features_db, "index": args.index, "type": type(index).__name__,
                    "vectors": len(index), "params": getattr(getattr(index, "params", None), "__dict__", None)
@@ -93,8 +96,6 @@ def _retune(index, vectors_path: str, nprobe: int | None, rerank: int | None):
     from ris.faiss_index import IvfPqIndex
     from ris.sidecars import ivfpq_path
 
-    if not vectors_path:
-        return index
     path = ivfpq_path(vectors_path)
     writable = IvfPqIndex.load(path, mmap=False)
     if nprobe is not None:
