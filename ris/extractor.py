@@ -33,6 +33,7 @@ class ExtractConfig:
     pooling: str = "gap"
     dtype: str = "float32"  # 'bfloat16' = mixed precision on accelerators
     fold_batchnorm: bool = True  # merge inference BatchNorm into the conv before it (same features, faster)
+    flip: bool = False  # also describe the image mirrored left-right and add the two (ris-extract --flip)
 
     def resolved_size(self) -> int:
         from ris.backbones import get_backbone
@@ -66,6 +67,7 @@ class ExtractConfig:
             "dtype": self.dtype,
             "fold_batchnorm": bool(self.fold_batchnorm),
             "recipe_version": RECIPE_VERSION,
+            **({"flip": True} if self.flip else {}),  # absent when off: older databases' recipes still match
         }
 
     @classmethod
@@ -87,7 +89,7 @@ class ExtractConfig:
                        layer=None if layer in (None, "", "none") else str(layer),
                        input_size=_base_size(attrs, scales, source), scales=scales, pooling=str(attrs["pooling"]),
                        dtype=str(attrs.get("dtype", "float32")),
-                       fold_batchnorm=bool(attrs.get("fold_batchnorm", True)))
+                       fold_batchnorm=bool(attrs.get("fold_batchnorm", True)), flip=bool(attrs.get("flip", False)))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             what = f"missing attribute {exc}" if isinstance(exc, KeyError) else str(exc)
             raise DatabaseError(f"{source}: its attributes do not say how its features were made ({what})") from None
@@ -133,6 +135,8 @@ class FeatureExtractor:
             raise RisError(f"unknown pooling {config.pooling!r}; choose one of {', '.join([*POOLING, NO_POOLING])}")
         if config.pooling == "none" and len(config.scales) > 1:
             raise RisError("--pool none stores conv maps and cannot combine several --scales")
+        if config.pooling == "none" and config.flip:
+            raise RisError("--pool none stores conv maps and cannot add a mirrored image's (--flip)")
         if config.dtype not in ("float32", "bfloat16"):
             raise RisError(f"unknown dtype {config.dtype!r}; choose float32 or bfloat16")
         if not config.scales or not all(np.isfinite(s) and s > 0 for s in config.scales):
@@ -191,7 +195,8 @@ class FeatureExtractor:
         return max(self.sizes)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB (B, S, S, 3) at ``max_size`` -> float32 descriptors, L2-normalised per scale and summed."""
+        """uint8 RGB (B, S, S, 3) at ``max_size`` -> float32 descriptors, L2-normalised per scale (and
+        per mirrored view with ``flip``) and summed."""
         return self.embed_async(images)()
 
     def embed_async(self, images: np.ndarray, pad_to: int | None = None) -> Callable[[], np.ndarray]:
@@ -212,7 +217,9 @@ class FeatureExtractor:
         pending = []
         for size, fwd in zip(self.sizes, self._forward):
             batch = images if images.shape[1] == size else np.stack([resize_square(im, size) for im in images])
-            pending.append(fwd(batch if self._affine is not None else self.backbone.preprocess(batch)))
+            # --flip: the mirrored image is one more view, added like another scale
+            for view in (batch, np.ascontiguousarray(batch[:, :, ::-1])) if self.config.flip else (batch,):
+                pending.append(fwd(view if self._affine is not None else self.backbone.preprocess(view)))
             if self.config.pooling == "none":
                 break
 

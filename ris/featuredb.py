@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 # attributes that must agree for features to be comparable (query vs database, resume, append)
 FINGERPRINT_KEYS = ("model", "weights", "layer", "input_size", "scales", "pooling", "feature_shape")
 # in the fingerprint only when present, so heads trained before they existed still match their databases
-OPTIONAL_FINGERPRINT_KEYS = ("fusion",)  # a fused recipe: every part's settings and the weights
+OPTIONAL_FINGERPRINT_KEYS = ("fusion", "flip")  # a fused recipe's parts and weights; --flip
 REQUIRED_DATASETS = ("features", "image_ids", "labels")
 ROW_DATASETS = ("ids", "added_at")  # optional, one value per row when present
 INCOMPLETE = "incomplete: an extraction was interrupted or is still running; re-run ris-extract to finish it"
@@ -61,7 +61,8 @@ def fingerprint(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 _FLAGS = {"model": "--model", "weights": "--weights", "layer": "--layer", "input_size": "--resize",
-          "scales": "--scales", "pooling": "--pool", "fusion": "--fusion-weights", "feature_shape": "features"}
+          "scales": "--scales", "pooling": "--pool", "fusion": "--fusion-weights", "flip": "--flip",
+          "feature_shape": "features"}
 
 
 def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "here", asked: str = "asked") -> str:
@@ -70,6 +71,8 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "h
     per-part lists) are unreadable in an error message. Settings that follow from a different
     --model (its weights' source, its default layer, the feature size) are left out then."""
     def show(key: str, value: Any) -> str:
+        if key == "flip":
+            return "on" if value else "off"
         if key == "fusion":
             try:
                 value = json.loads(value)["weights"]

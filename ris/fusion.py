@@ -82,6 +82,7 @@ class FusionConfig:
             "fold_batchnorm": all(p["fold_batchnorm"] for p in parts),
             "recipe_version": RECIPE_VERSION,
             "fusion": json.dumps({"parts": parts, "weights": list(self.weights)}, sort_keys=True),
+            **({"flip": True} if any(p.get("flip") for p in parts) else {}),
         }
 
     @classmethod
@@ -159,7 +160,7 @@ def _scales(value: Any) -> tuple[float, ...]:
 
 def make_config(model: str, weights: str = "imagenet", layer: str | None = None, input_size: Any = None,
                 scales: Any = (1.0,), pooling: str = "gap", dtype: str = "float32",
-                fusion_weights: str | Sequence[float] | None = None) -> ExtractConfig | FusionConfig:
+                fusion_weights: str | Sequence[float] | None = None, flip: bool = False) -> ExtractConfig | FusionConfig:
     """The recipe the command-line options describe: an ``ExtractConfig`` for one model, a
     ``FusionConfig`` for models joined by '+' (each option split per part by ``per_part``)."""
     from ris.backbones import get_backbone
@@ -172,8 +173,11 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
         for value, flag in ((input_size, "--resize"), (scales, "--scales"), (pooling, "--pool"), (layer, "--layer")):
             if isinstance(value, PerPart) or (isinstance(value, str) and SEP in value):
                 raise RisError(f"{flag} {_show(value)!r} gives one value per part, but --model {model} is one backbone")
+        if flip and is_colour(model):
+            raise RisError(f"--flip adds a mirrored image's CNN features; {model} is a colour histogram, the same "
+                           f"for a mirrored image")
         single = ExtractConfig(model=model, weights=weights, layer=layer, input_size=_size(input_size),
-                               scales=_scales(scales), pooling=pooling, dtype=dtype)
+                               scales=_scales(scales), pooling=pooling, dtype=dtype, flip=bool(flip))
         return colour_config(single) if is_colour(model) else single
     for m in models:
         if not is_colour(m):
@@ -195,7 +199,7 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
             raise RisError("--pool none stores conv maps and cannot be fused; choose a pooling for every part")
         if not is_colour(m):
             check_pooling(p)
-    parts = tuple(_part_config(m, w, l, s, sc, p, dtype)
+    parts = tuple(_part_config(m, w, l, s, sc, p, dtype, flip)
                   for m, w, l, s, sc, p in zip(models, weight_args, layers, sizes, scale_args, pools))
     if fusion_weights in (None, ""):
         fw: tuple[float, ...] = ()
@@ -215,9 +219,11 @@ def _per_part_given(value: Any) -> bool:
 
 
 def _part_config(model: str, weights: str, layer: Any, size: Any, scales: Any, pooling: str,
-                 dtype: str) -> ExtractConfig:
+                 dtype: str, flip: bool = False) -> ExtractConfig:
+    """One part's recipe; ``flip`` applies to the CNN parts (a colour histogram is mirror-invariant)."""
     config = ExtractConfig(model=model, weights=weights, layer=None if layer in (None, "", "none") else layer,
-                           input_size=_size(size), scales=_scales(scales), pooling=pooling, dtype=dtype)
+                           input_size=_size(size), scales=_scales(scales), pooling=pooling, dtype=dtype,
+                           flip=bool(flip) and not is_colour(model))
     return colour_config(config) if is_colour(model) else config
 
 

@@ -29,7 +29,9 @@ BASE = ExtractConfig(model="vgg16", weights="none", layer="block5_pool", input_s
     replace(BASE, pooling="none"),
     replace(BASE, dtype="bfloat16"),
     replace(BASE, fold_batchnorm=False),
-], ids=lambda c: f"{c.model}-{c.weights}-{c.layer}-{c.input_size}-{c.scales}-{c.pooling}-{c.dtype}-{c.fold_batchnorm}")
+    replace(BASE, flip=True),
+], ids=lambda c: f"{c.model}-{c.weights}-{c.layer}-{c.input_size}-{c.scales}-{c.pooling}-{c.dtype}-{c.fold_batchnorm}"
+                 f"{'-flip' if c.flip else ''}")
 def test_recipe_round_trips_through_the_database(tmp_path, cfg):
     rebuilt = ExtractConfig.from_attrs(attrs_through_hdf5(tmp_path, cfg.to_attrs()))
     assert rebuilt == cfg.resolved()
@@ -83,9 +85,55 @@ def test_attributes_that_are_no_recipe_are_a_database_error_naming_the_source(da
 
 @pytest.mark.parametrize("bad", [dict(scales=()), dict(scales=(1.0, 0.0)), dict(scales=(float("nan"),)),
                                  dict(input_size=0), dict(pooling="median"), dict(dtype="float16"),
-                                 dict(pooling="none", scales=(1.0, 0.5))])
+                                 dict(pooling="none", scales=(1.0, 0.5)), dict(pooling="none", flip=True)])
 def test_extractor_refuses_a_recipe_it_cannot_build_before_building(bad):
     from ris.extractor import FeatureExtractor
 
     with pytest.raises(RisError):
         FeatureExtractor(replace(BASE, **bad))
+
+
+def test_flip_adds_the_mirrored_image_so_a_mirror_gets_the_same_descriptor():
+    """--flip: each image's descriptor is its own (normalised) plus its mirror's, normalised: the
+    descriptor of an image and of its mirror are then the same; without it they differ."""
+    import numpy as np
+
+    from ris.extractor import FeatureExtractor
+    from ris.topk import l2_normalize
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])
+    plain, flipped = FeatureExtractor(BASE), FeatureExtractor(replace(BASE, flip=True))
+    both = flipped.embed(images)
+    np.testing.assert_allclose(both, flipped.embed(mirrored), atol=2e-5)
+    np.testing.assert_allclose(both, l2_normalize(plain.embed(images) + plain.embed(mirrored)), atol=2e-5)
+    assert np.abs(plain.embed(images) - plain.embed(mirrored)).max() > 1e-3
+
+
+def test_flip_is_recorded_only_when_on_and_queries_follow_it(tmp_path):
+    """Absent from a recipe without it (databases made before --flip keep matching theirs); a
+    database made with it describes queries with it: a mirrored database image is found at 0."""
+    import cv2
+
+    from ris.fusion import make_config
+    from ris.search import SearchEngine
+
+    assert "flip" not in BASE.to_attrs() and ExtractConfig.from_attrs(BASE.to_attrs()).flip is False
+    fused = make_config("vgg16+hsv_hist", weights="none", input_size="64", flip=True)
+    assert [p.flip for p in fused.parts] == [True, False] and fused.to_attrs()["flip"] is True
+    with pytest.raises(RisError, match="--flip .*colour histogram"):
+        make_config("hsv_hist", flip=True)
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=2, size=96)
+    db = tmp_path / "f.h5"
+    extract_features(data, db, replace(BASE, flip=True), ExtractOptions(progress=False, log=lambda s: None))
+    engine = SearchEngine(db)
+    assert engine.extractor.config.flip is True
+    image = sorted(data.glob("*.jpg"))[3]
+    mirror = tmp_path / "mirror.png"
+    cv2.imwrite(str(mirror), cv2.flip(cv2.imread(str(image)), 1))
+    hit = engine.query(mirror, 1)[0]
+    assert hit.image_id == image.name and hit.distance < 1e-3
+    engine.close()
+    with pytest.raises(RisError, match="--flip on here, off asked"):
+        extract_features(data, db, BASE, ExtractOptions(append=True, progress=False, log=lambda s: None))

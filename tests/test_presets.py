@@ -41,6 +41,7 @@ def test_fast_extracts_mobilenet_v2_with_a_light_colour_part():
     assert [(c.model, c.input_size, c.pooling) for c in cfg.parts] == [("mobilenet_v2", 224, "gap"),
                                                                       ("hsv_hist", 224, "hist")]
     assert cfg.weights == (1.0, 0.35)
+    assert not any(c.flip for c in cfg.parts)  # --flip would halve fast's speed
 
 
 def test_accurate_extracts_the_fusion_measured_in_bench_quality():
@@ -50,6 +51,7 @@ def test_accurate_extracts_the_fusion_measured_in_bench_quality():
                                                                       ("efficientnet_lite2", 384, "gem"),
                                                                       ("hsv_hist", 224, "hist")]
     assert cfg.weights == (1.0, 0.5, 0.5)
+    assert [c.flip for c in cfg.parts] == [True, True, False]  # --flip: each CNN part (bench/quality.md)
 
 
 def test_a_fused_presets_per_part_values_stay_with_its_own_model():

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
                         "GPU waiting for input); local engine only")
+    p.add_argument("--flip", action="store_true",
+                   help="also describe every image mirrored left-right and add the two descriptors (each CNN part; "
+                        "a colour histogram is mirror-invariant): mirror-invariant features, twice the CNN time; "
+                        "recorded in the recipe, so queries are described the same way")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute precision; bfloat16 = mixed precision for GPUs, and for CPUs with AVX512_BF16 or "
                         "AMX (VGG16 2x faster on this project's CPU; features agree to ~1e-5 in cosine)")
@@ -155,7 +159,8 @@ def recipe_of(args: argparse.Namespace):
     from ris.fusion import make_config
 
     return make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
-                       scales=args.scales, pooling=args.pool, dtype=args.dtype, fusion_weights=args.fusion_weights)
+                       scales=args.scales, pooling=args.pool, dtype=args.dtype, fusion_weights=args.fusion_weights,
+                       flip=args.flip)
 
 
 def _list_layers(model: str, as_json: bool) -> int:
