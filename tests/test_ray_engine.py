@@ -239,8 +239,8 @@ def test_a_fused_recipe_on_ray_equals_the_local_engine(cluster, dataset, tmp_pat
 
     data, _ = dataset
     hist = colour_config(ExtractConfig(model="hsv_hist", input_size=32))
-    fused = FusionConfig((CFG, replace(CFG, model="efficientnet_lite0", input_size=48, pooling="gem"), hist),
-                         (1.0, 1.5, 0.5))
+    fused = FusionConfig((CFG, replace(CFG, model="efficientnet_lite0", input_size=48, pooling="gem", flip=True),
+                          hist), (1.0, 1.5, 0.5))  # one part also describes the mirrored image (--flip)
     local = tmp_path / "local.h5"
     extract_features(data, local, fused, ExtractOptions(batch_size=4, progress=False))
     from ris.ray_engine import RayOptions, extract_on_ray
@@ -249,7 +249,7 @@ def test_a_fused_recipe_on_ray_equals_the_local_engine(cluster, dataset, tmp_pat
                    options=RayOptions(address=cluster.address))
     assert_same_database(local, tmp_path / "r.h5")
     with h5py.File(tmp_path / "r.h5") as f:
-        assert f["features"].shape[1] == 1280 + 1280 + 1000 and "fusion" in f.attrs
+        assert f["features"].shape[1] == 1280 + 1280 + 1000 and "fusion" in f.attrs and f.attrs["flip"]
 
 
 @pytest.mark.slow
