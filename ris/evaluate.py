@@ -52,7 +52,7 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             check_compatible(meta, db.fingerprint(), str(features_db))
         qids = protocol.read_query_ids(queries) if queries is not None else None
         plan = protocol.choose(db.image_ids, labels, meta, split, gallery, seed, test_fraction, val_fraction,
-                               qids, str(queries or ""))
+                               qids, str(queries or ""), read_rows=db.read_rows)
         rows = plan.gallery_rows
         feats = db.read_rows(rows)
         lab = protocol.gallery_labels(labels[rows])

@@ -89,7 +89,7 @@ def evaluate_index(features_db: str | Path, index: str, model: str | Path | None
             check_compatible(meta, db.fingerprint(), str(features_db))
         qids = protocol.read_query_ids(queries) if queries is not None else None
         plan = protocol.choose(db.image_ids, labels, meta, split, gallery, seed, test_fraction, val_fraction,
-                               qids, str(queries or ""))
+                               qids, str(queries or ""), read_rows=db.read_rows)
         if model is not None or db.features.ndim != 2:  # embeddings or pooled maps: as ris-search makes them
             from ris.search import SearchEngine
 

@@ -8,7 +8,8 @@ Two galleries:
   far fewer distractors than the collection, so it flatters every score; kept for comparison.
 
 A head applied to a database holds a list of the images it was fitted on (``fit_images`` in its
-metadata; older models only list their held-out ``test_images``). Those images, and for an object
+metadata, with a content sketch of each since 2026-12-02, so that a collection reusing the same file
+names is not taken for them; older models only list their held-out ``test_images``). Those images, and for an object
 split every image of their objects, are never scored as held-out queries; a database that contains
 none of them is a collection the head never saw, and every labelled image is scored.
 
@@ -57,11 +58,41 @@ def read_query_ids(path: str | Path) -> list[str]:
     return ids
 
 
-def fitted_ids(meta: dict[str, Any], db_ids: list[str]) -> tuple[set[str], str]:
-    """The image ids a head was fitted on (train + validation), and a note when they are inferred."""
+SKETCH_BITS = 128
+SKETCH_TOLERANCE = 3  # differing bits still taken for the same image (float noise across machines)
+
+
+def content_sketch(features: np.ndarray) -> list[str]:
+    """A 128-bit sign sketch of each row's direction (fixed random projections), as hex: equal for
+    the same image's features, far apart (128 x angle / pi bits: 10 at cosine 0.97) for others. Why: a
+    head's training images are recognised in a database by name AND content, so another collection
+    that reuses the same file names is not taken for them."""
+    x = np.asarray(features, np.float32).reshape(len(features), -1)
+    planes = np.random.default_rng(0).standard_normal((x.shape[1], SKETCH_BITS)).astype(np.float32)
+    bits = (x @ planes) > 0
+    return [np.packbits(b).tobytes().hex() for b in bits]
+
+
+def _same_content(a: str, b: str) -> bool:
+    return bin(int(a, 16) ^ int(b, 16)).count("1") <= SKETCH_TOLERANCE
+
+
+def fitted_ids(meta: dict[str, Any], db_ids: list[str], read_rows: Any = None) -> tuple[set[str], str]:
+    """The image ids a head was fitted on (train + validation), and a note when they are inferred.
+    With the head's content sketches (``fit_sketches``) and ``read_rows`` (database rows ->
+    features), only those in this database whose content matches as well as their name."""
     split = meta.get("split", {})
     if "fit_images" in split:
-        return set(split["fit_images"]), ""
+        names = split["fit_images"]
+        sketches = split.get("fit_sketches")
+        if read_rows is None or not sketches or len(sketches) != len(names):
+            return set(names), ""
+        where = {i: r for r, i in enumerate(db_ids)}
+        pairs = [(n, where[n], sk) for n, sk in zip(names, sketches) if n in where]
+        if not pairs:
+            return set(), ""
+        here = content_sketch(read_rows(np.array([r for _, r, _ in pairs], np.int64)))
+        return {n for (n, _, sk), h in zip(pairs, here) if _same_content(sk, h)}, ""
     test = set(split.get("test_images", []))
     if test & set(db_ids):  # the training database, or one that overlaps it
         return set(db_ids) - test, ("the model does not list its training images (trained before they were "
@@ -72,15 +103,16 @@ def fitted_ids(meta: dict[str, Any], db_ids: list[str]) -> tuple[set[str], str]:
 
 def choose(db_ids: list[str], labels: np.ndarray, meta: dict[str, Any] | None = None, split: str = "test",
            gallery: str = "all", seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
-           queries: list[str] | None = None, queries_file: str = "") -> Protocol:
-    """The rows to score and search; see the module docstring."""
+           queries: list[str] | None = None, queries_file: str = "", read_rows: Any = None) -> Protocol:
+    """The rows to score and search; see the module docstring. ``read_rows`` (database rows ->
+    features) lets a head's training images be recognised by content as well as by name."""
     if gallery not in GALLERIES:
         raise RisError(f"--gallery must be one of {', '.join(GALLERIES)}, not {gallery!r}")
     labelled = np.nonzero(labels >= 0)[0]
     fit_rows, note, n_fit_total = np.zeros(0, np.int64), "", 0
     if meta is not None:
-        fit, note = fitted_ids(meta, db_ids)
-        n_fit_total = len(fit)
+        fit, note = fitted_ids(meta, db_ids, read_rows)
+        n_fit_total = len(meta.get("split", {}).get("fit_images") or fit)
         fit_rows = np.array([r for r, i in enumerate(db_ids) if i in fit], np.int64)
     trained = len(fit_rows) if meta is not None else None
     if queries is not None:

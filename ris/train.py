@@ -184,10 +184,15 @@ def _split_store(data: _Data) -> dict[str, Any]:
     def names(objs):
         return [data.label_names[int(o)] if int(o) < len(data.label_names) else str(int(o)) for o in objs]
 
+    from ris.protocol import content_sketch
+
     meta = data.split_meta
-    fitted = np.sort(np.concatenate([data.rows["train"], data.rows["val"]]))
+    rows = np.concatenate([data.rows["train"], data.rows["val"]])
+    order = np.argsort(rows)
+    sketches = content_sketch(np.concatenate([data.feats["train"], data.feats["val"]])[order])
     store = {"by": meta["by"], "test_images": [data.image_ids[i] for i in data.rows["test"]],
-             "fit_images": [data.image_ids[i] for i in fitted]}  # never scored as held-out (ris.protocol)
+             "fit_images": [data.image_ids[i] for i in rows[order]],  # never scored as held-out (ris.protocol)
+             "fit_sketches": sketches}  # ... recognised by content too, not by name alone
     if meta["by"] == "object":
         store.update({k: names(v) for k, v in meta["objects"].items()})
     else:

@@ -100,6 +100,24 @@ def test_a_model_on_a_collection_it_never_saw_scores_every_labelled_image(whiten
     assert r["raw"] == evaluate_retrieval(x, lab, "euclidean").to_dict()
 
 
+def test_a_collection_that_reuses_the_training_file_names_is_not_taken_for_the_training_images(whitened, tmp_path):
+    """Training images were matched by relative path alone: another collection whose files happen
+    to have the same names (0000.jpg ... as here, numbered photos are common) was taken for the
+    head's training images and refused as 'nothing held out'. The head now records a sketch of each
+    fitted image's features: a name match with other content is not a training image."""
+    _, model, _, _ = whitened
+    other, x, lab = _write_db(tmp_path / "other.h5", n_obj=15, seed=7)  # the same 60 names, other photos
+    r = evaluate_db(other, model)
+    assert r["training_images_in_db"] == 0 and "never saw" in r["split_description"]
+    assert r["images"] == 60 and r["raw"] == evaluate_retrieval(x, lab, "euclidean").to_dict()
+
+
+def test_the_training_database_itself_still_holds_the_training_images(whitened):
+    db, model, _, lab = whitened
+    r = evaluate_db(db, model)
+    assert r["training_images_in_db"] > 0 and "never saw" not in r["split_description"]
+
+
 def test_metadata_without_any_split_treats_the_database_as_new(tmp_path):
     import zipfile
 

@@ -156,3 +156,17 @@ def test_a_held_out_split_with_nothing_held_out_is_refused_not_scored_as_zero():
     with pytest.raises(RisError, match="holds out no object.*--split all"):
         protocol.choose(IDS, LABELS, None, "test", test_fraction=0.0)
     assert len(protocol.choose(IDS, LABELS, None, "all", test_fraction=0.0).query_rows) == 12
+
+
+def test_content_sketches_match_the_same_features_through_float_noise_and_not_other_images():
+    from ris.protocol import SKETCH_TOLERANCE, _same_content, content_sketch
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 1280)).astype(np.float32)
+    noisy = x + 1e-5 * rng.normal(size=x.shape).astype(np.float32)  # another machine's rounding
+    a, b, other = content_sketch(x), content_sketch(noisy), content_sketch(rng.normal(size=(200, 1280)))
+    assert all(_same_content(p, q) for p, q in zip(a, b))
+    assert not any(_same_content(p, q) for p, q in zip(a, other))
+    near = x + 0.3 * rng.normal(size=x.shape).astype(np.float32) * np.abs(x).mean()  # another view, cos ~0.95
+    assert sum(_same_content(p, q) for p, q in zip(a, content_sketch(near))) < 20
+    assert SKETCH_TOLERANCE < 8
