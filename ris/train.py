@@ -189,7 +189,8 @@ def _split_store(data: _Data) -> dict[str, Any]:
     meta = data.split_meta
     rows = np.concatenate([data.rows["train"], data.rows["val"]])
     order = np.argsort(rows)
-    sketches = content_sketch(np.concatenate([data.feats["train"], data.feats["val"]])[order])
+    unordered = content_sketch(data.feats["train"]) + content_sketch(data.feats["val"])  # no joined copy
+    sketches = [unordered[i] for i in order]
     store = {"by": meta["by"], "test_images": [data.image_ids[i] for i in data.rows["test"]],
              "fit_images": [data.image_ids[i] for i in rows[order]],  # never scored as held-out (ris.protocol)
              "fit_sketches": sketches}  # ... recognised by content too, not by name alone
