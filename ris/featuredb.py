@@ -92,6 +92,11 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "h
         keys = [k for k in keys if k not in ("weights", "layer", "feature_shape") and not (k == "scales" and single)]
     elif len(keys) > 1:
         keys = [k for k in keys if k != "feature_shape"]
+    same_weights = "fusion" in keys and show("fusion", old.get("fusion")) == show("fusion", new.get("fusion"))
+    if same_weights:  # the parts' own recipes differ, not the weights: said by the other keys, or plainly
+        keys = [k for k in keys if k != "fusion"]
+        if not keys:
+            return "the fused parts' own settings differ"
     return "; ".join(f"{_FLAGS[k]} {show(k, old.get(k))} {here}, {show(k, new.get(k))} {asked}" for k in keys)
 
 

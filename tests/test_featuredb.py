@@ -76,6 +76,27 @@ def test_a_changed_recipe_is_refused_in_one_short_line_that_says_what_differs(tm
     assert "--fusion-weights 1+0.5 here, 1+0.5+0.5 asked" in line and "--sync" in line
 
 
+def test_a_recipe_changed_only_inside_its_parts_names_that_change_alone(tmp_path):
+    """--preset accurate gained --flip: the parts' recipes differ, the fusion weights do not. The
+    refusal said '--fusion-weights 1+0.5+0.5 here, 1+0.5+0.5 asked' beside '--flip off here, on
+    asked'; it names only what differs."""
+    from dataclasses import replace
+
+    from ris.extractor import ExtractConfig
+    from ris.fusion import FusionConfig
+
+    parts = (ExtractConfig(model="mobilenet_v2", input_size=224), ExtractConfig(model="efficientnet_lite2",
+                                                                                 input_size=384, pooling="gem"))
+    old = FusionConfig(parts, (1.0, 0.5)).to_attrs()
+    new = FusionConfig(tuple(replace(p, flip=True) for p in parts), (1.0, 0.5)).to_attrs()
+    path = tmp_path / "f.h5"
+    FeatureWriter(path, old, (2560,), []).close()
+    with pytest.raises(DatabaseError) as err:
+        FeatureWriter(path, new, (2560,), [])
+    line = str(err.value)
+    assert "--flip off here, on asked" in line and "--fusion-weights" not in line, line
+
+
 def test_damaged_partial_is_restarted(tmp_path):
     path = tmp_path / "f.h5"
     partial_path(path).write_bytes(b"not hdf5 at all")
