@@ -21,7 +21,8 @@ import numpy as np
 
 from ris.errors import DatabaseError
 from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
-                           decode_names, describe_difference, encode_names, fingerprint, partial_path)
+                           decode_names, encode_names, fingerprint, partial_path)
+from ris.recipe_diff import describe_difference
 from ris.sidecars import WriterLock, clear_sidecars, fsync_dir, fsync_file, new_content_id
 
 

@@ -61,7 +61,7 @@ def load_model(path: str | Path, keras: bool = False):
 
 def check_compatible(meta: dict[str, Any], db_fingerprint: dict[str, Any], db_path: str) -> None:
     """Refuse a head trained on features made differently from this database's."""
-    from ris.featuredb import describe_difference
+    from ris.recipe_diff import describe_difference
 
     trained = meta.get("feature_fingerprint", {})
     if any(trained.get(k) != db_fingerprint.get(k) for k in db_fingerprint):
