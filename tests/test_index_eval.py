@@ -58,3 +58,26 @@ def test_ris_eval_refuses_what_the_index_scoring_does_not_do(db_with_distractors
     for extra in (["--rerank", "qe"], ["--verify", "5"], ["--folds", "3"]):
         with pytest.raises(RisError, match="--index"):
             main(["--features-db", str(path), "--index", "exact", *extra])
+
+
+def test_a_head_on_a_collection_it_never_saw_is_scored_through_the_index_too(tmp_path):
+    """ris-eval --model head --index KIND on another collection refused ('its held-out images are
+    not in this database'): the --index path now chooses its queries as ris-eval does."""
+    pytest.importorskip("keras")
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
+    from ris.testing import make_tiny_dataset
+    from ris.train import TrainConfig, train_head
+
+    cfg = ExtractConfig(model="vgg16", weights="none", input_size=64)
+    opts = ExtractOptions(labels="ukbench", progress=False, log=lambda s: None)
+    train_db, new_db = tmp_path / "train.h5", tmp_path / "new.h5"
+    extract_features(make_tiny_dataset(tmp_path / "a", n_objects=8, views=4, size=64), train_db, cfg, opts)
+    make_tiny_dataset(tmp_path / "b" / "new", n_objects=5, views=4, size=64, seed=9)  # other names, other photos
+    extract_features(tmp_path / "b", new_db, cfg, opts)
+    head = tmp_path / "h.keras"
+    train_head(train_db, head, TrainConfig(whiten_dim=8), progress=False, log=lambda s: None)
+    r = evaluate_index(new_db, "exact", model=str(head))
+    plain = evaluate_db(new_db, head)
+    assert r["images"] == 20 and "never saw" in r["protocol"]
+    assert r["exact"]["ns_score"] == pytest.approx(plain["head"]["ns_score"], abs=1e-3)
