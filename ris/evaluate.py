@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ris.errors import DatabaseError, RisError
+from ris.errors import RisError
 
 if TYPE_CHECKING:
     from ris.metrics import RetrievalScores
@@ -32,7 +32,7 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
     from ris import protocol
     from ris.embed import embed_features, head_inputs, raw_descriptors
     from ris.featuredb import FeatureDB
-    from ris.modelio import check_compatible, load_model, read_meta
+    from ris.modelio import load_model
 
     if split not in ("test", "all"):
         raise RisError(f"--split must be test or all, not {split!r}")
@@ -43,16 +43,8 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
         if verify:
             raise RisError("--rotations cannot be combined with --verify in ris-eval (ris-search combines them)")
     with FeatureDB(features_db) as db:
-        labels = db.labels
-        if (labels >= 0).sum() < 2:
-            raise DatabaseError(f"{features_db}: no labels to evaluate against; extract with --labels")
-        meta = None
-        if model is not None:
-            meta = read_meta(model)
-            check_compatible(meta, db.fingerprint(), str(features_db))
-        qids = protocol.read_query_ids(queries) if queries is not None else None
-        plan = protocol.choose(db.image_ids, labels, meta, split, gallery, seed, test_fraction, val_fraction,
-                               qids, str(queries or ""), read_rows=db.read_rows)
+        plan, meta, labels = protocol.for_database(db, features_db, model, split, gallery, seed, test_fraction,
+                                                   val_fraction, queries)
         rows = plan.gallery_rows
         feats = db.read_rows(rows)
         lab = protocol.gallery_labels(labels[rows])

@@ -160,7 +160,8 @@ def _scales(value: Any) -> tuple[float, ...]:
 
 def make_config(model: str, weights: str = "imagenet", layer: str | None = None, input_size: Any = None,
                 scales: Any = (1.0,), pooling: str = "gap", dtype: str = "float32",
-                fusion_weights: str | Sequence[float] | None = None, flip: bool = False) -> ExtractConfig | FusionConfig:
+                fusion_weights: str | Sequence[float] | None = None,
+                flip: bool = False) -> ExtractConfig | FusionConfig:
     """The recipe the command-line options describe: an ``ExtractConfig`` for one model, a
     ``FusionConfig`` for models joined by '+' (each option split per part by ``per_part``)."""
     from ris.backbones import get_backbone

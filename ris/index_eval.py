@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from ris.errors import DatabaseError
-
 
 def ranked_scores(index, vectors, labels: np.ndarray, query_rows: np.ndarray, gallery_rows: np.ndarray,
                   depth: int, recall_ks: tuple[int, ...] = (1, 4, 10), precision_ks: tuple[int, ...] = (10,),
@@ -78,18 +76,8 @@ def evaluate_index(features_db: str | Path, index: str, model: str | Path | None
     engine = None
     db = FeatureDB(features_db)
     try:
-        labels = db.labels
-        if (labels >= 0).sum() < 2:
-            raise DatabaseError(f"{features_db}: no labels to evaluate against; extract with --labels")
-        meta = None
-        if model is not None:
-            from ris.modelio import check_compatible, read_meta
-
-            meta = read_meta(model)
-            check_compatible(meta, db.fingerprint(), str(features_db))
-        qids = protocol.read_query_ids(queries) if queries is not None else None
-        plan = protocol.choose(db.image_ids, labels, meta, split, gallery, seed, test_fraction, val_fraction,
-                               qids, str(queries or ""), read_rows=db.read_rows)
+        plan, _, labels = protocol.for_database(db, features_db, model, split, gallery, seed, test_fraction,
+                                                val_fraction, queries)
         if model is not None or db.features.ndim != 2:  # embeddings or pooled maps: as ris-search makes them
             from ris.search import SearchEngine
 

@@ -162,6 +162,27 @@ def choose(db_ids: list[str], labels: np.ndarray, meta: dict[str, Any] | None = 
     return Protocol(q, q, desc + "; they search only each other (fold protocol)", trained)
 
 
+def for_database(db: Any, features_db: str | Path, model: str | Path | None, split: str, gallery: str,
+                 seed: int, test_fraction: float, val_fraction: float,
+                 queries: str | Path | None) -> tuple[Protocol, dict[str, Any] | None, np.ndarray]:
+    """(protocol, the head's metadata or None, labels) of ``ris-eval`` on an open ``FeatureDB``:
+    labels required, a head's metadata read and checked against the database, the query list read.
+    Shared by ``ris-eval`` and ``ris-eval --index``, so both score the same queries."""
+    from ris.modelio import check_compatible, read_meta
+
+    labels = db.labels
+    if (labels >= 0).sum() < 2:
+        raise DatabaseError(f"{features_db}: no labels to evaluate against; extract with --labels")
+    meta = None
+    if model is not None:
+        meta = read_meta(model)
+        check_compatible(meta, db.fingerprint(), str(features_db))
+    qids = read_query_ids(queries) if queries is not None else None
+    plan = choose(db.image_ids, labels, meta, split, gallery, seed, test_fraction, val_fraction, qids,
+                  str(queries or ""), read_rows=db.read_rows)
+    return plan, meta, labels
+
+
 def _listed(db_ids: list[str], labels: np.ndarray, queries: list[str], queries_file: str,
             fit_rows: np.ndarray, trained: int | None) -> Protocol:
     index = {i: r for r, i in enumerate(db_ids)}
