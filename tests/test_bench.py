@@ -1,0 +1,28 @@
+"""The benchmark scripts that cannot run here in full still run: bench/gpu_extract.py is prepared
+for a lent GPU machine (minutes of device time, all tries together), so its CPU smoke run must
+pass before any of that time is spent."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_every_stage_in_its_cpu_smoke(tmp_path):
+    pytest.importorskip("tensorflow", reason="the CPU smoke run uses the TensorFlow backend")
+    out = tmp_path / "gpu_extract.json"
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "OUT": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_extract.py"), "--quick", "--cpu-smoke",
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["skipped"] == [], r["skipped"]
+    for stage, rows in (("decode_only", 2), ("trunk", 2), ("e2e", 4), ("predict", 2), ("accuracy", 1)):
+        assert len(r[stage]) == rows, (stage, r[stage])
+    assert all(row["rows_ok"] for row in r["e2e"]), r["e2e"]
+    assert r["blog"]["img_s"] > 0
