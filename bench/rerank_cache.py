@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import h5py
 
     from ris.rerank import Reranker
-    from ris.search import _cached_dba
+    from ris.rerank import cached_dba
     from search_scale import make_sampler
 
     draw = make_sampler(args.dim, args.seed)
@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         with h5py.File(path, "w") as f:
             f.create_dataset("features", data=db, chunks=(1024, args.dim))
         t = time.perf_counter()
-        first = _cached_dba(str(path), db)
+        first = cached_dba(str(path), db)
         res["dba_build_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
-        again = _cached_dba(str(path), db)
+        again = cached_dba(str(path), db)
         res["dba_cache_load_s"] = round(time.perf_counter() - t, 3)
         res["cache_equal"] = bool(np.array_equal(first, again))
         res["cache_mb"] = round(sum(f.stat().st_size for f in Path(tmp).glob("*.dba-*")) / 1e6, 1)

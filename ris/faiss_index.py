@@ -178,6 +178,12 @@ class IvfPqIndex:
             return to_rows(np.where(labels < 0, np.inf, dist), labels, self.rowmap, k)
         return self._rerank(q, labels, k)
 
+    @property
+    def exact_distances(self) -> bool:
+        """Whether ``search`` answers true distances (re-ranked from the stored rows), so a caller
+        showing them need not compute them again."""
+        return self.stored is not None and self.params.rerank > 0
+
     def shortlist(self, k: int) -> int:
         """Candidates re-ranked exactly for k results: ``rerank``, or ``SHORTLIST_PER_RESULT`` x k
         when more results are asked for. Why: a shortlist of just k keeps PQ's choice of who is in

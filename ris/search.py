@@ -70,10 +70,10 @@ class SearchEngine:
                                        source=source_of(self.db, source))  # stable ids: follows removals
         self.reranker = None
         if rerank != "none":  # graph/DBA methods prepare the whole database once, in memory
-            from ris.rerank import Reranker
+            from ris.rerank import Reranker, cached_dba
 
             vectors = np.asarray(self.vectors[:], np.float32)
-            augmented = (_cached_dba(vectors_path, vectors, self.index, key=source["key"])
+            augmented = (cached_dba(vectors_path, vectors, self.index, key=source["key"])
                          if rerank == "dba+qe" else None)
             self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
         self.image_ids = self.db.row_names()  # read on demand: ~1 GB as a list at 10M rows
@@ -81,6 +81,9 @@ class SearchEngine:
         self.labels = RowLabels(self.db.labels, self.db.label_names)
 
     def close(self) -> None:
+        rows = self.__dict__.pop("_rows", None)
+        if rows is not None:
+            rows.close()
         for f in self._files:
             f.close()
         self._files.clear()
@@ -182,7 +185,18 @@ class SearchEngine:
         from ris.topk import exact_shown
 
         dist, idx = self.index.search(vec, k) if variants == 1 else merge_best(*self.index.search(vec, k), k)
-        return exact_shown(vec, dist, idx, self.vectors, self.metric)
+        if getattr(self.index, "exact_distances", False):  # IVF-PQ re-ranked them already
+            return dist, idx
+        return exact_shown(vec, dist, idx, self._stored_rows().read, self.metric)
+
+    def _stored_rows(self):
+        """A pread reader of the vectors' rows, made on first use (``ris.stored_rows``)."""
+        rows = self.__dict__.get("_rows")
+        if rows is None:
+            from ris.stored_rows import StoredRows
+
+            rows = self.__dict__["_rows"] = StoredRows(self.vectors)
+        return rows
 
     def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
         """The ``k`` nearest database images; rows without finite features are never among them."""
@@ -235,7 +249,7 @@ class SearchEngine:
             if method not in cache:
                 import h5py
 
-                from ris.rerank import Reranker
+                from ris.rerank import Reranker, cached_dba
 
                 vectors = np.asarray(self.vectors[:], np.float32)
                 augmented = None
@@ -243,7 +257,7 @@ class SearchEngine:
                     on_disk = isinstance(self.vectors, h5py.Dataset)
                     path = self.vectors.file.filename if on_disk else str(self.db.path)
                     key = self.vectors.file.attrs.get("cache_key") if on_disk and path != str(self.db.path) else None
-                    augmented = _cached_dba(path, vectors, self.index, key=key or self.db.content_key)
+                    augmented = cached_dba(path, vectors, self.index, key=key or self.db.content_key)
                 cache[method] = Reranker(vectors, method, self.metric, augmented=augmented)
             return cache[method]
 
@@ -306,7 +320,7 @@ class SearchEngine:
             db.close()
             raise DatabaseError(f"{self.db.path}: the database was rebuilt with different features; restart")
         new = object.__new__(type(self))
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_rerankers"})
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_rerankers", "_rows")})
         new.db, new._files = db, []  # its own files: closing one engine never closes the other's
         try:
             new.root = Path(dataset_root or db.dataset_root or ".")
@@ -348,42 +362,6 @@ def _warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[
         log(f"warning: {db_path}: {len(bad)} row{'s' if len(bad) != 1 else ''} of features are not finite "
             f"(NaN/inf) and can never be found: {shown}")
     return bad
-
-
-def _cached_dba(vectors_path: str, vectors: np.ndarray, index=None, key: str | None = None) -> np.ndarray:
-    """The alpha-DBA database for ``--rerank dba+qe``, made once and kept beside the vectors' file.
-
-    Why: DBA needs every row's nearest neighbours, an O(N^2) pass that would otherwise run on every
-    search. The cache is keyed on ``key`` (the content key of the vectors: any change of the
-    database or head makes a new one; default: the file's size, mtime and inode) plus the DBA
-    parameters, so it is rebuilt, never reused, when either changes. With an HNSW index (large
-    collections) the neighbours come from it instead of an exact pass.
-    """
-    from ris.index import HnswIndex
-    from ris.rerank import RERANKERS, dba_database
-    from ris.sidecars import dba_path, read_h5_cache, stat_key, write_h5_cache
-
-    p = RERANKERS["dba+qe"].defaults
-    n, alpha = int(p["dba_n"]), float(p["dba_alpha"])
-    sample = vectors[:: max(1, len(vectors) // 1000)]
-    ranks_like_cosine = getattr(index, "metric", "") == "cosine" or np.allclose(
-        np.linalg.norm(sample, axis=1), 1.0, atol=1e-3)
-    if not (isinstance(index, HnswIndex) and len(index) == len(vectors) and ranks_like_cosine):
-        index = None
-    neighbours = "hnsw" if index is not None else "exact"
-    full_key = (f"{key or stat_key(vectors_path)}|{vectors.shape[0]}x{vectors.shape[1]}"
-                f"|dba n={n} alpha={alpha:g}|{neighbours}")
-    cache = dba_path(vectors_path, n, alpha)
-    cached = read_h5_cache(cache, full_key)
-    if cached is not None and "embeddings" in cached:
-        return cached["embeddings"]
-    augmented = dba_database(vectors, n, alpha, index=index)
-    try:
-        write_h5_cache(cache, full_key, {"dba_n": n, "dba_alpha": alpha, "neighbours": neighbours},
-                       embeddings=augmented)
-    except OSError:  # read-only next to the database: it still serves this run
-        pass
-    return augmented
 
 
 def hits_to_dicts(hits: list[Hit]) -> list[dict]:

@@ -141,7 +141,7 @@ def blockwise_topk(
     return np.take_along_axis(out_d, order, 1), np.take_along_axis(out_i, order, 1)
 
 
-def exact_shown(queries: np.ndarray, dist: np.ndarray, idx: np.ndarray, vectors, metric: Metric
+def exact_shown(queries: np.ndarray, dist: np.ndarray, idx: np.ndarray, read_rows, metric: Metric
                 ) -> tuple[np.ndarray, np.ndarray]:
     """One query's (1, k) results with their distances recomputed from the stored rows, best first.
 
@@ -149,13 +149,14 @@ def exact_shown(queries: np.ndarray, dist: np.ndarray, idx: np.ndarray, vectors,
     float32 ||q||^2 + ||x||^2 - 2 q.x cancels to ~1e-7, so an identical image was shown at ~3e-4,
     and IVF-PQ's are approximate. Duplicate checks read these numbers. ``queries`` (V, D): the
     query's copies (``--rotations``), each row keeping its best. Rows < 0 or not finite are dropped.
+    ``read_rows(rows)``: the stored rows (``ris.stored_rows.StoredRows.read``: a pread per row, not
+    h5py's whole-chunk reads).
     """
     rows = np.asarray(idx[0], np.int64)
     rows = rows[(rows >= 0) & np.isfinite(np.asarray(dist[0]))]
     if len(rows) == 0:
         return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
-    unique = np.unique(rows)  # increasing: what an HDF5 dataset's fancy indexing needs
-    x = np.asarray(vectors[unique], np.float64)[np.searchsorted(unique, rows)]
+    x = np.asarray(read_rows(rows), np.float64)
     q = np.asarray(queries, np.float64).reshape(-1, x.shape[1])
     if metric == "cosine":
         unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
