@@ -225,6 +225,23 @@ def _internal_error(prog: str, exc: BaseException) -> int:
     return EXIT_ERROR
 
 
+def given_options(args: Any, parser: Any, keys: Any) -> list[str]:
+    """'--key value' for each of ``keys`` the command line set away from its default (string
+    defaults converted by the option's type first, as argparse converts them): what a refusal names
+    when an option would otherwise be silently ignored."""
+    actions = {a.dest: a for a in parser._actions}
+    shown = []
+    for key in keys:
+        action, value = actions[key], getattr(args, key)
+        default = action.default
+        if isinstance(default, str) and action.type is not None:
+            default = action.type(default)
+        if value != default:
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            shown.append(f"--{key.replace('_', '-')}" + ("" if value is True else f" {text}"))
+    return shown
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")

@@ -5,7 +5,8 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from ris.cli.common import EXIT_OK, HelpFormatter, number_list, positive_float, positive_int, print_json, run
+from ris.cli.common import (EXIT_OK, HelpFormatter, given_options, number_list, positive_float, positive_int,
+                            print_json, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RisError("--dataset is required (the folder of images to extract)")
     config = recipe_of(args)
     if args.engine == "ray":
-        local = [f"--{k} {getattr(args, k)}" for k in ("workers", "decode")
-                 if getattr(args, k) != parser.get_default(k)]
+        local = given_options(args, parser, ("workers", "decode"))
         if local:
             raise RisError(f"{' and '.join(local)} set{'s' if len(local) == 1 else ''} the local engine's decoding; "
                            f"with --engine ray, images are decoded by Ray tasks (one CPU each) and --ray-actors "

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ris.cli.common import (EXIT_OK, HelpFormatter, auto_or, folds, fraction, int_at_least, nonnegative_float,
-                            nonnegative_int, number_list, positive_float, positive_int, print_json, run)
+from ris.cli.common import (EXIT_OK, HelpFormatter, auto_or, folds, fraction, given_options, int_at_least,
+                            nonnegative_float, nonnegative_int, number_list, positive_float, positive_int, print_json, run)
 
 if TYPE_CHECKING:
     from ris.train import TrainConfig
@@ -100,19 +100,14 @@ def refuse_unused(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     unused = WHITEN_ONLY if triplet else TRIPLET_ONLY
     if args.arch == "residual":
         unused = unused + ("out_dim",)  # the correction keeps the input size
-    defaults = vars(parser.parse_args([]))  # converted as given values are ("512,512" -> [512, 512])
-    given = [k for k in unused if getattr(args, k) != defaults[k]]
+    given = given_options(args, parser, unused)
     if not given:
         return
-    names = " and ".join(f"--{k.replace('_', '-')} {_shown(getattr(args, k))}" for k in given)
     why = ("they set the triplet heads, --arch residual|mlp; learned whitening is fitted in closed form"
-           if not triplet else "they set learned whitening, --arch whiten" if given[0] in WHITEN_ONLY
+           if not triplet else "they set learned whitening, --arch whiten" if given[0].startswith("--whiten")
            else "the residual head adds its correction at the input's size")
-    raise RisError(f"{names} {'does' if len(given) == 1 else 'do'} not apply to --arch {args.arch} ({why})")
-
-
-def _shown(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    raise RisError(f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --arch {args.arch} "
+                   f"({why})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,17 +157,17 @@ class SearchService:
         gen = self.current
         base = {"status": "ready" if gen else ("failed" if self.error else "loading"), "ready": gen is not None,
                 "max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
-                "default_k": self.cfg.default_k, "max_k": self.cfg.max_k, "auth": bool(self.cfg.api_key)}
+                "default_k": self.cfg.default_k, "max_k": self.cfg.max_k, "auth": bool(self.cfg.api_key),
+                "default_rerank": self.cfg.default_rerank}
         if gen is None:
-            return {**base, "error": self.error, "default_rerank": self.cfg.default_rerank}
+            return {**base, "error": self.error}
         e = gen.engine
         index = type(e.index).__name__
         return {**base, "rows": len(e.image_ids), "model": e.db.attrs.get("model"),
                 "head": Path(self.cfg.model).name if self.cfg.model else None,
                 "dimension": int(e.vectors.shape[-1]), "metric": e.metric,
                 "index": {"ExactIndex": "exact", "HnswIndex": "hnsw", "IvfPqIndex": "ivfpq", "MilvusIndex": "milvus"}.get(index, index),
-                "rerank": list(gen.rerank), "default_rerank": self.cfg.default_rerank,
-                "rotations": bool(getattr(e, "rotations", False)),
+                "rerank": list(gen.rerank), "rotations": bool(getattr(e, "rotations", False)),
                 "labels": e.labels.any() if hasattr(e.labels, "any") else any(e.labels), "generation": gen.number,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gen.loaded_at)),
                 "load_seconds": gen.seconds, "reloading": self.reloading, "reload_error": self.reload_error,
