@@ -12,6 +12,8 @@ from ris.index import (ExactIndex, HnswIndex, build_hnsw_from_db, index_path_for
 from ris.topk import pairwise_distances
 
 METRICS = ["euclidean", "cosine"]
+# the README's test command without the `ann` extra skips these, as it skips faiss's and Milvus's
+needs_hnswlib = pytest.mark.skipif(not hnsw_available(), reason="hnswlib not installed (pip install 'ris[ann]')")
 
 
 def clustered(n: int, dim: int, seed: int) -> np.ndarray:
@@ -61,6 +63,7 @@ def test_exact_index_on_array_clips_k():
     assert idx.shape == (1, 5) and idx[0, 0] == 2 and np.all(np.diff(dist[0]) >= 0)
 
 
+@needs_hnswlib
 @pytest.mark.parametrize("metric", METRICS)
 def test_hnsw_recall_and_units_match_exact(metric):
     db, q = clustered(5000, 64, 2), clustered(50, 64, 3)
@@ -75,6 +78,7 @@ def test_hnsw_recall_and_units_match_exact(metric):
     assert np.all(np.diff(d, axis=1) >= 0)
 
 
+@needs_hnswlib
 def test_save_load_round_trip_is_atomic(tmp_path):
     db, q = clustered(1000, 16, 4), clustered(20, 16, 5)
     hnsw = build_hnsw_from_db(db, "cosine", chunk_rows=300, progress=False, M=8, ef_search=32)
@@ -87,6 +91,7 @@ def test_save_load_round_trip_is_atomic(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@needs_hnswlib
 def test_update_adds_new_rows_and_finds_them():
     db = clustered(1200, 16, 6)
     hnsw = build_hnsw_from_db(db[:1000], "euclidean", chunk_rows=400, progress=False, M=8)
@@ -98,6 +103,7 @@ def test_update_adds_new_rows_and_finds_them():
         hnsw.add(db[:5], 0)
 
 
+@needs_hnswlib
 def test_open_search_index_picks_and_refreshes(h5db):
     path, db = h5db
     with h5py.File(path, "r") as f:
@@ -157,7 +163,7 @@ def test_dba_from_the_hnsw_index_matches_the_exact_pass():
     assert np.allclose(np.linalg.norm(approx, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.skipif(not hnsw_available(), reason="hnswlib not installed")
+@needs_hnswlib
 def test_saved_index_is_keyed_on_the_database_content(h5db, monkeypatch):
     import ris.index
 
@@ -189,7 +195,7 @@ def test_saved_index_is_keyed_on_the_database_content(h5db, monkeypatch):
     assert HnswIndex.load(index_path_for(path)).source == appended
 
 
-@pytest.mark.skipif(not hnsw_available(), reason="hnswlib not installed")
+@needs_hnswlib
 def test_a_damaged_saved_index_is_named_and_rebuilt(h5db):
     path, db = h5db
     with h5py.File(path, "r") as f:

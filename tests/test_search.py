@@ -56,9 +56,12 @@ def test_shown_distances_are_exact_so_a_database_image_is_at_zero(tiny, tmp_path
     """Logo and copyright checks read the distance: a database image queried as its own file must
     be at 0 (it was ~3e-4: the float32 expansion ||q||^2 + ||x||^2 - 2 q.x cancels), and every
     shown distance, whatever the index kind (IVF-PQ's are approximate), is the true one to the
-    stored row, best first."""
+    stored row, best first. TensorFlow computes the query's descriptor bit for bit as the stored
+    one; Keras on JAX (the GPU machine's backend) rounds a batch of one differently from the
+    extraction's padded batches (~3e-7 on the CPU), so there the zero is a bound."""
     import shutil
 
+    import keras
     import numpy as np
 
     pytest.importorskip({"exact": "numpy", "hnsw": "hnswlib", "ivfpq": "faiss"}[index])
@@ -70,7 +73,8 @@ def test_shown_distances_are_exact_so_a_database_image_is_at_zero(tiny, tmp_path
             stored = np.asarray(f.features[:], np.float64)
         for row in (3, 9):
             hits = engine.query(data / engine.image_ids[row], k=5)
-            assert hits[0].row == row and hits[0].distance == 0.0
+            assert hits[0].row == row
+            assert hits[0].distance == 0.0 if keras.backend.backend() == "tensorflow" else hits[0].distance < 1e-5
             q = np.asarray(engine.embed_query(data / engine.image_ids[row]), np.float64)[0]
             true = [float(np.linalg.norm(stored[h.row] - q)) for h in hits]
             np.testing.assert_allclose([h.distance for h in hits], true, atol=1e-6)
