@@ -52,25 +52,27 @@ def build_database(folder: str | Path, features_db: str | Path, model: str = "vg
                    weights: str = "imagenet", pooling: str = "gap", input_size: int | str | None = None,
                    scales: tuple[float, ...] | str = (1.0,), layer: str | None = None, dtype: str = "float32",
                    fusion_weights: str | None = None, preset: str | None = None, flip: bool = False,
-                   **options: Any) -> "ExtractSummary":
+                   aspect: str = "squash", **options: Any) -> "ExtractSummary":
     """Describe every image under ``folder`` into the HDF5 database ``features_db`` (resumable,
     atomic, locked; see ``ris-extract --help``). A fused recipe joins backbones with '+'
     (``model="mobilenet_v2+efficientnet_lite2", input_size="224+384", pooling="gap+gem"``;
     ``ris.fusion``). ``preset`` ('fast', 'accurate'; ``ris.presets``) fills the recipe arguments
-    left at their defaults; ``flip``: as ``ris-extract --flip``. ``options`` are ``ExtractOptions`` fields:
+    left at their defaults; ``flip``, ``aspect``: as ``ris-extract --flip``, ``--aspect``. ``options`` are ``ExtractOptions`` fields:
     labels, batch_size, workers, append, overwrite, progress, verbose, ..."""
     from ris.extract import ExtractOptions, extract_features
     from ris.fusion import make_config
     from ris.presets import for_api
 
     recipe = for_api(preset, "extract", {"model": model, "resize": input_size, "pool": pooling,
-                                         "fusion_weights": fusion_weights, "flip": flip},
-                     {"model": "vgg16", "resize": None, "pool": "gap", "fusion_weights": None, "flip": False})
-    model, input_size, pooling, fusion_weights, flip = (recipe[k] for k in ("model", "resize", "pool",
-                                                                           "fusion_weights", "flip"))
+                                         "fusion_weights": fusion_weights, "flip": flip, "aspect": aspect},
+                     {"model": "vgg16", "resize": None, "pool": "gap", "fusion_weights": None, "flip": False,
+                      "aspect": "squash"})
+    model, input_size, pooling, fusion_weights, flip, aspect = (
+        recipe[k] for k in ("model", "resize", "pool", "fusion_weights", "flip", "aspect"))
 
     config = make_config(model, weights=weights, layer=layer, input_size=input_size,
-                         scales=scales, pooling=pooling, dtype=dtype, fusion_weights=fusion_weights, flip=flip)
+                         scales=scales, pooling=pooling, dtype=dtype, fusion_weights=fusion_weights, flip=flip,
+                         aspect=aspect)
     return extract_features(folder, features_db, config, ExtractOptions(**options))
 
 

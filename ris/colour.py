@@ -104,6 +104,10 @@ class ColourExtractor:
     def max_size(self) -> int:
         return self.sizes[0]
 
+    @property
+    def aspect(self) -> str:
+        return "squash"
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         return self.embed_async(images)()
 
@@ -111,11 +115,12 @@ class ColourExtractor:
         """Computed at once on the host (milliseconds per image); ``pad_to`` has nothing to pad."""
         from ris.images import resize_square
 
-        images = np.asarray(images)
+        size = self.sizes[0]
+        if not isinstance(images, np.ndarray):  # images of several shapes (a fusion with --aspect keep)
+            images = np.stack([resize_square(np.asarray(im), size) for im in images]) if len(images) else np.asarray(images)
         if images.dtype != np.uint8:
             images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
-        size = self.sizes[0]
-        if len(images) and images.shape[1] != size:
+        if len(images) and images.shape[1:3] != (size, size):
             images = np.stack([resize_square(im, size) for im in images])
         out = self.descriptor.describe(images)
         return lambda: out

@@ -22,14 +22,16 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from ris.aspect import stack_images
 from ris.errors import BadImage
 
 
-def _load_batch_item(root: Path, rel: str, size: int) -> np.ndarray:
-    """One image as the model takes it: (size, size, 3) uint8 RGB; ``BadImage`` when it cannot be."""
+def _load_batch_item(root: Path, rel: str, size: int, aspect: str = "squash") -> np.ndarray:
+    """One image as the model takes it: (size, size, 3) uint8 RGB, or its aspect ratio kept
+    (``ris.aspect``); ``BadImage`` when it cannot be."""
     from ris.images import load_image
 
-    return load_image(root / rel, size)
+    return load_image(root / rel, size, aspect)
 
 
 DEFAULT_DECODE_BUDGET = 1 << 30
@@ -49,25 +51,26 @@ def decode_budget() -> int:
 
 def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
                  prefetch: int, processes: bool = False, chunk: int | None = None,
-                 budget: int | None = None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+                 budget: int | None = None, aspect: str = "squash") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """(path, image or None, error) in input order; decoding runs ``prefetch`` images ahead.
 
     ``processes``: decode in ``workers`` worker processes, ``chunk`` images per task, instead of
     threads (on many cores the threads' Python work holds the GIL; processes scale further).
     ``budget``: bytes the decodes in flight may hold (default ``decode_budget()``); each image's
-    share comes from its header before it is submitted (``ris.images.decode_cost``).
+    share comes from its header before it is submitted (``ris.images.decode_cost``). ``aspect``: the
+    input's shape (``ris.aspect``; with 'keep' images of one run may differ in shape).
     """
     from ris.images import decode_cost
 
     budget = decode_budget() if budget is None else budget
     if processes:
-        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk, budget)
+        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk, budget, aspect)
         return
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the pool, not inside each decode
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
-    tasks = _in_flight(pool, partial(_load_batch_item, root, size=size), rel_paths, prefetch,
+    tasks = _in_flight(pool, partial(_load_batch_item, root, size=size, aspect=aspect), rel_paths, prefetch,
                        lambda rel: decode_cost(root / rel, size), budget)
     try:
         for rel, fut in tasks:
@@ -185,21 +188,23 @@ def _init_decode_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _decode_chunk(root: str, rel_paths: list[str], size: int) -> tuple[np.ndarray, list[str | None]]:
+def _decode_chunk(root: str, rel_paths: list[str], size: int,
+                  aspect: str = "squash") -> tuple[np.ndarray | list[np.ndarray], list[str | None]]:
     """Decode a chunk in a worker: (stacked images that decoded, error or None per path)."""
     images, errors = [], []
     for rel in rel_paths:
         try:
-            images.append(_load_batch_item(Path(root), rel, size))
+            images.append(_load_batch_item(Path(root), rel, size, aspect))
             errors.append(None)
         except BadImage as exc:
             errors.append(str(exc))
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    return stacked, errors  # one array per chunk: one copy through the pipe, no per-image pickling
+    # one array per chunk where the shapes agree: one copy through the pipe, no per-image pickling
+    stacked = stack_images(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return stacked, errors
 
 
 def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, workers: int, prefetch: int,
-                            chunk: int | None, budget: int) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+                            chunk: int | None, budget: int, aspect: str = "squash") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     from ris.images import decode_cost
 
     workers = max(1, workers)
@@ -208,7 +213,7 @@ def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, wor
     pool = _decode_pool(workers)
     chunks = (list(rel_paths[i : i + chunk]) for i in range(0, len(rel_paths), chunk))
     # a worker decodes its chunk one image at a time: a chunk holds at most its largest image
-    tasks = _in_flight(pool, partial(_decode_chunk, str(root), size=size), chunks, depth,
+    tasks = _in_flight(pool, partial(_decode_chunk, str(root), size=size, aspect=aspect), chunks, depth,
                        lambda c: max(decode_cost(root / rel, size) for rel in c), budget)
     try:
         for c, fut in tasks:

@@ -226,6 +226,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
                  budget: int, label_of: dict[str, str], summary: ExtractSummary) -> None:
     """Decode ``todo`` ahead of the model and write its features batch by batch into ``writer``;
     SIGTERM is a KeyboardInterrupt meanwhile."""
+    from ris.aspect import stack_images
     from ris.decoding import iter_decoded
     from ris.imagefile import human_bytes
 
@@ -245,7 +246,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
 
     def flush(last: bool = False) -> None:
         if ids:
-            in_flight.append((list(ids), extractor.embed_async(np.stack(imgs), pad_to=batch_size)))
+            in_flight.append((list(ids), extractor.embed_async(stack_images(imgs), pad_to=batch_size)))
             ids.clear()
             imgs.clear()
         while len(in_flight) > (0 if last else 1):
@@ -268,7 +269,8 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
     try:
         for rel, img, err in iter_decoded(root, todo, extractor.max_size, workers, prefetch=prefetch,
-                                          processes=opts.decode == "processes", budget=budget):
+                                          processes=opts.decode == "processes", budget=budget,
+                                          aspect=getattr(extractor, "aspect", "squash")):
             if err is not None:
                 failures.append((rel, err))
                 bar.write(f"skipped: {err}", file=sys.stderr)

@@ -34,6 +34,7 @@ class ExtractConfig:
     dtype: str = "float32"  # 'bfloat16' = mixed precision on accelerators
     fold_batchnorm: bool = True  # merge inference BatchNorm into the conv before it (same features, faster)
     flip: bool = False  # also describe the image mirrored left-right and add the two (ris-extract --flip)
+    aspect: str = "squash"  # the input's shape: 'squash' to a square or 'keep' its aspect ratio (ris.aspect)
 
     def resolved_size(self) -> int:
         from ris.backbones import get_backbone
@@ -68,6 +69,7 @@ class ExtractConfig:
             "fold_batchnorm": bool(self.fold_batchnorm),
             "recipe_version": RECIPE_VERSION,
             **({"flip": True} if self.flip else {}),  # absent when off: older databases' recipes still match
+            **({"aspect": self.aspect} if self.aspect != "squash" else {}),  # the same
         }
 
     @classmethod
@@ -89,7 +91,8 @@ class ExtractConfig:
                        layer=None if layer in (None, "", "none") else str(layer),
                        input_size=_base_size(attrs, scales, source), scales=scales, pooling=str(attrs["pooling"]),
                        dtype=str(attrs.get("dtype", "float32")),
-                       fold_batchnorm=bool(attrs.get("fold_batchnorm", True)), flip=bool(attrs.get("flip", False)))
+                       fold_batchnorm=bool(attrs.get("fold_batchnorm", True)), flip=bool(attrs.get("flip", False)),
+                       aspect=_aspect(attrs.get("aspect", "squash")))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             what = f"missing attribute {exc}" if isinstance(exc, KeyError) else str(exc)
             raise DatabaseError(f"{source}: its attributes do not say how its features were made ({what})") from None
@@ -98,6 +101,15 @@ class ExtractConfig:
 # 2: ``input_size`` holds the base size. 1 (unmarked): it held the first scale's size, which made
 # queries of a multi-scale database whose first scale is not 1 at the wrong sizes.
 RECIPE_VERSION = 2
+
+
+def _aspect(value: Any) -> str:
+    from ris.aspect import ASPECTS
+
+    value = value.decode() if isinstance(value, bytes) else str(value)
+    if value not in ASPECTS:
+        raise ValueError(f"unknown aspect {value!r}")
+    return value
 
 
 def _scale_sizes(base: int, scales: Sequence[float]) -> list[int]:
@@ -137,6 +149,12 @@ class FeatureExtractor:
             raise RisError("--pool none stores conv maps and cannot combine several --scales")
         if config.pooling == "none" and config.flip:
             raise RisError("--pool none stores conv maps and cannot add a mirrored image's (--flip)")
+        from ris.aspect import ASPECTS
+
+        if config.aspect not in ASPECTS:
+            raise RisError(f"unknown aspect {config.aspect!r}; choose one of {', '.join(ASPECTS)}")
+        if config.pooling == "none" and config.aspect != "squash":
+            raise RisError("--pool none stores conv maps of one shape; it cannot keep each image's aspect ratio")
         if config.dtype not in ("float32", "bfloat16"):
             raise RisError(f"unknown dtype {config.dtype!r}; choose float32 or bfloat16")
         if not config.scales or not all(np.isfinite(s) and s > 0 for s in config.scales):
@@ -162,15 +180,16 @@ class FeatureExtractor:
             self._affine = _affine_preprocess(self.backbone.preprocess)
             self._forward: list[Callable[[np.ndarray], Any]] = []
             for size in self.sizes:
+                shape = (size, size, 3) if config.aspect == "squash" else (None, None, 3)
                 if self._affine is not None:
                     perm, scale, offset = self._affine
-                    inp = keras.Input((size, size, 3), dtype="uint8")
+                    inp = keras.Input(shape, dtype="uint8")
                     x = keras.ops.cast(inp, "float32")
                     if perm != [0, 1, 2]:
                         x = keras.ops.take(x, perm, axis=-1)
                     x = x * scale + offset
                 else:
-                    inp = x = keras.Input((size, size, 3))
+                    inp = x = keras.Input(shape)
                 out = self.trunk(x)
                 if config.pooling != "none":
                     out = GlobalPool(config.pooling)(keras.ops.cast(out, "float32"))
@@ -194,19 +213,45 @@ class FeatureExtractor:
     def max_size(self) -> int:
         return max(self.sizes)
 
+    @property
+    def aspect(self) -> str:
+        """The shape images are decoded to for this extractor (``ris.aspect``), at ``max_size``."""
+        return self.config.aspect
+
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, S, S, 3) at ``max_size`` -> float32 descriptors, L2-normalised per scale (and
         per mirrored view with ``flip``) and summed."""
         return self.embed_async(images)()
 
-    def embed_async(self, images: np.ndarray, pad_to: int | None = None) -> Callable[[], np.ndarray]:
+    def embed_async(self, images: "np.ndarray | list[np.ndarray]",
+                    pad_to: int | None = None) -> Callable[[], np.ndarray]:
         """Start ``embed``; the returned function waits for the result and returns it.
 
         On JAX the forward pass runs asynchronously, so the caller can prepare (and dispatch) the
         next batch before collecting this one. ``pad_to``: pad a short batch with zero images to
-        this many rows (JAX compiles once per batch shape; the padding rows are dropped).
+        this many rows (JAX compiles once per batch shape; the padding rows are dropped). A list of
+        images of several shapes (``--aspect keep``) goes through the network one shape at a time.
         """
-        from ris.images import resize_square
+        from ris.aspect import group_rows
+
+        groups = group_rows(images)
+        started = [(rows, self._dispatch(batch, pad_to)) for rows, batch in groups]
+
+        def result() -> np.ndarray:
+            if len(started) == 1:
+                return self._collect(*started[0][1])
+            out = None
+            for rows, handles in started:
+                part = self._collect(*handles)
+                out = np.zeros((sum(len(r) for r, _ in started), *part.shape[1:]), part.dtype) if out is None else out
+                out[rows] = part
+            return out
+
+        return result
+
+    def _dispatch(self, images: np.ndarray, pad_to: int | None) -> tuple[list, int]:
+        """Start the forward passes of one batch of one shape: (handles, rows)."""
+        from ris.aspect import input_shape, resize_input
 
         images = np.asarray(images)
         n = len(images)
@@ -214,28 +259,31 @@ class FeatureExtractor:
             images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
         if pad_to and self._pad_batches and 0 < n < pad_to:
             images = np.concatenate([images, np.zeros((pad_to - n, *images.shape[1:]), images.dtype)])
+        aspect = self.config.aspect
         pending = []
         for size, fwd in zip(self.sizes, self._forward):
-            batch = images if images.shape[1] == size else np.stack([resize_square(im, size) for im in images])
+            target = input_shape(images.shape[1], images.shape[2], size, aspect)
+            batch = images if images.shape[1:3] == target else np.stack([resize_input(im, size, aspect) for im in images])
             # --flip: the mirrored image is one more view, added like another scale
             for view in (batch, np.ascontiguousarray(batch[:, :, ::-1])) if self.config.flip else (batch,):
                 pending.append(fwd(view if self._affine is not None else self.backbone.preprocess(view)))
             if self.config.pooling == "none":
                 break
+        return pending, n
 
-        def result() -> np.ndarray:
-            from ris.topk import l2_normalize
+    def _collect(self, pending: list, n: int) -> np.ndarray:
+        """Wait for one batch's forward passes: each scale's (and view's) descriptor L2-normalised,
+        summed, L2-normalised; conv maps as they are with ``--pool none``."""
+        from ris.topk import l2_normalize
 
-            total = None
-            for handle in pending:
-                out = np.asarray(handle, dtype=np.float32)[:n]
-                if self.config.pooling == "none":
-                    return out
-                out = l2_normalize(out)
-                total = out if total is None else total + out
-            return l2_normalize(total)
-
-        return result
+        total = None
+        for handle in pending:
+            out = np.asarray(handle, dtype=np.float32)[:n]
+            if self.config.pooling == "none":
+                return out
+            out = l2_normalize(out)
+            total = out if total is None else total + out
+        return l2_normalize(total)
 
     def attrs(self) -> dict[str, Any]:
         import cv2

@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 # attributes that must agree for features to be comparable (query vs database, resume, append)
 FINGERPRINT_KEYS = ("model", "weights", "layer", "input_size", "scales", "pooling", "feature_shape")
 # in the fingerprint only when present, so heads trained before they existed still match their databases
-OPTIONAL_FINGERPRINT_KEYS = ("fusion", "flip")  # a fused recipe's parts and weights; --flip
+OPTIONAL_FINGERPRINT_KEYS = ("fusion", "flip", "aspect")  # a fused recipe's parts and weights; --flip; --aspect
 REQUIRED_DATASETS = ("features", "image_ids", "labels")
 ROW_DATASETS = ("ids", "added_at")  # optional, one value per row when present
 INCOMPLETE = "incomplete: an extraction was interrupted or is still running; re-run ris-extract to finish it"

@@ -83,6 +83,7 @@ class FusionConfig:
             "recipe_version": RECIPE_VERSION,
             "fusion": json.dumps({"parts": parts, "weights": list(self.weights)}, sort_keys=True),
             **({"flip": True} if any(p.get("flip") for p in parts) else {}),
+            **({"aspect": "keep"} if any(p.get("aspect") == "keep" for p in parts) else {}),
         }
 
     @classmethod
@@ -161,9 +162,14 @@ def _scales(value: Any) -> tuple[float, ...]:
 def make_config(model: str, weights: str = "imagenet", layer: str | None = None, input_size: Any = None,
                 scales: Any = (1.0,), pooling: str = "gap", dtype: str = "float32",
                 fusion_weights: str | Sequence[float] | None = None,
-                flip: bool = False) -> ExtractConfig | FusionConfig:
+                flip: bool = False, aspect: str = "squash") -> ExtractConfig | FusionConfig:
     """The recipe the command-line options describe: an ``ExtractConfig`` for one model, a
-    ``FusionConfig`` for models joined by '+' (each option split per part by ``per_part``)."""
+    ``FusionConfig`` for models joined by '+' (each option split per part by ``per_part``).
+    ``aspect`` applies to every CNN part (a colour histogram does not depend on the image's shape)."""
+    from ris.aspect import ASPECTS
+
+    if aspect not in ASPECTS:
+        raise RisError(f"--aspect {aspect!r}: choose one of {', '.join(ASPECTS)}")
     from ris.backbones import get_backbone
     from ris.pooling import check_pooling
 
@@ -177,8 +183,12 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
         if flip and is_colour(model):
             raise RisError(f"--flip adds a mirrored image's CNN features; {model} is a colour histogram, the same "
                            f"for a mirrored image")
+        if aspect != "squash" and is_colour(model):
+            raise RisError(f"--aspect {aspect} shapes a CNN's input; {model} is a colour histogram, which does not "
+                           f"depend on the image's shape")
         single = ExtractConfig(model=model, weights=weights, layer=layer, input_size=_size(input_size),
-                               scales=_scales(scales), pooling=pooling, dtype=dtype, flip=bool(flip))
+                               scales=_scales(scales), pooling=pooling, dtype=dtype, flip=bool(flip),
+                               aspect=aspect)
         return colour_config(single) if is_colour(model) else single
     for m in models:
         if not is_colour(m):
@@ -200,7 +210,7 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
             raise RisError("--pool none stores conv maps and cannot be fused; choose a pooling for every part")
         if not is_colour(m):
             check_pooling(p)
-    parts = tuple(_part_config(m, w, l, s, sc, p, dtype, flip)
+    parts = tuple(_part_config(m, w, l, s, sc, p, dtype, flip, aspect)
                   for m, w, l, s, sc, p in zip(models, weight_args, layers, sizes, scale_args, pools))
     if fusion_weights in (None, ""):
         fw: tuple[float, ...] = ()
@@ -220,11 +230,13 @@ def _per_part_given(value: Any) -> bool:
 
 
 def _part_config(model: str, weights: str, layer: Any, size: Any, scales: Any, pooling: str,
-                 dtype: str, flip: bool = False) -> ExtractConfig:
-    """One part's recipe; ``flip`` applies to the CNN parts (a colour histogram is mirror-invariant)."""
+                 dtype: str, flip: bool = False, aspect: str = "squash") -> ExtractConfig:
+    """One part's recipe; ``flip`` and ``aspect`` apply to the CNN parts (a colour histogram is
+    mirror-invariant and takes its pixels squashed)."""
     config = ExtractConfig(model=model, weights=weights, layer=None if layer in (None, "", "none") else layer,
                            input_size=_size(size), scales=_scales(scales), pooling=pooling, dtype=dtype,
-                           flip=bool(flip) and not is_colour(model))
+                           flip=bool(flip) and not is_colour(model),
+                           aspect="squash" if is_colour(model) else aspect)
     return colour_config(config) if is_colour(model) else config
 
 
@@ -243,6 +255,12 @@ class FusedExtractor:
     @property
     def max_size(self) -> int:
         return max(p.max_size for p in self.parts)
+
+    @property
+    def aspect(self) -> str:
+        """'keep' when a CNN part keeps the aspect ratio (every CNN part does then; the colour part
+        squashes what it is given)."""
+        return "keep" if any(p.aspect == "keep" for p in self.parts) else "squash"
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB (B, S, S, 3) at ``max_size`` -> fused float32 descriptors (L2-normalised)."""

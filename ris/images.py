@@ -342,8 +342,11 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """RGB uint8 (size, size, 3). Resized before the colour conversion: the same pixels as
-    ``resize_square(decode_image(...))`` (both are per channel), without a full-size copy."""
+def load_image(path: str | Path, size: int, aspect: str = "squash") -> np.ndarray:
+    """RGB uint8 network input: (size, size, 3), or with ``aspect`` 'keep' its aspect ratio kept
+    (``ris.aspect``). Resized before the colour conversion: the same pixels as
+    ``resize_input(decode_image(...))`` (both are per channel), without a full-size copy."""
+    from ris.aspect import resize_input
+
     img, order = _decode_native(Path(path), size, None)
-    return _to_rgb(resize_square(img, size), order)
+    return _to_rgb(resize_input(img, size, aspect), order)

@@ -86,7 +86,7 @@ class _Embedder:
 
     def describe(self) -> dict[str, Any]:
         return {"attrs": self.extractor.attrs(), "shape": tuple(self.extractor.output_shape),
-                "max_size": int(self.extractor.max_size), "pid": os.getpid()}
+                "max_size": int(self.extractor.max_size), "aspect": self.extractor.aspect, "pid": os.getpid()}
 
     def embed(self, decoded: tuple) -> tuple[np.ndarray, list[str | None], str, float, int, float]:
         """(features of the decoded images, the decode errors, the decoding node, its seconds, this pid,
@@ -100,7 +100,8 @@ class _Embedder:
         return feats, errors, node, decode_s, os.getpid(), time.perf_counter() - t0
 
 
-def _decode(root: str, rel_paths: list[str], size: int) -> tuple[np.ndarray, list[str | None], str, float]:
+def _decode(root: str, rel_paths: list[str], size: int,
+            aspect: str = "squash") -> tuple[np.ndarray | list[np.ndarray], list[str | None], str, float]:
     """A decode task: the local engine's chunk decoder, plus the node it ran on and its seconds."""
     import cv2
     import ray
@@ -112,7 +113,7 @@ def _decode(root: str, rel_paths: list[str], size: int) -> tuple[np.ndarray, lis
         raise RisError(f"{root}: the dataset folder is not there on node {socket.gethostname()}; every node "
                        f"must see it at the same path (a shared file system)")
     t0 = time.perf_counter()
-    images, errors = _decode_chunk(root, rel_paths, size)
+    images, errors = _decode_chunk(root, rel_paths, size, aspect)
     return images, errors, ray.get_runtime_context().get_node_id(), time.perf_counter() - t0
 
 
@@ -192,7 +193,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     def submit(paths: list[str]) -> None:
         a = min(range(len(actors)), key=load.__getitem__)  # the least busy actor
         load[a] += 1
-        pending.append((paths, a, actors[a].embed.remote(decode.remote(root_abs, paths, info["max_size"]))))
+        pending.append((paths, a, actors[a].embed.remote(decode.remote(root_abs, paths, info["max_size"], info["aspect"]))))
 
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_interrupt)

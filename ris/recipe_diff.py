@@ -8,6 +8,7 @@ from typing import Any
 
 _FLAGS = {"model": "--model", "weights": "--weights", "layer": "--layer", "input_size": "--resize",
           "scales": "--scales", "pooling": "--pool", "fusion": "--fusion-weights", "flip": "--flip",
+          "aspect": "--aspect",
           "feature_shape": "features"}
 
 
@@ -19,6 +20,8 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "h
     def show(key: str, value: Any) -> str:
         if key == "flip":
             return "on" if value else "off"
+        if key == "aspect":
+            return str(value or "squash")
         if key == "fusion":
             try:
                 value = json.loads(value)["weights"]

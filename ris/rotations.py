@@ -25,14 +25,19 @@ from ris.errors import RisError
 ANGLES = (0, 90, 180, 270)
 
 
-def turned(images: np.ndarray) -> np.ndarray:
-    """(B, S, S, C) square images -> (B * 4, S, S, C): each image at 0, 90, 180 and 270 degrees
-    (anticlockwise), the four copies of one image consecutive."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"square (B, S, S, C) images expected, not {images.shape}")
-    return np.stack([np.rot90(images, k, axes=(1, 2)) for k in range(len(ANGLES))], axis=1).reshape(
-        -1, *images.shape[1:])
+def turned(images: "np.ndarray | list[np.ndarray]") -> "np.ndarray | list[np.ndarray]":
+    """(B, H, W, C) images, or a list of (H, W, C) images of several shapes (``--aspect keep``) ->
+    their B * 4 copies at 0, 90, 180 and 270 degrees (anticlockwise), the four copies of one image
+    consecutive: one array for square images, else a list (a quarter turn swaps height and width)."""
+    from ris.aspect import stack_images
+
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ValueError(f"(B, H, W, C) images expected, not {images.shape}")
+        if images.shape[1] == images.shape[2]:
+            return np.stack([np.rot90(images, k, axes=(1, 2)) for k in range(len(ANGLES))], axis=1).reshape(
+                -1, *images.shape[1:])
+    return stack_images([np.ascontiguousarray(np.rot90(im, k)) for im in images for k in range(len(ANGLES))])
 
 
 def check_rerank(method: str) -> None:
@@ -64,13 +69,14 @@ def merge_best(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 def embed_turned(extractor, paths: list, batch: int = 16) -> np.ndarray:
     """(n, 4, D) descriptors of image files at 0/90/180/270 degrees, made as ``ris-search
-    --rotations`` makes a query's (``load_image`` at the extractor's size, then ``turned``)."""
+    --rotations`` makes a query's (``load_image`` at the extractor's size and shape, then ``turned``)."""
+    from ris.aspect import stack_images
     from ris.embed import raw_descriptors
     from ris.images import load_image
 
     out = []
     for s in range(0, len(paths), batch):
-        imgs = np.stack([load_image(p, extractor.max_size) for p in paths[s : s + batch]])
+        imgs = stack_images([load_image(p, extractor.max_size, extractor.aspect) for p in paths[s : s + batch]])
         vec = extractor.embed(turned(imgs))
         out.append(raw_descriptors(vec) if vec.ndim == 4 else vec)
     if not out:

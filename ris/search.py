@@ -151,7 +151,7 @@ class SearchEngine:
 
     def _describe(self, img: np.ndarray, thumb_of: Callable[[int], np.ndarray],
                   rotations: bool | None = None) -> np.ndarray:
-        """Query vector(s) of the square image ``img`` (its turned copies too with ``rotations``);
+        """Query vector(s) of the network input ``img`` (its turned copies too with ``rotations``);
         ``thumb_of(side)``: the same image at ``side`` px for a head with a thumbnail branch."""
         from ris.embed import embed_features, raw_descriptors
 
@@ -171,7 +171,7 @@ class SearchEngine:
         """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees)."""
         from ris.images import load_image
 
-        return self._describe(load_image(image_path, self.extractor.max_size),
+        return self._describe(load_image(image_path, self.extractor.max_size, self.extractor.aspect),
                               lambda side: load_image(image_path, side))
 
     def _search_vectors(self, vec: np.ndarray, k: int, reranker=None,
@@ -217,11 +217,12 @@ class SearchEngine:
         makes it from a file. Why: the HTTP service decodes uploads itself, after its own checks,
         and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match.
         ``rotations``: this query's turned copies too, or not (None: the engine's setting)."""
+        from ris.aspect import resize_input
         from ris.images import resize_square
 
         rgb = np.asarray(rgb, dtype=np.uint8)
-        return self._describe(resize_square(rgb, self.extractor.max_size), lambda side: resize_square(rgb, side),
-                              rotations)
+        return self._describe(resize_input(rgb, self.extractor.max_size, self.extractor.aspect),
+                              lambda side: resize_square(rgb, side), rotations)
 
     @property
     def query_size(self) -> int:

@@ -20,7 +20,18 @@ def test_turned_copies_are_the_four_quarter_turns_of_each_image():
         for k in range(4):
             assert np.array_equal(out[4 * b + k], np.rot90(imgs[b], k))
     with pytest.raises(ValueError):
-        turned(np.zeros((1, 3, 4, 3)))
+        turned(np.zeros((3, 4, 3)))
+
+
+def test_images_kept_at_their_aspect_ratio_turn_into_copies_of_two_shapes():
+    """--aspect keep: a 3 x 4 image's quarter turns are 4 x 3; the copies come back as a list, in order."""
+    imgs = np.arange(2 * 3 * 4 * 1).reshape(2, 3, 4, 1)
+    out = turned(imgs)
+    assert isinstance(out, list) and len(out) == 8
+    assert [o.shape for o in out[:4]] == [(3, 4, 1), (4, 3, 1), (3, 4, 1), (4, 3, 1)]
+    for b in range(2):
+        for k in range(4):
+            assert np.array_equal(out[4 * b + k], np.rot90(imgs[b], k))
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also describe every image mirrored left-right and add the two descriptors (each CNN part; "
                         "a colour histogram is mirror-invariant): mirror-invariant features, twice the CNN time; "
                         "recorded in the recipe, so queries are described the same way")
+    p.add_argument("--aspect", default="squash", choices=["squash", "keep"],
+                   help="squash: every image resized to a square, --resize x --resize (the default); keep: its "
+                        "aspect ratio kept at about as many pixels, sides multiples of 32 (each CNN part; the "
+                        "field's way for scenes, measured in bench/quality.md); recorded in the recipe")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute precision; bfloat16 = mixed precision for GPUs, and for CPUs with AVX512_BF16 or "
                         "AMX (VGG16 2x faster on this project's CPU; features agree to ~1e-5 in cosine)")
@@ -160,7 +164,7 @@ def recipe_of(args: argparse.Namespace):
 
     return make_config(args.model, weights=args.weights, layer=args.layer, input_size=args.resize,
                        scales=args.scales, pooling=args.pool, dtype=args.dtype, fusion_weights=args.fusion_weights,
-                       flip=args.flip)
+                       flip=args.flip, aspect=args.aspect)
 
 
 def _list_layers(model: str, as_json: bool) -> int:
