@@ -24,6 +24,14 @@ STEP = 32  # sides are multiples of the networks' stride: few distinct shapes, n
 MAX_RATIO = 4.0  # panoramas beyond 4:1 go in at 4:1 (slightly squashed), so no side falls below ~size / 2
 
 
+def parse_aspect(value: object) -> str:
+    """A recipe's stored aspect (str or bytes) checked; ``ValueError`` for one ris does not know."""
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    if text not in ASPECTS:
+        raise ValueError(f"unknown aspect {text!r}")
+    return text
+
+
 def input_shape(height: int, width: int, size: int, aspect: str = "squash") -> tuple[int, int]:
     """(height, width) of the network input for an image of this shape."""
     if aspect == "squash":

@@ -80,6 +80,8 @@ class ExtractConfig:
         Attributes that cannot be read as a recipe (a damaged or hand-made file) are a
         ``DatabaseError`` naming ``source``, not a conversion error from deep inside.
         """
+        from ris.aspect import parse_aspect
+
         if attrs.get("fusion") is not None:
             from ris.fusion import FusionConfig
 
@@ -92,7 +94,7 @@ class ExtractConfig:
                        input_size=_base_size(attrs, scales, source), scales=scales, pooling=str(attrs["pooling"]),
                        dtype=str(attrs.get("dtype", "float32")),
                        fold_batchnorm=bool(attrs.get("fold_batchnorm", True)), flip=bool(attrs.get("flip", False)),
-                       aspect=_aspect(attrs.get("aspect", "squash")))
+                       aspect=parse_aspect(attrs.get("aspect", "squash")))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             what = f"missing attribute {exc}" if isinstance(exc, KeyError) else str(exc)
             raise DatabaseError(f"{source}: its attributes do not say how its features were made ({what})") from None
@@ -101,15 +103,6 @@ class ExtractConfig:
 # 2: ``input_size`` holds the base size. 1 (unmarked): it held the first scale's size, which made
 # queries of a multi-scale database whose first scale is not 1 at the wrong sizes.
 RECIPE_VERSION = 2
-
-
-def _aspect(value: Any) -> str:
-    from ris.aspect import ASPECTS
-
-    value = value.decode() if isinstance(value, bytes) else str(value)
-    if value not in ASPECTS:
-        raise ValueError(f"unknown aspect {value!r}")
-    return value
 
 
 def _scale_sizes(base: int, scales: Sequence[float]) -> list[int]:

@@ -71,7 +71,7 @@ def test_a_database_image_queried_is_found_at_distance_zero_with_scales_not_star
 
 @pytest.mark.parametrize("damage", [
     {"input_size": "none"}, {"input_size": "big"}, {"scales": ["x"]}, {"model": None}, {"pooling": None},
-    {"scales": [0.5, 0.7], "scale_sizes": [11, 13], "recipe_version": 1},
+    {"scales": [0.5, 0.7], "scale_sizes": [11, 13], "recipe_version": 1}, {"aspect": "stretch"},
 ])
 def test_attributes_that_are_no_recipe_are_a_database_error_naming_the_source(damage):
     """A damaged or hand-made database is bad input: one DatabaseError naming it, not a ValueError
