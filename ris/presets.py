@@ -20,7 +20,9 @@ off the shelf and do not lose with dba+qe: +0.0005, level); then, once: Corel wi
 full-size level (saturated); it costs twice the CNN time: extraction 43 -> 21 img/s, a query from
 a file ~50 -> ~90 ms (back to back). Geometric verification (--verify) is in neither: on top of
 dba+qe it did not gain on held-out objects. fast leaves --flip off: it gains there too (held-out
-+0.0024, Corel +0.0041 off the shelf) but halves fast's speed.
++0.0024, Corel +0.0041 off the shelf) but halves fast's speed. Neither takes --aspect keep (fourth
+round; rule fixed first: the training hard copies must gain in the preset's own search; they lost
+with accurate's dba+qe, -0.0043, and were level with fast); it gains on Corel off the shelf only.
 """
 from __future__ import annotations
 

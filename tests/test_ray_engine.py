@@ -253,6 +253,30 @@ def test_a_fused_recipe_on_ray_equals_the_local_engine(cluster, dataset, tmp_pat
 
 
 @pytest.mark.slow
+def test_images_kept_at_their_aspect_ratio_on_ray_equal_the_local_engine(cluster, tmp_path):
+    """--aspect keep: landscape, portrait and square images decoded on the nodes and embedded by
+    the actors one shape at a time give the local engine's rows, and the recipe records it."""
+    from dataclasses import replace
+
+    import cv2
+
+    from ris.ray_engine import RayOptions, extract_on_ray
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=3, size=96)
+    for k, path in enumerate(sorted(data.glob("*.jpg"))):
+        w, h = [(144, 96), (96, 144), (96, 96)][k % 3]
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (w, h)))
+    keep = replace(CFG, input_size=128, aspect="keep")
+    local = tmp_path / "local.h5"
+    extract_features(data, local, keep, ExtractOptions(batch_size=4, progress=False))
+    extract_on_ray(data, tmp_path / "r.h5", keep, batch_size=4, progress=False,
+                   options=RayOptions(address=cluster.address))
+    assert_same_database(local, tmp_path / "r.h5")
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert f.attrs["aspect"] == "keep" and len(f["image_ids"]) == 9
+
+
+@pytest.mark.slow
 def test_a_killed_embedding_worker_is_retried_and_every_image_is_there_once(cluster, dataset, tmp_path, capsys):
     data, local = dataset
     killed: list[int] = []
