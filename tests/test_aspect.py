@@ -102,6 +102,8 @@ def test_a_database_made_with_keep_describes_its_queries_the_same_way(tmp_path, 
             assert hit.row == row and hit.distance < 1e-3
         rgb = cv2.cvtColor(cv2.imread(str(data / engine.image_ids[1])), cv2.COLOR_BGR2RGB)
         np.testing.assert_allclose(engine.embed_array(rgb)[0], stored[1], atol=1e-4)  # the service's path
+        turned = engine.embed_array(rgb, rotations=True)  # a portrait image's quarter turns are landscape
+        assert turned.shape[0] == 4 and np.abs(turned[0] - stored[1]).max() < 1e-4
     squashed = tmp_path / "s.h5"
     extract_features(data, squashed, replace(KEEP, aspect="squash"), ExtractOptions(**QUIET))
     with FeatureDB(squashed) as f:
