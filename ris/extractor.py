@@ -212,8 +212,9 @@ class FeatureExtractor:
         return self.config.aspect
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB (B, S, S, 3) at ``max_size`` -> float32 descriptors, L2-normalised per scale (and
-        per mirrored view with ``flip``) and summed."""
+        """uint8 RGB (B, S, S, 3) at ``max_size`` (or a list of images of several shapes with
+        ``--aspect keep``) -> float32 descriptors, L2-normalised per scale (and per mirrored view with
+        ``flip``) and summed."""
         return self.embed_async(images)()
 
     def embed_async(self, images: "np.ndarray | list[np.ndarray]",
@@ -231,6 +232,8 @@ class FeatureExtractor:
         started = [(rows, self._dispatch(batch, pad_to)) for rows, batch in groups]
 
         def result() -> np.ndarray:
+            if not started:
+                return np.zeros((0, *self.output_shape), np.float32)
             if len(started) == 1:
                 return self._collect(*started[0][1])
             out = None
