@@ -133,6 +133,7 @@ class FeatureExtractor:
         import keras
 
         from ris.backbones import get_backbone
+        from ris.forward import affine_preprocess, compile_forward
         from ris.layers import GlobalPool
         from ris.pooling import NO_POOLING, POOLING
 
@@ -170,7 +171,7 @@ class FeatureExtractor:
                 self.trunk, self.batchnorm_folded = fold_batchnorm(self.trunk)
             self.sizes = config.scale_sizes()
             # input scaling inside the model when it is a per-channel affine map (all backbones here)
-            self._affine = _affine_preprocess(self.backbone.preprocess)
+            self._affine = affine_preprocess(self.backbone.preprocess)
             self._forward: list[Callable[[np.ndarray], Any]] = []
             for size in self.sizes:
                 shape = (size, size, 3) if config.aspect == "squash" else (None, None, 3)
@@ -188,7 +189,7 @@ class FeatureExtractor:
                     out = GlobalPool(config.pooling)(keras.ops.cast(out, "float32"))
                 if not self._forward:
                     static_shape = tuple(out.shape[1:])  # known without running the model
-                self._forward.append(_compile_forward(keras.Model(inp, out)))
+                self._forward.append(compile_forward(keras.Model(inp, out)))
         finally:
             keras.mixed_precision.set_global_policy(previous)
         self._pad_batches = keras.backend.backend() == "jax"  # jit compiles once per batch shape
@@ -324,79 +325,6 @@ def build_extractor(config: "ExtractConfig | FusionConfig") -> "FeatureExtractor
     from ris.fusion import FusedExtractor
 
     return FusedExtractor(config)
-
-
-def _affine_preprocess(preprocess: Callable[[np.ndarray], np.ndarray]
-                       ) -> tuple[list[int], np.ndarray, np.ndarray] | None:
-    """(perm, scale, offset) such that ``preprocess(x)[..., c] == x[..., perm[c]] * scale[c] + offset[c]``.
-
-    Found by probing ``preprocess`` with black, one-channel-white and random images and checked on
-    them; None when it is not such a map (then preprocessing stays on the host, as before).
-    """
-    rng = np.random.default_rng(0)
-    probe = np.zeros((7, 4, 4, 3), np.uint8)
-    for c in range(3):
-        probe[1 + c, ..., c] = 255
-    probe[4:] = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
-    try:
-        out = np.asarray(preprocess(probe.copy()), dtype=np.float64)
-    except Exception:
-        return None
-    if out.shape != probe.shape or not np.all(np.isfinite(out)):
-        return None
-    offset = out[0, 0, 0]
-    delta = out[1:4, 0, 0] - offset  # [input channel, output channel]
-    perm: list[int] = []
-    scale = np.zeros(3)
-    for c in range(3):
-        col = np.abs(delta[:, c])
-        src = int(np.argmax(col))
-        if col[src] == 0 or np.sort(col)[-2] > 1e-6 * col[src]:
-            return None
-        perm.append(src)
-        scale[c] = delta[src, c] / 255.0
-    predicted = probe[..., perm].astype(np.float64) * scale + offset
-    tol = 1e-5 * max(1.0, float(np.abs(out).max()))
-    if np.abs(predicted - out).max() > tol:
-        return None
-    return perm, scale.astype(np.float32), offset.astype(np.float32)
-
-
-def _compile_forward(model) -> Callable[[np.ndarray], Any]:
-    """A fast inference call per backend: ``predict()`` costs per-batch host overhead.
-
-    Returns an array-like (``np.asarray`` gives the values); on JAX it is computed asynchronously.
-    """
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
-
-        @jax.jit
-        def jitted(tv, ntv, x):
-            out, _ = model.stateless_call(tv, ntv, x, training=False)
-            return out
-
-        return lambda x: jitted(state[0], state[1], x)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        dtype = tf.as_dtype(keras.backend.standardize_dtype(model.inputs[0].dtype))
-        spec = tf.TensorSpec([None, *model.input_shape[1:]], dtype)
-        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-        return lambda x: fn(tf.convert_to_tensor(x, dtype)).numpy()
-    if backend == "torch":
-        import torch
-
-        def run(x):
-            with torch.no_grad():
-                return keras.ops.convert_to_numpy(model(x, training=False))
-
-        return run
-    return lambda x: model.predict_on_batch(x)
 
 
 def _ris_version() -> str:
