@@ -302,6 +302,16 @@ def make_tiny_dataset(
     return d
 
 
+def make_mixed_orientation_dataset(directory: str | Path, n_objects: int = 3, views: int = 3) -> Path:
+    """``make_tiny_dataset`` whose views are landscape 3:2, portrait 2:3 and square in turn (144 x 96,
+    96 x 144, 96 x 96): images of several input shapes for ``--aspect keep``."""
+    data = make_tiny_dataset(directory, n_objects=n_objects, views=views, size=96)
+    for k, path in enumerate(sorted(data.glob("*.jpg"))):
+        w, h = [(144, 96), (96, 144), (96, 96)][k % 3]
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (w, h)), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return data
+
+
 def make_tiny_folders_dataset(
     directory: str | Path,
     classes: tuple[str, ...] = ("a", "b"),

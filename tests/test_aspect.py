@@ -13,20 +13,10 @@ from ris.aspect import group_rows, input_shape, resize_input, stack_images
 from ris.errors import RisError
 from ris.extract import ExtractOptions, extract_features
 from ris.extractor import ExtractConfig, FeatureExtractor
-from ris.testing import attrs_through_hdf5, make_tiny_dataset
+from ris.testing import attrs_through_hdf5, make_mixed_orientation_dataset
 
 KEEP = ExtractConfig(model="vgg16", weights="none", layer="block5_pool", input_size=128, aspect="keep")
 QUIET = dict(progress=False, log=lambda s: None)
-
-
-def mixed_orientations(directory, n_objects: int = 3, views: int = 3):
-    """A tiny labelled set whose views are landscape 3:2, portrait 2:3 and square, in turn."""
-    data = make_tiny_dataset(directory, n_objects=n_objects, views=views, size=96)
-    for k, path in enumerate(sorted(data.glob("*.jpg"))):
-        img = cv2.imread(str(path))
-        w, h = [(144, 96), (96, 144), (96, 96)][k % 3]
-        cv2.imwrite(str(path), cv2.resize(img, (w, h)), [cv2.IMWRITE_JPEG_QUALITY, 95])
-    return data
 
 
 def test_input_shapes_keep_the_aspect_ratio_at_about_the_squares_pixels():
@@ -89,7 +79,7 @@ def test_a_database_made_with_keep_describes_its_queries_the_same_way(tmp_path, 
     from ris.featuredb import FeatureDB
     from ris.search import SearchEngine
 
-    data = mixed_orientations(tmp_path / "d")
+    data = make_mixed_orientation_dataset(tmp_path / "d")
     db = tmp_path / "f.h5"
     extract_features(data, db, KEEP, ExtractOptions(batch_size=4, decode=decode, workers=2, **QUIET))
     with FeatureDB(db) as f:
@@ -116,7 +106,7 @@ def test_ris_extract_aspect_keep_with_a_fused_colour_part(tmp_path, capsys):
     """From the command line, fused with a colour histogram (which squashes what it is given)."""
     from ris.cli.extract import main
 
-    data = mixed_orientations(tmp_path / "d", n_objects=2)
+    data = make_mixed_orientation_dataset(tmp_path / "d", n_objects=2)
     db = tmp_path / "f.h5"
     code = main(["--dataset", str(data), "--features-db", str(db), "--model", "vgg16+hsv_hist", "--weights", "none",
                  "--resize", "128+64", "--aspect", "keep", "--no-progress", "--json"])

@@ -24,7 +24,7 @@ from ris.cli import extract as extract_cli
 from ris.cli.common import run
 from ris.extract import ExtractOptions, extract_features
 from ris.extractor import ExtractConfig
-from ris.testing import committed_rows, make_bad_images, make_tiny_dataset
+from ris.testing import committed_rows, make_bad_images, make_mixed_orientation_dataset, make_tiny_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.2"
@@ -197,6 +197,18 @@ def _ray(data, db, cluster, **kw):
     return extract_on_ray(data, db, CFG, batch_size=4, progress=False, options=opts, **kw)
 
 
+def same_on_ray_as_locally(data: Path, config, cluster, tmp_path: Path) -> Path:
+    """Extract ``data`` with ``config`` locally and on the cluster, assert the databases are the
+    same, and return the Ray one."""
+    from ris.ray_engine import RayOptions, extract_on_ray
+
+    local, on_ray = tmp_path / "local.h5", tmp_path / "r.h5"
+    extract_features(data, local, config, ExtractOptions(batch_size=4, progress=False))
+    extract_on_ray(data, on_ray, config, batch_size=4, progress=False, options=RayOptions(address=cluster.address))
+    assert_same_database(local, on_ray)
+    return on_ray
+
+
 def assert_same_database(local: Path, other: Path, tol: float = 1e-5) -> None:
     """Same rows in the same order, same failures, features within ``tol``, same fingerprint."""
     from ris.featuredb import FeatureDB, fingerprint
@@ -241,14 +253,7 @@ def test_a_fused_recipe_on_ray_equals_the_local_engine(cluster, dataset, tmp_pat
     hist = colour_config(ExtractConfig(model="hsv_hist", input_size=32))
     fused = FusionConfig((CFG, replace(CFG, model="efficientnet_lite0", input_size=48, pooling="gem", flip=True),
                           hist), (1.0, 1.5, 0.5))  # one part also describes the mirrored image (--flip)
-    local = tmp_path / "local.h5"
-    extract_features(data, local, fused, ExtractOptions(batch_size=4, progress=False))
-    from ris.ray_engine import RayOptions, extract_on_ray
-
-    extract_on_ray(data, tmp_path / "r.h5", fused, batch_size=4, progress=False,
-                   options=RayOptions(address=cluster.address))
-    assert_same_database(local, tmp_path / "r.h5")
-    with h5py.File(tmp_path / "r.h5") as f:
+    with h5py.File(same_on_ray_as_locally(data, fused, cluster, tmp_path)) as f:
         assert f["features"].shape[1] == 1280 + 1280 + 1000 and "fusion" in f.attrs and f.attrs["flip"]
 
 
@@ -258,21 +263,9 @@ def test_images_kept_at_their_aspect_ratio_on_ray_equal_the_local_engine(cluster
     the actors one shape at a time give the local engine's rows, and the recipe records it."""
     from dataclasses import replace
 
-    import cv2
-
-    from ris.ray_engine import RayOptions, extract_on_ray
-
-    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=3, size=96)
-    for k, path in enumerate(sorted(data.glob("*.jpg"))):
-        w, h = [(144, 96), (96, 144), (96, 96)][k % 3]
-        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), (w, h)))
     keep = replace(CFG, input_size=128, aspect="keep")
-    local = tmp_path / "local.h5"
-    extract_features(data, local, keep, ExtractOptions(batch_size=4, progress=False))
-    extract_on_ray(data, tmp_path / "r.h5", keep, batch_size=4, progress=False,
-                   options=RayOptions(address=cluster.address))
-    assert_same_database(local, tmp_path / "r.h5")
-    with h5py.File(tmp_path / "r.h5") as f:
+    data = make_mixed_orientation_dataset(tmp_path / "d")
+    with h5py.File(same_on_ray_as_locally(data, keep, cluster, tmp_path)) as f:
         assert f.attrs["aspect"] == "keep" and len(f["image_ids"]) == 9
 
 
