@@ -6,9 +6,15 @@ is never half-written and two writers never share one. ``rows_done`` is bumped o
 is flushed, which makes an interrupted run resumable from the last good batch; every change draws
 a new ``content_id``, the key of every cache kept beside the database. The layout is described in
 ``ris.featuredb``.
+
+A resume never writes into the file an interrupted run left: HDF5 writes metadata whenever its cache
+evicts it, so after a kill the committed rows read back intact but the file's free-space and heap
+bookkeeping may be a mix of two moments, and extending it corrupted the finished database (7 of 20
+kill-and-resume cycles). The committed rows are copied into a new file, which the run continues.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -23,7 +29,7 @@ from ris.errors import DatabaseError
 from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
                            decode_names, encode_names, fingerprint, partial_path)
 from ris.recipe_diff import describe_difference
-from ris.sidecars import WriterLock, clear_sidecars, fsync_dir, fsync_file, new_content_id
+from ris.sidecars import WriterLock, atomic_write, clear_sidecars, fsync_dir, fsync_file, new_content_id
 
 
 class FeatureWriter:
@@ -81,11 +87,29 @@ class FeatureWriter:
         if self.kind == "append" and base is not None and base != self.base_id:
             return self._discard_partial(f"it was an --append onto {self.path} before that changed")
         try:
+            self._copy_committed()
             self._open_existing()
         except DatabaseError:
             raise
         except Exception as exc:
             self._discard_partial(f"it was damaged ({exc})", damaged=True)
+
+    def _copy_committed(self) -> None:
+        """Replace the interrupted run's partial by a new file holding only its committed content."""
+        for stale in self.tmp.parent.glob(f"{glob.escape(self.tmp.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)  # a copy a killed resume left (we hold the lock)
+        with h5py.File(self.tmp, "r") as src:
+            old, new = fingerprint(dict(src.attrs)), fingerprint(self.attrs)
+            if old != new:  # refused before anything is copied
+                raise _recipe_refusal(self.tmp, old, new)
+            rows, failed = int(src.attrs.get("rows_done", 0)), int(src.attrs.get("failed_done", 0))
+            with atomic_write(self.tmp) as fresh, h5py.File(fresh, "w") as dst:
+                for name, item in src.items():
+                    if isinstance(item, h5py.Dataset):
+                        n = failed if name in FAILURE_DATASETS else rows if item.maxshape[:1] == (None,) else len(item)
+                        _copy_rows(item, dst, name, n)
+                for k, v in src.attrs.items():
+                    dst.attrs[k] = v
 
     def _discard_partial(self, why: str, damaged: bool = False) -> None:
         if self.f is not None:
@@ -139,10 +163,7 @@ class FeatureWriter:
             old = fingerprint(dict(f.attrs))
             new = fingerprint(self.attrs)
             if old != new:
-                where = self.path if self.kind == "append" else self.tmp
-                raise DatabaseError(f"{where}: existing features were made differently ({describe_difference(old, new)}); "
-                                    "ris-extract --sync adds new images with the database's own recipe; or use a new "
-                                    "--features-db, or --overwrite to replace it")
+                raise _recipe_refusal(self.path if self.kind == "append" else self.tmp, old, new)
             rows = int(f.attrs.get("rows_done", 0))
             if "ids" not in f:  # made before stable ids: the rows so far get their row numbers
                 _create_row_datasets(f, rows)
@@ -182,7 +203,7 @@ class FeatureWriter:
 
     def _changed(self) -> None:
         """Any change makes every cache made from the old content stale: new content key."""
-        self.f.attrs["content_id"] = new_content_id()
+        self.f.attrs.modify("content_id", new_content_id())
 
     # -- writing -------------------------------------------------------------------------
     def done_ids(self) -> set[str]:
@@ -203,8 +224,8 @@ class FeatureWriter:
         self.f["ids"][rows:] = np.arange(first, first + n, dtype=np.int64)
         self.f["added_at"][rows:] = time.time()
         self.f.flush()
-        self.f.attrs["rows_done"] = rows + n
-        self.f.attrs["next_id"] = first + n
+        self.f.attrs.modify("rows_done", rows + n)  # in place: h5py's item assignment deletes and re-creates
+        self.f.attrs.modify("next_id", first + n)
         self._changed()
         self.f.flush()
 
@@ -218,7 +239,7 @@ class FeatureWriter:
         self.f["failed_ids"][n:] = encode_names(i for i, _ in failures)
         self.f["failed_reasons"][n:] = encode_names(r for _, r in failures)
         self.f.flush()
-        self.f.attrs["failed_done"] = n + len(failures)
+        self.f.attrs.modify("failed_done", n + len(failures))
         self._changed()
         self.f.flush()
 
@@ -262,6 +283,24 @@ class FeatureWriter:
             self.f = None
         self.tmp.unlink(missing_ok=True)
         self.close()
+
+
+FAILURE_DATASETS = ("failed_ids", "failed_reasons")
+
+
+def _recipe_refusal(where: Path, old: dict, new: dict) -> DatabaseError:
+    return DatabaseError(f"{where}: existing features were made differently ({describe_difference(old, new)}); "
+                         "ris-extract --sync adds new images with the database's own recipe; or use a new "
+                         "--features-db, or --overwrite to replace it")
+
+
+def _copy_rows(src: h5py.Dataset, dst: h5py.File, name: str, n: int, block_bytes: int = 64 << 20) -> None:
+    """The first ``n`` rows of ``src`` into a new dataset of the same type and layout, in blocks."""
+    out = dst.create_dataset(name, shape=(n, *src.shape[1:]), maxshape=src.maxshape, dtype=src.dtype,
+                             chunks=src.chunks)
+    step = max(1, block_bytes // max(1, src.dtype.itemsize * int(np.prod(src.shape[1:], dtype=np.int64))))
+    for start in range(0, n, step):
+        out[start : start + step] = src[start : min(n, start + step)]
 
 
 def _create_row_datasets(f: h5py.File, rows: int) -> None:

@@ -1,0 +1,118 @@
+"""The feature writer after a kill: a resumed run never writes into the file the killed run left.
+
+HDF5 writes its metadata whenever its cache evicts it, so a file whose writer was killed can be read
+(its committed rows are intact) but not extended: continuing to write into it corrupted the finished
+database in 7 of 20 kill-and-resume cycles (``bad heap pointer`` on reading it, or the resumed run
+failing mid-write). A resume copies the committed rows into a new file and continues there.
+"""
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from ris.featuredb import FeatureDB, partial_path
+from ris.featurewriter import FeatureWriter
+from ris.testing import committed_rows
+
+ATTRS = {"model": "m", "weights": "w", "layer": "l", "input_size": 32, "scales": [1.0], "pooling": "gap"}
+
+# a writer that never ends by itself: 8-row batches of row number features, a failure every 8 batches
+ENDLESS_WRITER = r"""
+import sys, numpy as np
+from ris.featurewriter import FeatureWriter
+w = FeatureWriter(sys.argv[1], {"model": "m", "pooling": "gap"}, (16,), ["even", "odd"])
+start = w.rows
+for s in range(start, 10**9, 8):
+    w.add([f"{i:07d}.jpg" for i in range(s, s + 8)], np.repeat(np.arange(s, s + 8, dtype=np.float32)[:, None], 16, 1),
+          ["odd" if i % 2 else "even" for i in range(s, s + 8)])
+    if s % 64 == 0:
+        w.add_failures([(f"bad{s}.jpg", f"bad{s}.jpg: empty file")])
+"""
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_a_resume_never_writes_into_the_file_the_interrupted_run_left(tmp_path):
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (3,), ["x"])
+    w.add(["a", "b"], np.arange(6, dtype=np.float32).reshape(2, 3), ["x", ""])
+    w.add_failures([("c", "c: empty file")])
+    w.close()  # as a killed run leaves it
+    left = tmp_path / "left-by-the-killed-run.h5"
+    os.link(partial_path(path), left)  # the same file (inode): any write into it shows here
+    before = _sha(left)
+    w2 = FeatureWriter(path, ATTRS, (3,), ["x"])
+    assert w2.resumed_rows == 2 and w2.done_ids() == {"a", "b", "c"}
+    w2.add(["d"], np.full((1, 3), 9, np.float32), ["x"])
+    w2.finish()
+    assert _sha(left) == before
+    with FeatureDB(path) as db:
+        assert db.image_ids == ["a", "b", "d"] and db.labels.tolist() == [0, -1, 0]
+        assert db.features[:].tolist() == [[0, 1, 2], [3, 4, 5], [9, 9, 9]]
+        assert db.failures == [("c", "c: empty file")]
+        assert db.row_ids.tolist() == [0, 1, 2]
+
+
+def test_a_resume_keeps_the_ids_lineage_and_added_times_of_committed_rows(tmp_path):
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (2,), [])
+    w.add(["a", "b"], np.ones((2, 2), np.float32), ["", ""])
+    w.close()
+    with h5py.File(partial_path(path), "r") as f:
+        lineage, added = f.attrs["lineage_id"], f["added_at"][:]
+    w2 = FeatureWriter(path, ATTRS, (2,), [])
+    w2.add(["c"], np.ones((1, 2), np.float32), [""])
+    w2.finish()
+    with h5py.File(path, "r") as f:
+        assert f.attrs["lineage_id"] == lineage and f.attrs["next_id"] == 3
+        assert f["ids"][:].tolist() == [0, 1, 2] and f["added_at"][:2].tolist() == added.tolist()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _kill_when_committed(db, at_least: int) -> int:
+    proc = subprocess.Popen([sys.executable, "-c", ENDLESS_WRITER, str(db)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and committed_rows(db) < at_least:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.3))  # somewhere in the middle of a batch, or of a flush
+    if proc.poll() is not None:
+        pytest.fail(f"the writer ended before it was killed: {proc.stderr.read()[-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return committed_rows(db)
+
+
+@pytest.mark.slow
+def test_runs_killed_at_random_moments_and_resumed_finish_whole_and_right(tmp_path):
+    random.seed(1)
+    db = tmp_path / "f.h5"
+    committed = 0
+    for cycle in range(8):  # each resume continues the file the previous kill left
+        committed = max(committed, _kill_when_committed(db, committed + random.randint(800, 4000)))
+    w = FeatureWriter(db, {"model": "m", "pooling": "gap"}, (16,), ["even", "odd"])
+    assert w.resumed_rows >= committed - 8 and w.discarded_partial is None
+    rows = w.rows
+    w.add([f"{i:07d}.jpg" for i in range(rows, rows + 8)], np.repeat(np.arange(rows, rows + 8, dtype=np.float32)[:, None],
+                                                                     16, 1), ["odd" if i % 2 else "even" for i in range(rows, rows + 8)])
+    w.finish()
+    with h5py.File(db, "r") as f:
+        attrs = dict(f.attrs)  # every attribute readable (it was not: "bad heap pointer")
+        assert attrs["complete"] and int(attrs["rows_done"]) == rows + 8
+    with FeatureDB(db) as fdb:
+        n = rows + 8
+        assert fdb.image_ids == [f"{i:07d}.jpg" for i in range(n)]
+        np.testing.assert_array_equal(fdb.features[:], np.repeat(np.arange(n, dtype=np.float32)[:, None], 16, 1))
+        assert fdb.labels.tolist() == [i % 2 for i in range(n)]
+        assert fdb.row_ids.tolist() == list(range(n))
+        failed = [name for name, _ in fdb.failures]
+        assert len(failed) == len(set(failed)) and all(int(name[3:-4]) < n for name in failed)
