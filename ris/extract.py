@@ -215,7 +215,7 @@ def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: 
     try:
         extractor = extractor or build_extractor(config)
         writer = FeatureWriter(features_db, {**extractor.attrs(), **attrs}, extractor.output_shape, label_names,
-                               append=opts.append, overwrite=opts.overwrite, lock=lock)
+                               append=opts.append, overwrite=opts.overwrite, lock=lock, log=opts.log)
     except BaseException:
         lock.release()
         raise

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import h5py
 import numpy as np
@@ -38,11 +38,12 @@ class FeatureWriter:
     Holds ``<path>.lock`` from construction to ``finish``/``close``/``discard`` (a ``lock`` passed
     in, already acquired, is taken over). ``append``: continue from the finished database;
     ``overwrite``: build a new one that replaces it at ``finish`` (the old one stays usable until then).
+    ``log`` hears about long setup work (the copy a resume makes).
     """
 
     def __init__(self, path: str | Path, attrs: dict[str, Any], feature_shape: tuple[int, ...],
                  label_names: list[str], append: bool = False, overwrite: bool = False, resume: bool = True,
-                 lock: WriterLock | None = None):
+                 lock: WriterLock | None = None, log: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.tmp = partial_path(path)
         # every fingerprint key is written (None as 'none'): readers require them all
@@ -50,6 +51,7 @@ class FeatureWriter:
         self.resumed_rows = 0
         self.discarded_partial: str | None = None
         self.f: h5py.File | None = None
+        self.log = log or (lambda line: None)
         check_target(self.path, append, overwrite)  # before the lock: no .lock beside a directory
         self.lock = lock if lock is not None else WriterLock(self.path).acquire()
         try:
@@ -103,6 +105,8 @@ class FeatureWriter:
             if old != new:  # refused before anything is copied
                 raise _recipe_refusal(self.tmp, old, new)
             rows, failed = int(src.attrs.get("rows_done", 0)), int(src.attrs.get("failed_done", 0))
+            self.log(f"resuming: copying the {rows} committed images of {self.tmp.name} into a new file "
+                     "(an interrupted HDF5 file is read, never extended)")
             with atomic_write(self.tmp) as fresh, h5py.File(fresh, "w") as dst:
                 for name, item in src.items():
                     if isinstance(item, h5py.Dataset):

@@ -50,8 +50,11 @@ def test_a_resume_never_writes_into_the_file_the_interrupted_run_left(tmp_path):
     left = tmp_path / "left-by-the-killed-run.h5"
     os.link(partial_path(path), left)  # the same file (inode): any write into it shows here
     before = _sha(left)
-    w2 = FeatureWriter(path, ATTRS, (3,), ["x"])
+    said: list[str] = []
+    w2 = FeatureWriter(path, ATTRS, (3,), ["x"], log=said.append)
     assert w2.resumed_rows == 2 and w2.done_ids() == {"a", "b", "c"}
+    assert said == ["resuming: copying the 2 committed images of f.h5.partial into a new file "
+                    "(an interrupted HDF5 file is read, never extended)"]
     w2.add(["d"], np.full((1, 3), 9, np.float32), ["x"])
     w2.finish()
     assert _sha(left) == before
