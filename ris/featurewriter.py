@@ -11,6 +11,8 @@ A resume never writes into the file an interrupted run left: HDF5 writes metadat
 evicts it, so after a kill the committed rows read back intact but the file's free-space and heap
 bookkeeping may be a mix of two moments, and extending it corrupted the finished database (7 of 20
 kill-and-resume cycles). The committed rows are copied into a new file, which the run continues.
+Each batch is written with a checksum (``commit_crc``, a partial's bookkeeping, dropped at
+``finish``); rows that read back different from what was written are extracted again, not trusted.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -56,7 +59,7 @@ class FeatureWriter:
         self.lock = lock if lock is not None else WriterLock(self.path).acquire()
         try:
             check_target(self.path, append, overwrite)  # again: another writer may have finished meanwhile
-            self.base_id = _finished_content_id(self.path) if append and self.path.exists() else None
+            self.base_id, self.base_rows = _finished_base(self.path) if append and self.path.exists() else (None, 0)
             self.kind = "append" if self.base_id is not None else ("overwrite" if overwrite else "create")
             if resume and self.tmp.exists():
                 self._try_resume()
@@ -107,13 +110,21 @@ class FeatureWriter:
             rows, failed = int(src.attrs.get("rows_done", 0)), int(src.attrs.get("failed_done", 0))
             self.log(f"resuming: copying the {rows} committed images of {self.tmp.name} into a new file "
                      "(an interrupted HDF5 file is read, never extended)")
+            verified, commits = _verified_rows(src, rows)
+            if verified < self.base_rows:  # an --append's copy of its base is not ours to cut: start again
+                raise ValueError(f"the rows of {self.path} it copied read back different (checksums)")
+            if verified < rows:
+                self.log(f"warning: {rows - verified} committed images of {self.tmp.name} read back different "
+                         "from what was written (checksums); they are extracted again")
             with atomic_write(self.tmp) as fresh, h5py.File(fresh, "w") as dst:
                 for name, item in src.items():
                     if isinstance(item, h5py.Dataset):
-                        n = failed if name in FAILURE_DATASETS else rows if item.maxshape[:1] == (None,) else len(item)
+                        n = (commits if name == COMMITS else failed if name in FAILURE_DATASETS
+                             else verified if item.maxshape[:1] == (None,) else len(item))
                         _copy_rows(item, dst, name, n)
                 for k, v in src.attrs.items():
                     dst.attrs[k] = v
+                dst.attrs["rows_done"] = verified
 
     def _discard_partial(self, why: str, damaged: bool = False) -> None:
         if self.f is not None:
@@ -149,6 +160,7 @@ class FeatureWriter:
         f.create_dataset("failed_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
         f.create_dataset("failed_reasons", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
         _create_row_datasets(f, 0)
+        _create_commits(f)
         for k, v in self.attrs.items():
             f.attrs[k] = _attr_value(v)
         f.attrs["format_version"] = FORMAT_VERSION
@@ -171,6 +183,8 @@ class FeatureWriter:
             rows = int(f.attrs.get("rows_done", 0))
             if "ids" not in f:  # made before stable ids: the rows so far get their row numbers
                 _create_row_datasets(f, rows)
+            if COMMITS not in f:  # a finished database copied for --append, or a partial made before them
+                _create_commits(f)
             for name in ("features", "image_ids", "labels", "ids", "added_at"):
                 f[name].resize(rows, axis=0)
             nfail = int(f.attrs.get("failed_done", 0))
@@ -227,6 +241,10 @@ class FeatureWriter:
         self.f["labels"][rows:] = np.array([self.label_index.get(l, -1) for l in label_names], dtype=np.int64)
         self.f["ids"][rows:] = np.arange(first, first + n, dtype=np.int64)
         self.f["added_at"][rows:] = time.time()
+        commits = self.f[COMMITS]
+        commits.resize(len(commits) + 1, axis=0)
+        commits[-1] = (rows, rows + n, _batch_crc(self.f["features"][rows:], self.f["image_ids"][rows:],
+                                                  self.f["labels"][rows:]))
         self.f.flush()
         self.f.attrs.modify("rows_done", rows + n)  # in place: h5py's item assignment deletes and re-creates
         self.f.attrs.modify("next_id", first + n)
@@ -258,6 +276,8 @@ class FeatureWriter:
         changed = self.kind != "append" or _plain(self.f.attrs["content_id"]) != self.base_id
         if changed:
             self._changed()
+        if COMMITS in self.f:
+            del self.f[COMMITS]
         self.f.attrs["complete"] = True
         self.f.close()
         self.f = None
@@ -290,6 +310,46 @@ class FeatureWriter:
 
 
 FAILURE_DATASETS = ("failed_ids", "failed_reasons")
+COMMITS = "commit_crc"  # (first row, end row, crc32) per committed batch, while the file is a partial
+
+
+def _create_commits(f: h5py.File) -> None:
+    f.create_dataset(COMMITS, shape=(0, 3), maxshape=(None, 3), dtype="int64", chunks=(1024, 3))
+
+
+def _batch_crc(features: np.ndarray, image_ids: np.ndarray, labels: np.ndarray) -> int:
+    """A batch's checksum as stored (computed from what the file returns, at writing and at resume)."""
+    crc = zlib.crc32(np.ascontiguousarray(features, np.float32).tobytes())
+    crc = zlib.crc32(b"\0".join(bytes(i) for i in image_ids), crc)
+    return zlib.crc32(np.ascontiguousarray(labels, np.int64).tobytes(), crc)
+
+
+def _verified_rows(src: h5py.File, rows: int, block_bytes: int = 64 << 20) -> tuple[int, int]:
+    """(rows, checksum entries) that read back as written: up to the first batch that does not, or
+    whose entry is missing or out of sequence. Rows before the first entry (an --append's copy of
+    its finished base) and partials made before checksums are taken as they are."""
+    if COMMITS not in src:
+        return rows, 0
+    commits = src[COMMITS][:]
+    if not len(commits):
+        return rows, 0
+    end = int(commits[0, 0])
+    row_bytes = 4 * int(np.prod(src["features"].shape[1:], dtype=np.int64))
+    i = 0
+    while i < len(commits) and end < rows:
+        group = i  # read whole blocks of batches, then check each batch in memory
+        while group < len(commits) and commits[group, 1] <= rows and (commits[group, 1] - end) * row_bytes <= block_bytes:
+            group += 1
+        group = max(group, i + 1)
+        first, last = end, int(min(rows, commits[group - 1, 1]))
+        feats, names, labels = (src[n][first:last] for n in ("features", "image_ids", "labels"))
+        for start, stop, crc in commits[i:group]:
+            if start != end or not start < stop <= last or _batch_crc(
+                    feats[start - first : stop - first], names[start - first : stop - first],
+                    labels[start - first : stop - first]) != crc:
+                return end, i
+            end, i = int(stop), i + 1
+    return min(end, rows), i
 
 
 def _recipe_refusal(where: Path, old: dict, new: dict) -> DatabaseError:
@@ -315,7 +375,7 @@ def _create_row_datasets(f: h5py.File, rows: int) -> None:
     f.attrs["next_id"] = max(int(f.attrs.get("next_id", 0)), rows)
 
 
-def _finished_content_id(path: Path) -> str:
-    """Content id of the finished database at ``path``, after checking it is whole (--append)."""
+def _finished_base(path: Path) -> tuple[str, int]:
+    """Content id and rows of the finished database at ``path``, after checking it is whole (--append)."""
     with FeatureDB(path) as db:
-        return db.content_id
+        return db.content_id, len(db)

@@ -81,6 +81,67 @@ def test_a_resume_keeps_the_ids_lineage_and_added_times_of_committed_rows(tmp_pa
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_committed_rows_that_read_back_different_are_extracted_again_not_trusted(tmp_path):
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (3,), ["x"])
+    w.add(["a", "b"], np.ones((2, 3), np.float32), ["x", "x"])
+    w.add(["c", "d"], np.full((2, 3), 2, np.float32), ["x", "x"])
+    w.add(["e"], np.full((1, 3), 3, np.float32), ["x"])
+    w.close()
+    with h5py.File(partial_path(path), "r+") as f:  # what a torn read after a kill would return
+        f["features"][2] = 0.0
+    said: list[str] = []
+    w2 = FeatureWriter(path, ATTRS, (3,), ["x"], log=said.append)
+    assert w2.resumed_rows == 2 and w2.done_ids() == {"a", "b"}
+    assert said[-1] == (f"warning: 3 committed images of f.h5.partial read back different from what was written "
+                        "(checksums); they are extracted again")
+    w2.add(["c", "d", "e"], np.array([[2, 2, 2], [2, 2, 2], [3, 3, 3]], np.float32), ["x"] * 3)
+    w2.finish()
+    with FeatureDB(path) as db:
+        assert db.image_ids == ["a", "b", "c", "d", "e"] and db.features[2].tolist() == [2, 2, 2]
+        assert db.row_ids.tolist() == [0, 1, 5, 6, 7]  # ids are never reused, not even those of dropped rows
+    with h5py.File(path, "r") as f:
+        assert "commit_crc" not in f  # a partial's bookkeeping, not part of the database
+
+
+@pytest.mark.parametrize("torn", ["zeros", "missing"])
+def test_rows_without_a_sound_checksum_entry_are_not_trusted(tmp_path, torn):
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (2,), [])
+    for name in "abc":
+        w.add([name], np.ones((1, 2), np.float32), [""])
+    w.close()
+    with h5py.File(partial_path(path), "r+") as f:
+        if torn == "zeros":  # the entry of the second batch read back as the fill value
+            f["commit_crc"][1] = 0
+        else:  # the last entry lost, rows_done kept
+            f["commit_crc"].resize(2, axis=0)
+    w2 = FeatureWriter(path, ATTRS, (2,), [])
+    assert w2.resumed_rows == (1 if torn == "zeros" else 2)
+    w2.close()
+
+
+def test_an_append_checks_only_its_own_batches(tmp_path):
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (3,), [])
+    w.add(["a"], np.ones((1, 3), np.float32), [""])
+    w.finish()
+    w = FeatureWriter(path, ATTRS, (3,), [], append=True)
+    w.add(["b"], np.full((1, 3), 2, np.float32), [""])
+    w.close()
+    w2 = FeatureWriter(path, ATTRS, (3,), [], append=True)
+    assert w2.resumed_rows == 2
+    w2.close()
+    with h5py.File(partial_path(path), "r+") as f:  # the first checksum entry torn: the base's copy is suspect
+        f["commit_crc"][0] = 0
+    w3 = FeatureWriter(path, ATTRS, (3,), [], append=True)
+    assert w3.resumed_rows == 1 and "checksums" in w3.discarded_partial  # started again from the base
+    w3.add(["b"], np.full((1, 3), 2, np.float32), [""])
+    w3.finish()
+    with FeatureDB(path) as db:
+        assert db.image_ids == ["a", "b"] and db.features[:].tolist() == [[1, 1, 1], [2, 2, 2]]
+
+
 def _kill_when_committed(db, at_least: int) -> int:
     proc = subprocess.Popen([sys.executable, "-c", ENDLESS_WRITER, str(db)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
