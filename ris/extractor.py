@@ -105,6 +105,18 @@ class ExtractConfig:
 RECIPE_VERSION = 2
 
 
+PAD_BUCKETS = 4  # a shape's rows in a mixed batch pad to pad_to, pad_to/2, /4 or /8 rows
+
+
+def padded_rows(n: int, pad_to: int) -> int:
+    """The rows a group of ``n`` images of one shape is padded to, inside a batch of several shapes
+    (JAX compiles one program per batch shape): the smallest of ``ceil(pad_to / 2**k)``, k < 4, that
+    holds them. Padding every group to ``pad_to`` cost up to one extra full batch per shape; this
+    bounds the waste to half of each group (or pad_to/8 rows) for at most 4 programs per shape."""
+    fits = [b for b in (-(-pad_to // 2**k) for k in range(PAD_BUCKETS)) if b >= n]
+    return min(fits) if fits else n
+
+
 def _scale_sizes(base: int, scales: Sequence[float]) -> list[int]:
     return [max(32, int(round(base * s))) for s in scales]
 
@@ -225,12 +237,16 @@ class FeatureExtractor:
         On JAX the forward pass runs asynchronously, so the caller can prepare (and dispatch) the
         next batch before collecting this one. ``pad_to``: pad a short batch with zero images to
         this many rows (JAX compiles once per batch shape; the padding rows are dropped). A list of
-        images of several shapes (``--aspect keep``) goes through the network one shape at a time.
+        images of several shapes (``--aspect keep``) goes through the network one shape at a time,
+        each shape's rows padded only to their bucket (``padded_rows``).
         """
         from ris.aspect import group_rows
 
         groups = group_rows(images)
-        started = [(rows, self._dispatch(batch, pad_to)) for rows, batch in groups]
+        if pad_to and len(groups) > 1:  # a batch of several shapes: each group to its own bucket
+            started = [(rows, self._dispatch(batch, padded_rows(len(batch), pad_to))) for rows, batch in groups]
+        else:
+            started = [(rows, self._dispatch(batch, pad_to)) for rows, batch in groups]
 
         def result() -> np.ndarray:
             if not started:

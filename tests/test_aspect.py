@@ -12,7 +12,7 @@ import pytest
 from ris.aspect import group_rows, input_shape, resize_input, stack_images
 from ris.errors import RisError
 from ris.extract import ExtractOptions, extract_features
-from ris.extractor import ExtractConfig, FeatureExtractor
+from ris.extractor import ExtractConfig, FeatureExtractor, padded_rows
 from ris.testing import attrs_through_hdf5, make_mixed_orientation_dataset
 
 KEEP = ExtractConfig(model="vgg16", weights="none", layer="block5_pool", input_size=128, aspect="keep")
@@ -53,6 +53,32 @@ def test_a_batch_of_several_shapes_is_described_as_each_image_alone(extra):
     for img, row in zip(images, together):
         np.testing.assert_allclose(row, ext.embed(img[None])[0], atol=2e-5)
     assert np.abs(together[0] - together[3]).max() > 1e-3  # different images, different rows
+
+
+def test_each_shape_of_a_mixed_batch_is_padded_only_to_its_bucket():
+    assert [padded_rows(n, 64) for n in (1, 8, 9, 16, 17, 33, 64)] == [8, 8, 16, 16, 32, 64, 64]
+    assert [padded_rows(n, 48) for n in (1, 6, 7, 13, 25)] == [6, 6, 12, 24, 48]
+    assert padded_rows(3, 1) == 3  # a group larger than the batch (never asked) is left as it is
+
+
+def test_a_mixed_batch_padded_for_jax_runs_bucketed_passes_and_gives_each_image_alone():
+    """JAX compiles one program per batch shape, so short groups are padded with zero images; a
+    mixed batch pads each shape's rows to its bucket (here 5 -> 8 and 2 -> 4 of a 32-row batch), not
+    to 32 each."""
+    rng = np.random.default_rng(1)
+    shapes = [(96, 160)] * 5 + [(160, 96)] * 2
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    ext = FeatureExtractor(KEEP)
+    alone = np.stack([ext.embed(img[None])[0] for img in images])
+    ext._pad_batches = True  # as on JAX (the padding rows are computed, then dropped)
+    seen = []
+    ext._forward = [lambda x, fwd=fwd: (seen.append(x.shape[:3]), fwd(x))[1] for fwd in ext._forward]
+    together = ext.embed_async(images, pad_to=32)()
+    assert sorted(seen) == [(4, 160, 96), (8, 96, 160)]
+    np.testing.assert_allclose(together, alone, atol=2e-5)
+    seen.clear()
+    ext.embed_async(images[:5], pad_to=32)()  # one shape (the last, short batch): the full batch, as before
+    assert seen == [(32, 96, 160)]
 
 
 def test_keep_is_recorded_only_when_on_and_refused_where_it_cannot_apply(tmp_path):
