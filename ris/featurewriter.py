@@ -7,21 +7,15 @@ is flushed, which makes an interrupted run resumable from the last good batch; e
 a new ``content_id``, the key of every cache kept beside the database. The layout is described in
 ``ris.featuredb``.
 
-A resume never writes into the file an interrupted run left: HDF5 writes metadata whenever its cache
-evicts it, so after a kill the committed rows read back intact but the file's free-space and heap
-bookkeeping may be a mix of two moments, and extending it corrupted the finished database (7 of 20
-kill-and-resume cycles). The committed rows are copied into a new file, which the run continues.
-Each batch is written with a checksum (``commit_crc``, a partial's bookkeeping, dropped at
-``finish``); rows that read back different from what was written are extracted again, not trusted.
+A resume never writes into the file an interrupted run left; it continues in a copy of the rows
+committed there whose batch checksums hold (``ris.partial``).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,8 +25,8 @@ import numpy as np
 from ris.errors import DatabaseError
 from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
                            decode_names, encode_names, fingerprint, partial_path)
-from ris.recipe_diff import describe_difference
-from ris.sidecars import WriterLock, atomic_write, clear_sidecars, fsync_dir, fsync_file, new_content_id
+from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits, recipe_refusal
+from ris.sidecars import WriterLock, clear_sidecars, fsync_dir, fsync_file, new_content_id
 
 
 class FeatureWriter:
@@ -92,39 +86,20 @@ class FeatureWriter:
         if self.kind == "append" and base is not None and base != self.base_id:
             return self._discard_partial(f"it was an --append onto {self.path} before that changed")
         try:
-            self._copy_committed()
+            copy_committed(self.tmp, self.attrs, self.path, self.base_rows, self.log)
+        except Damaged as exc:
+            return self._discard_partial(f"it was damaged ({exc})", damaged=True)
+        except DatabaseError:
+            raise
+        except Exception as exc:  # writing the copy failed (a full disk): the committed rows stay
+            raise DatabaseError(f"{self.tmp}: could not copy its committed rows into a new file to resume "
+                                f"({exc}); it is kept: run again once that is fixed") from None
+        try:
             self._open_existing()
         except DatabaseError:
             raise
         except Exception as exc:
             self._discard_partial(f"it was damaged ({exc})", damaged=True)
-
-    def _copy_committed(self) -> None:
-        """Replace the interrupted run's partial by a new file holding only its committed content."""
-        for stale in self.tmp.parent.glob(f"{glob.escape(self.tmp.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)  # a copy a killed resume left (we hold the lock)
-        with h5py.File(self.tmp, "r") as src:
-            old, new = fingerprint(dict(src.attrs)), fingerprint(self.attrs)
-            if old != new:  # refused before anything is copied
-                raise _recipe_refusal(self.tmp, old, new)
-            rows, failed = int(src.attrs.get("rows_done", 0)), int(src.attrs.get("failed_done", 0))
-            self.log(f"resuming: copying the {rows} committed images of {self.tmp.name} into a new file "
-                     "(an interrupted HDF5 file is read, never extended)")
-            verified, commits = _verified_rows(src, rows)
-            if verified < self.base_rows:  # an --append's copy of its base is not ours to cut: start again
-                raise ValueError(f"the rows of {self.path} it copied read back different (checksums)")
-            if verified < rows:
-                self.log(f"warning: {rows - verified} committed images of {self.tmp.name} read back different "
-                         "from what was written (checksums); they are extracted again")
-            with atomic_write(self.tmp) as fresh, h5py.File(fresh, "w") as dst:
-                for name, item in src.items():
-                    if isinstance(item, h5py.Dataset):
-                        n = (commits if name == COMMITS else failed if name in FAILURE_DATASETS
-                             else verified if item.maxshape[:1] == (None,) else len(item))
-                        _copy_rows(item, dst, name, n)
-                for k, v in src.attrs.items():
-                    dst.attrs[k] = v
-                dst.attrs["rows_done"] = verified
 
     def _discard_partial(self, why: str, damaged: bool = False) -> None:
         if self.f is not None:
@@ -160,7 +135,7 @@ class FeatureWriter:
         f.create_dataset("failed_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
         f.create_dataset("failed_reasons", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
         _create_row_datasets(f, 0)
-        _create_commits(f)
+        create_commits(f)
         for k, v in self.attrs.items():
             f.attrs[k] = _attr_value(v)
         f.attrs["format_version"] = FORMAT_VERSION
@@ -179,12 +154,12 @@ class FeatureWriter:
             old = fingerprint(dict(f.attrs))
             new = fingerprint(self.attrs)
             if old != new:
-                raise _recipe_refusal(self.path if self.kind == "append" else self.tmp, old, new)
+                raise recipe_refusal(self.path if self.kind == "append" else self.tmp, old, new)
             rows = int(f.attrs.get("rows_done", 0))
             if "ids" not in f:  # made before stable ids: the rows so far get their row numbers
                 _create_row_datasets(f, rows)
             if COMMITS not in f:  # a finished database copied for --append, or a partial made before them
-                _create_commits(f)
+                create_commits(f)
             for name in ("features", "image_ids", "labels", "ids", "added_at"):
                 f[name].resize(rows, axis=0)
             nfail = int(f.attrs.get("failed_done", 0))
@@ -243,7 +218,7 @@ class FeatureWriter:
         self.f["added_at"][rows:] = time.time()
         commits = self.f[COMMITS]
         commits.resize(len(commits) + 1, axis=0)
-        commits[-1] = (rows, rows + n, _batch_crc(self.f["features"][rows:], self.f["image_ids"][rows:],
+        commits[-1] = (rows, rows + n, batch_crc(self.f["features"][rows:], self.f["image_ids"][rows:],
                                                   self.f["labels"][rows:]))
         self.f.flush()
         self.f.attrs.modify("rows_done", rows + n)  # in place: h5py's item assignment deletes and re-creates
@@ -307,64 +282,6 @@ class FeatureWriter:
             self.f = None
         self.tmp.unlink(missing_ok=True)
         self.close()
-
-
-FAILURE_DATASETS = ("failed_ids", "failed_reasons")
-COMMITS = "commit_crc"  # (first row, end row, crc32) per committed batch, while the file is a partial
-
-
-def _create_commits(f: h5py.File) -> None:
-    f.create_dataset(COMMITS, shape=(0, 3), maxshape=(None, 3), dtype="int64", chunks=(1024, 3))
-
-
-def _batch_crc(features: np.ndarray, image_ids: np.ndarray, labels: np.ndarray) -> int:
-    """A batch's checksum as stored (computed from what the file returns, at writing and at resume)."""
-    crc = zlib.crc32(np.ascontiguousarray(features, np.float32).tobytes())
-    crc = zlib.crc32(b"\0".join(bytes(i) for i in image_ids), crc)
-    return zlib.crc32(np.ascontiguousarray(labels, np.int64).tobytes(), crc)
-
-
-def _verified_rows(src: h5py.File, rows: int, block_bytes: int = 64 << 20) -> tuple[int, int]:
-    """(rows, checksum entries) that read back as written: up to the first batch that does not, or
-    whose entry is missing or out of sequence. Rows before the first entry (an --append's copy of
-    its finished base) and partials made before checksums are taken as they are."""
-    if COMMITS not in src:
-        return rows, 0
-    commits = src[COMMITS][:]
-    if not len(commits):
-        return rows, 0
-    end = int(commits[0, 0])
-    row_bytes = 4 * int(np.prod(src["features"].shape[1:], dtype=np.int64))
-    i = 0
-    while i < len(commits) and end < rows:
-        group = i  # read whole blocks of batches, then check each batch in memory
-        while group < len(commits) and commits[group, 1] <= rows and (commits[group, 1] - end) * row_bytes <= block_bytes:
-            group += 1
-        group = max(group, i + 1)
-        first, last = end, int(min(rows, commits[group - 1, 1]))
-        feats, names, labels = (src[n][first:last] for n in ("features", "image_ids", "labels"))
-        for start, stop, crc in commits[i:group]:
-            if start != end or not start < stop <= last or _batch_crc(
-                    feats[start - first : stop - first], names[start - first : stop - first],
-                    labels[start - first : stop - first]) != crc:
-                return end, i
-            end, i = int(stop), i + 1
-    return min(end, rows), i
-
-
-def _recipe_refusal(where: Path, old: dict, new: dict) -> DatabaseError:
-    return DatabaseError(f"{where}: existing features were made differently ({describe_difference(old, new)}); "
-                         "ris-extract --sync adds new images with the database's own recipe; or use a new "
-                         "--features-db, or --overwrite to replace it")
-
-
-def _copy_rows(src: h5py.Dataset, dst: h5py.File, name: str, n: int, block_bytes: int = 64 << 20) -> None:
-    """The first ``n`` rows of ``src`` into a new dataset of the same type and layout, in blocks."""
-    out = dst.create_dataset(name, shape=(n, *src.shape[1:]), maxshape=src.maxshape, dtype=src.dtype,
-                             chunks=src.chunks)
-    step = max(1, block_bytes // max(1, src.dtype.itemsize * int(np.prod(src.shape[1:], dtype=np.int64))))
-    for start in range(0, n, step):
-        out[start : start + step] = src[start : min(n, start + step)]
 
 
 def _create_row_datasets(f: h5py.File, rows: int) -> None:

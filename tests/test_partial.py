@@ -1,0 +1,65 @@
+"""ris.partial: what a resume reads from the file an interrupted run left, and what it copies."""
+import contextlib
+import hashlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import ris.partial
+from ris.errors import DatabaseError
+from ris.featuredb import partial_path
+from ris.featurewriter import FeatureWriter
+from ris.partial import Damaged, copy_committed, verified_rows
+
+ATTRS = {"model": "m", "weights": "w", "layer": "l", "input_size": 32, "scales": [1.0], "pooling": "gap"}
+
+
+def _interrupted(path: Path, batches: int = 3) -> Path:
+    w = FeatureWriter(path, ATTRS, (2,), [])
+    for i in range(batches):
+        w.add([f"{i}.jpg"], np.full((1, 2), i, np.float32), [""])
+    w.close()
+    return partial_path(path)
+
+
+def test_a_copy_that_cannot_be_written_keeps_the_interrupted_runs_file(tmp_path, monkeypatch):
+    partial = _interrupted(tmp_path / "f.h5")
+    before = hashlib.sha256(partial.read_bytes()).hexdigest()
+
+    @contextlib.contextmanager
+    def full_disk(path):  # the new file cannot be made (as on a full disk)
+        yield tmp_path / "no-such-folder" / "copy.h5"
+
+    monkeypatch.setattr(ris.partial, "atomic_write", full_disk)
+    with pytest.raises(DatabaseError, match=r"f\.h5\.partial: could not copy its committed rows into a new file "
+                                            r"to resume \(.*\); it is kept: run again once that is fixed"):
+        FeatureWriter(tmp_path / "f.h5", ATTRS, (2,), [])
+    assert hashlib.sha256(partial.read_bytes()).hexdigest() == before
+    monkeypatch.undo()
+    w = FeatureWriter(tmp_path / "f.h5", ATTRS, (2,), [])  # once that is fixed, nothing was lost
+    assert w.resumed_rows == 3
+    w.close()
+
+
+def test_a_file_that_cannot_be_read_is_damaged(tmp_path):
+    bad = tmp_path / "f.h5.partial"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    with pytest.raises(Damaged):
+        copy_committed(bad, ATTRS, tmp_path / "f.h5", 0, lambda line: None)
+    w = FeatureWriter(tmp_path / "f.h5", ATTRS, (2,), [])  # the writer starts over, saying why
+    assert w.resumed_rows == 0 and "damaged" in w.discarded_partial
+    w.close()
+
+
+def test_verified_rows_stop_at_the_first_batch_that_reads_back_different(tmp_path):
+    partial = _interrupted(tmp_path / "f.h5", batches=4)
+    with h5py.File(partial, "r") as f:
+        assert verified_rows(f, 4) == (4, 4)
+        assert verified_rows(f, 2) == (2, 2)  # rows_done lags the entries: only committed batches
+        assert verified_rows(f, 4, block_bytes=1) == (4, 4)  # one batch per block
+    with h5py.File(partial, "r+") as f:
+        f["image_ids"][2] = b"other.jpg"
+    with h5py.File(partial, "r") as f:
+        assert verified_rows(f, 4) == (2, 2)
