@@ -12,12 +12,14 @@ committed there whose batch checksums hold (``ris.partial``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -25,7 +27,8 @@ import numpy as np
 from ris.errors import DatabaseError
 from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
                            decode_names, encode_names, fingerprint, partial_path)
-from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits, recipe_refusal
+from ris.imagefile import human_bytes
+from ris.partial import COMMITS, SPACE_RESERVE, Damaged, batch_crc, copy_committed, create_commits, recipe_refusal
 from ris.sidecars import WriterLock, clear_sidecars, fsync_dir, fsync_file, new_content_id
 
 
@@ -46,6 +49,7 @@ class FeatureWriter:
         # every fingerprint key is written (None as 'none'): readers require them all
         self.attrs = {**{k: None for k in FINGERPRINT_KEYS}, **attrs, "feature_shape": list(feature_shape)}
         self.resumed_rows = 0
+        self.committed = 0  # rows committed, counted here
         self.discarded_partial: str | None = None
         self.f: h5py.File | None = None
         self.log = log or (lambda line: None)
@@ -92,6 +96,7 @@ class FeatureWriter:
         except DatabaseError:
             raise
         except Exception as exc:  # writing the copy failed (a full disk): the committed rows stay
+            WRITE_FAILED.append(self.tmp)
             raise DatabaseError(f"{self.tmp}: could not copy its committed rows into a new file to resume "
                                 f"({exc}); it is kept: run again once that is fixed") from None
         try:
@@ -182,7 +187,7 @@ class FeatureWriter:
             if k not in FINGERPRINT_KEYS:
                 f.attrs[k] = _attr_value(v)
         self.f = f
-        self.resumed_rows = rows
+        self.resumed_rows = self.committed = rows
 
     def _set_label_names(self, names: list[str]) -> None:
         old = decode_names(self.f["label_names"][:]) if "label_names" in self.f else []
@@ -207,54 +212,90 @@ class FeatureWriter:
         n = len(ids)
         if n == 0:
             return
-        rows = int(self.f.attrs["rows_done"])
-        first = int(self.f.attrs["next_id"])
-        for name in ("features", "image_ids", "labels", "ids", "added_at"):
-            self.f[name].resize(rows + n, axis=0)
-        self.f["features"][rows:] = features.astype(np.float32, copy=False)
-        self.f["image_ids"][rows:] = encode_names(ids)
-        self.f["labels"][rows:] = np.array([self.label_index.get(l, -1) for l in label_names], dtype=np.int64)
-        self.f["ids"][rows:] = np.arange(first, first + n, dtype=np.int64)
-        self.f["added_at"][rows:] = time.time()
-        commits = self.f[COMMITS]
-        commits.resize(len(commits) + 1, axis=0)
-        commits[-1] = (rows, rows + n, batch_crc(self.f["features"][rows:], self.f["image_ids"][rows:],
-                                                  self.f["labels"][rows:]))
-        self.f.flush()
-        self.f.attrs.modify("rows_done", rows + n)  # in place: h5py's item assignment deletes and re-creates
-        self.f.attrs.modify("next_id", first + n)
-        self._changed()
-        self.f.flush()
+        features = features.astype(np.float32, copy=False)
+        chunk = self.f["features"].chunks
+        self._check_space(2 * (features.nbytes + 4 * int(np.prod(chunk, dtype=np.int64))))
+        with self._writing():
+            rows = int(self.f.attrs["rows_done"])
+            first = int(self.f.attrs["next_id"])
+            for name in ("features", "image_ids", "labels", "ids", "added_at"):
+                self.f[name].resize(rows + n, axis=0)
+            names, labels = encode_names(ids), np.array([self.label_index.get(l, -1) for l in label_names], np.int64)
+            self.f["features"][rows:] = features
+            self.f["image_ids"][rows:] = names
+            self.f["labels"][rows:] = labels
+            self.f["ids"][rows:] = np.arange(first, first + n, dtype=np.int64)
+            self.f["added_at"][rows:] = time.time()
+            crc = batch_crc(features, names, labels)  # of what was meant to be written
+            commits = self.f[COMMITS]
+            commits.resize(len(commits) + 1, axis=0)
+            commits[-1] = (rows, rows + n, crc)
+            self.f.flush()
+            if batch_crc(*(self.f[k][rows:] for k in ("features", "image_ids", "labels"))) != crc:
+                raise OSError("the batch read back different from what was written; is the disk full?")  # seen on one
+            self.f.attrs.modify("rows_done", rows + n)  # in place: h5py's item assignment deletes and re-creates
+            self.f.attrs.modify("next_id", first + n)
+            self._changed()
+            self.f.flush()
+        self.committed = rows + n
 
     def add_failures(self, failures: Iterable[tuple[str, str]]) -> None:
         failures = list(failures)
         if not failures:
             return
-        n = int(self.f.attrs.get("failed_done", 0))
-        for name in ("failed_ids", "failed_reasons"):
-            self.f[name].resize(n + len(failures), axis=0)
-        self.f["failed_ids"][n:] = encode_names(i for i, _ in failures)
-        self.f["failed_reasons"][n:] = encode_names(r for _, r in failures)
-        self.f.flush()
-        self.f.attrs.modify("failed_done", n + len(failures))
-        self._changed()
-        self.f.flush()
+        self._check_space(0)
+        with self._writing():
+            n = int(self.f.attrs.get("failed_done", 0))
+            for name in ("failed_ids", "failed_reasons"):
+                self.f[name].resize(n + len(failures), axis=0)
+            self.f["failed_ids"][n:] = encode_names(i for i, _ in failures)
+            self.f["failed_reasons"][n:] = encode_names(r for _, r in failures)
+            self.f.flush()
+            self.f.attrs.modify("failed_done", n + len(failures))
+            self._changed()
+            self.f.flush()
+
+    def _check_space(self, batch_bytes: int) -> None:
+        """Stop before the disk is full: HDF5 that runs out of space mid-write cannot close its file
+        (each later close fails again, and the process crashes at exit)."""
+        need = SPACE_RESERVE + batch_bytes
+        free = shutil.disk_usage(self.tmp.parent).free
+        if free < need:
+            raise DatabaseError(f"{self.tmp.parent}: not enough free space to write the next batch "
+                                f"({human_bytes(free)} free, about {human_bytes(need)} needed); {_kept(self.committed)} "
+                                f"in {self.tmp.name}: free space and run the same command again to resume")
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write that fails (the disk filled meanwhile, an I/O error) ends this writer in one line
+        that says what is kept; the file is not touched again (``WRITE_FAILED``)."""
+        try:
+            yield
+        except (DatabaseError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            WRITE_FAILED.append(self.tmp)
+            self._failed_file, self.f = self.f, None  # kept referenced: closing it fails again
+            raise DatabaseError(f"{self.tmp}: could not write ({_os_reason(exc)}); {_kept(self.committed)}: "
+                                "run the same command again to resume once that is fixed") from None
 
     @property
     def rows(self) -> int:
-        return int(self.f.attrs["rows_done"])
+        """Rows committed (counted here, so that it can be read after a failed write)."""
+        return self.committed
 
     def finish(self, extra_attrs: dict[str, Any] | None = None) -> Path:
         """Mark complete, rename into place, release the lock; caches of replaced content go."""
-        for k, v in (extra_attrs or {}).items():
-            self.f.attrs[k] = _attr_value(v)
-        changed = self.kind != "append" or _plain(self.f.attrs["content_id"]) != self.base_id
-        if changed:
-            self._changed()
-        if COMMITS in self.f:
-            del self.f[COMMITS]
-        self.f.attrs["complete"] = True
-        self.f.close()
+        with self._writing():
+            for k, v in (extra_attrs or {}).items():
+                self.f.attrs[k] = _attr_value(v)
+            changed = self.kind != "append" or _plain(self.f.attrs["content_id"]) != self.base_id
+            if changed:
+                self._changed()
+            if COMMITS in self.f:
+                del self.f[COMMITS]
+            self.f.attrs["complete"] = True
+            self.f.close()
         self.f = None
         fsync_file(self.tmp)
         os.replace(self.tmp, self.path)
@@ -282,6 +323,20 @@ class FeatureWriter:
             self.f = None
         self.tmp.unlink(missing_ok=True)
         self.close()
+
+
+WRITE_FAILED: list[Path] = []  # partials whose HDF5 write failed in this process (ris.cli.common: exit
+# without HDF5's shutdown, which would retry the failed write and crash)
+
+
+def _kept(rows: int) -> str:
+    return f"the {rows} images committed before are kept" if rows else "no images were committed yet"
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The system's reason inside an HDF5 error ('No space left on device'), else its first line."""
+    m = re.search(r"error message = '([^']+)'", str(exc))
+    return m.group(1) if m else (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _create_row_datasets(f: h5py.File, rows: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,9 +22,11 @@ import numpy as np
 
 from ris.errors import DatabaseError
 from ris.featuredb import fingerprint
+from ris.imagefile import human_bytes
 from ris.recipe_diff import describe_difference
 from ris.sidecars import atomic_write
 
+SPACE_RESERVE = 16 << 20  # free bytes a writer keeps beyond what it is about to write (HDF5 metadata, heaps)
 COMMITS = "commit_crc"  # (first row, end row, crc32) per committed batch, while the file is a partial
 FAILURE_DATASETS = ("failed_ids", "failed_reasons")
 
@@ -74,6 +77,11 @@ def copy_committed(partial: Path, attrs_wanted: dict[str, Any], base: Path, base
     if old != new:  # refused before anything is copied
         raise recipe_refusal(partial, old, new)
     rows, failed = int(attrs.get("rows_done", 0)), int(attrs.get("failed_done", 0))
+    need, free = partial.stat().st_size + SPACE_RESERVE, shutil.disk_usage(partial.parent).free
+    if free < need:  # checked first: HDF5 that runs out of space mid-write cannot close its file
+        raise DatabaseError(f"{partial}: not enough free space to copy its committed rows into a new file to "
+                            f"resume ({human_bytes(free)} free, about {human_bytes(need)} needed); it is kept: "
+                            "free space and run the same command again")
     log(f"resuming: copying the {rows} committed images of {partial.name} into a new file "
         "(an interrupted HDF5 file is read, never extended)")
     with _reading():

@@ -180,3 +180,75 @@ def test_runs_killed_at_random_moments_and_resumed_finish_whole_and_right(tmp_pa
         assert fdb.row_ids.tolist() == list(range(n))
         failed = [name for name, _ in fdb.failures]
         assert len(failed) == len(set(failed)) and all(int(name[3:-4]) < n for name in failed)
+
+
+def test_a_writer_stops_before_the_disk_is_full_and_keeps_what_is_committed(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    import ris.featurewriter as fw
+
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (3,), [])
+    w.add(["a"], np.ones((1, 3), np.float32), [""])
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(fw.shutil, "disk_usage", lambda p: real(p)._replace(free=5 << 20))
+    with pytest.raises(fw.DatabaseError, match=(r": not enough free space to write the next batch \(5(\.0)? MiB free, about "
+                                                r"16\.\d MiB needed\); the 1 images committed before are kept in "
+                                                r"f\.h5\.partial: free space and run the same command again to resume")):
+        w.add(["b"], np.ones((1, 3), np.float32), [""])
+    w.close()
+    monkeypatch.undo()
+    w2 = FeatureWriter(path, ATTRS, (3,), [])
+    assert w2.resumed_rows == 1
+    w2.close()
+
+
+def test_a_batch_that_reads_back_different_ends_the_writer_in_one_line_and_is_not_committed(tmp_path, monkeypatch):
+    import ris.featurewriter as fw
+
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (3,), [])
+    w.add(["a"], np.ones((1, 3), np.float32), [""])
+    calls = []
+    real_crc = fw.batch_crc
+
+    def lossy(*arrays):  # the second batch's read-back differs, as HDF5's did on a full disk
+        calls.append(1)
+        return real_crc(*arrays) + (1 if len(calls) == 2 else 0)
+
+    monkeypatch.setattr(fw, "batch_crc", lossy)
+    try:
+        with pytest.raises(fw.DatabaseError, match=r"f\.h5\.partial: could not write \(the batch read back different "
+                                                    r"from what was written; is the disk full\?\); the 1 images "
+                                                    r"committed before are kept"):
+            w.add(["b"], np.full((1, 3), 2, np.float32), [""])
+        assert fw.WRITE_FAILED == [partial_path(path)] and w.rows == 1
+    finally:
+        fw.WRITE_FAILED.clear()
+        w._failed_file.close()
+    w.close()
+    monkeypatch.undo()
+    w2 = FeatureWriter(path, ATTRS, (3,), [])
+    assert w2.resumed_rows == 1 and w2.done_ids() == {"a"}
+    w2.close()
+
+
+def test_ris_extract_that_runs_out_of_space_says_so_in_one_line_with_status_2(tmp_path):
+    """In a child process: after a failed HDF5 write the CLI leaves without HDF5's shutdown (which
+    retries the write and crashes the process: status 139 on a full tmpfs)."""
+    from ris.testing import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
+    script = ("import sys, ris.featurewriter as fw\n"
+              "real = fw.batch_crc\n"
+              "fw.batch_crc = lambda *a, n=[0]: real(*a) + (n.__setitem__(0, n[0] + 1) or n[0] == 4)\n"
+              "from ris.cli.extract import entry\n"
+              "entry()\n")
+    done = subprocess.run([sys.executable, "-c", script, "--dataset", str(data), "--features-db", str(tmp_path / "f.h5"),
+                           "--model", "vgg16", "--weights", "none", "--resize", "64", "--batch-size", "2",
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    lines = [l for l in done.stderr.splitlines() if l.startswith("ris-extract")]
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert lines == [f"ris-extract: error: {tmp_path / 'f.h5.partial'}: could not write (the batch read back different "
+                     "from what was written; is the disk full?); the 2 images committed before are kept: run the same "
+                     "command again to resume once that is fixed"]

@@ -199,6 +199,10 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
         return EXIT_INTERRUPTED
     except RisError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        if _hdf5_write_failed():  # HDF5 would retry the failed write when the process ends, and crash
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_ERROR)
         return EXIT_ERROR
     except OSError as exc:
         if exc.filename is None and exc.errno is None:  # raised by code, not by the system: treat as a bug
@@ -210,6 +214,12 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
         return _internal_error(prog, exc)
     finally:
         uninstall_quiet_backend()
+
+
+def _hdf5_write_failed() -> bool:
+    """Whether a feature writer of this process saw an HDF5 write fail (``ris.featurewriter.WRITE_FAILED``)."""
+    writer = sys.modules.get("ris.featurewriter")
+    return bool(writer is not None and writer.WRITE_FAILED)
 
 
 def _internal_error(prog: str, exc: BaseException) -> int:
