@@ -28,8 +28,8 @@ from ris.errors import DatabaseError
 from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
                            decode_names, encode_names, fingerprint, partial_path)
 from ris.imagefile import human_bytes
-from ris.partial import COMMITS, SPACE_RESERVE, Damaged, batch_crc, copy_committed, create_commits, recipe_refusal
-from ris.sidecars import WriterLock, clear_sidecars, fsync_dir, fsync_file, new_content_id
+from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits, recipe_refusal
+from ris.sidecars import SPACE_RESERVE, WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id
 
 
 class FeatureWriter:
@@ -117,6 +117,7 @@ class FeatureWriter:
 
     def _start(self, feature_shape: tuple[int, ...]) -> None:
         if self.kind == "append":  # continue from a copy of the finished database
+            ensure_room(self.tmp.parent, self.path.stat().st_size, f"to copy {self.path.name} for --append")
             shutil.copyfile(self.path, self.tmp)
             self._open_existing(fresh_copy=True)
             history = json.loads(_plain(self.f.attrs.get("content_history", "[]")))

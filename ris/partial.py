@@ -24,9 +24,8 @@ from ris.errors import DatabaseError
 from ris.featuredb import fingerprint
 from ris.imagefile import human_bytes
 from ris.recipe_diff import describe_difference
-from ris.sidecars import atomic_write
+from ris.sidecars import SPACE_RESERVE, atomic_write
 
-SPACE_RESERVE = 16 << 20  # free bytes a writer keeps beyond what it is about to write (HDF5 metadata, heaps)
 COMMITS = "commit_crc"  # (first row, end row, crc32) per committed batch, while the file is a partial
 FAILURE_DATASETS = ("failed_ids", "failed_reasons")
 

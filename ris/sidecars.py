@@ -55,6 +55,24 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(fh.fileno())
 
 
+SPACE_RESERVE = 16 << 20  # free bytes a writer leaves beyond what it is about to write (HDF5 metadata, heaps)
+
+
+def ensure_room(folder: str | Path, need: int, doing: str) -> None:
+    """Refuse (``OSError`` ENOSPC: one line from the CLIs, "uncached" for caches) before writing
+    ``need`` bytes (plus ``SPACE_RESERVE``) where the disk has less: HDF5 that runs out of space
+    mid-write cannot close its file, and the process crashes when it ends."""
+    import shutil
+
+    from ris.imagefile import human_bytes
+
+    need += SPACE_RESERVE
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"not enough free space {doing} ({human_bytes(free)} free, about "
+                      f"{human_bytes(need)} needed)", str(folder))
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp name in the same folder; on success it is fsynced and renamed onto ``path``.
@@ -79,6 +97,7 @@ def write_h5_cache(path: str | Path, key: str, attrs: dict | None = None, **data
     """Atomically write an HDF5 cache whose ``cache_key`` attribute says what it was made from."""
     import h5py
 
+    ensure_room(Path(path).parent, sum(np.asarray(d).nbytes for d in datasets.values()), f"to write {Path(path).name}")
     with atomic_write(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for name, data in datasets.items():

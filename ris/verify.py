@@ -140,7 +140,10 @@ def database_local_features(db, features_db: str | Path, features: int = 500, si
         if log and (n + 1) % 200 == 0:
             log(f"local features: {n + 1}/{len(ids)} images")
     lf = LocalFeatures(np.array(offsets, np.int64), np.concatenate(xys), np.concatenate(descs))
-    write_h5_cache(path, key, {"seconds": time.perf_counter() - t0}, offsets=lf.offsets, xy=lf.xy, desc=lf.desc)
+    try:
+        write_h5_cache(path, key, {"seconds": time.perf_counter() - t0}, offsets=lf.offsets, xy=lf.xy, desc=lf.desc)
+    except OSError:  # read-only next to the database, or no room: they still serve this run
+        pass
     return lf
 
 

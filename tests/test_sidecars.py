@@ -47,6 +47,18 @@ def test_cache_is_used_only_under_its_own_key(tmp_path):
     assert read_h5_cache(tmp_path / "missing.h5", "key-1") is None
 
 
+def test_a_cache_without_room_is_refused_before_writing(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    with pytest.raises(OSError) as exc:  # callers catch OSError and go on uncached
+        write_h5_cache(tmp_path / "f.h5.emb-x.h5", "k", embeddings=np.ones((10, 4), np.float32))
+    assert exc.value.errno == errno.ENOSPC and "not enough free space to write f.h5.emb-x.h5" in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_content_key_changes_with_every_change(tmp_path):
     path = tmp_path / "f.h5"
     w = FeatureWriter(path, ATTRS, (4,), [])

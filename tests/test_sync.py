@@ -47,6 +47,20 @@ def test_removal_keeps_ids_stable_and_logs_them(tmp_path):
         assert f.row_ids[-2:].tolist() == [100, 101] and f.next_id == 102 and f.lineage == before[1]
 
 
+def test_a_removal_without_room_refuses_before_writing_and_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    import errno
+
+    x = clustered_vectors(20, 8)
+    db = make_feature_db(tmp_path / "f.h5", x)
+    before = db.read_bytes()
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    with pytest.raises(OSError, match="not enough free space to rewrite the database without the removed images") as exc:
+        remove_images(db, ["img000003.jpg"])
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path)
+    assert db.read_bytes() == before and not rewrite_path(db).exists()
+
+
 def test_failed_entries_can_be_removed_and_nothing_to_remove_writes_nothing(tmp_path):
     db = make_feature_db(tmp_path / "f.h5", clustered_vectors(10, 4))
     w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (4,), [], append=True)
