@@ -29,7 +29,7 @@ from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _at
                            decode_names, encode_names, fingerprint, partial_path)
 from ris.imagefile import human_bytes
 from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits, recipe_refusal
-from ris.sidecars import SPACE_RESERVE, WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id
+from ris.sidecars import SPACE_RESERVE, WriterLock, clear_sidecars, abandon_hdf5, ensure_room, fsync_dir, fsync_file, new_content_id
 
 
 class FeatureWriter:
@@ -96,7 +96,6 @@ class FeatureWriter:
         except DatabaseError:
             raise
         except Exception as exc:  # writing the copy failed (a full disk): the committed rows stay
-            WRITE_FAILED.append(self.tmp)
             raise DatabaseError(f"{self.tmp}: could not copy its committed rows into a new file to resume "
                                 f"({exc}); it is kept: run again once that is fixed") from None
         try:
@@ -269,14 +268,14 @@ class FeatureWriter:
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
         """A write that fails (the disk filled meanwhile, an I/O error) ends this writer in one line
-        that says what is kept; the file is not touched again (``WRITE_FAILED``)."""
+        that says what is kept; the file is abandoned (``ris.sidecars.abandon_hdf5``)."""
         try:
             yield
         except (DatabaseError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            WRITE_FAILED.append(self.tmp)
-            self._failed_file, self.f = self.f, None  # kept referenced: closing it fails again
+            abandon_hdf5(self.f, self.tmp)
+            self.f = None
             raise DatabaseError(f"{self.tmp}: could not write ({_os_reason(exc)}); {_kept(self.committed)}: "
                                 "run the same command again to resume once that is fixed") from None
 
@@ -324,10 +323,6 @@ class FeatureWriter:
             self.f = None
         self.tmp.unlink(missing_ok=True)
         self.close()
-
-
-WRITE_FAILED: list[Path] = []  # partials whose HDF5 write failed in this process (ris.cli.common: exit
-# without HDF5's shutdown, which would retry the failed write and crash)
 
 
 def _kept(rows: int) -> str:

@@ -24,7 +24,7 @@ from ris.errors import DatabaseError
 from ris.featuredb import fingerprint
 from ris.imagefile import human_bytes
 from ris.recipe_diff import describe_difference
-from ris.sidecars import SPACE_RESERVE, atomic_write
+from ris.sidecars import SPACE_RESERVE, atomic_write, hdf5_writing
 
 COMMITS = "commit_crc"  # (first row, end row, crc32) per committed batch, while the file is a partial
 FAILURE_DATASETS = ("failed_ids", "failed_reasons")
@@ -94,7 +94,7 @@ def copy_committed(partial: Path, attrs_wanted: dict[str, Any], base: Path, base
         if verified < rows:
             log(f"warning: {rows - verified} committed images of {partial.name} read back different "
                 "from what was written (checksums); they are extracted again")
-        with atomic_write(partial) as fresh, h5py.File(fresh, "w") as dst:
+        with atomic_write(partial) as fresh, hdf5_writing(fresh) as dst:
             for name, item in datasets:
                 n = (commits if name == COMMITS else failed if name in FAILURE_DATASETS
                      else verified if item.maxshape[:1] == (None,) else len(item))

@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -73,6 +73,30 @@ def ensure_room(folder: str | Path, need: int, doing: str) -> None:
                       f"{human_bytes(need)} needed)", str(folder))
 
 
+HDF5_UNCLOSED: list[tuple[Path, Any]] = []  # HDF5 files left open after a failed write (ris.cli.common
+# then ends the process without HDF5's shutdown, which would retry the write and crash)
+
+
+def abandon_hdf5(f: Any, path: str | Path) -> None:
+    """Leave an HDF5 file whose write failed open, and never touch it again: on a full disk, closing
+    it retries the failed write and crashed the process (status 139)."""
+    HDF5_UNCLOSED.append((Path(path), f))
+
+
+@contextlib.contextmanager
+def hdf5_writing(path: str | Path) -> Iterator[Any]:
+    """``h5py.File(path, "w")``, abandoned (``abandon_hdf5``) if the writing fails."""
+    import h5py
+
+    f = h5py.File(path, "w")
+    try:
+        yield f
+    except BaseException:
+        abandon_hdf5(f, path)
+        raise
+    f.close()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp name in the same folder; on success it is fsynced and renamed onto ``path``.
@@ -95,11 +119,9 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 def write_h5_cache(path: str | Path, key: str, attrs: dict | None = None, **datasets: np.ndarray) -> None:
     """Atomically write an HDF5 cache whose ``cache_key`` attribute says what it was made from."""
-    import h5py
-
     ensure_room(Path(path).parent, sum(np.asarray(d).nbytes for d in datasets.values()), f"to write {Path(path).name}")
     with atomic_write(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with hdf5_writing(tmp) as f:
             for name, data in datasets.items():
                 f.create_dataset(name, data=data, chunks=True if np.ndim(data) else None)
             f.attrs.update(attrs or {})

@@ -29,7 +29,7 @@ import numpy as np
 
 from ris.errors import RisError
 from ris.featuredb import ROW_DATASETS, FeatureDB, encode_names
-from ris.sidecars import WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id, rewrite_path
+from ris.sidecars import WriterLock, clear_sidecars, ensure_room, hdf5_writing, fsync_dir, fsync_file, new_content_id, rewrite_path
 
 HISTORY_LIMIT = 200  # content ids kept: an index older than that many changes is rebuilt
 _ROW_DATASETS = ("features", "image_ids", "labels", *ROW_DATASETS)
@@ -80,7 +80,7 @@ def _rewrite_without(path: Path, names: set[str]) -> RemoveSummary:
         removed_ids = db.row_ids[~keep]
         ensure_room(path.parent, path.stat().st_size, "to rewrite the database without the removed images")
         try:
-            with h5py.File(tmp, "w") as out:
+            with hdf5_writing(tmp) as out:
                 _copy_kept(db, out, keep, failed_keep, removed_ids)
             fsync_file(tmp)
         except BaseException:

@@ -217,9 +217,9 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
 
 
 def _hdf5_write_failed() -> bool:
-    """Whether a feature writer of this process saw an HDF5 write fail (``ris.featurewriter.WRITE_FAILED``)."""
-    writer = sys.modules.get("ris.featurewriter")
-    return bool(writer is not None and writer.WRITE_FAILED)
+    """Whether this process left an HDF5 file open after a failed write (``ris.sidecars.HDF5_UNCLOSED``)."""
+    sidecars = sys.modules.get("ris.sidecars")
+    return bool(sidecars is not None and sidecars.HDF5_UNCLOSED)
 
 
 def _internal_error(prog: str, exc: BaseException) -> int:
