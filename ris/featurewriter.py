@@ -27,9 +27,9 @@ import numpy as np
 from ris.errors import DatabaseError
 from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
                            decode_names, encode_names, fingerprint, partial_path)
-from ris.imagefile import human_bytes
-from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits, recipe_refusal
-from ris.sidecars import SPACE_RESERVE, WriterLock, clear_sidecars, abandon_hdf5, ensure_room, fsync_dir, fsync_file, new_content_id
+from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits
+from ris.recipe_diff import recipe_refusal
+from ris.sidecars import WriterLock, clear_sidecars, abandon_hdf5, ensure_room, fsync_dir, fsync_file, new_content_id
 
 
 class FeatureWriter:
@@ -258,12 +258,11 @@ class FeatureWriter:
     def _check_space(self, batch_bytes: int) -> None:
         """Stop before the disk is full: HDF5 that runs out of space mid-write cannot close its file
         (each later close fails again, and the process crashes at exit)."""
-        need = SPACE_RESERVE + batch_bytes
-        free = shutil.disk_usage(self.tmp.parent).free
-        if free < need:
-            raise DatabaseError(f"{self.tmp.parent}: not enough free space to write the next batch "
-                                f"({human_bytes(free)} free, about {human_bytes(need)} needed); {_kept(self.committed)} "
-                                f"in {self.tmp.name}: free space and run the same command again to resume")
+        try:
+            ensure_room(self.tmp.parent, batch_bytes, "to write the next batch")
+        except OSError as exc:
+            raise DatabaseError(f"{exc.filename}: {exc.strerror}; {_kept(self.committed)} in {self.tmp.name}: free "
+                                "space and run the same command again to resume") from None
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import shutil
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,9 +21,8 @@ import numpy as np
 
 from ris.errors import DatabaseError
 from ris.featuredb import fingerprint
-from ris.imagefile import human_bytes
-from ris.recipe_diff import describe_difference
-from ris.sidecars import SPACE_RESERVE, atomic_write, hdf5_writing
+from ris.recipe_diff import recipe_refusal
+from ris.sidecars import atomic_write, ensure_room, hdf5_writing
 
 COMMITS = "commit_crc"  # (first row, end row, crc32) per committed batch, while the file is a partial
 FAILURE_DATASETS = ("failed_ids", "failed_reasons")
@@ -42,12 +40,6 @@ def _reading() -> Iterator[None]:
         raise
     except Exception as exc:
         raise Damaged(str(exc)) from exc
-
-
-def recipe_refusal(where: Path, old: dict, new: dict) -> DatabaseError:
-    return DatabaseError(f"{where}: existing features were made differently ({describe_difference(old, new)}); "
-                         "ris-extract --sync adds new images with the database's own recipe; or use a new "
-                         "--features-db, or --overwrite to replace it")
 
 
 def create_commits(f: h5py.File) -> None:
@@ -76,11 +68,10 @@ def copy_committed(partial: Path, attrs_wanted: dict[str, Any], base: Path, base
     if old != new:  # refused before anything is copied
         raise recipe_refusal(partial, old, new)
     rows, failed = int(attrs.get("rows_done", 0)), int(attrs.get("failed_done", 0))
-    need, free = partial.stat().st_size + SPACE_RESERVE, shutil.disk_usage(partial.parent).free
-    if free < need:  # checked first: HDF5 that runs out of space mid-write cannot close its file
-        raise DatabaseError(f"{partial}: not enough free space to copy its committed rows into a new file to "
-                            f"resume ({human_bytes(free)} free, about {human_bytes(need)} needed); it is kept: "
-                            "free space and run the same command again")
+    try:  # checked first: HDF5 that runs out of space mid-write cannot close its file
+        ensure_room(partial.parent, partial.stat().st_size, "to copy its committed rows into a new file to resume")
+    except OSError as exc:
+        raise DatabaseError(f"{partial}: {exc.strerror}; it is kept: free space and run the same command again") from None
     log(f"resuming: copying the {rows} committed images of {partial.name} into a new file "
         "(an interrupted HDF5 file is read, never extended)")
     with _reading():

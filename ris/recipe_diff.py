@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ris.errors import DatabaseError
 
 _FLAGS = {"model": "--model", "weights": "--weights", "layer": "--layer", "input_size": "--resize",
           "scales": "--scales", "pooling": "--pool", "fusion": "--fusion-weights", "flip": "--flip",
@@ -47,3 +48,10 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "h
         if not keys:
             return "the fused parts' own settings differ"
     return "; ".join(f"{_FLAGS[k]} {show(k, old.get(k))} {here}, {show(k, new.get(k))} {asked}" for k in keys)
+
+
+def recipe_refusal(where, old: dict, new: dict) -> DatabaseError:
+    """The one-line refusal to add features made with recipe ``new`` to those made with ``old``."""
+    return DatabaseError(f"{where}: existing features were made differently ({describe_difference(old, new)}); "
+                         "ris-extract --sync adds new images with the database's own recipe; or use a new "
+                         "--features-db, or --overwrite to replace it")

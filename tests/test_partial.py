@@ -68,8 +68,10 @@ def test_verified_rows_stop_at_the_first_batch_that_reads_back_different(tmp_pat
 def test_a_resume_without_room_for_the_copy_refuses_in_one_line_and_keeps_the_file(tmp_path, monkeypatch):
     partial = _interrupted(tmp_path / "f.h5")
     size = partial.stat().st_size
-    real = ris.partial.shutil.disk_usage
-    monkeypatch.setattr(ris.partial.shutil, "disk_usage", lambda p: real(p)._replace(free=size))
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=size))
     with pytest.raises(DatabaseError, match=r"f\.h5\.partial: not enough free space to copy its committed rows into a "
                                             r"new file to resume \(.* free, about .* needed\); it is kept"):
         FeatureWriter(tmp_path / "f.h5", ATTRS, (2,), [])
