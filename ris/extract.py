@@ -215,7 +215,8 @@ def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: 
     try:
         extractor = extractor or build_extractor(config)
         writer = FeatureWriter(features_db, {**extractor.attrs(), **attrs}, extractor.output_shape, label_names,
-                               append=opts.append, overwrite=opts.overwrite, lock=lock, log=opts.log)
+                               append=opts.append, overwrite=opts.overwrite, lock=lock, log=opts.log,
+                               progress=opts.progress)
     except BaseException:
         lock.release()
         raise

@@ -29,7 +29,9 @@ from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _at
                            decode_names, encode_names, fingerprint, partial_path)
 from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits
 from ris.recipe_diff import recipe_refusal
-from ris.sidecars import WriterLock, clear_sidecars, abandon_hdf5, ensure_room, fsync_dir, fsync_file, new_content_id
+from ris.h5write import abandon_hdf5, quiet_hdf5_failures, reserved_room
+from ris.imagefile import human_bytes
+from ris.sidecars import WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id
 
 
 class FeatureWriter:
@@ -38,12 +40,12 @@ class FeatureWriter:
     Holds ``<path>.lock`` from construction to ``finish``/``close``/``discard`` (a ``lock`` passed
     in, already acquired, is taken over). ``append``: continue from the finished database;
     ``overwrite``: build a new one that replaces it at ``finish`` (the old one stays usable until then).
-    ``log`` hears about long setup work (the copy a resume makes).
+    ``log`` hears about long setup work (the copy a resume makes), ``progress`` shows it as bars.
     """
 
     def __init__(self, path: str | Path, attrs: dict[str, Any], feature_shape: tuple[int, ...],
                  label_names: list[str], append: bool = False, overwrite: bool = False, resume: bool = True,
-                 lock: WriterLock | None = None, log: Callable[[str], None] | None = None):
+                 lock: WriterLock | None = None, log: Callable[[str], None] | None = None, progress: bool = False):
         self.path = Path(path)
         self.tmp = partial_path(path)
         # every fingerprint key is written (None as 'none'): readers require them all
@@ -53,6 +55,7 @@ class FeatureWriter:
         self.discarded_partial: str | None = None
         self.f: h5py.File | None = None
         self.log = log or (lambda line: None)
+        self.progress = progress
         check_target(self.path, append, overwrite)  # before the lock: no .lock beside a directory
         self.lock = lock if lock is not None else WriterLock(self.path).acquire()
         try:
@@ -90,7 +93,7 @@ class FeatureWriter:
         if self.kind == "append" and base is not None and base != self.base_id:
             return self._discard_partial(f"it was an --append onto {self.path} before that changed")
         try:
-            copy_committed(self.tmp, self.attrs, self.path, self.base_rows, self.log)
+            copy_committed(self.tmp, self.attrs, self.path, self.base_rows, self.log, self.progress)
         except Damaged as exc:
             return self._discard_partial(f"it was damaged ({exc})", damaged=True)
         except DatabaseError:
@@ -214,8 +217,9 @@ class FeatureWriter:
             return
         features = features.astype(np.float32, copy=False)
         chunk = self.f["features"].chunks
-        self._check_space(2 * (features.nbytes + 4 * int(np.prod(chunk, dtype=np.int64))))
-        with self._writing():
+        need = 2 * (features.nbytes + 4 * int(np.prod(chunk, dtype=np.int64)))
+        self._check_space(need)
+        with self._room(need + (1 << 20)), self._writing():
             rows = int(self.f.attrs["rows_done"])
             first = int(self.f.attrs["next_id"])
             for name in ("features", "image_ids", "labels", "ids", "added_at"):
@@ -244,7 +248,7 @@ class FeatureWriter:
         if not failures:
             return
         self._check_space(0)
-        with self._writing():
+        with self._room(1 << 20, "the failure list"), self._writing():
             n = int(self.f.attrs.get("failed_done", 0))
             for name in ("failed_ids", "failed_reasons"):
                 self.f[name].resize(n + len(failures), axis=0)
@@ -265,11 +269,26 @@ class FeatureWriter:
                                 "space and run the same command again to resume") from None
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """A write that fails (the disk filled meanwhile, an I/O error) ends this writer in one line
-        that says what is kept; the file is abandoned (``ris.sidecars.abandon_hdf5``)."""
+    def _room(self, nbytes: int, what: str = "the next batch") -> Iterator[None]:
+        """Reserve the write's room on disk first (``ris.h5write.reserved_room``): a disk that filled
+        since ``_check_space`` stops the writer here in one line, with its file intact and closable."""
         try:
-            yield
+            with reserved_room(self.f, nbytes):
+                yield
+        except OSError as exc:
+            if self.f is None or exc.errno is None:  # the write itself failed: reported by _writing
+                raise
+            raise DatabaseError(f"{self.tmp}: could not reserve {human_bytes(nbytes)} for {what} "
+                                f"({exc.strerror}); {_kept(self.committed)}: free space and run the same command "
+                                "again to resume") from None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write that fails anyway (an I/O error, a disk that filled past the reservation) ends this
+        writer in one line that says what is kept; the file is abandoned (``ris.h5write``)."""
+        try:
+            with quiet_hdf5_failures():
+                yield
         except (DatabaseError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -285,7 +304,7 @@ class FeatureWriter:
 
     def finish(self, extra_attrs: dict[str, Any] | None = None) -> Path:
         """Mark complete, rename into place, release the lock; caches of replaced content go."""
-        with self._writing():
+        with self._room(1 << 20, "finishing"), self._writing():
             for k, v in (extra_attrs or {}).items():
                 self.f.attrs[k] = _attr_value(v)
             changed = self.kind != "append" or _plain(self.f.attrs["content_id"]) != self.base_id
@@ -294,6 +313,8 @@ class FeatureWriter:
             if COMMITS in self.f:
                 del self.f[COMMITS]
             self.f.attrs["complete"] = True
+            self.f.flush()
+        with self._writing():
             self.f.close()
         self.f = None
         fsync_file(self.tmp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,7 +23,8 @@ import numpy as np
 from ris.errors import DatabaseError
 from ris.featuredb import fingerprint
 from ris.recipe_diff import recipe_refusal
-from ris.sidecars import atomic_write, ensure_room, hdf5_writing
+from ris.h5write import hdf5_writing
+from ris.sidecars import atomic_write, ensure_room
 
 COMMITS = "commit_crc"  # (first row, end row, crc32) per committed batch, while the file is a partial
 FAILURE_DATASETS = ("failed_ids", "failed_reasons")
@@ -54,7 +56,7 @@ def batch_crc(features: np.ndarray, image_ids: np.ndarray, labels: np.ndarray) -
 
 
 def copy_committed(partial: Path, attrs_wanted: dict[str, Any], base: Path, base_rows: int,
-                   log: Callable[[str], None]) -> None:
+                   log: Callable[[str], None], progress: bool = False) -> None:
     """Replace ``partial`` by a new file holding only its committed, checksum-verified content.
 
     Raises ``Damaged`` when it cannot be read (or an --append's copy of ``base``, its first
@@ -77,25 +79,26 @@ def copy_committed(partial: Path, attrs_wanted: dict[str, Any], base: Path, base
     with _reading():
         src = h5py.File(partial, "r")
     with src:
-        with _reading():
-            verified, commits = verified_rows(src, rows)
+        with _reading(), _bar(rows, "resume: check", progress) as bar:
+            verified, commits = verified_rows(src, rows, advance=bar.update)
             datasets = [(name, item) for name, item in src.items() if isinstance(item, h5py.Dataset)]
         if verified < base_rows:  # an --append's copy of its base is not ours to cut: start again
             raise Damaged(f"the rows of {base} it copied read back different (checksums)")
         if verified < rows:
             log(f"warning: {rows - verified} committed images of {partial.name} read back different "
                 "from what was written (checksums); they are extracted again")
-        with atomic_write(partial) as fresh, hdf5_writing(fresh) as dst:
+        with atomic_write(partial) as fresh, hdf5_writing(fresh) as dst, _bar(verified, "resume: copy", progress) as bar:
             for name, item in datasets:
                 n = (commits if name == COMMITS else failed if name in FAILURE_DATASETS
                      else verified if item.maxshape[:1] == (None,) else len(item))
-                _copy_rows(item, dst, name, n)
+                _copy_rows(item, dst, name, n, advance=bar.update if name == "features" else None)
             for k, v in attrs.items():
                 dst.attrs[k] = v
             dst.attrs["rows_done"] = verified
 
 
-def verified_rows(src: h5py.File, rows: int, block_bytes: int = 64 << 20) -> tuple[int, int]:
+def verified_rows(src: h5py.File, rows: int, block_bytes: int = 64 << 20,
+                  advance: Callable[[int], Any] | None = None) -> tuple[int, int]:
     """(rows, checksum entries) that read back as written: up to the first batch that does not, or
     whose entry is missing or out of sequence. Rows before the first entry (an --append's copy of
     its finished base) and partials made before checksums are taken as they are."""
@@ -120,15 +123,31 @@ def verified_rows(src: h5py.File, rows: int, block_bytes: int = 64 << 20) -> tup
                     labels[start - first : stop - first]) != crc:
                 return end, i
             end, i = int(stop), i + 1
+        if advance is not None:
+            advance(last - first)
     return min(end, rows), i
 
 
-def _copy_rows(src: h5py.Dataset, dst: h5py.File, name: str, n: int, block_bytes: int = 64 << 20) -> None:
+def _copy_rows(src: h5py.Dataset, dst: h5py.File, name: str, n: int, block_bytes: int = 64 << 20,
+               advance: Callable[[int], Any] | None = None) -> None:
     """The first ``n`` rows of ``src`` into a new dataset of the same type and layout, in blocks."""
-    out = dst.create_dataset(name, shape=(n, *src.shape[1:]), maxshape=src.maxshape, dtype=src.dtype,
-                             chunks=src.chunks)
+    if src.maxshape[:1] == (None,):  # a row dataset: resizable, chunked like the original
+        out = dst.create_dataset(name, shape=(n, *src.shape[1:]), maxshape=src.maxshape, dtype=src.dtype,
+                                 chunks=src.chunks)
+    else:  # fixed (label names): its own layout; an empty one's chunks would be larger than itself
+        out = dst.create_dataset(name, shape=(n, *src.shape[1:]), dtype=src.dtype)
     step = max(1, block_bytes // max(1, src.dtype.itemsize * int(np.prod(src.shape[1:], dtype=np.int64))))
     for start in range(0, n, step):
         with _reading():
             block = src[start : min(n, start + step)]
         out[start : start + step] = block
+        if advance is not None:
+            advance(len(block))
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    """A progress bar over rows (minutes of copying at 10M rows), silent when disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="row", unit_scale=True, desc=desc, disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, leave=False)

@@ -171,7 +171,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         ray.get(warm)
         attrs = dict(info["attrs"], dataset_root=str(root.resolve()), labels_mode=run.label_mode)
         writer = FeatureWriter(features_db, attrs, info["shape"], run.label_names, append=append,
-                               overwrite=overwrite, lock=lock, log=log)
+                               overwrite=overwrite, lock=lock, log=log, progress=progress)
     except BaseException as exc:
         lock.release()
         _disconnect(started)

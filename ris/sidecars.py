@@ -20,11 +20,12 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from ris.errors import DatabaseError
+from ris.h5write import hdf5_writing
 
 LOCK_SUFFIX = ".lock"
 _TMP = r"(?:\.[0-9a-f]{8}\.tmp)?"  # atomic_write's temp names, left behind only by a killed process
@@ -71,30 +72,6 @@ def ensure_room(folder: str | Path, need: int, doing: str) -> None:
     if free < need:
         raise OSError(errno.ENOSPC, f"not enough free space {doing} ({human_bytes(free)} free, about "
                       f"{human_bytes(need)} needed)", str(folder))
-
-
-HDF5_UNCLOSED: list[tuple[Path, Any]] = []  # HDF5 files left open after a failed write (ris.cli.common
-# then ends the process without HDF5's shutdown, which would retry the write and crash)
-
-
-def abandon_hdf5(f: Any, path: str | Path) -> None:
-    """Leave an HDF5 file whose write failed open, and never touch it again: on a full disk, closing
-    it retries the failed write and crashed the process (status 139)."""
-    HDF5_UNCLOSED.append((Path(path), f))
-
-
-@contextlib.contextmanager
-def hdf5_writing(path: str | Path) -> Iterator[Any]:
-    """``h5py.File(path, "w")``, abandoned (``abandon_hdf5``) if the writing fails."""
-    import h5py
-
-    f = h5py.File(path, "w")
-    try:
-        yield f
-    except BaseException:
-        abandon_hdf5(f, path)
-        raise
-    f.close()
 
 
 @contextlib.contextmanager

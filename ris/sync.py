@@ -29,7 +29,8 @@ import numpy as np
 
 from ris.errors import RisError
 from ris.featuredb import ROW_DATASETS, FeatureDB, encode_names
-from ris.sidecars import WriterLock, clear_sidecars, ensure_room, hdf5_writing, fsync_dir, fsync_file, new_content_id, rewrite_path
+from ris.h5write import hdf5_writing
+from ris.sidecars import WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id, rewrite_path
 
 HISTORY_LIMIT = 200  # content ids kept: an index older than that many changes is rebuilt
 _ROW_DATASETS = ("features", "image_ids", "labels", *ROW_DATASETS)

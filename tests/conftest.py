@@ -59,15 +59,15 @@ def milvus_server(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _close_hdf5_files_a_test_abandoned():
-    """A simulated write failure leaves its HDF5 file open (``ris.sidecars.abandon_hdf5``); a CLI
-    error after that ends the process without HDF5's shutdown (``os._exit``), which would end pytest.
+    """A file whose failed write could not be detached is left open (``ris.h5write.abandon_hdf5``); a
+    CLI error after that ends the process without HDF5's shutdown (``os._exit``), which would end pytest.
     In tests the disk is not full, so those files can be closed after each test."""
     yield
     import sys
 
-    sidecars = sys.modules.get("ris.sidecars")
-    while sidecars is not None and sidecars.HDF5_UNCLOSED:
-        _, f = sidecars.HDF5_UNCLOSED.pop()
+    h5write = sys.modules.get("ris.h5write")
+    while h5write is not None and h5write.HDF5_UNCLOSED:
+        _, f = h5write.HDF5_UNCLOSED.pop()
         try:
             f.close()
         except Exception:

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-import ris.sidecars
+import ris.h5write
 from ris.featuredb import FeatureDB, partial_path
 from ris.featurewriter import FeatureWriter
 from ris.testing import committed_rows
@@ -224,11 +224,11 @@ def test_a_batch_that_reads_back_different_ends_the_writer_in_one_line_and_is_no
                                                     r"committed before are kept"):
             w.add(["b"], np.full((1, 3), 2, np.float32), [""])
         assert w.rows == 1 and w.f is None
-        assert [p for p, _ in ris.sidecars.HDF5_UNCLOSED] == [partial_path(path)]  # left open, never closed
+        assert [p for p, _ in ris.h5write.HDF5_UNCLOSED] == [partial_path(path)]  # left open, never closed
     finally:
-        for _, f in ris.sidecars.HDF5_UNCLOSED:
+        for _, f in ris.h5write.HDF5_UNCLOSED:
             f.close()  # here it can be: the disk is not full
-        ris.sidecars.HDF5_UNCLOSED.clear()
+        ris.h5write.HDF5_UNCLOSED.clear()
     w.close()
     monkeypatch.undo()
     w2 = FeatureWriter(path, ATTRS, (3,), [])
@@ -255,3 +255,49 @@ def test_ris_extract_that_runs_out_of_space_says_so_in_one_line_with_status_2(tm
     assert lines == [f"ris-extract: error: {tmp_path / 'f.h5.partial'}: could not write (the batch read back different "
                      "from what was written; is the disk full?); the 2 images committed before are kept: run the same "
                      "command again to resume once that is fixed"]
+
+
+# a real write failure without root or a tmpfs: a file size limit makes the disk "full" at 8 MiB
+SIZE_LIMITED_WRITER = r"""
+import resource, signal, sys, numpy as np
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+from ris.errors import DatabaseError
+from ris.featurewriter import FeatureWriter
+w = FeatureWriter(sys.argv[1], {"model": "m", "pooling": "gap"}, (1280,), [])
+try:
+    for s in range(0, 32 * 1000, 32):
+        w.add([f"{i:07d}.jpg" for i in range(s, s + 32)],
+              np.repeat(np.arange(s, s + 32, dtype=np.float32)[:, None], 1280, 1), [""] * 32)
+except DatabaseError as exc:
+    print("rows", w.rows)
+    print("error", exc)
+w.close()
+print("ended")
+"""
+
+
+def test_a_python_writer_whose_disk_fills_raises_one_error_and_its_process_ends_normally(tmp_path):
+    """HDF5 that fails inside a write crashes the process when the file is closed or the process ends
+    (status 139 here, after the error was handled, with h5py tracebacks printed; the CLI's os._exit
+    only covered ris-extract). A disk that fills after the free-space check (another process, a quota,
+    a file size limit) now stops the writer before HDF5 writes, and its file stays closable."""
+    path = tmp_path / "f.h5"
+    done = subprocess.run([sys.executable, "-c", SIZE_LIMITED_WRITER, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    rows = int(out["rows"])
+    assert 0 < rows < 32 * 1000 and rows % 32 == 0
+    assert out["error"] == (f"{partial_path(path)}: could not reserve 3.3 MiB for the next batch (File too large); the "
+                            f"{rows} images committed before are kept: free space and run the same command again to resume")
+    assert done.stdout.rstrip().endswith("ended")
+    w = FeatureWriter(path, {"model": "m", "pooling": "gap"}, (1280,), [])  # the disk has room again: resume
+    assert w.resumed_rows == rows
+    w.add(["last.jpg"], np.full((1, 1280), -1, np.float32), [""])
+    w.finish()
+    with FeatureDB(path) as db:
+        feats, ids = db.features[:], list(db.image_ids)
+    assert len(ids) == rows + 1 and ids[-1] == "last.jpg"
+    assert np.array_equal(feats[:rows, 0], np.arange(rows, dtype=np.float32)) and np.all(feats[:rows].T == feats[:rows, 0])

@@ -76,3 +76,31 @@ def test_a_resume_without_room_for_the_copy_refuses_in_one_line_and_keeps_the_fi
                                             r"new file to resume \(.* free, about .* needed\); it is kept"):
         FeatureWriter(tmp_path / "f.h5", ATTRS, (2,), [])
     assert partial.stat().st_size == size and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_resume_shows_its_check_and_copy_as_progress_bars(tmp_path, capsys):
+    """At 10M rows the copy takes minutes: the user sees it move (and nothing when bars are off)."""
+    partial = _interrupted(tmp_path / "f.h5")
+    FeatureWriter(tmp_path / "f.h5", ATTRS, (2,), [], progress=False).close()
+    assert "resume:" not in capsys.readouterr().err
+    w = FeatureWriter(tmp_path / "f.h5", ATTRS, (2,), [], progress=True)
+    assert w.resumed_rows > 0 and partial.exists()
+    w.close()
+    err = capsys.readouterr().err
+    assert "resume: check" in err and "resume: copy" in err and "row/s" in err
+
+
+def test_a_run_without_labels_interrupted_twice_resumes_both_times(tmp_path):
+    """The first copy turned the empty, fixed-size label list into a chunked dataset whose chunks were
+    larger than itself; the second resume then failed to copy it, every time ("it is kept: run again")."""
+    path = tmp_path / "f.h5"
+    _interrupted(path)
+    for resume in range(3):
+        w = FeatureWriter(path, ATTRS, (2,), [])
+        assert w.resumed_rows == 3 + resume
+        w.add([f"more{resume}.jpg"], np.full((1, 2), 9, np.float32), [""])
+        w.close()
+    w = FeatureWriter(path, ATTRS, (2,), [])
+    w.finish()
+    with h5py.File(path) as f:
+        assert f["features"].shape == (6, 2) and len(f["label_names"]) == 0

@@ -217,9 +217,9 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
 
 
 def _hdf5_write_failed() -> bool:
-    """Whether this process left an HDF5 file open after a failed write (``ris.sidecars.HDF5_UNCLOSED``)."""
-    sidecars = sys.modules.get("ris.sidecars")
-    return bool(sidecars is not None and sidecars.HDF5_UNCLOSED)
+    """Whether this process left an HDF5 file open after a failed write (``ris.h5write.HDF5_UNCLOSED``)."""
+    h5write = sys.modules.get("ris.h5write")
+    return bool(h5write is not None and h5write.HDF5_UNCLOSED)
 
 
 def _internal_error(prog: str, exc: BaseException) -> int:

@@ -1,0 +1,135 @@
+"""HDF5 writes that may fail midway (a full disk, a quota, a file size limit, an I/O error).
+
+HDF5 that fails inside a write leaves its file unusable in this process: closing it retries the
+failed write and crashes (status 139, even once the disk has room again), and so does the
+interpreter's exit; h5py meanwhile prints a cascade of ``__dealloc__`` tracebacks. So a writer
+reserves the room of each write on disk before HDF5 starts it (``reserved_room``: a full disk fails
+there, cleanly, and the file stays closable), silences those tracebacks while writing
+(``quiet_hdf5_failures``; the caller reports the failure in one line), and a file whose write failed
+anyway is left open and never touched again (``abandon_hdf5``); the CLI then ends its process
+without HDF5's shutdown (``ris.cli.common``).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+HDF5_UNCLOSED: list[tuple[Path, Any]] = []  # files left open after a failed write
+
+
+def abandon_hdf5(f: Any, path: str | Path) -> None:
+    """Leave an HDF5 file whose write failed open, and never touch it again (closing it crashes)."""
+    HDF5_UNCLOSED.append((Path(path), f))
+
+
+@contextlib.contextmanager
+def hdf5_writing(path: str | Path) -> Iterator[Any]:
+    """``h5py.File(path, "w")``, abandoned (``abandon_hdf5``) if the writing fails."""
+    import h5py
+
+    f = h5py.File(path, "w")
+    try:
+        with quiet_hdf5_failures():
+            yield f
+    except BaseException:
+        abandon_hdf5(f, path)
+        raise
+    f.close()
+
+
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.ENODEV}
+
+
+@contextlib.contextmanager
+def reserved_room(f: Any, nbytes: int) -> Iterator[None]:
+    """Allocate ``nbytes`` past the end of the open HDF5 file ``f`` before writing into it.
+
+    A disk that filled since the free-space check (another process, a quota, a file size limit)
+    then fails here, with an ``OSError`` before HDF5 has written a byte, instead of inside HDF5.
+    After a write that succeeded (flushed by the caller), the unused part is given back. Files
+    without a POSIX descriptor, and filesystems without ``posix_fallocate``, are written unreserved.
+    """
+    try:
+        fd = f.id.get_vfd_handle()  # HDF5's default (sec2) driver: its POSIX descriptor
+    except Exception:
+        fd = None
+    if not isinstance(fd, int) or fd < 0:
+        yield
+        return
+    start = os.fstat(fd).st_size
+    try:
+        os.posix_fallocate(fd, start, max(int(nbytes), 1))
+        reserved = True
+    except OSError as exc:
+        _shrink(fd, start)  # an emulated allocation may have extended the file partway
+        if exc.errno not in _UNSUPPORTED:
+            raise
+        reserved = False
+    yield
+    if reserved:  # only after success: a failed write's file is abandoned, never touched again
+        _shrink(fd, max(int(f.id.get_filesize()), start))
+
+
+def _shrink(fd: int, size: int) -> None:
+    with contextlib.suppress(OSError):
+        if os.fstat(fd).st_size > size:
+            os.ftruncate(fd, size)
+
+
+_hooks_lock = threading.Lock()
+_hooks_depth = 0
+_saved_hooks: tuple[Any, Any] | None = None
+
+
+@contextlib.contextmanager
+def quiet_hdf5_failures() -> Iterator[None]:
+    """Silence h5py's ``Exception ignored in ... ObjectID.__dealloc__`` tracebacks while writing.
+
+    When a write fails, h5py frees its temporary HDF5 objects, each free fails too, and Cython prints
+    each failure (through ``sys.excepthook`` and ``sys.unraisablehook``) where no caller can catch it;
+    the failure itself is raised and reported in one line. Other exceptions still reach the hooks.
+    Nested and threaded use share one installation.
+    """
+    global _hooks_depth, _saved_hooks
+    with _hooks_lock:
+        if _hooks_depth == 0:
+            _saved_hooks = (sys.excepthook, sys.unraisablehook)
+            sys.excepthook, sys.unraisablehook = _filtered_excepthook, _filtered_unraisablehook
+        _hooks_depth += 1
+    try:
+        yield
+    finally:
+        with _hooks_lock:
+            _hooks_depth -= 1
+            if _hooks_depth == 0 and _saved_hooks is not None:
+                if sys.excepthook is _filtered_excepthook:
+                    sys.excepthook = _saved_hooks[0]
+                if sys.unraisablehook is _filtered_unraisablehook:
+                    sys.unraisablehook = _saved_hooks[1]
+                _saved_hooks = None
+
+
+def _from_h5py_dealloc(tb: Any, where: Any = None) -> bool:
+    if "h5py" in str(where or "") and "__dealloc__" in str(where or ""):
+        return True
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if "h5py" in code.co_filename and "__dealloc__" in code.co_name:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _filtered_excepthook(exc_type: Any, exc: Any, tb: Any) -> None:
+    if not _from_h5py_dealloc(tb):
+        (_saved_hooks[0] if _saved_hooks else sys.__excepthook__)(exc_type, exc, tb)
+
+
+def _filtered_unraisablehook(unraisable: Any) -> None:
+    if not _from_h5py_dealloc(unraisable.exc_traceback, unraisable.object):
+        (_saved_hooks[1] if _saved_hooks else sys.__unraisablehook__)(unraisable)
