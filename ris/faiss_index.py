@@ -226,7 +226,7 @@ class IvfPqIndex:
         if self.mmap:
             raise RuntimeError("a memory-mapped IVF-PQ index cannot be re-saved; load it with mmap=False")
         with atomic_write(data) as tmp:
-            faiss.write_index(self.index, str(tmp))
+            _write_index(faiss, self.index, tmp)
         previous = _read_meta(path).get("data") if os.path.isfile(path) else None
         meta = {"format": FORMAT, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
                 "next_id": self.next_id, "removed_seen": self.removed_seen, "params": asdict(self.params),
@@ -351,3 +351,24 @@ def open_ivfpq(req):
     if index is not None:
         index.stored = StoredRows(req.features)
     return index
+
+
+def _write_index(faiss, index, path: str | os.PathLike) -> None:
+    """``faiss.write_index`` through a Python file, so that every write and the last flush are
+    checked and fail as ``OSError`` (faiss's own writer raised a RuntimeError on a full disk, and
+    reports a failed last flush only on stderr, leaving a short file)."""
+    failures: list[OSError] = []
+    with open(path, "wb") as out:
+        def write(chunk: bytes) -> None:
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                failures.append(exc)
+                raise
+        try:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        except RuntimeError:
+            if failures:
+                raise OSError(failures[0].errno, f"could not save the IVF-PQ index ({failures[0].strerror})",
+                              str(path)) from None
+            raise

@@ -28,17 +28,25 @@ def abandon_hdf5(f: Any, path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def hdf5_writing(path: str | Path) -> Iterator[Any]:
-    """``h5py.File(path, "w")``, abandoned (``abandon_hdf5``) if the writing fails."""
+def hdf5_writing(path: str | Path, reserve: int = 0) -> Iterator[Any]:
+    """``h5py.File(path, "w")`` with ``reserve`` bytes reserved on disk first (``reserved_room``: an
+    ``OSError`` there leaves nothing written), abandoned (``abandon_hdf5``) if the writing fails."""
     import h5py
 
     f = h5py.File(path, "w")
-    try:
-        with quiet_hdf5_failures():
-            yield f
-    except BaseException:
-        abandon_hdf5(f, path)
-        raise
+    with contextlib.ExitStack() as room:
+        try:
+            room.enter_context(reserved_room(f, reserve) if reserve > 0 else contextlib.nullcontext())
+        except BaseException:
+            f.close()  # nothing was written yet: the file is whole
+            raise
+        try:
+            with quiet_hdf5_failures():
+                yield f
+                f.flush()  # before the unused room is given back
+        except BaseException:
+            abandon_hdf5(f, path)
+            raise
     f.close()
 
 

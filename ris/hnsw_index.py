@@ -7,6 +7,7 @@ rebuilding. Memory: about 1.2 GB per million 256-d vectors (bench/README.md).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from ris.errors import DatabaseError, RisError
 from ris.index_state import RowMap, catch_up, saved_source, to_rows
-from ris.sidecars import atomic_write
+from ris.sidecars import atomic_write, ensure_room
 from ris.topk import METRICS
 
 _SPACES = {"euclidean": "l2", "cosine": "cosine"}
@@ -128,8 +129,14 @@ class HnswIndex:
         """Write ``path`` and ``path.json``, each atomically, so a crash never leaves a torn index;
         the .json (written last) says what the index holds, and load checks the two agree. Killed
         between the two, the catch-up from the older .json is simply redone (it is idempotent)."""
+        need = int(self._index.index_file_size())
+        ensure_room(os.path.dirname(os.path.abspath(path)), need, "to save the HNSW index")
         with atomic_write(path) as tmp:
             self._index.save_index(str(tmp))
+            written = os.path.getsize(tmp)
+            if written != need:  # hnswlib does not check its writes: a full disk leaves a short file
+                raise OSError(errno.ENOSPC, f"could not save the HNSW index whole ({written} of {need} bytes "
+                              "written; is the disk full?)", path)
         meta = {"format": 2, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
                 "db_rows": len(self), "next_id": self.next_id, "removed_seen": self.removed_seen,
                 "deleted": self.deleted, "params": self.params, "fingerprint": self.fingerprint,

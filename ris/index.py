@@ -108,6 +108,11 @@ class IndexRequest:
 _LABELS = {"hnsw": "HNSW", "ivfpq": "IVF-PQ", "milvus": "Milvus"}
 
 
+class IndexNotSaved(UserWarning):
+    """An index built or caught up for this run could not be saved (it still serves the run);
+    ``ris-index build``, whose job is the saved index, turns it into an error."""
+
+
 def open_saved(req: IndexRequest, path: str, load: Callable[[str], object], build: Callable[[], object],
                name: str, exists: Callable[[str], bool] = os.path.isfile):
     """Load the index saved at ``path``, catch it up with the database and re-save it; build it
@@ -140,8 +145,8 @@ def open_saved(req: IndexRequest, path: str, load: Callable[[str], object], buil
         index.source = saved_source(req.source)
         try:
             index.save(path)
-        except OSError as exc:  # read-only location: the index still serves this run
-            warnings.warn(f"could not save {label} index {path}: {exc}", stacklevel=3)
+        except OSError as exc:  # a read-only location, a full disk: the index still serves this run
+            warnings.warn(IndexNotSaved(f"could not save {label} index {path}: {exc.strerror or exc}"), stacklevel=3)
     if req.source is not None and req.source.get("ids") is not None:
         index.rowmap = RowMap(req.source["ids"])
     return index

@@ -87,7 +87,8 @@ def copy_committed(partial: Path, attrs_wanted: dict[str, Any], base: Path, base
         if verified < rows:
             log(f"warning: {rows - verified} committed images of {partial.name} read back different "
                 "from what was written (checksums); they are extracted again")
-        with atomic_write(partial) as fresh, hdf5_writing(fresh) as dst, _bar(verified, "resume: copy", progress) as bar:
+        with (atomic_write(partial) as fresh, hdf5_writing(fresh, reserve=partial.stat().st_size) as dst,
+              _bar(verified, "resume: copy", progress) as bar):
             for name, item in datasets:
                 n = (commits if name == COMMITS else failed if name in FAILURE_DATASETS
                      else verified if item.maxshape[:1] == (None,) else len(item))

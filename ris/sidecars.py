@@ -96,9 +96,10 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 def write_h5_cache(path: str | Path, key: str, attrs: dict | None = None, **datasets: np.ndarray) -> None:
     """Atomically write an HDF5 cache whose ``cache_key`` attribute says what it was made from."""
-    ensure_room(Path(path).parent, sum(np.asarray(d).nbytes for d in datasets.values()), f"to write {Path(path).name}")
+    need = sum(np.asarray(d).nbytes for d in datasets.values())
+    ensure_room(Path(path).parent, need, f"to write {Path(path).name}")
     with atomic_write(path) as tmp:
-        with hdf5_writing(tmp) as f:
+        with hdf5_writing(tmp, reserve=need + (1 << 20)) as f:
             for name, data in datasets.items():
                 f.create_dataset(name, data=data, chunks=True if np.ndim(data) else None)
             f.attrs.update(attrs or {})

@@ -79,9 +79,10 @@ def _rewrite_without(path: Path, names: set[str]) -> RemoveSummary:
         if keep.all() and len(failed_keep) == len(failures):
             return summary
         removed_ids = db.row_ids[~keep]
-        ensure_room(path.parent, path.stat().st_size, "to rewrite the database without the removed images")
+        need = path.stat().st_size
+        ensure_room(path.parent, need, "to rewrite the database without the removed images")
         try:
-            with hdf5_writing(tmp) as out:
+            with hdf5_writing(tmp, reserve=need) as out:
                 _copy_kept(db, out, keep, failed_keep, removed_ids)
             fsync_file(tmp)
         except BaseException:

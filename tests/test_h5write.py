@@ -124,3 +124,30 @@ def test_ris_extract_under_a_file_size_limit_stops_in_one_line_and_resumes(tmp_p
 
     with ris.featuredb.FeatureDB(db) as out:
         assert len(out.image_ids) == 6
+
+
+def test_a_whole_file_written_with_room_reserved_keeps_only_what_it_needs(tmp_path):
+    from ris.h5write import hdf5_writing
+
+    path = tmp_path / "c.h5"
+    with hdf5_writing(path, reserve=16 << 20) as f:
+        assert path.stat().st_size >= 16 << 20
+        f.create_dataset("x", data=np.ones((100, 64), np.float32))
+    assert path.stat().st_size < 1 << 20
+    with h5py.File(path) as again:
+        assert float(again["x"][:].sum()) == 6400.0
+
+
+def test_a_whole_file_without_room_fails_before_writing_and_is_closed_not_abandoned(tmp_path, monkeypatch):
+    import ris.h5write
+    from ris.h5write import hdf5_writing
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space left"):
+        with hdf5_writing(tmp_path / "c.h5", reserve=16 << 20):
+            pytest.fail("the write must not start")
+    assert ris.h5write.HDF5_UNCLOSED == []
+    h5py.File(tmp_path / "c.h5", "r").close()  # closed whole: it opens

@@ -48,6 +48,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(args) -> int:
+    import warnings
+
+    from ris.errors import RisError
+    from ris.index import IndexNotSaved
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IndexNotSaved)  # saving is what this command is for
+        try:
+            return _build_saved(args)
+        except IndexNotSaved as exc:
+            raise RisError(str(exc)) from None
+
+
+def _build_saved(args) -> int:
     from ris.errors import RisError
     from ris.featuredb import FeatureDB
     from ris.index import open_search_index
