@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
@@ -237,9 +236,10 @@ this set are only a smoke test, not comparable with UKBench.
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file + rename so a killed run never leaves a half-written file in place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from ris.sidecars import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def make_demo_dataset(

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -10,6 +9,7 @@ import cv2
 import numpy as np
 
 from ris.errors import BadImage
+from ris.sidecars import atomic_write
 
 TILE = 200
 CAPTION = 34
@@ -66,7 +66,6 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:  # a failed write leaves nothing, and names the file
+        tmp.write_bytes(buf.tobytes())
     return path

@@ -87,9 +87,12 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp)):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # name the file (a full disk said only
+            # "File too large" or "No space left on device"), the one the user asked for, not the temp
         raise
     fsync_dir(path.parent)
 

@@ -20,6 +20,7 @@ import numpy as np
 from ris.embed import embed_features, raw_descriptors
 from ris.errors import DatabaseError, RisError, TooFewGroups
 from ris.modelio import save_model
+from ris.sidecars import atomic_write
 from ris.splits import SPLIT_BY, make_split
 from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening, write_whitening_report
 
@@ -334,7 +335,7 @@ def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: floa
     """History as CSV next to the model, and a loss / N-S curve PNG a person can look at."""
     stem = model_path.with_suffix("")
     csv_path = Path(f"{stem}.history.csv")
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as fh:  # whole or not at all
         w = csv.DictWriter(fh, fieldnames=list(history[0]) if history else ["epoch"])
         w.writeheader()
         w.writerows(history)
@@ -357,6 +358,9 @@ def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: floa
         a2.axhline(raw_val, color="gray", ls="--", label=f"val {metric} (raw features)")
     a2.set_xlabel("epoch"), a2.set_ylabel(metric), a2.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return csv_path, png

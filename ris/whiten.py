@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ris.errors import TooFewGroups
+from ris.sidecars import atomic_write
 from ris.topk import l2_normalize
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple
     stem = model_path.with_suffix("")
     csv_path, png = Path(f"{stem}.history.csv"), Path(f"{stem}.history.png")
     table = whitening.get("table") or []
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as fh:  # whole or not at all
         w = csv.DictWriter(fh, fieldnames=["shrinkage", "power", "dim", "inner_gain"])
         w.writeheader()
         w.writerows(table)
@@ -272,6 +273,9 @@ def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple
     ax.set_title(f"learned whitening: {whitening.get('selected_by', '')}" + (" (none chosen)" if whitening.get("off") else ""),
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_write(png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return csv_path, png

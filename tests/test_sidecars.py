@@ -37,6 +37,19 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["x.bin"]
 
 
+@pytest.mark.parametrize("raised_name", [None, "temp"])
+def test_a_failed_atomic_write_names_the_file_the_user_asked_for(tmp_path, raised_name):
+    """Keras and zipfile said only "File too large" on a full disk; ris-train printed just that."""
+    import errno
+
+    target = tmp_path / "head.keras"
+    with pytest.raises(OSError) as caught:
+        with atomic_write(target, suffix=".keras") as tmp:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), *([str(tmp)] if raised_name else []))
+    assert caught.value.filename == str(target) and caught.value.errno == errno.EFBIG
+    assert os.listdir(tmp_path) == []
+
+
 def test_cache_is_used_only_under_its_own_key(tmp_path):
     path = tmp_path / "f.h5.emb-abc.h5"
     write_h5_cache(path, "key-1", embeddings=np.ones((2, 3), np.float32))

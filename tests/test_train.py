@@ -138,3 +138,31 @@ def test_ris_train_refuses_options_its_head_would_ignore(tmp_path, extra, named)
     with pytest.raises(RisError, match=named):
         main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--quiet", *extra])
     assert not (tmp_path / "h.keras").exists()
+
+
+def test_history_files_are_written_whole_or_not_at_all_and_a_failure_names_the_file(tmp_path, monkeypatch):
+    """A full disk left a torn .history.png under its name, and the error said only "File too large"."""
+    import errno
+    import os
+
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from ris.train import write_history
+
+    history = [{"epoch": 1, "loss": 0.3, "val_loss": 0.2, "val_score": 3.5, "test_score": 3.4, "seconds": 1.0}]
+
+    def full(self, fname, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"\x89PNG torn")
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    with pytest.raises(OSError) as caught:
+        write_history(history, tmp_path / "head.keras", 3.0)
+    assert caught.value.filename == str(tmp_path / "head.history.png")
+    assert sorted(os.listdir(tmp_path)) == ["head.history.csv"]  # the CSV was written whole before
+    monkeypatch.undo()
+    csv_path, png = write_history(history, tmp_path / "head.keras", 3.0)
+    assert png.read_bytes()[:4] == b"\x89PNG" and csv_path.read_text().startswith("epoch,loss")
+    assert sorted(os.listdir(tmp_path)) == ["head.history.csv", "head.history.png"]

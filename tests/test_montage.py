@@ -1,0 +1,26 @@
+"""The montage's PNG: written whole or not at all, and a failure names the file."""
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from ris.montage import write_png
+
+
+def test_a_png_that_cannot_be_written_leaves_nothing_and_names_the_file(tmp_path, monkeypatch):
+    """On a full disk ris-search said only "File too large" and left "m.png.partial" behind."""
+    real = type(tmp_path).write_bytes
+
+    def full(self, data):
+        real(self, data[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(type(tmp_path), "write_bytes", full)
+    with pytest.raises(OSError) as caught:
+        write_png(tmp_path / "m.png", np.zeros((8, 8, 3), np.uint8))
+    assert caught.value.filename == str(tmp_path / "m.png") and caught.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    assert write_png(tmp_path / "m.png", np.zeros((8, 8, 3), np.uint8)).read_bytes()[:4] == b"\x89PNG"
+    assert os.listdir(tmp_path) == ["m.png"]
