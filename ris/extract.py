@@ -211,6 +211,7 @@ def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: 
     from ris.featurewriter import FeatureWriter
     from ris.sidecars import WriterLock
 
+    Path(features_db).parent.mkdir(parents=True, exist_ok=True)  # --features-db out/feats.h5 makes out/
     lock = WriterLock(features_db).acquire()
     try:
         extractor = extractor or build_extractor(config)

@@ -57,6 +57,7 @@ class FeatureWriter:
         self.log = log or (lambda line: None)
         self.progress = progress
         check_target(self.path, append, overwrite)  # before the lock: no .lock beside a directory
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # --features-db out/feats.h5 makes out/
         self.lock = lock if lock is not None else WriterLock(self.path).acquire()
         try:
             check_target(self.path, append, overwrite)  # again: another writer may have finished meanwhile

@@ -29,6 +29,7 @@ def save_model(model, path: str | Path, meta: dict[str, Any]) -> Path:
     from ris.sidecars import atomic_write
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"format": META_FORMAT, **meta}, indent=1, default=_json_default)
     with atomic_write(path, suffix=".keras") as tmp:
         model.save(tmp)

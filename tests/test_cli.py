@@ -831,3 +831,11 @@ def test_eval_reports_queries_without_relevant_and_scores_them_nowhere(tmp_path,
     assert r["raw"]["map"] == 1.0 and r["raw"]["recall_at"]["1"] == 1.0
     code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db)
     assert "1 query without another image of its group" in out
+
+
+def test_outputs_in_folders_that_do_not_exist_yet_are_created(tiny, tmp_path, capsys):
+    """``--features-db out/feats.h5`` failed with "out/feats.h5.lock: No such file or directory"."""
+    _, data, _ = tiny
+    db = tmp_path / "out" / "feats.h5"
+    code, _, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)
+    assert code == 0 and db.is_file(), err

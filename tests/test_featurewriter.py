@@ -301,3 +301,11 @@ def test_a_python_writer_whose_disk_fills_raises_one_error_and_its_process_ends_
         feats, ids = db.features[:], list(db.image_ids)
     assert len(ids) == rows + 1 and ids[-1] == "last.jpg"
     assert np.array_equal(feats[:rows, 0], np.arange(rows, dtype=np.float32)) and np.all(feats[:rows].T == feats[:rows, 0])
+
+
+def test_a_database_in_a_folder_that_does_not_exist_yet_creates_it(tmp_path):
+    """``--features-db out/feats.h5`` failed with "out/feats.h5.lock: No such file or directory"."""
+    path = tmp_path / "out" / "sub" / "f.h5"
+    w = FeatureWriter(path, ATTRS, (3,), [])
+    w.add(["a"], np.ones((1, 3), np.float32), [""])
+    assert w.finish() == path and path.is_file()
