@@ -62,37 +62,68 @@ SKETCH_BITS = 128
 SKETCH_TOLERANCE = 3  # differing bits still taken for the same image (float noise across machines)
 
 
+def _sketch_bits(features: np.ndarray) -> np.ndarray:
+    """(N, 16) uint8: the packed sign bits of 128 fixed random projections of each row."""
+    x = np.asarray(features, np.float32).reshape(len(features), -1)
+    planes = np.random.default_rng(0).standard_normal((x.shape[1], SKETCH_BITS)).astype(np.float32)
+    return np.packbits((x @ planes) > 0, axis=1)
+
+
 def content_sketch(features: np.ndarray) -> list[str]:
     """A 128-bit sign sketch of each row's direction (fixed random projections), as hex: equal for
     the same image's features, far apart (128 x angle / pi bits: 10 at cosine 0.97) for others. Why: a
-    head's training images are recognised in a database by name AND content, so another collection
-    that reuses the same file names is not taken for them."""
-    x = np.asarray(features, np.float32).reshape(len(features), -1)
-    planes = np.random.default_rng(0).standard_normal((x.shape[1], SKETCH_BITS)).astype(np.float32)
-    bits = (x @ planes) > 0
-    return [np.packbits(b).tobytes().hex() for b in bits]
+    head's training images are recognised in a database by their content, so another collection
+    that reuses the same file names is not taken for them, and a copy under another name is."""
+    return [row.tobytes().hex() for row in _sketch_bits(features)]
 
 
 def _same_content(a: str, b: str) -> bool:
     return bin(int(a, 16) ^ int(b, 16)).count("1") <= SKETCH_TOLERANCE
 
 
+def content_matches(sketches: list[str], read_rows: Any, n_rows: int, block: int = 16384) -> list[tuple[int, int]]:
+    """(database row, sketch index) of every row whose features match one of ``sketches`` (within
+    SKETCH_TOLERANCE bits), whatever its name. Split in SKETCH_TOLERANCE + 1 parts, a match shares at
+    least one part exactly, so only rows sharing a part with some sketch are compared bit by bit."""
+    parts = SKETCH_TOLERANCE + 1
+    want = np.frombuffer(bytes.fromhex("".join(sketches)), np.uint8).reshape(len(sketches), -1)
+    want_parts = np.array_split(want, parts, axis=1)
+    keys = [{p.tobytes(): [] for p in wp} for wp in want_parts]
+    for j, wp in enumerate(want_parts):
+        for i, p in enumerate(wp):
+            keys[j][p.tobytes()].append(i)
+    found = []
+    for start in range(0, n_rows, block):
+        rows = np.arange(start, min(n_rows, start + block), dtype=np.int64)
+        bits = _sketch_bits(read_rows(rows))
+        for r, row_parts in zip(rows, zip(*(p for p in np.array_split(bits, parts, axis=1)))):
+            cands = {i for j, p in enumerate(row_parts) for i in keys[j].get(p.tobytes(), ())}
+            row = bits[r - start]
+            found += [(int(r), i) for i in sorted(cands) if int(np.unpackbits(row ^ want[i]).sum()) <= SKETCH_TOLERANCE]
+    return found
+
+
 def fitted_ids(meta: dict[str, Any], db_ids: list[str], read_rows: Any = None) -> tuple[set[str], str]:
-    """The image ids a head was fitted on (train + validation), and a note when they are inferred.
+    """The ids of this database's images a head was fitted on (train + validation), and a note.
     With the head's content sketches (``fit_sketches``) and ``read_rows`` (database rows ->
-    features), only those in this database whose content matches as well as their name."""
+    features), those whose name and content match, and copies under other names matched one to one
+    by content (a name with other content is not one); else by name."""
     split = meta.get("split", {})
     if "fit_images" in split:
         names = split["fit_images"]
         sketches = split.get("fit_sketches")
         if read_rows is None or not sketches or len(sketches) != len(names):
             return set(names), ""
-        where = {i: r for r, i in enumerate(db_ids)}
-        pairs = [(n, where[n], sk) for n, sk in zip(names, sketches) if n in where]
-        if not pairs:
-            return set(), ""
-        here = content_sketch(read_rows(np.array([r for _, r, _ in pairs], np.int64)))
-        return {n for (n, _, sk), h in zip(pairs, here) if _same_content(sk, h)}, ""
+        pairs = content_matches(sketches, read_rows, len(db_ids))
+        found = {db_ids[r] for r, i in pairs if db_ids[r] == names[i]}  # its name and its content
+        # a copy under another name: only a one-to-one match counts (features that hardly differ
+        # between images, e.g. an untrained network's, match many rows to many sketches)
+        rows_per = np.bincount([r for r, _ in pairs], minlength=len(db_ids)) if pairs else np.zeros(0, int)
+        sketch_per = np.bincount([i for _, i in pairs], minlength=len(names)) if pairs else np.zeros(0, int)
+        renamed = {db_ids[r] for r, i in pairs if db_ids[r] != names[i] and rows_per[r] == 1 and sketch_per[i] == 1
+                   and names[i] not in found}
+        note = f"{len(renamed)} of them under other names (recognised by content)" if renamed else ""
+        return found | renamed, note
     test = set(split.get("test_images", []))
     if test & set(db_ids):  # the training database, or one that overlaps it
         return set(db_ids) - test, ("the model does not list its training images (trained before they were "

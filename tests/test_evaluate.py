@@ -112,6 +112,30 @@ def test_a_collection_that_reuses_the_training_file_names_is_not_taken_for_the_t
     assert r["images"] == 60 and r["raw"] == evaluate_retrieval(x, lab, "euclidean").to_dict()
 
 
+def test_training_images_copied_into_another_collection_under_new_names_are_recognised(whitened, tmp_path):
+    """Training images were recognised by name (and then content): the same photos copied into a
+    new collection under other names were scored as held-out queries, a score on the training set."""
+    from ris.featuredb import FeatureDB, FeatureWriter
+    from ris.modelio import read_meta
+
+    db, model, x, lab = whitened
+    fit = read_meta(model)["split"]["fit_images"]
+    with FeatureDB(db) as f:
+        ids = list(f.image_ids)
+    rows = [ids.index(n) for n in fit[:8]]  # eight training images, renamed, beside four new objects
+    other, y, lab_y = _write_db(tmp_path / "new.h5", n_obj=4, seed=7, prefix="new/")
+    mixed = tmp_path / "mixed.h5"
+    w = FeatureWriter(mixed, {"model": "synthetic", "pooling": "gap"}, (x.shape[1],),
+                      sorted({f"o{g}" for g in lab_y} | {f"t{g}" for g in lab[rows]}))
+    w.add([f"renamed/{i}.jpg" for i in range(8)], x[rows], [f"t{g}" for g in lab[rows]])
+    w.add([f"new/{i:04d}.jpg" for i in range(len(y))], y, [f"o{g}" for g in lab_y])
+    w.finish({})
+    r = evaluate_db(mixed, model)
+    assert r["training_images_in_db"] == 8
+    assert "8 of them under other names" in r["split_description"]
+    assert r["images"] == 16  # only the four new objects are scored as held-out
+
+
 def test_the_training_database_itself_still_holds_the_training_images(whitened):
     db, model, _, lab = whitened
     r = evaluate_db(db, model)

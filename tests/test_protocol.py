@@ -170,3 +170,31 @@ def test_content_sketches_match_the_same_features_through_float_noise_and_not_ot
     near = x + 0.3 * rng.normal(size=x.shape).astype(np.float32) * np.abs(x).mean()  # another view, cos ~0.95
     assert sum(_same_content(p, q) for p, q in zip(a, content_sketch(near))) < 20
     assert SKETCH_TOLERANCE < 8
+
+
+def test_content_matches_find_exactly_what_a_bit_by_bit_comparison_finds():
+    from ris.protocol import _same_content, content_matches, content_sketch
+
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(40, 64)).astype(np.float32)
+    db = np.concatenate([rng.normal(size=(300, 64)), train[:10] + 0.02 * rng.normal(size=(10, 64)),
+                         train[10:20] + 0.08 * rng.normal(size=(10, 64))]).astype(np.float32)
+    sketches, here = content_sketch(train), content_sketch(db)
+    brute = sorted((r, i) for r, h in enumerate(here) for i, sk in enumerate(sketches) if _same_content(sk, h))
+    found = content_matches(sketches, lambda rows: db[rows], len(db), block=64)
+    assert sorted(found) == brute and len(brute) >= 10  # the close copies at least, some of the farther ones
+
+
+def test_renamed_copies_count_only_when_they_match_one_to_one():
+    from ris.protocol import content_sketch
+
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(12, 32)).astype(np.float32)
+    meta = head_meta(["train/a.jpg", "train/b.jpg"], [])
+    meta["split"]["fit_sketches"] = content_sketch(feats[:2])
+    renamed = [f"new/{i}" for i in IDS]  # rows 0 and 1 are those two images, renamed
+    fit, note = protocol.fitted_ids(meta, renamed, lambda rows: feats[rows])
+    assert fit == {"new/img00.jpg", "new/img01.jpg"} and "2 of them under other names" in note
+    same = np.repeat(feats[:1], 12, 0) + 1e-6 * rng.normal(size=(12, 32)).astype(np.float32)  # indistinguishable
+    meta["split"]["fit_sketches"] = content_sketch(same[:2])
+    assert protocol.fitted_ids(meta, renamed, lambda rows: same[rows]) == (set(), "")
