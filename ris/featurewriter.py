@@ -125,8 +125,26 @@ class FeatureWriter:
             self._open_existing(fresh_copy=True)
             history = json.loads(_plain(self.f.attrs.get("content_history", "[]")))
             self.f.attrs["content_history"] = json.dumps((history + [self.base_id])[-200:])  # HDF5 attrs are small
-        else:
-            self._create(feature_shape)
+            self._mark_run()
+            return
+        failure = None
+        with quiet_hdf5_failures():  # a disk that filled while the model was built: one line, nothing left
+            try:
+                ensure_room(self.tmp.parent, 0, "to create the database")
+                self._create(feature_shape)
+                self._mark_run()
+            except Exception as exc:
+                failure = _os_reason(exc)
+                exc.__traceback__ = None  # h5py's objects go now, while their failing dealloc is silenced
+                if self.f is not None:
+                    abandon_hdf5(self.f, self.tmp)
+                    self.f = None
+                self.tmp.unlink(missing_ok=True)
+        if failure is not None:
+            raise DatabaseError(f"{self.tmp}: could not create the database ({failure}); nothing was written: "
+                                "free space and run the same command again")
+
+    def _mark_run(self) -> None:
         self.f.attrs["run_kind"] = self.kind
         if self.base_id is not None:
             self.f.attrs["base_content_id"] = self.base_id
@@ -353,7 +371,11 @@ def _kept(rows: int) -> str:
 def _os_reason(exc: BaseException) -> str:
     """The system's reason inside an HDF5 error ('No space left on device'), else its first line."""
     m = re.search(r"error message = '([^']+)'", str(exc))
-    return m.group(1) if m else (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    if m:
+        return m.group(1)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _create_row_datasets(f: h5py.File, rows: int) -> None:

@@ -309,3 +309,27 @@ def test_a_database_in_a_folder_that_does_not_exist_yet_creates_it(tmp_path):
     w = FeatureWriter(path, ATTRS, (3,), [])
     w.add(["a"], np.ones((1, 3), np.float32), [""])
     assert w.finish() == path and path.is_file()
+
+
+def test_a_database_that_cannot_even_be_created_says_so_in_one_line_and_leaves_nothing(tmp_path):
+    """A disk that filled while the model was built: h5py's raw multi-line HDF5 message was printed
+    ("Unable to synchronously create file (file write failed: time = ...") and a torn .partial left.
+    (HDF5 cannot close a file whose first flush failed: a Python caller still sees h5py's messages
+    when its process ends; the CLI ends without HDF5's shutdown.)"""
+    from ris.testing import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
+    script = ("import resource, signal\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (700, 700))\n"
+              "from ris.cli.extract import entry\n"
+              "entry()\n")
+    db = tmp_path / "f.h5"
+    done = subprocess.run([sys.executable, "-c", script, "--dataset", str(data), "--features-db", str(db), "--model",
+                           "vgg16", "--weights", "none", "--resize", "64", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("ris-extract")] == [
+        f"ris-extract: error: {partial_path(db)}: could not create the database (File too large); nothing was "
+        "written: free space and run the same command again"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
