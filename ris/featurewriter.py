@@ -135,14 +135,17 @@ class FeatureWriter:
                 self._mark_run()
             except Exception as exc:
                 failure = _os_reason(exc)
+                if isinstance(exc, OSError) and exc.filename == str(self.tmp.parent):  # ensure_room's refusal
+                    failure = f"{exc.filename}: {failure}"
                 exc.__traceback__ = None  # h5py's objects go now, while their failing dealloc is silenced
                 if self.f is not None:
                     abandon_hdf5(self.f, self.tmp)
                     self.f = None
                 self.tmp.unlink(missing_ok=True)
         if failure is not None:
-            raise DatabaseError(f"{self.tmp}: could not create the database ({failure}); nothing was written: "
-                                "free space and run the same command again")
+            if not failure.startswith(f"{self.tmp.parent}: "):
+                failure = f"{self.tmp}: could not create the database ({failure})"
+            raise DatabaseError(f"{failure}; nothing was written: free space and run the same command again")
 
     def _mark_run(self) -> None:
         self.f.attrs["run_kind"] = self.kind

@@ -333,3 +333,17 @@ def test_a_database_that_cannot_even_be_created_says_so_in_one_line_and_leaves_n
         f"ris-extract: error: {partial_path(db)}: could not create the database (File too large); nothing was "
         "written: free space and run the same command again"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_no_room_to_create_the_database_is_refused_in_one_line(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    import ris.featurewriter as fw
+
+    real = shutil_module.disk_usage
+    monkeypatch.setattr(fw.shutil, "disk_usage", lambda p: real(p)._replace(free=5 << 20))
+    with pytest.raises(fw.DatabaseError) as caught:
+        FeatureWriter(tmp_path / "f.h5", ATTRS, (3,), [])
+    assert str(caught.value) == (f"{tmp_path}: not enough free space to create the database (5 MiB free, about 16 MiB "
+                                 "needed); nothing was written: free space and run the same command again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
