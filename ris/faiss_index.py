@@ -369,6 +369,5 @@ def _write_index(faiss, index, path: str | os.PathLike) -> None:
             faiss.write_index(index, faiss.PyCallbackIOWriter(write))
         except RuntimeError:
             if failures:
-                raise OSError(failures[0].errno, f"could not save the IVF-PQ index ({failures[0].strerror})",
-                              str(path)) from None
+                raise OSError(failures[0].errno, failures[0].strerror, str(path)) from None
             raise

@@ -38,7 +38,10 @@ def hdf5_writing(path: str | Path, reserve: int = 0) -> Iterator[Any]:
         try:
             room.enter_context(reserved_room(f, reserve) if reserve > 0 else contextlib.nullcontext())
         except BaseException:
-            f.close()  # nothing was written yet: the file is whole
+            try:
+                f.close()  # nothing was written yet: the file should close whole
+            except Exception:
+                abandon_hdf5(f, path)
             raise
         try:
             with quiet_hdf5_failures():

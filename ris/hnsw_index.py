@@ -135,8 +135,7 @@ class HnswIndex:
             self._index.save_index(str(tmp))
             written = os.path.getsize(tmp)
             if written != need:  # hnswlib does not check its writes: a full disk leaves a short file
-                raise OSError(errno.ENOSPC, f"could not save the HNSW index whole ({written} of {need} bytes "
-                              "written; is the disk full?)", path)
+                raise OSError(errno.ENOSPC, f"written short ({written} of {need} bytes; is the disk full?)", path)
         meta = {"format": 2, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
                 "db_rows": len(self), "next_id": self.next_id, "removed_seen": self.removed_seen,
                 "deleted": self.deleted, "params": self.params, "fingerprint": self.fingerprint,
