@@ -29,7 +29,7 @@ from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _at
                            decode_names, encode_names, fingerprint, partial_path)
 from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits
 from ris.recipe_diff import recipe_refusal
-from ris.h5write import abandon_hdf5, quiet_hdf5_failures, reserved_room
+from ris.h5write import abandon_hdf5, close_hdf5, quiet_hdf5_failures, reserved_room
 from ris.imagefile import human_bytes
 from ris.sidecars import WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id
 
@@ -348,12 +348,10 @@ class FeatureWriter:
         return self.path
 
     def close(self) -> None:
-        """Leave the partial file for a later resume, and release the lock."""
-        try:
-            if self.f is not None:
-                self.f.close()
-        except Exception:
-            pass
+        """Leave the partial file for a later resume (closed without writing on a full disk:
+        ``ris.h5write.close_hdf5``), and release the lock."""
+        if self.f is not None:
+            close_hdf5(self.f, self.tmp)
         self.f = None
         if getattr(self, "lock", None) is not None:
             self.lock.release()

@@ -53,6 +53,43 @@ def hdf5_writing(path: str | Path, reserve: int = 0) -> Iterator[Any]:
     f.close()
 
 
+def close_hdf5(f: Any, path: str | Path, room: int = 1 << 20) -> None:
+    """Close an HDF5 file that its last flush left whole on disk, without risking it on a full disk.
+
+    A close that cannot write (a writer stopped for lack of room) left a partial that could no
+    longer be read ("addr overflow"), so where ``room`` bytes are not free the file is detached from
+    the disk first (its descriptor pointed at /dev/null) and closed without writing: the file on
+    disk stays as its last flush left it, which is what a resume reads."""
+    import shutil
+
+    fd = _descriptor(f)
+    if fd is not None:
+        try:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        except OSError:
+            free = 0
+        if free < room:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+    try:
+        with quiet_hdf5_failures():
+            f.close()
+    except Exception:
+        abandon_hdf5(f, path)
+
+
+def _descriptor(f: Any) -> int | None:
+    """The POSIX descriptor of HDF5's default (sec2) driver, else None."""
+    try:
+        fd = f.id.get_vfd_handle()
+    except Exception:
+        return None
+    return fd if isinstance(fd, int) and fd >= 0 else None
+
+
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, errno.ENODEV}
 
 
@@ -65,11 +102,8 @@ def reserved_room(f: Any, nbytes: int) -> Iterator[None]:
     After a write that succeeded (flushed by the caller), the unused part is given back. Files
     without a POSIX descriptor, and filesystems without ``posix_fallocate``, are written unreserved.
     """
-    try:
-        fd = f.id.get_vfd_handle()  # HDF5's default (sec2) driver: its POSIX descriptor
-    except Exception:
-        fd = None
-    if not isinstance(fd, int) or fd < 0:
+    fd = _descriptor(f)
+    if fd is None:
         yield
         return
     start = os.fstat(fd).st_size

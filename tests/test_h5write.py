@@ -151,3 +151,34 @@ def test_a_whole_file_without_room_fails_before_writing_and_is_closed_not_abando
             pytest.fail("the write must not start")
     assert ris.h5write.HDF5_UNCLOSED == []
     h5py.File(tmp_path / "c.h5", "r").close()  # closed whole: it opens
+
+
+def test_a_file_closed_on_a_full_disk_is_closed_without_writing_and_stays_as_flushed(tmp_path, monkeypatch):
+    """A writer stopped for lack of room closed its partial on the full disk; the close's failed
+    writes left it unreadable ("addr overflow"), and its resume started over."""
+    import hashlib
+    import shutil
+
+    import ris.h5write
+    from ris.h5write import close_hdf5
+
+    path = tmp_path / "p.h5"
+    f = h5py.File(path, "w")
+    f.create_dataset("a", data=np.arange(1000, dtype=np.float32))
+    f.attrs["rows_done"] = 1000
+    f.flush()
+    flushed = hashlib.sha256(path.read_bytes()).hexdigest()
+    f.attrs["dirty"] = "written after the flush"  # only in HDF5's cache: it must not reach the disk
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+    close_hdf5(f, path)
+    assert not f.id.valid and ris.h5write.HDF5_UNCLOSED == []
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == flushed
+    with h5py.File(path, "r") as again:
+        assert again["a"].shape == (1000,) and "dirty" not in again.attrs
+    g = h5py.File(tmp_path / "q.h5", "w")  # with room: an ordinary close that writes what is pending
+    g.attrs["dirty"] = 1
+    monkeypatch.undo()
+    close_hdf5(g, tmp_path / "q.h5")
+    with h5py.File(tmp_path / "q.h5", "r") as again:
+        assert again.attrs["dirty"] == 1
