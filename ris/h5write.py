@@ -23,8 +23,29 @@ HDF5_UNCLOSED: list[tuple[Path, Any]] = []  # files left open after a failed wri
 
 
 def abandon_hdf5(f: Any, path: str | Path) -> None:
-    """Leave an HDF5 file whose write failed open, and never touch it again (closing it crashes)."""
+    """Leave an HDF5 file whose write failed open, and never touch it again (closing it crashes).
+    From then on h5py's dealloc failures, all consequences of this one, stay silenced."""
     HDF5_UNCLOSED.append((Path(path), f))
+    global _hooks_depth, _sticky
+    with _hooks_lock:
+        if not _sticky:
+            _install_filters()
+            _hooks_depth += 1  # never released (but by release_abandoned): they stay for the process
+            _sticky = True
+
+
+def release_abandoned() -> None:
+    """For tests, where the disk is not full: close the abandoned files and lift the filters."""
+    global _hooks_depth, _sticky
+    while HDF5_UNCLOSED:
+        _, f = HDF5_UNCLOSED.pop()
+        with contextlib.suppress(Exception):
+            f.close()
+    with _hooks_lock:
+        if _sticky:
+            _sticky = False
+            _hooks_depth -= 1
+            _restore_if_idle()
 
 
 @contextlib.contextmanager
@@ -128,7 +149,25 @@ def _shrink(fd: int, size: int) -> None:
 
 _hooks_lock = threading.Lock()
 _hooks_depth = 0
+_sticky = False
 _saved_hooks: tuple[Any, Any] | None = None
+
+
+def _install_filters() -> None:
+    global _saved_hooks
+    if _hooks_depth == 0:
+        _saved_hooks = (sys.excepthook, sys.unraisablehook)
+        sys.excepthook, sys.unraisablehook = _filtered_excepthook, _filtered_unraisablehook
+
+
+def _restore_if_idle() -> None:
+    global _saved_hooks
+    if _hooks_depth == 0 and _saved_hooks is not None:
+        if sys.excepthook is _filtered_excepthook:
+            sys.excepthook = _saved_hooks[0]
+        if sys.unraisablehook is _filtered_unraisablehook:
+            sys.unraisablehook = _saved_hooks[1]
+        _saved_hooks = None
 
 
 @contextlib.contextmanager
@@ -140,23 +179,16 @@ def quiet_hdf5_failures() -> Iterator[None]:
     the failure itself is raised and reported in one line. Other exceptions still reach the hooks.
     Nested and threaded use share one installation.
     """
-    global _hooks_depth, _saved_hooks
+    global _hooks_depth
     with _hooks_lock:
-        if _hooks_depth == 0:
-            _saved_hooks = (sys.excepthook, sys.unraisablehook)
-            sys.excepthook, sys.unraisablehook = _filtered_excepthook, _filtered_unraisablehook
+        _install_filters()
         _hooks_depth += 1
     try:
         yield
     finally:
         with _hooks_lock:
             _hooks_depth -= 1
-            if _hooks_depth == 0 and _saved_hooks is not None:
-                if sys.excepthook is _filtered_excepthook:
-                    sys.excepthook = _saved_hooks[0]
-                if sys.unraisablehook is _filtered_unraisablehook:
-                    sys.unraisablehook = _saved_hooks[1]
-                _saved_hooks = None
+            _restore_if_idle()
 
 
 def _from_h5py_dealloc(tb: Any, where: Any = None) -> bool:

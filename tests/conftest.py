@@ -59,16 +59,12 @@ def milvus_server(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _close_hdf5_files_a_test_abandoned():
-    """A file whose failed write could not be detached is left open (``ris.h5write.abandon_hdf5``); a
-    CLI error after that ends the process without HDF5's shutdown (``os._exit``), which would end pytest.
-    In tests the disk is not full, so those files can be closed after each test."""
+    """A file whose write failed is left open (``ris.h5write.abandon_hdf5``); a CLI error after
+    that ends the process without HDF5's shutdown (``os._exit``), which would end pytest. In tests
+    the disk is not full, so those files can be closed after each test (and h5py's noise heard again)."""
     yield
     import sys
 
     h5write = sys.modules.get("ris.h5write")
-    while h5write is not None and h5write.HDF5_UNCLOSED:
-        _, f = h5write.HDF5_UNCLOSED.pop()
-        try:
-            f.close()
-        except Exception:
-            pass
+    if h5write is not None:
+        h5write.release_abandoned()

@@ -182,3 +182,28 @@ def test_a_file_closed_on_a_full_disk_is_closed_without_writing_and_stays_as_flu
     close_hdf5(g, tmp_path / "q.h5")
     with h5py.File(tmp_path / "q.h5", "r") as again:
         assert again.attrs["dirty"] == 1
+
+
+def test_after_a_failed_write_h5py_dealloc_noise_stays_silenced_until_released(tmp_path):
+    """The objects of a failed write are freed when the caller drops the error, after the write:
+    their dealloc failures were printed as tracebacks below the one-line error."""
+    import ris.h5write
+    from ris.h5write import abandon_hdf5, release_abandoned
+
+    seen = []
+    saved, hook = sys.unraisablehook, seen.append
+    sys.unraisablehook = hook
+    try:
+        f = h5py.File(tmp_path / "x.h5", "w")
+        abandon_hdf5(f, tmp_path / "x.h5")
+        h5py_noise = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("x"), exc_traceback=None,
+                                           err_msg=None, object="h5py._objects.ObjectID.__dealloc__")
+        sys.unraisablehook(h5py_noise)
+        other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("y"), exc_traceback=None,
+                                      err_msg=None, object="mymodule.Thing.__del__")
+        sys.unraisablehook(other)
+        assert seen == [other]
+        release_abandoned()
+        assert sys.unraisablehook is hook and ris.h5write.HDF5_UNCLOSED == [] and not f.id.valid
+    finally:
+        sys.unraisablehook = saved
