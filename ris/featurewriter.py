@@ -101,7 +101,7 @@ class FeatureWriter:
             raise
         except Exception as exc:  # writing the copy failed (a full disk): the committed rows stay
             raise DatabaseError(f"{self.tmp}: could not copy its committed rows into a new file to resume "
-                                f"({exc}); it is kept: run again once that is fixed") from None
+                                f"({_os_reason(exc)}); it is kept: run again once that is fixed") from None
         try:
             self._open_existing()
         except DatabaseError:

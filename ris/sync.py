@@ -27,7 +27,7 @@ from typing import Iterable
 import h5py
 import numpy as np
 
-from ris.errors import RisError
+from ris.errors import DatabaseError, RisError
 from ris.featuredb import ROW_DATASETS, FeatureDB, encode_names
 from ris.h5write import hdf5_writing
 from ris.sidecars import WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id, rewrite_path
@@ -85,8 +85,11 @@ def _rewrite_without(path: Path, names: set[str]) -> RemoveSummary:
             with hdf5_writing(tmp, reserve=need) as out:
                 _copy_kept(db, out, keep, failed_keep, removed_ids)
             fsync_file(tmp)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):  # no room (a quota, a size limit), an I/O error
+                raise DatabaseError(f"{path}: could not rewrite it without the removed images "
+                                    f"({exc.strerror or exc}); it is unchanged") from None
             raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
