@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Milvus Lite runs faiss in-process: see ris.faiss_index
 
@@ -39,6 +40,9 @@ def _pymilvus():
     except ImportError as exc:
         raise RisError("the milvus index needs pymilvus: pip install 'ris[milvus]' "
                        "(or use --index exact|hnsw|ivfpq)") from exc
+    cli = sys.modules.get("ris.cli.common")
+    if getattr(cli, "CLIENT_LOGS_QUIET", False):  # a command: its errors come in one line (pymilvus
+        cli.quiet_client_logs()  # configured its loggers when imported, over the command's levels)
     return pymilvus
 
 
@@ -219,5 +223,7 @@ def open_milvus(req):
     except RisError:
         raise
     except Exception as exc:  # noqa: BLE001 - server and protocol errors: one line, not a traceback
-        raise RisError(f"{where}: {type(exc).__name__}: {exc}") from None
+        message = getattr(exc, "message", None)  # pymilvus' MilvusException: its server's own words
+        raise RisError(f"{where}: {message if isinstance(message, str) and message else f'{type(exc).__name__}: {exc}'}"
+                       ) from None
     return index

@@ -116,3 +116,25 @@ def test_ris_index_build_rebuild_drops_the_collection(target, labelled_db, capsy
     assert main(["build", "--features-db", str(db), "--index", f"milvus:{target}", "--rebuild"]) == 0
     err = capsys.readouterr().err
     assert err.count("building Milvus index") == 2  # built, then dropped and built again
+
+
+def test_milvus_lite_that_cannot_write_says_so_in_one_line(tmp_path):
+    """Milvus Lite on a full disk (here: a file size limit): ris printed 40 lines of Milvus Lite's and
+    pymilvus' logged tracebacks, then 'MilvusException: <MilvusException: (code=1, message=...)>'."""
+    import subprocess
+    import sys
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(50, 8, seed=0))
+    script = ("import resource, signal\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+              "from ris.cli.index import entry\n"
+              "entry()\n")
+    target = f"milvus:{tmp_path / 'm.db'}"
+    done = subprocess.run([sys.executable, "-c", script, "build", "--features-db", str(db), "--index", target],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[-1] == f"ris-index: error: {target}: [Errno 27] File too large", lines
+    assert len(lines) <= 2, lines  # the 'building ...' line and the error

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import logging
 import os
 import sys
 from typing import Any, Callable
@@ -141,6 +142,23 @@ def quiet_backend() -> None:
             os.close(saved)
 
 
+CLIENT_LOGGERS = ("milvus_lite", "pymilvus")  # log every failure with its traceback; ris says it in one line
+
+
+CLIENT_LOGS_QUIET = False
+
+
+def quiet_client_logs() -> None:
+    """Milvus Lite and pymilvus log each failed call with its traceback (40 lines for one full disk)
+    before raising; the command reports the error itself, in one line. RIS_VERBOSE=1 keeps them.
+    pymilvus sets its levels when imported: ``ris.milvus_index`` calls this again after importing it."""
+    global CLIENT_LOGS_QUIET
+    if not os.environ.get("RIS_VERBOSE"):
+        CLIENT_LOGS_QUIET = True
+        for name in CLIENT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 class _QuietOnFirstImport:
     """A meta-path hook: the first import of Keras or TensorFlow goes through ``quiet_backend``.
 
@@ -190,6 +208,7 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
     try:
         if not ({"-h", "--help"} & set(args)):
             install_quiet_backend()  # TensorFlow is imported (quietly) only if the command needs it
+            quiet_client_logs()
         return int(main(argv) or 0)
     except Interrupted as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
