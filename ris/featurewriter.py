@@ -121,7 +121,13 @@ class FeatureWriter:
     def _start(self, feature_shape: tuple[int, ...]) -> None:
         if self.kind == "append":  # continue from a copy of the finished database
             ensure_room(self.tmp.parent, self.path.stat().st_size, f"to copy {self.path.name} for --append")
-            shutil.copyfile(self.path, self.tmp)
+            try:
+                shutil.copyfile(self.path, self.tmp)
+            except OSError as exc:  # a quota or a size limit the free-space check cannot see
+                self.tmp.unlink(missing_ok=True)
+                raise DatabaseError(f"{self.tmp}: could not copy {self.path.name} to append to it "
+                                    f"({exc.strerror or exc}); {self.path} is unchanged: free space and run the "
+                                    "same command again") from None
             self._open_existing(fresh_copy=True)
             history = json.loads(_plain(self.f.attrs.get("content_history", "[]")))
             self.f.attrs["content_history"] = json.dumps((history + [self.base_id])[-200:])  # HDF5 attrs are small

@@ -345,3 +345,31 @@ def test_no_room_to_create_the_database_is_refused_in_one_line(tmp_path, monkeyp
     assert str(caught.value) == (f"{tmp_path}: not enough free space to create the database (5 MiB free, about 16 MiB "
                                  "needed); nothing was written: free space and run the same command again")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_append_whose_copy_of_the_database_fails_leaves_no_torn_copy(tmp_path, monkeypatch):
+    """--append copies the finished database first; a full disk said only 'f.h5: File too large' and
+    left a torn f.h5.partial for the next run to discard."""
+    import errno
+    import shutil as shutil_module
+
+    import ris.featurewriter as fw
+
+    path = tmp_path / "f.h5"
+    w = FeatureWriter(path, ATTRS, (3,), [])
+    w.add(["a"], np.ones((1, 3), np.float32), [""])
+    w.finish()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def full(src, dst, **kwargs):
+        with open(dst, "wb") as out:
+            out.write(b"torn")
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(shutil_module, "copyfile", full)
+    with pytest.raises(fw.DatabaseError) as caught:
+        FeatureWriter(path, ATTRS, (3,), [], append=True)
+    assert str(caught.value) == (f"{partial_path(path)}: could not copy f.h5 to append to it (File too large); "
+                                 f"{path} is unchanged: free space and run the same command again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
