@@ -20,7 +20,7 @@ import pytest
 import ris.h5write
 from ris.featuredb import FeatureDB, partial_path
 from ris.featurewriter import FeatureWriter
-from ris.testing import committed_rows
+from ris.testing import committed_rows, run_size_limited, size_limit
 
 ATTRS = {"model": "m", "weights": "w", "layer": "l", "input_size": 32, "scales": [1.0], "pooling": "gap"}
 
@@ -256,10 +256,8 @@ def test_ris_extract_that_runs_out_of_space_says_so_in_one_line_with_status_2(tm
 
 
 # a real write failure without root or a tmpfs: a file size limit makes the disk "full" at 8 MiB
-SIZE_LIMITED_WRITER = r"""
-import resource, signal, sys, numpy as np
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
-resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+SIZE_LIMITED_WRITER = size_limit(8 << 20) + r"""
+import sys, numpy as np
 from ris.errors import DatabaseError
 from ris.featurewriter import FeatureWriter
 w = FeatureWriter(sys.argv[1], {"model": "m", "pooling": "gap"}, (1280,), [])
@@ -317,15 +315,9 @@ def test_a_database_that_cannot_even_be_created_says_so_in_one_line_and_leaves_n
     from ris.testing import make_tiny_dataset
 
     data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
-    script = ("import resource, signal\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (700, 700))\n"
-              "from ris.cli.extract import entry\n"
-              "entry()\n")
     db = tmp_path / "f.h5"
-    done = subprocess.run([sys.executable, "-c", script, "--dataset", str(data), "--features-db", str(db), "--model",
-                           "vgg16", "--weights", "none", "--resize", "64", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    done = run_size_limited("extract", ["--dataset", data, "--features-db", db, "--model", "vgg16", "--weights", "none",
+                                        "--resize", "64", "--no-progress"], limit=700)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert [line for line in done.stderr.splitlines() if line.startswith("ris-extract")] == [
         f"ris-extract: error: {partial_path(db)}: could not create the database (File too large); nothing was "

@@ -100,18 +100,13 @@ def test_only_h5py_dealloc_failures_are_silenced():
 
 def test_ris_extract_under_a_file_size_limit_stops_in_one_line_and_resumes(tmp_path):
     """A quota or a file size limit is invisible to the free-space check: the reservation catches it."""
-    from ris.testing import make_tiny_dataset
+    from ris.testing import make_tiny_dataset, run_size_limited
 
     data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=2, size=64)
     db = tmp_path / "f.h5"
     args = ["--dataset", str(data), "--features-db", str(db), "--model", "vgg16", "--weights", "none", "--resize", "64",
             "--batch-size", "1", "--no-progress"]
-    limited = ("import resource, signal\n"
-               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))\n"
-               "from ris.cli.extract import entry\n"
-               "entry()\n")
-    done = subprocess.run([sys.executable, "-c", limited, *args], capture_output=True, text=True, timeout=300)
+    done = run_size_limited("extract", args, limit=3 << 20)
     lines = [line for line in done.stderr.splitlines() if line.startswith("ris-extract")]
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-2000:]

@@ -289,14 +289,6 @@ def test_ris_eval_index_scores_the_index_beside_exact(tmp_path, capsys):
     assert main(["--features-db", str(db), "--index", kind, "--min-ns", "4.5"]) == 1
 
 
-# a disk that fills while an index is saved, without root: a file size limit (writes past it fail)
-SIZE_LIMITED = ("import resource, signal, sys\n"
-                "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-                "resource.setrlimit(resource.RLIMIT_FSIZE, (128 << 10, 128 << 10))\n"
-                "from ris.cli.{cli} import entry\n"
-                "entry()\n")
-
-
 @pytest.mark.parametrize("kind, suffix", [("hnsw", ".hnsw"), ("ivfpq", ".ivfpq")])
 def test_an_index_that_cannot_be_saved_whole_is_never_left_under_its_name(kind, suffix, tmp_path):
     """hnswlib wrote a short file without a word and it was renamed into place (a torn index under
@@ -304,26 +296,26 @@ def test_an_index_that_cannot_be_saved_whole_is_never_left_under_its_name(kind, 
     pytest.importorskip("hnswlib" if kind == "hnsw" else "faiss")
     import subprocess
 
-    from ris.testing import make_feature_db
+    from ris.testing import make_feature_db, run_size_limited, size_limit
 
     rng = np.random.default_rng(0)
     db = make_feature_db(tmp_path / "f.h5", rng.standard_normal((2000, 64)).astype(np.float32))
-    build = subprocess.run([sys.executable, "-c", SIZE_LIMITED.format(cli="index"), "build", "--features-db", str(db),
-                            "--index", kind], capture_output=True, text=True, timeout=300)
+    build = run_size_limited("index", ["build", "--features-db", db, "--index", kind], limit=128 << 10)
     lines = [line for line in build.stderr.splitlines() if line.startswith("ris-index")]
     assert build.returncode == 2, build.stderr[-2000:]
-    assert len(lines) == 1 and f"could not save" in lines[0] and "internal error" not in lines[0], build.stderr[-2000:]
+    assert len(lines) == 1 and "could not save" in lines[0] and "internal error" not in lines[0], build.stderr[-2000:]
     assert "Traceback" not in build.stderr
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["f.h5"], left  # no index, no temp, no data file
     # a search saves the index it built as a courtesy: there, not saving is a warning and the answer stands
-    search = ("from ris.featuredb import FeatureDB\n"
+    search = ("import sys\n"
+              "from ris.featuredb import FeatureDB\n"
               "from ris.index import open_search_index\n"
               "from ris.index_state import source_of\n"
               "with FeatureDB(sys.argv[1]) as db:\n"
               "    index = open_search_index(sys.argv[1], db.features, 'euclidean', kind=sys.argv[2], source=source_of(db))\n"
               "    print(type(index).__name__, index.search(db.features[7:8], 3)[1][0][0])\n")
-    done = subprocess.run([sys.executable, "-c", SIZE_LIMITED.split("from ris.cli")[0] + search, str(db), kind],
+    done = subprocess.run([sys.executable, "-c", size_limit(128 << 10) + search, str(db), kind],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "could not save" in done.stderr and done.stdout.split() == [{"hnsw": "HnswIndex"}.get(kind, "IvfPqIndex"), "7"]

@@ -121,18 +121,11 @@ def test_ris_index_build_rebuild_drops_the_collection(target, labelled_db, capsy
 def test_milvus_lite_that_cannot_write_says_so_in_one_line(tmp_path):
     """Milvus Lite on a full disk (here: a file size limit): ris printed 40 lines of Milvus Lite's and
     pymilvus' logged tracebacks, then 'MilvusException: <MilvusException: (code=1, message=...)>'."""
-    import subprocess
-    import sys
+    from ris.testing import run_size_limited
 
     db = make_feature_db(tmp_path / "f.h5", clustered_vectors(50, 8, seed=0))
-    script = ("import resource, signal\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
-              "from ris.cli.index import entry\n"
-              "entry()\n")
     target = f"milvus:{tmp_path / 'm.db'}"
-    done = subprocess.run([sys.executable, "-c", script, "build", "--features-db", str(db), "--index", target],
-                          capture_output=True, text=True, timeout=300)
+    done = run_size_limited("index", ["build", "--features-db", db, "--index", target], limit=1000)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

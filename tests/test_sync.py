@@ -252,20 +252,11 @@ def test_a_removal_without_room_for_its_rewrite_names_the_database_and_leaves_it
     """Under a quota or a file size limit (invisible to the free-space check) the rewrite's room
     cannot be reserved: ris-index remove and --sync said only "error: File too large"."""
     import hashlib
-    import subprocess
-    import sys
-
-    from ris.testing import make_feature_db
+    from ris.testing import make_feature_db, run_size_limited
 
     db = make_feature_db(tmp_path / "f.h5", np.random.default_rng(0).standard_normal((500, 256)).astype(np.float32))
     before = hashlib.sha256(db.read_bytes()).hexdigest()
-    script = ("import resource, signal\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000))\n"
-              "from ris.cli.index import entry\n"
-              "entry()\n")
-    done = subprocess.run([sys.executable, "-c", script, "remove", "--features-db", str(db), "img000003.jpg"],
-                          capture_output=True, text=True, timeout=120)
+    done = run_size_limited("index", ["remove", "--features-db", db, "img000003.jpg"], limit=100000, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [
         f"ris-index: error: {db}: could not rewrite it without the removed images (File too large); it is unchanged"]
