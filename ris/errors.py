@@ -36,3 +36,8 @@ class BadImage(RisError):
 
 class DatabaseError(RisError):
     """A feature database is missing, incomplete or inconsistent with the request."""
+
+
+class BadChoice(RisError, ValueError):
+    """A value the caller chose is not one of those offered (a re-ranking, an index kind, ``k``);
+    also a ValueError, which it was before."""

@@ -261,7 +261,9 @@ def open_search_index(features_db_path: str, features, metric: str, kind: str = 
     try:
         name, arg = parse_index(kind)
     except RisError:
-        raise ValueError(f"unknown index kind {kind!r}; choose {index_metavar()}") from None
+        from ris.errors import BadChoice
+
+        raise BadChoice(f"unknown index kind {kind!r}; choose {index_metavar()}") from None
     _check_metric(metric)
     req = IndexRequest(str(features_db_path), features, metric, source, arg, build, threshold)
     index = INDEX_KINDS[name].open(req)

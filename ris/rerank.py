@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-from ris.errors import RisError
+from ris.errors import BadChoice, RisError
 from ris.topk import METRICS, blockwise_topk, l2_normalize, pairwise_distances
 
 BLOCK_ENTRIES = 1 << 20  # largest (queries x N) dense block
@@ -306,13 +306,13 @@ class Reranker:
         """``augmented``: for dba+qe, the database after alpha-DBA made earlier with the same
         parameters (``dba_database``), e.g. loaded from a cache file; skips its kNN pass."""
         if method not in RERANKERS:
-            raise ValueError(f"unknown re-ranking method {method!r}; choose one of {', '.join(RERANKERS)}")
+            raise BadChoice(f"unknown re-ranking method {method!r}; choose one of {', '.join(RERANKERS)}")
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
         defaults = RERANKERS[method].defaults
         unknown = set(params) - set(defaults)
         if unknown:
-            raise ValueError(f"{method}: unknown parameter(s) {sorted(unknown)}; known: {sorted(defaults)}")
+            raise BadChoice(f"{method}: unknown parameter(s) {sorted(unknown)}; known: {sorted(defaults)}")
         self.method, self.metric = method, metric
         self.p = {**defaults, **params}
         self.db = np.ascontiguousarray(database, dtype=np.float32)

@@ -81,6 +81,7 @@ class SearchEngine:
         self.labels = RowLabels(self.db.labels, self.db.label_names)
 
     def close(self) -> None:
+        self.closed = True
         rows = self.__dict__.pop("_rows", None)
         if rows is not None:
             rows.close()
@@ -198,8 +199,19 @@ class SearchEngine:
             rows = self.__dict__["_rows"] = StoredRows(self.vectors)
         return rows
 
+    def _usable(self, k) -> int:
+        """``k`` as a count of results, and the engine still open; else a RisError saying which."""
+        from ris.errors import BadChoice, DatabaseError
+
+        if self.__dict__.get("closed"):
+            raise DatabaseError(f"{self.db.path}: this SearchEngine is closed; open the database again")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise BadChoice(f"k must be a whole number of results, 1 or more, not {k!r}")
+        return int(k)
+
     def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
         """The ``k`` nearest database images; rows without finite features are never among them."""
+        k = self._usable(k)
         vec = self.embed_query(image_path)
         if not np.isfinite(vec).all():
             from ris.errors import BadImage
@@ -268,6 +280,7 @@ class SearchEngine:
         ``rotations``); ``exclude_row`` (the query's own row in a search by row) is left out of
         the results, as are rows without finite features. A query vector that is not finite is a
         ``BadImage``: no distance to it means anything."""
+        k = self._usable(k)
         if not np.isfinite(vec).all():
             from ris.errors import BadImage
 
@@ -275,7 +288,7 @@ class SearchEngine:
         if len(np.atleast_2d(vec)) > 1:  # turned copies, asked for by this query
             check_rerank(rerank)
         n = len(self.image_ids)
-        k = max(0, min(int(k), n - (exclude_row is not None)))
+        k = max(0, min(k, n - (exclude_row is not None)))
         if k == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         reranker = self.reranker_for(rerank)
@@ -321,7 +334,7 @@ class SearchEngine:
             db.close()
             raise DatabaseError(f"{self.db.path}: the database was rebuilt with different features; restart")
         new = object.__new__(type(self))
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_rerankers", "_rows")})
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_rerankers", "_rows", "closed")})
         new.db, new._files = db, []  # its own files: closing one engine never closes the other's
         try:
             new.root = Path(dataset_root or db.dataset_root or ".")

@@ -7,6 +7,16 @@ import os
 import numpy as np
 
 
+def _open_file_descriptor(data) -> int:
+    """A descriptor of the very file h5py has open (a duplicate of its own), not of whatever file
+    now has its name: a database replaced under its name (``--sync``, ``ris-index remove``, a
+    copy) would otherwise be read at the old file's chunk offsets, silently wrong rows."""
+    handle = data.file.id.get_vfd_handle()
+    if not isinstance(handle, int) or handle < 0:
+        raise ValueError("no file descriptor behind this HDF5 file")
+    return os.dup(handle)
+
+
 class StoredRows:
     """Random rows of the feature matrix, for exact re-ranking of a shortlist.
 
@@ -26,7 +36,7 @@ class StoredRows:
                     and data.chunks is not None and data.chunks[1:] == data.shape[1:]):
                 self._rows_per_chunk, self._row_bytes = int(data.chunks[0]), int(data.shape[1]) * 4
                 self._offsets = self._chunk_offsets(data)
-                self._fd = os.open(data.file.filename, os.O_RDONLY)
+                self._fd = _open_file_descriptor(data)
         except (AttributeError, TypeError, ValueError, OSError, RuntimeError):
             self._fd = None
 
@@ -54,8 +64,10 @@ class StoredRows:
         chunk, within = np.divmod(rows, self._rows_per_chunk)
         offsets = self._offsets[chunk] + within * self._row_bytes
         rb = self._row_bytes
-        return np.frombuffer(b"".join(os.pread(self._fd, rb, int(o)) for o in offsets),
-                             np.float32).reshape(len(rows), -1)
+        data = b"".join(os.pread(self._fd, rb, int(o)) for o in offsets)
+        if len(data) != rb * len(rows):
+            raise OSError(f"{self.data.file.filename}: rows end before their chunks (file truncated?)")
+        return np.frombuffer(data, np.float32).reshape(len(rows), -1)
 
     def close(self) -> None:
         if self._fd is not None:

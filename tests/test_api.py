@@ -98,3 +98,27 @@ def test_a_preset_fills_the_facade_arguments_left_at_their_defaults(tmp_path):
                        labels="none")
     with FeatureDB(other) as f:  # another model given: the preset's fused values stay with its own model
         assert f.attrs["model"] == "efficientnet_lite0"
+
+
+def test_mistakes_a_caller_can_make_are_ris_errors_naming_the_value(tmp_path):
+    """README: errors a user can cause are ``ris.RisError`` subclasses. A bad ``k``, re-ranking
+    or index kind, or a query on a closed engine, raised ValueError/TypeError/RuntimeError (or
+    answered silently: ``k=0`` gave [], ``k=2.5`` two results)."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    query = photos / "ukbench00001.jpg"
+    with ris.open_database(tmp_path / "f.h5") as engine:
+        for k in (-1, 0, 2.5, "3", None, True):
+            with pytest.raises(ris.RisError, match=re.escape(repr(k))):
+                engine.query(query, k=k)
+            with pytest.raises(ris.RisError, match=re.escape(repr(k))):
+                engine.search_row(0, k=k)
+        assert len(engine.query(query, k=2)) == 2
+    with pytest.raises(ris.RisError, match="closed"):
+        engine.query(query, k=2)
+    with pytest.raises(ris.RisError, match="'nah'"):
+        ris.query(tmp_path / "f.h5", query, rerank="nah")
+    with pytest.raises(ris.RisError, match="'bogus'"):
+        ris.open_database(tmp_path / "f.h5", index="bogus")

@@ -101,3 +101,26 @@ def test_distances_an_index_re_ranked_exactly_are_not_computed_again(tiny, tmp_p
         monkeypatch.setattr(ris.topk, "exact_shown", again)
         hits = engine.query(data / engine.image_ids[3], k=5)
         assert hits[0].row == 3 and hits[0].distance == 0.0
+
+
+def test_an_open_engine_answers_from_its_own_database_after_the_file_is_replaced(tiny, tmp_path):
+    """``ris-index remove`` / ``--sync`` / a copy replace the database under its name while a
+    service or a Python caller holds an engine open: its answers stay those of the rows it has
+    (the exact distances were read from the new file at the old offsets: the query's own image
+    came second at 0.93)."""
+    import shutil
+
+    from ris.sync import remove_images
+
+    data, db = tiny
+    local, smaller = tmp_path / "feats.h5", tmp_path / "smaller.h5"
+    shutil.copy(db, local)
+    shutil.copy(db, smaller)
+    with SearchEngine(local) as engine:
+        before = [(h.row, h.distance) for h in engine.query(data / engine.image_ids[6], k=5)]
+    with FeatureDB(smaller) as f:
+        remove_images(smaller, f.image_ids[:5])
+    with SearchEngine(local) as engine:
+        smaller.replace(local)
+        after = [(h.row, h.distance) for h in engine.query(data / engine.image_ids[6], k=5)]
+    assert after == before and after[0] == (6, after[0][1]) and after[0][1] < 1e-5

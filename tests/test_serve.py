@@ -237,7 +237,7 @@ def test_bad_parameters_are_one_sentence(engine, tiny):
             r = c.get("/api/search", params=params)
             assert r.status_code == status, (params, r.text)
             sentence(r)
-        assert "rows 0 to 23" in c.get("/api/search", params={"id": 24}).json()["detail"]
+        assert "no image with id 24" in c.get("/api/search", params={"id": 24}).json()["detail"]
         assert c.get("/api/health").json()["rerank"] == ["none", "qe"]
 
 
@@ -311,7 +311,7 @@ def test_unfit_uploads_get_4xx_with_the_reason(client, tmp_path, monkeypatch):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, "ICO")
     ico = upload(client, buf.getvalue(), "a.ico")
-    assert ico.status_code == 415 and "ICO" in sentence(ico)
+    assert ico.status_code == 415 and sentence(ico).startswith("a.ico is an ICO image;")
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, "GIF")  # what ris-extract reads is searchable
     assert upload(client, buf.getvalue(), "a.gif", k=2).status_code == 200
@@ -556,7 +556,81 @@ def test_appended_rows_become_searchable_without_restart(tiny, tmp_path):
         assert svc.poll() is False and svc.poll() is False  # not retried until the file changes again
         h = c.get("/api/health").json()
         assert h["rows"] == 28 and h["reload_error"]
+        assert "feats.h5" in h["reload_error"] and str(tmp_path) not in h["reload_error"]  # no server folders
         assert c.get("/api/search?id=27").status_code == 200
+
+
+def test_ids_are_the_databases_stable_ids_so_links_survive_a_sync(tiny, tmp_path):
+    """``/#id=N`` links are shared and results are clicked after the collection changed: ``id`` is
+    the image's stable id (README "Collections change"), not its row, so after ``--sync`` removed
+    earlier images the same id is the same image, and a removed image's id is 404, never another
+    image's (it named row 10, which a sync had made another photo)."""
+    from ris.featuredb import FeatureDB
+    from ris.sync import remove_images
+
+    data = tmp_path / "images"
+    shutil.copytree(tiny[1], data)
+    db = tmp_path / "feats.h5"
+    shutil.copy(tiny[2], db)
+    svc = SearchService(ServeConfig(str(db), reload_interval=0), log=lambda s: None)
+    svc.load()
+    with TestClient(create_app(svc)) as c:
+        before = c.get("/api/search", params={"id": 10, "k": 3}).json()
+        picture = c.get("/api/images/10").content
+        with FeatureDB(db) as f:
+            gone = f.image_ids[:3] + [f.image_ids[5]]
+        remove_images(db, gone)
+        assert svc.poll() is True and c.get("/api/health").json()["rows"] == 20
+        after = c.get("/api/search", params={"id": 10, "k": 3}).json()
+        assert after["query"]["path"] == before["query"]["path"] == "ukbench00010.jpg"
+        assert after["query"]["image_url"] == "/api/images/10" and c.get("/api/images/10").content == picture
+        assert [h["id"] for h in after["results"]] == [h["id"] for h in before["results"]]
+        assert [h["path"] for h in after["results"]] == [h["path"] for h in before["results"]]
+        for hit in upload(c, (data / "ukbench00013.jpg").read_bytes(), k=20).json()["results"]:
+            assert hit["path"] == f"ukbench{hit['id']:05d}.jpg"  # the tiny set's rows were named by number
+            assert hit["image_url"] == f"/api/images/{hit['id']}"
+        for removed in (0, 5):
+            for url in (f"/api/search?id={removed}", f"/api/images/{removed}", f"/api/thumbs/{removed}"):
+                r = c.get(url)
+                assert r.status_code == 404 and f"no image with id {removed}" in sentence(r)
+
+
+def test_names_in_any_script_or_not_text_at_all_are_served(tiny, tmp_path):
+    """A file named in another script, or with bytes that are not UTF-8 (an old camera card), must
+    not break the searches that rank it (500: JSON could not encode the surrogate-escaped name) nor
+    its image (500: the Content-Disposition header was not Latin-1)."""
+    from urllib.parse import quote
+
+    data = tmp_path / "images"
+    shutil.copytree(tiny[1], data)
+    names = {"ukbench00000.jpg": "中文写真.jpg", "ukbench00001.jpg": "café ü.jpg",
+             "ukbench00002.jpg": os.fsdecode(b"bad\xff\xfename.jpg")}
+    for old, new in names.items():
+        os.rename(data / old, data / new)
+    db = tmp_path / "feats.h5"
+    extract_features(data, db, FAST, ExtractOptions(progress=False, log=lambda s: None))
+    svc = SearchService(ServeConfig(str(db), reload_interval=0), log=lambda s: None)
+    svc.load()
+    with TestClient(create_app(svc)) as c:
+        r = upload(c, (data / "ukbench00003.jpg").read_bytes(), k=24)
+        assert r.status_code == 200, r.text
+        by_path = {h["path"]: h["id"] for h in r.json()["results"]}
+        assert {"中文写真.jpg", "café ü.jpg", "bad\ufffd\ufffdname.jpg"} <= set(by_path)
+        for shown, raw in (("中文写真.jpg", "中文写真.jpg"), ("café ü.jpg", "café ü.jpg"),
+                           ("bad\ufffd\ufffdname.jpg", names["ukbench00002.jpg"])):
+            got = c.get(f"/api/images/{by_path[shown]}")
+            assert got.status_code == 200 and got.content == (data / raw).read_bytes()
+            disposition = got.headers["content-disposition"]
+            assert disposition.isascii() and f"filename*=UTF-8''{quote(shown, safe='')}" in disposition
+            assert c.get(f"/api/search?id={by_path[shown]}&k=24").status_code == 200
+
+
+def test_get_endpoints_answer_head_too(client):
+    """Health checks and link checkers send HEAD (it was 405)."""
+    for url in ("/api/health", "/", "/api/images/3", "/api/thumbs/3"):
+        got, head = client.get(url), client.head(url)
+        assert head.status_code == got.status_code == 200, url
+        assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
 
 
 def test_the_background_watcher_reloads(tiny, tmp_path):

@@ -118,6 +118,13 @@ def test_the_page_searches_by_upload_and_by_click(collection, chromium, tmp_path
         assert set(again) == views - {path}, f"more like {path}: {again}"
         assert path not in [results.nth(i).get_attribute("data-path") for i in range(10)]
 
+        # a shared "/#id=N" address pasted into the open tab searches for that image (it was ignored)
+        other = results.nth(4)
+        other_path, other_id = other.get_attribute("data-path"), other.get_attribute("data-id")
+        page.evaluate(f"location.hash = '#id={other_id}'")
+        expect(page.get_by_test_id("query-name")).to_have_text(other_path)
+        expect(page.locator("#query-meta")).to_contain_text(f"image id {other_id}")
+
         # a photo turned on its side, with the "Turned photos" box ticked: its views come first again
         import cv2
 

@@ -11,6 +11,7 @@ import os
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Callable
+from urllib.parse import quote
 
 from anyio import to_thread
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -21,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ris.serve.files import ServeError
 from ris.serve.limits import Guard, Limiter, Overloaded
-from ris.serve.service import SearchService, ServeConfig
+from ris.serve.service import SearchService, ServeConfig, shown_text
 
 STATIC = files("ris.serve") / "static"
 PAGE_HEADERS = {  # the page loads nothing from elsewhere: no CDN, no fonts, no inline script
@@ -30,6 +31,14 @@ PAGE_HEADERS = {  # the page loads nothing from elsewhere: no CDN, no fonts, no 
                                "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 MULTIPART_SLACK = 64 << 10  # multipart framing and the small form fields around the image
+
+
+def content_disposition(name: str) -> str:
+    """``inline`` with the file's name: an ASCII fallback (HTTP headers are Latin-1, and a name in
+    another script broke the response) and the name itself as RFC 6266 ``filename*``."""
+    text = shown_text(name)
+    ascii_name = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in text) or "image"
+    return f"inline; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(text, safe='')}"
 
 
 def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[SearchService], None] | None = None,
@@ -109,7 +118,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         return out, waited
 
     # -- API -----------------------------------------------------------------------------
-    @app.get("/api/health", summary="Ready or not, and what is served")
+    @app.api_route("/api/health", methods=["GET", "HEAD"], summary="Ready or not, and what is served")
     async def health():
         h = svc.health()
         h["limits"] = searches.stats()
@@ -136,7 +145,8 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         return JSONResponse(out)  # plain JSON types already: skips FastAPI's slower generic encoder
 
     @app.get("/api/search", summary="Search with a database row (\"more like this\")")
-    async def search_row(id: int = Query(..., ge=0, description="database row"),
+    async def search_row(id: int = Query(..., ge=0, description="the image's id (stable: the same image's "
+                                                              "through --append and --sync)"),
                          k: int = Query(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
                          rerank: str | None = Query(None, description="none, qe, dba+qe, diffusion, kreciprocal "
                                                     "(default: the service's default re-ranking)")):
@@ -144,7 +154,8 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         out["timing_ms"]["queue"] = round(waited * 1000, 2)
         return JSONResponse(out)
 
-    @app.get("/api/images/{id}", summary="A database image, by row", response_class=Response)
+    @app.api_route("/api/images/{id}", methods=["GET", "HEAD"], summary="A database image, by id",
+                   response_class=Response)
     async def image(id: int):
         fd, size, media, name = await to_thread.run_sync(svc.image, id)
         fh = os.fdopen(fd, "rb")  # closed by the generator, or when dropped if it never starts
@@ -154,19 +165,19 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
                 while block := fh.read(1 << 16):
                     yield block
 
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
         return StreamingResponse(chunks(), media_type=media, headers={
             "Content-Length": str(size), "X-Content-Type-Options": "nosniff",
-            "Content-Disposition": f'inline; filename="{safe}"', "Cache-Control": "private, max-age=300"})
+            "Content-Disposition": content_disposition(name), "Cache-Control": "private, max-age=300"})
 
-    @app.get("/api/thumbs/{id}", summary="A database image's thumbnail (JPEG), by row", response_class=Response)
+    @app.api_route("/api/thumbs/{id}", methods=["GET", "HEAD"], summary="A database image's thumbnail (JPEG), by id",
+                   response_class=Response)
     async def thumb(id: int):
         jpeg, _ = await in_slot(thumbs, svc.thumbnail, id)
         return Response(jpeg, media_type="image/jpeg", headers={
             "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300"})
 
     # -- the page --------------------------------------------------------------------------
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         return FileResponse(str(STATIC / "index.html"), media_type="text/html", headers=PAGE_HEADERS)
 

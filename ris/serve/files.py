@@ -1,8 +1,8 @@
 """What the service reads: uploaded bytes (checked before decoding) and database rows' files.
 
 Safety rules, each one tested in tests/test_serve.py:
-* no path from a request is ever opened: files are found by database row only;
-* a row's file must resolve (symlinks followed) inside the dataset root, be a regular file with
+* no path from a request is ever opened: files are found by image id (the database's stable id) only;
+* an image's file must resolve (symlinks followed) inside the dataset root, be a regular file with
   an image extension and be under a size cap, else it is refused;
 * an upload's format and pixel count come from its header (Pillow reads only the header) and
   are checked before any decoding, so a decompression bomb never reaches the decoder.
@@ -78,7 +78,7 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
     header = _pillow_format(data, who)
     fmt = sniff_format(data) or (header[0] if header else None)
     if fmt not in UPLOAD_FORMATS:
-        kind = f"a {fmt} image" if fmt else "not an image"
+        kind = f"{'an' if fmt[0] in 'AEIOU' else 'a'} {fmt} image" if fmt else "not an image"
         raise ServeError(415, f"{who} is {kind}; send {ACCEPTED}.")
     if fmt == "JPEG":
         problem = jpeg_problem(data)
@@ -104,27 +104,27 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
     return rgb, {"format": UPLOAD_FORMATS[fmt], "width": width, "height": height, "bytes": len(data)}
 
 
-def row_file(root: Path, rel: str, row: int) -> Path:
-    """The file of database row ``row`` (relative path ``rel``), if it may be read; else ServeError.
+def row_file(root: Path, rel: str, image_id: int) -> Path:
+    """The file of image ``image_id`` (relative path ``rel``), if it may be read; else ServeError.
 
     Refused (403): absolute or ``..`` paths in the database, files that resolve outside ``root``
     (a symlink out of the collection), anything but a regular file with an image extension.
     """
     if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or ".." in PurePosixPath(rel).parts:
-        raise ServeError(403, f"row {row}: its path is not inside the collection; refused.")
+        raise ServeError(403, f"image {image_id}: its path is not inside the collection; refused.")
     try:
         base = root.resolve(strict=True)
         path = (base / rel).resolve(strict=True)
     except (OSError, RuntimeError):
-        raise ServeError(404, f"row {row}: its image {rel} is not on disk.") from None
+        raise ServeError(404, f"image {image_id}: its image {rel} is not on disk.") from None
     if not path.is_relative_to(base):
-        raise ServeError(403, f"row {row}: its image {rel} resolves outside the collection; refused.")
+        raise ServeError(403, f"image {image_id}: its image {rel} resolves outside the collection; refused.")
     if path.suffix.lower() not in MEDIA_TYPES:
-        raise ServeError(403, f"row {row}: {rel} has no image extension; refused.")
+        raise ServeError(403, f"image {image_id}: {rel} has no image extension; refused.")
     return path
 
 
-def open_regular(path: Path, rel: str, row: int) -> tuple[int, int]:
+def open_regular(path: Path, rel: str, image_id: int) -> tuple[int, int]:
     """(fd, size) of a regular file no bigger than ``MAX_FILE_BYTES``, opened without following a
     final symlink (the path is already resolved: a swap after the check is refused) and without
     blocking (a FIFO named ``.jpg`` is refused, never waited on)."""
@@ -132,23 +132,23 @@ def open_regular(path: Path, rel: str, row: int) -> tuple[int, int]:
     try:
         fd = os.open(path, flags)
     except OSError:
-        raise ServeError(404, f"row {row}: its image {rel} cannot be opened.") from None
+        raise ServeError(404, f"image {image_id}: its image {rel} cannot be opened.") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
         os.close(fd)
         why = f"a {file_kind(st.st_mode)}" if not stat.S_ISREG(st.st_mode) else f"over {human_bytes(MAX_FILE_BYTES)}"
-        raise ServeError(403, f"row {row}: its image {rel} is {why}; refused.")
+        raise ServeError(403, f"image {image_id}: its image {rel} is {why}; refused.")
     os.set_blocking(fd, True)  # a regular file: ordinary reads from here on
     return fd, st.st_size
 
 
-def read_regular(path: Path, rel: str, row: int) -> bytes:
-    fd, _ = open_regular(path, rel, row)
+def read_regular(path: Path, rel: str, image_id: int) -> bytes:
+    fd, _ = open_regular(path, rel, image_id)
     with os.fdopen(fd, "rb") as fh:
         return fh.read(MAX_FILE_BYTES)
 
 
-def thumbnail_jpeg(data: bytes, size: int, rel: str, row: int) -> bytes:
+def thumbnail_jpeg(data: bytes, size: int, rel: str, image_id: int) -> bytes:
     """A JPEG no larger than ``size`` on its long side (aspect kept) of a database image's bytes."""
     import cv2
 
@@ -157,14 +157,14 @@ def thumbnail_jpeg(data: bytes, size: int, rel: str, row: int) -> bytes:
     try:
         rgb, _ = decode_upload(data, size, max_pixels=MAX_PIXELS, name=rel)
     except ServeError as exc:
-        raise ServeError(422, f"row {row}: {exc}") from None
+        raise ServeError(422, f"image {image_id}: {exc}") from None
     h, w = rgb.shape[:2]
     scale = min(1.0, size / max(h, w))
     if scale < 1.0:
         rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:
-        raise ServeError(500, f"row {row}: thumbnail could not be encoded.")
+        raise ServeError(500, f"image {image_id}: thumbnail could not be encoded.")
     return buf.tobytes()
 
 

@@ -16,9 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from ris.errors import BadImage, RisError
 from ris.serve.files import (ServeError, decode_upload, display_name, media_type, open_regular, read_regular,
                              row_file, thumbnail_jpeg)
+
+def shown_text(name: str) -> str:
+    """A stored name or label as JSON can carry it: a file name that is not UTF-8 (kept with
+    surrogate escapes, as the file system gave it) shows U+FFFD where its bytes were not text."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if name else name
+
 
 RERANK_SMALL_DB = 20_000  # above this many rows, only qe is offered by default (the others hold an
                           # N x N kNN pass or graph)
@@ -53,6 +61,32 @@ def file_stamp(path: str | Path) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+class StableIds:
+    """Rows <-> the database's stable image ids (README "Collections change"): what the API calls
+    ``id``, so a shared ``/#id=N`` or a result clicked after ``--sync`` removed earlier images still
+    names the same image, and a removed image's id names none. Read on first use (8 bytes a row)."""
+
+    def __init__(self, db) -> None:
+        self._db, self._ids, self._lock = db, None, threading.Lock()
+
+    def _array(self) -> np.ndarray:
+        with self._lock:
+            if self._ids is None:
+                ids = np.asarray(self._db.row_ids, np.int64)
+                if len(ids) > 1 and not (np.diff(ids) > 0).all():
+                    raise RisError(f"{self._db.path}: its image ids are not increasing; the database is damaged")
+                self._ids = ids
+            return self._ids
+
+    def of_rows(self, rows) -> list[int]:
+        return self._array()[np.asarray(rows, np.int64)].tolist()
+
+    def row(self, image_id: int) -> int | None:
+        ids = self._array()
+        at = int(np.searchsorted(ids, image_id))
+        return at if at < len(ids) and ids[at] == image_id else None
+
+
 @dataclass
 class Generation:
     engine: Any
@@ -61,6 +95,7 @@ class Generation:
     loaded_at: float
     rerank: tuple[str, ...]
     seconds: float
+    ids: StableIds | None = None
 
 
 @dataclass
@@ -95,7 +130,7 @@ class SearchService:
     def _install(self, engine, stamp: tuple, t0: float) -> Generation:
         number = self.current.number + 1 if self.current else 1
         gen = Generation(engine, number, stamp, time.time(), self._offered(len(engine.image_ids)),
-                         round(time.perf_counter() - t0, 2))
+                         round(time.perf_counter() - t0, 2), StableIds(engine.db))
         self.current = gen  # one assignment: requests see the old or the new generation, never a mix
         return gen
 
@@ -160,7 +195,7 @@ class SearchService:
                 "default_k": self.cfg.default_k, "max_k": self.cfg.max_k, "auth": bool(self.cfg.api_key),
                 "default_rerank": self.cfg.default_rerank}
         if gen is None:
-            return {**base, "error": self.error}
+            return {**base, "error": self._public(self.error)}
         e = gen.engine
         index = type(e.index).__name__
         return {**base, "rows": len(e.image_ids), "model": e.db.attrs.get("model"),
@@ -170,8 +205,22 @@ class SearchService:
                 "rerank": list(gen.rerank), "rotations": bool(getattr(e, "rotations", False)),
                 "labels": e.labels.any() if hasattr(e.labels, "any") else any(e.labels), "generation": gen.number,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gen.loaded_at)),
-                "load_seconds": gen.seconds, "reloading": self.reloading, "reload_error": self.reload_error,
+                "load_seconds": gen.seconds, "reloading": self.reloading, "reload_error": self._public(self.reload_error),
                 "database": Path(self.cfg.features_db).name}
+
+    def _public(self, message: str | None) -> str | None:
+        """A load or reload error as /api/health shows it: the server's folders left out (the
+        database by its name, as the server log names it in full)."""
+        if not message:
+            return message
+        db = Path(self.cfg.features_db)
+        for where in {str(db.resolve()), str(db.absolute()), str(db)}:
+            message = message.replace(where, db.name)
+        if self.cfg.dataset_root:
+            root = Path(self.cfg.dataset_root)
+            for where in {str(root.resolve()), str(root.absolute()), str(root)}:
+                message = message.replace(where, root.name or ".")
+        return message
 
     # -- searching -----------------------------------------------------------------------
     def _check(self, gen: Generation, k: int, rerank: str) -> None:
@@ -182,9 +231,10 @@ class SearchService:
 
     def _answer(self, gen: Generation, dist, rows, query: dict, k: int, rerank: str, timing: dict) -> dict:
         e = gen.engine
-        results = [{"rank": h.rank, "id": h.row, "path": h.image_id, "distance": round(h.distance, 6),
-                    "label": h.label or None, "image_url": f"/api/images/{h.row}",
-                    "thumb_url": f"/api/thumbs/{h.row}"} for h in e.hits(dist, rows)]  # names: one read
+        hits = e.hits(dist, rows)  # names: one read
+        results = [{"rank": h.rank, "id": i, "path": shown_text(h.image_id), "distance": round(h.distance, 6) + 0.0,  # + 0.0: never -0.0
+                    "label": shown_text(h.label) or None, "image_url": f"/api/images/{i}",
+                    "thumb_url": f"/api/thumbs/{i}"} for h, i in zip(hits, gen.ids.of_rows([h.row for h in hits]))]
         return {"query": query, "k": k, "rerank": rerank,
                 "score": "distance" if rerank == "none" else "re-ranking score (smaller = better)",
                 "metric": e.metric, "results": results, "timing_ms": {n: round(v * 1000, 2) for n, v in timing.items()},
@@ -224,47 +274,49 @@ class SearchService:
         out["rotations"] = rotations
         return out
 
-    def search_row(self, row: int, k: int, rerank: str | None = None) -> dict:
+    def search_row(self, image_id: int, k: int, rerank: str | None = None) -> dict:
+        """"More like this": the image whose stable id is ``image_id`` queries the rest."""
         rerank = self.cfg.default_rerank if rerank is None else rerank
         gen = self.generation()
         self._check(gen, k, rerank)
         e = gen.engine
-        self._row_check(gen, row)
+        row = self._row_of(gen, image_id)
         t0 = time.perf_counter()
         dist, rows = e.neighbours(e.row_vector(row), k, rerank, exclude_row=row)
         t1 = time.perf_counter()
-        query = {"kind": "id", "id": row, "path": e.image_ids[row], "label": e.labels[row] or None,
-                 "image_url": f"/api/images/{row}", "thumb_url": f"/api/thumbs/{row}"}
+        query = {"kind": "id", "id": image_id, "path": shown_text(e.image_ids[row]),
+                 "label": shown_text(e.labels[row]) or None,
+                 "image_url": f"/api/images/{image_id}", "thumb_url": f"/api/thumbs/{image_id}"}
         return self._answer(gen, dist, rows, query, k, rerank, {"search": t1 - t0, "total": t1 - t0})
 
     # -- database files ------------------------------------------------------------------
     @staticmethod
-    def _row_check(gen: Generation, row: int) -> None:
-        n = len(gen.engine.image_ids)
-        if not 0 <= row < n:
-            raise ServeError(404, f"no database row {row} (the database has rows 0 to {n - 1}).")
+    def _row_of(gen: Generation, image_id: int) -> int:
+        row = gen.ids.row(image_id)
+        if row is None:
+            raise ServeError(404, f"no image with id {image_id} in the database (removed, or never added).")
+        return row
 
-    def row_path(self, row: int) -> tuple[Path, str]:
+    def image_path(self, image_id: int) -> tuple[Path, str]:
         gen = self.generation()
-        self._row_check(gen, row)
-        rel = gen.engine.image_ids[row]
-        return row_file(Path(gen.engine.root), rel, row), rel
+        rel = gen.engine.image_ids[self._row_of(gen, image_id)]
+        return row_file(Path(gen.engine.root), rel, image_id), rel
 
-    def image(self, row: int) -> tuple[int, int, str, str]:
-        """(open fd, size, media type, file name) of a database row's image, checked."""
-        path, rel = self.row_path(row)
-        fd, size = open_regular(path, rel, row)
+    def image(self, image_id: int) -> tuple[int, int, str, str]:
+        """(open fd, size, media type, file name) of an image of the database, by its stable id, checked."""
+        path, rel = self.image_path(image_id)
+        fd, size = open_regular(path, rel, image_id)
         return fd, size, media_type(path), Path(rel).name
 
-    def thumbnail(self, row: int) -> bytes:
-        path, rel = self.row_path(row)
+    def thumbnail(self, image_id: int) -> bytes:
+        path, rel = self.image_path(image_id)
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns, self.cfg.thumb_size)
         with self._thumbs_lock:
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
-        jpeg = thumbnail_jpeg(read_regular(path, rel, row), self.cfg.thumb_size, rel, row)
+        jpeg = thumbnail_jpeg(read_regular(path, rel, image_id), self.cfg.thumb_size, rel, image_id)
         with self._thumbs_lock:
             self._thumbs[key] = jpeg
             while len(self._thumbs) > self.cfg.thumb_cache:

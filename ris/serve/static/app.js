@@ -117,7 +117,8 @@
   // -- searching ----------------------------------------------------------------------
   function kValue() {
     const max = state.health ? state.health.max_k : 100;
-    const k = Math.round(Number($("k").value) || 12);
+    const raw = $("k").value.trim();
+    const k = raw === "" || !Number.isFinite(Number(raw)) ? (state.health ? state.health.default_k : 12) : Math.round(Number(raw));
     const clamped = Math.min(Math.max(k, 1), max);
     if (clamped !== k) $("k").value = clamped;
     return clamped;
@@ -131,6 +132,7 @@
       return;
     }
     state.query = { kind: "upload", file };
+    history.replaceState(null, "", location.pathname);  // the address no longer names a database image
     run();
   }
 
@@ -189,8 +191,9 @@
       setImage(img, data.query.thumb_url);
       $("query-name").textContent = baseName(data.query.path);
       const label = data.query.label ? ` · label ${data.query.label}` : "";
-      $("query-meta").textContent = `database row ${data.query.id}${label}`;
+      $("query-meta").textContent = `image id ${data.query.id}${label}`;
     }
+    if (state.health && data.database.generation !== state.health.generation) refreshHealth();  // reloaded
     const t = data.timing_ms;
     const rr = data.rerank === "none" ? "" : ` · re-ranked (${data.rerank})`;
     const turns = data.rotations ? " · turned copies searched too" : "";
@@ -290,8 +293,9 @@
 
   function startFromUrl() {  // #id=N (the address of a "more like this" search) searches at once
     const m = /^#id=(\d+)$/.exec(location.hash);
-    if (m) searchId(Number(m[1]));
+    if (m && !(state.query && state.query.kind === "id" && state.query.id === Number(m[1]))) searchId(Number(m[1]));
   }
+  window.addEventListener("hashchange", () => { if (state.health) startFromUrl(); });  // a shared link pasted into this tab
 
   refreshHealth().then((ok) => {
     if (state.health) $("k").value = state.health.default_k;
