@@ -214,6 +214,8 @@ def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: 
     Path(features_db).parent.mkdir(parents=True, exist_ok=True)  # --features-db out/feats.h5 makes out/
     lock = WriterLock(features_db).acquire()
     try:
+        if extractor is None:
+            _refuse_another_recipe(features_db, config, opts)
         extractor = extractor or build_extractor(config)
         writer = FeatureWriter(features_db, {**extractor.attrs(), **attrs}, extractor.output_shape, label_names,
                                append=opts.append, overwrite=opts.overwrite, lock=lock, log=opts.log,
@@ -222,6 +224,34 @@ def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: 
         lock.release()
         raise
     return writer, extractor
+
+
+def _refuse_another_recipe(features_db: Path, config: ExtractConfig | FusionConfig, opts: ExtractOptions) -> None:
+    """Refuse an append or a resume whose recipe differs from the file it would add to, before the
+    network is built (a download of hundreds of MB online). What needs the built network (the
+    resolved layer, the weights' source, the feature shape) is compared again by the writer."""
+    import h5py
+
+    from ris.featuredb import fingerprint, partial_path
+    from ris.recipe_diff import recipe_refusal
+
+    if opts.overwrite:
+        return
+    target = partial_path(features_db)
+    if not target.is_file():
+        if not opts.append or not features_db.is_file():
+            return
+        target = features_db
+    try:
+        with h5py.File(target, "r") as f:
+            old = fingerprint(dict(f.attrs))
+    except (OSError, ValueError):
+        return  # unreadable: the writer says why
+    new = fingerprint(config.to_attrs())
+    keys = ["model", "input_size", "scales", "pooling", "flip", "aspect"] + (["layer"] if getattr(config, "layer", None) else [])
+    if any(old.get(k) != new.get(k) for k in keys):
+        raise recipe_refusal(features_db if target == features_db else target, {k: old.get(k) for k in keys},
+                             {k: new.get(k) for k in keys})
 
 
 def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | FusedExtractor, writer, opts: ExtractOptions,

@@ -148,11 +148,13 @@ class SyncSummary:
 
 
 def _changed_since(path: Path, t: float) -> bool:
+    """Whether the file, or the symlink that names it, changed after ``t``: a link pointed at
+    another photo keeps its name and its old target's times, so the link's own times count too."""
     try:
-        st = os.stat(path)
+        st, link = os.stat(path), os.lstat(path)
     except OSError:
         return True
-    return not math.isnan(t) and max(st.st_mtime, st.st_ctime) > t
+    return not math.isnan(t) and max(st.st_mtime, st.st_ctime, link.st_mtime, link.st_ctime) > t
 
 
 def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
@@ -181,6 +183,18 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                   log=lambda s: print(s, file=sys.stderr)) -> SyncSummary:
     """Bring the database in step with its folder (see the module docstring)."""
     root, files, gone, changed, retry, new = plan_sync(features_db, dataset)
+    with FeatureDB(features_db) as db:
+        mode = _label_mode(features_db, str(db.attrs.get("labels_mode") or ""), labels)
+    if new:  # a new image the database's labels cannot name stops the sync before anything changes
+        from ris.images import make_labels
+
+        try:
+            make_labels(files, mode, root)
+        except RisError as exc:
+            raise RisError(f"{features_db}: nothing was changed: {str(exc).split('; use --labels')[0]}; this "
+                           f"database's images are labelled by --labels {mode} and --sync labels new ones the same "
+                           "way: rename or move that file, or extract the folder again into a new --features-db "
+                           "with other --labels") from None
     summary = SyncSummary(str(features_db), str(root), removed=gone, replaced=changed, retried=retry)
     if gone or changed or retry:
         r = remove_images(features_db, set(gone) | set(changed) | set(retry))
@@ -191,7 +205,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
         from ris.extractor import FeatureExtractor
 
         with FeatureDB(features_db) as db:
-            attrs, mode = db.attrs, labels or str(db.attrs.get("labels_mode") or "auto")
+            attrs = db.attrs
         extractor = FeatureExtractor.from_attrs(attrs)
         options = ExtractOptions(labels=mode, batch_size=batch_size, workers=workers, append=True,
                                  progress=progress, log=log)
@@ -200,6 +214,19 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
     with FeatureDB(features_db) as db:
         summary.rows = len(db)
     return summary
+
+
+def _label_mode(features_db, stored: str, asked: str | None) -> str:
+    """The labels --sync gives new images: the database's own (``labels_mode``). A ``--labels``
+    that differs is refused: stored, it would label every later sync's images another way than
+    the rows already there, and scoring would mix the two."""
+    if asked and stored and asked != stored:
+        same_file = stored not in ("ukbench", "folders", "none", "auto") and Path(asked).resolve() == Path(stored).resolve()
+        if not same_file:
+            raise RisError(f"{features_db}: its images are labelled by --labels {stored}; --sync labels new ones "
+                           f"the same way, not by --labels {asked}: leave --labels out, or extract the folder again "
+                           "into a new --features-db with the labels you want")
+    return stored or asked or "auto"
 
 
 def sync_main(args) -> int:

@@ -170,3 +170,35 @@ def test_summary_report_counts_files_not_read_and_lists_them_when_verbose(tmp_pa
     assert short[0].startswith(f"{tmp_path / 'f.h5'}: 2 images extracted")
     assert "not read: 2 files with other extensions, 1 hidden file (--verbose lists them)" in short
     assert "  not read (hidden): .hidden.jpg" in full and "  not read (extension): notes.txt" in full
+
+
+def test_an_append_with_another_recipe_is_refused_before_the_network_is_built(tmp_path, monkeypatch):
+    """``ris-extract --append`` with the default VGG16 on a MobileNetV2 database built VGG16 first
+    (a 528 MB download online; offline it failed with "cannot get Keras ImageNet weights") before
+    the recipe check refused it. The recipe is compared first now, for appends and resumes."""
+    import ris.extract as extract_module
+    from ris.errors import DatabaseError
+    from ris.featurewriter import FeatureWriter
+    from ris.testing import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    quiet = dict(progress=False, log=lambda s: None)
+    extract_features(data, db, ExtractConfig(model="vgg16", weights="none", input_size=64), ExtractOptions(**quiet))
+
+    def no_build(config):
+        raise AssertionError(f"built {config.model} before refusing")
+
+    monkeypatch.setattr(extract_module, "build_extractor", no_build)
+    for other in (ExtractConfig(model="mobilenet_v2", weights="none", input_size=64),
+                  ExtractConfig(model="vgg16", weights="none", input_size=96),
+                  ExtractConfig(model="vgg16", weights="none", input_size=64, pooling="gem")):
+        with pytest.raises(DatabaseError, match="made differently"):
+            extract_features(data, db, other, ExtractOptions(append=True, **quiet))
+    # an interrupted run's partial is checked the same way before a resume builds anything
+    writer = FeatureWriter(tmp_path / "g.h5", {"model": "vgg16", "weights": "none", "input_size": 64, "scales": [1.0],
+                                               "pooling": "gap", "layer": "block5_conv3"}, (512,), [])
+    writer.close()
+    with pytest.raises(DatabaseError, match="made differently"):
+        extract_features(data, tmp_path / "g.h5", ExtractConfig(model="mobilenet_v2", weights="none"),
+                         ExtractOptions(**quiet))

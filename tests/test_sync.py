@@ -262,3 +262,68 @@ def test_a_removal_without_room_for_its_rewrite_names_the_database_and_leaves_it
         f"ris-index: error: {db}: could not rewrite it without the removed images (File too large); it is unchanged"]
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
+
+
+def _command(*args) -> int:
+    """ris-extract as the shell runs it: errors are one line and an exit status."""
+    from ris.cli.common import run
+    from ris.cli.extract import main
+
+    return run("ris-extract", main, list(args))
+
+
+def test_a_symlink_pointed_at_another_photo_is_extracted_again(tmp_path):
+    """``rm link.jpg; ln -s other.jpg link.jpg``: the name stays, the picture changes. The link's
+    own times changed, its old target's did not: --sync looked only at the target and kept the
+    old picture's features under the link's name."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    (data / "link.jpg").symlink_to("ukbench00000.jpg")
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    time.sleep(0.05)
+    (data / "link.jpg").unlink()
+    (data / "link.jpg").symlink_to("ukbench00003.jpg")
+    assert plan_sync(db)[3] == ["link.jpg"]
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 0
+    with FeatureDB(db) as f:
+        rows = {name: i for i, name in enumerate(f.image_ids)}
+        feats = f.features[:]
+    np.testing.assert_array_equal(feats[rows["link.jpg"]], feats[rows["ukbench00003.jpg"]])
+
+
+def test_a_sync_that_cannot_label_a_new_image_stops_before_removing_anything(tmp_path, capsys):
+    """A database labelled ``--labels ukbench`` and a new file without a UKBench name: --sync
+    removed the changed rows, then failed (exit 2, "nothing done") with those images missing."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), "--labels", "ukbench", *FAST) == 0
+    with FeatureDB(db) as f:
+        before = (f.image_ids, f.features[:])
+    time.sleep(0.05)
+    shutil.copy(data / "ukbench00003.jpg", data / "ukbench00000.jpg")  # changed
+    shutil.copy(data / "ukbench00001.jpg", data / "holiday.jpg")  # new, not a UKBench name
+    capsys.readouterr()
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holiday.jpg" in err and "nothing was changed" in err
+    with FeatureDB(db) as f:
+        assert f.image_ids == before[0]
+        np.testing.assert_array_equal(f.features[:], before[1])
+
+
+def test_sync_labels_new_images_as_the_database_was_made_never_another_way(tmp_path, capsys):
+    """``--sync --labels none`` on a database labelled by UKBench names stored 'none' as its mode:
+    every later sync left new images unlabelled beside labelled ones. A --labels that differs from
+    the database's is refused; the same one is accepted."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), "--labels", "ukbench", *FAST) == 0
+    shutil.copy(data / "ukbench00001.jpg", data / "ukbench00104.jpg")
+    capsys.readouterr()
+    assert _command("--sync", "--features-db", str(db), "--labels", "none", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "--labels ukbench" in err and "--labels none" in err
+    assert _command("--sync", "--features-db", str(db), "--labels", "ukbench", "--no-progress") == 0
+    with FeatureDB(db) as f:
+        assert f.attrs["labels_mode"] == "ukbench"
+        assert f.label_names[f.labels[f.image_ids.index("ukbench00104.jpg")]] == "26"

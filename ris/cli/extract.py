@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + f"; {NO_POOLING} stores the full maps (large; not with fusion); fusion: per part, e.g. gap+gem")
     p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), "
                    "folders (class sub-folder), "
-                   "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names)")
+                   "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names); "
+                   "--sync labels new images as the database was made (another --labels is refused)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
     p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads or processes "
                    "(default: the CPU count; at most 8 threads); whatever the count, the images being decoded "
