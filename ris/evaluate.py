@@ -45,8 +45,9 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
     with FeatureDB(features_db) as db:
         plan, meta, labels = protocol.for_database(db, features_db, model, split, gallery, seed, test_fraction,
                                                    val_fraction, queries)
+        feats = db.read_rows(plan.gallery_rows)
+        plan, feats, not_finite = _without_nonfinite(plan, feats)
         rows = plan.gallery_rows
-        feats = db.read_rows(rows)
         lab = protocol.gallery_labels(labels[rows])
         pos = plan.positions()
         pooling = (meta or {}).get("config", {}).get("pooling", "gap")
@@ -77,6 +78,8 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
         if rotations:
             result["rotations"] = {"angles": [0, 90, 180, 270], "queries_embedded": int(len(pos)),
                                    "embed_ms_per_query": round(1000 * seconds / max(len(pos), 1), 1)}
+        if len(not_finite):  # never returned by ris-search either: scored as if they were not there
+            result["not_finite"] = {"rows": int(len(not_finite)), "image_ids": db.row_names().many(not_finite.tolist())}
         if plan.training_in_db is not None:
             result["training_images_in_db"] = plan.training_in_db
         if checker is not None:
@@ -93,6 +96,20 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             result["head"] = _score(emb, lab, rerank, result["distance"], query_rows=pos, verifier=checker,
                                     query_vectors=q_emb)
         return result
+
+
+def _without_nonfinite(plan, feats: np.ndarray):
+    """(plan, features, rows left out): gallery rows whose features hold NaN/inf leave the gallery
+    and the queries. No distance to them means anything (NaN compares false: every positive ranked
+    first, mAP above 1), and ris-search never returns them."""
+    from dataclasses import replace
+
+    finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
+    if finite.all():
+        return plan, feats, np.zeros(0, np.int64)
+    bad = plan.gallery_rows[~finite]
+    plan = replace(plan, gallery_rows=plan.gallery_rows[finite], query_rows=np.setdiff1d(plan.query_rows, bad))
+    return plan, feats[finite], bad
 
 
 def _turned_queries(db, features_db, rows: np.ndarray, meta: dict[str, Any] | None) -> tuple[np.ndarray, float]:
@@ -128,6 +145,10 @@ def format_table(result: dict[str, Any]) -> str:
     if lonely:
         lines.append(f"{lonely} {'query' if lonely == 1 else 'queries'} without another image of its group in the "
                      f"split: not scored by any metric.")
+    if "not_finite" in result:
+        bad = result["not_finite"]
+        lines.append(f"{bad['rows']} image(s) left out: their features are not finite (NaN/inf), so ris-search never "
+                     f"returns them: {', '.join(bad['image_ids'][:5])}{' ...' if bad['rows'] > 5 else ''}")
     lines += ["", f"{'descriptor':<22}" + "".join(f"{c:>9}" for c in cols)]
     for key, name in (("raw", "off-the-shelf"), ("head", "trained head")):
         if key in result:
@@ -153,8 +174,10 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
         for fold in range(folds):
             rows, _ = make_split(labels, split_by, seed=seed, fold=fold, folds=folds)
             g = rows["test"] if gallery == "split" else np.nonzero(labels >= 0)[0]
-            feats = raw_descriptors(db.read_rows(g))
-            per_fold.append(_score(feats, labels[g], rerank, query_rows=np.searchsorted(g, rows["test"])))
+            feats = db.read_rows(g)
+            finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)  # as evaluate_db: NaN rows left out
+            g, feats, test = g[finite], raw_descriptors(feats[finite]), np.intersect1d(rows["test"], g[finite])
+            per_fold.append(_score(feats, labels[g], rerank, query_rows=np.searchsorted(g, test)))
         attrs = db.attrs
     keys = {"ns_score": lambda s: s["ns_score"], "top4_accuracy": lambda s: s["top4_accuracy"],
             "map": lambda s: s["map"], "precision_at_10": lambda s: s["precision_at"]["10"],

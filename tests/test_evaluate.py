@@ -249,3 +249,25 @@ def test_ris_eval_refuses_options_it_would_ignore(tmp_path, extra, named):
     extra = [str(q) if a == "Q" else str(tmp_path / "m.keras") if a == "M" else a for a in extra]
     with pytest.raises(RisError, match=named.replace("-", r"\-")):
         main(["--features-db", str(db), *extra])
+
+
+@pytest.mark.parametrize("rerank", ["none", "dba+qe"])
+def test_rows_whose_features_are_not_finite_are_left_out_as_search_leaves_them_out(tmp_path, rerank):
+    """A row of NaN (a damaged file, a diverged head's embedding) gave mAP 1.25 and N-S above the
+    images there are: NaN compares false, so every positive ranked first. ris-search never returns
+    such rows; ris-eval now scores the collection without them and says how many it left out."""
+    db, x, lab = _write_db(tmp_path / "f.h5", n_obj=10)
+    import h5py
+
+    with h5py.File(db, "a") as f:
+        f["features"][0] = np.nan
+        f["features"][9] = np.inf
+    r = evaluate_db(db, split="all", rerank=rerank)
+    keep = np.ones(len(x), bool)
+    keep[[0, 9]] = False
+    want = evaluate_retrieval(x[keep], lab[keep]).to_dict() if rerank == "none" else None
+    assert r["not_finite"] == {"rows": 2, "image_ids": ["0000.jpg", "0009.jpg"]}
+    assert r["images"] == r["gallery_images"] == 38
+    assert 0.0 <= r["raw"]["map"] <= 1.0 and 1.0 <= r["raw"]["ns_score"] <= 4.0
+    if want is not None:
+        assert r["raw"]["map"] == pytest.approx(want["map"]) and r["raw"]["ns_score"] == pytest.approx(want["ns_score"])
