@@ -109,7 +109,8 @@ class ExtractSummary:
         if counts:
             lines.append(f"not read: {', '.join(counts)}{'' if verbose else ' (--verbose lists them)'}")
             if verbose:
-                lines += [f"  not read (extension): {f}" for f in self.other_files]
+                lines += [f"  not read ({'folder read already' if f.endswith('/') else 'extension'}): {f}"
+                          for f in self.other_files]
                 lines += [f"  not read (hidden): {f}" for f in self.hidden_files]
         return lines
 
@@ -333,7 +334,9 @@ def count_phrase(n: int, one: str, many: str) -> str:
 def not_read_counts(other: Sequence[str], hidden: Sequence[str]) -> list[str]:
     """['3 files with other extensions', '1 hidden file', '1 hidden folder'] (empty counts left out)."""
     folders = sum(1 for h in hidden if h.endswith("/"))
-    parts = [count_phrase(len(other), "file with another extension", "files with other extensions"),
+    links = sum(1 for o in other if o.endswith("/"))  # folder links into folders already read (see scan_folder)
+    parts = [count_phrase(len(other) - links, "file with another extension", "files with other extensions"),
+             count_phrase(links, "folder link into a folder already read", "folder links into folders already read"),
              count_phrase(len(hidden) - folders, "hidden file", "hidden files"),
              count_phrase(folders, "hidden folder", "hidden folders")]
     return [p for p in parts if not p.startswith("0 ")]

@@ -59,10 +59,13 @@ def scan_folder(root: str | Path) -> FolderScan:
     if not root.is_dir():
         raise RisError(f"{root}: not a folder")
     scan = FolderScan()
-    for dirpath, dirnames, filenames in os.walk(root):
+    real = {_dir_key(p) for p, _, _ in os.walk(root)}  # folders inside the tree, reached without links
+    visited: set = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel_dir = Path(dirpath).relative_to(root)
         scan.hidden.extend((rel_dir / d).as_posix() + "/" for d in dirnames if d.startswith("."))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")
+                       and _enter(os.path.join(dirpath, d), real, visited, scan.other, (rel_dir / d).as_posix())]
         for name in filenames:
             rel = (rel_dir / name).as_posix()
             if name.startswith("."):
@@ -74,6 +77,27 @@ def scan_folder(root: str | Path) -> FolderScan:
     for names in (scan.images, scan.other, scan.hidden):
         names.sort()
     return scan
+
+
+def _dir_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _enter(path: str, real: set, visited: set, not_read: list[str], rel: str) -> bool:
+    """Whether the walk enters this folder. Folder links are followed (like file links), once: a
+    link to a folder of the tree (a loop, or a second name) or to one already read is listed as
+    not read ('rel/'), so no image is read twice and no loop runs forever."""
+    try:
+        key = _dir_key(path)
+    except OSError:
+        not_read.append(rel + "/")
+        return False
+    if key in visited or (os.path.islink(path) and key in real):
+        not_read.append(rel + "/")
+        return False
+    visited.add(key)
+    return True
 
 
 def find_images(root: str | Path) -> list[str]:

@@ -280,3 +280,24 @@ def test_scan_counts_files_not_read(odd):
     assert "anim.gif" in scan.images and "trailing.jpg" in scan.images
     assert sorted(scan.other) == ["notes.txt", "photo.heic", "vector.svg"]
     assert sorted(scan.hidden) == [".cache/", ".hidden.jpg"]
+
+
+def test_folders_reached_through_a_symlink_are_read_once_and_loops_are_named(tmp_path):
+    """``photos/corel -> /data/corel``: symlinked files were read, symlinked folders skipped
+    without a word (1,000 images missing, "0 skipped"). Folder links are followed now; a link back
+    into a folder already read is not entered again (a loop) and is listed as not read."""
+    from ris.images import scan_folder
+
+    outside = tmp_path / "elsewhere"
+    (outside / "deep").mkdir(parents=True)
+    for rel in ("a.jpg", "deep/b.png"):
+        (outside / rel).write_bytes(b"x")
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    (root / "cats" / "c.jpg").write_bytes(b"x")
+    (root / "linked").symlink_to(outside)
+    (root / "cats" / "up").symlink_to(root)  # a loop
+    (root / "again").symlink_to(root / "cats")  # the same folder under a second name
+    scan = scan_folder(root)
+    assert scan.images == ["cats/c.jpg", "linked/a.jpg", "linked/deep/b.png"]
+    assert scan.other == ["again/", "cats/up/"]
