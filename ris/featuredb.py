@@ -205,7 +205,11 @@ class FeatureDB:
         """Stable per-image ids (increasing, never reused, kept through removals); row numbers in
         databases made before ids existed."""
         if "ids" in self.f:
-            return self.f["ids"][:].astype(np.int64, copy=False)
+            ids = self.f["ids"][:].astype(np.int64, copy=False)
+            if len(ids) > 1 and not (np.diff(ids) > 0).all():
+                raise DatabaseError(f"{self.path}: damaged: its image ids are not increasing (two rows share an id, "
+                                    "or they are out of order)")
+            return ids
         return np.arange(len(self), dtype=np.int64)
 
     @property
@@ -242,7 +246,15 @@ class FeatureDB:
 
     @property
     def labels(self) -> np.ndarray:
-        return self.f["labels"][:]
+        """Label number per row (-1: none); a number without a name means a damaged database."""
+        labels = self.f["labels"][:]
+        if len(labels):
+            names = self.f["label_names"].shape[0] if "label_names" in self.f else 0
+            low, high = int(labels.min()), int(labels.max())
+            if low < -1 or high >= names:
+                raise DatabaseError(f"{self.path}: damaged: a row has label {high if high >= names else low}, "
+                                    f"and the database has {names} label names")
+        return labels
 
     @property
     def label_names(self) -> list[str]:

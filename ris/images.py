@@ -149,7 +149,10 @@ def read_label_tsv(path: str | Path) -> dict[str, str]:
         if len(row) < 2:
             raise RisError(f"{path}: line {lineno} has {len(row)} column(s), need file<TAB>label")
         label = row[2].strip() if len(row) >= 3 and row[2].strip() else row[1].strip()
-        mapping[row[0].strip()] = label
+        name = row[0].strip()
+        if mapping.get(name, label) != label:
+            raise RisError(f"{path}: {name} has two labels ({mapping[name]!r} and {label!r}); give each file one")
+        mapping[name] = label
     if not mapping:
         raise RisError(f"{path}: no labels in file")
     return mapping

@@ -49,10 +49,10 @@ def read_query_ids(path: str | Path) -> list[str]:
 
     p = Path(path)
     try:
-        text = read_file(p, MAX_QUERY_FILE_BYTES).decode("utf-8")
+        text = read_file(p, MAX_QUERY_FILE_BYTES).decode("utf-8-sig")  # an editor's byte-order mark is not an id
     except UnicodeDecodeError as exc:
-        raise RisError(f"{p}: cannot read the query list ({exc.__class__.__name__})") from None
-    ids = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        raise RisError(f"{p}: not UTF-8 text (byte {exc.start}); save the query list as UTF-8") from None
+    ids = [ln.strip().removeprefix("./") for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not ids:
         raise RisError(f"{p}: no image ids in the query list (one per line)")
     return ids

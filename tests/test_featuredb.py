@@ -270,3 +270,24 @@ def test_work_that_reads_the_images_again_names_itself_when_the_folder_is_gone(t
     (tmp_path / "photos").mkdir()
     with FeatureDB(path) as db:
         assert db.images_folder("geometric verification") == tmp_path / "photos"
+
+
+def test_a_database_whose_rows_contradict_themselves_is_refused_naming_it(tmp_path):
+    """Hand-edited or damaged: two rows with one stable id (an HNSW index then held one vector and
+    answered one result), or a label number with no name. Refused where they are read."""
+    import h5py
+
+    from ris.errors import DatabaseError
+    from ris.featuredb import FeatureDB
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8, seed=1), labels=["a", "b"] * 10)
+    with h5py.File(db, "a") as f:
+        f["ids"][5] = f["ids"][4]
+    with FeatureDB(db) as f, pytest.raises(DatabaseError, match=r"f\.h5: .*ids .*not increasing"):
+        f.row_ids  # noqa: B018
+    db = make_feature_db(tmp_path / "g.h5", clustered_vectors(20, 8, seed=1), labels=["a", "b"] * 10)
+    with h5py.File(db, "a") as f:
+        f["labels"][3] = 7
+    with FeatureDB(db) as f, pytest.raises(DatabaseError, match=r"g\.h5: damaged: a row has label 7, and the database has 2 label names"):
+        f.labels  # noqa: B018

@@ -301,3 +301,15 @@ def test_folders_reached_through_a_symlink_are_read_once_and_loops_are_named(tmp
     scan = scan_folder(root)
     assert scan.images == ["cats/c.jpg", "linked/a.jpg", "linked/deep/b.png"]
     assert scan.other == ["again/", "cats/up/"]
+
+
+def test_a_label_file_that_gives_one_file_two_labels_is_refused(tmp_path):
+    """``a.jpg cat`` then ``a.jpg dog``: the last one won, silently."""
+    from ris.images import read_label_tsv
+
+    f = tmp_path / "labels.tsv"
+    f.write_text("a.jpg\tcat\nb.jpg\tcat\na.jpg\tcat\n")
+    assert read_label_tsv(f) == {"a.jpg": "cat", "b.jpg": "cat"}  # the same label twice is fine
+    f.write_text("a.jpg\tcat\nb.jpg\tcat\na.jpg\tdog\n")
+    with pytest.raises(RisError, match=r"labels\.tsv: a\.jpg has two labels \('cat' and 'dog'\)"):
+        read_label_tsv(f)

@@ -198,3 +198,14 @@ def test_renamed_copies_count_only_when_they_match_one_to_one():
     same = np.repeat(feats[:1], 12, 0) + 1e-6 * rng.normal(size=(12, 32)).astype(np.float32)  # indistinguishable
     meta["split"]["fit_sketches"] = content_sketch(same[:2])
     assert protocol.fitted_ids(meta, renamed, lambda rows: same[rows]) == (set(), "")
+
+
+def test_query_lists_saved_by_editors_and_shells_read_as_written(tmp_path):
+    """A byte-order mark (Windows editors) or ``./`` (``find . -name ...``) made the first or every id
+    "not in the database"; a list that is not UTF-8 said only "UnicodeDecodeError"."""
+    f = tmp_path / "q.txt"
+    f.write_bytes("\ufeffimg00.jpg\r\n./img04.jpg\n".encode("utf-8"))
+    assert protocol.read_query_ids(f) == ["img00.jpg", "img04.jpg"]
+    f.write_bytes(b"img00.jpg\n\xffimg04.jpg\n")
+    with pytest.raises(RisError, match=r"q\.txt: not UTF-8 text \(byte 10\)"):
+        protocol.read_query_ids(f)

@@ -48,6 +48,17 @@ def finite_float(text: str) -> float:
     return _number(text, float)
 
 
+image_side = int_at_least(32)  # a network input side: below 32 px the last feature map is empty
+
+
+def ns_threshold(text: str) -> float:
+    """An N-S score to require: between 0 and 4 (N-S counts 4 images per query at most)."""
+    value = _number(text, float)
+    if not 0 <= value <= 4:
+        raise argparse.ArgumentTypeError(f"N-S scores are between 0 and 4, not {value:g}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _number(text, float)
     if value <= 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, finite_float, folds, fraction, print_json, run
+from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, folds, fraction, ns_threshold, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "as there), beside exact search on the same queries, gallery (--split, --gallery, "
                         "--queries) and ranked-list depth (100); not with --rerank, --verify or --folds; "
                         "kinds: " + index_help())
-    p.add_argument("--min-ns", type=finite_float, default=None,
+    p.add_argument("--min-ns", type=ns_threshold, default=None,
                    help="exit with status 1 (a requested check failed) if the best N-S score is below this "
                         "(for CI); errors exit 2")
     p.add_argument("--json", action="store_true", help="print the scores as JSON on stdout")

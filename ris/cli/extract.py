@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import Any, Callable
 
-from ris.cli.common import (EXIT_OK, HelpFormatter, given_options, number_list, positive_float, positive_int,
-                            print_json, run)
+from ris.cli.common import (EXIT_OK, HelpFormatter, given_options, image_side, number_list, positive_float,
+                            positive_int, print_json, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "numbers > 0 joined by '+' (default: equal)")
     p.add_argument("--list-layers", action="store_true",
                    help="print the --model's layers that output feature maps (name, channels) and exit")
-    p.add_argument("--resize", type=per_part_arg(positive_int), default=None, metavar="PX[+PX...]",
+    p.add_argument("--resize", type=per_part_arg(image_side), default=None, metavar="PX[+PX...]",
                    help="square input size in pixels (default: the backbone's native size); fusion: one per part, "
                         "e.g. 224+384")
     p.add_argument("--scales", type=per_part_arg(number_list(positive_float)), default="1",

@@ -43,7 +43,7 @@ def display_name(name: str | None, default: str = "the upload") -> str:
     return name or default
 
 
-def _pillow_format(data: bytes, who: str) -> tuple[str | None, int, int] | None:
+def _pillow_format(data: bytes, who: str, max_pixels: int) -> tuple[str | None, int, int] | None:
     """(Pillow's format name, width, height) from the header alone; None if Pillow cannot tell."""
     from PIL import Image
 
@@ -53,7 +53,8 @@ def _pillow_format(data: bytes, who: str) -> tuple[str | None, int, int] | None:
             with Image.open(io.BytesIO(data)) as im:
                 return im.format, *im.size
     except Image.DecompressionBombError:
-        raise ServeError(413, f"{who} is too large to decode (over {Image.MAX_IMAGE_PIXELS * 2:,} pixels).") from None
+        raise ServeError(413, f"{who} is over the limit of {max_pixels:,} pixels (its header says over "
+                              f"{Image.MAX_IMAGE_PIXELS * 2:,}).") from None
     except Exception:
         return None
 
@@ -75,7 +76,7 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
     who = display_name(name)
     if not data:
         raise ServeError(400, f"{who} is empty (0 bytes).")
-    header = _pillow_format(data, who)
+    header = _pillow_format(data, who, max_pixels)
     fmt = sniff_format(data) or (header[0] if header else None)
     if fmt not in UPLOAD_FORMATS:
         kind = f"{'an' if fmt[0] in 'AEIOU' else 'a'} {fmt} image" if fmt else "not an image"
