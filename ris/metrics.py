@@ -169,11 +169,18 @@ def _block_distances(q: np.ndarray, d: np.ndarray, metric: str, db_terms: np.nda
 
 
 def _smallest_unordered(dist: np.ndarray, k: int, rows: int = 32) -> np.ndarray:
-    """``np.argpartition(dist, k - 1, axis=1)[:, :k]``, a few rows at a time: the same indices (each row
-    is partitioned on its own) without a (b, N) int64 index array alive at once."""
+    """The ``k`` first columns of each row in (distance, column) order, unordered: argpartition, a
+    few rows at a time (no (b, N) int64 index array alive at once). Where items tie at the cut
+    (duplicate images), argpartition keeps any of them: those rows take the lowest columns among
+    the tied, as the ranking does."""
     out = np.empty((dist.shape[0], k), dtype=np.intp)
     for r in range(0, dist.shape[0], rows):
-        out[r : r + rows] = np.argpartition(dist[r : r + rows], k - 1, axis=1)[:, :k]
+        block = dist[r : r + rows]
+        out[r : r + rows] = np.argpartition(block, k - 1, axis=1)[:, :k]
+        cut = np.take_along_axis(block, out[r : r + rows], 1).max(axis=1)
+        for i in np.nonzero(np.count_nonzero(block <= cut[:, None], axis=1) > k)[0]:  # rare: ties at the cut
+            cols = np.nonzero(block[i] <= cut[i])[0]
+            out[r + i] = cols[np.lexsort((cols, block[i, cols]))[:k]]
     return out
 
 

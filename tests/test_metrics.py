@@ -135,3 +135,26 @@ def test_the_results_table_says_how_many_queries_were_not_scored():
               "split_description": "all labelled images", "objects": 2, "images": 3, "raw": scores}
     text = format_table(result)
     assert "1 query without another image of its group" in text
+
+
+def test_exact_ties_at_the_top_k_cut_are_broken_by_row_as_the_ranking_is():
+    """Duplicate images tie exactly. The top k were picked by argpartition, which keeps any of the
+    items tied at the cut, so N-S, R@k and P@k did not follow the (distance, row) order that mAP
+    and the re-ranked evaluation use (R@10 0.500 against 0.475 on 0/1 features)."""
+    from ris.evaluate import evaluate_reranked
+
+    rng = np.random.default_rng(3)
+    for n, groups, dim in ((40, 10, 6), (400, 3, 5)):
+        x = rng.integers(0, 2, (n, dim)).astype(np.float32)
+        labels = rng.integers(0, groups, n)
+        got = evaluate_retrieval(x, labels).to_dict()
+        want = evaluate_reranked(x, labels, "none").to_dict()
+        d = pairwise_distances(x, x, "euclidean")
+        ns = []
+        for q in range(n):
+            d[q, q] = -np.inf
+            order = np.lexsort((np.arange(n), d[q]))
+            ns.append(int((labels[order[:4]] == labels[q]).sum()))
+        assert got["ns_score"] == pytest.approx(np.mean(ns)) == pytest.approx(want["ns_score"])
+        for key in ("recall_at", "precision_at"):
+            assert got[key] == pytest.approx(want[key]), key
