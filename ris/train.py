@@ -141,7 +141,8 @@ def _log_split(data: _Data, cfg: TrainConfig, log: Callable[[str], None]) -> Non
     where = f"seed {cfg.seed}" + ("" if cfg.fold is None else f", fold {cfg.fold + 1}/{cfg.folds}")
     kind = "objects" if cfg.split_by == "object" else "classes"
     if cfg.arch == "whiten":  # no epochs to choose: the val part is fitted on too
-        log(f"split by {cfg.split_by} ({where}): {n['train'] + n['val']}/{n['test']} fit/test {kind}, "
+        fit = len(np.unique(np.concatenate([data.labs["train"], data.labs["val"]])))  # by image: shared classes
+        log(f"split by {cfg.split_by} ({where}): {fit}/{n['test']} fit/test {kind}, "
             f"{rows['train'] + rows['val']}/{rows['test']} images")
     else:
         log(f"split by {cfg.split_by} ({where}): {n['train']}/{n['val']}/{n['test']} train/val/test "

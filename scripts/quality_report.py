@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             row[f"{ds}_ips"] = ensure_db(src, db, model, pool, size, scales)
             row[f"{ds}_extract"] = extract_cmd(src, db, model, pool, size, scales)
         ukdb = runs / db_name("uk", model, pool, size, scales)
-        r = evaluate_folds(ukdb, 5)
+        r = evaluate_folds(ukdb, 5, gallery="split")  # the fold protocol: each fold searches itself
         row["uk"] = r["summary"]
-        row["uk_eval"] = f"ris-eval --features-db {ukdb.name} --folds 5"
+        row["uk_eval"] = f"ris-eval --features-db {ukdb.name} --folds 5 --gallery split"
         c = _corel_raw(runs / db_name("corel", model, pool, size, scales))
         row["corel"] = c
         report["descriptors"].append(row)
@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         ukdb = runs / db_name("uk", *desc)
         cdb = runs / db_name("corel", *desc)
         for method in RERANKS:
-            r = evaluate_folds(ukdb, 5, rerank=method)
+            r = evaluate_folds(ukdb, 5, rerank=method, gallery="split")
             c = _corel_raw(cdb, method)
             report["rerank"].append({"descriptor": desc, "rerank": method, "uk": r["summary"], "corel": c,
-                                     "command": f"ris-eval --features-db {ukdb.name} --folds 5 --rerank {method}"})
+                                     "command": f"ris-eval --features-db {ukdb.name} --folds 5 --gallery split --rerank {method}"})
             log(f"  rerank {method}: UK {ms(r['summary']['ns_score'])}, Corel mAP {c['map']:.3f}")
 
     # 4. Corel heads: all classes seen, and two classes unseen
