@@ -300,7 +300,7 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
 
     raw_val = score("val", raw_descriptors(data.feats["val"], cfg.pooling)) if scored["val"] else float("nan")
     history: list[dict[str, Any]] = []
-    best = {"ns": -1.0, "epoch": 0, "weights": base.get_weights()}
+    best = {"ns": -math.inf, "epoch": 0, "weights": base.get_weights()}  # without val: -loss, which may be below -1
     if HEADS[cfg.arch].starts_raw and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
         best["ns"] = score("val")
     wait = 0
@@ -322,8 +322,9 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
         else:
             wait += 1
         if progress:
-            log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  val_loss {row['val_loss']:.4f}  "
-                f"val {monitor_name} {row['val_score']:.3f} (raw {raw_val:.3f})  {row['seconds']:.1f}s" + ("  *" if improved else ""))
+            watched = (f"val_loss {row['val_loss']:.4f}  val {monitor_name} {row['val_score']:.3f} (raw {raw_val:.3f})"
+                       if use_val else "no validation part: best by training loss")
+            log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  {watched}  {row['seconds']:.1f}s" + ("  *" if improved else ""))
         if wait >= cfg.patience:
             log(f"early stop: val {monitor_name} has not improved for {cfg.patience} epochs")
             break

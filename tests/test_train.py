@@ -166,3 +166,22 @@ def test_history_files_are_written_whole_or_not_at_all_and_a_failure_names_the_f
     csv_path, png = write_history(history, tmp_path / "head.keras", 3.0)
     assert png.read_bytes()[:4] == b"\x89PNG" and csv_path.read_text().startswith("epoch,loss")
     assert sorted(os.listdir(tmp_path)) == ["head.history.csv", "head.history.png"]
+
+
+def test_without_a_validation_part_the_best_epoch_is_the_lowest_training_loss(tmp_path, capsys):
+    """Too few objects for a validation part: the best epoch is chosen by training loss. Its start
+    was -1.0 (an N-S floor), so with a loss above 1 no epoch ever beat it and the head kept its
+    untrained weights, saying nothing; the log printed "val N-S nan (raw nan)" for every epoch."""
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5", n_obj=6)
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--arch", "mlp",
+                           "--hidden", "8", "--out-dim", "8", "--epochs", "3", "--p", "4", "--margin", "4",
+                           "--json"]) == 0
+    captured = capsys.readouterr()
+    r = json.loads(captured.out)
+    history = [float(line.split(",")[1]) for line in open(r["history_path"]).read().splitlines()[1:]]
+    assert min(history) > 1.0  # the case: every training loss above 1
+    assert r["best_epoch"] == 1 + int(np.argmin(history))
+    assert "nan" not in captured.err and "best by training loss" in captured.err
