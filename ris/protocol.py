@@ -202,6 +202,8 @@ def for_database(db: Any, features_db: str | Path, model: str | Path | None, spl
     from ris.modelio import check_compatible, read_meta
 
     labels = db.labels
+    if len(labels) == 0:
+        raise DatabaseError(f"{features_db}: no images to evaluate (the database is empty: were they all removed?)")
     if (labels >= 0).sum() < 2:
         raise DatabaseError(f"{features_db}: no labels to evaluate against; extract with --labels")
     meta = None

@@ -327,3 +327,21 @@ def test_sync_labels_new_images_as_the_database_was_made_never_another_way(tmp_p
     with FeatureDB(db) as f:
         assert f.attrs["labels_mode"] == "ukbench"
         assert f.label_names[f.labels[f.image_ids.index("ukbench00104.jpg")]] == "26"
+
+
+def test_a_database_whose_images_were_all_removed_says_so(tmp_path, capsys):
+    """After every image was removed: ``ris-index info`` printed "ids None..None" and ris-eval
+    "no labels to evaluate against" (they were labelled; there were none left)."""
+    from ris.cli.common import run
+    from ris.cli.eval import main as eval_main
+    from ris.cli.index import main as index_main
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(8, 4, seed=2), labels=["a", "b"] * 4)
+    with FeatureDB(db) as f:
+        remove_images(db, f.image_ids)
+    capsys.readouterr()
+    assert run("ris-index", index_main, ["info", "--features-db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "0 images, no images" not in out and "None" not in out and "0 images" in out
+    assert run("ris-eval", eval_main, ["--features-db", str(db)]) == 2
+    assert "no images to evaluate (the database is empty" in capsys.readouterr().err

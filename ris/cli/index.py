@@ -183,7 +183,8 @@ def _info(args) -> int:
     if args.json:
         print_json(info)
     else:
-        print(f"{info['features_db']}: {info['rows']} images, ids {info['first_id']}..{info['last_id']}, next id "
+        ids = f", ids {info['first_id']}..{info['last_id']}" if info["rows"] else ""
+        print(f"{info['features_db']}: {info['rows']} images{ids}, next id "
               f"{info['next_id']}, {info['removed']} removed so far, lineage {info['lineage']}")
         for name, m in info["indexes"].items():
             print(f"  {name}: {m}")
