@@ -216,7 +216,7 @@ def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: 
     lock = WriterLock(features_db).acquire()
     try:
         if extractor is None:
-            _refuse_another_recipe(features_db, config, opts)
+            refuse_another_recipe(features_db, config, opts.append, opts.overwrite)
         extractor = extractor or build_extractor(config)
         writer = FeatureWriter(features_db, {**extractor.attrs(), **attrs}, extractor.output_shape, label_names,
                                append=opts.append, overwrite=opts.overwrite, lock=lock, log=opts.log,
@@ -227,7 +227,7 @@ def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: 
     return writer, extractor
 
 
-def _refuse_another_recipe(features_db: Path, config: ExtractConfig | FusionConfig, opts: ExtractOptions) -> None:
+def refuse_another_recipe(features_db: Path, config: ExtractConfig | FusionConfig, append: bool, overwrite: bool) -> None:
     """Refuse an append or a resume whose recipe differs from the file it would add to, before the
     network is built (a download of hundreds of MB online). What needs the built network (the
     resolved layer, the weights' source, the feature shape) is compared again by the writer."""
@@ -236,11 +236,11 @@ def _refuse_another_recipe(features_db: Path, config: ExtractConfig | FusionConf
     from ris.featuredb import fingerprint, partial_path
     from ris.recipe_diff import recipe_refusal
 
-    if opts.overwrite:
+    if overwrite:
         return
     target = partial_path(features_db)
     if not target.is_file():
-        if not opts.append or not features_db.is_file():
+        if not append or not features_db.is_file():
             return
         target = features_db
     try:

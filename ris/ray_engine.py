@@ -144,7 +144,8 @@ def extract_on_ray(
 
 def _extract(dataset, features_db, config, labels, batch_size, append, overwrite, progress, log, options,
              on_commit) -> RaySummary:
-    from ris.extract import _finite_rows, _progress, _raise_interrupt, finish_run, list_input, still_to_do
+    from ris.extract import (_finite_rows, _progress, _raise_interrupt, finish_run, list_input, refuse_another_recipe,
+                             still_to_do)
     from ris.featuredb import partial_path
     from ris.featurewriter import FeatureWriter
     from ris.sidecars import WriterLock
@@ -161,6 +162,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     lock = WriterLock(features_db).acquire()  # before the slow cluster start and model builds
     started = False
     try:
+        refuse_another_recipe(features_db, config, append, overwrite)  # before the cluster and the models start
         started = _connect(options)
         # SPREAD: decoding uses every node's CPUs and reads, also those of a node that joins mid-run
         decode = ray.remote(_decode).options(num_cpus=options.decode_cpus, runtime_env=_runtime_env(), max_retries=5,

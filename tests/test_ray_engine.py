@@ -44,6 +44,25 @@ def test_actors_leave_cpus_for_decoding_and_take_one_gpu_each():
     assert _actor_resources(RayOptions(actors=1, actor_cpus=0.25), cpus=2, gpus=0) == (1, {"num_cpus": 0.25})
 
 
+def test_an_append_with_another_recipe_is_refused_before_the_cluster_starts(tmp_path, monkeypatch):
+    """As the local engine: the recipe is compared before Ray starts and the actors build models."""
+    pytest.importorskip("ray")
+    import ris.ray_engine as ray_engine
+    from ris.errors import DatabaseError
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    extract_features(data, db, CFG, ExtractOptions(progress=False, log=lambda s: None))
+
+    def no_cluster(options):
+        raise AssertionError("the cluster was started before refusing")
+
+    monkeypatch.setattr(ray_engine, "_connect", no_cluster)
+    with pytest.raises(DatabaseError, match="made differently"):
+        ray_engine.extract_on_ray(data, db, ExtractConfig(model="vgg16", weights="none", input_size=32), append=True,
+                                  progress=False, log=lambda s: None)
+
+
 def test_a_worker_reason_names_the_file_as_the_local_engine_does():
     from ris.ray_engine import _as_given
 
