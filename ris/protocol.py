@@ -64,6 +64,8 @@ SKETCH_TOLERANCE = 3  # differing bits still taken for the same image (float noi
 
 def _sketch_bits(features: np.ndarray) -> np.ndarray:
     """(N, 16) uint8: the packed sign bits of 128 fixed random projections of each row."""
+    if len(features) == 0:  # an empty part (--val-fraction 0)
+        return np.zeros((0, SKETCH_BITS // 8), np.uint8)
     x = np.asarray(features, np.float32).reshape(len(features), -1)
     planes = np.random.default_rng(0).standard_normal((x.shape[1], SKETCH_BITS)).astype(np.float32)
     return np.packbits((x @ planes) > 0, axis=1)

@@ -203,6 +203,15 @@ def _split_store(data: _Data) -> dict[str, Any]:
     return store
 
 
+def _check_output(features_db: str | Path, output: str | Path) -> None:
+    """Never save a model over the database it learns from, or over any HDF5 file (a database)."""
+    out = Path(output)
+    if out.exists() and (out.resolve() == Path(features_db).resolve() or out.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+                         if out.is_file() else True):
+        raise RisError(f"{output}: is {'the feature database itself' if out.resolve() == Path(features_db).resolve() else 'an HDF5 file (a feature database?)' if out.is_file() else 'not a regular file'}; "
+                       "a model is saved as a new .keras file: choose another --output")
+
+
 def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, progress: bool = True,
                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TrainResult:
     """Split, fit or train ``cfg.arch``, score it on the test part, save it with its metadata and
@@ -210,6 +219,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     import keras
 
     check_config(cfg)
+    _check_output(features_db, output)
     keras.utils.set_random_seed(cfg.seed)
     data = _read_data(features_db, cfg)
     _log_split(data, cfg, log)

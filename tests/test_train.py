@@ -185,3 +185,28 @@ def test_without_a_validation_part_the_best_epoch_is_the_lowest_training_loss(tm
     assert min(history) > 1.0  # the case: every training loss above 1
     assert r["best_epoch"] == 1 + int(np.argmin(history))
     assert "nan" not in captured.err and "best by training loss" in captured.err
+
+
+@pytest.mark.parametrize("arch", ["whiten", "mlp"])
+def test_a_head_trained_without_a_validation_part_is_saved(tmp_path, arch):
+    """``--val-fraction 0`` fitted, then failed saving the split's content sketches (an internal
+    error reshaping zero rows) and wrote no model."""
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5")
+    extra = ["--hidden", "8", "--out-dim", "8", "--epochs", "1", "--p", "4"] if arch == "mlp" else []
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--arch", arch,
+                           "--val-fraction", "0", "--quiet", *extra]) == 0
+    assert (tmp_path / "h.keras").is_file()
+
+
+def test_a_head_is_never_saved_over_its_own_database(tmp_path, capsys):
+    """``--output`` naming the feature database replaced it with the model's zip, silently."""
+    from ris.cli.common import run
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5")
+    before = db.read_bytes()
+    assert run("ris-train", train_cli.main, ["--features-db", str(db), "--output", str(tmp_path / "." / "f.h5")]) == 2
+    assert "f.h5" in capsys.readouterr().err and db.read_bytes() == before
