@@ -221,25 +221,32 @@ class IvfPqIndex:
     def save(self, path: str) -> None:
         """Write a new data file, then the metadata naming it (the commit), then drop the old one."""
         faiss = _faiss()
+        if self.mmap:  # opened read-only, so unchanged: only its metadata (the source it follows) is new
+            data = getattr(self, "data_file", None)
+            if data is None or not os.path.isfile(data):
+                raise RuntimeError("a memory-mapped IVF-PQ index cannot be re-saved; load it with mmap=False")
+            self._write_meta(path, data)
+            return
         token = uuid.uuid4().hex[:8]
         data = f"{path}.{token}.faiss"
-        if self.mmap:
-            raise RuntimeError("a memory-mapped IVF-PQ index cannot be re-saved; load it with mmap=False")
         with atomic_write(data) as tmp:
             _write_index(faiss, self.index, tmp)
         previous = _read_meta(path).get("data") if os.path.isfile(path) else None
+        try:
+            self._write_meta(path, data)
+        except BaseException:
+            os.unlink(data)
+            raise
+        _drop_old_data(path, keep=data, previous=previous)
+
+    def _write_meta(self, path: str, data: str) -> None:
         meta = {"format": FORMAT, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
                 "next_id": self.next_id, "removed_seen": self.removed_seen, "params": asdict(self.params),
                 "factory": self.params.factory(self.dim), "fingerprint": self.fingerprint,
                 "fingerprint_rows": self.fingerprint_rows, "source": saved_source(self.source),
                 "data": os.path.basename(data), "data_bytes": os.path.getsize(data)}
-        try:
-            with atomic_write(path) as tmp:
-                tmp.write_text(json.dumps(meta, indent=1))
-        except BaseException:
-            os.unlink(data)
-            raise
-        _drop_old_data(path, keep=data, previous=previous)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, path: str, mmap: bool = True) -> "IvfPqIndex":
@@ -250,6 +257,8 @@ class IvfPqIndex:
                 dim, metric, params = int(meta["dim"]), meta["metric"], IvfPqParams(**meta["params"])
                 data = os.path.join(os.path.dirname(path) or ".", os.path.basename(meta["data"]))
                 count = int(meta["count"])
+                if int(params.nprobe) < 1 or int(params.rerank) < 0:
+                    raise ValueError(f"nprobe {params.nprobe}, rerank {params.rerank}")
             except (KeyError, TypeError, ValueError) as exc:
                 raise DatabaseError(f"IVF-PQ index {path} is damaged (bad or missing {exc})") from None
             if os.path.isfile(data) or attempt:
@@ -260,6 +269,7 @@ class IvfPqIndex:
         if index.ntotal != count or index.d != dim:
             raise DatabaseError(f"IVF-PQ index {path}: {data} holds {index.ntotal} vectors, its metadata says {count}")
         self = cls(index, dim, metric, params, mmap=mmap)
+        self.data_file = data  # a memory-mapped index's metadata is re-saved naming it
         self.source, self.next_id = meta.get("source"), int(meta.get("next_id", count))
         self.removed_seen = int(meta.get("removed_seen", 0))
         self.fingerprint, self.fingerprint_rows = meta.get("fingerprint"), int(meta.get("fingerprint_rows", 0))

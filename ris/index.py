@@ -133,6 +133,8 @@ def open_saved(req: IndexRequest, path: str, load: Callable[[str], object], buil
                     reason = f"it holds {len(index)} vectors, the database {req.rows} rows"
         except (DatabaseError, RuntimeError) as exc:
             reason = str(exc)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # metadata of the wrong shape
+            index, reason = None, f"it is damaged ({type(exc).__name__}: {exc})"
     if reason is not None:
         if not req.build:
             if exists(path):

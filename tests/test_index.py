@@ -320,3 +320,86 @@ def test_an_index_that_cannot_be_saved_whole_is_never_left_under_its_name(kind, 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "could not save" in done.stderr and done.stdout.split() == [{"hnsw": "HnswIndex"}.get(kind, "IvfPqIndex"), "7"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+def test_a_change_that_adds_and_removes_no_rows_keeps_the_saved_index_usable(tmp_path, kind):
+    """A --sync that only recorded an image that would not decode changed the content id without
+    new ids or removals: the memory-mapped IVF-PQ index was then re-saved as it was opened, and
+    every command that opened it failed ("internal error: a memory-mapped IVF-PQ index cannot be
+    re-saved") until it was deleted by hand."""
+    pytest.importorskip({"ivfpq": "faiss", "hnsw": "hnswlib"}[kind])
+    from ris.featuredb import FeatureDB
+    from ris.featurewriter import FeatureWriter
+    from ris.index_state import source_of
+    from ris.testing import clustered_vectors, make_feature_db
+
+    x = clustered_vectors(300, 16, seed=5)
+    db = make_feature_db(tmp_path / "f.h5", x)
+    with FeatureDB(db) as f:
+        open_search_index(str(db), f.features, "euclidean", kind=kind, source=source_of(f))
+    with FeatureDB(db) as f:
+        attrs = dict(f.attrs)
+    w = FeatureWriter(db, attrs, (16,), [], append=True)  # what --sync does for a file that will not decode
+    w.add_failures([("broken.jpg", "broken.jpg: not a readable image")])
+    w.finish({})
+    for _ in range(2):  # caught up (and saved) once, then used as saved
+        with FeatureDB(db) as f:
+            index = open_search_index(str(db), f.features, "euclidean", kind=kind, source=source_of(f))
+            assert len(index) == 300
+            _, found = index.search(x[:5], 1)
+            assert found[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind,edit", [("hnsw", "[1, 2]"), ("ivfpq", "source"), ("ivfpq", "metric")])
+def test_sidecars_of_the_wrong_shape_are_damaged_indexes_not_internal_errors(tmp_path, kind, edit):
+    """Valid JSON of the wrong shape in an index's metadata (a hand edit, another tool's file) gave
+    "internal error: AttributeError ..." on every search; it is a damaged index: rebuilt."""
+    import json
+
+    pytest.importorskip({"ivfpq": "faiss", "hnsw": "hnswlib"}[kind])
+    from ris.featuredb import FeatureDB
+    from ris.index_state import source_of
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(300, 16, seed=5))
+    with FeatureDB(db) as f:
+        open_search_index(str(db), f.features, "euclidean", kind=kind, source=source_of(f))
+    meta = tmp_path / ("f.h5.hnsw.json" if kind == "hnsw" else "f.h5.ivfpq")
+    if edit.startswith("["):
+        meta.write_text(edit)
+    else:
+        m = json.loads(meta.read_text())
+        m[edit] = "x" if edit == "source" else "manhattan"
+        meta.write_text(json.dumps(m))
+    with FeatureDB(db) as f:
+        index = open_search_index(str(db), f.features, "euclidean", kind=kind, source=source_of(f))
+        assert len(index) == 300
+
+
+def test_ivfpq_search_settings_that_cannot_search_are_refused(tmp_path, capsys):
+    """``ris-index build --index ivfpq --nprobe 0`` was saved, then every search failed inside faiss
+    ("internal error: ... cur_nprobe > 0 failed"); ``--rerank -3`` turned re-ranking off silently."""
+    import json
+
+    pytest.importorskip("faiss")
+    from ris.cli.common import run
+    from ris.cli.index import main as index_main
+    from ris.featuredb import FeatureDB
+    from ris.index_state import source_of
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(300, 16, seed=5))
+    for flag, value in (("--nprobe", "0"), ("--nprobe", "-1"), ("--rerank", "-3")):
+        with pytest.raises(SystemExit) as exc:  # argparse's refusal: usage line, status 2
+            run("ris-index", index_main, ["build", "--features-db", str(db), "--index", "ivfpq", flag, value])
+        assert exc.value.code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "f.h5.ivfpq").exists()
+    with FeatureDB(db) as f:
+        open_search_index(str(db), f.features, "euclidean", kind="ivfpq", source=source_of(f))
+    meta = json.loads((tmp_path / "f.h5.ivfpq").read_text())
+    meta["params"]["nprobe"] = 0  # by hand: a damaged index, rebuilt
+    (tmp_path / "f.h5.ivfpq").write_text(json.dumps(meta))
+    with FeatureDB(db) as f:
+        index = open_search_index(str(db), f.features, "euclidean", kind="ivfpq", source=source_of(f))
+        assert index.params.nprobe >= 1 and len(index.search(f.features[:3], 2)[1]) == 3

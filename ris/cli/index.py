@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from ris.cli.common import HelpFormatter, print_json, run
+from ris.cli.common import HelpFormatter, nonnegative_int, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--index", required=True, type=index_arg, metavar=index_metavar(), help=index_help())
     b.add_argument("--model", default=None, help="index the head embeddings of this model (.keras) instead")
     b.add_argument("--rebuild", action="store_true", help="build from scratch even if a saved index can follow")
-    b.add_argument("--nprobe", type=int, default=None, help="ivfpq: cells visited per query (saved with the index)")
-    b.add_argument("--rerank", type=int, default=None,
+    b.add_argument("--nprobe", type=positive_int, default=None, help="ivfpq: cells visited per query (saved with the index)")
+    b.add_argument("--rerank", type=nonnegative_int, default=None,
                    help="ivfpq: shortlist re-ranked exactly from the stored vectors, or 4 x the k results asked "
                         "for when that is more (0 = off; saved with the index)")
     b.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
