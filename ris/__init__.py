@@ -48,16 +48,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ris' has no attribute {name!r}")
 
 
-def build_database(folder: str | Path, features_db: str | Path, model: str = "vgg16", *,
-                   weights: str = "imagenet", pooling: str = "gap", input_size: int | str | None = None,
+def build_database(folder: str | Path, features_db: str | Path, model: str | None = None, *,
+                   weights: str = "imagenet", pooling: str | None = None, input_size: int | str | None = None,
                    scales: tuple[float, ...] | str = (1.0,), layer: str | None = None, dtype: str = "float32",
-                   fusion_weights: str | None = None, preset: str | None = None, flip: bool = False,
-                   aspect: str = "squash", **options: Any) -> "ExtractSummary":
+                   fusion_weights: str | None = None, preset: str | None = None, flip: bool | None = None,
+                   aspect: str | None = None, **options: Any) -> "ExtractSummary":
     """Describe every image under ``folder`` into the HDF5 database ``features_db`` (resumable,
     atomic, locked; see ``ris-extract --help``). A fused recipe joins backbones with '+'
     (``model="mobilenet_v2+efficientnet_lite2", input_size="224+384", pooling="gap+gem"``;
     ``ris.fusion``). ``preset`` ('fast', 'accurate'; ``ris.presets``) fills the recipe arguments
-    left at their defaults; ``flip``, ``aspect``: as ``ris-extract --flip``, ``--aspect``. ``options`` are ``ExtractOptions`` fields:
+    not given (None: model 'vgg16', pooling 'gap', flip False, aspect 'squash' without a preset);
+    ``flip``, ``aspect``: as ``ris-extract --flip``, ``--aspect``. ``options`` are ``ExtractOptions`` fields:
     labels, batch_size, workers, append, overwrite, progress, verbose, ..."""
     from ris.extract import ExtractOptions, extract_features
     from ris.fusion import make_config
@@ -77,12 +78,12 @@ def build_database(folder: str | Path, features_db: str | Path, model: str = "vg
 
 
 def open_database(features_db: str | Path, model: str | Path | None = None, *, index: str = "auto",
-                  rerank: str = "none", dataset_root: str | Path | None = None,
+                  rerank: str | None = None, dataset_root: str | Path | None = None,
                   rotations: bool = False, preset: str | None = None) -> "SearchEngine":
     """A ``SearchEngine`` over ``features_db`` (and a trained head ``model``): it holds the
     backbone, head and vectors for repeated queries. Use it in a ``with`` block, or ``close()`` it.
     ``rotations``: queries are also described turned by 90/180/270 degrees (4 forward passes).
-    ``preset``: its re-ranking where ``rerank`` is left at 'none'."""
+    ``preset``: its re-ranking where ``rerank`` is not given."""
     from ris.presets import for_api
     from ris.search import SearchEngine
 
@@ -107,7 +108,7 @@ def score(features_db: str | Path, model: str | Path | None = None, preset: str 
     from ris.evaluate import evaluate_db
     from ris.presets import for_api
 
-    options["rerank"] = for_api(preset, "eval", {"rerank": options.get("rerank", "none")}, {"rerank": "none"})["rerank"]
+    options["rerank"] = for_api(preset, "eval", {"rerank": options.get("rerank")}, {"rerank": "none"})["rerank"]
 
     return evaluate_db(features_db, model, **options)
 

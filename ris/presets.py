@@ -50,28 +50,51 @@ def add_argument(p: argparse.ArgumentParser, command: str) -> None:
                                     for name, s in PRESETS.items()))
 
 
-def apply(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> argparse.Namespace:
-    """Fill the preset's values into ``args`` where the user left the default.
+def given_on_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options ``argv`` sets, whatever their value: ``--rerank none`` is given even though
+    'none' is its default (comparing with the default cannot tell the two apart)."""
+    import copy
+
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    for group in probe._mutually_exclusive_groups:
+        group.required = False
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
+def apply(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str,
+          argv: list[str] | None = None) -> argparse.Namespace:
+    """Fill the preset's values into ``args`` where the user gave no value: options not in
+    ``argv`` (the command line; without it, options still at their default).
 
     A fused preset's per-part values (``pool gap+gem``, ``fusion-weights``) belong to its own
     ``--model``: with another ``--model`` given on the command line they are not filled in.
     """
     if not getattr(args, "preset", None):
         return args
+    given = given_on_command_line(parser, argv) if argv is not None else None
+
+    def left_out(key: str) -> bool:
+        return key not in given if given is not None else getattr(args, key, None) == parser.get_default(key)
+
     values = PRESETS[args.preset][command]
-    other_model = "model" in values and getattr(args, "model", None) not in (parser.get_default("model"), values["model"])
+    other_model = "model" in values and not left_out("model") and getattr(args, "model", None) != values["model"]
     for key, value in values.items():
         if other_model and (key == "fusion_weights" or (isinstance(value, str) and "+" in value)):
             continue
-        if getattr(args, key, None) == parser.get_default(key):
+        if left_out(key):
             setattr(args, key, value)
     return args
 
 
 def for_api(preset: str | None, command: str, given: dict, defaults: dict) -> dict:
     """The Python facade's arguments with a preset filled in, by the rule of ``apply``: only
-    arguments left at their defaults. ``given``/``defaults`` use the command-line names (model,
-    resize, pool, fusion_weights, rerank); an unknown preset is a ``RisError``."""
+    arguments not given (None in ``given``); then ``defaults`` for those the preset leaves.
+    ``given``/``defaults`` use the command-line names (model, resize, pool, fusion_weights,
+    rerank); an unknown preset is a ``RisError``."""
+    passed = {k for k, v in given.items() if v is not None}
+    given = {k: (v if v is not None else defaults.get(k)) for k, v in given.items()}
     if not preset:
         return dict(given)
     if preset not in PRESETS:
@@ -79,10 +102,11 @@ def for_api(preset: str | None, command: str, given: dict, defaults: dict) -> di
 
         raise RisError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
 
-    class _Defaults:
-        @staticmethod
-        def get_default(key: str):
-            return defaults.get(key)
-
-    args = apply(argparse.Namespace(preset=preset, **given), _Defaults(), command)  # type: ignore[arg-type]
+    args = argparse.Namespace(preset=preset, **given)
+    values = PRESETS[preset][command]
+    other_model = "model" in values and "model" in passed and given["model"] != values["model"]
+    for key, value in values.items():
+        if key in given and key not in passed and not (
+                other_model and (key == "fusion_weights" or (isinstance(value, str) and "+" in value))):
+            setattr(args, key, value)
     return {k: getattr(args, k) for k in given}

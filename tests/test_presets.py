@@ -67,3 +67,42 @@ def test_a_fused_presets_per_part_values_stay_with_its_own_model():
     cfg = make_config(args.model, input_size=args.resize, scales=args.scales, pooling=args.pool,
                       fusion_weights=args.fusion_weights)
     assert cfg.model == "efficientnet_lite0" and cfg.pooling == "gap"
+
+
+@pytest.mark.parametrize("module, command, given, key, want", [
+    ("search", "search", ["--rerank", "none"], "rerank", "none"),
+    ("eval", "eval", ["--rerank", "none"], "rerank", "none"),
+    ("extract", "extract", ["--model", "vgg16"], "model", "vgg16"),
+    ("extract", "extract", ["--no-flip"], "flip", False),
+])
+def test_an_option_given_with_its_default_value_still_wins_over_the_preset(module, command, given, key, want):
+    """``--preset accurate --rerank none`` searched with dba+qe, and ``--preset fast --model vgg16``
+    extracted the preset's model: the option was given, but with the value argparse defaults to,
+    so the preset could not tell it from an option left out. ``--no-flip`` turns accurate's flip off."""
+    import importlib
+
+    cli = importlib.import_module(f"ris.cli.{module}")
+    p = cli.build_parser()
+    base = ["--image", "q.jpg"] if module == "search" else []
+    argv = base + ["--preset", "accurate" if key != "model" else "fast"] + given
+    args = presets.apply(p.parse_args(argv), p, command, argv)
+    assert getattr(args, key) == want
+    if key == "model":
+        assert args.pool == "gap" and args.fusion_weights is None  # the preset's per-part values stay its own
+
+
+def test_the_facade_tells_a_given_argument_from_one_left_out(tmp_path):
+    """``ris.score(db, preset='accurate', rerank='none')`` scored with dba+qe."""
+    import numpy as np
+
+    import ris
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(40, 8, seed=1), labels=[f"o{i // 4}" for i in range(40)])
+    assert ris.score(db, preset="accurate", rerank="none", split="all")["rerank"] == "none"
+    assert ris.score(db, preset="accurate", split="all")["rerank"] == "dba+qe"
+    search = {"rerank": "none"}  # what ris.open_database passes
+    assert presets.for_api("accurate", "search", {"rerank": "none"}, search)["rerank"] == "none"
+    assert presets.for_api("accurate", "search", {"rerank": None}, search)["rerank"] == "dba+qe"
+    assert presets.for_api(None, "search", {"rerank": None}, search)["rerank"] == "none"
+    assert np.isfinite(ris.score(db, split="all")["raw"]["map"])

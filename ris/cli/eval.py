@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from ris import presets
 
     parser = build_parser()
-    args = presets.apply(parser.parse_args(argv), parser, "eval")
+    argv = sys.argv[1:] if argv is None else argv
+    args = presets.apply(parser.parse_args(argv), parser, "eval", argv)
     from ris.evaluate import evaluate_db, format_table
 
     _refuse_ignored(args)

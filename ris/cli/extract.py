@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", default="threads", choices=["threads", "processes"],
                    help="decode images in threads, or in --workers processes (worth it with many cores and a "
                         "GPU waiting for input); local engine only")
-    p.add_argument("--flip", action="store_true",
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
                    help="also describe every image mirrored left-right and add the two descriptors (each CNN part; "
                         "a colour histogram is mirror-invariant): mirror-invariant features, twice the CNN time; "
                         "recorded in the recipe, so queries are described the same way")
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     from ris import presets
 
     parser = build_parser()
-    args = presets.apply(parser.parse_args(argv), parser, "extract")
+    argv = sys.argv[1:] if argv is None else argv
+    args = presets.apply(parser.parse_args(argv), parser, "extract", argv)
 
     from ris.errors import RisError
     from ris.extract import ExtractOptions, extract_features

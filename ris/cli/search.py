@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from ris import presets
 
     parser = build_parser()
-    args = presets.apply(parser.parse_args(argv), parser, "search")
+    argv = sys.argv[1:] if argv is None else argv
+    args = presets.apply(parser.parse_args(argv), parser, "search", argv)
     from ris.errors import BadImage
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine, hits_to_dicts
