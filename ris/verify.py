@@ -16,6 +16,7 @@ keypoint (x, y) as float16 and SIFT as uint8 (136 bytes a keypoint).
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,32 +117,45 @@ def sidecar_path(features_db: str | Path, features: int, side: int) -> Path:
 
 
 def database_local_features(db, features_db: str | Path, features: int = 500, side: int = 512,
-                            log: Callable[[str], None] | None = None) -> LocalFeatures:
-    """The sidecar's local features, computed from the database's images on first use."""
+                            log: Callable[[str], None] | None = None,
+                            dataset_root: str | Path | None = None) -> LocalFeatures:
+    """The sidecar's local features, computed from the database's images on first use (under
+    ``dataset_root``, else the folder the database was extracted from). Images that cannot be read
+    get none (never verified), said in one warning; the cache is made again once one is back."""
     from ris.sidecars import read_h5_cache, write_h5_cache
 
     path = sidecar_path(features_db, features, side)
     key = f"{db.content_key}:sift:{int(features)}:{int(side)}"
+    root = Path(dataset_root) if dataset_root else None
     got = read_h5_cache(path, key)
-    if got is not None:
-        return LocalFeatures(got["offsets"], got["xy"], got["desc"])
-    root = db.images_folder("geometric verification")
     ids = db.image_ids
+    if got is not None:
+        unread = got.get("unread", np.zeros(0, np.int64))
+        base = root or (Path(db.dataset_root) if db.dataset_root else None)
+        if not len(unread) or base is None or not any((base / ids[int(r)]).is_file() for r in unread):
+            return LocalFeatures(got["offsets"], got["xy"], got["desc"])
+    root = root if root is not None and root.is_dir() else db.images_folder("geometric verification")
     t0 = time.perf_counter()
-    xys, descs, offsets = [], [], [0]
+    xys, descs, offsets, unread = [], [], [0], []
     for n, i in enumerate(ids):
         try:
             xy, d = sift_of_file(root / i, features, side)
         except Exception:  # an image gone or damaged since extraction: no local features, never verified
             xy, d = np.zeros((0, 2), np.float16), np.zeros((0, 128), np.uint8)
+            unread.append(n)
         xys.append(xy)
         descs.append(d)
         offsets.append(offsets[-1] + len(d))
         if log and (n + 1) % 200 == 0:
             log(f"local features: {n + 1}/{len(ids)} images")
     lf = LocalFeatures(np.array(offsets, np.int64), np.concatenate(xys), np.concatenate(descs))
+    if unread:
+        print(f"warning: {features_db}: geometric verification: {len(unread)} image(s) could not be read under "
+              f"{root} ({', '.join(ids[r] for r in unread[:3])}{', ...' if len(unread) > 3 else ''}); they are never "
+              "verified (their local features are made again once they are back)", file=sys.stderr)
     try:
-        write_h5_cache(path, key, {"seconds": time.perf_counter() - t0}, offsets=lf.offsets, xy=lf.xy, desc=lf.desc)
+        write_h5_cache(path, key, {"seconds": time.perf_counter() - t0}, offsets=lf.offsets, xy=lf.xy, desc=lf.desc,
+                       unread=np.array(unread, np.int64))
     except OSError:  # read-only next to the database, or no room: they still serve this run
         pass
     return lf
@@ -182,12 +196,13 @@ class Verifier:
     queries: int = 0
 
     @classmethod
-    def for_database(cls, db, features_db: str | Path, rows: np.ndarray | None = None, **params) -> "Verifier":
+    def for_database(cls, db, features_db: str | Path, rows: np.ndarray | None = None,
+                     dataset_root: str | Path | None = None, **params) -> "Verifier":
         p = {**DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
         unknown = set(p) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"verify: unknown parameter(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        lf = database_local_features(db, features_db, int(p["features"]), int(p["side"]))
+        lf = database_local_features(db, features_db, int(p["features"]), int(p["side"]), dataset_root=dataset_root)
         rows = np.arange(len(lf.offsets) - 1) if rows is None else np.asarray(rows, np.int64)
         return cls(lf, rows, p)
 

@@ -122,3 +122,43 @@ def test_verify_settings_parse_and_refuse_in_one_line():
                      ("side=0", ">= 1"), ("ratio=nan", "finite")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             parse_settings(bad)
+
+
+def test_local_features_follow_the_dataset_root_and_images_missing_when_they_were_made(tmp_path, capsys):
+    """``ris-search --verify --dataset-root moved/`` read the images from the folder the database was
+    made from (refused: "not there"); an image missing when the local features were made was
+    cached as having none, for good and without a word."""
+    import shutil
+
+    from PIL import Image
+
+    from ris.cli import extract as extract_cli
+    from ris.cli import search as search_cli
+    from ris.cli.common import run
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for o in range(2):
+        for v in range(2):
+            Image.fromarray(_warp(_textured(o, 200), 15 * v, 1 - 0.1 * v)).save(d / f"o{o}_{v}.jpg", quality=90)
+    db = tmp_path / "f.h5"
+    assert run("ris-extract", extract_cli.main, ["--dataset", str(d), "--features-db", str(db), "--model", "vgg16",
+                                                 "--weights", "none", "--resize", "64", "--no-progress"]) == 0
+    moved = tmp_path / "moved"
+    shutil.move(d, moved)
+    gone = tmp_path / "o1_1.jpg"
+    shutil.move(moved / "o1_1.jpg", gone)
+    search = ["--image", str(moved / "o0_0.jpg"), "--features-db", str(db), "--verify", "3", "--dataset-root",
+              str(moved), "--json"]
+    capsys.readouterr()
+    assert run("ris-search", search_cli.main, search) == 0
+    err = capsys.readouterr().err
+    assert "1 image(s) could not be read" in err and "o1_1.jpg" in err
+    sidecar = sidecar_path(db, 500, 512)
+    made = sidecar.stat().st_mtime_ns
+    assert run("ris-search", search_cli.main, search) == 0  # still missing: the cache serves
+    assert sidecar.stat().st_mtime_ns == made
+    shutil.move(gone, moved / "o1_1.jpg")
+    capsys.readouterr()
+    assert run("ris-search", search_cli.main, search) == 0  # back: made again, no warning
+    assert sidecar.stat().st_mtime_ns != made and "could not be read" not in capsys.readouterr().err

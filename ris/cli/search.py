@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify > 0:
         from ris.verify import Verifier
 
-        verifier = Verifier.for_database(engine.db, args.features_db, k=args.verify, **args.verify_settings)
+        verifier = Verifier.for_database(engine.db, args.features_db, dataset_root=engine.root, k=args.verify,
+                                         **args.verify_settings)
     out_json = []
     failed = 0
     for n, image in enumerate(args.image, 1):
