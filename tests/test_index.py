@@ -403,3 +403,32 @@ def test_ivfpq_search_settings_that_cannot_search_are_refused(tmp_path, capsys):
     with FeatureDB(db) as f:
         index = open_search_index(str(db), f.features, "euclidean", kind="ivfpq", source=source_of(f))
         assert index.params.nprobe >= 1 and len(index.search(f.features[:3], 2)[1]) == 3
+
+
+def test_a_damaged_hnsw_file_of_the_right_size_is_rebuilt_not_followed_into_a_crash(tmp_path):
+    """20 kB of random bytes inside the .hnsw (same size): hnswlib followed the random links and
+    every search died with a segmentation fault. The .json now carries the file's checksum. Run in
+    a child process: before the fix it crashed the interpreter."""
+    import subprocess
+
+    pytest.importorskip("hnswlib")
+    from ris.featuredb import FeatureDB
+    from ris.index_state import source_of
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(2000, 32, seed=5))
+    with FeatureDB(db) as f:
+        open_search_index(str(db), f.features, "euclidean", kind="hnsw", source=source_of(f))
+    hnsw = tmp_path / "f.h5.hnsw"
+    size = hnsw.stat().st_size
+    with open(hnsw, "r+b") as fh:
+        fh.seek(size // 3)
+        fh.write(np.random.default_rng(0).bytes(20000))
+    code = ("import sys, warnings; from ris.featuredb import FeatureDB; from ris.index import open_search_index; "
+            "from ris.index_state import source_of\n"
+            f"f = FeatureDB({str(db)!r}); ix = open_search_index({str(db)!r}, f.features, 'euclidean', kind='hnsw', "
+            "source=source_of(f))\n"
+            "d, i = ix.search(f.features[:20], 1); assert (i[:, 0] == list(range(20))).all(), i[:, 0]; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-1500:])
+    assert "damaged" in r.stderr or "checksum" in r.stderr  # said why it rebuilt
