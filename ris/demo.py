@@ -35,11 +35,27 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def run_demo(workdir: str | Path = "data/demo", backbone: str | None = None, epochs: int = 30,
+def demo_database(images: Path, db: Path, config, progress: bool = True) -> None:
+    """The sample's database: made once, and made again when the sample is another one (another
+    --objects): a database of other images would be scored and served with files that are gone."""
+    from ris.extract import ExtractOptions, extract_features
+    from ris.featuredb import FeatureDB
+    from ris.images import find_images
+
+    if db.exists():
+        try:
+            with FeatureDB(db) as f:
+                if sorted(f.image_ids) == find_images(images):
+                    return
+        except RisError:
+            pass  # damaged or unfinished: made again
+    extract_features(images, db, config, ExtractOptions(labels="ukbench", progress=progress, overwrite=db.exists()))
+
+
+def run_demo(workdir: str | Path = "data/demo", backbone: str | None = None,
              n_objects: int | None = None, progress: bool = True, log=lambda s: print(s, file=sys.stderr)) -> DemoResult:
     from ris.demo_data import make_demo_dataset, make_query_view
     from ris.evaluate import evaluate_db
-    from ris.extract import ExtractOptions, extract_features
     from ris.extractor import ExtractConfig
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine
@@ -56,15 +72,13 @@ def run_demo(workdir: str | Path = "data/demo", backbone: str | None = None, epo
     db = work / f"feats-{backbone}.h5"
     t = time.perf_counter()
     log(f"[2/5] extracting {backbone} features -> {db}")
-    if not db.exists():
-        extract_features(images, db, ExtractConfig(model=backbone, pooling="gap"),
-                         ExtractOptions(labels="ukbench", progress=progress))
+    demo_database(images, db, ExtractConfig(model=backbone, pooling="gap"), progress)
     times["extract"] = time.perf_counter() - t
 
     model = work / f"head-{backbone}.keras"
     t = time.perf_counter()
     log(f"[3/5] training the embedding head (learned whitening, chosen on training objects) -> {model}")
-    train_head(db, model, TrainConfig(epochs=epochs, patience=max(5, epochs // 3), p=16), progress=False, log=log)
+    train_head(db, model, TrainConfig(), progress=False, log=log)  # learned whitening: no epochs
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -167,3 +167,23 @@ def test_query_view_is_new(small_demo: Path, tmp_path: Path) -> None:
     assert img is not None and img.shape == (480, 640, 3)
     for i in range(4, 8):  # differs from every database view of that object
         assert not np.array_equal(img, cv2.imread(str(small_demo / f"ukbench{i:05d}.jpg")))
+
+
+def test_the_demo_database_follows_the_sample_it_describes(tmp_path: Path) -> None:
+    """``ris-demo --objects 10`` after a full run rebuilt the 40-image sample but kept the 164-row
+    database (rows of files that were gone, scored and served); the database now holds exactly
+    the sample's images."""
+    from ris.demo import demo_database
+    from ris.extractor import ExtractConfig
+    from ris.featuredb import FeatureDB
+
+    cfg = ExtractConfig(model="vgg16", weights="none", input_size=32)
+    db = tmp_path / "feats.h5"
+    for n in (3, 2, 3):
+        images = demo_data.make_demo_dataset(tmp_path / "images", n_objects=n)
+        demo_database(images, db, cfg, progress=False)
+        with FeatureDB(db) as f:
+            assert sorted(f.image_ids) == sorted(p.name for p in images.glob("*.jpg")) and len(f.image_ids) == 4 * n
+    made = db.stat().st_mtime_ns
+    demo_database(images, db, cfg, progress=False)  # in step: not extracted again
+    assert db.stat().st_mtime_ns == made

