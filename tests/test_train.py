@@ -127,6 +127,7 @@ def test_groups_of_one_image_are_too_few_to_train_on(tmp_path, cfg):
     (["--mining", "random"], "--mining random does not apply to --arch whiten"),
     (["--arch", "mlp", "--whiten-dim", "8"], "--whiten-dim 8 does not apply to --arch mlp"),
     (["--arch", "residual", "--out-dim", "64"], "--out-dim 64 does not apply to --arch residual"),
+    (["--unseen-classes", "2"], "--unseen-classes 2 applies to --split-by image"),  # was ignored, exit 0
 ])
 def test_ris_train_refuses_options_its_head_would_ignore(tmp_path, extra, named):
     """ris-train --arch whiten (the default) fitted its closed form whatever --epochs, --margin or

@@ -100,6 +100,9 @@ def refuse_unused(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     unused = WHITEN_ONLY if triplet else TRIPLET_ONLY
     if args.arch == "residual":
         unused = unused + ("out_dim",)  # the correction keeps the input size
+    if args.split_by == "object" and args.unseen_classes:
+        raise RisError(f"--unseen-classes {args.unseen_classes} applies to --split-by image (classes whose images "
+                       "are all held out); --split-by object holds out whole objects already")
     given = given_options(args, parser, unused)
     if not given:
         return
