@@ -839,3 +839,21 @@ def test_outputs_in_folders_that_do_not_exist_yet_are_created(tiny, tmp_path, ca
     db = tmp_path / "out" / "feats.h5"
     code, _, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)
     assert code == 0 and db.is_file(), err
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """``ris-index info | head -1``: the reader leaves, the next write fails with EPIPE; it said
+    "ris-index: error: Broken pipe" and exit 2, as if the command had failed."""
+    import subprocess
+    import sys
+
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 4, seed=1))
+    code = ("import sys; from ris.cli.common import run; from ris.cli.index import main\n"
+            "sys.stdout.write('x' * 200000); sys.exit(run('ris-index', main, ['info', '--features-db', sys.argv[1]]))")
+    p = subprocess.Popen([sys.executable, "-c", code, str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()  # the reader leaves after one line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1 and "Broken pipe" not in err and "Traceback" not in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import io
 import logging
 import os
 import sys
@@ -234,6 +235,9 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
             sys.stderr.flush()
             os._exit(EXIT_ERROR)
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader of the output left (`| head`): end quietly, as Unix tools do
+        _stdout_to_devnull()
+        return EXIT_PARTIAL
     except OSError as exc:
         if exc.filename is None and exc.errno is None:  # raised by code, not by the system: treat as a bug
             return _internal_error(prog, exc)
@@ -244,6 +248,14 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
         return _internal_error(prog, exc)
     finally:
         uninstall_quiet_backend()
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
 
 
 def _hdf5_write_failed() -> bool:
