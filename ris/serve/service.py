@@ -22,6 +22,7 @@ from ris.errors import BadImage, RisError
 from ris.serve.files import (ServeError, decode_upload, display_name, media_type, open_regular, read_regular,
                              row_file, thumbnail_jpeg)
 
+
 def shown_text(name: str) -> str:
     """A stored name or label as JSON can carry it: a file name that is not UTF-8 (kept with
     surrogate escapes, as the file system gave it) shows U+FFFD where its bytes were not text."""
@@ -71,11 +72,8 @@ class StableIds:
 
     def _array(self) -> np.ndarray:
         with self._lock:
-            if self._ids is None:
-                ids = np.asarray(self._db.row_ids, np.int64)
-                if len(ids) > 1 and not (np.diff(ids) > 0).all():
-                    raise RisError(f"{self._db.path}: its image ids are not increasing; the database is damaged")
-                self._ids = ids
+            if self._ids is None:  # increasing: FeatureDB.row_ids refuses a database where they are not
+                self._ids = np.asarray(self._db.row_ids, np.int64)
             return self._ids
 
     def of_rows(self, rows) -> list[int]:
