@@ -104,10 +104,14 @@ def _without_nonfinite(plan, feats: np.ndarray):
     first, mAP above 1), and ris-search never returns them."""
     from dataclasses import replace
 
-    finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
-    if finite.all():
+    from ris.topk import nonfinite_rows
+
+    bad_pos = nonfinite_rows(feats)
+    if not len(bad_pos):
         return plan, feats, np.zeros(0, np.int64)
-    bad = plan.gallery_rows[~finite]
+    finite = np.ones(len(feats), bool)
+    finite[bad_pos] = False
+    bad = plan.gallery_rows[bad_pos]
     plan = replace(plan, gallery_rows=plan.gallery_rows[finite], query_rows=np.setdiff1d(plan.query_rows, bad))
     return plan, feats[finite], bad
 
@@ -164,6 +168,7 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
     """Off-the-shelf scores on each k-fold test part (the same parts ``ris-train --folds`` holds
     out), with mean and std, so raw features and trained heads are compared on equal ground.
     ``gallery='all'``: each fold's queries search every labelled image (whole-collection protocol)."""
+    from ris import protocol
     from ris.embed import raw_descriptors
     from ris.featuredb import FeatureDB
     from ris.splits import make_split
@@ -174,10 +179,10 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
         for fold in range(folds):
             rows, _ = make_split(labels, split_by, seed=seed, fold=fold, folds=folds)
             g = rows["test"] if gallery == "split" else np.nonzero(labels >= 0)[0]
-            feats = db.read_rows(g)
-            finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)  # as evaluate_db: NaN rows left out
-            g, feats, test = g[finite], raw_descriptors(feats[finite]), np.intersect1d(rows["test"], g[finite])
-            per_fold.append(_score(feats, labels[g], rerank, query_rows=np.searchsorted(g, test)))
+            fold_plan = protocol.Protocol(query_rows=rows["test"], gallery_rows=g, description="")
+            fold_plan, feats, _ = _without_nonfinite(fold_plan, db.read_rows(g))  # as evaluate_db
+            g = fold_plan.gallery_rows
+            per_fold.append(_score(raw_descriptors(feats), labels[g], rerank, query_rows=fold_plan.positions()))
         attrs = db.attrs
     keys = {"ns_score": lambda s: s["ns_score"], "top4_accuracy": lambda s: s["top4_accuracy"],
             "map": lambda s: s["map"], "precision_at_10": lambda s: s["precision_at"]["10"],

@@ -78,14 +78,18 @@ def apply(args: argparse.Namespace, parser: argparse.ArgumentParser, command: st
     def left_out(key: str) -> bool:
         return key not in given if given is not None else getattr(args, key, None) == parser.get_default(key)
 
-    values = PRESETS[args.preset][command]
-    other_model = "model" in values and not left_out("model") and getattr(args, "model", None) != values["model"]
-    for key, value in values.items():
-        if other_model and (key == "fusion_weights" or (isinstance(value, str) and "+" in value)):
-            continue
-        if left_out(key):
-            setattr(args, key, value)
+    for key, value in _fills(args.preset, command, getattr(args, "model", None), left_out).items():
+        setattr(args, key, value)
     return args
+
+
+def _fills(preset: str, command: str, model: str | None, left_out) -> dict[str, object]:
+    """The preset's values for the options ``left_out(key)`` says were not given; a fused preset's
+    per-part values stay with its own model (left out when another ``model`` was given)."""
+    values = PRESETS[preset][command]
+    other_model = "model" in values and not left_out("model") and model != values["model"]
+    return {k: v for k, v in values.items()
+            if left_out(k) and not (other_model and (k == "fusion_weights" or (isinstance(v, str) and "+" in v)))}
 
 
 def for_api(preset: str | None, command: str, given: dict, defaults: dict) -> dict:
@@ -102,11 +106,5 @@ def for_api(preset: str | None, command: str, given: dict, defaults: dict) -> di
 
         raise RisError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
 
-    args = argparse.Namespace(preset=preset, **given)
-    values = PRESETS[preset][command]
-    other_model = "model" in values and "model" in passed and given["model"] != values["model"]
-    for key, value in values.items():
-        if key in given and key not in passed and not (
-                other_model and (key == "fusion_weights" or (isinstance(value, str) and "+" in value))):
-            setattr(args, key, value)
-    return {k: getattr(args, k) for k in given}
+    fills = _fills(preset, command, given.get("model"), lambda key: key not in passed)
+    return {k: fills.get(k, v) for k, v in given.items()}

@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import subprocess
-import sys
 import threading
 import zlib
 from pathlib import Path
@@ -386,17 +384,3 @@ def attrs_through_hdf5(directory: str | Path, attrs: dict) -> dict:
     with FeatureDB(path) as db:
         return dict(db.attrs)
 
-
-def size_limit(limit: int) -> str:
-    """Python source that caps its process's file size at ``limit`` bytes: every write past it then
-    fails with EFBIG (SIGXFSZ ignored), as a write on a full disk fails with ENOSPC; no root, no tmpfs."""
-    return ("import resource, signal\n"
-            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({int(limit)}, {int(limit)}))\n")
-
-
-def run_size_limited(command: str, args: list, limit: int, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``ris-<command> args`` in a child process under ``size_limit(limit)``, output captured."""
-    script = size_limit(limit) + f"from ris.cli.{command} import entry\nentry()\n"
-    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)

@@ -206,10 +206,18 @@ def _split_store(data: _Data) -> dict[str, Any]:
 def _check_output(features_db: str | Path, output: str | Path) -> None:
     """Never save a model over the database it learns from, or over any HDF5 file (a database)."""
     out = Path(output)
-    if out.exists() and (out.resolve() == Path(features_db).resolve() or out.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
-                         if out.is_file() else True):
-        raise RisError(f"{output}: is {'the feature database itself' if out.resolve() == Path(features_db).resolve() else 'an HDF5 file (a feature database?)' if out.is_file() else 'not a regular file'}; "
-                       "a model is saved as a new .keras file: choose another --output")
+    if not out.exists():
+        return
+    if out.resolve() == Path(features_db).resolve():
+        what = "the feature database itself"
+    elif not out.is_file():
+        what = "not a regular file"
+    else:
+        with open(out, "rb") as fh:
+            if fh.read(8) != b"\x89HDF\r\n\x1a\n":
+                return  # a model saved before: replaced
+        what = "an HDF5 file (a feature database?)"
+    raise RisError(f"{output}: is {what}; a model is saved as a new .keras file: choose another --output")
 
 
 def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, progress: bool = True,

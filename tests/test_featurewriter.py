@@ -20,7 +20,8 @@ import pytest
 import ris.h5write
 from ris.featuredb import FeatureDB, partial_path
 from ris.featurewriter import FeatureWriter
-from ris.testing import committed_rows, run_size_limited, size_limit
+from ris.testing import committed_rows
+from ris.testing_faults import run_size_limited, size_limit
 
 ATTRS = {"model": "m", "weights": "w", "layer": "l", "input_size": 32, "scales": [1.0], "pooling": "gap"}
 

@@ -100,7 +100,8 @@ def test_only_h5py_dealloc_failures_are_silenced():
 
 def test_ris_extract_under_a_file_size_limit_stops_in_one_line_and_resumes(tmp_path):
     """A quota or a file size limit is invisible to the free-space check: the reservation catches it."""
-    from ris.testing import make_tiny_dataset, run_size_limited
+    from ris.testing import make_tiny_dataset
+    from ris.testing_faults import run_size_limited
 
     data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=2, size=64)
     db = tmp_path / "f.h5"

@@ -296,7 +296,8 @@ def test_an_index_that_cannot_be_saved_whole_is_never_left_under_its_name(kind, 
     pytest.importorskip("hnswlib" if kind == "hnsw" else "faiss")
     import subprocess
 
-    from ris.testing import make_feature_db, run_size_limited, size_limit
+    from ris.testing import make_feature_db
+    from ris.testing_faults import run_size_limited, size_limit
 
     rng = np.random.default_rng(0)
     db = make_feature_db(tmp_path / "f.h5", rng.standard_normal((2000, 64)).astype(np.float32))

@@ -121,7 +121,7 @@ def test_ris_index_build_rebuild_drops_the_collection(target, labelled_db, capsy
 def test_milvus_lite_that_cannot_write_says_so_in_one_line(tmp_path):
     """Milvus Lite on a full disk (here: a file size limit): ris printed 40 lines of Milvus Lite's and
     pymilvus' logged tracebacks, then 'MilvusException: <MilvusException: (code=1, message=...)>'."""
-    from ris.testing import run_size_limited
+    from ris.testing_faults import run_size_limited
 
     db = make_feature_db(tmp_path / "f.h5", clustered_vectors(50, 8, seed=0))
     target = f"milvus:{tmp_path / 'm.db'}"

@@ -528,13 +528,19 @@ def _append_object(data: Path, db: Path, seed: int, first: int) -> list[str]:
     return names
 
 
-def test_appended_rows_become_searchable_without_restart(tiny, tmp_path):
+def _served_copy(tiny, tmp_path, **cfg):
+    """(images, database, loaded service) over copies of the tiny set, free to be changed by a test."""
     data = tmp_path / "images"
     shutil.copytree(tiny[1], data)
     db = tmp_path / "feats.h5"
     shutil.copy(tiny[2], db)
-    svc = SearchService(ServeConfig(str(db), index="hnsw", reload_interval=0), log=lambda s: None)
+    svc = SearchService(ServeConfig(str(db), **cfg), log=lambda s: None)
     svc.load()
+    return data, db, svc
+
+
+def test_appended_rows_become_searchable_without_restart(tiny, tmp_path):
+    data, db, svc = _served_copy(tiny, tmp_path, index="hnsw", reload_interval=0)
     assert svc.poll() is False  # unchanged file: nothing to do
     with TestClient(create_app(svc)) as c:
         assert c.get("/api/health").json()["index"] == "hnsw"
@@ -570,12 +576,7 @@ def test_ids_are_the_databases_stable_ids_so_links_survive_a_sync(tiny, tmp_path
     from ris.featuredb import FeatureDB
     from ris.sync import remove_images
 
-    data = tmp_path / "images"
-    shutil.copytree(tiny[1], data)
-    db = tmp_path / "feats.h5"
-    shutil.copy(tiny[2], db)
-    svc = SearchService(ServeConfig(str(db), reload_interval=0), log=lambda s: None)
-    svc.load()
+    data, db, svc = _served_copy(tiny, tmp_path, reload_interval=0)
     with TestClient(create_app(svc)) as c:
         before = c.get("/api/search", params={"id": 10, "k": 3}).json()
         picture = c.get("/api/images/10").content
@@ -636,12 +637,7 @@ def test_get_endpoints_answer_head_too(client):
 
 
 def test_the_background_watcher_reloads(tiny, tmp_path):
-    data = tmp_path / "images"
-    shutil.copytree(tiny[1], data)
-    db = tmp_path / "feats.h5"
-    shutil.copy(tiny[2], db)
-    svc = SearchService(ServeConfig(str(db), reload_interval=0.1), log=lambda s: None)
-    svc.load()
+    data, db, svc = _served_copy(tiny, tmp_path, reload_interval=0.1)
     with TestClient(create_app(svc)) as c:
         _append_object(data, db, seed=12, first=24)
         deadline = time.monotonic() + 120

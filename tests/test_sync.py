@@ -252,7 +252,8 @@ def test_a_removal_without_room_for_its_rewrite_names_the_database_and_leaves_it
     """Under a quota or a file size limit (invisible to the free-space check) the rewrite's room
     cannot be reserved: ris-index remove and --sync said only "error: File too large"."""
     import hashlib
-    from ris.testing import make_feature_db, run_size_limited
+    from ris.testing import make_feature_db
+    from ris.testing_faults import run_size_limited
 
     db = make_feature_db(tmp_path / "f.h5", np.random.default_rng(0).standard_normal((500, 256)).astype(np.float32))
     before = hashlib.sha256(db.read_bytes()).hexdigest()
