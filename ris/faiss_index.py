@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 import uuid
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from ris.errors import DatabaseError, RisError  # noqa: E402
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
-from ris.sidecars import atomic_write, ivfpq_path  # noqa: E402
+from ris.sidecars import atomic_write, ivfpq_path, remove_stale_temps  # noqa: E402
 from ris.stored_rows import StoredRows  # noqa: E402  (re-ranking reads; re-exported)
 from ris.topk import METRICS, l2_normalize  # noqa: E402
 
@@ -229,6 +230,8 @@ class IvfPqIndex:
             return
         token = uuid.uuid4().hex[:8]
         data = f"{path}.{token}.faiss"
+        name = re.escape(os.path.basename(path))  # killed saves' temps carry other tokens than ours
+        remove_stale_temps(os.path.dirname(path) or ".", re.compile(name + r"\.[0-9a-f]{8}\.faiss\.[0-9a-f]{8}\.tmp"))
         with atomic_write(data) as tmp:
             _write_index(faiss, self.index, tmp)
         previous = _read_meta(path).get("data") if os.path.isfile(path) else None

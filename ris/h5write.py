@@ -54,7 +54,7 @@ def hdf5_writing(path: str | Path, reserve: int = 0) -> Iterator[Any]:
     ``OSError`` there leaves nothing written), abandoned (``abandon_hdf5``) if the writing fails."""
     import h5py
 
-    f = h5py.File(path, "w")
+    f = h5py.File(path, "w", locking=False)  # a temp or a rewrite: its writer's own lock guards it
     with contextlib.ExitStack() as room:
         try:
             room.enter_context(reserved_room(f, reserve) if reserve > 0 else contextlib.nullcontext())

@@ -29,6 +29,7 @@ from ris.h5write import hdf5_writing
 
 LOCK_SUFFIX = ".lock"
 _TMP = r"(?:\.[0-9a-f]{8}\.tmp)?"  # atomic_write's temp names, left behind only by a killed process
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{8}\.tmp$")
 _DBA = r"dba-n\d+-a[0-9a-z.+-]+\.h5"
 _INDEX = r"(?:hnsw(?:\.json)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)"
 _INDEX_FILE = re.compile(r"\.(?:hnsw(?:\.json)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)(?:\.[0-9a-f]{8}\.tmp)?$")
@@ -74,16 +75,24 @@ def ensure_room(folder: str | Path, need: int, doing: str) -> None:
                       f"{human_bytes(need)} needed)", str(folder))
 
 
+STALE_TEMP_AGE_S = 60.0  # a temp younger than this may belong to a writer that has not locked it yet
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temp name in the same folder; on success it is fsynced and renamed onto ``path``.
 
     Readers see the old file or the whole new one, never a torn one; on error the temp is removed.
+    The temp is created here and ``flock``-ed until the end, so temps that killed writers left of
+    the same file (an index save can be 1.3 GB) are told from live ones and removed first.
     ``suffix`` is for writers that insist on an extension (Keras wants ``.keras``).
     """
     path = Path(path)
+    remove_stale_temps(path.parent, re.compile(re.escape(path.name) + r"\.[0-9a-f]{8}\.tmp" + re.escape(suffix)))
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    held = None
     try:
+        held = _create_locked(tmp)
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
@@ -94,7 +103,58 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc  # name the file (a full disk said only
             # "File too large" or "No space left on device"), the one the user asked for, not the temp
         raise
+    finally:
+        if held is not None:
+            os.close(held)
     fsync_dir(path.parent)
+
+
+def _create_locked(tmp: Path) -> int:
+    """Create ``tmp`` (it must not exist) and hold an exclusive ``flock`` on it; the OS drops the
+    lock when the process dies, even by ``kill -9``, which is how a temp is known abandoned."""
+    import fcntl
+
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # no locks on this file system: the temp is never judged abandoned (kept)
+        pass
+    return fd
+
+
+def remove_stale_temps(folder: str | Path, pattern: re.Pattern, age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Delete the temps in ``folder`` whose names match ``pattern`` and whose writer is gone: no
+    process holds their lock and they are older than ``age_s``. Returns what was deleted."""
+    try:
+        entries = [e for e in os.scandir(folder) if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+    return [Path(e.path) for e in entries if _remove_if_abandoned(Path(e.path), age_s)]
+
+
+def _remove_if_abandoned(path: Path, age_s: float) -> bool:
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if time.time() - st.st_mtime < age_s:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer holds it (or locks do not work here: keep it)
+            return False
+        if not os.path.samestat(st, os.lstat(path)):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def write_h5_cache(path: str | Path, key: str, attrs: dict | None = None, **datasets: np.ndarray) -> None:
@@ -199,6 +259,10 @@ def clear_sidecars(features_db: str | Path, keep_indexes: bool = False) -> list[
     removed = []
     for p in sidecar_files(features_db):
         if keep_indexes and _INDEX_FILE.search(p.name):
+            continue
+        if _TEMP_NAME.search(p.name):  # a temp: only if its writer is gone (a live one holds its lock)
+            if _remove_if_abandoned(p, age_s=0.0):
+                removed.append(p)
             continue
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

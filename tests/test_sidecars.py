@@ -145,3 +145,61 @@ def test_h5_cache_file_is_a_plain_hdf5_file(tmp_path):
     write_h5_cache(path, "k", embeddings=np.zeros((1, 2), np.float32), extra=np.arange(3))
     with h5py.File(path, "r") as f:
         assert f.attrs["cache_key"] == "k" and set(f) == {"embeddings", "extra"}
+
+
+def _killed_writer(target, suffix=""):
+    """A process killed (SIGKILL) inside atomic_write, as `kill -9` during an index save: its temp stays."""
+    code = ("import os, sys; from ris.sidecars import atomic_write\n"
+            f"with atomic_write({str(target)!r}, suffix={suffix!r}) as tmp:\n"
+            "    tmp.write_bytes(b'x' * 1000); os.kill(os.getpid(), 9)\n")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    left = [p for p in target.parent.iterdir() if p.name.startswith(target.name + ".")]
+    assert len(left) == 1, left
+    old = left[0].stat().st_mtime - 3600
+    os.utime(left[0], (old, old))  # an hour ago: past the age a just-created temp is given
+    return left[0]
+
+
+def test_a_killed_writers_temp_is_removed_by_the_next_write_of_that_file(tmp_path):
+    """kill -9 during an index save left its temp (1.3 GB for an HNSW index at 1M rows) until the
+    database was extracted again; every killed save added one."""
+    target = tmp_path / "feats.h5.hnsw"
+    stale = _killed_writer(target)
+    other = _killed_writer(tmp_path / "other.bin")  # another file's temp is not this write's to judge
+    with atomic_write(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert not stale.exists() and other.exists() and target.read_bytes() == b"new"
+    model = _killed_writer(tmp_path / "head.keras", suffix=".keras")
+    with atomic_write(tmp_path / "head.keras", suffix=".keras") as tmp:
+        tmp.write_bytes(b"zip")
+    assert not model.exists()
+
+
+def test_a_live_writers_temp_is_left_alone_however_old(tmp_path):
+    """Another process mid-save holds a lock on its temp: neither the next write nor clear_sidecars
+    may delete it under it (its rename would fail, or it would commit a file another deleted)."""
+    target = tmp_path / "f.h5.hnsw"
+    make_db(tmp_path / "f.h5")
+    code = ("import os, sys, time; from ris.sidecars import atomic_write\n"
+            f"with atomic_write({str(target)!r}) as tmp:\n"
+            "    tmp.write_bytes(b'slow'); old = time.time() - 3600; os.utime(tmp, (old, old))\n"
+            "    print('writing', flush=True); sys.stdin.readline()\n")
+    writer = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        live = [p for p in tmp_path.iterdir() if p.name.startswith("f.h5.hnsw.")]
+        with atomic_write(target) as tmp:
+            tmp.write_bytes(b"mine")
+        assert clear_sidecars(tmp_path / "f.h5") == [target]
+        assert all(p.exists() for p in live) and len(live) == 1
+    finally:
+        writer.communicate("go\n", timeout=60)
+    assert writer.returncode == 0 and target.read_bytes() == b"slow"
+
+
+def test_hdf5_caches_are_written_under_the_temps_lock(tmp_path):
+    """HDF5 locks the files it writes with the same kind of lock: the temp's own lock must not stop it."""
+    path = tmp_path / "f.h5.thumbs64.h5"
+    write_h5_cache(path, "k", thumbs=np.zeros((2, 3), np.uint8))
+    assert read_h5_cache(path, "k")["thumbs"].shape == (2, 3)
