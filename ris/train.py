@@ -71,6 +71,7 @@ class TrainResult:
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # test split: raw vs head
     history_path: str = ""
     plot_path: str = ""
+    whitening: dict[str, Any] | None = None  # learned whitening: what was chosen and how (None for triplet heads)
 
 
 def check_config(cfg: TrainConfig, feature_shape: tuple[int, ...] | None = None) -> None:
@@ -264,7 +265,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
                   round(float(np.mean(run.epoch_times)) if run.epoch_times else 0.0, 3))
     return TrainResult(str(output), epochs[0], epochs[1], round(seconds, 2), epochs[2],
                        {k: int(n) for k, n in data.groups().items()}, test_scores, str(hist_path),
-                       str(plot_path) if plot_path else "")
+                       str(plot_path) if plot_path else "", whitening if run is None else None)
 
 
 @dataclass

@@ -227,6 +227,9 @@ def fit_whitening(features: np.ndarray, labels: np.ndarray, shrinkage: float | N
         return {"mean": np.zeros(n, np.float32), "projection": np.eye(n, dtype=np.float32), **chosen}
     mean, proj = learned_whitening(features, labels, int(chosen["dim"]), float(chosen["shrinkage"]),
                                    float(chosen["power"]))
+    if proj.shape[1] != int(chosen["dim"]):  # asked for more than the features have: say what was fitted
+        log(f"whitening: {chosen['dim']} dims asked for, the features have {proj.shape[1]}: keeping {proj.shape[1]}")
+        chosen["dim"] = int(proj.shape[1])
     return {"mean": mean, "projection": proj, **chosen}
 
 

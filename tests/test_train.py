@@ -76,6 +76,19 @@ def test_triplet_heads_still_report_epochs_and_fit_time(tmp_path, capsys):
     assert r["epochs_run"] == 2 and r["best_epoch"] in (1, 2) and r["seconds"] > 0 and r["seconds_per_epoch"] > 0
 
 
+def test_json_says_what_learned_whitening_chose_as_the_printed_report_does(tmp_path, capsys):
+    """The printed report names the chosen shrinkage, power and size; --json had none of them."""
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5")
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--whiten-power", "0.25",
+                           "--quiet", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    chosen = r["whitening"]
+    assert chosen["power"] == 0.25 and chosen["shrinkage"] > 0 and chosen["dim"] >= 1 and chosen["selected_by"]
+
+
 def _maps_db(path, n_obj=6, views=4):
     from ris.featuredb import FeatureWriter
 

@@ -197,3 +197,13 @@ def test_whitening_decompositions_run_on_one_blas_thread(monkeypatch):
     choose_whitening(_l2(x), lab, lambda f, l: seen.append(blas_threads()) or _ns(f, l), folds=3,
                      grid={"shrinkage": (1.0,), "power": (0.5,), "dim": (8,)})
     assert seen and all(s <= {1} for s in seen), seen
+
+
+def test_a_dimension_above_the_features_is_recorded_as_the_size_fitted():
+    """`ris-train --whiten-dim 5000` on 1280-d features kept 1280 dimensions but wrote 5000 into
+    the head's metadata and report."""
+    x, lab = _objects(12, 4, 8, 3)
+    lines: list[str] = []
+    w = fit_whitening(_l2(x), lab, shrinkage=1.0, power=0.5, dim=5000, log=lines.append)
+    assert w["projection"].shape == (8, 8) and w["dim"] == 8
+    assert any("5000" in line and "8" in line for line in lines), lines
