@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from ris.errors import DatabaseError, RisError  # noqa: E402
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
-from ris.sidecars import atomic_write, ivfpq_path, remove_stale_temps  # noqa: E402
+from ris.sidecars import atomic_write, file_crc32, ivfpq_path, remove_stale_temps  # noqa: E402
 from ris.stored_rows import StoredRows  # noqa: E402  (re-ranking reads; re-exported)
 from ris.topk import METRICS, l2_normalize  # noqa: E402
 
@@ -234,6 +234,7 @@ class IvfPqIndex:
         remove_stale_temps(os.path.dirname(path) or ".", re.compile(name + r"\.[0-9a-f]{8}\.faiss\.[0-9a-f]{8}\.tmp"))
         with atomic_write(data) as tmp:
             _write_index(faiss, self.index, tmp)
+            self.data_crc32 = file_crc32(tmp)
         previous = _read_meta(path).get("data") if os.path.isfile(path) else None
         try:
             self._write_meta(path, data)
@@ -247,7 +248,8 @@ class IvfPqIndex:
                 "next_id": self.next_id, "removed_seen": self.removed_seen, "params": asdict(self.params),
                 "factory": self.params.factory(self.dim), "fingerprint": self.fingerprint,
                 "fingerprint_rows": self.fingerprint_rows, "source": saved_source(self.source),
-                "data": os.path.basename(data), "data_bytes": os.path.getsize(data)}
+                "data": os.path.basename(data), "data_bytes": os.path.getsize(data),
+                "data_crc32": getattr(self, "data_crc32", None)}
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(meta, indent=1))
 
@@ -268,11 +270,15 @@ class IvfPqIndex:
                 break
         if not os.path.isfile(data) or os.path.getsize(data) != meta.get("data_bytes"):
             raise DatabaseError(f"IVF-PQ index {path}: its data file {data} is missing or does not match")
+        crc = meta.get("data_crc32")  # (None: saved before checksums, or re-saved from one)
+        if crc is not None and file_crc32(data) != crc:
+            raise DatabaseError(f"IVF-PQ index {path} is damaged (its data file {data} does not match the checksum "
+                                "its metadata holds)")
         index = faiss.read_index(data, faiss.IO_FLAG_MMAP if mmap else 0)
         if index.ntotal != count or index.d != dim:
             raise DatabaseError(f"IVF-PQ index {path}: {data} holds {index.ntotal} vectors, its metadata says {count}")
         self = cls(index, dim, metric, params, mmap=mmap)
-        self.data_file = data  # a memory-mapped index's metadata is re-saved naming it
+        self.data_file, self.data_crc32 = data, crc  # a memory-mapped index's metadata is re-saved naming it
         self.source, self.next_id = meta.get("source"), int(meta.get("next_id", count))
         self.removed_seen = int(meta.get("removed_seen", 0))
         self.fingerprint, self.fingerprint_rows = meta.get("fingerprint"), int(meta.get("fingerprint_rows", 0))

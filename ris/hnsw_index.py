@@ -10,13 +10,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import zlib
 
 import numpy as np
 
 from ris.errors import DatabaseError, RisError
 from ris.index_state import RowMap, catch_up, saved_source, to_rows
-from ris.sidecars import atomic_write, ensure_room
+from ris.sidecars import atomic_write, ensure_room, file_crc32
 from ris.topk import METRICS
 
 _SPACES = {"euclidean": "l2", "cosine": "cosine"}
@@ -137,7 +136,7 @@ class HnswIndex:
             written = os.path.getsize(tmp)
             if written != need:  # hnswlib does not check its writes: a full disk leaves a short file
                 raise OSError(errno.ENOSPC, f"written short ({written} of {need} bytes; is the disk full?)", path)
-            crc = _file_crc(tmp)
+            crc = file_crc32(tmp)
         meta = {"format": 2, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
                 "db_rows": len(self), "next_id": self.next_id, "removed_seen": self.removed_seen,
                 "deleted": self.deleted, "params": self.params, "fingerprint": self.fingerprint,
@@ -157,7 +156,7 @@ class HnswIndex:
             raise DatabaseError(f"HNSW index {path} is missing")
         if meta.get("index_bytes") not in (None, os.path.getsize(path)):
             raise DatabaseError(f"HNSW index {path} does not match its sidecar {path}.json")
-        if "crc32" in meta and _file_crc(path) != meta["crc32"]:  # hnswlib follows damaged links into a crash
+        if "crc32" in meta and file_crc32(path) != meta["crc32"]:  # hnswlib follows damaged links into a crash
             raise DatabaseError(f"HNSW index {path} is damaged (its checksum does not match {path}.json)")
         self = cls.__new__(cls)
         try:
@@ -179,15 +178,6 @@ class HnswIndex:
             raise DatabaseError(f"HNSW index {path} does not match its sidecar {path}.json")
         self._setup()
         return self
-
-
-def _file_crc(path) -> int:
-    """CRC-32 of a file, read in 16 MiB blocks (about 1 s per GB): what ties an .hnsw to its .json."""
-    crc = 0
-    with open(path, "rb") as fh:
-        while block := fh.read(16 << 20):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def update_hnsw(index: HnswIndex, features, chunk_rows: int = 50000, progress: bool = False,

@@ -164,6 +164,25 @@ def test_damaged_metadata_is_named_and_the_index_rebuilt(tmp_path):
     assert len(open_ivfpq(db)) == 1500
 
 
+def test_a_data_file_damaged_in_place_is_refused_and_rebuilt(tmp_path):
+    """Bytes changed in the middle of the .faiss file (same size) were used: answers from damaged
+    codes, silently. The metadata holds the data file's CRC-32 now, as the HNSW index's does."""
+    from ris.errors import DatabaseError
+
+    x = clustered_vectors(1500, 16, seed=8)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    open_ivfpq(db)
+    data = tmp_path / json.loads((tmp_path / "feats.h5.ivfpq").read_text())["data"]
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(255 - b for b in raw[middle : middle + 64])
+    data.write_bytes(bytes(raw))
+    with pytest.raises(DatabaseError, match=r"feats\.h5\.ivfpq is damaged \(its data file .*checksum"):
+        IvfPqIndex.load(ivfpq_path(db))
+    index = open_ivfpq(db)  # asked for by name: built again
+    assert len(index) == 1500 and np.all(index.search(x[:5], 1)[1][:, 0] == np.arange(5))
+
+
 def test_missing_faiss_is_a_clear_error(monkeypatch):
     from ris.faiss_index import _faiss
 
