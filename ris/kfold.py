@@ -38,6 +38,7 @@ def train_folds(features_db: str | Path, output: str | Path, cfg: TrainConfig, f
 
 
 def _mean_std(values) -> dict[str, float]:
+    """Mean and population standard deviation (ddof 0) over the folds, as ris-eval --folds reports."""
     return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4)}
 
 
