@@ -31,7 +31,7 @@ from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_comm
 from ris.recipe_diff import recipe_refusal
 from ris.h5write import abandon_hdf5, close_hdf5, quiet_hdf5_failures, reserved_room
 from ris.imagefile import human_bytes
-from ris.sidecars import WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id
+from ris.sidecars import WriterLock, clear_sidecars, database_file, ensure_room, fsync_dir, fsync_file, new_content_id
 
 
 class FeatureWriter:
@@ -46,8 +46,8 @@ class FeatureWriter:
     def __init__(self, path: str | Path, attrs: dict[str, Any], feature_shape: tuple[int, ...],
                  label_names: list[str], append: bool = False, overwrite: bool = False, resume: bool = True,
                  lock: WriterLock | None = None, log: Callable[[str], None] | None = None, progress: bool = False):
-        self.path = Path(path)
-        self.tmp = partial_path(path)
+        self.path = database_file(path)  # through a symlink: the link keeps naming the database
+        self.tmp = partial_path(self.path)
         # every fingerprint key is written (None as 'none'): readers require them all
         self.attrs = {**{k: None for k in FINGERPRINT_KEYS}, **attrs, "feature_shape": list(feature_shape)}
         self.resumed_rows = 0

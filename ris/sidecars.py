@@ -282,6 +282,13 @@ def clear_sidecars(features_db: str | Path, keep_indexes: bool = False) -> list[
     return removed
 
 
+def database_file(path: str | Path) -> Path:
+    """The file a database name stands for: a symlink's target. Writers replace that file and lock
+    it, so the link keeps pointing at the database that changed, and every name shares one lock."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 # -- the writer's lock ---------------------------------------------------------------------------
 
 class DatabaseLocked(DatabaseError):
@@ -297,8 +304,8 @@ class WriterLock:
     """
 
     def __init__(self, features_db: str | Path):
-        self.db = Path(features_db)
-        self.path = Path(f"{features_db}{LOCK_SUFFIX}")
+        self.db = database_file(features_db)
+        self.path = Path(f"{self.db}{LOCK_SUFFIX}")
         self._fh = None
 
     def acquire(self) -> "WriterLock":

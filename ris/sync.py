@@ -30,7 +30,7 @@ import numpy as np
 from ris.errors import DatabaseError, RisError
 from ris.featuredb import ROW_DATASETS, FeatureDB, encode_names
 from ris.h5write import hdf5_writing
-from ris.sidecars import WriterLock, clear_sidecars, ensure_room, fsync_dir, fsync_file, new_content_id, rewrite_path
+from ris.sidecars import WriterLock, clear_sidecars, database_file, ensure_room, fsync_dir, fsync_file, new_content_id, rewrite_path
 
 HISTORY_LIMIT = 200  # content ids kept: an index older than that many changes is rebuilt
 _ROW_DATASETS = ("features", "image_ids", "labels", *ROW_DATASETS)
@@ -57,7 +57,7 @@ def remove_images(features_db: str | Path, image_ids: Iterable[str], lock: Write
     own = lock is None
     lock = WriterLock(features_db).acquire() if own else lock
     try:
-        return _rewrite_without(Path(features_db), set(image_ids))
+        return _rewrite_without(database_file(features_db), set(image_ids))
     finally:
         if own:
             lock.release()

@@ -346,3 +346,29 @@ def test_a_database_whose_images_were_all_removed_says_so(tmp_path, capsys):
     assert "0 images, no images" not in out and "None" not in out and "0 images" in out
     assert run("ris-eval", eval_main, ["--features-db", str(db)]) == 2
     assert "no images to evaluate (the database is empty" in capsys.readouterr().err
+
+
+def test_a_database_named_through_a_symlink_is_written_through_it(tmp_path, capsys):
+    """`--features-db link.h5` (link.h5 -> real.h5): a removal, --sync or --append replaced the link
+    by a new plain file and left real.h5, what every other name sees, with the old rows; the writer
+    lock was taken on link.h5.lock, so a writer using real.h5 was not kept out either."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=3, views=2, size=64)
+    real = tmp_path / "store" / "real.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(real), *FAST) == 0
+    link = tmp_path / "link.h5"
+    link.symlink_to(real)
+    s = remove_images(link, ["ukbench00001.jpg"])
+    assert s.rows == 5 and link.is_symlink()
+    with FeatureDB(real) as f:
+        assert len(f) == 5 and "ukbench00001.jpg" not in f.image_ids
+    shutil.copy(data / "ukbench00000.jpg", data / "new.jpg")
+    (data / "ukbench00003.jpg").unlink()
+    capsys.readouterr()
+    assert _extract("--sync", "--features-db", str(link), "--no-progress", "--json") == 0
+    assert link.is_symlink() and json.loads(capsys.readouterr().out)["added"] == 2  # new.jpg, ukbench00001.jpg
+    with FeatureDB(real) as f:
+        assert sorted(f.image_ids) == sorted(p.name for p in data.glob("*.jpg"))
+    with WriterLock(real).acquire():  # one lock, whichever name a writer uses
+        with pytest.raises(DatabaseLocked):
+            WriterLock(link).acquire()
+    assert not (tmp_path / "link.h5.lock").exists()
