@@ -16,11 +16,12 @@ if TYPE_CHECKING:
     from ris.metrics import RetrievalScores
 
 
-def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str = "test",
+def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str | None = None,
                 seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
                 rerank: str = "none", gallery: str = "all", queries: str | Path | None = None,
                 verify: dict[str, Any] | None = None, rotations: bool = False) -> dict[str, Any]:
-    """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all';
+    """Returns {'split': ..., 'raw': scores, 'head': scores?}. ``split``: 'test' or 'all' (None: 'test'
+    with a model, 'all' without, as ris-eval chooses);
     ``gallery``, ``queries``: the protocol (``ris.protocol``); ``verify``: geometric verification
     settings (``ris.verify``), applied after ``rerank``. ``rotations``: every scored query is
     described again from its image file (under the database's dataset folder) at 0/90/180/270
@@ -34,6 +35,7 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
     from ris.featuredb import FeatureDB
     from ris.modelio import load_model
 
+    split = split or ("test" if model else "all")
     if split not in ("test", "all"):
         raise RisError(f"--split must be test or all, not {split!r}")
     if rotations:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sys
+import threading
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Milvus Lite runs faiss in-process: see ris.faiss_index
 
@@ -57,16 +58,50 @@ def parse_target(arg: str) -> tuple[str, bool]:
     return os.path.abspath(arg), True
 
 
+_LITE_CLIENTS: dict[str, int] = {}  # Milvus Lite path -> clients of this process open on it
+_LITE_LOCK = threading.Lock()
+
+
 def connect(arg: str):
+    """A client of the server or Milvus Lite file ``arg`` names; give it back with ``disconnect``."""
     uri, lite = parse_target(arg)
     pm = _pymilvus()
     try:
-        return pm.MilvusClient(uri, token=os.environ.get("RIS_MILVUS_TOKEN", "")) if not lite \
+        client = pm.MilvusClient(uri, token=os.environ.get("RIS_MILVUS_TOKEN", "")) if not lite \
             else pm.MilvusClient(uri)
     except Exception as exc:  # noqa: BLE001 - pymilvus raises its own and grpc's errors
         where = f"Milvus Lite data {uri}" if lite else f"Milvus server {uri}"
         hint = " (is another process using it? Milvus Lite allows one)" if lite else ""
         raise RisError(f"cannot open {where}: {exc}{hint}") from None
+    if lite:
+        with _LITE_LOCK:
+            _LITE_CLIENTS[uri] = _LITE_CLIENTS.get(uri, 0) + 1
+    return client
+
+
+def disconnect(client, arg: str) -> None:
+    """Close ``client``; the last one of this process on a Milvus Lite file also stops the
+    in-process server pymilvus started for it, which holds the file's lock (another process can
+    open it then, not only after this one exits)."""
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - closing what may be broken already
+        pass
+    uri, lite = parse_target(arg)
+    if not lite:
+        return
+    with _LITE_LOCK:
+        left = _LITE_CLIENTS.get(uri, 0) - 1
+        if left > 0:
+            _LITE_CLIENTS[uri] = left
+            return
+        _LITE_CLIENTS.pop(uri, None)
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
+    except Exception:  # noqa: BLE001 - another Milvus Lite version: the lock goes at exit, as before
+        pass
 
 
 def collection_name(source: dict | None, vectors_path: str) -> str:
@@ -189,10 +224,9 @@ class MilvusIndex:
         return to_rows(dist, labels, self.rowmap, found)
 
     def close(self) -> None:
-        try:
-            self.client.close()
-        except Exception:  # noqa: BLE001
-            pass
+        client, self.client = self.client, None
+        if client is not None:
+            disconnect(client, self.where.split(":", 1)[1])
 
 
 def open_milvus(req):
@@ -220,9 +254,10 @@ def open_milvus(req):
 
     try:
         index = open_saved(req, f"{where} collection {name}", load, build, "milvus", exists=exists)
-    except RisError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - server and protocol errors: one line, not a traceback
+    except BaseException as exc:
+        disconnect(client, req.arg)
+        if isinstance(exc, RisError) or not isinstance(exc, Exception):
+            raise
         message = getattr(exc, "message", None)  # pymilvus' MilvusException: its server's own words
         raise RisError(f"{where}: {message if isinstance(message, str) and message else f'{type(exc).__name__}: {exc}'}"
                        ) from None

@@ -85,6 +85,9 @@ class SearchEngine:
         rows = self.__dict__.pop("_rows", None)
         if rows is not None:
             rows.close()
+        index, self.index = self.__dict__.get("index"), None
+        if hasattr(index, "close"):  # a Milvus client: Milvus Lite locks its file until closed
+            index.close()
         for f in self._files:
             f.close()
         self._files.clear()
@@ -172,6 +175,7 @@ class SearchEngine:
         """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees)."""
         from ris.images import load_image
 
+        self._check_open()
         return self._describe(load_image(image_path, self.extractor.max_size, self.extractor.aspect),
                               lambda side: load_image(image_path, side))
 
@@ -199,12 +203,17 @@ class SearchEngine:
             rows = self.__dict__["_rows"] = StoredRows(self.vectors)
         return rows
 
+    def _check_open(self) -> None:
+        if self.__dict__.get("closed"):
+            from ris.errors import DatabaseError
+
+            raise DatabaseError(f"{self.db.path}: this SearchEngine is closed; open the database again")
+
     def _usable(self, k) -> int:
         """``k`` as a count of results, and the engine still open; else a RisError saying which."""
-        from ris.errors import BadChoice, DatabaseError
+        from ris.errors import BadChoice
 
-        if self.__dict__.get("closed"):
-            raise DatabaseError(f"{self.db.path}: this SearchEngine is closed; open the database again")
+        self._check_open()
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise BadChoice(f"k must be a whole number of results, 1 or more, not {k!r}")
         return int(k)
@@ -230,9 +239,14 @@ class SearchEngine:
         and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match.
         ``rotations``: this query's turned copies too, or not (None: the engine's setting)."""
         from ris.aspect import resize_input
+        from ris.errors import BadImage
         from ris.images import resize_square
 
-        rgb = np.asarray(rgb, dtype=np.uint8)
+        self._check_open()
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+            raise BadImage(f"a query array must be an RGB image, (height, width, 3) uint8 values 0-255, not "
+                           f"{rgb.shape} {rgb.dtype} (floats in 0-1: (x * 255).round().astype(np.uint8))")
         return self._describe(resize_input(rgb, self.extractor.max_size, self.extractor.aspect),
                               lambda side: resize_square(rgb, side), rotations)
 
@@ -243,9 +257,12 @@ class SearchEngine:
 
     def row_vector(self, row: int) -> np.ndarray:
         """(1, D) search vector of database row ``row`` (its head embedding with a model)."""
+        from ris.errors import BadChoice
+
+        self._check_open()
         row = int(row)
         if not 0 <= row < len(self.image_ids):
-            raise IndexError(f"row {row} is not in the database (0..{len(self.image_ids) - 1})")
+            raise BadChoice(f"row {row} is not in the database (0..{len(self.image_ids) - 1})")
         return np.asarray(self.vectors[row : row + 1], dtype=np.float32)
 
     def reranker_for(self, method: str):
@@ -335,7 +352,7 @@ class SearchEngine:
             raise DatabaseError(f"{self.db.path}: the database was rebuilt with different features; restart")
         new = object.__new__(type(self))
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_rerankers", "_rows", "closed")})
-        new.db, new._files = db, []  # its own files: closing one engine never closes the other's
+        new.db, new._files, new.index = db, [], None  # its own files and index: closing one engine never closes the other's
         try:
             new.root = Path(dataset_root or db.dataset_root or ".")
             new.vectors, vectors_path, source = new._database_vectors(model)

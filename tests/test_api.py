@@ -122,3 +122,55 @@ def test_mistakes_a_caller_can_make_are_ris_errors_naming_the_value(tmp_path):
         ris.query(tmp_path / "f.h5", query, rerank="nah")
     with pytest.raises(ris.RisError, match="'bogus'"):
         ris.open_database(tmp_path / "f.h5", index="bogus")
+
+
+def test_score_without_a_model_scores_every_image_as_ris_eval_does(tmp_path):
+    """ris.score(db) scored a random 20% split of the objects, ris-eval (same database, no model)
+    all images: the facade and the command gave different N-S for the same call."""
+    import json
+
+    import ris
+    from ris.cli.eval import main as eval_main
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(80, 8, seed=3), labels=[f"o{i // 4}" for i in range(80)])
+    facade = ris.score(db)
+    assert facade["split"] == "all" and facade["raw"]["queries"] == 80
+
+
+def test_an_array_query_must_be_an_rgb_uint8_image(tmp_path):
+    """engine.search(float array in 0..1) cast it to uint8 (all zeros) and answered for a black
+    image; grey and RGBA arrays raised TensorFlow's TypeError, an empty one OpenCV's error."""
+    import numpy as np
+
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    with ris.open_database(tmp_path / "f.h5") as engine:
+        for bad, says in ((np.random.rand(50, 50, 3), "float64"), (np.zeros((50, 50), np.uint8), r"\(50, 50\)"),
+                          (np.zeros((50, 50, 4), np.uint8), r"\(50, 50, 4\)"), (np.zeros((0, 5, 3), np.uint8), r"\(0, 5, 3\)")):
+            with pytest.raises(ris.RisError, match=says):
+                engine.search(bad, k=2)
+        assert len(engine.search(np.zeros((50, 50, 3), np.uint8), k=2)) == 2
+
+
+def test_every_call_on_a_closed_engine_is_a_ris_error(tmp_path):
+    """README: a closed engine is a RisError; only query() said so (search, search_row and
+    embed_query raised h5py's RuntimeError/OSError), and a row out of range was an IndexError."""
+    import numpy as np
+
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    engine = ris.open_database(tmp_path / "f.h5")
+    for row in (-1, 4, 99):
+        with pytest.raises(ris.RisError, match=f"row {row}"):
+            engine.search_row(row, k=2)
+    engine.close()
+    for call in (lambda: engine.search(photos / "ukbench00001.jpg", k=2), lambda: engine.search_row(1, k=2),
+                 lambda: engine.embed_query(photos / "ukbench00001.jpg"), lambda: engine.row_vector(1),
+                 lambda: engine.search(np.zeros((8, 8, 3), np.uint8), k=2)):
+        with pytest.raises(ris.RisError, match="closed"):
+            call()

@@ -131,3 +131,26 @@ def test_milvus_lite_that_cannot_write_says_so_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert lines[-1] == f"ris-index: error: {target}: [Errno 27] File too large", lines
     assert len(lines) <= 2, lines  # the 'building ...' line and the error
+
+
+def test_closing_an_engine_lets_another_process_open_its_milvus_lite_file(tmp_path):
+    """SearchEngine.close() (or its with-block) left the Milvus Lite client open: the .db stayed
+    locked until the process ended, so a ris-search beside it failed 'is another process using it?'."""
+    import subprocess
+    import sys
+
+    import ris
+    from ris.testing import make_tiny_dataset
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    ris.build_database(photos, db, model="vgg16", weights="none", input_size=32, progress=False)
+    target = f"milvus:{tmp_path / 'm.db'}"
+    with ris.open_database(db, index=target) as engine:
+        assert engine.search_row(3, k=1)[0].row in (0, 1, 2)
+    code = ("from ris.featuredb import FeatureDB; from ris.index import open_search_index\n"
+            "from ris.index_state import source_of\n"
+            f"f = FeatureDB({str(db)!r}); i = open_search_index({str(db)!r}, f.features, 'euclidean', kind={target!r}, "
+            "source=source_of(f)); print(len(i)); i.close()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "4", done.stderr[-2000:]

@@ -132,12 +132,15 @@ def _delete_saved(vectors_path: str, kind: str, source: dict) -> None:
     elif kind == "ivfpq" and os.path.isfile(ivfpq_path(vectors_path)):
         os.unlink(ivfpq_path(vectors_path))  # its data file is dropped by the next save
     elif kind.startswith("milvus:"):
-        from ris.milvus_index import collection_name, connect
+        from ris.milvus_index import collection_name, connect, disconnect
 
         client = connect(kind.partition(":")[2])
-        name = collection_name(source, vectors_path)
-        if client.has_collection(name):
-            client.drop_collection(name)
+        try:
+            name = collection_name(source, vectors_path)
+            if client.has_collection(name):
+                client.drop_collection(name)
+        finally:
+            disconnect(client, kind.partition(":")[2])
 
 
 def _remove(args) -> int:
