@@ -131,6 +131,8 @@ def open_saved(req: IndexRequest, path: str, load: Callable[[str], object], buil
                 changed = bool(added or removed)
                 if len(index) != req.rows:
                     reason = f"it holds {len(index)} vectors, the database {req.rows} rows"
+                elif hasattr(index, "disagrees"):  # a collection kept elsewhere: spot-check its rows
+                    reason = index.disagrees(req.source, req.rows)
         except (DatabaseError, RuntimeError) as exc:
             reason = str(exc)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # metadata of the wrong shape

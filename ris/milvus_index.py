@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Milvus Lite runs faiss in
 import numpy as np  # noqa: E402
 
 from ris.errors import DatabaseError, RisError  # noqa: E402
-from ris.index_state import RowMap, catch_up, saved_source, to_rows  # noqa: E402
+from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
 from ris.topk import METRICS  # noqa: E402
 
 STATE_KEY = "ris_state"
@@ -180,6 +180,26 @@ class MilvusIndex:
         self.client.flush(self.name)
         self.client.alter_collection_properties(self.name, properties={STATE_KEY: json.dumps(state)})
         self.fresh = False
+
+    def disagrees(self, source: dict | None, rows: int, probe: int = 16) -> str | None:
+        """Why the collection's rows are not the database's although its count agrees (None if
+        they are): the newest ids and a spread of others must be there, the latest removed ones
+        gone. Milvus Lite falls back to an older save of its data when the last one is damaged,
+        while the ris state, kept elsewhere, says the newer one: counts can then agree by chance."""
+        ids = ids_of(source, rows)
+        if not len(ids):
+            return None
+        spread = ids[np.unique(np.linspace(0, len(ids) - 1, probe).astype(np.int64))]
+        expected = sorted({int(i) for i in np.concatenate([ids[-probe:], spread])})
+        removed = [] if source is None or source.get("removed") is None else \
+            sorted({int(i) for i in np.asarray(source["removed"], np.int64)[-probe:]})
+        found = {int(r["id"]) for r in self.client.query(self.name, filter=f"id in {expected + removed}",
+                                                         output_fields=["id"])}
+        missing, stale = sorted(set(expected) - found), sorted(found & set(removed))
+        if missing or stale:
+            return (f"its rows are not the database's (ids {missing[:5]} missing, removed ids {stale[:5]} still "
+                    f"there): was the collection restored or rolled back?")
+        return None
 
     def __len__(self) -> int:
         self.client.load_collection(self.name)

@@ -81,6 +81,27 @@ def test_follows_removals_and_appends_without_rebuilding(target, labelled_db, mo
     index.close()
 
 
+def test_a_collection_whose_rows_differ_from_its_state_is_rebuilt_even_when_the_count_agrees(target, labelled_db):
+    """Milvus Lite that falls back to its previous manifest (a damaged last save) keeps the ris
+    state of the newer one: after a sync that removed two images and added two, the collection
+    held the two removed ones and lacked the two new ones, the count agreed, and searches silently
+    returned fewer results and never the new images. Simulated: rows swapped behind ris' back."""
+    db, x = labelled_db
+    index = open_milvus(db, target)
+    with FeatureDB(db) as f:
+        last = int(f.row_ids[-1])
+    index.client.delete(index.name, ids=[last, last - 1])  # the newest images are gone ...
+    index.client.insert(index.name, [{"id": 10**9 + i, "path": "old.jpg", "label": "", "vector": x[i].tolist()}
+                                     for i in range(2)])  # ... and as many stale ones are there
+    index.client.flush(index.name)
+    index.close()
+    index = open_milvus(db, target)  # rebuilt: it finds the newest row again
+    assert len(index) == 1500 and index.search(x[-1:], 1)[1][0, 0] == 1499
+    found = index.client.query(index.name, filter=f"id >= {10**9}", output_fields=["id"])
+    assert found == []
+    index.close()
+
+
 def test_a_half_built_collection_is_rebuilt(target, labelled_db):
     from ris.milvus_index import MilvusIndex, collection_name, connect
 
