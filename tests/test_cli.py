@@ -225,6 +225,27 @@ def test_search_with_a_database_image_finds_it_first(tiny, db, capsys):
     assert top["image_id"] == image.name and top["distance"] < 1e-3
 
 
+def test_search_json_names_failed_queries_and_what_its_numbers_are(tiny, db, tmp_path, capsys):
+    """--json printed [] for one query that failed (an object when it worked), left failed queries
+    out of a list without a word, and gave re-ranking scores under "distance" unlabelled."""
+    _, data, query = tiny
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad, "--features-db", db, "--json")
+    r = json.loads(out)
+    assert code == 2 and r["query"] == str(bad) and "notes.jpg" in r["error"] and "results" not in r
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, bad, "--features-db", db, "-k", "2",
+                         "--rerank", "qe", "--json")
+    first, second = json.loads(out)
+    assert code == 1 and len(first["results"]) == 2 and first["score"] == "re-ranking score (smaller = better)"
+    assert second["query"] == str(bad) and second["error"]
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "2",
+                         "--rerank", "qe")
+    assert code == 0 and "score" in out.splitlines()[1] and "distance" not in out.splitlines()[1]
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "2", "--json")
+    assert json.loads(out)["score"] == "distance"
+
+
 def test_search_refuses_features_from_another_backbone(tiny, model, tmp_path, capsys):
     _, data, query = tiny
     other = tmp_path / "other.h5"
@@ -710,7 +731,8 @@ def test_exit_codes_of_search_follow_the_rule(tiny, db, tmp_path, capsys):
                          "-k", "2", "--json")
     assert code == EXIT_PARTIAL == 1 and str(bad["corrupt"]) in err
     results = json.loads(out)
-    assert [r["query"] for r in results] == [str(query)] and len(results[0]["results"]) == 2
+    assert [r["query"] for r in results] == [str(query), str(bad["corrupt"])] and len(results[0]["results"]) == 2
+    assert "results" not in results[1] and "corrupt.jpg" in results[1]["error"]  # in its place, saying why
     code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad["corrupt"], bad["zero_byte"],
                          "--features-db", db)
     assert code == EXIT_ERROR == 2

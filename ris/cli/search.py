@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
         verifier = Verifier.for_database(engine.db, args.features_db, dataset_root=engine.root, k=args.verify,
                                          **args.verify_settings)
-    out_json = []
+    out_json: list[dict] = []
     failed = 0
+    # what each result's "distance" holds: re-ranking ranks by its own score (smaller = better), as ris-serve says
+    score_kind = "distance" if engine.reranker is None else "re-ranking score (smaller = better)"
     for n, image in enumerate(args.image, 1):
         try:
             hits = engine.query(image, max(args.top_k, args.verify))
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         except BadImage as exc:
             print(f"ris-search: error: {exc}", file=sys.stderr)
             failed += 1
+            out_json.append({"query": str(image), "error": str(exc)})  # in its place, as scripts expect
             continue
         montage_path = None
         if montages[n - 1] is not None:
@@ -92,16 +95,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.show:
                 _show(rgb)
         if args.json:
-            out_json.append({"query": str(image), "montage": montage_path, "results": hits_to_dicts(hits)})
+            out_json.append({"query": str(image), "montage": montage_path, "score": score_kind,
+                             "results": hits_to_dicts(hits)})
             continue
         print(f"query: {image}")
-        print(f"{'rank':>4}  {'distance':>9}  path")
+        print(f"{'rank':>4}  {'distance' if engine.reranker is None else 'score':>9}  path")
         for h in hits:
             print(f"{h.rank:>4}  {h.distance:>9.4f}  {h.path}")
         if montage_path:
             print(f"montage: {montage_path}")
     if args.json:
-        print_json(out_json if len(args.image) > 1 else (out_json[0] if out_json else []))
+        print_json(out_json if len(args.image) > 1 else out_json[0])
     if failed == len(args.image):
         return EXIT_ERROR  # nothing done
     return EXIT_PARTIAL if failed else EXIT_OK
