@@ -18,6 +18,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
+if not os.environ.get("RIS_VERBOSE"):  # OpenCV's own warnings ('[ WARN:0@...] grfmt_tiff ...') would come
+    try:  # before ris' one line naming the file; RIS_VERBOSE=1 shows them
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # an OpenCV build without the logging module
+        pass
+
 from ris.errors import BadImage, RisError
 from ris.imagefile import MAX_FILE_BYTES, jpeg_problem, open_head, quick_size, read_file, sniff_format
 

@@ -59,13 +59,26 @@ def make_montage(query_path: str | Path, hits, columns: int = 5, query_label: st
     return canvas
 
 
+PICTURE_FORMATS = {".png": (".png", []), ".jpg": (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 92]),
+                   ".jpeg": (".jpg", [cv2.IMWRITE_JPEG_QUALITY, 92]), ".webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 92])}
+
+
+def picture_format_problem(path: str | Path) -> str | None:
+    """Why a montage cannot be written under this name (None if it can): the name says the format."""
+    if Path(path).suffix.lower() in PICTURE_FORMATS:
+        return None
+    return f"{path}: name a picture file ending in {', '.join(PICTURE_FORMATS)} (the name says its format)"
+
+
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
-    """Atomic PNG write (no half-written picture under the final name)."""
+    """Atomic write of the picture (no half-written picture under the final name), encoded as its
+    name says: PNG, JPEG or WebP (a viewer or an upload goes by the name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    ext, params = PICTURE_FORMATS.get(path.suffix.lower(), PICTURE_FORMATS[".png"])
+    ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
+        raise OSError(f"{path}: {ext[1:].upper()} encoding failed")
     with atomic_write(path) as tmp:  # a failed write leaves nothing, and names the file
         tmp.write_bytes(buf.tobytes())
     return path

@@ -246,6 +246,31 @@ def test_search_json_names_failed_queries_and_what_its_numbers_are(tiny, db, tmp
     assert json.loads(out)["score"] == "distance"
 
 
+def test_a_montage_name_without_a_picture_format_is_refused_before_searching(tiny, db, tmp_path, capsys):
+    _, _, query = tiny
+    for name in ("res.txt", "noext"):
+        code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db,
+                             "--output", tmp_path / name)
+        assert code == 2 and name in err and ".png" in err and ".jpg" in err and not (tmp_path / name).exists()
+        assert "rank" not in out
+
+
+def test_a_query_opencv_warns_about_is_one_line(tiny, db, tmp_path, capsys):
+    """A 32-bit float TIFF query printed OpenCV's '[ WARN:0@9.9] global grfmt_tiff.cpp ...' line
+    before ris' own one-line refusal or answer."""
+    import subprocess
+    import sys
+
+    tif = tmp_path / "float.tif"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).random((40, 40), np.float32), mode="F").save(tif)
+    done = subprocess.run([sys.executable, "-c", "from ris.cli.search import entry; entry()", "--image", str(tif),
+                           "--features-db", str(db), "-k", "2"], capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "float.tif" in lines[0], done.stderr
+
+
 def test_search_refuses_features_from_another_backbone(tiny, model, tmp_path, capsys):
     _, data, query = tiny
     other = tmp_path / "other.h5"

@@ -24,3 +24,16 @@ def test_a_png_that_cannot_be_written_leaves_nothing_and_names_the_file(tmp_path
     monkeypatch.undo()
     assert write_png(tmp_path / "m.png", np.zeros((8, 8, 3), np.uint8)).read_bytes()[:4] == b"\x89PNG"
     assert os.listdir(tmp_path) == ["m.png"]
+
+
+def test_the_picture_is_encoded_as_its_name_says():
+    """--output res.jpg wrote PNG bytes under a .jpg name (viewers and uploads go by the name)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        rgb = np.zeros((8, 8, 3), np.uint8)
+        assert write_png(Path(d) / "r.jpg", rgb).read_bytes()[:3] == b"\xff\xd8\xff"
+        assert write_png(Path(d) / "r.JPEG", rgb).read_bytes()[:3] == b"\xff\xd8\xff"
+        assert write_png(Path(d) / "r.webp", rgb).read_bytes()[8:12] == b"WEBP"
+        assert write_png(Path(d) / "r.png", rgb).read_bytes()[:4] == b"\x89PNG"

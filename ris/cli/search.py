@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     p.add_argument("--model", default=None, help="trained head (.keras from ris-train)")
     p.add_argument("-k", "--top-k", type=positive_int, default=12, help="number of results")
-    p.add_argument("--output", default=None, help="montage PNG path (query first, then the results); with "
+    p.add_argument("--output", default=None, help="montage picture (query first, then the results): .png, .jpg or .webp, encoded as named; with "
                    "several queries, a -N suffix is added")
     p.add_argument("--index", default="auto", type=index_arg, metavar=index_metavar(), help=index_help())
     p.add_argument("--rerank", default="none", choices=list(RERANKERS),
@@ -125,6 +125,10 @@ def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
     out = Path(output or "results.png")
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{n}{out.suffix}")
                                             for n in range(1, len(images) + 1)]
+    from ris.montage import picture_format_problem
+
+    if output and picture_format_problem(output):
+        raise RisError(picture_format_problem(output))
     for path in paths:
         try:
             mode = os.stat(path).st_mode
