@@ -65,6 +65,11 @@ _LITE_LOCK = threading.Lock()
 def connect(arg: str):
     """A client of the server or Milvus Lite file ``arg`` names; give it back with ``disconnect``."""
     uri, lite = parse_target(arg)
+    if lite and os.path.lexists(uri) and not os.path.isdir(uri):
+        raise RisError(f"cannot open Milvus Lite data {uri}: it is not a folder (Milvus Lite keeps a collection in a "
+                       "folder named *.db); name a new one or an existing Milvus Lite folder")
+    if lite and not os.path.isdir(os.path.dirname(uri)):
+        raise RisError(f"cannot open Milvus Lite data {uri}: its folder {os.path.dirname(uri)} does not exist")
     pm = _pymilvus()
     try:
         client = pm.MilvusClient(uri, token=os.environ.get("RIS_MILVUS_TOKEN", "")) if not lite \

@@ -175,3 +175,15 @@ def test_closing_an_engine_lets_another_process_open_its_milvus_lite_file(tmp_pa
             "source=source_of(f)); print(len(i)); i.close()\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "4", done.stderr[-2000:]
+
+
+def test_milvus_lite_paths_that_cannot_be_opened_say_why(tmp_path):
+    """Every failure to open said 'is another process using it? Milvus Lite allows one', also for
+    a path whose folder does not exist or that is a plain file."""
+    from ris.milvus_index import connect
+
+    (tmp_path / "plain.db").write_text("")
+    for target, says in ((tmp_path / "plain.db", "not a folder"), (tmp_path / "no" / "dir" / "x.db", "does not exist")):
+        with pytest.raises(RisError, match=says) as caught:
+            connect(str(target))
+        assert "another process" not in str(caught.value)
