@@ -352,6 +352,8 @@ def _not_read_note(other: Sequence[str], hidden: Sequence[str]) -> str:
 def _finite_rows(ids: list[str], feats: np.ndarray,
                  failures: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
     """The rows whose features are all finite; the others join ``failures`` (they would rank nowhere)."""
+    if not len(ids):  # a batch whose images all failed (the Ray engine sends those too)
+        return ids, feats
     ok = np.isfinite(feats.reshape(len(ids), -1)).all(axis=1)
     if ok.all():
         return ids, feats

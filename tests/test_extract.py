@@ -202,3 +202,13 @@ def test_an_append_with_another_recipe_is_refused_before_the_network_is_built(tm
     with pytest.raises(DatabaseError, match="made differently"):
         extract_features(data, tmp_path / "g.h5", ExtractConfig(model="mobilenet_v2", weights="none"),
                          ExtractOptions(**quiet))
+
+
+def test_a_batch_whose_images_all_failed_checks_no_rows():
+    """--engine ray with a batch (--batch-size) of damaged images only: 'cannot reshape array of size
+    0 into shape (0,newaxis)', and every resume failed at the same batch."""
+    from ris.extract import _finite_rows
+
+    failures: list = []
+    ids, feats = _finite_rows([], np.zeros((0, 1280), np.float32), failures)
+    assert ids == [] and feats.shape == (0, 1280) and failures == []
