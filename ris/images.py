@@ -367,6 +367,16 @@ def decode_image(path: str | Path, target: int | None = None, max_bytes: int | N
     return _to_rgb(*_decode_native(Path(path), target, max_bytes))
 
 
+def checked_rgb(rgb) -> np.ndarray:
+    """An already decoded image as ris takes it, (height, width, 3) uint8; ``BadImage`` otherwise
+    (a float image in 0-1 cast to uint8 would be searched as black)."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        raise BadImage(f"a query array must be an RGB image, (height, width, 3) uint8 values 0-255, not "
+                       f"{rgb.shape} {rgb.dtype} (floats in 0-1: (x * 255).round().astype(np.uint8))")
+    return rgb
+
+
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     """Squash to size x size, as Keras' ``load_img(target_size=...)`` does."""
     if img.shape[0] == size and img.shape[1] == size:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from ris.errors import BadChoice, BadImage, DatabaseError
 from ris.featuredb import RowLabels
 from ris.rotations import check_rerank
 
@@ -205,14 +206,10 @@ class SearchEngine:
 
     def _check_open(self) -> None:
         if self.__dict__.get("closed"):
-            from ris.errors import DatabaseError
-
             raise DatabaseError(f"{self.db.path}: this SearchEngine is closed; open the database again")
 
     def _usable(self, k) -> int:
         """``k`` as a count of results, and the engine still open; else a RisError saying which."""
-        from ris.errors import BadChoice
-
         self._check_open()
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise BadChoice(f"k must be a whole number of results, 1 or more, not {k!r}")
@@ -223,8 +220,6 @@ class SearchEngine:
         k = self._usable(k)
         vec = self.embed_query(image_path)
         if not np.isfinite(vec).all():
-            from ris.errors import BadImage
-
             raise BadImage(f"{image_path}: its features are not finite (NaN/inf); it cannot be ranked")
         dist, idx = self._search_vectors(vec, k, self.reranker)
         keep = [(float(d), int(i)) for d, i in zip(dist[0], idx[0]) if i >= 0 and np.isfinite(d)]
@@ -239,14 +234,10 @@ class SearchEngine:
         and never writes them to disk. Decode JPEGs with ``target=self.query_size`` to match.
         ``rotations``: this query's turned copies too, or not (None: the engine's setting)."""
         from ris.aspect import resize_input
-        from ris.errors import BadImage
-        from ris.images import resize_square
+        from ris.images import checked_rgb, resize_square
 
         self._check_open()
-        rgb = np.asarray(rgb)
-        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
-            raise BadImage(f"a query array must be an RGB image, (height, width, 3) uint8 values 0-255, not "
-                           f"{rgb.shape} {rgb.dtype} (floats in 0-1: (x * 255).round().astype(np.uint8))")
+        rgb = checked_rgb(rgb)
         return self._describe(resize_input(rgb, self.extractor.max_size, self.extractor.aspect),
                               lambda side: resize_square(rgb, side), rotations)
 
@@ -257,8 +248,6 @@ class SearchEngine:
 
     def row_vector(self, row: int) -> np.ndarray:
         """(1, D) search vector of database row ``row`` (its head embedding with a model)."""
-        from ris.errors import BadChoice
-
         self._check_open()
         row = int(row)
         if not 0 <= row < len(self.image_ids):
@@ -299,8 +288,6 @@ class SearchEngine:
         ``BadImage``: no distance to it means anything."""
         k = self._usable(k)
         if not np.isfinite(vec).all():
-            from ris.errors import BadImage
-
             raise BadImage("the query's features are not finite (NaN/inf); it cannot be ranked")
         if len(np.atleast_2d(vec)) > 1:  # turned copies, asked for by this query
             check_rerank(rerank)
@@ -341,7 +328,6 @@ class SearchEngine:
         """A new engine over the database file as it is now (after ``ris-extract --append``),
         sharing this one's backbone and head, the slow parts to load; a saved HNSW index follows
         as in ``__init__``. ``model``, ``index``, ``dataset_root``: as this engine was made with."""
-        from ris.errors import DatabaseError
         from ris.featuredb import FeatureDB
         from ris.index import open_search_index
         from ris.index_state import source_of
