@@ -17,11 +17,10 @@ The dataset folder must be readable at the same path on every node (a shared fil
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
-import socket
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,21 +32,10 @@ import numpy as np
 from ris.errors import Interrupted, RisError
 from ris.extract import DEFAULT_BATCH, ExtractSummary
 from ris.extractor import ExtractConfig
+from ris.ray_cluster import (RayOptions, cluster_now, connect, disconnect, get, node_name, plan_resources, reason,
+                             runtime_env, starved)
 
-ENV_FOR_WORKERS = ("KERAS_BACKEND", "RIS_MAX_FILE_BYTES", "RIS_DECODE_BUDGET")
-
-
-@dataclass
-class RayOptions:
-    """How the run uses the cluster. Defaults fit any cluster; tests and benchmarks pin them."""
-
-    address: str | None = None  # None: start a local cluster; 'auto' or 'HOST:PORT': join one
-    actors: int | None = None  # embedding actors; None: one per GPU, or 1 on a CPU-only cluster
-    actor_cpus: float | None = None  # logical CPUs each actor holds; None: see _actor_resources
-    decode_cpus: float = 1.0  # logical CPUs per decode task (a decode is single-threaded)
-    in_flight: int | None = None  # chunks decoded or embedded ahead of the writer; None: 2 per actor + CPUs
-    max_restarts: int = 4  # restarts of each actor (a killed worker process) before the run fails
-    num_cpus: int | None = None  # a local cluster's CPUs (None: all); ignored when joining one
+__all__ = ["RayOptions", "RaySummary", "RunState", "extract_on_ray"]
 
 
 @dataclass
@@ -88,33 +76,51 @@ class _Embedder:
         return {"attrs": self.extractor.attrs(), "shape": tuple(self.extractor.output_shape),
                 "max_size": int(self.extractor.max_size), "aspect": self.extractor.aspect, "pid": os.getpid()}
 
-    def embed(self, decoded: tuple) -> tuple[np.ndarray, list[str | None], str, float, int, float]:
-        """(features of the decoded images, the decode errors, the decoding node, its seconds, this pid,
-        these seconds): the timings tell a decode-bound run from a network-bound one."""
+    def embed(self, decoded: tuple) -> tuple:
+        """(features of the decoded images, the decode errors, the paths the node could not see, the
+        decoding node, its id, its seconds, this pid, these seconds): the timings tell a decode-bound
+        run from a network-bound one."""
         t0 = time.perf_counter()
-        images, errors, node, decode_s = decoded
+        images, errors, unseen, node, node_id, decode_s = decoded
         if len(images):
             feats = self.extractor.embed_async(images, pad_to=self.batch_size)()
         else:
             feats = np.zeros((0, *self.extractor.output_shape), np.float32)
-        return feats, errors, node, decode_s, os.getpid(), time.perf_counter() - t0
+        return feats, errors, unseen, node, node_id, decode_s, os.getpid(), time.perf_counter() - t0
 
 
-def _decode(root: str, rel_paths: list[str], size: int,
-            aspect: str = "squash") -> tuple[np.ndarray | list[np.ndarray], list[str | None], str, float]:
-    """A decode task: the local engine's chunk decoder, plus the node it ran on and its seconds."""
+def _decode(root: str, rel_paths: list[str], size: int, aspect: str = "squash") -> tuple:
+    """A decode task: the local engine's chunk decoder, plus the paths this node could not see, the
+    node (as a user finds it, and its id) and the task's seconds."""
     import cv2
     import ray
 
-    from ris.decoding import _decode_chunk
-
     cv2.setNumThreads(1)  # parallelism comes from the tasks
     if not os.path.isdir(root):  # else every image would be listed as damaged, and never retried
-        raise RisError(f"{root}: the dataset folder is not there on node {socket.gethostname()}; every node "
+        raise RisError(f"{root}: the dataset folder is not there on {node_name()}; every node "
                        f"must see it at the same path (a shared file system)")
+    images, errors, unseen, seconds = _decode_here(root, rel_paths, size, aspect)
+    return images, errors, unseen, node_name(), ray.get_runtime_context().get_node_id(), seconds
+
+
+def _decode_here(root: str, rel_paths: list[str], size: int, aspect: str = "squash") -> tuple:
+    """(images, error or None per path, the failed paths that are not there at all, seconds)."""
+    from ris.decoding import _decode_chunk
+
     t0 = time.perf_counter()
     images, errors = _decode_chunk(root, rel_paths, size, aspect)
-    return images, errors, ray.get_runtime_context().get_node_id(), time.perf_counter() - t0
+    unseen = [rel for rel, err in zip(rel_paths, errors) if err is not None and not os.path.lexists(os.path.join(root, rel))]
+    return images, errors, unseen, time.perf_counter() - t0
+
+
+def refuse_unseen(unseen: list[str], root: Path, node: str) -> None:
+    """Stop the run where a node could not see a file this machine sees: it is not damaged, and
+    recorded as failed it would never be retried. One gone here too was deleted during the run:
+    listed as failed, as the local engine lists it."""
+    for rel in unseen:
+        if os.path.lexists(root / rel):
+            raise RisError(f"{root / rel}: {node} cannot see this file, which this machine sees; every node must "
+                           "see the dataset folder at the same path (a shared file system)")
 
 
 def extract_on_ray(
@@ -161,26 +167,42 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     features_db.parent.mkdir(parents=True, exist_ok=True)
     lock = WriterLock(features_db).acquire()  # before the slow cluster start and model builds
     started = False
+    # SIGTERM is a Ctrl-C from here on, also while Ray starts (ray.init sets its own handler, whose
+    # SystemExit ended the command as 'ray: SystemExit: 1', exit 2)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
     try:
         refuse_another_recipe(features_db, config, append, overwrite)  # before the cluster and the models start
-        started = _connect(options)
+        started = connect(options)
+        if main:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        res = ray.cluster_resources()
+        n_actors, per_actor, decode_cpus = plan_resources(options, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
+
+        def why_stuck() -> str | None:
+            return starved(*cluster_now(), actors=n_actors, per_actor=per_actor, decode_cpus=decode_cpus)
+
         # SPREAD: decoding uses every node's CPUs and reads, also those of a node that joins mid-run
-        decode = ray.remote(_decode).options(num_cpus=options.decode_cpus, runtime_env=_runtime_env(), max_retries=5,
+        decode = ray.remote(_decode).options(num_cpus=decode_cpus, runtime_env=runtime_env(), max_retries=5,
                                              scheduling_strategy="SPREAD")
         # start the decode workers (and their imports) while the actors build their models
-        slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        warm = [decode.remote(str(root.resolve()), [], 32) for _ in range(slots)]
-        actors, info, actor_pids = _start_actors(config, batch_size, options, log)
-        ray.get(warm)
+        warm = [decode.remote(str(root.resolve()), [], 32) for _ in range(max(1, int(res.get("CPU", 1))))]
+        actors, info, actor_pids = _start_actors(config, batch_size, options, n_actors, per_actor, log, why_stuck)
+        for ref in warm:  # a worker's error (no dataset folder there) as its one line, not Ray's traceback
+            get(ray, ref, stall_s=options.stall_s, why_stuck=why_stuck)
         attrs = dict(info["attrs"], dataset_root=str(root.resolve()), labels_mode=run.label_mode)
         writer = FeatureWriter(features_db, attrs, info["shape"], run.label_names, append=append,
                                overwrite=overwrite, lock=lock, log=log, progress=progress)
     except BaseException as exc:
         lock.release()
-        _disconnect(started)
-        if isinstance(exc, (RisError, KeyboardInterrupt)):
+        disconnect(started)  # (a start cut short was shut down by connect itself)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise Interrupted("interrupted while the Ray cluster started; nothing was written") from None
+        if isinstance(exc, RisError):
             raise
-        raise RisError(f"ray: {_reason(exc)}") from None
+        raise RisError(f"ray: {reason(exc)}") from None
     todo = still_to_do(writer, files, features_db, log)
     summary = RaySummary(str(features_db), len(files), 0, writer.resumed_rows, feature_shape=info["shape"],
                          actors=len(actors), other_files=run.other_files, hidden_files=run.hidden_files)
@@ -198,8 +220,6 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         load[a] += 1
         pending.append((paths, a, actors[a].embed.remote(decode.remote(root_abs, paths, info["max_size"], info["aspect"]))))
 
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         k = 0
         while k < len(chunks) or pending:
@@ -207,7 +227,9 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
                 submit(chunks[k])
                 k += 1
             paths, a, ref = pending.popleft()
-            feats, errors, node, decode_s, pid, embed_s = _get(ray, ref)
+            feats, errors, unseen, node, node_id, decode_s, pid, embed_s = get(ray, ref, stall_s=options.stall_s,
+                                                                               why_stuck=why_stuck)
+            refuse_unseen(unseen, root, node)
             summary.decode_seconds += decode_s
             summary.embed_seconds += embed_s
             load[a] -= 1
@@ -224,8 +246,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
             writer.add_failures(failures)
             summary.extracted += len(ids)
             summary.skipped.extend(failures)
-            node = node[:12]
-            summary.nodes[node] = summary.nodes.get(node, 0) + len(paths)
+            summary.nodes[node_id[:12]] = summary.nodes.get(node_id[:12], 0) + len(paths)
             committed += 1
             bar.update(len(paths))
             elapsed = time.perf_counter() - t0
@@ -236,17 +257,20 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         bar.close()
         rows = writer.rows
         writer.close()
-        _disconnect(started)
+        disconnect(started)
         kept = f"run the same command again to resume (partial data kept in {partial_path(features_db)})"
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(f"interrupted after {rows} images; {kept}") from None
-        why = str(exc) if isinstance(exc, RisError) else f"ray: {_reason(exc)}"
+        if isinstance(exc, SystemExit):
+            raise Interrupted(f"interrupted after {rows} images; {kept}") from None
+        why = str(exc) if isinstance(exc, RisError) else f"ray: {reason(exc)}"
         raise RisError(f"{why}; {rows} images were committed, {kept}") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    summary.seconds = time.perf_counter() - t0  # the run's own time: the cluster's shutdown is not in its img/s
     bar.close()
-    _disconnect(started)
-    summary.seconds = time.perf_counter() - t0
+    disconnect(started)
     if summary.seconds > 0 and committed:
         log(f"ray: {len(actors)} embedding actor(s) busy {summary.embed_seconds / (summary.seconds * len(actors)):.0%} "
             f"of the run, decoding kept {summary.decode_seconds / summary.seconds:.1f} CPUs busy on average")
@@ -261,81 +285,11 @@ def _as_given(reason: str, root_abs: str, root: Path, rel: str) -> str:
     return str(root / rel) + reason[len(read):] if reason.startswith(read) else reason
 
 
-# --- the cluster ---------------------------------------------------------------------------
+# --- the actors ----------------------------------------------------------------------------
 
-def _connect(options: RayOptions) -> bool:
-    """Join or start the cluster; True when this call initialised Ray (and so must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a local cluster
-    kwargs: dict[str, Any] = {"log_to_driver": bool(os.environ.get("RIS_VERBOSE")),
-                              "logging_level": logging.WARNING}
-    address = options.address
-    if address in (None, "", "local"):
-        # a one-machine cluster listens on loopback only. 127.0.0.2, not 127.0.0.1: Ray replaces
-        # 127.0.0.1 by the machine's interface address (macOS has only 127.0.0.1 on lo0)
-        # token auth is Ray's default for a new local cluster; Ray switches itself to it (setting
-        # RAY_AUTH_MODE here, after Ray was imported, made driver and cluster disagree). Its notice
-        # that it did so is not the user's business:
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        kwargs.update(address="local", include_dashboard=False, num_cpus=options.num_cpus,
-                      _node_ip_address="127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1")
-    else:
-        kwargs["address"] = address
-        host = _loopback_host(address)
-        if host:  # a loopback cluster: this driver must be on loopback too
-            kwargs["_node_ip_address"] = host
-    try:
-        ray.init(**kwargs)
-    except Exception as exc:
-        where = "start a local Ray cluster" if kwargs["address"] == "local" else f"join the Ray cluster at {address}"
-        raise RisError(f"cannot {where}: {_reason(exc)}") from None
-    return True
-
-
-def _loopback_host(address: str) -> str | None:
-    """The cluster's host when it is a loopback address ('auto': the address Ray would find)."""
-    if address == "auto":
-        try:
-            from ray._private.services import canonicalize_bootstrap_address
-
-            address = canonicalize_bootstrap_address("auto") or ""
-        except Exception:  # no cluster found: ray.init says so
-            return None
-    host = address.rsplit(":", 1)[0]
-    return host if host.startswith("127.") else None
-
-
-def _disconnect(started: bool) -> None:
-    if started:
-        import ray
-
-        ray.shutdown()
-
-
-def _runtime_env() -> dict[str, Any] | None:
-    """Settings the workers must share with the driver (backend, limits), passed explicitly:
-    on a real cluster the workers do not inherit the driver's environment. None when there are
-    none: then the cluster's already started workers take the tasks (a runtime_env has its own)."""
-    env = {k: os.environ[k] for k in ENV_FOR_WORKERS if k in os.environ}
-    return {"env_vars": env} if env else None
-
-
-def _actor_resources(options: RayOptions, cpus: float, gpus: float) -> tuple[int, dict[str, float]]:
-    """(actor count, resources per actor): one GPU each when there are GPUs; without, CPU actors
-    that together hold at most half the CPUs, so decode tasks always have some."""
-    if gpus >= 1:
-        n = options.actors or int(gpus)
-        return n, {"num_gpus": 1, "num_cpus": options.actor_cpus if options.actor_cpus is not None
-                   else min(1.0, cpus / (2 * n))}
-    n = options.actors or 1
-    return n, {"num_cpus": options.actor_cpus if options.actor_cpus is not None else min(1.0, cpus / (2 * n))}
-
-
-def _start_actors(config: ExtractConfig, batch_size: int, options: RayOptions, log: Callable[[str], None]):
-    """Start the embedding actors; (actors, what actor 0 says its features are, their pids).
+def _start_actors(config: ExtractConfig, batch_size: int, options: RayOptions, n: int, resources: dict[str, float],
+                  log: Callable[[str], None], why_stuck: Callable[[], str | None]):
+    """Start ``n`` embedding actors; (actors, what actor 0 says its features are, their pids).
 
     Every actor must make its features the same way (same fingerprint): a node with other library
     versions or weights would mix incomparable rows into one database.
@@ -344,17 +298,14 @@ def _start_actors(config: ExtractConfig, batch_size: int, options: RayOptions, l
 
     from ris.featuredb import fingerprint
 
-    res = ray.cluster_resources()
-    n, resources = _actor_resources(options, float(res.get("CPU", 0)), float(res.get("GPU", 0)))
-    if n < 1:
-        raise RisError(f"--ray-actors must be at least 1, not {n}")
     cls = ray.remote(_Embedder).options(max_restarts=options.max_restarts, max_task_retries=-1,
-                                        runtime_env=_runtime_env(), scheduling_strategy="SPREAD", **resources)
+                                        runtime_env=runtime_env(), scheduling_strategy="SPREAD", **resources)
     actors = [cls.remote(config, batch_size) for _ in range(n)]
     refs = [a.describe.remote() for a in actors]
     if len(ray.wait(refs, num_returns=len(refs), timeout=120)[0]) < len(refs):
         log(f"ray: still waiting for the cluster to start {n} embedding actor(s) ({resources} each)")
-    infos = [_get(ray, r, what="starting the embedding actors") for r in refs]
+    infos = [get(ray, r, what="starting the embedding actors", stall_s=options.stall_s, why_stuck=why_stuck)
+             for r in refs]
     first = fingerprint(infos[0]["attrs"])
     for i, other in enumerate(infos[1:], 1):
         if fingerprint(other["attrs"]) != first or other["shape"] != infos[0]["shape"]:
@@ -362,25 +313,3 @@ def _start_actors(config: ExtractConfig, batch_size: int, options: RayOptions, l
                            f"({fingerprint(other['attrs'])} vs {first}); install the same ris and weights on "
                            f"every node")
     return actors, infos[0], [i["pid"] for i in infos]
-
-
-def _get(ray, ref, what: str = "", poll_s: float = 0.5):
-    """``ray.get`` that a Ctrl-C or SIGTERM can interrupt while it waits."""
-    while not ray.wait([ref], timeout=poll_s)[0]:
-        pass
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as exc:
-        raise RisError(f"ray: {what + ': ' if what else ''}{_reason(exc)}") from None
-
-
-def _reason(exc: BaseException) -> str:
-    """One line for a Ray failure: the worker's own error when there is one, not Ray's traceback."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException) and cause is not exc:
-        if isinstance(cause, RisError):
-            return str(cause)
-        exc = cause
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
-    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

@@ -180,8 +180,9 @@ def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
 
 def sync_database(features_db: str | Path, dataset: str | Path | None = None, labels: str | None = None,
                   batch_size: int = 32, workers: int | None = None, progress: bool = True,
-                  log=lambda s: print(s, file=sys.stderr)) -> SyncSummary:
-    """Bring the database in step with its folder (see the module docstring)."""
+                  log=lambda s: print(s, file=sys.stderr), ray_options=None) -> SyncSummary:
+    """Bring the database in step with its folder (see the module docstring). ``ray_options``
+    (a ``ris.ray_cluster.RayOptions``): the new images are extracted on that Ray cluster."""
     root, files, gone, changed, retry, new = plan_sync(features_db, dataset)
     with FeatureDB(features_db) as db:
         mode = _label_mode(features_db, str(db.attrs.get("labels_mode") or ""), labels)
@@ -201,15 +202,21 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
         log(f"{features_db}: removed {len(r.removed)} row(s) ({len(gone)} gone, {len(changed)} changed), "
             f"{len(r.removed_failed)} failed entr(ies) to retry or forget")
     if new:
-        from ris.extract import ExtractOptions, extract_features
-        from ris.extractor import FeatureExtractor
+        from ris.extractor import ExtractConfig
 
         with FeatureDB(features_db) as db:
-            attrs = db.attrs
-        extractor = FeatureExtractor.from_attrs(attrs)
-        options = ExtractOptions(labels=mode, batch_size=batch_size, workers=workers, append=True,
-                                 progress=progress, log=log)
-        s = extract_features(root, features_db, extractor.config, options, extractor=extractor)
+            config = ExtractConfig.from_attrs(db.attrs, str(features_db))
+        if ray_options is not None:
+            from ris.ray_engine import extract_on_ray
+
+            s = extract_on_ray(root, features_db, config, labels=mode, batch_size=batch_size, append=True,
+                               progress=progress, log=log, options=ray_options)
+        else:
+            from ris.extract import ExtractOptions, extract_features
+
+            options = ExtractOptions(labels=mode, batch_size=batch_size, workers=workers, append=True,
+                                     progress=progress, log=log)
+            s = extract_features(root, features_db, config, options)
         summary.added, summary.skipped = s.extracted, list(s.skipped)
     with FeatureDB(features_db) as db:
         summary.rows = len(db)
@@ -233,8 +240,14 @@ def sync_main(args) -> int:
     """``ris-extract --sync``: the CLI's part (prints a summary, or JSON with --json)."""
     from ris.cli.common import print_json
 
+    ray_options = None
+    if args.engine == "ray":
+        from ris.ray_cluster import RayOptions
+
+        ray_options = RayOptions(address=args.ray_address, actors=args.ray_actors)
     s = sync_database(args.features_db, args.dataset, labels=None if args.labels == "auto" else args.labels,
-                      batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress)
+                      batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+                      ray_options=ray_options)
     follow_saved_indexes(args.features_db)
     if args.json:
         print_json(s.to_dict())

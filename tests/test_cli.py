@@ -255,6 +255,28 @@ def test_a_montage_name_without_a_picture_format_is_refused_before_searching(tin
         assert "rank" not in out
 
 
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_a_montage_that_cannot_be_written_there_is_refused_before_the_set_up(tiny, db, tmp_path, capsys, monkeypatch,
+                                                                              where):
+    """--output under a plain file, or where no file can be made (/proc), failed only after the
+    model, the database and the search had run (a missing folder is made: that is fine)."""
+    import ris.search
+
+    _, _, query = tiny
+    (tmp_path / "notes.txt").write_text("x")
+    out_path = tmp_path / "notes.txt" / "r.png" if where == "under-a-file" else Path("/proc/ris-montage.png")
+    if where == "proc" and not Path("/proc/self").exists():
+        pytest.skip("no /proc on this system")
+
+    def no_set_up(*a, **kw):
+        raise AssertionError("the search engine was set up before --output was checked")
+
+    monkeypatch.setattr(ris.search, "SearchEngine", no_set_up)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "--output", out_path)
+    assert code == 2 and str(out_path.parent) in err and len(err.strip().splitlines()) == 1, err
+    assert out == "" and not out_path.exists()
+
+
 def test_a_query_opencv_warns_about_is_one_line(tiny, db, tmp_path, capsys):
     """A 32-bit float TIFF query printed OpenCV's '[ WARN:0@9.9] global grfmt_tiff.cpp ...' line
     before ris' own one-line refusal or answer."""

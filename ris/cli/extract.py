@@ -121,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         if is_fused(args.model):
             raise RisError(f"--list-layers takes one backbone, not {args.model}")
         return _list_layers(args.model, args.json)
+    if args.engine == "ray":
+        local = given_options(args, parser, ("workers", "decode"))
+        if local:
+            raise RisError(f"{' and '.join(local)} set{'s' if len(local) == 1 else ''} the local engine's decoding; "
+                           f"with --engine ray, images are decoded by Ray tasks (one CPU each) and --ray-actors "
+                           f"sets the model actors")
+    elif args.ray_address or args.ray_actors:
+        raise RisError("--ray-address and --ray-actors need --engine ray")
     if args.sync:
         from ris.sync import sync_main
 
@@ -129,19 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         raise RisError("--dataset is required (the folder of images to extract)")
     config = recipe_of(args)
     if args.engine == "ray":
-        local = given_options(args, parser, ("workers", "decode"))
-        if local:
-            raise RisError(f"{' and '.join(local)} set{'s' if len(local) == 1 else ''} the local engine's decoding; "
-                           f"with --engine ray, images are decoded by Ray tasks (one CPU each) and --ray-actors "
-                           f"sets the model actors")
         from ris.ray_engine import RayOptions, extract_on_ray
 
         summary = extract_on_ray(args.dataset, args.features_db, config, labels=args.labels,
                                  batch_size=args.batch_size, append=args.append, overwrite=args.overwrite,
                                  progress=not args.no_progress,
                                  options=RayOptions(address=args.ray_address, actors=args.ray_actors))
-    elif args.ray_address or args.ray_actors:
-        raise RisError("--ray-address and --ray-actors need --engine ray")
     else:
         options = ExtractOptions(labels=args.labels, batch_size=args.batch_size, workers=args.workers,
                                  decode=args.decode, append=args.append, overwrite=args.overwrite,

@@ -137,7 +137,27 @@ def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
         kind = file_kind(mode)
         if kind != "regular file":
             raise RisError(f"{path}: not a regular file ({kind}); give --output a file name")
+    _can_write_in(out.parent)
     return paths
+
+
+def _can_write_in(folder) -> None:
+    """A file can be made in ``folder`` (or, where it is still to be made, its nearest existing
+    parent): tried with a temp file now, not found out after the model and the search ran."""
+    import os
+    import tempfile
+
+    from ris.errors import RisError
+
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".ris-probe-", dir=existing)
+    except OSError as exc:
+        raise RisError(f"{folder}: cannot write the montage there ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def _show(rgb) -> None:

@@ -1,0 +1,94 @@
+"""ris.ray_cluster: joining or starting the cluster, fitting the run to it, noticing when it cannot go on.
+
+No cluster is needed here (tests/test_ray_engine.py runs the engine on one): a cluster that is not
+there, the resource plan, and the reason a run would wait for ever.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from raycluster import HOST, REPO
+from ris.errors import RisError
+from ris.testing import make_tiny_dataset
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+FAST = ["--model", "mobilenet_v2", "--weights", "none", "--resize", "32", "--no-progress"]
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, reason", [(None, "nothing listens"), ("no-such-host.invalid:6379", "unknown host")])
+def test_a_cluster_that_is_not_there_fails_in_seconds_in_one_line(tmp_path, address, reason):
+    """Ray's own connection retries took ~14 minutes to give up on a cluster that is down, holding
+    the database's writer lock and printing ~40 warnings. A fresh process, as a user runs it; the
+    timeout only keeps a regression from hanging the suite."""
+    address = address or f"{HOST}:{_closed_port()}"
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    db = tmp_path / "f.h5"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", "from ris.cli.extract import entry; entry()", "--dataset", str(data),
+                           "--features-db", str(db), "--engine", "ray", "--ray-address", address, *FAST],
+                          env=env, capture_output=True, text=True, timeout=240)
+    err = done.stderr.strip()
+    assert done.returncode == 2, err[-2000:]
+    assert len(err.splitlines()) == 1 and address in err and reason in err, err[-2000:]
+    assert not db.exists() and not (tmp_path / "f.h5.lock").exists()
+
+
+def test_an_address_that_is_not_host_and_port_is_refused():
+    from ris.ray_cluster import probe
+
+    with pytest.raises(RisError, match="HOST:PORT"):
+        probe("headnode")
+    with pytest.raises(RisError, match="nothing listens"):
+        probe(f"ray://{HOST}:{_closed_port()}")  # a Ray Client address is probed the same way
+
+
+def test_actors_leave_cpus_for_decoding_and_take_one_gpu_each():
+    from ris.ray_cluster import RayOptions, actor_resources
+
+    assert actor_resources(RayOptions(), cpus=2, gpus=0) == (1, {"num_cpus": 1.0})
+    assert actor_resources(RayOptions(actors=2), cpus=2, gpus=0) == (2, {"num_cpus": 0.5})
+    n, res = actor_resources(RayOptions(), cpus=64, gpus=8)
+    assert n == 8 and res["num_gpus"] == 1 and res["num_cpus"] == 1.0
+    assert actor_resources(RayOptions(actors=1, actor_cpus=0.25), cpus=2, gpus=0) == (1, {"num_cpus": 0.25})
+
+
+def test_decoding_asks_for_what_the_actors_leave_on_a_one_cpu_cluster():
+    """One CPU: the actor held half of it and every decode task asked for a whole one, so none ever
+    ran and the run waited for ever."""
+    from ris.ray_cluster import RayOptions, plan_resources
+
+    n, actor, decode = plan_resources(RayOptions(), cpus=1, gpus=0)
+    assert n == 1 and 0 < decode and actor["num_cpus"] + decode <= 1
+    assert plan_resources(RayOptions(), cpus=2, gpus=0)[2] == 1.0  # where a whole CPU is left, unchanged
+    assert plan_resources(RayOptions(decode_cpus=0.5), cpus=8, gpus=0)[2] == 0.5
+
+
+def test_actors_that_leave_no_cpu_for_decoding_are_refused():
+    from ris.ray_cluster import RayOptions, plan_resources
+
+    with pytest.raises(RisError, match="no CPU .*decod"):
+        plan_resources(RayOptions(actors=2, actor_cpus=1.0), cpus=2, gpus=0)
+
+
+def test_a_cluster_left_without_room_for_decoding_or_actors_is_named():
+    """After a node leaves, the actors restart on what is left; where they hold every CPU, or where
+    no GPU is left for them, nothing can run again: the reason, not a silent wait."""
+    from ris.ray_cluster import starved
+
+    assert starved([1.0, 1.0], 0, actors=1, per_actor={"num_cpus": 1.0}, decode_cpus=1.0) is None
+    why = starved([1.0], 0, actors=1, per_actor={"num_cpus": 1.0}, decode_cpus=1.0)
+    assert why and "1 CPU" in why and "decod" in why
+    gpu = starved([8.0], 0, actors=2, per_actor={"num_gpus": 1, "num_cpus": 1.0}, decode_cpus=1.0)
+    assert gpu and "GPU" in gpu
+    assert starved([], 0, actors=1, per_actor={"num_cpus": 0.5}, decode_cpus=0.5)  # no node at all
