@@ -464,3 +464,24 @@ def test_sigterm_while_the_local_cluster_starts_exits_as_interrupted(tmp_path):
 def _children(pid: int) -> list[int]:
     done = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
     return [int(p) for p in done.stdout.split()]
+
+
+@pytest.mark.slow
+def test_a_one_cpu_local_cluster_extracts_everything(tmp_path):
+    """One CPU: the actor held half of it and each decode task asked for a whole one, so no decode
+    task was ever placed and the run waited for ever. The alarm only keeps a regression from
+    hanging the suite."""
+    import ray
+
+    from ris.ray_engine import RayOptions, extract_on_ray
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=48)
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.alarm(300)
+    try:
+        s = extract_on_ray(data, tmp_path / "f.h5", CFG, batch_size=4, progress=False, options=RayOptions(num_cpus=1))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert s.extracted == 8 and s.actors == 1
+    assert not ray.is_initialized()
