@@ -87,6 +87,11 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
         if checker is not None:
             result["verify"] = checker.describe()
         result["queries_without_relevant"] = result["raw"]["queries_without_relevant"]  # scored by no metric
+        if not result["raw"]["queries"]:  # every metric would read 0.000, as if the search had failed
+            raise RisError(f"{features_db}: no query has another image of its group in the "
+                           f"{'whole collection' if gallery == 'all' else 'gallery'} "
+                           f"({result['queries_without_relevant']} alone in theirs): nothing to score; each object "
+                           "or class needs two labelled images or more")
         if model is not None:
             head, meta = load_model(model)
             result["model"] = str(model)

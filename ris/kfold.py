@@ -66,7 +66,8 @@ def format_summary(summary: dict[str, Any], folds: int) -> str:
         if key in summary:
             s = summary[key]
             lines.append(f"{key:>4}: N-S {s['ns_score']['mean']:.4f} +- {s['ns_score']['std']:.4f}  "
-                         f"mAP {s['map']['mean']:.4f} +- {s['map']['std']:.4f}  over {folds} folds of held-out objects")
+                         f"mAP {s['map']['mean']:.4f} +- {s['map']['std']:.4f}  over {folds} folds, each fold's held-out "
+                         "queries searching the whole collection")
     if "delta" in summary:
         d = summary["delta"]
         lines.append("head - raw, paired per fold: " + ";  ".join(

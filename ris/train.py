@@ -163,22 +163,33 @@ def _fit_whitening_head(data: _Data, cfg: TrainConfig, log: Callable[[str], None
             WhiteningHead.from_fit(mean, projection, cfg.l2_normalize), whitening)
 
 
+WHOLE_COLLECTION = "held-out queries search the whole collection"
+
+
 def _test_scores(head, data: _Data, cfg: TrainConfig) -> dict[str, Any]:
-    """Raw features and the head on the test part (and on the unseen classes' queries alone)."""
+    """Raw features and the head, the test images as queries searching every labelled image (the
+    head's training images stay in the gallery as distractors), as ``ris-eval --model`` scores
+    them; under ``test_gallery`` the same queries searching only each other (the fold protocol,
+    which flatters every score); and the unseen classes' queries alone."""
     from ris.metrics import evaluate_retrieval
 
     if len(data.rows["test"]) < 2:
         return {}
-    lab = data.labs["test"]
-    raw = raw_descriptors(data.feats["test"], cfg.pooling)
-    emb = embed_features(head, data.inputs["test"])
-    scores: dict[str, Any] = {"raw": evaluate_retrieval(raw, lab, cfg.distance).to_dict(),
-                              "head": evaluate_retrieval(emb, lab, cfg.distance).to_dict()}
+    parts = ("train", "val", "test")
+    lab = np.concatenate([data.labs[p] for p in parts])
+    raw = raw_descriptors(np.concatenate([data.feats[p] for p in parts]), cfg.pooling)
+    emb = np.concatenate([embed_features(head, data.inputs[p]) for p in parts if len(data.inputs[p])])
+    first = len(lab) - len(data.rows["test"])
+    test = np.arange(first, len(lab))
+
+    def both(x_raw, x_emb, labels, queries=None) -> dict[str, Any]:
+        return {"raw": evaluate_retrieval(x_raw, labels, cfg.distance, query_rows=queries).to_dict(),
+                "head": evaluate_retrieval(x_emb, labels, cfg.distance, query_rows=queries).to_dict()}
+
+    scores: dict[str, Any] = {"protocol": WHOLE_COLLECTION, **both(raw, emb, lab, test),
+                              "test_gallery": both(raw[first:], emb[first:], lab[first:])}
     if data.split_meta.get("unseen_classes"):
-        unseen_q = np.nonzero(np.isin(lab, data.split_meta["unseen_classes"]))[0]
-        scores["unseen_classes"] = {
-            "raw": evaluate_retrieval(raw, lab, cfg.distance, query_rows=unseen_q).to_dict(),
-            "head": evaluate_retrieval(emb, lab, cfg.distance, query_rows=unseen_q).to_dict()}
+        scores["unseen_classes"] = both(raw, emb, lab, test[np.isin(lab[first:], data.split_meta["unseen_classes"])])
     return scores
 
 
@@ -205,8 +216,13 @@ def _split_store(data: _Data) -> dict[str, Any]:
 
 
 def _check_output(features_db: str | Path, output: str | Path) -> None:
-    """Never save a model over the database it learns from, or over any HDF5 file (a database)."""
+    """Never save a model over the database it learns from, or over any HDF5 file (a database);
+    and only under a .keras name: Keras 3 loads no other, so a head saved as ``head.model`` trained
+    and then could not be used."""
     out = Path(output)
+    if out.suffix.lower() != ".keras":
+        raise RisError(f"{output}: a head is saved as a .keras file (Keras loads no other name); "
+                       f"give --output {out.with_suffix('.keras').name if out.suffix else out.name + '.keras'}")
     if not out.exists():
         return
     if out.resolve() == Path(features_db).resolve():

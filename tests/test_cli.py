@@ -902,6 +902,67 @@ def test_eval_reports_queries_without_relevant_and_scores_them_nowhere(tmp_path,
     assert "1 query without another image of its group" in out
 
 
+def test_eval_with_no_query_that_can_be_scored_is_an_error_not_zeros(tmp_path, capsys):
+    """Every label unique: no query has another image of its group. ris-eval printed N-S 0.000,
+    mAP 0.000 (and JSON zeros), exit 0, and --min-ns blamed the score."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
+    (data / "groundtruth.tsv").unlink()
+    (data / "labels.tsv").write_text("".join(f"ukbench{i:05d}.jpg\t{i}\n" for i in range(4)))
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, "--labels",
+               data / "labels.tsv", *FAST)[0] == 0
+    for extra in ([], ["--json"], ["--min-ns", "3"]):
+        code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, *extra)
+        assert code == 2 and "no query" in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert "0.000" not in out
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_a_negative_seed_is_bad_input_not_a_bug(tmp_path, capsys, command):
+    module = {"eval": eval_cli, "train": train_cli}[command]
+    args = ["--features-db", tmp_path / "f.h5", "--seed", "-1"] + (["--output", tmp_path / "h.keras"]
+                                                                  if command == "train" else [])
+    with pytest.raises(SystemExit) as caught:
+        module.main([str(a) for a in args])
+    assert caught.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_a_triplet_head_is_saved_only_under_a_keras_name(tmp_path, capsys):
+    """``--output head.model`` trained, exited 0, and left a file nothing could load (Keras 3
+    loads only .keras files); refused before training."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=4, views=3, size=64)
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    code, out, err = cli(capsys, train_cli, "ris-train", "--features-db", db, "--output", tmp_path / "h.model",
+                         "--arch", "mlp", "--epochs", "1", "--quiet")
+    assert code == 2 and ".keras" in err and "h.model" in err and not (tmp_path / "h.model").exists()
+
+
+def test_sigterm_stops_training_as_ctrl_c_does(tmp_path):
+    """SIGTERM ended ris-train with 143 and no line; the README's exit status for it is 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "f.h5"
+    rng = np.random.default_rng(0)
+    from ris.featuredb import FeatureWriter
+
+    x = rng.normal(size=(400, 64)).astype(np.float32)
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (64,), [f"o{i}" for i in range(100)])
+    w.add([f"{i:04d}.jpg" for i in range(400)], x, [f"o{i // 4}" for i in range(400)])
+    w.finish({})
+    proc = subprocess.Popen([sys.executable, "-c", "from ris.cli.train import entry; entry()", "--features-db",
+                             str(db), "--output", str(tmp_path / "h.keras"), "--arch", "mlp", "--epochs", "500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # imports, then training
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err[-2000:])
+    assert not (tmp_path / "h.keras").exists()
+
+
 def test_outputs_in_folders_that_do_not_exist_yet_are_created(tiny, tmp_path, capsys):
     """``--features-db out/feats.h5`` failed with "out/feats.h5.lock: No such file or directory"."""
     _, data, _ = tiny

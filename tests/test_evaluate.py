@@ -63,11 +63,14 @@ def test_a_model_is_scored_on_its_own_test_images_as_training_scored_it(whitened
     from ris.modelio import read_meta
 
     meta = read_meta(model)
-    r = evaluate_db(db, model, gallery="split")  # training scored its test objects among themselves
-    assert r["images"] == len(meta["split"]["test_images"]) and "held-out objects" in r["split_description"]
-    assert r["raw"] == meta["test_scores"]["raw"]
-    for key in ("ns_score", "map", "top4_accuracy"):
-        assert r["head"][key] == pytest.approx(meta["test_scores"]["head"][key], abs=1e-9)
+    whole = evaluate_db(db, model)  # training scores its test objects searching the whole collection ...
+    split = evaluate_db(db, model, gallery="split")  # ... and, beside that, among themselves
+    assert split["images"] == len(meta["split"]["test_images"]) and "held-out objects" in split["split_description"]
+    for r, stored in ((whole, meta["test_scores"]), (split, meta["test_scores"]["test_gallery"])):
+        for part in ("raw", "head"):
+            for key in ("ns_score", "map", "top4_accuracy", "queries"):
+                assert r[part][key] == pytest.approx(stored[part][key], abs=1e-9), (part, key)
+    assert meta["test_scores"]["protocol"] == "held-out queries search the whole collection"
     assert "not a held-out score" in evaluate_db(db, model, split="all")["split_description"]
 
 

@@ -396,6 +396,36 @@ def test_api_key_from_the_environment(monkeypatch):
     assert serve_cli.config_from_args(args, "x.h5", None).api_key == "other"
 
 
+@pytest.mark.parametrize("key", ["clé", "two words\t", "x\ny"])
+def test_an_api_key_a_header_cannot_carry_is_refused_at_start(monkeypatch, key):
+    """A non-ASCII key was accepted; clients sending it as UTF-8 (curl in a UTF-8 shell) got 401
+    'wrong API key' for ever, only Latin-1 bytes matched (HTTP headers are read as Latin-1)."""
+    from ris.errors import RisError
+
+    monkeypatch.setenv("RIS_API_KEY", key)
+    args = serve_cli.build_parser().parse_args(["--features-db", "x.h5"])
+    with pytest.raises(RisError, match="API key.*printable ASCII"):
+        serve_cli.config_from_args(args, "x.h5", None)
+
+
+def test_head_answers_where_get_does(client):
+    """The README: the GET endpoints answer HEAD too; GET /api/search?id= answered 405."""
+    r = client.head("/api/search", params={"id": 1, "k": 2})
+    assert r.status_code == 200 and r.content == b""
+
+
+def test_a_stored_image_that_no_longer_decodes_is_named_as_stored_not_as_an_upload(tiny, tmp_path):
+    """Its thumbnail said '... is not an image; send a JPEG, PNG, ...', the upload's advice."""
+    data, db, _ = _served_copy(tiny, tmp_path, reload_interval=0)
+    (data / "ukbench00003.jpg").write_bytes(b"garbage")
+    svc = SearchService(ServeConfig(str(db), dataset_root=str(data), reload_interval=0), log=lambda s: None)
+    svc.load()
+    with TestClient(create_app(svc)) as c:
+        r = c.get("/api/thumbs/3")
+        assert r.status_code == 422 and "ukbench00003.jpg" in sentence(r) and "stored" in sentence(r)
+        assert "send" not in sentence(r)
+
+
 # --- overload and failures ------------------------------------------------------------------
 
 def test_limiter_refuses_at_once_when_slots_and_queue_are_full():
@@ -566,6 +596,28 @@ def test_appended_rows_become_searchable_without_restart(tiny, tmp_path):
         assert h["rows"] == 28 and h["reload_error"]
         assert "feats.h5" in h["reload_error"] and str(tmp_path) not in h["reload_error"]  # no server folders
         assert c.get("/api/search?id=27").status_code == 200
+
+
+def test_a_database_copied_over_in_place_is_reloaded_and_never_served_stale(tiny, tmp_path):
+    """``cp other.h5 feats.h5`` rewrites the served file in place (same inode): searches went on
+    answering 200 from rows read out of the rewritten file (other images' distances), and every
+    reload failed ('Expected global heap object size does not match': HDF5 shared the open file's
+    cached metadata with the new open) until a restart."""
+    data, db, svc = _served_copy(tiny, tmp_path, reload_interval=0)
+    other = tmp_path / "other.h5"
+    shutil.copy(db, other)
+    names = _append_object(data, other, seed=11, first=24)  # the same recipe, 28 rows
+    with TestClient(create_app(svc)) as c:
+        assert upload(c, (data / "ukbench00005.jpg").read_bytes(), k=3).status_code == 200
+        inode = os.stat(db).st_ino
+        shutil.copyfile(other, db)
+        assert os.stat(db).st_ino == inode  # in place, not renamed into place
+        svc.poll()
+        h = c.get("/api/health").json()
+        assert h["ready"] and h["rows"] == 28 and not h["reload_error"], h
+        out = upload(c, (data / names[1]).read_bytes(), k=4).json()
+        assert {r["id"] for r in out["results"]} == {24, 25, 26, 27} and out["results"][0]["distance"] < 1e-3
+        assert c.get("/api/search", params={"id": 5, "k": 3}).json()["query"]["path"] == "ukbench00005.jpg"
 
 
 def test_ids_are_the_databases_stable_ids_so_links_survive_a_sync(tiny, tmp_path):

@@ -208,15 +208,28 @@ def _escape_unprintable_output() -> None:
             pass
 
 
-def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+def _sigterm_as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None,
+        sigterm_interrupts: bool = True) -> int:
     """Run ``main`` (which returns EXIT_OK or EXIT_PARTIAL) and turn how it ends into one line and
     an exit status: ``Interrupted`` and Ctrl-C -> EXIT_INTERRUPTED; ``RisError`` and a system error
     (``OSError`` naming a file or an errno) -> 'prog: error: message', EXIT_ERROR. Anything else is a
-    bug, not bad input: one line saying so, the traceback with RIS_VERBOSE=1, EXIT_ERROR."""
+    bug, not bad input: one line saying so, the traceback with RIS_VERBOSE=1, EXIT_ERROR.
+    ``sigterm_interrupts``: SIGTERM stops the command as Ctrl-C does (its clean-up runs, exit 130),
+    not Python's default death by signal (143, nothing cleaned up); servers handle it themselves."""
+    import signal
+    import threading
+
     args = sys.argv[1:] if argv is None else argv
     _escape_unprintable_output()
     from ris.errors import Interrupted, RisError
 
+    previous = None
+    if sigterm_interrupts and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     try:
         if not ({"-h", "--help"} & set(args)):
             install_quiet_backend()  # TensorFlow is imported (quietly) only if the command needs it
@@ -248,6 +261,8 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
         return _internal_error(prog, exc)
     finally:
         uninstall_quiet_backend()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _stdout_to_devnull() -> None:

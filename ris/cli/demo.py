@@ -58,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(run("ris-demo", main))
+    sys.exit(run("ris-demo", main, sigterm_interrupts=False))  # its server stops gracefully on SIGTERM

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import EXIT_OK, EXIT_PARTIAL, HelpFormatter, folds, fraction, ns_threshold, print_json, run
+from ris.cli.common import (EXIT_OK, EXIT_PARTIAL, HelpFormatter, folds, fraction, nonnegative_int, ns_threshold,
+                            print_json, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score only these queries: one image id per line (path relative to the dataset folder, "
                         "as in the database); every other image is gallery only, unlabelled ones as distractors "
                         "(Holidays/Oxford style); reports mAP and recall@k; not with --gallery split or --split test")
-    p.add_argument("--seed", type=int, default=0, help="split seed when no --model gives the split")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="split seed when no --model gives the split")
     p.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out share of objects when no --model")
     p.add_argument("--folds", type=folds, default=0,
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "

@@ -110,9 +110,14 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
         raise RisError(f"--port must be at most 65535, not {args.port}")
     if args.top_k > args.max_k:
         raise RisError(f"--top-k {args.top_k} is over --max-k {args.max_k}")
+    api_key = args.api_key or os.environ.get("RIS_API_KEY") or None
+    if api_key and not (api_key.isascii() and api_key.isprintable() and api_key == api_key.strip()):
+        # HTTP headers are read as Latin-1: a UTF-8 client's bytes of 'clé' never match it
+        raise RisError("the API key (--api-key or RIS_API_KEY) must be printable ASCII without surrounding "
+                       "spaces: an HTTP header carries no other text the same way from every client")
     return ServeConfig(features_db=str(features_db), model=str(model) if model else None, index=index,
                        dataset_root=dataset_root, rerank=methods,
-                       api_key=args.api_key or os.environ.get("RIS_API_KEY") or None,
+                       api_key=api_key,
                        max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
                        default_k=args.top_k, max_k=args.max_k, slots=args.slots, queue=args.queue,
                        queue_timeout=args.queue_timeout, reload_interval=args.reload_interval,
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(run("ris-serve", main))
+    sys.exit(run("ris-serve", main, sigterm_interrupts=False))  # its server stops gracefully on SIGTERM
 
 
 if __name__ == "__main__":

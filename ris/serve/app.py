@@ -144,7 +144,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         out["timing_ms"]["queue"] = round(waited * 1000, 2)
         return JSONResponse(out)  # plain JSON types already: skips FastAPI's slower generic encoder
 
-    @app.get("/api/search", summary="Search with a database row (\"more like this\")")
+    @app.api_route("/api/search", methods=["GET", "HEAD"], summary="Search with a database row (\"more like this\")")
     async def search_row(id: int = Query(..., ge=0, description="the image's id (stable: the same image's "
                                                               "through --append and --sync)"),
                          k: int = Query(cfg.default_k, description=f"results, 1..{cfg.max_k}"),

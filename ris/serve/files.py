@@ -157,8 +157,9 @@ def thumbnail_jpeg(data: bytes, size: int, rel: str, image_id: int) -> bytes:
 
     try:
         rgb, _ = decode_upload(data, size, max_pixels=MAX_PIXELS, name=rel)
-    except ServeError as exc:
-        raise ServeError(422, f"image {image_id}: {exc}") from None
+    except ServeError as exc:  # the upload's reason, without its advice to send another file
+        reason = str(exc).split("; send ")[0].rstrip(".")
+        raise ServeError(422, f"image {image_id}: the stored file no longer decodes ({reason}).") from None
     h, w = rgb.shape[:2]
     scale = min(1.0, size / max(h, w))
     if scale < 1.0:

@@ -106,6 +106,7 @@ class SearchService:
         self.error: str | None = None  # why the first load failed
         self.reload_error: str | None = None
         self.reloading = False
+        self.withdrawn: str | None = None  # why no generation is served while the file is reloaded
         self._failed_stamp: tuple | None = None
         self._reload_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
@@ -149,16 +150,19 @@ class SearchService:
     def poll(self) -> bool:
         """Reload if the database file changed since the current generation; True if swapped.
 
-        A failed reload keeps the current generation and is not retried until the file changes again.
+        A failed reload keeps the current generation and is not retried until the file changes
+        again; a file rewritten in place is another matter (``_reload_in_place``).
         """
         gen = self.current
-        if gen is None or not self._reload_lock.acquire(blocking=False):
+        if (gen is None and self.withdrawn is None) or not self._reload_lock.acquire(blocking=False):
             return False
         try:
             try:
                 stamp = file_stamp(self.cfg.features_db)
             except OSError:
                 return False  # being replaced right now: look again next time
+            if gen is None or stamp[:2] == gen.stamp[:2] and stamp != gen.stamp:
+                return self._reload_in_place(gen)
             if stamp == gen.stamp or stamp == self._failed_stamp:
                 return False
             self.reloading = True
@@ -178,22 +182,48 @@ class SearchService:
             self.reloading = False
             self._reload_lock.release()
 
+    def _reload_in_place(self, gen: Generation | None) -> bool:
+        """The file was rewritten in place (``cp new.h5 feats.h5``: same inode), not renamed into
+        place as ris-extract does. The served rows are read lazily from that file, so they are no
+        longer the rows the index holds: they are withdrawn (503 meanwhile) and the engine closed
+        (HDF5 would give a new open of the same file the old one's cached metadata), then the file
+        is loaded afresh, and tried again at every poll until it loads (a copy may be under way)."""
+        if gen is not None:
+            self.withdrawn = "the database file was rewritten in place; reloading it"
+            self.current = None
+            self.log(f"ris-serve: {self.cfg.features_db} was rewritten in place (same inode): its rows are "
+                     "withdrawn until it is loaded again (rename a new database into place to swap without a gap)")
+            gen.engine.close()
+        self.reloading = True
+        try:
+            self.load()
+        except Exception as exc:
+            self.reload_error = f"{type(exc).__name__}: {exc}"
+            self.withdrawn = f"the database file was rewritten in place and does not load yet: {exc}"
+            return False
+        self.withdrawn = self.reload_error = None
+        self.log(f"ris-serve: reloaded {self.cfg.features_db}: {len(self.current.engine.image_ids)} rows")
+        return True
+
     # -- state ---------------------------------------------------------------------------
     def generation(self) -> Generation:
         gen = self.current
         if gen is None:
+            if self.withdrawn is not None:
+                raise ServeError(503, f"{self._public(self.withdrawn)}; retry in a few seconds")
             raise ServeError(503, "the search engine is still loading; retry in a few seconds"
                              if self.error is None else f"the search engine failed to load: {self.error}")
         return gen
 
     def health(self) -> dict:
         gen = self.current
-        base = {"status": "ready" if gen else ("failed" if self.error else "loading"), "ready": gen is not None,
+        state = "failed" if self.error else "reloading" if self.withdrawn else "loading"
+        base = {"status": "ready" if gen else state, "ready": gen is not None,
                 "max_upload_bytes": self.cfg.max_upload_bytes, "max_pixels": self.cfg.max_pixels,
                 "default_k": self.cfg.default_k, "max_k": self.cfg.max_k, "auth": bool(self.cfg.api_key),
                 "default_rerank": self.cfg.default_rerank}
         if gen is None:
-            return {**base, "error": self._public(self.error)}
+            return {**base, "error": self._public(self.error or self.withdrawn)}
         e = gen.engine
         index = type(e.index).__name__
         return {**base, "rows": len(e.image_ids), "model": e.db.attrs.get("model"),
