@@ -963,6 +963,43 @@ def test_sigterm_stops_training_as_ctrl_c_does(tmp_path):
     assert not (tmp_path / "h.keras").exists()
 
 
+@pytest.mark.parametrize("extra, refused", [
+    (["--seed", "3"], True),  # --split all (the default without --model): no split to seed
+    (["--test-fraction", "0.5"], True),
+    (["--split", "test", "--seed", "3", "--test-fraction", "0.5"], False),
+    (["--folds", "2", "--seed", "3"], False),
+    (["--folds", "2", "--test-fraction", "0.5"], True),  # each fold holds out 1/k
+    (["--model", "{model}", "--seed", "3"], True),  # the model's own split is scored
+    (["--queries", "{queries}", "--seed", "3"], True),
+])
+def test_a_seed_or_test_fraction_that_would_be_ignored_is_refused(tiny, db, model, tmp_path, capsys, extra, refused):
+    """ris-eval --model head.keras --seed 5 --test-fraction 0.5 scored the model's split and said
+    '(seed 0)'; --queries FILE --seed 3 ignored the seed: both exit 0, as if they had been used."""
+    queries = tmp_path / "q.txt"
+    queries.write_text("ukbench00000.jpg\n")
+    args = [a.format(model=model, queries=queries) for a in extra]
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, *args)
+    if refused:
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert ("--seed" in err if "--seed" in args else "--test-fraction" in err), err
+    else:
+        assert code == 0, err
+
+
+def test_eval_folds_can_hold_out_images_as_ris_train_folds_by_image_does(tiny, db, capsys):
+    """ris-train --folds 5 --split-by image holds out each class's images by fold; ris-eval --folds
+    promised "the folds of ris-train --folds" but had only object folds (--split-by: unrecognized)."""
+    from ris.evaluate import evaluate_folds
+
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "2", "--split-by", "image",
+                         "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["split_by"] == "image" and r["per_fold"] == evaluate_folds(db, 2, split_by="image")["per_fold"]
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--split-by", "image")
+    assert code == 2 and "--split-by" in err and "--folds" in err
+
+
 def test_outputs_in_folders_that_do_not_exist_yet_are_created(tiny, tmp_path, capsys):
     """``--features-db out/feats.h5`` failed with "out/feats.h5.lock: No such file or directory"."""
     _, data, _ = tiny

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k-fold over objects: score the off-the-shelf features on each fold's held-out objects "
                         "(the folds of ris-train --folds, same seed) and report mean and std; not with --model, "
                         "--queries, --verify or --split")
+    p.add_argument("--split-by", default="object", choices=["object", "image"],
+                   help="with --folds: hold out whole objects (classes) per fold, or each class's images, as "
+                        "ris-train --folds --split-by does")
     p.add_argument("--rerank", default="none", choices=list(RERANKERS),
                    help="re-rank results: " + "; ".join(f"{name} = {m.help}" for name, m in RERANKERS.items()))
     p.add_argument("--verify", type=int, default=0, metavar="K",
@@ -93,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds and args.folds > 1:
         from ris.evaluate import evaluate_folds
 
-        r = evaluate_folds(args.features_db, args.folds, args.seed, args.rerank, gallery=args.gallery)
+        r = evaluate_folds(args.features_db, args.folds, args.seed, args.rerank, split_by=args.split_by,
+                           gallery=args.gallery)
         if args.json:
             print_json(r)
         else:
             s = r["summary"]
             print(f"{args.features_db}: {r['backbone']} @ {r['input_size']} px, pooling {r['pooling']}, "
-                  f"rerank {r['rerank']}; {args.folds} folds of held-out objects (seed {args.seed}), searching "
+                  f"rerank {r['rerank']}; {args.folds} folds of held-out "
+                  f"{'objects' if args.split_by == 'object' else 'images of every class'} (seed {args.seed}), searching "
                   + ("the whole collection" if args.gallery == "all" else "only their fold"))
             print("  ".join(f"{k} {v['mean']:.4f} +- {v['std']:.4f}" for k, v in s.items()))
         best = r["summary"]["ns_score"]["mean"]
@@ -150,6 +155,20 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         clash = [name for name, on in others if on]
         if given and clash:
             raise RisError(f"{flag} cannot be combined with {' and '.join(clash)} ({why})")
+    # the seed draws the held-out objects of --split test (without --model) and the folds of --folds;
+    # the test fraction only the former. Anywhere else they would be ignored while the report
+    # read as if they had been used
+    if args.split_by != "object" and not folds:
+        raise RisError("--split-by image needs --folds (it chooses how each fold holds out images)")
+    own_split = args.model is None and args.queries is None and args.split == "test"
+    for flag, given, used in (("--seed", args.seed != 0, own_split or folds),
+                              ("--test-fraction", args.test_fraction != 0.2, own_split)):
+        if given and not used:
+            scored = ("the model's own held-out split" if args.model is not None else
+                      "the --queries list" if args.queries is not None else
+                      "k folds of 1/k each" if folds else "every labelled image (--split all)")
+            raise RisError(f"{flag} would be ignored: ris-eval scores {scored} here; it chooses the held-out "
+                           f"objects of --split test without --model{' and the folds of --folds' if flag == '--seed' else ''}")
 
 
 def entry() -> None:
