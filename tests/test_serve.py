@@ -727,6 +727,40 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stall", [b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"",
+                                   b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                                   b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"])
+def test_stalled_clients_are_dropped_so_they_cannot_hold_every_connection(tiny, stall):
+    """Connections that sent part of a request (headers or body), or nothing, and then went
+    silent held their --max-connections slots for ever: a few of them and every client got 503,
+    API key or not."""
+    import socket
+    import time
+
+    import httpx
+
+    server = ServerProcess(["--features-db", str(tiny[2]), "--port", "0", "--max-connections", "3",
+                            "--request-timeout", "2", "--reload-interval", "0"])
+    try:
+        host, port = server.url.split("//")[1].rsplit(":", 1)
+        stalled = []
+        # uvicorn counts connections when a request's headers are complete: a request whose headers
+        # arrive while 3 are open is answered 503 and closed, so 2 stalled bodies hold the rest
+        for _ in range(2 if stall.startswith(b"POST") else 3):
+            stalled.append(socket.create_connection((host, int(port))))
+            stalled[-1].sendall(stall)
+            time.sleep(0.2)
+        time.sleep(0.3)
+        assert httpx.get(server.url + "/api/health", timeout=10).status_code == 503  # every slot held now ...
+        time.sleep(3)
+        assert httpx.get(server.url + "/api/health", timeout=10).status_code == 200  # ... and dropped
+        for s in stalled:
+            s.close()
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.slow
 def test_the_real_server_streams_the_cap_and_stops_cleanly(tiny):
     import httpx
 

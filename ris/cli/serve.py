@@ -74,6 +74,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    "HTTP 503")
     g.add_argument("--max-connections", type=positive_int, default=256, help="concurrent connections; more get HTTP 503 "
                    "(bounds the uploads being received at once)")
+    g.add_argument("--request-timeout", type=positive_float, default=60, help="seconds a client has to send a "
+                   "whole request (headers and upload); a connection that stalls longer is closed, so stalled "
+                   "clients cannot hold every --max-connections slot")
     g.add_argument("--reload-interval", type=nonnegative_float, default=2, help="seconds between checks of the database file "
                    "for new rows (0 = never reload)")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -121,7 +124,8 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
                        max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6),
                        default_k=args.top_k, max_k=args.max_k, slots=args.slots, queue=args.queue,
                        queue_timeout=args.queue_timeout, reload_interval=args.reload_interval,
-                       max_connections=args.max_connections, rotations=getattr(args, "rotations", False),
+                       max_connections=args.max_connections, request_timeout=args.request_timeout,
+                       rotations=getattr(args, "rotations", False),
                        default_rerank=default_rerank)
 
 
@@ -144,6 +148,7 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
 
     from ris.featuredb import FeatureDB
     from ris.serve.app import create_app
+    from ris.serve.deadline import with_request_deadline
 
     FeatureDB(cfg.features_db).close()  # a missing or foreign database: one line now, not after loading
     if cfg.model and not os.path.isfile(cfg.model):
@@ -178,7 +183,8 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
     app = create_app(cfg, on_ready=on_ready, on_fatal=on_fatal)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                            timeout_keep_alive=5, server_header=False,
-                                           limit_concurrency=cfg.max_connections))
+                                           limit_concurrency=cfg.max_connections,
+                                           http=with_request_deadline(cfg.request_timeout)))
     _run_until_stopped(server)
     if outcome["code"] == EXIT_OK and not server.started:
         from ris.errors import RisError
