@@ -28,7 +28,7 @@ class RayOptions:
     address: str | None = None  # None: start a local cluster; 'auto' or 'HOST:PORT': join one
     actors: int | None = None  # embedding actors; None: one per GPU, or 1 on a CPU-only cluster
     actor_cpus: float | None = None  # logical CPUs each actor holds; None: see actor_resources
-    decode_cpus: float = 1.0  # logical CPUs per decode task (a decode is single-threaded); less where the actors leave less
+    decode_cpus: float = 1.0  # logical CPUs per decode task (single-threaded); less where the actors leave less
     in_flight: int | None = None  # chunks decoded or embedded ahead of the writer; None: 2 per actor + CPUs
     max_restarts: int = 4  # restarts of each actor (a killed worker process) before the run fails
     num_cpus: int | None = None  # a local cluster's CPUs (None: all); ignored when joining one
@@ -196,7 +196,7 @@ def get(ray, ref, what: str = "", poll_s: float = 0.5, stall_s: float | None = N
     checked = t0
     while not ray.wait([ref], timeout=poll_s)[0]:
         now = time.monotonic()
-        if why_stuck is not None and stall_s is not None and now - t0 >= stall_s and now - checked >= 5:
+        if why_stuck is not None and stall_s is not None and now - t0 >= stall_s and now - checked >= min(5.0, stall_s):
             checked = now
             why = why_stuck()
             if why:

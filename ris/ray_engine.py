@@ -109,7 +109,8 @@ def _decode_here(root: str, rel_paths: list[str], size: int, aspect: str = "squa
 
     t0 = time.perf_counter()
     images, errors = _decode_chunk(root, rel_paths, size, aspect)
-    unseen = [rel for rel, err in zip(rel_paths, errors) if err is not None and not os.path.lexists(os.path.join(root, rel))]
+    unseen = [rel for rel, err in zip(rel_paths, errors)
+              if err is not None and not os.path.lexists(os.path.join(root, rel))]
     return images, errors, unseen, time.perf_counter() - t0
 
 

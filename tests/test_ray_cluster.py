@@ -92,3 +92,46 @@ def test_a_cluster_left_without_room_for_decoding_or_actors_is_named():
     gpu = starved([8.0], 0, actors=2, per_actor={"num_gpus": 1, "num_cpus": 1.0}, decode_cpus=1.0)
     assert gpu and "GPU" in gpu
     assert starved([], 0, actors=1, per_actor={"num_cpus": 0.5}, decode_cpus=0.5)  # no node at all
+
+
+class _NeverReady:
+    """A stand-in for the ray module whose result never comes back."""
+
+    class exceptions:
+        RayError = RuntimeError
+
+    @staticmethod
+    def wait(refs, timeout):
+        import time
+
+        time.sleep(timeout)
+        return [], refs
+
+
+def test_a_wait_the_cluster_can_never_end_stops_with_the_reason():
+    """A node left, the restarted actors hold every CPU, no decode task is placed again: the wait
+    for the next batch went on for ever."""
+    from ris.ray_cluster import get
+
+    with pytest.raises(RisError, match="nothing came back for .* s: no room for decoding"):
+        get(_NeverReady, object(), poll_s=0.01, stall_s=0.2, why_stuck=lambda: "no room for decoding")
+
+
+def test_a_slow_batch_on_a_cluster_that_can_run_it_is_waited_for():
+    import threading
+
+    from ris.ray_cluster import get
+
+    class Later(_NeverReady):
+        done = threading.Event()
+
+        @staticmethod
+        def wait(refs, timeout):
+            return (refs, []) if Later.done.wait(timeout) else ([], refs)
+
+        @staticmethod
+        def get(ref):
+            return "batch"
+
+    threading.Timer(0.5, Later.done.set).start()
+    assert get(Later, object(), poll_s=0.01, stall_s=0.1, why_stuck=lambda: None) == "batch"

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             s = r["summary"]
             print(f"{args.features_db}: {r['backbone']} @ {r['input_size']} px, pooling {r['pooling']}, "
                   f"rerank {r['rerank']}; {args.folds} folds of held-out "
-                  f"{'objects' if args.split_by == 'object' else 'images of every class'} (seed {args.seed}), searching "
+                  f"{'objects' if args.split_by == 'object' else 'images of every class'} (seed {args.seed}), "
+                  "searching "
                   + ("the whole collection" if args.gallery == "all" else "only their fold"))
             print("  ".join(f"{k} {v['mean']:.4f} +- {v['std']:.4f}" for k, v in s.items()))
         best = r["summary"]["ns_score"]["mean"]
@@ -167,8 +168,9 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
             scored = ("the model's own held-out split" if args.model is not None else
                       "the --queries list" if args.queries is not None else
                       "k folds of 1/k each" if folds else "every labelled image (--split all)")
+            folds_too = " and the folds of --folds" if flag == "--seed" else ""
             raise RisError(f"{flag} would be ignored: ris-eval scores {scored} here; it chooses the held-out "
-                           f"objects of --split test without --model{' and the folds of --folds' if flag == '--seed' else ''}")
+                           f"objects of --split test without --model{folds_too}")
 
 
 def entry() -> None:
