@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
               f"cross-validation table {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
     if r.scores:
         raw, head = r.scores["raw"], r.scores["head"]
-        kind = "objects" if cfg.split_by == "object" else "classes"
-        print(f"held-out test {kind} ({r.split['test']}), {raw['queries']} queries searching the whole collection "
+        kind = (f"test objects ({r.split['test']})" if cfg.split_by == "object"
+                else f"test images of {r.split['test']} classes")
+        print(f"held-out {kind}, {raw['queries']} queries searching the whole collection "
               f"(as ris-eval --model scores them): N-S raw {raw['ns_score']:.4f} -> head {head['ns_score']:.4f};  "
               f"mAP {raw['map']:.4f} -> {head['map']:.4f}")
         raw, head = r.scores["test_gallery"]["raw"], r.scores["test_gallery"]["head"]
