@@ -751,7 +751,9 @@ def test_stalled_clients_are_dropped_so_they_cannot_hold_every_connection(tiny, 
             stalled[-1].sendall(stall)
             time.sleep(0.2)
         time.sleep(0.3)
-        assert httpx.get(server.url + "/api/health", timeout=10).status_code == 503  # every slot held now ...
+        full = httpx.get(server.url + "/api/health", timeout=10)  # every slot held now ...
+        assert full.status_code == 503 and "connections" in full.json()["detail"]  # the API's error shape
+        assert full.headers["retry-after"]
         time.sleep(3)
         assert httpx.get(server.url + "/api/health", timeout=10).status_code == 200  # ... and dropped
         for s in stalled:

@@ -1,4 +1,5 @@
-"""A deadline on each HTTP request, from its first byte to its last: stalled clients are dropped.
+"""A deadline on each HTTP request, from its first byte to its last: stalled clients are dropped;
+and the answer beyond ``--max-connections`` in the API's error shape.
 
 Why: uvicorn times out idle keep-alive connections only after a response. A client that sends part
 of a request line, of the headers or of a body (or nothing at all) and then goes silent keeps its
@@ -10,11 +11,27 @@ request has been read whole; when it fires, the connection is closed.
 from __future__ import annotations
 
 import asyncio
+import json
+
+BUSY = json.dumps({"detail": "the server has as many connections open as it takes (--max-connections); retry in a "
+                             "few seconds"}).encode()
+
+
+async def _too_many_connections(scope, receive, send) -> None:
+    """uvicorn's answer beyond its connection limit, as the API's other errors: JSON, Retry-After."""
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BUSY)).encode()),
+                            (b"retry-after", b"2"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": BUSY, "more_body": False})
 
 
 def with_request_deadline(seconds: float) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol, whose requests must arrive whole within ``seconds``."""
+    """uvicorn's httptools protocol, whose requests must arrive whole within ``seconds``, and whose
+    answer beyond the connection limit is JSON (plain text 'Service Unavailable' before)."""
+    from uvicorn.protocols.http import httptools_impl
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    httptools_impl.service_unavailable = _too_many_connections  # the name on_headers_complete calls
 
     class RequestDeadlineProtocol(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
