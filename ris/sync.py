@@ -10,9 +10,10 @@ IVF-PQ, Milvus) follows by replaying the log (``mark_deleted``, ``remove_ids``, 
 instead of being rebuilt; caches that cannot follow (embeddings, DBA, thumbnails) are deleted.
 
 ``--sync``: images whose file is gone are removed; images whose file changed since its row was
-written (mtime or ctime newer than the row's ``added_at``) are removed and extracted again; new
-files are extracted (an ``--append`` with the database's own settings); failed images whose file
-changed since the database was last written are retried.
+written (mtime or ctime newer than the row's ``added_at``, the time its run began reading) are
+removed and extracted again; new files are extracted (an ``--append`` with the database's own
+settings); failed images still there are retried; rows a resumed (killed) sync kept of files
+deleted since are removed at the end.
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ class SyncSummary:
     dataset: str
     removed: list[str] = field(default_factory=list)  # files gone
     replaced: list[str] = field(default_factory=list)  # files changed: extracted again
-    retried: list[str] = field(default_factory=list)  # failed images whose file changed
+    retried: list[str] = field(default_factory=list)  # failed images still there, tried again
     added: int = 0  # rows extracted (new and replaced)
     skipped: list = field(default_factory=list)  # (image, reason) that could not be decoded
     rows: int = 0
@@ -167,12 +168,13 @@ def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
             raise RisError(f"{root}: not a folder; give the images' folder with --dataset "
                            f"(the database says {db.dataset_root!r})")
         names, added_at, failed = db.image_ids, db.added_at, [i for i, _ in db.failures]
-        db_time = os.stat(features_db).st_mtime
     files = find_images(root)
     present = set(files)
     gone = [n for n in names if n not in present] + [i for i in failed if i not in present]
     changed = [n for n, t in zip(names, added_at) if n in present and _changed_since(root / n, float(t))]
-    retry = [i for i in failed if i in present and _changed_since(root / i, db_time)]
+    # every failed image still there is tried again: whether it was fixed cannot be told from the
+    # database file's time, which any later rewrite (an --append, a removal) moves on
+    retry = [i for i in failed if i in present]
     kept = (set(names) | set(failed)) - set(gone) - set(changed) - set(retry)
     new = [f for f in files if f not in kept]
     return root, files, gone, changed, retry, new
@@ -184,6 +186,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
     """Bring the database in step with its folder (see the module docstring). ``ray_options``
     (a ``ris.ray_cluster.RayOptions``): the new images are extracted on that Ray cluster."""
     root, files, gone, changed, retry, new = plan_sync(features_db, dataset)
+    present = set(files)
     with FeatureDB(features_db) as db:
         mode = _label_mode(features_db, str(db.attrs.get("labels_mode") or ""), labels)
     if new:  # a new image the database's labels cannot name stops the sync before anything changes
@@ -218,6 +221,13 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                                      progress=progress, log=log)
             s = extract_features(root, features_db, config, options)
         summary.added, summary.skipped = s.extracted, list(s.skipped)
+        # a killed sync's .partial was resumed with rows of files deleted since: they go too
+        with FeatureDB(features_db) as db:
+            stale = [n for n in db.image_ids if n not in present] + [i for i, _ in db.failures if i not in present]
+        if stale:
+            remove_images(features_db, set(stale))
+            summary.removed = sorted(set(summary.removed) | set(stale))
+            log(f"{features_db}: removed {len(stale)} row(s) a resumed run had kept of files deleted since")
     with FeatureDB(features_db) as db:
         summary.rows = len(db)
     return summary

@@ -372,3 +372,60 @@ def test_a_database_named_through_a_symlink_is_written_through_it(tmp_path, caps
         with pytest.raises(DatabaseLocked):
             WriterLock(link).acquire()
     assert not (tmp_path / "link.h5.lock").exists()
+
+
+def test_a_fixed_broken_image_is_retried_even_after_the_database_was_rewritten(tmp_path, capsys):
+    """A failed image was retried only when its file was newer than the database file; any later
+    rewrite (an --append of another image, a removal) moved that time on, and the fixed photo
+    was never extracted."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    (data / "broken.jpg").write_bytes(b"")
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    shutil.copy(data / "ukbench00000.jpg", data / "broken.jpg")  # fixed ...
+    time.sleep(0.05)
+    shutil.copy(data / "ukbench00003.jpg", data / "new.jpg")
+    assert _extract("--dataset", str(data), "--features-db", str(db), "--append", *FAST) == 0  # ... then a rewrite
+    capsys.readouterr()
+    assert _extract("--sync", "--features-db", str(db), "--no-progress", "--json") == 0
+    with FeatureDB(db) as f:
+        assert "broken.jpg" in f.image_ids and not f.failures
+
+
+def test_rows_are_stamped_no_later_than_their_files_were_read(tmp_path):
+    """A row's added_at was the time it was written; the images are decoded batches ahead, so a
+    file replaced between its reading and the row's writing looked older than its row, and --sync
+    kept the old picture's features for good. Rows now carry the time the run began reading."""
+    from ris.featurewriter import FeatureWriter
+
+    w = FeatureWriter(tmp_path / "f.h5", {"model": "synthetic", "pooling": "gap"}, (4,), ["a"])
+    began = time.time()
+    time.sleep(0.2)  # images read and decoded ahead of the write
+    w.add(["x.jpg"], np.ones((1, 4), np.float32), ["a"])
+    w.finish({})
+    with FeatureDB(tmp_path / "f.h5") as f:
+        assert f.added_at[0] <= began
+
+
+def test_a_resumed_sync_drops_rows_of_files_deleted_since_its_kill(tmp_path, capsys):
+    """A killed --sync leaves its .partial; files deleted before the next --sync kept the rows the
+    partial held for them (searched, returned) until yet another sync."""
+    from ris.featurewriter import FeatureWriter
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=3, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    for i in range(4):
+        shutil.copy(data / f"ukbench{i:05d}.jpg", data / f"new{i}.jpg")
+    # a sync killed after committing new0 and new1: its .partial holds them
+    with FeatureDB(db) as f:
+        attrs, shape, names = dict(f.attrs), f.features.shape[1:], list(f.label_names)
+        new_rows = f.features[:2]
+    w = FeatureWriter(db, attrs, shape, names, append=True)
+    w.add(["new0.jpg", "new1.jpg"], new_rows, [names[0], names[0]])
+    w.close()  # not finished: what a killed run leaves
+    (data / "new0.jpg").unlink()
+    capsys.readouterr()
+    assert _extract("--sync", "--features-db", str(db), "--no-progress", "--json") == 0
+    with FeatureDB(db) as f:
+        assert "new0.jpg" not in f.image_ids and {"new1.jpg", "new2.jpg", "new3.jpg"} <= set(f.image_ids)
