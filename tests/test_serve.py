@@ -618,6 +618,19 @@ def test_a_database_copied_over_in_place_is_reloaded_and_never_served_stale(tiny
         out = upload(c, (data / names[1]).read_bytes(), k=4).json()
         assert {r["id"] for r in out["results"]} == {24, 25, 26, 27} and out["results"][0]["distance"] < 1e-3
         assert c.get("/api/search", params={"id": 5, "k": 3}).json()["query"]["path"] == "ukbench00005.jpg"
+        with open(db, "r+b") as f:  # garbage written in place: withdrawn, and not loaded again and again
+            f.truncate(0)
+            f.write(b"garbage")
+        assert svc.poll() is False
+        r = c.get("/api/search", params={"id": 5, "k": 3})
+        assert r.status_code == 503 and "rewritten in place" in sentence(r)
+        assert c.get("/api/health").json()["status"] == "reloading"
+        loads = []
+        svc.load = lambda: loads.append(1)  # the backbone is not reloaded while the bytes stay the same
+        assert svc.poll() is False and svc.poll() is False and loads == []
+        shutil.copyfile(other, db)
+        del svc.load
+        assert svc.poll() is True and c.get("/api/health").json()["rows"] == 28
 
 
 def test_ids_are_the_databases_stable_ids_so_links_survive_a_sync(tiny, tmp_path):

@@ -163,7 +163,9 @@ class SearchService:
             except OSError:
                 return False  # being replaced right now: look again next time
             if gen is None or stamp[:2] == gen.stamp[:2] and stamp != gen.stamp:
-                return self._reload_in_place(gen)
+                if gen is None and stamp == self._failed_stamp:
+                    return False  # the same bytes failed to load: wait for the file to change again
+                return self._reload_in_place(gen, stamp)
             if stamp == gen.stamp or stamp == self._failed_stamp:
                 return False
             self.reloading = True
@@ -183,12 +185,13 @@ class SearchService:
             self.reloading = False
             self._reload_lock.release()
 
-    def _reload_in_place(self, gen: Generation | None) -> bool:
+    def _reload_in_place(self, gen: Generation | None, stamp: tuple) -> bool:
         """The file was rewritten in place (``cp new.h5 feats.h5``: same inode), not renamed into
         place as ris-extract does. The served rows are read lazily from that file, so they are no
         longer the rows the index holds: they are withdrawn (503 meanwhile) and the engine closed
         (HDF5 would give a new open of the same file the old one's cached metadata), then the file
-        is loaded afresh, and tried again at every poll until it loads (a copy may be under way)."""
+        is loaded afresh, and tried again whenever the file changes until it loads (a copy may be
+        under way)."""
         if gen is not None:
             self.withdrawn = "the database file was rewritten in place; reloading it"
             self.current = None
@@ -199,7 +202,7 @@ class SearchService:
         try:
             self.load()
         except Exception as exc:
-            self.reload_error = f"{type(exc).__name__}: {exc}"
+            self._failed_stamp, self.reload_error = stamp, f"{type(exc).__name__}: {exc}"
             self.withdrawn = f"the database file was rewritten in place and does not load yet: {exc}"
             return False
         self.withdrawn = self.reload_error = None
