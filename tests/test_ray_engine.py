@@ -451,6 +451,7 @@ def test_sync_with_the_ray_engine_extracts_the_new_images_on_the_cluster(cluster
 @pytest.mark.slow
 def test_sigterm_while_the_local_cluster_starts_exits_as_interrupted(tmp_path):
     """SIGTERM during Ray's start-up ended the command with 'ray: SystemExit: 1', exit 2."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
     data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=48)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
@@ -476,8 +477,7 @@ def test_a_one_cpu_local_cluster_extracts_everything(tmp_path):
     """One CPU: the actor held half of it and each decode task asked for a whole one, so no decode
     task was ever placed and the run waited for ever. The alarm only keeps a regression from
     hanging the suite."""
-    import ray
-
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
     from ris.ray_engine import RayOptions, extract_on_ray
 
     data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=48)
