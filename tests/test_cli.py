@@ -954,7 +954,8 @@ def test_sigterm_stops_training_as_ctrl_c_does(tmp_path):
     w.add([f"{i:04d}.jpg" for i in range(400)], x, [f"o{i // 4}" for i in range(400)])
     w.finish({})
     proc = subprocess.Popen([sys.executable, "-c", "from ris.cli.train import entry; entry()", "--features-db",
-                             str(db), "--output", str(tmp_path / "h.keras"), "--arch", "mlp", "--epochs", "500"],
+                             str(db), "--output", str(tmp_path / "h.keras"), "--arch", "mlp", "--epochs", "100000",
+                             "--patience", "100000"],  # still training when the signal comes, on any backend
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(8)  # imports, then training
     proc.send_signal(signal.SIGTERM)
