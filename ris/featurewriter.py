@@ -46,10 +46,7 @@ class FeatureWriter:
     def __init__(self, path: str | Path, attrs: dict[str, Any], feature_shape: tuple[int, ...],
                  label_names: list[str], append: bool = False, overwrite: bool = False, resume: bool = True,
                  lock: WriterLock | None = None, log: Callable[[str], None] | None = None, progress: bool = False):
-        # what a row's added_at says: no later than its file was read (images are decoded batches
-        # ahead of the write, so the write's own time let a file replaced in between look older than
-        # its row, and --sync kept the old picture's features)
-        self.read_since = time.time()
+        self.read_since = time.time()  # rows' added_at: before their files were read (decoded ahead)
         self.path = database_file(path)  # through a symlink: the link keeps naming the database
         self.tmp = partial_path(self.path)
         # every fingerprint key is written (None as 'none'): readers require them all

@@ -163,14 +163,9 @@ def _fit_whitening_head(data: _Data, cfg: TrainConfig, log: Callable[[str], None
             WhiteningHead.from_fit(mean, projection, cfg.l2_normalize), whitening)
 
 
-WHOLE_COLLECTION = "held-out queries search the whole collection"
-
-
 def _test_scores(head, data: _Data, cfg: TrainConfig) -> dict[str, Any]:
-    """Raw features and the head, the test images as queries searching every labelled image (the
-    head's training images stay in the gallery as distractors), as ``ris-eval --model`` scores
-    them; under ``test_gallery`` the same queries searching only each other (the fold protocol,
-    which flatters every score); and the unseen classes' queries alone."""
+    """Raw and head scores, test queries searching every labelled image (as ``ris-eval --model``);
+    ``test_gallery``: searching only each other (the flattering fold protocol); unseen classes alone."""
     from ris.metrics import evaluate_retrieval
 
     if len(data.rows["test"]) < 2:
@@ -186,7 +181,7 @@ def _test_scores(head, data: _Data, cfg: TrainConfig) -> dict[str, Any]:
         return {"raw": evaluate_retrieval(x_raw, labels, cfg.distance, query_rows=queries).to_dict(),
                 "head": evaluate_retrieval(x_emb, labels, cfg.distance, query_rows=queries).to_dict()}
 
-    scores: dict[str, Any] = {"protocol": WHOLE_COLLECTION, **both(raw, emb, lab, test),
+    scores: dict[str, Any] = {"protocol": "held-out queries search the whole collection", **both(raw, emb, lab, test),
                               "test_gallery": both(raw[first:], emb[first:], lab[first:])}
     if data.split_meta.get("unseen_classes"):
         scores["unseen_classes"] = both(raw, emb, lab, test[np.isin(lab[first:], data.split_meta["unseen_classes"])])
