@@ -261,6 +261,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     SIGTERM is a KeyboardInterrupt meanwhile."""
     from ris.aspect import stack_images
     from ris.decoding import iter_decoded
+    from ris.filestamp import file_stamps
     from ris.imagefile import human_bytes
 
     batch_size = opts.batch_size
@@ -274,18 +275,22 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     ids: list[str] = []
     imgs: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
+    stamps, batch_stamps = file_stamps(root, todo), []  # taken before any file is read
     # one batch in flight: the next batch is dispatched before this one is collected and written
-    in_flight: list[tuple[list[str], Callable[[], np.ndarray]]] = []
+    in_flight: list[tuple[list[str], Callable[[], np.ndarray], list]] = []
 
     def flush(last: bool = False) -> None:
         if ids:
-            in_flight.append((list(ids), extractor.embed_async(stack_images(imgs), pad_to=batch_size)))
+            in_flight.append((list(ids), extractor.embed_async(stack_images(imgs), pad_to=batch_size),
+                              list(batch_stamps)))
             ids.clear()
             imgs.clear()
+            batch_stamps.clear()
         while len(in_flight) > (0 if last else 1):
-            done_ids, result = in_flight.pop(0)
+            done_ids, result, done_stamps = in_flight.pop(0)
+            stamp_of = dict(zip(done_ids, done_stamps))
             done_ids, feats = _finite_rows(done_ids, result(), failures)
-            writer.add(done_ids, feats, [label_of[i] for i in done_ids])
+            writer.add(done_ids, feats, [label_of[i] for i in done_ids], [stamp_of[i] for i in done_ids])
             summary.extracted += len(done_ids)
             bar.update(len(done_ids))
         if failures:
@@ -301,15 +306,16 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
     try:
-        for rel, img, err in iter_decoded(root, todo, extractor.max_size, workers, prefetch=prefetch,
-                                          processes=opts.decode == "processes", budget=budget,
-                                          aspect=getattr(extractor, "aspect", "squash")):
+        for k, (rel, img, err) in enumerate(iter_decoded(
+                root, todo, extractor.max_size, workers, prefetch=prefetch, processes=opts.decode == "processes",
+                budget=budget, aspect=getattr(extractor, "aspect", "squash"))):
             if err is not None:
                 failures.append((rel, err))
                 bar.write(f"skipped: {err}", file=sys.stderr)
             else:
                 ids.append(rel)
                 imgs.append(img)
+                batch_stamps.append(stamps[k])
             if len(ids) >= batch_size:
                 flush()
         flush(last=True)

@@ -33,6 +33,8 @@ from ris.h5write import abandon_hdf5, close_hdf5, quiet_hdf5_failures, reserved_
 from ris.imagefile import human_bytes
 from ris.sidecars import WriterLock, clear_sidecars, database_file, ensure_room, fsync_dir, fsync_file, new_content_id
 
+_ROWS = ("features", "image_ids", "labels", "ids", "added_at", "file_stamp")  # one entry per image
+
 
 class FeatureWriter:
     """Appends batches to ``<path>.partial``; ``finish()`` renames it into place.
@@ -163,8 +165,7 @@ class FeatureWriter:
     def _create(self, feature_shape: tuple[int, ...]) -> None:
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(self.tmp, "w")
-        row_bytes = int(np.prod(feature_shape)) * 4
-        chunk_rows = int(max(1, min(1024, (1 << 20) // max(row_bytes, 1))))
+        chunk_rows = int(max(1, min(1024, (1 << 20) // max(int(np.prod(feature_shape)) * 4, 1))))
         f.create_dataset("features", shape=(0, *feature_shape), maxshape=(None, *feature_shape),
                          dtype="float32", chunks=(chunk_rows, *feature_shape))
         f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
@@ -175,14 +176,8 @@ class FeatureWriter:
         create_commits(f)
         for k, v in self.attrs.items():
             f.attrs[k] = _attr_value(v)
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["rows_done"] = 0
-        f.attrs["failed_done"] = 0
-        f.attrs["complete"] = False
-        f.attrs["content_id"] = new_content_id()
-        f.attrs["content_history"] = "[]"
-        f.attrs["lineage_id"] = new_content_id()
-        f.attrs["next_id"] = 0
+        f.attrs.update(format_version=FORMAT_VERSION, rows_done=0, failed_done=0, complete=False, next_id=0,
+                       content_id=new_content_id(), content_history="[]", lineage_id=new_content_id())
         self.f = f
 
     def _open_existing(self, fresh_copy: bool = False) -> None:
@@ -193,11 +188,10 @@ class FeatureWriter:
             if old != new:
                 raise recipe_refusal(self.path if self.kind == "append" else self.tmp, old, new)
             rows = int(f.attrs.get("rows_done", 0))
-            if "ids" not in f:  # made before stable ids: the rows so far get their row numbers
-                _create_row_datasets(f, rows)
+            _create_row_datasets(f, rows)  # those a file made before them lacks
             if COMMITS not in f:  # a finished database copied for --append, or a partial made before them
                 create_commits(f)
-            for name in ("features", "image_ids", "labels", "ids", "added_at"):
+            for name in _ROWS:
                 f[name].resize(rows, axis=0)
             nfail = int(f.attrs.get("failed_done", 0))
             for name in ("failed_ids", "failed_reasons"):
@@ -239,8 +233,9 @@ class FeatureWriter:
     def done_ids(self) -> set[str]:
         return set(decode_names(self.f["image_ids"][:])) | set(decode_names(self.f["failed_ids"][:]))
 
-    def add(self, ids: list[str], features: np.ndarray, label_names: list[str]) -> None:
-        """Append one batch and flush; ``label_names`` per row ('' = unknown)."""
+    def add(self, ids: list[str], features: np.ndarray, label_names: list[str], stamps: Any = None) -> None:
+        """Append one batch and flush; ``label_names`` per row ('' = unknown); ``stamps``: (n, 2) file
+        stamps taken before reading (``ris.filestamp``; None: unknown)."""
         n = len(ids)
         if n == 0:
             return
@@ -251,7 +246,7 @@ class FeatureWriter:
         with self._room(need + (1 << 20)), self._writing():
             rows = int(self.f.attrs["rows_done"])
             first = int(self.f.attrs["next_id"])
-            for name in ("features", "image_ids", "labels", "ids", "added_at"):
+            for name in _ROWS:
                 self.f[name].resize(rows + n, axis=0)
             names, labels = encode_names(ids), np.array([self.label_index.get(l, -1) for l in label_names], np.int64)
             self.f["features"][rows:] = features
@@ -259,6 +254,7 @@ class FeatureWriter:
             self.f["labels"][rows:] = labels
             self.f["ids"][rows:] = np.arange(first, first + n, dtype=np.int64)
             self.f["added_at"][rows:] = self.read_since
+            self.f["file_stamp"][rows:] = -1 if stamps is None else np.asarray(stamps, np.int64).reshape(n, 2)
             crc = batch_crc(features, names, labels)  # of what was meant to be written
             commits = self.f[COMMITS]
             commits.resize(len(commits) + 1, axis=0)
@@ -387,10 +383,14 @@ def _os_reason(exc: BaseException) -> str:
 
 
 def _create_row_datasets(f: h5py.File, rows: int) -> None:
-    """``ids`` (stable per-image ids: the first ``rows`` get their row numbers) and ``added_at``
-    (NaN: unknown for rows written before it existed)."""
-    f.create_dataset("ids", data=np.arange(rows, dtype=np.int64), maxshape=(None,), chunks=(4096,))
-    f.create_dataset("added_at", data=np.full(rows, np.nan), maxshape=(None,), chunks=(4096,))
+    """The per-row datasets ``f`` lacks, for its first ``rows`` rows: ``ids`` (their row numbers),
+    ``added_at`` (NaN) and ``file_stamp`` (-1): unknown for rows written before they existed."""
+    made = {"ids": lambda: np.arange(rows, dtype=np.int64), "added_at": lambda: np.full(rows, np.nan),
+            "file_stamp": lambda: np.full((rows, 2), -1, np.int64)}
+    for name, data in made.items():
+        if name not in f:
+            d = data()
+            f.create_dataset(name, data=d, maxshape=(None, *d.shape[1:]), chunks=(4096, *d.shape[1:]))
     f.attrs["next_id"] = max(int(f.attrs.get("next_id", 0)), rows)
 
 

@@ -154,6 +154,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     from ris.extract import (_finite_rows, _progress, _raise_interrupt, finish_run, list_input, refuse_another_recipe,
                              still_to_do)
     from ris.featuredb import partial_path
+    from ris.filestamp import file_stamps
     from ris.featurewriter import FeatureWriter
     from ris.sidecars import WriterLock
 
@@ -212,14 +213,16 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     root_abs = str(root.resolve())
     bar = _progress(len(todo), progress)
     t0 = time.perf_counter()
-    pending: deque[tuple[list[str], int, Any]] = deque()  # (paths, actor index, result ref), input order
+    pending: deque[tuple[list[str], int, Any, Any]] = deque()  # (paths, actor, result ref, stamps), input order
     load = [0] * len(actors)
     committed = 0
 
     def submit(paths: list[str]) -> None:
         a = min(range(len(actors)), key=load.__getitem__)  # the least busy actor
         load[a] += 1
-        pending.append((paths, a, actors[a].embed.remote(decode.remote(root_abs, paths, info["max_size"], info["aspect"]))))
+        stamps = file_stamps(root, paths)  # before the nodes read them (ris.filestamp)
+        pending.append((paths, a, actors[a].embed.remote(decode.remote(root_abs, paths, info["max_size"], info["aspect"])),
+                        stamps))
 
     try:
         k = 0
@@ -227,7 +230,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
             while k < len(chunks) and len(pending) < window:
                 submit(chunks[k])
                 k += 1
-            paths, a, ref = pending.popleft()
+            paths, a, ref, stamps = pending.popleft()
             feats, errors, unseen, node, node_id, decode_s, pid, embed_s = get(ray, ref, stall_s=options.stall_s,
                                                                                why_stuck=why_stuck)
             refuse_unseen(unseen, root, node)
@@ -242,8 +245,9 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
             failures = [(p, _as_given(e, root_abs, root, p)) for p, e in zip(paths, errors) if e is not None]
             for _, err in failures:
                 bar.write(f"skipped: {err}", file=sys.stderr)
+            stamp_of = dict(zip(paths, stamps))
             ids, feats = _finite_rows([p for p, e in zip(paths, errors) if e is None], feats, failures)
-            writer.add(ids, feats, [label_of[i] for i in ids])
+            writer.add(ids, feats, [label_of[i] for i in ids], [stamp_of[i] for i in ids])
             writer.add_failures(failures)
             summary.extracted += len(ids)
             summary.skipped.extend(failures)

@@ -10,7 +10,8 @@ IVF-PQ, Milvus) follows by replaying the log (``mark_deleted``, ``remove_ids``, 
 instead of being rebuilt; caches that cannot follow (embeddings, DBA, thumbnails) are deleted.
 
 ``--sync``: images whose file is gone are removed; images whose file changed since its row was
-written (mtime or ctime newer than the row's ``added_at``, the time its run began reading) are
+written (mtime or ctime newer than the row's ``added_at``, the time its run began reading), or that
+is another file (size or mtime other than its row's ``file_stamp``, ``ris.filestamp``), are
 removed and extracted again; new files are extracted (an ``--append`` with the database's own
 settings); failed images still there are retried; rows a resumed (killed) sync kept of files
 deleted since are removed at the end.
@@ -103,11 +104,11 @@ def _copy_kept(db: FeatureDB, out: h5py.File, keep: np.ndarray, failed_keep: lis
     n, kept = len(keep), int(keep.sum())
     for k, v in src.attrs.items():
         out.attrs[k] = v
-    row_data = {"ids": db.row_ids, "added_at": db.added_at}  # made here for databases older than them
-    for name in _ROW_DATASETS:
+    row_data = {"ids": db.row_ids, "added_at": db.added_at, "file_stamp": db.file_stamps}  # made here for
+    for name in _ROW_DATASETS:  # databases older than them
         d = src[name] if name in src else None
         like = d if d is not None else row_data[name]
-        chunks = d.chunks if d is not None and d.chunks else ((4096,) if like.ndim == 1 else None)
+        chunks = d.chunks if d is not None and d.chunks else ((4096, *like.shape[1:]) if d is None else None)
         ds = out.create_dataset(name, shape=(kept, *like.shape[1:]), maxshape=(None, *like.shape[1:]),
                                 dtype=like.dtype, chunks=chunks or True)
         w = 0
@@ -159,7 +160,9 @@ def _changed_since(path: Path, t: float) -> bool:
 
 
 def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
-    """(root, files, gone, changed, retry, new) for ``sync_database``; reads only."""
+    """(root, files, gone, changed, retry, new) for ``sync_database``; reads only. Changed: newer
+    than its row, or another file than the one read (``ris.filestamp``: same names, older files)."""
+    from ris.filestamp import differs
     from ris.images import find_images
 
     with FeatureDB(features_db) as db:
@@ -167,11 +170,12 @@ def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
         if not root.is_dir():
             raise RisError(f"{root}: not a folder; give the images' folder with --dataset "
                            f"(the database says {db.dataset_root!r})")
-        names, added_at, failed = db.image_ids, db.added_at, [i for i, _ in db.failures]
+        names, added_at, stamps, failed = db.image_ids, db.added_at, db.file_stamps, [i for i, _ in db.failures]
     files = find_images(root)
     present = set(files)
     gone = [n for n in names if n not in present] + [i for i in failed if i not in present]
-    changed = [n for n, t in zip(names, added_at) if n in present and _changed_since(root / n, float(t))]
+    changed = [n for n, t, s in zip(names, added_at, stamps) if n in present
+               and (_changed_since(root / n, float(t)) or differs(s, root / n))]
     # every failed image still there is tried again: whether it was fixed cannot be told from the
     # database file's time, which any later rewrite (an --append, a removal) moves on
     retry = [i for i in failed if i in present]

@@ -429,3 +429,103 @@ def test_a_resumed_sync_drops_rows_of_files_deleted_since_its_kill(tmp_path, cap
     assert _extract("--sync", "--features-db", str(db), "--no-progress", "--json") == 0
     with FeatureDB(db) as f:
         assert "new0.jpg" not in f.image_ids and {"new1.jpg", "new2.jpg", "new3.jpg"} <= set(f.image_ids)
+
+
+def _older(folder: Path, seconds: float = 3600) -> None:
+    """Every file of ``folder`` dated ``seconds`` back (a backup restored with its times)."""
+    for p in folder.iterdir():
+        st = p.stat()
+        os.utime(p, ns=(st.st_atime_ns - int(seconds * 1e9), st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_a_folder_replaced_by_another_with_the_same_names_and_older_files_is_extracted_again(tmp_path):
+    """``rm -rf album && mv backup/album album``: the same names, other photos, all older than the
+    rows (a rename changes the folder's ctime, not its files'). The rows kept only times, so --sync
+    kept the old photos' features under the new photos' names. Rows now keep each file's size and
+    mtime as read, and a file whose size or mtime differs is extracted again."""
+    data = make_tiny_dataset(tmp_path / "album", n_objects=2, views=2, size=64)
+    other = make_tiny_dataset(tmp_path / "backup" / "album", n_objects=2, views=2, size=64, seed=7)
+    _older(other)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    shutil.rmtree(data)
+    os.rename(other, data)
+    assert sorted(plan_sync(db)[3]) == sorted(p.name for p in data.glob("*.jpg"))
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 0
+    assert plan_sync(db)[3] == []  # and in step afterwards: nothing changed since
+    fresh = tmp_path / "fresh.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(fresh), *FAST) == 0
+    with FeatureDB(db) as a, FeatureDB(fresh) as b:
+        got = dict(zip(a.image_ids, a.features[:]))
+        for name, vec in zip(b.image_ids, b.features[:]):
+            np.testing.assert_allclose(got[name], vec, atol=1e-5)
+
+
+def test_a_folder_link_pointed_at_another_folder_is_extracted_again(tmp_path):
+    """``ln -sfn ../other current``: the dataset is reached through a folder link and the link is
+    pointed at another folder holding the same names, older files."""
+    first = make_tiny_dataset(tmp_path / "a", n_objects=2, views=2, size=64)
+    second = make_tiny_dataset(tmp_path / "b", n_objects=2, views=2, size=64, seed=7)
+    _older(second)
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "current").symlink_to(first)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(top), "--features-db", str(db), *FAST) == 0
+    (top / "current").unlink()
+    (top / "current").symlink_to(second)
+    assert len(plan_sync(db)[3]) == 4
+
+
+def test_rows_keep_the_size_and_mtime_of_the_file_as_it_was_before_reading(tmp_path):
+    """The stamp is taken before the file is read: a file changed after that differs from its row."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=1, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    with FeatureDB(db) as f:
+        stamps = dict(zip(f.image_ids, f.file_stamps.tolist()))
+    for p in data.glob("*.jpg"):
+        st = p.stat()
+        assert stamps[p.name] == [st.st_size, st.st_mtime_ns]
+
+
+def test_a_database_made_before_file_stamps_falls_back_to_times(tmp_path):
+    """Rows written before the stamps existed read as unknown (-1) and --sync judges them by times only;
+    an --append onto such a database stamps its new rows."""
+    import h5py
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=1, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    with h5py.File(db, "r+") as f:
+        del f["file_stamp"]
+    with FeatureDB(db) as f:
+        assert (f.file_stamps == -1).all()
+    assert plan_sync(db)[3] == []
+    shutil.copy(data / "ukbench00000.jpg", data / "new.jpg")
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 0
+    with FeatureDB(db) as f:
+        stamps = dict(zip(f.image_ids, f.file_stamps.tolist()))
+    assert stamps["ukbench00000.jpg"] == [-1, -1] and stamps["new.jpg"][0] == (data / "new.jpg").stat().st_size
+
+
+def test_file_stamps_survive_a_resume_and_a_removal(tmp_path):
+    """A resumed run copies its committed rows' stamps; a removal keeps the others' (and makes
+    unknown ones for a database made before them)."""
+    import h5py
+
+    w = FeatureWriter(tmp_path / "f.h5", {"model": "synthetic", "pooling": "gap"}, (4,), ["a"])
+    w.add(["x.jpg", "y.jpg"], np.ones((2, 4), np.float32), ["a", "a"], [(10, 11), (20, 21)])
+    w.close()  # killed: a partial is left
+    w = FeatureWriter(tmp_path / "f.h5", {"model": "synthetic", "pooling": "gap"}, (4,), ["a"])
+    assert w.resumed_rows == 2
+    w.add(["z.jpg"], np.ones((1, 4), np.float32), ["a"], [(30, 31)])
+    w.finish({})
+    remove_images(tmp_path / "f.h5", ["y.jpg"])
+    with FeatureDB(tmp_path / "f.h5") as f:
+        assert f.image_ids == ["x.jpg", "z.jpg"] and f.file_stamps.tolist() == [[10, 11], [30, 31]]
+    with h5py.File(tmp_path / "f.h5", "r+") as f:
+        del f["file_stamp"]
+    remove_images(tmp_path / "f.h5", ["x.jpg"])
+    with FeatureDB(tmp_path / "f.h5") as f:
+        assert f.image_ids == ["z.jpg"] and f.file_stamps.tolist() == [[-1, -1]]
