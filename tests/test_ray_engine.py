@@ -490,3 +490,8 @@ def test_a_one_cpu_local_cluster_extracts_everything(tmp_path):
         signal.signal(signal.SIGALRM, previous)
     assert s.extracted == 8 and s.actors == 1
     assert not ray.is_initialized()
+    from ris.featuredb import FeatureDB
+
+    with FeatureDB(tmp_path / "f.h5") as f:  # stamped by the driver before the nodes read the files
+        stamps = dict(zip(f.image_ids, f.file_stamps.tolist()))
+    assert all(stamps[p.name] == [p.stat().st_size, p.stat().st_mtime_ns] for p in data.glob("*.jpg"))
