@@ -7,13 +7,15 @@ below what the run needs, a remote error wrapped in Ray's traceback) is handled 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ris.errors import RisError
 
@@ -114,11 +116,49 @@ def probe(address: str, shown: str | None = None, timeout_s: float = PROBE_TIMEO
         raise RisError(f"{where}: {host}:{port}: {exc.strerror or exc}") from None
 
 
-def disconnect(started: bool) -> None:
-    if started:
-        import ray
+def disconnect(started: bool, in_flight: list | None = None) -> None:
+    """Leave the cluster (shut it down if this process started it). ``in_flight``: the refs of
+    tasks a stopped run leaves, cancelled first; Ray's driver then logs 'Failed to push error to
+    driver for task ...' from C++ for each task it could not report (seen after Ctrl-C): those
+    lines, and only those, are dropped."""
+    if not started and not in_flight:
+        return
+    import ray
 
-        ray.shutdown()
+    with _without_lines(NOISE):
+        for ref in in_flight or []:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        if in_flight:
+            with contextlib.suppress(Exception):
+                ray.wait(in_flight, num_returns=len(in_flight), timeout=2)
+        if started:
+            ray.shutdown()
+
+
+NOISE = ("Failed to push error to driver",)
+
+
+@contextlib.contextmanager
+def _without_lines(noise: tuple[str, ...]) -> Iterator[None]:
+    """Run with file descriptor 2 (C++ code writes there) sent to a file, then pass on what was
+    written except the lines that contain one of ``noise``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(True)
+                    if not any(n in line for n in noise)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def runtime_env() -> dict[str, Any] | None:

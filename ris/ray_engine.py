@@ -262,7 +262,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         bar.close()
         rows = writer.rows
         writer.close()
-        disconnect(started)
+        disconnect(started, in_flight=[ref for _, _, ref, _ in pending])
         kept = f"run the same command again to resume (partial data kept in {partial_path(features_db)})"
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(f"interrupted after {rows} images; {kept}") from None

@@ -495,3 +495,28 @@ def test_a_one_cpu_local_cluster_extracts_everything(tmp_path):
     with FeatureDB(tmp_path / "f.h5") as f:  # stamped by the driver before the nodes read the files
         stamps = dict(zip(f.image_ids, f.file_stamps.tolist()))
     assert all(stamps[p.name] == [p.stat().st_size, p.stat().st_mtime_ns] for p in data.glob("*.jpg"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_prints_one_line_and_no_ray_noise(tmp_path):
+    """Ctrl-C while batches were in flight: Ray's driver logged 'task_manager.cc: Failed to push
+    error to driver for task ...' for each, before the command's own line. Pending tasks are
+    cancelled before the cluster goes."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    data = make_tiny_dataset(tmp_path / "d", n_objects=300, views=4, size=96)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    db = tmp_path / "f.h5"
+    proc = subprocess.Popen([sys.executable, "-c", "from ris.cli.extract import entry; entry()", "--dataset",
+                             str(data), "--features-db", str(db), "--engine", "ray", "--model", "vgg16", "--weights",
+                             "none", "--resize", "64", "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "f.h5.partial"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (partial.exists() and partial.stat().st_size > 300_000):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ris-extract: interrupted after"), err[-3000:]
