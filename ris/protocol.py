@@ -44,7 +44,8 @@ class Protocol:
 
 def read_query_ids(path: str | Path) -> list[str]:
     """One image id per line (as stored in the database: its path relative to the dataset folder);
-    blank lines and lines starting with '#' are skipped."""
+    blank lines and lines starting with '#' are skipped. An id listed twice is refused: merging it
+    would score fewer queries than the list holds, and the numbers would no longer be the list's."""
     from ris.imagefile import read_file
 
     p = Path(path)
@@ -52,10 +53,22 @@ def read_query_ids(path: str | Path) -> list[str]:
         text = read_file(p, MAX_QUERY_FILE_BYTES).decode("utf-8-sig")  # an editor's byte-order mark is not an id
     except UnicodeDecodeError as exc:
         raise RisError(f"{p}: not UTF-8 text (byte {exc.start}); save the query list as UTF-8") from None
-    ids = [ln.strip().removeprefix("./") for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not ids:
+    first: dict[str, int] = {}  # id -> line it is first on
+    repeats: list[tuple[int, str]] = []
+    for n, ln in enumerate(text.splitlines(), 1):
+        if ln.strip() and not ln.lstrip().startswith("#"):
+            qid = ln.strip().removeprefix("./")
+            if qid in first:
+                repeats.append((n, qid))
+            else:
+                first[qid] = n
+    if repeats:
+        n, qid = repeats[0]
+        raise RisError(f"{p}: line {n} repeats {qid!r} of line {first[qid]} ({len(repeats)} repeated "
+                       f"line{'s' if len(repeats) > 1 else ''} in all); list each query once")
+    if not first:
         raise RisError(f"{p}: no image ids in the query list (one per line)")
-    return ids
+    return list(first)
 
 
 SKETCH_BITS = 128

@@ -85,6 +85,26 @@ def test_query_list_errors_name_the_file(tmp_path):
         protocol.read_query_ids(f)
 
 
+def test_a_query_list_that_repeats_an_id_is_refused_naming_the_lines(tmp_path, capsys):
+    """A repeated id was merged silently: the list scored fewer queries than it held. Refused in one
+    line naming the file, the lines and the id ('./x' and 'x' are the same id)."""
+    f = tmp_path / "q.txt"
+    f.write_text("img00.jpg\nimg04.jpg\n# note\n./img00.jpg\nimg04.jpg\n")
+    with pytest.raises(RisError, match=r"q\.txt: line 4 repeats 'img00\.jpg' of line 1 \(2 repeated lines"):
+        protocol.read_query_ids(f)
+    from ris.cli import eval as eval_cli
+    from ris.cli.common import run
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(12, 8), IDS, [f"o{o}" for o in LABELS])
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(db), "--queries", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ris-eval: error: ") and str(f) in err and "line 4 repeats" in err and "\n" not in err
+    f.write_text("img00.jpg\nimg04.jpg\n")
+    assert protocol.read_query_ids(f) == ["img00.jpg", "img04.jpg"]
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(db), "--queries", str(f), "--json"]) == 0
+
+
 def test_whole_collection_scores_lower_than_fold_with_distractors():
     """The fold gallery hides distractors: a held-out query whose nearest image is a training image
     is perfect in the fold protocol and not in the whole-collection one."""

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the fold protocol: fewer distractors, higher scores)")
     p.add_argument("--queries", default=None, metavar="FILE",
                    help="score only these queries: one image id per line (path relative to the dataset folder, "
-                        "as in the database); every other image is gallery only, unlabelled ones as distractors "
+                        "as in the database; each once: a repeated id is refused); every other image is gallery only, unlabelled ones as distractors "
                         "(Holidays/Oxford style); reports mAP and recall@k; not with --gallery split or --split test")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="split seed when no --model gives the split")
     p.add_argument("--test-fraction", type=fraction, default=0.2, help="held-out share of objects when no --model")
