@@ -72,6 +72,21 @@ def decode_names(values: Iterable[bytes | str]) -> list[str]:
     return [v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v) for v in values]
 
 
+def unique_names(values: np.ndarray, path: str | Path) -> list[str]:
+    """``decode_names``, refusing a name on two rows (a hand-edited database, or another tool's):
+    trusted, it is scored as two queries, removed twice and skipped once by ``--append``. One hash
+    per name, beside reading them all: cheap."""
+    names = decode_names(values)
+    if len(set(names)) == len(names):
+        return names
+    first: dict[str, int] = {}
+    repeats = [r for r, n in enumerate(names) if first.setdefault(n, r) != r]
+    n = names[repeats[0]]
+    raise DatabaseError(f"{path}: damaged: image id {n!r} is on rows {first[n]} and {repeats[0]} ({len(repeats)} "
+                        f"id{'s' if len(repeats) > 1 else ''} repeated); a database lists each image once: "
+                        "extract it again")
+
+
 def _plain(v):
     if isinstance(v, np.ndarray):
         return v.tolist()
@@ -243,7 +258,8 @@ class FeatureDB:
 
     @property
     def image_ids(self) -> list[str]:
-        return decode_names(self.f["image_ids"][:])
+        """Every row's name, checked once each (``unique_names``); a search reads ``row_names``."""
+        return unique_names(self.f["image_ids"][:], self.path)
 
     def row_names(self) -> "RowNames":
         """The image ids read on demand (a search shows a handful; all of them, as Python strings,

@@ -26,7 +26,7 @@ import numpy as np
 
 from ris.errors import DatabaseError
 from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
-                           decode_names, encode_names, fingerprint, partial_path)
+                           decode_names, encode_names, fingerprint, partial_path, unique_names)
 from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits
 from ris.recipe_diff import recipe_refusal
 from ris.h5write import abandon_hdf5, close_hdf5, quiet_hdf5_failures, reserved_room
@@ -81,11 +81,8 @@ class FeatureWriter:
     def _try_resume(self) -> None:
         """Continue the partial left by an interrupted run of the same kind; discard any other."""
         try:
-            f = h5py.File(self.tmp, "r")
-            try:
+            with h5py.File(self.tmp, "r") as f:
                 kind, base = f.attrs.get("run_kind"), f.attrs.get("base_content_id")
-            finally:
-                f.close()
         except Exception as exc:  # killed mid-write: HDF5 metadata may be damaged
             return self._discard_partial(f"it was damaged ({exc})", damaged=True)
         kind, base = _plain(kind), _plain(base)
@@ -231,7 +228,8 @@ class FeatureWriter:
 
     # -- writing -------------------------------------------------------------------------
     def done_ids(self) -> set[str]:
-        return set(decode_names(self.f["image_ids"][:])) | set(decode_names(self.f["failed_ids"][:]))
+        named = self.path if self.kind == "append" else self.tmp  # the file a repeated id came from
+        return set(unique_names(self.f["image_ids"][:], named)) | set(decode_names(self.f["failed_ids"][:]))
 
     def add(self, ids: list[str], features: np.ndarray, label_names: list[str], stamps: Any = None) -> None:
         """Append one batch and flush; ``label_names`` per row ('' = unknown); ``stamps``: (n, 2) file

@@ -291,3 +291,32 @@ def test_a_database_whose_rows_contradict_themselves_is_refused_naming_it(tmp_pa
         f["labels"][3] = 7
     with FeatureDB(db) as f, pytest.raises(DatabaseError, match=r"g\.h5: damaged: a row has label 7, and the database has 2 label names"):
         f.labels  # noqa: B018
+
+
+def test_a_database_that_lists_an_image_twice_is_refused_naming_the_id(tmp_path, capsys):
+    """Hand-edited or written by another tool: two rows with one image id were trusted (scored as
+    two queries, removed together, skipped once by --append). Refused where the ids are read, in
+    one line naming the file and the first repeated id; ris-eval exits 2."""
+    from ris.cli import eval as eval_cli
+    from ris.cli.common import run
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8, seed=1), labels=["a", "b"] * 10)
+    with FeatureDB(db) as f:
+        assert len(set(f.image_ids)) == 20  # the writer's own ids are unique
+    with h5py.File(db, "a") as f:
+        f["image_ids"][7] = f["image_ids"][2]
+        f["image_ids"][9] = f["image_ids"][3]
+    with FeatureDB(db) as f, pytest.raises(DatabaseError) as e:
+        f.image_ids  # noqa: B018
+    assert str(e.value) == (f"{db}: damaged: image id 'img000002.jpg' is on rows 2 and 7 (2 ids repeated); "
+                            "a database lists each image once: extract it again")
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(db), "--split", "all"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ris-eval: error: {e.value}"
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (8,), ["a", "b"], append=True)
+    try:
+        with pytest.raises(DatabaseError, match=r"f\.h5: damaged: image id 'img000002\.jpg' is on rows 2 and 7"):
+            w.done_ids()
+    finally:
+        w.close()
