@@ -154,6 +154,18 @@ def test_jpeg_with_bytes_after_its_end_marker_decodes(odd):
     assert np.array_equal(img, ref)  # the same JPEG without the trailer
 
 
+def test_a_progressive_jpeg_with_junk_before_its_end_marker_decodes_as_documented(tmp_path):
+    """libjpeg inside OpenCV prints 'Corrupt JPEG data: N extraneous bytes before marker 0xd9' for
+    it from C, straight to fd 2 and without the file's name (README "Bad input"); the image itself
+    decodes to the same pixels and is used, not skipped."""
+    img = np.random.default_rng(0).integers(0, 255, (48, 64, 3)).astype(np.uint8)
+    good = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "junk.jpg").write_bytes(good[:-2] + b"\x12\x34\x56" + good[-2:])
+    assert np.array_equal(decode_image(tmp_path / "junk.jpg"), decode_image(tmp_path / "good.jpg"))
+    assert load_image(tmp_path / "junk.jpg", 32).shape == (32, 32, 3)
+
+
 @pytest.mark.parametrize("name", ["truncated_padded", "truncated_comment_eoi"])
 def test_truncated_jpeg_is_still_reported(odd, name):
     with pytest.raises(BadImage, match="truncated"):
