@@ -606,7 +606,7 @@ def test_non_utf8_file_names_are_extracted_and_searched(tmp_path, capsys):
                              "-k", "2", *fmt)
         assert code == 0, err
     assert (tmp_path / "r.png").stat().st_size > 1000
-    assert json.loads(out)["results"][0]["image_id"] == NON_UTF8
+    assert json.loads(out)["results"][0]["image_id"] == "caf\\xe9.jpg"  # strict JSON: the byte as text
     assert ids.index(NON_UTF8) >= 0
 
 
@@ -1025,3 +1025,26 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     p.stdout.close()  # the reader leaves after one line
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 1 and "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_json_names_a_file_whose_name_is_not_utf8_in_strict_utf8(tmp_path, capsys):
+    """Such a name reaches Python with surrogate escapes, and --json wrote them as lone '\\udcff'
+    escapes, which strict JSON parsers (Rust's, Go's) refuse or mangle. Every --json writer now
+    writes the undecodable byte as the text '\\xff' (README "Commands")."""
+    from ris.cli import index as index_cli
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=64)
+    with open(os.fsencode(data) + b"/caf\xff.jpg", "wb") as fh:
+        fh.write(b"not a picture")
+    db = tmp_path / "f.h5"
+    code, out, err = cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, "--json",
+                         "--labels", "none", *FAST)
+    assert code == 0, err
+    assert "\\ud" not in out and out.isascii()
+    skipped = json.loads(out)["skipped"]
+    assert [Path(s["image"]).name for s in skipped] == ["caf\\xff.jpg"] and "caf\\xff.jpg" in skipped[0]["reason"]
+    listed = tmp_path / "gone.txt"
+    listed.write_bytes(b"caf\xff.jpg\n")
+    code, out, err = cli(capsys, index_cli, "ris-index", "remove", "--features-db", db, "--from-file", listed, "--json")
+    assert code == 0, err
+    assert "\\ud" not in out and json.loads(out)["removed_failed"] == ["caf\\xff.jpg"]

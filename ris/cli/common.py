@@ -309,6 +309,34 @@ def given_options(args: Any, parser: Any, keys: Any) -> list[str]:
     return shown
 
 
+def json_text(text: str) -> str:
+    """``text`` as strict UTF-8 JSON can carry it. A file name that is not valid UTF-8 reaches
+    Python with its bad bytes as lone surrogates ('\\udcff'), which strict parsers (Rust's, Go's)
+    refuse or mangle; each such byte is written as the four characters '\\xff' instead (as
+    ``bytes.decode(errors='backslashreplace')`` writes it), the rest of the name unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file system gave: escaped as Python writes it
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every string in it, keys too, through ``json_text``."""
+    if isinstance(obj, str):
+        return json_text(obj)
+    if isinstance(obj, dict):
+        return {json_text(k) if isinstance(k, str) else k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
+    """What every command's --json prints: strict UTF-8 JSON (``json_text``), ASCII-escaped."""
+    json.dump(_json_safe(obj), sys.stdout, indent=2, default=lambda o: json_text(str(o)))
     sys.stdout.write("\n")
