@@ -388,6 +388,18 @@ def test_api_key_guards_every_api_call_but_not_the_page(engine, tiny):
         assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
 
 
+def test_the_page_has_its_security_headers_at_every_address(client):
+    """/static/index.html served the page without the Content-Security-Policy (frame-ancestors
+    'none': no framing) and the other headers that / sends."""
+    page = client.get("/")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    for url in ("/static/index.html", "/static/app.js", "/static/style.css"):
+        for r in (client.get(url), client.head(url)):
+            assert r.status_code == 200, url
+            for name in ("content-security-policy", "x-content-type-options", "referrer-policy"):
+                assert r.headers.get(name) == page.headers[name], (url, name)
+
+
 def test_api_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("RIS_API_KEY", KEY)
     args = serve_cli.build_parser().parse_args(["--features-db", "x.h5"])

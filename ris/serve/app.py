@@ -33,6 +33,16 @@ PAGE_HEADERS = {  # the page loads nothing from elsewhere: no CDN, no fonts, no 
 MULTIPART_SLACK = 64 << 10  # multipart framing and the small form fields around the image
 
 
+class PageFiles(StaticFiles):
+    """The page's files with the page's headers: ``/static/index.html`` is the page too, and was
+    served without its Content-Security-Policy (so it could be framed); nosniff suits its script."""
+
+    async def get_response(self, path: str, scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
+
+
 def content_disposition(name: str) -> str:
     """``inline`` with the file's name: an ASCII fallback (HTTP headers are Latin-1, and a name in
     another script broke the response) and the name itself as RFC 6266 ``filename*``."""
@@ -181,7 +191,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     async def page():
         return FileResponse(str(STATIC / "index.html"), media_type="text/html", headers=PAGE_HEADERS)
 
-    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.mount("/static", PageFiles(directory=str(STATIC)), name="static")
 
     return Guard(app, cfg.max_upload_bytes + MULTIPART_SLACK, cfg.api_key,
                  f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.")
