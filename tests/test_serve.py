@@ -253,8 +253,16 @@ def test_images_and_thumbnails_by_row(client, tiny):
     assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
     thumb = cv2.imdecode(np.frombuffer(t.content, np.uint8), cv2.IMREAD_COLOR)
     assert thumb.shape[:2] == (96, 96)  # small images are not enlarged
-    for bad in ("/api/images/24", "/api/thumbs/99999", "/api/images/-1"):
-        assert client.get(bad).status_code in (404, 422)
+    for bad in ("/api/images/24", "/api/thumbs/99999"):
+        assert client.get(bad).status_code == 404
+
+
+def test_a_negative_id_is_a_malformed_id_everywhere(client):
+    """/api/images/-1 and /api/thumbs/-1 answered 404 (no such image) where /api/search?id=-1
+    answered 422; the README says 422 for a bad id: an id is a whole number >= 0."""
+    for url in ("/api/search?id=-1", "/api/images/-1", "/api/thumbs/-1", "/api/images/x", "/api/thumbs/1.5"):
+        r = client.get(url)
+        assert r.status_code == 422 and sentence(r).startswith("id: "), (url, r.text)
 
 
 @pytest.mark.parametrize("url", [

@@ -14,7 +14,7 @@ from typing import Callable
 from urllib.parse import quote
 
 from anyio import to_thread
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -166,7 +166,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
 
     @app.api_route("/api/images/{id}", methods=["GET", "HEAD"], summary="A database image, by id",
                    response_class=Response)
-    async def image(id: int):
+    async def image(id: int = Path(..., ge=0, description="the image's id")):
         fd, size, media, name = await to_thread.run_sync(svc.image, id)
         fh = os.fdopen(fd, "rb")  # closed by the generator, or when dropped if it never starts
 
@@ -181,7 +181,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
 
     @app.api_route("/api/thumbs/{id}", methods=["GET", "HEAD"], summary="A database image's thumbnail (JPEG), by id",
                    response_class=Response)
-    async def thumb(id: int):
+    async def thumb(id: int = Path(..., ge=0, description="the image's id")):
         jpeg, _ = await in_slot(thumbs, svc.thumbnail, id)
         return Response(jpeg, media_type="image/jpeg", headers={
             "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300"})
