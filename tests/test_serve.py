@@ -545,7 +545,9 @@ def test_not_ready_until_loaded(tiny):
     with TestClient(create_app(svc, on_ready=lambda s: ready.set())) as c:
         h = c.get("/api/health")
         assert h.status_code == 503 and h.json()["status"] == "loading"
-        assert c.get("/api/search?id=0").status_code == 503
+        assert int(h.headers["retry-after"]) > 0  # as the busy 503s say when to come back (it was missing)
+        for r in (c.get("/api/search?id=0"), c.get("/api/images/0"), c.post("/api/search", files={"image": ("q.jpg", b"x")})):
+            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0 and "loading" in sentence(r)
         gate.set()
         assert ready.wait(120)
         assert c.get("/api/health").json()["status"] == "ready"
@@ -561,7 +563,7 @@ def test_a_database_that_fails_to_load_is_reported(tmp_path):
     with TestClient(app) as c:
         assert done.wait(60)
         h = c.get("/api/health")
-        assert h.status_code == 503 and h.json()["status"] == "failed"
+        assert h.status_code == 503 and h.json()["status"] == "failed" and "retry-after" not in h.headers
     assert "bad.h5" in fatal[0]
 
 
@@ -643,7 +645,7 @@ def test_a_database_copied_over_in_place_is_reloaded_and_never_served_stale(tiny
             f.write(b"garbage")
         assert svc.poll() is False
         r = c.get("/api/search", params={"id": 5, "k": 3})
-        assert r.status_code == 503 and "rewritten in place" in sentence(r)
+        assert r.status_code == 503 and "rewritten in place" in sentence(r) and int(r.headers["retry-after"]) > 0
         assert c.get("/api/health").json()["status"] == "reloading"
         loads = []
         svc.load = lambda: loads.append(1)  # the backbone is not reloaded while the bytes stay the same

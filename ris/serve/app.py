@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ris.serve.files import ServeError
 from ris.serve.limits import Guard, Limiter, Overloaded
-from ris.serve.service import SearchService, ServeConfig, shown_text
+from ris.serve.service import RETRY_LOADING_S, SearchService, ServeConfig, shown_text
 
 STATIC = files("ris.serve") / "static"
 PAGE_HEADERS = {  # the page loads nothing from elsewhere: no CDN, no fonts, no inline script
@@ -102,7 +102,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
-        return error(exc.status, str(exc))
+        return error(exc.status, str(exc), {"Retry-After": str(exc.retry_after)} if exc.retry_after else None)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded):
@@ -132,7 +132,8 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     async def health():
         h = svc.health()
         h["limits"] = searches.stats()
-        return JSONResponse(h, status_code=200 if h["ready"] else 503)
+        retry = {"Retry-After": str(RETRY_LOADING_S)} if h["status"] in ("loading", "reloading") else None
+        return JSONResponse(h, status_code=200 if h["ready"] else 503, headers=retry)
 
     @app.post("/api/search", summary="Search with an uploaded image (multipart field `image`)")
     async def search_upload(image: UploadFile = File(..., description="JPEG, PNG, GIF, BMP, WebP or TIFF"),

@@ -30,11 +30,12 @@ MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
 
 
 class ServeError(RisError):
-    """A request that cannot be served; ``status`` is the HTTP status, the message one sentence."""
+    """A request that cannot be served; ``status`` is the HTTP status, the message one sentence;
+    ``retry_after``: seconds after which the same request may succeed (a 503's Retry-After)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.retry_after = status, retry_after
 
 
 def display_name(name: str | None, default: str = "the upload") -> str:

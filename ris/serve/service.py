@@ -29,6 +29,7 @@ def shown_text(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if name else name
 
 
+RETRY_LOADING_S = 2  # Retry-After while the engine loads or reloads (the page looks again every second)
 RERANK_SMALL_DB = 20_000  # above this many rows, only qe is offered by default (the others hold an
                           # N x N kNN pass or graph)
 
@@ -214,9 +215,10 @@ class SearchService:
         gen = self.current
         if gen is None:
             if self.withdrawn is not None:
-                raise ServeError(503, f"{self._public(self.withdrawn)}; retry in a few seconds")
-            raise ServeError(503, "the search engine is still loading; retry in a few seconds"
-                             if self.error is None else f"the search engine failed to load: {self.error}")
+                raise ServeError(503, f"{self._public(self.withdrawn)}; retry in a few seconds", RETRY_LOADING_S)
+            if self.error is None:
+                raise ServeError(503, "the search engine is still loading; retry in a few seconds", RETRY_LOADING_S)
+            raise ServeError(503, f"the search engine failed to load: {self.error}")
         return gen
 
     def health(self) -> dict:
