@@ -328,6 +328,35 @@ def test_unfit_uploads_get_4xx_with_the_reason(client, tmp_path, monkeypatch):
         assert upload(client, bad[key].read_bytes(), bad[key].name, k=2).status_code == 200, key
 
 
+def test_an_upload_that_is_not_a_multipart_file_is_one_sentence(client):
+    """A form-urlencoded body (a text field where the file should be) answered 422 "Expected
+    UploadFile, received: <class 'str'>": a Python type name, no advice."""
+    for r, status in ((client.post("/api/search", data={"image": "photo.jpg"}), 415),
+                      (client.post("/api/search", json={"image": "photo.jpg"}), 415),
+                      (client.post("/api/search", content=b"\xff\xd8\xff", headers={"content-type": "image/jpeg"}), 415),
+                      (client.post("/api/search"), 415),
+                      (client.post("/api/search", files={"image": (None, "photo.jpg")}), 422),
+                      (client.post("/api/search", files={"photo": ("q.jpg", b"x")}), 422),
+                      (client.post("/api/search", content=b"--x--", headers={"content-type": "multipart/form-data; "
+                                                                                         "boundary=b"}), 400)):
+        text = sentence(r)
+        assert r.status_code == status, r.text
+        assert "multipart/form-data" in text and "named image" in text, text
+        assert "class" not in text and "UploadFile" not in text, text
+
+
+def test_a_long_file_name_is_accepted_and_shown_short(client, tiny):
+    """A 5,000-character file name got 400 "Invalid multipart data." (python-multipart's 4 kB limit
+    on a part's header line); the name is not needed to search. One beyond 64 kB is refused in one
+    sentence that names the reason."""
+    jpeg = (tiny[1] / "ukbench00005.jpg").read_bytes()
+    r = upload(client, jpeg, name="a" * 5000 + ".jpg", k=2)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["id"] == 5 and len(r.json()["query"]["filename"]) <= 80
+    r = upload(client, jpeg, name="b" * 70_000 + ".jpg", k=2)
+    assert r.status_code == 400 and "file name" in sentence(r) and "Invalid multipart" not in sentence(r)
+
+
 def test_pixel_bombs_are_refused_from_the_header_without_decoding(client, monkeypatch):
     import cv2
 

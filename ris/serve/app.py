@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ris.serve.files import ServeError
+from ris.serve.forms import FIELD, allow_long_part_headers, not_a_file, unreadable
 from ris.serve.limits import Guard, Limiter, Overloaded
 from ris.serve.service import RETRY_LOADING_S, SearchService, ServeConfig, shown_text
 
@@ -56,6 +57,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     """The app. ``service`` without a loaded engine is loaded in the background at start-up
     (``/api/health`` says "loading" meanwhile); ``on_ready``/``on_fatal`` report how that went."""
     svc = service if isinstance(service, SearchService) else SearchService(service)
+    allow_long_part_headers()  # a file name over ~4,000 characters was "Invalid multipart data."
     cfg = svc.cfg
     searches = Limiter(cfg.slots, cfg.queue, cfg.queue_timeout)
     thumbs = Limiter(max(2, cfg.slots), 256, cfg.queue_timeout)
@@ -110,12 +112,18 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        if request.method == "POST" and request.url.path == "/api/search":
+            problem = not_a_file(request.headers.get("content-type"), exc.errors())
+            if problem:
+                return error(*problem)
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
         return error(422, f"{where}: {first.get('msg', 'invalid value')}.")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == "Invalid multipart data.":  # Starlette's, before the route
+            return error(400, unreadable(exc))
         return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -135,7 +143,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         retry = {"Retry-After": str(RETRY_LOADING_S)} if h["status"] in ("loading", "reloading") else None
         return JSONResponse(h, status_code=200 if h["ready"] else 503, headers=retry)
 
-    @app.post("/api/search", summary="Search with an uploaded image (multipart field `image`)")
+    @app.post("/api/search", summary=f"Search with an uploaded image (multipart/form-data file field `{FIELD}`)")
     async def search_upload(image: UploadFile = File(..., description="JPEG, PNG, GIF, BMP, WebP or TIFF"),
                             k: int = Form(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
                             rerank: str | None = Form(None, description="none, qe, dba+qe, diffusion, kreciprocal "
