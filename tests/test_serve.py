@@ -130,7 +130,11 @@ def test_one_search_asks_for_turned_copies_on_a_service_started_without_them(tin
     img = cv2.imread(str(tiny[1] / "ukbench00013.jpg"))
     turned = cv2.imencode(".png", cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE))[1].tobytes()
     with client_for(engine, tiny[2]) as c:
-        assert c.get("/api/health").json()["rotations"] is False
+        h = c.get("/api/health").json()
+        assert h["rotations"] is False
+        assert h["rerank_rotations"] == [m for m in h["rerank"] if m not in ("diffusion", "kreciprocal")]
+        for method in h["rerank_rotations"]:  # what the page lets a search with turned copies use
+            assert upload(c, turned, name="turned.png", k=4, rotations="true", rerank=method).status_code == 200
         asked = upload(c, turned, name="turned.png", k=4, rotations="true").json()
         assert asked["rotations"] is True
         assert asked["results"][0]["id"] == 13 and asked["results"][0]["distance"] == pytest.approx(0.0, abs=1e-3)

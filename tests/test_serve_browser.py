@@ -148,3 +148,47 @@ def test_the_page_searches_by_upload_and_by_click(collection, chromium, tmp_path
     expected_415 = "the server responded with a status of 415"  # Chromium logs the refused upload
     assert not [p for p in problems if expected_415 not in p], problems
     assert server.proc.returncode == 0
+
+
+def test_the_page_never_offers_turned_photos_with_a_re_ranking_that_refuses_them(collection, chromium):
+    """With "Turned photos" ticked the menu offered diffusion and kreciprocal, and the search then
+    got 400 (their scores are normalised per query: turned copies cannot be merged). Now whichever
+    is chosen first greys the other out, with a short reason, and no choice the page allows is refused."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from ris.serve.process import ServerProcess
+
+    db, query, _ = collection
+    with ServerProcess(["--features-db", str(db), "--port", "0", "--default-rerank", "diffusion"]) as server, \
+            sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        refused: list[str] = []
+        page.on("response", lambda r: r.status == 400 and refused.append(r.url))
+        page.goto(server.url + "/")
+        rerank, box, note = page.get_by_test_id("rerank"), page.get_by_test_id("turns"), page.get_by_test_id("turns-note")
+        expect(rerank).to_have_value("diffusion")
+        expect(box).to_be_disabled()  # diffusion chosen (the server's default): no turned photos
+        expect(note).to_be_visible()
+        expect(note).to_contain_text("diffusion")
+
+        rerank.select_option("qe")
+        expect(box).to_be_enabled()
+        expect(note).to_be_hidden()
+        box.check()
+        for method in ("diffusion", "kreciprocal"):  # turned photos chosen: those re-rankings greyed out
+            expect(rerank.locator(f"option[value='{method}']")).to_be_disabled()
+            expect(rerank.locator(f"option[value='{method}']")).to_contain_text("not with turned photos")
+        for method in ("none", "qe", "dba+qe"):
+            expect(rerank.locator(f"option[value='{method}']")).to_be_enabled()
+        page.get_by_test_id("file-input").set_input_files(str(query))
+        expect(page.locator("#summary")).to_contain_text("turned copies searched too")
+        expect(page.get_by_test_id("error")).to_be_hidden()
+
+        box.uncheck()
+        expect(rerank.locator("option[value='diffusion']")).to_be_enabled()
+        rerank.select_option("diffusion")
+        expect(page.locator("#summary")).to_contain_text("re-ranked (diffusion)")
+        expect(box).to_be_disabled()
+        browser.close()
+    assert refused == [], refused

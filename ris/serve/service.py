@@ -128,6 +128,13 @@ class SearchService:
             offered = tuple(m for m in RERANKERS if m in offered or m == self.cfg.default_rerank)
         return offered
 
+    @staticmethod
+    def _turnable(methods: tuple[str, ...]) -> list[str]:
+        """The re-rankings a search with turned copies may use (the page greys out the others)."""
+        from ris.rerank import RERANKERS
+
+        return [m for m in methods if RERANKERS[m].comparable_scores]
+
     def _install(self, engine, stamp: tuple, t0: float) -> Generation:
         number = self.current.number + 1 if self.current else 1
         gen = Generation(engine, number, stamp, time.time(), self._offered(len(engine.image_ids)),
@@ -236,7 +243,8 @@ class SearchService:
                 "head": Path(self.cfg.model).name if self.cfg.model else None,
                 "dimension": int(e.vectors.shape[-1]), "metric": e.metric,
                 "index": {"ExactIndex": "exact", "HnswIndex": "hnsw", "IvfPqIndex": "ivfpq", "MilvusIndex": "milvus"}.get(index, index),
-                "rerank": list(gen.rerank), "rotations": bool(getattr(e, "rotations", False)),
+                "rerank": list(gen.rerank), "rerank_rotations": self._turnable(gen.rerank),
+                "rotations": bool(getattr(e, "rotations", False)),
                 "labels": e.labels.any() if hasattr(e.labels, "any") else any(e.labels), "generation": gen.number,
                 "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(gen.loaded_at)),
                 "load_seconds": gen.seconds, "reloading": self.reloading, "reload_error": self._public(self.reload_error),

@@ -51,6 +51,7 @@
       status.textContent = `${h.rows.toLocaleString()} images · ${h.model}${head} · ${h.dimension}-d · ${h.index} index`;
       fillRerank(h.rerank || ["none"], h.default_rerank);
       if (!state.turnsSet) { $("turns").checked = Boolean(h.rotations); state.turnsSet = true; }
+      syncTurns();
       $("k").max = h.max_k;
       clearErrorIf401();
       return true;
@@ -92,6 +93,23 @@
     sel.replaceChildren(...methods.map((m) => new Option(m, m)));
     sel.value = methods.includes(current) ? current : "none";
     state.rerankSet = true;
+  }
+
+  // "Turned photos" and the re-rankings that cannot merge turned copies (their scores are normalised
+  // per query: diffusion, kreciprocal) exclude each other; whichever is chosen first greys the other
+  // out, so the page never sends a search the server refuses (400).
+  function syncTurns() {
+    const turnable = state.health && state.health.rerank_rotations;
+    const fits = (m) => !turnable || turnable.includes(m);
+    const sel = $("rerank"), box = $("turns"), note = $("turns-note");
+    if (box.checked && !fits(sel.value)) box.checked = false;  // both at the start: the re-ranking wins
+    for (const o of sel.options) {
+      o.disabled = box.checked && !fits(o.value);
+      o.textContent = o.disabled ? `${o.value} (not with turned photos)` : o.value;
+    }
+    box.disabled = !fits(sel.value);
+    note.textContent = box.disabled ? `not with ${sel.value}` : "";
+    note.hidden = !box.disabled;
   }
 
   // -- images (with a key, <img src> cannot send it: fetch, then show the blob) ---------------
@@ -281,8 +299,12 @@
   let timer = 0;
   const rerun = () => { clearTimeout(timer); timer = setTimeout(run, 250); };
   $("k").addEventListener("input", rerun);
-  $("rerank").addEventListener("change", run);
-  $("turns").addEventListener("change", () => { state.turnsSet = true; if (state.query && state.query.kind === "upload") run(); });
+  $("rerank").addEventListener("change", () => { syncTurns(); run(); });
+  $("turns").addEventListener("change", () => {
+    state.turnsSet = true;
+    syncTurns();
+    if (state.query && state.query.kind === "upload") run();
+  });
   $("key").value = state.key;
   $("key").addEventListener("change", async () => {
     state.key = $("key").value.trim();
