@@ -777,6 +777,8 @@ def test_help_explains_every_flag():
             assert action.help, f"{parser.prog} {action.option_strings} has no help"
         assert "(default: None)" not in parser.format_help()
     assert "--serve" in demo_cli.build_parser().format_help()
+    timeout = next(a.help for a in serve_cli.build_parser()._actions if "--request-timeout" in a.option_strings)
+    assert "upload" in timeout and "kB/s" in timeout  # it cuts a slow upload too: the help says so
 
 
 def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):

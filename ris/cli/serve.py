@@ -76,7 +76,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    "(bounds the uploads being received at once)")
     g.add_argument("--request-timeout", type=positive_float, default=60, help="seconds a client has to send a "
                    "whole request (headers and upload); a connection that stalls longer is closed, so stalled "
-                   "clients cannot hold every --max-connections slot")
+                   "clients cannot hold every --max-connections slot. It bounds a slow upload too: at 60 s a "
+                   "20 MB upload needs 333 kB/s; raise it for clients on slower links")
     g.add_argument("--reload-interval", type=nonnegative_float, default=2, help="seconds between checks of the database file "
                    "for new rows (0 = never reload)")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
