@@ -14,9 +14,8 @@ Layout (one file):
                rows_done, complete, content_id (redrawn on every change: the key of every cache),
                lineage_id (kept through appends and removals, new for a re-extraction), next_id
 
-``ris.featurewriter.FeatureWriter`` writes it (atomically, resumably, one writer at a time; also
-importable from here). ``FeatureDB`` reads it and refuses anything incomplete or inconsistent,
-with one line naming the file and what is wrong.
+``ris.featurewriter.FeatureWriter`` writes it (atomically, resumably, one writer at a time). ``FeatureDB``
+reads it and refuses anything incomplete or inconsistent, in one line naming the file and the fault.
 """
 from __future__ import annotations
 
@@ -74,8 +73,7 @@ def decode_names(values: Iterable[bytes | str]) -> list[str]:
 
 def unique_names(values: np.ndarray, path: str | Path) -> list[str]:
     """``decode_names``, refusing a name on two rows (a hand-edited database, or another tool's):
-    trusted, it is scored as two queries, removed twice and skipped once by ``--append``. One hash
-    per name, beside reading them all: cheap."""
+    trusted, it is scored as two queries, removed twice and skipped once by ``--append``."""
     names = decode_names(values)
     if len(set(names)) == len(names):
         return names
