@@ -688,6 +688,31 @@ def test_a_database_copied_over_in_place_is_reloaded_and_never_served_stale(tiny
         assert svc.poll() is True and c.get("/api/health").json()["rows"] == 28
 
 
+@pytest.mark.parametrize("kind", ["id", "upload"])
+def test_a_search_under_way_when_the_file_is_rewritten_in_place_is_a_503_to_retry(tiny, tmp_path, kind):
+    """A search running when the poll finds the file rewritten in place: the engine it used was
+    closed under it, and it ended in a 500 'internal error' (or answered from rows read out of the
+    rewritten file). It is now the withdrawn rows' 503, with Retry-After."""
+    data, db, svc = _served_copy(tiny, tmp_path, reload_interval=0)
+    with TestClient(create_app(svc)) as c:
+        engine = svc.current.engine
+        real = engine.neighbours
+
+        def rewritten_meanwhile(*args, **kwargs):
+            out = real(*args, **kwargs)
+            with open(db, "r+b") as f:  # the file is rewritten in place while this search runs
+                f.seek(0, os.SEEK_END)
+                f.write(b"\0")
+            svc.poll()  # the watcher withdraws the rows and closes this engine
+            return out
+
+        engine.neighbours = rewritten_meanwhile
+        r = (c.get("/api/search", params={"id": 5, "k": 3}) if kind == "id"
+             else upload(c, (data / "ukbench00005.jpg").read_bytes(), k=3))
+        assert r.status_code == 503, r.text
+        assert "rewritten in place" in sentence(r) and int(r.headers["retry-after"]) > 0
+
+
 def test_ids_are_the_databases_stable_ids_so_links_survive_a_sync(tiny, tmp_path):
     """``/#id=N`` links are shared and results are clicked after the collection changed: ``id`` is
     the image's stable id (README "Collections change"), not its row, so after ``--sync`` removed

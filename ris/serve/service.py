@@ -7,6 +7,7 @@ them in worker threads, inside its limiter.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -14,7 +15,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -96,6 +97,7 @@ class Generation:
     rerank: tuple[str, ...]
     seconds: float
     ids: StableIds | None = None
+    withdrawn: bool = False  # its file was rewritten in place: its engine is closed
 
 
 @dataclass
@@ -205,6 +207,7 @@ class SearchService:
             self.current = None
             self.log(f"ris-serve: {self.cfg.features_db} was rewritten in place (same inode): its rows are "
                      "withdrawn until it is loaded again (rename a new database into place to swap without a gap)")
+            gen.withdrawn = True
             gen.engine.close()
         self.reloading = True
         try:
@@ -265,6 +268,25 @@ class SearchService:
         return message
 
     # -- searching -----------------------------------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def _answering(gen: Generation) -> Iterator[None]:
+        """A request answered from ``gen`` whose rows were withdrawn meanwhile (the file rewritten
+        in place, the engine closed under it) is the withdrawn rows' 503, not a 500 or an answer
+        read out of the rewritten file."""
+        meanwhile = ServeError(503, "the database file was rewritten in place while this request was answered; "
+                                    "retry in a few seconds", RETRY_LOADING_S)
+        try:
+            yield
+        except ServeError:
+            raise
+        except Exception:
+            if gen.withdrawn:
+                raise meanwhile from None
+            raise
+        if gen.withdrawn:
+            raise meanwhile
+
     def _check(self, gen: Generation, k: int, rerank: str) -> None:
         if not 1 <= k <= self.cfg.max_k:
             raise ServeError(422, f"k must be between 1 and {self.cfg.max_k}, not {k}.")
@@ -303,16 +325,17 @@ class SearchService:
         t0 = time.perf_counter()
         rgb, facts = decode_upload(data, e.query_size, self.cfg.max_pixels, filename)
         t1 = time.perf_counter()
-        vec = e.embed_array(rgb, rotations=rotations)
-        t2 = time.perf_counter()
-        try:
-            dist, rows = e.neighbours(vec, k, rerank)
-        except BadImage as exc:
-            raise ServeError(422, f"{display_name(filename)}: {exc}.") from None
-        t3 = time.perf_counter()
-        query = {"kind": "upload", "filename": display_name(filename, "upload"), **facts}
-        out = self._answer(gen, dist, rows, query, k, rerank,
-                           {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})
+        with self._answering(gen):
+            vec = e.embed_array(rgb, rotations=rotations)
+            t2 = time.perf_counter()
+            try:
+                dist, rows = e.neighbours(vec, k, rerank)
+            except BadImage as exc:
+                raise ServeError(422, f"{display_name(filename)}: {exc}.") from None
+            t3 = time.perf_counter()
+            query = {"kind": "upload", "filename": display_name(filename, "upload"), **facts}
+            out = self._answer(gen, dist, rows, query, k, rerank,
+                               {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})
         out["rotations"] = rotations
         return out
 
@@ -324,12 +347,13 @@ class SearchService:
         e = gen.engine
         row = self._row_of(gen, image_id)
         t0 = time.perf_counter()
-        dist, rows = e.neighbours(e.row_vector(row), k, rerank, exclude_row=row)
-        t1 = time.perf_counter()
-        query = {"kind": "id", "id": image_id, "path": shown_text(e.image_ids[row]),
-                 "label": shown_text(e.labels[row]) or None,
-                 "image_url": f"/api/images/{image_id}", "thumb_url": f"/api/thumbs/{image_id}"}
-        return self._answer(gen, dist, rows, query, k, rerank, {"search": t1 - t0, "total": t1 - t0})
+        with self._answering(gen):
+            dist, rows = e.neighbours(e.row_vector(row), k, rerank, exclude_row=row)
+            t1 = time.perf_counter()
+            query = {"kind": "id", "id": image_id, "path": shown_text(e.image_ids[row]),
+                     "label": shown_text(e.labels[row]) or None,
+                     "image_url": f"/api/images/{image_id}", "thumb_url": f"/api/thumbs/{image_id}"}
+            return self._answer(gen, dist, rows, query, k, rerank, {"search": t1 - t0, "total": t1 - t0})
 
     # -- database files ------------------------------------------------------------------
     @staticmethod
@@ -341,7 +365,8 @@ class SearchService:
 
     def image_path(self, image_id: int) -> tuple[Path, str]:
         gen = self.generation()
-        rel = gen.engine.image_ids[self._row_of(gen, image_id)]
+        with self._answering(gen):
+            rel = gen.engine.image_ids[self._row_of(gen, image_id)]
         return row_file(Path(gen.engine.root), rel, image_id), rel
 
     def image(self, image_id: int) -> tuple[int, int, str, str]:
