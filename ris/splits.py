@@ -49,10 +49,12 @@ def split_images(labels: np.ndarray, test_fraction: float = 0.5, val_fraction: f
                  folds: int = 5) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Row ids of train / val / test images, split inside every class (Corel's 50/50 protocol).
 
-    ``unseen_classes`` classes (seeded) give no image to train or val: their test images measure
-    how the head does on classes it never saw. ``fold``: k-fold inside every class instead of
-    ``test_fraction``: the test images of fold k are part k of each class's seeded permutation, so the
-    ``folds`` test sets partition the labelled images. Returns (rows per part, unseen class ids).
+    ``unseen_classes`` classes (seeded) give no image to train or val, and every one of their images
+    is test: an image the head never trained on is a held-out query (``ris.protocol``), so ris-train
+    scores what ris-eval --model scores. ``fold``: k-fold inside every class instead of
+    ``test_fraction``: the test images of fold k are part k of each seen class's seeded permutation, so
+    the ``folds`` test sets partition the seen classes' images (an unseen class is tested whole in
+    every fold). Returns (rows per part, unseen class ids).
     """
     rng = np.random.default_rng(seed)
     classes = np.unique(labels[labels >= 0])
@@ -68,11 +70,13 @@ def split_images(labels: np.ndarray, test_fraction: float = 0.5, val_fraction: f
         else:
             n_test = int(round(len(rows) * test_fraction))
             test, rest = rows[:n_test], rows[n_test:]
+        if c in unseen:  # never trained on: all held out (still drawn above: the seen classes' parts are unchanged)
+            parts["test"].append(rows)
+            continue
         n_val = int(round(len(rows) * val_fraction))
         parts["test"].append(test)
-        if c not in unseen:
-            parts["val"].append(rest[:n_val])
-            parts["train"].append(rest[n_val:])
+        parts["val"].append(rest[:n_val])
+        parts["train"].append(rest[n_val:])
     out = {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in parts.items()}
     return out, unseen
 

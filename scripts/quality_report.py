@@ -9,7 +9,7 @@ Protocol (stated in the report):
   the paired difference head - raw per fold.
 - Corel-1k: images split 50/50 inside every class (seed 0); the 500 test images query each other;
   mAP and precision@10 exclude the query. With --unseen-classes 2, two classes give no training
-  image and their queries are also scored alone.
+  image; all their images are queries, also scored alone.
 
     python scripts/quality_report.py --runs /tmp/ris-quality --out bench/quality.md
 

@@ -85,14 +85,17 @@ def test_image_split_keeps_every_class_in_train_and_test():
     assert sorted(np.concatenate(list(rows.values())).tolist()) == np.nonzero(labels >= 0)[0].tolist()
 
 
-def test_unseen_classes_give_no_training_image_but_are_tested():
+def test_unseen_classes_give_no_training_image_and_all_their_images_are_tested():
+    """Their images other than the test share were in no part: ris-eval --model scored them as held-out
+    (the head never trained on them), ris-train neither scored nor searched them."""
     labels = _labels()
     rows, meta = make_split(labels, "image", test_fraction=0.5, seed=2, unseen_classes=2)
     unseen = meta["unseen_classes"]
     assert len(unseen) == 2 and set(unseen) <= set(range(5))
     fitted = labels[np.concatenate([rows["train"], rows["val"]])]
     assert not np.isin(fitted, unseen).any()
-    assert np.isin(labels[rows["test"]], unseen).sum() == sum(round((labels == c).sum() * 0.5) for c in unseen)
+    assert np.isin(labels[rows["test"]], unseen).sum() == np.isin(labels, unseen).sum()
+    assert sorted(np.concatenate(list(rows.values())).tolist()) == np.nonzero(labels >= 0)[0].tolist()
     assert make_split(labels, "image", test_fraction=0.5, seed=2, unseen_classes=2)[1] == meta  # seeded
     with pytest.raises(RisError, match="need at least 6 labelled classes"):
         split_images(labels, unseen_classes=4)
@@ -104,15 +107,18 @@ def test_image_split_folds_differ_and_partition_every_class(unseen):
     splits = [make_split(labels, "image", val_fraction=0.2, unseen_classes=unseen, fold=k, folds=3) for k in range(3)]
     tests = [rows["test"] for rows, _ in splits]
     assert all(not np.array_equal(a, b) for i, a in enumerate(tests) for b in tests[i + 1:])
-    everything = np.sort(np.concatenate(tests))
-    assert everything.tolist() == np.nonzero(labels >= 0)[0].tolist()  # each labelled image tested once
+    unseen = splits[0][1]["unseen_classes"]
+    seen = [t[~np.isin(labels[t], unseen)] for t in tests]
+    everything = np.sort(np.concatenate(seen))
+    assert everything.tolist() == np.nonzero((labels >= 0) & ~np.isin(labels, unseen))[0].tolist()  # tested once
     for s, meta in splits:
         assert not set(s["test"]) & (set(s["train"]) | set(s["val"])) and not set(s["train"]) & set(s["val"])
-        for c in range(5):  # k-fold inside every class: about a third of its images each time
+        for c in set(range(5)) - set(unseen):  # k-fold inside every class: about a third of its images each time
             n = int((labels == c).sum())
             assert abs(int((labels[s["test"]] == c).sum()) - n / 3) < 1
-        for c in meta["unseen_classes"]:
+        for c in meta["unseen_classes"]:  # never trained on, so tested whole in every fold
             assert not (labels[np.concatenate([s["train"], s["val"]])] == c).any()
+            assert int((labels[s["test"]] == c).sum()) == int((labels == c).sum())
 
 
 def test_image_split_without_folds_is_unchanged_by_the_fold_count():

@@ -251,3 +251,33 @@ def test_the_held_out_scores_reported_are_ris_evals_searching_the_whole_collecti
                            "--quiet", *extra]) == 0
     printed = capsys.readouterr().out
     assert "whole collection" in printed and f"{reported['head']['ns_score']:.4f}" in printed
+
+
+@pytest.mark.parametrize("arch", ["whiten", "mlp"])
+def test_an_unseen_classes_head_is_scored_on_the_same_queries_and_gallery_by_ris_train_and_ris_eval(tmp_path, capsys,
+                                                                                                     arch):
+    """With --unseen-classes, ris-train scored (and stored as test_images) only the unseen classes'
+    test share and left their other images out of the gallery, while ris-eval --model scored every
+    image the head never trained on against every labelled image: 36 queries / 66 gallery images
+    against 42 / 72 for the same head (6 classes of 12, test 0.5). Now both score the 42 (the test
+    images and all of the unseen class's images) searching all 72, with the same numbers."""
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+    from ris.evaluate import evaluate_db
+    from ris.modelio import read_meta
+
+    db = _write_db(tmp_path / "f.h5", n_obj=6, views=12)
+    extra = ["--epochs", "2", "--p", "4", "--k", "4"] if arch == "mlp" else []
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--arch", arch,
+                           "--split-by", "image", "--test-fraction", "0.5", "--val-fraction", "0.2",
+                           "--unseen-classes", "1", "--quiet", "--json", *extra]) == 0
+    reported = json.loads(capsys.readouterr().out)["scores"]
+    stored = read_meta(tmp_path / "h.keras")["split"]
+    scored = evaluate_db(db, tmp_path / "h.keras")
+    assert len(stored["test_images"]) == scored["images"] == reported["raw"]["queries"] == 6 * 6 + 6
+    assert not set(stored["test_images"]) & set(stored["fit_images"])
+    assert len(stored["test_images"]) + len(stored["fit_images"]) == scored["gallery_images"] == 72
+    for part in ("raw", "head"):
+        for metric in ("queries", "ns_score", "map"):
+            assert reported[part][metric] == pytest.approx(scored[part][metric], abs=1e-6), (part, metric)
+    assert reported["unseen_classes"]["raw"]["queries"] == 12  # every image of the unseen class

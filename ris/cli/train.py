@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="object = hold out whole objects (UKBench); image = split the images of every class "
                         "(Corel's 50/50 category protocol; use --test-fraction 0.5)")
     p.add_argument("--unseen-classes", type=nonnegative_int, default=0,
-                   help="with --split-by image: keep this many classes out of training entirely and report "
-                        "their test queries separately")
+                   help="with --split-by image: keep this many classes out of training entirely; all their "
+                        "images are held-out queries (as ris-eval --model scores them), also reported separately")
     p.add_argument("--folds", type=folds, default=0, help="K-fold (0 = off, else K >= 2): train one head per "
                    "fold (output gets a .foldN suffix) and report mean and std of held-out scores; the folds "
                    "hold out whole objects, or with --split-by image 1/K of the images of every class")
