@@ -2,8 +2,11 @@
 
 Two galleries:
 - ``all`` (the default, the honest one): held-out queries search every labelled image of the
-  database; the images a head was trained on stay in the gallery as distractors, only the held-out
-  queries are scored. This is how a user meets the system: one collection, searched whole.
+  database; the images a head was trained on stay in the gallery, only the held-out queries are
+  scored. This is how a user meets the system: one collection, searched whole. What those training
+  images are to a query depends on the split (``TRAINING_IN_GALLERY``): with an object split they are
+  of other objects, distractors; with an image split they include the query's own class, relevant
+  items (category retrieval: finding them is right).
 - ``split`` (the fold protocol): held-out images search only each other. A 200-image fold has
   far fewer distractors than the collection, so it flatters every score; kept for comparison.
 
@@ -27,6 +30,10 @@ import numpy as np
 from ris.errors import DatabaseError, RisError
 
 GALLERIES = ("all", "split")
+TRAINING_IN_GALLERY = {  # a head's split kind -> what its training images are to a held-out query
+    "object": "the head's training images, all of other objects, are distractors",
+    "image": "the head's training images of the query's own class count as relevant, of other classes as distractors",
+}
 MAX_QUERY_FILE_BYTES = 64 << 20
 
 
@@ -203,8 +210,9 @@ def choose(db_ids: list[str], labels: np.ndarray, meta: dict[str, Any] | None = 
                                 f"(--split all scores them, which is not a held-out score)")
         desc = _with_note(desc, note)
     if gallery == "all":
+        role = f"; {TRAINING_IN_GALLERY[by]}" if meta is not None and len(fit_rows) else ""
         return Protocol(q, labelled, desc + f"; they search all {len(labelled)} labelled images "
-                        f"(whole-collection protocol)", trained)
+                        f"(whole-collection protocol{role})", trained)
     return Protocol(q, q, desc + "; they search only each other (fold protocol)", trained)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from ris.embed import embed_features, raw_descriptors
 from ris.errors import DatabaseError, RisError, TooFewGroups
 from ris.modelio import save_model
+from ris.protocol import TRAINING_IN_GALLERY
 from ris.sidecars import atomic_write
 from ris.splits import SPLIT_BY, make_split
 from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening, write_whitening_report
@@ -181,7 +182,8 @@ def _test_scores(head, data: _Data, cfg: TrainConfig) -> dict[str, Any]:
         return {"raw": evaluate_retrieval(x_raw, labels, cfg.distance, query_rows=queries).to_dict(),
                 "head": evaluate_retrieval(x_emb, labels, cfg.distance, query_rows=queries).to_dict()}
 
-    scores: dict[str, Any] = {"protocol": "held-out queries search the whole collection", **both(raw, emb, lab, test),
+    protocol = f"held-out queries search the whole collection; {TRAINING_IN_GALLERY[cfg.split_by]}"
+    scores: dict[str, Any] = {"protocol": protocol, **both(raw, emb, lab, test),
                               "test_gallery": both(raw[first:], emb[first:], lab[first:])}
     if data.split_meta.get("unseen_classes"):
         scores["unseen_classes"] = both(raw, emb, lab, test[np.isin(lab[first:], data.split_meta["unseen_classes"])])

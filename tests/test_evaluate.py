@@ -70,7 +70,9 @@ def test_a_model_is_scored_on_its_own_test_images_as_training_scored_it(whitened
         for part in ("raw", "head"):
             for key in ("ns_score", "map", "top4_accuracy", "queries"):
                 assert r[part][key] == pytest.approx(stored[part][key], abs=1e-9), (part, key)
-    assert meta["test_scores"]["protocol"] == "held-out queries search the whole collection"
+    assert meta["test_scores"]["protocol"] == ("held-out queries search the whole collection; the head's training "
+                                               "images, all of other objects, are distractors")
+    assert meta["test_scores"]["protocol"].partition("; ")[2] in whole["split_description"]
     assert "not a held-out score" in evaluate_db(db, model, split="all")["split_description"]
 
 

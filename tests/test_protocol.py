@@ -36,6 +36,19 @@ def test_image_split_head_keeps_the_other_images_of_training_classes():
     assert p.query_rows.tolist() == [2, 3, 6, 7, 8, 9, 10, 11]
 
 
+@pytest.mark.parametrize("by,says", [("object", "of other objects, are distractors"),
+                                     ("image", "of the query's own class count as relevant")])
+def test_the_whole_collection_line_says_what_the_training_images_are_to_a_query(by, says):
+    """It said nothing, and the README said training images stay in the gallery "as distractors",
+    which is not so with an image split: they include the query's own class, relevant items."""
+    meta = head_meta(IDS[:2] + IDS[4:6], IDS[2:4] + IDS[6:8], by=by)
+    assert says in protocol.choose(IDS, LABELS, meta, "test").description
+    assert says not in protocol.choose(IDS, LABELS, meta, "test", gallery="split").description
+    never_saw = head_meta(["train/a.jpg"], ["train/c.jpg"], by=by)  # none of its training images is here
+    assert "training images, " not in protocol.choose(IDS, LABELS, never_saw, "test").description
+    assert "count as relevant" not in protocol.choose(IDS, LABELS, never_saw, "test").description
+
+
 def test_head_fitted_on_everything_refuses_its_own_database_but_not_another():
     meta = head_meta(IDS, [])  # --test-fraction 0
     with pytest.raises(DatabaseError, match="nothing held out"):

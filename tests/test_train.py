@@ -245,7 +245,8 @@ def test_the_held_out_scores_reported_are_ris_evals_searching_the_whole_collecti
     for part in ("raw", "head"):
         for metric in ("ns_score", "map"):
             assert reported[part][metric] == pytest.approx(scored[part][metric], abs=1e-6), (part, metric)
-    assert reported["protocol"] == "held-out queries search the whole collection"
+    assert reported["protocol"] == ("held-out queries search the whole collection; the head's training images, "
+                                    "all of other objects, are distractors")
     assert reported["test_gallery"]["raw"]["queries"] == reported["raw"]["queries"]  # the other protocol, named
     assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h2.keras"), "--arch", arch,
                            "--quiet", *extra]) == 0
@@ -281,3 +282,20 @@ def test_an_unseen_classes_head_is_scored_on_the_same_queries_and_gallery_by_ris
         for metric in ("queries", "ns_score", "map"):
             assert reported[part][metric] == pytest.approx(scored[part][metric], abs=1e-6), (part, metric)
     assert reported["unseen_classes"]["raw"]["queries"] == 12  # every image of the unseen class
+
+
+def test_an_image_split_head_says_its_training_images_of_the_querys_class_are_relevant(tmp_path, capsys):
+    """The whole collection holds the head's training images of each query's own class, which count as
+    relevant; ris-train and ris-eval said nothing of it (the README: "as distractors"). Both say it now."""
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+    from ris.evaluate import evaluate_db
+
+    db = _write_db(tmp_path / "f.h5", n_obj=6, views=12)
+    args = ["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--split-by", "image", "--quiet"]
+    assert train_cli.main([*args, "--json"]) == 0
+    role = json.loads(capsys.readouterr().out)["scores"]["protocol"].partition("; ")[2]
+    assert "of the query's own class count as relevant" in role
+    assert role in evaluate_db(db, tmp_path / "h.keras")["split_description"]
+    assert train_cli.main(args) == 0
+    assert role in capsys.readouterr().out

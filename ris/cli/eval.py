@@ -30,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="objects to score: 'test' = held-out objects, 'all' = every labelled image "
                         "(default: test with --model, all without)")
     p.add_argument("--gallery", default="all", choices=["all", "split"],
-                   help="what the scored queries search: 'all' = every labelled image of the database (training "
-                        "images stay as distractors; the whole-collection protocol), 'split' = only each other "
+                   help="what the scored queries search: 'all' = every labelled image of the database (the "
+                        "whole-collection protocol; a head's training images stay in it: for a head trained by "
+                        "object, of other objects, distractors; for one trained with ris-train --split-by image, "
+                        "of the query's own class too, relevant), 'split' = only each other "
                         "(the fold protocol: fewer distractors, higher scores)")
     p.add_argument("--queries", default=None, metavar="FILE",
                    help="score only these queries: one image id per line (path relative to the dataset folder, "

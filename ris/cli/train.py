@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         raw, head = r.scores["raw"], r.scores["head"]
         kind = (f"test objects ({r.split['test']})" if cfg.split_by == "object"
                 else f"test images of {r.split['test']} classes")
+        role = r.scores["protocol"].partition("; ")[2]  # what the training images in it are to a query
         print(f"held-out {kind}, {raw['queries']} queries searching the whole collection "
-              f"(as ris-eval --model scores them): N-S raw {raw['ns_score']:.4f} -> head {head['ns_score']:.4f};  "
+              f"(as ris-eval --model scores them; {role}): N-S raw {raw['ns_score']:.4f} -> head {head['ns_score']:.4f};  "
               f"mAP {raw['map']:.4f} -> {head['map']:.4f}")
         raw, head = r.scores["test_gallery"]["raw"], r.scores["test_gallery"]["head"]
         print(f"  searching only each other (the fold protocol, which flatters): N-S {raw['ns_score']:.4f} -> "
