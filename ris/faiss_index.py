@@ -235,7 +235,7 @@ class IvfPqIndex:
         with atomic_write(data) as tmp:
             _write_index(faiss, self.index, tmp)
             self.data_crc32 = file_crc32(tmp)
-        previous = _read_meta(path).get("data") if os.path.isfile(path) else None
+        previous = _named_data(path)
         try:
             self._write_meta(path, data)
         except BaseException:
@@ -294,6 +294,14 @@ def _read_meta(path: str) -> dict:
     if not isinstance(meta, dict) or meta.get("kind") != "ivfpq":
         raise DatabaseError(f"IVF-PQ index {path}: not an ris IVF-PQ index file")
     return meta
+
+
+def _named_data(path: str) -> str | None:
+    """The data file the metadata names; None if unreadable (a damaged index's rebuild must still save)."""
+    try:
+        return _read_meta(path).get("data") if os.path.isfile(path) else None
+    except DatabaseError:
+        return None
 
 
 def _drop_old_data(path: str, keep: str, previous: str | None, orphan_age_s: float = 600) -> None:

@@ -164,6 +164,29 @@ def test_damaged_metadata_is_named_and_the_index_rebuilt(tmp_path):
     assert len(open_ivfpq(db)) == 1500
 
 
+@pytest.mark.parametrize("text", ["", '{"kind": "ivfpq", "di', "[]", '{"kind": "hnsw"}'])
+def test_unreadable_metadata_is_rebuilt_and_saved_not_refused_at_every_save(tmp_path, text):
+    """Metadata that is not JSON (cut short, emptied) or not an IVF-PQ index's: the index was
+    rebuilt, then its save read the old metadata for the data file to drop and failed on it, so
+    ``ris-search --index ivfpq`` and ``ris-index build`` stopped with "cannot read it" every time,
+    each leaving one more orphan data file. The rebuilt index is saved and used now."""
+    from ris.cli.index import main as index_main
+
+    x = clustered_vectors(1500, 16, seed=8)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    open_ivfpq(db)
+    (tmp_path / "feats.h5.ivfpq").write_text(text)
+    index = open_ivfpq(db)
+    assert len(index) == 1500 and np.all(index.search(x[:5], 1)[1][:, 0] == np.arange(5))
+    saved = IvfPqIndex.load(ivfpq_path(db))  # saved whole this time
+    assert len(saved) == 1500
+    data_files = set(tmp_path.glob("feats.h5.ivfpq.*.faiss"))
+    assert len(data_files) <= 2  # the new one, and the orphan the damaged metadata named (dropped when old)
+    (tmp_path / "feats.h5.ivfpq").write_text(text)
+    assert index_main(["build", "--features-db", str(db), "--index", "ivfpq"]) == 0
+    assert len(IvfPqIndex.load(ivfpq_path(db))) == 1500
+
+
 def test_a_data_file_damaged_in_place_is_refused_and_rebuilt(tmp_path):
     """Bytes changed in the middle of the .faiss file (same size) were used: answers from damaged
     codes, silently. The metadata holds the data file's CRC-32 now, as the HNSW index's does."""
