@@ -347,12 +347,12 @@ def _tuned(index):
 
 
 def build_ivfpq(features, metric: str, source: dict | None = None, params: IvfPqParams | None = None,
-                progress: bool = True, chunk_rows: int = 100_000) -> IvfPqIndex:
+                progress: bool = True, chunk_rows: int = 100_000, where: str = "the database") -> IvfPqIndex:
     """Train on a sample of ``features`` (array or h5py dataset), then add every row, streamed."""
     faiss = _faiss()
     n, dim = int(features.shape[0]), int(features.shape[1])
     if n == 0:
-        raise DatabaseError("cannot build an IVF-PQ index over an empty database")
+        raise DatabaseError(f"{where}: no images to train an IVF-PQ index on (use --index exact or hnsw)")
     params = params or choose_params(n, dim)
     t0 = time.perf_counter()
     index = IvfPqIndex(_tuned(faiss.index_factory(dim, params.factory(dim))), dim, metric, params)
@@ -373,8 +373,8 @@ def open_ivfpq(req):
     from ris.index import open_saved
 
     path = ivfpq_path(req.vectors_path)
-    index = open_saved(req, path, IvfPqIndex.load, lambda: build_ivfpq(req.features, req.metric, req.source),
-                       "ivfpq")
+    index = open_saved(req, path, IvfPqIndex.load,
+                       lambda: build_ivfpq(req.features, req.metric, req.source, where=req.vectors_path), "ivfpq")
     if index is not None:
         index.stored = StoredRows(req.features)
     return index

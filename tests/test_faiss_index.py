@@ -187,6 +187,22 @@ def test_unreadable_metadata_is_rebuilt_and_saved_not_refused_at_every_save(tmp_
     assert len(IvfPqIndex.load(ivfpq_path(db))) == 1500
 
 
+def test_an_empty_database_is_named_when_no_ivfpq_index_can_be_trained_on_it(tmp_path, capsys):
+    """Every image removed, then ``--index ivfpq``: "ris-index: error: cannot build an IVF-PQ index
+    over an empty database", naming no file (README: errors name their file)."""
+    from ris.cli.common import run
+    from ris.cli.index import main as index_main
+    from ris.errors import DatabaseError
+
+    db = make_feature_db(tmp_path / "feats.h5", clustered_vectors(1, 16, seed=8))
+    remove_images(db, ["img000000.jpg"])
+    with pytest.raises(DatabaseError, match=r"feats\.h5: .*no images"):
+        open_ivfpq(db)
+    assert run("ris-index", index_main, ["build", "--features-db", str(db), "--index", "ivfpq"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"ris-index: error: {db}: ") and "--index exact or hnsw" in err
+
+
 def test_a_data_file_damaged_in_place_is_refused_and_rebuilt(tmp_path):
     """Bytes changed in the middle of the .faiss file (same size) were used: answers from damaged
     codes, silently. The metadata holds the data file's CRC-32 now, as the HNSW index's does."""
