@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import re
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP: spinning threads
 # starve everything else on a shared 2-core machine (k-means ran ~10x slower under load)
@@ -33,6 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP
 import numpy as np  # noqa: E402
 
 from ris.errors import DatabaseError, RisError  # noqa: E402
+from ris.ivfpq_params import IvfPqParams, choose_params  # noqa: E402  (re-exported)
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
 from ris.sidecars import atomic_write, file_crc32, ivfpq_path, remove_stale_temps  # noqa: E402
 from ris.stored_rows import StoredRows  # noqa: E402  (re-ranking reads; re-exported)
@@ -67,51 +67,6 @@ def faiss_available() -> bool:
 
 
 SHORTLIST_PER_RESULT = 4  # re-rank at least 4 x k candidates (see IvfPqIndex.shortlist)
-
-
-@dataclass
-class IvfPqParams:
-    """Index shape. ``choose_params`` sizes it from the row count and dimension."""
-
-    nlist: int  # coarse cells
-    m: int  # PQ sub-quantizers = code bytes per vector (at 8 bits)
-    nbits: int = 8
-    opq: bool = True  # learned rotation before PQ: spreads variance evenly over the sub-vectors
-    nprobe: int = 32  # cells visited per query
-    rerank: int = 100  # shortlist (at least 4 x k) re-ranked exactly from the stored vectors; 0 = approximate distances
-    train_rows: int = 100_000
-    codec: str = "pq"  # "sq8" (1 byte per dimension) below ~10,000 rows, too few to train PQ codebooks
-    opq_dim: int = 0  # dimension OPQ rotates (and projects) to before IVF-PQ; 0 = the input's
-    fastscan: bool = False  # 4-bit codes scanned with in-register lookup tables (faiss "PQ{m}x4fs")
-
-    def factory(self, dim: int) -> str:
-        coarse = f"IVF{self.nlist}_HNSW32" if self.nlist >= 1024 else f"IVF{self.nlist}"
-        if self.codec == "sq8":
-            return f"{coarse},SQ8"
-        opq = f"OPQ{self.m}_{self.opq_dim or dim}," if self.opq else ""
-        return f"{opq}{coarse},PQ{self.m}x{self.nbits}{'fs' if self.fastscan else ''}"
-
-    def code_bytes(self, dim: int) -> float:
-        """Bytes of code per vector (its 8-byte id comes on top)."""
-        return float(dim) if self.codec == "sq8" else self.m * self.nbits / 8
-
-
-def choose_params(n: int, dim: int, **override) -> IvfPqParams:
-    """nlist ~ 4 sqrt(N) (a power of two, at most 4096, >= 39 training rows per cell); m = 64
-    bytes (fewer for small dimensions: it must divide the dimension); 8-bit codes once there
-    are enough rows to train 256 centroids per sub-quantizer (below that, 8-bit scalar codes:
-    a small database does not need compressing); OPQ from 100,000 rows (below, its training
-    costs more than the index is worth)."""
-    nlist = 2 ** int(round(math.log2(max(1.0, 4 * math.sqrt(n)))))
-    nlist = int(max(1, min(nlist, 4096, n // 39)))
-    train = int(min(n, max(100_000, 64 * nlist)))
-    m = max(d for d in range(1, min(64, max(1, dim // 2)) + 1) if dim % d == 0)
-    codec = "pq" if train >= 39 * 256 else "sq8"
-    p = IvfPqParams(nlist=nlist, m=m if codec == "pq" else dim, nbits=8, opq=codec == "pq" and n >= 100_000 and m >= 2,
-                    nprobe=int(min(nlist, 32)), train_rows=train, codec=codec)
-    for k, v in override.items():
-        setattr(p, k, v)
-    return p
 
 
 class IvfPqIndex:
@@ -194,14 +149,25 @@ class IvfPqIndex:
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """faiss search; a few queries run on one thread: faiss splits work by query, and waking
-        a second OpenMP thread for one query cost milliseconds on a loaded 2-core machine."""
-        if len(q) >= 16:
-            return self.index.search(q, k)
+        a second OpenMP thread for one query cost milliseconds on a loaded 2-core machine. Queries
+        whose ``nprobe`` cells held fewer than k vectors (k near the collection's size) are searched
+        again over every cell: they came back short (-1 labels) where every other kind gives k."""
         faiss = _faiss()
         threads = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
+        if len(q) < 16:
+            faiss.omp_set_num_threads(1)
         try:
-            return self.index.search(q, k)
+            d2, labels = self.index.search(q, k)
+            short = (labels < 0).any(axis=1)
+            if short.any() and self.params.nprobe < self.params.nlist:
+                every = [faiss.SearchParametersIVF(nprobe=int(self.params.nlist))]  # referenced: faiss keeps pointers
+                if self.params.nlist >= 1024:  # the HNSW coarse quantizer must return every cell
+                    every.append(faiss.SearchParametersHNSW(efSearch=int(self.params.nlist)))
+                    every[0].quantizer_params = every[-1]
+                pre = isinstance(self.index, faiss.IndexPreTransform)
+                every.append(faiss.SearchParametersPreTransform(index_params=every[0]) if pre else every[0])
+                d2[short], labels[short] = self.index.search(q[short], k, params=every[-1])
+            return d2, labels
         finally:
             faiss.omp_set_num_threads(threads)
 

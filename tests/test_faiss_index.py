@@ -366,3 +366,24 @@ def test_ris_index_build_tunes_the_index_it_built_and_refuses_other_kinds(tmp_pa
     assert out["path"] != ivfpq_path(str(db))  # the index beside the head's embedding cache
     saved = IvfPqIndex.load(out["path"])
     assert (saved.params.rerank, saved.params.nprobe) == (9, 3)
+
+
+@pytest.mark.parametrize("reranked,shape", [(False, "default"), (True, "default"), (False, "opq-hnsw")])
+def test_asking_for_nearly_the_whole_collection_returns_that_many_results(reranked, shape):
+    """The cells ``nprobe`` visits may hold fewer vectors than asked for: 2,000 rows, k=1,500 gave
+    about 1,400 results (-1 labels dropped) where every other index kind gives 1,500. Queries
+    left short are searched again over every cell (through OPQ and an HNSW coarse quantizer too)."""
+    from ris.faiss_index import IvfPqParams
+
+    x = clustered_vectors(2000, 16, seed=3)
+    params = (IvfPqParams(nlist=1024, m=8, nbits=4, opq=True, nprobe=8, train_rows=2000)
+              if shape == "opq-hnsw" else None)
+    index = build_ivfpq(x, "euclidean", params=params, progress=False)
+    assert index.params.nprobe < index.params.nlist
+    if reranked:
+        index.stored = StoredRows(x)
+    d, i = index.search(x[:5], 1500)
+    assert i.shape == (5, 1500) and (i >= 0).all() and np.isfinite(d).all()
+    assert all(len(set(row)) == 1500 for row in i.tolist())
+    _, few = index.search(x[:5], 10)  # a usual k keeps its usual (cheaper) search
+    assert (few >= 0).all()

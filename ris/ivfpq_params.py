@@ -1,0 +1,51 @@
+"""The shape of a faiss IVF-PQ index (``ris.faiss_index``): its parameters, the faiss factory
+string they make, and how they are sized from the row count and dimension."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class IvfPqParams:
+    """Index shape. ``choose_params`` sizes it from the row count and dimension."""
+
+    nlist: int  # coarse cells
+    m: int  # PQ sub-quantizers = code bytes per vector (at 8 bits)
+    nbits: int = 8
+    opq: bool = True  # learned rotation before PQ: spreads variance evenly over the sub-vectors
+    nprobe: int = 32  # cells visited per query
+    rerank: int = 100  # shortlist (at least 4 x k) re-ranked exactly from the stored vectors; 0 = approximate distances
+    train_rows: int = 100_000
+    codec: str = "pq"  # "sq8" (1 byte per dimension) below ~10,000 rows, too few to train PQ codebooks
+    opq_dim: int = 0  # dimension OPQ rotates (and projects) to before IVF-PQ; 0 = the input's
+    fastscan: bool = False  # 4-bit codes scanned with in-register lookup tables (faiss "PQ{m}x4fs")
+
+    def factory(self, dim: int) -> str:
+        coarse = f"IVF{self.nlist}_HNSW32" if self.nlist >= 1024 else f"IVF{self.nlist}"
+        if self.codec == "sq8":
+            return f"{coarse},SQ8"
+        opq = f"OPQ{self.m}_{self.opq_dim or dim}," if self.opq else ""
+        return f"{opq}{coarse},PQ{self.m}x{self.nbits}{'fs' if self.fastscan else ''}"
+
+    def code_bytes(self, dim: int) -> float:
+        """Bytes of code per vector (its 8-byte id comes on top)."""
+        return float(dim) if self.codec == "sq8" else self.m * self.nbits / 8
+
+
+def choose_params(n: int, dim: int, **override) -> IvfPqParams:
+    """nlist ~ 4 sqrt(N) (a power of two, at most 4096, >= 39 training rows per cell); m = 64
+    bytes (fewer for small dimensions: it must divide the dimension); 8-bit codes once there
+    are enough rows to train 256 centroids per sub-quantizer (below that, 8-bit scalar codes:
+    a small database does not need compressing); OPQ from 100,000 rows (below, its training
+    costs more than the index is worth)."""
+    nlist = 2 ** int(round(math.log2(max(1.0, 4 * math.sqrt(n)))))
+    nlist = int(max(1, min(nlist, 4096, n // 39)))
+    train = int(min(n, max(100_000, 64 * nlist)))
+    m = max(d for d in range(1, min(64, max(1, dim // 2)) + 1) if dim % d == 0)
+    codec = "pq" if train >= 39 * 256 else "sq8"
+    p = IvfPqParams(nlist=nlist, m=m if codec == "pq" else dim, nbits=8, opq=codec == "pq" and n >= 100_000 and m >= 2,
+                    nprobe=int(min(nlist, 32)), train_rows=train, codec=codec)
+    for k, v in override.items():
+        setattr(p, k, v)
+    return p
