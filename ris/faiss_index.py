@@ -335,9 +335,13 @@ def build_ivfpq(features, metric: str, source: dict | None = None, params: IvfPq
 
 
 def open_ivfpq(req):
-    """``--index ivfpq``: the saved index beside the vectors (caught up, or built), memory-mapped."""
-    from ris.index import open_saved
+    """``--index ivfpq``: the saved index beside the vectors (caught up, or built), memory-mapped.
+    A database with no rows (every image removed) has nothing to train on: it answers nothing,
+    as every other kind does, and the index is built once rows come back."""
+    from ris.index import ExactIndex, open_saved
 
+    if req.rows == 0:
+        return ExactIndex(req.features, req.metric)
     path = ivfpq_path(req.vectors_path)
     index = open_saved(req, path, IvfPqIndex.load,
                        lambda: build_ivfpq(req.features, req.metric, req.source, where=req.vectors_path), "ivfpq")

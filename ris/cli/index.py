@@ -85,6 +85,8 @@ def _build_saved(args) -> int:
             index, vectors_path = engine.index, engine.vectors_path  # the embedding cache, for a head
         else:
             vectors_path, source = str(db.path), source_of(db)
+            if args.index == "ivfpq" and not len(db):  # a search answers nothing; a build is asked for
+                raise RisError(f"{db.path}: no images to train an IVF-PQ index on (use --index exact or hnsw)")
             if args.rebuild:
                 _delete_saved(vectors_path, args.index, source)
             index = open_search_index(vectors_path, db.features, "euclidean", kind=args.index, source=source)
