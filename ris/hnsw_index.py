@@ -7,15 +7,14 @@ rebuilding. Memory: about 1.2 GB per million 256-d vectors (bench/README.md).
 """
 from __future__ import annotations
 
-import errno
-import json
 import os
 
 import numpy as np
 
 from ris.errors import DatabaseError, RisError
+from ris.hnsw_files import load_pair, meta_path, save_pair
 from ris.index_state import RowMap, catch_up, saved_source, to_rows
-from ris.sidecars import atomic_write, ensure_room, file_crc32
+from ris.sidecars import file_crc32
 from ris.topk import METRICS
 
 _SPACES = {"euclidean": "l2", "cosine": "cosine"}
@@ -126,38 +125,24 @@ class HnswIndex:
         return to_rows(dist, labels, self.rowmap, k)
 
     def save(self, path: str) -> None:
-        """Write ``path`` and ``path.json``, each atomically, so a crash never leaves a torn index;
-        the .json (written last) says what the index holds, and load checks the two agree. Killed
-        between the two, the catch-up from the older .json is simply redone (it is idempotent)."""
-        need = int(self._index.index_file_size())
-        ensure_room(os.path.dirname(os.path.abspath(path)), need, "to save the HNSW index")
-        with atomic_write(path) as tmp:
-            self._index.save_index(str(tmp))
-            written = os.path.getsize(tmp)
-            if written != need:  # hnswlib does not check its writes: a full disk leaves a short file
-                raise OSError(errno.ENOSPC, f"written short ({written} of {need} bytes; is the disk full?)", path)
-            crc = file_crc32(tmp)
-        meta = {"format": 2, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
+        """Write a new graph, then the metadata ``path.json`` naming it (``ris.hnsw_files``): a crash
+        never leaves a torn index, and two processes saving at once never leave a mixed pair.
+        Killed before the metadata, the catch-up from the older one is simply redone (idempotent)."""
+        meta = {"format": 3, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
                 "db_rows": len(self), "next_id": self.next_id, "removed_seen": self.removed_seen,
                 "deleted": self.deleted, "params": self.params, "fingerprint": self.fingerprint,
-                "fingerprint_rows": self.fingerprint_rows, "source": saved_source(self.source),
-                "index_bytes": os.path.getsize(path), "crc32": crc}
-        with atomic_write(path + ".json") as tmp:
-            tmp.write_text(json.dumps(meta, indent=1))
+                "fingerprint_rows": self.fingerprint_rows, "source": saved_source(self.source)}
+        save_pair(path, lambda tmp: self._index.save_index(str(tmp)), int(self._index.index_file_size()), meta)
 
     @classmethod
     def load(cls, path: str) -> "HnswIndex":
-        try:
-            with open(path + ".json") as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise DatabaseError(f"HNSW index {path}: cannot read its sidecar {path}.json ({exc})") from exc
-        if not os.path.isfile(path):
-            raise DatabaseError(f"HNSW index {path} is missing")
-        if meta.get("index_bytes") not in (None, os.path.getsize(path)):
-            raise DatabaseError(f"HNSW index {path} does not match its sidecar {path}.json")
-        if "crc32" in meta and file_crc32(path) != meta["crc32"]:  # hnswlib follows damaged links into a crash
-            raise DatabaseError(f"HNSW index {path} is damaged (its checksum does not match {path}.json)")
+        """The index saved at ``path`` (either layout); a graph dropped by a save committed meanwhile
+        is not an error: the newer metadata is read."""
+        return load_pair(path, lambda meta, graph: cls._load(path, meta, graph))
+
+    @classmethod
+    def _load(cls, path: str, meta: dict, graph: str) -> "HnswIndex":
+        sidecar = meta_path(path)
         self = cls.__new__(cls)
         try:
             self.dim, self.metric = int(meta["dim"]), meta["metric"]
@@ -169,13 +154,19 @@ class HnswIndex:
             self.removed_seen, self.deleted = int(meta.get("removed_seen", 0)), int(meta.get("deleted", 0))
             space, count = _SPACES[self.metric], max(1, int(meta["count"]) + self.deleted)
         except (KeyError, TypeError, ValueError) as exc:
-            raise DatabaseError(f"HNSW index {path}: its sidecar {path}.json is damaged "
+            raise DatabaseError(f"HNSW index {path}: its sidecar {sidecar} is damaged "
                                 f"(bad or missing {exc})") from None
+        if not os.path.isfile(graph):
+            raise DatabaseError(f"HNSW index {path}: its graph {graph} is missing")
+        if meta.get("index_bytes") not in (None, os.path.getsize(graph)):
+            raise DatabaseError(f"HNSW index {path}: its graph {graph} does not match its sidecar {sidecar}")
+        if "crc32" in meta and file_crc32(graph) != meta["crc32"]:  # hnswlib follows damaged links into a crash
+            raise DatabaseError(f"HNSW index {path} is damaged (the checksum of {graph} does not match {sidecar})")
         self.rowmap = None
         self._index = _hnswlib().Index(space=space, dim=self.dim)
-        self._index.load_index(path, max_elements=count)
+        self._index.load_index(graph, max_elements=count)
         if self._index.get_current_count() < int(meta["count"]) + self.deleted:  # older than its .json
-            raise DatabaseError(f"HNSW index {path} does not match its sidecar {path}.json")
+            raise DatabaseError(f"HNSW index {path}: its graph {graph} does not match its sidecar {sidecar}")
         self._setup()
         return self
 

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ris.errors import DatabaseError, RisError
+from ris.hnsw_files import is_saved
 from ris.hnsw_index import HnswIndex, build_hnsw_from_db, hnsw_available, update_hnsw  # noqa: F401 (re-exported)
 from ris.index_state import RowMap, catch_up, saved_source, stale_reason
 from ris.sidecars import hnsw_path, ivfpq_path
@@ -164,7 +165,7 @@ def _open_hnsw(req: IndexRequest):
     if not req.build and not hnsw_available():
         return None
     return open_saved(req, index_path_for(req.vectors_path), HnswIndex.load,
-                      lambda: build_hnsw_from_db(req.features, req.metric, source=req.source), "hnsw")
+                      lambda: build_hnsw_from_db(req.features, req.metric, source=req.source), "hnsw", is_saved)
 
 
 def _open_ivfpq(req: IndexRequest):
@@ -185,8 +186,9 @@ def _open_auto(req: IndexRequest):
     if req.rows < req.threshold:
         return ExactIndex(req.features, req.metric)
     quiet = IndexRequest(**{**req.__dict__, "build": False})
-    for opener, path in ((_open_hnsw, hnsw_path(req.vectors_path)), (_open_ivfpq, ivfpq_path(req.vectors_path))):
-        if os.path.isfile(path):
+    for opener, saved in ((_open_hnsw, is_saved(hnsw_path(req.vectors_path))),
+                          (_open_ivfpq, os.path.isfile(ivfpq_path(req.vectors_path)))):
+        if saved:
             index = opener(quiet)
             if index is not None:
                 return index

@@ -1,13 +1,14 @@
 """Every file kept beside a feature database, in one place.
 
 Beside ``feats.h5`` live caches derived from it (head embeddings ``.emb-<model>.h5``, the DBA
-database ``.dba-n<n>-a<alpha>.h5``, thumbnails ``.thumbs<size>.h5``, the HNSW index ``.hnsw`` +
-``.hnsw.json``, the faiss IVF-PQ index ``.ivfpq`` (its metadata, the commit point) + the data file
-it names ``.ivfpq.<token>.faiss``, and the same kinds beside an embedding cache), the writer's
-``.partial``, the remover's ``.rewrite`` and its ``.lock``. Why one module: a cache is only safe
-if it is (a) written atomically, (b) keyed on the database's *content* plus its own parameters,
-so a re-extracted database of the same size never serves stale vectors, and (c) cleared, and
-only it, when the database is replaced.
+database ``.dba-n<n>-a<alpha>.h5``, thumbnails ``.thumbs<size>.h5``, the HNSW index ``.hnsw.json``
+(its metadata, the commit point) + the graph it names ``.hnsw.<token>.graph`` (``.hnsw`` before
+tokens; ``ris.hnsw_files``), the faiss IVF-PQ index ``.ivfpq`` (its metadata, the commit point) +
+the data file it names ``.ivfpq.<token>.faiss``, and the same kinds beside an embedding cache),
+the writer's ``.partial``, the remover's ``.rewrite`` and its ``.lock``. Why one module: a cache
+is only safe if it is (a) written atomically, (b) keyed on the database's *content* plus its own
+parameters, so a re-extracted database of the same size never serves stale vectors, and (c)
+cleared, and only it, when the database is replaced.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ LOCK_SUFFIX = ".lock"
 _TMP = r"(?:\.[0-9a-f]{8}\.tmp)?"  # atomic_write's temp names, left behind only by a killed process
 _TEMP_NAME = re.compile(r"\.[0-9a-f]{8}\.tmp$")
 _DBA = r"dba-n\d+-a[0-9a-z.+-]+\.h5"
-_INDEX = r"(?:hnsw(?:\.json)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)"
-_INDEX_FILE = re.compile(r"\.(?:hnsw(?:\.json)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)(?:\.[0-9a-f]{8}\.tmp)?$")
+_INDEX = r"(?:hnsw(?:\.json|\.[0-9a-f]{8}\.graph)?|ivfpq(?:\.[0-9a-f]{8}\.faiss)?)"
+_INDEX_FILE = re.compile(r"\." + _INDEX + r"(?:\.[0-9a-f]{8}\.tmp)?$")
 _KINDS = rf"(?:emb-[0-9a-f]+\.h5(?:\.{_INDEX}|\.{_DBA})?|{_DBA}|thumbs\d+\.h5|local-sift\d+-\d+\.h5|{_INDEX})"
 
 
@@ -92,7 +93,7 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     held = None
     try:
-        held = _create_locked(tmp)
+        held = create_locked(tmp)
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
@@ -109,7 +110,7 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
-def _create_locked(tmp: Path) -> int:
+def create_locked(tmp: Path) -> int:
     """Create ``tmp`` (it must not exist) and hold an exclusive ``flock`` on it; the OS drops the
     lock when the process dies, even by ``kill -9``, which is how a temp is known abandoned."""
     import fcntl
@@ -232,6 +233,8 @@ def thumbs_path(features_db: str | Path, size: int) -> Path:
 
 
 def hnsw_path(vectors_path: str | Path) -> str:
+    """The HNSW index's name: its metadata is ``<this>.json``, naming its graph ``<this>.<token>.graph``
+    (an index saved before tokens: the graph is this file itself; see ``ris.hnsw_files``)."""
     return f"{vectors_path}.hnsw"
 
 

@@ -281,14 +281,16 @@ def follow_saved_indexes(features_db: str | Path, log=lambda s: print(s, file=sy
     embeddings follow when their embeddings are next made; Milvus collections when next opened."""
     from ris.index import INDEX_KINDS, IndexRequest
     from ris.index_state import source_of
+    from ris.hnsw_files import is_saved
     from ris.sidecars import hnsw_path, ivfpq_path
 
     done = []
     with FeatureDB(features_db) as db:
         if db.features.ndim != 2:
             return done
-        for kind, path in (("hnsw", hnsw_path(db.path)), ("ivfpq", ivfpq_path(db.path))):
-            if os.path.isfile(path):
+        for kind, path, saved in (("hnsw", hnsw_path(db.path), is_saved),
+                                  ("ivfpq", ivfpq_path(db.path), os.path.isfile)):
+            if saved(path):
                 req = IndexRequest(str(db.path), db.features, "euclidean", source_of(db), build=False)
                 index = INDEX_KINDS[kind].open(req)
                 if index is not None:

@@ -260,7 +260,7 @@ KILLED_BUILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("kind,stall_at,final", [("ivfpq", 1, "feats.h5.ivfpq"), ("ivfpq", 2, "feats.h5.ivfpq"),
-                                                 ("hnsw", 1, "feats.h5.hnsw"), ("hnsw", 2, "feats.h5.hnsw.json")])
+                                                 ("hnsw", 1, "feats.h5.hnsw.json"), ("hnsw", 2, "feats.h5.hnsw.json")])
 def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, stall_at, final):
     if kind == "hnsw":
         pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
@@ -286,6 +286,7 @@ def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, sta
         assert len(index) == 2000 and np.all(index.search(x[:5], 1)[1][:, 0] == np.arange(5))
     # ... and the next build removes what the killed one left (1.3 GB per killed save at 1M rows)
     assert [p.name for p in sidecar_files(db) if p.name.endswith(".tmp")] == []
+    assert len([p for p in sidecar_files(db) if p.name.endswith((".faiss", ".graph"))]) == 1  # its data file only
     clear_sidecars(db)
     assert sidecar_files(db) == []
 

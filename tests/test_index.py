@@ -1,5 +1,7 @@
 """Exact and HNSW indexes: same answers as brute force, persistence, incremental update."""
+import json
 import os
+import re
 import sys
 
 import h5py
@@ -84,7 +86,8 @@ def test_save_load_round_trip_is_atomic(tmp_path):
     hnsw = build_hnsw_from_db(db, "cosine", chunk_rows=300, progress=False, M=8, ef_search=32)
     path = str(tmp_path / "f.h5.hnsw")
     hnsw.save(path)
-    assert sorted(os.listdir(tmp_path)) == ["f.h5.hnsw", "f.h5.hnsw.json"]  # no .partial left
+    graph, meta = sorted(os.listdir(tmp_path))  # no .partial left; the metadata names its graph
+    assert meta == "f.h5.hnsw.json" and re.fullmatch(r"f\.h5\.hnsw\.[0-9a-f]{8}\.graph", graph)
     loaded = HnswIndex.load(path)
     assert (len(loaded), loaded.dim, loaded.metric, loaded.params) == (1000, 16, "cosine", hnsw.params)
     for a, b in zip(hnsw.search(q, 5), loaded.search(q, 5)):
@@ -110,7 +113,7 @@ def test_open_search_index_picks_and_refreshes(h5db):
         assert isinstance(open_search_index(path, f["features"], "euclidean"), ExactIndex)  # below threshold
         assert isinstance(open_search_index(path, f["features"], "euclidean", threshold=10), ExactIndex)  # no index
         built = open_search_index(path, f["features"], "euclidean", kind="hnsw")
-        assert isinstance(built, HnswIndex) and os.path.isfile(index_path_for(path))
+        assert isinstance(built, HnswIndex) and os.path.isfile(index_path_for(path) + ".json")
     extra = clustered(100, 24, 7)
     with h5py.File(path, "a") as f:  # the database grows: the saved index is updated, not rebuilt
         f["features"].resize(2100, axis=0)
@@ -420,7 +423,7 @@ def test_a_damaged_hnsw_file_of_the_right_size_is_rebuilt_not_followed_into_a_cr
     db = make_feature_db(tmp_path / "f.h5", clustered_vectors(2000, 32, seed=5))
     with FeatureDB(db) as f:
         open_search_index(str(db), f.features, "euclidean", kind="hnsw", source=source_of(f))
-    hnsw = tmp_path / "f.h5.hnsw"
+    hnsw = tmp_path / json.loads((tmp_path / "f.h5.hnsw.json").read_text())["graph"]
     size = hnsw.stat().st_size
     with open(hnsw, "r+b") as fh:
         fh.seek(size // 3)

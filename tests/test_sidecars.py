@@ -104,9 +104,11 @@ def test_sidecar_listing_and_clearing_touch_only_sidecars(tmp_path):
                 "feats.h5.emb-0123456789ab.h5.dba-n10-a0.5.h5", "feats.h5.thumbs16.h5.1a2b3c4d.tmp",
                 "feats.h5.local-sift500-512.h5",
                 "feats.h5.ivfpq", "feats.h5.ivfpq.0a1b2c3d.faiss", "feats.h5.ivfpq.0a1b2c3d.faiss.9f8e7d6c.tmp",
-                "feats.h5.emb-0123456789ab.h5.ivfpq", "feats.h5.ivfpq.1a2b3c4d.tmp"]
+                "feats.h5.emb-0123456789ab.h5.ivfpq", "feats.h5.ivfpq.1a2b3c4d.tmp", "feats.h5.hnsw.0a1b2c3d.graph",
+                "feats.h5.hnsw.0a1b2c3d.graph.9f8e7d6c.tmp", "feats.h5.emb-0123456789ab.h5.hnsw.0a1b2c3d.graph"]
     others = ["feats.h5.partial", "feats.h5.bak", "feats.h5x.hnsw", "other.h5.hnsw", "feats.h5.hnsw.txt",
-              "notes.txt", "feats.h5.emb-zz.h5", "feats.h5.rewrite", "feats.h5.ivfpq.zz.faiss"]
+              "notes.txt", "feats.h5.emb-zz.h5", "feats.h5.rewrite", "feats.h5.ivfpq.zz.faiss", "feats.h5.hnsw.zz.graph",
+              "feats.h5.hnsw.0a1b2c3d.faiss"]
     for name in sidecars + others:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "feats.h5.thumbs32.h5").mkdir()  # not a regular file: never touched

@@ -127,8 +127,8 @@ def _retune(index, vectors_path: str, nprobe: int | None, rerank: int | None):
 def _delete_saved(vectors_path: str, kind: str, source: dict) -> None:
     from ris.sidecars import hnsw_path, ivfpq_path
 
-    if kind == "hnsw":
-        for p in (hnsw_path(vectors_path), hnsw_path(vectors_path) + ".json"):
+    if kind == "hnsw":  # its metadata, and an old-layout graph; the graphs it named are dropped by the next save
+        for p in (hnsw_path(vectors_path) + ".json", hnsw_path(vectors_path)):
             if os.path.isfile(p):
                 os.unlink(p)
     elif kind == "ivfpq" and os.path.isfile(ivfpq_path(vectors_path)):
