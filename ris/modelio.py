@@ -65,7 +65,10 @@ def check_compatible(meta: dict[str, Any], db_fingerprint: dict[str, Any], db_pa
     from ris.recipe_diff import describe_difference
 
     trained = meta.get("feature_fingerprint", {})
-    if any(trained.get(k) != db_fingerprint.get(k) for k in db_fingerprint):
+    # both sides' keys: --flip and --aspect keep are in a fingerprint only when on, so a head trained
+    # with them on must be compared on keys the database's fingerprint lacks; absent means off
+    off = {"flip": False, "aspect": "squash"}
+    if any(trained.get(k, off.get(k)) != db_fingerprint.get(k, off.get(k)) for k in {*trained, *db_fingerprint}):
         pretty = describe_difference(trained, db_fingerprint, "for the model", "in the database")
         raise DatabaseError(f"{db_path}: features were made differently from the model's training features ({pretty})")
 

@@ -108,3 +108,13 @@ def test_features_made_differently_are_refused():
     check_compatible(meta, {"model": "vgg16", "input_size": 224}, "f.h5")
     with pytest.raises(DatabaseError, match=r"f.h5: features were made differently .*--resize 224 for the model, 96 in the database"):
         check_compatible(meta, {"model": "vgg16", "input_size": 96}, "f.h5")
+
+
+@pytest.mark.parametrize("key, value, shown", [("flip", True, "--flip on for the model, off in the database"),
+                                               ("aspect", "keep", "--aspect keep for the model, squash in the database")])
+def test_a_head_trained_with_an_optional_recipe_setting_is_refused_on_a_database_without_it(key, value, shown):
+    # the database's fingerprint leaves flip/aspect out when off: a head trained with them on was accepted
+    plain = {"model": "mobilenet_v2", "input_size": 224}
+    check_compatible({"feature_fingerprint": plain}, plain, "f.h5")
+    with pytest.raises(DatabaseError, match=rf"f.h5: features were made differently .*\({shown}\)"):
+        check_compatible({"feature_fingerprint": {**plain, key: value}}, plain, "f.h5")
