@@ -86,14 +86,10 @@ def unique_names(values: np.ndarray, path: str | Path) -> list[str]:
 
 
 def _plain(v):
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
     if isinstance(v, bytes):
         return v.decode("utf-8", "surrogateescape")
+    if isinstance(v, (np.ndarray, np.generic)):  # scalars too: a numpy bool (--flip) reached a head's JSON as 'True'
+        return v.tolist()
     return v
 
 

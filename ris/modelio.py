@@ -66,9 +66,15 @@ def check_compatible(meta: dict[str, Any], db_fingerprint: dict[str, Any], db_pa
 
     trained = meta.get("feature_fingerprint", {})
     # both sides' keys: --flip and --aspect keep are in a fingerprint only when on, so a head trained
-    # with them on must be compared on keys the database's fingerprint lacks; absent means off
+    # with them on must be compared on keys the database's fingerprint lacks; absent means off. Heads
+    # saved before numpy booleans were made plain hold --flip as the string 'True'
     off = {"flip": False, "aspect": "squash"}
-    if any(trained.get(k, off.get(k)) != db_fingerprint.get(k, off.get(k)) for k in {*trained, *db_fingerprint}):
+
+    def setting(fp: dict[str, Any], k: str) -> Any:
+        v = fp.get(k, off.get(k))
+        return v in (True, "True") if k == "flip" else v
+
+    if any(setting(trained, k) != setting(db_fingerprint, k) for k in {*trained, *db_fingerprint}):
         pretty = describe_difference(trained, db_fingerprint, "for the model", "in the database")
         raise DatabaseError(f"{db_path}: features were made differently from the model's training features ({pretty})")
 
@@ -167,6 +173,8 @@ def _load_keras(path: Path):
 
 
 def _json_default(o):
+    if isinstance(o, np.bool_):
+        return bool(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, np.integer):

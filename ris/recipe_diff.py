@@ -19,8 +19,8 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "h
     per-part lists) are unreadable in an error message. Settings that follow from a different
     --model (its weights' source, its default layer, the feature size) are left out then."""
     def show(key: str, value: Any) -> str:
-        if key == "flip":
-            return "on" if value else "off"
+        if key == "flip":  # heads saved before numpy booleans were made plain hold it as 'True'
+            return "on" if value in (True, "True") else "off"
         if key == "aspect":
             return str(value or "squash")
         if key == "fusion":
@@ -33,7 +33,12 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "h
                             (f"{v:g}" if isinstance(v, float) else str(v)) for v in value)
         return f"{value:g}" if isinstance(value, float) else str(value)
 
-    keys = [k for k in _FLAGS if old.get(k) != new.get(k)]
+    def differs(key: str) -> bool:  # flip/aspect: absent is off (compared as shown)
+        if key in ("flip", "aspect"):
+            return show(key, old.get(key)) != show(key, new.get(key))
+        return old.get(key) != new.get(key)
+
+    keys = [k for k in _FLAGS if differs(k)]
     if "model" in keys:  # a part more or less changes these lists' lengths: shown only if not all 1
         def flat(v: Any) -> list:
             return [y for x in v for y in flat(x)] if isinstance(v, (list, tuple)) else [v]

@@ -118,3 +118,22 @@ def test_a_head_trained_with_an_optional_recipe_setting_is_refused_on_a_database
     check_compatible({"feature_fingerprint": plain}, plain, "f.h5")
     with pytest.raises(DatabaseError, match=rf"f.h5: features were made differently .*\({shown}\)"):
         check_compatible({"feature_fingerprint": {**plain, key: value}}, plain, "f.h5")
+
+
+def test_a_head_trained_on_a_flip_database_is_accepted_on_it_after_saving(tmp_path):
+    # HDF5 gives --flip back as numpy.bool_, which the head's JSON wrote as the string 'True': every head
+    # trained on a --flip database (every --preset accurate one) was refused on its own database
+    import h5py
+
+    pytest.importorskip("keras")
+    from ris.featuredb import fingerprint
+    from ris.whiten import build_whitening_head
+
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.attrs.update(model="mobilenet_v2", input_size=224, pooling="gap", flip=True)
+        db = fingerprint(dict(f.attrs))
+    x, mean, proj = _fit()
+    path = save_model(build_whitening_head(mean, proj, True), tmp_path / "w.keras", {**META, "feature_fingerprint": db})
+    check_compatible(read_meta(path), db, "f.h5")
+    stored = dict(read_meta(path)["feature_fingerprint"], flip="True")  # as heads saved before this fix hold it
+    check_compatible({"feature_fingerprint": stored}, db, "f.h5")
