@@ -529,3 +529,24 @@ def test_file_stamps_survive_a_resume_and_a_removal(tmp_path):
     remove_images(tmp_path / "f.h5", ["x.jpg"])
     with FeatureDB(tmp_path / "f.h5") as f:
         assert f.image_ids == ["z.jpg"] and f.file_stamps.tolist() == [[-1, -1]]
+
+
+@pytest.mark.parametrize("given", [["--preset", "accurate"], ["--model", "mobilenet_v2", "--flip"], ["--resize", "64"],
+                                   ["--aspect", "keep"], ["--no-flip"]])
+def test_recipe_options_given_with_sync_are_refused_not_ignored(tmp_path, capsys, given):
+    """``--sync`` extracts with the database's own recipe: ``--sync --preset accurate`` on another recipe's
+    database said nothing, and its new images were made the old way. A recipe option is refused, naming it,
+    before anything is read or changed."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), "--labels", "ukbench", *FAST) == 0
+    shutil.copy(data / "ukbench00001.jpg", data / "ukbench00104.jpg")
+    with FeatureDB(db) as f:
+        before = f.image_ids
+    capsys.readouterr()
+    assert _command("--sync", "--features-db", str(db), "--no-progress", *given) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{db}: --sync extracts new images with the database's own recipe" in err
+    assert given[0] in err and "--overwrite" in err, err
+    with FeatureDB(db) as f:
+        assert f.image_ids == before

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "until the new one is complete, then the caches kept beside it are deleted")
     g.add_argument("--sync", action="store_true", help="bring an existing database in step with its folder "
                    "(--dataset, default: the one it was made from) with its own settings: rows of deleted or "
-                   "changed files are removed, new and changed files extracted; saved indexes follow")
+                   "changed files are removed, new and changed files extracted; saved indexes follow; recipe "
+                   "options (--preset, --model, --resize, --flip, ...) are refused, since they would be ignored")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this process decodes and runs the network; ray: decoding runs as Ray tasks and the "
                         "network in a pool of Ray actors (one per GPU), on the cluster at --ray-address; the same "
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sync:
         from ris.sync import sync_main
 
+        _refuse_recipe_with_sync(parser, argv, args.features_db)
         return sync_main(args)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
@@ -159,6 +161,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\n".join(summary.report(args.verbose)))
     return EXIT_OK  # skipped images are listed, not an error
+
+
+RECIPE_OPTIONS = ("preset", "model", "weights", "layer", "fusion_weights", "resize", "scales", "pool", "flip",
+                  "aspect", "dtype")
+
+
+def _refuse_recipe_with_sync(parser: argparse.ArgumentParser, argv: list[str], features_db: str) -> None:
+    """Why: --sync extracts with the recipe stored in the database, so a recipe option given with it
+    (``--sync --preset accurate`` on a fast database) would be ignored while the user thinks it applied."""
+    from ris.errors import RisError
+    from ris.presets import given_on_command_line
+
+    given = given_on_command_line(parser, argv)
+    named = [f"--{'no-' if k == 'flip' and '--no-flip' in argv else ''}{k.replace('_', '-')}"
+             for k in RECIPE_OPTIONS if k in given]
+    it = "it" if len(named) == 1 else "them"
+    if named:
+        raise RisError(f"{features_db}: --sync extracts new images with the database's own recipe; "
+                       f"{', '.join(named)} would be ignored: leave {it} out, or extract again with {it} "
+                       "(--overwrite, or a new --features-db)")
 
 
 def recipe_of(args: argparse.Namespace):
