@@ -108,3 +108,51 @@ def for_api(preset: str | None, command: str, given: dict, defaults: dict) -> di
 
     fills = _fills(preset, command, given.get("model"), lambda key: key not in passed)
     return {k: fills.get(k, v) for k, v in given.items()}
+
+
+def other_recipe(preset: str, attrs: dict) -> str | None:
+    """How a database's recipe (its ``attrs``) differs from what ``ris-extract --preset`` makes, in
+    command-line terms; None when it was made so. Why: ``--preset`` on ris-search, ris-eval and
+    ris-serve chooses only the re-ranking, so a database made otherwise is searched as it was made,
+    and the user should not believe the preset's recipe was used."""
+    import json
+
+    from ris.featuredb import fingerprint
+    from ris.fusion import make_config
+    from ris.recipe_diff import describe_difference
+
+    v = PRESETS[preset]["extract"]
+    made = make_config(str(v["model"]), input_size=v.get("resize"), pooling=str(v.get("pool", "gap")),
+                       fusion_weights=v.get("fusion_weights"), flip=bool(v.get("flip", False))).to_attrs()
+
+    def recipe(a: dict) -> dict:  # the settings a preset sets, and the fused parts' weights only
+        fp = fingerprint(a)
+        out = {k: fp.get(k) for k in ("model", "input_size", "scales", "pooling", "flip", "aspect")}
+        try:
+            out["fusion"] = json.dumps({"weights": json.loads(fp["fusion"])["weights"]}) if fp.get("fusion") else None
+        except (TypeError, ValueError, KeyError):
+            out["fusion"] = fp.get("fusion")
+        return out
+
+    return describe_difference(recipe(attrs), recipe(made), "here", f"for --preset {preset}") or None
+
+
+def warn_other_recipe(prog: str, preset: str | None, features_db: str) -> None:
+    """One warning line on stderr when ``features_db`` was not made with ``preset``'s recipe."""
+    import sys
+
+    import h5py
+
+    if not preset:
+        return
+    try:
+        with h5py.File(features_db, "r") as f:
+            attrs = dict(f.attrs)
+    except (OSError, ValueError):
+        return  # the command's own opening says why
+    if attrs.get("model") is None:
+        return
+    diff = other_recipe(preset, attrs)
+    if diff:
+        print(f"{prog}: warning: {features_db}: not made with --preset {preset}'s recipe ({diff}); searched as it "
+              "was made (here the preset chooses only the re-ranking)", file=sys.stderr)

@@ -106,3 +106,27 @@ def test_the_facade_tells_a_given_argument_from_one_left_out(tmp_path):
     assert presets.for_api("accurate", "search", {"rerank": None}, search)["rerank"] == "dba+qe"
     assert presets.for_api(None, "search", {"rerank": None}, search)["rerank"] == "none"
     assert np.isfinite(ris.score(db, split="all")["raw"]["map"])
+
+
+def test_a_preset_on_a_database_made_with_another_recipe_is_said_in_one_line(tmp_path, capsys):
+    """``ris-search|ris-eval|ris-serve --preset accurate`` on a database made otherwise (a fast one)
+    searched it as it was made with accurate's re-ranking, and said nothing: the user believed the
+    preset's recipe was used. A database made by the preset gets no line."""
+    from ris.cli.common import run
+    from ris.cli.eval import main as eval_main
+    from ris.testing import clustered_vectors, make_feature_db
+
+    fast, accurate = _extracted_by("fast").to_attrs(), _extracted_by("accurate").to_attrs()
+    assert presets.other_recipe("accurate", accurate) is None and presets.other_recipe("fast", fast) is None
+    line = presets.other_recipe("accurate", fast)
+    assert "--model mobilenet_v2+hsv_hist here, mobilenet_v2+efficientnet_lite2+hsv_hist for --preset accurate" in line
+    assert "--flip off here, on for --preset accurate" in line
+    assert presets.other_recipe("fast", {**fast, "aspect": "keep"}) == "--aspect keep here, squash for --preset fast"
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(40, 8, seed=1), labels=[f"o{i // 4}" for i in range(40)])
+    capsys.readouterr()
+    assert run("ris-eval", eval_main, ["--features-db", str(db), "--preset", "fast", "--split", "all"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ris-eval: warning: {db}: not made with --preset fast's recipe (--model "
+                                               "synthetic here, mobilenet_v2+hsv_hist for --preset fast"), err
+    assert err[0].endswith("searched as it was made (here the preset chooses only the re-ranking)"), err

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from ris.evaluate import evaluate_db, format_table
 
     _refuse_ignored(args)
+    presets.warn_other_recipe("ris-eval", args.preset, args.features_db)
     if args.index is not None:
         from ris.index_eval import evaluate_index, format_index_table
 

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from ris.search import SearchEngine, hits_to_dicts
 
     montages = _montage_paths(args.image, args.output, args.show)  # refused before the slow set-up
+    presets.warn_other_recipe("ris-search", args.preset, args.features_db)
     engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root,
                           rerank=args.rerank, rotations=args.rotations)
     verifier = None

@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args, args.features_db, args.model, args.index, args.dataset_root, args.rerank,
                            args.default_rerank)
+    from ris.presets import warn_other_recipe
+
+    warn_other_recipe("ris-serve", args.preset, args.features_db)
     return serve(cfg, args.host, args.port, args.log_level)
 
 
