@@ -5,6 +5,7 @@ only a triplet head loads Keras.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,9 +64,7 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
             turned, seconds = _turned_queries(db, features_db, rows[pos], meta)
         result: dict[str, Any] = {
             "features_db": str(features_db),
-            "backbone": db.attrs.get("model"),
-            "input_size": db.attrs.get("input_size"),
-            "pooling": db.attrs.get("pooling"),
+            **recipe_fields(db.attrs),
             "split": "queries" if queries is not None else split,
             "gallery": "all" if queries is not None else gallery,
             "split_description": plan.description,
@@ -142,11 +141,38 @@ def _turned_queries(db, features_db, rows: np.ndarray, meta: dict[str, Any] | No
     return turned, time.perf_counter() - t0
 
 
+def recipe_fields(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The recipe the scores were made with, every setting of it: with only the backbone, size and
+    pooling, a --flip, --aspect keep or multi-scale database read the same as the plain one."""
+    def parsed(value: Any) -> Any:  # a fusion's per-part values are stored as JSON text
+        return json.loads(value) if isinstance(value, str) and value[:1] in "[{" else value
+
+    fusion, scales = parsed(attrs.get("fusion")), parsed(attrs.get("scales"))
+    return {"backbone": attrs.get("model"), "input_size": attrs.get("input_size"),
+            "scales": scales if isinstance(scales, list) else None,  # 'none': a database made without a CNN
+            "pooling": attrs.get("pooling"), "fusion_weights": fusion.get("weights") if isinstance(fusion, dict) else None,
+            "flip": bool(attrs.get("flip", False)), "aspect": str(attrs.get("aspect") or "squash")}
+
+
+def recipe_line(r: dict[str, Any]) -> str:
+    """``recipe_fields`` as the tables' first line shows them: 'mobilenet_v2 @ 224 px, pooling gap, --flip'."""
+    def flat(v: Any) -> list:
+        return [y for x in v for y in flat(x)] if isinstance(v, (list, tuple)) else [v]
+
+    scales = r.get("scales")
+    per_part = scales and isinstance(scales[0], list)
+    shown = "+".join(",".join(f"{x:g}" for x in p) for p in scales) if per_part else ",".join(f"{x:g}" for x in scales or [])
+    return (f"{r['backbone']} @ {r['input_size']} px"
+            + (f", scales {shown}" if any(x != 1 for x in flat(scales or [])) else "") + f", pooling {r['pooling']}"
+            + (f", fusion weights {'+'.join(f'{w:g}' for w in r['fusion_weights'])}" if r.get("fusion_weights") else "")
+            + (", --flip" if r.get("flip") else "") + (f", --aspect {r['aspect']}" if r.get("aspect", "squash") != "squash" else ""))
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text results table for the terminal."""
     cols = ["N-S", "top-4 %", "mAP", "R@1", "R@4", "R@10", "P@10"]
     rr = result.get("rerank", "none")
-    lines = [f"{result['features_db']}: {result['backbone']} @ {result['input_size']} px, pooling {result['pooling']}"
+    lines = [f"{result['features_db']}: {recipe_line(result)}"
              + (f", re-ranking {rr}" if rr != "none" else "")
              + (", query-time rotations (0/90/180/270)" if "rotations" in result else ""),
              f"queries: {result['split_description']} - {result['objects']} objects, {result['images']} query images"
@@ -196,8 +222,7 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
             "recall_at_1": lambda s: s["recall_at"]["1"]}
     summary = {k: {"mean": round(float(np.mean([f(s) for s in per_fold])), 4),
                    "std": round(float(np.std([f(s) for s in per_fold])), 4)} for k, f in keys.items()}
-    return {"features_db": str(features_db), "backbone": attrs.get("model"), "input_size": attrs.get("input_size"),
-            "pooling": attrs.get("pooling"), "folds": folds, "seed": seed, "split_by": split_by, "rerank": rerank,
+    return {"features_db": str(features_db), **recipe_fields(attrs), "folds": folds, "seed": seed, "split_by": split_by, "rerank": rerank,
             "gallery": gallery, "per_fold": per_fold, "summary": summary}
 
 

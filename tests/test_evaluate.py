@@ -276,3 +276,29 @@ def test_rows_whose_features_are_not_finite_are_left_out_as_search_leaves_them_o
     assert 0.0 <= r["raw"]["map"] <= 1.0 and 1.0 <= r["raw"]["ns_score"] <= 4.0
     if want is not None:
         assert r["raw"]["map"] == pytest.approx(want["map"]) and r["raw"]["ns_score"] == pytest.approx(want["ns_score"])
+
+
+def test_the_scores_say_the_whole_recipe_they_were_made_with(tmp_path):
+    """ris-eval's table and JSON named only the backbone, size and pooling: a --flip, --aspect keep or
+    multi-scale database, or other fusion weights, read the same as the plain one it was compared with."""
+    from ris.evaluate import format_table
+    from ris.featurewriter import FeatureWriter
+    from ris.testing import clustered_vectors, make_feature_db
+
+    x = clustered_vectors(40, 8, seed=3)
+    attrs = {"model": "synthetic", "pooling": "gem", "input_size": 224, "scales": [1.0, 0.5], "flip": True,
+             "aspect": "keep"}
+    w = FeatureWriter(tmp_path / "f.h5", attrs, (8,), [f"o{i}" for i in range(10)])
+    w.add([f"img{i:03d}.jpg" for i in range(40)], x, [f"o{i // 4}" for i in range(40)])
+    w.finish({})
+    r = evaluate_db(tmp_path / "f.h5", split="all")
+    assert {k: r[k] for k in ("scales", "flip", "aspect", "fusion_weights")} == {
+        "scales": [1.0, 0.5], "flip": True, "aspect": "keep", "fusion_weights": None}
+    json.dumps(r)
+    head = format_table(r).splitlines()[0]
+    assert head.endswith("synthetic @ 224 px, scales 1,0.5, pooling gem, --flip, --aspect keep"), head
+    folds = evaluate_folds(tmp_path / "f.h5", 2)
+    assert folds["flip"] is True and folds["scales"] == [1.0, 0.5]
+    plain = make_feature_db(tmp_path / "plain.h5", x, labels=[f"o{i // 4}" for i in range(40)])  # no recipe stored
+    r = evaluate_db(plain, split="all")
+    assert r["scales"] is None and format_table(r).splitlines()[0].endswith("synthetic @ none px, pooling gap")

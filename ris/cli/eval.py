@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             print_json(r)
         else:
             s = r["summary"]
-            print(f"{args.features_db}: {r['backbone']} @ {r['input_size']} px, pooling {r['pooling']}, "
-                  f"rerank {r['rerank']}; {args.folds} folds of held-out "
+            from ris.evaluate import recipe_line
+
+            print(f"{args.features_db}: {recipe_line(r)}, rerank {r['rerank']}; {args.folds} folds of held-out "
                   f"{'objects' if args.split_by == 'object' else 'images of every class'} (seed {args.seed}), "
                   "searching "
                   + ("the whole collection" if args.gallery == "all" else "only their fold"))
