@@ -124,7 +124,7 @@ def test_mistakes_a_caller_can_make_are_ris_errors_naming_the_value(tmp_path):
         ris.open_database(tmp_path / "f.h5", index="bogus")
 
 
-def test_score_without_a_model_scores_every_image_as_ris_eval_does(tmp_path):
+def test_score_without_a_model_scores_every_image_as_ris_eval_does(tmp_path, capsys):
     """ris.score(db) scored a random 20% split of the objects, ris-eval (same database, no model)
     all images: the facade and the command gave different N-S for the same call."""
     import json
@@ -136,6 +136,10 @@ def test_score_without_a_model_scores_every_image_as_ris_eval_does(tmp_path):
     db = make_feature_db(tmp_path / "f.h5", clustered_vectors(80, 8, seed=3), labels=[f"o{i // 4}" for i in range(80)])
     facade = ris.score(db)
     assert facade["split"] == "all" and facade["raw"]["queries"] == 80
+    capsys.readouterr()
+    assert eval_main(["--features-db", str(db), "--json"]) == 0
+    command = json.loads(capsys.readouterr().out)
+    assert command["raw"]["queries"] == 80 and command["raw"]["ns_score"] == facade["raw"]["ns_score"]
 
 
 def test_an_array_query_must_be_an_rgb_uint8_image(tmp_path):

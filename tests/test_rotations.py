@@ -1,6 +1,5 @@
 """Query-time rotations (ris.rotations): the turned copies, the exact merge, re-rankers, the engine."""
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
