@@ -178,3 +178,17 @@ def test_every_call_on_a_closed_engine_is_a_ris_error(tmp_path):
                  lambda: engine.search(np.zeros((8, 8, 3), np.uint8), k=2)):
         with pytest.raises(ris.RisError, match="closed"):
             call()
+
+
+def test_an_array_decoded_as_the_database_was_finds_its_own_row(tmp_path):
+    """README (Python API): the rows come from JPEGs decoded at reduced size; an array from
+    ``ris.images.decode_image(path, target=engine.query_size)`` is described as the row was."""
+    import ris
+    from ris.images import decode_image
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=96)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    with ris.open_database(tmp_path / "f.h5") as engine:
+        for name in ("ukbench00000.jpg", "ukbench00003.jpg"):
+            hit = engine.search(decode_image(photos / name, target=engine.query_size), k=1)[0]
+            assert hit.image_id == name and hit.distance < 1e-4
