@@ -215,12 +215,15 @@ class SearchEngine:
             raise BadChoice(f"k must be a whole number of results, 1 or more, not {k!r}")
         return int(k)
 
-    def query(self, image_path: str | Path, k: int = 12) -> list[Hit]:
-        """The ``k`` nearest database images; rows without finite features are never among them."""
+    def query(self, image_path: str | Path | np.ndarray, k: int = 12) -> list[Hit]:
+        """The ``k`` nearest database images to an image file or a decoded RGB uint8 array (see
+        ``embed_array``); rows without finite features are never among them."""
         k = self._usable(k)
-        vec = self.embed_query(image_path)
+        array = isinstance(image_path, np.ndarray)
+        vec = self.embed_array(image_path) if array else self.embed_query(image_path)
         if not np.isfinite(vec).all():
-            raise BadImage(f"{image_path}: its features are not finite (NaN/inf); it cannot be ranked")
+            raise BadImage(f"{'the query array' if array else image_path}: its features are not finite (NaN/inf); "
+                           "it cannot be ranked")
         dist, idx = self._search_vectors(vec, k, self.reranker)
         keep = [(float(d), int(i)) for d, i in zip(dist[0], idx[0]) if i >= 0 and np.isfinite(d)]
         names = _names_of(self.image_ids, [i for _, i in keep])

@@ -192,3 +192,5 @@ def test_an_array_decoded_as_the_database_was_finds_its_own_row(tmp_path):
         for name in ("ukbench00000.jpg", "ukbench00003.jpg"):
             hit = engine.search(decode_image(photos / name, target=engine.query_size), k=1)[0]
             assert hit.image_id == name and hit.distance < 1e-4
+            # query(), the README's example, takes the array too (it raised os.fspath's TypeError)
+            assert engine.query(decode_image(photos / name, target=engine.query_size), k=1)[0].image_id == name
