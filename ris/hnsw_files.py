@@ -31,7 +31,8 @@ from typing import Callable
 
 from ris import sidecars
 from ris.errors import DatabaseError
-from ris.sidecars import atomic_write, create_locked, ensure_room, file_crc32, fsync_dir, remove_stale_temps
+from ris.sidecars import (atomic_write, create_locked, ensure_room, file_crc32, fsync_dir, remove_stale_temps,
+                          remove_unless_held)
 
 GRAPH_SUFFIX = ".graph"
 ORPHAN_AGE_S = 600.0  # where files cannot be locked: an unnamed graph older than this is a killed save's
@@ -137,30 +138,10 @@ def drop_stale_graphs(path: str, own: str | None = None) -> list[str]:
 
 
 def _drop_if_stale(path: str, graph: str, mine: bool) -> bool:
-    import fcntl
-
-    try:
-        fd = os.open(graph, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        st = os.fstat(fd)
-        if not mine:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    return False  # a live writer's, not committed yet
-                if time.time() - st.st_mtime < ORPHAN_AGE_S:  # no locks here: judge by age
-                    return False
+    def stale(st: os.stat_result, held: bool) -> bool:
+        if not held and time.time() - st.st_mtime < ORPHAN_AGE_S:  # no locks here: judge by age
+            return False
         named = _named(path)  # read after taking the lock: a graph its writer committed is named by now
-        if named is None or named == graph:
-            return False
-        if not os.path.samestat(st, os.lstat(graph)):
-            return False
-        os.unlink(graph)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+        return named is not None and named != graph
+
+    return remove_unless_held(graph, stale, held_here=mine)

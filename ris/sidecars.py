@@ -21,7 +21,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -134,6 +134,15 @@ def remove_stale_temps(folder: str | Path, pattern: re.Pattern, age_s: float = S
 
 
 def _remove_if_abandoned(path: Path, age_s: float) -> bool:
+    return remove_unless_held(path, lambda st, held: held and time.time() - st.st_mtime >= age_s)
+
+
+def remove_unless_held(path: str | Path, may_remove: Callable[[os.stat_result, bool], bool],
+                       held_here: bool = False) -> bool:
+    """Delete ``path`` unless a live writer holds its ``flock``: opened without following links and
+    locked without waiting; ``may_remove(stat, held)`` decides under the lock (``held``: no other
+    process can hold it: locked here, or ``held_here`` by the caller itself; False where locks do
+    not work), and the name is unlinked only if it still is the file that was judged."""
     import fcntl
 
     try:
@@ -141,14 +150,15 @@ def _remove_if_abandoned(path: Path, age_s: float) -> bool:
     except OSError:
         return False
     try:
-        st = os.fstat(fd)
-        if time.time() - st.st_mtime < age_s:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a live writer holds it (or locks do not work here: keep it)
-            return False
-        if not os.path.samestat(st, os.lstat(path)):
+        st, held = os.fstat(fd), held_here
+        if not held_here:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    return False  # a live writer's
+        if not may_remove(st, held) or not os.path.samestat(st, os.lstat(path)):
             return False
         os.unlink(path)
         return True
