@@ -69,6 +69,16 @@ def test_help_explains_every_flag():
             assert "(default: 0)" in text
 
 
+@pytest.mark.parametrize("module", ["extract", "train", "search", "eval", "index", "demo", "serve"])
+def test_every_command_runs_as_a_python_module(module):
+    """`python -m ris.cli.extract --help` exited 0 printing nothing (no __main__ guard): a user
+    without the console scripts on PATH (a venv not activated) saw a command that silently did nothing."""
+    done = subprocess.run([sys.executable, "-m", f"ris.cli.{module}", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: ris-{module}"), done.stdout[:200]
+
+
 def test_extract_writes_labelled_database(db):
     with h5py.File(db) as f:
         assert f["features"].shape == (24, 512)

@@ -59,3 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(run("ris-demo", main, sigterm_interrupts=False))  # its server stops gracefully on SIGTERM
+
+
+if __name__ == "__main__":
+    entry()

@@ -179,3 +179,7 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
 
 def entry() -> None:
     sys.exit(run("ris-eval", main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -252,3 +252,7 @@ def _pool_arg(text: str) -> str:
 
 def entry() -> None:
     sys.exit(run("ris-extract", main))
+
+
+if __name__ == "__main__":
+    entry()

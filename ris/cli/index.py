@@ -198,3 +198,7 @@ def _info(args) -> int:
 
 def entry() -> None:
     sys.exit(run("ris-index", main))
+
+
+if __name__ == "__main__":
+    entry()

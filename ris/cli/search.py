@@ -172,3 +172,7 @@ def _show(rgb) -> None:
 
 def entry() -> None:
     sys.exit(run("ris-search", main))
+
+
+if __name__ == "__main__":
+    entry()

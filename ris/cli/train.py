@@ -158,3 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(run("ris-train", main))
+
+
+if __name__ == "__main__":
+    entry()
