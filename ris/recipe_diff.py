@@ -60,3 +60,54 @@ def recipe_refusal(where, old: dict, new: dict) -> DatabaseError:
     return DatabaseError(f"{where}: existing features were made differently ({describe_difference(old, new)}); "
                          "ris-extract --sync adds new images with the database's own recipe; or use a new "
                          "--features-db, or --overwrite to replace it")
+
+
+_OPTION_KEYS = {"weights": "weights_arg", "layer": "layer", "resize": "input_size", "scales": "scales",
+                "pool": "pooling", "fusion_weights": "fusion", "flip": "flip", "aspect": "aspect", "dtype": "dtype"}
+
+
+def sync_recipe_difference(features_db, config, given: set[str]) -> str | None:
+    """How the recipe options ``given`` on a command line (``config`` is the recipe they describe)
+    differ from the recipe stored in ``features_db``, in command-line terms: "" when they name the
+    database's own, None when the database cannot be read (the sync then says why). With --model or
+    --preset the whole recipe is compared (their defaults are part of what they ask); otherwise only
+    the settings given. The layer the network resolves is compared only when --layer is given."""
+    import h5py
+
+    from ris.extractor import ExtractConfig
+    from ris.featuredb import fingerprint
+
+    try:
+        with h5py.File(features_db, "r") as f:
+            attrs = dict(f.attrs)
+        stored = ExtractConfig.from_attrs(attrs).to_attrs()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    asked = config.to_attrs()
+    whole = bool({"model", "preset"} & given)
+    keys = None if whole else {_OPTION_KEYS[k] for k in given if k in _OPTION_KEYS}
+
+    def comparable(recipe: dict) -> dict:
+        out = {k: v for k, v in recipe.items() if k not in ("recipe_version", "scale_sizes")}
+        if "fusion" in out:
+            fusion = json.loads(out["fusion"])
+            fusion["parts"] = [comparable(part) for part in fusion["parts"]]
+            out["fusion"] = fusion if whole else fusion["weights"]
+        if "layer" not in given:
+            out.pop("layer", None)
+        return out if keys is None else {k: out.get(k) for k in keys}
+
+    if comparable(stored) == comparable(asked):
+        return ""
+    old = fingerprint(attrs)
+    old["weights"] = stored.get("weights_arg")  # as typed (the stored 'weights' is a description)
+    new = fingerprint(asked)
+    if stored.get("weights_arg") == asked.get("weights_arg"):
+        new["weights"] = old.get("weights")
+    else:
+        new["weights"] = asked.get("weights_arg")
+    for k in _FLAGS:  # what was not given, or is resolved by the network, is not part of the difference
+        if (k == "layer" and "layer" not in given) or k == "feature_shape" or (keys is not None and k not in keys and
+                                                                             not (k == "weights" and "weights_arg" in keys)):
+            new[k] = old.get(k)
+    return describe_difference(old, new, "in the database", "asked") or None

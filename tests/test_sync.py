@@ -531,8 +531,22 @@ def test_file_stamps_survive_a_resume_and_a_removal(tmp_path):
         assert f.image_ids == ["z.jpg"] and f.file_stamps.tolist() == [[-1, -1]]
 
 
-@pytest.mark.parametrize("given", [["--preset", "accurate"], ["--model", "mobilenet_v2", "--flip"], ["--resize", "64"],
-                                   ["--aspect", "keep"], ["--no-flip"]])
+def test_recipe_options_equal_to_the_databases_are_accepted_with_sync(tmp_path, capsys):
+    """A script that re-runs its extraction command with ``--sync`` added (the same --model, --weights,
+    --resize) was refused as if it asked for another recipe: the options name the database's own."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), "--labels", "ukbench", *FAST) == 0
+    shutil.copy(data / "ukbench00001.jpg", data / "ukbench00104.jpg")
+    capsys.readouterr()
+    assert _command("--sync", "--dataset", str(data), "--features-db", str(db), "--labels", "ukbench", *FAST) == 0, \
+        capsys.readouterr().err
+    with FeatureDB(db) as f:
+        assert "ukbench00104.jpg" in f.image_ids and len(f.image_ids) == 5
+
+
+@pytest.mark.parametrize("given", [["--preset", "accurate"], ["--model", "mobilenet_v2", "--flip"], ["--resize", "96"],
+                                   ["--aspect", "keep"], ["--flip"], ["--weights", "imagenet"]])
 def test_recipe_options_given_with_sync_are_refused_not_ignored(tmp_path, capsys, given):
     """``--sync`` extracts with the database's own recipe: ``--sync --preset accurate`` on another recipe's
     database said nothing, and its new images were made the old way. A recipe option is refused, naming it,

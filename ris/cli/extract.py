@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sync:
         from ris.sync import sync_main
 
-        _refuse_recipe_with_sync(parser, argv, args.features_db)
+        _refuse_recipe_with_sync(parser, argv, args)
         return sync_main(args)
     if not args.dataset:
         raise RisError("--dataset is required (the folder of images to extract)")
@@ -167,20 +167,27 @@ RECIPE_OPTIONS = ("preset", "model", "weights", "layer", "fusion_weights", "resi
                   "aspect", "dtype")
 
 
-def _refuse_recipe_with_sync(parser: argparse.ArgumentParser, argv: list[str], features_db: str) -> None:
+def _refuse_recipe_with_sync(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> None:
     """Why: --sync extracts with the recipe stored in the database, so a recipe option given with it
-    (``--sync --preset accurate`` on a fast database) would be ignored while the user thinks it applied."""
+    (``--sync --preset accurate`` on a fast database) would be ignored while the user thinks it applied.
+    Options that name the database's own recipe (a script re-running its command with --sync) pass."""
     from ris.errors import RisError
     from ris.presets import given_on_command_line
+    from ris.recipe_diff import sync_recipe_difference
 
     given = given_on_command_line(parser, argv)
     named = [f"--{'no-' if k == 'flip' and '--no-flip' in argv else ''}{k.replace('_', '-')}"
              for k in RECIPE_OPTIONS if k in given]
+    if not named:
+        return
+    difference = sync_recipe_difference(args.features_db, recipe_of(args), set(given))
+    if difference == "":
+        return
     it = "it" if len(named) == 1 else "them"
-    if named:
-        raise RisError(f"{features_db}: --sync extracts new images with the database's own recipe; "
-                       f"{', '.join(named)} would be ignored: leave {it} out, or extract again with {it} "
-                       "(--overwrite, or a new --features-db)")
+    why = f" ({difference})" if difference else ""
+    raise RisError(f"{args.features_db}: --sync extracts new images with the database's own recipe; "
+                   f"{', '.join(named)} ask{'s' if len(named) == 1 else ''} for another{why} and would be ignored: "
+                   f"leave {it} out, or extract again with {it} (--overwrite, or a new --features-db)")
 
 
 def recipe_of(args: argparse.Namespace):
