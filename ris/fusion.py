@@ -171,7 +171,7 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
     if aspect not in ASPECTS:
         raise RisError(f"--aspect {aspect!r}: choose one of {', '.join(ASPECTS)}")
     from ris.backbones import get_backbone
-    from ris.pooling import check_pooling
+    from ris.pooling import NO_POOLING, check_pooling
 
     models = str(model).split(SEP)
     if not is_fused(model):
@@ -186,6 +186,8 @@ def make_config(model: str, weights: str = "imagenet", layer: str | None = None,
         if aspect != "squash" and is_colour(model):
             raise RisError(f"--aspect {aspect} shapes a CNN's input; {model} is a colour histogram, which does not "
                            f"depend on the image's shape")
+        if not is_colour(model) and pooling not in (None, NO_POOLING):
+            check_pooling(pooling)
         single = ExtractConfig(model=model, weights=weights, layer=layer, input_size=_size(input_size),
                                scales=_scales(scales), pooling=pooling, dtype=dtype, flip=bool(flip),
                                aspect=aspect)

@@ -79,6 +79,26 @@ def test_every_command_runs_as_a_python_module(module):
     assert done.stdout.startswith(f"usage: ris-{module}"), done.stdout[:200]
 
 
+def test_the_recipe_a_refusal_shows_can_be_typed_back():
+    """Refusals name a fused database's recipe as '--pool gap+hist' (the colour part's pooling is
+    'hist'), but --pool refused 'hist': the recipe shown could not be typed. A CNN part still refuses it."""
+    from ris import presets
+    from ris.errors import RisError
+
+    def recipe(*argv):
+        parser = extract_cli.build_parser()
+        argv = ["--dataset", "d", "--features-db", "f.h5", *argv]
+        return extract_cli.recipe_of(presets.apply(parser.parse_args(argv), parser, "extract", argv)).to_attrs()
+
+    typed = recipe("--model", "mobilenet_v2+hsv_hist", "--pool", "gap+hist", "--resize", "224+224",
+                   "--fusion-weights", "1+0.35")
+    assert typed == recipe("--preset", "fast")
+    with pytest.raises(RisError, match="hist"):
+        recipe("--model", "mobilenet_v2", "--pool", "hist")
+    with pytest.raises(RisError, match="hist"):
+        recipe("--model", "mobilenet_v2+hsv_hist", "--pool", "hist+hist")
+
+
 def test_extract_writes_labelled_database(db):
     with h5py.File(db) as f:
         assert f["features"].shape == (24, 512)

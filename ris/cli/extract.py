@@ -250,10 +250,14 @@ def _model_arg(text: str) -> str:
 
 
 def _pool_arg(text: str) -> str:
+    """A pooling name; 'hist' too, the colour histogram part's own (a fused database's recipe is shown
+    as '--pool gap+hist', and must be typeable); a CNN part refuses it when the recipe is made."""
+    from ris.colour import POOLING_NAME
     from ris.pooling import NO_POOLING, POOLING
 
-    if text not in POOLING and text != NO_POOLING:
-        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join([*POOLING, NO_POOLING])})")
+    if text not in POOLING and text not in (NO_POOLING, POOLING_NAME):
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join([*POOLING, NO_POOLING])}; "
+                                         f"{POOLING_NAME} for a colour histogram part)")
     return text
 
 
