@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync", action="store_true", help="bring an existing database in step with its folder "
                    "(--dataset, default: the one it was made from) with its own settings: rows of deleted or "
                    "changed files are removed, new and changed files extracted; saved indexes follow; recipe "
-                   "options (--preset, --model, --resize, --flip, ...) are refused, since they would be ignored")
+                   "options (--preset, --model, --resize, --flip, ...) are refused unless they name the "
+                   "database's own recipe, since they would be ignored")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="local: this process decodes and runs the network; ray: decoding runs as Ray tasks and the "
                         "network in a pool of Ray actors (one per GPU), on the cluster at --ray-address; the same "
