@@ -88,9 +88,22 @@ def open_database(features_db: str | Path, model: str | Path | None = None, *, i
     from ris.search import SearchEngine
 
     rerank = for_api(preset, "search", {"rerank": rerank}, {"rerank": "none"})["rerank"]
+    _warn_other_recipe(preset, features_db)
 
     return SearchEngine(features_db, model, index=index, dataset_root=dataset_root, rerank=rerank,
                         rotations=rotations)
+
+
+def _warn_other_recipe(preset: str | None, features_db: str | Path) -> None:
+    """A ``UserWarning`` (the commands' warning line) when a preset meets a database made otherwise:
+    the preset then chooses only the re-ranking."""
+    import warnings
+
+    from ris.presets import other_recipe_warning
+
+    message = other_recipe_warning(preset, features_db, named=f"the recipe of preset={preset!r}")
+    if message:
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def query(features_db: str | Path, image: str | Path, k: int = 12, model: str | Path | None = None,
@@ -109,6 +122,7 @@ def score(features_db: str | Path, model: str | Path | None = None, preset: str 
     from ris.presets import for_api
 
     options["rerank"] = for_api(preset, "eval", {"rerank": options.get("rerank")}, {"rerank": "none"})["rerank"]
+    _warn_other_recipe(preset, features_db)
 
     return evaluate_db(features_db, model, **options)
 

@@ -26,6 +26,8 @@ with accurate's dba+qe, -0.0043, and were level with fast); it gains on Corel of
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import argparse
 
 PRESETS: dict[str, dict[str, dict[str, object]]] = {
@@ -137,22 +139,33 @@ def other_recipe(preset: str, attrs: dict) -> str | None:
     return describe_difference(recipe(attrs), recipe(made), "here", f"for --preset {preset}") or None
 
 
-def warn_other_recipe(prog: str, preset: str | None, features_db: str) -> None:
-    """One warning line on stderr when ``features_db`` was not made with ``preset``'s recipe."""
-    import sys
-
+def other_recipe_warning(preset: str | None, features_db: str | Path, named: str | None = None) -> str | None:
+    """The warning owed when ``features_db`` was not made with ``preset``'s recipe, else None;
+    ``named``: how the preset was chosen (default "--preset NAME's recipe")."""
     import h5py
 
     if not preset:
-        return
+        return None
     try:
         with h5py.File(features_db, "r") as f:
             attrs = dict(f.attrs)
     except (OSError, ValueError):
-        return  # the command's own opening says why
+        return None  # the command's own opening says why
     if attrs.get("model") is None:
-        return
+        return None
     diff = other_recipe(preset, attrs)
-    if diff:
-        print(f"{prog}: warning: {features_db}: not made with --preset {preset}'s recipe ({diff}); searched as it "
-              "was made (here the preset chooses only the re-ranking)", file=sys.stderr)
+    if not diff:
+        return None
+    return (f"{features_db}: not made with {named or f'--preset {preset}' + chr(39) + 's recipe'} ({diff}); searched as it was made (here the "
+            "preset chooses only the re-ranking)")
+
+
+def warn_other_recipe(prog: str, preset: str | None, features_db: str) -> None:
+    """One warning line on stderr when ``features_db`` was not made with ``preset``'s recipe."""
+    import sys
+
+    message = other_recipe_warning(preset, features_db)
+    if message:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+

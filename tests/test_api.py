@@ -100,6 +100,26 @@ def test_a_preset_fills_the_facade_arguments_left_at_their_defaults(tmp_path):
         assert f.attrs["model"] == "efficientnet_lite0"
 
 
+def test_a_preset_on_a_database_made_otherwise_warns_as_the_commands_do(tmp_path):
+    """``ris-search --preset accurate`` on a database made another way says so in one warning line;
+    ``ris.open_database(..., preset="accurate")`` and ``ris.score`` said nothing, so a caller believed
+    the preset's recipe was searched. A database made with the preset gives no warning."""
+    import warnings
+
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    ris.build_database(photos, db, model="vgg16", weights="none", input_size=64, progress=False, labels="ukbench")
+    with pytest.warns(UserWarning, match=r"not made with the recipe of preset='accurate'.*--model vgg16 here"):
+        ris.open_database(db, preset="accurate").close()
+    with pytest.warns(UserWarning, match="not made with the recipe of preset='fast'"):
+        ris.score(db, preset="fast", split="all")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ris.open_database(db).close()
+
+
 def test_mistakes_a_caller_can_make_are_ris_errors_naming_the_value(tmp_path):
     """README: errors a user can cause are ``ris.RisError`` subclasses. A bad ``k``, re-ranking
     or index kind, or a query on a closed engine, raised ValueError/TypeError/RuntimeError (or
