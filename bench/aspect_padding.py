@@ -71,8 +71,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True, type=Path, help="a folder of images in mixed orientations")
     ap.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="images per inference batch, the full batch that groups pad to (default: %(default)s)")
+    ap.add_argument("--input-size", type=int, default=224,
+                    help="MobileNetV2 input side in pixels; each image keeps its aspect ratio at about side x side "
+                         "pixels, sides multiples of 32 (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each variant")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()

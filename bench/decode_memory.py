@@ -50,8 +50,11 @@ def child(folder: str, workers: int, budget: int, size: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--side", type=int, default=8000, help="PNG width and height in pixels")
-    ap.add_argument("--images", type=int, default=6)
-    ap.add_argument("--workers", default="2,6")
+    ap.add_argument("--images", type=int, default=6,
+                    help="PNGs decoded per run (hard links to one generated file) (default: %(default)s)")
+    ap.add_argument("--workers", default="2,6",
+                    help="comma-separated decode worker counts; each is run with and without the budget "
+                         "(default: %(default)s)")
     ap.add_argument("--size", type=int, default=224, help="model input size the images are resized to")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--child", nargs=3, metavar=("FOLDER", "WORKERS", "BUDGET"), help=argparse.SUPPRESS)

@@ -70,14 +70,17 @@ def write_db(path: Path, n: int, dim: int, group: int, sigma: float, seed: int, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n", type=int, default=100_000,
+                   help="synthetic vectors (database rows) written (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=256, help="dimensions of each vector (default: %(default)s)")
     p.add_argument("--group", type=int, default=4, help="views per object (UKBench: 4)")
     p.add_argument("--sigma", type=float, default=0.8, help="view noise relative to the object centre")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--phase", choices=["all", "write", "eval"], default="all")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: %(default)s)")
+    p.add_argument("--phase", choices=["all", "write", "eval"], default="all",
+                   help="write: only write the database to --path; eval: only evaluate an existing --path; "
+                        "all: both (default: %(default)s)")
     p.add_argument("--path", default=None, help="HDF5 database (default: a temp file, removed after 'all')")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write the results (times, peak RSS, scores) here as JSON")
     args = p.parse_args(argv)
 
     tmpdir = None

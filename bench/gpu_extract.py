@@ -196,18 +196,23 @@ def parse_args(argv):
     p.add_argument("--cpu-smoke", action="store_true", help="with --quick: tiny sizes for a CPU (64 px, 256 images)")
     p.add_argument("--dataset", default=None, help="folder of JPEGs to use instead of synthetic ones")
     p.add_argument("--n-images", type=int, default=None, help="images to synthesise / use")
-    p.add_argument("--model", default="vgg16")
+    p.add_argument("--model", default="vgg16",
+                   help="backbone benchmarked, a ris-extract --model name (default: %(default)s)")
     p.add_argument("--weights", default="none", help="'none' (random init: same speed) or a weights file")
-    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--input-size", type=int, default=None,
+                   help="square model input side in pixels (default: 224; 64 with --cpu-smoke)")
     p.add_argument("--batch-size", type=int, default=None, help="end-to-end batch size")
     p.add_argument("--trunk-batches", default=None, help="comma-separated batch sizes for the trunk-only stage")
     p.add_argument("--workers", type=int, default=None, help="decode threads/processes (default: all CPUs)")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="comma-separated compute dtypes compared, float32 and/or bfloat16 (mixed precision) "
+                        "(default: %(default)s)")
     p.add_argument("--decode", default="threads,processes", help="decode modes for the e2e stage")
     p.add_argument("--acc-models", default=None, help="models for the accuracy stage (default by profile)")
     p.add_argument("--budget-s", type=float, default=None, help="skip later stages once this many seconds are spent")
     p.add_argument("--skip", default="", help="comma-separated stages to skip")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic images and of the random weights (default: %(default)s)")
     p.add_argument("--work-dir", default=None, help="where synthetic images and HDF5 files go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
     p.add_argument("--json", default=None, help="output JSON (default: $OUT/gpu_extract.json when OUT is set)")

@@ -232,17 +232,22 @@ def _child(phase: str, kind: str, work: Path, threads: int, params: str | None =
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", default="exact,hnsw,ivfpq,milvus")
-    p.add_argument("--workdir", default="/tmp/ris-index-bench")
+    p.add_argument("--n", type=int, default=1_000_000, help="synthetic vectors (database rows) (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=256, help="dimensions of each vector (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=200,
+                   help="held-out queries timed one at a time and scored against the exact top 10 "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and queries (default: %(default)s)")
+    p.add_argument("--kinds", default="exact,hnsw,ivfpq,milvus",
+                   help="comma-separated index kinds measured, in this order (default: %(default)s)")
+    p.add_argument("--workdir", default="/tmp/ris-index-bench",
+                   help="folder for the database, queries, ground truth and saved indexes; the data is reused "
+                        "by later runs with the same --n, --dim, --seed and --queries (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="faiss threads (RIS_FAISS_THREADS)")
     p.add_argument("--keep-indexes", action="store_true", help="reuse indexes a previous run saved")
     p.add_argument("--ivfpq-params", default=None, metavar="FIELD=VALUE,...",
                    help="override IvfPqParams fields for the ivfpq build, e.g. m=96 or m=128,nbits=4,fastscan=1")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write the results here as JSON (rewritten after every kind)")
     p.add_argument("--phase", choices=["build", "serve"], help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("factories", nargs="+", help="faiss index_factory strings, e.g. IVF4096,PQ32+64")
     p.add_argument("--workdir", required=True, help="bench/index_scale.py's workdir (queries.npy, truth.npy)")
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n", type=int, default=1_000_000,
+                   help="synthetic vectors regenerated; must be the --n the workdir was made with "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="faiss (OpenMP) threads (default: %(default)s)")
     args = p.parse_args(argv)
     import faiss
 

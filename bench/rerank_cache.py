@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100_000, help="database rows")
     p.add_argument("--dim", type=int, default=256, help="dimensions")
     p.add_argument("--queries", type=int, default=50, help="single queries timed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic vectors and queries (default: %(default)s)")
     p.add_argument("--hnsw", action="store_true",
                    help="also build the DBA database from an HNSW index's neighbours and compare it with the exact one")
     p.add_argument("--M", type=int, default=32, help="HNSW graph degree (with --hnsw)")

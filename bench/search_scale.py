@@ -94,14 +94,16 @@ def recall_at(found, truth: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--n", type=int, default=1_000_000, help="synthetic vectors (database rows) (default: %(default)s)")
+    p.add_argument("--dim", type=int, default=256, help="dimensions of each vector (default: %(default)s)")
     p.add_argument("--queries", type=int, default=200, help="held-out queries for latency and recall")
     p.add_argument("--stream-queries", type=int, default=10, help="queries for the streamed-from-HDF5 exact run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"])
-    p.add_argument("--M", type=int, default=32)
-    p.add_argument("--ef-construction", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and queries (default: %(default)s)")
+    p.add_argument("--metric", default="euclidean", choices=["euclidean", "cosine"],
+                   help="distance of the exact and HNSW searches (default: %(default)s)")
+    p.add_argument("--M", type=int, default=32, help="HNSW graph degree (links per node) (default: %(default)s)")
+    p.add_argument("--ef-construction", type=int, default=200,
+                   help="HNSW candidate list size while building (default: %(default)s)")
     p.add_argument("--ef-search", default="32,64,128,256", help="comma list; each is measured")
     p.add_argument("--memory", action="store_true", help="keep the HDF5 file in memory (h5py core driver)")
     p.add_argument("--json", default=None, help="write all results here")

@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="/tmp/ris-serve-load", help="set-up files, reused between runs")
     p.add_argument("--images", type=int, default=200, help="real UKBench images in the database")
     p.add_argument("--rows", type=int, default=100_000, help="database rows after appending synthetic vectors")
-    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--concurrency", default="1,4,16",
+                   help="comma-separated counts of concurrent HTTP clients (threads, one keep-alive "
+                        "connection each); each level is measured (default: %(default)s)")
     p.add_argument("--upload-requests", type=int, default=48, help="search-by-upload requests per concurrency")
     p.add_argument("--id-requests", type=int, default=120, help="search-by-id requests per concurrency")
     p.add_argument("--json", default=None, help="write all results here")

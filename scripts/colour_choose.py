@@ -102,7 +102,9 @@ def main() -> None:
     ap.add_argument("--uk", nargs="+", required=True, help="UKBench CNN part databases (same images)")
     ap.add_argument("--base-weights", default="", help="fusion weights of the CNN parts, joined by '+' (default 1 each)")
     ap.add_argument("--corel", nargs="*", default=[], help="Corel CNN part databases, same order")
-    ap.add_argument("--corel-queries", default="corel_queries.txt")
+    ap.add_argument("--corel-queries", default="corel_queries.txt",
+                    help="Corel query list for --corel, one image id per line (scripts/corel_queries.py "
+                         "writes it) (default: %(default)s)")
     ap.add_argument("--hard", type=Path, default=None, help="hard_queries.py WORK of a database of this base recipe")
     ap.add_argument("--bins", default=",".join(BINS), help="bin layouts tried (H x S x V)")
     ap.add_argument("--weights", default="0.25,0.5,0.75,1", help="colour part weights tried")

@@ -73,9 +73,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--uk", nargs="+", required=True, help="UKBench part databases (same images)")
     ap.add_argument("--corel", nargs="*", default=[], help="Corel part databases, same order")
-    ap.add_argument("--corel-queries", default="corel_queries.txt")
+    ap.add_argument("--corel-queries", default="corel_queries.txt",
+                    help="Corel query list for --corel, one image id per line (scripts/corel_queries.py "
+                         "writes it) (default: %(default)s)")
     ap.add_argument("--weights", default="0.5,0.75,1,1.5,2", help="weights of the last part (the others 1)")
-    ap.add_argument("--whiten", default="none,pca-0.5-1,pca-0.25-0.1")
+    ap.add_argument("--whiten", default="none,pca-0.5-1,pca-0.25-0.1",
+                    help="comma-separated per-part whitenings tried: none or pca-P-S (power P, eigenvalues "
+                         "shrunk by S x their mean; see above) (default: %(default)s)")
     args = ap.parse_args()
 
     ids, labels, parts = load(args.uk)

@@ -27,12 +27,13 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("db_a")
-    ap.add_argument("work_a", type=Path)
-    ap.add_argument("db_b")
-    ap.add_argument("work_b", type=Path)
+    ap.add_argument("db_a", help="database A, a single-backbone ris feature database (HDF5)")
+    ap.add_argument("work_a", type=Path, help="A's hard_queries.py make folder (train.npz, test.npz)")
+    ap.add_argument("db_b", help="database B: the same labelled images as A, another backbone")
+    ap.add_argument("work_b", type=Path, help="B's hard_queries.py make folder (the same copies as A's)")
     ap.add_argument("--weight", type=float, default=1.0, help="B's weight (A's is 1)")
-    ap.add_argument("--rerank", nargs="+", default=["none", "dba+qe"])
+    ap.add_argument("--rerank", nargs="+", default=["none", "dba+qe"],
+                    help="re-rankers scored, each at its default settings (default: none dba+qe)")
     a = ap.parse_args()
     fa, labels, _, _ = load_db(a.db_a)
     fb, labels_b, _, _ = load_db(a.db_b)

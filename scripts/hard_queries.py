@@ -279,14 +279,20 @@ def apply(db_path: str, work: Path, settings: str, corel: str | None, corel_quer
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["make", "choose", "apply", "verify", "score", "compare"])
-    ap.add_argument("db")
+    ap.add_argument("step", choices=["make", "choose", "apply", "verify", "score", "compare"],
+                    help="make the copies and embeddings, choose settings on train, apply them once held out, "
+                         "verify, score defaults, compare two databases (see above)")
+    ap.add_argument("db", help="UKBench-style ris feature database (HDF5): its images are copied, its rows "
+                                "searched (compare: database A)")
     ap.add_argument("--work", required=True, type=Path, help="folder for the transformed copies and embeddings")
-    ap.add_argument("--objects", default="train", choices=["train", "test"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objects", default="train", choices=["train", "test"],
+                    help="whose copies: train = objects not held out, test = the held-out 20%% (make, compare) "
+                         "(default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of each image's crop, downscale, turn and JPEG quality (make) (default: %(default)s)")
     ap.add_argument("--settings", help="choose's JSON output (apply)")
     ap.add_argument("--corel", help="a second database scored with --corel-queries (apply)")
-    ap.add_argument("--corel-queries")
+    ap.add_argument("--corel-queries", help="Corel query list, one image id per line; needed with --corel (apply)")
     ap.add_argument("--sample", type=int, default=200, help="training copies verified (verify)")
     ap.add_argument("--rerank", nargs="+", choices=sorted(RERANKERS),
                     help="re-rankers at their defaults (score: default none dba+qe; compare: one, default dba+qe)")

@@ -32,7 +32,7 @@ def scores(labels: np.ndarray, query: int, ranked: np.ndarray) -> tuple[float, f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("features_db")
+    p.add_argument("features_db", help="labelled UKBench-style ris feature database (HDF5), as ris-eval reads")
     p.add_argument("methods", nargs="+", help="re-ranking methods (ris.rerank.RERANKERS)")
     args = p.parse_args(argv)
     with FeatureDB(args.features_db) as db:

@@ -49,10 +49,11 @@ def per_query_ap(path: str, queries: str | None, rerank: str) -> tuple[list[str]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("a")
-    ap.add_argument("b")
+    ap.add_argument("a", help="database A, a labelled ris feature database (HDF5)")
+    ap.add_argument("b", help="database B: the same images as A; the difference is B - A")
     ap.add_argument("--queries", default=None, help="query ids (default: UKBench held-out objects, seed 0)")
-    ap.add_argument("--rerank", default="none")
+    ap.add_argument("--rerank", default="none",
+                    help="re-ranking method (ris.rerank.RERANKERS) at its default settings (default: %(default)s)")
     args = ap.parse_args()
     ida, apa = per_query_ap(args.a, args.queries, args.rerank)
     idb, apb = per_query_ap(args.b, args.queries, args.rerank)

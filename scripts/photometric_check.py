@@ -72,9 +72,14 @@ def main() -> None:
     ap.add_argument("a", help="database A (same images as B)")
     ap.add_argument("b", help="database B")
     ap.add_argument("--work", type=Path, required=True, help="folder for the copies")
-    ap.add_argument("--objects", choices=["train", "test"], default="train")
-    ap.add_argument("--rerank", nargs="+", default=["none", "dba+qe"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objects", choices=["train", "test"], default="train",
+                    help="whose images are relit: train = objects not held out, test = the held-out 20%% "
+                         "(default: %(default)s)")
+    ap.add_argument("--rerank", nargs="+", default=["none", "dba+qe"],
+                    help="re-rankers scored, each at its default settings (default: none dba+qe)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of each image's gamma, exposure and gains; copies already in --work are reused "
+                         "(default: %(default)s)")
     args = ap.parse_args()
     rows, files = make_copies(args.a, args.work, args.objects, args.seed)
     for rerank in args.rerank:

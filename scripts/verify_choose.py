@@ -34,11 +34,16 @@ def scores(order: np.ndarray, labels: np.ndarray, q: np.ndarray) -> tuple[float,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("db")
-    ap.add_argument("--rerank", default="none")
-    ap.add_argument("--sample", type=int, default=100)
-    ap.add_argument("--depth", type=int, default=30)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("db", help="labelled UKBench-style ris feature database (HDF5)")
+    ap.add_argument("--rerank", default="none",
+                    help="base ranking before verification: a re-ranking method (ris.rerank.RERANKERS) at its "
+                         "default settings (default: %(default)s)")
+    ap.add_argument("--sample", type=int, default=100,
+                    help="training-object images drawn as queries (seed 0) (default: %(default)s)")
+    ap.add_argument("--depth", type=int, default=30,
+                    help="candidates verified per training query, from the top of the base ranking; grid values "
+                         "of k above it are skipped (default: %(default)s)")
     a = ap.parse_args()
     with FeatureDB(a.db) as db:
         labels = db.labels

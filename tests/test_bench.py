@@ -1,6 +1,6 @@
 """The benchmark scripts that cannot run here in full still run: bench/gpu_extract.py is prepared
 for a lent GPU machine (minutes of device time, all tries together), so its CPU smoke run must
-pass before any of that time is spent."""
+pass before any of that time is spent. And `python bench/X.py --help` explains every flag."""
 import json
 import os
 import subprocess
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_help import help_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +33,11 @@ def test_the_gpu_benchmark_runs_every_stage_in_its_cpu_smoke(tmp_path, backend):
     if backend == "jax":
         check = r["bf16_conv_pool_jit_check"]
         assert "error" not in check and check["eager_finite"], check  # jit_finite is what it records
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench").glob("*.py")), ids=lambda p: p.name)
+def test_every_bench_flag_has_help_text(path):
+    """`python bench/X.py --help` explains every flag (value, unit, default) and the script itself;
+    read with ast, since importing a benchmark pulls in TensorFlow, faiss or Ray."""
+    problems = help_problems(path, ROOT)
+    assert not problems, "\n".join(problems)
