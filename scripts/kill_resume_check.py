@@ -8,8 +8,15 @@ finished in a second child; then every attribute, id, feature and label of the d
 back. Prints counts (corrupt, discarded, ok). 2026-12-02 on the 2-core sandbox: 7 of 20 corrupt
 when a resume extended the killed file; 30 of 30, then 15 of 15 (with checksums) ok after.
 """
-import random, signal, subprocess, sys, time, json
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+
 import numpy as np
 
 CHILD = r'''
@@ -30,8 +37,18 @@ w.finish({"extract_seconds": 1.0})
 print("resumed", w.resumed_rows, "discarded", w.discarded_partial)
 '''
 
-def main():
-    n, total = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 4000
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cycles", type=int, metavar="CYCLES",
+                   help="kill-and-resume cycles, each in /tmp/kill/runI (its files deleted before and after)")
+    p.add_argument("rows", type=int, nargs="?", default=4000, metavar="ROWS",
+                   help="rows each run writes; more rows, more kills land mid-run (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    n, total = args.cycles, args.rows
     stats = {"corrupt": 0, "discarded": 0, "ok": 0, "finished_before_kill": 0}
     for it in range(n):
         d = Path(f"/tmp/kill/run{it}"); d.mkdir(parents=True, exist_ok=True)
@@ -65,4 +82,6 @@ def main():
         for q in d.iterdir(): q.unlink()
     print(json.dumps(stats))
 
-main()
+
+if __name__ == "__main__":
+    main()

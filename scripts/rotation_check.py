@@ -13,30 +13,47 @@ verification on a 2-core machine; VERIFY_K (default 10): candidates verified per
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from ris.extract import ExtractOptions, extract_features
-from ris.extractor import ExtractConfig
-from ris.featuredb import FeatureDB
-from ris.images import decode_image
-from ris.topk import l2_normalize
-from ris.splits import rows_of, split_objects
-from ris.verify import DEFAULTS, Verifier, root_sift, sift_of_file
-
-ROT = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}
+ROT = {90: "ROTATE_90_CLOCKWISE", 180: "ROTATE_180", 270: "ROTATE_90_COUNTERCLOCKWISE"}  # cv2's names
 
 
 def turn(img, deg):
-    return img if deg % 360 == 0 else cv2.rotate(img, ROT[deg % 360])
+    import cv2
+
+    return img if deg % 360 == 0 else cv2.rotate(img, getattr(cv2, ROT[deg % 360]))
 
 
-def main(db_path: str, dataset: str, work: str, limit: str = "100", verify_k: str = "10") -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("db", metavar="DB", help="feature database (.h5) of the whole collection: the gallery")
+    p.add_argument("dataset", metavar="DATASET", help="the image folder DB was extracted from (queries are read there)")
+    p.add_argument("workdir", metavar="WORKDIR",
+                   help="folder for the turned query images and their databases; what is there is reused")
+    p.add_argument("queries", type=int, nargs="?", default=100, metavar="QUERIES",
+                   help="held-out images used as queries, the first in seeded order (default: %(default)s)")
+    p.add_argument("verify_k", type=int, nargs="?", default=10, metavar="VERIFY_K",
+                   help="candidates geometric verification re-orders per query (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(db_path: str, dataset: str, work: str | Path, limit: int = 100, verify_k: int = 10) -> None:
+    # imported here, so --help needs neither OpenCV nor a Keras backend
+    import cv2
+
+    from ris.extract import ExtractOptions, extract_features
+    from ris.extractor import ExtractConfig
+    from ris.featuredb import FeatureDB
+    from ris.images import decode_image
+    from ris.splits import rows_of, split_objects
+    from ris.topk import l2_normalize
+    from ris.verify import DEFAULTS, Verifier, root_sift, sift_of_file
+
     work = Path(work)
     with FeatureDB(db_path) as db:
         labels, ids = db.labels, db.image_ids
@@ -90,4 +107,5 @@ def main(db_path: str, dataset: str, work: str, limit: str = "100", verify_k: st
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    a = parse_args()
+    main(a.db, a.dataset, a.workdir, a.queries, a.verify_k)

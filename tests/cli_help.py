@@ -1,6 +1,7 @@
 """Static check of the argparse help of the bench/ and scripts/ programs (tests/test_bench.py,
 tests/test_scripts.py): every add_argument call has a non-empty help= that argparse's % expansion
-accepts, and every ArgumentParser a description. Read with ``ast`` only, because importing the
+accepts, every ArgumentParser a description, and no program reads sys.argv itself (where
+``--help`` would be taken for a database path). Read with ``ast`` only, because importing the
 scripts pulls in TensorFlow, faiss or Ray."""
 import ast
 from pathlib import Path
@@ -67,3 +68,32 @@ def help_problems(path: Path, root: Path) -> list[str]:
             if desc is None or not _nonempty(desc) or (_uses_doc(desc) and not (doc and doc.strip())):
                 problems.append(f"{rel}:{node.lineno}: ArgumentParser has no description")
     return problems
+
+
+_TO_ARGPARSE = {"parse_args", "parse_known_args", "parse_intermixed_args", "parse_known_intermixed_args"}
+
+
+def argv_reads(path: Path, root: Path) -> list[str]:
+    """One line per direct read of ``sys.argv`` (and per ``from sys import argv``): ``file:line: what``.
+    Allowed: sys.argv passed to argparse (inside a ``parse_args(...)`` call) and sys.argv joined
+    into text (``" ".join(sys.argv)``, ``shlex.join``: the command line recorded in a result), as
+    neither decides what an argument means. Strings (a child's ``python -c`` code) are not code here."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    rel = path.relative_to(root)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "sys" and any(a.name == "argv" for a in node.names):
+            problems.append((node.lineno, node.col_offset,
+                             f"{rel}:{node.lineno}: 'from sys import argv' reads the command line without argparse"))
+        if not (isinstance(node, ast.Attribute) and node.attr == "argv"
+                and isinstance(node.value, ast.Name) and node.value.id == "sys"):
+            continue
+        up, allowed = parents.get(node), False
+        while up is not None and not allowed:
+            allowed = isinstance(up, ast.Call) and _name(up.func) in _TO_ARGPARSE | {"join"}
+            up = parents.get(up)
+        if not allowed:
+            problems.append((node.lineno, node.col_offset,
+                             f"{rel}:{node.lineno}: reads sys.argv directly (use argparse, so --help works)"))
+    return [line for *_, line in sorted(problems)]
