@@ -75,13 +75,38 @@ def connect(arg: str):
         client = pm.MilvusClient(uri, token=os.environ.get("RIS_MILVUS_TOKEN", "")) if not lite \
             else pm.MilvusClient(uri)
     except Exception as exc:  # noqa: BLE001 - pymilvus raises its own and grpc's errors
-        where = f"Milvus Lite data {uri}" if lite else f"Milvus server {uri}"
-        hint = " (is another process using it? Milvus Lite allows one)" if lite else ""
-        raise RisError(f"cannot open {where}: {exc}{hint}") from None
+        if lite:
+            raise RisError(f"cannot open Milvus Lite data {uri}: {_lite_open_problem(uri) or exc}") from None
+        raise RisError(f"cannot open Milvus server {uri}: {exc}") from None
     if lite:
         with _LITE_LOCK:
             _LITE_CLIENTS[uri] = _LITE_CLIENTS.get(uri, 0) + 1
     return client
+
+
+def _lite_open_problem(uri: str) -> str | None:
+    """Why Milvus Lite could not open the folder ``uri``: pymilvus says only 'Open local milvus
+    failed' (Milvus Lite logs its reason), whether another process holds the folder's lock or the
+    place cannot be written. Redo its first steps (make the folder, open and lock its LOCK file)
+    to tell which; None if they succeed (the reason is elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: Milvus Lite locks with msvcrt there
+        return None
+    try:
+        os.makedirs(uri, exist_ok=True)
+        fd = os.open(os.path.join(uri, "LOCK"), os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        return f"{exc.strerror or exc} ({exc.filename or uri})"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "another process is using it (Milvus Lite lets one process at a time open a .db folder)"
+    except OSError as exc:
+        return f"cannot lock its LOCK file: {exc.strerror or exc}"
+    finally:
+        os.close(fd)  # closing also drops the lock, if this probe got it
+    return None
 
 
 def disconnect(client, arg: str) -> None:

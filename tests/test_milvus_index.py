@@ -187,3 +187,46 @@ def test_milvus_lite_paths_that_cannot_be_opened_say_why(tmp_path):
         with pytest.raises(RisError, match=says) as caught:
             connect(str(target))
         assert "another process" not in str(caught.value)
+
+
+def test_milvus_lite_held_by_another_process_says_so_plainly(tmp_path):
+    """Another process holding the folder's lock gave 'cannot open ...: <ConnectionConfigException:
+    (code=1, message=Open local milvus failed)> (is another process using it? Milvus Lite allows
+    one)': pymilvus' words and a guess. The lock is now looked at, and named as the reason."""
+    import subprocess
+    import sys
+
+    from ris.milvus_index import connect
+
+    target = tmp_path / "m.db"
+    target.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(target / 'LOCK')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RisError) as caught:
+            connect(str(target))
+    finally:
+        holder.communicate("", timeout=60)
+    message = str(caught.value)
+    assert str(target) in message and "another process is using it" in message, message
+    assert "ConnectionConfigException" not in message and "?" not in message, message
+
+
+def test_milvus_lite_that_cannot_be_written_names_the_reason_not_another_process(tmp_path):
+    """A Milvus Lite folder in a read-only place (a read-only mount, another user's folder) was
+    refused with 'is another process using it? Milvus Lite allows one', sending the user after a
+    process that does not exist. Simulated root-proof: the folder's LOCK cannot be opened (a
+    folder stands in its place), as it cannot on a read-only file system (checked there by hand:
+    'Read-only file system')."""
+    from ris.milvus_index import connect
+
+    target = tmp_path / "m.db"
+    (target / "LOCK").mkdir(parents=True)
+    with pytest.raises(RisError) as caught:
+        connect(str(target))
+    message = str(caught.value)
+    assert str(target) in message and "Is a directory" in message, message
+    assert "another process" not in message and "ConnectionConfigException" not in message, message
