@@ -134,6 +134,33 @@ def disconnect(client, arg: str) -> None:
         pass
 
 
+def _said(exc: BaseException) -> str:
+    """pymilvus' MilvusException in its server's own words (its str() wraps them in a repr)."""
+    message = getattr(exc, "message", None)
+    return message if isinstance(message, str) and message else f"{type(exc).__name__}: {exc}"
+
+
+def _is_lite(where: str) -> bool:
+    """``where``: 'milvus:TARGET' or TARGET."""
+    return parse_target(where.removeprefix("milvus:"))[1]
+
+
+def has_collection(client, name: str, lite: bool) -> bool:
+    """Milvus Lite fails has_collection on a collection whose files are damaged (both manifests
+    unreadable): that one is there, to be dropped; a server's failure is its own error."""
+    try:
+        return bool(client.has_collection(name))
+    except Exception:  # noqa: BLE001 - pymilvus' MilvusException, Milvus Lite's words inside
+        if not lite:
+            raise
+        return True
+
+
+def drop_collection(client, name: str, lite: bool) -> None:
+    if has_collection(client, name, lite):
+        client.drop_collection(name)
+
+
 def collection_name(source: dict | None, vectors_path: str) -> str:
     """``ris_<lineage>_<vectors>``: one per database lineage (appends and removals keep it) and kind
     of vectors (raw features or one head's embeddings)."""
@@ -172,8 +199,7 @@ class MilvusIndex:
     def create(cls, client, name: str, dim: int, metric: str, where: str) -> "MilvusIndex":
         """Drop any collection of that name and make an empty one (its state property comes last)."""
         pm = _pymilvus()
-        if client.has_collection(name):
-            client.drop_collection(name)
+        drop_collection(client, name, _is_lite(where))
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", pm.DataType.INT64, is_primary=True)
         schema.add_field("path", pm.DataType.VARCHAR, max_length=4096)
@@ -188,8 +214,16 @@ class MilvusIndex:
 
     @classmethod
     def load(cls, client, name: str, where: str) -> "MilvusIndex":
-        """The collection with its saved state; DatabaseError if it has none (a killed build)."""
-        props = client.describe_collection(name).get("properties") or {}
+        """The collection with its saved state; DatabaseError if it has none (a killed build) or,
+        in Milvus Lite, if its files cannot be read (a server's failure stays its own error: a
+        collection is never rebuilt for a dropped connection)."""
+        lite = _is_lite(where)
+        try:
+            props = client.describe_collection(name).get("properties") or {}
+        except Exception as exc:  # noqa: BLE001 - pymilvus' errors
+            if not lite:
+                raise
+            raise DatabaseError(f"collection {name} is damaged ({_said(exc)})") from None
         try:
             state = json.loads(props[STATE_KEY])
             self = cls(client, name, int(state["dim"]), state["metric"], where)
@@ -199,7 +233,12 @@ class MilvusIndex:
         except (KeyError, TypeError, ValueError) as exc:
             raise DatabaseError(f"{where}: collection {name} has no complete ris state ({exc}): "
                                 f"its build was interrupted") from None
-        client.load_collection(name)
+        try:
+            client.load_collection(name)
+        except Exception as exc:  # noqa: BLE001 - a truncated index file: faiss' read error
+            if not lite:
+                raise
+            raise DatabaseError(f"collection {name} is damaged ({_said(exc)})") from None
         return self
 
     def save(self, _path: str | None = None) -> None:
@@ -300,7 +339,7 @@ def open_milvus(req):
         return index
 
     def exists(_):
-        return client.has_collection(name)
+        return has_collection(client, name, parse_target(req.arg)[1])
 
     try:
         index = open_saved(req, f"{where} collection {name}", load, build, "milvus", exists=exists)
@@ -308,7 +347,5 @@ def open_milvus(req):
         disconnect(client, req.arg)
         if isinstance(exc, RisError) or not isinstance(exc, Exception):
             raise
-        message = getattr(exc, "message", None)  # pymilvus' MilvusException: its server's own words
-        raise RisError(f"{where}: {message if isinstance(message, str) and message else f'{type(exc).__name__}: {exc}'}"
-                       ) from None
+        raise RisError(f"{where}: {_said(exc)}") from None
     return index

@@ -230,3 +230,31 @@ def test_milvus_lite_that_cannot_be_written_names_the_reason_not_another_process
     message = str(caught.value)
     assert str(target) in message and "Is a directory" in message, message
     assert "another process" not in message and "ConnectionConfigException" not in message, message
+
+
+@pytest.mark.parametrize("damage", ["index file", "both manifests"])
+def test_a_damaged_milvus_lite_collection_is_rebuilt_when_milvus_is_asked_for(tmp_path, labelled_db, damage):
+    """A Milvus Lite collection whose files were damaged (a truncated HNSW file, both manifests
+    unreadable) made every search fail ('milvus:m.db: Error in void faiss::read_HNSW ...'), and
+    'ris-index build --rebuild' then crashed as 'internal error (a bug in ris ...): MilvusException'
+    (has_collection itself fails on it). As for a damaged hnsw or ivfpq file, the collection is
+    now rebuilt when its kind is asked for, and --rebuild drops it."""
+    from ris.cli.index import main
+
+    db, x = labelled_db
+    target = str(tmp_path / "m.db")
+    open_milvus(db, target).close()
+    (folder,) = (tmp_path / "m.db" / "collections").iterdir()
+    if damage == "index file":
+        (idx,) = folder.rglob("*.idx")
+        with open(idx, "r+b") as fh:
+            fh.truncate(1000)
+    else:
+        for name in ("manifest.json", "manifest.json.prev"):
+            (folder / name).write_text("garbage")
+    index = open_milvus(db, target)
+    assert len(index) == 1500 and index.search(x[1000:1001], 1)[1][0, 0] == 1000
+    index.close()
+    for name in ("manifest.json", "manifest.json.prev"):
+        (folder / name).write_text("garbage")
+    assert main(["build", "--features-db", str(db), "--index", f"milvus:{target}", "--rebuild"]) == 0
