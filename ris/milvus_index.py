@@ -62,12 +62,25 @@ _LITE_CLIENTS: dict[str, int] = {}  # Milvus Lite path -> clients of this proces
 _LITE_LOCK = threading.Lock()
 
 
+def _foreign_folder(uri: str) -> bool:
+    """A non-empty folder without Milvus Lite's LOCK or collections/: the user's own files, which
+    Milvus Lite would write its data among."""
+    try:
+        entries = set(os.listdir(uri))
+    except OSError:
+        return False  # unreadable: Milvus Lite's open says why
+    return bool(entries) and not entries & {"LOCK", "collections"}
+
+
 def connect(arg: str):
     """A client of the server or Milvus Lite file ``arg`` names; give it back with ``disconnect``."""
     uri, lite = parse_target(arg)
     if lite and os.path.lexists(uri) and not os.path.isdir(uri):
         raise RisError(f"cannot open Milvus Lite data {uri}: it is not a folder (Milvus Lite keeps a collection in a "
                        "folder named *.db); name a new one or an existing Milvus Lite folder")
+    if lite and os.path.isdir(uri) and _foreign_folder(uri):
+        raise RisError(f"cannot open Milvus Lite data {uri}: it is not a Milvus Lite folder (it holds other files, and "
+                       "no LOCK or collections/ of Milvus Lite); name a new *.db path or an existing Milvus Lite folder")
     if lite and not os.path.isdir(os.path.dirname(uri)):
         raise RisError(f"cannot open Milvus Lite data {uri}: its folder {os.path.dirname(uri)} does not exist")
     pm = _pymilvus()

@@ -258,3 +258,21 @@ def test_a_damaged_milvus_lite_collection_is_rebuilt_when_milvus_is_asked_for(tm
     for name in ("manifest.json", "manifest.json.prev"):
         (folder / name).write_text("garbage")
     assert main(["build", "--features-db", str(db), "--index", f"milvus:{target}", "--rebuild"]) == 0
+
+
+def test_a_folder_that_is_not_milvus_lite_data_is_refused_untouched(tmp_path):
+    """--index milvus:photos.db naming a folder of the user's own files (not Milvus Lite data) was
+    used as one: Milvus Lite wrote LOCK, collections/ and databases/ among the user's files."""
+    from ris.milvus_index import connect, disconnect
+
+    folder = tmp_path / "photos.db"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(RisError, match="not a Milvus Lite folder") as caught:
+        connect(str(folder))
+    assert str(folder) in str(caught.value)
+    assert sorted(p.name for p in folder.iterdir()) == ["holiday.jpg"]
+    empty = tmp_path / "empty.db"
+    empty.mkdir()
+    disconnect(connect(str(empty)), str(empty))  # an empty folder, or Milvus Lite's own, is fine
+    disconnect(connect(str(empty)), str(empty))
