@@ -73,7 +73,7 @@ def evaluate_index(features_db: str | Path, index: str, model: str | Path | None
     from ris.index_state import source_of
 
     split = split or ("test" if model else "all")
-    engine = None
+    engine = ann = None
     db = FeatureDB(features_db)
     try:
         plan, _, labels = protocol.for_database(db, features_db, model, split, gallery, seed, test_fraction,
@@ -99,7 +99,9 @@ def evaluate_index(features_db: str | Path, index: str, model: str | Path | None
         return result
     finally:
         if engine is not None:
-            engine.close()
+            engine.close()  # closes its index too
+        elif ann is not None and hasattr(ann, "close"):
+            ann.close()  # a Milvus Lite client holds its folder's lock until closed
         db.close()
 
 

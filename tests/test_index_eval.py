@@ -81,3 +81,19 @@ def test_a_head_on_a_collection_it_never_saw_is_scored_through_the_index_too(tmp
     plain = evaluate_db(new_db, head)
     assert r["images"] == 20 and "never saw" in r["protocol"]
     assert r["exact"]["ns_score"] == pytest.approx(plain["head"]["ns_score"], abs=1e-3)
+
+
+def test_scoring_through_milvus_lite_lets_go_of_its_folder(db_with_distractors, tmp_path):
+    """evaluate_index (ris-eval --index milvus:...) never closed the index it opened: Milvus Lite kept
+    the folder's lock until the process ended, so a ris-search beside a notebook that had scored
+    through it failed with 'another process is using it'."""
+    pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+    pytest.importorskip("milvus_lite", reason="the milvus extra is not installed")
+    import fcntl
+
+    path, _ = db_with_distractors
+    target = tmp_path / "m.db"
+    r = evaluate_index(path, f"milvus:{target}", split="all")
+    assert r["indexed"]["map"] == pytest.approx(r["exact"]["map"], abs=1e-4)
+    with open(target / "LOCK", "a") as fh:  # flock: a lock still held by the Lite server refuses this one
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
