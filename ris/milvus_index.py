@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # Milvus Lite runs faiss in-process: see ris.faiss_index
 
@@ -59,7 +60,7 @@ def parse_target(arg: str) -> tuple[str, bool]:
 
 
 _LITE_CLIENTS: dict[str, int] = {}  # Milvus Lite path -> clients of this process open on it
-_LITE_LOCK = threading.Lock()
+_LITE_LOCK = threading.RLock()  # re-entrant: a dropped index's finalizer may run (GC) inside it
 
 
 def _foreign_folder(uri: str) -> bool:
@@ -206,6 +207,7 @@ class MilvusIndex:
         self.describe = None  # (start, end) -> (paths, labels) of database rows, from the source
         self.fresh = False  # a new collection: insert; else upsert (idempotent re-runs)
         self.ef = 128
+        self._release = None  # open_milvus: gives the client back once, by close() or when dropped
 
     # -- the collection ------------------------------------------------------------------------
     @classmethod
@@ -327,7 +329,9 @@ class MilvusIndex:
 
     def close(self) -> None:
         client, self.client = self.client, None
-        if client is not None:
+        if self._release is not None:
+            self._release()  # a weakref.finalize: runs disconnect once, here or when dropped
+        elif client is not None:
             disconnect(client, self.where.split(":", 1)[1])
 
 
@@ -361,4 +365,7 @@ def open_milvus(req):
         if isinstance(exc, RisError) or not isinstance(exc, Exception):
             raise
         raise RisError(f"{where}: {_said(exc)}") from None
+    # an index dropped unclosed (ris-serve's reload drops the old engine while requests may still
+    # use it) gives its client back when collected: else the last close never stops Milvus Lite
+    index._release = weakref.finalize(index, disconnect, client, req.arg)
     return index

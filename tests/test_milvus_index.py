@@ -276,3 +276,22 @@ def test_a_folder_that_is_not_milvus_lite_data_is_refused_untouched(tmp_path):
     empty.mkdir()
     disconnect(connect(str(empty)), str(empty))  # an empty folder, or Milvus Lite's own, is fine
     disconnect(connect(str(empty)), str(empty))
+
+
+def test_an_index_dropped_unclosed_gives_back_its_share_of_the_milvus_lite_folder(tmp_path, labelled_db):
+    """ris-serve's reload (SearchEngine.refreshed) opens a new index beside the old one and drops the
+    old engine without closing it (requests may still be answered from it): each reload left one
+    count in the process' tally of clients on the folder, so closing the last engine never stopped
+    Milvus Lite, whose lock stayed held until the process ended (after 8 reloads: 8 left)."""
+    import fcntl
+    import gc
+
+    db, _ = labelled_db
+    target = str(tmp_path / "m.db")
+    old = open_milvus(db, target)
+    new = open_milvus(db, target)  # as a reload: the new one before the old one goes
+    del old
+    gc.collect()
+    new.close()
+    with open(tmp_path / "m.db" / "LOCK", "a") as fh:  # refused while Milvus Lite still holds it
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
