@@ -702,6 +702,26 @@ def test_search_never_replaces_a_special_file_with_its_montage(tiny, db, tmp_pat
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and out == ""
 
 
+def test_search_never_replaces_a_query_image_with_its_montage(tiny, db, tmp_path, capsys):
+    """--output naming a query's own file (or, with several queries, a query named like another
+    query's numbered montage) would replace the user's photo with the montage: refused before any
+    query runs, the photos unchanged."""
+    _, _, query = tiny
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(query, photo)
+    before = photo.read_bytes()
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", photo, "--features-db", db, "--output", photo)
+    assert code == 2 and out == ""
+    assert err == f"ris-search: error: {photo}: is a query image; give --output another file name\n"
+    assert photo.read_bytes() == before
+    second = tmp_path / "results-1.jpg"  # the first montage of --output results.jpg with two queries
+    shutil.copy(query, second)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", photo, second, "--features-db", db,
+                         "--output", tmp_path / "results.jpg")
+    assert code == 2 and f"{second}: is a query image" in err and len(err.splitlines()) == 1
+    assert second.read_bytes() == before and not (tmp_path / "results-2.jpg").exists()
+
+
 def test_extract_ukbench_labels_on_other_names_is_one_error(tmp_path, capsys):
     data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=64)
     (data / "groundtruth.tsv").unlink()

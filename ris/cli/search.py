@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
     """Where each query's montage goes (None: no montage); a path that exists must be a regular
-    file, since the montage replaces it (a FIFO or a device is never replaced)."""
+    file, since the montage replaces it (a FIFO or a device is never replaced), and must not be a
+    query image (the user's photo would be replaced by the montage, or searched as one)."""
     import os
     from pathlib import Path
 
@@ -138,8 +139,19 @@ def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
         kind = file_kind(mode)
         if kind != "regular file":
             raise RisError(f"{path}: not a regular file ({kind}); give --output a file name")
+        if any(_same_file(path, image) for image in images):
+            raise RisError(f"{path}: is a query image; give --output another file name")
     _can_write_in(out.parent)
     return paths
+
+
+def _same_file(a, b) -> bool:
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # b is missing or unreadable: it is refused as a query later
+        return False
 
 
 def _can_write_in(folder) -> None:
