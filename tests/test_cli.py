@@ -838,6 +838,33 @@ def test_exit_codes_of_search_follow_the_rule(tiny, db, tmp_path, capsys):
     assert code == EXIT_ERROR and "not found" in err
 
 
+def test_file_names_with_newlines_stay_on_their_own_line(tiny, db, tmp_path, capsys):
+    """A file name holding a newline (or another control character) split the one-line error in
+    two and broke the results table; such characters are written escaped, as Python writes them."""
+    _, _, query = tiny
+    good = tmp_path / "new\nline.jpg"
+    shutil.copy(query, good)
+    bad = tmp_path / "bad\nname\x1b[2J.jpg"
+    bad.write_text("not an image")
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", good, bad, "--features-db", db, "-k", "2")
+    assert code == 1
+    assert err.splitlines() == [f"ris-search: error: {tmp_path}/bad\\nname\\x1b[2J.jpg: not a readable image "
+                                "(unknown or damaged format)"]
+    assert out.splitlines()[0] == f"query: {tmp_path}/new\\nline.jpg" and len(out.splitlines()) == 2 + 2
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", bad, "--features-db", db, "--json")
+    assert code == 2 and len(err.splitlines()) == 1 and json.loads(out)["query"] == str(bad)  # JSON keeps the name
+
+
+def test_run_writes_an_error_naming_a_control_character_on_one_line(capsys):
+    from ris.errors import RisError
+
+    def main(argv):
+        raise RisError("a\nb\rc\td: bad")
+
+    assert run("ris-x", main, []) == 2
+    assert capsys.readouterr().err == "ris-x: error: a\\nb\\rc\\td: bad\n"
+
+
 def test_exit_codes_of_eval_when_the_required_score_is_not_met(db, capsys):
     code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "3", "--min-ns", "4.01")
     assert code == 1 and "below" in err

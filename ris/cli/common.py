@@ -7,6 +7,7 @@ import math
 import io
 import logging
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -198,6 +199,16 @@ def uninstall_quiet_backend() -> None:
         sys.meta_path.remove(_QUIET_HOOK)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: object) -> str:
+    """``text`` with its control characters escaped as Python writes them (``\\n``, ``\\x1b``): a
+    file name holding a newline would split a one-line error, or a results line, in two (and an
+    escape sequence in one would reach the terminal)."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
 def _escape_unprintable_output() -> None:
     """File names that are not valid UTF-8 (old archives) or not in the terminal's encoding are
     printed escaped (``caf\\udce9.jpg``) instead of ending the command with an encoding error."""
@@ -236,13 +247,13 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
             quiet_client_logs()
         return int(main(argv) or 0)
     except Interrupted as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        print(f"{prog}: {one_line(exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RisError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         if _hdf5_write_failed():  # HDF5 would retry the failed write when the process ends, and crash
             sys.stdout.flush()
             sys.stderr.flush()
@@ -255,7 +266,7 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
         if exc.filename is None and exc.errno is None:  # raised by code, not by the system: treat as a bug
             return _internal_error(prog, exc)
         where = f"{exc.filename}: " if exc.filename is not None else ""
-        print(f"{prog}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(where)}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
         return _internal_error(prog, exc)

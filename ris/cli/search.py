@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, positive_int, print_json, run
+from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, one_line, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 hits = verify_hits(hits, image, verifier, engine.image_ids, args.top_k)
         except BadImage as exc:
-            print(f"ris-search: error: {exc}", file=sys.stderr)
+            print(f"ris-search: error: {one_line(exc)}", file=sys.stderr)
             failed += 1
             out_json.append({"query": str(image), "error": str(exc)})  # in its place, as scripts expect
             continue
@@ -99,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             out_json.append({"query": str(image), "montage": montage_path, "score": score_kind,
                              "results": hits_to_dicts(hits)})
             continue
-        print(f"query: {image}")
+        print(f"query: {one_line(image)}")
         print(f"{'rank':>4}  {'distance' if engine.reranker is None else 'score':>9}  path")
         for h in hits:
-            print(f"{h.rank:>4}  {h.distance:>9.4f}  {h.path}")
+            print(f"{h.rank:>4}  {h.distance:>9.4f}  {one_line(h.path)}")
         if montage_path:
-            print(f"montage: {montage_path}")
+            print(f"montage: {one_line(montage_path)}")
     if args.json:
         print_json(out_json if len(args.image) > 1 else out_json[0])
     if failed == len(args.image):
