@@ -106,7 +106,7 @@ def _warn_other_recipe(preset: str | None, features_db: str | Path) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
-def query(features_db: str | Path, image: str | Path, k: int = 12, model: str | Path | None = None,
+def query(features_db: str | Path, image: str | bytes | Path, k: int = 12, model: str | Path | None = None,
            **engine_options: Any) -> list["Hit"]:
     """One query, start to finish (loads the engine each call: use ``open_database`` for many)."""
     with open_database(features_db, model, **engine_options) as engine:

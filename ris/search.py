@@ -172,11 +172,16 @@ class SearchEngine:
             vec = embed_features(self.head, vec)
         return vec
 
-    def embed_query(self, image_path: str | Path) -> np.ndarray:
-        """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees)."""
+    def embed_query(self, image_path: str | bytes | Path) -> np.ndarray:
+        """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees).
+        A bytes path (``os.listdir(b'.')``) is taken as the file system names it."""
+        import os
+
         from ris.images import load_image
 
         self._check_open()
+        if isinstance(image_path, bytes):
+            image_path = os.fsdecode(image_path)  # a name that is not UTF-8 keeps its bytes (surrogateescape)
         return self._describe(load_image(image_path, self.extractor.max_size, self.extractor.aspect),
                               lambda side: load_image(image_path, side))
 
@@ -215,7 +220,7 @@ class SearchEngine:
             raise BadChoice(f"k must be a whole number of results, 1 or more, not {k!r}")
         return int(k)
 
-    def query(self, image_path: str | Path | np.ndarray, k: int = 12) -> list[Hit]:
+    def query(self, image_path: str | bytes | Path | np.ndarray, k: int = 12) -> list[Hit]:
         """The ``k`` nearest database images to an image file or a decoded RGB uint8 array (see
         ``embed_array``); rows without finite features are never among them."""
         k = self._usable(k)

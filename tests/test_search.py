@@ -124,3 +124,18 @@ def test_an_open_engine_answers_from_its_own_database_after_the_file_is_replaced
         smaller.replace(local)
         after = [(h.row, h.distance) for h in engine.query(data / engine.image_ids[6], k=5)]
     assert after == before and after[0] == (6, after[0][1]) and after[0][1] < 1e-5
+
+
+def test_a_query_path_given_as_bytes_is_read_as_the_file_system_names_it(tiny):
+    """os.listdir(b'.') gives bytes names (the only exact form of a name that is not UTF-8);
+    engine.query(b'...') raised Path's TypeError instead of searching the file."""
+    import os
+    import shutil
+
+    data, db = tiny
+    odd = data.parent / os.fsdecode(b"caf\xe9-query.jpg")
+    shutil.copy(data / "ukbench00006.jpg", odd)
+    with SearchEngine(db) as engine:
+        by_bytes = engine.query(os.fsencode(odd), k=2)
+        assert [h.row for h in by_bytes] == [h.row for h in engine.query(odd, k=2)] and by_bytes[0].row == 6
+        assert engine.search(os.fsencode(odd), k=1)[0].row == 6
