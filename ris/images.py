@@ -358,13 +358,20 @@ def _to_rgb(img: np.ndarray, order: str) -> np.ndarray:
     return img
 
 
+def _named(path: str | Path) -> Path:
+    """``path`` as a Path; an empty name is refused (``Path('')`` is the current folder)."""
+    if isinstance(path, str) and not path:
+        raise BadImage("'': an empty file name; name an image file")
+    return Path(path)
+
+
 def decode_image(path: str | Path, target: int | None = None, max_bytes: int | None = None) -> np.ndarray:
     """Decode to RGB uint8 (H, W, 3). ``target`` allows reduced-size JPEG decoding.
 
     Only regular files of at most ``max_bytes`` (default ``MAX_FILE_BYTES``) are read; any failure
     is a ``BadImage`` naming the file and the reason.
     """
-    return _to_rgb(*_decode_native(Path(path), target, max_bytes))
+    return _to_rgb(*_decode_native(_named(path), target, max_bytes))
 
 
 def checked_rgb(rgb) -> np.ndarray:
@@ -391,5 +398,5 @@ def load_image(path: str | Path, size: int, aspect: str = "squash") -> np.ndarra
     ``resize_input(decode_image(...))`` (both are per channel), without a full-size copy."""
     from ris.aspect import resize_input
 
-    img, order = _decode_native(Path(path), size, None)
+    img, order = _decode_native(_named(path), size, None)
     return _to_rgb(resize_input(img, size, aspect), order)

@@ -325,3 +325,12 @@ def test_a_label_file_that_gives_one_file_two_labels_is_refused(tmp_path):
     f.write_text("a.jpg\tcat\nb.jpg\tcat\na.jpg\tdog\n")
     with pytest.raises(RisError, match=r"labels\.tsv: a\.jpg has two labels \('cat' and 'dog'\)"):
         read_label_tsv(f)
+
+
+@pytest.mark.parametrize("loader", [lambda p: decode_image(p), lambda p: load_image(p, 64)])
+def test_an_empty_file_name_is_refused_as_such_not_as_the_current_folder(loader):
+    """Path('') is Path('.'): `ris-search --image ""` (an unset shell variable) said
+    '.: not a regular file (folder)', naming a folder nobody gave."""
+    with pytest.raises(BadImage) as exc:
+        loader("")
+    assert str(exc.value) == "'': an empty file name; name an image file"
