@@ -18,9 +18,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-if not os.environ.get("RIS_VERBOSE"):  # OpenCV's own warnings ('[ WARN:0@...] grfmt_tiff ...') would come
-    try:  # before ris' one line naming the file; RIS_VERBOSE=1 shows them
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+if not os.environ.get("RIS_VERBOSE"):  # OpenCV's own warnings and errors ('[ WARN:0@...] grfmt_tiff ...',
+    try:  # '[ERROR:0@...] global loadsave.cpp ... imdecode_' for a BMP cut short) would come before ris'
+        # one line naming the file and the reason; RIS_VERBOSE=1 shows them
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     except AttributeError:  # an OpenCV build without the logging module
         pass
 
@@ -206,7 +207,9 @@ def _pillow_size(fh, path: Path) -> tuple[int, int] | None:
     """(width, height) from Pillow's header parsing (formats ``quick_size`` does not know)."""
     try:
         with _PIL_WARNINGS, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # the pixel count is ris' to judge; a damaged header's own warnings ('TiffImagePlugin.py:982:
+            # UserWarning: Corrupt EXIF data', two lines) would come before ris' line naming the file
+            warnings.simplefilter("ignore")
             with Image.open(fh) as im:
                 return im.size
     except Image.DecompressionBombError as exc:  # over 2 x MAX_PIXELS: Pillow gives no size

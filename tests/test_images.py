@@ -334,3 +334,27 @@ def test_an_empty_file_name_is_refused_as_such_not_as_the_current_folder(loader)
     with pytest.raises(BadImage) as exc:
         loader("")
     assert str(exc.value) == "'': an empty file name; name an image file"
+
+
+def _cut(tmp_path, name: str, ext: str, img: np.ndarray) -> Path:
+    ok, buf = cv2.imencode(ext, img)
+    path = tmp_path / name
+    path.write_bytes(buf.tobytes()[: len(buf) // 2])
+    return path
+
+
+def test_a_truncated_bmp_or_tiff_is_one_line_from_ris_and_nothing_from_the_decoders(tmp_path, capfd):
+    """A BMP cut short made OpenCV log '[ERROR:0@...] global loadsave.cpp ... imdecode_(...)' and a
+    TIFF cut short made Pillow warn 'TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data' (two
+    lines with a source path) on stderr before ris' own line naming the file."""
+    import warnings
+
+    img = np.random.default_rng(1).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    for path in (_cut(tmp_path, "cut.bmp", ".bmp", img), _cut(tmp_path, "cut.tif", ".tif", img.astype(np.uint16) * 257)):
+        with warnings.catch_warnings(record=True) as caught:  # the filters in force, recorded
+            with pytest.raises(BadImage) as exc:
+                decode_image(path)
+        assert str(exc.value).startswith(f"{path}: ") and "\n" not in str(exc.value)
+        assert [str(w.message) for w in caught] == []
+        assert capfd.readouterr().err == "", path
+
