@@ -313,7 +313,8 @@ def _pillow_decode(data: bytes, fmt: str, path: Path) -> tuple[np.ndarray, str]:
     except (BadImage, MemoryError):
         raise
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        # Pillow names the buffer it read ('cannot identify image file <_io.BytesIO object at 0x7f...>')
+        reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", " ".join(str(exc).split()))[:120] or type(exc).__name__
         raise BadImage(f"{path}: cannot decode {fmt} ({reason})") from None
     if arr.dtype != np.uint8:
         arr = np.clip(arr >> 8, 0, 255).astype(np.uint8)

@@ -358,3 +358,16 @@ def test_a_truncated_bmp_or_tiff_is_one_line_from_ris_and_nothing_from_the_decod
         assert [str(w.message) for w in caught] == []
         assert capfd.readouterr().err == "", path
 
+
+def test_a_png_pillow_cannot_identify_says_so_without_an_object_address(tmp_path):
+    """'cannot decode PNG (cannot identify image file <_io.BytesIO object at 0x7fa2d0566520>)'
+    showed a memory address, different at every run."""
+    ok, buf = cv2.imencode(".png", np.zeros((40, 40, 3), np.uint8))
+    data = bytearray(buf.tobytes())
+    data[29] ^= 0xFF  # the IHDR chunk's CRC
+    path = tmp_path / "badcrc.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadImage) as exc:
+        decode_image(path)
+    assert " at 0x" not in str(exc.value) and "object" not in str(exc.value)
+    assert str(exc.value).startswith(f"{path}: ") and "PNG" in str(exc.value)
