@@ -361,6 +361,18 @@ def test_a_long_file_name_is_accepted_and_shown_short(client, tiny):
     assert r.status_code == 400 and "file name" in sentence(r) and "Invalid multipart" not in sentence(r)
 
 
+def test_a_truncated_tiff_upload_is_one_sentence_and_leaves_the_server_log_alone(client, capfd):
+    """A TIFF cut short made Pillow warn 'TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data'
+    (two lines, a source path) into the server's log for each such upload, beside the 4xx answer."""
+    import cv2
+
+    ok, buf = cv2.imencode(".tif", np.random.default_rng(3).integers(0, 65535, (60, 80, 3), dtype=np.uint16))
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force, recorded
+        r = upload(client, buf.tobytes()[: len(buf) // 2], "cut.tif")
+    assert r.status_code in (400, 415) and sentence(r).startswith("cut.tif ")
+    assert [str(w.message) for w in caught] == [] and capfd.readouterr().err == ""
+
+
 def test_pixel_bombs_are_refused_from_the_header_without_decoding(client, monkeypatch):
     import cv2
 

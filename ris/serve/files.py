@@ -48,9 +48,13 @@ def _pillow_format(data: bytes, who: str, max_pixels: int) -> tuple[str | None, 
     """(Pillow's format name, width, height) from the header alone; None if Pillow cannot tell."""
     from PIL import Image
 
+    from ris.images import _PIL_WARNINGS  # warnings.catch_warnings is not thread-safe: the uploads' threads share it
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _PIL_WARNINGS, warnings.catch_warnings():
+            # the pixel count is the service's to judge; a damaged header's own warnings ('TiffImagePlugin.py:982:
+            # UserWarning: Corrupt EXIF data', two lines) would fill the server's log
+            warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 return im.format, *im.size
     except Image.DecompressionBombError:
