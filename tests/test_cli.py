@@ -722,6 +722,37 @@ def test_search_never_replaces_a_query_image_with_its_montage(tiny, db, tmp_path
     assert second.read_bytes() == before and not (tmp_path / "results-2.jpg").exists()
 
 
+def test_a_montage_that_cannot_be_written_keeps_the_answered_queries(tiny, db, tmp_path, capsys, monkeypatch):
+    """A full disk on the second of three montages ended ris-search with exit 2 ('nothing done') and,
+    with --json, printed nothing: the answered queries' results were lost. Each query's results are
+    kept; the failed montage is one line and 'montage_error' in its JSON object; exit 1 (done in part)."""
+    import errno
+
+    import ris.montage
+
+    _, _, query = tiny
+    real = ris.montage.write_png
+
+    def full_disk(path, rgb):
+        if str(path).endswith("-2.png"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, rgb)
+
+    monkeypatch.setattr(ris.montage, "write_png", full_disk)
+    out_png = tmp_path / "m.png"
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, query, query, "--features-db", db,
+                         "-k", "2", "--output", out_png, "--json")
+    assert code == 1
+    assert err == f"ris-search: error: {tmp_path}/m-2.png: cannot write the montage (No space left on device)\n"
+    results = json.loads(out)
+    assert [len(r["results"]) for r in results] == [2, 2, 2] and all("error" not in r for r in results)
+    assert [r["montage"] for r in results] == [f"{tmp_path}/m-1.png", None, f"{tmp_path}/m-3.png"]
+    assert results[1]["montage_error"] == "No space left on device" and "montage_error" not in results[0]
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "2",
+                         "--output", tmp_path / "n.png")
+    assert code == 0 and "montage: " in out
+
+
 def test_extract_ukbench_labels_on_other_names_is_one_error(tmp_path, capsys):
     data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=64)
     (data / "groundtruth.tsv").unlink()

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rank a feature database by similarity to a query image (any image file, in the "
                     "database or not). The query's features are made exactly as the database's attributes "
                     "say; with --model they go through the trained head and are ranked by its distance. "
-                    "Exit status: 0 = every query answered, 1 = some of several queries unreadable, "
+                    "Exit status: 0 = every query answered, 1 = some of several queries unreadable, or a montage "
+                    "that could not be written (its results still given), "
                     "2 = error (no query answered, bad arguments, unusable database), 130 = interrupted.",
         formatter_class=HelpFormatter)
     p.add_argument("--image", required=True, nargs="+", help="query image file(s)")
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         verifier = Verifier.for_database(engine.db, args.features_db, dataset_root=engine.root, k=args.verify,
                                          **args.verify_settings)
     out_json: list[dict] = []
-    failed = 0
+    failed = failed_montages = 0
     # what each result's "distance" holds: re-ranking ranks by its own score (smaller = better), as ris-serve says
     score_kind = "distance" if engine.reranker is None else "re-ranking score (smaller = better)"
     for n, image in enumerate(args.image, 1):
@@ -89,15 +90,22 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             out_json.append({"query": str(image), "error": str(exc)})  # in its place, as scripts expect
             continue
-        montage_path = None
+        montage_path = montage_error = None
         if montages[n - 1] is not None:
             rgb = make_montage(image, hits)
-            montage_path = str(write_png(montages[n - 1], rgb))
+            try:
+                montage_path = str(write_png(montages[n - 1], rgb))
+            except OSError as exc:  # a full disk: this query's results are still given, the run is done in part
+                montage_error = exc.strerror or str(exc)
+                print(f"ris-search: error: {one_line(montages[n - 1])}: cannot write the montage ({montage_error})",
+                      file=sys.stderr)
             if args.show:
                 _show(rgb)
+        failed_montages += montage_error is not None
         if args.json:
             out_json.append({"query": str(image), "montage": montage_path, "score": score_kind,
-                             "results": hits_to_dicts(hits)})
+                             "results": hits_to_dicts(hits)}
+                            | ({"montage_error": montage_error} if montage_error else {}))
             continue
         print(f"query: {one_line(image)}")
         print(f"{'rank':>4}  {'distance' if engine.reranker is None else 'score':>9}  path")
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print_json(out_json if len(args.image) > 1 else out_json[0])
     if failed == len(args.image):
         return EXIT_ERROR  # nothing done
-    return EXIT_PARTIAL if failed else EXIT_OK
+    return EXIT_PARTIAL if failed or failed_montages else EXIT_OK
 
 
 def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
