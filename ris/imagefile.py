@@ -111,13 +111,21 @@ def open_head(path: str | Path, max_bytes: int | None = None):
 # --- what the bytes are ------------------------------------------------------------------
 
 def sniff_format(head: bytes) -> str | None:
-    """The container format from the magic bytes (None = not one these functions know)."""
+    """The container format from the magic bytes, named as Pillow names it (None = not one these
+    functions know). TIFF, WebP and BMP too: one cut short in its header is still known for what it
+    is (a damaged TIFF, not 'not an image')."""
     if head[:3] == b"\xff\xd8\xff":
         return "JPEG"
     if head[:8] == b"\x89PNG\r\n\x1a\n":
         return "PNG"
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+        return "BMP"  # 'BM' and a DIB header size: a text file starting 'BMW' is no BMP
     return None
 
 

@@ -270,8 +270,10 @@ def _decode_native(path: Path, target: int | None, max_bytes: int | None) -> tup
             raise BadImage(f"{path}: {problem}")
     header = _header(data, path)
     if header is None:
-        if fmt != "JPEG":
+        if fmt is None:
             raise BadImage(f"{path}: not a readable image (unknown or damaged format)")
+        if fmt != "JPEG":
+            raise BadImage(f"{path}: damaged {fmt} file (its header cannot be read)")
         w = h = 0
     else:
         _, w, h = header

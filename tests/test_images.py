@@ -371,3 +371,21 @@ def test_a_png_pillow_cannot_identify_says_so_without_an_object_address(tmp_path
         decode_image(path)
     assert " at 0x" not in str(exc.value) and "object" not in str(exc.value)
     assert str(exc.value).startswith(f"{path}: ") and "PNG" in str(exc.value)
+
+
+def test_a_tiff_or_webp_cut_short_in_its_header_is_named_a_damaged_file_of_its_format(tmp_path):
+    """Known from its first bytes, a TIFF or WebP whose header is cut short is a damaged TIFF or
+    WebP, not 'not a readable image (unknown or damaged format)'; a text file starting 'BM' is no BMP."""
+    img = np.random.default_rng(5).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    for ext, fmt, keep in ((".tif", "TIFF", 0.5), (".webp", "WEBP", 0.05)):
+        ok, buf = cv2.imencode(ext, img)
+        path = tmp_path / f"cut{ext}"
+        path.write_bytes(buf.tobytes()[: max(30, int(len(buf) * keep))])
+        with pytest.raises(BadImage) as exc:
+            decode_image(path)
+        assert str(exc.value) == f"{path}: damaged {fmt} file (its header cannot be read)"
+    text = tmp_path / "bmw.jpg"
+    text.write_text("BMW 320d, 2014, 180000 km\n")
+    with pytest.raises(BadImage) as exc:
+        decode_image(text)
+    assert str(exc.value) == f"{text}: not a readable image (unknown or damaged format)"

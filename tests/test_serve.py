@@ -373,6 +373,21 @@ def test_a_truncated_tiff_upload_is_one_sentence_and_leaves_the_server_log_alone
     assert [str(w.message) for w in caught] == [] and capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("ext,shown", [(".tif", "TIFF"), (".webp", "WebP"), (".bmp", "BMP")])
+def test_an_upload_cut_short_in_its_header_is_a_damaged_image_of_its_format(client, ext, shown):
+    """A TIFF or WebP cut short got 415 'cut.tif is not an image; send a JPEG, PNG, GIF, BMP, WebP or
+    TIFF file': its format is known from its first bytes, so it is a damaged one (400)."""
+    import cv2
+
+    ok, buf = cv2.imencode(ext, np.random.default_rng(4).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    data = buf.tobytes()
+    cut = data[:40] if ext == ".webp" else data[:len(data) // 2]
+    r = upload(client, cut, f"cut{ext}")
+    if r.status_code == 400 and "cannot decode" in sentence(r):  # the header was whole: the decoder said why
+        return
+    assert r.status_code == 400 and sentence(r) == f"cut{ext} is a damaged {shown} file (its header cannot be read).", r.text
+
+
 def test_pixel_bombs_are_refused_from_the_header_without_decoding(client, monkeypatch):
     import cv2
 
