@@ -129,6 +129,15 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+_HEIC_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"})
+
+
+def is_heic(head: bytes) -> bool:
+    """Whether the first bytes are a HEIC (HEIF) photo's, iPhones' default, which neither decoder
+    here reads: said by name, so a user converts it instead of taking it for a damaged file."""
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIC_BRANDS
+
+
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 

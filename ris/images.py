@@ -18,15 +18,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-if not os.environ.get("RIS_VERBOSE"):  # OpenCV's own warnings and errors ('[ WARN:0@...] grfmt_tiff ...',
-    try:  # '[ERROR:0@...] global loadsave.cpp ... imdecode_' for a BMP cut short) would come before ris'
-        # one line naming the file and the reason; RIS_VERBOSE=1 shows them
+if not os.environ.get("RIS_VERBOSE"):  # OpenCV's own lines ('[ WARN:0@...] grfmt_tiff', '[ERROR:0@...] imdecode_')
+    try:  # would come before ris' one line naming the file and the reason; RIS_VERBOSE=1 shows them
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     except AttributeError:  # an OpenCV build without the logging module
         pass
 
 from ris.errors import BadImage, RisError
-from ris.imagefile import MAX_FILE_BYTES, jpeg_problem, open_head, quick_size, read_file, sniff_format
+from ris.imagefile import MAX_FILE_BYTES, is_heic, jpeg_problem, open_head, quick_size, read_file, sniff_format
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "MAX_FILE_BYTES", "DECODE_BYTES_PER_PIXEL", "find_images",
            "scan_folder", "FolderScan", "make_labels", "read_label_tsv", "decode_image", "load_image", "resize_square",
@@ -206,10 +205,8 @@ def _header(data: bytes, path: Path) -> tuple[str | None, int, int] | None:
 def _pillow_size(fh, path: Path) -> tuple[int, int] | None:
     """(width, height) from Pillow's header parsing (formats ``quick_size`` does not know)."""
     try:
-        with _PIL_WARNINGS, warnings.catch_warnings():
-            # the pixel count is ris' to judge; a damaged header's own warnings ('TiffImagePlugin.py:982:
-            # UserWarning: Corrupt EXIF data', two lines) would come before ris' line naming the file
-            warnings.simplefilter("ignore")
+        with _PIL_WARNINGS, warnings.catch_warnings():  # the pixel count is ris' to judge, and a damaged
+            warnings.simplefilter("ignore")  # header's 'UserWarning: Corrupt EXIF data' would precede ris' line
             with Image.open(fh) as im:
                 return im.size
     except Image.DecompressionBombError as exc:  # over 2 x MAX_PIXELS: Pillow gives no size
@@ -270,6 +267,8 @@ def _decode_native(path: Path, target: int | None, max_bytes: int | None) -> tup
             raise BadImage(f"{path}: {problem}")
     header = _header(data, path)
     if header is None:
+        if fmt is None and is_heic(data):
+            raise BadImage(f"{path}: a HEIC image (HEIF), which ris cannot decode; convert it to JPEG")
         if fmt is None:
             raise BadImage(f"{path}: not a readable image (unknown or damaged format)")
         if fmt != "JPEG":

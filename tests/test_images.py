@@ -389,3 +389,13 @@ def test_a_tiff_or_webp_cut_short_in_its_header_is_named_a_damaged_file_of_its_f
     with pytest.raises(BadImage) as exc:
         decode_image(text)
     assert str(exc.value) == f"{text}: not a readable image (unknown or damaged format)"
+
+
+def test_a_heic_photo_named_jpg_is_named_for_what_it_is(tmp_path):
+    """An iPhone photo (HEIC) renamed .jpg was 'not a readable image (unknown or damaged format)':
+    it is neither damaged nor unknown, just a format ris cannot decode, and the user can convert it."""
+    path = tmp_path / "IMG_0001.jpg"
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200))
+    with pytest.raises(BadImage) as exc:
+        decode_image(path)
+    assert str(exc.value) == f"{path}: a HEIC image (HEIF), which ris cannot decode; convert it to JPEG"

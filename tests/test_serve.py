@@ -388,6 +388,14 @@ def test_an_upload_cut_short_in_its_header_is_a_damaged_image_of_its_format(clie
     assert r.status_code == 400 and sentence(r) == f"cut{ext} is a damaged {shown} file (its header cannot be read).", r.text
 
 
+def test_a_heic_upload_is_named_for_what_it_is(client):
+    """An iPhone photo (HEIC) got 415 'IMG_0001.jpg is not an image': it is one, of a format the
+    service does not take."""
+    r = upload(client, b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200), "IMG_0001.jpg")
+    assert r.status_code == 415
+    assert sentence(r) == "IMG_0001.jpg is a HEIC image; send a JPEG, PNG, GIF, BMP, WebP or TIFF file."
+
+
 def test_pixel_bombs_are_refused_from_the_header_without_decoding(client, monkeypatch):
     import cv2
 

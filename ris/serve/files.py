@@ -76,7 +76,7 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
 
     from ris.errors import BadImage
     from ris.images import _opencv_decode, _pillow_decode, _reduced_flag, _to_rgb  # the database's decoding
-    from ris.imagefile import jpeg_problem, sniff_format
+    from ris.imagefile import is_heic, jpeg_problem, sniff_format
 
     who = display_name(name)
     if not data:
@@ -84,6 +84,8 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
     header = _pillow_format(data, who, max_pixels)
     fmt = sniff_format(data) or (header[0] if header else None)
     if fmt not in UPLOAD_FORMATS:
+        if fmt is None and is_heic(data):
+            fmt = "HEIC"
         kind = f"{'an' if fmt[0] in 'AEIOU' else 'a'} {fmt} image" if fmt else "not an image"
         raise ServeError(415, f"{who} is {kind}; send {ACCEPTED}.")
     if fmt == "JPEG":
