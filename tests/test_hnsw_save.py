@@ -177,3 +177,18 @@ def test_ris_index_build_rebuild_leaves_one_graph(tmp_path):
         assert run("ris-index", index_main, ["build", "--features-db", str(db), "--index", "hnsw", *extra]) == 0
         meta = json.loads((tmp_path / "f.h5.hnsw.json").read_text())
         assert graphs(tmp_path) == [meta["graph"]]
+
+
+def test_ris_index_build_names_the_files_it_saved(tmp_path, capsys):
+    """``ris-index build --index hnsw`` printed ``(f.h5.hnsw)`` and ``--json`` gave "path":
+    ".../f.h5.hnsw", a file that no longer exists since graphs are named by token; the path is now
+    the metadata (the commit point, as ``--index ivfpq`` gives ``f.h5.ivfpq``)."""
+    from ris.cli.common import run
+    from ris.cli.index import main as index_main
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(200, 16, seed=1))
+    assert run("ris-index", index_main, ["build", "--features-db", str(db), "--index", "hnsw", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert os.path.isfile(out["path"]) and out["path"] == str(tmp_path / "f.h5.hnsw.json")
+    assert run("ris-index", index_main, ["build", "--features-db", str(db), "--index", "hnsw"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"({tmp_path / 'f.h5.hnsw.json'})")

@@ -66,6 +66,7 @@ def _build_saved(args) -> int:
     from ris.featuredb import FeatureDB
     from ris.index import open_search_index
     from ris.index_state import source_of
+    from ris.hnsw_files import meta_path
     from ris.sidecars import hnsw_path, ivfpq_path
 
     if args.index in ("auto", "exact"):
@@ -95,7 +96,9 @@ def _build_saved(args) -> int:
         summary = {"features_db": args.features_db, "index": args.index, "type": type(index).__name__,
                    "vectors": len(index), "params": getattr(getattr(index, "params", None), "__dict__", None)
                    or getattr(index, "params", None),
-                   "path": {"hnsw": hnsw_path, "ivfpq": ivfpq_path}.get(args.index, lambda p: None)(vectors_path)
+                   # the metadata, the commit point: it names the data file (f.h5.hnsw is no file)
+                   "path": {"hnsw": lambda p: meta_path(hnsw_path(p)), "ivfpq": ivfpq_path}.get(
+                       args.index, lambda p: None)(vectors_path)
                    if vectors_path else None}
     if engine is not None:
         engine.close()
