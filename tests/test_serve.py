@@ -923,3 +923,15 @@ def test_the_real_server_streams_the_cap_and_stops_cleanly(tiny):
     finally:
         assert server.stop() == 0  # SIGTERM, as a service manager stops it: graceful, exit 0
     assert any("ris-serve: loading" in line for line in server.stderr)
+
+
+def test_openapi_gives_every_operation_its_own_id(client):
+    """README: GET /openapi.json describes the API. Routes answering GET and HEAD shared one
+    operationId per path (FastAPI warned "Duplicate Operation ID"); the OpenAPI specification
+    requires them unique, and client generators refuse or rename duplicates."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = client.get("/openapi.json").json()
+    ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    assert "get" in spec["paths"]["/api/search"] and "post" in spec["paths"]["/api/search"]

@@ -135,8 +135,17 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
             out = await to_thread.run_sync(fn, *args)
         return out, waited
 
+    def get_and_head(path: str, **kw):
+        """GET and HEAD as two routes, so each gets its own OpenAPI operationId (``..._get``,
+        ``..._head``): one route for both gave them one id, which the specification forbids
+        (client generators refuse or rename duplicates)."""
+        def register(fn):
+            app.head(path, **kw)(fn)
+            return app.get(path, **kw)(fn)
+        return register
+
     # -- API -----------------------------------------------------------------------------
-    @app.api_route("/api/health", methods=["GET", "HEAD"], summary="Ready or not, and what is served")
+    @get_and_head("/api/health", summary="Ready or not, and what is served")
     async def health():
         h = svc.health()
         h["limits"] = searches.stats()
@@ -163,7 +172,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         out["timing_ms"]["queue"] = round(waited * 1000, 2)
         return JSONResponse(out)  # plain JSON types already: skips FastAPI's slower generic encoder
 
-    @app.api_route("/api/search", methods=["GET", "HEAD"], summary="Search with a database row (\"more like this\")")
+    @get_and_head("/api/search", summary="Search with a database row (\"more like this\")")
     async def search_row(id: int = Query(..., ge=0, description="the image's id (stable: the same image's "
                                                               "through --append and --sync)"),
                          k: int = Query(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
@@ -173,7 +182,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         out["timing_ms"]["queue"] = round(waited * 1000, 2)
         return JSONResponse(out)
 
-    @app.api_route("/api/images/{id}", methods=["GET", "HEAD"], summary="A database image, by id",
+    @get_and_head("/api/images/{id}", summary="A database image, by id",
                    response_class=Response)
     async def image(id: int = Path(..., ge=0, description="the image's id")):
         fd, size, media, name = await to_thread.run_sync(svc.image, id)
@@ -188,7 +197,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
             "Content-Length": str(size), "X-Content-Type-Options": "nosniff",
             "Content-Disposition": content_disposition(name), "Cache-Control": "private, max-age=300"})
 
-    @app.api_route("/api/thumbs/{id}", methods=["GET", "HEAD"], summary="A database image's thumbnail (JPEG), by id",
+    @get_and_head("/api/thumbs/{id}", summary="A database image's thumbnail (JPEG), by id",
                    response_class=Response)
     async def thumb(id: int = Path(..., ge=0, description="the image's id")):
         jpeg, _ = await in_slot(thumbs, svc.thumbnail, id)
