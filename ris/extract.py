@@ -191,7 +191,8 @@ def still_to_do(writer, files: list[str], features_db: Path, log: Callable[[str]
     done = writer.done_ids()
     todo = [f for f in files if f not in done]
     if writer.resumed_rows:
-        log(f"resuming: {writer.resumed_rows} images already in {features_db.name}, {len(todo)} to go")
+        verb = "adding" if getattr(writer, "kind", None) == "append" else "resuming"  # --append, --sync
+        log(f"{verb}: {writer.resumed_rows} images already in {features_db.name}, {len(todo)} to go")
     return todo
 
 

@@ -212,3 +212,19 @@ def test_a_batch_whose_images_all_failed_checks_no_rows():
     failures: list = []
     ids, feats = _finite_rows([], np.zeros((0, 1280), np.float32), failures)
     assert ids == [] and feats.shape == (0, 1280) and failures == []
+
+
+def test_an_append_says_it_adds_not_that_it_resumes(tmp_path):
+    """``ris-extract --append`` (and ``--sync``) printed "resuming: 40 images already in f.h5, 1 to
+    go", as after an interrupted run, where nothing had been interrupted."""
+    from ris.testing import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    cfg = ExtractConfig(model="vgg16", weights="none", input_size=32)
+    extract_features(data, db, cfg, ExtractOptions(progress=False, log=lambda s: None))
+    (data / "ukbench00003.jpg").rename(data / "ukbench00004.jpg")
+    said: list[str] = []
+    extract_features(data, db, cfg, ExtractOptions(append=True, progress=False, log=said.append))
+    assert not [s for s in said if s.startswith("resuming")], said
+    assert any(s == "adding: 4 images already in f.h5, 1 to go" for s in said), said
