@@ -128,6 +128,7 @@ def _read_data(features_db: str | Path, cfg: TrainConfig) -> _Data:
             raise DatabaseError(f"{features_db}: no labels; extract with --labels ukbench|folders|FILE.tsv")
         rows, split_meta = cfg.split(labels_all)
         feats = {name: db.read_rows(r) for name, r in rows.items()}
+        _refuse_non_finite(features_db, feats, rows, db.image_ids)
         inputs = feats
         if cfg.shallow:
             from ris.thumbs import database_thumbnails, with_thumbnails
@@ -136,6 +137,18 @@ def _read_data(features_db: str | Path, cfg: TrainConfig) -> _Data:
             inputs = {name: with_thumbnails(feats[name], thumbs[r]) for name, r in rows.items()}
         return _Data(rows, split_meta, feats, inputs, {name: labels_all[r] for name, r in rows.items()},
                      db.fingerprint(), db.label_names, db.image_ids, feature_shape)
+
+
+def _refuse_non_finite(features_db: str | Path, feats: dict[str, np.ndarray], rows: dict[str, np.ndarray],
+                       image_ids: list[str]) -> None:
+    """NaN or inf features make a NaN head that still scores (NaN distances sort anywhere): refuse
+    the database, naming the rows, before any fitting."""
+    bad = np.sort(np.concatenate([r[~np.isfinite(f).all(axis=tuple(range(1, f.ndim)))] for r, f in
+                                  ((rows[k], feats[k]) for k in feats)]))
+    if len(bad):
+        shown = ", ".join(image_ids[int(i)] for i in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise DatabaseError(f"{features_db}: {len(bad)} row{'s' if len(bad) > 1 else ''} hold NaN or infinite features ({shown}); "
+                            "extract them again (ris-extract --overwrite) before training")
 
 
 def _log_split(data: _Data, cfg: TrainConfig, log: Callable[[str], None]) -> None:

@@ -299,3 +299,28 @@ def test_an_image_split_head_says_its_training_images_of_the_querys_class_are_re
     assert role in evaluate_db(db, tmp_path / "h.keras")["split_description"]
     assert train_cli.main(args) == 0
     assert role in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["whiten", "mlp"])
+def test_a_database_with_nan_or_inf_rows_is_refused_naming_the_file_and_a_row(tmp_path, capsys, arch):
+    """A database with a NaN and an inf row: learned whitening died of 'LinAlgError: Eigenvalues did
+    not converge' (an internal error), and --arch mlp saved a head reporting mAP 3.0000."""
+    pytest.importorskip("keras")
+    from ris.cli.common import run
+    from ris.cli import train as train_cli
+    from ris.featurewriter import FeatureWriter
+
+    x, lab = _objects(12, 6, 16, 0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[5, 2], x[40, 0] = np.nan, np.inf
+    db = tmp_path / "f.h5"
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (16,), [f"o{i}" for i in range(12)])
+    w.add([f"{i:04d}.jpg" for i in range(len(x))], x, [f"o{g}" for g in lab])
+    w.finish({})
+    extra = ["--arch", "mlp", "--epochs", "1", "--p", "4", "--hidden", "8", "--out-dim", "8"] if arch == "mlp" else []
+    assert run("ris-train", train_cli.main, ["--features-db", str(db), "--output", str(tmp_path / "h.keras"),
+                                              "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(db) in err[0] and "2 rows" in err[0] and "0005.jpg" in err[0], err
+    assert not (tmp_path / "h.keras").exists()
+
