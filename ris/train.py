@@ -354,6 +354,14 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
         te = time.perf_counter()
         h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
         epoch_times.append(time.perf_counter() - te)
+        if not math.isfinite(h.history["loss"][-1]) or not all(np.isfinite(w).all() for w in base.get_weights()):
+            epoch_times.pop()
+            diverged = (f"the loss or the weights are not finite (NaN or inf) after epoch {epoch} "
+                        f"(--lr {cfg.learning_rate:g}: try a lower one)")
+            if not history:
+                raise RisError(f"training diverged: {diverged}; no head saved")
+            log(f"warning: training stopped: {diverged}; the best epoch before it is kept")
+            break
         row = {"epoch": epoch, "loss": float(h.history["loss"][-1]),
                "val_loss": float(h.history.get("val_loss", [math.nan])[-1]),
                "val_score": score("val") if scored["val"] else math.nan,
