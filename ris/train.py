@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -225,14 +226,30 @@ def _split_store(data: _Data) -> dict[str, Any]:
     return store
 
 
+def _check_writable(out: Path) -> None:
+    """Make --output's folder and try a file in it before the hours of training, not after."""
+    from ris.sidecars import create_locked
+
+    probe = out.with_name(f"{out.name}.{os.getpid()}.probe")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.close(create_locked(probe))
+        probe.unlink()
+    except OSError as exc:
+        raise RisError(f"{out}: cannot write the model there ({exc.strerror or exc})") from None
+
+
 def _check_output(features_db: str | Path, output: str | Path) -> None:
     """Never save a model over the database it learns from, or over any HDF5 file (a database);
     and only under a .keras name: Keras 3 loads no other, so a head saved as ``head.model`` trained
     and then could not be used."""
     out = Path(output)
+    if out.is_dir():
+        raise RisError(f"{output}: is a folder; a head is saved as a .keras file: give --output {out / 'model.keras'}")
     if out.suffix.lower() != ".keras":
         raise RisError(f"{output}: a head is saved as a .keras file (Keras loads no other name); "
                        f"give --output {out.with_suffix('.keras').name if out.suffix else out.name + '.keras'}")
+    _check_writable(out)
     if not out.exists():
         return
     if out.resolve() == Path(features_db).resolve():

@@ -340,3 +340,29 @@ def test_a_loss_that_goes_nan_is_reported_and_its_weights_never_saved(tmp_path, 
     assert code == 2 and "not finite" in err and "--lr" in err, err
     assert not (tmp_path / "h.keras").exists()
 
+
+@pytest.mark.parametrize("where", ["parent is a file", "folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, where):
+    """--output under a path that is a file trained for the whole run, then failed saving with
+    'good.h5: File exists'; a folder as --output was told to use a .keras name of the folder's."""
+    from ris.cli.common import run
+    from ris.cli import train as train_cli
+    import ris.train
+
+    db = _write_db(tmp_path / "f.h5")
+    out = tmp_path / "f.h5" / "h.keras" if where == "parent is a file" else tmp_path
+    monkeypatch.setattr(ris.train, "_read_data", lambda *a: pytest.fail("read the database before refusing"))
+    assert run("ris-train", train_cli.main, ["--features-db", str(db), "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(out) in err and ("cannot write" in err if where != "folder" else "is a folder" in err), err
+
+
+def test_a_missing_output_folder_is_made_before_training(tmp_path, monkeypatch):
+    from ris.cli import train as train_cli
+    import ris.train
+
+    db = _write_db(tmp_path / "f.h5")
+    monkeypatch.setattr(ris.train, "_read_data", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "new" / "sub" / "h.keras"), "--quiet"])
+    assert (tmp_path / "new" / "sub").is_dir() and not list((tmp_path / "new" / "sub").iterdir())
