@@ -85,7 +85,7 @@ def learned_whitening(features, labels, out_dim: int, shrinkage: float = 1.0,
         w = w + shrinkage * w.mean()  # = eigenvalues of cov + shrinkage * trace(cov) / D * I
         pw = v / np.maximum(w, 1e-12) ** power
         xw = (x - mean) @ pw
-        w2, v2 = np.linalg.eigh(np.cov(xw.T))
+        w2, v2 = np.linalg.eigh(np.atleast_2d(np.cov(xw.T)))  # one dimension: a scalar otherwise
         order = np.argsort(w2)[::-1][: min(out_dim, x.shape[1])]
         return mean.astype(np.float32), (pw @ v2[:, order]).astype(np.float32)
 

@@ -207,3 +207,15 @@ def test_a_dimension_above_the_features_is_recorded_as_the_size_fitted():
     w = fit_whitening(_l2(x), lab, shrinkage=1.0, power=0.5, dim=5000, log=lines.append)
     assert w["projection"].shape == (8, 8) and w["dim"] == 8
     assert any("5000" in line and "8" in line for line in lines), lines
+
+
+def test_features_of_one_dimension_are_whitened_not_an_internal_error():
+    """ris-train on a database of dimension 1 died of 'LinAlgError: 0-dimensional array given'
+    (NumPy's covariance of one variable is a scalar)."""
+    rng = np.random.default_rng(0)
+    lab = np.repeat(np.arange(20), 6)
+    x = (lab[:, None] + 0.1 * rng.normal(size=(120, 1))).astype(np.float32)
+    mean, proj = learned_whitening(x, lab, out_dim=4)
+    assert proj.shape == (1, 1) and np.isfinite(proj).all()
+    fitted = fit_whitening(x, lab, log=lambda s: None)
+    assert fitted["projection"].shape[0] == 1 and np.isfinite(fitted["projection"]).all()
