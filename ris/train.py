@@ -165,14 +165,14 @@ def _log_split(data: _Data, cfg: TrainConfig, log: Callable[[str], None]) -> Non
             f"{kind}, {rows['train']}/{rows['val']}/{rows['test']} images")
 
 
-def _fit_whitening_head(data: _Data, cfg: TrainConfig, log: Callable[[str], None]):
+def _fit_whitening_head(data: _Data, cfg: TrainConfig, log: Callable[[str], None], progress: bool = False):
     """(Keras model to save, NumPy head to score with, what was chosen) of learned whitening fitted
     on the train and val parts together."""
     fit_rows = np.concatenate([data.feats["train"], data.feats["val"]])
     fit_labels = np.concatenate([data.labs["train"], data.labs["val"]])
     whitening = fit_whitening(raw_descriptors(fit_rows), fit_labels, cfg.whiten_shrinkage, cfg.whiten_power,
                               cfg.whiten_dim, metric="N-S" if cfg.split_by == "object" else "mAP", seed=cfg.seed,
-                              log=log)
+                              log=log, progress=log if progress else None)
     mean, projection = whitening.pop("mean"), whitening.pop("projection")
     return (build_whitening_head(mean, projection, cfg.l2_normalize),
             WhiteningHead.from_fit(mean, projection, cfg.l2_normalize), whitening)
@@ -278,7 +278,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
 
     t0 = time.perf_counter()
     if cfg.arch == "whiten":
-        base, scorer, whitening = _fit_whitening_head(data, cfg, log)
+        base, scorer, whitening = _fit_whitening_head(data, cfg, log, progress)
         run = None
     else:
         base, run = _train_triplet_head(data, cfg, progress, log)

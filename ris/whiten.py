@@ -8,6 +8,7 @@ evaluation and search of a whitening head never need Keras (``ris.modelio.load_m
 from __future__ import annotations
 
 import csv
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -125,7 +126,8 @@ def _apply_whitening(x, mean, proj):
 
 
 def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: int = 0,
-                     grid: dict | None = None, max_eval: int = 4000) -> dict:
+                     grid: dict | None = None, max_eval: int = 4000,
+                     progress: Callable[[str], None] | None = None) -> dict:
     """Pick shrinkage, power and size of learned whitening by cross-validation inside the training set.
 
     Why: the best regularisation depends on the backbone and on how many objects there are, and the
@@ -134,14 +136,14 @@ def choose_whitening(features, labels, score: Callable, folds: int = 3, seed: in
     higher-better (N-S or mAP). Returns the choice, its mean inner gain over the raw descriptor and
     the whole table; ``{"off": True}`` when nothing beat raw. Each held-out part is scored on at most
     ``max_eval`` images (whole groups, seeded), so the choice costs about the same on 100k training
-    images as on 1k. Raises ``TooFewGroups`` when no fold leaves two groups on each side.
+    images as on 1k. ``progress`` gets a line per inner fold (minutes on large databases). Raises ``TooFewGroups`` when no fold leaves two groups on each side.
     """
     with one_blas_thread():  # many small fits and scorings: threads only spin on a busy machine
-        return _choose_whitening(features, labels, score, folds, seed, grid, max_eval)
+        return _choose_whitening(features, labels, score, folds, seed, grid, max_eval, progress)
 
 
 def _choose_whitening(features, labels, score: Callable, folds: int, seed: int, grid: dict | None,
-                      max_eval: int) -> dict:
+                      max_eval: int, progress: Callable[[str], None] | None = None) -> dict:
     grid = grid or WHITEN_GRID
     x = l2_normalize(np.asarray(features, np.float32))
     labels = np.asarray(labels)
@@ -151,7 +153,8 @@ def _choose_whitening(features, labels, score: Callable, folds: int, seed: int, 
     dims = sorted(d for d in grid["dim"] if d <= x.shape[1]) or [x.shape[1]]
     table: dict[tuple, list[float]] = {}
     raw = []
-    for te in held:
+    t0 = time.perf_counter()
+    for fold, te in enumerate(held, 1):
         tr = ~te
         if te.sum() > max_eval:  # score a seeded subset of the held-out groups
             groups, sizes = np.unique(labels[te], return_counts=True)
@@ -168,6 +171,9 @@ def _choose_whitening(features, labels, score: Callable, folds: int, seed: int, 
                 for d in dims:
                     table.setdefault((shrink, power, d), []).append(
                         score(_apply_whitening(x[te], mean, proj[:, :d]), labels[te]))
+        if progress is not None:
+            progress(f"whitening: inner fold {fold}/{folds} ({len(grid['shrinkage']) * len(grid['power']) * len(dims)} "
+                     f"settings scored, {time.perf_counter() - t0:.0f} s)")
     if not raw:
         raise TooFewGroups(f"too few groups ({len(np.unique(labels))}) to choose the whitening by "
                            f"{folds}-fold cross-validation")
@@ -182,7 +188,8 @@ def _choose_whitening(features, labels, score: Callable, folds: int, seed: int, 
 
 def fit_whitening(features: np.ndarray, labels: np.ndarray, shrinkage: float | None = None,
                   power: float | None = None, dim: int | None = None, metric: str = "N-S", seed: int = 0,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Learned whitening with the settings given fixed and the rest (None) chosen by inner cross-validation.
 
     ``metric``: what the choice maximises, "N-S" (objects) or "mAP" (classes). Returns mean,
@@ -205,7 +212,7 @@ def fit_whitening(features: np.ndarray, labels: np.ndarray, shrinkage: float | N
         try:
             # whole groups are held out in the inner folds even for Corel-style splits: the setting
             # must serve objects and classes the head has not seen, not only new images of known ones
-            choice = choose_whitening(features, labels, score, folds=3, seed=seed, grid=grid)
+            choice = choose_whitening(features, labels, score, folds=3, seed=seed, grid=grid, progress=progress)
         except TooFewGroups:
             chosen = {**FALLBACK, **{k: v for k, v in fixed.items() if v is not None},
                       "selected_by": "defaults (too few training groups to cross-validate)"}

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=folds, default=0, help="K-fold (0 = off, else K >= 2): train one head per "
                    "fold (output gets a .foldN suffix) and report mean and std of held-out scores; the folds "
                    "hold out whole objects, or with --split-by image 1/K of the images of every class")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--quiet", action="store_true", help="no progress lines (per epoch; per inner fold of learned whitening)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     return p
 
