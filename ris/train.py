@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,8 @@ from ris.errors import DatabaseError, RisError, TooFewGroups
 from ris.modelio import save_model
 from ris.protocol import TRAINING_IN_GALLERY
 from ris.sidecars import atomic_write
-from ris.splits import SPLIT_BY, make_split
+from ris.splits import make_split
+from ris.train_checks import check_config, check_output, refuse_non_finite
 from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening, write_whitening_report
 
 
@@ -76,30 +76,6 @@ class TrainResult:
     whitening: dict[str, Any] | None = None  # learned whitening: what was chosen and how (None for triplet heads)
 
 
-def check_config(cfg: TrainConfig, feature_shape: tuple[int, ...] | None = None) -> None:
-    """Refuse, before any work, a config that cannot train on features of ``feature_shape``."""
-    from ris.head import DISTANCES, HEADS, MININGS
-
-    if cfg.arch not in HEADS or cfg.mining not in MININGS:
-        raise RisError(f"unknown head {cfg.arch!r} or mining {cfg.mining!r}; heads: {', '.join(HEADS)}; "
-                       f"minings: {', '.join(MININGS)}")
-    if cfg.distance not in DISTANCES:
-        raise RisError(f"unknown distance {cfg.distance!r}; distances: {', '.join(DISTANCES)}")
-    if cfg.split_by not in SPLIT_BY:
-        raise RisError(f"--split-by must be one of {', '.join(SPLIT_BY)}, not {cfg.split_by!r}")
-    if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
-        raise RisError(f"fold {cfg.fold} is not one of the {cfg.folds} folds (0 to {cfg.folds - 1})")
-    if feature_shape is None:
-        return
-    if cfg.arch == "whiten":
-        if cfg.shallow:
-            raise RisError("--shallow trains a CNN branch; use it with --arch residual or --arch mlp")
-        if len(feature_shape) != 1:
-            raise RisError("--arch whiten needs pooled features (extract with --pool gap|mac|gem|rmac)")
-    elif cfg.shallow and len(feature_shape) != 1:
-        raise RisError("--shallow needs pooled features, not conv maps (extract with --pool gap|mac|gem|rmac)")
-
-
 @dataclass
 class _Data:
     """A training run's rows, features (and head inputs: features + thumbnails) and labels per part."""
@@ -129,7 +105,7 @@ def _read_data(features_db: str | Path, cfg: TrainConfig) -> _Data:
             raise DatabaseError(f"{features_db}: no labels; extract with --labels ukbench|folders|FILE.tsv")
         rows, split_meta = cfg.split(labels_all)
         feats = {name: db.read_rows(r) for name, r in rows.items()}
-        _refuse_non_finite(features_db, feats, rows, db.image_ids)
+        refuse_non_finite(features_db, feats, rows, db.image_ids)
         inputs = feats
         if cfg.shallow:
             from ris.thumbs import database_thumbnails, with_thumbnails
@@ -138,18 +114,6 @@ def _read_data(features_db: str | Path, cfg: TrainConfig) -> _Data:
             inputs = {name: with_thumbnails(feats[name], thumbs[r]) for name, r in rows.items()}
         return _Data(rows, split_meta, feats, inputs, {name: labels_all[r] for name, r in rows.items()},
                      db.fingerprint(), db.label_names, db.image_ids, feature_shape)
-
-
-def _refuse_non_finite(features_db: str | Path, feats: dict[str, np.ndarray], rows: dict[str, np.ndarray],
-                       image_ids: list[str]) -> None:
-    """NaN or inf features make a NaN head that still scores (NaN distances sort anywhere): refuse
-    the database, naming the rows, before any fitting."""
-    bad = np.sort(np.concatenate([r[~np.isfinite(f).all(axis=tuple(range(1, f.ndim)))] for r, f in
-                                  ((rows[k], feats[k]) for k in feats)]))
-    if len(bad):
-        shown = ", ".join(image_ids[int(i)] for i in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        raise DatabaseError(f"{features_db}: {len(bad)} row{'s' if len(bad) > 1 else ''} hold NaN or infinite features ({shown}); "
-                            "extract them again (ris-extract --overwrite) before training")
 
 
 def _log_split(data: _Data, cfg: TrainConfig, log: Callable[[str], None]) -> None:
@@ -226,44 +190,6 @@ def _split_store(data: _Data) -> dict[str, Any]:
     return store
 
 
-def _check_writable(out: Path) -> None:
-    """Make --output's folder and try a file in it before the hours of training, not after."""
-    from ris.sidecars import create_locked
-
-    probe = out.with_name(f"{out.name}.{os.getpid()}.probe")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.close(create_locked(probe))
-        probe.unlink()
-    except OSError as exc:
-        raise RisError(f"{out}: cannot write the model there ({exc.strerror or exc})") from None
-
-
-def _check_output(features_db: str | Path, output: str | Path) -> None:
-    """Never save a model over the database it learns from, or over any HDF5 file (a database);
-    and only under a .keras name: Keras 3 loads no other, so a head saved as ``head.model`` trained
-    and then could not be used."""
-    out = Path(output)
-    if out.is_dir():
-        raise RisError(f"{output}: is a folder; a head is saved as a .keras file: give --output {out / 'model.keras'}")
-    if out.suffix.lower() != ".keras":
-        raise RisError(f"{output}: a head is saved as a .keras file (Keras loads no other name); "
-                       f"give --output {out.with_suffix('.keras').name if out.suffix else out.name + '.keras'}")
-    _check_writable(out)
-    if not out.exists():
-        return
-    if out.resolve() == Path(features_db).resolve():
-        what = "the feature database itself"
-    elif not out.is_file():
-        what = "not a regular file"
-    else:
-        with open(out, "rb") as fh:
-            if fh.read(8) != b"\x89HDF\r\n\x1a\n":
-                return  # a model saved before: replaced
-        what = "an HDF5 file (a feature database?)"
-    raise RisError(f"{output}: is {what}; a model is saved as a new .keras file: choose another --output")
-
-
 def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, progress: bool = True,
                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> TrainResult:
     """Split, fit or train ``cfg.arch``, score it on the test part, save it with its metadata and
@@ -271,7 +197,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     import keras
 
     check_config(cfg)
-    _check_output(features_db, output)
+    check_output(features_db, output)
     keras.utils.set_random_seed(cfg.seed)
     data = _read_data(features_db, cfg)
     _log_split(data, cfg, log)

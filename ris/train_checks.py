@@ -1,0 +1,90 @@
+"""What ``ris-train`` refuses before any work: a config its head cannot train, an output it could
+not write (found after hours of fitting, not before), features that would make a NaN head."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ris.errors import DatabaseError, RisError
+from ris.splits import SPLIT_BY
+
+if TYPE_CHECKING:
+    from ris.train import TrainConfig
+
+
+def check_config(cfg: TrainConfig, feature_shape: tuple[int, ...] | None = None) -> None:
+    """Refuse, before any work, a config that cannot train on features of ``feature_shape``."""
+    from ris.head import DISTANCES, HEADS, MININGS
+
+    if cfg.arch not in HEADS or cfg.mining not in MININGS:
+        raise RisError(f"unknown head {cfg.arch!r} or mining {cfg.mining!r}; heads: {', '.join(HEADS)}; "
+                       f"minings: {', '.join(MININGS)}")
+    if cfg.distance not in DISTANCES:
+        raise RisError(f"unknown distance {cfg.distance!r}; distances: {', '.join(DISTANCES)}")
+    if cfg.split_by not in SPLIT_BY:
+        raise RisError(f"--split-by must be one of {', '.join(SPLIT_BY)}, not {cfg.split_by!r}")
+    if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
+        raise RisError(f"fold {cfg.fold} is not one of the {cfg.folds} folds (0 to {cfg.folds - 1})")
+    if feature_shape is None:
+        return
+    if cfg.arch == "whiten":
+        if cfg.shallow:
+            raise RisError("--shallow trains a CNN branch; use it with --arch residual or --arch mlp")
+        if len(feature_shape) != 1:
+            raise RisError("--arch whiten needs pooled features (extract with --pool gap|mac|gem|rmac)")
+    elif cfg.shallow and len(feature_shape) != 1:
+        raise RisError("--shallow needs pooled features, not conv maps (extract with --pool gap|mac|gem|rmac)")
+
+
+def refuse_non_finite(features_db: str | Path, feats: dict[str, np.ndarray], rows: dict[str, np.ndarray],
+                       image_ids: list[str]) -> None:
+    """NaN or inf features make a NaN head that still scores (NaN distances sort anywhere): refuse
+    the database, naming the rows, before any fitting."""
+    bad = np.sort(np.concatenate([r[~np.isfinite(f).all(axis=tuple(range(1, f.ndim)))] for r, f in
+                                  ((rows[k], feats[k]) for k in feats)]))
+    if len(bad):
+        shown = ", ".join(image_ids[int(i)] for i in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        rows_hold = f"{len(bad)} row{'s' if len(bad) > 1 else ''} hold"
+        raise DatabaseError(f"{features_db}: {rows_hold} NaN or infinite features ({shown}); "
+                            "extract them again (ris-extract --overwrite) before training")
+
+
+def _check_writable(out: Path) -> None:
+    """Make --output's folder and try a file in it before the hours of training, not after."""
+    from ris.sidecars import create_locked
+
+    probe = out.with_name(f"{out.name}.{os.getpid()}.probe")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.close(create_locked(probe))
+        probe.unlink()
+    except OSError as exc:
+        raise RisError(f"{out}: cannot write the model there ({exc.strerror or exc})") from None
+
+
+def check_output(features_db: str | Path, output: str | Path) -> None:
+    """Never save a model over the database it learns from, or over any HDF5 file (a database);
+    and only under a .keras name: Keras 3 loads no other, so a head saved as ``head.model`` trained
+    and then could not be used."""
+    out = Path(output)
+    if out.is_dir():
+        raise RisError(f"{output}: is a folder; a head is saved as a .keras file: give --output {out / 'model.keras'}")
+    if out.suffix.lower() != ".keras":
+        raise RisError(f"{output}: a head is saved as a .keras file (Keras loads no other name); "
+                       f"give --output {out.with_suffix('.keras').name if out.suffix else out.name + '.keras'}")
+    _check_writable(out)
+    if not out.exists():
+        return
+    if out.resolve() == Path(features_db).resolve():
+        what = "the feature database itself"
+    elif not out.is_file():
+        what = "not a regular file"
+    else:
+        with open(out, "rb") as fh:
+            if fh.read(8) != b"\x89HDF\r\n\x1a\n":
+                return  # a model saved before: replaced
+        what = "an HDF5 file (a feature database?)"
+    raise RisError(f"{output}: is {what}; a model is saved as a new .keras file: choose another --output")
