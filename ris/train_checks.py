@@ -66,8 +66,8 @@ def _check_writable(out: Path) -> None:
 
 
 def check_output(features_db: str | Path, output: str | Path) -> None:
-    """Never save a model over the database it learns from, or over any HDF5 file (a database);
-    and only under a .keras name: Keras 3 loads no other, so a head saved as ``head.model`` trained
+    """Never save a model over the database it learns from, an HDF5 file (a database) or any file
+    that is not an earlier ris model (someone's own Keras model); and only under a .keras name: Keras 3 loads no other, so a head saved as ``head.model`` trained
     and then could not be used."""
     out = Path(output)
     if out.is_dir():
@@ -84,7 +84,16 @@ def check_output(features_db: str | Path, output: str | Path) -> None:
         what = "not a regular file"
     else:
         with open(out, "rb") as fh:
-            if fh.read(8) != b"\x89HDF\r\n\x1a\n":
-                return  # a model saved before: replaced
+            hdf5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
+        if not hdf5:
+            from ris.errors import ModelError
+            from ris.modelio import read_meta
+
+            try:
+                read_meta(out)
+                return  # a ris model saved before: replaced
+            except ModelError:
+                raise RisError(f"{output}: exists and is not a ris model (kept: only an earlier ris model is "
+                               "replaced); delete it or choose another --output") from None
         what = "an HDF5 file (a feature database?)"
     raise RisError(f"{output}: is {what}; a model is saved as a new .keras file: choose another --output")

@@ -366,3 +366,31 @@ def test_a_missing_output_folder_is_made_before_training(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "new" / "sub" / "h.keras"), "--quiet"])
     assert (tmp_path / "new" / "sub").is_dir() and not list((tmp_path / "new" / "sub").iterdir())
+
+
+@pytest.mark.parametrize("content", [b"notes a user keeps\n", "zip"], ids=["text", "keras-zip-without-ris-json"])
+def test_an_existing_file_that_is_not_a_ris_model_is_never_replaced(tmp_path, capsys, content):
+    """--output naming someone's own Keras model or any other file replaced it with the new head,
+    silently; only an HDF5 file was refused. Only an earlier ris model is replaced."""
+    import zipfile
+
+    from ris.cli.common import run
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5")
+    out = tmp_path / "h.keras"
+    if content == "zip":
+        with zipfile.ZipFile(out, "w") as zf:
+            zf.writestr("config.json", "{}")
+            zf.writestr("model.weights.h5", b"weights")
+    else:
+        out.write_bytes(content)
+    before = out.read_bytes()
+    args = ["--features-db", str(db), "--output", str(out), "--quiet"]
+    assert run("ris-train", train_cli.main, args) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "not a ris model" in err and out.read_bytes() == before, err
+    out.unlink()
+    assert run("ris-train", train_cli.main, args) == 0
+    first = out.read_bytes()
+    assert run("ris-train", train_cli.main, args + ["--seed", "1"]) == 0 and out.read_bytes() != first
