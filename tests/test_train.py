@@ -394,3 +394,29 @@ def test_an_existing_file_that_is_not_a_ris_model_is_never_replaced(tmp_path, ca
     assert run("ris-train", train_cli.main, args) == 0
     first = out.read_bytes()
     assert run("ris-train", train_cli.main, args + ["--seed", "1"]) == 0 and out.read_bytes() != first
+
+
+def test_a_run_that_diverges_after_good_epochs_keeps_the_best_finite_epoch(tmp_path, monkeypatch):
+    """The other side of the NaN guard: epochs already trained are not thrown away."""
+    keras = pytest.importorskip("keras")
+    from ris.modelio import load_model
+    from ris.train import train_head
+
+    real_fit, calls = keras.Model.fit, []
+
+    def fit_then_blow_up(self, *args, **kwargs):
+        h = real_fit(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            self.set_weights([np.full_like(w, np.nan) for w in self.get_weights()])
+        return h
+
+    monkeypatch.setattr(keras.Model, "fit", fit_then_blow_up)
+    lines: list[str] = []
+    db = _write_db(tmp_path / "f.h5", n_obj=20)
+    r = train_head(db, tmp_path / "h.keras", TrainConfig(arch="mlp", epochs=5, hidden=(8,), out_dim=8, p=4),
+                   progress=False, log=lines.append)
+    assert r.epochs_run == 2 and r.best_epoch in (1, 2)
+    assert any("not finite" in line and "epoch 3" in line for line in lines), lines
+    head, _ = load_model(tmp_path / "h.keras")
+    assert all(np.isfinite(w).all() for w in head.get_weights())
