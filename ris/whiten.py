@@ -86,9 +86,23 @@ def learned_whitening(features, labels, out_dim: int, shrinkage: float = 1.0,
         w = w + shrinkage * w.mean()  # = eigenvalues of cov + shrinkage * trace(cov) / D * I
         pw = v / np.maximum(w, 1e-12) ** power
         xw = (x - mean) @ pw
+        keep = min(out_dim, x.shape[1])
+        if keep < len(xw) - 1 < x.shape[1]:  # fewer images than dimensions: the covariance's rank is below
+            return mean.astype(np.float32), (pw @ _leading_axes(xw, keep)).astype(np.float32)  # D: n x n side
         w2, v2 = np.linalg.eigh(np.atleast_2d(np.cov(xw.T)))  # one dimension: a scalar otherwise
-        order = np.argsort(w2)[::-1][: min(out_dim, x.shape[1])]
+        order = np.argsort(w2)[::-1][:keep]
         return mean.astype(np.float32), (pw @ v2[:, order]).astype(np.float32)
+
+
+def _leading_axes(xw: np.ndarray, keep: int) -> np.ndarray:
+    """The ``keep`` leading principal axes of the rows of ``xw`` (n x D, n < D) from the n x n Gram
+    matrix: the same axes as the D x D covariance's eigenvectors (up to sign) at (n/D)^3 of the cost
+    (3,560-dimensional fused features of 800 images: one decomposition per setting was minutes)."""
+    c = xw - xw.mean(0)
+    w, u = np.linalg.eigh(c @ c.T)
+    order = np.argsort(w)[::-1][:keep]
+    v = c.T @ u[:, order]
+    return v / np.maximum(np.linalg.norm(v, axis=0), 1e-30)
 
 
 @dataclass(frozen=True, eq=False)
