@@ -297,9 +297,9 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
         te = time.perf_counter()
         h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
         epoch_times.append(time.perf_counter() - te)
-        if not math.isfinite(h.history["loss"][-1]) or not all(np.isfinite(w).all() for w in base.get_weights()):
+        if not _finite_epoch(h.history, base, inputs["train"][:256]):
             epoch_times.pop()
-            diverged = (f"the loss or the weights are not finite (NaN or inf) after epoch {epoch} "
+            diverged = (f"the loss, weights or embeddings are not finite (NaN or inf) after epoch {epoch} "
                         f"(--lr {cfg.learning_rate:g}: try a lower one)")
             if not history:
                 raise RisError(f"training diverged: {diverged}; no head saved")
@@ -326,6 +326,15 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
             break
     base.set_weights(best["weights"])
     return base, _TripletRun(history, best["epoch"], epoch_times, raw_val, monitor_name)
+
+
+def _finite_epoch(history: dict[str, list], base, probe: np.ndarray) -> bool:
+    """False when an epoch diverged: its losses (val_loss too: finite weights whose embeddings
+    overflow gave 'val_loss nan' and a saved head scoring mAP 3.0), weights or embeddings of a few
+    training rows are NaN or inf."""
+    losses = [history[k][-1] for k in ("loss", "val_loss") if history.get(k)]
+    return (all(math.isfinite(v) for v in losses) and all(np.isfinite(w).all() for w in base.get_weights())
+            and bool(np.isfinite(embed_features(base, probe)).all()))
 
 
 def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float,

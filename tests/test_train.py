@@ -325,17 +325,20 @@ def test_a_database_with_nan_or_inf_rows_is_refused_naming_the_file_and_a_row(tm
     assert not (tmp_path / "h.keras").exists()
 
 
-def test_a_loss_that_goes_nan_is_reported_and_its_weights_never_saved(tmp_path, capsys):
+@pytest.mark.parametrize("lr,size", [("1e30", ["--p", "4", "--hidden", "8", "--out-dim", "8"]), ("1e8", [])],
+                         ids=["nan-weights", "overflowing-embeddings"])
+def test_a_loss_that_goes_nan_is_reported_and_its_weights_never_saved(tmp_path, capsys, lr, size):
     """--lr 1e8: the loss went NaN after the first batches, the NaN weights' val N-S (2.5, of NaN
-    embeddings) was kept as the best epoch and the head saved, 'mAP 0.1160 -> 1.3178', exit 0."""
+    embeddings) was kept as the best epoch and the head saved, 'mAP 0.1160 -> 1.3178', exit 0.
+    With the default layers the weights stay finite and their embeddings overflow (val_loss nan)."""
     pytest.importorskip("keras")
     from ris.cli.common import run
     from ris.cli import train as train_cli
 
     db = _write_db(tmp_path / "f.h5", n_obj=20)
     code = run("ris-train", train_cli.main, ["--features-db", str(db), "--output", str(tmp_path / "h.keras"),
-                                             "--arch", "mlp", "--no-l2", "--epochs", "3", "--lr", "1e30",
-                                             "--p", "4", "--hidden", "8", "--out-dim", "8", "--quiet"])
+                                             "--arch", "mlp", "--no-l2", "--epochs", "3", "--lr", lr,
+                                             *size, "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "not finite" in err and "--lr" in err, err
     assert not (tmp_path / "h.keras").exists()
