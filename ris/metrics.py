@@ -127,7 +127,9 @@ def evaluate_retrieval(
     for s in range(0, nq, block):
         e = min(s + block, nq)
         qs = qidx[s:e]
-        dist = _block_distances(features[qs], features, metric, db_terms)
+        with np.errstate(invalid="ignore"):  # inf features: inf - inf
+            dist = _block_distances(features[qs], features, metric, db_terms)
+        np.copyto(dist, np.inf, where=np.isnan(dist))  # no distance is the farthest (NaN compares false: ranked first)
         rows = np.arange(e - s)
         dist[rows, qs] = -np.inf  # the query ranks first (counted for N-S only)
         rel = labels[qs, None] == labels[None, :]
@@ -202,7 +204,7 @@ def _average_precision(dist: np.ndarray, rel: np.ndarray, query_cols: np.ndarray
     qrows = np.arange(b)
     saved_rel, saved_dist = rel[qrows, query_cols].copy(), dist[qrows, query_cols].copy()
     rel[qrows, query_cols] = False
-    dist[qrows, query_cols] = np.inf
+    dist[qrows, query_cols] = np.nan  # never before, nor tied with, any item (inf would tie with unusable rows)
     try:
         return _average_precision_ranked(dist, rel)
     finally:

@@ -158,3 +158,25 @@ def test_exact_ties_at_the_top_k_cut_are_broken_by_row_as_the_ranking_is():
         assert got["ns_score"] == pytest.approx(np.mean(ns)) == pytest.approx(want["ns_score"])
         for key in ("recall_at", "precision_at"):
             assert got[key] == pytest.approx(want[key]), key
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_rows_that_are_not_finite_rank_last_and_every_score_stays_in_its_range(bad):
+    """evaluate_retrieval on embeddings that went NaN (a diverged head) gave mAP 2.0: NaN distances
+    compare false, so every positive counted as ranked first. A distance that is not a number is now
+    the farthest: scores stay within their ranges, and finite rows rank before NaN ones."""
+    from ris.metrics import evaluate_retrieval
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 4)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    for rows in (slice(None), [3, 7]):
+        y = x.copy()
+        y[rows, 0] = bad
+        s = evaluate_retrieval(y, labels)
+        assert 0.0 <= s.map <= 1.0 and 1.0 <= s.ns_score <= 4.0, s
+        assert all(0.0 <= v <= 1.0 for v in [*s.recall_at.values(), *s.precision_at.values()]), s
+    y = x.copy()
+    y[[1, 2, 3]] = bad  # object 0's other views are broken: a finite query of object 0 finds none of them
+    s = evaluate_retrieval(y, labels, query_rows=np.array([0]))
+    assert s.map == pytest.approx((1 / 37 + 2 / 38 + 3 / 39) / 3, abs=5e-5) and s.ns_score == 1.0  # mAP: 4 decimals
