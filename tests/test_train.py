@@ -423,3 +423,72 @@ def test_a_run_that_diverges_after_good_epochs_keeps_the_best_finite_epoch(tmp_p
     assert any("not finite" in line and "epoch 3" in line for line in lines), lines
     head, _ = load_model(tmp_path / "h.keras")
     assert all(np.isfinite(w).all() for w in head.get_weights())
+
+
+def _interrupt_during_fit(monkeypatch, at_call: int) -> None:
+    """Ctrl-C (or SIGTERM, which ris turns into it) arriving during the ``at_call``-th epoch."""
+    keras = pytest.importorskip("keras")
+    real_fit, calls = keras.Model.fit, []
+
+    def fit(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+
+
+def test_ctrl_c_during_training_keeps_the_best_epoch_so_far(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a scheduler's SIGTERM) after hours of epochs threw every epoch away ('ris-train:
+    interrupted', nothing saved): the best epoch so far is now scored and saved as a finished run is,
+    the command says so and exits 130 (interrupted)."""
+    from ris.cli.common import EXIT_INTERRUPTED, run
+    from ris.cli.train import main
+    from ris.modelio import load_model
+
+    db = _write_db(tmp_path / "f.h5", n_obj=20)
+    _interrupt_during_fit(monkeypatch, at_call=4)
+    out = tmp_path / "h.keras"
+    code = run("ris-train", main, ["--features-db", str(db), "--output", str(out), "--arch", "mlp", "--epochs", "20",
+                                   "--hidden", "8", "--out-dim", "8", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == EXIT_INTERRUPTED, captured.err
+    assert f"saved {out}" in captured.out and "of 3" in captured.out and "held-out" in captured.out, captured.out
+    assert "interrupted during epoch 4" in captured.err and "best epoch so far" in captured.err, captured.err
+    head, meta = load_model(out)
+    assert meta["best_epoch"] in (1, 2, 3) and meta["test_scores"]
+    assert all(np.isfinite(w).all() for w in head.get_weights())
+
+
+def test_ctrl_c_in_the_first_epoch_saves_nothing_and_keeps_the_old_model(tmp_path, monkeypatch, capsys):
+    from ris.cli.common import EXIT_INTERRUPTED, run
+    from ris.cli.train import main
+
+    db = _write_db(tmp_path / "f.h5", n_obj=20)
+    out = tmp_path / "h.keras"
+    args = ["--features-db", str(db), "--output", str(out), "--arch", "mlp", "--epochs", "2", "--hidden", "8",
+            "--out-dim", "8", "--quiet"]
+    assert run("ris-train", main, args) == 0
+    before = out.read_bytes()
+    _interrupt_during_fit(monkeypatch, at_call=1)
+    assert run("ris-train", main, args) == EXIT_INTERRUPTED
+    assert out.read_bytes() == before
+    assert "saved" not in capsys.readouterr().out.split("\n", 2)[-1]
+
+
+def test_ctrl_c_in_a_fold_keeps_that_fold_and_stops_the_folds(tmp_path, monkeypatch, capsys):
+    """--folds: the interrupted fold keeps its best epoch; the next folds are not started."""
+    from ris.cli.common import EXIT_INTERRUPTED, run
+    from ris.cli.train import main
+    from ris.kfold import fold_path
+
+    db = _write_db(tmp_path / "f.h5", n_obj=20)
+    out = tmp_path / "h.keras"
+    _interrupt_during_fit(monkeypatch, at_call=3)
+    code = run("ris-train", main, ["--features-db", str(db), "--output", str(out), "--arch", "mlp", "--epochs", "5",
+                                   "--hidden", "8", "--out-dim", "8", "--folds", "3", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_INTERRUPTED, err
+    assert fold_path(out, 0).is_file() and not fold_path(out, 1).exists(), err
+    assert "fold 1" in err and "interrupted" in err, err
