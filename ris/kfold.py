@@ -29,6 +29,10 @@ def train_folds(features_db: str | Path, output: str | Path, cfg: TrainConfig, f
                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> list[TrainResult]:
     """Train ``cfg``'s head once per fold; fold k holds out part k of the objects (or of every class's
     images with ``split_by="image"``) and is saved at ``fold_path(output, k)``."""
+    from ris.train_checks import check_output
+
+    for fold in range(folds):  # every fold's file before any fold's hours of training
+        check_output(features_db, fold_path(output, fold))
     results = []
     for fold in range(folds):
         log(f"== fold {fold + 1}/{folds}")

@@ -67,8 +67,8 @@ def _check_writable(out: Path) -> None:
 
 def check_output(features_db: str | Path, output: str | Path) -> None:
     """Never save a model over the database it learns from, an HDF5 file (a database) or any file
-    that is not an earlier ris model (someone's own Keras model); and only under a .keras name: Keras 3 loads no other, so a head saved as ``head.model`` trained
-    and then could not be used."""
+    that is not an earlier ris model (someone's own Keras model); and only under a .keras name:
+    Keras 3 loads no other, so a head saved as ``head.model`` trained and then could not be used."""
     out = Path(output)
     if out.is_dir():
         raise RisError(f"{output}: is a folder; a head is saved as a .keras file: give --output {out / 'model.keras'}")

@@ -56,3 +56,20 @@ def test_summary_is_mean_and_std_over_folds_with_paired_deltas():
 def test_summary_of_folds_without_test_scores_is_empty():
     empty = TrainResult("m.keras", None, None, 1.0, None, {}, {})
     assert summarize_folds([empty, empty]) == {} and format_summary({}, 2) == ""
+
+
+def test_a_fold_output_that_would_be_refused_is_refused_before_the_first_fold(tmp_path, capsys):
+    """ris-train --folds 3 with someone's own file at model.fold3.keras trained folds 1 and 2 (their
+    time spent) before refusing it: every fold's --output is checked before any work."""
+    from ris.cli.common import run
+    from ris.cli.train import main
+    from ris.kfold import fold_path
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(120, 16), labels=[f"o{i // 4}" for i in range(120)])
+    out = tmp_path / "model.keras"
+    fold_path(out, 2).write_text("not a model")
+    assert run("ris-train", main, ["--features-db", str(db), "--output", str(out), "--folds", "3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(fold_path(out, 2)) in err and "not a ris model" in err, err
+    assert not fold_path(out, 0).exists() and fold_path(out, 2).read_text() == "not a model"
