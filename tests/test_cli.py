@@ -722,6 +722,50 @@ def test_search_never_replaces_a_query_image_with_its_montage(tiny, db, tmp_path
     assert second.read_bytes() == before and not (tmp_path / "results-2.jpg").exists()
 
 
+def test_search_never_replaces_a_database_image_with_its_montage(tmp_path, capsys, monkeypatch):
+    """--output naming an image of the database (by its path, through a link, or with '..')
+    replaced that collection photo with the montage: refused before the set-up, exit 2, the photo
+    unchanged; a new file beside the database's images is still fine."""
+    import ris.search
+
+    data = make_tiny_dataset(tmp_path / "images", n_objects=1, views=2, size=64)
+    db = tmp_path / "feats.h5"
+    assert run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(db), *FAST]) == 0
+    capsys.readouterr()
+    query = tmp_path / "q.jpg"
+    shutil.copy(data / "ukbench00000.jpg", query)
+    photo = data / "ukbench00001.jpg"
+    before = photo.read_bytes()
+    link = tmp_path / "link.jpg"
+    link.symlink_to(photo)
+    moved = tmp_path / "moved"
+    moved.symlink_to(data)  # the database's images, reached through --dataset-root
+    real_engine = ris.search.SearchEngine
+
+    def no_set_up(*a, **kw):
+        raise AssertionError("the search engine was set up before --output was checked")
+
+    monkeypatch.setattr(ris.search, "SearchEngine", no_set_up)
+    for output, extra in ((photo, []), (link, []), (data / "sub" / ".." / photo.name, []),
+                          (moved / photo.name, ["--dataset-root", moved])):
+        code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db,
+                             "--output", output, *extra)
+        assert code == 2 and out == "", (output, err)
+        assert err == (f"ris-search: error: {output}: is an image of the database ({photo.name}); "
+                       "give --output another file name\n")
+        assert photo.read_bytes() == before and link.is_symlink()
+    monkeypatch.setattr(ris.search, "SearchEngine", real_engine)
+    import ris.featuredb
+
+    reads = []
+    real_names = ris.featuredb.FeatureDB.row_names
+    monkeypatch.setattr(ris.featuredb.FeatureDB, "row_names", lambda self: reads.append(1) or real_names(self))
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "1",
+                         "--output", data / "results.png")
+    assert code == 0 and (data / "results.png").stat().st_size > 1000, err
+    assert reads == [1]  # the engine's: a file still to be made is no database image, its names are not read
+
+
 def test_a_montage_that_cannot_be_written_keeps_the_answered_queries(tiny, db, tmp_path, capsys, monkeypatch):
     """A full disk on the second of three montages ended ris-search with exit 2 ('nothing done') and,
     with --json, printed nothing: the answered queries' results were lost. Each query's results are

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from ris.search import SearchEngine, hits_to_dicts
 
     montages = _montage_paths(args.image, args.output, args.show)  # refused before the slow set-up
+    for path in filter(None, montages):
+        _not_a_database_image(path, args.features_db, args.dataset_root)
     presets.warn_other_recipe("ris-search", args.preset, args.features_db)
     engine = SearchEngine(args.features_db, args.model, index=args.index, dataset_root=args.dataset_root,
                           rerank=args.rerank, rotations=args.rotations)
@@ -151,6 +153,29 @@ def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
             raise RisError(f"{path}: is a query image; give --output another file name")
     _can_write_in(out.parent)
     return paths
+
+
+def _not_a_database_image(path, features_db: str, dataset_root: str | None) -> None:
+    """Refuse a montage path that is an image of the database (the collection's photo would be
+    replaced by the montage). Both sides resolved with realpath (links, '..'); the names are read
+    only when ``path`` is a file under the dataset root, then in blocks (``RowNames``), never all held."""
+    import os
+
+    from ris.errors import RisError
+    from ris.featuredb import FeatureDB
+
+    try:
+        db = FeatureDB(features_db)
+    except RisError:  # refused, with its reason, when the engine opens it next
+        return
+    with db:
+        root = os.path.realpath(dataset_root or db.dataset_root or ".")
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root or real == root or not os.path.isfile(real):
+            return  # outside the images, or no file there yet: nothing of the collection is replaced
+        rel = os.path.relpath(real, root).replace(os.sep, "/")
+        if rel in db.row_names():
+            raise RisError(f"{path}: is an image of the database ({rel}); give --output another file name")
 
 
 def _same_file(a, b) -> bool:
