@@ -766,6 +766,26 @@ def test_search_never_replaces_a_database_image_with_its_montage(tmp_path, capsy
     assert reads == [1]  # the engine's: a file still to be made is no database image, its names are not read
 
 
+def test_show_without_a_display_says_where_the_montage_is(tiny, db, tmp_path, capsys, monkeypatch):
+    """--show with DISPLAY unset (an ssh session, a container) exited 0, opened nothing and said
+    nothing: one stderr line says no display was found and where the montage was written."""
+    import matplotlib.pyplot as plt
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("DISPLAY / WAYLAND_DISPLAY decide only on Linux")
+    _, _, query = tiny
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *a, **kw: shown.append(1))
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "2", "--show")
+    assert code == 0 and shown == [] and "montage: results.png" in out
+    assert err == ("ris-search: --show: no display found (DISPLAY and WAYLAND_DISPLAY are unset); "
+                   "the montage is in results.png\n")
+    assert (tmp_path / "results.png").stat().st_size > 1000
+
+
 def test_a_montage_that_cannot_be_written_keeps_the_answered_queries(tiny, db, tmp_path, capsys, monkeypatch):
     """A full disk on the second of three montages ended ris-search with exit 2 ('nothing done') and,
     with --json, printed nothing: the answered queries' results were lost. Each query's results are

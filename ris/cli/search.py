@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets.add_argument(p, "search")
     p.add_argument("--dataset-root", default=None, help="where the database's images are now, if moved")
-    p.add_argument("--show", action="store_true", help="open the montage in a window (needs a display)")
+    p.add_argument("--show", action="store_true", help="open the montage in a window (needs a display; without one, one line says where the "
+                        "montage was written); without --output it is written to results.png")
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     return p
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                                          **args.verify_settings)
     out_json: list[dict] = []
     failed = failed_montages = 0
+    display = _has_display()
+    shown_nowhere: list[str] = []  # montages --show could not open (no display): named at the end
     # what each result's "distance" holds: re-ranking ranks by its own score (smaller = better), as ris-serve says
     score_kind = "distance" if engine.reranker is None else "re-ranking score (smaller = better)"
     for n, image in enumerate(args.image, 1):
@@ -101,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 montage_error = exc.strerror or str(exc)
                 print(f"ris-search: error: {one_line(montages[n - 1])}: cannot write the montage ({montage_error})",
                       file=sys.stderr)
-            if args.show:
+            if args.show and display:
                 _show(rgb)
+            elif args.show and montage_path:
+                shown_nowhere.append(montage_path)
         failed_montages += montage_error is not None
         if args.json:
             out_json.append({"query": str(image), "montage": montage_path, "score": score_kind,
@@ -117,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"montage: {one_line(montage_path)}")
     if args.json:
         print_json(out_json if len(args.image) > 1 else out_json[0])
+    if shown_nowhere:
+        where = (f"the montage is in {shown_nowhere[0]}" if len(shown_nowhere) == 1
+                 else f"the montages are in {', '.join(shown_nowhere)}")
+        print(f"ris-search: --show: no display found (DISPLAY and WAYLAND_DISPLAY are unset); {one_line(where)}",
+              file=sys.stderr)
     if failed == len(args.image):
         return EXIT_ERROR  # nothing done
     return EXIT_PARTIAL if failed or failed_montages else EXIT_OK
@@ -204,6 +214,16 @@ def _can_write_in(folder) -> None:
         raise RisError(f"{folder}: cannot write the montage there ({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def _has_display() -> bool:
+    """Whether --show can open a window: on Linux and the BSDs an X or Wayland display must be
+    named (without one matplotlib falls back to a backend that shows nothing, silently)."""
+    import os
+
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 def _show(rgb) -> None:
