@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -70,15 +72,44 @@ def picture_format_problem(path: str | Path) -> str | None:
     return f"{path}: name a picture file ending in {', '.join(PICTURE_FORMATS)} (the name says its format)"
 
 
+def _text_chunk(keyword: bytes, text: bytes) -> bytes:
+    data = keyword + b"\0" + text
+    return struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+
+
+# Written right after the IHDR chunk (signature 8 + IHDR 25 bytes) of every PNG montage: how
+# ris-search tells a results.png it wrote (replaced freely) from someone's own picture (kept).
+_MARK = _text_chunk(b"Software", b"ris-search montage")
+_MARK_AT = 33
+
+
+def is_ris_montage(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG montage ris wrote (its mark right after IHDR); False for anything
+    else, a missing or unreadable file included. Reads only the first bytes of a regular file."""
+    import os
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(_MARK_AT + len(_MARK))[_MARK_AT:] == _MARK
+    except OSError:
+        return False
+
+
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     """Atomic write of the picture (no half-written picture under the final name), encoded as its
-    name says: PNG, JPEG or WebP (a viewer or an upload goes by the name)."""
+    name says: PNG, JPEG or WebP (a viewer or an upload goes by the name); a PNG carries ris' mark."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ext, params = PICTURE_FORMATS.get(path.suffix.lower(), PICTURE_FORMATS[".png"])
     ok, buf = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise OSError(f"{path}: {ext[1:].upper()} encoding failed")
+    data = buf.tobytes()
+    if ext == ".png":
+        data = data[:_MARK_AT] + _MARK + data[_MARK_AT:]
     with atomic_write(path) as tmp:  # a failed write leaves nothing, and names the file
-        tmp.write_bytes(buf.tobytes())
+        tmp.write_bytes(data)
     return path

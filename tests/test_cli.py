@@ -786,6 +786,29 @@ def test_show_without_a_display_says_where_the_montage_is(tiny, db, tmp_path, ca
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
+def test_the_default_results_png_never_replaces_a_file_ris_did_not_write(tiny, db, tmp_path, capsys, monkeypatch):
+    """--show without --output replaced an existing results.png in the current folder (a user's own
+    picture) with the montage, silently. Refused before the set-up naming --output; a montage ris
+    wrote there before is replaced; --output results.png replaces any regular file, as documented."""
+    from PIL import Image
+
+    _, _, query = tiny
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save("results.png")
+    before = Path("results.png").read_bytes()
+    args = ["--image", query, "--features-db", db, "-k", "2", "--show"]
+    code, out, err = cli(capsys, search_cli, "ris-search", *args)
+    assert code == 2 and out == "" and Path("results.png").read_bytes() == before
+    assert err == ("ris-search: error: results.png: exists and is not a montage ris-search wrote; give --output "
+                   "results.png to replace it, or another file name\n")
+    code, out, err = cli(capsys, search_cli, "ris-search", *args, "--output", "results.png")
+    assert code == 0 and Path("results.png").read_bytes() != before
+    code, out, err = cli(capsys, search_cli, "ris-search", *args)  # its own montage: replaced
+    assert code == 0 and "montage: results.png" in out
+
+
 def test_a_montage_that_cannot_be_written_keeps_the_answered_queries(tiny, db, tmp_path, capsys, monkeypatch):
     """A full disk on the second of three montages ended ris-search with exit 2 ('nothing done') and,
     with --json, printed nothing: the answered queries' results were lost. Each query's results are

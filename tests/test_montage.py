@@ -37,3 +37,21 @@ def test_the_picture_is_encoded_as_its_name_says():
         assert write_png(Path(d) / "r.JPEG", rgb).read_bytes()[:3] == b"\xff\xd8\xff"
         assert write_png(Path(d) / "r.webp", rgb).read_bytes()[8:12] == b"WEBP"
         assert write_png(Path(d) / "r.png", rgb).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_png_montage_says_ris_wrote_it(tmp_path):
+    """The default results.png replaced a user's own results.png silently: ris' PNG montages carry a
+    text chunk (Software: ris-search montage) so ris-search can tell its own file from another."""
+    from PIL import Image
+
+    from ris.montage import is_ris_montage
+
+    path = write_png(tmp_path / "results.png", np.zeros((8, 8, 3), np.uint8))
+    with Image.open(path) as im:
+        assert im.info.get("Software") == "ris-search montage" and im.size == (8, 8)
+        im.load()
+    assert is_ris_montage(path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "own.png")
+    assert not is_ris_montage(tmp_path / "own.png") and not is_ris_montage(tmp_path / "missing.png")
+    (tmp_path / "short.png").write_bytes(b"\x89PNG")
+    assert not is_ris_montage(tmp_path / "short.png")

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
     """Where each query's montage goes (None: no montage); a path that exists must be a regular
     file, since the montage replaces it (a FIFO or a device is never replaced), and must not be a
-    query image (the user's photo would be replaced by the montage, or searched as one)."""
+    query image (the user's photo would be replaced by the montage, or searched as one); the
+    default results.png (no --output) replaces only a montage ris-search wrote."""
     import os
     from pathlib import Path
 
@@ -147,7 +148,7 @@ def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
     out = Path(output or "results.png")
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{n}{out.suffix}")
                                             for n in range(1, len(images) + 1)]
-    from ris.montage import picture_format_problem
+    from ris.montage import is_ris_montage, picture_format_problem
 
     if output and picture_format_problem(output):
         raise RisError(picture_format_problem(output))
@@ -161,6 +162,9 @@ def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
             raise RisError(f"{path}: not a regular file ({kind}); give --output a file name")
         if any(_same_file(path, image) for image in images):
             raise RisError(f"{path}: is a query image; give --output another file name")
+        if not output and not is_ris_montage(path):  # the default name: never someone's own picture
+            raise RisError(f"{path}: exists and is not a montage ris-search wrote; give --output {path} "
+                           "to replace it, or another file name")
     _can_write_in(out.parent)
     return paths
 
