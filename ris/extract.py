@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from ris.cli.common import one_line
 from ris.errors import Interrupted, RisError
 from ris.extractor import ExtractConfig, FeatureExtractor, build_extractor
 
@@ -100,18 +101,19 @@ class ExtractSummary:
 
     def report(self, verbose: bool = False) -> list[str]:
         """The closing summary for people: counts, each skipped image, the files not read
-        (counted; listed with ``verbose``)."""
-        lines = [f"{self.features_db}: {self.extracted} images extracted ({self.images_per_second:.1f} img/s)"
+        (counted; listed with ``verbose``). Names are printed escaped (``one_line``): a file name
+        holding a newline would split its line in two; ``to_dict`` keeps them as they are."""
+        lines = [f"{one_line(self.features_db)}: {self.extracted} images extracted ({self.images_per_second:.1f} img/s)"
                  f"{f', {self.resumed} already there' if self.resumed else ''}, {len(self.skipped)} skipped, "
                  f"features {'x'.join(map(str, self.feature_shape))}"]
-        lines += [f"  skipped: {reason}" for _, reason in self.skipped]
+        lines += [f"  skipped: {one_line(reason)}" for _, reason in self.skipped]
         counts = not_read_counts(self.other_files, self.hidden_files)
         if counts:
             lines.append(f"not read: {', '.join(counts)}{'' if verbose else ' (--verbose lists them)'}")
             if verbose:
-                lines += [f"  not read ({'folder read already' if f.endswith('/') else 'extension'}): {f}"
+                lines += [f"  not read ({'folder read already' if f.endswith('/') else 'extension'}): {one_line(f)}"
                           for f in self.other_files]
-                lines += [f"  not read (hidden): {f}" for f in self.hidden_files]
+                lines += [f"  not read (hidden): {one_line(f)}" for f in self.hidden_files]
         return lines
 
 
@@ -312,7 +314,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
                 budget=budget, aspect=getattr(extractor, "aspect", "squash"))):
             if err is not None:
                 failures.append((rel, err))
-                bar.write(f"skipped: {err}", file=sys.stderr)
+                bar.write(f"skipped: {one_line(err)}", file=sys.stderr)  # a newline in a name: one line
             else:
                 ids.append(rel)
                 imgs.append(img)

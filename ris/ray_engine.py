@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ris.cli.common import one_line
 from ris.errors import Interrupted, RisError
 from ris.extract import DEFAULT_BATCH, ExtractSummary
 from ris.extractor import ExtractConfig
@@ -244,7 +245,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
                 actor_pids[a] = pid
             failures = [(p, _as_given(e, root_abs, root, p)) for p, e in zip(paths, errors) if e is not None]
             for _, err in failures:
-                bar.write(f"skipped: {err}", file=sys.stderr)
+                bar.write(f"skipped: {one_line(err)}", file=sys.stderr)
             stamp_of = dict(zip(paths, stamps))
             ids, feats = _finite_rows([p for p, e in zip(paths, errors) if e is None], feats, failures)
             writer.add(ids, feats, [label_of[i] for i in ids], [stamp_of[i] for i in ids])

@@ -228,3 +228,23 @@ def test_an_append_says_it_adds_not_that_it_resumes(tmp_path):
     extract_features(data, db, cfg, ExtractOptions(append=True, progress=False, log=said.append))
     assert not [s for s in said if s.startswith("resuming")], said
     assert any(s == "adding: 4 images already in f.h5, 1 to go" for s in said), said
+
+
+def test_a_skipped_file_whose_name_holds_a_newline_is_one_line(tmp_path, capsys):
+    """'skipped: {reason}' (as the run goes and in the closing summary) split in two for a file
+    named 'bad<newline>photo.jpg', and an escape sequence in a name reached the terminal: the names
+    are printed escaped ('bad\\nphoto.jpg'), as ris-search prints them; the JSON summary keeps them."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    (data / "bad\nphoto.jpg").write_bytes(b"not an image")
+    (data / "notes\x1b[2J.txt").write_text("x")
+    s = extract_features(data, tmp_path / "f\nx.h5", ExtractConfig(), ExtractOptions(labels="none", **QUIET),
+                         extractor=_StandIn())
+    err = capsys.readouterr().err
+    assert err.startswith("skipped: ") and err.count("\n") == 1 and "bad\\nphoto.jpg" in err, err
+    lines = s.report(verbose=True)
+    assert all("\n" not in line and "\x1b" not in line for line in lines), lines
+    assert lines[0].startswith(f"{tmp_path}/f\\nx.h5: 2 images extracted")
+    assert [line for line in lines if line.startswith("  skipped: ")] == [f"  skipped: {s.skipped[0][1]}"
+                                                                          .replace("\n", "\\n")]
+    assert "  not read (extension): notes\\x1b[2J.txt" in lines
+    assert s.to_dict()["skipped"][0]["image"] == "bad\nphoto.jpg"
