@@ -414,6 +414,26 @@ def test_pixel_bombs_are_refused_from_the_header_without_decoding(client, monkey
     assert huge.status_code == 413 and "over the limit of 50,000,000 pixels" in sentence(huge)
 
 
+def test_a_bomb_over_pillows_own_limit_is_named_by_its_real_size(client):
+    """An upload over Pillow's own refusal (2 x MAX_PIXELS) was refused saying 'its header says over
+    400,000,000', not its size: it is named width x height, as a smaller one is, from its header (a
+    PNG's IHDR, or the header Pillow's format plugin reads, here a BMP's)."""
+    import struct
+
+    from ris.testing import _png_chunk
+
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+           + _png_chunk(b"IDAT", b"x") + _png_chunk(b"IEND", b""))
+    r = upload(client, png, "huge.png")
+    assert r.status_code == 413
+    assert sentence(r) == "huge.png is 60000 x 60000 pixels, over the limit of 50,000,000 pixels."
+    bmp = (b"BM" + struct.pack("<IHHI", 1000, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, 70000, 65000, 1, 24, 0, 0,
+                                                                       2835, 2835, 0, 0) + bytes(64))
+    r = upload(client, bmp, "huge.bmp")
+    assert r.status_code == 413
+    assert sentence(r) == "huge.bmp is 70000 x 65000 pixels, over the limit of 50,000,000 pixels."
+
+
 def test_upload_over_the_byte_cap_is_413(engine, tiny):
     with client_for(engine, tiny[2], max_upload_bytes=20_000) as c:
         r = upload(c, os.urandom(120_000), "big.jpg")

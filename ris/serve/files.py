@@ -57,11 +57,38 @@ def _pillow_format(data: bytes, who: str, max_pixels: int) -> tuple[str | None, 
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 return im.format, *im.size
-    except Image.DecompressionBombError:
-        raise ServeError(413, f"{who} is over the limit of {max_pixels:,} pixels (its header says over "
-                              f"{Image.MAX_IMAGE_PIXELS * 2:,}).") from None
+    except Image.DecompressionBombError as exc:  # over Pillow's own limit: named by its size all the same
+        with _PIL_WARNINGS, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            size = _bomb_size(data)
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = (f"{size[0]} x {size[1]}" if size else f"{int(m.group(1)):,}" if m
+                  else f"over {Image.MAX_IMAGE_PIXELS * 2:,}")
+        raise ServeError(413, f"{who} is {pixels} pixels, over the limit of {max_pixels:,} pixels.") from None
     except Exception:
         return None
+
+
+def _bomb_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an image Pillow refuses to open for its pixel count: ris' own header
+    parser (JPEG, PNG, GIF), else the format plugin Pillow would use, without its size check."""
+    from PIL import Image
+
+    from ris.imagefile import quick_size, sniff_format
+
+    size = quick_size(data[:1 << 16], sniff_format(data))
+    if size is not None:
+        return size
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            ok = not accept or accept(data[:16])
+            if ok and not isinstance(ok, str):
+                return factory(io.BytesIO(data), "").size
+        except Exception:  # not this format, or a header it cannot parse
+            continue
+    return None
 
 
 def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = None) -> tuple[np.ndarray, dict]:
