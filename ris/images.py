@@ -292,10 +292,32 @@ def _opencv_decode(data: bytes, path: Path, flag: int) -> tuple[np.ndarray, str]
     except cv2.error as exc:
         raise BadImage(f"{path}: cannot decode ({str(exc).strip().splitlines()[-1][:120]})") from None
     if img is None or img.size == 0:
-        raise BadImage(f"{path}: cannot decode (damaged file or unsupported format)")
+        raise BadImage(f"{path}: {_tiff_problem(data) or 'cannot decode (damaged file or unsupported format)'}")
     if img.dtype != np.uint8:  # 16-bit: x / 257 rounded, without a float copy of the image
         img = cv2.convertScaleAbs(img, alpha=1 / 257.0 if img.dtype == np.uint16 else 1.0)
     return img, "GRAY" if img.ndim == 2 else "BGR"
+
+
+_TIFF_SAMPLES = {1: "unsigned integer", 2: "signed integer", 3: "float"}
+
+
+def _tiff_problem(data: bytes) -> str | None:
+    """Why OpenCV decoded no pixels from a TIFF whose samples it does not take (32-bit integers,
+    floats), read from its header; None for anything else. Such data (scientific, HDR) has no one
+    way to be shown (0-1, 0-65535, any range): refused, named, rather than guessed."""
+    if data[:4] not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return None
+    try:
+        with _PIL_WARNINGS, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                bits, kind = (im.tag_v2.get(258, 1), im.tag_v2.get(339, 1))
+    except Exception:  # a header Pillow cannot read: the generic reason stands
+        return None
+    bits, kind = (v[0] if isinstance(v, tuple) and v else v for v in (bits, kind))
+    if not isinstance(bits, int) or (bits <= 16 and kind != 3):
+        return None
+    return f"a {bits}-bit {_TIFF_SAMPLES.get(kind, 'sample')} TIFF, which ris cannot decode; convert it to 8-bit"
 
 
 def _pillow_decode(data: bytes, fmt: str, path: Path) -> tuple[np.ndarray, str]:

@@ -399,3 +399,19 @@ def test_a_heic_photo_named_jpg_is_named_for_what_it_is(tmp_path):
     with pytest.raises(BadImage) as exc:
         decode_image(path)
     assert str(exc.value) == f"{path}: a HEIC image (HEIF), which ris cannot decode; convert it to JPEG"
+
+
+@pytest.mark.parametrize("mode, dtype, kind", [("F", np.float32, "32-bit float"), ("I", np.int32, "32-bit signed integer")])
+def test_a_tiff_of_samples_ris_cannot_decode_is_named_for_what_it_is(tmp_path, mode, dtype, kind):
+    """A 32-bit float or integer TIFF (scientific or HDR data) was refused as 'cannot decode (damaged
+    file or unsupported format)', while README says TIFF works: its range says nothing of how to
+    show it (0-1, 0-65535, any), so it is refused naming what it is and what to do."""
+    from PIL import Image
+
+    path = tmp_path / "scan.tif"
+    Image.fromarray((np.random.default_rng(0).random((30, 40)) * 100).astype(dtype), mode=mode).save(path)
+    with pytest.raises(BadImage) as caught:
+        decode_image(path)
+    assert str(caught.value) == f"{path}: a {kind} TIFF, which ris cannot decode; convert it to 8-bit"
+    Image.fromarray(np.zeros((30, 40), np.uint16)).save(tmp_path / "ok.tif")
+    assert decode_image(tmp_path / "ok.tif").shape == (30, 40, 3)  # 16-bit TIFFs decode (to their high byte)
