@@ -41,7 +41,7 @@ def _to_stderr(line: str) -> None:
 class ExtractOptions:
     """How to run an extraction, apart from what to extract (``ExtractConfig``).
 
-    ``labels``: auto | ukbench | folders | none | a TSV path (``ris.images.make_labels``).
+    ``labels``: auto | ukbench | folders | none | a TSV path (``ris.labels.make_labels``).
     ``decode``: 'threads', or 'processes' (``workers`` worker processes; worth it on many cores
     feeding a GPU). ``workers``: default the CPU count (at most 8 threads). ``prefetch``: images
     decoded ahead of the model (default 4 batches). ``append``: add the images not yet in the
@@ -170,7 +170,8 @@ class RunInput:
 def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool, overwrite: bool) -> RunInput:
     """The folder listing, the target check and the labels; refuses a folder without images."""
     from ris.featuredb import check_target
-    from ris.images import make_labels, scan_folder
+    from ris.images import scan_folder
+    from ris.labels import make_labels
 
     root = Path(dataset)
     scan = scan_folder(root)

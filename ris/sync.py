@@ -194,7 +194,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
     with FeatureDB(features_db) as db:
         mode = _label_mode(features_db, str(db.attrs.get("labels_mode") or ""), labels)
     if new:  # a new image the database's labels cannot name stops the sync before anything changes
-        from ris.images import make_labels
+        from ris.labels import make_labels
 
         try:
             make_labels(files, mode, root)

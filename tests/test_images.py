@@ -1,4 +1,4 @@
-"""Discovery, labels and robust decoding of awkward files."""
+"""Discovery and robust decoding of awkward files (labels: test_labels.py)."""
 import re
 from pathlib import Path
 
@@ -8,9 +8,9 @@ import pytest
 
 from ris.errors import BadImage, RisError
 from ris.imagefile import read_file
-from ris.images import decode_image, find_images, load_image, make_labels, read_label_tsv, resize_square
+from ris.images import decode_image, find_images, load_image, resize_square
 from ris.testing import (ODD_REASONS, VALID_BAD_IMAGES, call_with_fifo_guard, make_bad_images, make_exif_jpeg,
-                         make_odd_files, make_tiny_folders_dataset)
+                         make_odd_files)
 
 
 @pytest.fixture(scope="module")
@@ -51,49 +51,6 @@ def test_bad_images_raise_one_clear_line(bad, name, reason):
 def test_sixteen_bit_png_keeps_its_range(bad):
     img = decode_image(bad["png16"])
     assert img.max() > 200  # not crushed to 0..1 by a bad 16->8 bit conversion
-
-
-def test_labels_ukbench_folders_tsv(tmp_path):
-    ids = [f"ukbench{i:05d}.jpg" for i in range(8)]
-    labels, names, mode = make_labels(ids, "auto")
-    assert mode == "ukbench" and labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and names == ["0", "1"]
-    make_tiny_folders_dataset(tmp_path / "f", classes=("cats", "dogs"), per_class=2)
-    ids = find_images(tmp_path / "f")
-    labels, names, mode = make_labels(ids, "auto", tmp_path / "f")
-    assert mode == "folders" and names == ["cats", "dogs"] and labels.tolist() == [0, 0, 1, 1]
-    tsv = tmp_path / "gt.tsv"
-    tsv.write_text("file\tclass_id\tclass_name\n0.jpg\t0\tafrica\n1.jpg\t1\tbeach\n")
-    assert read_label_tsv(tsv) == {"0.jpg": "africa", "1.jpg": "beach"}
-    labels, names, _ = make_labels(["sub/1.jpg", "0.jpg", "2.jpg"], str(tsv))
-    assert labels.tolist() == [1, 0, -1] and names == ["africa", "beach"]
-
-
-def test_label_file_errors(tmp_path):
-    with pytest.raises(RisError, match="not found"):
-        read_label_tsv(tmp_path / "none.tsv")
-    (tmp_path / "one.tsv").write_text("onlyonecolumn\n")
-    with pytest.raises(RisError, match="column"):
-        read_label_tsv(tmp_path / "one.tsv")
-
-
-def test_a_label_file_that_is_not_text_or_too_big_is_one_error_naming_it(tmp_path, monkeypatch):
-    """Bad input, not a bug: a label file in another encoding, with NUL bytes, or over the size cap
-    is a RisError naming the file (a UnicodeDecodeError would now be reported as an internal error)."""
-    from ris import images
-
-    latin = tmp_path / "latin.tsv"
-    latin.write_bytes("caf\xe9.jpg\tcaf\xe9\n".encode("latin-1"))
-    with pytest.raises(RisError, match=f"^{re.escape(str(latin))}: not UTF-8 text"):
-        read_label_tsv(latin)
-    binary = tmp_path / "binary.tsv"
-    binary.write_bytes(b"a.jpg\tx\x00y\n")
-    with pytest.raises(RisError, match=f"^{re.escape(str(binary))}: "):
-        read_label_tsv(binary)
-    big = tmp_path / "big.tsv"
-    big.write_text("a.jpg\tx\n" * 200)
-    monkeypatch.setattr(images, "MAX_FILE_BYTES", 1024)
-    with pytest.raises(RisError, match=f"^{re.escape(str(big))}: file too large"):
-        read_label_tsv(big)
 
 
 # --- odd files: special files, size caps, formats (ris.testing.make_odd_files) -------------------
@@ -276,15 +233,6 @@ def test_one_pixel_limit_for_ris_and_pillow(tmp_path):
     assert images.decode_cost(over) == 0  # refused without decoding: costs nothing in flight
 
 
-def test_ukbench_labels_need_ukbench_names():
-    with pytest.raises(RisError) as exc:
-        make_labels(["ukbench00000.jpg", "IMG_1000.jpg", "IMG_1001.jpg"], "ukbench")
-    msg = str(exc.value)
-    assert "IMG_1000.jpg" in msg and "ukbench" in msg and "\n" not in msg
-    labels, _, _ = make_labels(["sub/ukbench00004.JPG", "ukbench00007.jpg"], "ukbench")
-    assert labels.tolist() == [0, 0]
-
-
 def test_scan_counts_files_not_read(odd):
     from ris.images import scan_folder
 
@@ -313,18 +261,6 @@ def test_folders_reached_through_a_symlink_are_read_once_and_loops_are_named(tmp
     scan = scan_folder(root)
     assert scan.images == ["cats/c.jpg", "linked/a.jpg", "linked/deep/b.png"]
     assert scan.other == ["again/", "cats/up/"]
-
-
-def test_a_label_file_that_gives_one_file_two_labels_is_refused(tmp_path):
-    """``a.jpg cat`` then ``a.jpg dog``: the last one won, silently."""
-    from ris.images import read_label_tsv
-
-    f = tmp_path / "labels.tsv"
-    f.write_text("a.jpg\tcat\nb.jpg\tcat\na.jpg\tcat\n")
-    assert read_label_tsv(f) == {"a.jpg": "cat", "b.jpg": "cat"}  # the same label twice is fine
-    f.write_text("a.jpg\tcat\nb.jpg\tcat\na.jpg\tdog\n")
-    with pytest.raises(RisError, match=r"labels\.tsv: a\.jpg has two labels \('cat' and 'dog'\)"):
-        read_label_tsv(f)
 
 
 @pytest.mark.parametrize("loader", [lambda p: decode_image(p), lambda p: load_image(p, 64)])
