@@ -152,9 +152,9 @@ def pair_distance(a, b, distance: str):
     if distance == "euclidean":
         return ops.sqrt(ops.maximum(ops.sum(ops.square(a - b), axis=-1), 1e-12))
     if distance == "cosine":
-        a = a / ops.maximum(ops.norm(a, axis=-1, keepdims=True), 1e-12)
-        b = b / ops.maximum(ops.norm(b, axis=-1, keepdims=True), 1e-12)
-        return 1.0 - ops.sum(a * b, axis=-1)
+        from ris.layers import unit_rows
+
+        return 1.0 - ops.sum(unit_rows(a) * unit_rows(b), axis=-1)
     raise ValueError(f"distance must be one of {DISTANCES}")
 
 
@@ -166,7 +166,9 @@ def distance_matrix(x, distance: str):
         d2 = sq[:, None] - 2.0 * ops.matmul(x, ops.transpose(x)) + sq[None, :]
         return ops.sqrt(ops.maximum(d2, 1e-12))
     if distance == "cosine":
-        x = x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), 1e-12)
+        from ris.layers import unit_rows
+
+        x = unit_rows(x)
         return 1.0 - ops.matmul(x, ops.transpose(x))
     raise ValueError(f"distance must be one of {DISTANCES}")
 

@@ -51,7 +51,14 @@ class L2Normalize(keras.layers.Layer):
     """Unit-length rows, so Euclidean and cosine rankings agree."""
 
     def call(self, x):
-        return x / ops.maximum(ops.norm(x, axis=-1, keepdims=True), 1e-12)
+        return unit_rows(x)
+
+
+def unit_rows(x):
+    """Rows divided by their length (a zero row stays zero). Why not ``x / max(norm(x), eps)``: the
+    norm's derivative at a zero row is 0/0, which JAX carries through ``maximum`` as NaN (one step
+    of training turned every weight NaN); the squared length's derivative there is 0."""
+    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), 1e-24))
 
 
 @keras.saving.register_keras_serializable(package="ris")
