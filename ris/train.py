@@ -74,7 +74,6 @@ class TrainResult:
     history_path: str = ""
     plot_path: str = ""
     whitening: dict[str, Any] | None = None  # learned whitening: what was chosen and how (None for triplet heads)
-    interrupted_during: int | None = None  # the epoch Ctrl-C/SIGTERM stopped; the best epoch before it was saved
 
 
 @dataclass
@@ -235,8 +234,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
                   round(float(np.mean(run.epoch_times)) if run.epoch_times else 0.0, 3))
     return TrainResult(str(output), epochs[0], epochs[1], round(seconds, 2), epochs[2],
                        {k: int(n) for k, n in data.groups().items()}, test_scores, str(hist_path),
-                       str(plot_path) if plot_path else "", whitening if run is None else None,
-                       None if run is None else run.interrupted_during)
+                       str(plot_path) if plot_path else "", whitening if run is None else None)
 
 
 @dataclass
@@ -246,7 +244,6 @@ class _TripletRun:
     epoch_times: list[float]
     raw_val: float
     monitor_name: str
-    interrupted_during: int | None = None
 
 
 def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> tuple[Any, _TripletRun]:
@@ -294,25 +291,8 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
     best = {"ns": -math.inf, "epoch": 0, "weights": base.get_weights()}  # without val: -loss, which may be below -1
     if HEADS[cfg.arch].starts_raw and use_val:  # epoch 0 = the off-the-shelf ranking: keep it unless beaten
         best["ns"] = score("val")
-    epoch_times: list[float] = []
-    try:
-        interrupted = _epochs(cfg, model, base, train_ds, val_ds, inputs, scored, score, best, history, epoch_times,
-                              use_val, raw_val, monitor_name, progress, log)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's time limit): keep the epochs trained
-        if not history:
-            raise
-        interrupted = len(history) + 1
-        log(f"interrupted during epoch {interrupted}: keeping the best epoch so far ({best['epoch']}); "
-            "scoring and saving it (Ctrl-C again to stop at once, saving nothing)")
-    base.set_weights(best["weights"])
-    return base, _TripletRun(history, best["epoch"], epoch_times, raw_val, monitor_name, interrupted)
-
-
-def _epochs(cfg: TrainConfig, model, base, train_ds, val_ds, inputs, scored, score, best: dict, history: list,
-            epoch_times: list, use_val: bool, raw_val: float, monitor_name: str, progress: bool, log) -> None:
-    """The epoch loop: fills ``history``, ``epoch_times`` and ``best`` (in place, so that what an
-    interrupt leaves is still there)."""
     wait = 0
+    epoch_times = []
     for epoch in range(1, cfg.epochs + 1):
         te = time.perf_counter()
         h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
@@ -333,7 +313,7 @@ def _epochs(cfg: TrainConfig, model, base, train_ds, val_ds, inputs, scored, sco
         monitor = row["val_score"] if not math.isnan(row["val_score"]) else -row["loss"]
         improved = monitor > best["ns"] + 1e-6
         if improved:
-            best.update(ns=monitor, epoch=epoch, weights=base.get_weights())
+            best = {"ns": monitor, "epoch": epoch, "weights": base.get_weights()}
             wait = 0
         else:
             wait += 1
@@ -344,7 +324,8 @@ def _epochs(cfg: TrainConfig, model, base, train_ds, val_ds, inputs, scored, sco
         if wait >= cfg.patience:
             log(f"early stop: val {monitor_name} has not improved for {cfg.patience} epochs")
             break
-    return None
+    base.set_weights(best["weights"])
+    return base, _TripletRun(history, best["epoch"], epoch_times, raw_val, monitor_name)
 
 
 def _finite_epoch(history: dict[str, list], base, probe: np.ndarray) -> bool:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ris.cli.common import (EXIT_INTERRUPTED, EXIT_OK, HelpFormatter, auto_or, folds, fraction, given_options,
-                            int_at_least, nonnegative_float, nonnegative_int, number_list, positive_float, positive_int, print_json, run)
+from ris.cli.common import (EXIT_OK, HelpFormatter, auto_or, folds, fraction, given_options, int_at_least,
+                            nonnegative_float, nonnegative_int, number_list, positive_float, positive_int, print_json, run)
 
 if TYPE_CHECKING:
     from ris.train import TrainConfig
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     r = train_head(args.features_db, args.output, cfg, progress=not args.quiet)
     if args.json:
         print_json(asdict(r))
-        return _interrupted(r)
+        return EXIT_OK
     if r.epochs_run:
         print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
               f"history {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
@@ -153,17 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         raw, head = r.scores["test_gallery"]["raw"], r.scores["test_gallery"]["head"]
         print(f"  searching only each other (the fold protocol, which flatters): N-S {raw['ns_score']:.4f} -> "
               f"{head['ns_score']:.4f};  mAP {raw['map']:.4f} -> {head['map']:.4f}")
-    return _interrupted(r)
-
-
-def _interrupted(r) -> int:
-    """EXIT_INTERRUPTED, with one line, when Ctrl-C/SIGTERM cut the epochs short (the best one before
-    it is what was saved); EXIT_OK otherwise."""
-    if r.interrupted_during is None:
-        return EXIT_OK
-    print(f"ris-train: interrupted during epoch {r.interrupted_during}: the best epoch so far ({r.best_epoch}) is "
-          f"saved in {r.model_path}; run the same command again to train every epoch", file=sys.stderr)
-    return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 def entry() -> None:
