@@ -1,6 +1,7 @@
 """Querying: any image -> the same features as the database -> (head) -> ranked neighbours."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from dataclasses import asdict, dataclass
@@ -173,10 +174,8 @@ class SearchEngine:
         return vec
 
     def embed_query(self, image_path: str | bytes | Path) -> np.ndarray:
-        """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees).
-        A bytes path (``os.listdir(b'.')``) is taken as the file system names it."""
-        import os
-
+        """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees);
+        a bytes path (``os.listdir(b'.')``) is read as the file system names it."""
         from ris.images import load_image
 
         self._check_open()
@@ -372,10 +371,8 @@ def _names_of(image_ids, rows) -> list[str]:
 
 
 def _warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[str], None]) -> np.ndarray:
-    """Rows whose (embedded) features hold NaN/inf: no distance to them means anything, so they are
-    never returned; said once, with their ids, when the database is opened. Vectors larger than the
-    exact index's in-memory limit are not scanned (a full read per search); their bad rows are still
-    never returned."""
+    """Rows whose features hold NaN/inf (never returned: no distance to them means anything), said once
+    with their ids; vectors over the exact index's memory limit are not scanned (still never returned)."""
     from ris.index import DEFAULT_CACHE_BYTES
     from ris.topk import nonfinite_rows
 
