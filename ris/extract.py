@@ -203,6 +203,10 @@ def finish_run(writer, run: RunInput, summary: ExtractSummary, **attrs: Any) -> 
     """Publish the database under its final name, or discard it when no image could be decoded."""
     if writer.rows == 0:
         writer.discard()
+        not_finite = sum(1 for _, reason in summary.skipped if reason.endswith(NOT_FINITE))
+        if not_finite:
+            raise RisError(f"{run.root}: none of the {len(run.files)} images gave features ({not_finite} "
+                           "gave non-finite ones; the skipped lines say why); nothing written")
         raise RisError(f"{run.root}: none of the {len(run.files)} images could be decoded; nothing written")
     writer.finish({"num_images": writer.rows, "num_failed": len(writer.done_ids()) - writer.rows,
                    "extract_seconds": round(summary.seconds, 3),
@@ -293,10 +297,13 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
         while len(in_flight) > (0 if last else 1):
             done_ids, result, done_stamps = in_flight.pop(0)
             stamp_of = dict(zip(done_ids, done_stamps))
-            done_ids, feats = _finite_rows(done_ids, result(), failures)
+            done_ids, feats, not_finite = _finite_rows(done_ids, result(), root)
             writer.add(done_ids, feats, [label_of[i] for i in done_ids], [stamp_of[i] for i in done_ids])
             summary.extracted += len(done_ids)
-            bar.update(len(done_ids))
+            bar.update(len(done_ids) + len(not_finite))
+            for _, reason in not_finite:  # said and counted, not recorded: the next run tries them again
+                bar.write(f"skipped: {one_line(reason)}", file=sys.stderr)
+            summary.skipped.extend(not_finite)
         if failures:
             writer.add_failures(failures)
             summary.skipped.extend(failures)
@@ -359,16 +366,22 @@ def _not_read_note(other: Sequence[str], hidden: Sequence[str]) -> str:
     return f"; not read: {', '.join(parts)}" if parts else ""
 
 
+NOT_FINITE = "the model gave non-finite features (NaN/inf)"
+
+
 def _finite_rows(ids: list[str], feats: np.ndarray,
-                 failures: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
-    """The rows whose features are all finite; the others join ``failures`` (they would rank nowhere)."""
+                 root: Path) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """(ids, features) of the rows whose features are all finite, and (id, reason) for the others.
+
+    Those are skipped like an undecodable image (they would rank nowhere), but not recorded among
+    the failed ids: the model, not the file, may be at fault, so ``--append``/``--sync`` try them again."""
     if not len(ids):  # a batch whose images all failed (the Ray engine sends those too)
-        return ids, feats
+        return ids, feats, []
     ok = np.isfinite(feats.reshape(len(ids), -1)).all(axis=1)
     if ok.all():
-        return ids, feats
-    failures.extend((i, f"{i}: features are not finite (NaN/inf)") for i, good in zip(ids, ok) if not good)
-    return [i for i, good in zip(ids, ok) if good], feats[ok]
+        return ids, feats, []
+    bad = [(i, f"{root / i}: {NOT_FINITE}") for i, good in zip(ids, ok) if not good]
+    return [i for i, good in zip(ids, ok) if good], feats[ok], bad
 
 
 def _raise_interrupt(signum, frame):

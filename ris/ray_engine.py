@@ -247,11 +247,13 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
             for _, err in failures:
                 bar.write(f"skipped: {one_line(err)}", file=sys.stderr)
             stamp_of = dict(zip(paths, stamps))
-            ids, feats = _finite_rows([p for p, e in zip(paths, errors) if e is None], feats, failures)
+            ids, feats, not_finite = _finite_rows([p for p, e in zip(paths, errors) if e is None], feats, root)
+            for _, err in not_finite:  # said and counted, not recorded: the next run tries them again
+                bar.write(f"skipped: {one_line(err)}", file=sys.stderr)
             writer.add(ids, feats, [label_of[i] for i in ids], [stamp_of[i] for i in ids])
             writer.add_failures(failures)
             summary.extracted += len(ids)
-            summary.skipped.extend(failures)
+            summary.skipped.extend(failures + not_finite)
             summary.nodes[node_id[:12]] = summary.nodes.get(node_id[:12], 0) + len(paths)
             committed += 1
             bar.update(len(paths))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -51,20 +52,38 @@ def _lock_is_free(db) -> bool:
     return True
 
 
-def test_rows_with_non_finite_features_are_listed_as_failed_not_written(tmp_path):
+def test_an_image_with_non_finite_features_is_skipped_said_and_tried_again_by_append(tmp_path, capsys):
+    """A model that gave NaN/inf for an image: the row was left out but listed among the failed
+    images without a 'skipped:' line as the run went, and --append never tried it again (a failed
+    id counts as done). It is skipped like an undecodable image, said in one line naming the file,
+    counted in the summary, and not recorded, so --append (and --sync) try it again."""
     data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=48)
     db = tmp_path / "f.h5"
-    s = extract_features(data, db, ExtractConfig(), ExtractOptions(batch_size=2, **QUIET),
+    s = extract_features(data, db, ExtractConfig(), ExtractOptions(batch_size=2, progress=False),
                          extractor=_StandIn(nan_rows={1}))
     bad = sorted(p.name for p in data.glob("*.jpg"))[1]
-    assert s.extracted == 3 and [i for i, _ in s.skipped] == [bad]
-    assert "features are not finite (NaN/inf)" in s.skipped[0][1] and bad in s.skipped[0][1]
+    reason = f"{data / bad}: the model gave non-finite features (NaN/inf)"
+    assert s.extracted == 3 and s.skipped == [(bad, reason)]
+    assert f"skipped: {reason}" in capsys.readouterr().err.splitlines()
+    assert f"  skipped: {reason}" in s.report()
     with FeatureDB(db) as f:
         assert bad not in f.image_ids and len(f) == 3
         assert np.isfinite(f.features[:]).all()
-        assert [i for i, _ in f.failures] == [bad]
+        assert f.failures == []
     with h5py.File(db) as f:
-        assert f.attrs["num_failed"] == 1
+        assert f.attrs["num_failed"] == 0
+    again = extract_features(data, db, ExtractConfig(), ExtractOptions(append=True, **QUIET), extractor=_StandIn())
+    assert again.extracted == 1 and again.skipped == []
+    with FeatureDB(db) as f:
+        assert bad in f.image_ids and len(f) == 4
+
+
+def test_a_run_whose_every_image_gave_non_finite_features_says_so(tmp_path):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    with pytest.raises(RisError, match="none of the 2 images gave features .*non-finite"):
+        extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(**QUIET),
+                         extractor=_StandIn(nan_rows={0, 1}))
+    assert not (tmp_path / "f.h5").exists()
 
 
 def test_interrupted_is_its_own_error_type_and_the_next_run_resumes(tmp_path, monkeypatch):
@@ -209,9 +228,8 @@ def test_a_batch_whose_images_all_failed_checks_no_rows():
     0 into shape (0,newaxis)', and every resume failed at the same batch."""
     from ris.extract import _finite_rows
 
-    failures: list = []
-    ids, feats = _finite_rows([], np.zeros((0, 1280), np.float32), failures)
-    assert ids == [] and feats.shape == (0, 1280) and failures == []
+    ids, feats, bad = _finite_rows([], np.zeros((0, 1280), np.float32), Path("."))
+    assert ids == [] and feats.shape == (0, 1280) and bad == []
 
 
 def test_an_append_says_it_adds_not_that_it_resumes(tmp_path):
