@@ -203,9 +203,21 @@ def _decode_chunk(root: str, rel_paths: list[str], size: int,
     return stacked, errors
 
 
+def _decode_chunk_named(root: str, rel_paths: list[str], size: int, aspect: str = "squash"):
+    """``_decode_chunk`` with libjpeg's warnings caught in the worker (``ris.jpeg_noise``): its
+    result and {path: libjpeg's lines} for the parent's capture to name."""
+    from ris.jpeg_noise import capture, take
+
+    with capture():
+        stacked, errors = _decode_chunk(root, rel_paths, size, aspect)
+        found = {rel: take(Path(root) / rel) for rel in rel_paths}
+    return stacked, errors, {rel: lines for rel, lines in found.items() if lines}
+
+
 def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, workers: int, prefetch: int,
                             chunk: int | None, budget: int, aspect: str = "squash") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     from ris.images import decode_cost
+    from ris.jpeg_noise import capturing, note
 
     workers = max(1, workers)
     chunk = max(1, chunk or min(32, max(4, prefetch // (2 * workers))))
@@ -213,11 +225,15 @@ def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, wor
     pool = _decode_pool(workers)
     chunks = (list(rel_paths[i : i + chunk]) for i in range(0, len(rel_paths), chunk))
     # a worker decodes its chunk one image at a time: a chunk holds at most its largest image
-    tasks = _in_flight(pool, partial(_decode_chunk, str(root), size=size, aspect=aspect), chunks, depth,
+    named = capturing()  # libjpeg's lines named in this process: caught in the workers too
+    tasks = _in_flight(pool, partial(_decode_chunk_named if named else _decode_chunk, str(root), size=size,
+                                     aspect=aspect), chunks, depth,
                        lambda c: max(decode_cost(root / rel, size) for rel in c), budget)
     try:
         for c, fut in tasks:
-            stacked, errors = fut.result()
+            stacked, errors, *found = fut.result()
+            for rel, lines in (found[0] if found else {}).items():
+                note(root / rel, lines)
             k = 0
             for rel, err in zip(c, errors):
                 if err is None:

@@ -25,6 +25,7 @@ import numpy as np
 from ris.cli.common import one_line
 from ris.errors import Interrupted, RisError
 from ris.extractor import ExtractConfig, FeatureExtractor, build_extractor
+from ris.jpeg_noise import capture, warnings_for
 
 if TYPE_CHECKING:
     from ris.fusion import FusedExtractor, FusionConfig
@@ -141,7 +142,8 @@ def extract_features(dataset: str | Path, features_db: str | Path, config: Extra
         summary = ExtractSummary(str(features_db), len(run.files), 0, writer.resumed_rows,
                                  feature_shape=extractor.output_shape, other_files=run.other_files,
                                  hidden_files=run.hidden_files)
-        _run_batches(run.root, todo, extractor, writer, opts, budget, run.label_of, summary)
+        with capture():  # libjpeg's lines, named
+            _run_batches(run.root, todo, extractor, writer, opts, budget, run.label_of, summary)
     except KeyboardInterrupt:
         rows = writer.rows
         writer.close()
@@ -266,7 +268,7 @@ def refuse_another_recipe(features_db: Path, config: ExtractConfig | FusionConfi
 def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | FusedExtractor, writer, opts: ExtractOptions,
                  budget: int, label_of: dict[str, str], summary: ExtractSummary) -> None:
     """Decode ``todo`` ahead of the model and write its features batch by batch into ``writer``;
-    SIGTERM is a KeyboardInterrupt meanwhile."""
+    SIGTERM is a KeyboardInterrupt meanwhile. Called inside ``ris.jpeg_noise.capture``."""
     from ris.aspect import stack_images
     from ris.decoding import iter_decoded
     from ris.filestamp import file_stamps
@@ -316,10 +318,13 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     # thread, e.g. a worker of a serving or distributed engine, leaves signals to its owner)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
+    decoded = iter_decoded(root, todo, extractor.max_size, workers, prefetch=prefetch,
+                           processes=opts.decode == "processes", budget=budget,
+                           aspect=getattr(extractor, "aspect", "squash"))
     try:
-        for k, (rel, img, err) in enumerate(iter_decoded(
-                root, todo, extractor.max_size, workers, prefetch=prefetch, processes=opts.decode == "processes",
-                budget=budget, aspect=getattr(extractor, "aspect", "squash"))):
+        for k, (rel, img, err) in enumerate(decoded):
+            for warning in warnings_for(root / rel):
+                bar.write(f"warning: {one_line(str(root / rel))}: {warning}", file=sys.stderr)
             if err is not None:
                 failures.append((rel, err))
                 bar.write(f"skipped: {one_line(err)}", file=sys.stderr)  # a newline in a name: one line
@@ -331,6 +336,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
                 flush()
         flush(last=True)
     finally:
+        decoded.close()  # its decoding threads stop here, not when collected
         if main:
             signal.signal(signal.SIGTERM, previous)
         bar.close()

@@ -24,6 +24,7 @@ if not os.environ.get("RIS_VERBOSE"):  # OpenCV's own lines ('[ WARN:0@...] grfm
         pass
 
 from ris.errors import BadImage, RisError
+from ris.jpeg_noise import watched
 from ris.imagefile import MAX_FILE_BYTES, is_heic, jpeg_problem, open_head, quick_size, read_file, sniff_format
 from ris.labels import LABEL_MODES, make_labels, read_label_tsv  # noqa: F401  (their home is ris.labels)
 
@@ -200,7 +201,10 @@ def _decode_native(path: Path, target: int | None, max_bytes: int | None) -> tup
         if fmt in ("PNG", "GIF"):
             return _pillow_decode(data, fmt, path)
         reduced = fmt == "JPEG" and target and w
-        return _opencv_decode(data, path, _reduced_flag(w, h, target)[0] if reduced else cv2.IMREAD_COLOR)
+        flag = _reduced_flag(w, h, target)[0] if reduced else cv2.IMREAD_COLOR
+        if fmt == "JPEG":  # libjpeg's warnings, named by file during an extraction
+            return watched(path, lambda: _opencv_decode(data, path, flag))
+        return _opencv_decode(data, path, flag)
     except MemoryError:
         raise BadImage(f"{path}: not enough memory to decode ({w}x{h} pixels)") from None
 

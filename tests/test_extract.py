@@ -1,6 +1,7 @@
 """The resumable extraction run: options, interruption, failures on the way, rows not finite."""
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -266,3 +267,26 @@ def test_a_skipped_file_whose_name_holds_a_newline_is_one_line(tmp_path, capsys)
                                                                           .replace("\n", "\\n")]
     assert "  not read (extension): notes\\x1b[2J.txt" in lines
     assert s.to_dict()["skipped"][0]["image"] == "bad\nphoto.jpg"
+
+
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_a_corrupt_but_decodable_jpeg_is_named_in_a_warning_without_libjpegs_own_line(tmp_path, capfd, decode):
+    """libjpeg (inside OpenCV) printed 'Corrupt JPEG data: 100 extraneous bytes before marker 0xd9'
+    straight to stderr, without the file's name: among thousands of photos the bad one could not be
+    found. The run names it in one 'warning:' line and the raw line is gone; the image is used."""
+    import cv2
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=48)
+    img = np.random.default_rng(0).integers(0, 255, (240, 320, 3)).astype(np.uint8)
+    good = cv2.imencode(".jpg", img)[1].tobytes()
+    (data / "ukbench00005.jpg").write_bytes(good[:-2] + b"\0" * 100 + good[-2:])  # before the end marker
+    capfd.readouterr()
+    s = extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(workers=4, batch_size=4,
+                                                                                  decode=decode, progress=False),
+                         extractor=_StandIn())
+    err = capfd.readouterr().err
+    assert s.extracted == 12 and s.skipped == []
+    assert "Corrupt JPEG data" not in err, err
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and re.fullmatch(rf"warning: {re.escape(str(data / 'ukbench00005.jpg'))}: corrupt JPEG "
+                                             r"data \(\d+ extraneous bytes before marker 0xd9\)", warned[0]), err

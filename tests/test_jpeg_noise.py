@@ -1,0 +1,49 @@
+"""libjpeg's warnings named by file (ris.jpeg_noise): attributed to the right image among
+concurrent decodes, dropped from stderr; anything else written there is passed on."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+
+from ris.images import decode_image
+from ris.jpeg_noise import capture, warnings_for
+
+
+def _jpegs(tmp_path, n_good: int = 12):
+    img = np.random.default_rng(0).integers(0, 255, (240, 320, 3)).astype(np.uint8)
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    good = [tmp_path / f"good{k}.jpg" for k in range(n_good)]
+    for p in good:
+        p.write_bytes(data)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(data[:-2] + b"\0" * 100 + data[-2:])
+    return good, bad
+
+
+def test_concurrent_decodes_name_only_the_damaged_jpeg(tmp_path, capfd):
+    good, bad = _jpegs(tmp_path)
+    paths = good[:6] + [bad] + good[6:]
+    capfd.readouterr()
+    with capture() as on:
+        with ThreadPoolExecutor(4) as pool:
+            images = list(pool.map(lambda p: decode_image(p, 32), paths))
+        found = {p.name: warnings_for(p) for p in paths}
+        assert warnings_for(bad) == []  # each is said once
+    assert on and all(im.shape[2] == 3 for im in images)
+    assert found.pop("bad.jpg")[0].startswith("corrupt JPEG data (") and not any(found.values()), found
+    assert "Corrupt JPEG data" not in capfd.readouterr().err
+
+
+def test_other_lines_written_to_stderr_meanwhile_are_passed_on(capfd):
+    capfd.readouterr()
+    with capture():
+        os.write(2, b"a C library's notice\nCorrupt JPEG data: 3 extraneous bytes before marker 0xd9\n")
+    assert capfd.readouterr().err == "a C library's notice\n"
+
+
+def test_without_a_capture_decoding_is_as_before(tmp_path):
+    _, bad = _jpegs(tmp_path, 0)
+    assert decode_image(bad).shape == (240, 320, 3) and warnings_for(bad) == []
