@@ -89,7 +89,7 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
     ``suffix`` is for writers that insist on an extension (Keras wants ``.keras``).
     """
     path = Path(path)
-    remove_stale_temps(path.parent, re.compile(re.escape(path.name) + r"\.[0-9a-f]{8}\.tmp" + re.escape(suffix)))
+    remove_abandoned_temps(path, suffix)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     held = None
     try:
@@ -108,6 +108,13 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
         if held is not None:
             os.close(held)
     fsync_dir(path.parent)
+
+
+def remove_abandoned_temps(path: str | Path, suffix: str = "") -> list[Path]:
+    """Delete the temps (``<name>.<8 hex>.tmp<suffix>``) that ``atomic_write``s of ``path`` killed
+    mid-way left (``remove_stale_temps``: no writer holds them); returns what was deleted."""
+    path = Path(path)
+    return remove_stale_temps(path.parent, re.compile(re.escape(path.name) + r"\.[0-9a-f]{8}\.tmp" + re.escape(suffix)))
 
 
 def create_locked(tmp: Path) -> int:

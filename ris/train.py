@@ -23,7 +23,7 @@ from ris.modelio import save_model
 from ris.protocol import TRAINING_IN_GALLERY
 from ris.sidecars import atomic_write
 from ris.splits import make_split
-from ris.train_checks import check_config, check_output, refuse_non_finite
+from ris.train_checks import check_config, check_output, refuse_non_finite, remove_killed_saves
 from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening, write_whitening_report
 
 
@@ -198,6 +198,8 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
 
     check_config(cfg)
     check_output(features_db, output)
+    for tmp in remove_killed_saves(output):
+        log(f"removed {tmp}: left by a killed save")
     keras.utils.set_random_seed(cfg.seed)
     data = _read_data(features_db, cfg)
     _log_split(data, cfg, log)

@@ -97,3 +97,15 @@ def check_output(features_db: str | Path, output: str | Path) -> None:
                                "replaced); delete it or choose another --output") from None
         what = "an HDF5 file (a feature database?)"
     raise RisError(f"{output}: is {what}; a model is saved as a new .keras file: choose another --output")
+
+
+def remove_killed_saves(output: str | Path) -> list[Path]:
+    """Delete the temps that saves of ``output`` and of its history, killed mid-way (``kill -9``),
+    left beside them: when a run starts, not only when its own save ends (hours later). Only
+    ``atomic_write``'s temps of these names that no live writer holds (``ris.sidecars``)."""
+    from ris.sidecars import remove_abandoned_temps
+
+    out = Path(output)
+    stem = out.with_suffix("")
+    return [*remove_abandoned_temps(out, ".keras"), *remove_abandoned_temps(Path(f"{stem}.history.csv")),
+            *remove_abandoned_temps(Path(f"{stem}.history.png"))]

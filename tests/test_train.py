@@ -423,3 +423,40 @@ def test_a_run_that_diverges_after_good_epochs_keeps_the_best_finite_epoch(tmp_p
     assert any("not finite" in line and "epoch 3" in line for line in lines), lines
     head, _ = load_model(tmp_path / "h.keras")
     assert all(np.isfinite(w).all() for w in head.get_weights())
+
+
+def test_temps_of_a_killed_save_are_removed_when_the_next_run_starts(tmp_path, monkeypatch):
+    """ris-train killed (kill -9) while saving left its temp (h.keras.<hex>.tmp.keras) beside the
+    output until a later save there ended, hours of training later. A run now removes the temps of
+    its output and history that no live writer holds, before it trains; a live writer's is kept,
+    and so are other files' temps."""
+    import os
+
+    import ris.train as train
+    from ris.sidecars import create_locked
+
+    db = _write_db(tmp_path / "f.h5")
+    old = os.stat(db).st_mtime - 3600  # an hour old: past the age a just-created temp is given
+    killed = [tmp_path / "h.keras.0123abcd.tmp.keras", tmp_path / "h.history.csv.89abcdef.tmp"]
+    kept = [tmp_path / "other.keras.0123abcd.tmp.keras", tmp_path / "h.keras.notatemp"]
+    for p in killed + kept:
+        p.write_bytes(b"x" * 1000)
+        os.utime(p, (old, old))
+    live = tmp_path / "h.keras.fedcba98.tmp.keras"
+    held = create_locked(live)  # a save still running in another process
+    os.utime(live, (old, old))
+    seen = {}
+    real_fit = train._fit_whitening_head
+
+    def fit(*a, **k):
+        seen.update({p.name: p.exists() for p in killed + kept + [live]})
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(train, "_fit_whitening_head", fit)
+    lines: list[str] = []
+    try:
+        train.train_head(db, tmp_path / "h.keras", TrainConfig(), progress=False, log=lines.append)
+    finally:
+        os.close(held)
+    assert seen == {**{p.name: False for p in killed}, **{p.name: True for p in kept + [live]}}
+    assert sum("left by a killed save" in line for line in lines) == 2, lines
