@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from ris.errors import DatabaseError, RisError  # noqa: E402
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
+from ris.stored_rows import StoredRows  # noqa: E402
 from ris.topk import METRICS  # noqa: E402
 
 STATE_KEY = "ris_state"
@@ -192,7 +193,8 @@ def _text(name: str, limit: int) -> str:
 
 
 class MilvusIndex:
-    """A collection, searched by vector; ``search`` answers database row numbers (see ``rowmap``)."""
+    """A collection, searched by vector; ``search`` answers database row numbers (see ``rowmap``)
+    and, once ``open_milvus`` has attached the stored rows, exact search's distances."""
 
     kind = "milvus"
 
@@ -208,6 +210,7 @@ class MilvusIndex:
         self.fresh = False  # a new collection: insert; else upsert (idempotent re-runs)
         self.ef = 128
         self._release = None  # open_milvus: gives the client back once, by close() or when dropped
+        self.stored = None  # the database's rows (StoredRows), attached by open_milvus: exact distances
 
     # -- the collection ------------------------------------------------------------------------
     @classmethod
@@ -325,10 +328,25 @@ class MilvusIndex:
                 d = float(h["distance"])
                 dist[i, j] = np.sqrt(max(d, 0.0)) if self.metric == "euclidean" else 1.0 - d
         found = min(k, max((int((labels[i] >= 0).sum()) for i in range(len(q))), default=0))
-        return to_rows(dist, labels, self.rowmap, found)
+        dist, rows = to_rows(dist, labels, self.rowmap, found)
+        return (dist, rows) if self.stored is None else self._exact(q, dist, rows)
+
+    def _exact(self, q: np.ndarray, dist: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The distances exact search shows (``ris.topk.exact_shown``, from the stored rows), in
+        place of Milvus' float32 ones (a float32 step off: 1e-3 at 10^4; 1 - cosine of near-
+        duplicates far more), each query's results re-sorted by them."""
+        from ris.topk import exact_shown
+
+        for i in range(len(q)):
+            d, r = exact_shown(q[i : i + 1], dist[i : i + 1], rows[i : i + 1], self.stored.read, self.metric)
+            n = d.shape[1]
+            dist[i, :n], rows[i, :n], dist[i, n:], rows[i, n:] = d[0], r[0], np.inf, -1
+        return dist, rows
 
     def close(self) -> None:
         client, self.client = self.client, None
+        if self.stored is not None:
+            self.stored.close()
         if self._release is not None:
             self._release()  # a weakref.finalize: runs disconnect once, here or when dropped
         elif client is not None:
@@ -368,4 +386,5 @@ def open_milvus(req):
     # an index dropped unclosed (ris-serve's reload drops the old engine while requests may still
     # use it) gives its client back when collected: else the last close never stops Milvus Lite
     index._release = weakref.finalize(index, disconnect, client, req.arg)
+    index.stored = StoredRows(req.features)
     return index

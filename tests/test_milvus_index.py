@@ -295,3 +295,26 @@ def test_an_index_dropped_unclosed_gives_back_its_share_of_the_milvus_lite_folde
     new.close()
     with open(tmp_path / "m.db" / "LOCK", "a") as fh:  # refused while Milvus Lite still holds it
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_the_api_answers_the_distances_of_exact_search(target, tmp_path, metric):
+    """MilvusIndex.search answered Milvus' own float32 distances (squared L2 rooted, 1 - cosine):
+    a float32 step off the exact distance the commands show (1e-3 at distances of 10^4), near-
+    duplicates' 1 - cosine 100 times off; ris' commands recompute them from the stored rows
+    (ris.topk.exact_shown), direct API callers got Milvus' own."""
+    from ris.topk import exact_shown
+
+    rng = np.random.default_rng(4)
+    x = (np.maximum(rng.normal(size=(300, 512)), 0) * 30 + 200).astype(np.float32)
+    db = make_feature_db(tmp_path / "big.h5", x)
+    index = open_milvus(db, target, metric)
+    q = np.concatenate([x[:10] + (rng.normal(size=(10, 512)) * 1e-2).astype(np.float32),  # near-duplicates
+                        (np.maximum(rng.normal(size=(10, 512)), 0) * 30 + 200).astype(np.float32)])
+    d, rows = index.search(q, 5)
+    index.close()
+    assert (rows[:10, 0] == np.arange(10)).all()
+    shown = [exact_shown(q[i : i + 1], d[i : i + 1], rows[i : i + 1], x.__getitem__, metric) for i in range(len(q))]
+    np.testing.assert_array_equal(d, np.concatenate([s[0] for s in shown]))
+    np.testing.assert_array_equal(rows, np.concatenate([s[1] for s in shown]))
+
