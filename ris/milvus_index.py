@@ -35,6 +35,7 @@ STATE_KEY = "ris_state"
 BATCH = 5000
 _METRIC = {"euclidean": "L2", "cosine": "COSINE"}
 HNSW_PARAMS = {"M": 16, "efConstruction": 200}
+SERVER_MAX_TOPK = 16384  # a Milvus server's topk limit (Milvus Lite has none)
 
 
 def _pymilvus():
@@ -318,6 +319,9 @@ class MilvusIndex:
         k = int(k)
         if k <= 0 or not len(q):
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        if k > SERVER_MAX_TOPK and not _is_lite(self.where):  # the server's own refusal comes after the call
+            raise RisError(f"{self.where}: {k} results asked for, a Milvus server gives at most {SERVER_MAX_TOPK} "
+                           "per query; ask for fewer, or use --index exact|hnsw|ivfpq (or Milvus Lite)")
         res = self.client.search(self.name, data=q.tolist(), limit=k, output_fields=["id"],
                                  search_params={"metric_type": _METRIC[self.metric], "params": {"ef": max(self.ef, k)}})
         dist = np.full((len(q), k), np.inf, np.float32)

@@ -318,3 +318,26 @@ def test_the_api_answers_the_distances_of_exact_search(target, tmp_path, metric)
     np.testing.assert_array_equal(d, np.concatenate([s[0] for s in shown]))
     np.testing.assert_array_equal(rows, np.concatenate([s[1] for s in shown]))
 
+
+def test_a_server_is_never_asked_for_more_results_than_it_gives():
+    """A Milvus server refuses a top-k above 16,384 (its own error, after the call); Milvus Lite
+    accepts it. For a milvus://HOST:PORT index the request is refused first, in one line saying
+    the limit. Checked with a stand-in client: no server needed."""
+    from ris.milvus_index import SERVER_MAX_TOPK, MilvusIndex
+
+    class Client:
+        asked = []
+
+        def search(self, name, data, limit, **kw):
+            self.asked.append(limit)
+            return [[{"id": 0, "distance": 0.0}] for _ in data]
+
+    q = np.zeros((1, 4), np.float32)
+    server = MilvusIndex(Client(), "ris_x_raw", 4, "euclidean", "milvus://db.example.org:19530")
+    with pytest.raises(RisError, match=r"milvus://db\.example\.org:19530: .*20000 results.*16384"):
+        server.search(q, 20000)
+    assert Client.asked == []
+    assert server.search(q, SERVER_MAX_TOPK)[1][0, 0] == 0 and Client.asked == [16384]
+    lite = MilvusIndex(Client(), "ris_x_raw", 4, "euclidean", "milvus:/tmp/m.db")
+    lite.search(q, 20000)
+    assert Client.asked[-1] == 20000

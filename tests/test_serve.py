@@ -865,6 +865,8 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):
     for argv, words in ((["--features-db", str(tmp_path / "none.h5")], "not found"),
                         (["--features-db", "x.h5", "--rerank", "bogus"], "unknown method"),
                         (["--features-db", "x.h5", "-k", "20", "--max-k", "10"], "over --max-k"),
+                        (["--features-db", "x.h5", "--index", "milvus://127.0.0.1:19530", "--max-k", "20000"],
+                         "over what a Milvus server gives per query (16384"),
                         (["--features-db", "x.h5", "--rotations", "--rerank", "qe,diffusion"], "normalised per query")):
         assert run("ris-serve", serve_cli.main, argv) == 2
         err = capsys.readouterr().err.strip()

@@ -114,6 +114,12 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
         raise RisError(f"--port must be at most 65535, not {args.port}")
     if args.top_k > args.max_k:
         raise RisError(f"--top-k {args.top_k} is over --max-k {args.max_k}")
+    if str(index).startswith("milvus://"):
+        from ris.milvus_index import SERVER_MAX_TOPK
+
+        if args.max_k > SERVER_MAX_TOPK:
+            raise RisError(f"--max-k {args.max_k} is over what a Milvus server gives per query ({SERVER_MAX_TOPK}, "
+                           f"--index {index}); lower --max-k")
     api_key = args.api_key or os.environ.get("RIS_API_KEY") or None
     if api_key and not (api_key.isascii() and api_key.isprintable() and api_key == api_key.strip()):
         # HTTP headers are read as Latin-1: a UTF-8 client's bytes of 'clé' never match it
