@@ -31,6 +31,7 @@ from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_comm
 from ris.recipe_diff import recipe_refusal
 from ris.h5write import abandon_hdf5, close_hdf5, quiet_hdf5_failures, reserved_room
 from ris.imagefile import human_bytes
+from ris.index_state import replaced_lineages
 from ris.sidecars import WriterLock, clear_sidecars, database_file, ensure_room, fsync_dir, fsync_file, new_content_id
 
 _ROWS = ("features", "image_ids", "labels", "ids", "added_at", "file_stamp")  # one entry per image
@@ -330,6 +331,8 @@ class FeatureWriter:
         with self._room(1 << 20, "finishing"), self._writing():
             for k, v in (extra_attrs or {}).items():
                 self.f.attrs[k] = _attr_value(v)
+            if self.kind == "overwrite" and self.path.is_file():  # its indexes elsewhere (Milvus) may go
+                self.f.attrs["replaced_lineages"] = replaced_lineages(self.path)
             changed = self.kind != "append" or _plain(self.f.attrs["content_id"]) != self.base_id
             if changed:
                 self._changed()

@@ -15,6 +15,7 @@ starts a new one). Search results are mapped back from ids to the current row nu
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from typing import Protocol
@@ -51,6 +52,7 @@ def source_of(db, base: dict | None = None) -> dict:
     source = dict(base) if base else {"content_id": db.content_id, "history": db.content_history,
                                       "vectors": "raw", "key": db.content_key}
     source.update(lineage=db.lineage, ids=db.row_ids, removed=db.removed_ids, next_id=db.next_id)
+    source.update(database=str(db.path), replaced_lineages=_json_list(getattr(db, "attrs", {}).get("replaced_lineages")))
 
     def describe(start: int, end: int) -> tuple[list[str], list[str]]:
         """(relative paths, label names) of rows start..end-1, for indexes that store them (Milvus)."""
@@ -62,6 +64,31 @@ def source_of(db, base: dict | None = None) -> dict:
 
     source["describe"] = describe
     return source
+
+
+def _json_list(text) -> list:
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def replaced_lineages(path) -> str:
+    """What ``ris-extract --overwrite`` records in the new database: the lineages of the one it
+    replaces at ``path`` (and of those that one replaced), as JSON. A Milvus collection of such a
+    lineage that no other database used is dropped (``ris.milvus_owners``); none if unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs.get(k) for k in ("replaced_lineages", "lineage_id", "content_history", "content_id")}
+    except Exception:  # noqa: BLE001 - a damaged database is often why it is overwritten
+        return "[]"
+    text = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+    history = _json_list(text["content_history"])
+    lineage = text["lineage_id"] or (history[0] if history else text["content_id"])
+    return json.dumps((_json_list(text["replaced_lineages"]) + ([str(lineage)] if lineage else []))[-50:])
 
 
 def saved_source(source: dict | None) -> dict | None:

@@ -217,7 +217,10 @@ class MilvusIndex:
     @classmethod
     def create(cls, client, name: str, dim: int, metric: str, where: str) -> "MilvusIndex":
         """Drop any collection of that name and make an empty one (its state property comes last)."""
+        from ris.milvus_owners import USERS_KEY, users_before_rebuild
+
         pm = _pymilvus()
+        users = users_before_rebuild(client, name)
         drop_collection(client, name, _is_lite(where))
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", pm.DataType.INT64, is_primary=True)
@@ -227,6 +230,8 @@ class MilvusIndex:
         params = client.prepare_index_params()
         params.add_index("vector", index_type="HNSW", metric_type=_METRIC[metric], params=HNSW_PARAMS)
         client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
+        if users:
+            client.alter_collection_properties(name, properties={USERS_KEY: users})
         self = cls(client, name, dim, metric, where)
         self.fresh = True
         return self
@@ -352,7 +357,7 @@ class MilvusIndex:
         if self.stored is not None:
             self.stored.close()
         if self._release is not None:
-            self._release()  # a weakref.finalize: runs disconnect once, here or when dropped
+            self._release()  # a weakref.finalize: runs let_go (disconnect) once, here or when dropped
         elif client is not None:
             disconnect(client, self.where.split(":", 1)[1])
 
@@ -389,6 +394,10 @@ def open_milvus(req):
         raise RisError(f"{where}: {_said(exc)}") from None
     # an index dropped unclosed (ris-serve's reload drops the old engine while requests may still
     # use it) gives its client back when collected: else the last close never stops Milvus Lite
-    index._release = weakref.finalize(index, disconnect, client, req.arg)
+    from ris.milvus_owners import let_go, own
+
+    index._release = weakref.finalize(index, let_go, client, req.arg, own(client, name, req.source, where))
     index.stored = StoredRows(req.features)
     return index
+
+

@@ -118,7 +118,7 @@ class SearchEngine:
             return (raw_descriptors(np.asarray(feats)) if feats.ndim == 4 else feats), str(self.db.path), source
         model_hash = file_hash(model)
         cache = embeddings_path(self.db.path, model_hash)
-        source.update(vectors=f"emb-{model_hash}", key=f"{self.db.content_key}|model={model_hash}")
+        source.update(vectors=f"emb-{model_hash}", key=f"{self.db.content_key}|model={model_hash}", model=str(model))
         if cache.is_file():
             try:
                 f = h5py.File(cache, "r")

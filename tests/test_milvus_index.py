@@ -341,3 +341,93 @@ def test_a_server_is_never_asked_for_more_results_than_it_gives():
     lite = MilvusIndex(Client(), "ris_x_raw", 4, "euclidean", "milvus:/tmp/m.db")
     lite.search(q, 20000)
     assert Client.asked[-1] == 20000
+
+
+def _overwrite(db, vectors):
+    """ris-extract --overwrite of ``db``: a new database (a new lineage) replaces it."""
+    w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (vectors.shape[1],), [], overwrite=True)
+    w.add([f"img{i:06d}.jpg" for i in range(len(vectors))], vectors, [""] * len(vectors))
+    w.finish({})
+
+
+def open_head(db, target, model, vectors, name):
+    """A head's embeddings as ris-search --model gives them to the index (no Keras needed)."""
+    with FeatureDB(db) as f:
+        source = source_of(f, {"content_id": f.content_id, "history": f.content_history, "vectors": f"emb-{name}",
+                               "key": f"{f.content_key}|model={name}", "model": str(model)})
+        return open_search_index(f"{db}.emb-{name}.h5", vectors, "euclidean", kind=f"milvus:{target}", source=source)
+
+
+def test_collections_a_database_left_behind_are_removed_and_no_other_databases(target, tmp_path, capsys):
+    """A Milvus Lite folder grew for ever: the collection of a database replaced by ris-extract
+    --overwrite (a new lineage), and that of a head replaced by another ris-train'd model at the
+    same path, were never dropped (m1.db held 4 collections, 2 of them stale). Only collections
+    this database alone ever used, and can no longer use, go; those of other databases sharing
+    the Milvus folder (another database, a copy of this one) and of a moved one stay."""
+    x = clustered_vectors(200, 16, seed=5)
+    f, other, copied, moved = (tmp_path / n for n in ("f.h5", "other.h5", "copied.h5", "moved.h5"))
+    for db in (f, other, copied, moved):
+        make_feature_db(db, x)
+
+    def names(db=other):
+        index = open_milvus(db, target)
+        try:
+            return set(index.client.list_collections())
+        finally:
+            index.close()
+
+    before = names(f) | names(other) | names(copied) | names(moved)
+    import shutil
+
+    shutil.copyfile(copied, tmp_path / "copy2.h5")  # cp copied.h5 copy2.h5: both use one collection
+    assert names(tmp_path / "copy2.h5") == before
+    moved.rename(tmp_path / "moved_away.h5")  # a new database where it was: the moved one may come back
+    make_feature_db(moved, x)
+    capsys.readouterr()
+    held = open_milvus(f, target)  # ris-serve answering from the old database while its reload opens the new
+    _overwrite(f, x)
+    assert held.name in names(f) and "removed" not in capsys.readouterr().err
+    assert held.search(x[:1], 1)[1][0, 0] == 0
+    held.close()
+    _overwrite(copied, x)
+    after = names(f) | names(moved) | names(copied)
+    assert "removed" in capsys.readouterr().err
+    assert len(after) == len(before) + 3 - 1  # f's old collection went; copied's and moved's stayed
+    assert names(tmp_path / "moved_away.h5") == after and names(tmp_path / "copy2.h5") == after
+
+    model = tmp_path / "model.keras"
+    open_head(f, target, model, x * 2, "a").close()
+    open_head(f, target, tmp_path / "other_model.keras", x * 3, "c").close()
+    heads = names(f)
+    open_head(f, target, model, x * 4, "b").close()  # another model written over model.keras
+    err = capsys.readouterr().err
+    assert len(names(f)) == len(heads)  # model.keras' old head went, other_model.keras' stayed, b came
+    assert sum("removed" in line for line in err.splitlines()) == 1
+
+
+def test_a_rebuilt_collection_still_belongs_to_every_database_that_used_it(target, tmp_path, capsys):
+    """A collection rebuilt (ris-index build --rebuild, or a copy that diverged from the one that
+    built it last) keeps the record of the databases it served: the copy's collection is not
+    taken for the overwritten original's own leftover."""
+    import shutil
+
+    from ris.cli.index import main
+
+    x = clustered_vectors(200, 16, seed=6)
+    f, copy = make_feature_db(tmp_path / "f.h5", x), tmp_path / "copy.h5"
+    shutil.copyfile(f, copy)
+    open_milvus(copy, target).close()
+    assert main(["build", "--features-db", str(f), "--index", f"milvus:{target}", "--rebuild"]) == 0
+    w = FeatureWriter(copy, {"model": "synthetic", "pooling": "gap"}, (16,), [], append=True)
+    w.add(["new.jpg"], x[:1] + 1, [""])
+    w.finish({})
+    open_milvus(copy, target).close()  # copy.h5 is ahead: f.h5 rebuilds the collection next
+    index = open_milvus(f, target)
+    name = index.name
+    index.close()
+    assert capsys.readouterr().err.count("building Milvus index") == 3
+    _overwrite(f, x)
+    index = open_milvus(f, target)
+    kept = name in index.client.list_collections()
+    index.close()
+    assert kept and "removed" not in capsys.readouterr().err

@@ -137,11 +137,12 @@ def _delete_saved(vectors_path: str, kind: str, source: dict) -> None:
     elif kind == "ivfpq" and os.path.isfile(ivfpq_path(vectors_path)):
         os.unlink(ivfpq_path(vectors_path))  # its data file is dropped by the next save
     elif kind.startswith("milvus:"):
-        from ris.milvus_index import collection_name, connect, disconnect, drop_collection, parse_target
+        from ris.milvus_index import collection_name, connect, disconnect, parse_target
+        from ris.milvus_owners import forget_state
 
         client = connect(kind.partition(":")[2])
-        try:
-            drop_collection(client, collection_name(source, vectors_path), parse_target(kind.partition(":")[2])[1])
+        try:  # rebuilt by the open that follows, keeping the databases it serves (ris.milvus_owners)
+            forget_state(client, collection_name(source, vectors_path), parse_target(kind.partition(":")[2])[1])
         finally:
             disconnect(client, kind.partition(":")[2])
 
