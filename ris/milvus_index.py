@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from ris.errors import DatabaseError, RisError  # noqa: E402
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
+from ris.milvus_lite import foreign_folder, lite_open_problem  # noqa: E402
 from ris.stored_rows import StoredRows  # noqa: E402
 from ris.topk import METRICS  # noqa: E402
 
@@ -65,23 +66,13 @@ _LITE_CLIENTS: dict[str, int] = {}  # Milvus Lite path -> clients of this proces
 _LITE_LOCK = threading.RLock()  # re-entrant: a dropped index's finalizer may run (GC) inside it
 
 
-def _foreign_folder(uri: str) -> bool:
-    """A non-empty folder without Milvus Lite's LOCK or collections/: the user's own files, which
-    Milvus Lite would write its data among."""
-    try:
-        entries = set(os.listdir(uri))
-    except OSError:
-        return False  # unreadable: Milvus Lite's open says why
-    return bool(entries) and not entries & {"LOCK", "collections"}
-
-
 def connect(arg: str):
     """A client of the server or Milvus Lite file ``arg`` names; give it back with ``disconnect``."""
     uri, lite = parse_target(arg)
     if lite and os.path.lexists(uri) and not os.path.isdir(uri):
         raise RisError(f"cannot open Milvus Lite data {uri}: it is not a folder (Milvus Lite keeps a collection in a "
                        "folder named *.db); name a new one or an existing Milvus Lite folder")
-    if lite and os.path.isdir(uri) and _foreign_folder(uri):
+    if lite and os.path.isdir(uri) and foreign_folder(uri):
         raise RisError(f"cannot open Milvus Lite data {uri}: it is not a Milvus Lite folder (it holds other files, and "
                        "no LOCK or collections/ of Milvus Lite); name a new *.db path or an existing Milvus Lite folder")
     if lite and not os.path.isdir(os.path.dirname(uri)):
@@ -92,37 +83,12 @@ def connect(arg: str):
             else pm.MilvusClient(uri)
     except Exception as exc:  # noqa: BLE001 - pymilvus raises its own and grpc's errors
         if lite:
-            raise RisError(f"cannot open Milvus Lite data {uri}: {_lite_open_problem(uri) or exc}") from None
+            raise RisError(f"cannot open Milvus Lite data {uri}: {lite_open_problem(uri) or exc}") from None
         raise RisError(f"cannot open Milvus server {uri}: {exc}") from None
     if lite:
         with _LITE_LOCK:
             _LITE_CLIENTS[uri] = _LITE_CLIENTS.get(uri, 0) + 1
     return client
-
-
-def _lite_open_problem(uri: str) -> str | None:
-    """Why Milvus Lite could not open the folder ``uri``: pymilvus says only 'Open local milvus
-    failed' (Milvus Lite logs its reason), whether another process holds the folder's lock or the
-    place cannot be written. Redo its first steps (make the folder, open and lock its LOCK file)
-    to tell which; None if they succeed (the reason is elsewhere)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: Milvus Lite locks with msvcrt there
-        return None
-    try:
-        os.makedirs(uri, exist_ok=True)
-        fd = os.open(os.path.join(uri, "LOCK"), os.O_CREAT | os.O_RDWR, 0o644)
-    except OSError as exc:
-        return f"{exc.strerror or exc} ({exc.filename or uri})"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return "another process is using it (Milvus Lite lets one process at a time open a .db folder)"
-    except OSError as exc:
-        return f"cannot lock its LOCK file: {exc.strerror or exc}"
-    finally:
-        os.close(fd)  # closing also drops the lock, if this probe got it
-    return None
 
 
 def disconnect(client, arg: str) -> None:
