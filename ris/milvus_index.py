@@ -214,6 +214,8 @@ class MilvusIndex:
             if not lite:
                 raise
             raise DatabaseError(f"collection {name} is damaged ({_said(exc)})") from None
+        if props.get(STATE_KEY) == "":  # emptied by ris.milvus_owners.forget_state
+            raise DatabaseError("a rebuild was asked for (ris-index build --rebuild)")
         try:
             state = json.loads(props[STATE_KEY])
             self = cls(client, name, int(state["dim"]), state["metric"], where)
@@ -239,6 +241,30 @@ class MilvusIndex:
         self.client.flush(self.name)
         self.client.alter_collection_properties(self.name, properties={STATE_KEY: json.dumps(state)})
         self.fresh = False
+
+    def roll_back(self, source: dict | None) -> bool:
+        """Serve an earlier state of the collection's database (``cp f.h5 g.h5``, ``--append`` onto
+        g.h5, then f.h5 searched) by deleting the ids appended since, not by a rebuild. Only when
+        that state is in the collection's history and no removal followed it: its other rows are then
+        exactly the database's (ids are never reused along one history). Saved at once: one killed
+        half-way leaves a count that disagrees, which is rebuilt."""
+        built, removed = self.source or {}, (source or {}).get("removed")
+        if (source is None or source.get("ids") is None or source.get("next_id") is None
+                or any(built.get(k) != source.get(k) for k in ("vectors", "lineage"))
+                or source.get("content_id") not in (built.get("history") or [])
+                or self.removed_seen != (0 if removed is None else len(removed))):
+            return False
+        next_id, seen = int(source["next_id"]), set()
+        while ids := [int(r["id"]) for r in self.client.query(self.name, filter=f"id >= {next_id}",
+                                                              output_fields=["id"], limit=BATCH)]:
+            if seen.intersection(ids):
+                raise DatabaseError(f"{self.where}: collection {self.name}: rows appended by another copy of "
+                                    "the database could not be deleted")
+            seen.update(ids)
+            self.client.delete(self.name, ids=ids)
+        self.next_id, self.source = next_id, saved_source(source)
+        self.save()
+        return True
 
     def disagrees(self, source: dict | None, rows: int, probe: int = 16) -> str | None:
         """Why the collection's rows are not the database's although its count agrees (None if
@@ -340,6 +366,7 @@ def open_milvus(req):
     def load(_):
         index = MilvusIndex.load(client, name, where)
         index.describe = (req.source or {}).get("describe")
+        index.roll_back(req.source)  # an earlier copy of the database than the collection's
         return index
 
     def build():

@@ -421,13 +421,59 @@ def test_a_rebuilt_collection_still_belongs_to_every_database_that_used_it(targe
     w = FeatureWriter(copy, {"model": "synthetic", "pooling": "gap"}, (16,), [], append=True)
     w.add(["new.jpg"], x[:1] + 1, [""])
     w.finish({})
-    open_milvus(copy, target).close()  # copy.h5 is ahead: f.h5 rebuilds the collection next
+    open_milvus(copy, target).close()
+    w = FeatureWriter(f, {"model": "synthetic", "pooling": "gap"}, (16,), [], append=True)
+    w.add(["own.jpg"], x[:1] + 2, [""])  # f.h5's new id is another image than copy.h5's: rebuilt next
+    w.finish({})
     index = open_milvus(f, target)
     name = index.name
     index.close()
-    assert capsys.readouterr().err.count("building Milvus index") == 3
+    err = capsys.readouterr().err
+    assert err.count("building Milvus index") == 3 and "a rebuild was asked for" in err
     _overwrite(f, x)
     index = open_milvus(f, target)
     kept = name in index.client.list_collections()
     index.close()
     assert kept and "removed" not in capsys.readouterr().err
+
+
+def test_two_copies_used_in_turn_share_the_collection_without_rebuilding(target, tmp_path, monkeypatch):
+    """cp f.h5 g.h5, then ris-extract --append on g.h5: each time f.h5 was searched after g.h5 its
+    collection was rebuilt from scratch ('the database content changed'), although it held f.h5's
+    rows and g.h5's appended ones only. f.h5 now drops the ids g.h5 appended (g.h5 adds them back
+    when next searched). Once the copies' removal logs or appends differ, ids may name different
+    images in each: that is rebuilt, and each copy still finds its own images."""
+    import shutil
+
+    import ris.milvus_index
+
+    x = clustered_vectors(300, 16, seed=7)
+    f, g = make_feature_db(tmp_path / "f.h5", x), tmp_path / "g.h5"
+    shutil.copyfile(f, g)
+
+    def append(db, vectors, names):
+        w = FeatureWriter(db, {"model": "synthetic", "pooling": "gap"}, (16,), [], append=True)
+        w.add(names, vectors, [""] * len(names))
+        w.finish({})
+
+    def search(db, q):
+        index = open_milvus(db, target)
+        try:
+            with FeatureDB(db) as d:
+                names = d.image_ids
+            return len(index), [names[r] for r in index.search(q, 1)[1][:, 0]]
+        finally:
+            index.close()
+
+    open_milvus(f, target).close()
+    extra = clustered_vectors(20, 16, seed=8) + 5
+    append(g, extra, [f"g{i}.jpg" for i in range(20)])
+    with monkeypatch.context() as m:
+        m.setattr(ris.milvus_index.MilvusIndex, "create", classmethod(lambda *a, **k: pytest.fail("rebuilt")))
+        for _ in range(2):
+            assert search(g, extra[:3]) == (320, ["g0.jpg", "g1.jpg", "g2.jpg"])
+            n, hits = search(f, extra[:3])
+            assert n == 300 and not any(h.startswith("g") for h in hits)
+    append(f, extra[:5] + 0.01, [f"f{i}.jpg" for i in range(5)])  # the same new ids, other images
+    assert search(f, extra[:3]) == (305, ["f0.jpg", "f1.jpg", "f2.jpg"])
+    assert search(g, extra[:3]) == (320, ["g0.jpg", "g1.jpg", "g2.jpg"])
