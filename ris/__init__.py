@@ -129,7 +129,8 @@ def score(features_db: str | Path, model: str | Path | None = None, preset: str 
 
 def fit_head(features_db: str | Path, output: str | Path, progress: bool = False, **config: Any) -> "TrainResult":
     """Fit an embedding head on ``features_db`` (default: learned whitening) and save it to
-    ``output``; ``config`` are ``TrainConfig`` fields (arch, mining, epochs, seed, ...)."""
+    ``output``; ``config`` are ``TrainConfig`` fields (arch, mining, epochs, seed, ...). Ctrl-C during
+    a triplet head's epochs saves the best complete one and returns: ``interrupted_by`` says so."""
     from ris.train import TrainConfig, train_head
 
     return train_head(features_db, output, TrainConfig(**config), progress=progress)

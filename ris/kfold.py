@@ -38,6 +38,13 @@ def train_folds(features_db: str | Path, output: str | Path, cfg: TrainConfig, f
         log(f"== fold {fold + 1}/{folds}")
         results.append(train_head(features_db, fold_path(output, fold), replace(cfg, fold=fold, folds=folds),
                                   progress=progress, log=log))
+        if results[-1].interrupted_by is not None:
+            from ris.errors import Interrupted
+
+            r = results[-1]
+            raise Interrupted(f"interrupted ({r.interrupted_by}) in fold {fold + 1}/{folds} after {r.epochs_run} "
+                              f"complete epochs: its best epoch so far ({r.best_epoch}) is saved in {r.model_path}; "
+                              "the folds after it were not trained and no summary is given")
     return results
 
 

@@ -74,6 +74,7 @@ class TrainResult:
     history_path: str = ""
     plot_path: str = ""
     whitening: dict[str, Any] | None = None  # learned whitening: what was chosen and how (None for triplet heads)
+    interrupted_by: str | None = None  # SIGINT/SIGTERM ended the epochs: the best of epochs_run was saved
 
 
 @dataclass
@@ -210,6 +211,11 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
         run = None
     else:
         base, run = _train_triplet_head(data, cfg, progress, log)
+        if run.interrupted and not run.history:
+            from ris.errors import Interrupted
+
+            raise Interrupted(f"interrupted ({run.interrupted}) during epoch 1, before any epoch was complete: "
+                              f"nothing saved ({output} is as it was)")
         scorer = base
     seconds = time.perf_counter() - t0
     test_scores = _test_scores(scorer, data, cfg)
@@ -236,7 +242,8 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
                   round(float(np.mean(run.epoch_times)) if run.epoch_times else 0.0, 3))
     return TrainResult(str(output), epochs[0], epochs[1], round(seconds, 2), epochs[2],
                        {k: int(n) for k, n in data.groups().items()}, test_scores, str(hist_path),
-                       str(plot_path) if plot_path else "", whitening if run is None else None)
+                       str(plot_path) if plot_path else "", whitening if run is None else None,
+                       None if run is None else run.interrupted)
 
 
 @dataclass
@@ -246,11 +253,24 @@ class _TripletRun:
     epoch_times: list[float]
     raw_val: float
     monitor_name: str
+    interrupted: str | None = None  # the signal (SIGINT, SIGTERM) that stopped the epochs
 
 
 def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> tuple[Any, _TripletRun]:
     """Epochs of triplet training; the best epoch is chosen on the val objects (by training loss
-    when they cannot score). Returns the head with the best epoch's weights."""
+    when they cannot score). Returns the head with the best epoch's weights; Ctrl-C or SIGTERM
+    ends the epochs after the current batch (``ris.train_stop``), the epoch it cut short dropped."""
+    from ris.train_stop import stop_between_batches
+
+    with stop_between_batches() as stop:
+        base, run = _triplet_epochs(data, cfg, progress, log, stop)
+    if stop and run.history:  # the normal end from here: scored and saved by train_head
+        log(f"stopping ({stop.signal}) after {len(run.history)} complete epochs: scoring and saving the best so "
+            f"far, epoch {run.best_epoch} (Ctrl-C again to stop at once, saving nothing)")
+    return base, run
+
+
+def _triplet_epochs(data: _Data, cfg: TrainConfig, progress: bool, log, stop) -> tuple[Any, _TripletRun]:
     import keras
 
     from ris.head import HEADS, MININGS, build_embedding_head, build_triplet_network, training_loss
@@ -296,8 +316,12 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
     wait = 0
     epoch_times = []
     for epoch in range(1, cfg.epochs + 1):
+        if stop:  # asked while the head was built or the last epoch scored (that epoch counts)
+            break
         te = time.perf_counter()
-        h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0)
+        h = model.fit(train_ds, validation_data=val_ds, epochs=1, verbose=0, callbacks=[stop.callback()])
+        if stop:  # cut short: not a complete epoch
+            break
         epoch_times.append(time.perf_counter() - te)
         if not _finite_epoch(h.history, base, inputs["train"][:256]):
             epoch_times.pop()
@@ -327,7 +351,7 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
             log(f"early stop: val {monitor_name} has not improved for {cfg.patience} epochs")
             break
     base.set_weights(best["weights"])
-    return base, _TripletRun(history, best["epoch"], epoch_times, raw_val, monitor_name)
+    return base, _TripletRun(history, best["epoch"], epoch_times, raw_val, monitor_name, stop.signal)
 
 
 def _finite_epoch(history: dict[str, list], base, probe: np.ndarray) -> bool:

@@ -73,3 +73,25 @@ def test_a_fold_output_that_would_be_refused_is_refused_before_the_first_fold(tm
     err = capsys.readouterr().err
     assert str(fold_path(out, 2)) in err and "not a ris model" in err, err
     assert not fold_path(out, 0).exists() and fold_path(out, 2).read_text() == "not a model"
+
+
+def test_a_fold_cut_short_by_ctrl_c_keeps_its_best_epoch_and_stops_the_folds(monkeypatch, tmp_path):
+    """Ctrl-C or SIGTERM in fold 2's epochs: that fold saved its best epoch so far (``train_head``);
+    the folds after it are not started and no summary is made of an unfinished run."""
+    from dataclasses import replace
+
+    from ris.errors import Interrupted
+
+    calls = []
+
+    def fake_train(db, output, cfg, progress=True, log=None):
+        calls.append(cfg.fold)
+        r = replace(_result(3.0, 3.5, 0.5, 0.6), model_path=str(output), best_epoch=2, epochs_run=3)
+        return replace(r, interrupted_by="SIGTERM") if cfg.fold == 1 else r
+
+    monkeypatch.setattr(ris.kfold, "train_head", fake_train)
+    with pytest.raises(Interrupted) as caught:
+        train_folds("f.h5", tmp_path / "h.keras", TrainConfig(arch="mlp"), 3, progress=False, log=lambda s: None)
+    assert calls == [0, 1]
+    msg = str(caught.value)
+    assert "fold 2/3" in msg and str(fold_path(tmp_path / "h.keras", 1)) in msg and "best epoch so far (2)" in msg, msg

@@ -460,3 +460,107 @@ def test_temps_of_a_killed_save_are_removed_when_the_next_run_starts(tmp_path, m
         os.close(held)
     assert seen == {**{p.name: False for p in killed}, **{p.name: True for p in kept + [live]}}
     assert sum("left by a killed save" in line for line in lines) == 2, lines
+
+
+def _signal_during_fit(monkeypatch, at_call: int, *signals: int) -> list[int]:
+    """Ctrl-C or SIGTERM (really raised, handled by whatever handler is installed) as the
+    ``at_call``-th epoch starts; returns the list that counts the epochs started."""
+    import signal
+
+    keras = pytest.importorskip("keras")
+    real_fit, calls = keras.Model.fit, []
+
+    def fit(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            for s in signals or (signal.SIGINT,):
+                signal.raise_signal(s)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    return calls
+
+
+TINY = ["--arch", "mlp", "--hidden", "8", "--out-dim", "8", "--quiet"]
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_during_training_keeps_the_best_epoch_so_far(tmp_path, monkeypatch, capsys, signame):
+    """Ctrl-C (or a scheduler's SIGTERM) after hours of epochs threw every epoch away ('ris-train:
+    interrupted', exit 130, nothing saved): the epoch it cuts short is dropped, the best complete
+    epoch is scored and saved as a finished run's is, one line says so, exit 130."""
+    import signal
+
+    from ris.cli.common import EXIT_INTERRUPTED, run
+    from ris.cli.train import main
+    from ris.modelio import load_model
+
+    db = _write_db(tmp_path / "f.h5", n_obj=20)
+    calls = _signal_during_fit(monkeypatch, 4, getattr(signal, signame))
+    out = tmp_path / "h.keras"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code = run("ris-train", main, ["--features-db", str(db), "--output", str(out), "--epochs", "20", *TINY])
+    captured = capsys.readouterr()
+    assert code == EXIT_INTERRUPTED, captured.err
+    assert len(calls) == 4  # stopped in the epoch the signal came in
+    assert f"saved {out}" in captured.out and "of 3" in captured.out and "held-out" in captured.out, captured.out
+    assert f"interrupted ({signame}) after 3 complete epochs" in captured.err, captured.err
+    assert "best epoch so far" in captured.err and str(out) in captured.err, captured.err
+    head, meta = load_model(out)
+    assert meta["best_epoch"] in (1, 2, 3) and meta["test_scores"]
+    assert all(np.isfinite(w).all() for w in head.get_weights())
+    assert len((tmp_path / "h.history.csv").read_text().splitlines()) == 1 + 3
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_ctrl_c_in_the_first_epoch_saves_nothing_and_keeps_the_old_model(tmp_path, monkeypatch, capsys):
+    from ris.cli.common import EXIT_INTERRUPTED, run
+    from ris.cli.train import main
+
+    db = _write_db(tmp_path / "f.h5", n_obj=20)
+    out = tmp_path / "h.keras"
+    args = ["--features-db", str(db), "--output", str(out), "--epochs", "2", *TINY]
+    assert run("ris-train", main, args) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    _signal_during_fit(monkeypatch, 1)
+    assert run("ris-train", main, args) == EXIT_INTERRUPTED
+    captured = capsys.readouterr()
+    assert out.read_bytes() == before
+    assert "saved" not in captured.out and "nothing saved" in captured.err, captured
+
+
+def test_a_second_ctrl_c_stops_at_once_saving_nothing(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C asks for the best epoch so far to be saved; a second one means 'now'."""
+    import signal
+
+    from ris.cli.common import EXIT_INTERRUPTED, run
+    from ris.cli.train import main
+
+    db = _write_db(tmp_path / "f.h5", n_obj=20)
+    out = tmp_path / "h.keras"
+    calls = _signal_during_fit(monkeypatch, 3, signal.SIGTERM, signal.SIGINT)
+    handlers = signal.getsignal(signal.SIGINT)
+    assert run("ris-train", main, ["--features-db", str(db), "--output", str(out), "--epochs", "20", *TINY]) \
+        == EXIT_INTERRUPTED
+    assert len(calls) == 3 and not out.exists()
+    assert "saved" not in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) == handlers
+
+
+def test_training_in_another_thread_leaves_the_signal_handlers_alone(tmp_path):
+    """Handlers can be set only in the main thread: a head trained in a worker thread (a server,
+    a notebook's executor) trains as before, without them."""
+    import threading
+
+    pytest.importorskip("keras")
+    from ris.train import train_head
+
+    db = _write_db(tmp_path / "f.h5", n_obj=20)
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(train_head(
+        db, tmp_path / "h.keras", TrainConfig(arch="mlp", hidden=(8,), out_dim=8, epochs=2), progress=False,
+        log=lambda s: None)))
+    t.start()
+    t.join(600)
+    assert result and result[0].epochs_run == 2 and result[0].interrupted_by is None

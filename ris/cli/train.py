@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from ris.cli.common import (EXIT_OK, HelpFormatter, auto_or, folds, fraction, given_options, int_at_least,
-                            nonnegative_float, nonnegative_int, number_list, positive_float, positive_int, print_json, run)
+from ris.cli.common import (EXIT_INTERRUPTED, EXIT_OK, HelpFormatter, auto_or, folds, fraction, given_options,
+                            int_at_least, nonnegative_float, nonnegative_int, number_list, positive_float, positive_int,
+                            print_json, run)
 
 if TYPE_CHECKING:
     from ris.train import TrainConfig
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     r = train_head(args.features_db, args.output, cfg, progress=not args.quiet)
     if args.json:
         print_json(asdict(r))
-        return EXIT_OK
+        return _interrupted(r)
     if r.epochs_run:
         print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
               f"history {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
@@ -153,7 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         raw, head = r.scores["test_gallery"]["raw"], r.scores["test_gallery"]["head"]
         print(f"  searching only each other (the fold protocol, which flatters): N-S {raw['ns_score']:.4f} -> "
               f"{head['ns_score']:.4f};  mAP {raw['map']:.4f} -> {head['map']:.4f}")
-    return EXIT_OK
+    return _interrupted(r)
+
+
+def _interrupted(r) -> int:
+    """EXIT_INTERRUPTED, with one line, when Ctrl-C/SIGTERM ended the epochs early (the best complete
+    one is what was saved); EXIT_OK otherwise."""
+    if r.interrupted_by is None:
+        return EXIT_OK
+    print(f"ris-train: interrupted ({r.interrupted_by}) after {r.epochs_run} complete epochs: the best epoch so far "
+          f"({r.best_epoch}) is saved in {r.model_path}; run the same command again to train every epoch",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def entry() -> None:
