@@ -17,8 +17,9 @@ import sys
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from functools import partial
+from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def decode_budget() -> int:
     return parse_bytes(text, "RIS_DECODE_BUDGET") if text else DEFAULT_DECODE_BUDGET
 
 
-def iter_decoded(root: Path, rel_paths: Sequence[str], size: int, workers: int,
+def iter_decoded(root: Path, rel_paths: Iterable[str], size: int, workers: int,
                  prefetch: int, processes: bool = False, chunk: int | None = None,
                  budget: int | None = None, aspect: str = "squash") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """(path, image or None, error) in input order; decoding runs ``prefetch`` images ahead.
@@ -214,7 +215,7 @@ def _decode_chunk_named(root: str, rel_paths: list[str], size: int, aspect: str 
     return stacked, errors, {rel: lines for rel, lines in found.items() if lines}
 
 
-def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, workers: int, prefetch: int,
+def _iter_decoded_processes(root: Path, rel_paths: Iterable[str], size: int, workers: int, prefetch: int,
                             chunk: int | None, budget: int, aspect: str = "squash") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     from ris.images import decode_cost
     from ris.jpeg_noise import capturing, note
@@ -223,7 +224,8 @@ def _iter_decoded_processes(root: Path, rel_paths: Sequence[str], size: int, wor
     chunk = max(1, chunk or min(32, max(4, prefetch // (2 * workers))))
     depth = max(2 * workers, -(-prefetch // chunk))  # chunks in flight
     pool = _decode_pool(workers)
-    chunks = (list(rel_paths[i : i + chunk]) for i in range(0, len(rel_paths), chunk))
+    it = iter(rel_paths)  # taken lazily: a caller may act on each name as it is handed over
+    chunks = iter(lambda: list(islice(it, chunk)), [])
     # a worker decodes its chunk one image at a time: a chunk holds at most its largest image
     named = capturing()  # libjpeg's lines named in this process: caught in the workers too
     tasks = _in_flight(pool, partial(_decode_chunk_named if named else _decode_chunk, str(root), size=size,

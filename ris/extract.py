@@ -271,7 +271,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     SIGTERM is a KeyboardInterrupt meanwhile. Called inside ``ris.jpeg_noise.capture``."""
     from ris.aspect import stack_images
     from ris.decoding import iter_decoded
-    from ris.filestamp import file_stamps
+    from ris.filestamp import digests_in_turn, file_stamps
     from ris.imagefile import human_bytes
 
     batch_size = opts.batch_size
@@ -285,7 +285,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     ids: list[str] = []
     imgs: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
-    stamps, batch_stamps = file_stamps(root, todo), []  # taken before any file is read
+    stamps, batch_stamps, digests = file_stamps(root, todo), [], []  # digests as the decoder takes each file
     # one batch in flight: the next batch is dispatched before this one is collected and written
     in_flight: list[tuple[list[str], Callable[[], np.ndarray], list]] = []
 
@@ -300,7 +300,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
             done_ids, result, done_stamps = in_flight.pop(0)
             stamp_of = dict(zip(done_ids, done_stamps))
             done_ids, feats, not_finite = _finite_rows(done_ids, result(), root)
-            writer.add(done_ids, feats, [label_of[i] for i in done_ids], [stamp_of[i] for i in done_ids])
+            writer.add(done_ids, feats, [label_of[i] for i in done_ids], *zip(*(stamp_of[i] for i in done_ids)))
             summary.extracted += len(done_ids)
             bar.update(len(done_ids) + len(not_finite))
             for _, reason in not_finite:  # said and counted, not recorded: the next run tries them again
@@ -318,7 +318,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     # thread, e.g. a worker of a serving or distributed engine, leaves signals to its owner)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
-    decoded = iter_decoded(root, todo, extractor.max_size, workers, prefetch=prefetch,
+    decoded = iter_decoded(root, digests_in_turn(root, todo, digests), extractor.max_size, workers, prefetch=prefetch,
                            processes=opts.decode == "processes", budget=budget,
                            aspect=getattr(extractor, "aspect", "squash"))
     try:
@@ -331,7 +331,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
             else:
                 ids.append(rel)
                 imgs.append(img)
-                batch_stamps.append(stamps[k])
+                batch_stamps.append((stamps[k], digests[k]))
             if len(ids) >= batch_size:
                 flush()
         flush(last=True)

@@ -8,7 +8,8 @@ Layout (one file):
   failed_ids, failed_reasons   images that could not be decoded, and why
   ids          (N,)  int64 stable per-image ids, increasing, never reused (absent in older databases:
                the row numbers); added_at (N,) float64 Unix time each row was written (NaN = unknown);
-               file_stamp (N, 2) int64 size and mtime_ns of its file before reading (-1 = unknown)
+               file_stamp (N, 2) int64 size and mtime_ns of its file before reading (-1 = unknown);
+               file_digest (N,) uint64 digest of its file's bytes before reading (0 = unknown; ris.filestamp)
   removed_ids  (R,)  int64 log of every id removed so far (ris.sync), so indexes can follow removals
   attrs        how the features were made (model, weights, layer, size, preprocessing, pooling, versions),
                rows_done, complete, content_id (redrawn on every change: the key of every cache),
@@ -39,7 +40,7 @@ FINGERPRINT_KEYS = ("model", "weights", "layer", "input_size", "scales", "poolin
 # in the fingerprint only when present, so heads trained before they existed still match their databases
 OPTIONAL_FINGERPRINT_KEYS = ("fusion", "flip", "aspect")  # a fused recipe's parts and weights; --flip; --aspect
 REQUIRED_DATASETS = ("features", "image_ids", "labels")
-ROW_DATASETS = ("ids", "added_at", "file_stamp")  # optional, one value per row when present
+ROW_DATASETS = ("ids", "added_at", "file_stamp", "file_digest")  # optional, one value per row when present
 INCOMPLETE = "incomplete: an extraction was interrupted or is still running; re-run ris-extract to finish it"
 
 
@@ -245,6 +246,11 @@ class FeatureDB:
     def file_stamps(self) -> np.ndarray:
         """(N, 2) size and mtime_ns of each row's file as read (``ris.filestamp``; -1: unknown)."""
         return self.f["file_stamp"][:] if "file_stamp" in self.f else np.full((len(self), 2), -1, np.int64)
+
+    @property
+    def file_digests(self) -> np.ndarray:
+        """(N,) uint64 digest of each row's file as read (``ris.filestamp``; 0: unknown)."""
+        return self.f["file_digest"][:] if "file_digest" in self.f else np.zeros(len(self), np.uint64)
 
     @property
     def features(self) -> h5py.Dataset:

@@ -34,7 +34,7 @@ from ris.imagefile import human_bytes
 from ris.index_state import replaced_lineages
 from ris.sidecars import WriterLock, clear_sidecars, database_file, ensure_room, fsync_dir, fsync_file, new_content_id
 
-_ROWS = ("features", "image_ids", "labels", "ids", "added_at", "file_stamp")  # one entry per image
+_ROWS = ("features", "image_ids", "labels", "ids", "added_at", "file_stamp", "file_digest")  # one entry per image
 
 
 class FeatureWriter:
@@ -232,9 +232,10 @@ class FeatureWriter:
         named = self.path if self.kind == "append" else self.tmp  # the file a repeated id came from
         return set(unique_names(self.f["image_ids"][:], named)) | set(decode_names(self.f["failed_ids"][:]))
 
-    def add(self, ids: list[str], features: np.ndarray, label_names: list[str], stamps: Any = None) -> None:
+    def add(self, ids: list[str], features: np.ndarray, label_names: list[str], stamps: Any = None,
+            digests: Any = None) -> None:
         """Append one batch and flush; ``label_names`` per row ('' = unknown); ``stamps``: (n, 2) file
-        stamps taken before reading (``ris.filestamp``; None: unknown)."""
+        stamps, ``digests`` (n,) file digests, taken before reading (``ris.filestamp``; None: unknown)."""
         n = len(ids)
         if n == 0:
             return
@@ -254,6 +255,7 @@ class FeatureWriter:
             self.f["ids"][rows:] = np.arange(first, first + n, dtype=np.int64)
             self.f["added_at"][rows:] = self.read_since
             self.f["file_stamp"][rows:] = -1 if stamps is None else np.asarray(stamps, np.int64).reshape(n, 2)
+            self.f["file_digest"][rows:] = 0 if digests is None else np.asarray(digests, np.uint64)
             crc = batch_crc(features, names, labels)  # of what was meant to be written
             commits = self.f[COMMITS]
             commits.resize(len(commits) + 1, axis=0)
@@ -385,9 +387,9 @@ def _os_reason(exc: BaseException) -> str:
 
 def _create_row_datasets(f: h5py.File, rows: int) -> None:
     """The per-row datasets ``f`` lacks, for its first ``rows`` rows: ``ids`` (their row numbers),
-    ``added_at`` (NaN) and ``file_stamp`` (-1): unknown for rows written before they existed."""
+    ``added_at`` (NaN), ``file_stamp`` (-1), ``file_digest`` (0): unknown for rows written before them."""
     made = {"ids": lambda: np.arange(rows, dtype=np.int64), "added_at": lambda: np.full(rows, np.nan),
-            "file_stamp": lambda: np.full((rows, 2), -1, np.int64)}
+            "file_stamp": lambda: np.full((rows, 2), -1, np.int64), "file_digest": lambda: np.zeros(rows, np.uint64)}
     for name, data in made.items():
         if name not in f:
             d = data()

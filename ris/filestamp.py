@@ -7,16 +7,25 @@ from the file now says the file is another one. Size and mtime, as rsync's quick
 numbers are not stable on every filesystem (FAT, some FUSE mounts renumber at each mount), which
 would re-extract a whole collection after a remount. Taken before reading, so a file replaced
 between the stamp and its decoding differs from its row and is extracted again, never missed.
+
+Each row's file digest: the first 8 bytes of BLAKE2b of its file's bytes (0: unknown), also taken
+before the file is read. Times and stamps only say a file may have changed: ``cp -a`` or ``chmod``
+gives every file a new ctime (and a copy without -a a new mtime) with the same bytes. ``--sync``
+hashes only the files its times or stamp flag, and a file whose bytes have its row's digest keeps
+its row and id. Taken before reading, a digest never vouches for bytes other than those read: a
+file changed after it has other bytes, and is extracted again.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 UNKNOWN = (-1, -1)  # rows written before stamps existed, or a file that could not be stat'ed
+UNKNOWN_DIGEST = 0  # rows written before digests existed, or a file that could not be read
 
 
 def file_stamp(path: str | Path) -> tuple[int, int]:
@@ -42,3 +51,46 @@ def differs(stored: Sequence[int], path: str | Path) -> bool:
     if int(stored[0]) < 0:
         return False
     return tuple(int(v) for v in stored) != file_stamp(path)
+
+
+def file_digest(path: str | Path) -> int:
+    """The first 8 bytes of BLAKE2b of the regular file ``path`` names (through links), as an
+    unsigned int; ``UNKNOWN_DIGEST`` for a file that cannot be read or is over the images' size cap."""
+    from ris import imagefile
+    from ris.errors import BadImage
+
+    cap = imagefile.MAX_FILE_BYTES
+    try:
+        fd, _ = imagefile._open_regular(Path(path), cap)
+    except BadImage:
+        return UNKNOWN_DIGEST
+    h, total = hashlib.blake2b(digest_size=8), 0
+    try:
+        while chunk := os.read(fd, min(1 << 20, cap + 1 - total)):
+            total += len(chunk)
+            if total > cap:  # grew past the cap since the stat
+                return UNKNOWN_DIGEST
+            h.update(chunk)
+    except OSError:
+        return UNKNOWN_DIGEST
+    finally:
+        os.close(fd)
+    return int.from_bytes(h.digest(), "little") or 1  # 0 means unknown
+
+
+def file_digests(root: Path, names: Sequence[str]) -> np.ndarray:
+    """(len(names),) uint64 digests of ``root / name``."""
+    return np.array([file_digest(root / name) for name in names], np.uint64)
+
+
+def digests_in_turn(root: Path, names: Iterable[str], out: list[int]) -> Iterator[str]:
+    """``names`` one by one, each file's digest appended to ``out`` before its name is handed on:
+    a decoder fed from this reads no file before its digest was taken (and none all at once ahead)."""
+    for name in names:
+        out.append(file_digest(root / name))
+        yield name
+
+
+def same_content(stored: int, path: str | Path) -> bool:
+    """Whether the file's bytes are those its row was read from (an unknown digest never is)."""
+    return int(stored) != UNKNOWN_DIGEST and file_digest(path) == int(stored)

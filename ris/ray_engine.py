@@ -155,7 +155,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     from ris.extract import (_finite_rows, _progress, _raise_interrupt, finish_run, list_input, refuse_another_recipe,
                              still_to_do)
     from ris.featuredb import partial_path
-    from ris.filestamp import file_stamps
+    from ris.filestamp import file_digests, file_stamps
     from ris.featurewriter import FeatureWriter
     from ris.sidecars import WriterLock
 
@@ -221,7 +221,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     def submit(paths: list[str]) -> None:
         a = min(range(len(actors)), key=load.__getitem__)  # the least busy actor
         load[a] += 1
-        stamps = file_stamps(root, paths)  # before the nodes read them (ris.filestamp)
+        stamps = list(zip(file_stamps(root, paths), file_digests(root, paths)))  # before the nodes read them
         pending.append((paths, a, actors[a].embed.remote(decode.remote(root_abs, paths, info["max_size"], info["aspect"])),
                         stamps))
 
@@ -250,7 +250,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
             ids, feats, not_finite = _finite_rows([p for p, e in zip(paths, errors) if e is None], feats, root)
             for _, err in not_finite:  # said and counted, not recorded: the next run tries them again
                 bar.write(f"skipped: {one_line(err)}", file=sys.stderr)
-            writer.add(ids, feats, [label_of[i] for i in ids], [stamp_of[i] for i in ids])
+            writer.add(ids, feats, [label_of[i] for i in ids], *zip(*(stamp_of[i] for i in ids)))
             writer.add_failures(failures)
             summary.extracted += len(ids)
             summary.skipped.extend(failures + not_finite)

@@ -12,7 +12,9 @@ instead of being rebuilt; caches that cannot follow (embeddings, DBA, thumbnails
 ``--sync``: images whose file is gone are removed; images whose file changed since its row was
 written (mtime or ctime newer than the row's ``added_at``, the time its run began reading), or that
 is another file (size or mtime other than its row's ``file_stamp``, ``ris.filestamp``), are
-removed and extracted again; new files are extracted (an ``--append`` with the database's own
+removed and extracted again, unless its bytes still have its row's digest (``ris.filestamp``: a
+``cp -a``, ``chmod`` or ``touch`` changes times, not photos): that row and its id are kept, and its
+times and stamp refreshed in the same atomic rewrite; new files are extracted (an ``--append`` with the database's own
 settings); failed images still there are retried; rows a resumed (killed) sync kept of files
 deleted since are removed at the end.
 """
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -46,26 +49,30 @@ class RemoveSummary:
     removed_failed: list[str] = field(default_factory=list)  # entries dropped from the failed list
     not_found: list[str] = field(default_factory=list)
     rows: int = 0  # rows after
+    refreshed: int = 0  # rows kept whose added_at and file_stamp were refreshed
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def remove_images(features_db: str | Path, image_ids: Iterable[str], lock: WriterLock | None = None) -> RemoveSummary:
+def remove_images(features_db: str | Path, image_ids: Iterable[str], lock: WriterLock | None = None,
+                  refresh: dict[int, tuple[float, int, int]] | None = None) -> RemoveSummary:
     """Remove these images (relative paths as stored) from the database and its failed list.
 
     Takes the writer lock (or uses ``lock``, already held); rewrites and renames atomically.
+    ``refresh``: row id -> (added_at, size, mtime_ns) for kept rows whose file was found unchanged
+    (``plan_sync``); with nothing removed, the rewrite keeps the content id (the same rows).
     """
     own = lock is None
     lock = WriterLock(features_db).acquire() if own else lock
     try:
-        return _rewrite_without(database_file(features_db), set(image_ids))
+        return _rewrite_without(database_file(features_db), set(image_ids), refresh or {})
     finally:
         if own:
             lock.release()
 
 
-def _rewrite_without(path: Path, names: set[str]) -> RemoveSummary:
+def _rewrite_without(path: Path, names: set[str], refresh: dict[int, tuple[float, int, int]]) -> RemoveSummary:
     tmp = rewrite_path(path)
     tmp.unlink(missing_ok=True)  # left by a killed removal: we hold the lock, it is ours to drop
     summary = RemoveSummary(str(path))
@@ -78,14 +85,16 @@ def _rewrite_without(path: Path, names: set[str]) -> RemoveSummary:
         summary.removed_failed = [i for i, _ in failures if i in names]
         summary.not_found = sorted(names - set(summary.removed) - set(summary.removed_failed))
         summary.rows = int(keep.sum())
-        if keep.all() and len(failed_keep) == len(failures):
+        refreshed = {i for i in db.row_ids[keep].tolist() if i in refresh}
+        same = bool(keep.all()) and len(failed_keep) == len(failures)
+        if same and not refreshed:
             return summary
         removed_ids = db.row_ids[~keep]
         need = path.stat().st_size
         ensure_room(path.parent, need, "to rewrite the database without the removed images")
         try:
             with hdf5_writing(tmp, reserve=need) as out:
-                _copy_kept(db, out, keep, failed_keep, removed_ids)
+                _copy_kept(db, out, keep, failed_keep, removed_ids, {i: refresh[i] for i in refreshed}, same)
             fsync_file(tmp)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
@@ -95,26 +104,35 @@ def _rewrite_without(path: Path, names: set[str]) -> RemoveSummary:
             raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
-    clear_sidecars(path, keep_indexes=True)  # indexes replay the removal log; the other caches go
+    summary.refreshed = len(refreshed)
+    if not same:
+        clear_sidecars(path, keep_indexes=True)  # indexes replay the removal log; the other caches go
     return summary
 
 
-def _copy_kept(db: FeatureDB, out: h5py.File, keep: np.ndarray, failed_keep: list, removed_ids: np.ndarray) -> None:
+def _copy_kept(db: FeatureDB, out: h5py.File, keep: np.ndarray, failed_keep: list, removed_ids: np.ndarray,
+               refresh: dict[int, tuple[float, int, int]], same: bool) -> None:
     src = db.f
     n, kept = len(keep), int(keep.sum())
     for k, v in src.attrs.items():
         out.attrs[k] = v
-    row_data = {"ids": db.row_ids, "added_at": db.added_at, "file_stamp": db.file_stamps}  # made here for
-    for name in _ROW_DATASETS:  # databases older than them
+    row_data = {"ids": db.row_ids, "added_at": db.added_at, "file_stamp": db.file_stamps,  # made here for
+                "file_digest": db.file_digests}  # databases older than them
+    if refresh:
+        for r in np.flatnonzero(np.isin(row_data["ids"], list(refresh))):
+            t, size, mtime_ns = refresh[int(row_data["ids"][r])]
+            row_data["added_at"][r], row_data["file_stamp"][r] = t, (size, mtime_ns)
+    for name in _ROW_DATASETS:
         d = src[name] if name in src else None
         like = d if d is not None else row_data[name]
         chunks = d.chunks if d is not None and d.chunks else ((4096, *like.shape[1:]) if d is None else None)
         ds = out.create_dataset(name, shape=(kept, *like.shape[1:]), maxshape=(None, *like.shape[1:]),
                                 dtype=like.dtype, chunks=chunks or True)
+        source = row_data[name] if d is None or (refresh and name in ("added_at", "file_stamp")) else d
         w = 0
         for s in range(0, n, _BLOCK):
             e = min(s + _BLOCK, n)
-            block = (d[s:e] if d is not None else row_data[name][s:e])[keep[s:e]]
+            block = source[s:e][keep[s:e]]
             ds[w : w + len(block)] = block
             w += len(block)
     str_dt = h5py.string_dtype("utf-8")
@@ -126,6 +144,9 @@ def _copy_kept(db: FeatureDB, out: h5py.File, keep: np.ndarray, failed_keep: lis
     for name in src:  # label_names and anything a later version adds
         if name not in out:
             src.copy(src[name], out, name=name)
+    if same:  # only times and stamps refreshed: the same rows, so every cache made from them holds
+        out.attrs.update(complete=True, content_id=db.content_id, lineage_id=db.lineage, next_id=db.next_id)
+        return
     history = (db.content_history + [db.content_id])[-HISTORY_LIMIT:]
     out.attrs.update(rows_done=kept, failed_done=len(failed_keep), num_images=kept, num_failed=len(failed_keep),
                      complete=True, content_id=new_content_id(), content_history=json.dumps(history),
@@ -140,6 +161,7 @@ class SyncSummary:
     dataset: str
     removed: list[str] = field(default_factory=list)  # files gone
     replaced: list[str] = field(default_factory=list)  # files changed: extracted again
+    kept: int = 0  # files with new times but the same bytes: their rows and ids kept
     retried: list[str] = field(default_factory=list)  # failed images still there, tried again
     added: int = 0  # rows extracted (new and replaced)
     skipped: list = field(default_factory=list)  # (image, reason) that could not be decoded
@@ -160,9 +182,15 @@ def _changed_since(path: Path, t: float) -> bool:
 
 
 def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
-    """(root, files, gone, changed, retry, new) for ``sync_database``; reads only. Changed: newer
-    than its row, or another file than the one read (``ris.filestamp``: same names, older files)."""
-    from ris.filestamp import differs
+    """(root, files, gone, changed, retry, new) for ``sync_database``; reads only the files it must
+    hash. Changed: newer than its row, or another file than the one read (``ris.filestamp``: same
+    names, older files), and not of the bytes its row's digest names."""
+    return _plan(features_db, dataset)[:6]
+
+
+def _plan(features_db: str | Path, dataset: str | Path | None):
+    """``plan_sync``'s tuple and the rows kept by their digest: row id -> (added_at, size, mtime_ns)."""
+    from ris import filestamp
     from ris.images import find_images
 
     with FeatureDB(features_db) as db:
@@ -171,17 +199,27 @@ def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
             raise RisError(f"{root}: not a folder; give the images' folder with --dataset "
                            f"(the database says {db.dataset_root!r})")
         names, added_at, stamps, failed = db.image_ids, db.added_at, db.file_stamps, [i for i, _ in db.failures]
+        row_ids, digests = db.row_ids, db.file_digests
     files = find_images(root)
     present = set(files)
     gone = [n for n in names if n not in present] + [i for i in failed if i not in present]
-    changed = [n for n, t, s in zip(names, added_at, stamps) if n in present
-               and (_changed_since(root / n, float(t)) or differs(s, root / n))]
+    began = time.time()  # before any file is hashed: a change after the hash is newer than the refreshed row
+    changed, refresh = [], {}
+    for n, rid, t, s, d in zip(names, row_ids.tolist(), added_at, stamps, digests):
+        path = root / n
+        if n not in present or not (_changed_since(path, float(t)) or filestamp.differs(s, path)):
+            continue
+        now = filestamp.file_stamp(path)  # before the hash, as an extraction takes it
+        if filestamp.same_content(d, path):
+            refresh[rid] = (began, *now)
+        else:
+            changed.append(n)
     # every failed image still there is tried again: whether it was fixed cannot be told from the
     # database file's time, which any later rewrite (an --append, a removal) moves on
     retry = [i for i in failed if i in present]
     kept = (set(names) | set(failed)) - set(gone) - set(changed) - set(retry)
     new = [f for f in files if f not in kept]
-    return root, files, gone, changed, retry, new
+    return root, files, gone, changed, retry, new, refresh
 
 
 def sync_database(features_db: str | Path, dataset: str | Path | None = None, labels: str | None = None,
@@ -189,7 +227,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                   log=lambda s: print(s, file=sys.stderr), ray_options=None) -> SyncSummary:
     """Bring the database in step with its folder (see the module docstring). ``ray_options``
     (a ``ris.ray_cluster.RayOptions``): the new images are extracted on that Ray cluster."""
-    root, files, gone, changed, retry, new = plan_sync(features_db, dataset)
+    root, files, gone, changed, retry, new, refresh = _plan(features_db, dataset)
     present = set(files)
     with FeatureDB(features_db) as db:
         mode = _label_mode(features_db, str(db.attrs.get("labels_mode") or ""), labels)
@@ -204,10 +242,14 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                            "way: rename or move that file, or extract the folder again into a new --features-db "
                            "with other --labels") from None
     summary = SyncSummary(str(features_db), str(root), removed=gone, replaced=changed, retried=retry)
-    if gone or changed or retry:
-        r = remove_images(features_db, set(gone) | set(changed) | set(retry))
-        log(f"{features_db}: removed {len(r.removed)} row(s) ({len(gone)} gone, {len(changed)} changed), "
-            f"{len(r.removed_failed)} failed entr(ies) to retry or forget")
+    if gone or changed or retry or refresh:  # one atomic rewrite removes rows and refreshes the kept ones
+        r = remove_images(features_db, set(gone) | set(changed) | set(retry), refresh=refresh)
+        if gone or changed or retry:
+            log(f"{features_db}: removed {len(r.removed)} row(s) ({len(gone)} gone, {len(changed)} changed), "
+                f"{len(r.removed_failed)} failed entr(ies) to retry or forget")
+        if r.refreshed:
+            summary.kept = r.refreshed
+            log(f"{features_db}: {r.refreshed} file(s) with new times but the same content kept their rows")
     if new:
         from ris.extractor import ExtractConfig
 

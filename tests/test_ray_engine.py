@@ -494,7 +494,11 @@ def test_a_one_cpu_local_cluster_extracts_everything(tmp_path):
 
     with FeatureDB(tmp_path / "f.h5") as f:  # stamped by the driver before the nodes read the files
         stamps = dict(zip(f.image_ids, f.file_stamps.tolist()))
+        digests = dict(zip(f.image_ids, f.file_digests.tolist()))  # and digested, for --sync
     assert all(stamps[p.name] == [p.stat().st_size, p.stat().st_mtime_ns] for p in data.glob("*.jpg"))
+    from ris.filestamp import file_digest
+
+    assert all(digests[p.name] == file_digest(p) != 0 for p in data.glob("*.jpg"))
 
 
 @pytest.mark.slow

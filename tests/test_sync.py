@@ -564,3 +564,113 @@ def test_recipe_options_given_with_sync_are_refused_not_ignored(tmp_path, capsys
     assert given[0] in err and "--overwrite" in err, err
     with FeatureDB(db) as f:
         assert f.image_ids == before
+
+
+def _ids(db) -> dict:
+    with FeatureDB(db) as f:
+        return dict(zip(f.image_ids, f.row_ids.tolist()))
+
+
+def _count_digests(monkeypatch) -> list:
+    import ris.filestamp
+
+    calls = []
+    real = ris.filestamp.file_digest
+    monkeypatch.setattr(ris.filestamp, "file_digest", lambda p: calls.append(p) or real(p))
+    return calls
+
+
+def test_a_copied_or_chmodded_folder_keeps_its_rows_and_ids(tmp_path, capsys, monkeypatch):
+    """``cp -a photos photos2; ris-extract --sync --dataset photos2`` (or ``chmod -R go-r``): only the
+    files' ctimes were new, yet every image was extracted again under a new id (a client holding ids
+    got 404s). A file whose bytes have the digest its row was read with keeps its row and id; its
+    row's times and stamp are refreshed, so the next --sync reads no file again."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    before = _ids(db)
+    with FeatureDB(db) as f:
+        content, features = f.content_id, f.features[:]
+        assert (f.file_digests != 0).all()
+    copy = tmp_path / "photos2"
+    shutil.copytree(data, copy)  # cp -a: times kept, new ctimes
+    capsys.readouterr()
+    assert _command("--sync", "--features-db", str(db), "--dataset", str(copy), "--no-progress") == 0
+    out, err = capsys.readouterr()
+    assert "0 replaced (file changed), 0 extracted" in out
+    assert f"{db}: 4 file(s) with new times but the same content kept their rows" in err
+    assert _ids(db) == before and sorted(p.name for p in tmp_path.iterdir()) == ["f.h5", "photos", "photos2"]
+    with FeatureDB(db) as f:  # the same rows: caches made from them stay valid
+        assert f.content_id == content and f.dataset_root and (f.features[:] == features).all()
+    calls = _count_digests(monkeypatch)
+    assert plan_sync(db, copy)[3] == [] and calls == []  # refreshed: nothing is read again
+    time.sleep(0.05)
+    for p in copy.glob("*.jpg"):
+        p.chmod(0o600)  # chmod -R go-r
+    assert _command("--sync", "--features-db", str(db), "--dataset", str(copy), "--no-progress") == 0
+    assert _ids(db) == before and len(calls) <= 4  # hashed once each, at most
+    calls.clear()
+    assert plan_sync(db, copy)[3] == [] and calls == []
+
+
+def test_a_file_rewritten_with_its_size_and_mtime_kept_is_still_extracted_again(tmp_path):
+    """``exiftool -P``: other bytes, the same size and mtime; only the ctime tells. Its digest differs."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    before = _ids(db)
+    p = data / "ukbench00001.jpg"
+    st = p.stat()
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # other pixels, the same size
+    time.sleep(0.05)
+    p.write_bytes(bytes(raw))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert p.stat().st_size == st.st_size and p.stat().st_mtime_ns == st.st_mtime_ns
+    assert plan_sync(db)[3] == ["ukbench00001.jpg"]
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 0
+    after = _ids(db)
+    assert after.get("ukbench00001.jpg", -1) != before["ukbench00001.jpg"]
+    assert {n: i for n, i in after.items() if n != "ukbench00001.jpg"} == {
+        n: i for n, i in before.items() if n != "ukbench00001.jpg"}
+
+
+def test_a_symlink_pointed_at_another_photo_changes_despite_digests(tmp_path):
+    """A link re-pointed at another photo: the bytes it names now differ from its row's digest."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    (data / "link.jpg").symlink_to("ukbench00000.jpg")
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    with FeatureDB(db) as f:
+        digests = dict(zip(f.image_ids, f.file_digests.tolist()))
+    assert digests["link.jpg"] == digests["ukbench00000.jpg"] != 0
+    time.sleep(0.05)
+    (data / "link.jpg").unlink()
+    (data / "link.jpg").symlink_to("ukbench00003.jpg")
+    assert plan_sync(db)[3] == ["link.jpg"]
+
+
+def test_a_database_made_before_file_digests_syncs_by_times_and_stamps(tmp_path):
+    """Rows without a digest (older databases) read as unknown (0) and are judged as before;
+    a removal keeps the digests of the rows it copies."""
+    import h5py
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    with FeatureDB(db) as f:
+        digests = dict(zip(f.image_ids, f.file_digests.tolist()))
+    remove_images(db, ["ukbench00002.jpg"])
+    with FeatureDB(db) as f:
+        assert dict(zip(f.image_ids, f.file_digests.tolist())) == {
+            n: d for n, d in digests.items() if n != "ukbench00002.jpg"}
+    with h5py.File(db, "r+") as f:
+        del f["file_digest"]
+    with FeatureDB(db) as f:
+        assert (f.file_digests == 0).all()
+    copy = tmp_path / "photos2"
+    shutil.copytree(data, copy)
+    assert sorted(plan_sync(db, copy)[3]) == ["ukbench00000.jpg", "ukbench00001.jpg", "ukbench00003.jpg"]
+    assert _command("--sync", "--features-db", str(db), "--dataset", str(copy), "--no-progress") == 0
+    with FeatureDB(db) as f:  # the new rows carry digests
+        assert len(f) == 4 and (f.file_digests != 0).all()
