@@ -173,7 +173,7 @@ def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool
     """The folder listing, the target check and the labels; refuses a folder without images."""
     from ris.featuredb import check_target
     from ris.images import scan_folder
-    from ris.labels import make_labels
+    from ris.labels import NAME_RULES, make_labels
 
     root = Path(dataset)
     scan = scan_folder(root)
@@ -184,7 +184,7 @@ def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool
     check_target(features_db, append=append, overwrite=overwrite)
     label_ids, label_names, label_mode = make_labels(files, labels, root)
     label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
-    label_file = Path(label_mode).resolve() if label_mode not in ("ukbench", "folders", "none") else None
+    label_file = Path(label_mode).resolve() if label_mode not in NAME_RULES else None
     not_read = [f for f in scan.other if (root / f).resolve() != label_file]  # the label file is read
     return RunInput(root, files, label_of, label_names, label_mode, not_read, scan.hidden)
 

@@ -1,4 +1,4 @@
-"""Labels of a database's images: UKBench numbering, folder names, or a file<TAB>label TSV.
+"""Labels of a database's images: UKBench or INRIA Holidays numbering, folder names, or a file<TAB>label TSV.
 
 Why its own module: labels are decided once per extraction from names alone (or a small text
 file), apart from decoding pixels (``ris.images``).
@@ -18,9 +18,11 @@ from ris.imagefile import MAX_FILE_BYTES, read_file
 
 __all__ = ["LABEL_MODES", "make_labels", "read_label_tsv"]
 
-LABEL_MODES = ("auto", "ukbench", "folders", "none")
+LABEL_MODES = ("auto", "ukbench", "holidays", "folders", "none")
+NAME_RULES = ("ukbench", "holidays", "folders", "none")  # every mode but a label file (and auto)
 
 _UKBENCH_NAME = re.compile(r"ukbench(\d+)\.\w+", re.I)
+_HOLIDAYS_NAME = re.compile(r"(\d{6})\.\w+")  # 100000.jpg .. 149999.jpg: scene = number // 100
 
 
 def _ukbench_number(rel_path: str) -> int:
@@ -29,6 +31,16 @@ def _ukbench_number(rel_path: str) -> int:
         raise RisError(f"{rel_path}: --labels ukbench needs UKBench file names (ukbench00042.jpg: object = "
                        f"number // 4); use --labels folders, a FILE.tsv or none")
     return int(m.group(1))
+
+
+def _holidays_scene(rel_path: str) -> int:
+    """INRIA Holidays: ``<scene><NN>.jpg``, the scene's query being its ``..00`` photo. Never guessed
+    by auto (digit names are common): asked for with ``--labels holidays``."""
+    m = _HOLIDAYS_NAME.fullmatch(Path(rel_path).name)
+    if not m:
+        raise RisError(f"{rel_path}: --labels holidays needs INRIA Holidays file names (100301.jpg: scene = "
+                       f"number // 100, six digits); use --labels folders, a FILE.tsv or none")
+    return int(m.group(1)) // 100
 
 
 def read_label_tsv(path: str | Path) -> dict[str, str]:
@@ -87,6 +99,8 @@ def make_labels(image_ids: list[str], mode: str, dataset: str | Path | None = No
         return np.full(len(image_ids), -1, np.int64), [], "none"
     if mode == "ukbench":
         raw = [str(_ukbench_number(i) // 4) for i in image_ids]
+    elif mode == "holidays":
+        raw = [str(_holidays_scene(i)) for i in image_ids]
     elif mode == "folders":
         raw = [i.split("/")[0] if "/" in i else "" for i in image_ids]
     else:

@@ -228,7 +228,10 @@ def for_database(db: Any, features_db: str | Path, model: str | Path | None, spl
     if len(labels) == 0:
         raise DatabaseError(f"{features_db}: no images to evaluate (the database is empty: were they all removed?)")
     if (labels >= 0).sum() < 2:
-        raise DatabaseError(f"{features_db}: no labels to evaluate against; extract with --labels")
+        raise DatabaseError(f"{features_db}: no labels to evaluate against; extract again with --labels ukbench "
+                            f"(ukbench00042.jpg: object = number // 4), --labels holidays (100301.jpg: scene = "
+                            f"number // 100), --labels folders (one folder per class) or --labels FILE.tsv "
+                            f"(file<TAB>label lines)")
     meta = None
     if model is not None:
         meta = read_meta(model)

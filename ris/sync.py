@@ -35,6 +35,7 @@ import numpy as np
 from ris.errors import DatabaseError, RisError
 from ris.featuredb import ROW_DATASETS, FeatureDB, encode_names
 from ris.h5write import hdf5_writing
+from ris.labels import LABEL_MODES
 from ris.sidecars import WriterLock, clear_sidecars, database_file, ensure_room, fsync_dir, fsync_file, new_content_id, rewrite_path
 
 HISTORY_LIMIT = 200  # content ids kept: an index older than that many changes is rebuilt
@@ -284,7 +285,7 @@ def _label_mode(features_db, stored: str, asked: str | None) -> str:
     that differs is refused: stored, it would label every later sync's images another way than
     the rows already there, and scoring would mix the two."""
     if asked and stored and asked != stored:
-        same_file = stored not in ("ukbench", "folders", "none", "auto") and Path(asked).resolve() == Path(stored).resolve()
+        same_file = stored not in LABEL_MODES and Path(asked).resolve() == Path(stored).resolve()
         if not same_file:
             raise RisError(f"{features_db}: its images are labelled by --labels {stored}; --sync labels new ones "
                            f"the same way, not by --labels {asked}: leave --labels out, or extract the folder again "

@@ -69,3 +69,52 @@ def test_a_label_file_that_gives_one_file_two_labels_is_refused(tmp_path):
     f.write_text("a.jpg\tcat\nb.jpg\tcat\na.jpg\tdog\n")
     with pytest.raises(RisError, match=r"labels\.tsv: a\.jpg has two labels \('cat' and 'dog'\)"):
         read_label_tsv(f)
+
+
+def test_holidays_names_label_their_scene():
+    """INRIA Holidays names its photos <scene><NN>.jpg (100000.jpg, 100001.jpg, 100100.jpg): scene =
+    number // 100. There was no name rule for it: auto labelled such a folder none, and ris-eval
+    refused it with 'no labels'."""
+    ids = ["100000.jpg", "100001.JPG", "jpg/100100.jpg", "100101.jpg", "149900.jpg", "149901.jpg"]
+    labels, names, mode = make_labels(ids, "holidays")
+    assert mode == "holidays" and names == ["1000", "1001", "1499"]
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(RisError) as exc:
+        make_labels(["100000.jpg", "IMG_1000.jpg"], "holidays")
+    msg = str(exc.value)
+    assert "IMG_1000.jpg" in msg and "number // 100" in msg and "\n" not in msg
+    # never guessed: digit names are common (Corel's 0.jpg .. 999.jpg)
+    assert make_labels(["100000.jpg", "100001.jpg"], "auto")[2] == "none"
+
+
+def test_a_holidays_folder_is_labelled_extracted_and_scored_as_the_readme_says(tmp_path, capsys):
+    """The README's Holidays commands end to end on Holidays-named files: --labels holidays at
+    extraction, the *00 photos as --queries, --sync keeping the rule."""
+    from ris.cli import eval as eval_cli
+    from ris.cli import extract as extract_cli
+    from ris.cli.common import run
+    from ris.featuredb import FeatureDB
+    from ris.testing import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "jpg", n_objects=3, views=3, size=64)
+    (data / "groundtruth.tsv").unlink()
+    for k, f in enumerate(sorted(data.glob("*.jpg"))):  # scene 1000 + object, photo number within it
+        f.rename(data / f"{(1000 + k // 3) * 100 + k % 3}.jpg")
+    db = tmp_path / "holidays.h5"
+    recipe = ["--model", "vgg16", "--weights", "none", "--resize", "32", "--no-progress"]
+    assert run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(db), *recipe,
+                                                 "--labels", "holidays"]) == 0
+    with FeatureDB(db) as fdb:
+        assert fdb.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    queries = tmp_path / "queries.txt"
+    queries.write_text("".join(f"{f.name}\n" for f in sorted(data.glob("*00.jpg"))))
+    capsys.readouterr()
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(db), "--queries", str(queries), "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == 3 and r["objects"] == 3 and r["gallery_images"] == 9
+    (data / "100201.jpg").rename(data / "100203.jpg")  # a changed collection: --sync labels by the same rule
+    assert run("ris-extract", extract_cli.main, ["--sync", "--features-db", str(db), "--no-progress"]) == 0
+    with FeatureDB(db) as fdb:
+        assert dict(zip(fdb.image_ids, fdb.labels.tolist()))["100203.jpg"] == 2

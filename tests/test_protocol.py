@@ -242,3 +242,15 @@ def test_query_lists_saved_by_editors_and_shells_read_as_written(tmp_path):
     f.write_bytes(b"img00.jpg\n\xffimg04.jpg\n")
     with pytest.raises(RisError, match=r"q\.txt: not UTF-8 text \(byte 10\)"):
         protocol.read_query_ids(f)
+
+
+def test_a_database_without_labels_says_which_labels_ris_extract_can_give(tmp_path):
+    """'no labels to evaluate against; extract with --labels' left a Holidays user guessing which:
+    the line names the rules (holidays among them) and the label file's format."""
+    from types import SimpleNamespace
+
+    db = SimpleNamespace(labels=np.full(4, -1, np.int64), image_ids=["100000.jpg", "100001.jpg", "100100.jpg", "100101.jpg"])
+    with pytest.raises(DatabaseError) as exc:
+        protocol.for_database(db, "hol.h5", None, "all", "all", 0, 0.2, 0.1, None)
+    msg = str(exc.value)
+    assert msg.startswith("hol.h5: no labels") and "--labels holidays" in msg and "FILE.tsv" in msg and "\n" not in msg

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pooling of the conv maps: " + ", ".join(f"{k}={v.help}" for k, v in POOLING.items())
                         + f"; {NO_POOLING} stores the full maps (large; not with fusion); fusion: per part, e.g. gap+gem")
     p.add_argument("--labels", default="auto", help="ukbench (names ukbench<N>.jpg: object N // 4), "
+                   "holidays (INRIA Holidays names 100301.jpg: scene N // 100; never chosen by auto), "
                    "folders (class sub-folder), "
                    "a FILE.tsv (file<TAB>label), none, or auto (groundtruth.tsv in the dataset, else by names); "
                    "--sync labels new images as the database was made (another --labels is refused)")
