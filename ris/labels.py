@@ -91,8 +91,8 @@ def make_labels(image_ids: list[str], mode: str, dataset: str | Path | None = No
             mode = str(gt)
         elif image_ids and all(_UKBENCH_NAME.fullmatch(Path(i).name) for i in image_ids):
             mode = "ukbench"
-        elif image_ids and all("/" in i for i in image_ids):
-            mode = "folders"
+        elif image_ids and all("/" in i for i in image_ids) and len({i.split("/")[0] for i in image_ids}) > 1:
+            mode = "folders"  # one folder (Holidays' jpg/) is not one class: every image relevant to every query
         else:
             mode = "none"
     if mode == "none":

@@ -232,6 +232,12 @@ def for_database(db: Any, features_db: str | Path, model: str | Path | None, spl
                             f"(ukbench00042.jpg: object = number // 4), --labels holidays (100301.jpg: scene = "
                             f"number // 100), --labels folders (one folder per class) or --labels FILE.tsv "
                             f"(file<TAB>label lines)")
+    if len(np.unique(labels[labels >= 0])) == 1:  # every image relevant to every query: every score perfect
+        name = (getattr(db, "label_names", None) or ["?"])[int(labels[labels >= 0][0])]
+        raise DatabaseError(f"{features_db}: every labelled image has the same label ({name!r}): each would be "
+                            f"relevant to every query and every score would read perfect; extract again with "
+                            f"the --labels that tells the objects apart (one folder is not a class: "
+                            f"--labels holidays, ukbench or a FILE.tsv)")
     meta = None
     if model is not None:
         meta = read_meta(model)

@@ -87,6 +87,17 @@ def test_holidays_names_label_their_scene():
     assert make_labels(["100000.jpg", "100001.jpg"], "auto")[2] == "none"
 
 
+def test_auto_labels_do_not_take_a_single_folder_for_a_class():
+    """Holidays unpacks to jpg/100000.jpg ...: with every image under one folder, auto labelled them
+    all 'jpg', one class, and ris-eval scored every image relevant to every query (mAP 1.0)."""
+    ids = ["jpg/100000.jpg", "jpg/100001.jpg", "jpg/100100.jpg"]
+    labels, names, mode = make_labels(ids, "auto")
+    assert mode == "none" and names == [] and labels.tolist() == [-1, -1, -1]
+    assert make_labels(ids, "holidays")[0].tolist() == [0, 0, 1]
+    assert make_labels(["a/1.jpg", "b/2.jpg"], "auto")[2] == "folders"
+    assert make_labels(ids, "folders")[2] == "folders"  # asked for: as asked
+
+
 def test_a_holidays_folder_is_labelled_extracted_and_scored_as_the_readme_says(tmp_path, capsys):
     """The README's Holidays commands end to end on Holidays-named files: --labels holidays at
     extraction, the *00 photos as --queries, --sync keeping the rule."""

@@ -254,3 +254,17 @@ def test_a_database_without_labels_says_which_labels_ris_extract_can_give(tmp_pa
         protocol.for_database(db, "hol.h5", None, "all", "all", 0, 0.2, 0.1, None)
     msg = str(exc.value)
     assert msg.startswith("hol.h5: no labels") and "--labels holidays" in msg and "FILE.tsv" in msg and "\n" not in msg
+
+
+def test_a_database_whose_images_all_share_one_label_is_refused_not_scored_perfect():
+    """Holidays unpacked to jpg/ and labelled by folder: one label for all, every image relevant
+    to every query, and ris-eval printed N-S 4.000 and mAP 1.000."""
+    from types import SimpleNamespace
+
+    db = SimpleNamespace(labels=np.array([0, 0, 0, -1], np.int64), label_names=["jpg"],
+                         image_ids=["jpg/100000.jpg", "jpg/100001.jpg", "jpg/100100.jpg", "jpg/x.jpg"])
+    with pytest.raises(DatabaseError) as exc:
+        protocol.for_database(db, "hol.h5", None, "all", "all", 0, 0.2, 0.1, None)
+    msg = str(exc.value)
+    assert msg.startswith("hol.h5: every labelled image has the same label ('jpg')") and "\n" not in msg
+    assert "--labels" in msg
