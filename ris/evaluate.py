@@ -170,6 +170,8 @@ def recipe_line(r: dict[str, Any]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text results table for the terminal."""
+    from ris.metrics import ns_note
+
     cols = ["N-S", "top-4 %", "mAP", "R@1", "R@4", "R@10", "P@10"]
     rr = result.get("rerank", "none")
     lines = [f"{result['features_db']}: {recipe_line(result)}"
@@ -177,7 +179,8 @@ def format_table(result: dict[str, Any]) -> str:
              + (", query-time rotations (0/90/180/270)" if "rotations" in result else ""),
              f"queries: {result['split_description']} - {result['objects']} objects, {result['images']} query images"
              + (f", gallery {result['gallery_images']} images" if "gallery_images" in result else ""),
-             "N-S counts the query (perfect 4.0 for groups of 4); mAP, R@k, P@k exclude it."]
+             f"{ns_note(min(result[k].get('ns_perfect', 4.0) for k in ('raw', 'head') if k in result))}; "
+             "mAP, R@k, P@k exclude it."]
     lonely = max(int(result[k].get("queries_without_relevant", 0)) for k in ("raw", "head") if k in result)
     if lonely:
         lines.append(f"{lonely} {'query' if lonely == 1 else 'queries'} without another image of its group in the "
@@ -282,4 +285,4 @@ def evaluate_reranked(features: np.ndarray, labels: np.ndarray, method: str = "n
             _, idx = reranker.search(qv[where[rows]].reshape(-1, qv.shape[2]), depth, query_rows=rows,
                                      block=block, variants=qv.shape[1])
         tally.add_ranked(labels, rows, idx, npos_all)
-    return tally.scores(nq, n, without_relevant)
+    return tally.scores(nq, n, without_relevant, npos_all[qidx])

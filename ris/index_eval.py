@@ -58,7 +58,7 @@ def ranked_scores(index, vectors, labels: np.ndarray, query_rows: np.ndarray, ga
             hits = np.cumsum(rel)
             ap[i] = float(np.sum(np.where(rel, hits / ranks[: len(rel)], 0.0)) / npos[s + i])
         tally.add(top, ap, np.ones(len(qrows), bool))
-    return tally.scores(len(query_rows), len(gallery_rows), without_relevant).to_dict()
+    return tally.scores(len(query_rows), len(gallery_rows), without_relevant, npos).to_dict()
 
 
 def evaluate_index(features_db: str | Path, index: str, model: str | Path | None = None, split: str | None = None,
@@ -106,10 +106,13 @@ def evaluate_index(features_db: str | Path, index: str, model: str | Path | None
 
 
 def format_index_table(r: dict[str, Any]) -> str:
+    from ris.metrics import ns_note
+
     label = f"{r['index']} ({r['index_type']})"
     w = max(30, len(label) + 2)
     lines = [f"{r['features_db']}: {r['protocol']}; ranked lists of {r['depth']} (AP over them), "
              f"metric {r['metric']}",
+             ns_note(r["exact"].get("ns_perfect", 4.0)),
              f"{'search':<{w}}{'N-S':>8}{'top-4 %':>9}{'mAP':>8}{'R@1':>8}{'R@10':>8}{'P@10':>8}"]
     for key, name in (("exact", "exact"), ("indexed", label)):
         s = r[key]

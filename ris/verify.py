@@ -245,7 +245,7 @@ class Verifier:
             for j, q in enumerate(qs):
                 idx[j] = self.rerank(self.local.of(int(rows[q])), idx[j], rows)
             tally.add_ranked(labels, qs, idx, npos_all)
-        return tally.scores(len(qidx), n, without)
+        return tally.scores(len(qidx), n, without, npos_all[qidx])
 
 
 def verify_hits(hits: list, query_path: str | Path, verifier: Verifier, image_ids: list[str], k: int) -> list:

@@ -1294,3 +1294,17 @@ def test_json_names_a_file_whose_name_is_not_utf8_in_strict_utf8(tmp_path, capsy
     code, out, err = cli(capsys, index_cli, "ris-index", "remove", "--features-db", db, "--from-file", listed, "--json")
     assert code == 0, err
     assert "\\ud" not in out and json.loads(out)["removed_failed"] == ["caf\\xff.jpg"]
+
+
+def test_min_ns_on_groups_smaller_than_four_says_what_a_perfect_search_scores(tmp_path, capsys):
+    """Scenes of two photos: N-S cannot pass 2.0, and --min-ns 3 failed with only 'N-S 2.0000 is
+    below the required 3.0', as if the search were poor."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["raw"]["ns_perfect"] == 2.0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "3")
+    assert code == 1 and "a perfect search scores N-S 2.000 here" in out
+    assert "below the required 3.0" in err and "a perfect search scores 2.0000 on these groups" in err

@@ -97,3 +97,17 @@ def test_scoring_through_milvus_lite_lets_go_of_its_folder(db_with_distractors, 
     assert r["indexed"]["map"] == pytest.approx(r["exact"]["map"], abs=1e-4)
     with open(target / "LOCK", "a") as fh:  # flock: a lock still held by the Lite server refuses this one
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_the_index_table_explains_n_s_on_groups_that_are_not_of_four():
+    from ris.index_eval import format_index_table, ranked_scores
+    from ris.index import ExactIndex
+
+    labels = np.repeat(np.arange(3), [2, 3, 5])
+    vectors = np.eye(3, dtype=np.float32)[labels] + np.random.default_rng(0).normal(0, 0.01, (10, 3)).astype(np.float32)
+    rows = np.arange(10)
+    s = ranked_scores(ExactIndex(vectors, "euclidean"), vectors, labels, rows, rows, 9)
+    assert s["ns_perfect"] == pytest.approx(3.3) and s["ns_score"] == pytest.approx(3.3)
+    r = {"features_db": "f.h5", "protocol": "all", "depth": 9, "metric": "euclidean", "index": "hnsw",
+         "index_type": "HnswIndex", "exact": s, "indexed": s, "delta": {"ns_score": 0.0, "map": 0.0}}
+    assert "a perfect search scores N-S 3.300 here" in format_index_table(r)

@@ -180,3 +180,44 @@ def test_rows_that_are_not_finite_rank_last_and_every_score_stays_in_its_range(b
     y[[1, 2, 3]] = bad  # object 0's other views are broken: a finite query of object 0 finds none of them
     s = evaluate_retrieval(y, labels, query_rows=np.array([0]))
     assert s.map == pytest.approx((1 / 37 + 2 / 38 + 3 / 39) / 3, abs=5e-5) and s.ns_score == 1.0  # mAP: 4 decimals
+
+
+def _holidays_like_groups():
+    """Scenes of 2, 3 and 5 photos, perfectly separated: a perfect search."""
+    labels = np.repeat(np.arange(3), [2, 3, 5])
+    feats = np.eye(3, dtype=np.float32)[labels] + np.random.default_rng(0).normal(0, 0.01, (10, 3)).astype(np.float32)
+    return feats, labels
+
+
+def test_n_s_says_what_a_perfect_search_scores_when_groups_are_not_of_four():
+    """On Holidays' scenes of 2-13 photos a perfect search printed N-S 3.133, top-4 78.33 %, read
+    against 'perfect 4.0': the scores now carry the N-S a perfect search reaches on these queries."""
+    from ris.evaluate import evaluate_reranked
+
+    feats, labels = _holidays_like_groups()
+    perfect = (2 * 2 + 3 * 3 + 5 * 4) / 10  # min(4, group size) per query
+    for s in (evaluate_retrieval(feats, labels), evaluate_reranked(feats, labels, "qe")):
+        assert s.map == 1.0 and s.ns_score == pytest.approx(perfect, abs=1e-4)
+        assert s.ns_perfect == pytest.approx(perfect, abs=1e-4) and s.to_dict()["ns_perfect"] == s.ns_perfect
+    s = evaluate_retrieval(feats, labels, query_rows=np.array([5, 6]))  # both in the scene of 5
+    assert s.ns_perfect == 4.0
+    assert evaluate_retrieval(*_four_views()).ns_perfect == 4.0
+
+
+def _four_views():
+    labels = np.repeat(np.arange(5), 4)
+    return np.eye(5, dtype=np.float32)[labels], labels
+
+
+def test_the_results_table_explains_n_s_on_groups_that_are_not_of_four():
+    from ris.evaluate import format_table
+
+    def table(feats, labels):
+        return format_table({"features_db": "f.h5", "backbone": "m", "input_size": 224, "pooling": "gap",
+                             "split": "all", "split_description": "all labelled images", "objects": 3,
+                             "images": len(labels), "raw": evaluate_retrieval(feats, labels).to_dict()})
+
+    text = table(*_holidays_like_groups())
+    assert "perfect 4.0 for groups of 4" not in text
+    assert "a perfect search scores N-S 3.300 here (top-4 82.50 %), not 4.0" in text
+    assert "perfect 4.0 for groups of 4" in table(*_four_views())
