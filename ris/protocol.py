@@ -169,7 +169,7 @@ def choose(db_ids: list[str], labels: np.ndarray, meta: dict[str, Any] | None = 
         fit_rows = np.array([r for r, i in enumerate(db_ids) if i in fit], np.int64)
     trained = len(fit_rows) if meta is not None else None
     if queries is not None:
-        return _listed(db_ids, labels, queries, queries_file, fit_rows, trained)
+        return _listed(db_ids, labels, queries, queries_file, fit_rows, trained, n_fit_total)
 
     if split == "all":
         q = labelled
@@ -249,7 +249,7 @@ def for_database(db: Any, features_db: str | Path, model: str | Path | None, spl
 
 
 def _listed(db_ids: list[str], labels: np.ndarray, queries: list[str], queries_file: str,
-            fit_rows: np.ndarray, trained: int | None) -> Protocol:
+            fit_rows: np.ndarray, trained: int | None, n_fit_total: int = 0) -> Protocol:
     index = {i: r for r, i in enumerate(db_ids)}
     missing = [i for i in queries if i not in index]
     if missing:
@@ -269,6 +269,8 @@ def _listed(db_ids: list[str], labels: np.ndarray, queries: list[str], queries_f
             + (f" ({n_dis} unlabelled: distractors)" if n_dis else ""))
     if trained:
         desc += f"; {trained} of the head's training images are in the gallery"
+    elif trained == 0:  # a head given, none of its images here: say so, as the held-out line does
+        desc += f"; none of the head's {n_fit_total} training images is in this database"
     return Protocol(q, gallery, desc, trained)
 
 

@@ -268,3 +268,15 @@ def test_a_database_whose_images_all_share_one_label_is_refused_not_scored_perfe
     msg = str(exc.value)
     assert msg.startswith("hol.h5: every labelled image has the same label ('jpg')") and "\n" not in msg
     assert "--labels" in msg
+
+
+def test_a_query_list_scored_with_a_head_says_whether_its_training_images_are_there():
+    """ris-eval --model head.keras --queries q.txt on a collection the head never saw said nothing
+    about the head's training images (without --queries it says 'a collection the head never saw')."""
+    never = protocol.choose(IDS, LABELS, head_meta(["train/a.jpg", "train/b.jpg"], ["train/c.jpg"]),
+                            queries=["img00.jpg", "img04.jpg"], queries_file="q.txt")
+    assert never.training_in_db == 0
+    assert "none of the head's 2 training images is in this database" in never.description
+    seen = protocol.choose(IDS, LABELS, head_meta(IDS[8:], IDS[:8]), queries=["img00.jpg"], queries_file="q.txt")
+    assert "4 of the head's training images are in the gallery" in seen.description
+    assert "training images" not in protocol.choose(IDS, LABELS, None, queries=["img00.jpg"], queries_file="q.txt").description
