@@ -1308,3 +1308,16 @@ def test_min_ns_on_groups_smaller_than_four_says_what_a_perfect_search_scores(tm
     code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--min-ns", "3")
     assert code == 1 and "a perfect search scores N-S 2.000 here" in out
     assert "below the required 3.0" in err and "a perfect search scores 2.0000 on these groups" in err
+
+
+def test_train_says_what_a_perfect_search_scores_on_groups_smaller_than_four(tmp_path, capsys):
+    """ris-train's held-out lines printed N-S 2.9 -> 3.0 on groups of 3 with nothing saying 3.0 is
+    the most any search scores there."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=10, views=3, size=64)
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    code, out, err = cli(capsys, train_cli, "ris-train", "--features-db", db, "--output", tmp_path / "h.keras",
+                         "--quiet", "--whiten-shrinkage", "0.5", "--whiten-power", "0.5", "--whiten-dim", "16")
+    assert code == 0, err
+    held = [ln for ln in out.splitlines() if "N-S raw" in ln or "fold protocol" in ln]
+    assert len(held) == 2 and all("a perfect search scores 3.000" in ln for ln in held), out
