@@ -183,6 +183,10 @@ def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool
                        f"{_not_read_note(scan.other, scan.hidden)})")
     check_target(features_db, append=append, overwrite=overwrite)
     label_ids, label_names, label_mode = make_labels(files, labels, root)
+    if label_mode not in NAME_RULES and (label_ids < 0).all():  # another collection's file (auto takes any groundtruth.tsv)
+        raise RisError(f"{label_mode}: labels none of the {len(files)} images (e.g. {files[0]!r} is not in it); its "
+                       f"first column names each image by its path under the dataset folder or its file name; "
+                       f"--labels ukbench, holidays or folders label by name, --labels none extracts them unlabelled")
     label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
     label_file = Path(label_mode).resolve() if label_mode not in NAME_RULES else None
     not_read = [f for f in scan.other if (root / f).resolve() != label_file]  # the label file is read

@@ -290,3 +290,24 @@ def test_a_corrupt_but_decodable_jpeg_is_named_in_a_warning_without_libjpegs_own
     warned = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and re.fullmatch(rf"warning: {re.escape(str(data / 'ukbench00005.jpg'))}: corrupt JPEG "
                                              r"data \(\d+ extraneous bytes before marker 0xd9\)", warned[0]), err
+
+
+def test_a_label_file_that_names_none_of_the_images_is_refused_before_any_work(tmp_path):
+    """UKBench objects 1000-1999 copied beside the groundtruth.tsv of objects 0-999: auto read that
+    file, labelled none of the images, extracted them all unlabelled without a word, and ris-eval
+    then said only 'no labels to evaluate against'."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
+    (data / "groundtruth.tsv").write_text("file\tobject_id\nukbench09000.jpg\t2250\nukbench09001.jpg\t2250\n")
+    db = tmp_path / "f.h5"
+    config = ExtractConfig(model="vgg16", weights="none", input_size=32)
+    for labels in ("auto", str(data / "groundtruth.tsv")):
+        with pytest.raises(RisError) as exc:
+            extract_features(data, db, config, ExtractOptions(labels=labels, progress=False))
+        msg = str(exc.value)
+        assert msg.startswith(f"{data / 'groundtruth.tsv'}: labels none of the 4 images") and "\n" not in msg
+        assert "ukbench00000.jpg" in msg and "--labels ukbench" in msg
+        assert not db.exists() and not partial_path(db).exists()
+    (data / "groundtruth.tsv").write_text("ukbench00000.jpg\ta\nukbench00001.jpg\ta\n")  # some: the rest unlabelled
+    extract_features(data, db, config, ExtractOptions(labels="auto", progress=False))
+    with FeatureDB(db) as fdb:
+        assert fdb.labels.tolist() == [0, 0, -1, -1]
