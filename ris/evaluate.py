@@ -226,7 +226,8 @@ def evaluate_folds(features_db: str | Path, folds: int = 5, seed: int = 0, reran
     summary = {k: {"mean": round(float(np.mean([f(s) for s in per_fold])), 4),
                    "std": round(float(np.std([f(s) for s in per_fold])), 4)} for k, f in keys.items()}
     return {"features_db": str(features_db), **recipe_fields(attrs), "folds": folds, "seed": seed, "split_by": split_by, "rerank": rerank,
-            "gallery": gallery, "per_fold": per_fold, "summary": summary}
+            "gallery": gallery, "per_fold": per_fold, "summary": summary,
+            "ns_perfect": round(float(np.mean([s.get("ns_perfect", 4.0) for s in per_fold])), 4)}
 
 
 def _score(feats: np.ndarray, labels: np.ndarray, rerank: str = "none", metric: str = "euclidean",

@@ -1321,3 +1321,16 @@ def test_train_says_what_a_perfect_search_scores_on_groups_smaller_than_four(tmp
     assert code == 0, err
     held = [ln for ln in out.splitlines() if "N-S raw" in ln or "fold protocol" in ln]
     assert len(held) == 2 and all("a perfect search scores 3.000" in ln for ln in held), out
+
+
+def test_eval_folds_say_what_a_perfect_search_scores_on_groups_smaller_than_four(tmp_path, capsys):
+    """ris-eval --folds on groups of 3 printed 'ns_score 3.0000 +- 0.0000' with nothing saying that
+    3.0 is a perfect search there."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=6, views=3, size=64)
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "3")
+    assert code == 0, err
+    assert "a perfect search scores N-S 3.000 here" in out
+    code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "3", "--json")
+    assert json.loads(out)["ns_perfect"] == 3.0
