@@ -13,10 +13,13 @@ streamed in chunks and added with its stable ids, so appended images are added a
 ones removed (``remove_ids``) without retraining (``ris.index_state``). The index is saved as
 ``<vectors>.ivfpq`` (JSON metadata, the commit point) naming its data file
 ``<vectors>.ivfpq.<token>.faiss``; both are written atomically, so a build killed at any point
-leaves either the previous index or none under the final name.
+leaves either the previous index or none under the final name. A save holds a ``flock`` on its
+data file until the metadata naming it is committed; then it deletes the index's data files that
+the metadata does not name and no process holds (a killed save's orphan, the superseded one).
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -34,7 +37,9 @@ import numpy as np  # noqa: E402
 from ris.errors import DatabaseError, RisError  # noqa: E402
 from ris.ivfpq_params import IvfPqParams, choose_params  # noqa: E402  (re-exported)
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
-from ris.sidecars import atomic_write, file_crc32, ivfpq_path, remove_stale_temps  # noqa: E402
+from ris import sidecars  # noqa: E402
+from ris.sidecars import (atomic_write, create_locked, drop_unnamed, file_crc32, fsync_dir, ivfpq_path,  # noqa: E402
+                          remove_stale_temps)
 from ris.stored_rows import StoredRows  # noqa: E402  (re-ranking reads; re-exported)
 from ris.topk import METRICS, l2_normalize  # noqa: E402
 
@@ -186,28 +191,40 @@ class IvfPqIndex:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """Write a new data file, then the metadata naming it (the commit), then drop the old one."""
+        """Write a new data file, then the metadata naming it (the commit), then drop the data
+        files no metadata names and no writer holds (the previous one, killed saves')."""
         faiss = _faiss()
         if self.mmap:  # opened read-only, so unchanged: only its metadata (the source it follows) is new
             data = getattr(self, "data_file", None)
             if data is None or not os.path.isfile(data):
                 raise RuntimeError("a memory-mapped IVF-PQ index cannot be re-saved; load it with mmap=False")
             self._write_meta(path, data)
+            drop_unnamed(_data_files(path), lambda: _named_data(path))
             return
-        token = uuid.uuid4().hex[:8]
-        data = f"{path}.{token}.faiss"
+        data = f"{path}.{uuid.uuid4().hex[:8]}.faiss"
+        folder = os.path.dirname(path) or "."
         name = re.escape(os.path.basename(path))  # killed saves' temps carry other tokens than ours
-        remove_stale_temps(os.path.dirname(path) or ".", re.compile(name + r"\.[0-9a-f]{8}\.faiss\.[0-9a-f]{8}\.tmp"))
-        with atomic_write(data) as tmp:
-            _write_index(faiss, self.index, tmp)
-            self.data_crc32 = file_crc32(tmp)
-        previous = _named_data(path)
+        remove_stale_temps(folder, re.compile(name + r"\.[0-9a-f]{8}\.faiss\.[0-9a-f]{8}\.tmp"))
+        tmp = f"{data}.{uuid.uuid4().hex[:8]}.tmp"
+        held = create_locked(tmp)  # held until committed: no other save's cleanup drops it meanwhile
         try:
-            self._write_meta(path, data)
-        except BaseException:
-            os.unlink(data)
-            raise
-        _drop_old_data(path, keep=data, previous=previous)
+            try:
+                _write_index(faiss, self.index, tmp)
+                self.data_crc32 = file_crc32(tmp)
+                sidecars.fsync_file(tmp)
+                os.replace(tmp, data)
+                self._write_meta(path, data)
+            except BaseException as exc:
+                for f in (tmp, data):
+                    with contextlib.suppress(OSError):
+                        os.unlink(f)
+                if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+                    raise OSError(exc.errno, exc.strerror, data) from exc  # name the data file, not its temp
+                raise
+            drop_unnamed(_data_files(path), lambda: _named_data(path), own=data)
+        finally:
+            os.close(held)
+        fsync_dir(folder)
 
     def _write_meta(self, path: str, data: str) -> None:
         meta = {"format": FORMAT, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
@@ -265,23 +282,16 @@ def _read_meta(path: str) -> dict:
 def _named_data(path: str) -> str | None:
     """The data file the metadata names; None if unreadable (a damaged index's rebuild must still save)."""
     try:
-        return _read_meta(path).get("data") if os.path.isfile(path) else None
+        name = _read_meta(path).get("data") if os.path.isfile(path) else None
     except DatabaseError:
         return None
+    return os.path.join(os.path.dirname(path), os.path.basename(str(name))) if name else None
 
 
-def _drop_old_data(path: str, keep: str, previous: str | None, orphan_age_s: float = 600) -> None:
-    """Delete the data file the metadata named before, and orphans of killed saves (old enough
-    not to be another writer's file about to be committed)."""
-    now = time.time()
-    for f in glob.glob(glob.escape(path) + ".*.faiss"):
-        if os.path.basename(f) == os.path.basename(keep):
-            continue
-        try:
-            if os.path.basename(f) == previous or now - os.path.getmtime(f) > orphan_age_s:
-                os.unlink(f)
-        except OSError:
-            pass
+def _data_files(path: str) -> list[str]:
+    """The index's data files (``<path>.<8 hex>.faiss``), named or not; never another index's."""
+    return sorted(f for f in glob.glob(glob.escape(path) + ".*.faiss")
+                  if re.fullmatch(r"\.[0-9a-f]{8}\.faiss", f[len(path):]))
 
 
 def _sample_rows(features, n_rows: int, seed: int = 0) -> np.ndarray:

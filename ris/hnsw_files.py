@@ -25,17 +25,15 @@ import glob
 import json
 import os
 import re
-import time
 import uuid
 from typing import Callable
 
 from ris import sidecars
 from ris.errors import DatabaseError
-from ris.sidecars import (atomic_write, create_locked, ensure_room, file_crc32, fsync_dir, remove_stale_temps,
-                          remove_unless_held)
+from ris.sidecars import (atomic_write, create_locked, drop_unnamed, ensure_room, file_crc32, fsync_dir,
+                          remove_stale_temps)
 
 GRAPH_SUFFIX = ".graph"
-ORPHAN_AGE_S = 600.0  # where files cannot be locked: an unnamed graph older than this is a killed save's
 
 
 def meta_path(path: str) -> str:
@@ -128,20 +126,6 @@ def save_pair(path: str, write_graph: Callable[[str], None], need: int, meta: di
 def drop_stale_graphs(path: str, own: str | None = None) -> list[str]:
     """Delete the index's graphs that its metadata does not name and no writer holds (``own``: the
     caller's, held by the caller and done with); nothing while the metadata is unreadable."""
-    dropped = []
-    for f in sorted(set(glob.glob(glob.escape(path) + ".*" + GRAPH_SUFFIX)) | {path}):
-        if re.fullmatch(r"\.[0-9a-f]{8}" + re.escape(GRAPH_SUFFIX), f[len(path):]) is None and f != path:
-            continue
-        if _drop_if_stale(path, f, mine=f == own):
-            dropped.append(f)
-    return dropped
-
-
-def _drop_if_stale(path: str, graph: str, mine: bool) -> bool:
-    def stale(st: os.stat_result, held: bool) -> bool:
-        if not held and time.time() - st.st_mtime < ORPHAN_AGE_S:  # no locks here: judge by age
-            return False
-        named = _named(path)  # read after taking the lock: a graph its writer committed is named by now
-        return named is not None and named != graph
-
-    return remove_unless_held(graph, stale, held_here=mine)
+    graphs = [f for f in sorted(set(glob.glob(glob.escape(path) + ".*" + GRAPH_SUFFIX)) | {path})
+              if f == path or re.fullmatch(r"\.[0-9a-f]{8}" + re.escape(GRAPH_SUFFIX), f[len(path):])]
+    return drop_unnamed(graphs, lambda: _named(path), own=own)

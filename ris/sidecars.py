@@ -21,7 +21,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -173,6 +173,26 @@ def remove_unless_held(path: str | Path, may_remove: Callable[[os.stat_result, b
         return False
     finally:
         os.close(fd)
+
+
+ORPHAN_AGE_S = 600.0  # where files cannot be locked: an unnamed data file older than this is a killed save's
+
+
+def drop_unnamed(files: Iterable[str], named: Callable[[], str | None], own: str | None = None) -> list[str]:
+    """Delete those of an index's data ``files`` (HNSW graphs, IVF-PQ data) that its metadata does
+    not name and no writer holds (``own``: the caller's, held by the caller and done with). Why: a
+    writer holds its file's ``flock`` from creation until its metadata is committed, so a save
+    killed in between leaves a file no one holds. ``named()`` is read once the file is locked here
+    (a file its writer committed is named by then); None (unreadable metadata) drops nothing."""
+    def judge(f: str) -> Callable[[os.stat_result, bool], bool]:
+        def stale(st: os.stat_result, held: bool) -> bool:
+            if not held and time.time() - st.st_mtime < ORPHAN_AGE_S:  # no locks here: judge by age
+                return False
+            current = named()
+            return current is not None and current != f
+        return stale
+
+    return [f for f in files if remove_unless_held(f, judge(f), held_here=f == own)]
 
 
 def write_h5_cache(path: str | Path, key: str, attrs: dict | None = None, **datasets: np.ndarray) -> None:

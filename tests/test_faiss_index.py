@@ -187,6 +187,42 @@ def test_unreadable_metadata_is_rebuilt_and_saved_not_refused_at_every_save(tmp_
     assert len(IvfPqIndex.load(ivfpq_path(db))) == 1500
 
 
+def test_a_killed_saves_data_file_is_removed_by_the_next_build_unless_held_or_named(tmp_path):
+    """``kill -9`` of ``ris-index build --index ivfpq`` after its data file was renamed into place
+    but before its metadata was written left ``feats.h5.ivfpq.<token>.faiss`` (100 MB+ at 1M rows)
+    that the rebuild kept: orphans were only dropped by a save more than 600 s later. Now a save
+    drops every data file of the index that its metadata does not name and no process holds; one
+    another process is still writing (it holds its lock) is kept, however old."""
+    from ris.cli.index import main as index_main
+    from ris.sidecars import create_locked
+
+    x = clustered_vectors(1500, 16, seed=8)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    orphan = tmp_path / "feats.h5.ivfpq.0badf00d.faiss"  # the killed build's: no metadata names it
+    orphan.write_bytes(b"x" * 100)
+    minutes_ago = orphan.stat().st_mtime - 300  # killed, then built again a few minutes later
+    os.utime(orphan, (minutes_ago, minutes_ago))
+    other = tmp_path / "feats.h5.emb-0123456789ab.h5.ivfpq.0badf00d.faiss"  # another index's (an embedding cache's)
+    other.write_bytes(b"z" * 100)
+    live = tmp_path / "feats.h5.ivfpq.0123abcd.faiss"  # another process's save, not committed yet
+    held = create_locked(live)
+    try:
+        os.utime(live, (minutes_ago - 3600,) * 2)
+        assert index_main(["build", "--features-db", str(db), "--index", "ivfpq"]) == 0
+        named = tmp_path / json.loads((tmp_path / "feats.h5.ivfpq").read_text())["data"]
+        assert not orphan.exists()
+        assert live.exists() and other.exists() and named.exists()
+        index = IvfPqIndex.load(ivfpq_path(db), mmap=False)
+        index.save(ivfpq_path(db))  # the next save: the named file is now the previous one, dropped
+        again = tmp_path / json.loads((tmp_path / "feats.h5.ivfpq").read_text())["data"]
+        assert again != named and not named.exists()
+        assert sorted(tmp_path.glob("feats.h5.ivfpq.*.faiss")) == sorted([again, live])
+    finally:
+        os.close(held)
+    IvfPqIndex.load(ivfpq_path(db), mmap=False).save(ivfpq_path(db))  # its writer gone: dropped
+    assert len(list(tmp_path.glob("feats.h5.ivfpq.*.faiss"))) == 1 and other.exists()
+    assert len(open_ivfpq(db)) == 1500
+
 def test_an_empty_database_is_named_when_no_ivfpq_index_can_be_trained_on_it(tmp_path, capsys):
     """Every image removed, then ``--index ivfpq``: "ris-index: error: cannot build an IVF-PQ index
     over an empty database", naming no file (README: errors name their file). A search over it
