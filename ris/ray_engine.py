@@ -152,11 +152,11 @@ def extract_on_ray(
 
 def _extract(dataset, features_db, config, labels, batch_size, append, overwrite, progress, log, options,
              on_commit) -> RaySummary:
-    from ris.extract import (_finite_rows, _progress, _raise_interrupt, finish_run, list_input, refuse_another_recipe,
-                             still_to_do)
+    from ris.extract import _finite_rows, _progress, _raise_interrupt, finish_run, refuse_another_recipe, still_to_do
     from ris.featuredb import partial_path
     from ris.filestamp import file_digests, file_stamps
     from ris.featurewriter import FeatureWriter
+    from ris.run_input import list_input
     from ris.sidecars import WriterLock
 
     try:
