@@ -15,7 +15,8 @@ Layout (one file):
                rows_done, complete, content_id (redrawn on every change: the key of every cache),
                lineage_id (kept through appends and removals, new for a re-extraction), next_id
 
-``ris.featurewriter.FeatureWriter`` writes it (atomically, resumably, one writer at a time). ``FeatureDB``
+``create_layout`` makes a new file's datasets; ``ris.featurewriter.FeatureWriter`` writes it
+(atomically, resumably, one writer at a time). ``FeatureDB``
 reads it and refuses anything incomplete or inconsistent, in one line naming the file and the fault.
 """
 from __future__ import annotations
@@ -24,14 +25,16 @@ import json
 import os
 import stat
 from pathlib import Path
-from collections.abc import Sequence
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import h5py
 import numpy as np
 
 from ris.errors import DatabaseError
 from ris.sidecars import stat_key
+
+if TYPE_CHECKING:
+    from ris.row_views import RowNames
 
 STR = h5py.string_dtype("utf-8")
 FORMAT_VERSION = 1
@@ -126,6 +129,30 @@ def check_target(path: str | Path, append: bool = False, overwrite: bool = False
     check_regular(partial_path(path))
     if Path(path).exists() and not (append or overwrite):
         raise DatabaseError(f"{path}: already exists; use --append to add new images or --overwrite to replace it")
+
+
+def create_layout(f: h5py.File, feature_shape: tuple[int, ...]) -> None:
+    """The empty datasets of a new database (the layout above), each growable along its rows."""
+    chunk_rows = int(max(1, min(1024, (1 << 20) // max(int(np.prod(feature_shape)) * 4, 1))))
+    f.create_dataset("features", shape=(0, *feature_shape), maxshape=(None, *feature_shape),
+                     dtype="float32", chunks=(chunk_rows, *feature_shape))
+    f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
+    f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
+    f.create_dataset("failed_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+    f.create_dataset("failed_reasons", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
+    create_row_datasets(f, 0)
+
+
+def create_row_datasets(f: h5py.File, rows: int) -> None:
+    """The per-row datasets ``f`` lacks, for its first ``rows`` rows: ``ids`` (their row numbers),
+    ``added_at`` (NaN), ``file_stamp`` (-1), ``file_digest`` (0): unknown for rows written before them."""
+    made = {"ids": lambda: np.arange(rows, dtype=np.int64), "added_at": lambda: np.full(rows, np.nan),
+            "file_stamp": lambda: np.full((rows, 2), -1, np.int64), "file_digest": lambda: np.zeros(rows, np.uint64)}
+    for name, data in made.items():
+        if name not in f:
+            d = data()
+            f.create_dataset(name, data=d, maxshape=(None, *d.shape[1:]), chunks=(4096, *d.shape[1:]))
+    f.attrs["next_id"] = max(int(f.attrs.get("next_id", 0)), rows)
 
 
 def _check_database(f: h5py.File, path: Path) -> None:
@@ -261,9 +288,11 @@ class FeatureDB:
         """Every row's name, checked once each (``unique_names``); a search reads ``row_names``."""
         return unique_names(self.f["image_ids"][:], self.path)
 
-    def row_names(self) -> "RowNames":
+    def row_names(self) -> RowNames:
         """The image ids read on demand (a search shows a handful; all of them, as Python strings,
         are about 1 GB at 10M rows)."""
+        from ris.row_views import RowNames
+
         return RowNames(self.f["image_ids"])
 
     @property
@@ -331,72 +360,14 @@ class FeatureDB:
 
 
 def __getattr__(name: str):
-    """``FeatureWriter`` lives in ris.featurewriter (it imports this module); importable from here too."""
+    """``FeatureWriter`` lives in ris.featurewriter, ``RowNames`` and ``RowLabels`` in ris.row_views
+    (both import this module); importable from here too."""
     if name == "FeatureWriter":
         from ris.featurewriter import FeatureWriter
 
         return FeatureWriter
+    if name in ("RowNames", "RowLabels"):
+        from ris import row_views
+
+        return getattr(row_views, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class RowNames(Sequence):
-    """``FeatureDB.image_ids`` as a sequence that decodes only the rows asked for. Why: a search
-    engine needs a few names per query, and the whole column costs ~100 bytes per row as Python
-    strings. Reads go through the open file (h5py serialises them across threads)."""
-
-    def __init__(self, dataset: h5py.Dataset):
-        self._ds = dataset
-        self._n = int(dataset.shape[0])
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            start, stop, step = i.indices(self._n)
-            if step != 1:
-                return [self[j] for j in range(start, stop, step)]
-            return decode_names(self._ds[start:stop]) if stop > start else []
-        i = int(i)
-        if i < 0:
-            i += self._n
-        if not 0 <= i < self._n:
-            raise IndexError(f"row {i} is not in the database (0..{self._n - 1})")
-        return decode_names(self._ds[i : i + 1])[0]
-
-    def many(self, rows) -> list[str]:
-        """The names of ``rows`` (any order, repeats allowed) in one HDF5 read."""
-        rows = np.asarray(rows, np.int64).reshape(-1)
-        if not len(rows):
-            return []
-        if rows.min() < 0 or rows.max() >= self._n:
-            raise IndexError(f"a row is not in the database (0..{self._n - 1})")
-        unique, back = np.unique(rows, return_inverse=True)
-        names = decode_names(self._ds[unique])
-        return [names[j] for j in back.reshape(-1)]
-
-    def __iter__(self):
-        for start in range(0, self._n, 65536):  # in blocks: one HDF5 read per 64k names
-            yield from self[start : start + 65536]
-
-
-class RowLabels(Sequence):
-    """Each row's label name ('' for unlabelled) from the int label column and the names: 4 bytes
-    per row instead of a Python list of strings."""
-
-    def __init__(self, labels: np.ndarray, names: list[str]):
-        self._labels = np.asarray(labels, np.int32)
-        self._names = list(names)
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        label = int(self._labels[i])
-        return self._names[label] if 0 <= label < len(self._names) else ""
-
-    def any(self) -> bool:
-        """Whether any row has a label (without building the names)."""
-        return bool(((self._labels >= 0) & (self._labels < len(self._names))).any())

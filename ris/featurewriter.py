@@ -25,8 +25,9 @@ import h5py
 import numpy as np
 
 from ris.errors import DatabaseError
-from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, STR, FeatureDB, _attr_value, _plain, check_target,
-                           decode_names, encode_names, fingerprint, partial_path, unique_names)
+from ris.featuredb import (FINGERPRINT_KEYS, FORMAT_VERSION, REQUIRED_DATASETS, ROW_DATASETS, STR, FeatureDB,
+                           _attr_value, _plain, check_target, create_layout, create_row_datasets, decode_names,
+                           encode_names, fingerprint, partial_path, unique_names)
 from ris.partial import COMMITS, Damaged, batch_crc, copy_committed, create_commits
 from ris.recipe_diff import recipe_refusal
 from ris.h5write import abandon_hdf5, close_hdf5, quiet_hdf5_failures, reserved_room
@@ -34,7 +35,7 @@ from ris.imagefile import human_bytes
 from ris.index_state import replaced_lineages
 from ris.sidecars import WriterLock, clear_sidecars, database_file, ensure_room, fsync_dir, fsync_file, new_content_id
 
-_ROWS = ("features", "image_ids", "labels", "ids", "added_at", "file_stamp", "file_digest")  # one entry per image
+_ROWS = REQUIRED_DATASETS + ROW_DATASETS  # one entry per image
 
 
 class FeatureWriter:
@@ -163,14 +164,7 @@ class FeatureWriter:
     def _create(self, feature_shape: tuple[int, ...]) -> None:
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
         f = h5py.File(self.tmp, "w")
-        chunk_rows = int(max(1, min(1024, (1 << 20) // max(int(np.prod(feature_shape)) * 4, 1))))
-        f.create_dataset("features", shape=(0, *feature_shape), maxshape=(None, *feature_shape),
-                         dtype="float32", chunks=(chunk_rows, *feature_shape))
-        f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(4096,))
-        f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="int64", chunks=(4096,))
-        f.create_dataset("failed_ids", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
-        f.create_dataset("failed_reasons", shape=(0,), maxshape=(None,), dtype=STR, chunks=(256,))
-        _create_row_datasets(f, 0)
+        create_layout(f, feature_shape)
         create_commits(f)
         for k, v in self.attrs.items():
             f.attrs[k] = _attr_value(v)
@@ -186,7 +180,7 @@ class FeatureWriter:
             if old != new:
                 raise recipe_refusal(self.path if self.kind == "append" else self.tmp, old, new)
             rows = int(f.attrs.get("rows_done", 0))
-            _create_row_datasets(f, rows)  # those a file made before them lacks
+            create_row_datasets(f, rows)  # those a file made before them lacks
             if COMMITS not in f:  # a finished database copied for --append, or a partial made before them
                 create_commits(f)
             for name in _ROWS:
@@ -383,18 +377,6 @@ def _os_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-
-
-def _create_row_datasets(f: h5py.File, rows: int) -> None:
-    """The per-row datasets ``f`` lacks, for its first ``rows`` rows: ``ids`` (their row numbers),
-    ``added_at`` (NaN), ``file_stamp`` (-1), ``file_digest`` (0): unknown for rows written before them."""
-    made = {"ids": lambda: np.arange(rows, dtype=np.int64), "added_at": lambda: np.full(rows, np.nan),
-            "file_stamp": lambda: np.full((rows, 2), -1, np.int64), "file_digest": lambda: np.zeros(rows, np.uint64)}
-    for name, data in made.items():
-        if name not in f:
-            d = data()
-            f.create_dataset(name, data=d, maxshape=(None, *d.shape[1:]), chunks=(4096, *d.shape[1:]))
-    f.attrs["next_id"] = max(int(f.attrs.get("next_id", 0)), rows)
 
 
 def _finished_base(path: Path) -> tuple[str, int]:

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from ris.errors import BadChoice, BadImage, DatabaseError
-from ris.featuredb import RowLabels
+from ris.row_views import RowLabels
 from ris.rotations import check_rerank
 
 
