@@ -53,14 +53,17 @@ def _mean_std(values) -> dict[str, float]:
     return {"mean": round(float(np.mean(values)), 4), "std": round(float(np.std(values)), 4)}
 
 
-def summarize_folds(results: list[TrainResult]) -> dict[str, dict[str, dict[str, float]]]:
+def summarize_folds(results: list[TrainResult]) -> dict[str, Any]:
     """Mean and std over folds of the held-out scores, for raw features and the head; ``delta``:
     head - raw on the same fold, the comparison that fold-to-fold spread does not blur."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, Any] = {}
     for key in ("raw", "head"):
         rows = [r.scores[key] for r in results if key in r.scores]
         if rows:
             out[key] = {m: _mean_std([get(r) for r in rows]) for m, get in SUMMARY_METRICS.items()}
+    rows = [r.scores["raw"] for r in results if "raw" in r.scores]
+    if rows:  # groups smaller than 4 (Holidays' scenes): what the folds' N-S is read against, as ris-eval --folds
+        out["ns_perfect"] = round(float(np.mean([s.get("ns_perfect", 4.0) for s in rows])), 4)
     paired = [r for r in results if "raw" in r.scores and "head" in r.scores]
     if paired:
         out["delta"] = {}
@@ -84,4 +87,8 @@ def format_summary(summary: dict[str, Any], folds: int) -> str:
         lines.append("head - raw, paired per fold: " + ";  ".join(
             f"{name} {d[m]['mean']:+.4f} +- {d[m]['std']:.4f} (better in {d[m]['folds_better']}, worse in "
             f"{d[m]['folds_worse']} of {folds})" for m, name in (("ns_score", "N-S"), ("map", "mAP"))))
+    if summary.get("ns_perfect", 4.0) < 4.0:  # the same line as ris-eval --folds
+        from ris.metrics import ns_note
+
+        lines.append(f"{ns_note(summary['ns_perfect'])} (mean over the folds)")
     return "\n".join(lines)

@@ -95,3 +95,19 @@ def test_a_fold_cut_short_by_ctrl_c_keeps_its_best_epoch_and_stops_the_folds(mon
     assert calls == [0, 1]
     msg = str(caught.value)
     assert "fold 2/3" in msg and str(fold_path(tmp_path / "h.keras", 1)) in msg and "best epoch so far (2)" in msg, msg
+
+
+def test_summary_on_groups_smaller_than_4_says_what_a_perfect_search_scores():
+    """Holidays-style scenes of 2-3 images: a fold N-S of 2.9 may be a perfect search; the summary
+    says so with the same value and wording as ris-eval --folds."""
+    from ris.metrics import ns_note
+
+    results = [_result(2.5, 2.7, 0.6, 0.7), _result(2.6, 2.8, 0.6, 0.7)]
+    for r, p in zip(results, (2.8, 3.0)):
+        r.scores["raw"]["ns_perfect"] = r.scores["head"]["ns_perfect"] = p
+    s = summarize_folds(results)
+    assert s["ns_perfect"] == 2.9
+    text = format_summary(s, 2)
+    assert f"{ns_note(2.9)} (mean over the folds)" in text and "N-S 2.900" in text
+    four = summarize_folds([_result(3.0, 3.5, 0.5, 0.6)])  # groups of 4 (UKBench): no note
+    assert "perfect search" not in format_summary(four, 1)
