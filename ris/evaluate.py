@@ -174,10 +174,11 @@ def format_table(result: dict[str, Any]) -> str:
 
     cols = ["N-S", "top-4 %", "mAP", "R@1", "R@4", "R@10", "P@10"]
     rr = result.get("rerank", "none")
+    # 'groups': UKBench's objects, Holidays' scenes, a folder's classes alike (JSON keeps "objects")
     lines = [f"{result['features_db']}: {recipe_line(result)}"
              + (f", re-ranking {rr}" if rr != "none" else "")
              + (", query-time rotations (0/90/180/270)" if "rotations" in result else ""),
-             f"queries: {result['split_description']} - {result['objects']} objects, {result['images']} query images"
+             f"queries: {result['split_description']} - {result['objects']} groups, {result['images']} query images"
              + (f", gallery {result['gallery_images']} images" if "gallery_images" in result else ""),
              f"{ns_note(min(result[k].get('ns_perfect', 4.0) for k in ('raw', 'head') if k in result))}; "
              "mAP, R@k, P@k exclude it."]

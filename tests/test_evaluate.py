@@ -302,3 +302,17 @@ def test_the_scores_say_the_whole_recipe_they_were_made_with(tmp_path):
     plain = make_feature_db(tmp_path / "plain.h5", x, labels=[f"o{i // 4}" for i in range(40)])  # no recipe stored
     r = evaluate_db(plain, split="all")
     assert r["scales"] is None and format_table(r).splitlines()[0].endswith("synthetic @ none px, pooling gap")
+
+
+def test_the_queries_line_counts_groups_not_objects(tmp_path):
+    """A --queries list of Holidays scenes was called 'N objects'; the line says groups, as ris-eval's
+    other lines do, and the JSON key stays 'objects'."""
+    from ris.evaluate import format_table
+
+    db, _, _ = _write_db(tmp_path / "f.h5", n_obj=5, views=3)
+    queries = tmp_path / "q.txt"
+    queries.write_text("0000.jpg\n0003.jpg\n")
+    r = evaluate_db(db, split="all", queries=queries)
+    assert r["objects"] == 2
+    line = next(x for x in format_table(r).splitlines() if x.startswith("queries:"))
+    assert " - 2 groups, 2 query images" in line and " objects" not in line
