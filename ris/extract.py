@@ -136,6 +136,8 @@ def extract_features(dataset: str | Path, features_db: str | Path, config: Extra
     budget = decode_budget()  # a bad RIS_DECODE_BUDGET is refused before anything is locked
     features_db = Path(features_db)
     run = list_input(dataset, opts.labels, features_db, opts.append, opts.overwrite)
+    if run.label_note:
+        opts.log(run.label_note)
     writer, extractor = _open_writer(features_db, config, opts, extractor, run.label_names,
                                      dataset_root=str(run.root.resolve()), labels_mode=run.label_mode)
     try:

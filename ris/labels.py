@@ -16,7 +16,7 @@ import numpy as np
 from ris.errors import BadImage, RisError
 from ris.imagefile import MAX_FILE_BYTES, read_file
 
-__all__ = ["LABEL_MODES", "make_labels", "read_label_tsv"]
+__all__ = ["LABEL_MODES", "holidays_note", "make_labels", "read_label_tsv"]
 
 LABEL_MODES = ("auto", "ukbench", "holidays", "folders", "none")
 NAME_RULES = ("ukbench", "holidays", "folders", "none")  # every mode but a label file (and auto)
@@ -33,14 +33,32 @@ def _ukbench_number(rel_path: str) -> int:
     return int(m.group(1))
 
 
-def _holidays_scene(rel_path: str) -> int:
+def _holidays_scene(rel_path: str) -> int | None:
     """INRIA Holidays: ``<scene><NN>.jpg``, the scene's query being its ``..00`` photo. Never guessed
-    by auto (digit names are common): asked for with ``--labels holidays``."""
+    by auto (digit names are common): asked for with ``--labels holidays``. Other names (Flickr
+    distractors beside Holidays, im1.jpg) have no scene: None, extracted unlabelled."""
     m = _HOLIDAYS_NAME.fullmatch(Path(rel_path).name)
-    if not m:
-        raise RisError(f"{rel_path}: --labels holidays needs INRIA Holidays file names (100301.jpg: scene = "
-                       f"number // 100, six digits); use --labels folders, a FILE.tsv or none")
-    return int(m.group(1)) // 100
+    return int(m.group(1)) // 100 if m else None
+
+
+def _holidays_labels(image_ids: list[str]) -> list[str]:
+    """Each image's scene ('' for a distractor); a folder with no Holidays name at all is refused."""
+    scenes = [_holidays_scene(i) for i in image_ids]
+    if image_ids and all(s is None for s in scenes):
+        raise RisError(f"{image_ids[0]}: --labels holidays needs INRIA Holidays file names (100301.jpg: scene = "
+                       f"number // 100, six digits) and none of the {len(image_ids)} images has one; use --labels "
+                       f"folders, a FILE.tsv or none")
+    return ["" if s is None else str(s) for s in scenes]
+
+
+def holidays_note(image_ids: list[str], labels: np.ndarray) -> str:
+    """The one line ris-extract prints when --labels holidays leaves images unlabelled ('' if none)."""
+    off = [i for i, l in zip(image_ids, labels) if l < 0]
+    if not off:
+        return ""
+    return (f"--labels holidays: {len(off)} of {len(image_ids)} images are not named like Holidays photos "
+            f"(e.g. {off[0]!r}): extracted unlabelled, as distractors (ris-eval --queries searches them, never "
+            f"as a query or a match)")
 
 
 def read_label_tsv(path: str | Path) -> dict[str, str]:
@@ -100,7 +118,7 @@ def make_labels(image_ids: list[str], mode: str, dataset: str | Path | None = No
     if mode == "ukbench":
         raw = [str(_ukbench_number(i) // 4) for i in image_ids]
     elif mode == "holidays":
-        raw = [str(_holidays_scene(i)) for i in image_ids]
+        raw = _holidays_labels(image_ids)
     elif mode == "folders":
         raw = [i.split("/")[0] if "/" in i else "" for i in image_ids]
     else:

@@ -166,6 +166,8 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     options = options or RayOptions()
     features_db = Path(features_db)
     run = list_input(dataset, labels, features_db, append, overwrite)
+    if run.label_note:
+        log(run.label_note)
     root, files, label_of = run.root, run.files, run.label_of
     features_db.parent.mkdir(parents=True, exist_ok=True)
     lock = WriterLock(features_db).acquire()  # before the slow cluster start and model builds

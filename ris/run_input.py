@@ -23,13 +23,14 @@ class RunInput:
     label_mode: str
     other_files: list[str]  # not read: other extensions (the label file, which is read, left out)
     hidden_files: list[str]
+    label_note: str = ""  # --labels holidays: how many images it left unlabelled (distractors)
 
 
 def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool, overwrite: bool) -> RunInput:
     """The folder listing, the target check and the labels; refuses a folder without images."""
     from ris.featuredb import check_target
     from ris.images import scan_folder
-    from ris.labels import NAME_RULES, make_labels
+    from ris.labels import NAME_RULES, holidays_note, make_labels
 
     root = Path(dataset)
     scan = scan_folder(root)
@@ -46,7 +47,8 @@ def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool
     label_of = {f: (label_names[l] if l >= 0 else "") for f, l in zip(files, label_ids)}
     label_file = Path(label_mode).resolve() if label_mode not in NAME_RULES else None
     not_read = [f for f in scan.other if (root / f).resolve() != label_file]  # the label file is read
-    return RunInput(root, files, label_of, label_names, label_mode, not_read, scan.hidden)
+    note = holidays_note(files, label_ids) if label_mode == "holidays" else ""
+    return RunInput(root, files, label_of, label_names, label_mode, not_read, scan.hidden, note)
 
 
 def _extension_list() -> str:

@@ -79,8 +79,11 @@ def test_holidays_names_label_their_scene():
     labels, names, mode = make_labels(ids, "holidays")
     assert mode == "holidays" and names == ["1000", "1001", "1499"]
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]
-    with pytest.raises(RisError) as exc:
-        make_labels(["100000.jpg", "IMG_1000.jpg"], "holidays")
+    # a file not named like a Holidays photo (a Flickr distractor) is unlabelled, as folders and a
+    # FILE.tsv leave the files they do not name
+    assert make_labels(["100000.jpg", "im1000.jpg"], "holidays")[0].tolist() == [0, -1]
+    with pytest.raises(RisError) as exc:  # none at all: not a Holidays folder
+        make_labels(["IMG_1000.jpg", "im1.jpg"], "holidays")
     msg = str(exc.value)
     assert "IMG_1000.jpg" in msg and "number // 100" in msg and "\n" not in msg
     # never guessed: digit names are common (Corel's 0.jpg .. 999.jpg)
@@ -129,3 +132,49 @@ def test_a_holidays_folder_is_labelled_extracted_and_scored_as_the_readme_says(t
     assert run("ris-extract", extract_cli.main, ["--sync", "--features-db", str(db), "--no-progress"]) == 0
     with FeatureDB(db) as fdb:
         assert dict(zip(fdb.image_ids, fdb.labels.tolist()))["100203.jpg"] == 2
+
+
+def test_holidays_with_flickr_distractors_extracts_them_unlabelled_and_scores_them_as_negatives(tmp_path, capsys):
+    """Holidays + MIRFLICKR-style distractors (im1.jpg ...), the standard protocol, was refused whole by
+    --labels holidays. The distractors are extracted unlabelled, with one line counting them; under
+    --queries they are gallery only: never a query, never a positive, and one that ranks above a true
+    match lowers mAP."""
+    import json
+    import shutil
+
+    from ris.cli import eval as eval_cli
+    from ris.cli import extract as extract_cli
+    from ris.cli.common import run
+    from ris.featuredb import FeatureDB
+    from ris.testing import make_tiny_dataset
+
+    data = make_tiny_dataset(tmp_path / "jpg", n_objects=3, views=3, size=64)
+    (data / "groundtruth.tsv").unlink()
+    for k, f in enumerate(sorted(data.glob("*.jpg"))):
+        f.rename(data / f"{(1000 + k // 3) * 100 + k % 3}.jpg")
+    queries = tmp_path / "queries.txt"
+    queries.write_text("".join(f"{f.name}\n" for f in sorted(data.glob("*00.jpg"))))
+    recipe = ["--model", "vgg16", "--weights", "none", "--resize", "32", "--no-progress"]
+
+    def extract_and_score(db):
+        assert run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(db), *recipe,
+                                                     "--labels", "holidays"]) == 0
+        err = capsys.readouterr().err
+        assert run("ris-eval", eval_cli.main, ["--features-db", str(db), "--queries", str(queries), "--json"]) == 0
+        return err, json.loads(capsys.readouterr().out)
+
+    _, clean = extract_and_score(tmp_path / "clean.h5")
+    shutil.copy(data / "100000.jpg", data / "im100.jpg")  # a copy of query 100000: ranks above its true matches
+    (data / "im2.jpg").write_bytes((data / "100101.jpg").read_bytes())
+    err, mixed = extract_and_score(tmp_path / "mixed.h5")
+    line = [x for x in err.splitlines() if "not named like" in x]
+    assert len(line) == 1 and "2 of 11 images" in line[0] and "unlabelled" in line[0], err
+    with FeatureDB(tmp_path / "mixed.h5") as fdb:
+        got = dict(zip(fdb.image_ids, fdb.labels.tolist()))
+    assert got["im100.jpg"] == got["im2.jpg"] == -1 and sorted(v for v in got.values() if v >= 0) == [0] * 3 + [1] * 3 + [2] * 3
+    assert (mixed["images"], mixed["gallery_images"]) == (3, 11) and "2 unlabelled: distractors" in mixed["split_description"]
+    # never a positive: a positive would raise the query's AP; ranked first, it lowers it
+    assert mixed["raw"]["map"] < clean["raw"]["map"]
+    queries.write_text("im100.jpg\n")  # never a query: it has nothing to be scored against
+    assert run("ris-eval", eval_cli.main, ["--features-db", str(tmp_path / "mixed.h5"), "--queries", str(queries)]) == 2
+    assert "im100.jpg" in capsys.readouterr().err
