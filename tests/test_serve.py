@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -945,6 +946,46 @@ def test_the_real_server_streams_the_cap_and_stops_cleanly(tiny):
     finally:
         assert server.stop() == 0  # SIGTERM, as a service manager stops it: graceful, exit 0
     assert any("ris-serve: loading" in line for line in server.stderr)
+    stopping = [line for line in server.stderr if "stopping" in line]  # it said so, once
+    assert len(stopping) == 1 and stopping[0].startswith("ris-serve: stopping (SIGTERM)"), server.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_engine_loads_stops_without_waiting_for_the_load(tiny, tmp_path):
+    """ris-serve took 4-14 s to exit after SIGTERM, silently: the process waited for the engine's
+    load (Keras, index) to finish in its worker thread. A load that never ends stands for a slow one:
+    SIGTERM still ends the server with its stopping line and exit 0."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import threading\nfrom ris.serve.service import SearchService\n"
+              "SearchService.load = lambda self: threading.Event().wait()\n"
+              "from ris.cli.serve import entry\nentry()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--features-db", str(tiny[2]), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # serving (503 'loading') with its signal handling in place
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).json().get("status") == "loading":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError("ris-serve did not start serving")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "ris-serve: stopping (SIGTERM)" in err and "ready:" not in out
 
 
 def test_openapi_gives_every_operation_its_own_id(client):

@@ -188,8 +188,10 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
     print(f"{prog}: loading {cfg.features_db}" + (f" with {cfg.model}" if cfg.model else "") + " ...",
           file=sys.stderr, flush=True)
     app = create_app(cfg, on_ready=on_ready, on_fatal=on_fatal)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+    server = _server_class(uvicorn, prog)(uvicorn.Config(
+                                           app, host=host, port=port, log_level=log_level, lifespan="on",
                                            timeout_keep_alive=5, server_header=False,
+                                           timeout_graceful_shutdown=STOP_GRACE_S,
                                            limit_concurrency=cfg.max_connections,
                                            http=with_request_deadline(cfg.request_timeout)))
     _run_until_stopped(server)
@@ -202,6 +204,28 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
 
 class _Stopped(Exception):
     pass
+
+
+STOP_GRACE_S = 5  # on Ctrl-C/SIGTERM, requests in flight get this long; then they are cancelled
+
+
+def _server_class(uvicorn, prog: str):
+    """uvicorn's server, saying once that it stops (the signal's name, before the requests in flight
+    finish), so a service manager's log shows why the server went away."""
+    import signal
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if not self.should_exit:
+                try:
+                    name = signal.Signals(sig).name
+                except ValueError:
+                    name = str(sig)
+                # os.write: a handler may interrupt a print to stderr in progress (a reentrant print raises)
+                os.write(2, f"{prog}: stopping ({name}): requests in flight get at most {STOP_GRACE_S} s\n".encode())
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def _run_until_stopped(server) -> None:
@@ -237,7 +261,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(run("ris-serve", main, sigterm_interrupts=False))  # its server stops gracefully on SIGTERM
+    code = run("ris-serve", main, sigterm_interrupts=False)  # its server stops gracefully on SIGTERM
+    exit_now(code)
+
+
+def exit_now(code: int) -> None:
+    """End the process once the server has stopped. Python's own exit garbage-collected every object
+    Keras and the engine made (seconds); the engine's load runs in a daemon thread, so a stop while it
+    loads does not wait for it."""
+    import gc
+
+    gc.freeze()  # the final collections skip what exists now
+    sys.exit(code)
 
 
 if __name__ == "__main__":

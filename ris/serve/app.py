@@ -10,7 +10,7 @@ import asyncio
 import os
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import quote
 
 from anyio import to_thread
@@ -52,6 +52,35 @@ def content_disposition(name: str) -> str:
     return f"inline; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(text, safe='')}"
 
 
+async def in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a daemon thread: the engine's load (Keras, an index built) and a reload can take
+    many seconds, and a worker thread of the event loop's pool would hold the process's exit on
+    Ctrl-C/SIGTERM until it ended. Its index files are written atomically, so abandoning it is safe."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def work() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task, which reports it
+            result, error = None, exc
+
+        def settle() -> None:
+            if done.cancelled():
+                return
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop has closed: the server stopped meanwhile
+            pass
+
+    threading.Thread(target=work, name="ris-serve load", daemon=True).start()
+    return await done
+
+
 def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[SearchService], None] | None = None,
                on_fatal: Callable[[str], None] | None = None):
     """The app. ``service`` without a loaded engine is loaded in the background at start-up
@@ -65,7 +94,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     async def load() -> None:
         try:
             if svc.current is None:
-                await to_thread.run_sync(svc.load)
+                await in_daemon_thread(svc.load)
         except Exception as exc:  # RisError, OSError ...: one line, then the server stops
             svc.error = str(exc) or repr(exc)
             if on_fatal:
@@ -78,7 +107,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         while True:
             await asyncio.sleep(cfg.reload_interval)
             try:
-                await to_thread.run_sync(svc.poll)
+                await in_daemon_thread(svc.poll)
             except Exception as exc:  # never let the watcher die silently
                 svc.reload_error = repr(exc)
 
