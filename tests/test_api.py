@@ -108,7 +108,7 @@ def test_a_preset_on_a_database_made_otherwise_warns_as_the_commands_do(tmp_path
 
     import ris
 
-    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=4, size=64)  # two UKBench objects (index // 4)
     db = tmp_path / "f.h5"
     ris.build_database(photos, db, model="vgg16", weights="none", input_size=64, progress=False, labels="ukbench")
     with pytest.warns(UserWarning, match=r"not made with the recipe of preset='accurate'.*--model vgg16 here"):
