@@ -859,7 +859,9 @@ def test_help_explains_every_flag():
         assert "(default: None)" not in parser.format_help()
     assert "--serve" in demo_cli.build_parser().format_help()
     timeout = next(a.help for a in serve_cli.build_parser()._actions if "--request-timeout" in a.option_strings)
-    assert "upload" in timeout and "kB/s" in timeout  # it cuts a slow upload too: the help says so
+    assert "upload" in timeout and "silent" in timeout  # what it bounds of an upload: its silences
+    rate = next(a.help for a in serve_cli.build_parser()._actions if "--min-upload-rate" in a.option_strings)
+    assert "kB/s" in rate and "20 MB" in rate  # the floor, with what it allows a full-size upload
 
 
 def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):
@@ -911,6 +913,59 @@ def test_stalled_clients_are_dropped_so_they_cannot_hold_every_connection(tiny, 
         assert httpx.get(server.url + "/api/health", timeout=10).status_code == 200  # ... and dropped
         for s in stalled:
             s.close()
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_slow_upload_that_keeps_coming_is_taken_and_a_trickle_is_cut(tiny):
+    """--request-timeout bounded the whole request, upload included: a client sending steadily at
+    333 kB/s had its 20 MB photo cut at 60 s. Now it bounds the headers and each silence; the body
+    only has to average --min-upload-rate. Here: a 2 s timeout, an upload that takes ~5 s at
+    ~20 kB/s (20 x the 1 kB/s floor) is answered; one at ~40 B/s is closed."""
+    import socket
+    import time
+
+    img = (tiny[1] / "ukbench00002.jpg").read_bytes()
+    body = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + img + b'\r\n--b\r\nContent-Disposition: form-data; name="k"'
+            b"\r\n\r\n3" + b" " * 100_000 + b"\r\n--b--\r\n")
+    head = (b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    server = ServerProcess(["--features-db", str(tiny[2]), "--port", "0", "--request-timeout", "2",
+                            "--min-upload-rate", "1", "--reload-interval", "0"])
+    try:
+        host, port = server.url.split("//")[1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            s.sendall(head)
+            step = len(body) // 50
+            started = time.monotonic()
+            for i in range(0, len(body), step):
+                s.sendall(body[i:i + step])
+                time.sleep(0.1)
+            assert time.monotonic() - started > 2  # longer than --request-timeout
+            answer = b""
+            while b"\r\n\r\n" not in answer and (got := s.recv(65536)):
+                answer += got
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        with socket.create_connection((host, int(port)), timeout=60) as s:
+            s.sendall(head)
+            closed, until = False, time.monotonic() + 60
+            try:
+                for i in range(0, len(body), 10):  # 10 bytes every 0.25 s: never silent for 2 s
+                    s.sendall(body[i:i + 10])
+                    time.sleep(0.25)
+                    if time.monotonic() > until:
+                        break
+            except OSError:  # reset or broken pipe: the server closed it
+                closed = True
+            if not closed:
+                s.settimeout(5)
+                try:
+                    closed = s.recv(1) == b""
+                except OSError:
+                    closed = True
+            assert closed, "a body trickling at 40 B/s was kept for 60 s"
     finally:
         assert server.stop() == 0
 

@@ -75,9 +75,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-connections", type=positive_int, default=256, help="concurrent connections; more get HTTP 503 "
                    "(bounds the uploads being received at once)")
     g.add_argument("--request-timeout", type=positive_float, default=60, help="seconds a client has to send a "
-                   "whole request (headers and upload); a connection that stalls longer is closed, so stalled "
-                   "clients cannot hold every --max-connections slot. It bounds a slow upload too: at 60 s a "
-                   "20 MB upload needs 333 kB/s; raise it for clients on slower links")
+                   "request's headers, and the longest an upload may go silent; a connection that stalls longer "
+                   "is closed, so stalled clients cannot hold every --max-connections slot. An upload that keeps "
+                   "coming is not cut by it (see --min-upload-rate)")
+    g.add_argument("--min-upload-rate", type=positive_float, default=10, help="kB/s (10^3 bytes) an upload must "
+                   "average: it may take --request-timeout seconds plus 1 s per this many kB, so at 10 a 20 MB "
+                   "upload may take 60 + 2,000 s; a slower one is closed, so a client trickling a few bytes "
+                   "cannot hold a connection either")
     g.add_argument("--reload-interval", type=nonnegative_float, default=2, help="seconds between checks of the database file "
                    "for new rows (0 = never reload)")
     g.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -132,6 +136,7 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
                        default_k=args.top_k, max_k=args.max_k, slots=args.slots, queue=args.queue,
                        queue_timeout=args.queue_timeout, reload_interval=args.reload_interval,
                        max_connections=args.max_connections, request_timeout=args.request_timeout,
+                       min_upload_rate=args.min_upload_rate * 1e3,
                        rotations=getattr(args, "rotations", False),
                        default_rerank=default_rerank)
 
@@ -193,7 +198,7 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
                                            timeout_keep_alive=5, server_header=False,
                                            timeout_graceful_shutdown=STOP_GRACE_S,
                                            limit_concurrency=cfg.max_connections,
-                                           http=with_request_deadline(cfg.request_timeout)))
+                                           http=with_request_deadline(cfg.request_timeout, cfg.min_upload_rate)))
     _run_until_stopped(server)
     if outcome["code"] == EXIT_OK and not server.started:
         from ris.errors import RisError

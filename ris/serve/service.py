@@ -54,7 +54,8 @@ class ServeConfig:
     thumb_size: int = 256
     thumb_cache: int = 2048  # thumbnails kept in memory (about 15 kB each)
     max_connections: int = 256  # open connections; uvicorn answers 503 beyond (bounds spooled uploads)
-    request_timeout: float = 60.0  # seconds to send a whole request; a stalled connection is closed
+    request_timeout: float = 60.0  # seconds to send the headers, and an upload's longest silence; then closed
+    min_upload_rate: float = 10_000.0  # bytes/s an upload must average (after request_timeout's grace)
     rotations: bool = False  # uploads described at 0/90/180/270 degrees, each row keeping its best distance
     default_rerank: str = "none"  # the re-ranking of a request that names none (ris-serve --preset accurate: dba+qe)
 
