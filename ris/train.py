@@ -7,7 +7,6 @@ train here. Off-the-shelf features are scored on the same test objects. K folds:
 """
 from __future__ import annotations
 
-import csv
 import math
 import sys
 import time
@@ -19,12 +18,11 @@ import numpy as np
 
 from ris.embed import embed_features, raw_descriptors
 from ris.errors import DatabaseError, RisError, TooFewGroups
-from ris.modelio import save_model
 from ris.protocol import TRAINING_IN_GALLERY
-from ris.sidecars import atomic_write
 from ris.splits import make_split
 from ris.train_checks import check_config, check_output, refuse_non_finite, remove_killed_saves
-from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening, write_whitening_report
+from ris.train_report import history_report, save_with_report, whitening_report
+from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening
 
 
 @dataclass
@@ -232,14 +230,14 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_model(base, output, meta)
     if run is None:
-        hist_path, plot_path = write_whitening_report(whitening, output)
-        epochs = (None, None, None)
+        report, epochs = whitening_report(whitening), (None, None, None)
     else:
-        hist_path, plot_path = write_history(run.history, output, run.raw_val, run.monitor_name)
+        meta["history"] = run.history  # the model keeps its own epochs: its CSV may be lost or be another run's
+        report = history_report(run.history, run.raw_val, run.monitor_name)
         epochs = (run.best_epoch, len(run.history),
                   round(float(np.mean(run.epoch_times)) if run.epoch_times else 0.0, 3))
+    hist_path, plot_path = save_with_report(base, output, meta, report)  # the model's rename commits the run
     return TrainResult(str(output), epochs[0], epochs[1], round(seconds, 2), epochs[2],
                        {k: int(n) for k, n in data.groups().items()}, test_scores, str(hist_path),
                        str(plot_path) if plot_path else "", whitening if run is None else None,
@@ -361,39 +359,3 @@ def _finite_epoch(history: dict[str, list], base, probe: np.ndarray) -> bool:
     losses = [history[k][-1] for k in ("loss", "val_loss") if history.get(k)]
     return (all(math.isfinite(v) for v in losses) and all(np.isfinite(w).all() for w in base.get_weights())
             and bool(np.isfinite(embed_features(base, probe)).all()))
-
-
-def write_history(history: list[dict[str, Any]], model_path: Path, raw_val: float,
-                  metric: str = "N-S") -> tuple[Path, Path | None]:
-    """History as CSV next to the model, and a loss / N-S curve PNG a person can look at."""
-    stem = model_path.with_suffix("")
-    csv_path = Path(f"{stem}.history.csv")
-    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as fh:  # whole or not at all
-        w = csv.DictWriter(fh, fieldnames=list(history[0]) if history else ["epoch"])
-        w.writeheader()
-        w.writerows(history)
-    png = Path(f"{stem}.history.png")
-    try:
-        import matplotlib
-    except ImportError:  # a bare accelerator host: the CSV is still written
-        return csv_path, None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a1.plot(ep, [h["loss"] for h in history], label="train loss")
-    a1.plot(ep, [h["val_loss"] for h in history], label="val loss")
-    a1.set_xlabel("epoch"), a1.set_ylabel("triplet loss"), a1.legend()
-    a2.plot(ep, [h["val_score"] for h in history], label=f"val {metric} (head)")
-    a2.plot(ep, [h["test_score"] for h in history], label=f"test {metric} (head)", alpha=0.6)
-    if not math.isnan(raw_val):
-        a2.axhline(raw_val, color="gray", ls="--", label=f"val {metric} (raw features)")
-    a2.set_xlabel("epoch"), a2.set_ylabel(metric), a2.legend()
-    fig.tight_layout()
-    try:
-        with atomic_write(png) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return csv_path, png

@@ -1,22 +1,20 @@
 """Learned whitening, the default ``ris-train`` head: the closed form, its settings chosen by
-cross-validation inside the training groups, the report of what each setting gained, and the
-fitted head in NumPy (``WhiteningHead``) and as a Keras model (``build_whitening_head``, saved).
+cross-validation inside the training groups (the table of what each setting gained; its CSV and
+plot: ``ris.train_report``), and the fitted head in NumPy (``WhiteningHead``) and as a Keras model
+(``build_whitening_head``, saved).
 
 Everything here is NumPy except ``build_whitening_head``, which imports Keras when called: the
 evaluation and search of a whitening head never need Keras (``ris.modelio.load_model``).
 """
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ris.errors import TooFewGroups
-from ris.sidecars import atomic_write
 from ris.topk import l2_normalize
 
 if TYPE_CHECKING:
@@ -268,38 +266,3 @@ def build_whitening_head(mean, projection, l2_normalize: bool = True, name: str 
     if l2_normalize:
         x = L2Normalize(name="l2norm")(x)
     return keras.Model(inp, x, name=name)
-
-
-def write_whitening_report(whitening: dict[str, Any], model_path: Path) -> tuple[Path, Path | None]:
-    """The inner cross-validation table as CSV and a bar chart: what each whitening setting gained."""
-    stem = model_path.with_suffix("")
-    csv_path, png = Path(f"{stem}.history.csv"), Path(f"{stem}.history.png")
-    table = whitening.get("table") or []
-    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as fh:  # whole or not at all
-        w = csv.DictWriter(fh, fieldnames=["shrinkage", "power", "dim", "inner_gain"])
-        w.writeheader()
-        w.writerows(table)
-    try:
-        import matplotlib
-    except ImportError:  # a bare accelerator host: the CSV is still written
-        return csv_path, None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(table) + 2), 3.6))
-    labels = [f"s{r['shrinkage']:g} p{r['power']:g} d{r['dim']}" for r in table]
-    chosen = [r["shrinkage"] == whitening.get("shrinkage") and r["power"] == whitening.get("power")
-              and r["dim"] == whitening.get("dim") and not whitening.get("off") for r in table]
-    ax.bar(range(len(table)), [r["inner_gain"] for r in table], color=["C1" if c else "C0" for c in chosen])
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set_xticks(range(len(table)), labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"inner {whitening.get('metric', 'score')} gain over raw")
-    ax.set_title(f"learned whitening: {whitening.get('selected_by', '')}" + (" (none chosen)" if whitening.get("off") else ""),
-                 fontsize=9)
-    fig.tight_layout()
-    try:
-        with atomic_write(png) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return csv_path, png

@@ -162,7 +162,7 @@ def test_history_files_are_written_whole_or_not_at_all_and_a_failure_names_the_f
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from ris.train import write_history
+    from ris.train_report import write_history
 
     history = [{"epoch": 1, "loss": 0.3, "val_loss": 0.2, "val_score": 3.5, "test_score": 3.4, "seconds": 1.0}]
 
@@ -564,3 +564,55 @@ def test_training_in_another_thread_leaves_the_signal_handlers_alone(tmp_path):
     t.start()
     t.join(600)
     assert result and result[0].epochs_run == 2 and result[0].interrupted_by is None
+
+
+class _Killed(BaseException):
+    """``kill -9`` at a chosen instant: nothing after it runs (in-process, the temps are removed too)."""
+
+
+@pytest.mark.parametrize("arch", ["whiten", "mlp"])
+def test_a_run_killed_between_saving_the_model_and_its_history_is_named_by_ris_eval(tmp_path, capsys, monkeypatch,
+                                                                                      arch):
+    """ris-train saved the model, then its history CSV and PNG, each renamed into place on its own:
+    killed between the renames, the new model.keras sat beside the previous run's history files, each
+    whole, and nothing said so (a user read the old run's curves for the new head). The model now
+    records its report files' digests; ris-eval --model names a history file of another run."""
+    import os
+
+    pytest.importorskip("keras")
+    from ris.cli import eval as eval_cli
+    from ris.cli import train as train_cli
+    from ris.modelio import read_meta
+
+    db = _write_db(tmp_path / "f.h5", n_obj=20, views=4)
+    out = tmp_path / "h.keras"
+    args = ["--features-db", str(db), "--output", str(out), "--arch", arch, "--quiet", "--json",
+            *(["--epochs", "2", "--hidden", "8", "--out-dim", "8"] if arch == "mlp" else [])]
+    assert train_cli.main(args) == 0
+    capsys.readouterr()
+    assert eval_cli.main(["--features-db", str(db), "--model", str(out), "--json"]) == 0
+    assert "earlier run" not in capsys.readouterr().err  # a whole run: model and history agree
+    old_csv = (tmp_path / "h.history.csv").read_bytes()
+    real_replace = os.replace
+
+    def killed_after_the_model(src, dst, *a, **k):
+        real_replace(src, dst, *a, **k)
+        if str(dst).endswith(".keras"):
+            raise _Killed
+
+    monkeypatch.setattr(os, "replace", killed_after_the_model)
+    with pytest.raises(_Killed):
+        train_cli.main([*args, "--seed", "1"])
+    monkeypatch.undo()
+    assert read_meta(out)["config"]["seed"] == 1  # the new model ...
+    assert (tmp_path / "h.history.csv").read_bytes() == old_csv  # ... beside the old run's history
+    capsys.readouterr()
+    assert eval_cli.main(["--features-db", str(db), "--model", str(out), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"ris-eval: warning: {tmp_path / 'h.history.csv'} and {tmp_path / 'h.history.png'} belong to an earlier "
+        f"run of {out} (ris-train was stopped between saving the model and its history; "), err
+    assert train_cli.main([*args, "--seed", "1"]) == 0  # run again: whole, and nothing said
+    capsys.readouterr()
+    assert eval_cli.main(["--features-db", str(db), "--model", str(out), "--json"]) == 0
+    assert "earlier run" not in capsys.readouterr().err

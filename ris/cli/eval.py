@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _refuse_ignored(args)
     presets.warn_other_recipe("ris-eval", args.preset, args.features_db)
+    if args.model is not None:  # a history CSV/PNG a killed ris-train left from an earlier run
+        from ris.train_report import stale_report
+
+        stale = stale_report(args.model)
+        if stale:
+            print(f"ris-eval: warning: {stale}", file=sys.stderr)
     if args.index is not None:
         from ris.index_eval import evaluate_index, format_index_table
 
