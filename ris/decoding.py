@@ -27,12 +27,13 @@ from ris.aspect import stack_images
 from ris.errors import BadImage
 
 
-def _load_batch_item(root: Path, rel: str, size: int, aspect: str = "squash") -> np.ndarray:
+def _load_batch_item(root: Path, rel: str, size: int, aspect: str = "squash") -> tuple[np.ndarray, int]:
     """One image as the model takes it: (size, size, 3) uint8 RGB, or its aspect ratio kept
-    (``ris.aspect``); ``BadImage`` when it cannot be."""
-    from ris.images import load_image
+    (``ris.aspect``), and the digest of the bytes decoded (``ris.filestamp``: each file is read
+    once, by its worker); ``BadImage`` when it cannot be."""
+    from ris.images import load_image_digest
 
-    return load_image(root / rel, size, aspect)
+    return load_image_digest(root / rel, size, aspect)
 
 
 DEFAULT_DECODE_BUDGET = 1 << 30
@@ -52,7 +53,8 @@ def decode_budget() -> int:
 
 def iter_decoded(root: Path, rel_paths: Iterable[str], size: int, workers: int,
                  prefetch: int, processes: bool = False, chunk: int | None = None,
-                 budget: int | None = None, aspect: str = "squash") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+                 budget: int | None = None, aspect: str = "squash",
+                 digest_of: dict[str, int] | None = None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     """(path, image or None, error) in input order; decoding runs ``prefetch`` images ahead.
 
     ``processes``: decode in ``workers`` worker processes, ``chunk`` images per task, instead of
@@ -60,12 +62,15 @@ def iter_decoded(root: Path, rel_paths: Iterable[str], size: int, workers: int,
     ``budget``: bytes the decodes in flight may hold (default ``decode_budget()``); each image's
     share comes from its header before it is submitted (``ris.images.decode_cost``). ``aspect``: the
     input's shape (``ris.aspect``; with 'keep' images of one run may differ in shape).
+    ``digest_of``: each decoded path's digest of the bytes decoded (``ris.filestamp``) is put here
+    before its image is yielded.
     """
     from ris.images import decode_cost
 
     budget = decode_budget() if budget is None else budget
     if processes:
-        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk, budget, aspect)
+        yield from _iter_decoded_processes(root, rel_paths, size, workers, prefetch, chunk, budget, aspect,
+                                           digest_of)
         return
     import cv2
 
@@ -76,9 +81,13 @@ def iter_decoded(root: Path, rel_paths: Iterable[str], size: int, workers: int,
     try:
         for rel, fut in tasks:
             try:
-                yield rel, fut.result(), None
+                img, digest = fut.result()
             except BadImage as exc:
                 yield rel, None, str(exc)
+                continue
+            if digest_of is not None:
+                digest_of[rel] = digest
+            yield rel, img, None
     finally:  # also when the consumer stops early (interrupt): don't decode the rest of the window
         tasks.close()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -190,18 +199,24 @@ def _init_decode_worker() -> None:
 
 
 def _decode_chunk(root: str, rel_paths: list[str], size: int,
-                  aspect: str = "squash") -> tuple[np.ndarray | list[np.ndarray], list[str | None]]:
-    """Decode a chunk in a worker: (stacked images that decoded, error or None per path)."""
-    images, errors = [], []
+                  aspect: str = "squash") -> tuple[np.ndarray | list[np.ndarray], list[str | None], list[int]]:
+    """Decode a chunk in a worker: (stacked images that decoded, error or None per path, digest of
+    the bytes decoded per path, ``UNKNOWN_DIGEST`` for one that failed)."""
+    from ris.filestamp import UNKNOWN_DIGEST
+
+    images, errors, digests = [], [], []
     for rel in rel_paths:
         try:
-            images.append(_load_batch_item(Path(root), rel, size, aspect))
+            img, digest = _load_batch_item(Path(root), rel, size, aspect)
+            images.append(img)
             errors.append(None)
+            digests.append(digest)
         except BadImage as exc:
             errors.append(str(exc))
+            digests.append(UNKNOWN_DIGEST)
     # one array per chunk where the shapes agree: one copy through the pipe, no per-image pickling
     stacked = stack_images(images) if images else np.zeros((0, size, size, 3), np.uint8)
-    return stacked, errors
+    return stacked, errors, digests
 
 
 def _decode_chunk_named(root: str, rel_paths: list[str], size: int, aspect: str = "squash"):
@@ -210,13 +225,14 @@ def _decode_chunk_named(root: str, rel_paths: list[str], size: int, aspect: str 
     from ris.jpeg_noise import capture, take
 
     with capture():
-        stacked, errors = _decode_chunk(root, rel_paths, size, aspect)
+        stacked, errors, digests = _decode_chunk(root, rel_paths, size, aspect)
         found = {rel: take(Path(root) / rel) for rel in rel_paths}
-    return stacked, errors, {rel: lines for rel, lines in found.items() if lines}
+    return stacked, errors, digests, {rel: lines for rel, lines in found.items() if lines}
 
 
 def _iter_decoded_processes(root: Path, rel_paths: Iterable[str], size: int, workers: int, prefetch: int,
-                            chunk: int | None, budget: int, aspect: str = "squash") -> Iterator[tuple[str, np.ndarray | None, str | None]]:
+                            chunk: int | None, budget: int, aspect: str = "squash",
+                            digest_of: dict[str, int] | None = None) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
     from ris.images import decode_cost
     from ris.jpeg_noise import capturing, note
 
@@ -233,12 +249,14 @@ def _iter_decoded_processes(root: Path, rel_paths: Iterable[str], size: int, wor
                        lambda c: max(decode_cost(root / rel, size) for rel in c), budget)
     try:
         for c, fut in tasks:
-            stacked, errors, *found = fut.result()
+            stacked, errors, digests, *found = fut.result()
             for rel, lines in (found[0] if found else {}).items():
                 note(root / rel, lines)
             k = 0
-            for rel, err in zip(c, errors):
+            for rel, err, digest in zip(c, errors, digests):
                 if err is None:
+                    if digest_of is not None:
+                        digest_of[rel] = digest
                     yield rel, stacked[k], None
                     k += 1
                 else:

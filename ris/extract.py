@@ -241,7 +241,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     SIGTERM is a KeyboardInterrupt meanwhile. Called inside ``ris.jpeg_noise.capture``."""
     from ris.aspect import stack_images
     from ris.decoding import iter_decoded
-    from ris.filestamp import digests_in_turn, file_stamps
+    from ris.filestamp import file_stamps
     from ris.imagefile import human_bytes
 
     batch_size = opts.batch_size
@@ -255,7 +255,8 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     ids: list[str] = []
     imgs: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
-    stamps, batch_stamps, digests = file_stamps(root, todo), [], []  # digests as the decoder takes each file
+    stamps, batch_stamps = file_stamps(root, todo), []
+    digest_of: dict[str, int] = {}  # the digest of the bytes each file's decoder read (ris.filestamp)
     # one batch in flight: the next batch is dispatched before this one is collected and written
     in_flight: list[tuple[list[str], Callable[[], np.ndarray], list]] = []
 
@@ -288,9 +289,9 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
     # thread, e.g. a worker of a serving or distributed engine, leaves signals to its owner)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
-    decoded = iter_decoded(root, digests_in_turn(root, todo, digests), extractor.max_size, workers, prefetch=prefetch,
+    decoded = iter_decoded(root, todo, extractor.max_size, workers, prefetch=prefetch,
                            processes=opts.decode == "processes", budget=budget,
-                           aspect=getattr(extractor, "aspect", "squash"))
+                           aspect=getattr(extractor, "aspect", "squash"), digest_of=digest_of)
     try:
         for k, (rel, img, err) in enumerate(decoded):
             for warning in warnings_for(root / rel):
@@ -301,7 +302,7 @@ def _run_batches(root: Path, todo: list[str], extractor: FeatureExtractor | Fuse
             else:
                 ids.append(rel)
                 imgs.append(img)
-                batch_stamps.append((stamps[k], digests[k]))
+                batch_stamps.append((stamps[k], digest_of.pop(rel)))
             if len(ids) >= batch_size:
                 flush()
         flush(last=True)

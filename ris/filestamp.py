@@ -8,19 +8,22 @@ numbers are not stable on every filesystem (FAT, some FUSE mounts renumber at ea
 would re-extract a whole collection after a remount. Taken before reading, so a file replaced
 between the stamp and its decoding differs from its row and is extracted again, never missed.
 
-Each row's file digest: the first 8 bytes of BLAKE2b of its file's bytes (0: unknown), also taken
-before the file is read. Times and stamps only say a file may have changed: ``cp -a`` or ``chmod``
-gives every file a new ctime (and a copy without -a a new mtime) with the same bytes. ``--sync``
-hashes only the files its times or stamp flag, and a file whose bytes have its row's digest keeps
-its row and id. Taken before reading, a digest never vouches for bytes other than those read: a
-file changed after it has other bytes, and is extracted again.
+Each row's file digest: the first 8 bytes of BLAKE2b of its file's bytes (0: unknown), taken by
+the decoder from the very bytes it decoded (``ris.images.load_image_digest``, in its worker: each
+file is read once, and on slow storage the reads stay parallel). Times and stamps only say a file
+may have changed: ``cp -a`` or ``chmod`` gives every file a new ctime (and a copy without -a a new
+mtime) with the same bytes. ``--sync`` hashes only the files its times or stamp flag, and a file
+whose bytes have its row's digest keeps its row and id. Taken from the decoded bytes, a digest
+never vouches for bytes other than the features': a file changed before its decoding is recorded
+with its new bytes' digest (and a stamp older than them, so ``--sync`` hashes it once), one
+changed after has other bytes, and is extracted again.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -75,20 +78,16 @@ def file_digest(path: str | Path) -> int:
         return UNKNOWN_DIGEST
     finally:
         os.close(fd)
+    return _as_int(h)
+
+
+def bytes_digest(data: bytes) -> int:
+    """``file_digest`` of a file whose bytes are ``data`` (as the decoder read them)."""
+    return _as_int(hashlib.blake2b(data, digest_size=8))
+
+
+def _as_int(h: hashlib.blake2b) -> int:
     return int.from_bytes(h.digest(), "little") or 1  # 0 means unknown
-
-
-def file_digests(root: Path, names: Sequence[str]) -> np.ndarray:
-    """(len(names),) uint64 digests of ``root / name``."""
-    return np.array([file_digest(root / name) for name in names], np.uint64)
-
-
-def digests_in_turn(root: Path, names: Iterable[str], out: list[int]) -> Iterator[str]:
-    """``names`` one by one, each file's digest appended to ``out`` before its name is handed on:
-    a decoder fed from this reads no file before its digest was taken (and none all at once ahead)."""
-    for name in names:
-        out.append(file_digest(root / name))
-        yield name
 
 
 def same_content(stored: int, path: str | Path) -> bool:

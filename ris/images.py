@@ -29,8 +29,8 @@ from ris.imagefile import MAX_FILE_BYTES, is_heic, jpeg_problem, open_head, quic
 from ris.labels import LABEL_MODES, make_labels, read_label_tsv  # noqa: F401  (their home is ris.labels)
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "MAX_FILE_BYTES", "DECODE_BYTES_PER_PIXEL", "find_images",
-           "scan_folder", "FolderScan", "make_labels", "read_label_tsv", "decode_image", "load_image", "resize_square",
-           "decode_cost"]
+           "scan_folder", "FolderScan", "make_labels", "read_label_tsv", "decode_image", "load_image",
+           "load_image_digest", "resize_square", "decode_cost"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 # One limit for ris and Pillow: images over 200 megapixels (600 MB as RGB) are refused, by ris from
@@ -175,9 +175,11 @@ def decode_cost(path: str | Path, target: int | None = None) -> int:
     return (w // factor) * (h // factor) * DECODE_BYTES_PER_PIXEL
 
 
-def _decode_native(path: Path, target: int | None, max_bytes: int | None) -> tuple[np.ndarray, str]:
-    """(uint8 pixels, 'BGR' | 'RGB' | 'GRAY') at full or reduced size, EXIF orientation applied."""
-    data = read_file(path, max_bytes)
+def _decode_native(path: Path, target: int | None, max_bytes: int | None,
+                   data: bytes | None = None) -> tuple[np.ndarray, str]:
+    """(uint8 pixels, 'BGR' | 'RGB' | 'GRAY') at full or reduced size, EXIF orientation applied;
+    from ``data`` when the file's bytes were read already."""
+    data = read_file(path, max_bytes) if data is None else data
     if not data:
         raise BadImage(f"{path}: empty file (0 bytes)")
     fmt = sniff_format(data)
@@ -350,3 +352,15 @@ def load_image(path: str | Path, size: int, aspect: str = "squash") -> np.ndarra
 
     img, order = _decode_native(_named(path), size, None)
     return _to_rgb(resize_input(img, size, aspect), order)
+
+
+def load_image_digest(path: str | Path, size: int, aspect: str = "squash") -> tuple[np.ndarray, int]:
+    """``load_image`` and the digest (``ris.filestamp``) of the very bytes decoded: an extraction
+    reads each file once, and a row's digest never names other bytes than its features'."""
+    from ris.aspect import resize_input
+    from ris.filestamp import bytes_digest
+
+    path = _named(path)
+    data = read_file(path)
+    img, order = _decode_native(path, size, None, data)
+    return _to_rgb(resize_input(img, size, aspect), order), bytes_digest(data)

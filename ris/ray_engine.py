@@ -78,21 +78,22 @@ class _Embedder:
                 "max_size": int(self.extractor.max_size), "aspect": self.extractor.aspect, "pid": os.getpid()}
 
     def embed(self, decoded: tuple) -> tuple:
-        """(features of the decoded images, the decode errors, the paths the node could not see, the
-        decoding node, its id, its seconds, this pid, these seconds): the timings tell a decode-bound
-        run from a network-bound one."""
+        """(features of the decoded images, the decode errors, the digests of the bytes decoded, the
+        paths the node could not see, the decoding node, its id, its seconds, this pid, these
+        seconds): the timings tell a decode-bound run from a network-bound one."""
         t0 = time.perf_counter()
-        images, errors, unseen, node, node_id, decode_s = decoded
+        images, errors, digests, unseen, node, node_id, decode_s = decoded
         if len(images):
             feats = self.extractor.embed_async(images, pad_to=self.batch_size)()
         else:
             feats = np.zeros((0, *self.extractor.output_shape), np.float32)
-        return feats, errors, unseen, node, node_id, decode_s, os.getpid(), time.perf_counter() - t0
+        return feats, errors, digests, unseen, node, node_id, decode_s, os.getpid(), time.perf_counter() - t0
 
 
 def _decode(root: str, rel_paths: list[str], size: int, aspect: str = "squash") -> tuple:
-    """A decode task: the local engine's chunk decoder, plus the paths this node could not see, the
-    node (as a user finds it, and its id) and the task's seconds."""
+    """A decode task: the local engine's chunk decoder (images, errors, digests of the bytes decoded:
+    each file is read once, on its node), plus the paths this node could not see, the node (as a
+    user finds it, and its id) and the task's seconds."""
     import cv2
     import ray
 
@@ -100,19 +101,20 @@ def _decode(root: str, rel_paths: list[str], size: int, aspect: str = "squash") 
     if not os.path.isdir(root):  # else every image would be listed as damaged, and never retried
         raise RisError(f"{root}: the dataset folder is not there on {node_name()}; every node "
                        f"must see it at the same path (a shared file system)")
-    images, errors, unseen, seconds = _decode_here(root, rel_paths, size, aspect)
-    return images, errors, unseen, node_name(), ray.get_runtime_context().get_node_id(), seconds
+    images, errors, digests, unseen, seconds = _decode_here(root, rel_paths, size, aspect)
+    return images, errors, digests, unseen, node_name(), ray.get_runtime_context().get_node_id(), seconds
 
 
 def _decode_here(root: str, rel_paths: list[str], size: int, aspect: str = "squash") -> tuple:
-    """(images, error or None per path, the failed paths that are not there at all, seconds)."""
+    """(images, error or None per path, digest per path, the failed paths that are not there at
+    all, seconds)."""
     from ris.decoding import _decode_chunk
 
     t0 = time.perf_counter()
-    images, errors = _decode_chunk(root, rel_paths, size, aspect)
+    images, errors, digests = _decode_chunk(root, rel_paths, size, aspect)
     unseen = [rel for rel, err in zip(rel_paths, errors)
               if err is not None and not os.path.lexists(os.path.join(root, rel))]
-    return images, errors, unseen, time.perf_counter() - t0
+    return images, errors, digests, unseen, time.perf_counter() - t0
 
 
 def refuse_unseen(unseen: list[str], root: Path, node: str) -> None:
@@ -154,7 +156,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
              on_commit) -> RaySummary:
     from ris.extract import _finite_rows, _progress, _raise_interrupt, finish_run, refuse_another_recipe, still_to_do
     from ris.featuredb import partial_path
-    from ris.filestamp import file_digests, file_stamps
+    from ris.filestamp import file_stamps
     from ris.featurewriter import FeatureWriter
     from ris.run_input import list_input
     from ris.sidecars import WriterLock
@@ -223,7 +225,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     def submit(paths: list[str]) -> None:
         a = min(range(len(actors)), key=load.__getitem__)  # the least busy actor
         load[a] += 1
-        stamps = list(zip(file_stamps(root, paths), file_digests(root, paths)))  # before the nodes read them
+        stamps = file_stamps(root, paths)  # before the nodes read them; digests come from what they read
         pending.append((paths, a, actors[a].embed.remote(decode.remote(root_abs, paths, info["max_size"], info["aspect"])),
                         stamps))
 
@@ -234,8 +236,8 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
                 submit(chunks[k])
                 k += 1
             paths, a, ref, stamps = pending.popleft()
-            feats, errors, unseen, node, node_id, decode_s, pid, embed_s = get(ray, ref, stall_s=options.stall_s,
-                                                                               why_stuck=why_stuck)
+            feats, errors, digests, unseen, node, node_id, decode_s, pid, embed_s = get(
+                ray, ref, stall_s=options.stall_s, why_stuck=why_stuck)
             refuse_unseen(unseen, root, node)
             summary.decode_seconds += decode_s
             summary.embed_seconds += embed_s
@@ -248,7 +250,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
             failures = [(p, _as_given(e, root_abs, root, p)) for p, e in zip(paths, errors) if e is not None]
             for _, err in failures:
                 bar.write(f"skipped: {one_line(err)}", file=sys.stderr)
-            stamp_of = dict(zip(paths, stamps))
+            stamp_of = {p: (s, d) for p, s, d in zip(paths, stamps, digests)}
             ids, feats, not_finite = _finite_rows([p for p, e in zip(paths, errors) if e is None], feats, root)
             for _, err in not_finite:  # said and counted, not recorded: the next run tries them again
                 bar.write(f"skipped: {one_line(err)}", file=sys.stderr)

@@ -311,3 +311,91 @@ def test_a_label_file_that_names_none_of_the_images_is_refused_before_any_work(t
     extract_features(data, db, config, ExtractOptions(labels="auto", progress=False))
     with FeatureDB(db) as fdb:
         assert fdb.labels.tolist() == [0, 0, -1, -1]
+
+
+def _count_bytes_read(monkeypatch, data: Path) -> dict:
+    """Bytes read with ``os.read`` from each file of ``data`` that ris opens as an image (whole-file
+    reads: the decoder's ``read_file``, a digest's hashing; headers are read through a file object)."""
+    import os
+
+    import ris.imagefile
+
+    read: dict[str, int] = {}
+    fd_name: dict[int, str] = {}
+    open_regular, os_read = ris.imagefile._open_regular, os.read
+
+    def opened(path, max_bytes):
+        fd, size = open_regular(path, max_bytes)
+        if Path(path).parent == data and Path(path).suffix == ".jpg":
+            fd_name[fd] = Path(path).name
+        return fd, size
+
+    def counted(fd, n):
+        chunk = os_read(fd, n)
+        if fd in fd_name:
+            read[fd_name[fd]] = read.get(fd_name[fd], 0) + len(chunk)
+        return chunk
+
+    monkeypatch.setattr(ris.imagefile, "_open_regular", opened)
+    monkeypatch.setattr(os, "read", counted)
+    return read
+
+
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_each_image_is_read_once_and_its_digest_is_of_the_decoded_bytes(tmp_path, monkeypatch, decode):
+    """The row's file digest (for --sync) was taken by reading every file a second time on the main
+    thread, apart from the decoder's read: twice the reads, one at a time (slow on network storage).
+    It is now taken from the bytes the decoder read, in its worker."""
+    import ris.filestamp
+    from ris.filestamp import file_digest
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=3, size=48)
+    images = sorted(p.name for p in data.glob("*.jpg"))
+    digested = []
+    real = ris.filestamp.file_digest
+    monkeypatch.setattr(ris.filestamp, "file_digest", lambda p: digested.append(p) or real(p))
+    read = _count_bytes_read(monkeypatch, data)
+    s = extract_features(data, tmp_path / "f.h5", ExtractConfig(),
+                         ExtractOptions(batch_size=2, decode=decode, workers=2, **QUIET), extractor=_StandIn())
+    assert s.extracted == len(images)
+    assert digested == []  # no file hashed apart from its decoding
+    if decode == "threads":  # (worker processes read outside this process's patches)
+        assert read == {n: (data / n).stat().st_size for n in images}  # each image's bytes read once
+    with FeatureDB(tmp_path / "f.h5") as f:
+        digests = dict(zip(f.image_ids, f.file_digests.tolist()))
+    assert digests == {n: file_digest(data / n) for n in images} and 0 not in digests.values()
+
+
+def test_a_file_rewritten_before_its_decoding_is_recorded_with_the_digest_of_what_was_decoded(tmp_path, monkeypatch):
+    """A file replaced between the listing and its decoding: the row's digest must name the bytes the
+    features were made from, never the file as it was before (--sync would keep a row whose
+    features are of other bytes than its digest vouches for)."""
+    import shutil
+
+    import ris.imagefile
+    from ris.filestamp import file_digest
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=48)
+    other = data / "ukbench00003.jpg"
+    target = data / "ukbench00000.jpg"
+    real_read = ris.imagefile.read_file
+    swapped = []
+
+    def read_file(path, max_bytes=None):
+        if Path(path) == target and not swapped:  # rewritten just before the decoder reads it
+            shutil.copyfile(other, target)
+            swapped.append(path)
+        return real_read(path, max_bytes)
+
+    monkeypatch.setattr(ris.imagefile, "read_file", read_file)
+    import ris.images
+
+    monkeypatch.setattr(ris.images, "read_file", read_file)
+    extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(batch_size=2, **QUIET),
+                     extractor=_StandIn())
+    assert swapped
+    with FeatureDB(tmp_path / "f.h5") as f:
+        digests = dict(zip(f.image_ids, f.file_digests.tolist()))
+        feats = dict(zip(f.image_ids, f.features[:]))
+    assert digests["ukbench00000.jpg"] == file_digest(target) == file_digest(other)
+    np.testing.assert_array_equal(feats["ukbench00000.jpg"], feats["ukbench00003.jpg"])  # decoded: the new bytes

@@ -81,9 +81,13 @@ def test_an_image_a_node_cannot_see_is_reported_as_such_not_as_damaged(tmp_path)
     data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
     (data / "cut.jpg").write_bytes(b"\xff\xd8\xff")  # damaged: there, and undecodable
     paths = ["ukbench00000.jpg", "cut.jpg", "elsewhere.jpg"]
-    images, errors, unseen, _ = _decode_here(str(data), paths, 32)
+    images, errors, digests, unseen, _ = _decode_here(str(data), paths, 32)
     assert len(images) == 1 and errors[0] is None and errors[1] and errors[2]
     assert unseen == ["elsewhere.jpg"]  # the damaged one is damaged, the missing one is not seen
+    from ris.filestamp import UNKNOWN_DIGEST, file_digest
+
+    # the digest of the bytes the node decoded (the driver reads no file): for --sync
+    assert digests == [file_digest(data / "ukbench00000.jpg"), UNKNOWN_DIGEST, UNKNOWN_DIGEST] and digests[0]
     shutil.copy(data / "ukbench00000.jpg", data / "elsewhere.jpg")  # ... while the driver sees it
     with pytest.raises(RisError, match=r"elsewhere\.jpg: node 10\.0\.0\.9 .*cannot (see|read).*same path"):
         refuse_unseen(["elsewhere.jpg"], data, "node 10.0.0.9 (id 0123456789ab)")
@@ -494,7 +498,7 @@ def test_a_one_cpu_local_cluster_extracts_everything(tmp_path):
 
     with FeatureDB(tmp_path / "f.h5") as f:  # stamped by the driver before the nodes read the files
         stamps = dict(zip(f.image_ids, f.file_stamps.tolist()))
-        digests = dict(zip(f.image_ids, f.file_digests.tolist()))  # and digested, for --sync
+        digests = dict(zip(f.image_ids, f.file_digests.tolist()))  # and digested by the nodes, for --sync
     assert all(stamps[p.name] == [p.stat().st_size, p.stat().st_mtime_ns] for p in data.glob("*.jpg"))
     from ris.filestamp import file_digest
 
