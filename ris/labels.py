@@ -33,21 +33,30 @@ def _ukbench_number(rel_path: str) -> int:
     return int(m.group(1))
 
 
-def _holidays_scene(rel_path: str) -> int | None:
-    """INRIA Holidays: ``<scene><NN>.jpg``, the scene's query being its ``..00`` photo. Never guessed
-    by auto (digit names are common): asked for with ``--labels holidays``. Other names (Flickr
-    distractors beside Holidays, im1.jpg) have no scene: None, extracted unlabelled."""
+def _holidays_number(rel_path: str) -> int | None:
+    """The photo number of a six-digit name (``<scene><NN>.jpg``), None for other names."""
     m = _HOLIDAYS_NAME.fullmatch(Path(rel_path).name)
-    return int(m.group(1)) // 100 if m else None
+    return int(m.group(1)) if m else None
+
+
+def _holidays_scenes(image_ids: list[str]) -> list[int | None]:
+    """INRIA Holidays: ``<scene><NN>.jpg``, the scene's query being its ``..00`` photo. Never guessed
+    by auto (digit names are common): asked for with ``--labels holidays``. A photo belongs to a
+    scene only when that scene's query ``<scene>00`` is in the collection: any six-digit name was
+    taken for one, and a distractor named 123456.jpg became a scene of its own. Other names (Flickr
+    distractors beside Holidays, im1.jpg) have no scene: None, extracted unlabelled."""
+    numbers = [_holidays_number(i) for i in image_ids]
+    queries = {n // 100 for n in numbers if n is not None and n % 100 == 0}
+    return [n // 100 if n is not None and n // 100 in queries else None for n in numbers]
 
 
 def _holidays_labels(image_ids: list[str]) -> list[str]:
-    """Each image's scene ('' for a distractor); a folder with no Holidays name at all is refused."""
-    scenes = [_holidays_scene(i) for i in image_ids]
+    """Each image's scene ('' for a distractor); a folder with no Holidays photo at all is refused."""
+    scenes = _holidays_scenes(image_ids)
     if image_ids and all(s is None for s in scenes):
         raise RisError(f"{image_ids[0]}: --labels holidays needs INRIA Holidays file names (100301.jpg: scene = "
-                       f"number // 100, six digits) and none of the {len(image_ids)} images has one; use --labels "
-                       f"folders, a FILE.tsv or none")
+                       f"number // 100, six digits, the scene's query 100300.jpg among them) and none of "
+                       f"the {len(image_ids)} images is one; use --labels folders, a FILE.tsv or none")
     return ["" if s is None else str(s) for s in scenes]
 
 
@@ -56,9 +65,12 @@ def holidays_note(image_ids: list[str], labels: np.ndarray) -> str:
     off = [i for i, l in zip(image_ids, labels) if l < 0]
     if not off:
         return ""
-    return (f"--labels holidays: {len(off)} of {len(image_ids)} images are not named like Holidays photos "
-            f"(e.g. {off[0]!r}): extracted unlabelled, as distractors (ris-eval --queries searches them, never "
-            f"as a query or a match)")
+    digits = [i for i in off if _holidays_number(i) is not None]
+    others = [i for i in off if _holidays_number(i) is None]
+    why = ([f"{len(others)} not named like Holidays photos, e.g. {others[0]!r}"] if others else []) + (
+        [f"{len(digits)} six-digit name(s) whose scene has no ..00 query photo, e.g. {digits[0]!r}"] if digits else [])
+    return (f"--labels holidays: {len(off)} of {len(image_ids)} images are not Holidays photos ({'; '.join(why)}): "
+            f"extracted unlabelled, as distractors (ris-eval --queries searches them, never as a query or a match)")
 
 
 def read_label_tsv(path: str | Path) -> dict[str, str]:

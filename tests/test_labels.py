@@ -90,6 +90,25 @@ def test_holidays_names_label_their_scene():
     assert make_labels(["100000.jpg", "100001.jpg"], "auto")[2] == "none"
 
 
+def test_a_six_digit_distractor_without_its_scenes_query_is_not_a_scene():
+    """Any six-digit name was taken for a Holidays photo: a distractor named 123456.jpg became scene
+    1234 of its own, and with the *00 listing a photo 1234NN of no query was a group in --split all.
+    A Holidays scene has its query photo <scene>00 in the collection; a six-digit name without it is
+    a distractor, unlabelled and counted in the one line."""
+    from ris.labels import holidays_note
+
+    ids = ["jpg/100000.jpg", "jpg/100001.jpg", "jpg/100100.jpg", "jpg/100101.jpg",
+           "flickr/123456.jpg", "flickr/123457.jpg", "im1.jpg", "654301.jpg", "flickr/100102.jpg"]
+    labels, names, _ = make_labels(ids, "holidays")
+    assert names == ["1000", "1001"]
+    assert labels.tolist() == [0, 0, 1, 1, -1, -1, -1, -1, 1]  # 100102: scene 1001, whose query is there
+    note = holidays_note(ids, labels)
+    assert "4 of 9 images" in note and "3 six-digit" in note and "flickr/123456.jpg" in note and "\n" not in note
+    with pytest.raises(RisError) as exc:  # six digits, but no scene has its query: not a Holidays folder
+        make_labels(["123456.jpg", "123457.jpg"], "holidays")
+    assert "123456.jpg" in str(exc.value) and "00" in str(exc.value)
+
+
 def test_auto_labels_do_not_take_a_single_folder_for_a_class():
     """Holidays unpacks to jpg/100000.jpg ...: with every image under one folder, auto labelled them
     all 'jpg', one class, and ris-eval scored every image relevant to every query (mAP 1.0)."""
