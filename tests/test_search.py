@@ -139,3 +139,49 @@ def test_a_query_path_given_as_bytes_is_read_as_the_file_system_names_it(tiny):
         by_bytes = engine.query(os.fsencode(odd), k=2)
         assert [h.row for h in by_bytes] == [h.row for h in engine.query(odd, k=2)] and by_bytes[0].row == 6
         assert engine.search(os.fsencode(odd), k=1)[0].row == 6
+
+
+def test_a_montage_never_replaces_a_database_image_reached_through_a_link_out_of_the_dataset(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A database image that is a link to a file outside the dataset folder (or under a folder link
+    pointing out of it): --output naming that outside file was let through (only paths under the
+    dataset root were compared), and the montage replaced the collection's photo. Found by the rows'
+    file stamps and the files' identity, without reading any image file or every name."""
+    import shutil
+
+    import ris.row_views
+    from ris.cli import search as search_cli
+    from ris.cli.common import run
+
+    data = make_tiny_dataset(tmp_path / "images", n_objects=1, views=3, size=64)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(data / "ukbench00001.jpg", outside / "photo.jpg")
+    (data / "ext.jpg").symlink_to(outside / "photo.jpg")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.move(data / "ukbench00002.jpg", shared / "p.jpg")
+    (data / "sub").symlink_to(shared)
+    db = tmp_path / "feats.h5"
+    extract_features(data, db, FAST, ExtractOptions(labels="none", progress=False, log=lambda s: None))
+    with FeatureDB(db) as f:
+        assert sorted(f.image_ids) == ["ext.jpg", "sub/p.jpg", "ukbench00000.jpg"]
+    query = tmp_path / "q.jpg"
+    shutil.copy(data / "ukbench00000.jpg", query)
+    other = outside / "mine.png"  # an existing file outside, of no database row: replaced, as documented
+    shutil.copy(data / "ukbench00000.jpg", other)
+    names = []
+    whole = ris.row_views.RowNames.__iter__
+    monkeypatch.setattr(ris.row_views.RowNames, "__iter__", lambda self: names.append(1) or whole(self))
+    for output, rel in ((outside / "photo.jpg", "ext.jpg"), (shared / "p.jpg", "sub/p.jpg")):
+        before = output.read_bytes()
+        capsys.readouterr()
+        code = run("ris-search", search_cli.main, ["--image", str(query), "--features-db", str(db),
+                                                   "--output", str(output)])
+        err = capsys.readouterr().err
+        assert code == 2 and err == (f"ris-search: error: {output}: is an image of the database ({rel}); "
+                                     "give --output another file name\n"), err
+        assert output.read_bytes() == before
+    assert names == []  # outside the dataset folder: the name column is not read through
+    assert run("ris-search", search_cli.main, ["--image", str(query), "--features-db", str(db), "-k", "1",
+                                               "--output", str(other)]) == 0

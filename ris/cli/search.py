@@ -171,8 +171,10 @@ def _montage_paths(images: list[str], output: str | None, show: bool) -> list:
 
 def _not_a_database_image(path, features_db: str, dataset_root: str | None) -> None:
     """Refuse a montage path that is an image of the database (the collection's photo would be
-    replaced by the montage). Both sides resolved with realpath (links, '..'); the names are read
-    only when ``path`` is a file under the dataset root, then in blocks (``RowNames``), never all held."""
+    replaced by the montage). Both sides resolved with realpath (links, '..'). A file under the
+    dataset root: its name looked up in the name column, read in blocks (``RowNames``), never all
+    held (one pass over the column: a second or so per 10M rows). A file outside it may still be a
+    row's, through a link in the collection (a file or folder link pointing out): ``_linked_row``."""
     import os
 
     from ris.errors import RisError
@@ -185,11 +187,45 @@ def _not_a_database_image(path, features_db: str, dataset_root: str | None) -> N
     with db:
         root = os.path.realpath(dataset_root or db.dataset_root or ".")
         real = os.path.realpath(path)
-        if os.path.commonpath([root, real]) != root or real == root or not os.path.isfile(real):
-            return  # outside the images, or no file there yet: nothing of the collection is replaced
-        rel = os.path.relpath(real, root).replace(os.sep, "/")
-        if rel in db.row_names():
+        if real == root or not os.path.isfile(real):
+            return  # no file there yet: nothing of the collection is replaced
+        if os.path.commonpath([root, real]) != root:
+            rel = _linked_row(db, root, real)
+        else:
+            rel = os.path.relpath(real, root).replace(os.sep, "/")
+            rel = rel if rel in db.row_names() else None
+        if rel is not None:
             raise RisError(f"{path}: is an image of the database ({rel}); give --output another file name")
+
+
+def _linked_row(db, root: str, real: str, block: int = 1 << 20) -> str | None:
+    """The name of the row whose file is ``real`` (a file outside ``root``, reached from it through
+    a link), or None. Neither every name nor any image is read: the candidates are the rows whose
+    stamp (size, mtime_ns, ``ris.filestamp``) is the file's now, or unknown (databases older than
+    stamps), and each is compared by identity (``os.path.samefile``). A linked file changed since
+    its row was written (not yet --sync'ed) has another stamp and is not found."""
+    import os
+
+    import numpy as np
+
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    names = db.row_names()
+    stamps = db.f.get("file_stamp")
+    for start in range(0, len(names), block):
+        stop = min(start + block, len(names))
+        if stamps is None:
+            rows = np.arange(start, stop)
+        else:
+            s = stamps[start:stop]
+            rows = start + np.flatnonzero(((s[:, 0] == st.st_size) & (s[:, 1] == st.st_mtime_ns)) | (s[:, 0] < 0))
+        for i in range(0, len(rows), 4096):
+            for name in names.many(rows[i : i + 4096]):
+                if _same_file(os.path.join(root, name), real):
+                    return name
+    return None
 
 
 def _same_file(a, b) -> bool:
