@@ -100,6 +100,7 @@ class IndexRequest:
     arg: str | None = None  # the part after 'milvus:'
     build: bool = True  # False: use a saved index only (auto never builds: it takes minutes)
     threshold: int = AUTO_THRESHOLD
+    rebuild: bool = False  # build anew even if a saved index could follow; the saved one stays until replaced
 
     @property
     def rows(self) -> int:
@@ -117,10 +118,14 @@ class IndexNotSaved(UserWarning):
 def open_saved(req: IndexRequest, path: str, load: Callable[[str], object], build: Callable[[], object],
                name: str, exists: Callable[[str], bool] = os.path.isfile):
     """Load the index saved at ``path``, catch it up with the database and re-save it; build it
-    when it is missing, damaged or stale (``req.build``) or return None (not ``req.build``)."""
+    when it is missing, damaged or stale (``req.build``) or return None (not ``req.build``).
+    ``req.rebuild`` builds anew without reading the saved index, which stays usable under its name
+    until the new one's save replaces it (a rebuild killed mid-way leaves the old index, not none)."""
     label = _LABELS.get(name, name)
     index, reason, changed = None, "no saved index", False
-    if exists(path):
+    if req.rebuild and req.build:
+        reason = "a rebuild was asked for"
+    elif exists(path):
         try:
             index = load(path)
             reason = stale_reason(index, req.features, req.metric, req.source)
@@ -254,7 +259,8 @@ def index_arg(text: str) -> str:
 
 
 def open_search_index(features_db_path: str, features, metric: str, kind: str = "auto",
-                      threshold: int = AUTO_THRESHOLD, source: dict | None = None, build: bool = True):
+                      threshold: int = AUTO_THRESHOLD, source: dict | None = None, build: bool = True,
+                      rebuild: bool = False):
     """Pick and open the index for a feature database (or its embedding cache).
 
     ``kind``: a name of INDEX_KINDS (``milvus:...`` with its target). ``auto`` uses a saved,
@@ -262,7 +268,8 @@ def open_search_index(features_db_path: str, features, metric: str, kind: str = 
     ``ivfpq`` build (and save) their index when it is missing or stale; ``milvus`` creates or
     refreshes its collection. In all of them, images appended to or removed from the database
     since are added or removed and the index re-saved. ``source`` (``ris.index_state.source_of``)
-    keys the index on the database content and gives the stable ids.
+    keys the index on the database content and gives the stable ids. ``rebuild`` (hnsw, ivfpq)
+    builds anew; the saved index is replaced only when the new one is committed.
     """
     try:
         name, arg = parse_index(kind)
@@ -271,7 +278,7 @@ def open_search_index(features_db_path: str, features, metric: str, kind: str = 
 
         raise BadChoice(f"unknown index kind {kind!r}; choose {index_metavar()}") from None
     _check_metric(metric)
-    req = IndexRequest(str(features_db_path), features, metric, source, arg, build, threshold)
+    req = IndexRequest(str(features_db_path), features, metric, source, arg, build, threshold, rebuild)
     index = INDEX_KINDS[name].open(req)
     if index is None:  # a saved-only open that found nothing usable
         return ExactIndex(features, metric)

@@ -327,6 +327,69 @@ def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, sta
     assert sidecar_files(db) == []
 
 
+KILLED_REBUILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    import ris.sidecars
+    from ris.cli.common import run
+    from ris.cli.index import main
+
+    real = ris.sidecars.fsync_file
+
+    def stall(path):  # the new index is built and written under its temp name; now we get killed
+        real(path)
+        print("written", path, flush=True)
+        time.sleep(600)
+
+    ris.sidecars.fsync_file = stall
+    run("ris-index", main, ["build", "--features-db", {db!r}, "--index", {kind!r}, "--rebuild"])
+    print("finished", flush=True)
+""")
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+def test_a_killed_rebuild_leaves_the_old_index_usable_under_its_name(tmp_path, kind):
+    """``ris-index build --rebuild`` deleted the saved index's metadata (the commit point) before
+    building the new one, so a rebuild killed mid-way (kill -9, a reboot) left no index at all:
+    ``--index auto`` fell back to exact search and ``--index KIND`` built from scratch. The old
+    index now stays whole under its name until the rebuilt one is committed over it."""
+    from ris.cli.common import run
+    from ris.cli.index import main as index_main
+    from ris.sidecars import hnsw_path
+
+    if kind == "hnsw":
+        pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    x = clustered_vectors(2000, 16, seed=10)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    assert run("ris-index", index_main, ["build", "--features-db", str(db), "--index", kind]) == 0
+    meta = tmp_path / ("feats.h5.ivfpq" if kind == "ivfpq" else "feats.h5.hnsw.json")
+    before = meta.read_text()
+    script = KILLED_REBUILD.format(root=str(ROOT), db=str(db), kind=kind)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("written"), line
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert meta.is_file() and meta.read_text() == before  # the old index, untouched
+    with FeatureDB(db) as f:  # a saved-only open (what --index auto does) finds it and uses it
+        index = open_search_index(str(db), f.features, "euclidean", kind=kind, source=source_of(f), build=False)
+        assert type(index).__name__ == ("IvfPqIndex" if kind == "ivfpq" else "HnswIndex")
+        assert len(index) == 2000 and np.all(index.search(x[:5], 1)[1][:, 0] == np.arange(5))
+    for p in sidecar_files(db):  # (an hour ago: older than a live writer's temp that is not locked yet)
+        os.utime(p, (p.stat().st_mtime - 3600,) * 2)
+    assert run("ris-index", index_main, ["build", "--features-db", str(db), "--index", kind, "--rebuild"]) == 0
+    assert meta.read_text() != before  # rebuilt and committed over the old one ...
+    named = json.loads(meta.read_text())["data" if kind == "ivfpq" else "graph"]
+    data = [p.name for p in sidecar_files(db) if p.name.endswith((".faiss", ".graph", ".tmp"))]
+    assert data == [named]  # ... whose data file, and the killed rebuild's temp, are dropped
+    if kind == "hnsw":
+        assert not os.path.exists(hnsw_path(str(db)))
+
+
 def test_index_scale_bench_parses_code_shapes_and_scores_both_recalls():
     spec = importlib.util.spec_from_file_location("index_scale", ROOT / "bench" / "index_scale.py")
     bench = importlib.util.module_from_spec(spec)

@@ -167,8 +167,8 @@ def test_saves_leave_only_the_graph_named_and_those_being_written(tmp_path):
 
 
 def test_ris_index_build_rebuild_leaves_one_graph(tmp_path):
-    """``--rebuild`` deletes the metadata (the commit point); the rebuilt index's save drops the graph
-    the old metadata named."""
+    """``--rebuild`` builds anew and commits the new metadata over the old; the rebuilt index's save
+    drops the graph the old metadata named."""
     from ris.cli.common import run
     from ris.cli.index import main as index_main
 

@@ -88,9 +88,10 @@ def _build_saved(args) -> int:
             vectors_path, source = str(db.path), source_of(db)
             if args.index == "ivfpq" and not len(db):  # a search answers nothing; a build is asked for
                 raise RisError(f"{db.path}: no images to train an IVF-PQ index on (use --index exact or hnsw)")
-            if args.rebuild:
-                _delete_saved(vectors_path, args.index, source)
-            index = open_search_index(vectors_path, db.features, "euclidean", kind=args.index, source=source)
+            if args.rebuild and args.index.startswith("milvus:"):
+                _forget_collection(vectors_path, args.index, source)
+            index = open_search_index(vectors_path, db.features, "euclidean", kind=args.index, source=source,
+                                      rebuild=args.rebuild)
         if tuning:
             index = _retune(index, vectors_path or "", args.nprobe, args.rerank)
         summary = {"features_db": args.features_db, "index": args.index, "type": type(index).__name__,
@@ -127,24 +128,18 @@ def _retune(index, vectors_path: str, nprobe: int | None, rerank: int | None):
     return index
 
 
-def _delete_saved(vectors_path: str, kind: str, source: dict) -> None:
-    from ris.sidecars import hnsw_path, ivfpq_path
+def _forget_collection(vectors_path: str, kind: str, source: dict) -> None:
+    """``--rebuild`` of a Milvus collection: forget its state, so the open that follows rebuilds it.
+    (HNSW and IVF-PQ indexes are built anew by ``open_search_index(rebuild=True)`` and replace the
+    saved one only once committed: a rebuild killed mid-way leaves the old index usable.)"""
+    from ris.milvus_index import collection_name, connect, disconnect, parse_target
+    from ris.milvus_owners import forget_state
 
-    if kind == "hnsw":  # its metadata, and an old-layout graph; the graphs it named are dropped by the next save
-        for p in (hnsw_path(vectors_path) + ".json", hnsw_path(vectors_path)):
-            if os.path.isfile(p):
-                os.unlink(p)
-    elif kind == "ivfpq" and os.path.isfile(ivfpq_path(vectors_path)):
-        os.unlink(ivfpq_path(vectors_path))  # its data file is dropped by the next save
-    elif kind.startswith("milvus:"):
-        from ris.milvus_index import collection_name, connect, disconnect, parse_target
-        from ris.milvus_owners import forget_state
-
-        client = connect(kind.partition(":")[2])
-        try:  # rebuilt by the open that follows, keeping the databases it serves (ris.milvus_owners)
-            forget_state(client, collection_name(source, vectors_path), parse_target(kind.partition(":")[2])[1])
-        finally:
-            disconnect(client, kind.partition(":")[2])
+    client = connect(kind.partition(":")[2])
+    try:  # rebuilt by the open that follows, keeping the databases it serves (ris.milvus_owners)
+        forget_state(client, collection_name(source, vectors_path), parse_target(kind.partition(":")[2])[1])
+    finally:
+        disconnect(client, kind.partition(":")[2])
 
 
 def _remove(args) -> int:
