@@ -187,7 +187,10 @@ def phase_serve(kind: str, work: Path, settings: list[dict]) -> dict:
                                   build=False, threshold=0)
         open_s, opened = time.perf_counter() - t0, _rss()
         rows = []
+        chosen = int(index.params.nprobe) if kind == "ivfpq" else None  # the build's choice ('default')
         for s in settings or [{}]:
+            if chosen is not None:
+                s = {"nprobe": chosen, **s}
             for attr, v in s.items():
                 if attr in ("nprobe", "rerank"):
                     setattr(index.params, attr, v)
@@ -217,11 +220,23 @@ SETTINGS = {
 }
 
 
-def _child(phase: str, kind: str, work: Path, threads: int, params: str | None = None) -> dict:
+def settings_for(kind: str, nprobes: str | None) -> list[dict]:
+    """The search settings served: ``--nprobes 32,96,default`` replaces IVF-PQ's probes (``default``:
+    what the build chose, ``choose_params``), each with and without re-ranking."""
+    if kind != "ivfpq" or not nprobes:
+        return SETTINGS[kind]
+    probes = [None if p == "default" else int(p) for p in nprobes.split(",") if p]
+    return [({} if p is None else {"nprobe": p}) | {"rerank": r} for p in probes for r in (0, 100)]
+
+
+def _child(phase: str, kind: str, work: Path, threads: int, params: str | None = None,
+           nprobes: str | None = None) -> dict:
     env = dict(os.environ, RIS_FAISS_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--phase", phase, "--kind", kind, "--workdir", str(work)]
     if params:
         cmd += ["--ivfpq-params", params]
+    if nprobes:
+        cmd += ["--nprobes", nprobes]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -247,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-indexes", action="store_true", help="reuse indexes a previous run saved")
     p.add_argument("--ivfpq-params", default=None, metavar="FIELD=VALUE,...",
                    help="override IvfPqParams fields for the ivfpq build, e.g. m=96 or m=128,nbits=4,fastscan=1")
+    p.add_argument("--nprobes", default=None, metavar="N,...",
+                   help="ivfpq: probes served (integers, or 'default': the build's choice), each with and without "
+                        "re-ranking (default: 16,32,64)")
     p.add_argument("--json", default=None, help="also write the results here as JSON (rewritten after every kind)")
     p.add_argument("--phase", choices=["build", "serve"], help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
@@ -257,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     if args.phase:  # child process
-        r = phase_build(args.kind, work, overrides) if args.phase == "build" else phase_serve(args.kind, work, SETTINGS[args.kind])
+        r = phase_build(args.kind, work, overrides) if args.phase == "build" else phase_serve(args.kind, work, settings_for(args.kind, args.nprobes))
         print(json.dumps(r, default=float))
         return 0
 
@@ -277,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{kind}] build ...", file=sys.stderr, flush=True)
         build = _child("build", kind, work, args.threads, args.ivfpq_params) if kind != "exact" else {"build_seconds": 0.0}
         print(f"[{kind}] {build}", file=sys.stderr, flush=True)
-        serve = _child("serve", kind, work, args.threads)
+        serve = _child("serve", kind, work, args.threads, nprobes=args.nprobes)
         info["kinds"][kind] = {"build": build, "serve": serve}
         print(f"[{kind}] {json.dumps(serve)[:600]}", file=sys.stderr, flush=True)
         if args.json:  # after every kind: a later crash keeps what was measured

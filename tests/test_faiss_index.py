@@ -56,9 +56,22 @@ def test_recall_and_distances_against_exact(metric, n, codec):
     assert np.all(np.diff(d, axis=1) >= 0)
 
 
+def test_default_probes_keep_recall_with_reranking_at_small_sizes():
+    """nprobe was 32 at every size: at 20,000 synthetic 256-d rows (1024 clusters, bench/index_scale.py)
+    recall@10 with re-ranking was 0.89 (0.98 at 1M), since a small collection's neighbours lie in
+    more of its cells. The default now probes enough cells to scan a few thousand rows (32 from
+    ~500k rows on, as before); here (9,000 rows, 1024 clusters) 32 probes gave 0.89."""
+    allx = clustered_vectors(9200, 128, seed=5, clusters=1024, spread=1.0)
+    x, q = allx[:9000], allx[9000:]
+    index = build_ivfpq(x, "euclidean", progress=False)
+    index.stored = StoredRows(x)
+    assert recall(index.search(q, 10)[1], ExactIndex(x, "euclidean").search(q, 10)[1]) >= 0.95
+
+
 def test_params_for_ten_million_rows_fit_in_a_gigabyte():
     p = choose_params(10_000_000, 256)
-    assert (p.nlist, p.m, p.nbits, p.opq) == (4096, 64, 8, True)
+    assert (p.nlist, p.m, p.nbits, p.opq, p.nprobe) == (4096, 64, 8, True, 32)
+    assert (choose_params(1_000_000, 256).nlist, choose_params(1_000_000, 256).nprobe) == (4096, 32)  # as benched
     assert p.factory(256) == "OPQ64_256,IVF4096_HNSW32,PQ64x8"
     assert 10_000_000 * (p.m + 8) < 1 << 30  # codes + ids
     assert choose_params(20_000, 100).factory(100) == "IVF512,PQ50x8"  # m divides the dimension, no OPQ yet
@@ -400,6 +413,10 @@ def test_index_scale_bench_parses_code_shapes_and_scores_both_recalls():
     for bad in ("mm=96", "m=x", "m="):
         with pytest.raises(ValueError, match="--ivfpq-params"):
             bench.parse_params(bad)
+    assert bench.settings_for("ivfpq", None) == bench.SETTINGS["ivfpq"]
+    assert bench.settings_for("ivfpq", "default,96") == [{"rerank": 0}, {"rerank": 100}, {"nprobe": 96, "rerank": 0},
+                                                         {"nprobe": 96, "rerank": 100}]
+    assert bench.settings_for("hnsw", "96") == bench.SETTINGS["hnsw"]
     truth = np.arange(20).reshape(2, 10)
     found = np.array([[0, *range(100, 109)], [*range(11, 20), 99]])  # query 0: only its nearest; 1: all but it
     assert bench.recall_at(found, truth) == pytest.approx(0.5)
@@ -480,7 +497,7 @@ def test_asking_for_nearly_the_whole_collection_returns_that_many_results(rerank
 
     x = clustered_vectors(2000, 16, seed=3)
     params = (IvfPqParams(nlist=1024, m=8, nbits=4, opq=True, nprobe=8, train_rows=2000)
-              if shape == "opq-hnsw" else None)
+              if shape == "opq-hnsw" else choose_params(len(x), 16, nprobe=8))  # (by default all 51 cells)
     index = build_ivfpq(x, "euclidean", params=params, progress=False)
     assert index.params.nprobe < index.params.nlist
     if reranked:
