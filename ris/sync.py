@@ -57,23 +57,26 @@ class RemoveSummary:
 
 
 def remove_images(features_db: str | Path, image_ids: Iterable[str], lock: WriterLock | None = None,
-                  refresh: dict[int, tuple[float, int, int]] | None = None) -> RemoveSummary:
+                  refresh: dict[int, tuple[float, int, int]] | None = None,
+                  attrs: dict[str, str] | None = None) -> RemoveSummary:
     """Remove these images (relative paths as stored) from the database and its failed list.
 
     Takes the writer lock (or uses ``lock``, already held); rewrites and renames atomically.
     ``refresh``: row id -> (added_at, size, mtime_ns) for kept rows whose file was found unchanged
     (``plan_sync``); with nothing removed, the rewrite keeps the content id (the same rows).
+    ``attrs``: attributes to set (``--sync``'s ``dataset_root`` of a moved folder), the rows unchanged.
     """
     own = lock is None
     lock = WriterLock(features_db).acquire() if own else lock
     try:
-        return _rewrite_without(database_file(features_db), set(image_ids), refresh or {})
+        return _rewrite_without(database_file(features_db), set(image_ids), refresh or {}, attrs or {})
     finally:
         if own:
             lock.release()
 
 
-def _rewrite_without(path: Path, names: set[str], refresh: dict[int, tuple[float, int, int]]) -> RemoveSummary:
+def _rewrite_without(path: Path, names: set[str], refresh: dict[int, tuple[float, int, int]],
+                     attrs: dict[str, str]) -> RemoveSummary:
     tmp = rewrite_path(path)
     tmp.unlink(missing_ok=True)  # left by a killed removal: we hold the lock, it is ours to drop
     summary = RemoveSummary(str(path))
@@ -88,7 +91,8 @@ def _rewrite_without(path: Path, names: set[str], refresh: dict[int, tuple[float
         summary.rows = int(keep.sum())
         refreshed = {i for i in db.row_ids[keep].tolist() if i in refresh}
         same = bool(keep.all()) and len(failed_keep) == len(failures)
-        if same and not refreshed:
+        attrs = {k: v for k, v in attrs.items() if db.attrs.get(k) != v}
+        if same and not refreshed and not attrs:
             return summary
         removed_ids = db.row_ids[~keep]
         need = path.stat().st_size
@@ -96,6 +100,7 @@ def _rewrite_without(path: Path, names: set[str], refresh: dict[int, tuple[float
         try:
             with hdf5_writing(tmp, reserve=need) as out:
                 _copy_kept(db, out, keep, failed_keep, removed_ids, {i: refresh[i] for i in refreshed}, same)
+                out.attrs.update(attrs)
             fsync_file(tmp)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
@@ -232,6 +237,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
     present = set(files)
     with FeatureDB(features_db) as db:
         mode = _label_mode(features_db, str(db.attrs.get("labels_mode") or ""), labels)
+        stored_root = db.dataset_root
     if new:  # a new image the database's labels cannot name stops the sync before anything changes
         from ris.labels import make_labels
 
@@ -243,8 +249,13 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                            "way: rename or move that file, or extract the folder again into a new --features-db "
                            "with other --labels") from None
     summary = SyncSummary(str(features_db), str(root), removed=gone, replaced=changed, retried=retry)
-    if gone or changed or retry or refresh:  # one atomic rewrite removes rows and refreshes the kept ones
-        r = remove_images(features_db, set(gone) | set(changed) | set(retry), refresh=refresh)
+    # a moved folder (--dataset) is recorded, or the next --sync, thumbnails and --verify look in the old one;
+    # an extraction of new files records it itself
+    moved = {"dataset_root": str(root.resolve())} if stored_root != str(root.resolve()) and not new else {}
+    if gone or changed or retry or refresh or moved:  # one atomic rewrite removes rows, refreshes the kept ones
+        r = remove_images(features_db, set(gone) | set(changed) | set(retry), refresh=refresh, attrs=moved)
+        if moved:
+            log(f"{features_db}: its images' folder is now {moved['dataset_root']} (was {stored_root})")
         if gone or changed or retry:
             log(f"{features_db}: removed {len(r.removed)} row(s) ({len(gone)} gone, {len(changed)} changed), "
                 f"{len(r.removed_failed)} failed entr(ies) to retry or forget")

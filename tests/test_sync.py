@@ -674,3 +674,28 @@ def test_a_database_made_before_file_digests_syncs_by_times_and_stamps(tmp_path)
     assert _command("--sync", "--features-db", str(db), "--dataset", str(copy), "--no-progress") == 0
     with FeatureDB(db) as f:  # the new rows carry digests
         assert len(f) == 4 and (f.file_digests != 0).all()
+
+
+def test_a_sync_of_a_moved_folder_records_the_new_folder(tmp_path, capsys):
+    """``mv photos album; ris-extract --sync --dataset album``: nothing changed but the folder's name,
+    so nothing was rewritten and the database still named ``photos``: the next ``--sync`` (and
+    thumbnails, --rotations, --verify) failed with 'photos: not a folder'. The folder synced against
+    is recorded; the rows, ids and content id stay (caches made from them hold)."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    before = _ids(db)
+    with FeatureDB(db) as f:
+        content = f.content_id
+    moved = tmp_path / "album"
+    os.rename(data, moved)
+    capsys.readouterr()
+    assert _command("--sync", "--features-db", str(db), "--dataset", str(moved), "--no-progress") == 0
+    out, err = capsys.readouterr()
+    assert "0 removed (file gone), 0 replaced (file changed), 0 extracted" in out
+    assert f"{db}: its images' folder is now {moved.resolve()} (was {data.resolve()})" in err
+    with FeatureDB(db) as f:
+        assert f.dataset_root == str(moved.resolve()) and f.content_id == content
+    assert _ids(db) == before
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 0  # no --dataset needed now
+    assert "in step with" in capsys.readouterr().out and _ids(db) == before
