@@ -232,12 +232,16 @@ def for_database(db: Any, features_db: str | Path, model: str | Path | None, spl
                             f"(ukbench00042.jpg: object = number // 4), --labels holidays (100301.jpg: scene = "
                             f"number // 100), --labels folders (one folder per class) or --labels FILE.tsv "
                             f"(file<TAB>label lines)")
-    if len(np.unique(labels[labels >= 0])) == 1:  # every image relevant to every query: every score perfect
+    distractors = int((labels < 0).sum())
+    # every image relevant to every query, every score perfect; unless a query list searches distractors too
+    if len(np.unique(labels[labels >= 0])) == 1 and not (queries is not None and distractors):
         name = (getattr(db, "label_names", None) or ["?"])[int(labels[labels >= 0][0])]
+        among = (f"; to score it among its {distractors} unlabelled images (distractors), list its queries "
+                 f"with ris-eval --queries FILE" if distractors else "")
         raise DatabaseError(f"{features_db}: every labelled image has the same label ({name!r}): each would be "
                             f"relevant to every query and every score would read perfect; extract again with "
                             f"the --labels that tells the objects apart (one folder is not a class: "
-                            f"--labels holidays, ukbench or a FILE.tsv)")
+                            f"--labels holidays, ukbench or a FILE.tsv){among}")
     meta = None
     if model is not None:
         meta = read_meta(model)

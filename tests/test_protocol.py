@@ -280,3 +280,24 @@ def test_a_query_list_scored_with_a_head_says_whether_its_training_images_are_th
     seen = protocol.choose(IDS, LABELS, head_meta(IDS[8:], IDS[:8]), queries=["img00.jpg"], queries_file="q.txt")
     assert "4 of the head's training images are in the gallery" in seen.description
     assert "training images" not in protocol.choose(IDS, LABELS, None, queries=["img00.jpg"], queries_file="q.txt").description
+
+
+def test_one_labelled_group_among_distractors_is_scored_with_a_query_list(tmp_path):
+    """One Holidays scene among Flickr distractors, ``ris-eval --queries q.txt``: the distractors are
+    searched, so a distractor ranked above a true match lowers mAP; ris-eval refused it as 'every
+    score would read perfect'. Scored with --queries; refused where only labelled images are searched
+    (--split all), and that line points to --queries."""
+    from types import SimpleNamespace
+
+    ids = ["jpg/100000.jpg", "jpg/100001.jpg", "jpg/100002.jpg", "flickr/im1.jpg", "flickr/im2.jpg"]
+    db = SimpleNamespace(labels=np.array([0, 0, 0, -1, -1], np.int64), label_names=["1000"], image_ids=ids,
+                         read_rows=None)
+    q = tmp_path / "q.txt"
+    q.write_text("jpg/100000.jpg\n")
+    plan, _, _ = protocol.for_database(db, "one.h5", None, "test", "all", 0, 0.2, 0.1, q)
+    assert plan.query_rows.tolist() == [0] and plan.gallery_rows.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(DatabaseError) as exc:
+        protocol.for_database(db, "one.h5", None, "all", "all", 0, 0.2, 0.1, None)
+    msg = str(exc.value)
+    assert msg.startswith("one.h5: every labelled image has the same label ('1000')") and "\n" not in msg
+    assert "2 unlabelled images" in msg and "--queries" in msg
