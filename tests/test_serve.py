@@ -1043,6 +1043,45 @@ def test_sigterm_while_the_engine_loads_stops_without_waiting_for_the_load(tiny,
     assert "ris-serve: stopping (SIGTERM)" in err and "ready:" not in out
 
 
+def test_the_stopping_line_is_seen_while_the_load_silences_stderr(tiny, tmp_path):
+    """SIGTERM while the engine's load imports TensorFlow (3-4 s into a real start): the load runs
+    with fd 2 pointed at a sink (ris.cli.common.quiet_backend hides TensorFlow's chatter), and the
+    stopping line, written to fd 2, went into it: the server exited 0 saying nothing. The load
+    stands in for that import: it silences fd 2 the same way and never ends."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import os, tempfile, threading\nfrom ris.serve.service import SearchService\n"
+              "SINK = tempfile.TemporaryFile()\n"
+              "def load(self):\n    os.dup2(SINK.fileno(), 2)\n    threading.Event().wait()\n"
+              "SearchService.load = load\nfrom ris.cli.serve import entry\nentry()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--features-db", str(tiny[2]), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).json().get("status") == "loading":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError("ris-serve did not start serving")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "ris-serve: stopping (SIGTERM): requests in flight get at most 5 s" in err
+
+
 def test_openapi_gives_every_operation_its_own_id(client):
     """README: GET /openapi.json describes the API. Routes answering GET and HEAD shared one
     operationId per path (FastAPI warned "Duplicate Operation ID"); the OpenAPI specification

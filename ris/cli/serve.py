@@ -193,7 +193,7 @@ def serve(cfg, host: str, port: int, log_level: str = "warning", prog: str = "ri
     print(f"{prog}: loading {cfg.features_db}" + (f" with {cfg.model}" if cfg.model else "") + " ...",
           file=sys.stderr, flush=True)
     app = create_app(cfg, on_ready=on_ready, on_fatal=on_fatal)
-    server = _server_class(uvicorn, prog)(uvicorn.Config(
+    server = _server_class(uvicorn, prog, os.dup(2))(uvicorn.Config(
                                            app, host=host, port=port, log_level=log_level, lifespan="on",
                                            timeout_keep_alive=5, server_header=False,
                                            timeout_graceful_shutdown=STOP_GRACE_S,
@@ -214,9 +214,11 @@ class _Stopped(Exception):
 STOP_GRACE_S = 5  # on Ctrl-C/SIGTERM, requests in flight get this long; then they are cancelled
 
 
-def _server_class(uvicorn, prog: str):
+def _server_class(uvicorn, prog: str, stderr_fd: int = 2):
     """uvicorn's server, saying once that it stops (the signal's name, before the requests in flight
-    finish), so a service manager's log shows why the server went away."""
+    finish), so a service manager's log shows why the server went away. ``stderr_fd``: a copy of
+    stderr taken before the engine loads, since the load points fd 2 at a sink while TensorFlow is
+    imported (``ris.cli.common.quiet_backend``), and a line written to fd 2 meanwhile is lost."""
     import signal
 
     class Server(uvicorn.Server):
@@ -227,7 +229,7 @@ def _server_class(uvicorn, prog: str):
                 except ValueError:
                     name = str(sig)
                 # os.write: a handler may interrupt a print to stderr in progress (a reentrant print raises)
-                os.write(2, f"{prog}: stopping ({name}): requests in flight get at most {STOP_GRACE_S} s\n".encode())
+                os.write(stderr_fd, f"{prog}: stopping ({name}): requests in flight get at most {STOP_GRACE_S} s\n".encode())
             super().handle_exit(sig, frame)
 
     return Server
