@@ -1082,6 +1082,36 @@ def test_the_stopping_line_is_seen_while_the_load_silences_stderr(tiny, tmp_path
     assert "ris-serve: stopping (SIGTERM): requests in flight get at most 5 s" in err
 
 
+def test_sigterm_before_it_serves_ends_it_as_ctrl_c_does_in_one_line(tiny, tmp_path):
+    """SIGTERM in ris-serve's first seconds (arguments, the database's check, the app being made,
+    before uvicorn's handlers): Python's default death by signal, exit 143 and no line, where Ctrl-C
+    said 'ris-serve: interrupted' (130). Making the app stands for that start: it never ends."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "starting"
+    script = ("import pathlib, threading\nimport ris.serve.app as app\n"
+              f"def create_app(*a, **k):\n    pathlib.Path({str(marker)!r}).touch()\n"
+              "    threading.Event().wait()\n"
+              "app.create_app = create_app\nfrom ris.cli.serve import entry\nentry()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--features-db", str(tiny[2]), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), "ris-serve did not reach its start"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "ris-serve: interrupted"
+
+
 def test_openapi_gives_every_operation_its_own_id(client):
     """README: GET /openapi.json describes the API. Routes answering GET and HEAD shared one
     operationId per path (FastAPI warned "Duplicate Operation ID"); the OpenAPI specification

@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    code = run("ris-serve", main, sigterm_interrupts=False)  # its server stops gracefully on SIGTERM
+    # SIGTERM before it serves ends it as Ctrl-C does (one line, 130), not Python's silent death by signal;
+    # once serving, the server's own handler stops it gracefully (exit 0)
+    code = run("ris-serve", main)
     exit_now(code)
 
 
