@@ -139,7 +139,7 @@ def extract_features(dataset: str | Path, features_db: str | Path, config: Extra
     if run.label_note:
         opts.log(run.label_note)
     writer, extractor = _open_writer(features_db, config, opts, extractor, run.label_names,
-                                     dataset_root=str(run.root.resolve()), labels_mode=run.label_mode)
+                                     dataset_root=os.path.abspath(run.root), labels_mode=run.label_mode)
     try:
         todo = still_to_do(writer, run.files, features_db, opts.log)
         summary = ExtractSummary(str(features_db), len(run.files), 0, writer.resumed_rows,

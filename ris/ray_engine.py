@@ -197,7 +197,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         actors, info, actor_pids = _start_actors(config, batch_size, options, n_actors, per_actor, log, why_stuck)
         for ref in warm:  # a worker's error (no dataset folder there) as its one line, not Ray's traceback
             get(ray, ref, stall_s=options.stall_s, why_stuck=why_stuck)
-        attrs = dict(info["attrs"], dataset_root=str(root.resolve()), labels_mode=run.label_mode)
+        attrs = dict(info["attrs"], dataset_root=os.path.abspath(root), labels_mode=run.label_mode)
         writer = FeatureWriter(features_db, attrs, info["shape"], run.label_names, append=append,
                                overwrite=overwrite, lock=lock, log=log, progress=progress)
     except BaseException as exc:

@@ -251,7 +251,8 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
     summary = SyncSummary(str(features_db), str(root), removed=gone, replaced=changed, retried=retry)
     # a moved folder (--dataset) is recorded, or the next --sync, thumbnails and --verify look in the old one;
     # an extraction of new files records it itself
-    moved = {"dataset_root": str(root.resolve())} if stored_root != str(root.resolve()) and not new else {}
+    here = os.path.abspath(root)  # links kept: a folder link pointed elsewhere is followed by the next --sync
+    moved = {"dataset_root": here} if stored_root != here and not new else {}
     if gone or changed or retry or refresh or moved:  # one atomic rewrite removes rows, refreshes the kept ones
         r = remove_images(features_db, set(gone) | set(changed) | set(retry), refresh=refresh, attrs=moved)
         if moved:

@@ -693,9 +693,30 @@ def test_a_sync_of_a_moved_folder_records_the_new_folder(tmp_path, capsys):
     assert _command("--sync", "--features-db", str(db), "--dataset", str(moved), "--no-progress") == 0
     out, err = capsys.readouterr()
     assert "0 removed (file gone), 0 replaced (file changed), 0 extracted" in out
-    assert f"{db}: its images' folder is now {moved.resolve()} (was {data.resolve()})" in err
+    assert f"{db}: its images' folder is now {moved} (was {data})" in err
     with FeatureDB(db) as f:
-        assert f.dataset_root == str(moved.resolve()) and f.content_id == content
+        assert f.dataset_root == str(moved) and f.content_id == content
     assert _ids(db) == before
     assert _command("--sync", "--features-db", str(db), "--no-progress") == 0  # no --dataset needed now
     assert "in step with" in capsys.readouterr().out and _ids(db) == before
+
+
+def test_a_dataset_given_as_a_folder_link_is_synced_through_the_link(tmp_path, capsys):
+    """``ris-extract --dataset photos/current`` (a link; ``ln -sfn b current`` switches albums): the
+    database recorded the link's target, so after the link was pointed at another folder with the
+    same names and older files, a plain ``--sync`` said 'in step with .../a' and kept a's features
+    under b's names. The folder is recorded as given (made absolute, links kept)."""
+    first = make_tiny_dataset(tmp_path / "a", n_objects=2, views=2, size=64)
+    second = make_tiny_dataset(tmp_path / "b", n_objects=2, views=2, size=64, seed=7)
+    _older(second)
+    link = tmp_path / "current"
+    link.symlink_to(first)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(link), "--features-db", str(db), *FAST) == 0
+    with FeatureDB(db) as f:
+        assert f.dataset_root == str(link)
+    link.unlink()
+    link.symlink_to(second)
+    capsys.readouterr()
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 0
+    assert f"in step with {link}: 0 removed (file gone), 4 replaced (file changed)" in capsys.readouterr().out
