@@ -24,6 +24,7 @@ import numpy as np
 
 from ris.cli.common import one_line
 from ris.errors import Interrupted, RisError
+from ris.interrupts import raise_interrupt as _raise_interrupt  # never dropped by a gc callback
 from ris.extractor import ExtractConfig, FeatureExtractor, build_extractor
 from ris.jpeg_noise import capture, warnings_for
 from ris.run_input import RunInput, list_input, not_read_counts
@@ -330,10 +331,6 @@ def _finite_rows(ids: list[str], feats: np.ndarray,
         return ids, feats, []
     bad = [(i, f"{root / i}: {NOT_FINITE}") for i, good in zip(ids, ok) if not good]
     return [i for i, good in zip(ids, ok) if good], feats[ok], bad
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _progress(total: int, enabled: bool):

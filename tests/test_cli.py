@@ -1033,6 +1033,63 @@ def test_run_maps_outcomes_to_the_documented_exit_codes(raised, code, capsys, mo
         assert {"bug": "ZeroDivisionError", "valueerror": "ValueError", "bare-oserror": "OSError"}[raised] in err
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("where", ["gc-callback", "finalizer", "weakref-callback", "code"])
+def test_a_signal_is_never_lost_where_python_drops_exceptions(where, signame, capsys):
+    """Keras' JAX backend keeps a garbage-collector callback (jax's _xla_gc_callback) running all
+    through a command. A Ctrl-C or SIGTERM whose handler ran inside it raised KeyboardInterrupt
+    there; Python printed 'Exception ignored in ...', dropped it, and the command went on to exit 0
+    (the same inside a __del__ or a weakref callback). Now it is raised again once that callback has
+    returned: exit 130, one line; anywhere else it stops the command at once, as before."""
+    import gc
+    import weakref
+
+    sig = getattr(signal, signame)
+    sent: list[str] = []
+
+    def in_gc(phase, info):
+        if not sent:
+            sent.append(phase)
+            signal.raise_signal(sig)  # the handler runs here, inside the collector's callback
+
+    class Finalized:
+        def __del__(self):
+            sent.append("__del__")
+            signal.raise_signal(sig)
+
+    class Plain:
+        pass
+
+    def main(argv):
+        if where == "gc-callback":
+            gc.callbacks.append(in_gc)
+            try:
+                gc.collect()
+            finally:
+                gc.callbacks.remove(in_gc)
+        elif where == "finalizer":
+            Finalized()  # freed at once: its __del__ runs here
+        elif where == "weakref-callback":
+            target = Plain()
+            ref = weakref.ref(target, lambda r: (sent.append("weakref"), signal.raise_signal(sig)))
+            del target  # the callback runs here
+        else:
+            sent.append("code")
+            signal.raise_signal(sig)
+        for _ in range(10):  # the points where a signal sent again is handled
+            len(sent)
+        return 0
+
+    hooks = (sys.unraisablehook, signal.getsignal(signal.SIGTERM))
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # also where the suite runs with SIGINT ignored
+    try:
+        code = run("ris-x", main, [])
+    finally:
+        signal.signal(signal.SIGINT, saved)
+    assert (code, capsys.readouterr().err) == (130, "ris-x: interrupted\n") and sent
+    assert (sys.unraisablehook, signal.getsignal(signal.SIGTERM)) == hooks
+
+
 def test_a_message_that_starts_with_interrupted_is_not_an_interruption(capsys):
     """The exit status comes from the error's type, not from its text."""
     from ris.errors import RisError

@@ -111,6 +111,43 @@ def test_interrupted_is_its_own_error_type_and_the_next_run_resumes(tmp_path, mo
         assert sorted(x.decode() for x in f["image_ids"][:]) == sorted(p.name for p in data.glob("*.jpg"))
 
 
+def test_a_sigterm_handled_inside_a_gc_callback_still_stops_the_run(tmp_path):
+    """Keras' JAX backend runs a garbage-collector callback (jax's _xla_gc_callback) between the
+    batches; a SIGTERM whose handler ran inside it raised KeyboardInterrupt there, which Python
+    prints ('Exception ignored in ...') and drops: the run went on to the end. It is now delivered
+    again once the callback has returned, and the run stops with the committed batches kept."""
+    import gc
+    import signal
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=48)
+    sent: list[str] = []
+
+    def in_gc(phase, info):
+        if not sent:
+            sent.append(phase)
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the collector's callback
+
+    class Collecting(_StandIn):
+        def embed_async(self, images, pad_to=None):
+            if self.seen == 4:  # the second batch
+                gc.callbacks.append(in_gc)
+                try:
+                    gc.collect()
+                finally:
+                    gc.callbacks.remove(in_gc)
+            return super().embed_async(images, pad_to)
+
+    saved = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(Interrupted, match="^interrupted after [0-9]+ images"):
+            extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(batch_size=4, **QUIET),
+                             extractor=Collecting())
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert sent and not (tmp_path / "f.h5").exists() and partial_path(tmp_path / "f.h5").exists()
+
+
 def test_a_failure_mid_run_keeps_the_committed_batches_and_frees_the_lock(tmp_path, monkeypatch):
     """Any error after the writer opened (here a bug in a batch) closes it: the lock is released at
     once, not when the process ends, and the next run resumes from the committed batches."""

@@ -219,10 +219,6 @@ def _escape_unprintable_output() -> None:
             pass
 
 
-def _sigterm_as_ctrl_c(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None,
         sigterm_interrupts: bool = True) -> int:
     """Run ``main`` (which returns EXIT_OK or EXIT_PARTIAL) and turn how it ends into one line and
@@ -230,17 +226,16 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
     (``OSError`` naming a file or an errno) -> 'prog: error: message', EXIT_ERROR. Anything else is a
     bug, not bad input: one line saying so, the traceback with RIS_VERBOSE=1, EXIT_ERROR.
     ``sigterm_interrupts``: SIGTERM stops the command as Ctrl-C does (its clean-up runs, exit 130),
-    not Python's default death by signal (143, nothing cleaned up); servers handle it themselves."""
-    import signal
-    import threading
+    not Python's default death by signal (143, nothing cleaned up); servers handle it themselves.
+    Both raise through ``ris.interrupts``, which never lets a garbage-collector callback drop them."""
+    from ris.interrupts import raising_interrupts
 
     args = sys.argv[1:] if argv is None else argv
     _escape_unprintable_output()
     from ris.errors import Interrupted, RisError
 
-    previous = None
-    if sigterm_interrupts and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    interrupts = raising_interrupts(sigterm=sigterm_interrupts)
+    interrupts.__enter__()
     try:
         if not ({"-h", "--help"} & set(args)):
             install_quiet_backend()  # TensorFlow is imported (quietly) only if the command needs it
@@ -272,8 +267,7 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
         return _internal_error(prog, exc)
     finally:
         uninstall_quiet_backend()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        interrupts.__exit__(None, None, None)
 
 
 def _stdout_to_devnull() -> None:
