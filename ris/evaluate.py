@@ -178,7 +178,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['features_db']}: {recipe_line(result)}"
              + (f", re-ranking {rr}" if rr != "none" else "")
              + (", query-time rotations (0/90/180/270)" if "rotations" in result else ""),
-             f"queries: {result['split_description']} - {result['objects']} groups, {result['images']} query images"
+             f"queries: {result['split_description']} - {result['objects']} group{'' if result['objects'] == 1 else 's'}, "
+             f"{result['images']} query image{'' if result['images'] == 1 else 's'}"
              + (f", gallery {result['gallery_images']} images" if "gallery_images" in result else ""),
              f"{ns_note(min(result[k].get('ns_perfect', 4.0) for k in ('raw', 'head') if k in result))}; "
              "mAP, R@k, P@k exclude it."]

@@ -269,7 +269,8 @@ def _listed(db_ids: list[str], labels: np.ndarray, queries: list[str], queries_f
                             f"it cannot be scored as a held-out query")
     gallery = np.arange(len(db_ids), dtype=np.int64)
     n_dis = int((labels < 0).sum())
-    desc = (f"the {len(q)} queries of {queries_file} search the other {len(gallery) - 1} images"
+    desc = (f"the {len(q)} quer{'y' if len(q) == 1 else 'ies'} of {queries_file} "
+            f"search{'es' if len(q) == 1 else ''} the other {len(gallery) - 1} images"
             + (f" ({n_dis} unlabelled: distractors)" if n_dis else ""))
     if trained:
         desc += f"; {trained} of the head's training images are in the gallery"

@@ -316,3 +316,15 @@ def test_the_queries_line_counts_groups_not_objects(tmp_path):
     assert r["objects"] == 2
     line = next(x for x in format_table(r).splitlines() if x.startswith("queries:"))
     assert " - 2 groups, 2 query images" in line and " objects" not in line
+
+
+def test_one_query_is_counted_in_the_singular(tmp_path):
+    """'the 1 queries of q.txt ... - 1 groups, 1 query images': one query, one group, said so."""
+    from ris.evaluate import format_table
+
+    db, _, _ = _write_db(tmp_path / "f.h5", n_obj=5, views=3)
+    queries = tmp_path / "q.txt"
+    queries.write_text("0000.jpg\n")
+    line = next(x for x in format_table(evaluate_db(db, split="all", queries=queries)).splitlines()
+                if x.startswith("queries:"))
+    assert "the 1 query of " in line and " - 1 group, 1 query image," in line, line
