@@ -308,14 +308,8 @@ KILLED_BUILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kind,stall_at,final", [("ivfpq", 1, "feats.h5.ivfpq"), ("ivfpq", 2, "feats.h5.ivfpq"),
-                                                 ("hnsw", 1, "feats.h5.hnsw.json"), ("hnsw", 2, "feats.h5.hnsw.json")])
-def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, stall_at, final):
-    if kind == "hnsw":
-        pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
-    x = clustered_vectors(2000, 16, seed=10)
-    db = make_feature_db(tmp_path / "feats.h5", x)
-    script = KILLED_BUILD.format(root=str(ROOT), db=str(db), kind=kind, stall_at=stall_at)
+def _kill_9_once_written(script: str) -> None:
+    """Run ``script`` (a build stalled after writing its data file) and kill -9 it once it says so."""
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
@@ -325,6 +319,17 @@ def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, sta
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("kind,stall_at,final", [("ivfpq", 1, "feats.h5.ivfpq"), ("ivfpq", 2, "feats.h5.ivfpq"),
+                                                 ("hnsw", 1, "feats.h5.hnsw.json"), ("hnsw", 2, "feats.h5.hnsw.json")])
+def test_a_killed_build_leaves_no_index_under_its_final_name(tmp_path, kind, stall_at, final):
+    if kind == "hnsw":
+        pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    x = clustered_vectors(2000, 16, seed=10)
+    db = make_feature_db(tmp_path / "feats.h5", x)
+    script = KILLED_BUILD.format(root=str(ROOT), db=str(db), kind=kind, stall_at=stall_at)
+    _kill_9_once_written(script)
     assert not (tmp_path / final).exists()
     left = sidecar_files(db)
     assert left  # what the killed build left is named as a cache of this database ...
@@ -378,15 +383,7 @@ def test_a_killed_rebuild_leaves_the_old_index_usable_under_its_name(tmp_path, k
     meta = tmp_path / ("feats.h5.ivfpq" if kind == "ivfpq" else "feats.h5.hnsw.json")
     before = meta.read_text()
     script = KILLED_REBUILD.format(root=str(ROOT), db=str(db), kind=kind)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("written"), line
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    _kill_9_once_written(script)
     assert meta.is_file() and meta.read_text() == before  # the old index, untouched
     with FeatureDB(db) as f:  # a saved-only open (what --index auto does) finds it and uses it
         index = open_search_index(str(db), f.features, "euclidean", kind=kind, source=source_of(f), build=False)

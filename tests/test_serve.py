@@ -1005,11 +1005,9 @@ def test_the_real_server_streams_the_cap_and_stops_cleanly(tiny):
     assert len(stopping) == 1 and stopping[0].startswith("ris-serve: stopping (SIGTERM)"), server.stderr
 
 
-@pytest.mark.slow
-def test_sigterm_while_the_engine_loads_stops_without_waiting_for_the_load(tiny, tmp_path):
-    """ris-serve took 4-14 s to exit after SIGTERM, silently: the process waited for the engine's
-    load (Keras, index) to finish in its worker thread. A load that never ends stands for a slow one:
-    SIGTERM still ends the server with its stopping line and exit 0."""
+def _sigterm_once_it_serves(tiny, script: str) -> tuple[int, str, str]:
+    """Run ``script`` (a ris-serve whose load is replaced) on the tiny database, wait until it serves
+    (503 'loading', its signal handling in place), SIGTERM it: (exit status, stdout, stderr)."""
     import subprocess
     import sys
 
@@ -1018,48 +1016,6 @@ def test_sigterm_while_the_engine_loads_stops_without_waiting_for_the_load(tiny,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    script = ("import threading\nfrom ris.serve.service import SearchService\n"
-              "SearchService.load = lambda self: threading.Event().wait()\n"
-              "from ris.cli.serve import entry\nentry()\n")
-    proc = subprocess.Popen([sys.executable, "-c", script, "--features-db", str(tiny[2]), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(600):  # serving (503 'loading') with its signal handling in place
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).json().get("status") == "loading":
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError("ris-serve did not start serving")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, err
-    assert "ris-serve: stopping (SIGTERM)" in err and "ready:" not in out
-
-
-def test_the_stopping_line_is_seen_while_the_load_silences_stderr(tiny, tmp_path):
-    """SIGTERM while the engine's load imports TensorFlow (3-4 s into a real start): the load runs
-    with fd 2 pointed at a sink (ris.cli.common.quiet_backend hides TensorFlow's chatter), and the
-    stopping line, written to fd 2, went into it: the server exited 0 saying nothing. The load
-    stands in for that import: it silences fd 2 the same way and never ends."""
-    import subprocess
-    import sys
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = ("import os, tempfile, threading\nfrom ris.serve.service import SearchService\n"
-              "SINK = tempfile.TemporaryFile()\n"
-              "def load(self):\n    os.dup2(SINK.fileno(), 2)\n    threading.Event().wait()\n"
-              "SearchService.load = load\nfrom ris.cli.serve import entry\nentry()\n")
     proc = subprocess.Popen([sys.executable, "-c", script, "--features-db", str(tiny[2]), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -1078,7 +1034,33 @@ def test_the_stopping_line_is_seen_while_the_load_silences_stderr(tiny, tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 0, err
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_engine_loads_stops_without_waiting_for_the_load(tiny, tmp_path):
+    """ris-serve took 4-14 s to exit after SIGTERM, silently: the process waited for the engine's
+    load (Keras, index) to finish in its worker thread. A load that never ends stands for a slow one:
+    SIGTERM still ends the server with its stopping line and exit 0."""
+    script = ("import threading\nfrom ris.serve.service import SearchService\n"
+              "SearchService.load = lambda self: threading.Event().wait()\n"
+              "from ris.cli.serve import entry\nentry()\n")
+    code, out, err = _sigterm_once_it_serves(tiny, script)
+    assert code == 0, err
+    assert "ris-serve: stopping (SIGTERM)" in err and "ready:" not in out
+
+
+def test_the_stopping_line_is_seen_while_the_load_silences_stderr(tiny, tmp_path):
+    """SIGTERM while the engine's load imports TensorFlow (3-4 s into a real start): the load runs
+    with fd 2 pointed at a sink (ris.cli.common.quiet_backend hides TensorFlow's chatter), and the
+    stopping line, written to fd 2, went into it: the server exited 0 saying nothing. The load
+    stands in for that import: it silences fd 2 the same way and never ends."""
+    script = ("import os, tempfile, threading\nfrom ris.serve.service import SearchService\n"
+              "SINK = tempfile.TemporaryFile()\n"
+              "def load(self):\n    os.dup2(SINK.fileno(), 2)\n    threading.Event().wait()\n"
+              "SearchService.load = load\nfrom ris.cli.serve import entry\nentry()\n")
+    code, out, err = _sigterm_once_it_serves(tiny, script)
+    assert code == 0, err
     assert "ris-serve: stopping (SIGTERM): requests in flight get at most 5 s" in err
 
 
