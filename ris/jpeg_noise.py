@@ -7,17 +7,21 @@ file instead, Python's own ``sys.stderr`` keeps the terminal, and each JPEG deco
 notes whether anything was written meanwhile. Only then is the image decoded once more, alone
 (every other decode waits), to see whether the line is its own: a damaged photo costs one more
 decode, the others nothing. libjpeg's lines are dropped from what is passed on; anything else
-written there is passed on when the capture ends.
+written there is passed on when the capture ends. Captures may overlap, from any thread (ris-serve
+decodes uploads in worker threads): the first redirects descriptor 2, the last one out restores it.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import sys
 import tempfile
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 # libjpeg(-turbo)'s warnings (jerror.h JWRN_*) that a decodable but damaged JPEG gives
 _LIBJPEG = re.compile(rb"^(Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|"
@@ -80,6 +84,10 @@ class _Capture:
 
 
 _ACTIVE: _Capture | None = None
+_SETUP = threading.Lock()  # starting and ending a capture: one thread at a time
+_USERS = 0  # captures open now; the last one out ends it
+_ENDING: Callable[[], None] | None = None  # gives descriptor 2 (and sys.stderr) back
+_KEYS = itertools.count()
 
 
 def watched(path: Any, decode: Callable[[], Any]) -> Any:
@@ -145,46 +153,144 @@ def _phrase(line: str) -> str:
     return line[:1].lower() + line[1:]
 
 
+def take_all() -> dict[str, list[str]]:
+    """Every file's warnings found and not yet taken, phrased (taken)."""
+    cap = _ACTIVE
+    if cap is None:
+        return {}
+    with cap.lock:
+        found, cap.found = cap.found, {}
+    return {path: [_phrase(line) for line in dict.fromkeys(lines)] for path, lines in found.items()}
+
+
+@contextlib.contextmanager
+def noting(path: Any) -> Iterator[list[str]]:
+    """A capture around the decodes of one image ``path`` (a query), from any thread; the list it
+    yields receives their warnings, phrased and each once, when the block ends without an error
+    (a file refused has its reason; libjpeg's lines for it are dropped)."""
+    found: list[str] = []
+    with capture():
+        try:
+            yield found
+        except BaseException:
+            take(path)
+            raise
+        found.extend(warnings_for(path))
+
+
+@contextlib.contextmanager
+def said(path: Any, log: Callable[[str], None]) -> Iterator[None]:
+    """``noting`` for a query file: its warnings are then said through ``log`` as ris-extract says
+    them, naming the file as its user gave it ('warning: ./q.jpg: corrupt JPEG data (...)')."""
+    from pathlib import Path
+
+    from ris.cli.common import one_line  # a name holding a newline stays one line
+
+    with noting(Path(path)) as found:  # the decoders name it as a Path
+        yield
+    for warning in found:
+        log(f"warning: {one_line(path)}: {warning}")
+
+
+@contextlib.contextmanager
+def naming(log: Callable[[str], None], but: Any = None) -> Iterator[None]:
+    """A capture whose files' warnings not taken meanwhile are said through ``log`` at its end (the
+    database images a command decodes again: a montage's tiles, --verify's, --rotations'); ``but``:
+    a query file whose warnings its engine said already. For a command's own thread: it takes
+    every file's."""
+    from pathlib import Path
+
+    from ris.cli.common import one_line
+
+    with capture():
+        yield
+        found = take_all()
+    for path, warnings in found.items():
+        for warning in warnings if but is None or path != str(Path(but)) else ():
+            log(f"warning: {one_line(path)}: {warning}")
+
+
+def decoded_noting(decode: Callable[[], T]) -> tuple[T, list[str]]:
+    """``decode()`` of an image held in memory (an upload), from any thread, and libjpeg's warnings
+    it gave, phrased: keyed by this decode, so two uploads of one name at once keep their own."""
+    key = f"<decode {next(_KEYS)}>"
+    with noting(key) as found:
+        out = watched(key, decode)
+    return out, found
+
+
 @contextlib.contextmanager
 def capture() -> Iterator[bool]:
-    """Catch libjpeg's lines for ``watched``/``warnings_for`` (yields whether it does). Only from
-    the main thread (descriptor 2 is the process's), and not with RIS_VERBOSE set; nested: the
-    outer capture serves."""
-    global _ACTIVE
-    if _ACTIVE is not None or os.environ.get("RIS_VERBOSE") or threading.current_thread() is not threading.main_thread():
+    """Catch libjpeg's lines for ``watched``/``warnings_for`` (yields whether it does), not with
+    RIS_VERBOSE set. From any thread: a capture open already is joined, and the last one to end
+    ends it. Python's ``sys.stderr`` keeps the terminal when the main thread starts it; otherwise
+    Python's lines written meanwhile are passed on at the end (a thread swapping ``sys.stderr``
+    would close a stream other threads may still hold)."""
+    global _USERS
+    if os.environ.get("RIS_VERBOSE"):
         yield False
         return
-    old_stderr = sys.stderr
+    with _SETUP:
+        on = _ACTIVE is not None or _start()
+        _USERS += on
+    if not on:
+        yield False
+        return
     try:
-        own_fd = old_stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):  # a stream of its own (a notebook, a test's capture)
-        own_fd = False
+        yield True
+    finally:
+        with _SETUP:
+            _USERS -= 1
+            if _USERS == 0 and _ENDING is not None:
+                _ENDING()
+
+
+def _start() -> bool:
+    """Descriptor 2 to a file (``_ACTIVE``); False where that cannot be done."""
+    global _ACTIVE, _ENDING
+    old_stderr = sys.stderr
+    try:  # the main thread's own stream on descriptor 2 keeps the terminal; a notebook's, a test's stay as they are
+        swap = threading.current_thread() is threading.main_thread() and old_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        swap = False
     try:
         sink = tempfile.TemporaryFile()
+    except OSError:  # no room for the file: libjpeg's lines stay as they are
+        return False
+    try:
         saved = os.dup(2)
-    except OSError:  # no descriptor 2, or no room for the file: libjpeg's lines stay as they are
-        yield False
-        return
-    with sink:
+    except OSError:  # no descriptor 2
+        sink.close()
+        return False
+    try:
         old_stderr.flush()
-        if own_fd:  # Python's writes (the progress bar, ris' lines) keep going to the terminal
-            sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=old_stderr.encoding,
-                              errors=old_stderr.errors or "backslashreplace")
-        os.dup2(sink.fileno(), 2)
-        _ACTIVE = _Capture(sink.fileno())
-        try:
-            yield True
-        finally:
-            _ACTIVE.ended = True
-            _ACTIVE = None
-            os.dup2(saved, 2)
-            os.close(saved)
-            if own_fd:
-                sys.stderr.close()
-                sys.stderr = old_stderr
+    except (AttributeError, OSError, ValueError):
+        pass
+    if swap:  # Python's writes (the progress bar, ris' lines) keep going to the terminal
+        sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=old_stderr.encoding,
+                          errors=old_stderr.errors or "backslashreplace")
+    os.dup2(sink.fileno(), 2)
+    _ACTIVE = _Capture(sink.fileno())
+
+    def end() -> None:
+        global _ACTIVE, _ENDING
+        _ACTIVE.ended = True
+        _ACTIVE = _ENDING = None
+        os.dup2(saved, 2)
+        os.close(saved)
+        if swap:
+            sys.stderr.close()
+            sys.stderr = old_stderr
+        with sink:
             sink.seek(0)
             rest = _LIBJPEG.sub(b"", sink.read())
-            if rest:
+        if rest:
+            try:
                 old_stderr.flush()
-                while rest:
-                    rest = rest[os.write(2, rest):]
+            except (AttributeError, OSError, ValueError):
+                pass
+            while rest:
+                rest = rest[os.write(2, rest):]
+
+    _ENDING = end
+    return True

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from ris.errors import BadChoice, BadImage, DatabaseError
+from ris.jpeg_noise import said
 from ris.row_views import RowLabels
 from ris.rotations import check_rerank
 
@@ -39,7 +40,7 @@ class SearchEngine:
 
         if rotations:  # refused before anything is opened
             check_rerank(rerank)
-        self.rotations = bool(rotations)
+        self.rotations, self.log = bool(rotations), log  # log: a query file's warnings too (embed_query)
         self._files: list = []  # cache files opened for streamed reads
         self.db = FeatureDB(features_db)
         try:
@@ -175,14 +176,16 @@ class SearchEngine:
 
     def embed_query(self, image_path: str | bytes | Path) -> np.ndarray:
         """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees);
-        a bytes path (``os.listdir(b'.')``) is read as the file system names it."""
+        a bytes path (``os.listdir(b'.')``) is read as the file system names it. libjpeg's warnings
+        about the file are said through ``log`` as ris-extract says them (``ris.jpeg_noise.said``)."""
         from ris.images import load_image
 
         self._check_open()
         if isinstance(image_path, bytes):
             image_path = os.fsdecode(image_path)  # a name that is not UTF-8 keeps its bytes (surrogateescape)
-        return self._describe(load_image(image_path, self.extractor.max_size, self.extractor.aspect),
-                              lambda side: load_image(image_path, side))
+        with said(image_path, self.log):
+            return self._describe(load_image(image_path, self.extractor.max_size, self.extractor.aspect),
+                                  lambda side: load_image(image_path, side))
 
     def _search_vectors(self, vec: np.ndarray, k: int, reranker=None,
                         query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -319,10 +322,7 @@ class SearchEngine:
 
     def search(self, image, k: int = 12, rerank: str = "none") -> list["RowHit"]:
         """Top ``k`` for an image file path or a decoded RGB array (in-process ``ris-serve``)."""
-        if isinstance(image, np.ndarray):
-            vec = self.embed_array(image)
-        else:
-            vec = self.embed_query(image)
+        vec = self.embed_array(image) if isinstance(image, np.ndarray) else self.embed_query(image)
         return self.hits(*self.neighbours(vec, k, rerank))
 
     def search_row(self, row: int, k: int = 12, rerank: str = "none") -> list["RowHit"]:

@@ -75,6 +75,24 @@ def test_query_finds_a_database_image_first(tmp_path):
         ris.open_database(tmp_path / "nowhere.h5")
 
 
+def test_a_damaged_jpeg_query_is_named_in_one_warning_line(tmp_path, capfd):
+    """libjpeg printed its own line, unnamed, for a query with junk before its end marker; the
+    facade's search says it as ris-extract does: 'warning: <the file as given>: corrupt JPEG data (...)'."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=96)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=64, progress=False,
+                       labels="none")
+    jpeg = (photos / "ukbench00003.jpg").read_bytes()
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(jpeg[:-2] + bytes(range(1, 91)) + jpeg[-2:])
+    capfd.readouterr()
+    hits = ris.query(tmp_path / "f.h5", str(bad), k=2)
+    assert hits[0].image_id == "ukbench00003.jpg"
+    assert re.fullmatch(rf"warning: {re.escape(str(bad))}: corrupt JPEG data \(\d+ extraneous bytes before marker "
+                        r"0xd9\)\n", capfd.readouterr().err)
+
+
 def test_a_preset_fills_the_facade_arguments_left_at_their_defaults(tmp_path):
     """ris.build_database/open_database/score(preset=...) as --preset on the commands: only the
     arguments left at their defaults are filled; an unknown preset is a RisError."""

@@ -3,13 +3,14 @@ concurrent decodes, dropped from stderr; anything else written there is passed o
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 
 from ris.images import decode_image
-from ris.jpeg_noise import capture, warnings_for
+from ris.jpeg_noise import capture, decoded_noting, warnings_for
 
 
 def _jpegs(tmp_path, n_good: int = 12):
@@ -47,3 +48,44 @@ def test_other_lines_written_to_stderr_meanwhile_are_passed_on(capfd):
 def test_without_a_capture_decoding_is_as_before(tmp_path):
     _, bad = _jpegs(tmp_path, 0)
     assert decode_image(bad).shape == (240, 320, 3) and warnings_for(bad) == []
+
+
+def test_a_capture_in_a_worker_thread_names_its_image_and_gives_stderr_back(tmp_path, capfd):
+    """ris-serve decodes uploads (and a program using the API may query) in worker threads; a
+    capture there was refused (main thread only), so libjpeg's line reached the log unnamed."""
+    _, bad = _jpegs(tmp_path, 0)
+    seen: dict = {}
+
+    def work() -> None:
+        with capture() as on:
+            seen["shape"] = decode_image(bad).shape
+            seen["on"], seen["found"] = on, warnings_for(bad)
+
+    capfd.readouterr()
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    os.write(2, b"after\n")
+    assert seen["on"] and seen["shape"] == (240, 320, 3) and seen["found"][0].startswith("corrupt JPEG data (")
+    assert capfd.readouterr().err == "after\n"
+
+
+def test_uploads_of_one_name_decoded_at_once_keep_their_own_warnings(tmp_path, capfd):
+    """Overlapping captures of several threads share descriptor 2 (the last one out gives it back);
+    an upload held in memory is keyed by its decode, not its name (phones send 'image.jpg')."""
+    good, bad = _jpegs(tmp_path, 1)
+    data = {"good": good[0].read_bytes(), "bad": bad.read_bytes()}
+
+    def one(kind: str):
+        img, warned = decoded_noting(lambda: cv2.imdecode(np.frombuffer(data[kind], np.uint8), cv2.IMREAD_COLOR))
+        return kind, img.shape, warned
+
+    capfd.readouterr()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, ["good", "bad", "good", "good"] * 6))
+    os.write(2, b"after\n")
+    said = {tuple(w) for kind, _, w in results if kind == "bad"}
+    assert len(said) == 1 and len(next(iter(said))) == 1 and next(iter(said))[0].startswith("corrupt JPEG data (")
+    assert all(shape == (240, 320, 3) for _, shape, _ in results)
+    assert all(w == [] for kind, _, w in results if kind == "good")
+    assert capfd.readouterr().err == "after\n"

@@ -185,3 +185,60 @@ def test_a_montage_never_replaces_a_database_image_reached_through_a_link_out_of
     assert names == []  # outside the dataset folder: the name column is not read through
     assert run("ris-search", search_cli.main, ["--image", str(query), "--features-db", str(db), "-k", "1",
                                                "--output", str(other)]) == 0
+
+
+def _damaged_copy(src, dst):
+    """``src`` with 90 bytes of junk before its end marker: it decodes, and libjpeg warns
+    'Corrupt JPEG data: N extraneous bytes before marker 0xd9' (N as libjpeg counts them)."""
+    jpeg = src.read_bytes()
+    dst.write_bytes(jpeg[:-2] + bytes(range(1, 91)) + jpeg[-2:])
+    return dst
+
+
+def test_a_damaged_jpeg_query_is_named_in_one_warning_line_and_searched_as_before(tiny, tmp_path, capfd,
+                                                                                   monkeypatch):
+    """libjpeg printed its own line, unnamed, for a query with junk before its end marker
+    ('Corrupt JPEG data: 84 extraneous bytes before marker 0xd9' on stderr); ris-extract names such
+    files. The engine says it as ris-extract does, through its log, naming the file as given."""
+    import re
+
+    data, db = tiny
+    _damaged_copy(data / "ukbench00006.jpg", tmp_path / "bad.jpg")
+    monkeypatch.chdir(tmp_path)
+    said: list[str] = []
+    with SearchEngine(db, log=said.append) as engine:
+        clean = [(h.row, h.distance) for h in engine.query(data / "ukbench00006.jpg", k=3)]
+        capfd.readouterr()
+        damaged = [(h.row, h.distance) for h in engine.query("./bad.jpg", k=3)]
+        assert [h.row for h in engine.search(b"./bad.jpg", k=3)] == [r for r, _ in clean]
+    assert damaged == clean
+    assert len(said) == 2 and said[0] == said[1], said
+    assert re.fullmatch(r"warning: \./bad\.jpg: corrupt JPEG data \(\d+ extraneous bytes before marker 0xd9\)",
+                        said[0]), said
+    assert "Corrupt JPEG data" not in capfd.readouterr().err
+
+
+def test_ris_search_names_a_damaged_jpeg_query_once_beside_its_montage_and_other_queries(tiny, tmp_path, capfd,
+                                                                                         monkeypatch):
+    """The query is decoded again for the montage (and for --verify): each decode printed libjpeg's
+    unnamed line. Now one line per damaged query, results and exit status as before."""
+    import json
+    import re
+
+    from ris.cli import search as search_cli
+    from ris.cli.common import run
+
+    data, db = tiny
+    _damaged_copy(data / "ukbench00006.jpg", tmp_path / "bad.jpg")
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    code = run("ris-search", search_cli.main, ["--image", "./bad.jpg", str(data / "ukbench00006.jpg"),
+                                               "--features-db", str(db), "-k", "3", "--json",
+                                               "--output", "m.png"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert re.fullmatch(r"warning: \./bad\.jpg: corrupt JPEG data \(\d+ extraneous bytes before marker 0xd9\)\n",
+                        err), err
+    bad, clean = json.loads(out)
+    assert bad["query"] == "./bad.jpg" and bad["results"] == clean["results"]
+    assert (tmp_path / "m-1.png").is_file() and (tmp_path / "m-2.png").is_file()

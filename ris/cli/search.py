@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = presets.apply(parser.parse_args(argv), parser, "search", argv)
     from ris.errors import BadImage
+    from ris.jpeg_noise import naming
     from ris.montage import make_montage, write_png
     from ris.search import SearchEngine, hits_to_dicts
 
@@ -84,42 +85,44 @@ def main(argv: list[str] | None = None) -> int:
     # what each result's "distance" holds: re-ranking ranks by its own score (smaller = better), as ris-serve says
     score_kind = "distance" if engine.reranker is None else "re-ranking score (smaller = better)"
     for n, image in enumerate(args.image, 1):
-        try:
-            hits = engine.query(image, max(args.top_k, args.verify))
-            if verifier is not None:
-                from ris.verify import verify_hits
-
-                hits = verify_hits(hits, image, verifier, engine.image_ids, args.top_k)
-        except BadImage as exc:
-            print(f"ris-search: error: {one_line(exc)}", file=sys.stderr)
-            failed += 1
-            out_json.append({"query": str(image), "error": str(exc)})  # in its place, as scripts expect
-            continue
-        montage_path = montage_error = None
-        if montages[n - 1] is not None:
-            rgb = make_montage(image, hits)
+        # the engine says the query's warnings, once; the montage's tiles and --verify's are named after it
+        with naming(lambda line: print(line, file=sys.stderr), but=image):
             try:
-                montage_path = str(write_png(montages[n - 1], rgb))
-            except OSError as exc:  # a full disk: this query's results are still given, the run is done in part
-                montage_error = exc.strerror or str(exc)
-                print(f"ris-search: error: {one_line(montages[n - 1])}: cannot write the montage ({montage_error})",
-                      file=sys.stderr)
-            if args.show and display:
-                _show(rgb)
-            elif args.show and montage_path:
-                shown_nowhere.append(montage_path)
-        failed_montages += montage_error is not None
-        if args.json:
-            out_json.append({"query": str(image), "montage": montage_path, "score": score_kind,
-                             "results": hits_to_dicts(hits)}
-                            | ({"montage_error": montage_error} if montage_error else {}))
-            continue
-        print(f"query: {one_line(image)}")
-        print(f"{'rank':>4}  {'distance' if engine.reranker is None else 'score':>9}  path")
-        for h in hits:
-            print(f"{h.rank:>4}  {h.distance:>9.4f}  {one_line(h.path)}")
-        if montage_path:
-            print(f"montage: {one_line(montage_path)}")
+                hits = engine.query(image, max(args.top_k, args.verify))
+                if verifier is not None:
+                    from ris.verify import verify_hits
+
+                    hits = verify_hits(hits, image, verifier, engine.image_ids, args.top_k)
+            except BadImage as exc:
+                print(f"ris-search: error: {one_line(exc)}", file=sys.stderr)
+                failed += 1
+                out_json.append({"query": str(image), "error": str(exc)})  # in its place, as scripts expect
+                continue
+            montage_path = montage_error = None
+            if montages[n - 1] is not None:
+                rgb = make_montage(image, hits)
+                try:
+                    montage_path = str(write_png(montages[n - 1], rgb))
+                except OSError as exc:  # a full disk: this query's results are still given, the run is done in part
+                    montage_error = exc.strerror or str(exc)
+                    print(f"ris-search: error: {one_line(montages[n - 1])}: cannot write the montage ({montage_error})",
+                          file=sys.stderr)
+                if args.show and display:
+                    _show(rgb)
+                elif args.show and montage_path:
+                    shown_nowhere.append(montage_path)
+            failed_montages += montage_error is not None
+            if args.json:
+                out_json.append({"query": str(image), "montage": montage_path, "score": score_kind,
+                                 "results": hits_to_dicts(hits)}
+                                | ({"montage_error": montage_error} if montage_error else {}))
+                continue
+            print(f"query: {one_line(image)}")
+            print(f"{'rank':>4}  {'distance' if engine.reranker is None else 'score':>9}  path")
+            for h in hits:
+                print(f"{h.rank:>4}  {h.distance:>9.4f}  {one_line(h.path)}")
+            if montage_path:
+                print(f"montage: {one_line(montage_path)}")
     if args.json:
         print_json(out_json if len(args.image) > 1 else out_json[0])
     if shown_nowhere:
