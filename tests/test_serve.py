@@ -374,6 +374,48 @@ def test_a_truncated_tiff_upload_is_one_sentence_and_leaves_the_server_log_alone
     assert [str(w.message) for w in caught] == [] and capfd.readouterr().err == ""
 
 
+def _damaged(jpeg: bytes) -> bytes:
+    """90 bytes of junk before the end marker: it decodes, and libjpeg warns 'Corrupt JPEG data: N
+    extraneous bytes before marker 0xd9' (N as libjpeg counts them)."""
+    return jpeg[:-2] + bytes(range(1, 91)) + jpeg[-2:]
+
+
+def test_a_damaged_jpeg_upload_is_named_in_the_log_and_in_the_answer(engine, tiny, capfd):
+    """libjpeg printed its own line into the server's log, unnamed ('Corrupt JPEG data: 87
+    extraneous bytes before marker 0xd9'), for an upload with junk before its end marker; ris-extract
+    names such files. The log now names the upload, and the answer carries the warning."""
+    import re
+
+    logged: list[str] = []
+    svc = SearchService(ServeConfig(str(tiny[2]), reload_interval=0), log=logged.append)
+    svc.use_engine(engine)
+    jpeg = (tiny[1] / "ukbench00005.jpg").read_bytes()
+    with TestClient(create_app(svc)) as c:
+        clean = upload(c, jpeg, "image.jpg", k=4)
+        capfd.readouterr()
+        r = upload(c, _damaged(jpeg), "image.jpg", k=4)
+    assert r.status_code == 200 and clean.status_code == 200, r.text
+    assert r.json()["results"] == clean.json()["results"] and "warnings" not in clean.json()["query"]
+    warned = r.json()["query"]["warnings"]
+    assert len(warned) == 1 and re.fullmatch(r"corrupt JPEG data \(\d+ extraneous bytes before marker 0xd9\)",
+                                             warned[0]), warned
+    assert logged == [f"ris-serve: warning: image.jpg: {warned[0]}"]
+    assert "Corrupt JPEG data" not in capfd.readouterr().err
+
+
+def test_a_damaged_stored_jpeg_gets_its_thumbnail_without_libjpegs_line_in_the_log(tiny, tmp_path, capfd):
+    """A database image with junk before its end marker (named by ris-extract when it was described)
+    printed libjpeg's unnamed line into the server's log when its thumbnail was made."""
+    data, db, _ = _served_copy(tiny, tmp_path, reload_interval=0)
+    (data / "ukbench00003.jpg").write_bytes(_damaged((data / "ukbench00003.jpg").read_bytes()))
+    svc = SearchService(ServeConfig(str(db), dataset_root=str(data), reload_interval=0), log=lambda s: None)
+    svc.load()
+    with TestClient(create_app(svc)) as c:
+        capfd.readouterr()
+        assert c.get("/api/thumbs/3").status_code == 200
+    assert "Corrupt JPEG data" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("ext,shown", [(".tif", "TIFF"), (".webp", "WebP"), (".bmp", "BMP")])
 def test_an_upload_cut_short_in_its_header_is_a_damaged_image_of_its_format(client, ext, shown):
     """A TIFF or WebP cut short got 415 'cut.tif is not an image; send a JPEG, PNG, GIF, BMP, WebP or

@@ -97,13 +97,15 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
     The pixels are those ``ris.images.decode_image`` gives for the same bytes in a file (the same
     decoders, EXIF orientation, 16-bit handling and reduced-size JPEG decoding down to ``target``),
     so an uploaded copy of a database image is found at distance ~0. Format and size come from the
-    header before any decoding.
+    header before any decoding. libjpeg's warnings (a JPEG with junk inside that still decodes) are
+    caught and phrased as ris-extract says them: the facts' ``warnings``, present only then.
     """
     import cv2
 
     from ris.errors import BadImage
     from ris.images import _opencv_decode, _pillow_decode, _reduced_flag, _to_rgb  # the database's decoding
     from ris.imagefile import is_heic, jpeg_problem, sniff_format
+    from ris.jpeg_noise import decoded_noting
 
     who = display_name(name)
     if not data:
@@ -125,18 +127,22 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
     if width * height > max_pixels:
         raise ServeError(413, f"{who} is {width} x {height} pixels, over the limit of {max_pixels:,} pixels.")
     path = Path(who)  # only named in messages
+    warned: list[str] = []
     try:
         if fmt in ("PNG", "GIF"):
             img, order = _pillow_decode(data, fmt, path)
+        elif fmt == "JPEG":  # libjpeg prints its warnings to the server's stderr, unnamed: caught
+            flag = _reduced_flag(width, height, target)[0] if target else cv2.IMREAD_COLOR
+            (img, order), warned = decoded_noting(lambda: _opencv_decode(data, path, flag))
         else:
-            flag = _reduced_flag(width, height, target)[0] if fmt == "JPEG" and target else cv2.IMREAD_COLOR
-            img, order = _opencv_decode(data, path, flag)
+            img, order = _opencv_decode(data, path, cv2.IMREAD_COLOR)
     except BadImage as exc:
         raise ServeError(400, f"{exc}.") from None
     except MemoryError:
         raise ServeError(413, f"{who}: not enough memory to decode {width} x {height} pixels.") from None
     rgb = _to_rgb(img, order)
-    return rgb, {"format": UPLOAD_FORMATS[fmt], "width": width, "height": height, "bytes": len(data)}
+    return rgb, {"format": UPLOAD_FORMATS[fmt], "width": width, "height": height, "bytes": len(data),
+                 **({"warnings": warned} if warned else {})}
 
 
 def row_file(root: Path, rel: str, image_id: int) -> Path:

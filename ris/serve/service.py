@@ -326,6 +326,8 @@ class SearchService:
         t0 = time.perf_counter()
         rgb, facts = decode_upload(data, e.query_size, self.cfg.max_pixels, filename)
         t1 = time.perf_counter()
+        for warning in facts.get("warnings", ()):  # libjpeg's, named as ris-extract names them
+            self.log(f"ris-serve: warning: {display_name(filename, 'upload')}: {warning}")
         with self._answering(gen):
             vec = e.embed_array(rgb, rotations=rotations)
             t2 = time.perf_counter()
