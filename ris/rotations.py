@@ -18,6 +18,8 @@ k-reciprocal normalise scores per query (each copy's best row scores 0), so they
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ris.errors import RisError
@@ -69,14 +71,17 @@ def merge_best(dist: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 def embed_turned(extractor, paths: list, batch: int = 16) -> np.ndarray:
     """(n, 4, D) descriptors of image files at 0/90/180/270 degrees, made as ``ris-search
-    --rotations`` makes a query's (``load_image`` at the extractor's size and shape, then ``turned``)."""
+    --rotations`` makes a query's (``load_image`` at the extractor's size and shape, then ``turned``).
+    libjpeg's warnings about them are named on stderr, as ris-extract names them (``ris.jpeg_noise``)."""
     from ris.aspect import stack_images
     from ris.embed import raw_descriptors
     from ris.images import load_image
+    from ris.jpeg_noise import naming
 
     out = []
     for s in range(0, len(paths), batch):
-        imgs = stack_images([load_image(p, extractor.max_size, extractor.aspect) for p in paths[s : s + batch]])
+        with naming(lambda line: print(line, file=sys.stderr)):
+            imgs = stack_images([load_image(p, extractor.max_size, extractor.aspect) for p in paths[s : s + batch]])
         vec = extractor.embed(turned(imgs))
         out.append(raw_descriptors(vec) if vec.ndim == 4 else vec)
     if not out:

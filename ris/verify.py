@@ -121,7 +121,9 @@ def database_local_features(db, features_db: str | Path, features: int = 500, si
                             dataset_root: str | Path | None = None) -> LocalFeatures:
     """The sidecar's local features, computed from the database's images on first use (under
     ``dataset_root``, else the folder the database was extracted from). Images that cannot be read
-    get none (never verified), said in one warning; the cache is made again once one is back."""
+    get none (never verified), said in one warning; the cache is made again once one is back.
+    libjpeg's warnings about them are named on stderr, as ris-extract names them (``ris.jpeg_noise``)."""
+    from ris.jpeg_noise import naming
     from ris.sidecars import read_h5_cache, write_h5_cache
 
     path = sidecar_path(features_db, features, side)
@@ -139,7 +141,8 @@ def database_local_features(db, features_db: str | Path, features: int = 500, si
     xys, descs, offsets, unread = [], [], [0], []
     for n, i in enumerate(ids):
         try:
-            xy, d = sift_of_file(root / i, features, side)
+            with naming(lambda line: print(line, file=sys.stderr)):
+                xy, d = sift_of_file(root / i, features, side)
         except Exception:  # an image gone or damaged since extraction: no local features, never verified
             xy, d = np.zeros((0, 2), np.float16), np.zeros((0, 128), np.uint8)
             unread.append(n)

@@ -157,3 +157,28 @@ def test_ris_eval_refuses_rotations_it_cannot_score_in_one_line(turned_case, cap
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert err.startswith("ris-eval: error: --rotations "), err
+
+
+def test_ris_eval_rotations_name_a_damaged_database_jpeg_instead_of_libjpegs_line(tmp_path, capfd):
+    """--rotations describes the scored queries again from their files: a JPEG of the database with
+    junk before its end marker printed libjpeg's unnamed line ('Corrupt JPEG data: 87 extraneous
+    bytes before marker 0xd9'). Named now, as ris-extract named it; the scores as before."""
+    import re
+
+    import ris
+    from ris.cli import eval as eval_cli
+    from ris.cli.common import run
+    from ris.testing import make_tiny_dataset
+
+    images = make_tiny_dataset(tmp_path / "images", n_objects=2, views=4, size=96)
+    jpeg = (images / "ukbench00001.jpg").read_bytes()
+    (images / "ukbench00001.jpg").write_bytes(jpeg[:-2] + bytes(range(1, 91)) + jpeg[-2:])
+    db = tmp_path / "f.h5"
+    ris.build_database(images, db, model="vgg16", weights="none", input_size=64, progress=False, labels="ukbench")
+    capfd.readouterr()
+    code = run("ris-eval", eval_cli.main, ["--features-db", str(db), "--rotations", "--json"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    assert re.fullmatch(rf"warning: {re.escape(str(images / 'ukbench00001.jpg'))}: corrupt JPEG data \(\d+ "
+                        r"extraneous bytes before marker 0xd9\)\n", err), err
+    assert json.loads(out)["rotations"]["queries_embedded"] == 8

@@ -162,3 +162,34 @@ def test_local_features_follow_the_dataset_root_and_images_missing_when_they_wer
     capsys.readouterr()
     assert run("ris-search", search_cli.main, search) == 0  # back: made again, no warning
     assert sidecar.stat().st_mtime_ns != made and "could not be read" not in capsys.readouterr().err
+
+
+def test_a_damaged_database_jpeg_is_named_when_its_local_features_are_made(tmp_path, capfd):
+    """--verify makes the database's local features from its files on first use: a JPEG with junk
+    before its end marker printed libjpeg's unnamed line ('Corrupt JPEG data: 87 extraneous bytes
+    before marker 0xd9'). Named now, as ris-extract named it; its local features are made."""
+    import re
+
+    from PIL import Image
+
+    from ris.featuredb import FeatureDB
+    from ris.verify import database_local_features
+
+    import ris
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for o in range(2):
+        Image.fromarray(_textured(o, 200)).save(d / f"o{o}.jpg", quality=90)
+    jpeg = (d / "o1.jpg").read_bytes()
+    (d / "o1.jpg").write_bytes(jpeg[:-2] + bytes(range(1, 91)) + jpeg[-2:])
+    db = tmp_path / "f.h5"
+    ris.build_database(d, db, model="vgg16", weights="none", input_size=64, progress=False, labels="none")
+    capfd.readouterr()
+    with FeatureDB(db) as f:
+        lf = database_local_features(f, db)
+        row = f.image_ids.index("o1.jpg")
+    err = capfd.readouterr().err
+    assert re.fullmatch(rf"warning: {re.escape(str(d / 'o1.jpg'))}: corrupt JPEG data \(\d+ extraneous bytes "
+                        r"before marker 0xd9\)\n", err), err
+    assert len(lf.of(row)[1]) > 50
