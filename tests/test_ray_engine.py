@@ -347,25 +347,12 @@ def test_ukbench_on_ray_equals_the_local_engine(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_cli_starts_a_local_cluster_when_no_address_is_given(tmp_path, capsys):
-    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
-    import ray
-
-    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=48)
-    code = run("ris-extract", extract_cli.main, ["--dataset", str(data), "--features-db", str(tmp_path / "f.h5"),
-                                                 "--engine", "ray", "--json", *FAST])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    s = json.loads(out)
-    assert s["engine"] == "ray" and s["extracted"] == 8 and len(s["nodes"]) == 1
-    assert not ray.is_initialized()  # the cluster it started is stopped
-
-
-@pytest.mark.slow
 def test_the_command_starts_a_local_cluster_in_a_fresh_process(tmp_path):
-    """As a user runs it: a new process, no Ray settings in the environment, no address. (Ray reads
-    its auth mode when it is imported: a mode set after the import made the driver and the cluster
-    it started disagree, and the command failed with 'InvalidAuthToken'.)"""
+    """As a user runs it: a new process, no Ray settings in the environment, no address: a local
+    cluster of one node is started, used and stopped. (Ray reads its auth mode when it is imported:
+    a mode set after the import made the driver and the cluster it started disagree, and the
+    command failed with 'InvalidAuthToken'.) In-process, the cluster's stop is checked by
+    test_a_one_cpu_local_cluster_extracts_everything."""
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
     data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=4, size=48)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -375,7 +362,7 @@ def test_the_command_starts_a_local_cluster_in_a_fresh_process(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     s = json.loads(done.stdout)
-    assert s["engine"] == "ray" and s["extracted"] == 8
+    assert s["engine"] == "ray" and s["extracted"] == 8 and len(s["nodes"]) == 1
 
 
 @pytest.mark.slow
