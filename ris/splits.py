@@ -61,6 +61,11 @@ def split_images(labels: np.ndarray, test_fraction: float = 0.5, val_fraction: f
     if len(classes) < 2 + unseen_classes:
         raise RisError(f"need at least {2 + unseen_classes} labelled classes, found {len(classes)}")
     unseen = np.sort(rng.choice(classes, size=unseen_classes, replace=False)) if unseen_classes else classes[:0]
+    if fold is not None:  # a fold past every class's size would hold out no image: scored 0, or nothing
+        largest = max(int((labels == c).sum()) for c in classes if c not in unseen)
+        if folds > largest:
+            raise RisError(f"{folds} folds inside every class need a class of at least {folds} images; "
+                           f"the largest has {largest} (use --folds {largest} or fewer)")
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for c in classes:
         rows = rng.permutation(np.nonzero(labels == c)[0])

@@ -137,3 +137,16 @@ def test_make_split_defaults_are_the_training_defaults():
     assert meta_a == meta_b and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(RisError, match="--split-by must be one of object, image"):
         make_split(labels, "pixel")
+
+
+@pytest.mark.parametrize("fold", [0, 4])
+def test_image_folds_beyond_the_largest_class_are_refused(fold):
+    """UKBench's classes of 4 images with --folds 5 --split-by image: fold 5 held out no image, so
+    ris-eval --folds averaged a fold scored 0.0 into the mean (N-S 3.17 +- 1.59 where every real fold
+    scored 3.87-4.0) and ris-train trained that fold for nothing and left it out of a mean it said was
+    "over 5 folds". Refused from fold 0 on, before any work."""
+    labels = np.repeat(np.arange(15), 4)
+    with pytest.raises(RisError, match=r"5 folds inside every class need a class of at least 5 images; "
+                                       r"the largest has 4 \(use --folds 4 or fewer\)"):
+        make_split(labels, "image", fold=fold, folds=5)
+    assert all(len(make_split(labels, "image", fold=k, folds=4)[0]["test"]) == 15 for k in range(4))
