@@ -19,9 +19,9 @@ def check_config(cfg: TrainConfig, feature_shape: tuple[int, ...] | None = None)
     """Refuse, before any work, a config that cannot train on features of ``feature_shape``."""
     from ris.head import DISTANCES, HEADS, MININGS
 
-    if cfg.arch not in HEADS or cfg.mining not in MININGS:
-        raise RisError(f"unknown head {cfg.arch!r} or mining {cfg.mining!r}; heads: {', '.join(HEADS)}; "
-                       f"minings: {', '.join(MININGS)}")
+    if cfg.arch not in HEADS or cfg.mining not in MININGS:  # name only the one that is wrong
+        wrong = f"head {cfg.arch!r}" if cfg.arch not in HEADS else f"mining {cfg.mining!r}"
+        raise RisError(f"unknown {wrong}; heads: {', '.join(HEADS)}; minings: {', '.join(MININGS)}")
     if cfg.distance not in DISTANCES:
         raise RisError(f"unknown distance {cfg.distance!r}; distances: {', '.join(DISTANCES)}")
     if cfg.split_by not in SPLIT_BY:

@@ -104,6 +104,10 @@ def _maps_db(path, n_obj=6, views=4):
     (TrainConfig(shallow=8), "--shallow trains a CNN branch"),
     (TrainConfig(arch="residual", shallow=8), "--shallow needs pooled features, not conv maps"),
     (TrainConfig(arch="mlp", distance="manhattan"), "unknown distance 'manhattan'"),
+    # ris.fit_head(db, out, arch="bogus") said "unknown head 'bogus' or mining 'batch-hard'": the default
+    # mining named as if it were wrong too
+    (TrainConfig(arch="bogus"), r"^unknown head 'bogus'; heads: mlp, residual, whiten; minings: random, "),
+    (TrainConfig(arch="mlp", mining="hard"), r"^unknown mining 'hard'; heads: mlp, residual, whiten; minings: "),
     (TrainConfig(fold=3, folds=3), "fold 3 is not one of the 3 folds"),
     (TrainConfig(split_by="pixel"), "--split-by must be one of object, image"),
 ])
