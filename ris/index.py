@@ -258,6 +258,16 @@ def index_arg(text: str) -> str:
     return text
 
 
+def check_kind(kind: str) -> tuple[str, str]:
+    """``parse_index``, refusing an unknown kind in the commands' words (before anything is opened)."""
+    try:
+        return parse_index(kind)
+    except RisError:
+        from ris.errors import BadChoice
+
+        raise BadChoice(f"unknown index kind {kind!r}; choose {index_metavar()}") from None
+
+
 def open_search_index(features_db_path: str, features, metric: str, kind: str = "auto",
                       threshold: int = AUTO_THRESHOLD, source: dict | None = None, build: bool = True,
                       rebuild: bool = False):
@@ -271,12 +281,7 @@ def open_search_index(features_db_path: str, features, metric: str, kind: str = 
     keys the index on the database content and gives the stable ids. ``rebuild`` (hnsw, ivfpq)
     builds anew; the saved index is replaced only when the new one is committed.
     """
-    try:
-        name, arg = parse_index(kind)
-    except RisError:
-        from ris.errors import BadChoice
-
-        raise BadChoice(f"unknown index kind {kind!r}; choose {index_metavar()}") from None
+    name, arg = check_kind(kind)
     _check_metric(metric)
     req = IndexRequest(str(features_db_path), features, metric, source, arg, build, threshold, rebuild)
     index = INDEX_KINDS[name].open(req)

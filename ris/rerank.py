@@ -299,6 +299,12 @@ RERANKERS: dict[str, type[Method]] = {
 
 # --- the entry points --------------------------------------------------------------------------
 
+def check_method(method: str) -> None:
+    """Refuse a name that is no re-ranking method (also before a database is opened to re-rank)."""
+    if method not in RERANKERS:
+        raise BadChoice(f"unknown re-ranking method {method!r}; choose one of {', '.join(RERANKERS)}")
+
+
 class Reranker:
     """A database prepared once for one re-ranking method (offline graphs, DBA), then searched."""
 
@@ -306,8 +312,7 @@ class Reranker:
                  augmented: np.ndarray | None = None, **params):
         """``augmented``: for dba+qe, the database after alpha-DBA made earlier with the same
         parameters (``dba_database``), e.g. loaded from a cache file; skips its kNN pass."""
-        if method not in RERANKERS:
-            raise BadChoice(f"unknown re-ranking method {method!r}; choose one of {', '.join(RERANKERS)}")
+        check_method(method)
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
         defaults = RERANKERS[method].defaults

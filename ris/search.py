@@ -37,8 +37,11 @@ class SearchEngine:
                  dataset_root: str | Path | None = None, rerank: str = "none",
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), rotations: bool = False):
         from ris.featuredb import FeatureDB
+        from ris.index import check_kind
+        from ris.rerank import check_method
 
-        if rotations:  # refused before anything is opened
+        check_method(rerank), check_kind(index)  # refused before anything is opened (ris.open_database)
+        if rotations:
             check_rerank(rerank)
         self.rotations, self.log = bool(rotations), log  # log: a query file's warnings too (embed_query)
         self._files: list = []  # cache files opened for streamed reads

@@ -5,6 +5,7 @@ import pytest
 
 from ris.extract import ExtractConfig, ExtractOptions, extract_features
 from ris.featuredb import FeatureDB, RowLabels
+from ris.errors import BadChoice
 from ris.search import SearchEngine
 from ris.testing import make_tiny_dataset
 
@@ -124,6 +125,18 @@ def test_an_open_engine_answers_from_its_own_database_after_the_file_is_replaced
         smaller.replace(local)
         after = [(h.row, h.distance) for h in engine.query(data / engine.image_ids[6], k=5)]
     assert after == before and after[0] == (6, after[0][1]) and after[0][1] < 1e-5
+
+
+@pytest.mark.parametrize("kw,needle", [({"rerank": "dba-qe"}, "unknown re-ranking method 'dba-qe'"),
+                                         ({"index": "hnws"}, "unknown index kind 'hnws'")])
+def test_a_misspelt_rerank_or_index_is_refused_before_anything_is_opened(tmp_path, monkeypatch, kw, needle):
+    """ris.open_database('feats.h5', rerank='bogus') loaded the database, the backbone and its warm-up
+    (46 s on a busy 2-core machine) before saying the name was wrong, as the commands do at once."""
+    import ris.featuredb
+
+    monkeypatch.setattr(ris.featuredb, "FeatureDB", lambda *a, **k: pytest.fail("the database was opened"))
+    with pytest.raises(BadChoice, match=needle):
+        SearchEngine(tmp_path / "feats.h5", **kw)
 
 
 def test_a_query_path_given_as_bytes_is_read_as_the_file_system_names_it(tiny):
