@@ -189,6 +189,25 @@ def test_databases_made_before_ids_get_row_numbers(tmp_path):
         assert f.row_ids.tolist() == list(range(1, 21)) and f.removed_ids.tolist() == [0] and f.lineage == lineage
 
 
+def test_ris_index_remove_from_file_reads_only_a_regular_file(tmp_path):
+    """ris-index remove --from-file list.fifo blocked forever opening the FIFO (ris-eval --queries
+    refuses one in a line); a regular list still removes, non-UTF-8 names byte for byte."""
+    from ris.errors import RisError
+    from ris.cli.index import main
+    from ris.testing import call_with_fifo_guard
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8))
+    fifo = tmp_path / "list.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RisError, match=r"list\.fifo: not a regular file \(FIFO\)"):
+        call_with_fifo_guard(lambda: main(["remove", "--features-db", str(db), "--from-file", str(fifo)]), fifo, 20)
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"img000001.jpg\n\nimg000003.jpg\n")
+    assert main(["remove", "--features-db", str(db), "--from-file", str(listed)]) == 0
+    with FeatureDB(db) as f:
+        assert len(f) == 18 and "img000001.jpg" not in f.image_ids
+
+
 def test_ris_index_remove_and_info(tmp_path, capsys):
     from ris.cli.index import main
 

@@ -147,9 +147,11 @@ def _remove(args) -> int:
     from ris.sync import follow_saved_indexes, remove_images
 
     names = list(args.images)
-    if args.from_file:
-        with open(args.from_file, encoding="utf-8", errors="surrogateescape") as fh:
-            names += [line.rstrip("\n") for line in fh if line.strip()]
+    if args.from_file:  # a regular file within RIS_MAX_FILE_BYTES, as every input (a FIFO blocked)
+        from ris.imagefile import read_file
+
+        text = read_file(args.from_file).decode("utf-8", errors="surrogateescape")
+        names += [line.rstrip("\r") for line in text.split("\n") if line.strip()]
     if not names:
         raise RisError("nothing to remove: give relative paths, or --from-file")
     s = remove_images(args.features_db, names)
