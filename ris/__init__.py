@@ -102,13 +102,17 @@ def open_database(features_db: str | Path, model: str | Path | None = None, *, i
 def _warn_other_recipe(preset: str | None, features_db: str | Path) -> None:
     """A ``UserWarning`` (the commands' warning line) when a preset meets a database made otherwise:
     the preset then chooses only the re-ranking."""
+    import sys
     import warnings
 
     from ris.presets import other_recipe_warning
 
     message = other_recipe_warning(preset, features_db, named=f"the recipe of preset={preset!r}")
-    if message:
-        warnings.warn(message, UserWarning, stacklevel=3)
+    if message:  # reported at the caller's line, however many facade calls lie between (ris.query)
+        frame, level = sys._getframe(1), 2
+        while frame.f_back is not None and frame.f_code.co_filename == __file__:
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def query(features_db: str | Path, image: str | bytes | Path, k: int = 12, model: str | Path | None = None,

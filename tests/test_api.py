@@ -141,6 +141,13 @@ def test_a_preset_on_a_database_made_otherwise_warns_as_the_commands_do(tmp_path
         ris.open_database(db, preset="accurate").close()
     with pytest.warns(UserWarning, match="not made with the recipe of preset='fast'"):
         ris.score(db, preset="fast", split="all")
+    # ris.query(..., preset=...) attributed its warning to ris/__init__.py's open_database line, not the
+    # caller's: the same warning is now reported where each facade function was called
+    for call in (lambda: ris.query(db, photos / "ukbench00001.jpg", k=1, preset="fast"),
+                 lambda: ris.open_database(db, preset="fast").close(), lambda: ris.score(db, preset="fast")):
+        with pytest.warns(UserWarning, match="preset='fast'") as caught:
+            call()
+        assert [Path(w.filename).name for w in caught] == ["test_api.py"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ris.open_database(db).close()
