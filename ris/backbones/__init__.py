@@ -5,7 +5,9 @@ Every backbone returns conv feature maps (B, h, w, C); pooling is a separate sta
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -118,8 +120,9 @@ def _build(bb: Backbone, weights: str | None):
 
         ctor = getattr(keras.applications, bb._builder)
         keras_weights = weights if weights in (None, "imagenet") else None
-        try:
-            model = ctor(weights=keras_weights, include_top=False, input_shape=(None, None, 3))
+        try:  # Keras prints its download line and progress bar on stdout, where --json writes
+            with contextlib.redirect_stdout(sys.stderr):
+                model = ctor(weights=keras_weights, include_top=False, input_shape=(None, None, 3))
         except Exception as exc:  # keras raises plain Exception on URL failures
             if weights == "imagenet":
                 reason = "download failed, no network?" if "URL fetch failure" in str(exc) else _short(exc)
