@@ -1129,6 +1129,25 @@ def test_a_command_that_fails_with_a_bug_exits_2_in_one_line(tmp_path):
     assert done.returncode == 2 and "Traceback (most recent call last)" in done.stderr
 
 
+def test_search_says_when_the_results_image_files_are_gone(tmp_path, capsys):
+    """The dataset folder moved: ris-search listed paths that no longer exist and drew 'missing'
+    tiles without a word; it now says so once, naming --dataset-root (exit 0: the ranking stands)."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert cli(capsys, extract_cli, "ris-extract", "--dataset", data, "--features-db", db, *FAST)[0] == 0
+    query = tmp_path / "q.jpg"
+    shutil.copy(data / "ukbench00001.jpg", query)
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "2")
+    assert code == 0 and "warning" not in err, err
+    data.rename(tmp_path / "moved")
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "2")
+    assert code == 0 and err.count("\n") == 1, err
+    assert "ris-search: warning: 2 result image file(s) are not there (e.g. " in err and "--dataset-root" in err
+    code, out, err = cli(capsys, search_cli, "ris-search", "--image", query, "--features-db", db, "-k", "2",
+                         "--dataset-root", tmp_path / "moved", "--json")
+    assert code == 0 and "warning" not in err and json.loads(out)["results"][0]["image_id"] == "ukbench00001.jpg"
+
+
 def test_readme_documents_the_exit_codes():
     from ris.cli import common
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ris.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, HelpFormatter, one_line, positive_int, print_json, run
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = failed_montages = 0
     display = _has_display()
     shown_nowhere: list[str] = []  # montages --show could not open (no display): named at the end
+    gone: set[str] = set()  # result files not there (the folder moved): said once at the end
     # what each result's "distance" holds: re-ranking ranks by its own score (smaller = better), as ris-serve says
     score_kind = "distance" if engine.reranker is None else "re-ranking score (smaller = better)"
     for n, image in enumerate(args.image, 1):
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif args.show and montage_path:
                     shown_nowhere.append(montage_path)
             failed_montages += montage_error is not None
+            gone.update(str(h.path) for h in hits if not os.path.lexists(h.path))
             if args.json:
                 out_json.append({"query": str(image), "montage": montage_path, "score": score_kind,
                                  "results": hits_to_dicts(hits)}
@@ -125,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"montage: {one_line(montage_path)}")
     if args.json:
         print_json(out_json if len(args.image) > 1 else out_json[0])
+    if gone:
+        print(f"ris-search: warning: {len(gone)} result image file(s) are not there (e.g. {one_line(min(gone))}): "
+              "if the dataset folder moved, give --dataset-root DIR (or ris-extract --sync --dataset DIR)",
+              file=sys.stderr)
     if shown_nowhere:
         where = (f"the montage is in {shown_nowhere[0]}" if len(shown_nowhere) == 1
                  else f"the montages are in {', '.join(shown_nowhere)}")
