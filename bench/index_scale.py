@@ -22,6 +22,11 @@ compare code shapes on the same data:
 
     python bench/index_scale.py --n 1000000 --kinds ivfpq --workdir /tmp/ris-1m --ivfpq-params m=96 --json pq96.json
 
+--two-level K1 (bench-side) trains the coarse cells by a two-level k-means (K1 centroids, then the
+nlist cells split over their groups by size) instead of faiss's one k-means of nlist centroids:
+
+    python bench/index_scale.py --n 1000000 --kinds ivfpq --workdir /tmp/ris-1m --ivfpq-params nlist=16384,m=96,opq_dim=192 --two-level 128
+
 Besides recall@10 each run reports 1-recall@10 (``r1_at_10``: the fraction of queries whose exact
 nearest neighbour is among the 10 answers, the "R@10" of the faiss papers), a weaker measure.
 """
@@ -148,7 +153,7 @@ def index_files(kind: str, work: Path) -> list[Path]:
     return [p for p in work.glob(f"feats.h5.{kind}*") if p.is_file()]
 
 
-def phase_build(kind: str, work: Path, overrides: dict | None = None) -> dict:
+def phase_build(kind: str, work: Path, overrides: dict | None = None, two_level: int = 0) -> dict:
     import ris.faiss_index  # noqa: F401 (sets up OpenMP before anything loads faiss)
     from ris.featuredb import FeatureDB
     from ris.index import open_search_index
@@ -157,6 +162,11 @@ def phase_build(kind: str, work: Path, overrides: dict | None = None) -> dict:
     if kind == "ivfpq" and overrides:  # the build sizes its params with choose_params: override them there
         choose = ris.faiss_index.choose_params
         ris.faiss_index.choose_params = lambda n, dim, **o: choose(n, dim, **{**overrides, **o})
+    coarse: dict = {}
+    if kind == "ivfpq" and two_level:
+        from two_level import patch_two_level
+
+        patch_two_level(two_level, coarse)
     t0 = time.perf_counter()
     with FeatureDB(work / "feats.h5") as db:
         index = open_search_index(str(db.path), db.features, "euclidean", kind=_target(kind, work),
@@ -169,6 +179,8 @@ def phase_build(kind: str, work: Path, overrides: dict | None = None) -> dict:
         out["params"] = index.params.__dict__
         out["factory"] = index.params.factory(index.dim)
         out["code_bytes"] = index.params.code_bytes(index.dim)
+        if two_level:
+            out["two_level"] = {"k1": two_level, **coarse}
     return out
 
 
@@ -230,13 +242,15 @@ def settings_for(kind: str, nprobes: str | None) -> list[dict]:
 
 
 def _child(phase: str, kind: str, work: Path, threads: int, params: str | None = None,
-           nprobes: str | None = None) -> dict:
+           nprobes: str | None = None, two_level: int = 0) -> dict:
     env = dict(os.environ, RIS_FAISS_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--phase", phase, "--kind", kind, "--workdir", str(work)]
     if params:
         cmd += ["--ivfpq-params", params]
     if nprobes:
         cmd += ["--nprobes", nprobes]
+    if two_level:
+        cmd += ["--two-level", str(two_level)]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -265,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprobes", default=None, metavar="N,...",
                    help="ivfpq: probes served (integers, or 'default': the build's choice), each with and without "
                         "re-ranking (default: 16,32,64)")
+    p.add_argument("--two-level", type=int, default=0, metavar="K1",
+                   help="ivfpq, bench-side: train the coarse cells by a two-level k-means (K1 groups, then the "
+                        "cells split over them by size) instead of one k-means of nlist centroids (default: off)")
     p.add_argument("--json", default=None, help="also write the results here as JSON (rewritten after every kind)")
     p.add_argument("--phase", choices=["build", "serve"], help=argparse.SUPPRESS)
     p.add_argument("--kind", help=argparse.SUPPRESS)
@@ -275,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     if args.phase:  # child process
-        r = phase_build(args.kind, work, overrides) if args.phase == "build" else phase_serve(args.kind, work, settings_for(args.kind, args.nprobes))
+        r = phase_build(args.kind, work, overrides, args.two_level) if args.phase == "build" else phase_serve(args.kind, work, settings_for(args.kind, args.nprobes))
         print(json.dumps(r, default=float))
         return 0
 
@@ -293,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "milvus" and (work / "feats.milvus.db").exists():
                 shutil.rmtree(work / "feats.milvus.db")
         print(f"[{kind}] build ...", file=sys.stderr, flush=True)
-        build = _child("build", kind, work, args.threads, args.ivfpq_params) if kind != "exact" else {"build_seconds": 0.0}
+        build = _child("build", kind, work, args.threads, args.ivfpq_params, two_level=args.two_level) if kind != "exact" else {"build_seconds": 0.0}
         print(f"[{kind}] {build}", file=sys.stderr, flush=True)
         serve = _child("serve", kind, work, args.threads, nprobes=args.nprobes)
         info["kinds"][kind] = {"build": build, "serve": serve}
