@@ -7,15 +7,20 @@ ignored in ...') and dropped: the command went on as if it had never been interr
 ``raise_interrupt`` looks at the collector's state and the interrupted frames: in such a place it
 does not raise but watches the main thread's calls and returns (``sys.setprofile``), and the first
 one outside raises KeyboardInterrupt there, so the command stops as soon as that place is left.
-Anywhere else it raises at once, as before. What it cannot tell (a weakref callback run outside a
-collection, a C extension's finalizer) reaches ``sys.unraisablehook``, where ``raising_interrupts``
-raises the dropped interrupt again the same way instead of printing it. ris-train's epochs do not
-raise at all (``ris.train_stop``).
+The same while a C extension module is loaded: an exception raised in the Python code its init
+runs (jaxlib's makes enums), or before it reached ``sys.modules``, left jaxlib half made or freed,
+and Python crashed (status 139 or 134) or reported an ImportError; the interrupt now waits until
+the module is loaded. Anywhere else it raises at once, as before. What it cannot tell (a weakref
+callback run outside a collection, a C extension's finalizer) reaches ``sys.unraisablehook``, where
+``raising_interrupts`` raises the dropped interrupt again the same way instead of printing it.
+ris-train's epochs do not raise at all (``ris.train_stop``).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib._bootstrap
+import importlib.machinery
 import signal
 import sys
 import threading
@@ -56,9 +61,31 @@ def _raise_when_outside(frame: FrameType, event: str, arg: Any) -> None:
     raise KeyboardInterrupt  # raised into ``frame``'s code: a call, a C call or a return there
 
 
+# A C extension module's init (``_imp.create_dynamic``, ``exec_dynamic``) may run Python code:
+# jaxlib's, built with nanobind, makes Python enums. An exception raised there, or before the module
+# made reaches ``sys.modules`` (which frees it), left jaxlib half made or freed: Python then crashed
+# (status 139), aborted (134), or reported an ImportError. So an interrupt waits while the import
+# system loads an extension module: from ``module_from_spec`` until ``_load_unlocked`` returns.
+_EXTENSION_LOAD = {importlib.machinery.ExtensionFileLoader.create_module.__code__,
+                   importlib.machinery.ExtensionFileLoader.exec_module.__code__}
+_SPEC_LOAD = {f.__code__ for f in (getattr(importlib._bootstrap, name, None)
+                                   for name in ("_load_unlocked", "module_from_spec")) if f is not None}
+
+
+def _loading_extension(frame: FrameType) -> bool:
+    """Whether ``frame`` is the import system's loading of a C extension module."""
+    if frame.f_code in _EXTENSION_LOAD:
+        return True
+    if frame.f_code not in _SPEC_LOAD:
+        return False
+    spec = frame.f_locals.get("spec")
+    return isinstance(getattr(spec, "loader", None), importlib.machinery.ExtensionFileLoader)
+
+
 def _unsafe_to_raise(frame: FrameType | None) -> bool:
     """Whether a garbage collection is under way, or ``frame`` or a caller of it is a gc callback,
-    a ``__del__`` or this module's unraisable hook: places whose exceptions Python prints and drops."""
+    a ``__del__`` or this module's unraisable hook (places whose exceptions Python prints and drops),
+    or the loading of a C extension module (which may not survive one)."""
     if _collecting:
         return True
     codes = {_keep_dropped_interrupt.__code__}
@@ -67,7 +94,7 @@ def _unsafe_to_raise(frame: FrameType | None) -> bool:
         if code is not None:
             codes.add(code)
     while frame is not None:
-        if frame.f_code in codes or frame.f_code.co_name == "__del__":
+        if frame.f_code in codes or frame.f_code.co_name == "__del__" or _loading_extension(frame):
             return True
         frame = frame.f_back
     return False
