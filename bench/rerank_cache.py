@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import h5py
 
     from ris.rerank import Reranker
-    from ris.rerank import cached_dba
+    from ris.dba_cache import cached_dba
     from search_scale import make_sampler
 
     draw = make_sampler(args.dim, args.seed)

@@ -184,12 +184,10 @@ def said(path: Any, log: Callable[[str], None]) -> Iterator[None]:
     them, naming the file as its user gave it ('warning: ./q.jpg: corrupt JPEG data (...)')."""
     from pathlib import Path
 
-    from ris.cli.common import one_line  # a name holding a newline stays one line
-
     with noting(Path(path)) as found:  # the decoders name it as a Path
         yield
     for warning in found:
-        log(f"warning: {one_line(path)}: {warning}")
+        _say(log, path, warning)
 
 
 @contextlib.contextmanager
@@ -200,14 +198,19 @@ def naming(log: Callable[[str], None], but: Any = None) -> Iterator[None]:
     every file's."""
     from pathlib import Path
 
-    from ris.cli.common import one_line
-
     with capture():
         yield
         found = take_all()
     for path, warnings in found.items():
         for warning in warnings if but is None or path != str(Path(but)) else ():
-            log(f"warning: {one_line(path)}: {warning}")
+            _say(log, path, warning)
+
+
+def _say(log: Callable[[str], None], path: Any, warning: str) -> None:
+    """One warning line as ris-extract says it; a name holding a newline stays one line."""
+    from ris.cli.common import one_line
+
+    log(f"warning: {one_line(path)}: {warning}")
 
 
 def decoded_noting(decode: Callable[[], T]) -> tuple[T, list[str]]:

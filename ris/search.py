@@ -14,6 +14,7 @@ from ris.errors import BadChoice, BadImage, DatabaseError
 from ris.jpeg_noise import said
 from ris.row_views import RowLabels
 from ris.rotations import check_rerank
+from ris.topk import warn_nonfinite
 
 
 @dataclass
@@ -40,7 +41,8 @@ class SearchEngine:
         from ris.index import check_kind
         from ris.rerank import check_method
 
-        check_method(rerank), check_kind(index)  # refused before anything is opened (ris.open_database)
+        check_method(rerank)  # misspelt names refused before anything is opened (ris.open_database)
+        check_kind(index)
         if rotations:
             check_rerank(rerank)
         self.rotations, self.log = bool(rotations), log  # log: a query file's warnings too (embed_query)
@@ -76,14 +78,15 @@ class SearchEngine:
                                        source=source_of(self.db, source))  # stable ids: follows removals
         self.reranker = None
         if rerank != "none":  # graph/DBA methods prepare the whole database once, in memory
-            from ris.rerank import Reranker, cached_dba
+            from ris.dba_cache import cached_dba
+            from ris.rerank import Reranker
 
             vectors = np.asarray(self.vectors[:], np.float32)
             augmented = (cached_dba(vectors_path, vectors, self.index, key=source["key"])
                          if rerank == "dba+qe" else None)
             self.reranker = Reranker(vectors, rerank, self.metric, augmented=augmented)
         self.image_ids = self.db.row_names()  # read on demand: ~1 GB as a list at 10M rows
-        self.unrankable = _warn_nonfinite(self.vectors, self.image_ids, str(features_db), log)
+        self.unrankable = warn_nonfinite(self.vectors, self.image_ids, str(features_db), log)
         self.labels = RowLabels(self.db.labels, self.db.label_names)
 
     def close(self) -> None:
@@ -281,7 +284,8 @@ class SearchEngine:
             if method not in cache:
                 import h5py
 
-                from ris.rerank import Reranker, cached_dba
+                from ris.dba_cache import cached_dba
+                from ris.rerank import Reranker
 
                 vectors = np.asarray(self.vectors[:], np.float32)
                 augmented = None
@@ -359,7 +363,7 @@ class SearchEngine:
             if self.reranker is not None:
                 new.reranker = new.reranker_for(self.reranker.method)
             new.image_ids = db.row_names()
-            new.unrankable = _warn_nonfinite(new.vectors, new.image_ids, str(db.path), log)
+            new.unrankable = warn_nonfinite(new.vectors, new.image_ids, str(db.path), log)
             new.labels = RowLabels(db.labels, db.label_names)
         except BaseException:
             new.close()
@@ -371,22 +375,6 @@ def _names_of(image_ids, rows) -> list[str]:
     """Names of ``rows``: one read from a database's ``RowNames``, or a plain list's items."""
     many = getattr(image_ids, "many", None)
     return many(rows) if many is not None else [image_ids[int(i)] for i in rows]
-
-
-def _warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[str], None]) -> np.ndarray:
-    """Rows whose features hold NaN/inf (never returned: no distance to them means anything), said once
-    with their ids; vectors over the exact index's memory limit are not scanned (still never returned)."""
-    from ris.index import DEFAULT_CACHE_BYTES
-    from ris.topk import nonfinite_rows
-
-    if not isinstance(vectors, np.ndarray) and int(np.prod(vectors.shape)) * 4 > DEFAULT_CACHE_BYTES:
-        return np.zeros(0, np.int64)
-    bad = nonfinite_rows(vectors)
-    if len(bad):
-        shown = ", ".join(image_ids[int(i)] for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        log(f"warning: {db_path}: {len(bad)} row{'s' if len(bad) != 1 else ''} of features are not finite "
-            f"(NaN/inf) and can never be found: {shown}")
-    return bad
 
 
 def hits_to_dicts(hits: list[Hit]) -> list[dict]:

@@ -13,7 +13,7 @@ Speed notes (measured on a 2-core sandbox, 1M x 256 float32, see bench/README.md
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
@@ -166,3 +166,18 @@ def exact_shown(queries: np.ndarray, dist: np.ndarray, idx: np.ndarray, read_row
     d = d.min(0).astype(np.float32)
     order = np.lexsort((rows, d))
     return d[order][None], rows[order][None]
+
+
+def warn_nonfinite(vectors, image_ids: list[str], db_path: str, log: Callable[[str], None]) -> np.ndarray:
+    """Rows whose features hold NaN/inf (never returned: no distance to them means anything), said once
+    with their ids; vectors over the exact index's memory limit are not scanned (still never returned)."""
+    from ris.index import DEFAULT_CACHE_BYTES
+
+    if not isinstance(vectors, np.ndarray) and int(np.prod(vectors.shape)) * 4 > DEFAULT_CACHE_BYTES:
+        return np.zeros(0, np.int64)
+    bad = nonfinite_rows(vectors)
+    if len(bad):
+        shown = ", ".join(image_ids[int(i)] for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        log(f"warning: {db_path}: {len(bad)} row{'s' if len(bad) != 1 else ''} of features are not finite "
+            f"(NaN/inf) and can never be found: {shown}")
+    return bad
