@@ -20,6 +20,7 @@ from ris.errors import DatabaseError, RisError
 
 if TYPE_CHECKING:
     from ris.colour import ColourExtractor
+    from ris.forward import BuiltForward
     from ris.fusion import FusedExtractor, FusionConfig
 
 
@@ -139,14 +140,16 @@ def _base_size(attrs: dict[str, Any], scales: tuple[float, ...], source: str = "
 
 
 class FeatureExtractor:
-    """Backbone + pooling at one or more scales; returns (B, D) descriptors or (B, h, w, C) maps."""
+    """Backbone + pooling at one or more scales; returns (B, D) descriptors or (B, h, w, C) maps.
+
+    ``trunk`` and the forward passes are shared by the extractors of one recipe in the process
+    (``ris.forward.shared_forward``): read them, never change their weights."""
 
     def __init__(self, config: ExtractConfig):
         import keras
 
         from ris.backbones import get_backbone
-        from ris.forward import affine_preprocess, compile_forward
-        from ris.layers import GlobalPool
+        from ris.forward import shared_forward
         from ris.pooling import NO_POOLING, POOLING
 
         if config.pooling not in POOLING and config.pooling != NO_POOLING:
@@ -169,51 +172,15 @@ class FeatureExtractor:
             raise RisError(f"input size must be at least 1 pixel, not {config.input_size}")
         self.config = config
         self.backbone = get_backbone(config.model)
-        # The precision policy applies to the layers made here only; the global policy is restored
-        # so that a float32 extractor made after a bfloat16 one in the same process is float32.
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.dtype == "bfloat16" else "float32")
-        try:
-            self.trunk = self.backbone.build(config.weights, config.layer)
-            self.layer = config.layer or self.trunk.layers[-1].name
-            self.batchnorm_folded = 0
-            if config.fold_batchnorm:
-                from ris.backbones.fold import fold_batchnorm
-
-                self.trunk, self.batchnorm_folded = fold_batchnorm(self.trunk)
-            self.sizes = config.scale_sizes()
-            # input scaling inside the model when it is a per-channel affine map (all backbones here)
-            self._affine = affine_preprocess(self.backbone.preprocess)
-            self._forward: list[Callable[[np.ndarray], Any]] = []
-            for size in self.sizes:
-                shape = (size, size, 3) if config.aspect == "squash" else (None, None, 3)
-                if self._affine is not None:
-                    perm, scale, offset = self._affine
-                    inp = keras.Input(shape, dtype="uint8")
-                    x = keras.ops.cast(inp, "float32")
-                    if perm != [0, 1, 2]:
-                        x = keras.ops.take(x, perm, axis=-1)
-                    x = x * scale + offset
-                else:
-                    inp = x = keras.Input(shape)
-                out = self.trunk(x)
-                if config.pooling != "none":
-                    out = GlobalPool(config.pooling)(keras.ops.cast(out, "float32"))
-                if not self._forward:
-                    static_shape = tuple(out.shape[1:])  # known without running the model
-                self._forward.append(compile_forward(keras.Model(inp, out)))
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
+        # one network and forward pass per recipe in the process (ris.forward.shared_forward): an
+        # engine opened again does not build, trace or compile again
+        built = shared_forward(config, lambda: _build_forward(config, self.backbone))
+        self._built = built  # holds it while this extractor lives
+        self.trunk, self.layer, self.batchnorm_folded = built.trunk, built.layer, built.batchnorm_folded
+        self._affine, self._forward = built.affine, list(built.calls)
+        self.sizes = config.scale_sizes()
+        self.output_shape = built.output_shape
         self._pad_batches = keras.backend.backend() == "jax"  # jit compiles once per batch shape
-        if not self._pad_batches or any(d is None for d in static_shape):
-            # one call with one image: also traces the forward pass (TF: one trace serves every batch
-            # size). Skipped on JAX, where it would compile a batch-1 program that extraction never uses.
-            static_shape = self._probe_shape()
-        self.output_shape = tuple(int(d) for d in static_shape)
-
-    def _probe_shape(self) -> tuple[int, ...]:
-        probe = np.zeros((1, self.sizes[0], self.sizes[0], 3), np.uint8)
-        return self.embed(probe).shape[1:]
 
     @property
     def max_size(self) -> int:
@@ -329,6 +296,56 @@ class FeatureExtractor:
                    ) -> "FeatureExtractor | FusedExtractor | ColourExtractor":
         """The extractor a database's attributes record (a ``FusedExtractor`` for a fused one)."""
         return build_extractor(ExtractConfig.from_attrs(attrs, source))
+
+
+def _build_forward(config: ExtractConfig, backbone) -> "BuiltForward":
+    """Build ``config``'s trunk (BatchNorm folded) and compile its forward pass at every scale."""
+    import keras
+
+    from ris.forward import BuiltForward, affine_preprocess, compile_forward
+    from ris.layers import GlobalPool
+
+    # The precision policy applies to the layers made here only; the global policy is restored
+    # so that a float32 extractor made after a bfloat16 one in the same process is float32.
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.dtype == "bfloat16" else "float32")
+    try:
+        trunk = backbone.build(config.weights, config.layer)
+        layer = config.layer or trunk.layers[-1].name
+        folded = 0
+        if config.fold_batchnorm:
+            from ris.backbones.fold import fold_batchnorm
+
+            trunk, folded = fold_batchnorm(trunk)
+        sizes = config.scale_sizes()
+        # input scaling inside the model when it is a per-channel affine map (all backbones here)
+        affine = affine_preprocess(backbone.preprocess)
+        forward: list[Callable[[np.ndarray], Any]] = []
+        for size in sizes:
+            shape = (size, size, 3) if config.aspect == "squash" else (None, None, 3)
+            if affine is not None:
+                perm, scale, offset = affine
+                inp = keras.Input(shape, dtype="uint8")
+                x = keras.ops.cast(inp, "float32")
+                if perm != [0, 1, 2]:
+                    x = keras.ops.take(x, perm, axis=-1)
+                x = x * scale + offset
+            else:
+                inp = x = keras.Input(shape)
+            out = trunk(x)
+            if config.pooling != "none":
+                out = GlobalPool(config.pooling)(keras.ops.cast(out, "float32"))
+            if not forward:
+                static_shape = tuple(out.shape[1:])  # known without running the model
+            forward.append(compile_forward(keras.Model(inp, out)))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if keras.backend.backend() != "jax" or any(d is None for d in static_shape):
+        # one call with one image: also traces the forward pass (TF: one trace serves every batch
+        # size). Skipped on JAX, where it would compile a batch-1 program that extraction never uses.
+        probe = np.zeros((1, sizes[0], sizes[0], 3), np.uint8)
+        static_shape = np.asarray(forward[0](probe if affine is not None else backbone.preprocess(probe))).shape[1:]
+    return BuiltForward(trunk, layer, folded, affine, tuple(forward), tuple(int(d) for d in static_shape))
 
 
 def build_extractor(config: "ExtractConfig | FusionConfig") -> "FeatureExtractor | FusedExtractor | ColourExtractor":

@@ -1,11 +1,86 @@
 """The compiled forward pass of a feature extractor, per Keras backend, with the backbone's input
 scaling folded into it where that scaling is a per-channel affine map (uint8 pixels travel to the
-accelerator, a quarter of float32's bytes). Used by ``ris.extractor.FeatureExtractor``."""
+accelerator, a quarter of float32's bytes). Used by ``ris.extractor.FeatureExtractor``.
+
+Built forward passes are shared per recipe within a process (``shared_forward``): every engine
+opened on a database used to build its backbone again and wrap it in a new ``tf.function``, so a
+notebook or service opening the same database over and over retraced (TensorFlow's "triggered
+tf.function retracing" warning from the 5th or 6th open), recompiled on JAX, and held one more
+model per open.
+"""
 from __future__ import annotations
 
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import astuple, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
+
+KEEP_RECENT = 2  # built recipes kept after their last extractor is gone (the rest are held weakly)
+
+
+@dataclass(eq=False)
+class BuiltForward:
+    """What a recipe builds once: the trunk, its forward pass per scale and their output shape.
+
+    Shared by every extractor of the recipe: read it, never change its weights."""
+
+    trunk: Any
+    layer: str
+    batchnorm_folded: int
+    affine: tuple[list[int], np.ndarray, np.ndarray] | None
+    calls: tuple[Callable[[np.ndarray], Any], ...]
+    output_shape: tuple[int, ...]
+
+
+_lock = threading.RLock()
+_live: "weakref.WeakValueDictionary[tuple, BuiltForward]" = weakref.WeakValueDictionary()
+_recent: "OrderedDict[tuple, BuiltForward]" = OrderedDict()
+
+
+def recipe_key(config) -> tuple:
+    """What makes two ``ExtractConfig`` build the same network: the Keras backend, the resolved
+    recipe (``flip`` aside: it runs outside the model) and a weights file's path and stamp (a file
+    rewritten in place builds anew)."""
+    import keras
+
+    from ris.filestamp import file_stamp
+
+    resolved = replace(config.resolved(), flip=False)
+    weights_file = None
+    if config.weights not in (None, "none", "imagenet"):
+        path = os.path.abspath(config.weights)
+        weights_file = (path, file_stamp(path))
+    fields = tuple(tuple(v) if isinstance(v, list) else v for v in astuple(resolved))  # scales as a list
+    return keras.backend.backend(), fields, weights_file
+
+
+def shared_forward(config, build: Callable[[], BuiltForward]) -> BuiltForward:
+    """The recipe's ``BuiltForward``: the one an extractor alive in this process holds, or one
+    of the ``KEEP_RECENT`` last built, else ``build()`` (bounded: older ones are freed with their
+    last extractor)."""
+    key = recipe_key(config)
+    with _lock:  # one build per recipe, even when engines open in several threads
+        built = _live.get(key) or _recent.get(key)
+        if built is None:
+            built = build()
+            _live[key] = built
+        _recent[key] = built
+        _recent.move_to_end(key)
+        while len(_recent) > KEEP_RECENT:
+            _recent.popitem(last=False)
+        return built
+
+
+def forget_shared() -> None:
+    """Drop the kept forward passes (extractors alive keep theirs): for a caller that changed a
+    shared trunk's weights, and for tests."""
+    with _lock:
+        _recent.clear()
+        _live.clear()
 
 
 def affine_preprocess(preprocess: Callable[[np.ndarray], np.ndarray]

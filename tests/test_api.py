@@ -247,3 +247,38 @@ def test_an_array_decoded_as_the_database_was_finds_its_own_row(tmp_path):
             assert hit.image_id == name and hit.distance < 1e-4
             # query(), the README's example, takes the array too (it raised os.fspath's TypeError)
             assert engine.query(decode_image(photos / name, target=engine.query_size), k=1)[0].image_id == name
+
+
+def test_opening_a_database_again_and_again_neither_retraces_nor_builds_again(tmp_path, capfd):
+    """A notebook re-running its cell, or a service reloading, opens the same database many times
+    in one process: every engine built the backbone anew and wrapped it in a new tf.function, and
+    from about the 6th open TensorFlow said 'WARNING ... 5 out of the last 9 calls to <function
+    compile_forward.<locals>.<lambda>> triggered tf.function retracing' (and held one more model
+    each time). Engines of one recipe now share one built network and forward pass."""
+    import logging
+
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    handler, tf_logger = Keep(logging.WARNING), logging.getLogger("tensorflow")
+    tf_logger.addHandler(handler)
+    results, trunks = [], set()
+    try:
+        for _ in range(8):
+            with ris.open_database(tmp_path / "f.h5") as engine:
+                hits = engine.query(photos / "ukbench00001.jpg", k=3)
+                results.append([(h.image_id, h.distance) for h in hits])
+                trunks.add(id(engine.extractor.trunk))
+    finally:
+        tf_logger.removeHandler(handler)
+    noise = [s for s in said + capfd.readouterr().err.splitlines() if "retracing" in s]
+    assert not noise, noise[0]
+    assert all(r == results[0] for r in results) and results[0][0][0] == "ukbench00001.jpg"
+    assert len(trunks) == 1

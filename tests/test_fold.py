@@ -55,9 +55,11 @@ def test_nothing_to_fold_returns_the_model() -> None:
 
 def test_extractor_features_unchanged_by_folding() -> None:
     from ris.extractor import ExtractConfig, FeatureExtractor
+    from ris.forward import forget_shared
 
     keras.utils.set_random_seed(0)
     plain = FeatureExtractor(ExtractConfig(model="mobilenet_v2", weights="none", input_size=64, fold_batchnorm=False))
+    forget_shared()  # its trunk is changed below: no later extractor of the recipe may get it
     _randomise_bn(plain.trunk)
     folded_trunk, n = fold_batchnorm(plain.trunk)
     assert n == 52  # every conv of torchvision's MobileNetV2 is followed by its own BN

@@ -30,3 +30,60 @@ def test_the_compiled_call_gives_the_models_output_for_any_batch_size():
     for n in (1, 3):
         x = np.random.default_rng(n).normal(size=(n, 4, 4, 3)).astype(np.float32)
         np.testing.assert_allclose(np.asarray(fwd(x)), np.asarray(model(x)), atol=1e-5)
+
+
+def _fake_build(log: list):
+    from ris.forward import BuiltForward
+
+    def build():
+        built = BuiltForward(object(), "x", 0, None, (), (3,))
+        log.append(built)
+        return built
+
+    return build
+
+
+def test_a_recipe_is_built_once_while_it_is_held_and_not_kept_forever():
+    """Engines of one recipe share one network (an engine opened again retraced and held one more
+    model each time); those no extractor holds are kept only for the last KEEP_RECENT recipes."""
+    import gc
+    import weakref
+
+    from ris.extractor import ExtractConfig
+    from ris.forward import KEEP_RECENT, forget_shared, shared_forward
+
+    forget_shared()
+    built: list = []
+    first = shared_forward(ExtractConfig("vgg16", "none", input_size=32), _fake_build(built))
+    assert shared_forward(ExtractConfig("vgg16", "none", input_size=32, flip=True, scales=[1.0]),
+                          _fake_build(built)) is first  # flip runs outside the model; a list of scales
+    assert shared_forward(ExtractConfig("vgg16", "none", input_size=32, pooling="gem"), _fake_build(built)) is not first
+    gone = weakref.ref(first)
+    del first
+    for size in range(33, 33 + KEEP_RECENT):  # other recipes push it out of the recent ones
+        shared_forward(ExtractConfig("vgg16", "none", input_size=size), _fake_build(built))
+    built.clear()
+    gc.collect()
+    assert gone() is None  # nothing holds it: freed, not kept for the life of the process
+    again = shared_forward(ExtractConfig("vgg16", "none", input_size=32), _fake_build(built))
+    assert built == [again]
+    forget_shared()
+
+
+def test_a_weights_file_rewritten_in_place_is_built_again(tmp_path):
+    import os
+
+    from ris.extractor import ExtractConfig
+    from ris.forward import forget_shared, shared_forward
+
+    forget_shared()
+    path = tmp_path / "w.weights.h5"
+    path.write_bytes(b"one")
+    built: list = []
+    first = shared_forward(ExtractConfig("vgg16", str(path), input_size=32), _fake_build(built))
+    assert shared_forward(ExtractConfig("vgg16", str(path), input_size=32), _fake_build(built)) is first
+    path.write_bytes(b"other")
+    os.utime(path, ns=(1, 1))
+    assert shared_forward(ExtractConfig("vgg16", str(path), input_size=32), _fake_build(built)) is not first
+    assert len(built) == 2
+    forget_shared()
