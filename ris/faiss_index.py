@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP
 import numpy as np  # noqa: E402
 
 from ris.errors import DatabaseError, RisError  # noqa: E402
-from ris.ivfpq_params import IvfPqParams, choose_params  # noqa: E402  (re-exported)
+from ris.ivfpq_params import IvfPqParams, choose_params, saved_nprobe  # noqa: E402  (re-exported)
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
 from ris import sidecars  # noqa: E402
 from ris.sidecars import (atomic_write, create_locked, drop_unnamed, file_crc32, fsync_dir, ivfpq_path,  # noqa: E402
@@ -227,8 +227,10 @@ class IvfPqIndex:
         fsync_dir(folder)
 
     def _write_meta(self, path: str, data: str) -> None:
+        params = asdict(self.params)
+        chosen = bool(params.pop("nprobe_chosen"))  # beside params: older versions read params as they were
         meta = {"format": FORMAT, "kind": self.kind, "dim": self.dim, "metric": self.metric, "count": len(self),
-                "next_id": self.next_id, "removed_seen": self.removed_seen, "params": asdict(self.params),
+                "next_id": self.next_id, "removed_seen": self.removed_seen, "params": params, "nprobe_chosen": chosen,
                 "factory": self.params.factory(self.dim), "fingerprint": self.fingerprint,
                 "fingerprint_rows": self.fingerprint_rows, "source": saved_source(self.source),
                 "data": os.path.basename(data), "data_bytes": os.path.getsize(data),
@@ -247,6 +249,8 @@ class IvfPqIndex:
                 count = int(meta["count"])
                 if int(params.nprobe) < 1 or int(params.rerank) < 0:
                     raise ValueError(f"nprobe {params.nprobe}, rerank {params.rerank}")
+                chosen = meta.get("nprobe_chosen", meta["params"].get("nprobe_chosen"))
+                params = saved_nprobe(params, count, None if chosen is None else bool(chosen))
             except (KeyError, TypeError, ValueError) as exc:
                 raise DatabaseError(f"IVF-PQ index {path} is damaged (bad or missing {exc})") from None
             if os.path.isfile(data) or attempt:

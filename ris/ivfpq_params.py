@@ -20,6 +20,7 @@ class IvfPqParams:
     codec: str = "pq"  # "sq8" (1 byte per dimension) below ~10,000 rows, too few to train PQ codebooks
     opq_dim: int = 0  # dimension OPQ rotates (and projects) to before IVF-PQ; 0 = the input's
     fastscan: bool = False  # 4-bit codes scanned with in-register lookup tables (faiss "PQ{m}x4fs")
+    nprobe_chosen: bool = False  # asked for (--nprobe): kept; else the default for the size, at every load
 
     def factory(self, dim: int) -> str:
         coarse = f"IVF{self.nlist}_HNSW32" if self.nlist >= 1024 else f"IVF{self.nlist}"
@@ -44,6 +45,22 @@ def default_nprobe(n: int, nlist: int) -> int:
     return int(min(nlist, max(32, math.ceil(SCAN_ROWS * nlist / max(1, n)))))
 
 
+OLD_DEFAULT_NPROBE = 32  # before 2026-12-03 the automatic nprobe was min(nlist, 32) at every size
+
+
+def saved_nprobe(params: IvfPqParams, count: int, chosen: bool | None) -> IvfPqParams:
+    """``params`` of a saved index holding ``count`` vectors with the nprobe to search with: the
+    one asked for is kept, an automatic one is today's ``default_nprobe`` for ``count`` rows.
+    ``chosen`` None (saved before it was recorded): chosen unless it is the old automatic default,
+    so indexes saved before 2026-12-03 no longer keep 32 probes at every size."""
+    if chosen is None:
+        chosen = int(params.nprobe) != min(int(params.nlist), OLD_DEFAULT_NPROBE)
+    params.nprobe_chosen = bool(chosen)
+    if not chosen:
+        params.nprobe = default_nprobe(count, int(params.nlist))
+    return params
+
+
 def choose_params(n: int, dim: int, **override) -> IvfPqParams:
     """nlist ~ 4 sqrt(N) (a power of two, at most 4096, >= 39 training rows per cell); nprobe
     from ``default_nprobe``; m = 64 bytes (fewer for small dimensions: it must divide the
@@ -59,4 +76,5 @@ def choose_params(n: int, dim: int, **override) -> IvfPqParams:
                     nprobe=default_nprobe(n, nlist), train_rows=train, codec=codec)
     for k, v in override.items():
         setattr(p, k, v)
+    p.nprobe_chosen = p.nprobe_chosen or "nprobe" in override
     return p

@@ -504,3 +504,55 @@ def test_asking_for_nearly_the_whole_collection_returns_that_many_results(rerank
     assert all(len(set(row)) == 1500 for row in i.tolist())
     _, few = index.search(x[:5], 10)  # a usual k keeps its usual (cheaper) search
     assert (few >= 0).all()
+
+
+def _saved_before_the_flag(path: str, nprobe: int) -> None:
+    """Make a saved index's metadata look like one written before nprobe's origin was recorded."""
+    meta = json.loads(Path(path).read_text())
+    meta.pop("nprobe_chosen", None)
+    meta["params"].pop("nprobe_chosen", None)
+    meta["params"]["nprobe"] = nprobe
+    Path(path).write_text(json.dumps(meta))
+
+
+def test_an_index_saved_with_the_old_default_probes_gets_todays_and_a_chosen_nprobe_stays(tmp_path):
+    """Indexes saved before the default nprobe followed the size (2026-12-03) kept their 32 probes
+    when reloaded, so a small collection's saved index kept the recall the change had fixed
+    (0.89 instead of 0.98 at 20,000 rows). A saved nprobe that was the automatic one now becomes
+    today's default for the index's size; one asked for (ris-index build --nprobe) is kept, and
+    the metadata says which it is."""
+    import faiss
+
+    from ris.ivfpq_params import default_nprobe
+
+    x = clustered_vectors(2000, 16, seed=1)
+    path = str(tmp_path / "v.ivfpq")
+    index = build_ivfpq(x, "euclidean", progress=False)
+    today = default_nprobe(len(x), index.params.nlist)
+    assert today > 32 and index.params.nprobe == today  # (51 cells: every one)
+    index.save(path)
+    _saved_before_the_flag(path, 32)  # the old automatic default: min(nlist, 32)
+    loaded = IvfPqIndex.load(path)
+    assert loaded.params.nprobe == today and faiss.extract_index_ivf(loaded.index).nprobe == today
+    _saved_before_the_flag(path, 7)  # not what the old code chose: the user's
+    assert IvfPqIndex.load(path).params.nprobe == 7
+    index.save(path)
+    assert json.loads(Path(path).read_text())["nprobe_chosen"] is False
+
+    chosen = build_ivfpq(x, "euclidean", params=choose_params(len(x), 16, nprobe=32), progress=False)
+    chosen.save(path)
+    assert json.loads(Path(path).read_text())["nprobe_chosen"] is True
+    loaded = IvfPqIndex.load(path)
+    assert loaded.params.nprobe == 32 and faiss.extract_index_ivf(loaded.index).nprobe == 32
+
+
+def test_ris_index_build_nprobe_is_recorded_as_chosen(tmp_path, capsys):
+    from ris.cli.index import main
+
+    db = make_feature_db(tmp_path / "feats.h5", clustered_vectors(2000, 16, seed=3))
+    assert main(["build", "--features-db", str(db), "--index", "ivfpq", "--nprobe", "32"]) == 0
+    path = ivfpq_path(str(db))
+    assert json.loads(Path(path).read_text())["nprobe_chosen"] is True
+    assert IvfPqIndex.load(path).params.nprobe == 32
+    assert main(["build", "--features-db", str(db), "--index", "ivfpq", "--rerank", "5"]) == 0  # nprobe untouched
+    assert IvfPqIndex.load(path).params.nprobe == 32

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from ris.cli.common import HelpFormatter, nonnegative_int, positive_int, print_json, run
@@ -119,7 +118,7 @@ def _retune(index, vectors_path: str, nprobe: int | None, rerank: int | None):
     path = ivfpq_path(vectors_path)
     writable = IvfPqIndex.load(path, mmap=False)
     if nprobe is not None:
-        writable.params.nprobe = int(nprobe)
+        writable.params.nprobe, writable.params.nprobe_chosen = int(nprobe), True  # kept at every load
     if rerank is not None:
         writable.params.rerank = int(rerank)
     writable.save(path)
