@@ -66,6 +66,7 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
     ``flip``, ``aspect``: as ``ris-extract --flip``, ``--aspect``. ``options`` are ``ExtractOptions`` fields:
     labels, batch_size, workers, append, overwrite, progress, verbose, ..."""
     from ris.extract import ExtractOptions, extract_features
+    from ris.featuredb import TargetExists
     from ris.fusion import make_config
     from ris.presets import for_api
 
@@ -79,7 +80,11 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
     config = make_config(model, weights=weights, layer=layer, input_size=input_size,
                          scales=scales, pooling=pooling, dtype=dtype, fusion_weights=fusion_weights, flip=flip,
                          aspect=aspect)
-    return extract_features(folder, features_db, config, ExtractOptions(**options))
+    try:
+        return extract_features(folder, features_db, config, ExtractOptions(**options))
+    except TargetExists as exc:  # in this API's words, not ris-extract's flags
+        raise TargetExists(exc.path, f"{exc.path}: already exists; pass append=True to add new images or "
+                                     "overwrite=True to replace it") from None
 
 
 def open_database(features_db: str | Path, model: str | Path | None = None, *, index: str = "auto",

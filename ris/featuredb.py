@@ -123,12 +123,21 @@ def check_regular(path: str | Path) -> None:
         raise DatabaseError(f"{path}: not a regular file, cannot be a feature database")
 
 
+class TargetExists(DatabaseError):
+    """The output database exists and neither appending nor replacing was asked; ``path`` lets
+    the Python API say it with its own arguments instead of ris-extract's flags."""
+
+    def __init__(self, path: str | Path, message: str | None = None):
+        super().__init__(message or f"{path}: already exists; use --append to add new images or --overwrite to replace it")
+        self.path = path
+
+
 def check_target(path: str | Path, append: bool = False, overwrite: bool = False) -> None:
     """Refuse an output path that cannot be written as asked (before any slow work starts)."""
     check_regular(path)
     check_regular(partial_path(path))
     if Path(path).exists() and not (append or overwrite):
-        raise DatabaseError(f"{path}: already exists; use --append to add new images or --overwrite to replace it")
+        raise TargetExists(path)
 
 
 def create_layout(f: h5py.File, feature_shape: tuple[int, ...]) -> None:

@@ -282,3 +282,20 @@ def test_opening_a_database_again_and_again_neither_retraces_nor_builds_again(tm
     assert not noise, noise[0]
     assert all(r == results[0] for r in results) and results[0][0][0] == "ukbench00001.jpg"
     assert len(trunks) == 1
+
+
+def test_an_existing_database_is_refused_in_the_apis_own_words(tmp_path):
+    """build_database on an existing file said 'use --append ... or --overwrite': flags of
+    ris-extract, which a Python caller cannot pass. It names build_database's arguments now."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=1, views=2, size=32)
+    (tmp_path / "f.h5").write_bytes(b"")
+    with pytest.raises(ris.RisError) as refused:
+        ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    said = str(refused.value)
+    assert "append=True" in said and "overwrite=True" in said and "--" not in said, said
+    cli = subprocess.run([sys.executable, "-m", "ris.cli.extract", str(photos), "--features-db", str(tmp_path / "f.h5"),
+                          "--model", "vgg16", "--weights", "none", "--resize", "32"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert cli.returncode != 0 and "--append" in cli.stderr and "--overwrite" in cli.stderr, cli.stderr[-2000:]
