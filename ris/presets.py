@@ -136,7 +136,32 @@ def other_recipe(preset: str, attrs: dict) -> str | None:
             out["fusion"] = fp.get("fusion")
         return out
 
-    return describe_difference(recipe(attrs), recipe(made), "here", f"for --preset {preset}") or None
+    return describe_difference(recipe(attrs), recipe(made), "here", f"for --preset {preset}",
+                               _as_typed(recipe(attrs)), _as_help_says(v)) or None
+
+
+def _as_help_says(values: dict) -> dict[str, str]:
+    """A preset's recipe as ``--help`` and ``PRESETS`` write it ('--resize 224', '--pool gap+gem+gap'),
+    not as the database records it ('224+224', 'gap+gem+hist'): options a user can type."""
+    keys = {"model": "model", "resize": "input_size", "pool": "pooling", "fusion_weights": "fusion"}
+    text = {keys[k]: str(v) for k, v in values.items() if k in keys}
+    text["flip"] = "on" if values.get("flip") else "off"
+    return text
+
+
+def _as_typed(recipe: dict) -> dict[str, str]:
+    """A database's per-part size and pooling written once when one value gives them all, as a user
+    types it ('--resize 224' for [224, 224]; '--pool gap' for 'gap+hist', '--pool gap+gem+gap' for
+    'gap+gem+hist': a colour part records 'hist', and is given gap, as --help says)."""
+    from ris.colour import POOLING_NAME
+
+    text = {}
+    for key, value in (("input_size", recipe.get("input_size")), ("pooling", recipe.get("pooling"))):
+        parts = [str(x) for x in value] if isinstance(value, list) else str(value).split("+")
+        if len(parts) > 1:
+            parts = ["gap" if key == "pooling" and x == POOLING_NAME else x for x in parts]
+            text[key] = parts[0] if len(set(parts)) == 1 else "+".join(parts)
+    return text
 
 
 def other_recipe_warning(preset: str | None, features_db: str | Path, named: str | None = None) -> str | None:

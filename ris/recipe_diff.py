@@ -13,11 +13,13 @@ _FLAGS = {"model": "--model", "weights": "--weights", "layer": "--layer", "input
           "feature_shape": "features"}
 
 
-def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "here", asked: str = "asked") -> str:
+def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "here", asked: str = "asked",
+                        old_text: dict[str, str] | None = None, new_text: dict[str, str] | None = None) -> str:
     """Two fingerprints' differences as the command line spells them, in one line: '--model a
     here, b asked; --resize 224+384 here, 224+384+224 asked'. Why: the stored values (JSON recipes,
     per-part lists) are unreadable in an error message. Settings that follow from a different
-    --model (its weights' source, its default layer, the feature size) are left out then."""
+    --model (its weights' source, its default layer, the feature size) are left out then.
+    ``old_text``/``new_text``: how to write a key's value instead (a preset's, as --help says it)."""
     def show(key: str, value: Any) -> str:
         if key == "flip":  # heads saved before numpy booleans were made plain hold it as 'True'
             return "on" if value in (True, "True") else "off"
@@ -52,7 +54,12 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "h
         keys = [k for k in keys if k != "fusion"]
         if not keys:
             return "the fused parts' own settings differ"
-    return "; ".join(f"{_FLAGS[k]} {show(k, old.get(k))} {here}, {show(k, new.get(k))} {asked}" for k in keys)
+    def shown(key: str, fp: dict, text: dict[str, str] | None) -> str:
+        return (text or {}).get(key) or show(key, fp.get(key))
+
+    # '--resize 224 here, 224 asked' (one value for every part against per-part ones) says nothing
+    keys = [k for k in keys if shown(k, old, old_text) != shown(k, new, new_text)] or keys
+    return "; ".join(f"{_FLAGS[k]} {shown(k, old, old_text)} {here}, {shown(k, new, new_text)} {asked}" for k in keys)
 
 
 def recipe_refusal(where, old: dict, new: dict) -> DatabaseError:

@@ -130,3 +130,23 @@ def test_a_preset_on_a_database_made_with_another_recipe_is_said_in_one_line(tmp
     assert len(err) == 1 and err[0].startswith(f"ris-eval: warning: {db}: not made with --preset fast's recipe (--model "
                                                "synthetic here, mobilenet_v2+hsv_hist for --preset fast"), err
     assert err[0].endswith("searched as it was made (here the preset chooses only the re-ranking)"), err
+
+
+def test_the_other_recipe_warning_writes_options_as_they_are_typed():
+    """The warning wrote a preset's recipe as the database records it, '--resize 224+224',
+    '--pool gap+gem+hist', which --help does not say (fast = resize 224, pool gap; accurate =
+    pool gap+gem+gap). Each side is written now as a user types it: --help's values for the preset."""
+    fast, accurate = _extracted_by("fast").to_attrs(), _extracted_by("accurate").to_attrs()
+    line = presets.other_recipe("accurate", fast)
+    assert "--resize 224 here, 224+384+224 for --preset accurate" in line, line
+    assert "--pool gap here, gap+gem+gap for --preset accurate" in line, line
+    line = presets.other_recipe("fast", accurate)
+    assert "--resize 224+384+224 here, 224 for --preset fast" in line, line
+    assert "--pool gap+gem+gap here, gap for --preset fast" in line, line
+    assert "+hist " not in line, line
+    import argparse
+
+    p = argparse.ArgumentParser()
+    presets.add_argument(p, "extract")
+    said = next(a.help for a in p._actions if a.dest == "preset")
+    assert "resize 224, pool gap" in said and "resize 224+384+224, pool gap+gem+gap" in said, said
