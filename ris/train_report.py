@@ -33,6 +33,17 @@ class Report:
     draw: Callable[[Any], Any]
 
 
+def best_epoch_text(best_epoch: int | None, epochs_run: int | None) -> str:
+    """'best epoch 3 of 10'; epoch 0 said for what it is: 'best epoch 0 of 2' read as a bug or a
+    head that learned nothing useful, when it is the untrained head (a residual head starts as the
+    off-the-shelf ranking) kept because no trained epoch beat it on the validation part."""
+    text = f"best epoch {best_epoch} of {epochs_run}"
+    if best_epoch == 0:
+        text += (": epoch 0 is the untrained head, the off-the-shelf ranking, kept because no epoch "
+                 "beat it on the validation part")
+    return text
+
+
 def report_paths(model_path: str | Path) -> tuple[Path, Path]:
     """(history CSV, plot PNG) beside ``model_path``."""
     stem = Path(model_path).with_suffix("")

@@ -620,3 +620,18 @@ def test_a_run_killed_between_saving_the_model_and_its_history_is_named_by_ris_e
     capsys.readouterr()
     assert eval_cli.main(["--features-db", str(db), "--model", str(out), "--json"]) == 0
     assert "earlier run" not in capsys.readouterr().err
+
+
+def test_a_residual_head_that_no_epoch_improved_says_what_epoch_0_is(tmp_path, capsys):
+    """'saved h.keras (best epoch 0 of 2, ...)' did not say what epoch 0 is: the untrained head,
+    which keeps the off-the-shelf ranking, kept because no epoch beat it on the val objects."""
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5", n_obj=30)
+    code = train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--arch", "residual",
+                           "--epochs", "2", "--lr", "1e-30", "--p", "4", "--val-fraction", "0.3", "--quiet"])  # too small a step to gain
+    out = capsys.readouterr().out
+    assert code == 0 and "best epoch 0 of 2" in out, out
+    line = next(s for s in out.splitlines() if s.startswith("saved "))
+    assert "untrained" in line and "off-the-shelf ranking" in line and "no epoch" in line, line

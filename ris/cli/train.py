@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         print_json(asdict(r))
         return _interrupted(r)
     if r.epochs_run:
-        print(f"saved {r.model_path} (best epoch {r.best_epoch} of {r.epochs_run}, {r.seconds_per_epoch:.2f} s/epoch); "
+        from ris.train_report import best_epoch_text
+
+        print(f"saved {r.model_path} ({best_epoch_text(r.best_epoch, r.epochs_run)}; {r.seconds_per_epoch:.2f} s/epoch); "
               f"history {r.history_path}, plot {r.plot_path or '(matplotlib missing)'}")
     else:
         print(f"saved {r.model_path} (learned whitening, closed form, fitted in {r.seconds:.1f} s); inner "
