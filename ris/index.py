@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ris.errors import DatabaseError, RisError
-from ris.hnsw_files import is_saved
+from ris.hnsw_files import is_saved, meta_path
 from ris.hnsw_index import HnswIndex, build_hnsw_from_db, hnsw_available, update_hnsw  # noqa: F401 (re-exported)
 from ris.index_state import RowMap, catch_up, saved_source, stale_reason
 from ris.sidecars import hnsw_path, ivfpq_path
@@ -116,12 +116,12 @@ class IndexNotSaved(UserWarning):
 
 
 def open_saved(req: IndexRequest, path: str, load: Callable[[str], object], build: Callable[[], object],
-               name: str, exists: Callable[[str], bool] = os.path.isfile):
+               name: str, exists: Callable[[str], bool] = os.path.isfile, shown: str | None = None):
     """Load the index saved at ``path``, catch it up with the database and re-save it; build it
     when it is missing, damaged or stale (``req.build``) or return None (not ``req.build``).
     ``req.rebuild`` builds anew without reading the saved index, which stays usable under its name
     until the new one's save replaces it (a rebuild killed mid-way leaves the old index, not none)."""
-    label = _LABELS.get(name, name)
+    label, shown = _LABELS.get(name, name), shown or path  # shown: the file messages name (one that exists)
     index, reason, changed = None, "no saved index", False
     if req.rebuild and req.build:
         reason = "a rebuild was asked for"
@@ -146,17 +146,17 @@ def open_saved(req: IndexRequest, path: str, load: Callable[[str], object], buil
     if reason is not None:
         if not req.build:
             if exists(path):
-                warnings.warn(f"ignoring {label} index {path}: {reason}; using exact search "
+                warnings.warn(f"ignoring {label} index {shown}: {reason}; using exact search "
                               f"(rebuild it with --index {name})", stacklevel=3)
             return None
-        print(f"building {label} index {path} ({reason})", file=sys.stderr)
+        print(f"building {label} index {shown} ({reason})", file=sys.stderr)
         index, changed = build(), True
     if changed or saved_source(req.source) != index.source:
         index.source = saved_source(req.source)
         try:
             index.save(path)
         except OSError as exc:  # a read-only location, a full disk: the index still serves this run
-            warnings.warn(IndexNotSaved(f"could not save {label} index {path}: {exc.strerror or exc}"), stacklevel=3)
+            warnings.warn(IndexNotSaved(f"could not save {label} index {shown}: {exc.strerror or exc}"), stacklevel=3)
     if req.source is not None and req.source.get("ids") is not None:
         index.rowmap = RowMap(req.source["ids"])
     return index
@@ -169,8 +169,10 @@ def _open_exact(req: IndexRequest) -> ExactIndex:
 def _open_hnsw(req: IndexRequest):
     if not req.build and not hnsw_available():
         return None
-    return open_saved(req, index_path_for(req.vectors_path), HnswIndex.load,
-                      lambda: build_hnsw_from_db(req.features, req.metric, source=req.source), "hnsw", is_saved)
+    path = index_path_for(req.vectors_path)  # no file: messages name its metadata (an old-layout index: its graph)
+    return open_saved(req, path, HnswIndex.load,
+                      lambda: build_hnsw_from_db(req.features, req.metric, source=req.source), "hnsw", is_saved,
+                      shown=path if os.path.isfile(path) and not os.path.isfile(meta_path(path)) else meta_path(path))
 
 
 def _open_ivfpq(req: IndexRequest):

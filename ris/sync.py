@@ -56,6 +56,27 @@ class RemoveSummary:
         return asdict(self)
 
 
+def names_in_list(path: str | Path) -> list[str]:
+    """The relative paths listed in a text file, one a line (``ris-index remove --from-file``).
+    UTF-8 (names not valid UTF-8 kept byte for byte); UTF-8 or UTF-16 with a byte-order mark, as
+    Windows Notepad saves, decoded by the mark: read as UTF-8, UTF-16 matched no name. A list
+    still holding NUL bytes (UTF-16 without a mark) is refused: no file name holds one."""
+    from ris.imagefile import read_file
+
+    data = read_file(path)
+    codec = next((c for bom, c in ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+                  if data.startswith(bom)), "utf-8")
+    try:
+        text = data.decode(codec, errors="surrogateescape" if codec.startswith("utf-8") else "strict")
+    except UnicodeDecodeError as exc:
+        raise RisError(f"{path}: not a list of names in UTF-16, though it starts with UTF-16's byte-order mark "
+                       f"({exc.reason} at byte {exc.start})") from None
+    if "\x00" in text:
+        raise RisError(f"{path}: holds NUL bytes, which no file name has: save the list as UTF-8 "
+                       "(UTF-16 is read only with its byte-order mark)")
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
 def remove_images(features_db: str | Path, image_ids: Iterable[str], lock: WriterLock | None = None,
                   refresh: dict[int, tuple[float, int, int]] | None = None,
                   attrs: dict[str, str] | None = None) -> RemoveSummary:
@@ -336,19 +357,19 @@ def follow_saved_indexes(features_db: str | Path, log=lambda s: print(s, file=sy
     embeddings follow when their embeddings are next made; Milvus collections when next opened."""
     from ris.index import INDEX_KINDS, IndexRequest
     from ris.index_state import source_of
-    from ris.hnsw_files import is_saved
+    from ris.hnsw_files import is_saved, meta_path
     from ris.sidecars import hnsw_path, ivfpq_path
 
     done = []
     with FeatureDB(features_db) as db:
         if db.features.ndim != 2:
             return done
-        for kind, path, saved in (("hnsw", hnsw_path(db.path), is_saved),
-                                  ("ivfpq", ivfpq_path(db.path), os.path.isfile)):
+        for kind, path, saved, shown in (("hnsw", hnsw_path(db.path), is_saved, meta_path),
+                                         ("ivfpq", ivfpq_path(db.path), os.path.isfile, str)):
             if saved(path):
                 req = IndexRequest(str(db.path), db.features, "euclidean", source_of(db), build=False)
                 index = INDEX_KINDS[kind].open(req)
                 if index is not None:
                     done.append(kind)
-                    log(f"{path}: follows the database ({len(index)} vectors)")
+                    log(f"{shown(path)}: follows the database ({len(index)} vectors)")
     return done

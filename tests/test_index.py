@@ -436,3 +436,27 @@ def test_a_damaged_hnsw_file_of_the_right_size_is_rebuilt_not_followed_into_a_cr
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-1500:])
     assert "damaged" in r.stderr or "checksum" in r.stderr  # said why it rebuilt
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_index_messages_name_a_file_that_exists(tmp_path, kind, capsys):
+    """'building HNSW index f.h5.hnsw' named no file: the index lies in f.h5.hnsw.json (the
+    metadata) and the graph it names. Each message names the metadata, which the user can look at."""
+    pytest.importorskip({"ivfpq": "faiss", "hnsw": "hnswlib"}[kind])
+    from ris.featuredb import FeatureDB
+    from ris.index_state import source_of
+    from ris.testing import make_feature_db
+
+    rng = np.random.default_rng(0)
+    db = make_feature_db(tmp_path / "f.h5", rng.standard_normal((1200, 16)).astype(np.float32))
+    with FeatureDB(db) as fdb:
+        open_search_index(str(db), fdb.features, "euclidean", kind=kind, source=source_of(fdb))
+    built = re.findall(r"building \S+ index (\S+) \(", capsys.readouterr().err)
+    assert len(built) == 1 and os.path.isfile(built[0]), (built, sorted(p.name for p in tmp_path.iterdir()))
+    with open(built[0], "w") as fh:
+        fh.write('{"format": 1}')  # damaged: a search ignores it, naming it
+    with FeatureDB(db) as fdb, pytest.warns(UserWarning, match="ignoring") as seen:
+        assert isinstance(open_search_index(str(db), fdb.features, "euclidean", threshold=10, source=source_of(fdb)),
+                          ExactIndex)
+    ignored = re.findall(r"ignoring \S+ index (\S+): ", str(seen[0].message))
+    assert ignored == built, str(seen[0].message)

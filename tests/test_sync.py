@@ -739,3 +739,53 @@ def test_a_dataset_given_as_a_folder_link_is_synced_through_the_link(tmp_path, c
     capsys.readouterr()
     assert _command("--sync", "--features-db", str(db), "--no-progress") == 0
     assert f"in step with {link}: 0 removed (file gone), 4 replaced (file changed)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_a_followed_index_is_named_by_a_file_that_exists(tmp_path, kind):
+    """'f.h5.hnsw: follows the database' named no file: the HNSW index lies in f.h5.hnsw.json
+    (its metadata) and the graph that names; the line names the metadata now."""
+    pytest.importorskip({"ivfpq": "faiss", "hnsw": "hnswlib"}[kind])
+    from ris.index import open_search_index
+    from ris.index_state import source_of
+    from ris.sync import follow_saved_indexes
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(1200, 16))
+    with FeatureDB(db) as f:
+        open_search_index(str(db), f.features, "euclidean", kind=kind, source=source_of(f))
+    logged: list[str] = []
+    assert follow_saved_indexes(db, log=logged.append) == [kind]
+    assert len(logged) == 1 and os.path.isfile(logged[0].split(": follows the database")[0]), logged
+
+
+@pytest.mark.parametrize("bom, codec", [(b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"), (b"\xef\xbb\xbf", "utf-8")])
+def test_ris_index_remove_from_file_reads_a_list_with_a_byte_order_mark(tmp_path, capsys, bom, codec):
+    """A list saved by Windows Notepad (UTF-16 with a byte-order mark) was read as UTF-8: no name
+    matched, and each 'not in the database:' line printed its NUL characters raw. It is decoded
+    by its mark now; a name not found is printed with its control characters escaped."""
+    from ris.cli.index import main
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8))
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(bom + "img000001.jpg\r\nimg000003.jpg\r\nno\x1bpe.jpg\r\n".encode(codec))
+    assert main(["remove", "--features-db", str(db), "--from-file", str(listed)]) == 1  # one name not found
+    out = capsys.readouterr().out
+    with FeatureDB(db) as f:
+        assert len(f) == 18 and "img000001.jpg" not in f.image_ids and "img000003.jpg" not in f.image_ids
+    assert "\x00" not in out and "\x1b" not in out and "  not in the database: no\\x1bpe.jpg" in out.splitlines(), out
+
+
+def test_ris_index_remove_from_file_refuses_a_list_that_is_not_text(tmp_path):
+    """UTF-16 without a mark (or cut in half) holds NUL bytes, which no file name has: refused in
+    one line naming the file, nothing removed."""
+    from ris.errors import RisError
+    from ris.cli.index import main
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8))
+    listed = tmp_path / "list.txt"
+    for data in ("img000001.jpg\n".encode("utf-16-le"), b"\xff\xfe" + "img000001.jpg\n".encode("utf-16-le")[:-1]):
+        listed.write_bytes(data)
+        with pytest.raises(RisError, match=r"list\.txt: .*(NUL|UTF-16)"):
+            main(["remove", "--features-db", str(db), "--from-file", str(listed)])
+    with FeatureDB(db) as f:
+        assert len(f) == 20

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ris.cli.common import HelpFormatter, nonnegative_int, positive_int, print_json, run
+from ris.cli.common import HelpFormatter, nonnegative_int, one_line, positive_int, print_json, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,14 +143,11 @@ def _forget_collection(vectors_path: str, kind: str, source: dict) -> None:
 
 def _remove(args) -> int:
     from ris.errors import RisError
-    from ris.sync import follow_saved_indexes, remove_images
+    from ris.sync import follow_saved_indexes, names_in_list, remove_images
 
     names = list(args.images)
     if args.from_file:  # a regular file within RIS_MAX_FILE_BYTES, as every input (a FIFO blocked)
-        from ris.imagefile import read_file
-
-        text = read_file(args.from_file).decode("utf-8", errors="surrogateescape")
-        names += [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+        names += names_in_list(args.from_file)
     if not names:
         raise RisError("nothing to remove: give relative paths, or --from-file")
     s = remove_images(args.features_db, names)
@@ -161,7 +158,7 @@ def _remove(args) -> int:
         print(f"{args.features_db}: removed {len(s.removed)} image(s) and {len(s.removed_failed)} failed "
               f"entr(ies); {s.rows} images left")
         for n in s.not_found:
-            print(f"  not in the database: {n}")
+            print(f"  not in the database: {one_line(n)}")
     return 1 if s.not_found else 0
 
 
