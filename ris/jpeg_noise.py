@@ -7,8 +7,9 @@ file instead, Python's own ``sys.stderr`` keeps the terminal, and each JPEG deco
 notes whether anything was written meanwhile. Only then is the image decoded once more, alone
 (every other decode waits), to see whether the line is its own: a damaged photo costs one more
 decode, the others nothing. libjpeg's lines are dropped from what is passed on; anything else
-written there is passed on when the capture ends. Captures may overlap, from any thread (ris-serve
-decodes uploads in worker threads): the first redirects descriptor 2, the last one out restores it.
+written there is passed on when the capture ends (with RIS_VERBOSE set, as it comes). Captures may
+overlap, from any thread (ris-serve decodes uploads in worker threads): the first redirects
+descriptor 2, the last one out restores it.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ _SETUP = threading.Lock()  # starting and ending a capture: one thread at a time
 _USERS = 0  # captures open now; the last one out ends it
 _ENDING: Callable[[], None] | None = None  # gives descriptor 2 (and sys.stderr) back
 _KEYS = itertools.count()
+_NOTING = threading.local()  # paths: {path: libjpeg's lines} of the ``noting`` blocks open in this thread
 
 
 def watched(path: Any, decode: Callable[[], Any]) -> Any:
@@ -112,7 +114,10 @@ def watched(path: Any, decode: Callable[[], Any]) -> Any:
             except OSError:  # the capture ended meanwhile
                 text = b""
         lines = [m.group(0).decode(errors="replace").strip() for m in _LIBJPEG.finditer(text)]
-        if lines:
+        mine = getattr(_NOTING, "paths", {}).get(str(path))
+        if lines and mine is not None:  # this thread's ``noting`` of the file: its own, not another thread's
+            mine.extend(lines)
+        elif lines:
             with cap.lock:
                 cap.found.setdefault(str(path), []).extend(lines)
     return out
@@ -143,7 +148,12 @@ def note(path: Any, lines: list[str]) -> None:
 def warnings_for(path: Any) -> list[str]:
     """The warnings found for ``path`` (taken), as ris says them: 'corrupt JPEG data (3 extraneous
     bytes before marker 0xd9)'."""
-    return [_phrase(line) for line in dict.fromkeys(take(path))]
+    return phrased(take(path))
+
+
+def phrased(lines: list[str]) -> list[str]:
+    """libjpeg's lines for one file as ris says them, each once (a Ray node's, handed back)."""
+    return [_phrase(line) for line in dict.fromkeys(lines)]
 
 
 def _phrase(line: str) -> str:
@@ -167,15 +177,22 @@ def take_all() -> dict[str, list[str]]:
 def noting(path: Any) -> Iterator[list[str]]:
     """A capture around the decodes of one image ``path`` (a query), from any thread; the list it
     yields receives their warnings, phrased and each once, when the block ends without an error
-    (a file refused has its reason; libjpeg's lines for it are dropped)."""
+    (a file refused has its reason; libjpeg's lines for it are dropped). Its thread's decodes of
+    the file are its own: two threads noting one file at once each get the warning."""
     found: list[str] = []
+    key, paths = str(path), _NOTING.__dict__.setdefault("paths", {})
+    outer, paths[key] = paths.get(key), []
     with capture():
         try:
             yield found
         except BaseException:
             take(path)
             raise
-        found.extend(warnings_for(path))
+        finally:
+            mine = paths.pop(key)
+            if outer is not None:
+                paths[key] = outer
+        found.extend(phrased(mine + take(path)))
 
 
 @contextlib.contextmanager
@@ -206,6 +223,24 @@ def naming(log: Callable[[str], None], but: Any = None) -> Iterator[None]:
             _say(log, path, warning)
 
 
+@contextlib.contextmanager
+def naming_these(paths: Callable[[], list[Any]], log: Callable[[str], None]) -> Iterator[None]:
+    """A capture whose warnings about the files ``paths()`` gives are said through ``log`` at its end
+    (the database images a thumbnail cache is made of, decoded in a thread pool); captures beside it
+    (ris-serve's queries in other threads) keep theirs."""
+    with capture():
+        try:
+            yield
+        except BaseException:
+            for path in paths():
+                take(path)
+            raise
+        found = [(path, warnings_for(path)) for path in paths()]
+    for path, warnings in found:
+        for warning in warnings:
+            _say(log, path, warning)
+
+
 def _say(log: Callable[[str], None], path: Any, warning: str) -> None:
     """One warning line as ris-extract says it; a name holding a newline stays one line."""
     from ris.cli.common import one_line
@@ -224,15 +259,12 @@ def decoded_noting(decode: Callable[[], T]) -> tuple[T, list[str]]:
 
 @contextlib.contextmanager
 def capture() -> Iterator[bool]:
-    """Catch libjpeg's lines for ``watched``/``warnings_for`` (yields whether it does), not with
-    RIS_VERBOSE set. From any thread: a capture open already is joined, and the last one to end
-    ends it. Python's ``sys.stderr`` keeps the terminal when the main thread starts it; otherwise
-    Python's lines written meanwhile are passed on at the end (a thread swapping ``sys.stderr``
-    would close a stream other threads may still hold)."""
+    """Catch libjpeg's lines for ``watched``/``warnings_for`` (yields whether it does). From any
+    thread: a capture open already is joined, and the last one to end ends it. Python's
+    ``sys.stderr`` keeps the terminal when the main thread starts it; otherwise Python's lines
+    written meanwhile are passed on at the end (a thread swapping ``sys.stderr`` would close a
+    stream other threads may still hold), or as they come with RIS_VERBOSE set, like C code's."""
     global _USERS
-    if os.environ.get("RIS_VERBOSE"):
-        yield False
-        return
     with _SETUP:
         on = _ACTIVE is not None or _start()
         _USERS += on
@@ -274,18 +306,41 @@ def _start() -> bool:
                           errors=old_stderr.errors or "backslashreplace")
     os.dup2(sink.fileno(), 2)
     _ACTIVE = _Capture(sink.fileno())
+    passed = [0]  # bytes of the file passed on (RIS_VERBOSE: whole lines as they come, by ``pump``)
+    stop = threading.Event()
+
+    def pump() -> None:  # what RIS_VERBOSE is for (TensorFlow's lines, say) must not wait for the end
+        while not stop.wait(0.1):
+            try:
+                end_at = os.fstat(sink.fileno()).st_size
+                text = os.pread(sink.fileno(), end_at - passed[0], passed[0]) if end_at > passed[0] else b""
+                text = text[: text.rfind(b"\n") + 1]
+                passed[0] += len(text)
+                text = _LIBJPEG.sub(b"", text)
+                while text:
+                    text = text[os.write(saved, text):]
+            except OSError:
+                return
+
+    pumping = None
+    if os.environ.get("RIS_VERBOSE"):
+        pumping = threading.Thread(target=pump, name="ris-stderr", daemon=True)
+        pumping.start()
 
     def end() -> None:
         global _ACTIVE, _ENDING
         _ACTIVE.ended = True
         _ACTIVE = _ENDING = None
+        if pumping is not None:
+            stop.set()
+            pumping.join()
         os.dup2(saved, 2)
         os.close(saved)
         if swap:
             sys.stderr.close()
             sys.stderr = old_stderr
         with sink:
-            sink.seek(0)
+            sink.seek(passed[0])
             rest = _LIBJPEG.sub(b"", sink.read())
         if rest:
             try:

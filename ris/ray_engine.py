@@ -33,6 +33,7 @@ from ris.cli.common import one_line
 from ris.errors import Interrupted, RisError
 from ris.extract import DEFAULT_BATCH, ExtractSummary
 from ris.extractor import ExtractConfig
+from ris.jpeg_noise import phrased
 from ris.ray_cluster import (RayOptions, cluster_now, connect, disconnect, get, node_name, plan_resources, reason,
                              runtime_env, starved)
 
@@ -79,21 +80,22 @@ class _Embedder:
 
     def embed(self, decoded: tuple) -> tuple:
         """(features of the decoded images, the decode errors, the digests of the bytes decoded, the
-        paths the node could not see, the decoding node, its id, its seconds, this pid, these
-        seconds): the timings tell a decode-bound run from a network-bound one."""
+        paths the node could not see, libjpeg's lines by path, the decoding node, its id, its
+        seconds, this pid, these seconds): the timings tell a decode-bound run from a network-bound one."""
         t0 = time.perf_counter()
-        images, errors, digests, unseen, node, node_id, decode_s = decoded
+        images, errors, digests, unseen, found, node, node_id, decode_s = decoded
         if len(images):
             feats = self.extractor.embed_async(images, pad_to=self.batch_size)()
         else:
             feats = np.zeros((0, *self.extractor.output_shape), np.float32)
-        return feats, errors, digests, unseen, node, node_id, decode_s, os.getpid(), time.perf_counter() - t0
+        return feats, errors, digests, unseen, found, node, node_id, decode_s, os.getpid(), time.perf_counter() - t0
 
 
 def _decode(root: str, rel_paths: list[str], size: int, aspect: str = "squash") -> tuple:
     """A decode task: the local engine's chunk decoder (images, errors, digests of the bytes decoded:
-    each file is read once, on its node), plus the paths this node could not see, the node (as a
-    user finds it, and its id) and the task's seconds."""
+    each file is read once, on its node), plus the paths this node could not see, libjpeg's lines
+    by path (for the driver to name, as the local engine does), the node (as a user finds it, and
+    its id) and the task's seconds."""
     import cv2
     import ray
 
@@ -101,20 +103,20 @@ def _decode(root: str, rel_paths: list[str], size: int, aspect: str = "squash") 
     if not os.path.isdir(root):  # else every image would be listed as damaged, and never retried
         raise RisError(f"{root}: the dataset folder is not there on {node_name()}; every node "
                        f"must see it at the same path (a shared file system)")
-    images, errors, digests, unseen, seconds = _decode_here(root, rel_paths, size, aspect)
-    return images, errors, digests, unseen, node_name(), ray.get_runtime_context().get_node_id(), seconds
+    images, errors, digests, unseen, seconds, found = _decode_here(root, rel_paths, size, aspect)
+    return images, errors, digests, unseen, found, node_name(), ray.get_runtime_context().get_node_id(), seconds
 
 
 def _decode_here(root: str, rel_paths: list[str], size: int, aspect: str = "squash") -> tuple:
     """(images, error or None per path, digest per path, the failed paths that are not there at
-    all, seconds)."""
-    from ris.decoding import _decode_chunk
+    all, seconds, {path: libjpeg's lines}: caught here, not left unnamed in the worker's log)."""
+    from ris.decoding import _decode_chunk_named
 
     t0 = time.perf_counter()
-    images, errors, digests = _decode_chunk(root, rel_paths, size, aspect)
+    images, errors, digests, found = _decode_chunk_named(root, rel_paths, size, aspect)
     unseen = [rel for rel, err in zip(rel_paths, errors)
               if err is not None and not os.path.lexists(os.path.join(root, rel))]
-    return images, errors, digests, unseen, time.perf_counter() - t0
+    return images, errors, digests, unseen, time.perf_counter() - t0, found
 
 
 def refuse_unseen(unseen: list[str], root: Path, node: str) -> None:
@@ -236,7 +238,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
                 submit(chunks[k])
                 k += 1
             paths, a, ref, stamps = pending.popleft()
-            feats, errors, digests, unseen, node, node_id, decode_s, pid, embed_s = get(
+            feats, errors, digests, unseen, found, node, node_id, decode_s, pid, embed_s = get(
                 ray, ref, stall_s=options.stall_s, why_stuck=why_stuck)
             refuse_unseen(unseen, root, node)
             summary.decode_seconds += decode_s
@@ -247,6 +249,9 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
                 bar.write(f"ray: embedding actor {a} restarted (pid {actor_pids[a]} -> {pid}); "
                           f"its batches were retried", file=sys.stderr)
                 actor_pids[a] = pid
+            for p in paths:  # libjpeg's lines the node caught, said as the local engine says them
+                for warning in phrased(found.get(p, [])):
+                    bar.write(f"warning: {one_line(str(root / p))}: {warning}", file=sys.stderr)
             failures = [(p, _as_given(e, root_abs, root, p)) for p, e in zip(paths, errors) if e is not None]
             for _, err in failures:
                 bar.write(f"skipped: {one_line(err)}", file=sys.stderr)

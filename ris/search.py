@@ -140,7 +140,7 @@ class SearchEngine:
         if shallow:
             from ris.thumbs import database_thumbnails, with_thumbnails
 
-            thumbs = database_thumbnails(self.db, shallow, self.root)
+            thumbs = database_thumbnails(self.db, shallow, self.root, log=self.log)
             emb = np.concatenate([embed_features(self.head, with_thumbnails(feats[s : s + 4096], thumbs[s : s + 4096]))
                                   for s in range(0, len(self.db), 4096)])
         else:

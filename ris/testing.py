@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["make_bad_images", "make_odd_files", "call_with_fifo_guard", "make_exif_jpeg", "make_large_png",
            "make_tiny_dataset", "make_tiny_folders_dataset", "VALID_BAD_IMAGES", "ODD_REASONS",
-           "clustered_vectors", "make_feature_db"]
+           "clustered_vectors", "make_feature_db", "damage_jpeg"]
 
 # Keys of make_bad_images() whose files are valid images (a loader should decode them).
 VALID_BAD_IMAGES = frozenset(
@@ -102,6 +102,15 @@ def make_bad_images(directory: str | Path) -> dict[str, Path]:
         (d / name).write_bytes(data)
         out[key] = d / name
     return out
+
+
+def damage_jpeg(path: str | Path) -> Path:
+    """Put 90 bytes of junk before the JPEG's end marker: it still decodes, and libjpeg warns
+    'Corrupt JPEG data: N extraneous bytes before marker 0xd9' (N as libjpeg counts them)."""
+    p = Path(path)
+    jpeg = p.read_bytes()
+    p.write_bytes(jpeg[:-2] + bytes(range(1, 91)) + jpeg[-2:])
+    return p
 
 
 # Keys of make_odd_files() that are not regular files, and the reason a loader must give, unread.

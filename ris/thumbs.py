@@ -8,7 +8,9 @@ feature database, so extraction and its resumable format stay unchanged.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -27,11 +29,14 @@ def cache_path(features_db: str | Path, size: int) -> Path:
     return thumbs_path(features_db, size)
 
 
-def database_thumbnails(db, size: int, root: str | Path | None = None, progress: bool = False) -> np.ndarray:
+def database_thumbnails(db, size: int, root: str | Path | None = None, progress: bool = False,
+                        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> np.ndarray:
     """(N, size, size, 3) uint8 for every database row, from the cache or the image files.
 
     The cache is keyed on the database's content key and the size: a re-extracted database, even
-    of the same images count, makes new thumbnails."""
+    of the same images count, makes new thumbnails. A damaged JPEG among the files is said through
+    ``log`` as ris-extract says it ('warning: FILE: corrupt JPEG data (...)'), once, not in
+    libjpeg's unnamed line."""
     from ris.sidecars import read_h5_cache, write_h5_cache
 
     path = cache_path(db.path, size)
@@ -52,7 +57,9 @@ def database_thumbnails(db, size: int, root: str | Path | None = None, progress:
         except BadImage as exc:
             raise DatabaseError(f"cannot make thumbnails: {exc} (pass the images' current folder)") from None
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+    from ris.jpeg_noise import naming_these
+
+    with naming_these(lambda: [root / rel for rel in ids], log), ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         thumbs = np.stack(list(pool.map(load, ids))) if ids else np.zeros((0, size, size, 3), np.uint8)
     try:
         write_h5_cache(path, key, {"rows": len(ids)}, thumbs=thumbs)

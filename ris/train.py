@@ -93,7 +93,7 @@ class _Data:
         return {k: len(np.unique(v)) for k, v in self.labs.items()}
 
 
-def _read_data(features_db: str | Path, cfg: TrainConfig) -> _Data:
+def _read_data(features_db: str | Path, cfg: TrainConfig, log: Callable[[str], None]) -> _Data:
     from ris.featuredb import FeatureDB
 
     with FeatureDB(features_db) as db:
@@ -109,7 +109,7 @@ def _read_data(features_db: str | Path, cfg: TrainConfig) -> _Data:
         if cfg.shallow:
             from ris.thumbs import database_thumbnails, with_thumbnails
 
-            thumbs = database_thumbnails(db, cfg.shallow)
+            thumbs = database_thumbnails(db, cfg.shallow, log=log)  # a damaged JPEG's warning too
             inputs = {name: with_thumbnails(feats[name], thumbs[r]) for name, r in rows.items()}
         return _Data(rows, split_meta, feats, inputs, {name: labels_all[r] for name, r in rows.items()},
                      db.fingerprint(), db.label_names, db.image_ids, feature_shape)
@@ -200,7 +200,7 @@ def train_head(features_db: str | Path, output: str | Path, cfg: TrainConfig, pr
     for tmp in remove_killed_saves(output):
         log(f"removed {tmp}: left by a killed save")
     keras.utils.set_random_seed(cfg.seed)
-    data = _read_data(features_db, cfg)
+    data = _read_data(features_db, cfg, log)
     _log_split(data, cfg, log)
 
     t0 = time.perf_counter()

@@ -89,3 +89,53 @@ def test_uploads_of_one_name_decoded_at_once_keep_their_own_warnings(tmp_path, c
     assert all(shape == (240, 320, 3) for _, shape, _ in results)
     assert all(w == [] for kind, _, w in results if kind == "good")
     assert capfd.readouterr().err == "after\n"
+
+
+def test_with_ris_verbose_a_damaged_jpeg_is_named_and_other_lines_come_as_they_are_written(tmp_path, capfd,
+                                                                                             monkeypatch):
+    """RIS_VERBOSE=1 left stderr alone: libjpeg's line came raw and unnamed ('Corrupt JPEG data: 84
+    extraneous bytes before marker 0xd9'). The file is named as without it; what else C code writes
+    (what RIS_VERBOSE is for) still reaches stderr while the capture runs, not only at its end."""
+    import time
+
+    monkeypatch.setenv("RIS_VERBOSE", "1")
+    _, bad = _jpegs(tmp_path, 0)
+    capfd.readouterr()
+    with capture() as on:
+        decode_image(bad, 32)
+        os.write(2, b"a C library's notice\n")
+        for _ in range(100):  # passed on by a thread beside the decodes
+            if "notice" in capfd.readouterr().err:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the notice waited for the end of the capture")
+        found = warnings_for(bad)
+    assert on and len(found) == 1 and found[0].startswith("corrupt JPEG data ("), found
+    assert "JPEG" not in capfd.readouterr().err
+
+
+def test_two_threads_noting_the_same_damaged_file_at_once_each_get_its_warning(tmp_path, capfd):
+    """Two queries of one path at once (ris-serve's workers, a program's threads over one engine):
+    the first to end took the lines of both, so the other query's warning was never said."""
+    from ris.jpeg_noise import noting
+
+    _, bad = _jpegs(tmp_path, 0)
+    both = threading.Barrier(2)
+    said: dict[int, list[str]] = {}
+
+    def query(n: int) -> None:
+        with noting(bad) as found:
+            both.wait(timeout=30)
+            decode_image(bad, 32)
+            both.wait(timeout=30)  # each decode is done before either block ends
+        said[n] = found
+
+    threads = [threading.Thread(target=query, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(said[0]) == len(said[1]) == 1 and said[0] == said[1], said
+    assert said[0][0].startswith("corrupt JPEG data (")
+    assert "JPEG" not in capfd.readouterr().err

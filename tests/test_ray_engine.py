@@ -81,7 +81,7 @@ def test_an_image_a_node_cannot_see_is_reported_as_such_not_as_damaged(tmp_path)
     data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
     (data / "cut.jpg").write_bytes(b"\xff\xd8\xff")  # damaged: there, and undecodable
     paths = ["ukbench00000.jpg", "cut.jpg", "elsewhere.jpg"]
-    images, errors, digests, unseen, _ = _decode_here(str(data), paths, 32)
+    images, errors, digests, unseen, _, _ = _decode_here(str(data), paths, 32)
     assert len(images) == 1 and errors[0] is None and errors[1] and errors[2]
     assert unseen == ["elsewhere.jpg"]  # the damaged one is damaged, the missing one is not seen
     from ris.filestamp import UNKNOWN_DIGEST, file_digest
@@ -93,6 +93,22 @@ def test_an_image_a_node_cannot_see_is_reported_as_such_not_as_damaged(tmp_path)
         refuse_unseen(["elsewhere.jpg"], data, "node 10.0.0.9 (id 0123456789ab)")
     (data / "elsewhere.jpg").unlink()  # gone for the driver too (deleted during the run): listed as
     refuse_unseen(["elsewhere.jpg"], data, "node 10.0.0.9")  # failed, as the local engine lists it
+
+
+def test_a_node_catches_libjpegs_line_for_a_damaged_jpeg_and_hands_it_back(tmp_path, capfd):
+    """A decode task let libjpeg print its unnamed line ('Corrupt JPEG data: 84 extraneous bytes
+    before marker 0xd9') into the worker's log (forwarded to the driver only with RIS_VERBOSE=1,
+    still unnamed); the driver never named the file. The node now catches it and hands it back."""
+    from ris.ray_engine import _decode_here
+    from ris.testing import damage_jpeg
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    damage_jpeg(data / "ukbench00001.jpg")
+    capfd.readouterr()
+    images, errors, _, _, _, found = _decode_here(str(data), ["ukbench00000.jpg", "ukbench00001.jpg"], 32)
+    assert len(images) == 2 and errors == [None, None]
+    assert list(found) == ["ukbench00001.jpg"] and found["ukbench00001.jpg"][0].startswith("Corrupt JPEG data: ")
+    assert "JPEG" not in capfd.readouterr().err
 
 
 def test_sync_with_ray_flags_but_not_the_ray_engine_is_one_error(tmp_path, capsys):
@@ -205,6 +221,26 @@ def test_ray_on_two_nodes_equals_the_local_engine(cluster, dataset, tmp_path):
     assert s.extracted == 41 and len(s.skipped) == 3 and s.actors == 2 and s.actor_restarts == 0
     assert sum(s.nodes.values()) == 44
     assert_same_database(local, tmp_path / "r.h5")
+
+
+@pytest.mark.slow
+def test_a_damaged_jpeg_decoded_on_a_node_is_named_by_the_driver_as_the_local_engine_names_it(cluster, tmp_path,
+                                                                                               capfd):
+    """libjpeg's line for a damaged JPEG stayed in the Ray worker's log (or came unnamed, with
+    RIS_VERBOSE=1); the local engine names the file. The driver now says the same line, once."""
+    import re
+
+    from ris.testing import damage_jpeg
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=2, views=3, size=48)
+    bad = damage_jpeg(data / "ukbench00004.jpg")
+    capfd.readouterr()
+    s = _ray(data, tmp_path / "r.h5", cluster)
+    out, err = capfd.readouterr()
+    assert s.extracted == 6 and not s.skipped
+    said = [line for line in err.splitlines() if "JPEG" in line]
+    assert len(said) == 1 and re.fullmatch(rf"warning: {re.escape(str(bad))}: corrupt JPEG data \(\d+ extraneous "
+                                           r"bytes before marker 0xd9\)", said[0]), err
 
 
 @pytest.mark.slow

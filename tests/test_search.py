@@ -255,3 +255,31 @@ def test_ris_search_names_a_damaged_jpeg_query_once_beside_its_montage_and_other
     bad, clean = json.loads(out)
     assert bad["query"] == "./bad.jpg" and bad["results"] == clean["results"]
     assert (tmp_path / "m-1.png").is_file() and (tmp_path / "m-2.png").is_file()
+
+
+def test_a_damaged_database_image_is_named_once_when_a_shallow_heads_thumbnails_are_made(tiny, tmp_path, capfd):
+    """An engine with a head that has a thumbnail branch (ris-train --shallow) makes the database's
+    thumbnails on first load: a damaged JPEG among them printed libjpeg's unnamed line. It is said
+    once, through the engine's log (ris-serve's carries its prefix), as ris-extract says it."""
+    import re
+    import shutil
+
+    pytest.importorskip("keras")
+    from ris.testing import damage_jpeg
+    from ris.train import TrainConfig, train_head
+
+    data, db = tiny
+    shutil.copy(db, tmp_path / "feats.h5")
+    train_head(tmp_path / "feats.h5", tmp_path / "h.keras", TrainConfig(arch="mlp", shallow=8, epochs=1, hidden=(8,),
+                                                                         out_dim=8, p=2, k=2), progress=False,
+               log=lambda s: None)
+    (tmp_path / "feats.h5.thumbs8.h5").unlink()  # made again, from the moved folder holding a damaged image
+    moved = shutil.copytree(data, tmp_path / "moved")
+    bad = damage_jpeg(moved / "ukbench00005.jpg")
+    said: list[str] = []
+    capfd.readouterr()
+    with SearchEngine(tmp_path / "feats.h5", tmp_path / "h.keras", dataset_root=moved, log=said.append) as engine:
+        assert len(engine.query(data / "ukbench00004.jpg", k=3)) == 3
+    assert len(said) == 1 and re.fullmatch(rf"warning: {re.escape(str(bad))}: corrupt JPEG data \(\d+ extraneous "
+                                           r"bytes before marker 0xd9\)", said[0]), said
+    assert "JPEG" not in capfd.readouterr().err

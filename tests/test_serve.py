@@ -416,6 +416,34 @@ def test_a_damaged_stored_jpeg_gets_its_thumbnail_without_libjpegs_line_in_the_l
     assert "Corrupt JPEG data" not in capfd.readouterr().err
 
 
+def test_a_damaged_database_jpeg_is_named_in_the_log_when_a_shallow_heads_thumbnails_are_made(tiny, tmp_path,
+                                                                                                capfd):
+    """A head with a thumbnail branch (ris-train --shallow) makes the database's thumbnails when the
+    service loads it: a damaged JPEG among them printed libjpeg's unnamed line into the log. The log
+    names it once, with the server's prefix."""
+    import re
+
+    pytest.importorskip("keras")
+    from ris.train import TrainConfig, train_head
+
+    data, db, _ = _served_copy(tiny, tmp_path, reload_interval=0)
+    model = tmp_path / "h.keras"
+    train_head(db, model, TrainConfig(arch="mlp", shallow=8, epochs=1, hidden=(8,), out_dim=8, p=2, k=2),
+               progress=False, log=lambda s: None)
+    Path(f"{db}.thumbs8.h5").unlink()  # made again when the service loads the head
+    (data / "ukbench00003.jpg").write_bytes(_damaged((data / "ukbench00003.jpg").read_bytes()))
+    logged: list[str] = []
+    capfd.readouterr()
+    svc = SearchService(ServeConfig(str(db), model=str(model), dataset_root=str(data), reload_interval=0),
+                        log=logged.append)
+    svc.load()
+    said = [line for line in logged if "JPEG" in line]
+    assert len(said) == 1 and re.fullmatch(rf"ris-serve: warning: {re.escape(str(data / 'ukbench00003.jpg'))}: "
+                                           r"corrupt JPEG data \(\d+ extraneous bytes before marker 0xd9\)",
+                                           said[0]), logged
+    assert "JPEG" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("ext,shown", [(".tif", "TIFF"), (".webp", "WebP"), (".bmp", "BMP")])
 def test_an_upload_cut_short_in_its_header_is_a_damaged_image_of_its_format(client, ext, shown):
     """A TIFF or WebP cut short got 415 'cut.tif is not an image; send a JPEG, PNG, GIF, BMP, WebP or

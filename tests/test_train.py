@@ -635,3 +635,35 @@ def test_a_residual_head_that_no_epoch_improved_says_what_epoch_0_is(tmp_path, c
     assert code == 0 and "best epoch 0 of 2" in out, out
     line = next(s for s in out.splitlines() if s.startswith("saved "))
     assert "untrained" in line and "off-the-shelf ranking" in line and "no epoch" in line, line
+
+
+def test_shallow_training_names_a_damaged_database_image_once_through_its_log(tmp_path, capfd):
+    """ris-train --shallow makes the database's thumbnails: a damaged JPEG among them printed
+    libjpeg's unnamed line ('Corrupt JPEG data: 84 extraneous bytes before marker 0xd9'). It is said
+    once, through the run's log, as ris-extract says it; the head trains as before."""
+    import re
+
+    pytest.importorskip("keras")
+    from ris.featuredb import FeatureWriter
+    from ris.testing import damage_jpeg, make_tiny_dataset
+    from ris.train import train_head
+
+    images = make_tiny_dataset(tmp_path / "images", n_objects=6, views=3, size=32)
+    names = sorted(p.name for p in images.glob("*.jpg"))
+    bad = damage_jpeg(images / names[4])
+    x, lab = _objects(6, 3, 16, 0)
+    w = FeatureWriter(tmp_path / "f.h5", {"model": "synthetic", "pooling": "gap", "dataset_root": str(images)},
+                      (16,), [f"o{i}" for i in range(6)])
+    w.add(names, x / np.linalg.norm(x, axis=1, keepdims=True), [f"o{g}" for g in lab])
+    w.finish({})
+    lines: list[str] = []
+    capfd.readouterr()
+    r = train_head(tmp_path / "f.h5", tmp_path / "h.keras", TrainConfig(arch="mlp", shallow=8, epochs=1, hidden=(8,),
+                                                                         out_dim=8, p=2, k=2, test_fraction=0.34,
+                                                                         val_fraction=0.34), progress=False,
+                   log=lines.append)
+    assert r.epochs_run == 1
+    said = [line for line in lines if "JPEG" in line]
+    assert len(said) == 1 and re.fullmatch(rf"warning: {re.escape(str(bad))}: corrupt JPEG data \(\d+ extraneous "
+                                           r"bytes before marker 0xd9\)", said[0]), lines
+    assert "JPEG" not in capfd.readouterr().err

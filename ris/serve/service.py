@@ -152,7 +152,8 @@ class SearchService:
         t0 = time.perf_counter()
         stamp = file_stamp(self.cfg.features_db)  # before reading: a change during the load is seen later
         engine = SearchEngine(self.cfg.features_db, self.cfg.model, index=self.cfg.index,
-                              dataset_root=self.cfg.dataset_root, rotations=self.cfg.rotations)
+                              dataset_root=self.cfg.dataset_root, rotations=self.cfg.rotations,
+                              log=lambda line: self.log(f"ris-serve: {line}"))  # a thumbnail's damaged JPEG
         return self._install(engine, stamp, t0)
 
     def use_engine(self, engine) -> Generation:
