@@ -69,6 +69,7 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
     from ris.featuredb import TargetExists
     from ris.fusion import make_config
     from ris.presets import for_api
+    from ris.recipe_diff import RecipeRefused
 
     recipe = for_api(preset, "extract", {"model": model, "resize": input_size, "pool": pooling,
                                          "fusion_weights": fusion_weights, "flip": flip, "aspect": aspect},
@@ -85,6 +86,8 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
     except TargetExists as exc:  # in this API's words, not ris-extract's flags
         raise TargetExists(exc.path, f"{exc.path}: already exists; pass append=True to add new images or "
                                      "overwrite=True to replace it") from None
+    except RecipeRefused as exc:
+        raise RecipeRefused(exc.where, exc.old, exc.new, api=True) from None
 
 
 def open_database(features_db: str | Path, model: str | Path | None = None, *, index: str = "auto",
@@ -112,7 +115,7 @@ def _warn_other_recipe(preset: str | None, features_db: str | Path) -> None:
 
     from ris.presets import other_recipe_warning
 
-    message = other_recipe_warning(preset, features_db, named=f"the recipe of preset={preset!r}")
+    message = other_recipe_warning(preset, features_db, named=f"the recipe of preset={preset!r}", api=True)
     if message:  # reported at the caller's line, however many facade calls lie between (ris.query)
         frame, level = sys._getframe(1), 2
         while frame.f_back is not None and frame.f_code.co_filename == __file__:

@@ -40,11 +40,13 @@ def train_folds(features_db: str | Path, output: str | Path, cfg: TrainConfig, f
                                   progress=progress, log=log))
         if results[-1].interrupted_by is not None:
             from ris.errors import Interrupted
+            from ris.train_report import epoch_zero_note
 
             r = results[-1]
             raise Interrupted(f"interrupted ({r.interrupted_by}) in fold {fold + 1}/{folds} after {r.epochs_run} "
-                              f"complete epochs: its best epoch so far ({r.best_epoch}) is saved in {r.model_path}; "
-                              "the folds after it were not trained and no summary is given")
+                              f"complete epochs: its best epoch so far ({r.best_epoch}) is saved in {r.model_path}"
+                              f"{epoch_zero_note(r.best_epoch)}; the folds after it were not trained and no summary "
+                              "is given")
     return results
 
 

@@ -112,11 +112,12 @@ def for_api(preset: str | None, command: str, given: dict, defaults: dict) -> di
     return {k: fills.get(k, v) for k, v in given.items()}
 
 
-def other_recipe(preset: str, attrs: dict) -> str | None:
+def other_recipe(preset: str, attrs: dict, api: bool = False) -> str | None:
     """How a database's recipe (its ``attrs``) differs from what ``ris-extract --preset`` makes, in
-    command-line terms; None when it was made so. Why: ``--preset`` on ris-search, ris-eval and
-    ris-serve chooses only the re-ranking, so a database made otherwise is searched as it was made,
-    and the user should not believe the preset's recipe was used."""
+    command-line terms (``api``: in ``ris.build_database``'s arguments); None when it was made so.
+    Why: ``--preset`` on ris-search, ris-eval and ris-serve chooses only the re-ranking, so a
+    database made otherwise is searched as it was made, and the user should not believe the
+    preset's recipe was used."""
     import json
 
     from ris.featuredb import fingerprint
@@ -136,8 +137,9 @@ def other_recipe(preset: str, attrs: dict) -> str | None:
             out["fusion"] = fp.get("fusion")
         return out
 
-    return describe_difference(recipe(attrs), recipe(made), "here", f"for --preset {preset}",
-                               _as_typed(recipe(attrs)), _as_help_says(v)) or None
+    asked = f"for preset={preset!r}" if api else f"for --preset {preset}"
+    return describe_difference(recipe(attrs), recipe(made), "here", asked, _as_typed(recipe(attrs)),
+                               _as_help_says(v), api=api) or None
 
 
 def _as_help_says(values: dict) -> dict[str, str]:
@@ -164,9 +166,11 @@ def _as_typed(recipe: dict) -> dict[str, str]:
     return text
 
 
-def other_recipe_warning(preset: str | None, features_db: str | Path, named: str | None = None) -> str | None:
+def other_recipe_warning(preset: str | None, features_db: str | Path, named: str | None = None,
+                         api: bool = False) -> str | None:
     """The warning owed when ``features_db`` was not made with ``preset``'s recipe, else None;
-    ``named``: how the preset was chosen (default "--preset NAME's recipe")."""
+    ``named``: how the preset was chosen (default "--preset NAME's recipe"); ``api``: the recipe's
+    difference in the Python API's arguments, not the commands' flags."""
     import h5py
 
     if not preset:
@@ -178,7 +182,7 @@ def other_recipe_warning(preset: str | None, features_db: str | Path, named: str
         return None  # the command's own opening says why
     if attrs.get("model") is None:
         return None
-    diff = other_recipe(preset, attrs)
+    diff = other_recipe(preset, attrs, api)
     if not diff:
         return None
     return (f"{features_db}: not made with {named or f'--preset {preset}' + chr(39) + 's recipe'} ({diff}); searched as it was made (here the "

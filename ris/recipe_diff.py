@@ -11,15 +11,21 @@ _FLAGS = {"model": "--model", "weights": "--weights", "layer": "--layer", "input
           "scales": "--scales", "pooling": "--pool", "fusion": "--fusion-weights", "flip": "--flip",
           "aspect": "--aspect",
           "feature_shape": "features"}
+# the same settings as ``ris.build_database``'s arguments, for a Python caller (who cannot pass flags)
+_API_ARGS = {"model": "model", "weights": "weights", "layer": "layer", "input_size": "input_size",
+             "scales": "scales", "pooling": "pooling", "fusion": "fusion_weights", "flip": "flip", "aspect": "aspect"}
 
 
 def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "here", asked: str = "asked",
-                        old_text: dict[str, str] | None = None, new_text: dict[str, str] | None = None) -> str:
+                        old_text: dict[str, str] | None = None, new_text: dict[str, str] | None = None,
+                        api: bool = False) -> str:
     """Two fingerprints' differences as the command line spells them, in one line: '--model a
     here, b asked; --resize 224+384 here, 224+384+224 asked'. Why: the stored values (JSON recipes,
     per-part lists) are unreadable in an error message. Settings that follow from a different
     --model (its weights' source, its default layer, the feature size) are left out then.
-    ``old_text``/``new_text``: how to write a key's value instead (a preset's, as --help says it)."""
+    ``old_text``/``new_text``: how to write a key's value instead (a preset's, as --help says it).
+    ``api``: as ``ris.build_database``'s arguments are written instead ("model='a' here, 'b' asked;
+    input_size=224 here, '224+384' asked; flip=False here, True asked")."""
     def show(key: str, value: Any) -> str:
         if key == "flip":  # heads saved before numpy booleans were made plain hold it as 'True'
             return "on" if value in (True, "True") else "off"
@@ -59,14 +65,50 @@ def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "h
 
     # '--resize 224 here, 224 asked' (one value for every part against per-part ones) says nothing
     keys = [k for k in keys if shown(k, old, old_text) != shown(k, new, new_text)] or keys
-    return "; ".join(f"{_FLAGS[k]} {shown(k, old, old_text)} {here}, {shown(k, new, new_text)} {asked}" for k in keys)
+
+    def one(key: str) -> str:
+        was, now = shown(key, old, old_text), shown(key, new, new_text)
+        if api and key in _API_ARGS:
+            return f"{_API_ARGS[key]}={_as_argument(key, was)} {here}, {_as_argument(key, now)} {asked}"
+        return f"{_FLAGS[key]} {was} {here}, {now} {asked}"
+
+    return "; ".join(one(k) for k in keys)
 
 
-def recipe_refusal(where, old: dict, new: dict) -> DatabaseError:
+def _as_argument(key: str, text: str) -> str:
+    """A value as shown on the command line ('on', 'none', '224', '224+384') as a Python caller
+    passes it (True, None, 224, '224+384')."""
+    if key == "flip":
+        return str(text == "on")
+    if key in ("layer", "input_size", "fusion") and text in ("none", "None"):
+        return "None"
+    try:
+        float(text)
+    except ValueError:
+        return repr(text)
+    return text
+
+
+class RecipeRefused(DatabaseError):
+    """The one-line refusal to add features made with recipe ``new`` to those made with ``old``,
+    in ris-extract's flags, or with ``api`` in ``ris.build_database``'s arguments (which catches
+    it and raises it again so: the refusal is made deep in the extraction, the same for both)."""
+
+    def __init__(self, where: Any, old: dict, new: dict, api: bool = False):
+        self.where, self.old, self.new = where, old, new
+        if api:
+            what = ("build_database with the database's own recipe and append=True adds new images; or pass "
+                    "another features_db path, or overwrite=True to replace it")
+        else:
+            what = ("ris-extract --sync adds new images with the database's own recipe; or use a new "
+                    "--features-db, or --overwrite to replace it")
+        super().__init__(f"{where}: existing features were made differently "
+                         f"({describe_difference(old, new, api=api)}); {what}")
+
+
+def recipe_refusal(where, old: dict, new: dict) -> RecipeRefused:
     """The one-line refusal to add features made with recipe ``new`` to those made with ``old``."""
-    return DatabaseError(f"{where}: existing features were made differently ({describe_difference(old, new)}); "
-                         "ris-extract --sync adds new images with the database's own recipe; or use a new "
-                         "--features-db, or --overwrite to replace it")
+    return RecipeRefused(where, old, new)
 
 
 _OPTION_KEYS = {"weights": "weights_arg", "layer": "layer", "resize": "input_size", "scales": "scales",

@@ -21,7 +21,7 @@ from ris.errors import DatabaseError, RisError, TooFewGroups
 from ris.protocol import TRAINING_IN_GALLERY
 from ris.splits import make_split
 from ris.train_checks import check_config, check_output, refuse_non_finite, remove_killed_saves
-from ris.train_report import history_report, save_with_report, whitening_report
+from ris.train_report import epoch_zero_note, history_report, save_with_report, whitening_report
 from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening
 
 
@@ -264,7 +264,8 @@ def _train_triplet_head(data: _Data, cfg: TrainConfig, progress: bool, log) -> t
         base, run = _triplet_epochs(data, cfg, progress, log, stop)
     if stop and run.history:  # the normal end from here: scored and saved by train_head
         log(f"stopping ({stop.signal}) after {len(run.history)} complete epochs: scoring and saving the best so "
-            f"far, epoch {run.best_epoch} (Ctrl-C again to stop at once, saving nothing)")
+            f"far, epoch {run.best_epoch}{epoch_zero_note(run.best_epoch)} (Ctrl-C again to stop at once, saving "
+            "nothing)")
     return base, run
 
 

@@ -34,14 +34,20 @@ class Report:
 
 
 def best_epoch_text(best_epoch: int | None, epochs_run: int | None) -> str:
-    """'best epoch 3 of 10'; epoch 0 said for what it is: 'best epoch 0 of 2' read as a bug or a
-    head that learned nothing useful, when it is the untrained head (a residual head starts as the
-    off-the-shelf ranking) kept because no trained epoch beat it on the validation part."""
-    text = f"best epoch {best_epoch} of {epochs_run}"
-    if best_epoch == 0:
-        text += (": epoch 0 is the untrained head, the off-the-shelf ranking, kept because no epoch "
-                 "beat it on the validation part")
-    return text
+    """'best epoch 3 of 10'; epoch 0 said for what it is (``epoch_zero_note``)."""
+    return f"best epoch {best_epoch} of {epochs_run}" + epoch_zero_note(best_epoch)
+
+
+def epoch_zero_note(best_epoch: int | None, lead: str = ": ") -> str:
+    """``lead`` and what epoch 0 is when it is the best, else "": 'best epoch 0 of 2' (or 'the best
+    epoch so far (0)' of an interrupted run) read as a bug or a head that learned nothing useful,
+    when it is the untrained head (a residual head starts as the off-the-shelf ranking) kept
+    because no trained epoch beat it on the validation part. Every line reporting a best epoch
+    uses it."""
+    if best_epoch != 0:
+        return ""
+    return (f"{lead}epoch 0 is the untrained head, the off-the-shelf ranking, kept because no epoch "
+            "beat it on the validation part")
 
 
 def report_paths(model_path: str | Path) -> tuple[Path, Path]:

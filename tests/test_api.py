@@ -137,7 +137,7 @@ def test_a_preset_on_a_database_made_otherwise_warns_as_the_commands_do(tmp_path
     photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=4, size=64)  # two UKBench objects (index // 4)
     db = tmp_path / "f.h5"
     ris.build_database(photos, db, model="vgg16", weights="none", input_size=64, progress=False, labels="ukbench")
-    with pytest.warns(UserWarning, match=r"not made with the recipe of preset='accurate'.*--model vgg16 here"):
+    with pytest.warns(UserWarning, match=r"not made with the recipe of preset='accurate'.*model='vgg16' here"):
         ris.open_database(db, preset="accurate").close()
     with pytest.warns(UserWarning, match="not made with the recipe of preset='fast'"):
         ris.score(db, preset="fast", split="all")
@@ -295,7 +295,56 @@ def test_an_existing_database_is_refused_in_the_apis_own_words(tmp_path):
         ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
     said = str(refused.value)
     assert "append=True" in said and "overwrite=True" in said and "--" not in said, said
-    cli = subprocess.run([sys.executable, "-m", "ris.cli.extract", str(photos), "--features-db", str(tmp_path / "f.h5"),
-                          "--model", "vgg16", "--weights", "none", "--resize", "32"],
+    cli = subprocess.run([sys.executable, "-m", "ris.cli.extract", "--dataset", str(photos), "--features-db",
+                          str(tmp_path / "f.h5"), "--model", "vgg16", "--weights", "none", "--resize", "32"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert cli.returncode != 0 and "--append" in cli.stderr and "--overwrite" in cli.stderr, cli.stderr[-2000:]
+    assert cli.returncode != 0 and "already exists; use --append" in cli.stderr and "--overwrite" in cli.stderr, \
+        cli.stderr[-2000:]
+
+
+def test_appending_another_recipe_is_refused_in_the_apis_own_words(tmp_path):
+    """build_database(..., append=True) onto a database made with another recipe said '--resize 32
+    here, 48 asked; ... use a new --features-db, or --overwrite to replace it': ris-extract's flags.
+    From the API it names build_database's arguments; ris-extract keeps its flags."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=1, views=2, size=32)
+    db = tmp_path / "f.h5"
+    recipe = {"model": "vgg16", "weights": "none", "progress": False, "labels": "none"}
+    ris.build_database(photos, db, input_size=32, **recipe)
+    with pytest.raises(ris.RisError) as refused:
+        ris.build_database(photos, db, input_size=48, append=True, **recipe)
+    said = str(refused.value)
+    assert "input_size=32 here, 48 asked" in said and "overwrite=True" in said and "--" not in said, said
+    cli = subprocess.run([sys.executable, "-m", "ris.cli.extract", "--dataset", str(photos), "--features-db", str(db),
+                          "--append",
+                          "--model", "vgg16", "--weights", "none", "--resize", "48"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert cli.returncode != 0 and "--resize 32 here, 48 asked" in cli.stderr and "--overwrite" in cli.stderr, \
+        cli.stderr[-2000:]
+
+
+def test_a_preset_warning_names_the_apis_arguments(tmp_path):
+    """open_database/score(preset=...) on a database made otherwise said '--model vgg16 here, ...
+    for --preset accurate; --resize 64 here, ...': flags a Python caller cannot pass. The warning
+    names the arguments of build_database as a caller writes them; the commands keep their flags."""
+    import ris
+    from ris.presets import other_recipe_warning
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=1, views=2, size=32)
+    db = tmp_path / "f.h5"
+    ris.build_database(photos, db, model="vgg16", weights="none", input_size=64, progress=False, labels="none")
+    for call in (lambda: ris.open_database(db, preset="accurate").close(),
+                 lambda: ris.score(db, preset="accurate", split="all")):
+        with pytest.warns(UserWarning) as caught:
+            try:
+                call()
+            except ris.RisError:
+                pass  # score: an unlabelled database; the warning came first
+        said = " ".join(str(w.message) for w in caught if "preset=" in str(w.message))
+        assert ("model='vgg16' here, 'mobilenet_v2+efficientnet_lite2+hsv_hist' for preset='accurate'" in said
+                and "input_size=64 here, '224+384+224' for preset='accurate'" in said
+                and "pooling='gap' here, 'gap+gem+gap'" in said and "flip=False here, True" in said
+                and "--" not in said), said
+    cli = other_recipe_warning("accurate", db)
+    assert "--model vgg16 here" in cli and "--resize 64 here, 224+384+224 for --preset accurate" in cli, cli

@@ -111,3 +111,21 @@ def test_summary_on_groups_smaller_than_4_says_what_a_perfect_search_scores():
     assert f"{ns_note(2.9)} (mean over the folds)" in text and "N-S 2.900" in text
     four = summarize_folds([_result(3.0, 3.5, 0.5, 0.6)])  # groups of 4 (UKBench): no note
     assert "perfect search" not in format_summary(four, 1)
+
+
+def test_a_fold_cut_short_at_epoch_0_says_what_epoch_0_is(monkeypatch, tmp_path):
+    """'its best epoch so far (0) is saved' did not say what epoch 0 is: a residual head's untrained
+    start, the off-the-shelf ranking, which no complete epoch beat on the validation part."""
+    from dataclasses import replace
+
+    from ris.errors import Interrupted
+
+    def fake_train(db, output, cfg, progress=True, log=None):
+        r = replace(_result(3.0, 3.0, 0.5, 0.5), model_path=str(output), best_epoch=0, epochs_run=2)
+        return replace(r, interrupted_by="SIGINT")
+
+    monkeypatch.setattr(ris.kfold, "train_head", fake_train)
+    with pytest.raises(Interrupted) as caught:
+        train_folds("f.h5", tmp_path / "h.keras", TrainConfig(arch="residual"), 2, progress=False, log=lambda s: None)
+    msg = str(caught.value)
+    assert "best epoch so far (0)" in msg and "untrained head" in msg and "off-the-shelf ranking" in msg, msg

@@ -667,3 +667,20 @@ def test_shallow_training_names_a_damaged_database_image_once_through_its_log(tm
     assert len(said) == 1 and re.fullmatch(rf"warning: {re.escape(str(bad))}: corrupt JPEG data \(\d+ extraneous "
                                            r"bytes before marker 0xd9\)", said[0]), lines
     assert "JPEG" not in capfd.readouterr().err
+
+
+def test_ctrl_c_when_no_epoch_beat_the_untrained_head_says_what_epoch_0_is(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after epochs that did not beat a residual head's start said 'saving the best so far,
+    epoch 0' and 'the best epoch so far (0) is saved', not what epoch 0 is: every line that reports
+    it says now that it is the untrained head, the off-the-shelf ranking."""
+    from ris.cli.common import EXIT_INTERRUPTED, run
+    from ris.cli.train import main
+
+    db = _write_db(tmp_path / "f.h5", n_obj=30)
+    _signal_during_fit(monkeypatch, 3)
+    code = run("ris-train", main, ["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--arch", "residual",
+                                   "--epochs", "5", "--lr", "1e-30", "--p", "4", "--val-fraction", "0.3", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == EXIT_INTERRUPTED, captured.err
+    lines = [s for s in captured.err.splitlines() if "epoch 0" in s or "so far (0)" in s]
+    assert len(lines) == 2 and all("untrained head" in s and "off-the-shelf ranking" in s for s in lines), captured.err

@@ -164,9 +164,11 @@ def _interrupted(r) -> int:
     one is what was saved); EXIT_OK otherwise."""
     if r.interrupted_by is None:
         return EXIT_OK
+    from ris.train_report import epoch_zero_note
+
     print(f"ris-train: interrupted ({r.interrupted_by}) after {r.epochs_run} complete epochs: the best epoch so far "
-          f"({r.best_epoch}) is saved in {r.model_path}; run the same command again to train every epoch",
-          file=sys.stderr)
+          f"({r.best_epoch}) is saved in {r.model_path}{epoch_zero_note(r.best_epoch)}; run the same command again "
+          "to train every epoch", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
