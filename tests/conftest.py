@@ -1,10 +1,18 @@
 import importlib.util
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# A suite started in the background by a non-interactive shell (`python -m pytest &`, a CI step)
+# inherits Ctrl-C ignored, and ris rightly leaves an ignored Ctrl-C alone: the tests of Ctrl-C
+# handling, in this process (each xdist worker imports this file) and in the commands they start,
+# need it delivered as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
