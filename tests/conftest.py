@@ -14,6 +14,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With ``-n N`` (pytest-xdist), each test file runs whole on one worker unless ``--dist`` says
+    otherwise: module fixtures (a Ray cluster, a built database) are made once, and no two workers
+    start one file's clusters at once. Set here, not in addopts, so plain pytest without xdist runs."""
+    given = config.invocation_params.args + tuple(os.environ.get("PYTEST_ADDOPTS", "").split())
+    if getattr(config.option, "dist", "no") == "load" and not any(
+            str(a).startswith("--dist") or str(a) == "-d" for a in given):
+        config.option.dist = "loadfile"
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
