@@ -69,7 +69,8 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
     from ris.featuredb import TargetExists
     from ris.fusion import make_config
     from ris.presets import for_api
-    from ris.recipe_diff import RecipeRefused
+    from ris.errors import RisError
+    from ris.recipe_diff import RecipeRefused, in_api_words
 
     recipe = for_api(preset, "extract", {"model": model, "resize": input_size, "pool": pooling,
                                          "fusion_weights": fusion_weights, "flip": flip, "aspect": aspect},
@@ -78,9 +79,13 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
     model, input_size, pooling, fusion_weights, flip, aspect = (
         recipe[k] for k in ("model", "resize", "pool", "fusion_weights", "flip", "aspect"))
 
-    config = make_config(model, weights=weights, layer=layer, input_size=input_size,
-                         scales=scales, pooling=pooling, dtype=dtype, fusion_weights=fusion_weights, flip=flip,
-                         aspect=aspect)
+    try:
+        config = make_config(model, weights=weights, layer=layer, input_size=input_size,
+                             scales=scales, pooling=pooling, dtype=dtype, fusion_weights=fusion_weights, flip=flip,
+                             aspect=aspect)
+    except RisError as exc:  # in this API's words, not ris-extract's flags
+        exc.args = (in_api_words(str(exc)),)
+        raise
     try:
         return extract_features(folder, features_db, config, ExtractOptions(**options))
     except TargetExists as exc:  # in this API's words, not ris-extract's flags

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from ris.errors import DatabaseError
@@ -14,6 +15,16 @@ _FLAGS = {"model": "--model", "weights": "--weights", "layer": "--layer", "input
 # the same settings as ``ris.build_database``'s arguments, for a Python caller (who cannot pass flags)
 _API_ARGS = {"model": "model", "weights": "weights", "layer": "layer", "input_size": "input_size",
              "scales": "scales", "pooling": "pooling", "fusion": "fusion_weights", "flip": "flip", "aspect": "aspect"}
+
+
+_FLAG_ARGS = {_FLAGS[key]: arg for key, arg in _API_ARGS.items()}
+
+
+def in_api_words(message: str) -> str:
+    """A recipe message with ris-extract's flags written as ``ris.build_database``'s arguments
+    ("--resize: 'abc' is not a size" -> "input_size: 'abc' is not a size"): a Python caller never
+    wrote the flags. Other flags are left as they are."""
+    return re.sub(r"--[a-z][a-z-]*", lambda found: _FLAG_ARGS.get(found.group(0), found.group(0)), message)
 
 
 def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "here", asked: str = "asked",

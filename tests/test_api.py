@@ -348,3 +348,19 @@ def test_a_preset_warning_names_the_apis_arguments(tmp_path):
                 and "--" not in said), said
     cli = other_recipe_warning("accurate", db)
     assert "--model vgg16 here" in cli and "--resize 64 here, 224+384+224 for --preset accurate" in cli, cli
+
+
+@pytest.mark.parametrize("mistake, said", [
+    ({"input_size": "abc"}, "input_size: 'abc' is not a size in pixels"),
+    ({"scales": "x"}, "scales: 'x' is not a comma-separated list of numbers"),
+    ({"fusion_weights": "1+1"}, "fusion_weights needs a fused model (backbones joined by '+')"),
+    ({"aspect": "bogus"}, "aspect 'bogus': choose one of squash, keep"),
+])
+def test_a_recipe_mistake_is_named_by_build_databases_own_argument(tmp_path, mistake, said):
+    """build_database(input_size='abc') said "--resize: 'abc' is not a size in pixels", a flag of
+    ris-extract that a Python caller never wrote; it names the argument now (ris-extract keeps its flags)."""
+    import ris
+
+    with pytest.raises(ris.RisError) as refused:
+        ris.build_database(tmp_path, tmp_path / "f.h5", weights="none", **mistake)
+    assert str(refused.value) == said and not (tmp_path / "f.h5").exists()
