@@ -38,15 +38,15 @@ def best_epoch_text(best_epoch: int | None, epochs_run: int | None) -> str:
     return f"best epoch {best_epoch} of {epochs_run}" + epoch_zero_note(best_epoch)
 
 
-def epoch_zero_note(best_epoch: int | None, lead: str = ": ") -> str:
-    """``lead`` and what epoch 0 is when it is the best, else "": 'best epoch 0 of 2' (or 'the best
+def epoch_zero_note(best_epoch: int | None) -> str:
+    """': ' and what epoch 0 is when it is the best, else "": 'best epoch 0 of 2' (or 'the best
     epoch so far (0)' of an interrupted run) read as a bug or a head that learned nothing useful,
     when it is the untrained head (a residual head starts as the off-the-shelf ranking) kept
     because no trained epoch beat it on the validation part. Every line reporting a best epoch
     uses it."""
     if best_epoch != 0:
         return ""
-    return (f"{lead}epoch 0 is the untrained head, the off-the-shelf ranking, kept because no epoch "
+    return (": epoch 0 is the untrained head, the off-the-shelf ranking, kept because no epoch "
             "beat it on the validation part")
 
 
