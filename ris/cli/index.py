@@ -16,9 +16,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build (or catch up) the index ris-search uses, remove images from a database and its "
                     "indexes, or show the database's ids, removals and saved indexes.",
         formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build the index, or catch it up with the database's appends and removals",
-                       formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{build,remove,info}",
+                           help="what to do; 'ris-index COMMAND --help' explains each")
+    b_help = "build the index, or catch it up with the database's appends and removals"
+    b = sub.add_parser("build", help=b_help, formatter_class=HelpFormatter,
+                       description=f"{b_help[0].upper()}{b_help[1:]} (replaying removals, adding newer rows; "
+                                   "--rebuild starts over), and save it beside the vectors it indexes, where "
+                                   "ris-search, ris-eval and ris-serve --index find it. Exit status 2 when it "
+                                   "cannot be saved.")
     b.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     b.add_argument("--index", required=True, type=index_arg, metavar=index_metavar(), help=index_help())
     b.add_argument("--model", default=None, help="index the head embeddings of this model (.keras) instead")
@@ -28,14 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ivfpq: shortlist re-ranked exactly from the stored vectors, or 4 x the k results asked "
                         "for when that is more (0 = off; saved with the index)")
     b.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
-    r = sub.add_parser("remove", help="remove images (relative paths as stored) from the database; its saved "
-                                      "indexes follow", formatter_class=HelpFormatter)
+    r_help = "remove images (relative paths as stored) from the database; its saved indexes follow"
+    r = sub.add_parser("remove", help=r_help, formatter_class=HelpFormatter,
+                       description=f"{r_help[0].upper()}{r_help[1:]}. Their files are not touched (a file still "
+                                   "in the dataset folder comes back with the next ris-extract --sync or "
+                                   "--append). Exit status 1 when some named image is not in the database "
+                                   "(the others are removed; each one not found is listed).")
     r.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     r.add_argument("images", nargs="*", help="relative paths as stored in the database (see ris-index info)")
     r.add_argument("--from-file", default=None, help="a text file with one relative path per line")
     r.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
-    i = sub.add_parser("info", help="rows, ids, removals and the indexes saved beside the database",
-                       formatter_class=HelpFormatter)
+    i_help = "rows, ids, removals and the indexes saved beside the database"
+    i = sub.add_parser("info", help=i_help, formatter_class=HelpFormatter,
+                       description=f"Show the database's {i_help}; reads only.")
     i.add_argument("--features-db", default="feats.h5", help="HDF5 feature database from ris-extract")
     i.add_argument("--json", action="store_true", help="print as JSON on stdout")
     return p
