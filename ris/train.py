@@ -347,7 +347,8 @@ def _triplet_epochs(data: _Data, cfg: TrainConfig, progress: bool, log, stop) ->
                        if use_val else "no validation part: best by training loss")
             log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  {watched}  {row['seconds']:.1f}s" + ("  *" if improved else ""))
         if wait >= cfg.patience:
-            log(f"early stop: val {monitor_name} has not improved for {cfg.patience} epochs")
+            judge = f"val {monitor_name}" if use_val else "the training loss"  # what chose the best epoch
+            log(f"early stop: {judge} has not improved for {cfg.patience} epoch{'s' if cfg.patience != 1 else ''}")
             break
     base.set_weights(best["weights"])
     return base, _TripletRun(history, best["epoch"], epoch_times, raw_val, monitor_name, stop.signal)

@@ -205,6 +205,22 @@ def test_without_a_validation_part_the_best_epoch_is_the_lowest_training_loss(tm
     assert "nan" not in captured.err and "best by training loss" in captured.err
 
 
+def test_without_a_validation_part_early_stopping_names_the_training_loss(tmp_path, capsys):
+    """Every epoch said "no validation part: best by training loss", then the stop said "early stop:
+    val N-S has not improved for 10 epochs", a score that was never computed."""
+    pytest.importorskip("keras")
+    from ris.cli import train as train_cli
+
+    db = _write_db(tmp_path / "f.h5", n_obj=6)
+    assert train_cli.main(["--features-db", str(db), "--output", str(tmp_path / "h.keras"), "--arch", "mlp",
+                           "--hidden", "8", "--out-dim", "8", "--epochs", "30", "--patience", "1", "--p", "4",
+                           "--lr", "1e-9"]) == 0
+    err = capsys.readouterr().err
+    assert "best by training loss" in err
+    (stop,) = [line for line in err.splitlines() if line.startswith("early stop")]
+    assert stop == "early stop: the training loss has not improved for 1 epoch"
+
+
 @pytest.mark.parametrize("arch", ["whiten", "mlp"])
 def test_a_head_trained_without_a_validation_part_is_saved(tmp_path, arch):
     """``--val-fraction 0`` fitted, then failed saving the split's content sketches (an internal
