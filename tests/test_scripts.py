@@ -127,3 +127,16 @@ def test_the_converted_scripts_keep_their_positional_order_and_defaults():
     v = _script("verify_sidecar")
     assert vars(v.parse_args(["uk.h5"])) == {"db": "uk.h5", "features": 500, "side": 512}
     assert vars(v.parse_args(["uk.h5", "300", "384"])) == {"db": "uk.h5", "features": 300, "side": 384}
+
+
+def test_corel_queries_help_explains_it_instead_of_printing_the_list():
+    """README cites scripts/corel_queries.py for its 200 Corel queries; it had no parser, so
+    `--help` printed the 200 file names. The list itself is unchanged (the README's scores use it)."""
+    script = str(ROOT / "scripts" / "corel_queries.py")
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: corel_queries.py"), done.stdout[:200]
+    assert "ris-eval --queries" in done.stdout
+    names = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60,
+                           check=True).stdout.split()
+    assert len(names) == len(set(names)) == 200 and (names[0], names[1], names[-1]) == ("1.jpg", "3.jpg", "992.jpg")
+    assert all(sum(int(n[:-4]) // 100 == c for n in names) == 20 for c in range(10))
