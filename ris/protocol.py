@@ -82,28 +82,46 @@ SKETCH_BITS = 128
 SKETCH_TOLERANCE = 3  # differing bits still taken for the same image (float noise across machines)
 
 
-def _sketch_bits(features: np.ndarray) -> np.ndarray:
-    """(N, 16) uint8: the packed sign bits of 128 fixed random projections of each row."""
-    if len(features) == 0:  # an empty part (--val-fraction 0)
-        return np.zeros((0, SKETCH_BITS // 8), np.uint8)
+def _projections(features: np.ndarray) -> np.ndarray:
+    """(N, SKETCH_BITS) float32: each row on 128 fixed random directions."""
     x = np.asarray(features, np.float32).reshape(len(features), -1)
     planes = np.random.default_rng(0).standard_normal((x.shape[1], SKETCH_BITS)).astype(np.float32)
-    return np.packbits((x @ planes) > 0, axis=1)
+    return x @ planes
 
 
-def content_sketch(features: np.ndarray) -> list[str]:
-    """A 128-bit sign sketch of each row's direction (fixed random projections), as hex: equal for
-    the same image's features, far apart (128 x angle / pi bits: 10 at cosine 0.97) for others. Why: a
-    head's training images are recognised in a database by their content, so another collection
-    that reuses the same file names is not taken for them, and a copy under another name is."""
-    return [row.tobytes().hex() for row in _sketch_bits(features)]
+def _sketch_bits(features: np.ndarray, thresholds: Any = None) -> np.ndarray:
+    """(N, 16) uint8: the packed bits 'projection above its threshold' (0 without thresholds)."""
+    if len(features) == 0:  # an empty part (--val-fraction 0)
+        return np.zeros((0, SKETCH_BITS // 8), np.uint8)
+    cut = 0.0 if thresholds is None else np.asarray(thresholds, np.float32)
+    return np.packbits(_projections(features) > cut, axis=1)
+
+
+def sketch_thresholds(*parts: np.ndarray) -> list[float]:
+    """Per projection, its median over the head's fitted images (the parts together), so that each
+    bit splits them in half. Why: features that differ little between images (an untrained
+    network's, all in one narrow cone: cosine 0.93-0.99 between any two photos) fall on one side of
+    most planes through the origin, their sketches then differ in a few bits, and photos of another
+    collection came within SKETCH_TOLERANCE of a training image by chance."""
+    proj = np.concatenate([_projections(p) for p in parts if len(p)])
+    return [float(v) for v in np.median(proj, axis=0).astype(np.float32)]
+
+
+def content_sketch(features: np.ndarray, thresholds: Any = None) -> list[str]:
+    """A 128-bit sketch of each row (fixed random projections, each against its threshold from
+    ``sketch_thresholds``: 0 in heads saved before they were stored), as hex: equal for the same
+    image's features, far apart (128 x angle / pi bits about the thresholds' centre) for others.
+    Why: a head's training images are recognised in a database by their content, so another
+    collection that reuses the same file names is not taken for them, and a copy under another name is."""
+    return [row.tobytes().hex() for row in _sketch_bits(features, thresholds)]
 
 
 def _same_content(a: str, b: str) -> bool:
     return bin(int(a, 16) ^ int(b, 16)).count("1") <= SKETCH_TOLERANCE
 
 
-def content_matches(sketches: list[str], read_rows: Any, n_rows: int, block: int = 16384) -> list[tuple[int, int]]:
+def content_matches(sketches: list[str], read_rows: Any, n_rows: int, block: int = 16384,
+                    thresholds: Any = None) -> list[tuple[int, int]]:
     """(database row, sketch index) of every row whose features match one of ``sketches`` (within
     SKETCH_TOLERANCE bits), whatever its name. Split in SKETCH_TOLERANCE + 1 parts, a match shares at
     least one part exactly, so only rows sharing a part with some sketch are compared bit by bit."""
@@ -117,7 +135,7 @@ def content_matches(sketches: list[str], read_rows: Any, n_rows: int, block: int
     found = []
     for start in range(0, n_rows, block):
         rows = np.arange(start, min(n_rows, start + block), dtype=np.int64)
-        bits = _sketch_bits(read_rows(rows))
+        bits = _sketch_bits(read_rows(rows), thresholds)
         for r, row_parts in zip(rows, zip(*(p for p in np.array_split(bits, parts, axis=1)))):
             cands = {i for j, p in enumerate(row_parts) for i in keys[j].get(p.tobytes(), ())}
             row = bits[r - start]
@@ -136,7 +154,9 @@ def fitted_ids(meta: dict[str, Any], db_ids: list[str], read_rows: Any = None) -
         sketches = split.get("fit_sketches")
         if read_rows is None or not sketches or len(sketches) != len(names):
             return set(names), ""
-        pairs = content_matches(sketches, read_rows, len(db_ids))
+        cuts = split.get("fit_sketch_thresholds")
+        pairs = content_matches(sketches, read_rows, len(db_ids),
+                                thresholds=cuts if isinstance(cuts, list) and len(cuts) == SKETCH_BITS else None)
         found = {db_ids[r] for r, i in pairs if db_ids[r] == names[i]}  # its name and its content
         # a copy under another name: only a one-to-one match counts (features that hardly differ
         # between images, e.g. an untrained network's, match many rows to many sketches)

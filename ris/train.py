@@ -172,16 +172,18 @@ def _split_store(data: _Data) -> dict[str, Any]:
     def names(objs):
         return [data.label_names[int(o)] if int(o) < len(data.label_names) else str(int(o)) for o in objs]
 
-    from ris.protocol import content_sketch
+    from ris.protocol import content_sketch, sketch_thresholds
 
     meta = data.split_meta
     rows = np.concatenate([data.rows["train"], data.rows["val"]])
     order = np.argsort(rows)
-    unordered = content_sketch(data.feats["train"]) + content_sketch(data.feats["val"])  # no joined copy
+    cuts = sketch_thresholds(data.feats["train"], data.feats["val"])
+    unordered = content_sketch(data.feats["train"], cuts) + content_sketch(data.feats["val"], cuts)  # no joined copy
     sketches = [unordered[i] for i in order]
     store = {"by": meta["by"], "test_images": [data.image_ids[i] for i in data.rows["test"]],
              "fit_images": [data.image_ids[i] for i in rows[order]],  # never scored as held-out (ris.protocol)
-             "fit_sketches": sketches}  # ... recognised by content too, not by name alone
+             "fit_sketches": sketches,  # ... recognised by content too, not by name alone
+             "fit_sketch_thresholds": cuts}
     if meta["by"] == "object":
         store.update({k: names(v) for k, v in meta["objects"].items()})
     else:
