@@ -105,11 +105,16 @@ def open_database(features_db: str | Path, model: str | Path | None = None, *, i
     from ris.presets import for_api
     from ris.search import SearchEngine
 
+    from ris.recipe_diff import RecipeRefused
+
     rerank = for_api(preset, "search", {"rerank": rerank}, {"rerank": "none"})["rerank"]
     _warn_other_recipe(preset, features_db)
 
-    return SearchEngine(features_db, model, index=index, dataset_root=dataset_root, rerank=rerank,
-                        rotations=rotations)
+    try:
+        return SearchEngine(features_db, model, index=index, dataset_root=dataset_root, rerank=rerank,
+                            rotations=rotations)
+    except RecipeRefused as exc:  # a head made for other features: in this API's words, not ris-extract's flags
+        raise type(exc)(exc.where, exc.old, exc.new, api=True) from None
 
 
 def _warn_other_recipe(preset: str | None, features_db: str | Path) -> None:
@@ -142,11 +147,15 @@ def score(features_db: str | Path, model: str | Path | None = None, preset: str 
     its re-ranking where ``rerank`` is not given."""
     from ris.evaluate import evaluate_db
     from ris.presets import for_api
+    from ris.recipe_diff import RecipeRefused
 
     options["rerank"] = for_api(preset, "eval", {"rerank": options.get("rerank")}, {"rerank": "none"})["rerank"]
     _warn_other_recipe(preset, features_db)
 
-    return evaluate_db(features_db, model, **options)
+    try:
+        return evaluate_db(features_db, model, **options)
+    except RecipeRefused as exc:  # as open_database
+        raise type(exc)(exc.where, exc.old, exc.new, api=True) from None
 
 
 def fit_head(features_db: str | Path, output: str | Path, progress: bool = False, **config: Any) -> "TrainResult":

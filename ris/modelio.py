@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ris.errors import BadImage, DatabaseError, ModelError
+from ris.errors import BadImage, ModelError
 
 META_NAME = "ris.json"  # stored inside the .keras zip next to Keras' own files
 META_FORMAT = "ris-head/1"
@@ -61,8 +61,9 @@ def load_model(path: str | Path, keras: bool = False):
 
 
 def check_compatible(meta: dict[str, Any], db_fingerprint: dict[str, Any], db_path: str) -> None:
-    """Refuse a head trained on features made differently from this database's."""
-    from ris.recipe_diff import describe_difference
+    """Refuse a head trained on features made differently from this database's (``HeadRefused``, a
+    ``DatabaseError``: ris-extract's flags; the facade words it in its arguments)."""
+    from ris.recipe_diff import HeadRefused
 
     trained = meta.get("feature_fingerprint", {})
     # both sides' keys: --flip and --aspect keep are in a fingerprint only when on, so a head trained
@@ -75,8 +76,7 @@ def check_compatible(meta: dict[str, Any], db_fingerprint: dict[str, Any], db_pa
         return v in (True, "True") if k == "flip" else v
 
     if any(setting(trained, k) != setting(db_fingerprint, k) for k in {*trained, *db_fingerprint}):
-        pretty = describe_difference(trained, db_fingerprint, "for the model", "in the database")
-        raise DatabaseError(f"{db_path}: features were made differently from the model's training features ({pretty})")
+        raise HeadRefused(db_path, trained, db_fingerprint)
 
 
 # --- reading the zip ---------------------------------------------------------------------------

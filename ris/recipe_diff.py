@@ -117,6 +117,18 @@ class RecipeRefused(DatabaseError):
                          f"({describe_difference(old, new, api=api)}); {what}")
 
 
+class HeadRefused(RecipeRefused):
+    """A head trained on features made with recipe ``old`` refused on a database made with ``new``
+    (``ris.modelio.check_compatible``), in ris-extract's flags or, with ``api``, in
+    ``ris.build_database``'s arguments: the facade raises it again so, as it does ``RecipeRefused``."""
+
+    def __init__(self, where: Any, old: dict, new: dict, api: bool = False):
+        self.where, self.old, self.new = where, old, new
+        pretty = describe_difference(old, new, "for the model", "in the database", api=api)
+        DatabaseError.__init__(self, f"{where}: features were made differently from the model's training "
+                                     f"features ({pretty})")
+
+
 def recipe_refusal(where, old: dict, new: dict) -> RecipeRefused:
     """The one-line refusal to add features made with recipe ``new`` to those made with ``old``."""
     return RecipeRefused(where, old, new)

@@ -364,3 +364,34 @@ def test_a_recipe_mistake_is_named_by_build_databases_own_argument(tmp_path, mis
     with pytest.raises(ris.RisError) as refused:
         ris.build_database(tmp_path, tmp_path / "f.h5", weights="none", **mistake)
     assert str(refused.value) == said and not (tmp_path / "f.h5").exists()
+
+
+def test_a_head_on_a_database_made_otherwise_is_refused_in_the_apis_own_words(tmp_path):
+    """open_database/score/query(..., model=...) with a head trained on features made at another
+    input size said '(--resize 64 for the model, 96 in the database)': ris-extract's flag, which a
+    Python caller never wrote. From the API it names build_database's argument; the commands keep
+    their flags (tests/test_cli.py)."""
+    import numpy as np
+
+    import ris
+    from ris.featuredb import FeatureWriter
+
+    pytest.importorskip("keras")
+    rng = np.random.default_rng(0)
+    dbs = {}
+    for size in (64, 96):
+        dbs[size] = tmp_path / f"f{size}.h5"
+        w = FeatureWriter(dbs[size], {"model": "synthetic", "pooling": "gap", "input_size": size}, (16,),
+                          [f"o{i}" for i in range(10)])
+        w.add([f"{i:03d}.jpg" for i in range(40)], rng.normal(size=(40, 16)).astype(np.float32),
+              [f"o{i // 4}" for i in range(40)])
+        w.finish({})
+    head = tmp_path / "w.keras"
+    ris.fit_head(dbs[64], head, whiten_dim=8)
+    for call in (lambda: ris.open_database(dbs[96], head), lambda: ris.score(dbs[96], head),
+                 lambda: ris.query(dbs[96], tmp_path / "q.jpg", model=head)):
+        with pytest.raises(ris.RisError) as refused:
+            call()
+        said = str(refused.value)
+        assert "made differently" in said and "input_size=64 for the model, 96 in the database" in said, said
+        assert "--" not in said, said
