@@ -51,15 +51,22 @@ class Protocol:
 
 def read_query_ids(path: str | Path) -> list[str]:
     """One image id per line (as stored in the database: its path relative to the dataset folder);
-    blank lines and lines starting with '#' are skipped. An id listed twice is refused: merging it
+    blank lines and lines starting with '#' are skipped; UTF-8, or UTF-16 with its byte-order mark
+    (as ``ris-index remove --from-file`` reads a list). An id listed twice is refused: merging it
     would score fewer queries than the list holds, and the numbers would no longer be the list's."""
     from ris.imagefile import read_file
 
     p = Path(path)
+    data = read_file(p, MAX_QUERY_FILE_BYTES)
+    utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")  # PowerShell's '>' and Notepad's 'Unicode', as ris-index reads
     try:
-        text = read_file(p, MAX_QUERY_FILE_BYTES).decode("utf-8-sig")  # an editor's byte-order mark is not an id
+        text = data.decode("utf-16" if utf16 else "utf-8-sig")  # an editor's byte-order mark is not an id
     except UnicodeDecodeError as exc:
-        raise RisError(f"{p}: not UTF-8 text (byte {exc.start}); save the query list as UTF-8") from None
+        raise RisError(f"{p}: not {'UTF-16' if utf16 else 'UTF-8'} text (byte {exc.start}); save the query list "
+                       "as UTF-8") from None
+    if "\x00" in text:
+        raise RisError(f"{p}: holds NUL bytes, which no image id has: save the query list as UTF-8 (UTF-16 is read "
+                       "only with its byte-order mark)")
     first: dict[str, int] = {}  # id -> line it is first on
     repeats: list[tuple[int, str]] = []
     for n, ln in enumerate(text.splitlines(), 1):

@@ -244,6 +244,20 @@ def test_query_lists_saved_by_editors_and_shells_read_as_written(tmp_path):
         protocol.read_query_ids(f)
 
 
+def test_a_query_list_saved_as_utf16_with_its_mark_is_read(tmp_path):
+    """Windows PowerShell's `ls ... > queries.txt` and Notepad's 'Unicode' save UTF-16 with a
+    byte-order mark: ris-eval --queries refused it ('not UTF-8 text (byte 0)') where ris-index
+    remove --from-file reads it. Read by its mark now; one without a mark is still refused."""
+    f = tmp_path / "q.txt"
+    for codec in ("utf-16-le", "utf-16-be"):
+        mark = "\ufeff".encode(codec)
+        f.write_bytes(mark + "img00.jpg\r\n\r\n./img04.jpg\r\n".encode(codec))
+        assert protocol.read_query_ids(f) == ["img00.jpg", "img04.jpg"], codec
+    f.write_bytes("img00.jpg\n".encode("utf-16-le"))  # no mark: NUL bytes, in no file name
+    with pytest.raises(RisError, match=r"q\.txt: holds NUL bytes"):
+        protocol.read_query_ids(f)
+
+
 def test_a_database_without_labels_says_which_labels_ris_extract_can_give(tmp_path):
     """'no labels to evaluate against; extract with --labels' left a Holidays user guessing which:
     the line names the rules (holidays among them) and the label file's format."""
