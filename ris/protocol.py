@@ -162,8 +162,8 @@ def fitted_ids(meta: dict[str, Any], db_ids: list[str], read_rows: Any = None) -
         if read_rows is None or not sketches or len(sketches) != len(names):
             return set(names), ""
         cuts = split.get("fit_sketch_thresholds")
-        pairs = content_matches(sketches, read_rows, len(db_ids),
-                                thresholds=cuts if isinstance(cuts, list) and len(cuts) == SKETCH_BITS else None)
+        cuts = cuts if isinstance(cuts, list) and len(cuts) == SKETCH_BITS else None
+        pairs = content_matches(sketches, read_rows, len(db_ids), thresholds=cuts)
         found = {db_ids[r] for r, i in pairs if db_ids[r] == names[i]}  # its name and its content
         # a copy under another name: only a one-to-one match counts (features that hardly differ
         # between images, e.g. an untrained network's, match many rows to many sketches)
@@ -171,7 +171,10 @@ def fitted_ids(meta: dict[str, Any], db_ids: list[str], read_rows: Any = None) -
         sketch_per = np.bincount([i for _, i in pairs], minlength=len(names)) if pairs else np.zeros(0, int)
         renamed = {db_ids[r] for r, i in pairs if db_ids[r] != names[i] and rows_per[r] == 1 and sketch_per[i] == 1
                    and names[i] not in found}
-        note = f"{len(renamed)} of them under other names (recognised by content)" if renamed else ""
+        # a sketch cut at 0 (heads saved before the thresholds) can take look-alikes for copies: said
+        doubt = "" if cuts is not None else ("; or look-alikes: this head's sketch, saved before 2026-12-04, cannot "
+                                             "tell them apart where features hardly differ; train it again to be sure")
+        note = f"{len(renamed)} of them under other names (recognised by content{doubt})" if renamed else ""
         return found | renamed, note
     test = set(split.get("test_images", []))
     if test & set(db_ids):  # the training database, or one that overlaps it

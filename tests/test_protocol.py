@@ -233,6 +233,26 @@ def test_renamed_copies_count_only_when_they_match_one_to_one():
     assert protocol.fitted_ids(meta, renamed, lambda rows: same[rows]) == (set(), "")
 
 
+def test_copies_found_by_a_head_saved_before_sketch_thresholds_say_they_may_be_look_alikes():
+    """A head saved before its sketch's bits were cut at its own images' medians can take photos whose
+    features hardly differ (an untrained network's) for renamed copies of its training images; the
+    note said 'recognised by content' as if it were sure. It says so, and how to be sure."""
+    from ris.protocol import content_sketch, sketch_thresholds
+
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(12, 32)).astype(np.float32)
+    meta = head_meta(["train/a.jpg", "train/b.jpg"], [])
+    meta["split"]["fit_sketches"] = content_sketch(feats[:2])  # the old sketch: no thresholds stored
+    renamed = [f"new/{i}" for i in IDS]
+    fit, note = protocol.fitted_ids(meta, renamed, lambda rows: feats[rows])
+    assert fit == {"new/img00.jpg", "new/img01.jpg"}
+    assert note.startswith("2 of them under other names (recognised by content") and "train it again" in note
+    cuts = sketch_thresholds(feats[:2])
+    meta["split"].update(fit_sketches=content_sketch(feats[:2], cuts), fit_sketch_thresholds=cuts)
+    assert protocol.fitted_ids(meta, renamed, lambda rows: feats[rows]) == (
+        {"new/img00.jpg", "new/img01.jpg"}, "2 of them under other names (recognised by content)")
+
+
 def test_query_lists_saved_by_editors_and_shells_read_as_written(tmp_path):
     """A byte-order mark (Windows editors) or ``./`` (``find . -name ...``) made the first or every id
     "not in the database"; a list that is not UTF-8 said only "UnicodeDecodeError"."""
