@@ -55,7 +55,10 @@ def database_thumbnails(db, size: int, root: str | Path | None = None, progress:
         try:
             return load_image(root / rel, size)
         except BadImage as exc:
-            raise DatabaseError(f"cannot make thumbnails: {exc} (pass the images' current folder)") from None
+            raise DatabaseError(f"{exc}; the thumbnails a --shallow head is fed are made from the database's images: "
+                                "ris-extract --sync brings the database up to date with its folder (ris-extract --sync "
+                                "--dataset DIR if the folder moved; ris-search and ris-serve also take --dataset-root "
+                                "DIR)") from None
 
     from ris.jpeg_noise import naming_these
 

@@ -53,3 +53,22 @@ def test_the_warning_goes_through_the_callers_log(tmp_path, capfd):
         database_thumbnails(db, 8, log=said.append)
     assert len(said) == 1 and re.fullmatch(WARNING.format(re.escape(str(bad))), said[0]), said
     assert "JPEG" not in capfd.readouterr().err
+
+
+def test_a_moved_image_folder_is_refused_with_advice_every_command_can_follow(tmp_path):
+    """'cannot make thumbnails: ...: cannot read (...) (pass the images' current folder)': ris-eval
+    and ris-train have no option to pass it. The line names the file first and the ways to say where
+    the images are now."""
+    import shutil
+
+    import pytest
+
+    from ris.errors import DatabaseError
+
+    db_path, bad = database_with_a_damaged_jpeg(tmp_path)
+    shutil.move(str(bad.parent), str(tmp_path / "moved"))
+    with FeatureDB(db_path) as db, pytest.raises(DatabaseError) as refused:
+        database_thumbnails(db, 8)
+    said = str(refused.value)
+    assert said.startswith(str(bad.parent)) and "cannot read" in said, said
+    assert "ris-extract --sync --dataset DIR" in said and "--dataset-root DIR" in said and "pass the" not in said, said
