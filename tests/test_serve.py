@@ -308,6 +308,82 @@ def test_rows_whose_file_leaves_the_collection_are_refused(engine, tiny, tmp_pat
     assert "outside the collection" in detail and str(tmp_path) not in detail
 
 
+def test_a_folder_swapped_for_a_link_out_after_the_check_is_not_followed(engine, tiny, tmp_path, monkeypatch):
+    """The file's path was checked (resolved inside the collection), then opened by name: a folder
+    of the collection replaced by a symlink out of it between the two (a race anyone who can write
+    to the collection may run, request after request) had the server read the outside file."""
+    from ris.serve import service
+
+    root, outside = tmp_path / "collection", tmp_path / "outside"
+    good = (tiny[1] / "ukbench00000.jpg").read_bytes()
+    secret = (tiny[1] / "ukbench00001.jpg").read_bytes()
+    for folder, data in ((root / "sub", good), (outside / "sub", secret)):
+        folder.mkdir(parents=True)
+        (folder / "a.jpg").write_bytes(data)
+    checked = service.row_file
+
+    def checked_then_swapped(*args):
+        path = checked(*args)
+        if not (root / "sub").is_symlink():
+            (root / "sub").rename(root / "sub_was")
+            (root / "sub").symlink_to(outside / "sub")
+        return path
+
+    monkeypatch.setattr(service, "row_file", checked_then_swapped)
+    crafted = copy.copy(engine)
+    crafted.image_ids = ["sub/a.jpg"] + engine.image_ids[1:]
+    crafted.root = root
+    with client_for(crafted, tiny[2]) as c:
+        for url in ("/api/images/0", "/api/thumbs/0"):
+            r = c.get(url)
+            assert r.status_code == 403 and "changed on disk" in sentence(r), (url, r.text[:200])
+            (root / "sub").unlink()
+            (root / "sub_was").rename(root / "sub")
+
+
+def test_a_file_removed_after_the_check_is_a_404_not_a_500(engine, tiny, tmp_path, monkeypatch):
+    """The thumbnail's cache key came from a stat of its own, between the check and the open: a file
+    removed then (a --sync under way) was a 500 'internal error (FileNotFoundError)'."""
+    from ris.serve import service
+
+    root = tmp_path / "collection"
+    root.mkdir()
+    shutil.copy(tiny[1] / "ukbench00000.jpg", root / "a.jpg")
+    checked = service.row_file
+
+    def checked_then_removed(*args):
+        path = checked(*args)
+        (root / "a.jpg").unlink(missing_ok=True)
+        return path
+
+    monkeypatch.setattr(service, "row_file", checked_then_removed)
+    crafted = copy.copy(engine)
+    crafted.image_ids = ["a.jpg"] + engine.image_ids[1:]
+    crafted.root = root
+    with client_for(crafted, tiny[2], raise_server_exceptions=False) as c:
+        for url in ("/api/thumbs/0", "/api/images/0"):
+            shutil.copy(tiny[1] / "ukbench00000.jpg", root / "a.jpg")
+            r = c.get(url)
+            assert r.status_code == 404 and "cannot be opened" in sentence(r), (url, r.text)
+
+
+def test_a_file_name_with_a_backslash_is_served(engine, tiny, tmp_path):
+    """A backslash is an ordinary character of a POSIX file name: ris-extract read 'a\\b.jpg' and
+    the search found it, yet its image and thumbnail were refused (403 'not inside the collection')."""
+    root = tmp_path / "collection"
+    root.mkdir()
+    data = (tiny[1] / "ukbench00000.jpg").read_bytes()
+    (root / "a\\b.jpg").write_bytes(data)
+    crafted = copy.copy(engine)
+    crafted.image_ids = ["a\\b.jpg", "..\\a\\b.jpg"] + engine.image_ids[2:]
+    crafted.root = root
+    with client_for(crafted, tiny[2]) as c:
+        r = c.get("/api/images/0")
+        assert r.status_code == 200 and r.content == data, r.text
+        assert c.get("/api/thumbs/0").status_code == 200
+        assert c.get("/api/images/1").status_code == 404  # a name of its own, not a way up: not on disk
+
+
 # --- uploads ------------------------------------------------------------------------------
 
 def test_unfit_uploads_get_4xx_with_the_reason(client, tmp_path, monkeypatch):

@@ -3,12 +3,15 @@
 Safety rules, each one tested in tests/test_serve.py:
 * no path from a request is ever opened: files are found by image id (the database's stable id) only;
 * an image's file must resolve (symlinks followed) inside the dataset root, be a regular file with
-  an image extension and be under a size cap, else it is refused;
+  an image extension and be under a size cap, else it is refused; it is then opened one folder at a
+  time from the root without following a link, so a folder swapped for a link after the check is
+  refused, not followed;
 * an upload's format and pixel count come from its header (Pillow reads only the header) and
   are checked before any decoding, so a decompression bomb never reaches the decoder.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -149,9 +152,13 @@ def row_file(root: Path, rel: str, image_id: int) -> Path:
     """The file of image ``image_id`` (relative path ``rel``), if it may be read; else ServeError.
 
     Refused (403): absolute or ``..`` paths in the database, files that resolve outside ``root``
-    (a symlink out of the collection), anything but a regular file with an image extension.
+    (a symlink out of the collection), anything but a regular file with an image extension. A
+    backslash is refused only where it separates folders (Windows): in a POSIX name it is a
+    character like any other, and ris-extract reads such files.
     """
-    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or ".." in PurePosixPath(rel).parts:
+    separator = os.sep == "\\" or os.altsep == "\\"
+    if (not rel or rel.startswith("/") or "\x00" in rel or ".." in PurePosixPath(rel).parts
+            or separator and "\\" in rel):
         raise ServeError(403, f"image {image_id}: its path is not inside the collection; refused.")
     try:
         base = root.resolve(strict=True)
@@ -165,14 +172,43 @@ def row_file(root: Path, rel: str, image_id: int) -> Path:
     return path
 
 
-def open_regular(path: Path, rel: str, image_id: int) -> tuple[int, int]:
-    """(fd, size) of a regular file no bigger than ``MAX_FILE_BYTES``, opened without following a
-    final symlink (the path is already resolved: a swap after the check is refused) and without
-    blocking (a FIFO named ``.jpg`` is refused, never waited on)."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+def _open_beneath(root: Path, path: Path, flags: int) -> int:
+    """``os.open(path, flags)`` one component at a time from ``root``, following no symlink.
+
+    Why: ``path`` was resolved and checked inside ``root`` (``row_file``); opened by its name, any
+    folder on the way that was swapped for a link since (a race run request after request by
+    whoever can write to the collection) would be followed out of it. From ``root``'s descriptor,
+    each folder is opened with ``O_NOFOLLOW``, so such a link fails (ELOOP/ENOTDIR) instead."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if os.open not in os.supports_dir_fd or not nofollow:  # no openat (Windows): the name as checked
+        return os.open(path, flags | nofollow)
+    base = root.resolve(strict=True)
+    parts = path.relative_to(base).parts  # ValueError: the root moved since the check
+    if not parts:
+        raise IsADirectoryError(str(path))
+    folder = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow
+    fd = os.open(base, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        fd = os.open(path, flags)
-    except OSError:
+        for name in parts[:-1]:
+            inner = os.open(name, folder, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return os.open(parts[-1], flags | nofollow, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_regular(root: Path, path: Path, rel: str, image_id: int) -> tuple[int, int]:
+    """(fd, size) of a regular file no bigger than ``MAX_FILE_BYTES``, opened from ``root``
+    without following any symlink (the path is already resolved: a swap after the check is refused)
+    and without blocking (a FIFO named ``.jpg`` is refused, never waited on)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = _open_beneath(root, path, flags)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError) or exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ServeError(403, f"image {image_id}: its image {rel} changed on disk as it was opened (a link "
+                                  "in its path now); refused.") from None
         raise ServeError(404, f"image {image_id}: its image {rel} cannot be opened.") from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
@@ -181,12 +217,6 @@ def open_regular(path: Path, rel: str, image_id: int) -> tuple[int, int]:
         raise ServeError(403, f"image {image_id}: its image {rel} is {why}; refused.")
     os.set_blocking(fd, True)  # a regular file: ordinary reads from here on
     return fd, st.st_size
-
-
-def read_regular(path: Path, rel: str, image_id: int) -> bytes:
-    fd, _ = open_regular(path, rel, image_id)
-    with os.fdopen(fd, "rb") as fh:
-        return fh.read(MAX_FILE_BYTES)
 
 
 def thumbnail_jpeg(data: bytes, size: int, rel: str, image_id: int) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ris.errors import BadImage, RisError
-from ris.serve.files import (ServeError, decode_upload, display_name, media_type, open_regular, read_regular,
+from ris.serve.files import (MAX_FILE_BYTES, ServeError, decode_upload, display_name, media_type, open_regular,
                              row_file, thumbnail_jpeg)
 
 
@@ -367,27 +367,32 @@ class SearchService:
             raise ServeError(404, f"no image with id {image_id} in the database (removed, or never added).")
         return row
 
-    def image_path(self, image_id: int) -> tuple[Path, str]:
+    def image_path(self, image_id: int) -> tuple[Path, Path, str]:
+        """(collection root, checked path, stored relative path) of an image, by its stable id."""
         gen = self.generation()
         with self._answering(gen):
             rel = gen.engine.image_ids[self._row_of(gen, image_id)]
-        return row_file(Path(gen.engine.root), rel, image_id), rel
+        root = Path(gen.engine.root)
+        return root, row_file(root, rel, image_id), rel
 
     def image(self, image_id: int) -> tuple[int, int, str, str]:
         """(open fd, size, media type, file name) of an image of the database, by its stable id, checked."""
-        path, rel = self.image_path(image_id)
-        fd, size = open_regular(path, rel, image_id)
+        root, path, rel = self.image_path(image_id)
+        fd, size = open_regular(root, path, rel, image_id)
         return fd, size, media_type(path), Path(rel).name
 
     def thumbnail(self, image_id: int) -> bytes:
-        path, rel = self.image_path(image_id)
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns, self.cfg.thumb_size)
-        with self._thumbs_lock:
-            if key in self._thumbs:
-                self._thumbs.move_to_end(key)
-                return self._thumbs[key]
-        jpeg = thumbnail_jpeg(read_regular(path, rel, image_id), self.cfg.thumb_size, rel, image_id)
+        root, path, rel = self.image_path(image_id)
+        fd, _ = open_regular(root, path, rel, image_id)  # the file as opened is the one cached (fstat)
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            key = (str(path), st.st_size, st.st_mtime_ns, self.cfg.thumb_size)
+            with self._thumbs_lock:
+                if key in self._thumbs:
+                    self._thumbs.move_to_end(key)
+                    return self._thumbs[key]
+            data = fh.read(MAX_FILE_BYTES)
+        jpeg = thumbnail_jpeg(data, self.cfg.thumb_size, rel, image_id)
         with self._thumbs_lock:
             self._thumbs[key] = jpeg
             while len(self._thumbs) > self.cfg.thumb_cache:
