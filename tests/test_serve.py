@@ -426,6 +426,18 @@ def test_an_upload_that_is_not_a_multipart_file_is_one_sentence(client):
         assert "class" not in text and "UploadFile" not in text, text
 
 
+def test_a_multipart_content_type_without_its_boundary_says_so_and_how(client, tiny):
+    """A Content-Type of multipart/form-data set by hand (requests' files= with that header: the
+    header loses the boundary the body uses) answered Starlette's bare "Missing boundary in
+    multipart.", with no word on the cause or what to send."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n\r\n"
+            + (tiny[1] / "ukbench00000.jpg").read_bytes() + b"\r\n--b--\r\n")
+    r = client.post("/api/search", content=body, headers={"content-type": "multipart/form-data"})
+    text = sentence(r)
+    assert r.status_code == 400, r.text
+    assert "boundary" in text and "Content-Type" in text and "named image" in text, text
+
+
 def test_a_long_file_name_is_accepted_and_shown_short(client, tiny):
     """A 5,000-character file name got 400 "Invalid multipart data." (python-multipart's 4 kB limit
     on a part's header line); the name is not needed to search. One beyond 64 kB is refused in one

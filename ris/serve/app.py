@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ris.serve.files import ServeError
-from ris.serve.forms import FIELD, allow_long_part_headers, not_a_file, unreadable
+from ris.serve.forms import FIELD, PARSER_ERRORS, allow_long_part_headers, not_a_file, unreadable
 from ris.serve.limits import Guard, Limiter, Overloaded
 from ris.serve.service import RETRY_LOADING_S, SearchService, ServeConfig, shown_text
 
@@ -151,7 +151,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 400 and exc.detail == "Invalid multipart data.":  # Starlette's, before the route
+        if exc.status_code == 400 and exc.detail in PARSER_ERRORS:  # Starlette's, before the route
             return error(400, unreadable(exc))
         return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 

@@ -55,9 +55,18 @@ def not_a_file(content_type: str | None, errors: list[dict]) -> tuple[int, str] 
     return None
 
 
+NO_BOUNDARY = "Missing boundary in multipart."  # Starlette's, for a Content-Type without boundary=
+PARSER_ERRORS = ("Invalid multipart data.", NO_BOUNDARY)  # Starlette's answers worded here instead
+
+
 def unreadable(exc: BaseException) -> str:
     """The sentence for a multipart body python-multipart could not parse (Starlette said only
-    "Invalid multipart data."): a header line over the limit is named, as it is the file name's."""
+    "Invalid multipart data."): a header line over the limit is named, as it is the file name's;
+    a Content-Type without its boundary is most often one set by hand (requests' ``files=`` with
+    ``headers={"Content-Type": "multipart/form-data"}``), which drops the body's boundary."""
+    if getattr(exc, "detail", None) == NO_BOUNDARY:
+        return ("the upload's Content-Type is multipart/form-data without the boundary its body uses (a "
+                f"Content-Type header set by hand? let the client set it); {HOW}.")
     cause = exc.__context__.__cause__ if exc.__context__ is not None else None
     if "header size" in str(cause).lower():
         return (f"a header of the upload's multipart body is over {PART_HEADER_LIMIT >> 10} kB (a file name that "
