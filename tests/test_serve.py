@@ -176,6 +176,15 @@ def test_search_by_id_is_more_like_this_without_the_query(client):
                             "image_url": "/api/images/9", "thumb_url": "/api/thumbs/9"}
 
 
+def test_a_search_by_id_answers_the_same_fields_as_an_upload(client, tiny):
+    """The README's answer has "rotations"; a search by id left it out, so a client reading it for
+    every search failed on "more like this" answers."""
+    by_id = client.get("/api/search", params={"id": 9, "k": 2}).json()
+    uploaded = upload(client, (tiny[1] / "ukbench00009.jpg").read_bytes(), k=2).json()
+    assert set(by_id) == set(uploaded), set(by_id) ^ set(uploaded)
+    assert by_id["rotations"] is False
+
+
 def test_engine_search_by_array_matches_search_by_file(engine, tiny):
     import cv2
 

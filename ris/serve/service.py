@@ -295,7 +295,8 @@ class SearchService:
         if rerank not in gen.rerank:
             raise ServeError(400, f"rerank {rerank!r} is not offered here; choose one of {', '.join(gen.rerank)}.")
 
-    def _answer(self, gen: Generation, dist, rows, query: dict, k: int, rerank: str, timing: dict) -> dict:
+    def _answer(self, gen: Generation, dist, rows, query: dict, k: int, rerank: str, timing: dict,
+                rotations: bool = False) -> dict:  # an id's search: its stored vector, no turned copies
         e = gen.engine
         hits = e.hits(dist, rows)  # names: one read
         results = [{"rank": h.rank, "id": i, "path": shown_text(h.image_id), "distance": round(h.distance, 6) + 0.0,  # + 0.0: never -0.0
@@ -304,7 +305,7 @@ class SearchService:
         return {"query": query, "k": k, "rerank": rerank,
                 "score": "distance" if rerank == "none" else "re-ranking score (smaller = better)",
                 "metric": e.metric, "results": results, "timing_ms": {n: round(v * 1000, 2) for n, v in timing.items()},
-                "database": {"rows": len(e.image_ids), "generation": gen.number}}
+                "database": {"rows": len(e.image_ids), "generation": gen.number}, "rotations": rotations}
 
     def search_upload(self, data: bytes, filename: str | None, k: int, rerank: str | None = None,
                       rotations: bool | None = None) -> dict:
@@ -338,10 +339,8 @@ class SearchService:
                 raise ServeError(422, f"{display_name(filename)}: {exc}.") from None
             t3 = time.perf_counter()
             query = {"kind": "upload", "filename": display_name(filename, "upload"), **facts}
-            out = self._answer(gen, dist, rows, query, k, rerank,
-                               {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0})
-        out["rotations"] = rotations
-        return out
+            return self._answer(gen, dist, rows, query, k, rerank,
+                                {"decode": t1 - t0, "embed": t2 - t1, "search": t3 - t2, "total": t3 - t0}, rotations)
 
     def search_row(self, image_id: int, k: int, rerank: str | None = None) -> dict:
         """"More like this": the image whose stable id is ``image_id`` queries the rest."""
