@@ -192,3 +192,33 @@ def test_the_page_never_offers_turned_photos_with_a_re_ranking_that_refuses_them
         expect(box).to_be_disabled()
         browser.close()
     assert refused == [], refused
+
+
+def test_after_a_refused_file_the_page_still_searches_what_it_shows(collection, chromium):
+    """A refused upload (not an image) left the page showing the previous results while the page
+    had taken the refused file as its query: the address lost the shown image's #id=N, the summary
+    went blank, and changing k (or the re-ranking) searched the refused file again, so the error
+    came back and the results shown could not be changed. Now the page goes back to the query it
+    shows: its address and summary stay, and k applies to it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from ris.serve.process import ServerProcess
+
+    db, _, _ = collection
+    with ServerProcess(["--features-db", str(db), "--port", "0"]) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(server.url + "/#id=5")
+        results, error = page.get_by_test_id("result"), page.get_by_test_id("error")
+        expect(page.locator("#query-meta")).to_contain_text("image id 5")
+        expect(results).to_have_count(12)
+        page.get_by_test_id("file-input").set_input_files(
+            files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"}])
+        expect(error).to_contain_text("notes.txt is not an image")
+        expect(page).to_have_url(re.compile(r"#id=5$"))
+        expect(page.locator("#summary")).to_contain_text("12 of")
+        page.get_by_test_id("k").fill("5")
+        expect(results).to_have_count(5)
+        expect(error).to_be_hidden()
+        expect(page.locator("#query-meta")).to_contain_text("image id 5")
+        browser.close()

@@ -7,6 +7,7 @@
     key: sessionStorage.getItem("ris-api-key") || "",
     health: null,
     query: null,   // {kind: "upload", file} or {kind: "id", id, path}
+    shown: null,   // the query whose results are on the page, and their summary
     seq: 0,        // only the newest answer is shown
     blobs: [],
     turnsSet: false,  // the "turned photos" box starts as the server's --rotations, then is the user's
@@ -185,7 +186,13 @@
     } catch (e) {
       if (seq !== state.seq) return;
       showError(e.status === 401 ? keyMessage(e) : e.message);
-      $("summary").textContent = "";
+      // the results on the page stay, and so do their query, address and summary: k and the
+      // re-ranking then apply to what is shown, not to the file or id just refused
+      $("summary").textContent = state.shown ? state.shown.summary : "";
+      if (state.shown && q !== state.shown.query) {
+        state.query = state.shown.query;
+        history.replaceState(null, "", state.query.kind === "id" ? `#id=${state.query.id}` : location.pathname);
+      }
       if (e.status === 401) $("key").focus();
     } finally {
       if (seq === state.seq) $("results").setAttribute("aria-busy", "false");
@@ -219,6 +226,7 @@
       + `${Math.round(t.total + (t.queue || 0))} ms on the server`;
     const grid = $("grid");
     grid.replaceChildren(...data.results.map(card));
+    state.shown = { query: q, summary: $("summary").textContent };
   }
 
   function card(hit) {
