@@ -652,6 +652,36 @@ def test_api_key_guards_every_api_call_but_not_the_page(engine, tiny):
         assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
 
 
+@pytest.mark.parametrize("flags, allowed", [([], True), (["--host", "localhost"], True),
+                                            (["--host", "0.0.0.0"], False), (["--allow-host", "*"], False)])
+def test_a_loopback_server_answers_only_requests_addressed_to_it(engine, tiny, flags, allowed):
+    """On 127.0.0.1 without a key (the default) the server answered a request whatever its Host
+    named: a web page on another site whose name it points at 127.0.0.1 (DNS rebinding) is then
+    the same origin as the server and can read the collection's images and searches. Now a loopback
+    server answers only a Host of localhost or an IP address (and names given with --allow-host)."""
+    args = serve_cli.build_parser().parse_args(["--features-db", "x.h5", *flags])
+    cfg = serve_cli.config_from_args(args, "x.h5", None)
+    assert (cfg.allowed_hosts is not None) == allowed
+    with client_for(engine, tiny[2], allowed_hosts=cfg.allowed_hosts) as c:
+        for host in ("attacker.example", "attacker.example:8000", "localhost.attacker.example"):
+            for url in ("/api/images/3", "/api/search?id=3", "/api/health", "/", "/static/app.js"):
+                r = c.get(url, headers={"Host": host})
+                if allowed:
+                    assert r.status_code == 403 and "--allow-host" in sentence(r), (host, url, r.text[:100])
+                    assert b"JFIF" not in r.content and b"results" not in r.content
+                else:
+                    assert r.status_code == 200, (host, url)
+        for host in ("127.0.0.1:8000", "localhost:8000", "localhost", "[::1]:8000", "app.localhost:8000",
+                     "192.168.1.20:8000", "LOCALHOST"):
+            assert c.get("/api/images/3", headers={"Host": host}).status_code == 200, host
+    args = serve_cli.build_parser().parse_args(["--allow-host", "photos.lan,Other.example", *flags])
+    if allowed:
+        with client_for(engine, tiny[2], allowed_hosts=serve_cli.config_from_args(args, "x.h5", None).allowed_hosts) as c:
+            assert c.get("/api/images/3", headers={"Host": "photos.lan:8000"}).status_code == 200
+            assert c.get("/api/images/3", headers={"Host": "other.example"}).status_code == 200
+            assert c.get("/api/images/3", headers={"Host": "attacker.example"}).status_code == 403
+
+
 def test_the_page_has_its_security_headers_at_every_address(client):
     """/static/index.html served the page without the Content-Security-Policy (frame-ancestors
     'none': no framing) and the other headers that / sends."""
@@ -1049,8 +1079,8 @@ def test_bad_arguments_are_one_line_and_exit_2(capsys, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stall", [b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: ", b"",
-                                   b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+@pytest.mark.parametrize("stall", [b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b"",
+                                   b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
                                    b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"])
 def test_stalled_clients_are_dropped_so_they_cannot_hold_every_connection(tiny, stall):
     """Connections that sent part of a request (headers or body), or nothing, and then went
@@ -1097,7 +1127,7 @@ def test_a_slow_upload_that_keeps_coming_is_taken_and_a_trickle_is_cut(tiny):
     body = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
             b"Content-Type: image/jpeg\r\n\r\n" + img + b'\r\n--b\r\nContent-Disposition: form-data; name="k"'
             b"\r\n\r\n3" + b" " * 100_000 + b"\r\n--b--\r\n")
-    head = (b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    head = (b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body))
     server = ServerProcess(["--features-db", str(tiny[2]), "--port", "0", "--request-timeout", "2",
                             "--min-upload-rate", "1", "--reload-interval", "0"])
@@ -1150,7 +1180,7 @@ def test_the_real_server_streams_the_cap_and_stops_cleanly(tiny):
         assert h["ready"] and h["rows"] == 24
         assert "<title>ris" in httpx.get(url + "/").text
         with socket.create_connection((host, int(port)), timeout=30) as s:  # chunked, never finished
-            s.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            s.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                       b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
             head = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
                     b"Content-Type: image/jpeg\r\n\r\n")

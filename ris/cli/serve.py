@@ -58,6 +58,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback exposes the "
                    "service to the network (use --api-key)")
     g.add_argument("--port", type=nonnegative_int, default=8000, help="TCP port (0 = any free port; the ready line says which)")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAMES", help="host names (comma-separated) "
+                   "the server answers requests addressed to, besides localhost and IP addresses: a reverse proxy's "
+                   "name it passes on, this machine's name on the network; '*' = any. On a loopback address (the "
+                   "default), and wherever names are given, a request addressed to another name gets 403, so a web "
+                   "page elsewhere cannot reach the server by pointing a name of its own at it (DNS rebinding)")
     g.add_argument("--api-key", default=None, help="require this key on every /api/ call (header X-API-Key or "
                    "Authorization: Bearer); default: the RIS_API_KEY environment variable, which also keeps "
                    "the key out of the process list")
@@ -124,6 +129,8 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
         if args.max_k > SERVER_MAX_TOPK:
             raise RisError(f"--max-k {args.max_k} is over what a Milvus server gives per query ({SERVER_MAX_TOPK}, "
                            f"--index {index}); lower --max-k")
+    names = tuple(n.strip().lower() for given in getattr(args, "allow_host", []) for n in given.split(",") if n.strip())
+    allowed_hosts = None if "*" in names or not (names or is_loopback(args.host)) else names
     api_key = args.api_key or os.environ.get("RIS_API_KEY") or None
     if api_key and not (api_key.isascii() and api_key.isprintable() and api_key == api_key.strip()):
         # HTTP headers are read as Latin-1: a UTF-8 client's bytes of 'clé' never match it
@@ -138,7 +145,17 @@ def config_from_args(args: argparse.Namespace, features_db: str, model: str | No
                        max_connections=args.max_connections, request_timeout=args.request_timeout,
                        min_upload_rate=args.min_upload_rate * 1e3,
                        rotations=getattr(args, "rotations", False),
-                       default_rerank=default_rerank)
+                       default_rerank=default_rerank, allowed_hosts=allowed_hosts)
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): reachable from this machine only."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def require_serve_extra() -> None:

@@ -241,4 +241,4 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     app.mount("/static", PageFiles(directory=str(STATIC)), name="static")
 
     return Guard(app, cfg.max_upload_bytes + MULTIPART_SLACK, cfg.api_key,
-                 f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.")
+                 f"the upload is over the limit of {cfg.max_upload_bytes / 1e6:g} MB.", cfg.allowed_hosts)

@@ -1,4 +1,5 @@
-"""Bounds on what requests may cost: inference slots with a short queue, body size, API key.
+"""Bounds on what requests may cost: inference slots with a short queue, body size, API key; and
+which host names a request may be addressed to.
 
 Why here and not in the routes: the body cap and the key must act before a multipart body is
 parsed (FastAPI parses it before a route runs), so they are plain ASGI middleware around the app.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import time
 from collections import deque
@@ -130,8 +132,36 @@ def api_key_of(scope: Scope) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
+def host_name(scope: Scope) -> str | None:
+    """The host a request is addressed to (its Host header): lower case, without the port or an
+    IPv6 address' brackets; None without a Host header."""
+    host = _header(scope, b"host")
+    if host is None:
+        return None
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def host_allowed(name: str | None, allowed: tuple[str, ...]) -> bool:
+    """An IP address, localhost (or a name under .localhost) or a name in ``allowed``.
+
+    Why: anyone can point a DNS name of theirs at 127.0.0.1 (DNS rebinding); a page of theirs then
+    shares the server's origin and reads every answer. A browser sends that name as Host, and never
+    an address or localhost for a name it looked up, so refusing other names stops it."""
+    if name is None or name in allowed or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class Guard:
-    """ASGI middleware: the API key on every ``/api/`` request, and a cap on request bodies.
+    """ASGI middleware: the host a request is addressed to (``allowed_hosts``: None = any), the API
+    key on every ``/api/`` request, and a cap on request bodies.
 
     The cap is enforced while the body streams in: a declared ``Content-Length`` over it is
     refused before a byte is read; otherwise bytes are counted as they arrive and reading stops
@@ -139,13 +169,22 @@ class Guard:
     """
 
     def __init__(self, app: ASGIApp, max_body: int, api_key: str | None = None,
-                 too_large_message: str = "") -> None:
+                 too_large_message: str = "", allowed_hosts: tuple[str, ...] | None = None) -> None:
         self.app, self.max_body, self.api_key = app, int(max_body), api_key or None
+        self.allowed_hosts = None if allowed_hosts is None else tuple(h.lower() for h in allowed_hosts)
         self.too_large_message = too_large_message or f"request body over {self.max_body:,} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        name = host_name(scope)
+        if self.allowed_hosts is not None and not host_allowed(name, self.allowed_hosts):
+            shown = (name or "")[:100]
+            await send_json(send, 403, {"detail": f"this server answers requests addressed to localhost or an IP "
+                                                  f"address, not to {shown} (a web page elsewhere may be reaching it "
+                                                  f"through DNS rebinding); start it with --allow-host {shown} if "
+                                                  "that name is yours"})
             return
         if self.api_key and scope.get("path", "").startswith("/api/") and scope.get("method") != "OPTIONS":
             given = api_key_of(scope)

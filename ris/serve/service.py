@@ -58,6 +58,7 @@ class ServeConfig:
     min_upload_rate: float = 10_000.0  # bytes/s an upload must average (after request_timeout's grace)
     rotations: bool = False  # uploads described at 0/90/180/270 degrees, each row keeping its best distance
     default_rerank: str = "none"  # the re-ranking of a request that names none (ris-serve --preset accurate: dba+qe)
+    allowed_hosts: tuple[str, ...] | None = None  # Host names answered besides localhost and IPs; None = any
 
 
 def file_stamp(path: str | Path) -> tuple[int, int, int, int]:
