@@ -21,7 +21,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ris.serve.files import ServeError
-from ris.serve.forms import FIELD, PARSER_ERRORS, allow_long_part_headers, not_a_file, unreadable
+from ris.serve.forms import (FIELD, PARSER_ERRORS, allow_long_part_headers, not_a_file, quiet_parser_log,
+                             unreadable)
 from ris.serve.limits import Guard, Limiter, Overloaded
 from ris.serve.service import RETRY_LOADING_S, SearchService, ServeConfig, shown_text
 
@@ -87,6 +88,7 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
     (``/api/health`` says "loading" meanwhile); ``on_ready``/``on_fatal`` report how that went."""
     svc = service if isinstance(service, SearchService) else SearchService(service)
     allow_long_part_headers()  # a file name over ~4,000 characters was "Invalid multipart data."
+    quiet_parser_log()
     cfg = svc.cfg
     searches = Limiter(cfg.slots, cfg.queue, cfg.queue_timeout)
     thumbs = Limiter(max(2, cfg.slots), 256, cfg.queue_timeout)

@@ -36,6 +36,17 @@ def allow_long_part_headers(limit: int = PART_HEADER_LIMIT) -> None:
     formparsers.multipart.MultipartParser = Parser
 
 
+def quiet_parser_log() -> None:
+    """python-multipart logs each malformed body it refuses (a warning: 'Expected boundary character
+    45, got 255 at index 2') and then raises, which the client is answered (400, ``unreadable``);
+    logged too, any client could fill the server's log with lines that name neither it nor the
+    server. Its errors (a temporary file that cannot be made: the server's own trouble) still show."""
+    import logging
+
+    for name in ("python_multipart", "multipart"):  # the package's name, and its name before 0.0.13
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
