@@ -222,3 +222,36 @@ def test_after_a_refused_file_the_page_still_searches_what_it_shows(collection, 
         expect(error).to_be_hidden()
         expect(page.locator("#query-meta")).to_contain_text("image id 5")
         browser.close()
+
+
+def test_a_page_opened_while_the_database_reloads_waits_for_it(collection, chromium):
+    """A page opened while the server reloaded a database rewritten in place (/api/health 503
+    "reloading", a few seconds) said "not ready" with the reason as an error and never looked
+    again: no re-ranking menu, no status, until the page was reloaded by hand; and a page opened
+    at a shared /#id=N while the server loaded never searched it. It now waits and then searches."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from ris.serve.process import ServerProcess
+
+    db, _, _ = collection
+    with ServerProcess(["--features-db", str(db), "--port", "0"]) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        answered = []
+
+        def reloading(route):  # the first look at the health finds the server reloading
+            if answered:
+                return route.continue_()
+            answered.append(1)
+            route.fulfill(status=503, content_type="application/json", headers={"Retry-After": "2"},
+                          body='{"status": "reloading", "ready": false, "error": "the database file was '
+                               'rewritten in place; reloading it"}')
+
+        page.route("**/api/health", reloading)
+        page.goto(server.url + "/#id=5")  # a shared link: searched once the server is ready
+        expect(page.get_by_test_id("status")).to_contain_text("images", timeout=10_000)
+        expect(page.get_by_test_id("error")).to_be_hidden()
+        expect(page.get_by_test_id("rerank").locator("option")).not_to_have_count(1)
+        expect(page.locator("#query-meta")).to_contain_text("image id 5")
+        expect(page.get_by_test_id("result")).to_have_count(12)
+        browser.close()

@@ -55,11 +55,18 @@
       syncTurns();
       $("k").max = h.max_k;
       clearErrorIf401();
+      if (!state.ready) {  // its first answer (at once, after loading, or once the key is in): k, then #id=N
+        state.ready = true;
+        $("k").value = h.default_k;
+        if (!state.query) startFromUrl();
+      }
       return true;
     } catch (e) {
-      if (e.status === 503 && e.body && e.body.status === "loading") {
+      const waiting = e.status === 503 && e.body && ["loading", "reloading"].includes(e.body.status);
+      if (waiting) {  // the server is starting, or reloading a database rewritten in place: look again
         status.className = "status wait";
-        status.textContent = "loading the model and the database…";
+        status.textContent = e.body.status === "loading" ? "loading the model and the database…"
+          : "reloading the database…";
         setTimeout(refreshHealth, 1000);
       } else if (e.status === 503 && e.body && e.body.status === "failed") {
         status.className = "status";
@@ -318,7 +325,8 @@
     state.key = $("key").value.trim();
     if (state.key) sessionStorage.setItem("ris-api-key", state.key);
     else sessionStorage.removeItem("ris-api-key");
-    if (await refreshHealth()) (state.query ? run() : startFromUrl());
+    const had = state.query;
+    if (await refreshHealth()) (had ? run() : startFromUrl());
   });
 
   function startFromUrl() {  // #id=N (the address of a "more like this" search) searches at once
@@ -327,8 +335,5 @@
   }
   window.addEventListener("hashchange", () => { if (state.health) startFromUrl(); });  // a shared link pasted into this tab
 
-  refreshHealth().then((ok) => {
-    if (state.health) $("k").value = state.health.default_k;
-    if (ok) startFromUrl();
-  });
+  refreshHealth();
 })();
