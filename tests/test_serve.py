@@ -569,6 +569,22 @@ def test_an_upload_cut_short_in_its_header_is_a_damaged_image_of_its_format(clie
     assert r.status_code == 400 and sentence(r) == f"cut{ext} is a damaged {shown} file (its header cannot be read).", r.text
 
 
+def test_a_turned_phone_photo_is_described_as_it_is_shown(client, tiny):
+    """A photo stored landscape with EXIF orientation 6 (a phone held upright) is decoded and
+    searched upright, as the page shows it, yet the answer gave the stored width and height: the page
+    said "96 x 64" under a 64 px wide, 96 px tall picture."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.open(tiny[1] / "ukbench00000.jpg").resize((96, 64)).save(buf, "JPEG", exif=exif.tobytes())
+    query = upload(client, buf.getvalue(), "upright.jpg", k=1).json()["query"]
+    assert (query["width"], query["height"]) == (64, 96), query
+
+
 def test_a_heic_upload_is_named_for_what_it_is(client):
     """An iPhone photo (HEIC) got 415 'IMG_0001.jpg is not an image': it is one, of a format the
     service does not take."""

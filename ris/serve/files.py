@@ -100,7 +100,8 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
     The pixels are those ``ris.images.decode_image`` gives for the same bytes in a file (the same
     decoders, EXIF orientation, 16-bit handling and reduced-size JPEG decoding down to ``target``),
     so an uploaded copy of a database image is found at distance ~0. Format and size come from the
-    header before any decoding. libjpeg's warnings (a JPEG with junk inside that still decodes) are
+    header before any decoding; the facts' width and height are the image's as shown (EXIF orientation
+    applied). libjpeg's warnings (a JPEG with junk inside that still decodes) are
     caught and phrased as ris-extract says them: the facts' ``warnings``, present only then.
     """
     import cv2
@@ -144,7 +145,10 @@ def decode_upload(data: bytes, target: int, max_pixels: int, name: str | None = 
     except MemoryError:
         raise ServeError(413, f"{who}: not enough memory to decode {width} x {height} pixels.") from None
     rgb = _to_rgb(img, order)
-    return rgb, {"format": UPLOAD_FORMATS[fmt], "width": width, "height": height, "bytes": len(data),
+    (h, w), shown = rgb.shape[:2], (width, height)
+    if w != h and (w > h) != (width > height):  # EXIF orientation 5..8 turned it upright: as it is shown
+        shown = (height, width)
+    return rgb, {"format": UPLOAD_FORMATS[fmt], "width": shown[0], "height": shown[1], "bytes": len(data),
                  **({"warnings": warned} if warned else {})}
 
 
