@@ -26,7 +26,9 @@ T = TypeVar("T")
 
 # libjpeg(-turbo)'s warnings (jerror.h JWRN_*) that a decodable but damaged JPEG gives
 _LIBJPEG = re.compile(rb"^(Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|"
-                      rb"Inconsistent progression sequence|Unknown Adobe color transform)[^\n]*\n?", re.M)
+                      rb"Inconsistent progression sequence|Unknown Adobe color transform|"
+                      rb"Warning: unknown JFIF revision number|"
+                      rb"Warning: thumbnail image size does not match data length)[^\n]*\n?", re.M)
 
 
 class _SharedOrAlone:
@@ -158,6 +160,8 @@ def phrased(lines: list[str]) -> list[str]:
 
 def _phrase(line: str) -> str:
     head, _, rest = line.partition(": ")
+    if head == "Warning" and rest:  # libjpeg's own 'Warning: ...' would read 'warning: FILE: warning: ...'
+        return rest
     if head == "Corrupt JPEG data" and rest:
         return f"corrupt JPEG data ({rest})"
     return line[:1].lower() + line[1:]

@@ -139,3 +139,20 @@ def test_two_threads_noting_the_same_damaged_file_at_once_each_get_its_warning(t
     assert len(said[0]) == len(said[1]) == 1 and said[0] == said[1], said
     assert said[0][0].startswith("corrupt JPEG data (")
     assert "JPEG" not in capfd.readouterr().err
+
+
+def test_a_jpeg_of_an_unknown_jfif_revision_is_named_in_ris_words(tmp_path, capfd):
+    """libjpeg's 'Warning: unknown JFIF revision number 2.01' (a JFIF header of major version 2,
+    as some cameras and editors write) reached stderr unnamed, in ris-extract and ris-serve alike."""
+    good, _ = _jpegs(tmp_path, 1)
+    data = good[0].read_bytes()
+    at = data.index(b"JFIF\0") + 5
+    odd = tmp_path / "jfif2.jpg"
+    odd.write_bytes(data[:at] + b"\x02" + data[at + 1:])
+    capfd.readouterr()
+    with capture():
+        image = decode_image(odd, 32)
+        found = warnings_for(odd)
+    assert image.shape[2] == 3
+    assert found == ["unknown JFIF revision number 2.01"], found
+    assert "JFIF" not in capfd.readouterr().err
