@@ -36,6 +36,20 @@ def _load_batch_item(root: Path, rel: str, size: int, aspect: str = "squash") ->
     return load_image_digest(root / rel, size, aspect)
 
 
+def fails_as_before(root: Path, rel: str, reason: str, size: int, aspect: str = "squash") -> str | None:
+    """The reason ``rel`` still cannot be decoded as an extraction decodes it, when it is the same
+    reason as before (``reason``, recorded with the folder as it was then named); None when it now
+    decodes or fails another way, and is worth extracting again (``ris-extract --sync``)."""
+    path = root / rel
+    try:
+        _load_batch_item(root, rel, size, aspect)
+    except BadImage as exc:
+        now = str(exc)
+        why = now[len(str(path)):] if now.startswith(str(path)) else now
+        return now if why and reason.endswith(why) else None
+    return None
+
+
 DEFAULT_DECODE_BUDGET = 1 << 30
 
 

@@ -15,7 +15,7 @@ is another file (size or mtime other than its row's ``file_stamp``, ``ris.filest
 removed and extracted again, unless its bytes still have its row's digest (``ris.filestamp``: a
 ``cp -a``, ``chmod`` or ``touch`` changes times, not photos): that row and its id are kept, and its
 times and stamp refreshed in the same atomic rewrite; new files are extracted (an ``--append`` with the database's own
-settings); failed images still there are retried; rows a resumed (killed) sync kept of files
+settings); failed images still there are retried unless they still fail the same way; rows a resumed (killed) sync kept of files
 deleted since are removed at the end.
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ from typing import Iterable
 import h5py
 import numpy as np
 
+from ris.cli.common import one_line
+from ris.decoding import fails_as_before
 from ris.errors import DatabaseError, RisError
 from ris.featuredb import ROW_DATASETS, FeatureDB, encode_names
 from ris.h5write import hdf5_writing
@@ -216,7 +218,8 @@ def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
 
 
 def _plan(features_db: str | Path, dataset: str | Path | None):
-    """``plan_sync``'s tuple and the rows kept by their digest: row id -> (added_at, size, mtime_ns)."""
+    """``plan_sync``'s tuple, the rows kept by their digest (row id -> (added_at, size, mtime_ns)) and
+    the failed images that still fail the same way (id -> reason), kept as they are."""
     from ris import filestamp
     from ris.images import find_images
 
@@ -225,8 +228,9 @@ def _plan(features_db: str | Path, dataset: str | Path | None):
         if not root.is_dir():
             raise RisError(f"{root}: not a folder; give the images' folder with --dataset "
                            f"(the database says {db.dataset_root!r})")
-        names, added_at, stamps, failed = db.image_ids, db.added_at, db.file_stamps, [i for i, _ in db.failures]
-        row_ids, digests = db.row_ids, db.file_digests
+        names, added_at, stamps, failures = db.image_ids, db.added_at, db.file_stamps, db.failures
+        row_ids, digests, decoding = db.row_ids, db.file_digests, _decoding(db.attrs)
+    failed = [i for i, _ in failures]
     files = find_images(root)
     present = set(files)
     gone = [n for n in names if n not in present] + [i for i in failed if i not in present]
@@ -241,12 +245,29 @@ def _plan(features_db: str | Path, dataset: str | Path | None):
             refresh[rid] = (began, *now)
         else:
             changed.append(n)
-    # every failed image still there is tried again: whether it was fixed cannot be told from the
-    # database file's time, which any later rewrite (an --append, a removal) moves on
-    retry = [i for i in failed if i in present]
+    # every failed image still there is decoded again: whether it was fixed cannot be told from the
+    # database file's time, which any later rewrite (an --append, a removal) moves on. One that still
+    # fails the same way keeps its entry: retried, it cost two rewrites and the caches every --sync
+    still = {i: why for i, r in failures if i in present and decoding
+             and (why := fails_as_before(root, i, r, *decoding)) is not None}
+    retry = [i for i in failed if i in present and i not in still]
     kept = (set(names) | set(failed)) - set(gone) - set(changed) - set(retry)
     new = [f for f in files if f not in kept]
-    return root, files, gone, changed, retry, new, refresh
+    return root, files, gone, changed, retry, new, refresh, still
+
+
+def _decoding(attrs) -> tuple[int, str] | None:
+    """(size, aspect) the database's images are decoded at, as its extraction decodes them; None
+    when its recipe cannot be read (its failed images are then all retried)."""
+    from ris.extractor import ExtractConfig
+
+    try:
+        config = ExtractConfig.from_attrs(attrs)
+        parts = getattr(config, "parts", (config,))
+        aspect = "keep" if any(getattr(p, "aspect", "squash") == "keep" for p in parts) else "squash"
+        return max(max(p.scale_sizes()) for p in parts), aspect
+    except Exception:  # a hand-made or damaged recipe: the extraction that follows says what is wrong
+        return None
 
 
 def sync_database(features_db: str | Path, dataset: str | Path | None = None, labels: str | None = None,
@@ -254,7 +275,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                   log=lambda s: print(s, file=sys.stderr), ray_options=None) -> SyncSummary:
     """Bring the database in step with its folder (see the module docstring). ``ray_options``
     (a ``ris.ray_cluster.RayOptions``): the new images are extracted on that Ray cluster."""
-    root, files, gone, changed, retry, new, refresh = _plan(features_db, dataset)
+    root, files, gone, changed, retry, new, refresh, still = _plan(features_db, dataset)
     present = set(files)
     with FeatureDB(features_db) as db:
         mode = _label_mode(features_db, str(db.attrs.get("labels_mode") or ""), labels)
@@ -269,7 +290,10 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                            f"database's images are labelled by --labels {mode} and --sync labels new ones the same "
                            "way: rename or move that file, or extract the folder again into a new --features-db "
                            "with other --labels") from None
-    summary = SyncSummary(str(features_db), str(root), removed=gone, replaced=changed, retried=retry)
+    summary = SyncSummary(str(features_db), str(root), removed=gone, replaced=changed, retried=retry,
+                          skipped=sorted(still.items()))
+    for reason in summary.skipped:
+        log(f"skipped: {one_line(reason[1])}")
     # a moved folder (--dataset) is recorded, or the next --sync, thumbnails and --verify look in the old one;
     # an extraction of new files records it itself
     here = os.path.abspath(root)  # links kept: a folder link pointed elsewhere is followed by the next --sync
@@ -300,7 +324,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
             options = ExtractOptions(labels=mode, batch_size=batch_size, workers=workers, append=True,
                                      progress=progress, log=log)
             s = extract_features(root, features_db, config, options)
-        summary.added, summary.skipped = s.extracted, list(s.skipped)
+        summary.added, summary.skipped = s.extracted, summary.skipped + list(s.skipped)
         # a killed sync's .partial was resumed with rows of files deleted since: they go too
         with FeatureDB(features_db) as db:
             stale = [n for n in db.image_ids if n not in present] + [i for i, _ in db.failures if i not in present]

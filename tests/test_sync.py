@@ -221,6 +221,27 @@ def test_ris_index_remove_and_info(tmp_path, capsys):
     assert (info["rows"], info["removed"], info["next_id"]) == (49, 1, 50)
 
 
+def test_ris_index_remove_of_a_path_says_how_the_image_is_stored(tmp_path, capsys, monkeypatch):
+    """`ris-index remove --features-db f.h5 photos/ukbench00001.jpg` (the path a shell completes)
+    said only 'not in the database: photos/ukbench00001.jpg', though that image is in it, stored
+    relative to its folder; the line now names the stored name to give."""
+    from ris.cli.index import main
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["remove", "--features-db", str(db), "photos/ukbench00001.jpg", str(data / "ukbench00002.jpg"),
+                 "nothing.jpg"]) == 1
+    out = capsys.readouterr().out
+    assert (f"not in the database: photos/ukbench00001.jpg (it is stored as ukbench00001.jpg, relative to "
+            f"its images' folder {data})") in out
+    assert f"not in the database: {data / 'ukbench00002.jpg'} (it is stored as ukbench00002.jpg," in out
+    assert "  not in the database: nothing.jpg\n" in out
+    assert len(_ids(db)) == 4  # nothing removed: the names given were not the stored ones
+
+
 @pytest.mark.slow
 def test_a_refreshed_engine_follows_removals_through_stable_ids(tmp_path):
     """ris-serve's SearchEngine.refreshed() after images were removed: results name the right
@@ -409,6 +430,36 @@ def test_a_fixed_broken_image_is_retried_even_after_the_database_was_rewritten(t
     assert _extract("--sync", "--features-db", str(db), "--no-progress", "--json") == 0
     with FeatureDB(db) as f:
         assert "broken.jpg" in f.image_ids and not f.failures
+
+
+def test_a_sync_with_a_still_broken_image_leaves_the_database_and_its_caches_alone(tmp_path, capsys):
+    """One broken photo in the folder (an empty or damaged .jpg): every --sync of the unchanged
+    folder removed its failed entry, rewrote the database twice (a removal, then an append that
+    failed on it again), drew a new content id and deleted the caches keyed on it (head
+    embeddings, DBA, SIFT for --verify), and re-saved the HNSW index. A failed image that still
+    fails the same way keeps its entry and is reported as skipped; nothing is written."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    (data / "broken.jpg").write_bytes(b"")
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    cache = tmp_path / "f.h5.dba-n2-a3.h5"
+    cache.write_bytes(b"a cache keyed on the content id")
+    with FeatureDB(db) as f:
+        content, failures = f.content_id, f.failures
+    stat = db.stat()
+    assert plan_sync(db)[4] == []  # still broken, the same way: nothing to retry
+    capsys.readouterr()
+    assert _command("--sync", "--features-db", str(db), "--no-progress", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["skipped"] == [list(failures[0])] and out["retried"] == [] and out["added"] == 0
+    assert (db.stat().st_mtime_ns, db.stat().st_ino) == (stat.st_mtime_ns, stat.st_ino) and cache.exists()
+    with FeatureDB(db) as f:
+        assert f.content_id == content and f.failures == failures
+    (data / "broken.jpg").write_bytes(b"not an image at all")  # broken another way: tried again
+    assert plan_sync(db)[4] == ["broken.jpg"]
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 0
+    with FeatureDB(db) as f:
+        assert [i for i, _ in f.failures] == ["broken.jpg"] and f.failures != failures
 
 
 def test_rows_are_stamped_no_later_than_their_files_were_read(tmp_path):

@@ -167,9 +167,31 @@ def _remove(args) -> int:
     else:
         print(f"{args.features_db}: removed {len(s.removed)} image(s) and {len(s.removed_failed)} failed "
               f"entr(ies); {s.rows} images left")
+        stored = _stored_names(args.features_db, s.not_found)
         for n in s.not_found:
-            print(f"  not in the database: {one_line(n)}")
+            hint = (f" (it is stored as {one_line(stored[n][0])}, relative to its images' folder "
+                    f"{one_line(stored[n][1])})" if n in stored else "")
+            print(f"  not in the database: {one_line(n)}{hint}")
     return 1 if s.not_found else 0
+
+
+def _stored_names(features_db: str, names: list[str]) -> dict[str, tuple[str, str]]:
+    """name -> (stored name, images' folder) for the names given as paths (``photos/x.jpg``, an
+    absolute path) to images the database holds under their name relative to its folder."""
+    import os
+
+    from ris.featuredb import FeatureDB
+
+    with FeatureDB(features_db) as db:
+        root, held = db.dataset_root, set(db.image_ids) | {i for i, _ in db.failures}
+    if not root or not names:
+        return {}
+    found = {}
+    for n in names:
+        rel = os.path.relpath(os.path.abspath(n), root)
+        if rel != n and rel.replace(os.sep, "/") in held:
+            found[n] = (rel.replace(os.sep, "/"), root)
+    return found
 
 
 def _info(args) -> int:
