@@ -1425,3 +1425,21 @@ def test_eval_folds_say_what_a_perfect_search_scores_on_groups_smaller_than_four
     assert "a perfect search scores N-S 3.000 here" in out
     code, out, err = cli(capsys, eval_cli, "ris-eval", "--features-db", db, "--folds", "3", "--json")
     assert json.loads(out)["ns_perfect"] == 3.0
+
+
+def test_a_warning_of_ris_is_one_line_naming_the_command(tmp_path):
+    """`ris-index remove` (and `--sync`) beside a damaged saved index printed Python's warning
+    format: two lines, the first naming ris' own source file and line ('.../ris/sync.py:395:
+    UserWarning: ignoring HNSW index ...'), the second a line of ris' code. A warning is one line,
+    'ris-<command>: warning: <message>', as the commands' own warnings are."""
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8))
+    (tmp_path / "f.h5.hnsw.json").write_text('{"kind": "hnsw", "count": 3')  # damaged metadata
+    done = subprocess.run([sys.executable, "-c", "from ris.cli.index import entry; entry()", "remove",
+                           "--features-db", str(db), "img000003.jpg"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    err = done.stderr.splitlines()
+    warned = [line for line in err if "ignoring HNSW index" in line]
+    assert len(warned) == 1 and warned[0].startswith("ris-index: warning: ignoring HNSW index "), err
+    assert not [line for line in err if "UserWarning" in line or "INDEX_KINDS" in line], err

@@ -219,6 +219,23 @@ def _escape_unprintable_output() -> None:
             pass
 
 
+def _one_line_warnings(prog: str) -> Callable:
+    """Show ris' own warnings as the commands' warning lines, ``prog: warning: message``, instead
+    of Python's two lines naming ris' source file and quoting its code; others (a library's), and
+    every warning with RIS_VERBOSE=1, as Python shows them. Returns the previous ``showwarning``."""
+    import warnings
+
+    previous, package = warnings.showwarning, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.environ.get("RIS_VERBOSE") or not os.path.abspath(filename).startswith(package + os.sep):
+            return previous(message, category, filename, lineno, file, line)
+        print(f"{prog}: warning: {one_line(message)}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    return previous
+
+
 def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None,
         sigterm_interrupts: bool = True) -> int:
     """Run ``main`` (which returns EXIT_OK or EXIT_PARTIAL) and turn how it ends into one line and
@@ -236,6 +253,7 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
 
     interrupts = raising_interrupts(sigterm=sigterm_interrupts)
     interrupts.__enter__()
+    shown = _one_line_warnings(prog)
     try:
         if not ({"-h", "--help"} & set(args)):
             install_quiet_backend()  # TensorFlow is imported (quietly) only if the command needs it
@@ -266,6 +284,9 @@ def run(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | No
     except Exception as exc:
         return _internal_error(prog, exc)
     finally:
+        import warnings
+
+        warnings.showwarning = shown
         uninstall_quiet_backend()
         interrupts.__exit__(None, None, None)
 
