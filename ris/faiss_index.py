@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP
 import numpy as np  # noqa: E402
 
 from ris.errors import DatabaseError, RisError  # noqa: E402
-from ris.ivfpq_params import IvfPqParams, choose_params, saved_nprobe  # noqa: E402  (re-exported)
+from ris.ivfpq_params import IvfPqParams, asked_settings, choose_params, saved_nprobe  # noqa: E402  (re-exported)
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
 from ris import sidecars  # noqa: E402
 from ris.sidecars import (atomic_write, create_locked, drop_unnamed, file_crc32, fsync_dir, ivfpq_path,  # noqa: E402
@@ -357,11 +357,24 @@ def open_ivfpq(req):
     if req.rows == 0:
         return ExactIndex(req.features, req.metric)
     path = ivfpq_path(req.vectors_path)
-    index = open_saved(req, path, IvfPqIndex.load,
-                       lambda: build_ivfpq(req.features, req.metric, req.source, where=req.vectors_path), "ivfpq")
+    index = open_saved(req, path, IvfPqIndex.load, lambda: build_ivfpq(
+        req.features, req.metric, req.source, params=_rebuilt_params(path, req.features), where=req.vectors_path),
+        "ivfpq")
     if index is not None:
         index.stored = StoredRows(req.features)
     return index
+
+
+def _rebuilt_params(path: str, features) -> IvfPqParams:
+    """Parameters for the rows now, keeping the search settings the saved index was given
+    (``ris-index build --nprobe/--rerank``): a rebuild is no reason to drop them."""
+    try:
+        asked = asked_settings(_read_meta(path)) if os.path.isfile(path) else {}
+    except DatabaseError:  # unreadable metadata: the defaults
+        asked = {}
+    params = choose_params(int(features.shape[0]), int(features.shape[1]), **asked)
+    params.nprobe = min(int(params.nprobe), int(params.nlist))
+    return params
 
 
 def _write_index(faiss, index, path: str | os.PathLike) -> None:

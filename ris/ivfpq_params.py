@@ -78,3 +78,18 @@ def choose_params(n: int, dim: int, **override) -> IvfPqParams:
         setattr(p, k, v)
     p.nprobe_chosen = p.nprobe_chosen or "nprobe" in override
     return p
+
+
+def asked_settings(meta: dict) -> dict:
+    """The search settings a saved index's metadata holds that a rebuild keeps (``choose_params``
+    overrides): its ``rerank``, and its ``nprobe`` when it was asked for (``saved_nprobe``'s rule
+    for indexes saved before that was recorded); {} for metadata that cannot be read as such."""
+    try:
+        params = meta["params"]
+        nprobe, nlist, rerank = int(params["nprobe"]), int(params["nlist"]), int(params["rerank"])
+        chosen = meta.get("nprobe_chosen", params.get("nprobe_chosen"))
+    except (KeyError, TypeError, ValueError):
+        return {}
+    if chosen is None:
+        chosen = nprobe != min(nlist, OLD_DEFAULT_NPROBE)
+    return {**({"rerank": rerank} if rerank >= 0 else {}), **({"nprobe": nprobe} if chosen and nprobe >= 1 else {})}

@@ -556,3 +556,30 @@ def test_ris_index_build_nprobe_is_recorded_as_chosen(tmp_path, capsys):
     assert IvfPqIndex.load(path).params.nprobe == 32
     assert main(["build", "--features-db", str(db), "--index", "ivfpq", "--rerank", "5"]) == 0  # nprobe untouched
     assert IvfPqIndex.load(path).params.nprobe == 32
+
+
+def test_a_rebuild_keeps_the_search_settings_asked_for(tmp_path, capsys):
+    """`ris-index build --index ivfpq --nprobe 7 --rerank 0`, later `--rebuild` (as the README
+    advises once a collection has drifted) or a rebuild of a damaged data file: the new index came
+    back with the automatic nprobe and re-ranking on, silently, though the settings are "saved
+    with the index". A rebuild keeps the ones asked for; an automatic nprobe stays automatic."""
+    from ris.cli.index import main
+
+    db = make_feature_db(tmp_path / "feats.h5", clustered_vectors(2000, 16, seed=3))
+    path = ivfpq_path(str(db))
+    assert main(["build", "--features-db", str(db), "--index", "ivfpq", "--nprobe", "7", "--rerank", "0"]) == 0
+    assert main(["build", "--features-db", str(db), "--index", "ivfpq", "--rebuild"]) == 0
+    saved = IvfPqIndex.load(path)
+    assert (saved.params.nprobe, saved.params.nprobe_chosen, saved.params.rerank) == (7, True, 0)
+    data = Path(saved.data_file)
+    data.write_bytes(data.read_bytes()[:-8] + b"damaged!")  # damaged in place: rebuilt by a search
+    with FeatureDB(db) as f:
+        index = open_search_index(str(db), f.features, "euclidean", kind="ivfpq", source=source_of(f))
+    assert (index.params.nprobe, index.params.rerank) == (7, 0)
+    assert main(["build", "--features-db", str(db), "--index", "ivfpq", "--rerank", "50"]) == 0
+    (tmp_path / "feats.h5.ivfpq").write_text(
+        (tmp_path / "feats.h5.ivfpq").read_text().replace('"nprobe_chosen": true', '"nprobe_chosen": false'))
+    assert main(["build", "--features-db", str(db), "--index", "ivfpq", "--rebuild"]) == 0
+    saved = IvfPqIndex.load(path)  # automatic: today's default for the size, not the old number
+    assert (saved.params.nprobe_chosen, saved.params.rerank) == (False, 50)
+    assert saved.params.nprobe == choose_params(2000, 16).nprobe
