@@ -21,13 +21,14 @@ import h5py
 import numpy as np
 
 from ris.errors import DatabaseError
-from ris.featuredb import fingerprint
+from ris.featuredb import ROW_DATASETS, fingerprint
 from ris.recipe_diff import recipe_refusal
 from ris.h5write import hdf5_writing
 from ris.sidecars import atomic_write, ensure_room
 
 COMMITS = "commit_crc"  # (first row, end row, crc32) per committed batch, while the file is a partial
 FAILURE_DATASETS = ("failed_ids", "failed_reasons")
+ROW_NAMES = ("features", "image_ids", "labels", *ROW_DATASETS)  # one value per row: cut at the verified rows
 
 
 class Damaged(Exception):
@@ -91,7 +92,7 @@ def copy_committed(partial: Path, attrs_wanted: dict[str, Any], base: Path, base
               _bar(verified, "resume: copy", progress) as bar):
             for name, item in datasets:
                 n = (commits if name == COMMITS else failed if name in FAILURE_DATASETS
-                     else verified if item.maxshape[:1] == (None,) else len(item))
+                     else verified if name in ROW_NAMES else len(item))  # removed_ids: a log, copied whole
                 _copy_rows(item, dst, name, n, advance=bar.update if name == "features" else None)
             for k, v in attrs.items():
                 dst.attrs[k] = v

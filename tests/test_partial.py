@@ -104,3 +104,31 @@ def test_a_run_without_labels_interrupted_twice_resumes_both_times(tmp_path):
     w.finish()
     with h5py.File(path) as f:
         assert f["features"].shape == (6, 2) and len(f["label_names"]) == 0
+
+
+@pytest.mark.parametrize("removed", [5, 45])
+def test_an_append_resumed_after_removals_keeps_the_whole_removal_log(tmp_path, removed):
+    """A killed --sync (or --append) on a database with removals behind it: the resume copied the
+    removal log (``removed_ids``) as if it held one value per row. Shorter than the rows, the copy
+    failed at every run ("could not copy its committed rows ... (Can't broadcast (2,) -> (28,)); it
+    is kept: run again once that is fixed"); longer, it was cut to the row count without a word,
+    and the saved indexes, which replay that log by position, never removed later removals' ids."""
+    from ris.featuredb import FeatureDB
+    from ris.sync import remove_images
+    from ris.testing import clustered_vectors, make_feature_db
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(50, 4))
+    remove_images(db, [f"img{i:06d}.jpg" for i in range(removed)])
+    attrs = {"model": "synthetic", "pooling": "gap"}  # the recipe, as make_feature_db wrote it
+    with FeatureDB(db) as f:
+        log = f.removed_ids.tolist()
+    w = FeatureWriter(db, attrs, (4,), [], append=True)
+    w.add(["new0.jpg", "new1.jpg"], np.ones((2, 4), np.float32), ["", ""])
+    w.close()  # not finished: what a killed run leaves
+    w = FeatureWriter(db, attrs, (4,), [], append=True)  # the next run resumes it
+    assert w.resumed_rows == 50 - removed + 2
+    w.add(["new2.jpg"], np.ones((1, 4), np.float32), [""])
+    w.finish({})
+    with FeatureDB(db) as f:
+        assert f.removed_ids.tolist() == log == list(range(removed)) and len(f) == 50 - removed + 3
+        assert f.image_ids[-3:] == ["new0.jpg", "new1.jpg", "new2.jpg"]
