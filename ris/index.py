@@ -101,6 +101,8 @@ class IndexRequest:
     build: bool = True  # False: use a saved index only (auto never builds: it takes minutes)
     threshold: int = AUTO_THRESHOLD
     rebuild: bool = False  # build anew even if a saved index could follow; the saved one stays until replaced
+    # what a saved index that cannot be used (not ``build``) leaves in its place, said in its warning
+    instead: str = "using exact search (rebuild it with --index {kind})"
 
     @property
     def rows(self) -> int:
@@ -146,8 +148,8 @@ def open_saved(req: IndexRequest, path: str, load: Callable[[str], object], buil
     if reason is not None:
         if not req.build:
             if exists(path):
-                warnings.warn(f"ignoring {label} index {shown}: {reason}; using exact search "
-                              f"(rebuild it with --index {name})", stacklevel=3)
+                warnings.warn(f"ignoring {label} index {shown}: {reason}; {req.instead.format(kind=name)}",
+                              stacklevel=3)
             return None
         print(f"building {label} index {shown} ({reason})", file=sys.stderr)
         index, changed = build(), True

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -391,7 +392,10 @@ def follow_saved_indexes(features_db: str | Path, log=lambda s: print(s, file=sy
         for kind, path, saved, shown in (("hnsw", hnsw_path(db.path), is_saved, meta_path),
                                          ("ivfpq", ivfpq_path(db.path), os.path.isfile, str)):
             if saved(path):
-                req = IndexRequest(str(db.path), db.features, "euclidean", source_of(db), build=False)
+                req = IndexRequest(str(db.path), db.features, "euclidean", source_of(db), build=False,
+                                   instead=f"it was not caught up: ris-index build --features-db "
+                                           f"{shlex.quote(str(features_db)).replace('{', '{{').replace('}', '}}')} "
+                                           "--index {kind} rebuilds it")
                 index = INDEX_KINDS[kind].open(req)
                 if index is not None:
                     done.append(kind)

@@ -840,3 +840,19 @@ def test_ris_index_remove_from_file_refuses_a_list_that_is_not_text(tmp_path):
             main(["remove", "--features-db", str(db), "--from-file", str(listed)])
     with FeatureDB(db) as f:
         assert len(f) == 20
+
+
+def test_a_damaged_index_left_behind_by_a_removal_says_how_to_rebuild_it(tmp_path):
+    """`ris-index remove` (or `--sync`) beside a damaged saved index warned '...; using exact search
+    (rebuild it with --index hnsw)': nothing searches there, and no ris-index flag of that name
+    rebuilds it. The warning says the index was not caught up and the command that rebuilds it."""
+    pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    from ris.sync import follow_saved_indexes
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8))
+    (tmp_path / "f.h5.hnsw.json").write_text('{"kind": "hnsw", "count": 3')  # damaged metadata
+    with pytest.warns(UserWarning) as seen:
+        assert follow_saved_indexes(db, log=lambda line: None) == []
+    message = str(seen[0].message)
+    assert message.startswith("ignoring HNSW index ") and "using exact search" not in message
+    assert message.endswith(f"; it was not caught up: ris-index build --features-db {db} --index hnsw rebuilds it")
