@@ -856,3 +856,23 @@ def test_a_damaged_index_left_behind_by_a_removal_says_how_to_rebuild_it(tmp_pat
     message = str(seen[0].message)
     assert message.startswith("ignoring HNSW index ") and "using exact search" not in message
     assert message.endswith(f"; it was not caught up: ris-index build --features-db {db} --index hnsw rebuilds it")
+
+
+def test_readme_lists_every_json_key_of_sync_and_ris_index(tmp_path, capsys):
+    """The --json outputs of --sync and ris-index were documented nowhere; README lists their keys."""
+    pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    from dataclasses import fields
+
+    from ris.cli.index import main
+    from ris.sync import SyncSummary
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("# --json on each: --sync")
+    listed = readme[start : readme.index("\n\n", start)]
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8))
+    keys = {f.name for f in fields(SyncSummary)}
+    for args in (["info"], ["remove", "img000001.jpg"], ["build", "--index", "hnsw"]):
+        capsys.readouterr()
+        assert main([*args, "--features-db", str(db), "--json"]) == 0
+        keys |= set(json.loads(capsys.readouterr().out))
+    assert [k for k in sorted(keys) if f'"{k}"' not in listed] == []
