@@ -137,7 +137,7 @@ class IvfPqIndex:
         if not rerank:
             dist = np.sqrt(np.maximum(d2, 0)) if self.metric == "euclidean" else d2 / 2  # unit vectors: 1-cos = d2/2
             return to_rows(np.where(labels < 0, np.inf, dist), labels, self.rowmap, k)
-        return self._rerank(q, labels, k)
+        return self._rerank(np.atleast_2d(queries), labels, k)
 
     @property
     def exact_distances(self) -> bool:
@@ -177,16 +177,15 @@ class IvfPqIndex:
             faiss.omp_set_num_threads(threads)
 
     def _rerank(self, q: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shortlist's true distances to the queries as given (not prepared), as exact search shows them."""
+        from ris.topk import true_distances
+
         rows = labels if self.rowmap is None else self.rowmap.rows(labels)
         dist = np.full(rows.shape, np.inf, np.float32)
         for i in range(len(q)):
             ok = rows[i] >= 0
-            if not ok.any():
-                continue
-            vec = self._prep(self.stored.read(rows[i][ok]))
-            diff = vec - q[i]
-            d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-            dist[i, ok] = d if self.metric == "euclidean" else d * d / 2
+            if ok.any():
+                dist[i, ok] = true_distances(q[i : i + 1], self.stored.read(rows[i][ok]), self.metric)[0]
         return to_rows(dist, rows, None, k)
 
     # -- persistence ---------------------------------------------------------------------------

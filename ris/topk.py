@@ -141,6 +141,16 @@ def blockwise_topk(
     return np.take_along_axis(out_d, order, 1), np.take_along_axis(out_i, order, 1)
 
 
+def true_distances(q: np.ndarray, x: np.ndarray, metric: Metric) -> np.ndarray:
+    """(Q, N) distances of queries ``q`` to rows ``x``, in float64 from the vectors as given: the
+    numbers every index kind shows (``exact_shown``, IVF-PQ's re-ranking), so they agree to the bit."""
+    q, x = np.asarray(q, np.float64), np.asarray(x, np.float64)
+    if metric == "cosine":
+        unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        return 1.0 - unit(q) @ unit(x).T
+    return np.sqrt(((q[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+
+
 def exact_shown(queries: np.ndarray, dist: np.ndarray, idx: np.ndarray, read_rows, metric: Metric
                 ) -> tuple[np.ndarray, np.ndarray]:
     """One query's (1, k) results with their distances recomputed from the stored rows, best first.
@@ -157,13 +167,7 @@ def exact_shown(queries: np.ndarray, dist: np.ndarray, idx: np.ndarray, read_row
     if len(rows) == 0:
         return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
     x = np.asarray(read_rows(rows), np.float64)
-    q = np.asarray(queries, np.float64).reshape(-1, x.shape[1])
-    if metric == "cosine":
-        unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
-        d = 1.0 - unit(q) @ unit(x).T
-    else:
-        d = np.sqrt(((q[:, None, :] - x[None, :, :]) ** 2).sum(-1))
-    d = d.min(0).astype(np.float32)
+    d = true_distances(np.asarray(queries, np.float64).reshape(-1, x.shape[1]), x, metric).min(0).astype(np.float32)
     order = np.lexsort((rows, d))
     return d[order][None], rows[order][None]
 
