@@ -91,6 +91,10 @@ class ExtractSummary:
     feature_shape: tuple[int, ...] = ()
     other_files: list[str] = field(default_factory=list)  # not read: extensions that are not images'
     hidden_files: list[str] = field(default_factory=list)  # not read: hidden files, hidden folders ('x/')
+    # recorded as failed by an earlier run (before an interruption, or before an --append), not tried again:
+    # images_found = extracted + resumed + len(skipped) + len(skipped_before)
+    skipped_before: list[tuple[str, str]] = field(default_factory=list)
+    unlisted_folders: list[str] = field(default_factory=list)  # not read: folders that could not be listed ('x/')
 
     @property
     def images_per_second(self) -> float:
@@ -100,6 +104,7 @@ class ExtractSummary:
         d = asdict(self)
         d["images_per_second"] = round(self.images_per_second, 2)
         d["skipped"] = [{"image": i, "reason": r} for i, r in self.skipped]
+        d["skipped_before"] = [{"image": i, "reason": r} for i, r in self.skipped_before]
         return d
 
     def report(self, verbose: bool = False) -> list[str]:
@@ -108,15 +113,18 @@ class ExtractSummary:
         holding a newline would split its line in two; ``to_dict`` keeps them as they are."""
         lines = [f"{one_line(self.features_db)}: {self.extracted} images extracted ({self.images_per_second:.1f} img/s)"
                  f"{f', {self.resumed} already there' if self.resumed else ''}, {len(self.skipped)} skipped, "
+                 f"{f'{len(self.skipped_before)} skipped before (not tried again), ' if self.skipped_before else ''}"
                  f"features {'x'.join(map(str, self.feature_shape))}"]
         lines += [f"  skipped: {one_line(reason)}" for _, reason in self.skipped]
-        counts = not_read_counts(self.other_files, self.hidden_files)
+        lines += [f"  skipped before: {one_line(reason)}" for _, reason in self.skipped_before]
+        counts = not_read_counts(self.other_files, self.hidden_files, self.unlisted_folders)
         if counts:
             lines.append(f"not read: {', '.join(counts)}{'' if verbose else ' (--verbose lists them)'}")
             if verbose:
                 lines += [f"  not read ({'folder read already' if f.endswith('/') else 'extension'}): {one_line(f)}"
                           for f in self.other_files]
                 lines += [f"  not read (hidden): {one_line(f)}" for f in self.hidden_files]
+                lines += [f"  not read (cannot list): {one_line(f)}" for f in self.unlisted_folders]
         return lines
 
 
@@ -137,15 +145,16 @@ def extract_features(dataset: str | Path, features_db: str | Path, config: Extra
     budget = decode_budget()  # a bad RIS_DECODE_BUDGET is refused before anything is locked
     features_db = Path(features_db)
     run = list_input(dataset, opts.labels, features_db, opts.append, opts.overwrite)
-    if run.label_note:
-        opts.log(run.label_note)
+    for line in [*run.warnings(), *([run.label_note] if run.label_note else [])]:
+        opts.log(line)
     writer, extractor = _open_writer(features_db, config, opts, extractor, run.label_names,
                                      dataset_root=os.path.abspath(run.root), labels_mode=run.label_mode)
     try:
         todo = still_to_do(writer, run.files, features_db, opts.log)
         summary = ExtractSummary(str(features_db), len(run.files), 0, writer.resumed_rows,
                                  feature_shape=extractor.output_shape, other_files=run.other_files,
-                                 hidden_files=run.hidden_files)
+                                 hidden_files=run.hidden_files, skipped_before=skipped_before(writer, run.files),
+                                 unlisted_folders=list(run.unlisted or {}))
         with capture():  # libjpeg's lines, named
             _run_batches(run.root, todo, extractor, writer, opts, budget, run.label_of, summary)
     except KeyboardInterrupt:
@@ -170,6 +179,13 @@ def still_to_do(writer, files: list[str], features_db: Path, log: Callable[[str]
         verb = "adding" if getattr(writer, "kind", None) == "append" else "resuming"  # --append, --sync
         log(f"{verb}: {writer.resumed_rows} images already in {features_db.name}, {len(todo)} to go")
     return todo
+
+
+def skipped_before(writer, files: list[str]) -> list[tuple[str, str]]:
+    """(id, reason) of the listed files an earlier run recorded as failed: counted and named in the
+    summary, though not decoded again (a resumed run's first part, or the database --append adds to)."""
+    listed = set(files)
+    return [(i, r) for i, r in writer.failures() if i in listed]
 
 
 def finish_run(writer, run: RunInput, summary: ExtractSummary, **attrs: Any) -> None:

@@ -226,6 +226,10 @@ class FeatureWriter:
         named = self.path if self.kind == "append" else self.tmp  # the file a repeated id came from
         return set(unique_names(self.f["image_ids"][:], named)) | set(decode_names(self.f["failed_ids"][:]))
 
+    def failures(self) -> list[tuple[str, str]]:
+        """(id, reason) of the images recorded as failed so far (an --append's base's included)."""
+        return list(zip(decode_names(self.f["failed_ids"][:]), decode_names(self.f["failed_reasons"][:])))
+
     def add(self, ids: list[str], features: np.ndarray, label_names: list[str], stamps: Any = None,
             digests: Any = None) -> None:
         """Append one batch and flush; ``label_names`` per row ('' = unknown); ``stamps``: (n, 2) file

@@ -188,7 +188,28 @@ def quick_size(head: bytes, fmt: str | None) -> tuple[int, int] | None:
     if fmt == "PNG" and head[12:16] == b"IHDR" and len(head) >= 24:
         return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     if fmt == "GIF" and len(head) >= 10:
-        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+        return gif_size(head)
     if fmt == "JPEG":
         return jpeg_layout(head)[0]
     return None
+
+
+def gif_size(data: bytes) -> tuple[int, int] | None:
+    """A GIF's size as Pillow makes it: its screen, grown to where the first frame reaches (a 10x10
+    screen may hold a 15000x15000 frame). None when ``data`` ends before that frame's descriptor
+    and there is more to read; the screen alone when the file holds no frame."""
+    w, h = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+    i = 13 + (3 << ((data[10] & 7) + 1) if len(data) > 10 and data[10] & 0x80 else 0)
+    while i < len(data):
+        if data[i] == 0x2C:  # the first image descriptor: left, top, width, height
+            if i + 9 > len(data):
+                return None
+            x0, y0, fw, fh = (int.from_bytes(data[i + k : i + k + 2], "little") for k in (1, 3, 5, 7))
+            return max(w, x0 + fw), max(h, y0 + fh)
+        if data[i] != 0x21 or i + 2 >= len(data):  # the trailer, or not an extension: no frame
+            break
+        i += 2  # extension introducer and label, then sub-blocks up to an empty one
+        while i < len(data) and data[i]:
+            i += data[i] + 1
+        i += 1
+    return None if i >= len(data) else (w, h)

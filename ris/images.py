@@ -51,6 +51,7 @@ class FolderScan:
     images: list[str] = field(default_factory=list)  # relative POSIX paths, sorted
     other: list[str] = field(default_factory=list)  # files whose extension is not an image's
     hidden: list[str] = field(default_factory=list)  # names starting with '.'; folders end in '/' (not entered)
+    unlisted: dict[str, str] = field(default_factory=dict)  # folder ('x/') -> why it could not be listed
 
 
 def scan_folder(root: str | Path) -> FolderScan:
@@ -67,7 +68,16 @@ def scan_folder(root: str | Path) -> FolderScan:
     scan = FolderScan()
     real = {_dir_key(p) for p, _, _ in os.walk(root)}  # folders inside the tree, reached without links
     visited: set = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unlisted(exc: OSError) -> None:
+        """A folder that cannot be listed (permissions, an I/O error) is named, not passed over: its
+        images are missing from this listing, not deleted."""
+        rel = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "."
+        if rel == ".":
+            raise RisError(f"{root}: cannot list this folder ({exc.strerror or exc})")
+        scan.unlisted[rel + "/"] = exc.strerror or str(exc)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=True):
         rel_dir = Path(dirpath).relative_to(root)
         scan.hidden.extend((rel_dir / d).as_posix() + "/" for d in dirnames if d.startswith("."))
         dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")
@@ -83,6 +93,11 @@ def scan_folder(root: str | Path) -> FolderScan:
     for names in (scan.images, scan.other, scan.hidden):
         names.sort()
     return scan
+
+
+def in_unlisted(name: str, unlisted: dict[str, str]) -> bool:
+    """Whether ``name`` lies in a folder that could not be listed (``FolderScan.unlisted``): unknown, not gone."""
+    return any(name.startswith(folder) for folder in unlisted)
 
 
 def _dir_key(path: str) -> tuple[int, int]:

@@ -156,7 +156,8 @@ def extract_on_ray(
 
 def _extract(dataset, features_db, config, labels, batch_size, append, overwrite, progress, log, options,
              on_commit) -> RaySummary:
-    from ris.extract import _finite_rows, _progress, _raise_interrupt, finish_run, refuse_another_recipe, still_to_do
+    from ris.extract import (_finite_rows, _progress, _raise_interrupt, finish_run, refuse_another_recipe,
+                             skipped_before, still_to_do)
     from ris.featuredb import partial_path
     from ris.filestamp import file_stamps
     from ris.featurewriter import FeatureWriter
@@ -170,8 +171,8 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
     options = options or RayOptions()
     features_db = Path(features_db)
     run = list_input(dataset, labels, features_db, append, overwrite)
-    if run.label_note:
-        log(run.label_note)
+    for line in [*run.warnings(), *([run.label_note] if run.label_note else [])]:
+        log(line)
     root, files, label_of = run.root, run.files, run.label_of
     features_db.parent.mkdir(parents=True, exist_ok=True)
     lock = WriterLock(features_db).acquire()  # before the slow cluster start and model builds
@@ -214,7 +215,8 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         raise RisError(f"ray: {reason(exc)}") from None
     todo = still_to_do(writer, files, features_db, log)
     summary = RaySummary(str(features_db), len(files), 0, writer.resumed_rows, feature_shape=info["shape"],
-                         actors=len(actors), other_files=run.other_files, hidden_files=run.hidden_files)
+                         actors=len(actors), other_files=run.other_files, hidden_files=run.hidden_files,
+                         skipped_before=skipped_before(writer, files), unlisted_folders=list(run.unlisted or {}))
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     window = options.in_flight or 2 * len(actors) + max(1, int(ray.cluster_resources().get("CPU", 1)))
     root_abs = str(root.resolve())

@@ -24,6 +24,14 @@ class RunInput:
     other_files: list[str]  # not read: other extensions (the label file, which is read, left out)
     hidden_files: list[str]
     label_note: str = ""  # --labels holidays: how many images it left unlabelled (distractors)
+    unlisted: dict[str, str] | None = None  # folders ('x/') that could not be listed -> why
+
+    def warnings(self) -> list[str]:
+        """One line per folder that could not be listed: its images are missing, said rather than silent."""
+        from ris.cli.common import one_line
+
+        return [f"warning: {one_line(str(self.root / rel.rstrip('/')))}: cannot list this folder ({why}); "
+                "the images in it are not read" for rel, why in (self.unlisted or {}).items()]
 
 
 def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool, overwrite: bool) -> RunInput:
@@ -48,7 +56,7 @@ def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool
     label_file = Path(label_mode).resolve() if label_mode not in NAME_RULES else None
     not_read = [f for f in scan.other if (root / f).resolve() != label_file]  # the label file is read
     note = holidays_note(files, label_ids) if label_mode == "holidays" else ""
-    return RunInput(root, files, label_of, label_names, label_mode, not_read, scan.hidden, note)
+    return RunInput(root, files, label_of, label_names, label_mode, not_read, scan.hidden, note, scan.unlisted)
 
 
 def _extension_list() -> str:
@@ -62,14 +70,16 @@ def count_phrase(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def not_read_counts(other: Sequence[str], hidden: Sequence[str]) -> list[str]:
-    """['3 files with other extensions', '1 hidden file', '1 hidden folder'] (empty counts left out)."""
+def not_read_counts(other: Sequence[str], hidden: Sequence[str], unlisted: Sequence[str] = ()) -> list[str]:
+    """['3 files with other extensions', '1 hidden file', '1 hidden folder', '1 folder that could not be
+    listed'] (empty counts left out)."""
     folders = sum(1 for h in hidden if h.endswith("/"))
     links = sum(1 for o in other if o.endswith("/"))  # folder links into folders already read (see scan_folder)
     parts = [count_phrase(len(other) - links, "file with another extension", "files with other extensions"),
              count_phrase(links, "folder link into a folder already read", "folder links into folders already read"),
              count_phrase(len(hidden) - folders, "hidden file", "hidden files"),
-             count_phrase(folders, "hidden folder", "hidden folders")]
+             count_phrase(folders, "hidden folder", "hidden folders"),
+             count_phrase(len(unlisted), "folder that could not be listed", "folders that could not be listed")]
     return [p for p in parts if not p.startswith("0 ")]
 
 

@@ -220,9 +220,10 @@ def plan_sync(features_db: str | Path, dataset: str | Path | None = None):
 
 def _plan(features_db: str | Path, dataset: str | Path | None):
     """``plan_sync``'s tuple, the rows kept by their digest (row id -> (added_at, size, mtime_ns)) and
-    the failed images that still fail the same way (id -> reason), kept as they are."""
+    the failed images that still fail the same way (id -> reason), kept as they are, and the folders
+    that could not be listed ('x/' -> why): their rows are kept, neither gone nor checked."""
     from ris import filestamp
-    from ris.images import find_images
+    from ris.images import in_unlisted, scan_folder
 
     with FeatureDB(features_db) as db:
         root = Path(dataset or db.dataset_root or "")
@@ -232,9 +233,10 @@ def _plan(features_db: str | Path, dataset: str | Path | None):
         names, added_at, stamps, failures = db.image_ids, db.added_at, db.file_stamps, db.failures
         row_ids, digests, decoding = db.row_ids, db.file_digests, _decoding(db.attrs)
     failed = [i for i, _ in failures]
-    files = find_images(root)
+    scan = scan_folder(root)
+    files, unlisted = scan.images, scan.unlisted
     present = set(files)
-    gone = [n for n in names if n not in present] + [i for i in failed if i not in present]
+    gone = [n for n in [*names, *failed] if n not in present and not in_unlisted(n, unlisted)]
     began = time.time()  # before any file is hashed: a change after the hash is newer than the refreshed row
     changed, refresh = [], {}
     for n, rid, t, s, d in zip(names, row_ids.tolist(), added_at, stamps, digests):
@@ -254,7 +256,7 @@ def _plan(features_db: str | Path, dataset: str | Path | None):
     retry = [i for i in failed if i in present and i not in still]
     kept = (set(names) | set(failed)) - set(gone) - set(changed) - set(retry)
     new = [f for f in files if f not in kept]
-    return root, files, gone, changed, retry, new, refresh, still
+    return root, files, gone, changed, retry, new, refresh, still, unlisted
 
 
 def _decoding(attrs) -> tuple[int, str] | None:
@@ -276,8 +278,11 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                   log=lambda s: print(s, file=sys.stderr), ray_options=None) -> SyncSummary:
     """Bring the database in step with its folder (see the module docstring). ``ray_options``
     (a ``ris.ray_cluster.RayOptions``): the new images are extracted on that Ray cluster."""
-    root, files, gone, changed, retry, new, refresh, still = _plan(features_db, dataset)
+    root, files, gone, changed, retry, new, refresh, still, unlisted = _plan(features_db, dataset)
     present = set(files)
+    for folder, why in unlisted.items():
+        log(f"warning: {one_line(str(root / folder.rstrip('/')))}: cannot list this folder ({why}); "
+            "its rows are kept as they are")
     with FeatureDB(features_db) as db:
         mode = _label_mode(features_db, str(db.attrs.get("labels_mode") or ""), labels)
         stored_root = db.dataset_root
@@ -327,8 +332,11 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
             s = extract_features(root, features_db, config, options)
         summary.added, summary.skipped = s.extracted, summary.skipped + list(s.skipped)
         # a killed sync's .partial was resumed with rows of files deleted since: they go too
+        from ris.images import in_unlisted
+
         with FeatureDB(features_db) as db:
-            stale = [n for n in db.image_ids if n not in present] + [i for i, _ in db.failures if i not in present]
+            stale = [n for n in [*db.image_ids, *(i for i, _ in db.failures)]
+                     if n not in present and not in_unlisted(n, unlisted)]
         if stale:
             remove_images(features_db, set(stale))
             summary.removed = sorted(set(summary.removed) | set(stale))

@@ -436,3 +436,65 @@ def test_a_file_rewritten_before_its_decoding_is_recorded_with_the_digest_of_wha
         feats = dict(zip(f.image_ids, f.features[:]))
     assert digests["ukbench00000.jpg"] == file_digest(target) == file_digest(other)
     np.testing.assert_array_equal(feats["ukbench00000.jpg"], feats["ukbench00003.jpg"])  # decoded: the new bytes
+
+
+def test_images_skipped_by_an_earlier_run_are_counted_in_the_summary(tmp_path, monkeypatch):
+    """A resumed run (after Ctrl-C) and an --append summed to fewer images than were found: the files
+    an earlier run had skipped (recorded as failed, not decoded again) were in no count, and the
+    resumed run's closing summary did not name them. They are counted and listed as skipped before,
+    in the report and in ``to_dict``, so found = extracted + already there + skipped + skipped before."""
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
+    (data / "aaa_empty.jpg").write_bytes(b"")  # sorts first: skipped before the interruption
+    db = tmp_path / "f.h5"
+    options = ExtractOptions(batch_size=4, **QUIET)
+    real_add = FeatureWriter.add
+    calls = {"n": 0}
+
+    def flaky_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(FeatureWriter, "add", flaky_add)
+    with pytest.raises(Interrupted):
+        extract_features(data, db, ExtractConfig(), options, extractor=_StandIn())
+    monkeypatch.setattr(FeatureWriter, "add", real_add)
+    reason = f"{data / 'aaa_empty.jpg'}: empty file (0 bytes)"
+    s = extract_features(data, db, ExtractConfig(), options, extractor=_StandIn())
+    assert (s.images_found, s.resumed, s.extracted, s.skipped) == (13, 4, 8, [])
+    assert s.skipped_before == [("aaa_empty.jpg", reason)]
+    assert s.images_found == s.extracted + s.resumed + len(s.skipped) + len(s.skipped_before)
+    report = s.report()
+    assert "1 skipped before (not tried again)" in report[0], report
+    assert f"  skipped before: {reason}" in report
+    assert s.to_dict()["skipped_before"] == [{"image": "aaa_empty.jpg", "reason": reason}]
+    again = extract_features(data, db, ExtractConfig(), ExtractOptions(append=True, **QUIET), extractor=_StandIn())
+    assert (again.images_found, again.resumed, again.extracted, again.skipped) == (13, 12, 0, [])
+    assert again.skipped_before == [("aaa_empty.jpg", reason)]
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over_in_silence(tmp_path, monkeypatch):
+    """A sub-folder ris-extract could not list (no read permission) was passed over without a word:
+    its images were simply not in the database. One warning line names it and the reason, and the
+    summary counts it among what was not read (listed with --verbose; in --json)."""
+    import os
+
+    data = make_tiny_dataset(tmp_path / "d", n_objects=1, views=2, size=48)
+    (data / "locked").mkdir()
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == data / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    said: list[str] = []
+    s = extract_features(data, tmp_path / "f.h5", ExtractConfig(), ExtractOptions(progress=False, log=said.append),
+                         extractor=_StandIn())
+    assert f"warning: {data / 'locked'}: cannot list this folder (Permission denied); the images in it are not read" \
+        in said, said
+    assert s.unlisted_folders == ["locked/"] and s.to_dict()["unlisted_folders"] == ["locked/"]
+    assert "not read: 1 folder that could not be listed (--verbose lists them)" in s.report()
+    assert "  not read (cannot list): locked/" in s.report(verbose=True)

@@ -351,3 +351,35 @@ def test_a_tiff_of_samples_ris_cannot_decode_is_named_for_what_it_is(tmp_path, m
     assert str(caught.value) == f"{path}: a {kind} TIFF, which ris cannot decode; convert it to 8-bit"
     Image.fromarray(np.zeros((30, 40), np.uint16)).save(tmp_path / "ok.tif")
     assert decode_image(tmp_path / "ok.tif").shape == (30, 40, 3)  # 16-bit TIFFs decode (to their high byte)
+
+
+def test_a_gif_whose_first_frame_outgrows_its_screen_is_refused_by_its_frames_size(tmp_path, capsys):
+    """A GIF's header gives its screen size, but Pillow makes the image as large as its first frame
+    reaches: a 10x10 screen holding a 15000x15000 frame (225 MP, over the 200 MP limit) passed the
+    check (and counted 800 bytes against the decode budget), and Pillow printed its own
+    DecompressionBombWarning before decoding it. It is refused from its header like any image over the limit."""
+    import struct
+
+    from ris.images import decode_cost
+
+    gif = tmp_path / "bomb.gif"
+    gif.write_bytes(b"GIF89a" + struct.pack("<HH", 10, 10) + b"\x80\x00\x00" + b"\0\0\0\xff\xff\xff"
+                    + b"\x2c" + struct.pack("<HHHH", 0, 0, 15000, 15000) + b"\x00" + b"\x02\x02\x4c\x01\x00\x3b")
+    with pytest.raises(BadImage, match=r"image too large \(15000x15000 pixels, limit 200,000,000\)"):
+        decode_image(gif)
+    assert decode_cost(gif, 224) == 0  # refused unread: nothing counted against the decode budget
+    assert "DecompressionBombWarning" not in capsys.readouterr().err
+
+
+def test_a_dataset_folder_that_cannot_be_listed_is_refused_by_its_reason(tmp_path, monkeypatch):
+    """A dataset folder without read permission was read as empty ('no images found'); its
+    reason is said instead."""
+    import os
+
+    from ris.images import scan_folder
+
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(p)))
+                        if Path(p) == tmp_path else real(p))
+    with pytest.raises(RisError, match=r"cannot list this folder \(Permission denied\)$"):
+        scan_folder(tmp_path)

@@ -876,3 +876,36 @@ def test_readme_lists_every_json_key_of_sync_and_ris_index(tmp_path, capsys):
         assert main([*args, "--features-db", str(db), "--json"]) == 0
         keys |= set(json.loads(capsys.readouterr().out))
     assert [k for k in sorted(keys) if f'"{k}"' not in listed] == []
+
+
+def _unlistable(monkeypatch, folder: Path) -> None:
+    """``folder`` cannot be listed, as one without read permission for the user (tests run as root)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_rows(tmp_path, monkeypatch, capsys):
+    """A sub-folder --sync could not list (its permissions changed, a network share's hiccup) was taken
+    for deleted: its images' rows were removed ('1 removed (file gone)'), without a word about the
+    folder. Its rows are kept and one warning line names the folder and the reason."""
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    (data / "sub").mkdir()
+    shutil.copy(data / "ukbench00000.jpg", data / "sub" / "a.jpg")
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    capsys.readouterr()
+    _unlistable(monkeypatch, data / "sub")
+    assert plan_sync(db)[2] == []  # not gone
+    assert _extract("--sync", "--features-db", str(db), "--no-progress") == 0
+    out, err = capsys.readouterr()
+    with FeatureDB(db) as f:
+        assert "sub/a.jpg" in f.image_ids and len(f) == 5
+    assert "0 removed" in out, out
+    assert f"warning: {data / 'sub'}: cannot list this folder (Permission denied); its rows are kept as they are" \
+        in err.splitlines(), err
