@@ -72,7 +72,8 @@ def scan_folder(root: str | Path) -> FolderScan:
     def unlisted(exc: OSError) -> None:
         """A folder that cannot be listed (permissions, an I/O error) is named, not passed over: its
         images are missing from this listing, not deleted."""
-        rel = Path(exc.filename).relative_to(root).as_posix() if exc.filename else "."
+        rel = os.path.relpath(exc.filename, root) if exc.filename else "."
+        rel = Path(rel).as_posix()
         if rel == ".":
             raise RisError(f"{root}: cannot list this folder ({exc.strerror or exc})")
         scan.unlisted[rel + "/"] = exc.strerror or str(exc)
