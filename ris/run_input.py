@@ -34,6 +34,11 @@ class RunInput:
                 "the images in it are not read" for rel, why in (self.unlisted or {}).items()]
 
 
+def without_unlisted_warnings(log):
+    """``log`` without ``RunInput.warnings``' lines (``ris-extract --sync`` says its own on those folders)."""
+    return lambda line: None if line.startswith("warning: ") and ": cannot list this folder (" in line else log(line)
+
+
 def list_input(dataset: str | Path, labels: str, features_db: Path, append: bool, overwrite: bool) -> RunInput:
     """The folder listing, the target check and the labels; refuses a folder without images."""
     from ris.featuredb import check_target

@@ -317,6 +317,11 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
     if new:
         from ris.extractor import ExtractConfig
 
+        if unlisted:  # said above, for --sync: the extraction's own line on those folders would say it again
+            from ris.run_input import without_unlisted_warnings
+
+            log = without_unlisted_warnings(log)
+
         with FeatureDB(features_db) as db:
             config = ExtractConfig.from_attrs(db.attrs, str(features_db))
         if ray_options is not None:

@@ -909,3 +909,10 @@ def test_a_folder_that_cannot_be_listed_keeps_its_rows(tmp_path, monkeypatch, ca
     assert "0 removed" in out, out
     assert f"warning: {data / 'sub'}: cannot list this folder (Permission denied); its rows are kept as they are" \
         in err.splitlines(), err
+    shutil.copy(data / "ukbench00001.jpg", data / "new.jpg")  # a sync that extracts says it once, not twice
+    assert _extract("--sync", "--features-db", str(db), "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "cannot list" in line] == [
+        f"warning: {data / 'sub'}: cannot list this folder (Permission denied); its rows are kept as they are"], err
+    with FeatureDB(db) as f:
+        assert "sub/a.jpg" in f.image_ids and "new.jpg" in f.image_ids and len(f) == 6
