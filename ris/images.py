@@ -50,8 +50,17 @@ class FolderScan:
 
     images: list[str] = field(default_factory=list)  # relative POSIX paths, sorted
     other: list[str] = field(default_factory=list)  # files whose extension is not an image's
-    hidden: list[str] = field(default_factory=list)  # names starting with '.'; folders end in '/' (not entered)
+    hidden: list[str] = field(default_factory=list)  # names starting with '.', SYSTEM_FOLDERS; folders end in '/'
     unlisted: dict[str, str] = field(default_factory=dict)  # folder ('x/') -> why it could not be listed
+
+
+# Folders that NAS systems and Windows keep beside photos, read as hidden ones: Synology's thumbnails
+# (@eaDir/IMG_1.jpg/SYNOPHOTO_THUMB_XL.jpg) would come back as every photo's nearest neighbours.
+SYSTEM_FOLDERS = frozenset({"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information"})
+
+
+def _hidden_folder(name: str) -> bool:
+    return name.startswith(".") or name in SYSTEM_FOLDERS
 
 
 def scan_folder(root: str | Path) -> FolderScan:
@@ -80,8 +89,8 @@ def scan_folder(root: str | Path) -> FolderScan:
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted, followlinks=True):
         rel_dir = Path(dirpath).relative_to(root)
-        scan.hidden.extend((rel_dir / d).as_posix() + "/" for d in dirnames if d.startswith("."))
-        dirnames[:] = [d for d in sorted(dirnames) if not d.startswith(".")
+        scan.hidden.extend((rel_dir / d).as_posix() + "/" for d in dirnames if _hidden_folder(d))
+        dirnames[:] = [d for d in sorted(dirnames) if not _hidden_folder(d)
                        and _enter(os.path.join(dirpath, d), real, visited, scan.other, (rel_dir / d).as_posix())]
         for name in filenames:
             rel = (rel_dir / name).as_posix()

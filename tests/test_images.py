@@ -242,6 +242,23 @@ def test_scan_counts_files_not_read(odd):
     assert sorted(scan.hidden) == [".cache/", ".hidden.jpg"]
 
 
+def test_the_thumbnail_and_recycle_folders_of_nas_and_windows_are_not_read(tmp_path):
+    """A Synology share holds '@eaDir/IMG_1.jpg/SYNOPHOTO_THUMB_XL.jpg' beside every photo: they were
+    extracted, so each photo came back with its own thumbnails as its nearest neighbours."""
+    from ris.images import scan_folder
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    for rel in ["IMG_1.jpg", "@eaDir/IMG_1.jpg/SYNOPHOTO_THUMB_XL.jpg", "trips/@eaDir/x.jpg/SYNOPHOTO_THUMB_M.jpg",
+                "#recycle/old.jpg", "#snapshot/daily/IMG_1.jpg", "$RECYCLE.BIN/S-1-5/$R1.jpg",
+                "System Volume Information/x.jpg", "trips/a.jpg", "eaDir/kept.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / rel), img)
+    scan = scan_folder(tmp_path)
+    assert scan.images == ["IMG_1.jpg", "eaDir/kept.jpg", "trips/a.jpg"]
+    assert scan.hidden == ["#recycle/", "#snapshot/", "$RECYCLE.BIN/", "@eaDir/", "System Volume Information/",
+                           "trips/@eaDir/"]
+
+
 def test_folders_reached_through_a_symlink_are_read_once_and_loops_are_named(tmp_path):
     """``photos/corel -> /data/corel``: symlinked files were read, symlinked folders skipped
     without a word (1,000 images missing, "0 skipped"). Folder links are followed now; a link back
