@@ -64,6 +64,8 @@ def connect(options: RayOptions) -> bool:
         found = _auto_address() if address == "auto" else address
         if found:  # 'auto' with no cluster on record: ray.init says so at once
             probe(found, shown=address)
+            if not found.startswith("ray://"):  # (a Ray Client server authenticates on its own)
+                match_auth(found, shown=address)
         kwargs["address"] = address
         host = (found or "").removeprefix("ray://").rsplit(":", 1)[0]
         if host.startswith("127."):  # a loopback cluster: this driver must be on loopback too
@@ -72,6 +74,7 @@ def connect(options: RayOptions) -> bool:
         ray.init(**kwargs)
     except BaseException as exc:
         ray.shutdown()  # what a start cut short (SIGTERM, Ctrl-C) had started goes with it
+        _restore_auth()
         if not isinstance(exc, Exception):
             raise
         where = "start a local Ray cluster" if kwargs["address"] == "local" else f"join the Ray cluster at {address}"
@@ -116,6 +119,86 @@ def probe(address: str, shown: str | None = None, timeout_s: float = PROBE_TIMEO
         raise RisError(f"{where}: {host}:{port}: {exc.strerror or exc}") from None
 
 
+AUTH_MODE = "RAY_AUTH_MODE"
+_saved_auth: list[str | None] = []  # RAY_AUTH_MODE as it was before match_auth set it
+
+
+def match_auth(address: str, shown: str) -> None:
+    """Join the cluster at ``address`` the way it authenticates: with this machine's token where it
+    asks for one, without where it does not; else one line saying what is missing.
+
+    Why: driver and cluster must agree, and Ray's defaults make them disagree. `ray start --head`
+    turns token auth on whenever ~/.ray/auth_token exists (a local ``ray.init`` writes one), yet a
+    driver given HOST:PORT joined without it (20 s of retries, ~20 warnings, then 'Failed to
+    connect', no reason given); and one with a token (RAY_AUTH_MODE=token, or 'auto' where a token
+    exists) joined a cluster without auth, but its actors never ran ('ActorDiedError'). A GCS call
+    without the token, answered in milliseconds, tells which the cluster is.
+    """
+    from ray._raylet import AuthenticationTokenLoader, GcsClient
+    from ray.exceptions import AuthenticationError
+
+    where = f"cannot join the Ray cluster at {shown}"
+
+    def refused() -> bool:
+        with _without_lines(("Failed to get cluster ID from GCS", "Failed to connect to")):
+            try:
+                GcsClient(address=address, cluster_id=None)
+            except AuthenticationError:
+                return True
+            except Exception as exc:  # what ray.init met too, after minutes more (a port that is not Ray's)
+                raise RisError(f"{where}: no Ray cluster answered there ({reason(exc)}); is it the head node's "
+                               "GCS port? ('ray status' on the head node)") from None
+        return False
+
+    try:
+        _set_auth_mode("disabled")
+        if not refused():
+            return
+        if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):  # (token mode without one aborts)
+            raise RisError(f"{where}: it uses Ray's token authentication and this machine has no token: copy "
+                           "~/.ray/auth_token from its head node here, or set RAY_AUTH_TOKEN")
+        _set_auth_mode("token")
+        if refused():
+            raise RisError(f"{where}: it refused this machine's token ({_token_source()}); use its head node's "
+                           "~/.ray/auth_token, or set RAY_AUTH_TOKEN to it")
+    except BaseException:  # (Ctrl-C too) the mode set to ask does not outlive a join that failed
+        _restore_auth()
+        raise
+
+
+def _token_source() -> str:
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        if os.environ.get(var):
+            return var
+    return "~/.ray/auth_token"
+
+
+def _set_auth_mode(mode: str) -> None:
+    """This process' Ray auth mode; Ray reads RAY_AUTH_MODE into its config when imported, and
+    re-reads it so (as Ray itself does when it turns token auth on)."""
+    from ray._raylet import Config
+
+    if not _saved_auth:
+        _saved_auth.append(os.environ.get(AUTH_MODE))
+    os.environ[AUTH_MODE] = mode
+    Config.initialize("")
+
+
+def _restore_auth() -> None:
+    """RAY_AUTH_MODE as it was before ``match_auth``: a later local cluster of this process is
+    started as it would have been."""
+    if not _saved_auth:
+        return
+    before = _saved_auth.pop()
+    if before is None:
+        os.environ.pop(AUTH_MODE, None)
+    else:
+        os.environ[AUTH_MODE] = before
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
 def disconnect(started: bool, in_flight: list | None = None) -> None:
     """Leave the cluster (shut it down if this process started it). ``in_flight``: the refs of
     tasks a stopped run leaves, cancelled first; Ray's driver then logs 'Failed to push error to
@@ -134,6 +217,7 @@ def disconnect(started: bool, in_flight: list | None = None) -> None:
                 ray.wait(in_flight, num_returns=len(in_flight), timeout=2)
         if started:
             ray.shutdown()
+            _restore_auth()
 
 
 NOISE = ("Failed to push error to driver",)

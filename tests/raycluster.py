@@ -39,13 +39,14 @@ def _node_args() -> list[str]:
 class Cluster:
     """Ray node processes started here; each `ray start` and what it spawns is one process group."""
 
-    def __init__(self, temp_dir: str):
+    def __init__(self, temp_dir: str, auth: dict[str, str] | None = None):
         self.temp_dir = temp_dir
         self.port = _free_port()
         self.address = f"{HOST}:{self.port}"
         # the workers import this checkout's ris, as the tests do
         # loopback only, on ports of its own: no token (a token would come from ~/.ray, shared state)
-        self.auth = {"RAY_AUTH_MODE": "disabled"}
+        # unless ``auth`` says otherwise (RAY_AUTH_MODE=token with its own RAY_AUTH_TOKEN)
+        self.auth = auth or {"RAY_AUTH_MODE": "disabled"}
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                     "RAY_USAGE_STATS_ENABLED": "0", "TF_CPP_MIN_LOG_LEVEL": "3", **self.auth}
         self.groups: list[int] = []
@@ -85,10 +86,11 @@ def _alive(pgid: int) -> bool:
 
 
 @contextmanager
-def running_cluster(nodes: int = 2):
-    """A head and ``nodes - 1`` more nodes of one CPU each, stopped when the block ends."""
+def running_cluster(nodes: int = 2, auth: dict[str, str] | None = None):
+    """A head and ``nodes - 1`` more nodes of one CPU each, stopped when the block ends; ``auth``:
+    the RAY_AUTH_* settings of its nodes and of this process' drivers (default: no token)."""
     temp_dir = tempfile.mkdtemp(prefix="ris-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    c = Cluster(temp_dir)
+    c = Cluster(temp_dir, auth)
     saved = {k: os.environ.get(k) for k in c.auth}
     os.environ.update(c.auth)  # before Ray is imported: the in-process drivers connect the same way
     try:
