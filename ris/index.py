@@ -282,8 +282,8 @@ def open_search_index(features_db_path: str, features, metric: str, kind: str = 
     ``ivfpq`` build (and save) their index when it is missing or stale; ``milvus`` creates or
     refreshes its collection. In all of them, images appended to or removed from the database
     since are added or removed and the index re-saved. ``source`` (``ris.index_state.source_of``)
-    keys the index on the database content and gives the stable ids. ``rebuild`` (hnsw, ivfpq)
-    builds anew; the saved index is replaced only when the new one is committed.
+    keys the index on the database content and gives the stable ids. ``rebuild`` builds anew; the
+    saved index (a Milvus collection too) is replaced only when the new one is committed.
     """
     name, arg = check_kind(kind)
     _check_metric(metric)

@@ -7,11 +7,9 @@ One collection per database lineage and kind of vectors, ``ris_<lineage>_<vector
 (id = the database's stable id, path, label, vector) with an HNSW index; it follows the
 database like the other index kinds (``ris.index_state``): removed images are deleted,
 appended ones upserted (idempotent, so an update killed half-way is redone), and the cursor is
-kept in the collection's ``ris_state`` property. That property is written last: a collection
-without it (a build killed half-way) is never trusted and is rebuilt.
-
-Tested against Milvus Lite only (3.x: a pure-Python engine with Milvus's gRPC API and faiss
-inside); the server path uses the same calls but was not run against a Milvus cluster.
+kept in the collection's ``ris_state`` property, written last: a collection without it is never
+trusted. A build is made beside the collection that serves and replaces it once complete
+(``ris.milvus_switch``). Tested against Milvus Lite and a standalone Milvus server (README).
 """
 from __future__ import annotations
 
@@ -29,6 +27,7 @@ import numpy as np  # noqa: E402
 from ris.errors import DatabaseError, RisError  # noqa: E402
 from ris.index_state import RowMap, catch_up, ids_of, saved_source, to_rows  # noqa: E402
 from ris.milvus_lite import foreign_folder, lite_open_problem  # noqa: E402
+from ris.milvus_switch import drop_collection, has_collection  # noqa: E402
 from ris.stored_rows import StoredRows  # noqa: E402
 from ris.topk import METRICS  # noqa: E402
 
@@ -127,22 +126,6 @@ def _is_lite(where: str) -> bool:
     return parse_target(where.removeprefix("milvus:"))[1]
 
 
-def has_collection(client, name: str, lite: bool) -> bool:
-    """Milvus Lite fails has_collection on a collection whose files are damaged (both manifests
-    unreadable): that one is there, to be dropped; a server's failure is its own error."""
-    try:
-        return bool(client.has_collection(name))
-    except Exception:  # noqa: BLE001 - pymilvus' MilvusException, Milvus Lite's words inside
-        if not lite:
-            raise
-        return True
-
-
-def drop_collection(client, name: str, lite: bool) -> None:
-    if has_collection(client, name, lite):
-        client.drop_collection(name)
-
-
 def collection_name(source: dict | None, vectors_path: str) -> str:
     """``ris_<lineage>_<vectors>``: one per database lineage (appends and removals keep it) and kind
     of vectors (raw features or one head's embeddings)."""
@@ -169,6 +152,7 @@ class MilvusIndex:
         if metric not in METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
         self.client, self.name, self.dim, self.metric, self.where = client, name, int(dim), metric, where
+        self.target = name  # the name it serves under: ``create`` builds beside it, ``save`` switches
         self.source: dict | None = None
         self.next_id = self.removed_seen = self.fingerprint_rows = 0
         self.fingerprint: str | None = None
@@ -182,12 +166,14 @@ class MilvusIndex:
     # -- the collection ------------------------------------------------------------------------
     @classmethod
     def create(cls, client, name: str, dim: int, metric: str, where: str) -> "MilvusIndex":
-        """Drop any collection of that name and make an empty one (its state property comes last)."""
+        """An empty collection that ``save`` switches to under ``name`` once complete; until then it
+        is built beside it (``ris.milvus_switch``), any one of that temporary name dropped first."""
         from ris.milvus_owners import USERS_KEY, users_before_rebuild
+        from ris.milvus_switch import BUILDER_KEY, builder, temp_name
 
         pm = _pymilvus()
-        users = users_before_rebuild(client, name)
-        drop_collection(client, name, _is_lite(where))
+        users, temp = users_before_rebuild(client, name), temp_name(name)
+        drop_collection(client, temp, _is_lite(where))
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", pm.DataType.INT64, is_primary=True)
         schema.add_field("path", pm.DataType.VARCHAR, max_length=4096)
@@ -195,11 +181,11 @@ class MilvusIndex:
         schema.add_field("vector", pm.DataType.FLOAT_VECTOR, dim=int(dim))
         params = client.prepare_index_params()
         params.add_index("vector", index_type="HNSW", metric_type=_METRIC[metric], params=HNSW_PARAMS)
-        client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
-        if users:
-            client.alter_collection_properties(name, properties={USERS_KEY: users})
-        self = cls(client, name, dim, metric, where)
-        self.fresh = True
+        client.create_collection(temp, schema=schema, index_params=params, consistency_level="Strong")
+        props = {BUILDER_KEY: builder(), **({USERS_KEY: users} if users else {})}
+        client.alter_collection_properties(temp, properties=props)
+        self = cls(client, temp, dim, metric, where)
+        self.fresh, self.target = True, name
         return self
 
     @classmethod
@@ -214,7 +200,7 @@ class MilvusIndex:
             if not lite:
                 raise
             raise DatabaseError(f"collection {name} is damaged ({_said(exc)})") from None
-        if props.get(STATE_KEY) == "":  # emptied by ris.milvus_owners.forget_state
+        if props.get(STATE_KEY) == "":  # emptied by an older ris-index build --rebuild
             raise DatabaseError("a rebuild was asked for (ris-index build --rebuild)")
         try:
             state = json.loads(props[STATE_KEY])
@@ -240,6 +226,11 @@ class MilvusIndex:
                  "fingerprint": self.fingerprint, "fingerprint_rows": self.fingerprint_rows}
         self.client.flush(self.name)
         self.client.alter_collection_properties(self.name, properties={STATE_KEY: json.dumps(state)})
+        if self.target != self.name:  # a new collection, complete: it replaces the one under its name
+            from ris.milvus_switch import switch
+
+            switch(self.client, self.name, self.target, _is_lite(self.where))
+            self.name = self.target
         self.fresh = False
 
     def roll_back(self, source: dict | None) -> bool:
@@ -379,6 +370,9 @@ def open_milvus(req):
         return has_collection(client, name, parse_target(req.arg)[1])
 
     try:
+        from ris.milvus_switch import settle
+
+        settle(client, name, parse_target(req.arg)[1], where)  # what a killed build left
         index = open_saved(req, f"{where} collection {name}", load, build, "milvus", exists=exists)
     except BaseException as exc:
         disconnect(client, req.arg)

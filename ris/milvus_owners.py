@@ -124,22 +124,6 @@ def users_before_rebuild(client, name: str) -> str | None:
         return None
 
 
-def forget_state(client, name: str, lite: bool) -> None:
-    """``ris-index build --rebuild``: make the next open rebuild the collection (its state emptied,
-    its users kept); a collection whose properties cannot be changed (damaged) is dropped."""
-    from ris.milvus_index import STATE_KEY, has_collection
-
-    try:
-        if client.has_collection(name):
-            client.alter_collection_properties(name, properties={STATE_KEY: ""})
-            return
-    except Exception:  # noqa: BLE001 - Milvus Lite fails on a damaged collection: drop it below
-        if not lite:
-            raise
-    if has_collection(client, name, lite):
-        client.drop_collection(name)
-
-
 def own(client, name: str, source: dict | None, where: str) -> tuple[str, str]:
     """``open_milvus``: count the collection as open here, record this database among its users and
     drop those it left behind; the key ``let_go`` gives back. Never fails the open."""

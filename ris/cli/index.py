@@ -97,8 +97,6 @@ def _build_saved(args) -> int:
             vectors_path, source = str(db.path), source_of(db)
             if args.index == "ivfpq" and not len(db):  # a search answers nothing; a build is asked for
                 raise RisError(f"{db.path}: no images to train an IVF-PQ index on (use --index exact or hnsw)")
-            if args.rebuild and args.index.startswith("milvus:"):
-                _forget_collection(vectors_path, args.index, source)
             index = open_search_index(vectors_path, db.features, "euclidean", kind=args.index, source=source,
                                       rebuild=args.rebuild)
         if tuning:
@@ -135,20 +133,6 @@ def _retune(index, vectors_path: str, nprobe: int | None, rerank: int | None):
     index.params = writable.params
     index._apply_search_params()
     return index
-
-
-def _forget_collection(vectors_path: str, kind: str, source: dict) -> None:
-    """``--rebuild`` of a Milvus collection: forget its state, so the open that follows rebuilds it.
-    (HNSW and IVF-PQ indexes are built anew by ``open_search_index(rebuild=True)`` and replace the
-    saved one only once committed: a rebuild killed mid-way leaves the old index usable.)"""
-    from ris.milvus_index import collection_name, connect, disconnect, parse_target
-    from ris.milvus_owners import forget_state
-
-    client = connect(kind.partition(":")[2])
-    try:  # rebuilt by the open that follows, keeping the databases it serves (ris.milvus_owners)
-        forget_state(client, collection_name(source, vectors_path), parse_target(kind.partition(":")[2])[1])
-    finally:
-        disconnect(client, kind.partition(":")[2])
 
 
 def _remove(args) -> int:
