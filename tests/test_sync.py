@@ -221,6 +221,32 @@ def test_ris_index_remove_and_info(tmp_path, capsys):
     assert (info["rows"], info["removed"], info["next_id"]) == (49, 1, 50)
 
 
+def test_ris_index_info_prints_lines_not_python_dicts(tmp_path, capsys):
+    """``ris-index info`` printed each saved index as a raw Python dict
+    (``f.h5.hnsw.json: {'kind': 'hnsw', ..., 'params': {'M': 32, ...}}``); it now prints one
+    ``key: value`` line each, nested settings on their own lines below; ``--json`` is unchanged."""
+    pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
+    from ris.cli.index import main
+
+    db = make_feature_db(tmp_path / "f.h5", clustered_vectors(60, 8))
+    assert main(["build", "--features-db", str(db), "--index", "hnsw"]) == 0
+    (tmp_path / "f.h5.ivfpq").write_text("{not json")
+    capsys.readouterr()
+    assert main(["info", "--features-db", str(db), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["indexes"]["f.h5.hnsw.json"]["params"]["M"] == 32 and "error" in info["indexes"]["f.h5.ivfpq"]
+    assert main(["info", "--features-db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "{" not in out and "'" not in out, out
+    lines = out.splitlines()
+    at = lines.index("  f.h5.hnsw.json:")
+    assert "    kind: hnsw" in lines[at:] and "    count: 60" in lines[at:] and "    metric: euclidean" in lines[at:]
+    params = lines.index("    params:", at)
+    assert lines[params + 1 : params + 4] == ["      M: 32", "      ef_construction: 200", "      ef_search: 128"]
+    ivf = lines.index("  f.h5.ivfpq:")
+    assert lines[ivf + 1].startswith("    error: ")
+
+
 def test_ris_index_remove_of_a_path_says_how_the_image_is_stored(tmp_path, capsys, monkeypatch):
     """`ris-index remove --features-db f.h5 photos/ukbench00001.jpg` (the path a shell completes)
     said only 'not in the database: photos/ukbench00001.jpg', though that image is in it, stored

@@ -203,8 +203,24 @@ def _info(args) -> int:
         print(f"{info['features_db']}: {info['rows']} images{ids}, next id "
               f"{info['next_id']}, {info['removed']} removed so far, lineage {info['lineage']}")
         for name, m in info["indexes"].items():
-            print(f"  {name}: {m}")
+            print("\n".join(_lines({name: m}, 1)))
     return 0
+
+
+def _lines(values: dict, depth: int) -> list[str]:
+    """``key: value`` lines, a nested dict's under its key, indented (``--json`` has the same data)."""
+    out = []
+    for key, value in values.items():
+        pad = "  " * depth
+        if isinstance(value, dict):
+            out += [f"{pad}{one_line(str(key))}:"] + _lines(value, depth + 1)
+            continue
+        if value is None or isinstance(value, bool):
+            value = {None: "none", True: "yes", False: "no"}[value]
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        out.append(f"{pad}{one_line(str(key))}: {one_line(str(value))}")
+    return out
 
 
 def entry() -> None:
