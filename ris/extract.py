@@ -50,7 +50,8 @@ class ExtractOptions:
     decoded ahead of the model (default 4 batches). ``append``: add the images not yet in the
     database; ``overwrite``: replace it (it stays usable until the new one is complete).
     ``verbose``: log the run's settings, and list the files not read in the summary's report.
-    ``log``: where warnings and progress notes go (stderr).
+    ``log``: where warnings and progress notes go (stderr). ``lock``: the writer lock, held
+    already (``--sync`` lends its own, held from its plan to its end).
     """
 
     labels: str = "auto"
@@ -63,6 +64,7 @@ class ExtractOptions:
     verbose: bool = False
     prefetch: int | None = None
     log: Callable[[str], None] = field(default=_to_stderr, repr=False, compare=False)
+    lock: Any = field(default=None, repr=False, compare=False)  # the writer lock, held already (--sync)
 
     def check(self) -> None:
         """Refuse settings that cannot run, before anything is read or locked."""
@@ -210,7 +212,7 @@ def _open_writer(features_db: Path, config: ExtractConfig | FusionConfig, opts: 
     from ris.sidecars import WriterLock
 
     Path(features_db).parent.mkdir(parents=True, exist_ok=True)  # --features-db out/feats.h5 makes out/
-    lock = WriterLock(features_db).acquire()
+    lock = opts.lock or WriterLock(features_db).acquire()
     try:
         if extractor is None:
             refuse_another_recipe(features_db, config, opts.append, opts.overwrite)

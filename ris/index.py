@@ -17,6 +17,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -292,3 +293,30 @@ def open_search_index(features_db_path: str, features, metric: str, kind: str = 
     if index is None:  # a saved-only open that found nothing usable
         return ExactIndex(features, metric)
     return index
+
+
+def follow_saved_indexes(features_db: str | Path, log=lambda s: print(s, file=sys.stderr)) -> list[str]:
+    """Catch up the HNSW and IVF-PQ indexes saved beside the database's raw features now (they
+    would otherwise catch up on their next use); return the kinds updated. Indexes of head
+    embeddings follow when their embeddings are next made; Milvus collections when next opened."""
+    import shlex
+
+    from ris.featuredb import FeatureDB
+    from ris.index_state import source_of
+
+    done = []
+    with FeatureDB(features_db) as db:
+        if db.features.ndim != 2:
+            return done
+        for kind, path, saved, shown in (("hnsw", hnsw_path(db.path), is_saved, meta_path),
+                                         ("ivfpq", ivfpq_path(db.path), os.path.isfile, str)):
+            if saved(path):
+                req = IndexRequest(str(db.path), db.features, "euclidean", source_of(db), build=False,
+                                   instead=f"it was not caught up: ris-index build --features-db "
+                                           f"{shlex.quote(str(features_db)).replace('{', '{{').replace('}', '}}')} "
+                                           "--index {kind} rebuilds it")
+                index = INDEX_KINDS[kind].open(req)
+                if index is not None:
+                    done.append(kind)
+                    log(f"{shown(path)}: follows the database ({len(index)} vectors)")
+    return done

@@ -141,21 +141,22 @@ def extract_on_ray(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     options: RayOptions | None = None,
     on_commit: Callable[[RunState], None] | None = None,
+    lock=None,
 ) -> RaySummary:
     """``extract_features`` with decoding and the network on a Ray cluster; same database, same resume.
 
     Connects to ``options.address`` (or starts a local cluster, stopped at the end) unless Ray is
     already initialised in this process, in which case that connection is used and kept. Ray
     prints its notices (a dead worker, ...) on the driver's stdout, where ``--json`` writes: while
-    this runs they go to stderr.
+    this runs they go to stderr. ``lock``: the writer lock, held already (``--sync``'s, lent).
     """
     with contextlib.redirect_stdout(sys.stderr):
         return _extract(dataset, features_db, config, labels, batch_size, append, overwrite, progress, log,
-                        options, on_commit)
+                        options, on_commit, lock)
 
 
 def _extract(dataset, features_db, config, labels, batch_size, append, overwrite, progress, log, options,
-             on_commit) -> RaySummary:
+             on_commit, lock=None) -> RaySummary:
     from ris.extract import (_finite_rows, _progress, _raise_interrupt, finish_run, refuse_another_recipe,
                              skipped_before, still_to_do)
     from ris.featuredb import partial_path
@@ -175,7 +176,7 @@ def _extract(dataset, features_db, config, labels, batch_size, append, overwrite
         log(line)
     root, files, label_of = run.root, run.files, run.label_of
     features_db.parent.mkdir(parents=True, exist_ok=True)
-    lock = WriterLock(features_db).acquire()  # before the slow cluster start and model builds
+    lock = lock or WriterLock(features_db).acquire()  # before the slow cluster start and model builds
     started = False
     # SIGTERM is a Ctrl-C from here on, also while Ray starts (ray.init sets its own handler, whose
     # SystemExit ended the command as 'ray: SystemExit: 1', exit 2)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -277,7 +276,25 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
                   batch_size: int = 32, workers: int | None = None, progress: bool = True,
                   log=lambda s: print(s, file=sys.stderr), ray_options=None) -> SyncSummary:
     """Bring the database in step with its folder (see the module docstring). ``ray_options``
-    (a ``ris.ray_cluster.RayOptions``): the new images are extracted on that Ray cluster."""
+    (a ``ris.ray_cluster.RayOptions``): the new images are extracted on that Ray cluster. The
+    writer lock is held from before the plan to the end: another writer (a second --sync planned at
+    the same moment) is refused before this one reads anything, or this one before it does."""
+    with WriterLock(features_db) as lock:
+        return _sync(lock, features_db, dataset, labels, batch_size, workers, progress, log, ray_options)
+
+
+class _Lent:
+    """The sync's lock lent to its extraction: the writer's release leaves it held."""
+
+    def __init__(self, lock: WriterLock):
+        self.lock = lock
+
+    def release(self) -> None:
+        pass
+
+
+def _sync(lock: WriterLock, features_db, dataset, labels, batch_size, workers, progress, log,
+          ray_options) -> SyncSummary:
     root, files, gone, changed, retry, new, refresh, still, unlisted = _plan(features_db, dataset)
     present = set(files)
     for folder, why in unlisted.items():
@@ -305,7 +322,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
     here = os.path.abspath(root)  # links kept: a folder link pointed elsewhere is followed by the next --sync
     moved = {"dataset_root": here} if stored_root != here and not new else {}
     if gone or changed or retry or refresh or moved:  # one atomic rewrite removes rows, refreshes the kept ones
-        r = remove_images(features_db, set(gone) | set(changed) | set(retry), refresh=refresh, attrs=moved)
+        r = remove_images(features_db, set(gone) | set(changed) | set(retry), lock, refresh=refresh, attrs=moved)
         if moved:
             log(f"{features_db}: its images' folder is now {moved['dataset_root']} (was {stored_root})")
         if gone or changed or retry:
@@ -328,12 +345,12 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
             from ris.ray_engine import extract_on_ray
 
             s = extract_on_ray(root, features_db, config, labels=mode, batch_size=batch_size, append=True,
-                               progress=progress, log=log, options=ray_options)
+                               progress=progress, log=log, options=ray_options, lock=_Lent(lock))
         else:
             from ris.extract import ExtractOptions, extract_features
 
             options = ExtractOptions(labels=mode, batch_size=batch_size, workers=workers, append=True,
-                                     progress=progress, log=log)
+                                     progress=progress, log=log, lock=_Lent(lock))
             s = extract_features(root, features_db, config, options)
         summary.added, summary.skipped = s.extracted, summary.skipped + list(s.skipped)
         # a killed sync's .partial was resumed with rows of files deleted since: they go too
@@ -343,7 +360,7 @@ def sync_database(features_db: str | Path, dataset: str | Path | None = None, la
             stale = [n for n in [*db.image_ids, *(i for i, _ in db.failures)]
                      if n not in present and not in_unlisted(n, unlisted)]
         if stale:
-            remove_images(features_db, set(stale))
+            remove_images(features_db, set(stale), lock)
             summary.removed = sorted(set(summary.removed) | set(stale))
             log(f"{features_db}: removed {len(stale)} row(s) a resumed run had kept of files deleted since")
     with FeatureDB(features_db) as db:
@@ -367,6 +384,7 @@ def _label_mode(features_db, stored: str, asked: str | None) -> str:
 def sync_main(args) -> int:
     """``ris-extract --sync``: the CLI's part (prints a summary, or JSON with --json)."""
     from ris.cli.common import print_json
+    from ris.index import follow_saved_indexes
 
     ray_options = None
     if args.engine == "ray":
@@ -386,31 +404,3 @@ def sync_main(args) -> int:
         for image, reason in s.skipped:
             print(f"  skipped: {reason}")
     return 0
-
-
-
-def follow_saved_indexes(features_db: str | Path, log=lambda s: print(s, file=sys.stderr)) -> list[str]:
-    """Catch up the HNSW and IVF-PQ indexes saved beside the database's raw features now (they
-    would otherwise catch up on their next use); return the kinds updated. Indexes of head
-    embeddings follow when their embeddings are next made; Milvus collections when next opened."""
-    from ris.index import INDEX_KINDS, IndexRequest
-    from ris.index_state import source_of
-    from ris.hnsw_files import is_saved, meta_path
-    from ris.sidecars import hnsw_path, ivfpq_path
-
-    done = []
-    with FeatureDB(features_db) as db:
-        if db.features.ndim != 2:
-            return done
-        for kind, path, saved, shown in (("hnsw", hnsw_path(db.path), is_saved, meta_path),
-                                         ("ivfpq", ivfpq_path(db.path), os.path.isfile, str)):
-            if saved(path):
-                req = IndexRequest(str(db.path), db.features, "euclidean", source_of(db), build=False,
-                                   instead=f"it was not caught up: ris-index build --features-db "
-                                           f"{shlex.quote(str(features_db)).replace('{', '{{').replace('}', '}}')} "
-                                           "--index {kind} rebuilds it")
-                index = INDEX_KINDS[kind].open(req)
-                if index is not None:
-                    done.append(kind)
-                    log(f"{shown(path)}: follows the database ({len(index)} vectors)")
-    return done

@@ -396,6 +396,46 @@ def test_sync_labels_new_images_as_the_database_was_made_never_another_way(tmp_p
         assert f.label_names[f.labels[f.image_ids.index("ukbench00104.jpg")]] == "26"
 
 
+def test_two_syncs_planned_at_once_do_the_work_once_and_the_refused_one_did_nothing(tmp_path, monkeypatch, capsys):
+    """Two ``ris-extract --sync`` runs planned at the same moment: the writer lock was taken only to
+    remove and to extract, so the second removed (and extracted again) the row the first had just
+    made of the same changed file, a new id each time; or it removed rows and then, its extraction
+    refused by the lock, exited 2 although its removals had happened. The lock is now taken before
+    planning: the second is refused before it reads or changes anything, and the work is done once."""
+    import ris.sync
+
+    data = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    assert _extract("--dataset", str(data), "--features-db", str(db), *FAST) == 0
+    time.sleep(0.05)
+    shutil.copyfile(data / "ukbench00003.jpg", data / "ukbench00000.jpg")  # another picture: extracted again
+    shutil.copyfile(data / "ukbench00002.jpg", data / "new.jpg")
+    with FeatureDB(db) as f:
+        next_id = f.next_id
+    real, second = ris.sync._plan, {}
+
+    def planned_with_another(*args):  # the first run has planned: the second runs whole now
+        plan = real(*args)
+        if not second:
+            second["status"] = None  # once
+            with FeatureDB(db) as f:
+                before = (f.content_id, f.next_id)
+            second["status"] = _command("--sync", "--features-db", str(db), "--no-progress")
+            with FeatureDB(db) as f:
+                second["changed"] = (f.content_id, f.next_id) != before
+        return plan
+
+    monkeypatch.setattr(ris.sync, "_plan", planned_with_another)
+    capsys.readouterr()
+    assert _command("--sync", "--features-db", str(db), "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert second == {"status": 2, "changed": False}, err  # refused, and it changed nothing
+    assert "being written by" in err
+    with FeatureDB(db) as f:  # the changed file and the new one extracted once each: two new ids
+        assert f.next_id == next_id + 2 and sorted(f.image_ids).count("ukbench00000.jpg") == 1
+        assert "new.jpg" in f.image_ids
+
+
 def test_a_database_whose_images_were_all_removed_says_so(tmp_path, capsys):
     """After every image was removed: ``ris-index info`` printed "ids None..None" and ris-eval
     "no labels to evaluate against" (they were labelled; there were none left)."""
@@ -825,7 +865,7 @@ def test_a_followed_index_is_named_by_a_file_that_exists(tmp_path, kind):
     pytest.importorskip({"ivfpq": "faiss", "hnsw": "hnswlib"}[kind])
     from ris.index import open_search_index
     from ris.index_state import source_of
-    from ris.sync import follow_saved_indexes
+    from ris.index import follow_saved_indexes
 
     db = make_feature_db(tmp_path / "f.h5", clustered_vectors(1200, 16))
     with FeatureDB(db) as f:
@@ -873,7 +913,7 @@ def test_a_damaged_index_left_behind_by_a_removal_says_how_to_rebuild_it(tmp_pat
     (rebuild it with --index hnsw)': nothing searches there, and no ris-index flag of that name
     rebuilds it. The warning says the index was not caught up and the command that rebuilds it."""
     pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
-    from ris.sync import follow_saved_indexes
+    from ris.index import follow_saved_indexes
 
     db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8))
     (tmp_path / "f.h5.hnsw.json").write_text('{"kind": "hnsw", "count": 3')  # damaged metadata

@@ -137,7 +137,8 @@ def _retune(index, vectors_path: str, nprobe: int | None, rerank: int | None):
 
 def _remove(args) -> int:
     from ris.errors import RisError
-    from ris.sync import follow_saved_indexes, names_in_list, remove_images
+    from ris.index import follow_saved_indexes
+    from ris.sync import names_in_list, remove_images
 
     names = list(args.images)
     if args.from_file:  # a regular file within RIS_MAX_FILE_BYTES, as every input (a FIFO blocked)
