@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ris.extract import ExtractSummary
+    from ris.query_input import QueryImage
     from ris.search import Hit, SearchEngine
     from ris.train import TrainResult
 
@@ -105,7 +106,8 @@ def open_database(features_db: str | Path, model: str | Path | None = None, *, i
     from ris.presets import for_api
     from ris.search import SearchEngine
 
-    from ris.recipe_diff import RecipeRefused
+    from ris.errors import RisError
+    from ris.recipe_diff import QUERY_ARGS, RecipeRefused, in_api_words
 
     rerank = for_api(preset, "search", {"rerank": rerank}, {"rerank": "none"})["rerank"]
     _warn_other_recipe(preset, features_db)
@@ -115,6 +117,9 @@ def open_database(features_db: str | Path, model: str | Path | None = None, *, i
                             rotations=rotations)
     except RecipeRefused as exc:  # a head made for other features: in this API's words, not ris-extract's flags
         raise type(exc)(exc.where, exc.old, exc.new, api=True) from None
+    except RisError as exc:  # 'rotations=True does not work with rerank diffusion', not ris-search's flags
+        exc.args = (in_api_words(str(exc), QUERY_ARGS),)
+        raise
 
 
 def _warn_other_recipe(preset: str | None, features_db: str | Path) -> None:
@@ -133,9 +138,11 @@ def _warn_other_recipe(preset: str | None, features_db: str | Path) -> None:
         warnings.warn(message, UserWarning, stacklevel=level)
 
 
-def query(features_db: str | Path, image: str | bytes | Path, k: int = 12, model: str | Path | None = None,
-           **engine_options: Any) -> list["Hit"]:
-    """One query, start to finish (loads the engine each call: use ``open_database`` for many)."""
+def query(features_db: str | Path, image: "QueryImage", k: int = 12, model: str | Path | None = None,
+          **engine_options: Any) -> list["Hit"]:
+    """One query, start to finish (loads the engine each call: use ``open_database`` for many).
+    ``image``: whatever ``SearchEngine.query`` takes: a file name, the file's bytes, a binary file
+    object, a PIL Image or an RGB uint8 array; ``engine_options``: ``open_database``'s."""
     with open_database(features_db, model, **engine_options) as engine:
         return engine.query(image, k)
 
@@ -145,9 +152,10 @@ def score(features_db: str | Path, model: str | Path | None = None, preset: str 
     """N-S, top-4, mAP, recall@k, precision@k of a labelled database, off the shelf and through
     ``model``; ``options`` as ``ris.evaluate.evaluate_db`` (split, rerank, seed, ...); ``preset``:
     its re-ranking where ``rerank`` is not given."""
+    from ris.errors import RisError
     from ris.evaluate import evaluate_db
     from ris.presets import for_api
-    from ris.recipe_diff import RecipeRefused
+    from ris.recipe_diff import QUERY_ARGS, RecipeRefused, in_api_words
 
     options["rerank"] = for_api(preset, "eval", {"rerank": options.get("rerank")}, {"rerank": "none"})["rerank"]
     _warn_other_recipe(preset, features_db)
@@ -156,6 +164,9 @@ def score(features_db: str | Path, model: str | Path | None = None, preset: str 
         return evaluate_db(features_db, model, **options)
     except RecipeRefused as exc:  # as open_database
         raise type(exc)(exc.where, exc.old, exc.new, api=True) from None
+    except RisError as exc:  # in this API's words, not ris-eval's flags ('split must be test or all')
+        exc.args = (in_api_words(str(exc), QUERY_ARGS),)
+        raise
 
 
 def fit_head(features_db: str | Path, output: str | Path, progress: bool = False, **config: Any) -> "TrainResult":

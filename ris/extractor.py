@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class ExtractConfig:
+    """What to extract (the recipe every query is described by again); ``ris.build_database``'s arguments."""
+
     model: str = "vgg16"
     weights: str = "imagenet"  # 'imagenet' | 'none' | path
     layer: str | None = None  # trunk layer; default: the last conv block

@@ -369,13 +369,14 @@ def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def load_image(path: str | Path, size: int, aspect: str = "squash") -> np.ndarray:
+def load_image(path: str | Path, size: int, aspect: str = "squash", data: bytes | None = None) -> np.ndarray:
     """RGB uint8 network input: (size, size, 3), or with ``aspect`` 'keep' its aspect ratio kept
     (``ris.aspect``). Resized before the colour conversion: the same pixels as
-    ``resize_input(decode_image(...))`` (both are per channel), without a full-size copy."""
+    ``resize_input(decode_image(...))`` (both are per channel), without a full-size copy.
+    ``data``: the file's bytes, already in memory (an upload), decoded instead; ``path`` names them."""
     from ris.aspect import resize_input
 
-    img, order = _decode_native(_named(path), size, None)
+    img, order = _decode_native(_named(path), size, None, data)
     return _to_rgb(resize_input(img, size, aspect), order)
 
 

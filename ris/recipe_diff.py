@@ -20,11 +20,20 @@ _API_ARGS = {"model": "model", "weights": "weights", "layer": "layer", "input_si
 _FLAG_ARGS = {_FLAGS[key]: arg for key, arg in _API_ARGS.items()}
 
 
-def in_api_words(message: str) -> str:
+# ris-search's and ris-eval's flags as ``ris.open_database``'s and ``ris.score``'s arguments
+# (--labels: ``ris.build_database``'s)
+QUERY_ARGS = {"--split": "split", "--gallery": "gallery", "--queries": "queries", "--rerank": "rerank",
+              "--rotations": "rotations=True", "--verify": "verify", "--seed": "seed", "--model": "model",
+              "--labels": "labels", "--index": "index", "--dataset-root": "dataset_root"}
+
+
+def in_api_words(message: str, flags: dict[str, str] | None = None) -> str:
     """A recipe message with ris-extract's flags written as ``ris.build_database``'s arguments
-    ("--resize: 'abc' is not a size" -> "input_size: 'abc' is not a size"): a Python caller never
-    wrote the flags. Other flags are left as they are."""
-    return re.sub(r"--[a-z][a-z-]*", lambda found: _FLAG_ARGS.get(found.group(0), found.group(0)), message)
+    ("--resize: 'abc' is not a size" -> "input_size: 'abc' is not a size"), or with ``flags``
+    (``QUERY_ARGS``) those flags as that call's arguments: a Python caller never wrote the flags.
+    Other flags are left as they are."""
+    names = _FLAG_ARGS if flags is None else flags
+    return re.sub(r"--[a-z][a-z-]*", lambda found: names.get(found.group(0), found.group(0)), message)
 
 
 def describe_difference(old: dict[str, Any], new: dict[str, Any], here: str = "here", asked: str = "asked",

@@ -6,12 +6,13 @@ import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 
 from ris.errors import BadChoice, BadImage, DatabaseError
 from ris.jpeg_noise import said
+from ris.query_input import IN_MEMORY, QueryImage, encoded, file_name, pil_pixels
 from ris.row_views import RowLabels
 from ris.rotations import check_rerank
 from ris.topk import warn_nonfinite
@@ -19,6 +20,9 @@ from ris.topk import warn_nonfinite
 
 @dataclass
 class Hit:
+    """One result: ``rank`` 1 = nearest; ``distance`` smaller = more alike (a re-ranking's score with
+    ``rerank``); ``image_id`` as stored (its path under the dataset folder); ``label`` '' if none."""
+
     rank: int
     distance: float
     image_id: str
@@ -90,6 +94,7 @@ class SearchEngine:
         self.labels = RowLabels(self.db.labels, self.db.label_names)
 
     def close(self) -> None:
+        """Closes its files (and a Milvus client); a second close does nothing, a query then is a RisError."""
         self.closed = True
         rows = self.__dict__.pop("_rows", None)
         if rows is not None:
@@ -180,18 +185,22 @@ class SearchEngine:
             vec = embed_features(self.head, vec)
         return vec
 
-    def embed_query(self, image_path: str | bytes | Path) -> np.ndarray:
-        """(1, D) query vector, or (4, D) with ``rotations`` (the copies at 0/90/180/270 degrees);
-        a bytes path (``os.listdir(b'.')``) is read as the file system names it. libjpeg's warnings
-        about the file are said through ``log`` as ris-extract says them (``ris.jpeg_noise.said``)."""
+    def embed_query(self, image_path: str | bytes | Path | BinaryIO) -> np.ndarray:
+        """(1, D) query vector, or (4, D) with ``rotations`` (turned by 0/90/180/270 degrees), of an image
+        file named (bytes: as ``os.listdir(b'.')`` names it) or given as its bytes or a binary file object
+        (``ris.query_input``). libjpeg's warnings are said through ``log`` (``ris.jpeg_noise.said``)."""
         from ris.images import load_image
 
         self._check_open()
-        if isinstance(image_path, bytes):
-            image_path = os.fsdecode(image_path)  # a name that is not UTF-8 keeps its bytes (surrogateescape)
-        with said(image_path, self.log):
-            return self._describe(load_image(image_path, self.extractor.max_size, self.extractor.aspect),
-                                  lambda side: load_image(image_path, side))
+        data = encoded(image_path)
+        name = IN_MEMORY if data is not None else file_name(image_path)
+        with said(name, self.log):
+            return self._describe(load_image(name, self.extractor.max_size, self.extractor.aspect, data),
+                                  lambda side: load_image(name, side, data=data))
+
+    def _query_vector(self, image) -> np.ndarray:  # embed_array of an array or a PIL Image's pixels
+        image = image if (pixels := pil_pixels(image)) is None else pixels
+        return self.embed_array(image) if isinstance(image, np.ndarray) else self.embed_query(image)
 
     def _search_vectors(self, vec: np.ndarray, k: int, reranker=None,
                         query_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -228,14 +237,14 @@ class SearchEngine:
             raise BadChoice(f"k must be a whole number of results, 1 or more, not {k!r}")
         return int(k)
 
-    def query(self, image_path: str | bytes | Path | np.ndarray, k: int = 12) -> list[Hit]:
-        """The ``k`` nearest database images to an image file or a decoded RGB uint8 array (see
-        ``embed_array``); rows without finite features are never among them."""
+    def query(self, image_path: QueryImage, k: int = 12) -> list[RowHit]:
+        """The ``k`` nearest database images (never rows without finite features) to an image: a file name,
+        its bytes, a binary file object, a PIL Image or an RGB uint8 array (``ris.query_input``)."""
         k = self._usable(k)
-        array = isinstance(image_path, np.ndarray)
-        vec = self.embed_array(image_path) if array else self.embed_query(image_path)
+        vec = self._query_vector(image_path)
         if not np.isfinite(vec).all():
-            raise BadImage(f"{'the query array' if array else image_path}: its features are not finite (NaN/inf); "
+            named = isinstance(image_path, (str, os.PathLike))
+            raise BadImage(f"{image_path if named else 'the query image'}: its features are not finite (NaN/inf); "
                            "it cannot be ranked")
         dist, idx = self._search_vectors(vec, k, self.reranker)
         keep = [(float(d), int(i)) for d, i in zip(dist[0], idx[0]) if i >= 0 and np.isfinite(d)]
@@ -265,6 +274,8 @@ class SearchEngine:
     def row_vector(self, row: int) -> np.ndarray:
         """(1, D) search vector of database row ``row`` (its head embedding with a model)."""
         self._check_open()
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)):  # int(5.5) would answer for row 5
+            raise BadChoice(f"row must be a whole number, a database row, not {row!r}")
         row = int(row)
         if not 0 <= row < len(self.image_ids):
             raise BadChoice(f"row {row} is not in the database (0..{len(self.image_ids) - 1})")
@@ -328,8 +339,8 @@ class SearchEngine:
                 for r, (d, i, name) in enumerate(zip(dist, rows, names), 1)]
 
     def search(self, image, k: int = 12, rerank: str = "none") -> list["RowHit"]:
-        """Top ``k`` for an image file path or a decoded RGB array (in-process ``ris-serve``)."""
-        vec = self.embed_array(image) if isinstance(image, np.ndarray) else self.embed_query(image)
+        """Top ``k`` for any image ``query`` takes (in-process ``ris-serve``), re-ranked by ``rerank``."""
+        vec = self._query_vector(image)
         return self.hits(*self.neighbours(vec, k, rerank))
 
     def search_row(self, row: int, k: int = 12, rerank: str = "none") -> list["RowHit"]:

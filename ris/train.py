@@ -27,6 +27,8 @@ from ris.whiten import WhiteningHead, build_whitening_head, fit_whitening
 
 @dataclass
 class TrainConfig:
+    """How to fit a head (``ris.fit_head``'s keyword arguments, ``ris-train``'s flags); the fields say."""
+
     arch: str = "whiten"  # learned whitening, closed form; 'mlp' = the blog's base network; 'residual'
     whiten_shrinkage: float | None = None  # whiten: None = chosen by cross-validation on training objects
     whiten_power: float | None = None  # whiten: 0.5 = full whitening, less = partial; None = chosen

@@ -395,3 +395,71 @@ def test_a_head_on_a_database_made_otherwise_is_refused_in_the_apis_own_words(tm
         said = str(refused.value)
         assert "made differently" in said and "input_size=64 for the model, 96 in the database" in said, said
         assert "--" not in said, said
+
+
+def test_a_query_given_as_encoded_bytes_a_file_object_or_a_pil_image_is_searched_as_its_file(tmp_path):
+    """A service holds an upload as bytes or a file object, a notebook a PIL Image: engine.query(jpeg_bytes)
+    raised 'ValueError: embedded null byte' (bytes were taken for a file name only), a BytesIO, an
+    open file or a PIL Image 'TypeError: expected str, bytes or os.PathLike object'. Each is now
+    searched with the hits (ids and distances) of the file itself; other objects are one RisError."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=96)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    image = photos / "ukbench00002.jpg"
+    same = lambda hits: [(h.image_id, round(h.distance, 5)) for h in hits]  # noqa: E731
+    with ris.open_database(tmp_path / "f.h5") as engine, open(image, "rb") as fh:
+        expected = same(engine.query(image, k=3))
+        assert expected[0][0] == "ukbench00002.jpg"
+        data = image.read_bytes()
+        for given in (data, bytearray(data), io.BytesIO(data), fh):
+            assert same(engine.query(given, k=3)) == expected, type(given)
+        assert same(engine.search(data, k=3)) == expected
+        with Image.open(image) as pil:  # decoded at full size: as the same array is
+            assert same(engine.query(pil, k=3)) == same(engine.query(np.asarray(pil.convert("RGB")), k=3))
+            assert same(engine.query(pil.convert("RGBA"), k=3)) == same(engine.query(pil, k=3))
+        with pytest.raises(ris.RisError, match="not a readable image"):
+            engine.query(b"\0not an image at all", k=3)
+        with pytest.raises(ris.RisError, match="binary mode"):
+            with open(image, encoding="latin-1") as text:
+                engine.query(text, k=3)
+        for other, named in ((5, "int"), (None, "NoneType"), ([1, 2], "list")):
+            with pytest.raises(ris.RisError, match=f"file name.*array.*not {named}"):
+                engine.query(other, k=3)
+    assert same(ris.query(tmp_path / "f.h5", data, k=3)) == expected
+
+
+def test_score_and_open_database_name_their_own_arguments_not_the_commands_flags(tmp_path):
+    """ris.score(split='nope') said '--split must be test or all', open_database(rotations=True,
+    rerank='diffusion') '--rotations does not work with --rerank diffusion': flags the caller never wrote."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    with pytest.raises(ris.RisError, match=r"^split must be test or all, not 'nope'$"):
+        ris.score(tmp_path / "f.h5", split="nope")
+    with pytest.raises(ris.RisError, match=r"^gallery must be one of"):
+        ris.score(tmp_path / "f.h5", gallery="nope")
+    with pytest.raises(ris.RisError, match=r"^rotations=True does not work with rerank diffusion: .*use rerank none"):
+        ris.open_database(tmp_path / "f.h5", rotations=True, rerank="diffusion")
+
+
+def test_a_row_that_is_not_a_whole_number_is_refused_not_rounded(tmp_path):
+    """engine.search_row(5.5) searched with row 5, search_row(True) with row 1 and search_row('2')
+    with row 2, silently: a caller's mistake (a distance, a flag, an id as text) answered as if meant."""
+    import numpy as np
+
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    with ris.open_database(tmp_path / "f.h5") as engine:
+        for bad in (1.5, True, "2", None):
+            with pytest.raises(ris.RisError, match=f"row must be a whole number.*not {re.escape(repr(bad))}"):
+                engine.search_row(bad, k=2)
+        assert [h.row for h in engine.search_row(np.int64(2), k=3)] == [h.row for h in engine.search_row(2, k=3)]
