@@ -70,7 +70,7 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
     from ris.featuredb import TargetExists
     from ris.fusion import make_config
     from ris.presets import for_api
-    from ris.errors import RisError
+    from ris.errors import RisError, yes_no
     from ris.recipe_diff import RecipeRefused, in_api_words
 
     recipe = for_api(preset, "extract", {"model": model, "resize": input_size, "pool": pooling,
@@ -79,6 +79,7 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
                       "aspect": "squash"})
     model, input_size, pooling, fusion_weights, flip, aspect = (
         recipe[k] for k in ("model", "resize", "pool", "fusion_weights", "flip", "aspect"))
+    flip = yes_no("flip", flip)  # flip='no' was true
 
     try:
         config = make_config(model, weights=weights, layer=layer, input_size=input_size,
@@ -94,6 +95,9 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
                                      "overwrite=True to replace it") from None
     except RecipeRefused as exc:
         raise RecipeRefused(exc.where, exc.old, exc.new, api=True) from None
+    except RisError as exc:  # the extractor's own refusals ('--pool none ... several --scales') too
+        exc.args = (in_api_words(str(exc)),)
+        raise
 
 
 def open_database(features_db: str | Path, model: str | Path | None = None, *, index: str = "auto",

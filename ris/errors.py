@@ -41,3 +41,12 @@ class DatabaseError(RisError):
 class BadChoice(RisError, ValueError):
     """A value the caller chose is not one of those offered (a re-ranking, an index kind, ``k``);
     also a ValueError, which it was before."""
+
+
+def yes_no(name: str, value: object) -> bool:
+    """``value`` (True/False, 1/0, a NumPy bool) as a bool, else a ``BadChoice`` naming ``name``. Why:
+    every non-empty string is true, so ``overwrite='false'`` read from a config file replaced a database."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if isinstance(value, bool) or numpy_bool or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise BadChoice(f"{name} must be True or False, not {value!r}")

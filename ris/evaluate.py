@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ris.errors import RisError
+from ris.errors import RisError, yes_no
 
 if TYPE_CHECKING:
     from ris.metrics import RetrievalScores
@@ -36,6 +36,7 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
     from ris.featuredb import FeatureDB
     from ris.modelio import load_model
 
+    rotations = yes_no("rotations", rotations)
     split = split or ("test" if model else "all")
     if split not in ("test", "all"):
         raise RisError(f"--split must be test or all, not {split!r}")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from ris.cli.common import one_line
-from ris.errors import Interrupted, RisError
+from ris.errors import Interrupted, RisError, yes_no
 from ris.interrupts import raise_interrupt as _raise_interrupt  # never dropped by a gc callback
 from ris.extractor import ExtractConfig, FeatureExtractor, build_extractor
 from ris.jpeg_noise import capture, warnings_for
@@ -68,6 +68,8 @@ class ExtractOptions:
 
     def check(self) -> None:
         """Refuse settings that cannot run, before anything is read or locked."""
+        for name in ("append", "overwrite", "progress", "verbose"):
+            setattr(self, name, yes_no(name, getattr(self, name)))
         if self.decode not in DECODE_MODES:
             raise RisError(f"decode must be 'threads' or 'processes', not {self.decode!r}")
         for name in ("batch_size", "workers", "prefetch"):

@@ -10,7 +10,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from ris.errors import BadChoice, BadImage, DatabaseError
+from ris.errors import BadChoice, BadImage, DatabaseError, yes_no
 from ris.jpeg_noise import said
 from ris.query_input import IN_MEMORY, QueryImage, encoded, file_name, pil_pixels
 from ris.row_views import RowLabels
@@ -49,7 +49,7 @@ class SearchEngine:
         check_kind(index)
         if rotations:
             check_rerank(rerank)
-        self.rotations, self.log = bool(rotations), log  # log: a query file's warnings too (embed_query)
+        self.rotations, self.log = yes_no("rotations", rotations), log  # log: a query file's warnings too (embed_query)
         self._files: list = []  # cache files opened for streamed reads
         self.db = FeatureDB(features_db)
         try:

@@ -463,3 +463,44 @@ def test_a_row_that_is_not_a_whole_number_is_refused_not_rounded(tmp_path):
             with pytest.raises(ris.RisError, match=f"row must be a whole number.*not {re.escape(repr(bad))}"):
                 engine.search_row(bad, k=2)
         assert [h.row for h in engine.search_row(np.int64(2), k=3)] == [h.row for h in engine.search_row(2, k=3)]
+
+
+def test_a_yes_or_no_argument_given_as_text_is_refused_not_taken_as_true(tmp_path):
+    """A setting read from a config file or the environment arrives as text, and any non-empty string
+    is true: build_database(..., overwrite='false') replaced the database, flip='no' built a flipped
+    one (twice the CNN time, other features), open_database(rotations='no') searched four turned
+    copies. Each is now a RisError naming the argument; True/False, 1/0 and NumPy booleans still do."""
+    import numpy as np
+
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    db = tmp_path / "f.h5"
+    ris.build_database(photos, db, model="vgg16", weights="none", input_size=32, progress=False)
+    stamp = db.stat().st_mtime_ns
+    for given in (dict(overwrite="false"), dict(append="no", overwrite=False), dict(flip="no", overwrite=True),
+                  dict(progress="off", overwrite=True)):
+        name, value = next((k, v) for k, v in given.items() if isinstance(v, str))
+        with pytest.raises(ris.RisError, match=f"^{name} must be True or False, not {value!r}$"):
+            ris.build_database(photos, db, model="vgg16", weights="none", input_size=32, **{"progress": False, **given})
+    assert db.stat().st_mtime_ns == stamp
+    with pytest.raises(ris.RisError, match="^rotations must be True or False, not 'no'$"):
+        ris.open_database(db, rotations="no")
+    with pytest.raises(ris.RisError, match="^rotations must be True or False, not 'no'$"):
+        ris.score(db, rotations="no")
+    with ris.open_database(db, rotations=np.False_) as engine:
+        assert engine.rotations is False
+    ris.build_database(photos, db, model="vgg16", weights="none", input_size=32, progress=0, flip=np.False_,
+                       overwrite=1)
+
+
+def test_a_recipe_refused_once_the_images_are_found_is_named_by_build_databases_own_argument(tmp_path):
+    """Recipe mistakes found by the extractor itself, after the folder is read, kept ris-extract's
+    flags: '--pool none stores conv maps and cannot combine several --scales'."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=64)
+    with pytest.raises(ris.RisError) as refused:
+        ris.build_database(photos, tmp_path / "f.h5", weights="none", input_size=32, pooling="none",
+                           scales=(1.0, 0.5), progress=False)
+    assert str(refused.value) == "pooling none stores conv maps and cannot combine several scales"
