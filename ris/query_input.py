@@ -50,8 +50,13 @@ def pil_pixels(image: Any) -> np.ndarray | None:
     if image.mode in ("I", "F") or image.mode.startswith("I;"):
         raise BadImage(f"a query PIL Image must hold 8-bit samples (mode RGB, RGBA, L, P, ...), not mode "
                        f"{image.mode!r}; scale it to 0-255 and convert it to 'RGB'")
-    image = ImageOps.exif_transpose(image)
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    try:  # an Image whose file was closed before its pixels were read: PIL's bare AssertionError
+        image = ImageOps.exif_transpose(image)
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
+        raise BadImage(f"the query PIL Image cannot be read ({reason}); was its file closed before its pixels "
+                       f"were loaded? call its load() inside the with block") from None
 
 
 def file_name(image: Any) -> Any:

@@ -423,6 +423,10 @@ def test_a_query_given_as_encoded_bytes_a_file_object_or_a_pil_image_is_searched
         with Image.open(image) as pil:  # decoded at full size: as the same array is
             assert same(engine.query(pil, k=3)) == same(engine.query(np.asarray(pil.convert("RGB")), k=3))
             assert same(engine.query(pil.convert("RGBA"), k=3)) == same(engine.query(pil, k=3))
+        with Image.open(image) as unread:
+            pass
+        with pytest.raises(ris.RisError, match="PIL Image cannot be read"):  # was PIL's bare AssertionError
+            engine.query(unread, k=3)
         with pytest.raises(ris.RisError, match="not a readable image"):
             engine.query(b"\0not an image at all", k=3)
         with pytest.raises(ris.RisError, match="binary mode"):
