@@ -15,9 +15,51 @@ if TYPE_CHECKING:
     from ris.train import TrainConfig
 
 
+def _real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _whole(v, least: int) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
+
+
+# the ranges ris-train's argparse types give its flags, for a TrainConfig made in Python (ris.fit_head),
+# where whiten_dim=-1 or margin=-1 fitted a head silently and seed='a' failed inside Keras
+_WHOLE = {"whiten_dim": 1, "out_dim": 1, "epochs": 1, "patience": 1, "batch_size": 1, "p": 2, "k": 2,
+          "seed": 0, "shallow": 0, "unseen_classes": 0}
+_ABOVE_0 = ("whiten_power", "margin", "learning_rate")
+_CHOSEN = ("whiten_shrinkage", "whiten_power", "whiten_dim")  # None: chosen by cross-validation
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Refuse a setting outside what ris-train's flag for it takes, naming the setting."""
+    def refuse(name: str, words: str) -> None:
+        raise RisError(f"{name} must be {words}, not {getattr(cfg, name)!r}")
+
+    for name, least in _WHOLE.items():
+        value = getattr(cfg, name)
+        if not (value is None and name in _CHOSEN) and not _whole(value, least):
+            refuse(name, f"a whole number, {least} or more")
+    for name in _ABOVE_0:
+        value = getattr(cfg, name)
+        if not (value is None and name in _CHOSEN) and not (_real(value) and value > 0):
+            refuse(name, "a number greater than 0")
+    if cfg.whiten_shrinkage is not None and not (_real(cfg.whiten_shrinkage) and cfg.whiten_shrinkage >= 0):
+        refuse("whiten_shrinkage", "a number, 0 or more")
+    for name in ("dropout", "test_fraction", "val_fraction"):
+        if not (_real(getattr(cfg, name)) and 0 <= getattr(cfg, name) < 1):
+            refuse(name, "a number in [0, 1)")
+    if not isinstance(cfg.hidden, (tuple, list)) or not all(_whole(h, 1) for h in cfg.hidden):
+        refuse("hidden", "whole numbers, 1 or more")
+    if not _whole(cfg.folds, 0) or cfg.folds == 1:
+        refuse("folds", "0 (off) or a whole number, 2 or more")
+
+
 def check_config(cfg: TrainConfig, feature_shape: tuple[int, ...] | None = None) -> None:
     """Refuse, before any work, a config that cannot train on features of ``feature_shape``."""
     from ris.head import DISTANCES, HEADS, MININGS
+
+    check_ranges(cfg)
 
     if cfg.arch not in HEADS or cfg.mining not in MININGS:  # name only the one that is wrong
         wrong = f"head {cfg.arch!r}" if cfg.arch not in HEADS else f"mining {cfg.mining!r}"

@@ -508,3 +508,28 @@ def test_a_recipe_refused_once_the_images_are_found_is_named_by_build_databases_
         ris.build_database(photos, tmp_path / "f.h5", weights="none", input_size=32, pooling="none",
                            scales=(1.0, 0.5), progress=False)
     assert str(refused.value) == "pooling none stores conv maps and cannot combine several scales"
+
+
+@pytest.mark.parametrize("setting, said", [
+    ({"whiten_dim": -1}, "whiten_dim must be a whole number, 1 or more, not -1"),
+    ({"whiten_power": 0}, "whiten_power must be a number greater than 0, not 0"),
+    ({"whiten_shrinkage": -0.5}, "whiten_shrinkage must be a number, 0 or more, not -0.5"),
+    ({"arch": "mlp", "margin": -1}, "margin must be a number greater than 0, not -1"),
+    ({"arch": "mlp", "epochs": 0}, "epochs must be a whole number, 1 or more, not 0"),
+    ({"arch": "mlp", "learning_rate": "1e-3"}, "learning_rate must be a number greater than 0, not '1e-3'"),
+    ({"arch": "mlp", "hidden": (512, 0)}, r"hidden must be whole numbers, 1 or more, not \(512, 0\)"),
+    ({"arch": "mlp", "dropout": 1.5}, r"dropout must be a number in \[0, 1\), not 1.5"),
+    ({"seed": "a"}, "seed must be a whole number, 0 or more, not 'a'"),
+    ({"arch": "mlp", "p": 1}, "p must be a whole number, 2 or more, not 1"),
+])
+def test_fit_head_refuses_settings_ris_train_refuses_before_any_work(tmp_path, setting, said):
+    """ris-train's flags are checked by their types (--margin > 0, --epochs >= 1, ...), but fit_head's
+    same settings were not: whiten_dim=-1 and margin=-1 fitted and saved a head silently, epochs=0
+    and seed='a' failed deep inside Keras. Each is now a RisError naming the setting, before any work."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=6, views=4, size=48)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    with pytest.raises(ris.RisError, match=f"^{said}$"):
+        ris.fit_head(tmp_path / "f.h5", tmp_path / "head.keras", **setting)
+    assert not (tmp_path / "head.keras").exists()
