@@ -177,6 +177,15 @@ def fit_head(features_db: str | Path, output: str | Path, progress: bool = False
     """Fit an embedding head on ``features_db`` (default: learned whitening) and save it to
     ``output``; ``config`` are ``TrainConfig`` fields (arch, mining, epochs, seed, ...). Ctrl-C during
     a triplet head's epochs saves the best complete one and returns: ``interrupted_by`` says so."""
+    from dataclasses import fields
+
+    from ris.errors import RisError
+    from ris.recipe_diff import in_api_words, QUERY_ARGS
     from ris.train import TrainConfig, train_head
 
-    return train_head(features_db, output, TrainConfig(**config), progress=progress)
+    try:
+        return train_head(features_db, output, TrainConfig(**config), progress=progress)
+    except RisError as exc:  # in this API's words, not ris-train's flags ('split_by must be ...')
+        named = {f"--{f.name.replace('_', '-')}": f.name for f in fields(TrainConfig)}
+        exc.args = (in_api_words(str(exc), {**QUERY_ARGS, **named, "--output": "output", "--lr": "learning_rate"}),)
+        raise

@@ -521,6 +521,9 @@ def test_a_recipe_refused_once_the_images_are_found_is_named_by_build_databases_
     ({"arch": "mlp", "dropout": 1.5}, r"dropout must be a number in \[0, 1\), not 1.5"),
     ({"seed": "a"}, "seed must be a whole number, 0 or more, not 'a'"),
     ({"arch": "mlp", "p": 1}, "p must be a whole number, 2 or more, not 1"),
+    # ris-train's flags were named: '--split-by must be ...', '--shallow trains a CNN branch; use it with --arch ...'
+    ({"split_by": "pixel"}, "split_by must be one of object, image, not 'pixel'"),
+    ({"shallow": 8}, "shallow trains a CNN branch; use it with arch residual or arch mlp"),
 ])
 def test_fit_head_refuses_settings_ris_train_refuses_before_any_work(tmp_path, setting, said):
     """ris-train's flags are checked by their types (--margin > 0, --epochs >= 1, ...), but fit_head's
