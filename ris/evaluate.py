@@ -17,6 +17,18 @@ if TYPE_CHECKING:
     from ris.metrics import RetrievalScores
 
 
+def _check_settings(seed: Any, test_fraction: Any, val_fraction: Any) -> None:
+    """The ranges ris-eval's --seed and the split's fractions have, for a caller in Python (seed=-1
+    was NumPy's bare ValueError)."""
+    from ris.train_checks import is_real, is_whole
+
+    if not is_whole(seed, 0):
+        raise RisError(f"seed must be a whole number, 0 or more, not {seed!r}")
+    for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not (is_real(value) and 0 <= value < 1):
+            raise RisError(f"{name} must be a number in [0, 1), not {value!r}")
+
+
 def evaluate_db(features_db: str | Path, model: str | Path | None = None, split: str | None = None,
                 seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
                 rerank: str = "none", gallery: str = "all", queries: str | Path | None = None,
@@ -37,6 +49,11 @@ def evaluate_db(features_db: str | Path, model: str | Path | None = None, split:
     from ris.modelio import load_model
 
     rotations = yes_no("rotations", rotations)
+    _check_settings(seed, test_fraction, val_fraction)
+    if verify is not None:
+        from ris.verify import check_params
+
+        verify = check_params(verify)
     split = split or ("test" if model else "all")
     if split not in ("test", "all"):
         raise RisError(f"--split must be test or all, not {split!r}")

@@ -24,7 +24,8 @@ _FLAG_ARGS = {_FLAGS[key]: arg for key, arg in _API_ARGS.items()}
 # (--labels: ``ris.build_database``'s)
 QUERY_ARGS = {"--split": "split", "--gallery": "gallery", "--queries": "queries", "--rerank": "rerank",
               "--rotations": "rotations=True", "--verify": "verify", "--seed": "seed", "--model": "model",
-              "--labels": "labels", "--index": "index", "--dataset-root": "dataset_root"}
+              "--labels": "labels", "--index": "index", "--dataset-root": "dataset_root",
+              "--test-fraction": "test_fraction", "--val-fraction": "val_fraction"}
 
 
 def in_api_words(message: str, flags: dict[str, str] | None = None) -> str:

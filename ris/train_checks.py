@@ -15,11 +15,12 @@ if TYPE_CHECKING:
     from ris.train import TrainConfig
 
 
-def _real(v) -> bool:
+def is_real(v) -> bool:
+    """A finite number (not a bool, not text): what a numeric setting given in Python must be."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
-def _whole(v, least: int) -> bool:
+def is_whole(v, least: int) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
 
 
@@ -38,20 +39,20 @@ def check_ranges(cfg: TrainConfig) -> None:
 
     for name, least in _WHOLE.items():
         value = getattr(cfg, name)
-        if not (value is None and name in _CHOSEN) and not _whole(value, least):
+        if not (value is None and name in _CHOSEN) and not is_whole(value, least):
             refuse(name, f"a whole number, {least} or more")
     for name in _ABOVE_0:
         value = getattr(cfg, name)
-        if not (value is None and name in _CHOSEN) and not (_real(value) and value > 0):
+        if not (value is None and name in _CHOSEN) and not (is_real(value) and value > 0):
             refuse(name, "a number greater than 0")
-    if cfg.whiten_shrinkage is not None and not (_real(cfg.whiten_shrinkage) and cfg.whiten_shrinkage >= 0):
+    if cfg.whiten_shrinkage is not None and not (is_real(cfg.whiten_shrinkage) and cfg.whiten_shrinkage >= 0):
         refuse("whiten_shrinkage", "a number, 0 or more")
     for name in ("dropout", "test_fraction", "val_fraction"):
-        if not (_real(getattr(cfg, name)) and 0 <= getattr(cfg, name) < 1):
+        if not (is_real(getattr(cfg, name)) and 0 <= getattr(cfg, name) < 1):
             refuse(name, "a number in [0, 1)")
-    if not isinstance(cfg.hidden, (tuple, list)) or not all(_whole(h, 1) for h in cfg.hidden):
+    if not isinstance(cfg.hidden, (tuple, list)) or not all(is_whole(h, 1) for h in cfg.hidden):
         refuse("hidden", "whole numbers, 1 or more")
-    if not _whole(cfg.folds, 0) or cfg.folds == 1:
+    if not is_whole(cfg.folds, 0) or cfg.folds == 1:
         refuse("folds", "0 (off) or a whole number, 2 or more")
 
 

@@ -20,9 +20,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from ris.errors import BadChoice
 
 DEFAULTS: dict[str, float] = {"k": 30, "features": 500, "side": 512, "ratio": 0.8, "min_inliers": 20,
                               "cap": 50, "weight": 1.0, "threshold": 8.0}
@@ -59,6 +61,24 @@ def parse_settings(text: str) -> dict[str, float]:
             raise argparse.ArgumentTypeError(f"{key}={value}: must be a finite number >= {1 if key in ('features', 'side', 'cap') else 0}")
         out[key] = int(number) if key in ("features", "side", "cap", "min_inliers") else number
     return out
+
+
+def check_params(params: Any) -> dict[str, Any]:
+    """``verify`` settings given in Python (``ris.score``): a dict of ``DEFAULTS``' keys whose numbers
+    are in the ranges --verify and --verify-settings take; a BadChoice naming the first that is not
+    (k=-1 verified all but the last of each shortlist, a wrong key was a bare ValueError)."""
+    from ris.train_checks import is_real, is_whole
+
+    if not isinstance(params, Mapping):
+        raise BadChoice(f"verify must be a dict of verification settings (k, features, ...) or None, not {params!r}")
+    for key, value in params.items():
+        if key not in DEFAULTS:
+            raise BadChoice(f"verify: unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
+        least = 1 if key in ("k", "features", "side", "cap") else 0
+        if value is not None and not (is_whole(value, least) if key == "k" else is_real(value) and value >= least):
+            words = "a whole number" if key == "k" else "a number"
+            raise BadChoice(f"verify: {key} must be {words}, {least} or more, not {value!r}")
+    return dict(params)
 
 
 SETTINGS_HELP = ("verification parameters other than K, KEY=VALUE joined by ',': "

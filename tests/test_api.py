@@ -536,3 +536,24 @@ def test_fit_head_refuses_settings_ris_train_refuses_before_any_work(tmp_path, s
     with pytest.raises(ris.RisError, match=f"^{said}$"):
         ris.fit_head(tmp_path / "f.h5", tmp_path / "head.keras", **setting)
     assert not (tmp_path / "head.keras").exists()
+
+
+@pytest.mark.parametrize("setting, said", [
+    ({"verify": {"k": -1}}, r"verify: k must be a whole number, 1 or more, not -1"),
+    ({"verify": {"bogus": 1}}, r"verify: unknown setting 'bogus'; known: k, features, side, ratio, min_inliers, "
+                               r"cap, weight, threshold"),
+    ({"verify": {"ratio": "x"}}, r"verify: ratio must be a number, 0 or more, not 'x'"),
+    ({"verify": 5}, r"verify must be a dict of verification settings \(k, features, \.\.\.\) or None, not 5"),
+    ({"seed": -1, "split": "test"}, r"seed must be a whole number, 0 or more, not -1"),
+    ({"test_fraction": 5, "split": "test"}, r"test_fraction must be a number in \[0, 1\), not 5"),
+])
+def test_score_refuses_settings_ris_eval_refuses(tmp_path, setting, said):
+    """score(verify={'k': -1}) verified all but the last of each shortlist and scored it (ris-eval
+    --verify -1 is off), verify={'bogus': 1} and seed=-1 raised a bare ValueError, verify=5 a
+    TypeError. Each is now a RisError naming the setting."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=6, views=4, size=48)
+    ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
+    with pytest.raises(ris.RisError, match=f"^{said}$"):
+        ris.score(tmp_path / "f.h5", **setting)
