@@ -54,7 +54,7 @@ class ExtractOptions:
     already (``--sync`` lends its own, held from its plan to its end).
     """
 
-    labels: str = "auto"
+    labels: str | os.PathLike = "auto"
     batch_size: int = DEFAULT_BATCH
     workers: int | None = None
     decode: str = "threads"
@@ -68,6 +68,8 @@ class ExtractOptions:
 
     def check(self) -> None:
         """Refuse settings that cannot run, before anything is read or locked."""
+        if isinstance(self.labels, os.PathLike):  # a TSV as a Path: stored as its name (a Path made the HDF5 write fail)
+            self.labels = os.fspath(self.labels)
         for name in ("append", "overwrite", "progress", "verbose"):
             setattr(self, name, yes_no(name, getattr(self, name)))
         if self.decode not in DECODE_MODES:

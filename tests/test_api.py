@@ -557,3 +557,18 @@ def test_score_refuses_settings_ris_eval_refuses(tmp_path, setting, said):
     ris.build_database(photos, tmp_path / "f.h5", model="vgg16", weights="none", input_size=32, progress=False)
     with pytest.raises(ris.RisError, match=f"^{said}$"):
         ris.score(tmp_path / "f.h5", **setting)
+
+
+def test_a_labels_file_given_as_a_path_is_read_as_its_name_is(tmp_path):
+    """build_database(..., labels=Path('gt.tsv')) failed after the images were described with
+    "could not create the database (Object dtype dtype('O') has no native HDF5 equivalent) ...: free
+    space and run the same command again" (the Path was stored as is); it labels as the str does."""
+    import ris
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=48)
+    tsv = tmp_path / "gt.tsv"
+    tsv.write_text("".join(f"{p.name}\tthing{int(p.stem[-5:]) // 2}\n" for p in sorted(photos.glob("*.jpg"))))
+    for labels, db in ((str(tsv), tmp_path / "a.h5"), (tsv, tmp_path / "b.h5")):
+        ris.build_database(photos, db, model="vgg16", weights="none", input_size=32, progress=False, labels=labels)
+    with ris.FeatureDB(tmp_path / "a.h5") as a, ris.FeatureDB(tmp_path / "b.h5") as b:
+        assert list(a.labels[:]) == list(b.labels[:]) and len(set(a.labels[:])) == 2
