@@ -55,7 +55,7 @@ def __dir__() -> list[str]:
 
 
 def build_database(folder: str | Path, features_db: str | Path, model: str | None = None, *,
-                   weights: str = "imagenet", pooling: str | None = None, input_size: int | str | None = None,
+                   weights: str | Path = "imagenet", pooling: str | None = None, input_size: int | str | None = None,
                    scales: tuple[float, ...] | str = (1.0,), layer: str | None = None, dtype: str = "float32",
                    fusion_weights: str | None = None, preset: str | None = None, flip: bool | None = None,
                    aspect: str | None = None, **options: Any) -> "ExtractSummary":
@@ -80,6 +80,7 @@ def build_database(folder: str | Path, features_db: str | Path, model: str | Non
     model, input_size, pooling, fusion_weights, flip, aspect = (
         recipe[k] for k in ("model", "resize", "pool", "fusion_weights", "flip", "aspect"))
     flip = yes_no("flip", flip)  # flip='no' was true
+    weights = str(weights) if isinstance(weights, Path) else weights  # a Path failed the HDF5 attribute write
 
     try:
         config = make_config(model, weights=weights, layer=layer, input_size=input_size,

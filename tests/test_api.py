@@ -572,3 +572,21 @@ def test_a_labels_file_given_as_a_path_is_read_as_its_name_is(tmp_path):
         ris.build_database(photos, db, model="vgg16", weights="none", input_size=32, progress=False, labels=labels)
     with ris.FeatureDB(tmp_path / "a.h5") as a, ris.FeatureDB(tmp_path / "b.h5") as b:
         assert list(a.labels[:]) == list(b.labels[:]) and len(set(a.labels[:])) == 2
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # Keras' own save_weights
+def test_a_weights_file_given_as_a_path_is_used_as_its_name_is(tmp_path):
+    """build_database(..., weights=Path('w.weights.h5')) failed with the same 'Object dtype ... free
+    space and run the same command again' as labels=Path(...); it now builds what the str builds."""
+    import numpy as np
+
+    import ris
+    from ris.backbones import get_backbone
+
+    photos = make_tiny_dataset(tmp_path / "photos", n_objects=2, views=2, size=48)
+    weights = tmp_path / "v.weights.h5"
+    get_backbone("vgg16").build("none").save_weights(str(weights))
+    for given, db in ((str(weights), tmp_path / "a.h5"), (weights, tmp_path / "b.h5")):
+        ris.build_database(photos, db, model="vgg16", weights=given, input_size=32, progress=False)
+    with ris.FeatureDB(tmp_path / "a.h5") as a, ris.FeatureDB(tmp_path / "b.h5") as b:
+        assert np.array_equal(a.features[:], b.features[:]) and a.attrs["weights_arg"] == b.attrs["weights_arg"]
