@@ -180,12 +180,12 @@ def fit_head(features_db: str | Path, output: str | Path, progress: bool = False
     a triplet head's epochs saves the best complete one and returns: ``interrupted_by`` says so."""
     from dataclasses import fields
 
-    from ris.errors import RisError
+    from ris.errors import RisError, yes_no
     from ris.recipe_diff import in_api_words, QUERY_ARGS
     from ris.train import TrainConfig, train_head
 
     try:
-        return train_head(features_db, output, TrainConfig(**config), progress=progress)
+        return train_head(features_db, output, TrainConfig(**config), progress=yes_no("progress", progress))
     except RisError as exc:  # in this API's words, not ris-train's flags ('split_by must be ...')
         named = {f"--{f.name.replace('_', '-')}": f.name for f in fields(TrainConfig)}
         exc.args = (in_api_words(str(exc), {**QUERY_ARGS, **named, "--output": "output", "--lr": "learning_rate"}),)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ris.errors import DatabaseError, RisError
+from ris.errors import DatabaseError, RisError, yes_no
 from ris.splits import SPLIT_BY
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ def check_ranges(cfg: TrainConfig) -> None:
             refuse(name, "a number in [0, 1)")
     if not isinstance(cfg.hidden, (tuple, list)) or not all(is_whole(h, 1) for h in cfg.hidden):
         refuse("hidden", "whole numbers, 1 or more")
+    cfg.l2_normalize = yes_no("l2_normalize", cfg.l2_normalize)  # 'false' was true
     if not is_whole(cfg.folds, 0) or cfg.folds == 1:
         refuse("folds", "0 (off) or a whole number, 2 or more")
 

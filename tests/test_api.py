@@ -524,6 +524,8 @@ def test_a_recipe_refused_once_the_images_are_found_is_named_by_build_databases_
     # ris-train's flags were named: '--split-by must be ...', '--shallow trains a CNN branch; use it with --arch ...'
     ({"split_by": "pixel"}, "split_by must be one of object, image, not 'pixel'"),
     ({"shallow": 8}, "shallow trains a CNN branch; use it with arch residual or arch mlp"),
+    ({"arch": "mlp", "l2_normalize": "false"}, "l2_normalize must be True or False, not 'false'"),
+    ({"progress": "no"}, "progress must be True or False, not 'no'"),
 ])
 def test_fit_head_refuses_settings_ris_train_refuses_before_any_work(tmp_path, setting, said):
     """ris-train's flags are checked by their types (--margin > 0, --epochs >= 1, ...), but fit_head's
