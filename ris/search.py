@@ -47,9 +47,9 @@ class SearchEngine:
 
         check_method(rerank)  # misspelt names refused before anything is opened (ris.open_database)
         check_kind(index)
-        if rotations:
-            check_rerank(rerank)
         self.rotations, self.log = yes_no("rotations", rotations), log  # log: a query file's warnings too (embed_query)
+        if self.rotations:
+            check_rerank(rerank)
         self._files: list = []  # cache files opened for streamed reads
         self.db = FeatureDB(features_db)
         try:
