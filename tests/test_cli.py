@@ -1434,6 +1434,7 @@ def test_a_warning_of_ris_is_one_line_naming_the_command(tmp_path):
     'ris-<command>: warning: <message>', as the commands' own warnings are."""
     from ris.testing import clustered_vectors, make_feature_db
 
+    pytest.importorskip("hnswlib", reason="hnswlib not installed (pip install 'ris[ann]')")
     db = make_feature_db(tmp_path / "f.h5", clustered_vectors(20, 8))
     (tmp_path / "f.h5.hnsw.json").write_text('{"kind": "hnsw", "count": 3')  # damaged metadata
     done = subprocess.run([sys.executable, "-c", "from ris.cli.index import entry; entry()", "remove",
