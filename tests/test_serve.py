@@ -176,6 +176,16 @@ def test_search_by_id_is_more_like_this_without_the_query(client):
                             "image_url": "/api/images/9", "thumb_url": "/api/thumbs/9"}
 
 
+def test_an_upload_of_two_images_is_refused_not_half_searched(client, tiny):
+    """Two files in the field `image` (a form built in a loop, `curl -F image=@a.jpg -F image=@b.jpg`):
+    the last was searched, silently, and the answer did not say which."""
+    root, data, _ = tiny
+    files = sorted(p for p in data.rglob("*.jpg"))[:2]
+    r = client.post("/api/search", files=[("image", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
+    assert r.status_code == 400, r.text
+    assert sentence(r).startswith("the upload holds 2 files in the field image; send one")
+
+
 def test_a_search_by_id_answers_the_same_fields_as_an_upload(client, tiny):
     """The README's answer has "rotations"; a search by id left it out, so a client reading it for
     every search failed on "more like this" answers."""

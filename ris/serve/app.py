@@ -184,7 +184,8 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
         return JSONResponse(h, status_code=200 if h["ready"] else 503, headers=retry)
 
     @app.post("/api/search", summary=f"Search with an uploaded image (multipart/form-data file field `{FIELD}`)")
-    async def search_upload(image: UploadFile = File(..., description="JPEG, PNG, GIF, BMP, WebP or TIFF"),
+    async def search_upload(request: Request,
+                            image: UploadFile = File(..., description="JPEG, PNG, GIF, BMP, WebP or TIFF"),
                             k: int = Form(cfg.default_k, description=f"results, 1..{cfg.max_k}"),
                             rerank: str | None = Form(None, description="none, qe, dba+qe, diffusion, kreciprocal "
                                                       "(default: the service's default re-ranking)"),
@@ -192,6 +193,9 @@ def create_app(service: SearchService | ServeConfig, *, on_ready: Callable[[Sear
                                                           "90/180/270 degrees, each result keeping its best distance "
                                                           "(default: the service's --rotations)")):
         svc.generation()  # 503 while loading, before reading the upload
+        sent = len((await request.form()).getlist(FIELD))  # the form FastAPI parsed, cached: not read again
+        if sent > 1:  # FastAPI takes the last one, silently
+            raise ServeError(400, f"the upload holds {sent} files in the field {FIELD}; send one image per search.")
 
         def work() -> dict:  # in a slot: at most `slots` uploads are in memory at once
             data = image.file.read(cfg.max_upload_bytes + 1)  # the parser spooled it to disk over 1 MB
