@@ -14,8 +14,9 @@ from typing import Any, BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from ris import imagefile
 from ris.errors import BadImage
-from ris.imagefile import sniff_format
+from ris.imagefile import human_bytes, sniff_format
 
 QueryImage = Union[str, bytes, Path, BinaryIO, Image.Image, np.ndarray]  # what SearchEngine.query takes
 
@@ -27,16 +28,20 @@ KINDS = ("a file name (str, Path or bytes), the image file's bytes, a binary fil
 
 def encoded(image: Any) -> bytes | None:
     """The encoded image ``image`` holds (bytes that cannot be a file name: a NUL byte, or an image
-    format's magic; a binary file object's remaining contents), else None (a file name, an array)."""
+    format's magic; a binary file object's remaining contents, up to the file cap), else None (a file name, an array)."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         return data if b"\0" in data or sniff_format(data) else None
     read = getattr(image, "read", None)
     if callable(read) and not isinstance(image, (str, os.PathLike, np.ndarray)):
-        data = read()
+        limit = imagefile.MAX_FILE_BYTES  # as a file on disk: a stream is not read on past it
+        data = read(limit + 1)
         if not isinstance(data, (bytes, bytearray)):
             raise BadImage(f"{IN_MEMORY}: a file object given as the query must be opened in binary mode "
                            f"('rb'), not text mode")
+        if len(data) > limit:
+            raise BadImage(f"{IN_MEMORY}: file too large (over {human_bytes(limit)}; RIS_MAX_FILE_BYTES raises "
+                           "the limit)")
         return bytes(data)
     return None
 
