@@ -87,10 +87,8 @@ def test_a_run_whose_every_image_gave_non_finite_features_says_so(tmp_path):
     assert not (tmp_path / "f.h5").exists()
 
 
-def test_interrupted_is_its_own_error_type_and_the_next_run_resumes(tmp_path, monkeypatch):
-    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
-    out_db = tmp_path / "f.h5"
-    options = ExtractOptions(batch_size=4, **QUIET)
+def ctrl_c_at_second_batch(monkeypatch):
+    """Ctrl-C as the second batch is written (the first is committed); returns the real ``add``."""
     real_add = FeatureWriter.add
     calls = {"n": 0}
 
@@ -101,6 +99,14 @@ def test_interrupted_is_its_own_error_type_and_the_next_run_resumes(tmp_path, mo
         return real_add(self, *a, **k)
 
     monkeypatch.setattr(FeatureWriter, "add", flaky_add)
+    return real_add
+
+
+def test_interrupted_is_its_own_error_type_and_the_next_run_resumes(tmp_path, monkeypatch):
+    data = make_tiny_dataset(tmp_path / "d", n_objects=3, views=4, size=80)
+    out_db = tmp_path / "f.h5"
+    options = ExtractOptions(batch_size=4, **QUIET)
+    real_add = ctrl_c_at_second_batch(monkeypatch)
     with pytest.raises(Interrupted, match="^interrupted after 4 images; run the same command again"):
         extract_features(data, out_db, ExtractConfig(), options, extractor=_StandIn())
     assert not out_db.exists() and partial_path(out_db).exists() and _lock_is_free(out_db)
@@ -447,16 +453,7 @@ def test_images_skipped_by_an_earlier_run_are_counted_in_the_summary(tmp_path, m
     (data / "aaa_empty.jpg").write_bytes(b"")  # sorts first: skipped before the interruption
     db = tmp_path / "f.h5"
     options = ExtractOptions(batch_size=4, **QUIET)
-    real_add = FeatureWriter.add
-    calls = {"n": 0}
-
-    def flaky_add(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_add(self, *a, **k)
-
-    monkeypatch.setattr(FeatureWriter, "add", flaky_add)
+    real_add = ctrl_c_at_second_batch(monkeypatch)
     with pytest.raises(Interrupted):
         extract_features(data, db, ExtractConfig(), options, extractor=_StandIn())
     monkeypatch.setattr(FeatureWriter, "add", real_add)
